@@ -1,0 +1,120 @@
+//! The admin server: `/live`, `/ready`, `/metrics`, `/config_dump` and `POST /shutdown`, on
+//! its own thread with its own small runtime, never on a worker.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::sync::Notify;
+
+use crate::control::{BoundListener, Control};
+use crate::metrics;
+
+/// Runs the admin server on the current thread until `stop` is notified.
+pub fn run(control: Arc<Control>, listener: std::net::TcpListener, stop: Arc<Notify>) -> std::io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = stop.notified() => return Ok(()),
+            };
+            let (stream, _) = match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let control = control.clone();
+            tokio::task::spawn_local(async move {
+                let service = hyper::service::service_fn(move |request| {
+                    let control = control.clone();
+                    async move { Ok::<_, Infallible>(handle(&control, request).await) }
+                });
+                if let Err(error) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+                    tracing::debug!(%error, "admin connection failed");
+                }
+            });
+        }
+    })
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
+    response
+}
+
+#[derive(Serialize)]
+struct ConfigDump<'a> {
+    version: u64,
+    source: &'a str,
+    backend: &'a str,
+    workers: usize,
+    draining: bool,
+    listeners: Vec<BoundListener>,
+    config: &'a shared::Config,
+}
+
+async fn handle(control: &Control, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    const PLAIN: &str = "text/plain; charset=utf-8";
+    match (request.method(), request.uri().path()) {
+        (&Method::GET, "/live") => text(StatusCode::OK, PLAIN, "live\n"),
+        (&Method::GET, "/ready") => {
+            if control.ready() {
+                text(StatusCode::OK, PLAIN, "ready\n")
+            } else if control.draining() {
+                text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "draining\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "starting\n")
+            }
+        }
+        (&Method::GET, "/metrics") => {
+            let (report, answered) = control.scrape().await;
+            let version = control.snapshot().map_or(0, |s| s.version);
+            let info = metrics::Info {
+                backend: control.backend.as_str(),
+                workers: control.workers(),
+                config_version: version,
+                workers_reporting: answered,
+            };
+            text(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", metrics::render(&info, &report))
+        }
+        (&Method::GET, "/config_dump") => {
+            let Some(snapshot) = control.snapshot() else {
+                return text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "no config yet\n");
+            };
+            let dump = ConfigDump {
+                version: snapshot.version,
+                source: &snapshot.source,
+                backend: control.backend.as_str(),
+                workers: control.workers(),
+                draining: control.draining(),
+                listeners: control.listeners(),
+                config: &snapshot.config,
+            };
+            match serde_json::to_vec_pretty(&dump) {
+                Ok(json) => text(StatusCode::OK, "application/json", json),
+                Err(error) => text(StatusCode::INTERNAL_SERVER_ERROR, PLAIN, format!("{error}\n")),
+            }
+        }
+        (&Method::POST, "/shutdown") => {
+            control.drain();
+            text(StatusCode::OK, PLAIN, "draining\n")
+        }
+        (_, "/live" | "/ready" | "/metrics" | "/config_dump" | "/shutdown") => {
+            text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "method not allowed\n")
+        }
+        _ => text(StatusCode::NOT_FOUND, PLAIN, "not found\n"),
+    }
+}

@@ -1,0 +1,230 @@
+//! The control side of a proxy process: turns configs into snapshots, binds listener
+//! sockets, hands both to the workers, collects their statistics, and starts the drain.
+//!
+//! It runs on the admin thread or the caller's thread, never on a worker, and talks to
+//! workers only by message. Applying a config is all-or-nothing: if it does not validate or
+//! a socket cannot be bound, the workers keep the config they have.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use shared::config::{Config, ConfigError};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::io::BackendKind;
+use crate::metrics::WorkerReport;
+use crate::snapshot::Snapshot;
+use crate::sys;
+use crate::worker::Command;
+
+/// How long a worker may take to acknowledge a snapshot or answer a scrape.
+const WORKER_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a config was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The config is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A listener could not be bound.
+    #[error("listener `{name}`: binding {address}: {source}")]
+    Bind {
+        /// The listener.
+        name: String,
+        /// The address.
+        address: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A worker refused or did not answer.
+    #[error("worker {worker}: {message}")]
+    Worker {
+        /// The worker index.
+        worker: usize,
+        /// What went wrong.
+        message: String,
+    },
+    /// The proxy is draining and takes no new config.
+    #[error("the proxy is draining")]
+    Draining,
+}
+
+/// A listener's bound address.
+#[derive(Debug, Clone, Serialize)]
+pub struct BoundListener {
+    /// Its name.
+    pub name: String,
+    /// The address in the config.
+    #[serde(skip)]
+    pub configured: SocketAddr,
+    /// The address actually bound (differs when the config says port 0).
+    pub address: SocketAddr,
+}
+
+struct State {
+    snapshot: Option<Arc<Snapshot>>,
+    bound: Vec<BoundListener>,
+}
+
+/// Shared by the admin thread and the process owning the proxy.
+pub struct Control {
+    /// The workers' IO backend.
+    pub backend: BackendKind,
+    workers: Vec<mpsc::UnboundedSender<Command>>,
+    state: Mutex<State>,
+    ready: AtomicBool,
+    draining: AtomicBool,
+    drain_deadline: Duration,
+    finished: watch::Sender<bool>,
+}
+
+impl Control {
+    pub(crate) fn new(backend: BackendKind, workers: Vec<mpsc::UnboundedSender<Command>>, drain_deadline: Duration) -> Control {
+        Control {
+            backend,
+            workers,
+            state: Mutex::new(State { snapshot: None, bound: Vec::new() }),
+            ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            drain_deadline,
+            finished: watch::Sender::new(false),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data behind; keep using it.
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Validates `config`, binds what is new, and hands it to every worker. Blocks until all
+    /// workers have it live. Returns the new version.
+    pub fn apply(&self, config: Config, source: &str) -> Result<u64, ApplyError> {
+        if self.draining() {
+            return Err(ApplyError::Draining);
+        }
+        let mut state = self.state();
+        let version = state.snapshot.as_ref().map_or(1, |s| s.version + 1);
+        let snapshot = Arc::new(Snapshot::compile(config, version, source.to_owned())?);
+
+        // Keep sockets whose name and configured address did not change; bind the rest.
+        let mut bound = Vec::with_capacity(snapshot.listeners.len());
+        let mut sockets: Vec<Vec<(usize, std::net::TcpListener)>> = self.workers.iter().map(|_| Vec::new()).collect();
+        for (index, plan) in snapshot.listeners.iter().enumerate() {
+            let kept = state.bound.iter().find(|b| b.name == *plan.name && b.configured == plan.configured);
+            if let Some(kept) = kept {
+                bound.push(kept.clone());
+                continue;
+            }
+            let bind_error = |source| ApplyError::Bind { name: plan.name.to_string(), address: plan.configured, source };
+            let mut address = plan.configured;
+            for per_worker in &mut sockets {
+                let socket = sys::bind_reuseport(address).map_err(bind_error)?;
+                address = socket.local_addr().map_err(bind_error)?;
+                per_worker.push((index, socket));
+            }
+            bound.push(BoundListener { name: plan.name.to_string(), configured: plan.configured, address });
+        }
+
+        let mut acks = Vec::with_capacity(self.workers.len());
+        for (worker, (commands, sockets)) in self.workers.iter().zip(sockets).enumerate() {
+            let (applied, ack) = std::sync::mpsc::channel();
+            let command = Command::Apply { snapshot: snapshot.clone(), sockets, applied };
+            if commands.send(command).is_err() {
+                return Err(ApplyError::Worker { worker, message: "the worker has stopped".into() });
+            }
+            acks.push(ack);
+        }
+        for (worker, ack) in acks.into_iter().enumerate() {
+            match ack.recv_timeout(WORKER_REPLY_TIMEOUT) {
+                Ok(Ok(_)) => {}
+                Ok(Err(message)) => return Err(ApplyError::Worker { worker, message }),
+                Err(_) => return Err(ApplyError::Worker { worker, message: "no acknowledgement (has it stopped?)".into() }),
+            }
+        }
+        tracing::info!(version, source, listeners = ?bound.iter().map(|b| (&b.name, b.address)).collect::<Vec<_>>(), "config applied");
+        state.snapshot = Some(snapshot);
+        state.bound = bound;
+        self.ready.store(true, Ordering::Release);
+        Ok(version)
+    }
+
+    /// The running snapshot.
+    pub fn snapshot(&self) -> Option<Arc<Snapshot>> {
+        self.state().snapshot.clone()
+    }
+
+    /// The bound listeners.
+    pub fn listeners(&self) -> Vec<BoundListener> {
+        self.state().bound.clone()
+    }
+
+    /// Ready: a config is live and no drain has begun.
+    pub fn ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && !self.draining()
+    }
+
+    /// Whether a drain has begun.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// The number of workers.
+    pub fn workers(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Starts the drain (once): workers stop accepting, finish in-flight work within the
+    /// drain deadline, then stop.
+    pub fn drain(&self) {
+        self.drain_within(self.drain_deadline);
+    }
+
+    pub(crate) fn drain_within(&self, deadline: Duration) {
+        if self.draining.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tracing::info!(?deadline, "draining");
+        for commands in &self.workers {
+            let _ = commands.send(Command::Drain { deadline });
+        }
+    }
+
+    /// Collects and merges every worker's statistics; also returns how many answered.
+    pub async fn scrape(&self) -> (WorkerReport, usize) {
+        let mut replies = Vec::with_capacity(self.workers.len());
+        for commands in &self.workers {
+            let (reply, report) = oneshot::channel();
+            if commands.send(Command::Scrape(reply)).is_ok() {
+                replies.push(report);
+            }
+        }
+        let mut merged = WorkerReport::default();
+        let mut answered = 0;
+        for report in replies {
+            if let Ok(Ok(report)) = tokio::time::timeout(WORKER_REPLY_TIMEOUT, report).await {
+                merged.merge(report);
+                answered += 1;
+            }
+        }
+        (merged, answered)
+    }
+
+    pub(crate) fn set_finished(&self) {
+        self.finished.send_replace(true);
+    }
+
+    /// Resolves once every worker has stopped.
+    pub async fn finished(&self) {
+        let mut finished = self.finished.subscribe();
+        let _ = finished.wait_for(|done| *done).await;
+    }
+
+    /// Listener addresses by name, for logs.
+    pub fn addresses(&self) -> HashMap<String, SocketAddr> {
+        self.listeners().into_iter().map(|b| (b.name, b.address)).collect()
+    }
+}

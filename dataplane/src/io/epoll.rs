@@ -1,0 +1,89 @@
+//! The epoll backend: a current-thread tokio runtime per worker, readiness-based IO.
+
+use std::future::Future;
+use std::io;
+use std::net::{Shutdown, SocketAddr};
+use std::ops::Range;
+
+use super::{Backend, BackendKind, BufResult, Listener, Stream};
+
+/// The epoll backend.
+#[derive(Debug)]
+pub struct Epoll;
+
+/// A tokio TCP stream behind the owned-buffer interface.
+#[derive(Debug)]
+pub struct EpollStream(tokio::net::TcpStream);
+
+/// A tokio TCP listener.
+#[derive(Debug)]
+pub struct EpollListener(tokio::net::TcpListener);
+
+impl Stream for EpollStream {
+    async fn read(&self, mut buf: Vec<u8>) -> BufResult<usize> {
+        super::ensure_spare(&mut buf);
+        loop {
+            if let Err(e) = self.0.readable().await {
+                return (Err(e), buf);
+            }
+            match self.0.try_read_buf(&mut buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                result => return (result, buf),
+            }
+        }
+    }
+
+    async fn write_all(&self, buf: Vec<u8>, range: Range<usize>) -> BufResult<()> {
+        let Some(mut rest) = buf.get(range.clone()) else {
+            return (Err(io::ErrorKind::InvalidInput.into()), buf);
+        };
+        while !rest.is_empty() {
+            if let Err(e) = self.0.writable().await {
+                return (Err(e), buf);
+            }
+            match self.0.try_write(rest) {
+                Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), buf),
+                Ok(n) => rest = &rest[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return (Err(e), buf),
+            }
+        }
+        (Ok(()), buf)
+    }
+
+    fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        socket2::SockRef::from(&self.0).shutdown(how)
+    }
+}
+
+impl Listener for EpollListener {
+    type Stream = EpollStream;
+
+    async fn accept(&self) -> io::Result<(EpollStream, SocketAddr)> {
+        let (stream, peer) = self.0.accept().await?;
+        stream.set_nodelay(true)?;
+        Ok((EpollStream(stream), peer))
+    }
+}
+
+impl Backend for Epoll {
+    type Stream = EpollStream;
+    type Listener = EpollListener;
+    const KIND: BackendKind = BackendKind::Epoll;
+
+    fn listener(socket: std::net::TcpListener) -> io::Result<EpollListener> {
+        tokio::net::TcpListener::from_std(socket).map(EpollListener)
+    }
+
+    async fn connect(addr: SocketAddr) -> io::Result<EpollStream> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(EpollStream(stream))
+    }
+
+    fn block_on<F: Future>(future: F) -> io::Result<F::Output> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let local = tokio::task::LocalSet::new();
+        Ok(local.block_on(&runtime, future))
+    }
+}

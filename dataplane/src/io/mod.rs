@@ -1,0 +1,125 @@
+//! The small IO interface the proxy logic is written against, and its two backends.
+//!
+//! Every worker runs one backend: [`uring::Uring`] (io_uring through tokio-uring) or
+//! [`epoll::Epoll`] (a current-thread tokio runtime). Both hand buffers over by ownership
+//! (`Vec<u8>` in, `Vec<u8>` back), which is what io_uring needs and costs epoll nothing, so
+//! the proxy code above this module is written once and runs, and is tested, on both.
+//! Timers and task spawning are tokio's on both backends (tokio-uring drives a tokio
+//! current-thread runtime), so they are not part of this interface.
+//!
+//! This module owns backend selection ([`BackendChoice::resolve`]); it must not hold proxy
+//! logic.
+
+pub mod epoll;
+pub mod uring;
+
+use std::future::Future;
+use std::io;
+use std::net::{Shutdown, SocketAddr};
+use std::ops::Range;
+
+use serde::Serialize;
+
+/// An owned buffer handed back with the result of the operation that used it.
+pub type BufResult<T> = (io::Result<T>, Vec<u8>);
+
+/// Which IO backend a worker runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    /// io_uring, through tokio-uring.
+    IoUring,
+    /// epoll, through a current-thread tokio runtime.
+    Epoll,
+}
+
+impl BackendKind {
+    /// The name used in logs, metrics and `/config_dump`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::IoUring => "io_uring",
+            BackendKind::Epoll => "epoll",
+        }
+    }
+}
+
+/// What the operator asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum BackendChoice {
+    /// io_uring when the kernel and the seccomp profile allow it, else epoll.
+    #[default]
+    Auto,
+    /// io_uring or fail.
+    IoUring,
+    /// epoll.
+    Epoll,
+}
+
+impl BackendChoice {
+    /// Decides the backend for this process, probing io_uring when it matters.
+    pub fn resolve(self) -> io::Result<BackendKind> {
+        match self {
+            BackendChoice::Epoll => Ok(BackendKind::Epoll),
+            BackendChoice::IoUring => uring::probe().map(|()| BackendKind::IoUring),
+            BackendChoice::Auto => match uring::probe() {
+                Ok(()) => Ok(BackendKind::IoUring),
+                Err(error) => {
+                    tracing::warn!(%error, "io_uring is unavailable; using the epoll backend");
+                    Ok(BackendKind::Epoll)
+                }
+            },
+        }
+    }
+}
+
+/// A connected TCP stream. Methods take `&self` so one task can read while another writes.
+#[allow(async_fn_in_trait)] // Workers are single-threaded: these futures need not be `Send`.
+pub trait Stream: Sized + 'static {
+    /// Reads into the spare capacity of `buf`, after `buf.len()`, and extends its length by
+    /// what was read. `Ok(0)` is end of stream. A full buffer is grown first.
+    async fn read(&self, buf: Vec<u8>) -> BufResult<usize>;
+
+    /// Writes all of `buf[range]`.
+    async fn write_all(&self, buf: Vec<u8>, range: Range<usize>) -> BufResult<()>;
+
+    /// Shuts down one or both directions. `Shutdown::Both` also completes a read another
+    /// task has pending, which is how an idle connection is closed promptly.
+    fn shutdown(&self, how: Shutdown) -> io::Result<()>;
+}
+
+/// A listening socket.
+#[allow(async_fn_in_trait)]
+pub trait Listener: 'static {
+    /// The streams it accepts.
+    type Stream: Stream;
+    /// Waits for the next connection.
+    async fn accept(&self) -> io::Result<(Self::Stream, SocketAddr)>;
+}
+
+/// One IO backend: how to run, listen and connect.
+#[allow(async_fn_in_trait)]
+pub trait Backend: 'static {
+    /// Its connected stream.
+    type Stream: Stream;
+    /// Its listener.
+    type Listener: Listener<Stream = Self::Stream>;
+    /// Which backend this is.
+    const KIND: BackendKind;
+
+    /// Adopts a bound, listening, non-blocking std socket.
+    fn listener(socket: std::net::TcpListener) -> io::Result<Self::Listener>;
+
+    /// Opens a TCP connection, with `TCP_NODELAY` set.
+    async fn connect(addr: SocketAddr) -> io::Result<Self::Stream>;
+
+    /// Builds this backend's runtime on the current thread and runs `future` on it to
+    /// completion; tasks may be spawned with `tokio::task::spawn_local`.
+    fn block_on<F: Future>(future: F) -> io::Result<F::Output>;
+}
+
+/// Grows `buf` when it has no spare capacity, so a read always has room.
+fn ensure_spare(buf: &mut Vec<u8>) {
+    if buf.len() == buf.capacity() {
+        buf.reserve(buf.capacity().max(4096));
+    }
+}

@@ -1,0 +1,95 @@
+//! The io_uring backend: tokio-uring per worker, completion-based IO on owned buffers.
+
+use std::future::Future;
+use std::io;
+use std::net::{Shutdown, SocketAddr};
+use std::ops::Range;
+
+use tokio_uring::buf::BoundedBuf;
+
+use super::{Backend, BackendKind, BufResult, Listener, Stream};
+
+/// Submission queue entries per worker ring.
+const RING_ENTRIES: u32 = 256;
+
+/// The io_uring backend.
+#[derive(Debug)]
+pub struct Uring;
+
+/// A tokio-uring TCP stream.
+pub struct UringStream(tokio_uring::net::TcpStream);
+
+/// A tokio-uring TCP listener.
+pub struct UringListener(tokio_uring::net::TcpListener);
+
+/// Checks that this process may use io_uring: the `io_uring_disabled` sysctl, then a real
+/// ring setup, which is what a seccomp profile that blocks io_uring makes fail (`EPERM`,
+/// `ENOSYS`).
+pub fn probe() -> io::Result<()> {
+    if let Ok(text) = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled") {
+        if text.trim() == "2" {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "io_uring is disabled by the kernel.io_uring_disabled sysctl",
+            ));
+        }
+    }
+    io_uring::IoUring::new(2).map(drop).map_err(|e| io::Error::new(e.kind(), format!("io_uring_setup failed: {e}")))
+}
+
+impl Stream for UringStream {
+    async fn read(&self, mut buf: Vec<u8>) -> BufResult<usize> {
+        super::ensure_spare(&mut buf);
+        let start = buf.len();
+        let (result, slice) = self.0.read(buf.slice(start..)).await;
+        (result, slice.into_inner())
+    }
+
+    async fn write_all(&self, buf: Vec<u8>, range: Range<usize>) -> BufResult<()> {
+        if range.start >= range.end {
+            return (Ok(()), buf);
+        }
+        if range.end > buf.len() {
+            return (Err(io::ErrorKind::InvalidInput.into()), buf);
+        }
+        let (result, slice) = self.0.write_all(buf.slice(range)).await;
+        (result, slice.into_inner())
+    }
+
+    fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        self.0.shutdown(how)
+    }
+}
+
+impl Listener for UringListener {
+    type Stream = UringStream;
+
+    async fn accept(&self) -> io::Result<(UringStream, SocketAddr)> {
+        let (stream, peer) = self.0.accept().await?;
+        stream.set_nodelay(true)?;
+        Ok((UringStream(stream), peer))
+    }
+}
+
+impl Backend for Uring {
+    type Stream = UringStream;
+    type Listener = UringListener;
+    const KIND: BackendKind = BackendKind::IoUring;
+
+    fn listener(socket: std::net::TcpListener) -> io::Result<UringListener> {
+        Ok(UringListener(tokio_uring::net::TcpListener::from_std(socket)))
+    }
+
+    async fn connect(addr: SocketAddr) -> io::Result<UringStream> {
+        let stream = tokio_uring::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(UringStream(stream))
+    }
+
+    fn block_on<F: Future>(future: F) -> io::Result<F::Output> {
+        let mut builder = tokio_uring::builder();
+        builder.entries(RING_ENTRIES);
+        let runtime = tokio_uring::Runtime::new(&builder)?;
+        Ok(runtime.block_on(future))
+    }
+}

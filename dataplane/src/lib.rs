@@ -1,0 +1,209 @@
+//! `tern-proxy`, Tern's sidecar proxy, as a library: [`Proxy::start`] runs one in-process
+//! (which is how the tests run it) and the `tern-proxy` binary is a thin shell around it.
+//!
+//! Layout: [`worker`] threads (one per core) run the data path, written once in [`proxy`]
+//! against the [`io`] interface and its two backends; [`control`] and [`admin`] run on their
+//! own thread and reach workers only by message; [`snapshot`] is the compiled config workers
+//! read; [`metrics`] are per-worker and merged at scrape; [`sys`] holds the OS calls.
+
+pub mod admin;
+pub mod control;
+pub mod io;
+pub mod metrics;
+pub mod proxy;
+pub mod snapshot;
+pub mod sys;
+pub mod worker;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use shared::Config;
+use tokio::sync::{Notify, mpsc};
+
+pub use control::{ApplyError, Control};
+pub use io::{BackendChoice, BackendKind};
+
+/// How to run the proxy process (as opposed to what to proxy, which is the [`Config`]).
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Worker threads; `None` means one per CPU the process may use (see
+    /// [`sys::default_workers`]).
+    pub workers: Option<usize>,
+    /// Which IO backend.
+    pub backend: BackendChoice,
+    /// Pin each worker to its own CPU.
+    pub pin_workers: bool,
+    /// Admin server address.
+    pub admin: SocketAddr,
+    /// How long a drain waits for in-flight work.
+    pub drain_deadline: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            workers: None,
+            backend: BackendChoice::Auto,
+            pin_workers: true,
+            admin: SocketAddr::from(([127, 0, 0, 1], 15000)),
+            drain_deadline: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why the proxy did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The requested IO backend is unavailable.
+    #[error("IO backend: {0}")]
+    Backend(std::io::Error),
+    /// The admin address could not be bound.
+    #[error("admin server on {address}: {source}")]
+    Admin {
+        /// The address.
+        address: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A thread could not be started.
+    #[error("starting a thread: {0}")]
+    Thread(std::io::Error),
+    /// The first config could not be applied.
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+}
+
+/// A running proxy: workers, admin server and control.
+pub struct Proxy {
+    control: Arc<Control>,
+    workers: Vec<JoinHandle<()>>,
+    admin: Option<JoinHandle<()>>,
+    admin_stop: Arc<Notify>,
+    admin_addr: SocketAddr,
+}
+
+impl Proxy {
+    /// Starts workers and the admin server and applies `config`; returns once every worker
+    /// accepts on every listener.
+    pub fn start(config: Config, source: &str, options: Options) -> Result<Proxy, StartError> {
+        let backend = options.backend.resolve().map_err(StartError::Backend)?;
+        let count = options.workers.unwrap_or_else(sys::default_workers).max(1);
+        let cpus = if options.pin_workers { sys::allowed_cpus().unwrap_or_default() } else { Vec::new() };
+        let admin_socket = std::net::TcpListener::bind(options.admin)
+            .and_then(|socket| socket.set_nonblocking(true).map(|()| socket))
+            .map_err(|source| StartError::Admin { address: options.admin, source })?;
+        let admin_addr = admin_socket.local_addr().map_err(|source| StartError::Admin { address: options.admin, source })?;
+
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..count).map(|_| mpsc::unbounded_channel()).unzip();
+        let control = Arc::new(Control::new(backend, senders, options.drain_deadline));
+        let first = Arc::new(snapshot::Snapshot::compile(config.clone(), 0, source.to_owned()).map_err(ApplyError::from)?);
+        let remaining = Arc::new(std::sync::atomic::AtomicUsize::new(count));
+        let mut workers = Vec::with_capacity(count);
+        for (id, commands) in receivers.into_iter().enumerate() {
+            let spawn = worker::Spawn {
+                id,
+                cpu: (!cpus.is_empty()).then(|| cpus[id % cpus.len()]),
+                snapshot: first.clone(),
+                commands,
+            };
+            let worker_control = control.clone();
+            let remaining = remaining.clone();
+            let thread = std::thread::Builder::new().name(format!("tern-worker-{id}")).spawn(move || {
+                let result = match backend {
+                    BackendKind::IoUring => worker::run::<io::uring::Uring>(spawn),
+                    BackendKind::Epoll => worker::run::<io::epoll::Epoll>(spawn),
+                };
+                if let Err(error) = result {
+                    tracing::error!(worker = id, %error, "worker failed");
+                }
+                if remaining.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+                    worker_control.set_finished();
+                }
+            });
+            match thread {
+                Ok(thread) => workers.push(thread),
+                Err(error) => {
+                    control.drain_within(Duration::ZERO);
+                    return Err(StartError::Thread(error));
+                }
+            }
+        }
+        let admin_stop = Arc::new(Notify::new());
+        let mut proxy = Proxy { control: control.clone(), workers, admin: None, admin_stop: admin_stop.clone(), admin_addr };
+        control.apply(config, source)?;
+        let admin = std::thread::Builder::new()
+            .name("tern-admin".into())
+            .spawn(move || {
+                if let Err(error) = admin::run(control, admin_socket, admin_stop) {
+                    tracing::error!(%error, "admin server failed");
+                }
+            })
+            .map_err(StartError::Thread)?;
+        proxy.admin = Some(admin);
+        tracing::info!(backend = backend.as_str(), workers = count, admin = %admin_addr, "tern-proxy started");
+        Ok(proxy)
+    }
+
+    /// The control handle (reload, drain, scrape).
+    pub fn control(&self) -> &Arc<Control> {
+        &self.control
+    }
+
+    /// The admin server's address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The bound address of a listener.
+    pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.control.listeners().into_iter().find(|b| b.name == name).map(|b| b.address)
+    }
+
+    /// The IO backend the workers run.
+    pub fn backend(&self) -> BackendKind {
+        self.control.backend
+    }
+
+    /// Applies a new config; on error the running config stays.
+    pub fn reload(&self, config: Config, source: &str) -> Result<u64, ApplyError> {
+        self.control.apply(config, source)
+    }
+
+    /// Reads, validates and applies a config file; on error the running config stays.
+    pub fn reload_file(&self, path: &Path) -> Result<u64, ApplyError> {
+        let config = Config::from_file(path)?;
+        self.control.apply(config, &path.display().to_string())
+    }
+
+    /// Starts a graceful drain (see [`Control::drain`]).
+    pub fn drain(&self) {
+        self.control.drain();
+    }
+
+    /// Waits for the workers to finish draining, then stops the admin server.
+    pub fn join(mut self) {
+        self.join_threads();
+    }
+
+    fn join_threads(&mut self) {
+        for worker in self.workers.drain(..) {
+            let _ = worker.join();
+        }
+        self.admin_stop.notify_one();
+        if let Some(admin) = self.admin.take() {
+            let _ = admin.join();
+        }
+    }
+}
+
+impl Drop for Proxy {
+    /// Dropping a proxy that was not drained stops it at once.
+    fn drop(&mut self) {
+        self.control.drain_within(Duration::ZERO);
+        self.join_threads();
+    }
+}

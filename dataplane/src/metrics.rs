@@ -1,0 +1,513 @@
+//! Per-worker statistics and their Prometheus text exposition.
+//!
+//! Each worker owns its counters and HDR latency histograms outright (`Cell`s and a
+//! `RefCell`, no atomics, no locks): nothing is shared across cores on the data path. The
+//! admin thread asks every worker for a [`WorkerReport`] at scrape time, merges them by
+//! name, and renders the text format; latency quantiles come from the merged histogram, so
+//! p99.9 is exact to the histogram's three significant digits, not a bucket guess.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+
+/// Histogram range: 1 µs to 60 s, three significant digits.
+const LATENCY_MAX_MICROS: u64 = 60_000_000;
+const LATENCY_SIGFIG: u8 = 3;
+
+/// Quantiles exposed for every latency histogram.
+const QUANTILES: [f64; 5] = [0.5, 0.9, 0.99, 0.999, 1.0];
+
+/// Why a request or connection did not get a normal upstream response. The short code is
+/// both the `flag` metric label and the `x-tern-response-flag` header of generated replies
+/// (after Envoy's response flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Flag {
+    /// No route matched the request: 404.
+    NoRoute,
+    /// No connection to any upstream endpoint could be made: 503.
+    UpstreamConnectFailure,
+    /// The upstream did not answer within the route timeout: 504.
+    UpstreamTimeout,
+    /// The upstream closed or reset the connection mid-exchange: 502.
+    UpstreamReset,
+    /// The upstream sent a malformed response: 502.
+    UpstreamProtocolError,
+    /// The client sent a malformed request: 400.
+    DownstreamProtocolError,
+    /// The client exceeded a header, line or count limit: 414 or 431.
+    DownstreamLimit,
+    /// The client took too long to send its request head: 408.
+    DownstreamTimeout,
+    /// The client closed or reset the connection mid-exchange.
+    DownstreamReset,
+    /// An opaque TCP connection was closed for inactivity.
+    IdleTimeout,
+}
+
+impl Flag {
+    /// Every flag, in label order.
+    pub const ALL: [Flag; 10] = [
+        Flag::NoRoute,
+        Flag::UpstreamConnectFailure,
+        Flag::UpstreamTimeout,
+        Flag::UpstreamReset,
+        Flag::UpstreamProtocolError,
+        Flag::DownstreamProtocolError,
+        Flag::DownstreamLimit,
+        Flag::DownstreamTimeout,
+        Flag::DownstreamReset,
+        Flag::IdleTimeout,
+    ];
+
+    /// The short code.
+    pub fn code(self) -> &'static str {
+        match self {
+            Flag::NoRoute => "NR",
+            Flag::UpstreamConnectFailure => "UF",
+            Flag::UpstreamTimeout => "UT",
+            Flag::UpstreamReset => "UC",
+            Flag::UpstreamProtocolError => "UPE",
+            Flag::DownstreamProtocolError => "DPE",
+            Flag::DownstreamLimit => "DLE",
+            Flag::DownstreamTimeout => "DT",
+            Flag::DownstreamReset => "DC",
+            Flag::IdleTimeout => "IT",
+        }
+    }
+}
+
+fn new_histogram() -> Histogram<u64> {
+    // The bounds are constants that hdrhistogram accepts; the fallback is never taken.
+    Histogram::new_with_bounds(1, LATENCY_MAX_MICROS, LATENCY_SIGFIG)
+        .unwrap_or_else(|_| Histogram::new(LATENCY_SIGFIG).unwrap_or_else(|_| unreachable!()))
+}
+
+fn bump(cell: &Cell<u64>, by: u64) {
+    cell.set(cell.get().wrapping_add(by));
+}
+
+/// Counters of one listener on one worker.
+#[derive(Debug)]
+pub struct ListenerStats {
+    connections: Cell<u64>,
+    active: Cell<u64>,
+    requests: Cell<u64>,
+    responses: [Cell<u64>; 5],
+    errors: [Cell<u64>; Flag::ALL.len()],
+    bytes_received: Cell<u64>,
+    bytes_sent: Cell<u64>,
+    latency: RefCell<Histogram<u64>>,
+}
+
+impl ListenerStats {
+    fn new() -> ListenerStats {
+        ListenerStats {
+            connections: Cell::new(0),
+            active: Cell::new(0),
+            requests: Cell::new(0),
+            responses: Default::default(),
+            errors: Default::default(),
+            bytes_received: Cell::new(0),
+            bytes_sent: Cell::new(0),
+            latency: RefCell::new(new_histogram()),
+        }
+    }
+
+    /// A connection was accepted.
+    pub fn connection_opened(&self) {
+        bump(&self.connections, 1);
+        bump(&self.active, 1);
+    }
+
+    /// An accepted connection ended.
+    pub fn connection_closed(&self) {
+        self.active.set(self.active.get().saturating_sub(1));
+    }
+
+    /// A request head was read.
+    pub fn request(&self) {
+        bump(&self.requests, 1);
+    }
+
+    /// A response was sent to the client, and the request took `elapsed` end to end.
+    pub fn response(&self, status: u16, elapsed: Duration) {
+        if let Some(class) = self.responses.get(usize::from(status / 100).wrapping_sub(1)) {
+            bump(class, 1);
+        }
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX).clamp(1, LATENCY_MAX_MICROS);
+        // Clamped into the histogram's range, so recording cannot fail.
+        let _ = self.latency.borrow_mut().record(micros);
+    }
+
+    /// Something went wrong, as classified by `flag`.
+    pub fn error(&self, flag: Flag) {
+        bump(&self.errors[flag as usize], 1);
+    }
+
+    /// Bytes read from clients.
+    pub fn received(&self, bytes: u64) {
+        bump(&self.bytes_received, bytes);
+    }
+
+    /// Bytes written to clients.
+    pub fn sent(&self, bytes: u64) {
+        bump(&self.bytes_sent, bytes);
+    }
+}
+
+/// Counters of one cluster on one worker.
+#[derive(Debug, Default)]
+pub struct ClusterStats {
+    connections: Cell<u64>,
+    connect_failures: Cell<u64>,
+    requests: Cell<u64>,
+    responses: [Cell<u64>; 5],
+    timeouts: Cell<u64>,
+    bytes_sent: Cell<u64>,
+    bytes_received: Cell<u64>,
+    pool_reuses: Cell<u64>,
+}
+
+impl ClusterStats {
+    /// A new upstream connection was established.
+    pub fn connected(&self) {
+        bump(&self.connections, 1);
+    }
+    /// An upstream connection attempt failed or timed out.
+    pub fn connect_failed(&self) {
+        bump(&self.connect_failures, 1);
+    }
+    /// A pooled connection was reused.
+    pub fn reused(&self) {
+        bump(&self.pool_reuses, 1);
+    }
+    /// A request was sent upstream.
+    pub fn request(&self) {
+        bump(&self.requests, 1);
+    }
+    /// The upstream answered with `status`.
+    pub fn response(&self, status: u16) {
+        if let Some(class) = self.responses.get(usize::from(status / 100).wrapping_sub(1)) {
+            bump(class, 1);
+        }
+    }
+    /// The upstream did not answer in time.
+    pub fn timeout(&self) {
+        bump(&self.timeouts, 1);
+    }
+    /// Bytes written to the upstream.
+    pub fn sent(&self, bytes: u64) {
+        bump(&self.bytes_sent, bytes);
+    }
+    /// Bytes read from the upstream.
+    pub fn received(&self, bytes: u64) {
+        bump(&self.bytes_received, bytes);
+    }
+}
+
+/// A worker's statistics, by listener and cluster name. Entries outlive config changes, so
+/// counters stay monotonic across reloads.
+#[derive(Debug, Default)]
+pub struct Registry {
+    listeners: RefCell<BTreeMap<Arc<str>, std::rc::Rc<ListenerStats>>>,
+    clusters: RefCell<BTreeMap<Arc<str>, std::rc::Rc<ClusterStats>>>,
+}
+
+impl Registry {
+    /// The stats of a listener, created on first use.
+    pub fn listener(&self, name: &Arc<str>) -> std::rc::Rc<ListenerStats> {
+        self.listeners.borrow_mut().entry(name.clone()).or_insert_with(|| ListenerStats::new().into()).clone()
+    }
+
+    /// The stats of a cluster, created on first use.
+    pub fn cluster(&self, name: &Arc<str>) -> std::rc::Rc<ClusterStats> {
+        self.clusters.borrow_mut().entry(name.clone()).or_default().clone()
+    }
+
+    /// Copies everything out for the admin thread.
+    pub fn report(&self) -> WorkerReport {
+        let listeners = self
+            .listeners
+            .borrow()
+            .iter()
+            .map(|(name, s)| {
+                let report = ListenerReport {
+                    connections: s.connections.get(),
+                    active: s.active.get(),
+                    requests: s.requests.get(),
+                    responses: s.responses.each_ref().map(Cell::get),
+                    errors: s.errors.each_ref().map(Cell::get),
+                    bytes_received: s.bytes_received.get(),
+                    bytes_sent: s.bytes_sent.get(),
+                    latency: s.latency.borrow().clone(),
+                };
+                (name.clone(), report)
+            })
+            .collect();
+        let clusters = self
+            .clusters
+            .borrow()
+            .iter()
+            .map(|(name, s)| {
+                let report = ClusterReport {
+                    connections: s.connections.get(),
+                    connect_failures: s.connect_failures.get(),
+                    requests: s.requests.get(),
+                    responses: s.responses.each_ref().map(Cell::get),
+                    timeouts: s.timeouts.get(),
+                    bytes_sent: s.bytes_sent.get(),
+                    bytes_received: s.bytes_received.get(),
+                    pool_reuses: s.pool_reuses.get(),
+                };
+                (name.clone(), report)
+            })
+            .collect();
+        WorkerReport { listeners, clusters }
+    }
+}
+
+/// One worker's statistics at one instant, sent to the admin thread.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerReport {
+    /// By listener name.
+    pub listeners: BTreeMap<Arc<str>, ListenerReport>,
+    /// By cluster name.
+    pub clusters: BTreeMap<Arc<str>, ClusterReport>,
+}
+
+/// A listener's statistics.
+#[derive(Debug, Clone)]
+pub struct ListenerReport {
+    /// Connections accepted.
+    pub connections: u64,
+    /// Connections open now.
+    pub active: u64,
+    /// Request heads read.
+    pub requests: u64,
+    /// Responses by status class, 1xx to 5xx.
+    pub responses: [u64; 5],
+    /// Errors by [`Flag`].
+    pub errors: [u64; Flag::ALL.len()],
+    /// Bytes read from clients.
+    pub bytes_received: u64,
+    /// Bytes written to clients.
+    pub bytes_sent: u64,
+    /// Request latency in microseconds.
+    pub latency: Histogram<u64>,
+}
+
+/// A cluster's statistics.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterReport {
+    /// Upstream connections established.
+    pub connections: u64,
+    /// Failed connection attempts.
+    pub connect_failures: u64,
+    /// Requests sent.
+    pub requests: u64,
+    /// Upstream responses by status class.
+    pub responses: [u64; 5],
+    /// Requests that timed out.
+    pub timeouts: u64,
+    /// Bytes written to upstreams.
+    pub bytes_sent: u64,
+    /// Bytes read from upstreams.
+    pub bytes_received: u64,
+    /// Requests that reused a pooled connection.
+    pub pool_reuses: u64,
+}
+
+impl WorkerReport {
+    /// Adds another worker's report into this one.
+    pub fn merge(&mut self, other: WorkerReport) {
+        for (name, l) in other.listeners {
+            match self.listeners.get_mut(&name) {
+                None => {
+                    self.listeners.insert(name, l);
+                }
+                Some(m) => {
+                    m.connections += l.connections;
+                    m.active += l.active;
+                    m.requests += l.requests;
+                    add(&mut m.responses, &l.responses);
+                    add(&mut m.errors, &l.errors);
+                    m.bytes_received += l.bytes_received;
+                    m.bytes_sent += l.bytes_sent;
+                    // Same bounds on every worker, so adding cannot fail.
+                    let _ = m.latency.add(&l.latency);
+                }
+            }
+        }
+        for (name, c) in other.clusters {
+            let m = self.clusters.entry(name).or_default();
+            m.connections += c.connections;
+            m.connect_failures += c.connect_failures;
+            m.requests += c.requests;
+            add(&mut m.responses, &c.responses);
+            m.timeouts += c.timeouts;
+            m.bytes_sent += c.bytes_sent;
+            m.bytes_received += c.bytes_received;
+            m.pool_reuses += c.pool_reuses;
+        }
+    }
+}
+
+fn add<const N: usize>(into: &mut [u64; N], from: &[u64; N]) {
+    for (a, b) in into.iter_mut().zip(from) {
+        *a += b;
+    }
+}
+
+/// Process-wide facts shown beside the counters.
+#[derive(Debug)]
+pub struct Info<'a> {
+    /// `io_uring` or `epoll`.
+    pub backend: &'a str,
+    /// Worker threads.
+    pub workers: usize,
+    /// Version of the applied config.
+    pub config_version: u64,
+    /// Workers that answered the scrape.
+    pub workers_reporting: usize,
+}
+
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Renders the Prometheus text exposition format (version 0.0.4).
+pub fn render(info: &Info<'_>, report: &WorkerReport) -> String {
+    let mut out = String::with_capacity(4096);
+    let mut family = |name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        name.to_owned()
+    };
+    let _ = family("tern_proxy_info", "gauge", "Constant 1, labelled with the IO backend and worker count.");
+    let _ = family("tern_config_version", "gauge", "Version of the config snapshot the workers run.");
+    let _ = family("tern_workers_reporting", "gauge", "Workers that answered this scrape.");
+    let _ = writeln!(out, "tern_proxy_info{{backend=\"{}\",workers=\"{}\"}} 1", info.backend, info.workers);
+    let _ = writeln!(out, "tern_config_version {}", info.config_version);
+    let _ = writeln!(out, "tern_workers_reporting {}", info.workers_reporting);
+
+    let ls = &report.listeners;
+    let series = |out: &mut String, name: &str, kind: &str, help: &str, value: &dyn Fn(&ListenerReport) -> u64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (l, r) in ls {
+            let _ = writeln!(out, "{name}{{listener=\"{}\"}} {}", escape(l), value(r));
+        }
+    };
+    series(&mut out, "tern_listener_connections_total", "counter", "Connections accepted.", &|r| r.connections);
+    series(&mut out, "tern_listener_active_connections", "gauge", "Connections open now.", &|r| r.active);
+    series(&mut out, "tern_requests_total", "counter", "HTTP request heads read.", &|r| r.requests);
+    series(&mut out, "tern_listener_received_bytes_total", "counter", "Bytes read from clients.", &|r| r.bytes_received);
+    series(&mut out, "tern_listener_sent_bytes_total", "counter", "Bytes written to clients.", &|r| r.bytes_sent);
+
+    let _ = writeln!(out, "# HELP tern_responses_total Responses sent to clients, by status class.");
+    let _ = writeln!(out, "# TYPE tern_responses_total counter");
+    for (l, r) in ls {
+        for (class, n) in CLASSES.iter().zip(r.responses) {
+            let _ = writeln!(out, "tern_responses_total{{listener=\"{}\",class=\"{class}\"}} {n}", escape(l));
+        }
+    }
+    let _ = writeln!(out, "# HELP tern_errors_total Requests or connections that failed, by response flag.");
+    let _ = writeln!(out, "# TYPE tern_errors_total counter");
+    for (l, r) in ls {
+        for (flag, n) in Flag::ALL.iter().zip(r.errors) {
+            if n > 0 {
+                let _ = writeln!(out, "tern_errors_total{{listener=\"{}\",flag=\"{}\"}} {n}", escape(l), flag.code());
+            }
+        }
+    }
+    let _ = writeln!(out, "# HELP tern_request_duration_seconds HTTP request latency, first head byte parsed to last response byte sent; exact quantiles from merged HDR histograms.");
+    let _ = writeln!(out, "# TYPE tern_request_duration_seconds summary");
+    for (l, r) in ls {
+        let h = &r.latency;
+        for q in QUANTILES {
+            let micros = if h.is_empty() { 0 } else { h.value_at_quantile(q) };
+            let _ = writeln!(
+                out,
+                "tern_request_duration_seconds{{listener=\"{}\",quantile=\"{q}\"}} {}",
+                escape(l),
+                micros as f64 / 1e6
+            );
+        }
+        let sum = h.mean() * h.len() as f64 / 1e6;
+        let _ = writeln!(out, "tern_request_duration_seconds_sum{{listener=\"{}\"}} {sum}", escape(l));
+        let _ = writeln!(out, "tern_request_duration_seconds_count{{listener=\"{}\"}} {}", escape(l), h.len());
+    }
+
+    let cs = &report.clusters;
+    let cluster_series = |out: &mut String, name: &str, help: &str, value: &dyn Fn(&ClusterReport) -> u64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (c, r) in cs {
+            let _ = writeln!(out, "{name}{{cluster=\"{}\"}} {}", escape(c), value(r));
+        }
+    };
+    cluster_series(&mut out, "tern_upstream_connections_total", "Upstream connections established.", &|r| r.connections);
+    cluster_series(&mut out, "tern_upstream_connect_failures_total", "Upstream connection attempts that failed or timed out.", &|r| r.connect_failures);
+    cluster_series(&mut out, "tern_upstream_requests_total", "HTTP requests sent upstream.", &|r| r.requests);
+    cluster_series(&mut out, "tern_upstream_timeouts_total", "HTTP requests whose upstream did not answer in time.", &|r| r.timeouts);
+    cluster_series(&mut out, "tern_upstream_pool_reuses_total", "HTTP requests that reused a pooled connection.", &|r| r.pool_reuses);
+    cluster_series(&mut out, "tern_upstream_sent_bytes_total", "Bytes written to upstreams.", &|r| r.bytes_sent);
+    cluster_series(&mut out, "tern_upstream_received_bytes_total", "Bytes read from upstreams.", &|r| r.bytes_received);
+    let _ = writeln!(out, "# HELP tern_upstream_responses_total Upstream responses, by status class.");
+    let _ = writeln!(out, "# TYPE tern_upstream_responses_total counter");
+    for (c, r) in cs {
+        for (class, n) in CLASSES.iter().zip(r.responses) {
+            let _ = writeln!(out, "tern_upstream_responses_total{{cluster=\"{}\",class=\"{class}\"}} {n}", escape(c));
+        }
+    }
+    out
+}
+
+/// Escapes a label value (backslash, quote, newline).
+fn escape(value: &str) -> std::borrow::Cow<'_, str> {
+    if value.contains(['\\', '"', '\n']) {
+        value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n").into()
+    } else {
+        value.into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merges_workers_and_renders_exact_quantiles() {
+        let name: Arc<str> = "web".into();
+        let a = Registry::default();
+        let b = Registry::default();
+        for i in 1..=900u64 {
+            a.listener(&name).response(200, Duration::from_micros(i));
+        }
+        for i in 901..=1000u64 {
+            b.listener(&name).response(503, Duration::from_micros(i));
+        }
+        b.listener(&name).error(Flag::UpstreamConnectFailure);
+        a.cluster(&"api".into()).request();
+        let mut merged = a.report();
+        merged.merge(b.report());
+        let l = &merged.listeners[&name];
+        assert_eq!(l.responses, [0, 900, 0, 0, 100]);
+        assert_eq!(l.latency.len(), 1000);
+        assert_eq!(l.latency.value_at_quantile(0.99), 990);
+
+        let info = Info { backend: "epoll", workers: 2, config_version: 3, workers_reporting: 2 };
+        let text = render(&info, &merged);
+        assert!(text.contains("tern_proxy_info{backend=\"epoll\",workers=\"2\"} 1"), "{text}");
+        assert!(text.contains("tern_responses_total{listener=\"web\",class=\"5xx\"} 100"), "{text}");
+        assert!(text.contains("tern_errors_total{listener=\"web\",flag=\"UF\"} 1"), "{text}");
+        assert!(text.contains("tern_request_duration_seconds{listener=\"web\",quantile=\"0.99\"} 0.00099"), "{text}");
+        assert!(text.contains("tern_request_duration_seconds_count{listener=\"web\"} 1000"), "{text}");
+        assert!(text.contains("tern_upstream_requests_total{cluster=\"api\"} 1"), "{text}");
+    }
+
+    #[test]
+    fn escapes_label_values() {
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+        assert_eq!(escape("plain"), "plain");
+    }
+}

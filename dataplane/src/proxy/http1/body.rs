@@ -1,0 +1,292 @@
+//! Streaming message bodies from one socket to another without buffering them whole:
+//! `Content-Length`, chunked (decoded only to find its end; the bytes go through
+//! unchanged, trailers included) and read-until-close.
+
+use std::io;
+
+use crate::io::Stream;
+
+use super::head::Framing;
+
+/// Longest chunk-size line (with extensions) or trailer line accepted.
+const MAX_CHUNK_LINE: usize = 4096;
+/// Size of the scratch buffer a body moves through.
+pub const BODY_BUFFER: usize = 16 * 1024;
+
+/// Why a body did not get through.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// Reading the sender failed.
+    #[error("reading the body: {0}")]
+    Read(io::Error),
+    /// The sender closed before the body ended.
+    #[error("the sender closed before the body ended")]
+    Truncated,
+    /// Writing to the receiver failed.
+    #[error("writing the body: {0}")]
+    Write(io::Error),
+    /// Invalid chunked framing.
+    #[error("invalid chunked encoding: {0}")]
+    Chunked(&'static str),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Size { digits: usize },
+    Extension,
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    TrailerStart,
+    Trailer,
+    TrailerLf,
+    EndLf,
+    Done,
+}
+
+/// Finds where a chunked body ends, fed any number of pieces. Strict about line endings
+/// (CRLF only), as a smuggling-safe proxy must be.
+#[derive(Debug, Clone)]
+pub struct ChunkedDecoder {
+    state: State,
+    remaining: u64,
+    line: usize,
+}
+
+impl Default for ChunkedDecoder {
+    fn default() -> Self {
+        ChunkedDecoder { state: State::Size { digits: 0 }, remaining: 0, line: 0 }
+    }
+}
+
+impl ChunkedDecoder {
+    /// Whether the terminating chunk and trailers have been seen.
+    pub fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    /// Consumes bytes of the body from `input`; returns how many belong to it. Fewer than
+    /// `input.len()` only when the body ended inside `input`.
+    pub fn feed(&mut self, input: &[u8]) -> Result<usize, BodyError> {
+        let mut i = 0;
+        while i < input.len() {
+            let b = input[i];
+            match self.state {
+                State::Done => return Ok(i),
+                State::Data => {
+                    let take = usize::try_from(self.remaining).unwrap_or(usize::MAX).min(input.len() - i);
+                    self.remaining -= take as u64;
+                    i += take;
+                    if self.remaining == 0 {
+                        self.state = State::DataCr;
+                    }
+                    continue;
+                }
+                State::Size { digits } => match b {
+                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                        let digit = (b as char).to_digit(16).unwrap_or(0);
+                        if digits >= 15 {
+                            return Err(BodyError::Chunked("chunk size too large"));
+                        }
+                        self.remaining = self.remaining * 16 + u64::from(digit);
+                        self.state = State::Size { digits: digits + 1 };
+                    }
+                    b';' | b' ' | b'\t' if digits > 0 => {
+                        self.state = State::Extension;
+                        self.line = 0;
+                    }
+                    b'\r' if digits > 0 => self.state = State::SizeLf,
+                    _ => return Err(BodyError::Chunked("invalid chunk size")),
+                },
+                State::Extension => match b {
+                    b'\r' => self.state = State::SizeLf,
+                    b'\n' => return Err(BodyError::Chunked("bare LF")),
+                    _ => {
+                        self.line += 1;
+                        if self.line > MAX_CHUNK_LINE {
+                            return Err(BodyError::Chunked("chunk extension too long"));
+                        }
+                    }
+                },
+                State::SizeLf => {
+                    if b != b'\n' {
+                        return Err(BodyError::Chunked("expected LF after chunk size"));
+                    }
+                    self.state = if self.remaining == 0 { State::TrailerStart } else { State::Data };
+                }
+                State::DataCr => {
+                    if b != b'\r' {
+                        return Err(BodyError::Chunked("expected CRLF after chunk data"));
+                    }
+                    self.state = State::DataLf;
+                }
+                State::DataLf => {
+                    if b != b'\n' {
+                        return Err(BodyError::Chunked("expected CRLF after chunk data"));
+                    }
+                    self.state = State::Size { digits: 0 };
+                    self.remaining = 0;
+                }
+                State::TrailerStart => {
+                    if b == b'\r' {
+                        self.state = State::EndLf;
+                    } else if b == b'\n' {
+                        return Err(BodyError::Chunked("bare LF"));
+                    } else {
+                        self.state = State::Trailer;
+                        self.line = 1;
+                    }
+                }
+                State::Trailer => match b {
+                    b'\r' => self.state = State::TrailerLf,
+                    b'\n' => return Err(BodyError::Chunked("bare LF")),
+                    _ => {
+                        self.line += 1;
+                        if self.line > MAX_CHUNK_LINE {
+                            return Err(BodyError::Chunked("trailer too long"));
+                        }
+                    }
+                },
+                State::TrailerLf => {
+                    if b != b'\n' {
+                        return Err(BodyError::Chunked("expected LF after trailer"));
+                    }
+                    self.state = State::TrailerStart;
+                }
+                State::EndLf => {
+                    if b != b'\n' {
+                        return Err(BodyError::Chunked("expected LF at end of body"));
+                    }
+                    self.state = State::Done;
+                    return Ok(i + 1);
+                }
+            }
+            i += 1;
+        }
+        Ok(i)
+    }
+}
+
+/// Tracks how much of a body is left.
+enum Progress {
+    Length(u64),
+    Chunked(ChunkedDecoder),
+    UntilClose,
+}
+
+impl Progress {
+    /// How many bytes of `data` belong to the body, and whether the body ends there.
+    fn take(&mut self, data: &[u8]) -> Result<(usize, bool), BodyError> {
+        match self {
+            Progress::Length(left) => {
+                let n = usize::try_from(*left).unwrap_or(usize::MAX).min(data.len());
+                *left -= n as u64;
+                Ok((n, *left == 0))
+            }
+            Progress::Chunked(decoder) => {
+                let n = decoder.feed(data)?;
+                Ok((n, decoder.is_done()))
+            }
+            Progress::UntilClose => Ok((data.len(), false)),
+        }
+    }
+}
+
+/// Forwards one body from `src` to `dst`. `pending` holds bytes already read from `src`
+/// (the start of the body, perhaps more); on return it holds whatever followed the body
+/// (a pipelined request, say). `scratch` is a reusable buffer. Returns the bytes forwarded.
+pub async fn forward<S: Stream, D: Stream>(
+    src: &S,
+    dst: &D,
+    framing: Framing,
+    pending: &mut Vec<u8>,
+    scratch: &mut Vec<u8>,
+) -> Result<u64, BodyError> {
+    let mut progress = match framing {
+        Framing::Empty => return Ok(0),
+        Framing::Length(n) => Progress::Length(n),
+        Framing::Chunked => Progress::Chunked(ChunkedDecoder::default()),
+        Framing::UntilClose => Progress::UntilClose,
+    };
+    let mut total = 0u64;
+    if !pending.is_empty() {
+        let (n, done) = progress.take(pending)?;
+        if n > 0 {
+            let (written, back) = dst.write_all(std::mem::take(pending), 0..n).await;
+            *pending = back;
+            written.map_err(BodyError::Write)?;
+            pending.drain(..n);
+            total += n as u64;
+        }
+        if done {
+            return Ok(total);
+        }
+    }
+    if scratch.capacity() < BODY_BUFFER {
+        scratch.reserve(BODY_BUFFER);
+    }
+    loop {
+        scratch.clear();
+        let (read, back) = src.read(std::mem::take(scratch)).await;
+        *scratch = back;
+        let got = read.map_err(BodyError::Read)?;
+        if got == 0 {
+            return match progress {
+                Progress::UntilClose => Ok(total),
+                _ => Err(BodyError::Truncated),
+            };
+        }
+        let (n, done) = progress.take(&scratch[..got])?;
+        if n > 0 {
+            let (written, back) = dst.write_all(std::mem::take(scratch), 0..n).await;
+            *scratch = back;
+            written.map_err(BodyError::Write)?;
+            total += n as u64;
+        }
+        if done {
+            pending.extend_from_slice(&scratch[n..got]);
+            return Ok(total);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_in_pieces(body: &[u8], piece: usize) -> Result<(usize, bool), BodyError> {
+        let mut d = ChunkedDecoder::default();
+        let mut used = 0;
+        for part in body.chunks(piece) {
+            let n = d.feed(part)?;
+            used += n;
+            if d.is_done() {
+                break;
+            }
+        }
+        Ok((used, d.is_done()))
+    }
+
+    #[test]
+    fn finds_the_end_of_a_chunked_body_in_any_split() {
+        let body = b"5\r\nhello\r\n1a;name=value\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nx-trailer: 1\r\n\r\nGET / HTTP/1.1\r\n";
+        let end = body.len() - b"GET / HTTP/1.1\r\n".len();
+        for piece in 1..body.len() {
+            assert_eq!(decode_in_pieces(body, piece).unwrap(), (end, true), "piece {piece}");
+        }
+    }
+
+    #[test]
+    fn needs_more_until_the_last_chunk() {
+        assert_eq!(decode_in_pieces(b"3\r\nabc\r\n", 100).unwrap(), (8, false));
+        assert_eq!(decode_in_pieces(b"0\r\n\r", 100).unwrap(), (4, false));
+    }
+
+    #[test]
+    fn refuses_bad_framing() {
+        for bad in [&b"x\r\n"[..], b"\r\n", b"5\nhello", b"5\r\nhelloX\r\n", b"0\r\n\n", b"fffffffffffffffff\r\n"] {
+            assert!(decode_in_pieces(bad, 100).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+}

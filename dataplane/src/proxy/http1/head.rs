@@ -1,0 +1,361 @@
+//! Parsing HTTP/1.x request and response heads (with `httparse`) into what the proxy needs:
+//! where the host and path are, how the body is framed, and whether the connection lives on.
+//!
+//! Parsing borrows the connection's buffer and records offsets, so it allocates nothing.
+//! Ambiguous framing is refused rather than guessed (both `Content-Length` and
+//! `Transfer-Encoding`, conflicting lengths, a request coding that does not end in
+//! `chunked`): those are the inputs request smuggling is made of.
+
+use std::mem::MaybeUninit;
+use std::ops::Range;
+
+use shared::config::HttpSettings;
+
+use crate::metrics::Flag;
+
+/// The most header fields any head may have, whatever the config says.
+pub const MAX_HEADERS: usize = 256;
+
+/// Limits on a head.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest head in bytes.
+    pub max_head: usize,
+    /// Longest request line.
+    pub max_line: usize,
+    /// Most header fields.
+    pub max_headers: usize,
+}
+
+impl From<&HttpSettings> for Limits {
+    fn from(s: &HttpSettings) -> Limits {
+        Limits { max_head: s.max_header_bytes, max_line: s.max_request_line, max_headers: s.max_headers.min(MAX_HEADERS) }
+    }
+}
+
+/// How a message body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body.
+    Empty,
+    /// Exactly this many bytes.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+    /// Until the sender closes (responses only).
+    UntilClose,
+}
+
+/// Why a head was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HeadError {
+    /// The head is larger than allowed.
+    #[error("head larger than the limit")]
+    TooLarge,
+    /// The request line is longer than allowed.
+    #[error("request line longer than the limit")]
+    LineTooLong,
+    /// More header fields than allowed.
+    #[error("too many header fields")]
+    TooManyHeaders,
+    /// Not valid HTTP/1.x, or ambiguous.
+    #[error("malformed: {0}")]
+    Malformed(&'static str),
+}
+
+impl HeadError {
+    /// The status a proxy answers a client with, for a bad request head.
+    pub fn status(self) -> u16 {
+        match self {
+            HeadError::TooLarge | HeadError::TooManyHeaders => 431,
+            HeadError::LineTooLong => 414,
+            HeadError::Malformed(_) => 400,
+        }
+    }
+
+    /// The metric flag for a bad request head.
+    pub fn flag(self) -> Flag {
+        match self {
+            HeadError::Malformed(_) => Flag::DownstreamProtocolError,
+            _ => Flag::DownstreamLimit,
+        }
+    }
+}
+
+/// Request methods the proxy treats specially.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// `HEAD`: the response has no body whatever its headers say.
+    Head,
+    /// `CONNECT`.
+    Connect,
+    /// Anything else.
+    Other,
+}
+
+/// A parsed request head; ranges index the buffer it was parsed from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestHead {
+    /// Bytes of the head, through the blank line.
+    pub len: usize,
+    /// The method, where it matters.
+    pub method: Method,
+    /// The authority: `Host`, or the authority of an absolute-form target. May be empty.
+    pub host: Range<usize>,
+    /// The path (with query) to route on.
+    pub path: Range<usize>,
+    /// How the request body is delimited.
+    pub framing: Framing,
+    /// Whether the client keeps the connection open after this exchange.
+    pub keep_alive: bool,
+    /// `Connection: upgrade` with an `Upgrade` header.
+    pub upgrade: bool,
+    /// `Expect: 100-continue`.
+    pub expect_continue: bool,
+}
+
+/// A parsed response head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResponseHead {
+    /// Bytes of the head, through the blank line.
+    pub len: usize,
+    /// The status code.
+    pub status: u16,
+    /// How the body is delimited.
+    pub framing: Framing,
+    /// Whether the server keeps the connection open.
+    pub keep_alive: bool,
+    /// Whether the head says `Connection: close` (or is HTTP/1.0 without keep-alive).
+    pub says_close: bool,
+}
+
+/// What the headers of either kind of head say about framing and the connection.
+#[derive(Default)]
+struct Fields {
+    host: Option<Range<usize>>,
+    content_length: Option<u64>,
+    transfer_encoding: bool,
+    chunked_last: bool,
+    close: bool,
+    keep_alive: bool,
+    upgrade_token: bool,
+    upgrade_header: bool,
+    expect_continue: bool,
+}
+
+fn offset(buf: &[u8], part: &[u8]) -> Range<usize> {
+    // `part` is a sub-slice of `buf` (httparse returns borrows of its input).
+    let start = (part.as_ptr() as usize).wrapping_sub(buf.as_ptr() as usize);
+    start..start + part.len()
+}
+
+fn trim(value: &[u8]) -> &[u8] {
+    value.trim_ascii()
+}
+
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|&b| b == b',').map(trim).filter(|t| !t.is_empty())
+}
+
+fn read_fields(buf: &[u8], headers: &[httparse::Header<'_>]) -> Result<Fields, HeadError> {
+    let mut f = Fields::default();
+    for h in headers {
+        let name = h.name.as_bytes();
+        let value = trim(h.value);
+        if name.eq_ignore_ascii_case(b"host") {
+            if f.host.is_some() {
+                return Err(HeadError::Malformed("more than one Host header"));
+            }
+            f.host = Some(offset(buf, value));
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            for token in tokens(value) {
+                let length = parse_length(token).ok_or(HeadError::Malformed("invalid Content-Length"))?;
+                if f.content_length.is_some_and(|seen| seen != length) {
+                    return Err(HeadError::Malformed("conflicting Content-Length values"));
+                }
+                f.content_length = Some(length);
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            f.transfer_encoding = true;
+            if let Some(last) = tokens(value).last() {
+                f.chunked_last = last.eq_ignore_ascii_case(b"chunked");
+            }
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for token in tokens(value) {
+                f.close |= token.eq_ignore_ascii_case(b"close");
+                f.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+                f.upgrade_token |= token.eq_ignore_ascii_case(b"upgrade");
+            }
+        } else if name.eq_ignore_ascii_case(b"upgrade") {
+            f.upgrade_header = true;
+        } else if name.eq_ignore_ascii_case(b"expect") {
+            f.expect_continue = value.eq_ignore_ascii_case(b"100-continue");
+        }
+    }
+    if f.transfer_encoding && f.content_length.is_some() {
+        return Err(HeadError::Malformed("both Content-Length and Transfer-Encoding"));
+    }
+    Ok(f)
+}
+
+fn parse_length(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+}
+
+/// Checks the limits a head still being received has already broken.
+fn check_partial(buf: &[u8], limits: &Limits, request: bool) -> Result<(), HeadError> {
+    if request && buf.len() > limits.max_line && !buf[..limits.max_line].contains(&b'\n') {
+        return Err(HeadError::LineTooLong);
+    }
+    if buf.len() >= limits.max_head {
+        return Err(HeadError::TooLarge);
+    }
+    Ok(())
+}
+
+fn map_error(error: httparse::Error) -> HeadError {
+    match error {
+        httparse::Error::TooManyHeaders => HeadError::TooManyHeaders,
+        httparse::Error::Version => HeadError::Malformed("unsupported HTTP version"),
+        httparse::Error::Token => HeadError::Malformed("invalid token"),
+        httparse::Error::HeaderName => HeadError::Malformed("invalid header name"),
+        httparse::Error::HeaderValue => HeadError::Malformed("invalid header value"),
+        httparse::Error::NewLine => HeadError::Malformed("invalid line ending"),
+        httparse::Error::Status => HeadError::Malformed("invalid status"),
+    }
+}
+
+/// Parses a request head from the start of `buf`. `Ok(None)`: not complete yet and no
+/// limit broken, read more.
+pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>, HeadError> {
+    let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut []);
+    let len = match request.parse_with_uninit_headers(buf, &mut headers[..limits.max_headers]) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return check_partial(buf, limits, true).map(|()| None),
+        Err(error) => {
+            // A head that broke a limit before it broke the grammar reports the limit.
+            check_partial(buf, limits, true)?;
+            return Err(map_error(error));
+        }
+    };
+    let line_end = buf.iter().position(|&b| b == b'\n').unwrap_or(len);
+    if line_end > limits.max_line {
+        return Err(HeadError::LineTooLong);
+    }
+    if len > limits.max_head {
+        return Err(HeadError::TooLarge);
+    }
+    let (Some(method), Some(target), Some(minor)) = (request.method, request.path, request.version) else {
+        return Err(HeadError::Malformed("incomplete request line"));
+    };
+    let fields = read_fields(buf, request.headers)?;
+    let method = match method {
+        "HEAD" => Method::Head,
+        "CONNECT" => Method::Connect,
+        _ => Method::Other,
+    };
+
+    let target_bytes = target.as_bytes();
+    let (authority, path) = if target_bytes.starts_with(b"/") || target_bytes == b"*" {
+        (None, offset(buf, target_bytes))
+    } else if let Some(rest) = strip_scheme(target_bytes) {
+        let slash = rest.iter().position(|&b| b == b'/' || b == b'?').unwrap_or(rest.len());
+        (Some(offset(buf, &rest[..slash])), offset(buf, &rest[slash..]))
+    } else if method == Method::Connect {
+        (Some(offset(buf, target_bytes)), offset(buf, &target_bytes[target_bytes.len()..]))
+    } else {
+        return Err(HeadError::Malformed("invalid request target"));
+    };
+    let host = match (authority, fields.host) {
+        (Some(authority), _) => authority,
+        (None, Some(host)) => host,
+        (None, None) if minor == 0 => len..len,
+        (None, None) => return Err(HeadError::Malformed("missing Host header")),
+    };
+
+    let framing = if fields.transfer_encoding {
+        if !fields.chunked_last || minor == 0 {
+            return Err(HeadError::Malformed("request Transfer-Encoding must end in chunked"));
+        }
+        Framing::Chunked
+    } else {
+        match fields.content_length {
+            None | Some(0) => Framing::Empty,
+            Some(n) => Framing::Length(n),
+        }
+    };
+    Ok(Some(RequestHead {
+        len,
+        method,
+        host,
+        path,
+        framing,
+        keep_alive: if minor == 0 { fields.keep_alive && !fields.close } else { !fields.close },
+        upgrade: fields.upgrade_header && fields.upgrade_token,
+        expect_continue: fields.expect_continue && minor == 1,
+    }))
+}
+
+fn strip_scheme(target: &[u8]) -> Option<&[u8]> {
+    let colon = target.iter().position(|&b| b == b':')?;
+    let scheme = &target[..colon];
+    let ok = scheme.eq_ignore_ascii_case(b"http") || scheme.eq_ignore_ascii_case(b"https");
+    if ok { target[colon..].strip_prefix(b"://") } else { None }
+}
+
+/// Parses a response head from the start of `buf`, for a request made with `method`.
+pub fn parse_response(buf: &[u8], limits: &Limits, method: Method) -> Result<Option<ResponseHead>, HeadError> {
+    // httparse parses responses only into initialised headers.
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut headers[..limits.max_headers]);
+    let len = match response.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return check_partial(buf, limits, false).map(|()| None),
+        Err(error) => return Err(map_error(error)),
+    };
+    if len > limits.max_head {
+        return Err(HeadError::TooLarge);
+    }
+    let (Some(status), Some(minor)) = (response.code, response.version) else {
+        return Err(HeadError::Malformed("incomplete status line"));
+    };
+    let fields = read_fields(buf, response.headers)?;
+    let no_body = method == Method::Head || (100..200).contains(&status) || status == 204 || status == 304;
+    let framing = if no_body {
+        Framing::Empty
+    } else if fields.transfer_encoding {
+        if fields.chunked_last { Framing::Chunked } else { Framing::UntilClose }
+    } else {
+        match fields.content_length {
+            Some(0) => Framing::Empty,
+            Some(n) => Framing::Length(n),
+            None => Framing::UntilClose,
+        }
+    };
+    let says_close = if minor == 0 { !fields.keep_alive || fields.close } else { fields.close };
+    Ok(Some(ResponseHead { len, status, framing, keep_alive: !says_close && framing != Framing::UntilClose, says_close }))
+}
+
+/// Rewrites a response head to end the connection: drops its `Connection` fields and adds
+/// `connection: close`. Used when the proxy closes a connection the upstream would keep.
+pub fn with_connection_close(head: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(head.len() + 19);
+    let body = head.strip_suffix(b"\r\n\r\n").unwrap_or(head);
+    for (i, line) in body.split(|&b| b == b'\n').enumerate() {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let is_connection = line.len() > 11 && line[..11].eq_ignore_ascii_case(b"connection:");
+        if i == 0 || !is_connection {
+            out.extend_from_slice(line);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    out.extend_from_slice(b"connection: close\r\n\r\n");
+    out
+}
+
+#[cfg(test)]
+mod tests;

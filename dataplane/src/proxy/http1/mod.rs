@@ -1,0 +1,490 @@
+//! HTTP/1.1: one downstream connection, its requests in order, each routed by host and path
+//! to a cluster and carried over a pooled upstream connection.
+//!
+//! Heads are forwarded as received (no rewriting on the normal path); bodies stream through a
+//! bounded buffer; pipelined requests are answered strictly one after another; `Upgrade`
+//! (WebSocket) turns the connection into an opaque byte pump after the `101`. Failures the
+//! proxy answers itself carry an `x-tern-response-flag` header and count under that flag.
+
+pub mod body;
+pub mod head;
+
+use std::net::{Shutdown, SocketAddr};
+use std::rc::Rc;
+use std::time::Instant;
+
+use shared::config::HttpSettings;
+
+use self::body::BodyError;
+use self::head::{Framing, Limits, RequestHead, ResponseHead};
+use super::tcp::pump;
+use crate::io::{Backend, Stream};
+use crate::metrics::{Flag, ListenerStats};
+use crate::snapshot::{RoutePlan, RouteTable};
+use crate::worker::{View, Worker};
+
+/// Initial capacity of a connection's head buffers.
+const HEAD_BUFFER: usize = 4096;
+
+/// What happens to the downstream connection after an exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    KeepAlive,
+    Close,
+}
+
+/// Why no request head could be read.
+enum NoRequest {
+    /// The client closed, went idle, or the worker is draining: close quietly.
+    Closed,
+    /// The client broke a rule: answer with this status and close.
+    Reject(u16, Flag),
+}
+
+/// One downstream connection's state.
+struct Conn<'a, B: Backend> {
+    worker: &'a Rc<Worker<B>>,
+    view: &'a View,
+    stats: &'a ListenerStats,
+    settings: &'a HttpSettings,
+    limits: Limits,
+    down: B::Stream,
+    /// Bytes read from the client not yet forwarded: the current head, then the body's start
+    /// or pipelined requests.
+    inbuf: Vec<u8>,
+    /// Bytes read from the upstream: the response head and the start of its body.
+    upbuf: Vec<u8>,
+    /// Body bytes in transit.
+    scratch: Vec<u8>,
+}
+
+/// Serves HTTP/1.1 on one accepted connection until it closes.
+pub async fn serve<B: Backend>(
+    worker: &Rc<Worker<B>>,
+    view: &View,
+    listener: usize,
+    routes: &RouteTable,
+    down: B::Stream,
+    peer: SocketAddr,
+) {
+    let settings = &view.snapshot.config.http;
+    let mut conn = Conn {
+        worker,
+        view,
+        stats: &view.listeners[listener],
+        settings,
+        limits: Limits::from(settings),
+        down,
+        inbuf: Vec::with_capacity(HEAD_BUFFER),
+        upbuf: Vec::new(),
+        scratch: Vec::new(),
+    };
+    loop {
+        let head = match conn.read_request_head().await {
+            Ok(head) => head,
+            Err(NoRequest::Closed) => break,
+            Err(NoRequest::Reject(status, flag)) => {
+                tracing::debug!(%peer, status, flag = flag.code(), "request refused");
+                conn.stats.request();
+                conn.reply(status, flag, true, Instant::now()).await;
+                break;
+            }
+        };
+        let started = Instant::now();
+        conn.stats.request();
+        let route = routes.route(&conn.inbuf[head.host.clone()], &conn.inbuf[head.path.clone()]);
+        let next = match route {
+            Some(route) => conn.exchange(&head, route, started).await,
+            None => conn.no_route(&head, started).await,
+        };
+        if next == Next::Close {
+            break;
+        }
+    }
+    let _ = conn.down.shutdown(Shutdown::Both);
+}
+
+impl<B: Backend> Conn<'_, B> {
+    /// Reads until `inbuf` starts with a whole request head.
+    async fn read_request_head(&mut self) -> Result<RequestHead, NoRequest> {
+        let mut deadline = None;
+        loop {
+            if !self.inbuf.is_empty() {
+                match head::parse_request(&self.inbuf, &self.limits) {
+                    Ok(Some(head)) => return Ok(head),
+                    Ok(None) => {}
+                    Err(error) => return Err(NoRequest::Reject(error.status(), error.flag())),
+                }
+            } else if self.worker.draining() {
+                return Err(NoRequest::Closed);
+            }
+            let buf = std::mem::take(&mut self.inbuf);
+            let (read, buf) = match deadline {
+                // Between requests: wait for the first byte, the keep-alive timeout, or a drain.
+                None => {
+                    tokio::select! {
+                        read = self.down.read(buf) => read,
+                        () = tokio::time::sleep(self.settings.keepalive_timeout) => return Err(NoRequest::Closed),
+                        () = self.worker.drain_started() => return Err(NoRequest::Closed),
+                    }
+                }
+                // Inside a head: the whole head must arrive by the deadline (slowloris).
+                Some(deadline) => match tokio::time::timeout_at(deadline, self.down.read(buf)).await {
+                    Ok(read) => read,
+                    Err(_) => return Err(NoRequest::Reject(408, Flag::DownstreamTimeout)),
+                },
+            };
+            self.inbuf = buf;
+            match read {
+                Ok(0) if self.inbuf.is_empty() => return Err(NoRequest::Closed),
+                Ok(0) => {
+                    self.stats.error(Flag::DownstreamReset);
+                    return Err(NoRequest::Closed);
+                }
+                Ok(n) => {
+                    self.stats.received(n as u64);
+                    if deadline.is_none() {
+                        deadline = Some(tokio::time::Instant::now() + self.settings.header_timeout);
+                    }
+                }
+                Err(_) => {
+                    self.stats.error(Flag::DownstreamReset);
+                    return Err(NoRequest::Closed);
+                }
+            }
+        }
+    }
+
+    /// Answers a request no route matched.
+    async fn no_route(&mut self, head: &RequestHead, started: Instant) -> Next {
+        let keep = head.keep_alive && head.framing == Framing::Empty;
+        self.inbuf.drain(..head.len);
+        self.reply(404, Flag::NoRoute, !keep, started).await
+    }
+
+    /// Carries one request to `route`'s cluster and its response back.
+    ///
+    /// The request head stays at the front of `inbuf` until it cannot be needed again: a
+    /// request with a body is drained as soon as its head is out (it is never retried); one
+    /// without is kept for a retry until the response head arrives.
+    async fn exchange(&mut self, head: &RequestHead, route: &RoutePlan, started: Instant) -> Next {
+        let cluster = route.cluster;
+        let upstream_stats = &self.view.clusters[cluster];
+        let has_body = head.framing != Framing::Empty;
+        let mut body_done = !has_body;
+        let mut retried = false;
+        let (up, addr, response) = loop {
+            let Some((up, addr, reused)) = self.checkout(cluster).await else {
+                self.inbuf.drain(..head.len);
+                return self.reply(503, Flag::UpstreamConnectFailure, has_body, started).await;
+            };
+            upstream_stats.request();
+            // A pooled connection the upstream already closed fails here; a request with no
+            // body is safe to send again on a fresh connection, once.
+            let may_retry = reused && !retried && !has_body;
+            let inbuf = std::mem::take(&mut self.inbuf);
+            let (written, inbuf) = up.write_all(inbuf, 0..head.len).await;
+            self.inbuf = inbuf;
+            if written.is_err() {
+                let _ = up.shutdown(Shutdown::Both);
+                if may_retry {
+                    retried = true;
+                    continue;
+                }
+                self.inbuf.drain(..head.len);
+                return self.reply(502, Flag::UpstreamReset, has_body, started).await;
+            }
+            upstream_stats.sent(head.len as u64);
+            if has_body {
+                self.inbuf.drain(..head.len);
+                if !head.expect_continue {
+                    if let Err(next) = self.request_body(head, &up, cluster, started).await {
+                        return next;
+                    }
+                    body_done = true;
+                }
+            }
+            match self.read_response_head(&up, head, route, &mut body_done).await {
+                Ok(response) => break (up, addr, response),
+                Err(UpstreamFailure::Closed) if may_retry => {
+                    let _ = up.shutdown(Shutdown::Both);
+                    retried = true;
+                }
+                Err(failure) => {
+                    let _ = up.shutdown(Shutdown::Both);
+                    if !has_body {
+                        self.inbuf.drain(..head.len);
+                    }
+                    if failure == UpstreamFailure::Timeout {
+                        upstream_stats.timeout();
+                    }
+                    let (status, flag) = failure.reply();
+                    return self.reply(status, flag, !body_done, started).await;
+                }
+            }
+        };
+        if !has_body {
+            self.inbuf.drain(..head.len);
+        }
+        self.respond(head, route, up, addr, response, !body_done, started).await
+    }
+
+    /// Forwards the request body; on failure answers or closes and says what comes next.
+    async fn request_body(&mut self, head: &RequestHead, up: &B::Stream, cluster: usize, started: Instant) -> Result<(), Next> {
+        let upstream_stats = &self.view.clusters[cluster];
+        match body::forward(&self.down, up, head.framing, &mut self.inbuf, &mut self.scratch).await {
+            Ok(bytes) => {
+                self.stats.received(bytes);
+                upstream_stats.sent(bytes);
+                Ok(())
+            }
+            Err(BodyError::Write(_)) => {
+                let _ = up.shutdown(Shutdown::Both);
+                Err(self.reply(502, Flag::UpstreamReset, true, started).await)
+            }
+            Err(BodyError::Chunked(why)) => {
+                tracing::debug!(why, "malformed request body");
+                let _ = up.shutdown(Shutdown::Both);
+                Err(self.reply(400, Flag::DownstreamProtocolError, true, started).await)
+            }
+            Err(BodyError::Read(_) | BodyError::Truncated) => {
+                let _ = up.shutdown(Shutdown::Both);
+                self.stats.error(Flag::DownstreamReset);
+                Err(Next::Close)
+            }
+        }
+    }
+
+    /// Reads the final response head into `upbuf`, passing interim (1xx) responses on, and
+    /// sending an expect-continue body once the upstream asks for it.
+    async fn read_response_head(
+        &mut self,
+        up: &B::Stream,
+        head: &RequestHead,
+        route: &RoutePlan,
+        body_done: &mut bool,
+    ) -> Result<ResponseHead, UpstreamFailure> {
+        let deadline = tokio::time::Instant::now() + route.timeout;
+        self.upbuf.clear();
+        if self.upbuf.capacity() < HEAD_BUFFER {
+            self.upbuf.reserve(HEAD_BUFFER);
+        }
+        loop {
+            let parsed = if self.upbuf.is_empty() { Ok(None) } else { head::parse_response(&self.upbuf, &self.limits, head.method) };
+            match parsed {
+                Err(error) => {
+                    tracing::debug!(%error, "malformed upstream response");
+                    return Err(UpstreamFailure::Protocol);
+                }
+                Ok(Some(response)) if (100..200).contains(&response.status) && response.status != 101 => {
+                    // Interim response: pass it on, then wait for the next.
+                    let upbuf = std::mem::take(&mut self.upbuf);
+                    let (written, mut upbuf) = self.down.write_all(upbuf, 0..response.len).await;
+                    upbuf.drain(..response.len);
+                    self.upbuf = upbuf;
+                    if written.is_err() {
+                        return Err(UpstreamFailure::DownstreamGone);
+                    }
+                    if response.status == 100 && !*body_done {
+                        match body::forward(&self.down, up, head.framing, &mut self.inbuf, &mut self.scratch).await {
+                            Ok(bytes) => self.stats.received(bytes),
+                            Err(_) => return Err(UpstreamFailure::DownstreamGone),
+                        }
+                        *body_done = true;
+                    }
+                    continue;
+                }
+                Ok(Some(response)) => return Ok(response),
+                Ok(None) => {}
+            }
+            let upbuf = std::mem::take(&mut self.upbuf);
+            let (read, upbuf) = match tokio::time::timeout_at(deadline, up.read(upbuf)).await {
+                Ok(read) => read,
+                Err(_) => return Err(UpstreamFailure::Timeout),
+            };
+            self.upbuf = upbuf;
+            match read {
+                Ok(0) if self.upbuf.is_empty() => return Err(UpstreamFailure::Closed),
+                Ok(0) | Err(_) => return Err(UpstreamFailure::Reset),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Sends the response head and body to the client, then parks or drops the upstream.
+    async fn respond(
+        &mut self,
+        head: &RequestHead,
+        route: &RoutePlan,
+        up: B::Stream,
+        addr: SocketAddr,
+        response: ResponseHead,
+        body_unsent: bool,
+        started: Instant,
+    ) -> Next {
+        let cluster = route.cluster;
+        let upstream_stats = &self.view.clusters[cluster];
+        upstream_stats.received(self.upbuf.len() as u64);
+        upstream_stats.response(response.status);
+
+        if response.status == 101 && head.upgrade {
+            return self.upgrade(up, response, cluster, started).await;
+        }
+        let close = !head.keep_alive
+            || self.worker.draining()
+            || response.framing == Framing::UntilClose
+            || body_unsent
+            || response.status == 101;
+        let upbuf = std::mem::take(&mut self.upbuf);
+        let (written, mut upbuf) = if close && !response.says_close && head.keep_alive {
+            let rewritten = head::with_connection_close(&upbuf[..response.len]);
+            let len = rewritten.len();
+            self.stats.sent(len as u64);
+            let (written, _) = self.down.write_all(rewritten, 0..len).await;
+            (written, upbuf)
+        } else {
+            self.stats.sent(response.len as u64);
+            self.down.write_all(upbuf, 0..response.len).await
+        };
+        upbuf.drain(..response.len);
+        self.upbuf = upbuf;
+        if written.is_err() {
+            let _ = up.shutdown(Shutdown::Both);
+            self.stats.error(Flag::DownstreamReset);
+            return Next::Close;
+        }
+        let mut pending = std::mem::take(&mut self.upbuf);
+        let forwarded = body::forward(&up, &self.down, response.framing, &mut pending, &mut self.scratch).await;
+        let leftover = !pending.is_empty();
+        pending.clear();
+        self.upbuf = pending;
+        match forwarded {
+            Ok(bytes) => {
+                self.stats.sent(bytes);
+                upstream_stats.received(bytes);
+            }
+            Err(BodyError::Write(_)) => {
+                let _ = up.shutdown(Shutdown::Both);
+                self.stats.error(Flag::DownstreamReset);
+                return Next::Close;
+            }
+            Err(error) => {
+                // The head is already out: the client can only learn by the close.
+                tracing::debug!(%error, "upstream response body failed");
+                let _ = up.shutdown(Shutdown::Both);
+                self.stats.error(Flag::UpstreamReset);
+                return Next::Close;
+            }
+        }
+        self.stats.response(response.status, started.elapsed());
+        if response.keep_alive && !leftover && !body_unsent && !self.worker.draining() {
+            let plan = &self.view.snapshot.clusters[cluster];
+            self.worker.pool.put(addr, up, plan.max_idle_per_endpoint);
+        } else {
+            let _ = up.shutdown(Shutdown::Both);
+        }
+        if close { Next::Close } else { Next::KeepAlive }
+    }
+
+    /// Passes a `101 Switching Protocols` on and pumps bytes both ways until both end.
+    async fn upgrade(&mut self, up: B::Stream, response: ResponseHead, cluster: usize, started: Instant) -> Next {
+        let upbuf = std::mem::take(&mut self.upbuf);
+        let (written, mut upbuf) = self.down.write_all(upbuf, 0..response.len).await;
+        if written.is_err() {
+            let _ = up.shutdown(Shutdown::Both);
+            return Next::Close;
+        }
+        self.stats.sent(response.len as u64);
+        self.stats.response(101, started.elapsed());
+        upbuf.drain(..response.len);
+        let to_up = std::mem::take(&mut self.inbuf);
+        let idle = self.view.snapshot.clusters[cluster].idle_timeout;
+        let stats = self.stats;
+        let upstream = &self.view.clusters[cluster];
+        pump(&self.down, &up, to_up, upbuf, idle, &|n| {
+            stats.received(n);
+            upstream.sent(n);
+        }, &|n| {
+            stats.sent(n);
+            upstream.received(n);
+        })
+        .await;
+        Next::Close
+    }
+
+    /// A pooled connection to the cluster's next endpoint, or a new one.
+    async fn checkout(&self, cluster: usize) -> Option<(B::Stream, SocketAddr, bool)> {
+        let plan = self.view.snapshot.clusters.get(cluster)?;
+        // Round robin picks the endpoint; the pool only saves the handshake.
+        let addr = self.view.next_endpoint(cluster)?;
+        if let Some(stream) = self.worker.pool.take(addr, plan.idle_timeout) {
+            self.view.clusters[cluster].reused();
+            return Some((stream, addr, true));
+        }
+        super::connect::<B>(self.view, cluster).await.map(|(stream, addr)| (stream, addr, false))
+    }
+
+    /// Sends a response the proxy makes itself, counts it, and says what comes next.
+    async fn reply(&mut self, status: u16, flag: Flag, close: bool, started: Instant) -> Next {
+        self.stats.error(flag);
+        let close = close || self.worker.draining();
+        let message = reply_bytes(status, flag, close);
+        let len = message.len();
+        let (written, _) = self.down.write_all(message, 0..len).await;
+        self.stats.sent(len as u64);
+        self.stats.response(status, started.elapsed());
+        if written.is_err() || close { Next::Close } else { Next::KeepAlive }
+    }
+}
+
+/// How the upstream failed before a response head arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UpstreamFailure {
+    /// Closed before sending anything (a stale pooled connection, typically).
+    Closed,
+    /// Closed or failed mid-head.
+    Reset,
+    /// No response head within the route timeout.
+    Timeout,
+    /// Sent something that is not an HTTP response.
+    Protocol,
+    /// The client went away while an interim response or body was passed on.
+    DownstreamGone,
+}
+
+impl UpstreamFailure {
+    fn reply(self) -> (u16, Flag) {
+        match self {
+            UpstreamFailure::Closed | UpstreamFailure::Reset => (502, Flag::UpstreamReset),
+            UpstreamFailure::Timeout => (504, Flag::UpstreamTimeout),
+            UpstreamFailure::Protocol => (502, Flag::UpstreamProtocolError),
+            UpstreamFailure::DownstreamGone => (400, Flag::DownstreamReset),
+        }
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        400 => "Bad Request",
+        404 => "Not Found",
+        408 => "Request Timeout",
+        414 => "URI Too Long",
+        431 => "Request Header Fields Too Large",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Error",
+    }
+}
+
+/// The bytes of a response the proxy makes itself.
+fn reply_bytes(status: u16, flag: Flag, close: bool) -> Vec<u8> {
+    let reason = reason(status);
+    let body_len = reason.len() + 1;
+    let connection = if close { "connection: close\r\n" } else { "" };
+    format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain\r\ncontent-length: {body_len}\r\nx-tern-response-flag: {}\r\n{connection}\r\n{reason}\n",
+        flag.code()
+    )
+    .into_bytes()
+}

@@ -1,0 +1,52 @@
+//! A worker's pool of idle upstream HTTP/1.1 connections, keyed by endpoint address.
+//!
+//! Most recently used first, so a busy worker keeps a few warm connections and lets the
+//! rest age out. Connections idle longer than their cluster's idle timeout are dropped when
+//! found. Never shared across workers.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::io::Backend;
+
+/// Idle upstream connections of one worker.
+pub struct Pool<B: Backend> {
+    idle: RefCell<HashMap<SocketAddr, Vec<(B::Stream, Instant)>>>,
+}
+
+impl<B: Backend> Default for Pool<B> {
+    fn default() -> Self {
+        Pool { idle: RefCell::default() }
+    }
+}
+
+impl<B: Backend> Pool<B> {
+    /// Takes the most recently parked connection to `addr` that is younger than `max_idle`.
+    pub fn take(&self, addr: SocketAddr, max_idle: Duration) -> Option<B::Stream> {
+        let mut idle = self.idle.borrow_mut();
+        let parked = idle.get_mut(&addr)?;
+        let now = Instant::now();
+        // Everything below the newest expired entry is older still.
+        if let Some(last_expired) = parked.iter().rposition(|(_, since)| now.duration_since(*since) > max_idle) {
+            parked.drain(..=last_expired);
+        }
+        parked.pop().map(|(stream, _)| stream)
+    }
+
+    /// Parks a connection that finished an exchange cleanly, unless `addr` already has
+    /// `max_per_endpoint` parked.
+    pub fn put(&self, addr: SocketAddr, stream: B::Stream, max_per_endpoint: usize) {
+        let mut idle = self.idle.borrow_mut();
+        let parked = idle.entry(addr).or_default();
+        if parked.len() < max_per_endpoint {
+            parked.push((stream, Instant::now()));
+        }
+    }
+
+    /// Closes every parked connection.
+    pub fn clear(&self) {
+        self.idle.borrow_mut().clear();
+    }
+}

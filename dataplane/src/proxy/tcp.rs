@@ -1,0 +1,132 @@
+//! Opaque TCP: each accepted connection is joined to one upstream connection and bytes are
+//! copied both ways, unparsed, through one bounded buffer per direction.
+//!
+//! Half-close is passed on (end of stream from one side becomes `shutdown(Write)` on the
+//! other, and the other direction keeps flowing); an error on either side closes both; a
+//! connection with no bytes either way for the cluster's idle timeout is closed.
+
+use std::cell::Cell;
+use std::net::Shutdown;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use crate::io::{Backend, Stream};
+use crate::metrics::Flag;
+use crate::worker::{View, Worker};
+
+/// Buffer size of each direction.
+const COPY_BUFFER: usize = 16 * 1024;
+
+/// Serves one opaque TCP connection.
+pub async fn serve<B: Backend>(_worker: &Rc<Worker<B>>, view: &View, listener: usize, cluster: usize, down: B::Stream) {
+    let stats = &view.listeners[listener];
+    let Some((up, _)) = super::connect::<B>(view, cluster).await else {
+        stats.error(Flag::UpstreamConnectFailure);
+        let _ = down.shutdown(Shutdown::Both);
+        return;
+    };
+    let idle = view.snapshot.clusters[cluster].idle_timeout;
+    let upstream = &view.clusters[cluster];
+    let outcome = pump(&down, &up, Vec::new(), Vec::new(), idle, &|n| {
+        stats.received(n);
+        upstream.sent(n);
+    }, &|n| {
+        stats.sent(n);
+        upstream.received(n);
+    })
+    .await;
+    if outcome == Pumped::IdleTimeout {
+        stats.error(Flag::IdleTimeout);
+    }
+}
+
+/// How a [`pump`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pumped {
+    /// Both directions reached end of stream.
+    Finished,
+    /// A read or write failed; both sockets were shut down.
+    Failed,
+    /// Nothing moved for the idle timeout; both sockets were shut down.
+    IdleTimeout,
+}
+
+/// Copies `a → b` and `b → a` until both directions end. `to_b` and `to_a` are bytes already
+/// read from `a` and `b`, written first. `on_a` and `on_b` count bytes read from each side.
+pub async fn pump<A: Stream, B: Stream>(
+    a: &A,
+    b: &B,
+    to_b: Vec<u8>,
+    to_a: Vec<u8>,
+    idle: Duration,
+    on_a: &dyn Fn(u64),
+    on_b: &dyn Fn(u64),
+) -> Pumped {
+    let last_activity = Cell::new(Instant::now());
+    let copies = async {
+        let (ab, ba) = tokio::join!(copy(a, b, to_b, &last_activity, on_a), copy(b, a, to_a, &last_activity, on_b));
+        if ab.is_ok() && ba.is_ok() { Pumped::Finished } else { Pumped::Failed }
+    };
+    let watchdog = async {
+        loop {
+            let deadline = last_activity.get() + idle;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline.into()).await;
+        }
+    };
+    tokio::select! {
+        outcome = copies => outcome,
+        () = watchdog => {
+            let _ = a.shutdown(Shutdown::Both);
+            let _ = b.shutdown(Shutdown::Both);
+            Pumped::IdleTimeout
+        }
+    }
+}
+
+/// One direction: read from `src`, write to `dst`, pass end of stream on as a half-close.
+async fn copy<S: Stream, D: Stream>(
+    src: &S,
+    dst: &D,
+    pending: Vec<u8>,
+    last_activity: &Cell<Instant>,
+    count: &dyn Fn(u64),
+) -> std::io::Result<()> {
+    let mut buf = pending;
+    let result = async {
+        if !buf.is_empty() {
+            let len = buf.len();
+            let (written, back) = dst.write_all(std::mem::take(&mut buf), 0..len).await;
+            buf = back;
+            written?;
+        }
+        if buf.capacity() < COPY_BUFFER {
+            buf.reserve(COPY_BUFFER - buf.len());
+        }
+        loop {
+            buf.clear();
+            let (read, back) = src.read(std::mem::take(&mut buf)).await;
+            buf = back;
+            let n = read?;
+            if n == 0 {
+                // The peer may already be gone entirely; that is not this direction's error.
+                let _ = dst.shutdown(Shutdown::Write);
+                return Ok(());
+            }
+            last_activity.set(Instant::now());
+            count(n as u64);
+            let (written, back) = dst.write_all(std::mem::take(&mut buf), 0..n).await;
+            buf = back;
+            written?;
+        }
+    }
+    .await;
+    if result.is_err() {
+        // Unblock the other direction too.
+        let _ = src.shutdown(Shutdown::Both);
+        let _ = dst.shutdown(Shutdown::Both);
+    }
+    result
+}

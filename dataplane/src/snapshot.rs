@@ -1,0 +1,287 @@
+//! A validated [`Config`] compiled into what workers read on the data path: listener plans,
+//! cluster plans and per-listener route tables, addressed by index, immutable and versioned.
+//!
+//! A `Snapshot` is built once per config change on the control thread and shared read-only
+//! by every worker (`Arc`); a connection keeps the snapshot it was accepted under until it
+//! ends. Routing here does not allocate.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shared::config::{self, Config, Protocol};
+
+/// An immutable, versioned view of the config, ready for the data path.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Increases by one with every applied config.
+    pub version: u64,
+    /// Where the config came from (a file path, for now).
+    pub source: String,
+    /// The config as given, for `/config_dump`.
+    pub config: Config,
+    /// Listeners, in config order.
+    pub listeners: Vec<ListenerPlan>,
+    /// Clusters, in config order; plans refer to them by index.
+    pub clusters: Vec<ClusterPlan>,
+}
+
+/// One listener as the workers run it.
+#[derive(Debug)]
+pub struct ListenerPlan {
+    /// The listener's name (a metric label).
+    pub name: Arc<str>,
+    /// The address from the config (port 0 allowed).
+    pub configured: SocketAddr,
+    /// What it does with connections.
+    pub kind: ListenerKind,
+}
+
+/// What a listener does with a connection.
+#[derive(Debug)]
+pub enum ListenerKind {
+    /// Forward bytes to a cluster.
+    Tcp {
+        /// Index into [`Snapshot::clusters`].
+        cluster: usize,
+    },
+    /// Parse HTTP/1.1 and route each request.
+    Http(RouteTable),
+}
+
+/// One cluster as the workers run it.
+#[derive(Debug)]
+pub struct ClusterPlan {
+    /// The cluster's name (a metric label).
+    pub name: Arc<str>,
+    /// Upstream addresses, balanced round robin per worker.
+    pub endpoints: Vec<SocketAddr>,
+    /// Upstream TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// Idle timeout for opaque TCP and for pooled HTTP connections.
+    pub idle_timeout: Duration,
+    /// Idle HTTP connections kept per endpoint, per worker.
+    pub max_idle_per_endpoint: usize,
+}
+
+/// HTTP routes of one listener, most specific host first.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    hosts: Vec<HostRoutes>,
+}
+
+#[derive(Debug)]
+struct HostRoutes {
+    host: HostMatch,
+    /// Longest prefix first.
+    routes: Vec<RoutePlan>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum HostMatch {
+    /// Lower-case host name.
+    Exact(Box<str>),
+    /// Lower-case suffix including the leading dot: `.example.com`.
+    Suffix(Box<str>),
+    Any,
+}
+
+/// Where a matched request goes.
+#[derive(Debug)]
+pub struct RoutePlan {
+    prefix: Box<str>,
+    /// Index into [`Snapshot::clusters`].
+    pub cluster: usize,
+    /// Time allowed for the upstream's response head.
+    pub timeout: Duration,
+}
+
+impl Snapshot {
+    /// Compiles a config that passed [`Config::validate`]. Fails only if it did not.
+    pub fn compile(config: Config, version: u64, source: String) -> Result<Snapshot, config::ConfigError> {
+        config.validate().map_err(|(field, message)| config::ConfigError::Invalid {
+            origin: source.clone(),
+            field,
+            message,
+        })?;
+        let clusters: Vec<ClusterPlan> = config
+            .clusters
+            .iter()
+            .map(|c| ClusterPlan {
+                name: c.name.as_str().into(),
+                endpoints: c.endpoints.clone(),
+                connect_timeout: c.connect_timeout,
+                idle_timeout: c.idle_timeout,
+                max_idle_per_endpoint: c.max_idle_per_endpoint,
+            })
+            .collect();
+        let index = |name: &str| clusters.iter().position(|c| &*c.name == name);
+        let mut listeners = Vec::with_capacity(config.listeners.len());
+        for l in &config.listeners {
+            let kind = match l.protocol {
+                Protocol::Tcp => ListenerKind::Tcp {
+                    // Validation guarantees the cluster exists.
+                    cluster: l.cluster.as_deref().and_then(index).unwrap_or_default(),
+                },
+                Protocol::Http => ListenerKind::Http(RouteTable::new(
+                    l.routes.iter().map(|r| (r, index(&r.cluster).unwrap_or_default())),
+                )),
+            };
+            listeners.push(ListenerPlan { name: l.name.as_str().into(), configured: l.address, kind });
+        }
+        Ok(Snapshot { version, source, config, listeners, clusters })
+    }
+
+    /// Finds a listener by name.
+    pub fn listener_index(&self, name: &str) -> Option<usize> {
+        self.listeners.iter().position(|l| &*l.name == name)
+    }
+}
+
+impl RouteTable {
+    fn new<'a>(routes: impl Iterator<Item = (&'a config::Route, usize)>) -> RouteTable {
+        let mut hosts: Vec<HostRoutes> = Vec::new();
+        for (route, cluster) in routes {
+            let host = HostMatch::parse(&route.host);
+            let plan = RoutePlan { prefix: route.path_prefix.as_str().into(), cluster, timeout: route.timeout };
+            match hosts.iter_mut().find(|h| h.host == host) {
+                Some(h) => h.routes.push(plan),
+                None => hosts.push(HostRoutes { host, routes: vec![plan] }),
+            }
+        }
+        for h in &mut hosts {
+            // Stable: among equal prefixes the first declared wins.
+            h.routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+        }
+        hosts.sort_by_key(|h| match &h.host {
+            HostMatch::Exact(_) => (0, 0),
+            HostMatch::Suffix(s) => (1, usize::MAX - s.len()),
+            HostMatch::Any => (2, 0),
+        });
+        RouteTable { hosts }
+    }
+
+    /// Picks the route for a request: the most specific matching host (exact, then the
+    /// longest wildcard suffix, then `*`) that has a matching path prefix, and within it the
+    /// longest prefix. `host` may carry a port; `path` may carry a query.
+    pub fn route(&self, host: &[u8], path: &[u8]) -> Option<&RoutePlan> {
+        let host = strip_port(host);
+        self.hosts
+            .iter()
+            .filter(|h| h.host.matches(host))
+            .find_map(|h| h.routes.iter().find(|r| prefix_matches(&r.prefix, path)))
+    }
+}
+
+impl HostMatch {
+    fn parse(pattern: &str) -> HostMatch {
+        if pattern == "*" {
+            HostMatch::Any
+        } else if let Some(rest) = pattern.strip_prefix('*') {
+            HostMatch::Suffix(rest.to_ascii_lowercase().into())
+        } else {
+            HostMatch::Exact(pattern.to_ascii_lowercase().into())
+        }
+    }
+
+    fn matches(&self, host: &[u8]) -> bool {
+        match self {
+            HostMatch::Any => true,
+            HostMatch::Exact(name) => host.eq_ignore_ascii_case(name.as_bytes()),
+            HostMatch::Suffix(suffix) => {
+                host.len() > suffix.len() && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
+            }
+        }
+    }
+}
+
+/// `example.com:8080` → `example.com`; `[::1]:80` → `[::1]`.
+fn strip_port(host: &[u8]) -> &[u8] {
+    let end = match host.iter().rposition(|&b| b == b':') {
+        Some(colon) if !host[colon..].contains(&b']') => colon,
+        _ => host.len(),
+    };
+    &host[..end]
+}
+
+/// Gateway API `PathPrefix`: whole segments only; the query is not part of the path.
+fn prefix_matches(prefix: &str, path: &[u8]) -> bool {
+    let prefix = prefix.as_bytes();
+    if !path.starts_with(prefix) {
+        return false;
+    }
+    prefix.ends_with(b"/") || matches!(path.get(prefix.len()), None | Some(b'/' | b'?' | b'#'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(yaml: &str) -> Snapshot {
+        let config = Config::from_yaml(yaml, "test").unwrap();
+        Snapshot::compile(config, 1, "test".into()).unwrap()
+    }
+
+    const ROUTES: &str = r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    protocol: http
+    routes:
+      - { path_prefix: /, cluster: fallback }
+      - { host: "*.example.com", path_prefix: /, cluster: wildcard }
+      - { host: api.example.com, path_prefix: /v1, cluster: v1 }
+      - { host: api.example.com, path_prefix: /v1/admin, cluster: admin }
+      - { host: "*.deep.example.com", cluster: deep }
+clusters:
+  - { name: fallback, endpoints: [127.0.0.1:1] }
+  - { name: wildcard, endpoints: [127.0.0.1:2] }
+  - { name: v1, endpoints: [127.0.0.1:3] }
+  - { name: admin, endpoints: [127.0.0.1:4] }
+  - { name: deep, endpoints: [127.0.0.1:5] }
+"#;
+
+    fn route_to(s: &Snapshot, host: &str, path: &str) -> Option<String> {
+        let ListenerKind::Http(table) = &s.listeners[0].kind else { panic!("not http") };
+        table.route(host.as_bytes(), path.as_bytes()).map(|r| s.clusters[r.cluster].name.to_string())
+    }
+
+    #[test]
+    fn most_specific_host_then_longest_prefix_wins() {
+        let s = snapshot(ROUTES);
+        let cases = [
+            ("api.example.com", "/v1/users", "v1"),
+            ("API.Example.com:8080", "/v1?x=1", "v1"),
+            ("api.example.com", "/v1/admin/x", "admin"),
+            ("api.example.com", "/v1x", "wildcard"),
+            ("api.example.com", "/other", "wildcard"),
+            ("www.example.com", "/", "wildcard"),
+            ("x.deep.example.com", "/", "deep"),
+            ("example.com", "/", "fallback"),
+            ("[::1]:80", "/", "fallback"),
+            ("", "/", "fallback"),
+        ];
+        for (host, path, cluster) in cases {
+            assert_eq!(route_to(&s, host, path).as_deref(), Some(cluster), "{host}{path}");
+        }
+    }
+
+    #[test]
+    fn no_route_when_nothing_matches() {
+        let s = snapshot(&ROUTES.replace("- { path_prefix: /, cluster: fallback }", "- { path_prefix: /only, cluster: fallback }"));
+        assert_eq!(route_to(&s, "example.com", "/").as_deref(), None);
+        assert_eq!(route_to(&s, "example.com", "/only/x").as_deref(), Some("fallback"));
+        assert_eq!(route_to(&s, "example.com", "/onlyx").as_deref(), None);
+    }
+
+    #[test]
+    fn segment_boundaries() {
+        assert!(prefix_matches("/api", b"/api"));
+        assert!(prefix_matches("/api", b"/api/"));
+        assert!(prefix_matches("/api", b"/api?q"));
+        assert!(!prefix_matches("/api", b"/apix"));
+        assert!(prefix_matches("/api/", b"/api/x"));
+        assert!(!prefix_matches("/api/", b"/api"));
+        assert!(prefix_matches("/", b"/anything"));
+    }
+}

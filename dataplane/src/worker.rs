@@ -1,0 +1,282 @@
+//! One worker: a thread pinned to a core, running one IO backend's runtime, owning its
+//! listener sockets, connections, upstream pool and statistics.
+//!
+//! A worker talks to the rest of the process only through [`Command`]s on its channel: a
+//! new config snapshot (with the sockets of new listeners), a scrape, or a drain. A
+//! connection never leaves the worker that accepted it, and nothing here is shared with
+//! another worker.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::{Shutdown, SocketAddr};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::io::{Backend, Listener};
+use crate::metrics::{ClusterStats, ListenerStats, Registry, WorkerReport};
+use crate::proxy;
+use crate::proxy::pool::Pool;
+use crate::snapshot::{ListenerKind, Snapshot};
+
+/// What the control side asks of a worker.
+#[derive(Debug)]
+pub enum Command {
+    /// Run this snapshot from now on; adopt these sockets (by listener index).
+    Apply {
+        /// The new config.
+        snapshot: Arc<Snapshot>,
+        /// One bound socket per listener that is new or moved.
+        sockets: Vec<(usize, std::net::TcpListener)>,
+        /// Told when the snapshot is live on this worker.
+        applied: std::sync::mpsc::Sender<Result<usize, String>>,
+    },
+    /// Send back a copy of the statistics.
+    Scrape(oneshot::Sender<WorkerReport>),
+    /// Stop accepting, let open connections finish for up to `deadline`, then end.
+    Drain {
+        /// How long in-flight work may take.
+        deadline: Duration,
+    },
+}
+
+/// The worker's view of one snapshot: the snapshot plus this worker's handles on its
+/// statistics and round-robin positions, index-aligned with the snapshot's tables.
+pub struct View {
+    /// The config snapshot.
+    pub snapshot: Arc<Snapshot>,
+    /// Stats per listener index.
+    pub listeners: Vec<Rc<ListenerStats>>,
+    /// Stats per cluster index.
+    pub clusters: Vec<Rc<ClusterStats>>,
+    round_robin: Vec<Cell<usize>>,
+}
+
+impl View {
+    /// The next endpoint of a cluster, round robin.
+    pub fn next_endpoint(&self, cluster: usize) -> Option<SocketAddr> {
+        let endpoints = &self.snapshot.clusters.get(cluster)?.endpoints;
+        let position = self.round_robin.get(cluster)?;
+        let i = position.get();
+        position.set(i.wrapping_add(1));
+        endpoints.get(i % endpoints.len().max(1)).copied()
+    }
+}
+
+/// State of one worker, shared by its tasks (never across threads).
+pub struct Worker<B: Backend> {
+    /// Worker index, for logs.
+    pub id: usize,
+    view: RefCell<Rc<View>>,
+    /// Per-worker upstream HTTP connection pool.
+    pub pool: Pool<B>,
+    stats: Registry,
+    accepting: RefCell<HashMap<Arc<str>, AcceptLoop>>,
+    active: Cell<usize>,
+    draining: Cell<bool>,
+    /// Woken when draining starts, so idle keep-alive connections close.
+    drain_started: Notify,
+    all_closed: Notify,
+}
+
+struct AcceptLoop {
+    address: SocketAddr,
+    /// A duplicate of the listening socket, kept to shut it down: shutting a listening
+    /// socket completes a pending accept on both backends, which dropping an io_uring op
+    /// would not.
+    socket: std::net::TcpListener,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AcceptLoop {
+    fn stop(self) {
+        let _ = socket2::SockRef::from(&self.socket).shutdown(Shutdown::Both);
+        self.task.abort();
+    }
+}
+
+/// Counts a connection for the whole of its life.
+pub struct ConnectionGuard<B: Backend> {
+    worker: Rc<Worker<B>>,
+    stats: Rc<ListenerStats>,
+}
+
+impl<B: Backend> Drop for ConnectionGuard<B> {
+    fn drop(&mut self) {
+        self.stats.connection_closed();
+        let active = self.worker.active.get().saturating_sub(1);
+        self.worker.active.set(active);
+        if active == 0 && self.worker.draining.get() {
+            self.worker.all_closed.notify_one();
+        }
+    }
+}
+
+impl<B: Backend> Worker<B> {
+    fn new(id: usize, snapshot: Arc<Snapshot>) -> Rc<Worker<B>> {
+        let stats = Registry::default();
+        let view = Rc::new(make_view(&stats, snapshot));
+        Rc::new(Worker {
+            id,
+            view: RefCell::new(view),
+            pool: Pool::default(),
+            stats,
+            accepting: RefCell::default(),
+            active: Cell::new(0),
+            draining: Cell::new(false),
+            drain_started: Notify::new(),
+            all_closed: Notify::new(),
+        })
+    }
+
+    /// Whether a drain has begun: connections finish what is in flight, then close.
+    pub fn draining(&self) -> bool {
+        self.draining.get()
+    }
+
+    /// Resolves when a drain begins (immediately if one has).
+    pub async fn drain_started(&self) {
+        if !self.draining.get() {
+            self.drain_started.notified().await;
+        }
+    }
+
+    fn apply(self: &Rc<Self>, snapshot: Arc<Snapshot>, sockets: Vec<(usize, std::net::TcpListener)>) -> Result<usize, String> {
+        let view = Rc::new(make_view(&self.stats, snapshot.clone()));
+        *self.view.borrow_mut() = view;
+        let mut accepting = self.accepting.borrow_mut();
+        // Stop listeners that are gone, or whose socket is being replaced.
+        let replaced: Vec<Arc<str>> = accepting
+            .keys()
+            .filter(|name| {
+                snapshot.listener_index(name).is_none_or(|i| sockets.iter().any(|(j, _)| *j == i))
+            })
+            .cloned()
+            .collect();
+        for name in replaced {
+            if let Some(old) = accepting.remove(&name) {
+                tracing::debug!(worker = self.id, listener = %name, "listener stopped");
+                old.stop();
+            }
+        }
+        for (index, socket) in sockets {
+            let Some(plan) = snapshot.listeners.get(index) else { continue };
+            let address = socket.local_addr().map_err(|e| format!("listener {}: {e}", plan.name))?;
+            let dup = socket.try_clone().map_err(|e| format!("listener {}: {e}", plan.name))?;
+            let listener = B::listener(socket).map_err(|e| format!("listener {}: {e}", plan.name))?;
+            let task = tokio::task::spawn_local(accept_loop(self.clone(), plan.name.clone(), listener));
+            accepting.insert(plan.name.clone(), AcceptLoop { address, socket: dup, task });
+        }
+        Ok(accepting.len())
+    }
+
+    async fn drain(&self, deadline: Duration) {
+        self.draining.set(true);
+        for (_, accept) in self.accepting.borrow_mut().drain() {
+            accept.stop();
+        }
+        self.drain_started.notify_waiters();
+        self.pool.clear();
+        if self.active.get() > 0 {
+            let finished = tokio::time::timeout(deadline, self.all_closed.notified()).await;
+            if finished.is_err() {
+                tracing::warn!(worker = self.id, open = self.active.get(), "drain deadline passed; closing open connections");
+            }
+        }
+    }
+
+    /// Addresses this worker accepts on, by listener name.
+    fn addresses(&self) -> Vec<(Arc<str>, SocketAddr)> {
+        self.accepting.borrow().iter().map(|(name, a)| (name.clone(), a.address)).collect()
+    }
+}
+
+fn make_view(stats: &Registry, snapshot: Arc<Snapshot>) -> View {
+    View {
+        listeners: snapshot.listeners.iter().map(|l| stats.listener(&l.name)).collect(),
+        clusters: snapshot.clusters.iter().map(|c| stats.cluster(&c.name)).collect(),
+        round_robin: snapshot.clusters.iter().map(|_| Cell::new(0)).collect(),
+        snapshot,
+    }
+}
+
+async fn accept_loop<B: Backend>(worker: Rc<Worker<B>>, name: Arc<str>, listener: B::Listener) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                if worker.draining() || !worker.accepting.borrow().contains_key(&name) {
+                    return;
+                }
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(worker = worker.id, listener = %name, %error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let view = worker.view.borrow().clone();
+        let Some(index) = view.snapshot.listener_index(&name) else { return };
+        let stats = view.listeners[index].clone();
+        stats.connection_opened();
+        worker.active.set(worker.active.get() + 1);
+        let guard = ConnectionGuard { worker: worker.clone(), stats };
+        tokio::task::spawn_local(async move {
+            let _guard = guard;
+            let worker = _guard.worker.clone();
+            match &view.snapshot.listeners[index].kind {
+                ListenerKind::Tcp { cluster } => {
+                    proxy::tcp::serve(&worker, &view, index, *cluster, stream).await;
+                }
+                ListenerKind::Http(routes) => {
+                    proxy::http1::serve(&worker, &view, index, routes, stream, peer).await;
+                }
+            }
+        });
+    }
+}
+
+/// Everything a worker thread needs to start.
+pub struct Spawn {
+    /// Worker index.
+    pub id: usize,
+    /// CPU to pin to, if any.
+    pub cpu: Option<usize>,
+    /// The first snapshot.
+    pub snapshot: Arc<Snapshot>,
+    /// Commands from the control side.
+    pub commands: mpsc::UnboundedReceiver<Command>,
+}
+
+/// Runs a worker on the current thread until it has drained.
+pub fn run<B: Backend>(spawn: Spawn) -> std::io::Result<()> {
+    let Spawn { id, cpu, snapshot, mut commands } = spawn;
+    if let Some(cpu) = cpu {
+        if let Err(error) = crate::sys::pin_current_thread(cpu) {
+            tracing::warn!(worker = id, cpu, %error, "could not pin worker");
+        }
+    }
+    B::block_on(async move {
+        let worker = Worker::<B>::new(id, snapshot);
+        tracing::debug!(worker = id, backend = B::KIND.as_str(), ?cpu, "worker started");
+        while let Some(command) = commands.recv().await {
+            match command {
+                Command::Apply { snapshot, sockets, applied } => {
+                    let version = snapshot.version;
+                    let result = worker.apply(snapshot, sockets);
+                    tracing::debug!(worker = id, version, addresses = ?worker.addresses(), "snapshot applied");
+                    let _ = applied.send(result);
+                }
+                Command::Scrape(reply) => {
+                    let _ = reply.send(worker.stats.report());
+                }
+                Command::Drain { deadline } => {
+                    worker.drain(deadline).await;
+                    break;
+                }
+            }
+        }
+        tracing::debug!(worker = id, "worker stopped");
+    })
+}

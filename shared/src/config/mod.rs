@@ -1,0 +1,345 @@
+//! The proxy's configuration: listeners, routes, clusters, endpoints, timeouts and limits.
+//!
+//! This is the typed model a `tern-proxy` runs from, whether it was read from a local YAML
+//! file (the mode that needs no control plane) or, later, pushed by `tern-control`. Every
+//! value is checked once, here, by [`Config::validate`]; a `Config` that passed validation is
+//! safe to compile into the data plane's routing tables without further checks.
+//!
+//! This module owns parsing and validation only; it does no IO besides
+//! [`Config::from_file`], and knows nothing about sockets or runtimes.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// A whole proxy configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the proxy accepts connections, and what it does with them.
+    #[serde(default)]
+    pub listeners: Vec<Listener>,
+    /// Named groups of upstream endpoints.
+    #[serde(default)]
+    pub clusters: Vec<Cluster>,
+    /// HTTP/1.1 limits and downstream timeouts, shared by every HTTP listener.
+    #[serde(default)]
+    pub http: HttpSettings,
+}
+
+/// What a listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Opaque TCP: bytes are forwarded to one cluster, unparsed.
+    Tcp,
+    /// HTTP/1.1: requests are parsed and routed by host and path.
+    Http,
+}
+
+/// A listening socket: one per worker, bound with `SO_REUSEPORT`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    /// Unique name; metrics are labelled with it.
+    pub name: String,
+    /// Address to bind. Port 0 picks a free port once, shared by all workers.
+    pub address: SocketAddr,
+    /// What the listener speaks.
+    pub protocol: Protocol,
+    /// For `tcp` listeners: the cluster every connection goes to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    /// For `http` listeners: routes, matched by host then longest path prefix.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<Route>,
+}
+
+/// An HTTP route: a host and path prefix that select a cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// `example.com` (exact, case-insensitive, port ignored), `*.example.com` (any subdomain)
+    /// or `*` (any host, the default).
+    #[serde(default = "default_host")]
+    pub host: String,
+    /// Matches whole path segments, as Gateway API's `PathPrefix` does: `/api` matches `/api`
+    /// and `/api/v1`, not `/apix`. The default `/` matches everything.
+    #[serde(default = "default_path_prefix")]
+    pub path_prefix: String,
+    /// The cluster requests go to.
+    pub cluster: String,
+    /// How long to wait for the upstream's response head; past it the proxy answers 504.
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+/// A named set of upstream endpoints, balanced round robin.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    /// Unique name; routes refer to it and metrics are labelled with it.
+    pub name: String,
+    /// Upstream addresses.
+    pub endpoints: Vec<SocketAddr>,
+    /// Time allowed to establish an upstream TCP connection.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// An opaque TCP connection with no bytes in either direction for this long is closed;
+    /// an idle pooled HTTP connection older than this is not reused.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Idle HTTP connections kept per endpoint, per worker.
+    #[serde(default = "default_max_idle_per_endpoint")]
+    pub max_idle_per_endpoint: usize,
+}
+
+/// Limits on what an HTTP client may send, and how long it may take.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettings {
+    /// Largest request or response head (request line and headers); larger gets 431.
+    pub max_header_bytes: usize,
+    /// Longest request line; longer gets 414.
+    pub max_request_line: usize,
+    /// Most header fields in one head; more gets 431.
+    pub max_headers: usize,
+    /// Time allowed for a whole request head to arrive once its first byte has (slowloris
+    /// defence); past it the proxy answers 408 and closes.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// A keep-alive connection with no request for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            max_header_bytes: 32 * 1024,
+            max_request_line: 8 * 1024,
+            max_headers: 100,
+            header_timeout: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+fn default_host() -> String {
+    "*".to_owned()
+}
+fn default_path_prefix() -> String {
+    "/".to_owned()
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_max_idle_per_endpoint() -> usize {
+    64
+}
+
+/// Why a configuration was refused. Each variant says where the problem is.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// The text is not valid YAML for this model (syntax, unknown field, wrong type).
+    #[error("{origin}: {source}")]
+    Parse {
+        /// Where the text came from.
+        origin: String,
+        /// The parser's message, with line and column.
+        source: serde_yaml::Error,
+    },
+    /// The model parsed but a field is wrong.
+    #[error("{origin}: {field}: {message}")]
+    Invalid {
+        /// Where the text came from.
+        origin: String,
+        /// The offending field, e.g. `listeners[1].routes[0].cluster`.
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads, parses and validates a YAML file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_yaml(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates YAML text; `origin` names it in errors.
+    pub fn from_yaml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let config: Config = serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
+            origin: origin.to_owned(),
+            source,
+        })?;
+        config
+            .validate()
+            .map_err(|(field, message)| ConfigError::Invalid {
+                origin: origin.to_owned(),
+                field,
+                message,
+            })?;
+        Ok(config)
+    }
+
+    /// Checks every cross-reference and value; returns the offending field and why.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let fail = |field: String, message: &str| Err((field, message.to_owned()));
+
+        let mut cluster_names = HashSet::new();
+        for (i, cluster) in self.clusters.iter().enumerate() {
+            let at = |f: &str| format!("clusters[{i}].{f}");
+            if cluster.name.is_empty() {
+                return fail(at("name"), "must not be empty");
+            }
+            if !cluster_names.insert(cluster.name.as_str()) {
+                return fail(at("name"), &format!("duplicate cluster `{}`", cluster.name));
+            }
+            if cluster.endpoints.is_empty() {
+                return fail(at("endpoints"), "needs at least one endpoint");
+            }
+            if cluster.connect_timeout.is_zero() {
+                return fail(at("connect_timeout"), "must be greater than zero");
+            }
+            if cluster.idle_timeout.is_zero() {
+                return fail(at("idle_timeout"), "must be greater than zero");
+            }
+        }
+
+        let mut listener_names = HashSet::new();
+        let mut addresses = HashSet::new();
+        for (i, listener) in self.listeners.iter().enumerate() {
+            let at = |f: &str| format!("listeners[{i}].{f}");
+            if listener.name.is_empty() {
+                return fail(at("name"), "must not be empty");
+            }
+            if !listener_names.insert(listener.name.as_str()) {
+                return fail(
+                    at("name"),
+                    &format!("duplicate listener `{}`", listener.name),
+                );
+            }
+            if listener.address.port() != 0 && !addresses.insert(listener.address) {
+                return fail(
+                    at("address"),
+                    &format!("{} is used by another listener", listener.address),
+                );
+            }
+            match listener.protocol {
+                Protocol::Tcp => {
+                    if !listener.routes.is_empty() {
+                        return fail(at("routes"), "a tcp listener has no routes; use `cluster`");
+                    }
+                    match &listener.cluster {
+                        None => return fail(at("cluster"), "a tcp listener needs a cluster"),
+                        Some(name) if !cluster_names.contains(name.as_str()) => {
+                            return fail(at("cluster"), &format!("unknown cluster `{name}`"));
+                        }
+                        Some(_) => {}
+                    }
+                }
+                Protocol::Http => {
+                    if listener.cluster.is_some() {
+                        return fail(
+                            at("cluster"),
+                            "an http listener routes with `routes`, not `cluster`",
+                        );
+                    }
+                    if listener.routes.is_empty() {
+                        return fail(at("routes"), "an http listener needs at least one route");
+                    }
+                    for (j, route) in listener.routes.iter().enumerate() {
+                        let at = |f: &str| format!("listeners[{i}].routes[{j}].{f}");
+                        if !cluster_names.contains(route.cluster.as_str()) {
+                            return fail(
+                                at("cluster"),
+                                &format!("unknown cluster `{}`", route.cluster),
+                            );
+                        }
+                        if !route.path_prefix.starts_with('/') {
+                            return fail(at("path_prefix"), "must start with `/`");
+                        }
+                        if let Err(why) = check_host_pattern(&route.host) {
+                            return fail(at("host"), why);
+                        }
+                        if route.timeout.is_zero() {
+                            return fail(at("timeout"), "must be greater than zero");
+                        }
+                    }
+                }
+            }
+        }
+
+        let http = &self.http;
+        if http.max_header_bytes < 256 {
+            return fail("http.max_header_bytes".into(), "must be at least 256");
+        }
+        if http.max_request_line < 16 || http.max_request_line > http.max_header_bytes {
+            return fail(
+                "http.max_request_line".into(),
+                "must be at least 16 and at most http.max_header_bytes",
+            );
+        }
+        if http.max_headers == 0 {
+            return fail("http.max_headers".into(), "must be greater than zero");
+        }
+        if http.header_timeout.is_zero() || http.keepalive_timeout.is_zero() {
+            return fail(
+                "http.header_timeout".into(),
+                "timeouts must be greater than zero",
+            );
+        }
+        Ok(())
+    }
+
+    /// Looks a cluster up by name.
+    pub fn cluster(&self, name: &str) -> Option<&Cluster> {
+        self.clusters.iter().find(|c| c.name == name)
+    }
+}
+
+fn check_host_pattern(host: &str) -> Result<(), &'static str> {
+    if host == "*" {
+        return Ok(());
+    }
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    if name.is_empty() {
+        return Err("must not be empty");
+    }
+    if name.contains('*') {
+        return Err("a wildcard is only allowed as a leading `*.`");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+    {
+        return Err("must be a DNS name, `*.` followed by one, or `*`");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,142 @@
+use super::*;
+
+const GOOD: &str = r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:8080
+    protocol: http
+    routes:
+      - host: api.example.com
+        path_prefix: /v1
+        cluster: api
+        timeout: 250ms
+      - cluster: web
+  - name: db
+    address: 127.0.0.1:5433
+    protocol: tcp
+    cluster: web
+clusters:
+  - name: api
+    endpoints: [127.0.0.1:9001, 127.0.0.1:9002]
+    connect_timeout: 2s
+  - name: web
+    endpoints: ["[::1]:9003"]
+"#;
+
+#[test]
+fn parses_a_full_config_with_defaults() {
+    let config = Config::from_yaml(GOOD, "good.yaml").unwrap();
+    assert_eq!(config.listeners.len(), 2);
+    let route = &config.listeners[0].routes[0];
+    assert_eq!(route.timeout, Duration::from_millis(250));
+    let fallback = &config.listeners[0].routes[1];
+    assert_eq!(
+        (fallback.host.as_str(), fallback.path_prefix.as_str()),
+        ("*", "/")
+    );
+    assert_eq!(fallback.timeout, default_request_timeout());
+    let api = config.cluster("api").unwrap();
+    assert_eq!(api.connect_timeout, Duration::from_secs(2));
+    assert_eq!(api.endpoints.len(), 2);
+    assert_eq!(config.http, HttpSettings::default());
+}
+
+#[test]
+fn round_trips_through_json_and_yaml() {
+    let config = Config::from_yaml(GOOD, "good.yaml").unwrap();
+    let yaml = serde_yaml::to_string(&config).unwrap();
+    assert_eq!(Config::from_yaml(&yaml, "again").unwrap(), config);
+    let json = serde_json::to_string(&config).unwrap();
+    assert_eq!(serde_json::from_str::<Config>(&json).unwrap(), config);
+}
+
+fn invalid(yaml: &str) -> (String, String) {
+    match Config::from_yaml(yaml, "bad.yaml") {
+        Err(ConfigError::Invalid {
+            field,
+            message,
+            origin,
+        }) => {
+            assert_eq!(origin, "bad.yaml");
+            (field, message)
+        }
+        other => panic!("expected a validation error, got {other:?}"),
+    }
+}
+
+#[test]
+fn names_the_field_of_an_unknown_cluster() {
+    let yaml = GOOD.replace("cluster: api", "cluster: nope");
+    let (field, message) = invalid(&yaml);
+    assert_eq!(field, "listeners[0].routes[0].cluster");
+    assert!(message.contains("nope"), "{message}");
+}
+
+#[test]
+fn refuses_inconsistent_listeners_and_clusters() {
+    let cases = [
+        (GOOD.replace("name: db", "name: web"), "listeners[1].name"),
+        (
+            GOOD.replace("127.0.0.1:5433", "127.0.0.1:8080"),
+            "listeners[1].address",
+        ),
+        (
+            GOOD.replace("protocol: tcp\n    cluster: web", "protocol: tcp"),
+            "listeners[1].cluster",
+        ),
+        (GOOD.replace("name: api", "name: web"), "clusters[1].name"),
+        (
+            GOOD.replace("endpoints: [\"[::1]:9003\"]", "endpoints: []"),
+            "clusters[1].endpoints",
+        ),
+        (
+            GOOD.replace("path_prefix: /v1", "path_prefix: v1"),
+            "listeners[0].routes[0].path_prefix",
+        ),
+        (
+            GOOD.replace("host: api.example.com", "host: a*.example.com"),
+            "listeners[0].routes[0].host",
+        ),
+        (
+            GOOD.replace("timeout: 250ms", "timeout: 0s"),
+            "listeners[0].routes[0].timeout",
+        ),
+        (
+            GOOD.replace("connect_timeout: 2s", "connect_timeout: 0s"),
+            "clusters[0].connect_timeout",
+        ),
+    ];
+    for (yaml, expected) in cases {
+        assert_eq!(invalid(&yaml).0, expected);
+    }
+}
+
+#[test]
+fn refuses_unknown_fields_and_bad_syntax_with_a_location() {
+    let err =
+        Config::from_yaml(&GOOD.replace("protocol: tcp", "protocl: tcp"), "typo.yaml").unwrap_err();
+    let text = err.to_string();
+    assert!(text.starts_with("typo.yaml: "), "{text}");
+    assert!(text.contains("protocl"), "{text}");
+    assert!(text.contains("line"), "{text}");
+
+    let err = Config::from_yaml("listeners: [", "broken.yaml").unwrap_err();
+    assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
+    let err =
+        Config::from_yaml(&GOOD.replace("127.0.0.1:9001", "localhost"), "addr.yaml").unwrap_err();
+    assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
+}
+
+#[test]
+fn checks_http_limits() {
+    let yaml = format!("{GOOD}http:\n  max_header_bytes: 10\n");
+    assert_eq!(invalid(&yaml).0, "http.max_header_bytes");
+    let yaml = format!("{GOOD}http:\n  max_request_line: 100000\n");
+    assert_eq!(invalid(&yaml).0, "http.max_request_line");
+}
+
+#[test]
+fn an_empty_document_is_an_empty_config() {
+    let config = Config::from_yaml("{}", "empty").unwrap();
+    assert!(config.listeners.is_empty() && config.clusters.is_empty());
+}

@@ -1,0 +1,1 @@
+//! Test harness (filled in with the end-to-end tests).
