@@ -16,8 +16,14 @@ use crate::control::{BoundListener, Control};
 use crate::metrics;
 
 /// Runs the admin server on the current thread until `stop` is notified.
-pub fn run(control: Arc<Control>, listener: std::net::TcpListener, stop: Arc<Notify>) -> std::io::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+pub fn run(
+    control: Arc<Control>,
+    listener: std::net::TcpListener,
+    stop: Arc<Notify>,
+) -> std::io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;
@@ -40,7 +46,10 @@ pub fn run(control: Arc<Control>, listener: std::net::TcpListener, stop: Arc<Not
                     let control = control.clone();
                     async move { Ok::<_, Infallible>(handle(&control, request).await) }
                 });
-                if let Err(error) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+                if let Err(error) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+                {
                     tracing::debug!(%error, "admin connection failed");
                 }
             });
@@ -48,10 +57,17 @@ pub fn run(control: Arc<Control>, listener: std::net::TcpListener, stop: Arc<Not
     })
 }
 
-fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+fn text(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
-    response.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
     response
 }
 
@@ -88,7 +104,11 @@ async fn handle(control: &Control, request: Request<Incoming>) -> Response<Full<
                 config_version: version,
                 workers_reporting: answered,
             };
-            text(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", metrics::render(&info, &report))
+            text(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                metrics::render(&info, &report),
+            )
         }
         (&Method::GET, "/config_dump") => {
             let Some(snapshot) = control.snapshot() else {
@@ -105,16 +125,22 @@ async fn handle(control: &Control, request: Request<Incoming>) -> Response<Full<
             };
             match serde_json::to_vec_pretty(&dump) {
                 Ok(json) => text(StatusCode::OK, "application/json", json),
-                Err(error) => text(StatusCode::INTERNAL_SERVER_ERROR, PLAIN, format!("{error}\n")),
+                Err(error) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    PLAIN,
+                    format!("{error}\n"),
+                ),
             }
         }
         (&Method::POST, "/shutdown") => {
             control.drain();
             text(StatusCode::OK, PLAIN, "draining\n")
         }
-        (_, "/live" | "/ready" | "/metrics" | "/config_dump" | "/shutdown") => {
-            text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "method not allowed\n")
-        }
+        (_, "/live" | "/ready" | "/metrics" | "/config_dump" | "/shutdown") => text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            PLAIN,
+            "method not allowed\n",
+        ),
         _ => text(StatusCode::NOT_FOUND, PLAIN, "not found\n"),
     }
 }

@@ -83,11 +83,18 @@ pub struct Control {
 }
 
 impl Control {
-    pub(crate) fn new(backend: BackendKind, workers: Vec<mpsc::UnboundedSender<Command>>, drain_deadline: Duration) -> Control {
+    pub(crate) fn new(
+        backend: BackendKind,
+        workers: Vec<mpsc::UnboundedSender<Command>>,
+        drain_deadline: Duration,
+    ) -> Control {
         Control {
             backend,
             workers,
-            state: Mutex::new(State { snapshot: None, bound: Vec::new() }),
+            state: Mutex::new(State {
+                snapshot: None,
+                bound: Vec::new(),
+            }),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             drain_deadline,
@@ -97,7 +104,9 @@ impl Control {
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding the lock leaves plain data behind; keep using it.
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Validates `config`, binds what is new, and hands it to every worker. Blocks until all
@@ -112,29 +121,48 @@ impl Control {
 
         // Keep sockets whose name and configured address did not change; bind the rest.
         let mut bound = Vec::with_capacity(snapshot.listeners.len());
-        let mut sockets: Vec<Vec<(usize, std::net::TcpListener)>> = self.workers.iter().map(|_| Vec::new()).collect();
+        let mut sockets: Vec<Vec<(usize, std::net::TcpListener)>> =
+            self.workers.iter().map(|_| Vec::new()).collect();
         for (index, plan) in snapshot.listeners.iter().enumerate() {
-            let kept = state.bound.iter().find(|b| b.name == *plan.name && b.configured == plan.configured);
+            let kept = state
+                .bound
+                .iter()
+                .find(|b| b.name == *plan.name && b.configured == plan.configured);
             if let Some(kept) = kept {
                 bound.push(kept.clone());
                 continue;
             }
-            let bind_error = |source| ApplyError::Bind { name: plan.name.to_string(), address: plan.configured, source };
+            let bind_error = |source| ApplyError::Bind {
+                name: plan.name.to_string(),
+                address: plan.configured,
+                source,
+            };
             let mut address = plan.configured;
             for per_worker in &mut sockets {
                 let socket = sys::bind_reuseport(address).map_err(bind_error)?;
                 address = socket.local_addr().map_err(bind_error)?;
                 per_worker.push((index, socket));
             }
-            bound.push(BoundListener { name: plan.name.to_string(), configured: plan.configured, address });
+            bound.push(BoundListener {
+                name: plan.name.to_string(),
+                configured: plan.configured,
+                address,
+            });
         }
 
         let mut acks = Vec::with_capacity(self.workers.len());
         for (worker, (commands, sockets)) in self.workers.iter().zip(sockets).enumerate() {
             let (applied, ack) = std::sync::mpsc::channel();
-            let command = Command::Apply { snapshot: snapshot.clone(), sockets, applied };
+            let command = Command::Apply {
+                snapshot: snapshot.clone(),
+                sockets,
+                applied,
+            };
             if commands.send(command).is_err() {
-                return Err(ApplyError::Worker { worker, message: "the worker has stopped".into() });
+                return Err(ApplyError::Worker {
+                    worker,
+                    message: "the worker has stopped".into(),
+                });
             }
             acks.push(ack);
         }
@@ -142,7 +170,12 @@ impl Control {
             match ack.recv_timeout(WORKER_REPLY_TIMEOUT) {
                 Ok(Ok(_)) => {}
                 Ok(Err(message)) => return Err(ApplyError::Worker { worker, message }),
-                Err(_) => return Err(ApplyError::Worker { worker, message: "no acknowledgement (has it stopped?)".into() }),
+                Err(_) => {
+                    return Err(ApplyError::Worker {
+                        worker,
+                        message: "no acknowledgement (has it stopped?)".into(),
+                    });
+                }
             }
         }
         tracing::info!(version, source, listeners = ?bound.iter().map(|b| (&b.name, b.address)).collect::<Vec<_>>(), "config applied");
@@ -225,6 +258,9 @@ impl Control {
 
     /// Listener addresses by name, for logs.
     pub fn addresses(&self) -> HashMap<String, SocketAddr> {
-        self.listeners().into_iter().map(|b| (b.name, b.address)).collect()
+        self.listeners()
+            .into_iter()
+            .map(|b| (b.name, b.address))
+            .collect()
     }
 }

@@ -92,15 +92,31 @@ impl Proxy {
     pub fn start(config: Config, source: &str, options: Options) -> Result<Proxy, StartError> {
         let backend = options.backend.resolve().map_err(StartError::Backend)?;
         let count = options.workers.unwrap_or_else(sys::default_workers).max(1);
-        let cpus = if options.pin_workers { sys::allowed_cpus().unwrap_or_default() } else { Vec::new() };
+        let cpus = if options.pin_workers {
+            sys::allowed_cpus().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         let admin_socket = std::net::TcpListener::bind(options.admin)
             .and_then(|socket| socket.set_nonblocking(true).map(|()| socket))
-            .map_err(|source| StartError::Admin { address: options.admin, source })?;
-        let admin_addr = admin_socket.local_addr().map_err(|source| StartError::Admin { address: options.admin, source })?;
+            .map_err(|source| StartError::Admin {
+                address: options.admin,
+                source,
+            })?;
+        let admin_addr = admin_socket
+            .local_addr()
+            .map_err(|source| StartError::Admin {
+                address: options.admin,
+                source,
+            })?;
 
-        let (senders, receivers): (Vec<_>, Vec<_>) = (0..count).map(|_| mpsc::unbounded_channel()).unzip();
+        let (senders, receivers): (Vec<_>, Vec<_>) =
+            (0..count).map(|_| mpsc::unbounded_channel()).unzip();
         let control = Arc::new(Control::new(backend, senders, options.drain_deadline));
-        let first = Arc::new(snapshot::Snapshot::compile(config.clone(), 0, source.to_owned()).map_err(ApplyError::from)?);
+        let first = Arc::new(
+            snapshot::Snapshot::compile(config.clone(), 0, source.to_owned())
+                .map_err(ApplyError::from)?,
+        );
         let remaining = Arc::new(std::sync::atomic::AtomicUsize::new(count));
         let mut workers = Vec::with_capacity(count);
         for (id, commands) in receivers.into_iter().enumerate() {
@@ -112,18 +128,20 @@ impl Proxy {
             };
             let worker_control = control.clone();
             let remaining = remaining.clone();
-            let thread = std::thread::Builder::new().name(format!("tern-worker-{id}")).spawn(move || {
-                let result = match backend {
-                    BackendKind::IoUring => worker::run::<io::uring::Uring>(spawn),
-                    BackendKind::Epoll => worker::run::<io::epoll::Epoll>(spawn),
-                };
-                if let Err(error) = result {
-                    tracing::error!(worker = id, %error, "worker failed");
-                }
-                if remaining.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
-                    worker_control.set_finished();
-                }
-            });
+            let thread = std::thread::Builder::new()
+                .name(format!("tern-worker-{id}"))
+                .spawn(move || {
+                    let result = match backend {
+                        BackendKind::IoUring => worker::run::<io::uring::Uring>(spawn),
+                        BackendKind::Epoll => worker::run::<io::epoll::Epoll>(spawn),
+                    };
+                    if let Err(error) = result {
+                        tracing::error!(worker = id, %error, "worker failed");
+                    }
+                    if remaining.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+                        worker_control.set_finished();
+                    }
+                });
             match thread {
                 Ok(thread) => workers.push(thread),
                 Err(error) => {
@@ -133,7 +151,13 @@ impl Proxy {
             }
         }
         let admin_stop = Arc::new(Notify::new());
-        let mut proxy = Proxy { control: control.clone(), workers, admin: None, admin_stop: admin_stop.clone(), admin_addr };
+        let mut proxy = Proxy {
+            control: control.clone(),
+            workers,
+            admin: None,
+            admin_stop: admin_stop.clone(),
+            admin_addr,
+        };
         control.apply(config, source)?;
         let admin = std::thread::Builder::new()
             .name("tern-admin".into())
@@ -160,7 +184,11 @@ impl Proxy {
 
     /// The bound address of a listener.
     pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
-        self.control.listeners().into_iter().find(|b| b.name == name).map(|b| b.address)
+        self.control
+            .listeners()
+            .into_iter()
+            .find(|b| b.name == name)
+            .map(|b| b.address)
     }
 
     /// The IO backend the workers run.

@@ -135,10 +135,15 @@ impl ListenerStats {
 
     /// A response was sent to the client, and the request took `elapsed` end to end.
     pub fn response(&self, status: u16, elapsed: Duration) {
-        if let Some(class) = self.responses.get(usize::from(status / 100).wrapping_sub(1)) {
+        if let Some(class) = self
+            .responses
+            .get(usize::from(status / 100).wrapping_sub(1))
+        {
             bump(class, 1);
         }
-        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX).clamp(1, LATENCY_MAX_MICROS);
+        let micros = u64::try_from(elapsed.as_micros())
+            .unwrap_or(u64::MAX)
+            .clamp(1, LATENCY_MAX_MICROS);
         // Clamped into the histogram's range, so recording cannot fail.
         let _ = self.latency.borrow_mut().record(micros);
     }
@@ -191,7 +196,10 @@ impl ClusterStats {
     }
     /// The upstream answered with `status`.
     pub fn response(&self, status: u16) {
-        if let Some(class) = self.responses.get(usize::from(status / 100).wrapping_sub(1)) {
+        if let Some(class) = self
+            .responses
+            .get(usize::from(status / 100).wrapping_sub(1))
+        {
             bump(class, 1);
         }
     }
@@ -220,12 +228,20 @@ pub struct Registry {
 impl Registry {
     /// The stats of a listener, created on first use.
     pub fn listener(&self, name: &Arc<str>) -> std::rc::Rc<ListenerStats> {
-        self.listeners.borrow_mut().entry(name.clone()).or_insert_with(|| ListenerStats::new().into()).clone()
+        self.listeners
+            .borrow_mut()
+            .entry(name.clone())
+            .or_insert_with(|| ListenerStats::new().into())
+            .clone()
     }
 
     /// The stats of a cluster, created on first use.
     pub fn cluster(&self, name: &Arc<str>) -> std::rc::Rc<ClusterStats> {
-        self.clusters.borrow_mut().entry(name.clone()).or_default().clone()
+        self.clusters
+            .borrow_mut()
+            .entry(name.clone())
+            .or_default()
+            .clone()
     }
 
     /// Copies everything out for the admin thread.
@@ -266,7 +282,10 @@ impl Registry {
                 (name.clone(), report)
             })
             .collect();
-        WorkerReport { listeners, clusters }
+        WorkerReport {
+            listeners,
+            clusters,
+        }
     }
 }
 
@@ -384,48 +403,120 @@ pub fn render(info: &Info<'_>, report: &WorkerReport) -> String {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         name.to_owned()
     };
-    let _ = family("tern_proxy_info", "gauge", "Constant 1, labelled with the IO backend and worker count.");
-    let _ = family("tern_config_version", "gauge", "Version of the config snapshot the workers run.");
-    let _ = family("tern_workers_reporting", "gauge", "Workers that answered this scrape.");
-    let _ = writeln!(out, "tern_proxy_info{{backend=\"{}\",workers=\"{}\"}} 1", info.backend, info.workers);
+    let _ = family(
+        "tern_proxy_info",
+        "gauge",
+        "Constant 1, labelled with the IO backend and worker count.",
+    );
+    let _ = family(
+        "tern_config_version",
+        "gauge",
+        "Version of the config snapshot the workers run.",
+    );
+    let _ = family(
+        "tern_workers_reporting",
+        "gauge",
+        "Workers that answered this scrape.",
+    );
+    let _ = writeln!(
+        out,
+        "tern_proxy_info{{backend=\"{}\",workers=\"{}\"}} 1",
+        info.backend, info.workers
+    );
     let _ = writeln!(out, "tern_config_version {}", info.config_version);
     let _ = writeln!(out, "tern_workers_reporting {}", info.workers_reporting);
 
     let ls = &report.listeners;
-    let series = |out: &mut String, name: &str, kind: &str, help: &str, value: &dyn Fn(&ListenerReport) -> u64| {
+    let series = |out: &mut String,
+                  name: &str,
+                  kind: &str,
+                  help: &str,
+                  value: &dyn Fn(&ListenerReport) -> u64| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for (l, r) in ls {
             let _ = writeln!(out, "{name}{{listener=\"{}\"}} {}", escape(l), value(r));
         }
     };
-    series(&mut out, "tern_listener_connections_total", "counter", "Connections accepted.", &|r| r.connections);
-    series(&mut out, "tern_listener_active_connections", "gauge", "Connections open now.", &|r| r.active);
-    series(&mut out, "tern_requests_total", "counter", "HTTP request heads read.", &|r| r.requests);
-    series(&mut out, "tern_listener_received_bytes_total", "counter", "Bytes read from clients.", &|r| r.bytes_received);
-    series(&mut out, "tern_listener_sent_bytes_total", "counter", "Bytes written to clients.", &|r| r.bytes_sent);
+    series(
+        &mut out,
+        "tern_listener_connections_total",
+        "counter",
+        "Connections accepted.",
+        &|r| r.connections,
+    );
+    series(
+        &mut out,
+        "tern_listener_active_connections",
+        "gauge",
+        "Connections open now.",
+        &|r| r.active,
+    );
+    series(
+        &mut out,
+        "tern_requests_total",
+        "counter",
+        "HTTP request heads read.",
+        &|r| r.requests,
+    );
+    series(
+        &mut out,
+        "tern_listener_received_bytes_total",
+        "counter",
+        "Bytes read from clients.",
+        &|r| r.bytes_received,
+    );
+    series(
+        &mut out,
+        "tern_listener_sent_bytes_total",
+        "counter",
+        "Bytes written to clients.",
+        &|r| r.bytes_sent,
+    );
 
-    let _ = writeln!(out, "# HELP tern_responses_total Responses sent to clients, by status class.");
+    let _ = writeln!(
+        out,
+        "# HELP tern_responses_total Responses sent to clients, by status class."
+    );
     let _ = writeln!(out, "# TYPE tern_responses_total counter");
     for (l, r) in ls {
         for (class, n) in CLASSES.iter().zip(r.responses) {
-            let _ = writeln!(out, "tern_responses_total{{listener=\"{}\",class=\"{class}\"}} {n}", escape(l));
+            let _ = writeln!(
+                out,
+                "tern_responses_total{{listener=\"{}\",class=\"{class}\"}} {n}",
+                escape(l)
+            );
         }
     }
-    let _ = writeln!(out, "# HELP tern_errors_total Requests or connections that failed, by response flag.");
+    let _ = writeln!(
+        out,
+        "# HELP tern_errors_total Requests or connections that failed, by response flag."
+    );
     let _ = writeln!(out, "# TYPE tern_errors_total counter");
     for (l, r) in ls {
         for (flag, n) in Flag::ALL.iter().zip(r.errors) {
             if n > 0 {
-                let _ = writeln!(out, "tern_errors_total{{listener=\"{}\",flag=\"{}\"}} {n}", escape(l), flag.code());
+                let _ = writeln!(
+                    out,
+                    "tern_errors_total{{listener=\"{}\",flag=\"{}\"}} {n}",
+                    escape(l),
+                    flag.code()
+                );
             }
         }
     }
-    let _ = writeln!(out, "# HELP tern_request_duration_seconds HTTP request latency, first head byte parsed to last response byte sent; exact quantiles from merged HDR histograms.");
+    let _ = writeln!(
+        out,
+        "# HELP tern_request_duration_seconds HTTP request latency, first head byte parsed to last response byte sent; exact quantiles from merged HDR histograms."
+    );
     let _ = writeln!(out, "# TYPE tern_request_duration_seconds summary");
     for (l, r) in ls {
         let h = &r.latency;
         for q in QUANTILES {
-            let micros = if h.is_empty() { 0 } else { h.value_at_quantile(q) };
+            let micros = if h.is_empty() {
+                0
+            } else {
+                h.value_at_quantile(q)
+            };
             let _ = writeln!(
                 out,
                 "tern_request_duration_seconds{{listener=\"{}\",quantile=\"{q}\"}} {}",
@@ -434,29 +525,81 @@ pub fn render(info: &Info<'_>, report: &WorkerReport) -> String {
             );
         }
         let sum = h.mean() * h.len() as f64 / 1e6;
-        let _ = writeln!(out, "tern_request_duration_seconds_sum{{listener=\"{}\"}} {sum}", escape(l));
-        let _ = writeln!(out, "tern_request_duration_seconds_count{{listener=\"{}\"}} {}", escape(l), h.len());
+        let _ = writeln!(
+            out,
+            "tern_request_duration_seconds_sum{{listener=\"{}\"}} {sum}",
+            escape(l)
+        );
+        let _ = writeln!(
+            out,
+            "tern_request_duration_seconds_count{{listener=\"{}\"}} {}",
+            escape(l),
+            h.len()
+        );
     }
 
     let cs = &report.clusters;
-    let cluster_series = |out: &mut String, name: &str, help: &str, value: &dyn Fn(&ClusterReport) -> u64| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-        for (c, r) in cs {
-            let _ = writeln!(out, "{name}{{cluster=\"{}\"}} {}", escape(c), value(r));
-        }
-    };
-    cluster_series(&mut out, "tern_upstream_connections_total", "Upstream connections established.", &|r| r.connections);
-    cluster_series(&mut out, "tern_upstream_connect_failures_total", "Upstream connection attempts that failed or timed out.", &|r| r.connect_failures);
-    cluster_series(&mut out, "tern_upstream_requests_total", "HTTP requests sent upstream.", &|r| r.requests);
-    cluster_series(&mut out, "tern_upstream_timeouts_total", "HTTP requests whose upstream did not answer in time.", &|r| r.timeouts);
-    cluster_series(&mut out, "tern_upstream_pool_reuses_total", "HTTP requests that reused a pooled connection.", &|r| r.pool_reuses);
-    cluster_series(&mut out, "tern_upstream_sent_bytes_total", "Bytes written to upstreams.", &|r| r.bytes_sent);
-    cluster_series(&mut out, "tern_upstream_received_bytes_total", "Bytes read from upstreams.", &|r| r.bytes_received);
-    let _ = writeln!(out, "# HELP tern_upstream_responses_total Upstream responses, by status class.");
+    let cluster_series =
+        |out: &mut String, name: &str, help: &str, value: &dyn Fn(&ClusterReport) -> u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (c, r) in cs {
+                let _ = writeln!(out, "{name}{{cluster=\"{}\"}} {}", escape(c), value(r));
+            }
+        };
+    cluster_series(
+        &mut out,
+        "tern_upstream_connections_total",
+        "Upstream connections established.",
+        &|r| r.connections,
+    );
+    cluster_series(
+        &mut out,
+        "tern_upstream_connect_failures_total",
+        "Upstream connection attempts that failed or timed out.",
+        &|r| r.connect_failures,
+    );
+    cluster_series(
+        &mut out,
+        "tern_upstream_requests_total",
+        "HTTP requests sent upstream.",
+        &|r| r.requests,
+    );
+    cluster_series(
+        &mut out,
+        "tern_upstream_timeouts_total",
+        "HTTP requests whose upstream did not answer in time.",
+        &|r| r.timeouts,
+    );
+    cluster_series(
+        &mut out,
+        "tern_upstream_pool_reuses_total",
+        "HTTP requests that reused a pooled connection.",
+        &|r| r.pool_reuses,
+    );
+    cluster_series(
+        &mut out,
+        "tern_upstream_sent_bytes_total",
+        "Bytes written to upstreams.",
+        &|r| r.bytes_sent,
+    );
+    cluster_series(
+        &mut out,
+        "tern_upstream_received_bytes_total",
+        "Bytes read from upstreams.",
+        &|r| r.bytes_received,
+    );
+    let _ = writeln!(
+        out,
+        "# HELP tern_upstream_responses_total Upstream responses, by status class."
+    );
     let _ = writeln!(out, "# TYPE tern_upstream_responses_total counter");
     for (c, r) in cs {
         for (class, n) in CLASSES.iter().zip(r.responses) {
-            let _ = writeln!(out, "tern_upstream_responses_total{{cluster=\"{}\",class=\"{class}\"}} {n}", escape(c));
+            let _ = writeln!(
+                out,
+                "tern_upstream_responses_total{{cluster=\"{}\",class=\"{class}\"}} {n}",
+                escape(c)
+            );
         }
     }
     out
@@ -465,7 +608,11 @@ pub fn render(info: &Info<'_>, report: &WorkerReport) -> String {
 /// Escapes a label value (backslash, quote, newline).
 fn escape(value: &str) -> std::borrow::Cow<'_, str> {
     if value.contains(['\\', '"', '\n']) {
-        value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n").into()
+        value
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n")
+            .into()
     } else {
         value.into()
     }
@@ -495,14 +642,39 @@ mod tests {
         assert_eq!(l.latency.len(), 1000);
         assert_eq!(l.latency.value_at_quantile(0.99), 990);
 
-        let info = Info { backend: "epoll", workers: 2, config_version: 3, workers_reporting: 2 };
+        let info = Info {
+            backend: "epoll",
+            workers: 2,
+            config_version: 3,
+            workers_reporting: 2,
+        };
         let text = render(&info, &merged);
-        assert!(text.contains("tern_proxy_info{backend=\"epoll\",workers=\"2\"} 1"), "{text}");
-        assert!(text.contains("tern_responses_total{listener=\"web\",class=\"5xx\"} 100"), "{text}");
-        assert!(text.contains("tern_errors_total{listener=\"web\",flag=\"UF\"} 1"), "{text}");
-        assert!(text.contains("tern_request_duration_seconds{listener=\"web\",quantile=\"0.99\"} 0.00099"), "{text}");
-        assert!(text.contains("tern_request_duration_seconds_count{listener=\"web\"} 1000"), "{text}");
-        assert!(text.contains("tern_upstream_requests_total{cluster=\"api\"} 1"), "{text}");
+        assert!(
+            text.contains("tern_proxy_info{backend=\"epoll\",workers=\"2\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tern_responses_total{listener=\"web\",class=\"5xx\"} 100"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tern_errors_total{listener=\"web\",flag=\"UF\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "tern_request_duration_seconds{listener=\"web\",quantile=\"0.99\"} 0.00099"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("tern_request_duration_seconds_count{listener=\"web\"} 1000"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tern_upstream_requests_total{cluster=\"api\"} 1"),
+            "{text}"
+        );
     }
 
     #[test]

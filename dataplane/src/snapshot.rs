@@ -98,12 +98,18 @@ pub struct RoutePlan {
 
 impl Snapshot {
     /// Compiles a config that passed [`Config::validate`]. Fails only if it did not.
-    pub fn compile(config: Config, version: u64, source: String) -> Result<Snapshot, config::ConfigError> {
-        config.validate().map_err(|(field, message)| config::ConfigError::Invalid {
-            origin: source.clone(),
-            field,
-            message,
-        })?;
+    pub fn compile(
+        config: Config,
+        version: u64,
+        source: String,
+    ) -> Result<Snapshot, config::ConfigError> {
+        config
+            .validate()
+            .map_err(|(field, message)| config::ConfigError::Invalid {
+                origin: source.clone(),
+                field,
+                message,
+            })?;
         let clusters: Vec<ClusterPlan> = config
             .clusters
             .iter()
@@ -124,12 +130,24 @@ impl Snapshot {
                     cluster: l.cluster.as_deref().and_then(index).unwrap_or_default(),
                 },
                 Protocol::Http => ListenerKind::Http(RouteTable::new(
-                    l.routes.iter().map(|r| (r, index(&r.cluster).unwrap_or_default())),
+                    l.routes
+                        .iter()
+                        .map(|r| (r, index(&r.cluster).unwrap_or_default())),
                 )),
             };
-            listeners.push(ListenerPlan { name: l.name.as_str().into(), configured: l.address, kind });
+            listeners.push(ListenerPlan {
+                name: l.name.as_str().into(),
+                configured: l.address,
+                kind,
+            });
         }
-        Ok(Snapshot { version, source, config, listeners, clusters })
+        Ok(Snapshot {
+            version,
+            source,
+            config,
+            listeners,
+            clusters,
+        })
     }
 
     /// Finds a listener by name.
@@ -143,10 +161,17 @@ impl RouteTable {
         let mut hosts: Vec<HostRoutes> = Vec::new();
         for (route, cluster) in routes {
             let host = HostMatch::parse(&route.host);
-            let plan = RoutePlan { prefix: route.path_prefix.as_str().into(), cluster, timeout: route.timeout };
+            let plan = RoutePlan {
+                prefix: route.path_prefix.as_str().into(),
+                cluster,
+                timeout: route.timeout,
+            };
             match hosts.iter_mut().find(|h| h.host == host) {
                 Some(h) => h.routes.push(plan),
-                None => hosts.push(HostRoutes { host, routes: vec![plan] }),
+                None => hosts.push(HostRoutes {
+                    host,
+                    routes: vec![plan],
+                }),
             }
         }
         for h in &mut hosts {
@@ -189,7 +214,8 @@ impl HostMatch {
             HostMatch::Any => true,
             HostMatch::Exact(name) => host.eq_ignore_ascii_case(name.as_bytes()),
             HostMatch::Suffix(suffix) => {
-                host.len() > suffix.len() && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
+                host.len() > suffix.len()
+                    && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
             }
         }
     }
@@ -242,8 +268,12 @@ clusters:
 "#;
 
     fn route_to(s: &Snapshot, host: &str, path: &str) -> Option<String> {
-        let ListenerKind::Http(table) = &s.listeners[0].kind else { panic!("not http") };
-        table.route(host.as_bytes(), path.as_bytes()).map(|r| s.clusters[r.cluster].name.to_string())
+        let ListenerKind::Http(table) = &s.listeners[0].kind else {
+            panic!("not http")
+        };
+        table
+            .route(host.as_bytes(), path.as_bytes())
+            .map(|r| s.clusters[r.cluster].name.to_string())
     }
 
     #[test]
@@ -262,15 +292,25 @@ clusters:
             ("", "/", "fallback"),
         ];
         for (host, path, cluster) in cases {
-            assert_eq!(route_to(&s, host, path).as_deref(), Some(cluster), "{host}{path}");
+            assert_eq!(
+                route_to(&s, host, path).as_deref(),
+                Some(cluster),
+                "{host}{path}"
+            );
         }
     }
 
     #[test]
     fn no_route_when_nothing_matches() {
-        let s = snapshot(&ROUTES.replace("- { path_prefix: /, cluster: fallback }", "- { path_prefix: /only, cluster: fallback }"));
+        let s = snapshot(&ROUTES.replace(
+            "- { path_prefix: /, cluster: fallback }",
+            "- { path_prefix: /only, cluster: fallback }",
+        ));
         assert_eq!(route_to(&s, "example.com", "/").as_deref(), None);
-        assert_eq!(route_to(&s, "example.com", "/only/x").as_deref(), Some("fallback"));
+        assert_eq!(
+            route_to(&s, "example.com", "/only/x").as_deref(),
+            Some("fallback")
+        );
         assert_eq!(route_to(&s, "example.com", "/onlyx").as_deref(), None);
     }
 

@@ -24,14 +24,19 @@ pub fn allowed_cpus() -> io::Result<Vec<usize>> {
         set
     };
     // SAFETY: `CPU_ISSET` only reads the set, and every index is below `CPU_SETSIZE`.
-    Ok((0..libc::CPU_SETSIZE as usize).filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) }).collect())
+    Ok((0..libc::CPU_SETSIZE as usize)
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect())
 }
 
 /// Pins the calling thread to one CPU.
 #[allow(unsafe_code)]
 pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
     if cpu >= libc::CPU_SETSIZE as usize {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("cpu {cpu} is out of range")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("cpu {cpu} is out of range"),
+        ));
     }
     // SAFETY: the set is zero-initialised and owned here, `cpu` was checked against
     // `CPU_SETSIZE` above, and `sched_setaffinity` only reads the set.
@@ -40,13 +45,19 @@ pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
         libc::CPU_SET(cpu, &mut set);
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
     };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// The CPU limit of the process's cgroup (v2 `cpu.max`, else v1 `cfs_quota_us`), rounded
 /// up to whole CPUs; `None` when there is no limit or no cgroup information.
 pub fn cgroup_cpu_limit() -> Option<usize> {
-    let v2 = std::fs::read_to_string("/sys/fs/cgroup/cpu.max").ok().and_then(|text| parse_cpu_max(&text));
+    let v2 = std::fs::read_to_string("/sys/fs/cgroup/cpu.max")
+        .ok()
+        .and_then(|text| parse_cpu_max(&text));
     v2.or_else(|| {
         let quota = std::fs::read_to_string("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").ok()?;
         let period = std::fs::read_to_string("/sys/fs/cgroup/cpu/cpu.cfs_period_us").ok()?;
@@ -66,7 +77,9 @@ fn quota_to_cpus(quota: i64, period: i64) -> Option<usize> {
     if quota <= 0 || period <= 0 {
         return None;
     }
-    usize::try_from((quota + period - 1) / period).ok().map(|cpus| cpus.max(1))
+    usize::try_from((quota + period - 1) / period)
+        .ok()
+        .map(|cpus| cpus.max(1))
 }
 
 /// The default worker count: the CPUs in the affinity mask, capped by the cgroup quota, so a

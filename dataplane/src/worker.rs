@@ -143,7 +143,11 @@ impl<B: Backend> Worker<B> {
         }
     }
 
-    fn apply(self: &Rc<Self>, snapshot: Arc<Snapshot>, sockets: Vec<(usize, std::net::TcpListener)>) -> Result<usize, String> {
+    fn apply(
+        self: &Rc<Self>,
+        snapshot: Arc<Snapshot>,
+        sockets: Vec<(usize, std::net::TcpListener)>,
+    ) -> Result<usize, String> {
         let view = Rc::new(make_view(&self.stats, snapshot.clone()));
         *self.view.borrow_mut() = view;
         let mut accepting = self.accepting.borrow_mut();
@@ -151,7 +155,9 @@ impl<B: Backend> Worker<B> {
         let replaced: Vec<Arc<str>> = accepting
             .keys()
             .filter(|name| {
-                snapshot.listener_index(name).is_none_or(|i| sockets.iter().any(|(j, _)| *j == i))
+                snapshot
+                    .listener_index(name)
+                    .is_none_or(|i| sockets.iter().any(|(j, _)| *j == i))
             })
             .cloned()
             .collect();
@@ -162,12 +168,27 @@ impl<B: Backend> Worker<B> {
             }
         }
         for (index, socket) in sockets {
-            let Some(plan) = snapshot.listeners.get(index) else { continue };
-            let address = socket.local_addr().map_err(|e| format!("listener {}: {e}", plan.name))?;
-            let dup = socket.try_clone().map_err(|e| format!("listener {}: {e}", plan.name))?;
-            let listener = B::listener(socket).map_err(|e| format!("listener {}: {e}", plan.name))?;
-            let task = tokio::task::spawn_local(accept_loop(self.clone(), plan.name.clone(), listener));
-            accepting.insert(plan.name.clone(), AcceptLoop { address, socket: dup, task });
+            let Some(plan) = snapshot.listeners.get(index) else {
+                continue;
+            };
+            let address = socket
+                .local_addr()
+                .map_err(|e| format!("listener {}: {e}", plan.name))?;
+            let dup = socket
+                .try_clone()
+                .map_err(|e| format!("listener {}: {e}", plan.name))?;
+            let listener =
+                B::listener(socket).map_err(|e| format!("listener {}: {e}", plan.name))?;
+            let task =
+                tokio::task::spawn_local(accept_loop(self.clone(), plan.name.clone(), listener));
+            accepting.insert(
+                plan.name.clone(),
+                AcceptLoop {
+                    address,
+                    socket: dup,
+                    task,
+                },
+            );
         }
         Ok(accepting.len())
     }
@@ -182,21 +203,37 @@ impl<B: Backend> Worker<B> {
         if self.active.get() > 0 {
             let finished = tokio::time::timeout(deadline, self.all_closed.notified()).await;
             if finished.is_err() {
-                tracing::warn!(worker = self.id, open = self.active.get(), "drain deadline passed; closing open connections");
+                tracing::warn!(
+                    worker = self.id,
+                    open = self.active.get(),
+                    "drain deadline passed; closing open connections"
+                );
             }
         }
     }
 
     /// Addresses this worker accepts on, by listener name.
     fn addresses(&self) -> Vec<(Arc<str>, SocketAddr)> {
-        self.accepting.borrow().iter().map(|(name, a)| (name.clone(), a.address)).collect()
+        self.accepting
+            .borrow()
+            .iter()
+            .map(|(name, a)| (name.clone(), a.address))
+            .collect()
     }
 }
 
 fn make_view(stats: &Registry, snapshot: Arc<Snapshot>) -> View {
     View {
-        listeners: snapshot.listeners.iter().map(|l| stats.listener(&l.name)).collect(),
-        clusters: snapshot.clusters.iter().map(|c| stats.cluster(&c.name)).collect(),
+        listeners: snapshot
+            .listeners
+            .iter()
+            .map(|l| stats.listener(&l.name))
+            .collect(),
+        clusters: snapshot
+            .clusters
+            .iter()
+            .map(|c| stats.cluster(&c.name))
+            .collect(),
         round_robin: snapshot.clusters.iter().map(|_| Cell::new(0)).collect(),
         snapshot,
     }
@@ -217,11 +254,16 @@ async fn accept_loop<B: Backend>(worker: Rc<Worker<B>>, name: Arc<str>, listener
             }
         };
         let view = worker.view.borrow().clone();
-        let Some(index) = view.snapshot.listener_index(&name) else { return };
+        let Some(index) = view.snapshot.listener_index(&name) else {
+            return;
+        };
         let stats = view.listeners[index].clone();
         stats.connection_opened();
         worker.active.set(worker.active.get() + 1);
-        let guard = ConnectionGuard { worker: worker.clone(), stats };
+        let guard = ConnectionGuard {
+            worker: worker.clone(),
+            stats,
+        };
         tokio::task::spawn_local(async move {
             let _guard = guard;
             let worker = _guard.worker.clone();
@@ -251,7 +293,12 @@ pub struct Spawn {
 
 /// Runs a worker on the current thread until it has drained.
 pub fn run<B: Backend>(spawn: Spawn) -> std::io::Result<()> {
-    let Spawn { id, cpu, snapshot, mut commands } = spawn;
+    let Spawn {
+        id,
+        cpu,
+        snapshot,
+        mut commands,
+    } = spawn;
     if let Some(cpu) = cpu {
         if let Err(error) = crate::sys::pin_current_thread(cpu) {
             tracing::warn!(worker = id, cpu, %error, "could not pin worker");
@@ -259,10 +306,19 @@ pub fn run<B: Backend>(spawn: Spawn) -> std::io::Result<()> {
     }
     B::block_on(async move {
         let worker = Worker::<B>::new(id, snapshot);
-        tracing::debug!(worker = id, backend = B::KIND.as_str(), ?cpu, "worker started");
+        tracing::debug!(
+            worker = id,
+            backend = B::KIND.as_str(),
+            ?cpu,
+            "worker started"
+        );
         while let Some(command) = commands.recv().await {
             match command {
-                Command::Apply { snapshot, sockets, applied } => {
+                Command::Apply {
+                    snapshot,
+                    sockets,
+                    applied,
+                } => {
                     let version = snapshot.version;
                     let result = worker.apply(snapshot, sockets);
                     tracing::debug!(worker = id, version, addresses = ?worker.addresses(), "snapshot applied");

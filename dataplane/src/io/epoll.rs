@@ -82,7 +82,9 @@ impl Backend for Epoll {
     }
 
     fn block_on<F: Future>(future: F) -> io::Result<F::Output> {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         let local = tokio::task::LocalSet::new();
         Ok(local.block_on(&runtime, future))
     }

@@ -34,7 +34,9 @@ pub fn probe() -> io::Result<()> {
             ));
         }
     }
-    io_uring::IoUring::new(2).map(drop).map_err(|e| io::Error::new(e.kind(), format!("io_uring_setup failed: {e}")))
+    io_uring::IoUring::new(2)
+        .map(drop)
+        .map_err(|e| io::Error::new(e.kind(), format!("io_uring_setup failed: {e}")))
 }
 
 impl Stream for UringStream {
@@ -77,7 +79,9 @@ impl Backend for Uring {
     const KIND: BackendKind = BackendKind::IoUring;
 
     fn listener(socket: std::net::TcpListener) -> io::Result<UringListener> {
-        Ok(UringListener(tokio_uring::net::TcpListener::from_std(socket)))
+        Ok(UringListener(tokio_uring::net::TcpListener::from_std(
+            socket,
+        )))
     }
 
     async fn connect(addr: SocketAddr) -> io::Result<UringStream> {

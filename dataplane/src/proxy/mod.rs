@@ -19,7 +19,10 @@ const CONNECT_ATTEMPTS: usize = 3;
 
 /// Opens a connection to the next endpoints of `cluster`, round robin, trying up to
 /// [`CONNECT_ATTEMPTS`] of them within each one's connect timeout.
-pub(crate) async fn connect<B: Backend>(view: &View, cluster: usize) -> Option<(B::Stream, SocketAddr)> {
+pub(crate) async fn connect<B: Backend>(
+    view: &View,
+    cluster: usize,
+) -> Option<(B::Stream, SocketAddr)> {
     let plan = view.snapshot.clusters.get(cluster)?;
     let stats = view.clusters.get(cluster)?;
     for _ in 0..plan.endpoints.len().min(CONNECT_ATTEMPTS) {

@@ -18,7 +18,9 @@ pub struct Pool<B: Backend> {
 
 impl<B: Backend> Default for Pool<B> {
     fn default() -> Self {
-        Pool { idle: RefCell::default() }
+        Pool {
+            idle: RefCell::default(),
+        }
     }
 }
 
@@ -29,7 +31,10 @@ impl<B: Backend> Pool<B> {
         let parked = idle.get_mut(&addr)?;
         let now = Instant::now();
         // Everything below the newest expired entry is older still.
-        if let Some(last_expired) = parked.iter().rposition(|(_, since)| now.duration_since(*since) > max_idle) {
+        if let Some(last_expired) = parked
+            .iter()
+            .rposition(|(_, since)| now.duration_since(*since) > max_idle)
+        {
             parked.drain(..=last_expired);
         }
         parked.pop().map(|(stream, _)| stream)

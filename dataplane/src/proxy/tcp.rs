@@ -18,7 +18,13 @@ use crate::worker::{View, Worker};
 const COPY_BUFFER: usize = 16 * 1024;
 
 /// Serves one opaque TCP connection.
-pub async fn serve<B: Backend>(_worker: &Rc<Worker<B>>, view: &View, listener: usize, cluster: usize, down: B::Stream) {
+pub async fn serve<B: Backend>(
+    _worker: &Rc<Worker<B>>,
+    view: &View,
+    listener: usize,
+    cluster: usize,
+    down: B::Stream,
+) {
     let stats = &view.listeners[listener];
     let Some((up, _)) = super::connect::<B>(view, cluster).await else {
         stats.error(Flag::UpstreamConnectFailure);
@@ -27,13 +33,21 @@ pub async fn serve<B: Backend>(_worker: &Rc<Worker<B>>, view: &View, listener: u
     };
     let idle = view.snapshot.clusters[cluster].idle_timeout;
     let upstream = &view.clusters[cluster];
-    let outcome = pump(&down, &up, Vec::new(), Vec::new(), idle, &|n| {
-        stats.received(n);
-        upstream.sent(n);
-    }, &|n| {
-        stats.sent(n);
-        upstream.received(n);
-    })
+    let outcome = pump(
+        &down,
+        &up,
+        Vec::new(),
+        Vec::new(),
+        idle,
+        &|n| {
+            stats.received(n);
+            upstream.sent(n);
+        },
+        &|n| {
+            stats.sent(n);
+            upstream.received(n);
+        },
+    )
     .await;
     if outcome == Pumped::IdleTimeout {
         stats.error(Flag::IdleTimeout);
@@ -64,8 +78,15 @@ pub async fn pump<A: Stream, B: Stream>(
 ) -> Pumped {
     let last_activity = Cell::new(Instant::now());
     let copies = async {
-        let (ab, ba) = tokio::join!(copy(a, b, to_b, &last_activity, on_a), copy(b, a, to_a, &last_activity, on_b));
-        if ab.is_ok() && ba.is_ok() { Pumped::Finished } else { Pumped::Failed }
+        let (ab, ba) = tokio::join!(
+            copy(a, b, to_b, &last_activity, on_a),
+            copy(b, a, to_a, &last_activity, on_b)
+        );
+        if ab.is_ok() && ba.is_ok() {
+            Pumped::Finished
+        } else {
+            Pumped::Failed
+        }
     };
     let watchdog = async {
         loop {

@@ -128,6 +128,9 @@ impl Default for HttpSettings {
     }
 }
 
+/// The most header fields a head may be configured to allow.
+pub const MAX_HEADERS: usize = 256;
+
 fn default_host() -> String {
     "*".to_owned()
 }
@@ -303,8 +306,11 @@ impl Config {
                 "must be at least 16 and at most http.max_header_bytes",
             );
         }
-        if http.max_headers == 0 {
-            return fail("http.max_headers".into(), "must be greater than zero");
+        if http.max_headers == 0 || http.max_headers > MAX_HEADERS {
+            return fail(
+                "http.max_headers".into(),
+                &format!("must be between 1 and {MAX_HEADERS}"),
+            );
         }
         if http.header_timeout.is_zero() || http.keepalive_timeout.is_zero() {
             return fail(

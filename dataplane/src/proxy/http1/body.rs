@@ -56,7 +56,11 @@ pub struct ChunkedDecoder {
 
 impl Default for ChunkedDecoder {
     fn default() -> Self {
-        ChunkedDecoder { state: State::Size { digits: 0 }, remaining: 0, line: 0 }
+        ChunkedDecoder {
+            state: State::Size { digits: 0 },
+            remaining: 0,
+            line: 0,
+        }
     }
 }
 
@@ -75,7 +79,9 @@ impl ChunkedDecoder {
             match self.state {
                 State::Done => return Ok(i),
                 State::Data => {
-                    let take = usize::try_from(self.remaining).unwrap_or(usize::MAX).min(input.len() - i);
+                    let take = usize::try_from(self.remaining)
+                        .unwrap_or(usize::MAX)
+                        .min(input.len() - i);
                     self.remaining -= take as u64;
                     i += take;
                     if self.remaining == 0 {
@@ -113,7 +119,11 @@ impl ChunkedDecoder {
                     if b != b'\n' {
                         return Err(BodyError::Chunked("expected LF after chunk size"));
                     }
-                    self.state = if self.remaining == 0 { State::TrailerStart } else { State::Data };
+                    self.state = if self.remaining == 0 {
+                        State::TrailerStart
+                    } else {
+                        State::Data
+                    };
                 }
                 State::DataCr => {
                     if b != b'\r' {
@@ -273,7 +283,11 @@ mod tests {
         let body = b"5\r\nhello\r\n1a;name=value\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nx-trailer: 1\r\n\r\nGET / HTTP/1.1\r\n";
         let end = body.len() - b"GET / HTTP/1.1\r\n".len();
         for piece in 1..body.len() {
-            assert_eq!(decode_in_pieces(body, piece).unwrap(), (end, true), "piece {piece}");
+            assert_eq!(
+                decode_in_pieces(body, piece).unwrap(),
+                (end, true),
+                "piece {piece}"
+            );
         }
     }
 
@@ -285,8 +299,19 @@ mod tests {
 
     #[test]
     fn refuses_bad_framing() {
-        for bad in [&b"x\r\n"[..], b"\r\n", b"5\nhello", b"5\r\nhelloX\r\n", b"0\r\n\n", b"fffffffffffffffff\r\n"] {
-            assert!(decode_in_pieces(bad, 100).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        for bad in [
+            &b"x\r\n"[..],
+            b"\r\n",
+            b"5\nhello",
+            b"5\r\nhelloX\r\n",
+            b"0\r\n\n",
+            b"fffffffffffffffff\r\n",
+        ] {
+            assert!(
+                decode_in_pieces(bad, 100).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 }

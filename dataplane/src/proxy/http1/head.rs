@@ -14,7 +14,7 @@ use shared::config::HttpSettings;
 use crate::metrics::Flag;
 
 /// The most header fields any head may have, whatever the config says.
-pub const MAX_HEADERS: usize = 256;
+pub const MAX_HEADERS: usize = shared::config::MAX_HEADERS;
 
 /// Limits on a head.
 #[derive(Debug, Clone, Copy)]
@@ -29,7 +29,11 @@ pub struct Limits {
 
 impl From<&HttpSettings> for Limits {
     fn from(s: &HttpSettings) -> Limits {
-        Limits { max_head: s.max_header_bytes, max_line: s.max_request_line, max_headers: s.max_headers.min(MAX_HEADERS) }
+        Limits {
+            max_head: s.max_header_bytes,
+            max_line: s.max_request_line,
+            max_headers: s.max_headers.min(MAX_HEADERS),
+        }
     }
 }
 
@@ -154,7 +158,10 @@ fn trim(value: &[u8]) -> &[u8] {
 }
 
 fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
-    value.split(|&b| b == b',').map(trim).filter(|t| !t.is_empty())
+    value
+        .split(|&b| b == b',')
+        .map(trim)
+        .filter(|t| !t.is_empty())
 }
 
 fn read_fields(buf: &[u8], headers: &[httparse::Header<'_>]) -> Result<Fields, HeadError> {
@@ -169,7 +176,8 @@ fn read_fields(buf: &[u8], headers: &[httparse::Header<'_>]) -> Result<Fields, H
             f.host = Some(offset(buf, value));
         } else if name.eq_ignore_ascii_case(b"content-length") {
             for token in tokens(value) {
-                let length = parse_length(token).ok_or(HeadError::Malformed("invalid Content-Length"))?;
+                let length =
+                    parse_length(token).ok_or(HeadError::Malformed("invalid Content-Length"))?;
                 if f.content_length.is_some_and(|seen| seen != length) {
                     return Err(HeadError::Malformed("conflicting Content-Length values"));
                 }
@@ -193,7 +201,9 @@ fn read_fields(buf: &[u8], headers: &[httparse::Header<'_>]) -> Result<Fields, H
         }
     }
     if f.transfer_encoding && f.content_length.is_some() {
-        return Err(HeadError::Malformed("both Content-Length and Transfer-Encoding"));
+        return Err(HeadError::Malformed(
+            "both Content-Length and Transfer-Encoding",
+        ));
     }
     Ok(f)
 }
@@ -202,7 +212,9 @@ fn parse_length(digits: &[u8]) -> Option<u64> {
     if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    digits.iter().try_fold(0u64, |n, d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+    digits.iter().try_fold(0u64, |n, d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
 }
 
 /// Checks the limits a head still being received has already broken.
@@ -249,7 +261,8 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>,
     if len > limits.max_head {
         return Err(HeadError::TooLarge);
     }
-    let (Some(method), Some(target), Some(minor)) = (request.method, request.path, request.version) else {
+    let (Some(method), Some(target), Some(minor)) = (request.method, request.path, request.version)
+    else {
         return Err(HeadError::Malformed("incomplete request line"));
     };
     let fields = read_fields(buf, request.headers)?;
@@ -263,10 +276,19 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>,
     let (authority, path) = if target_bytes.starts_with(b"/") || target_bytes == b"*" {
         (None, offset(buf, target_bytes))
     } else if let Some(rest) = strip_scheme(target_bytes) {
-        let slash = rest.iter().position(|&b| b == b'/' || b == b'?').unwrap_or(rest.len());
-        (Some(offset(buf, &rest[..slash])), offset(buf, &rest[slash..]))
+        let slash = rest
+            .iter()
+            .position(|&b| b == b'/' || b == b'?')
+            .unwrap_or(rest.len());
+        (
+            Some(offset(buf, &rest[..slash])),
+            offset(buf, &rest[slash..]),
+        )
     } else if method == Method::Connect {
-        (Some(offset(buf, target_bytes)), offset(buf, &target_bytes[target_bytes.len()..]))
+        (
+            Some(offset(buf, target_bytes)),
+            offset(buf, &target_bytes[target_bytes.len()..]),
+        )
     } else {
         return Err(HeadError::Malformed("invalid request target"));
     };
@@ -279,7 +301,9 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>,
 
     let framing = if fields.transfer_encoding {
         if !fields.chunked_last || minor == 0 {
-            return Err(HeadError::Malformed("request Transfer-Encoding must end in chunked"));
+            return Err(HeadError::Malformed(
+                "request Transfer-Encoding must end in chunked",
+            ));
         }
         Framing::Chunked
     } else {
@@ -294,7 +318,11 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>,
         host,
         path,
         framing,
-        keep_alive: if minor == 0 { fields.keep_alive && !fields.close } else { !fields.close },
+        keep_alive: if minor == 0 {
+            fields.keep_alive && !fields.close
+        } else {
+            !fields.close
+        },
         upgrade: fields.upgrade_header && fields.upgrade_token,
         expect_continue: fields.expect_continue && minor == 1,
     }))
@@ -304,11 +332,19 @@ fn strip_scheme(target: &[u8]) -> Option<&[u8]> {
     let colon = target.iter().position(|&b| b == b':')?;
     let scheme = &target[..colon];
     let ok = scheme.eq_ignore_ascii_case(b"http") || scheme.eq_ignore_ascii_case(b"https");
-    if ok { target[colon..].strip_prefix(b"://") } else { None }
+    if ok {
+        target[colon..].strip_prefix(b"://")
+    } else {
+        None
+    }
 }
 
 /// Parses a response head from the start of `buf`, for a request made with `method`.
-pub fn parse_response(buf: &[u8], limits: &Limits, method: Method) -> Result<Option<ResponseHead>, HeadError> {
+pub fn parse_response(
+    buf: &[u8],
+    limits: &Limits,
+    method: Method,
+) -> Result<Option<ResponseHead>, HeadError> {
     // httparse parses responses only into initialised headers.
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut headers[..limits.max_headers]);
@@ -324,11 +360,16 @@ pub fn parse_response(buf: &[u8], limits: &Limits, method: Method) -> Result<Opt
         return Err(HeadError::Malformed("incomplete status line"));
     };
     let fields = read_fields(buf, response.headers)?;
-    let no_body = method == Method::Head || (100..200).contains(&status) || status == 204 || status == 304;
+    let no_body =
+        method == Method::Head || (100..200).contains(&status) || status == 204 || status == 304;
     let framing = if no_body {
         Framing::Empty
     } else if fields.transfer_encoding {
-        if fields.chunked_last { Framing::Chunked } else { Framing::UntilClose }
+        if fields.chunked_last {
+            Framing::Chunked
+        } else {
+            Framing::UntilClose
+        }
     } else {
         match fields.content_length {
             Some(0) => Framing::Empty,
@@ -336,8 +377,18 @@ pub fn parse_response(buf: &[u8], limits: &Limits, method: Method) -> Result<Opt
             None => Framing::UntilClose,
         }
     };
-    let says_close = if minor == 0 { !fields.keep_alive || fields.close } else { fields.close };
-    Ok(Some(ResponseHead { len, status, framing, keep_alive: !says_close && framing != Framing::UntilClose, says_close }))
+    let says_close = if minor == 0 {
+        !fields.keep_alive || fields.close
+    } else {
+        fields.close
+    };
+    Ok(Some(ResponseHead {
+        len,
+        status,
+        framing,
+        keep_alive: !says_close && framing != Framing::UntilClose,
+        says_close,
+    }))
 }
 
 /// Rewrites a response head to end the connection: drops its `Connection` fields and adds

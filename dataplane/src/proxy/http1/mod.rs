@@ -92,7 +92,10 @@ pub async fn serve<B: Backend>(
         };
         let started = Instant::now();
         conn.stats.request();
-        let route = routes.route(&conn.inbuf[head.host.clone()], &conn.inbuf[head.path.clone()]);
+        let route = routes.route(
+            &conn.inbuf[head.host.clone()],
+            &conn.inbuf[head.path.clone()],
+        );
         let next = match route {
             Some(route) => conn.exchange(&head, route, started).await,
             None => conn.no_route(&head, started).await,
@@ -129,10 +132,12 @@ impl<B: Backend> Conn<'_, B> {
                     }
                 }
                 // Inside a head: the whole head must arrive by the deadline (slowloris).
-                Some(deadline) => match tokio::time::timeout_at(deadline, self.down.read(buf)).await {
-                    Ok(read) => read,
-                    Err(_) => return Err(NoRequest::Reject(408, Flag::DownstreamTimeout)),
-                },
+                Some(deadline) => {
+                    match tokio::time::timeout_at(deadline, self.down.read(buf)).await {
+                        Ok(read) => read,
+                        Err(_) => return Err(NoRequest::Reject(408, Flag::DownstreamTimeout)),
+                    }
+                }
             };
             self.inbuf = buf;
             match read {
@@ -176,7 +181,9 @@ impl<B: Backend> Conn<'_, B> {
         let (up, addr, response) = loop {
             let Some((up, addr, reused)) = self.checkout(cluster).await else {
                 self.inbuf.drain(..head.len);
-                return self.reply(503, Flag::UpstreamConnectFailure, has_body, started).await;
+                return self
+                    .reply(503, Flag::UpstreamConnectFailure, has_body, started)
+                    .await;
             };
             upstream_stats.request();
             // A pooled connection the upstream already closed fails here; a request with no
@@ -192,7 +199,9 @@ impl<B: Backend> Conn<'_, B> {
                     continue;
                 }
                 self.inbuf.drain(..head.len);
-                return self.reply(502, Flag::UpstreamReset, has_body, started).await;
+                return self
+                    .reply(502, Flag::UpstreamReset, has_body, started)
+                    .await;
             }
             upstream_stats.sent(head.len as u64);
             if has_body {
@@ -204,7 +213,10 @@ impl<B: Backend> Conn<'_, B> {
                     body_done = true;
                 }
             }
-            match self.read_response_head(&up, head, route, &mut body_done).await {
+            match self
+                .read_response_head(&up, head, route, &mut body_done)
+                .await
+            {
                 Ok(response) => break (up, addr, response),
                 Err(UpstreamFailure::Closed) if may_retry => {
                     let _ = up.shutdown(Shutdown::Both);
@@ -226,13 +238,28 @@ impl<B: Backend> Conn<'_, B> {
         if !has_body {
             self.inbuf.drain(..head.len);
         }
-        self.respond(head, route, up, addr, response, !body_done, started).await
+        self.respond(head, route, up, addr, response, !body_done, started)
+            .await
     }
 
     /// Forwards the request body; on failure answers or closes and says what comes next.
-    async fn request_body(&mut self, head: &RequestHead, up: &B::Stream, cluster: usize, started: Instant) -> Result<(), Next> {
+    async fn request_body(
+        &mut self,
+        head: &RequestHead,
+        up: &B::Stream,
+        cluster: usize,
+        started: Instant,
+    ) -> Result<(), Next> {
         let upstream_stats = &self.view.clusters[cluster];
-        match body::forward(&self.down, up, head.framing, &mut self.inbuf, &mut self.scratch).await {
+        match body::forward(
+            &self.down,
+            up,
+            head.framing,
+            &mut self.inbuf,
+            &mut self.scratch,
+        )
+        .await
+        {
             Ok(bytes) => {
                 self.stats.received(bytes);
                 upstream_stats.sent(bytes);
@@ -245,7 +272,9 @@ impl<B: Backend> Conn<'_, B> {
             Err(BodyError::Chunked(why)) => {
                 tracing::debug!(why, "malformed request body");
                 let _ = up.shutdown(Shutdown::Both);
-                Err(self.reply(400, Flag::DownstreamProtocolError, true, started).await)
+                Err(self
+                    .reply(400, Flag::DownstreamProtocolError, true, started)
+                    .await)
             }
             Err(BodyError::Read(_) | BodyError::Truncated) => {
                 let _ = up.shutdown(Shutdown::Both);
@@ -270,13 +299,19 @@ impl<B: Backend> Conn<'_, B> {
             self.upbuf.reserve(HEAD_BUFFER);
         }
         loop {
-            let parsed = if self.upbuf.is_empty() { Ok(None) } else { head::parse_response(&self.upbuf, &self.limits, head.method) };
+            let parsed = if self.upbuf.is_empty() {
+                Ok(None)
+            } else {
+                head::parse_response(&self.upbuf, &self.limits, head.method)
+            };
             match parsed {
                 Err(error) => {
                     tracing::debug!(%error, "malformed upstream response");
                     return Err(UpstreamFailure::Protocol);
                 }
-                Ok(Some(response)) if (100..200).contains(&response.status) && response.status != 101 => {
+                Ok(Some(response))
+                    if (100..200).contains(&response.status) && response.status != 101 =>
+                {
                     // Interim response: pass it on, then wait for the next.
                     let upbuf = std::mem::take(&mut self.upbuf);
                     let (written, mut upbuf) = self.down.write_all(upbuf, 0..response.len).await;
@@ -286,7 +321,15 @@ impl<B: Backend> Conn<'_, B> {
                         return Err(UpstreamFailure::DownstreamGone);
                     }
                     if response.status == 100 && !*body_done {
-                        match body::forward(&self.down, up, head.framing, &mut self.inbuf, &mut self.scratch).await {
+                        match body::forward(
+                            &self.down,
+                            up,
+                            head.framing,
+                            &mut self.inbuf,
+                            &mut self.scratch,
+                        )
+                        .await
+                        {
                             Ok(bytes) => self.stats.received(bytes),
                             Err(_) => return Err(UpstreamFailure::DownstreamGone),
                         }
@@ -354,7 +397,14 @@ impl<B: Backend> Conn<'_, B> {
             return Next::Close;
         }
         let mut pending = std::mem::take(&mut self.upbuf);
-        let forwarded = body::forward(&up, &self.down, response.framing, &mut pending, &mut self.scratch).await;
+        let forwarded = body::forward(
+            &up,
+            &self.down,
+            response.framing,
+            &mut pending,
+            &mut self.scratch,
+        )
+        .await;
         let leftover = !pending.is_empty();
         pending.clear();
         self.upbuf = pending;
@@ -387,7 +437,13 @@ impl<B: Backend> Conn<'_, B> {
     }
 
     /// Passes a `101 Switching Protocols` on and pumps bytes both ways until both end.
-    async fn upgrade(&mut self, up: B::Stream, response: ResponseHead, cluster: usize, started: Instant) -> Next {
+    async fn upgrade(
+        &mut self,
+        up: B::Stream,
+        response: ResponseHead,
+        cluster: usize,
+        started: Instant,
+    ) -> Next {
         let upbuf = std::mem::take(&mut self.upbuf);
         let (written, mut upbuf) = self.down.write_all(upbuf, 0..response.len).await;
         if written.is_err() {
@@ -401,13 +457,21 @@ impl<B: Backend> Conn<'_, B> {
         let idle = self.view.snapshot.clusters[cluster].idle_timeout;
         let stats = self.stats;
         let upstream = &self.view.clusters[cluster];
-        pump(&self.down, &up, to_up, upbuf, idle, &|n| {
-            stats.received(n);
-            upstream.sent(n);
-        }, &|n| {
-            stats.sent(n);
-            upstream.received(n);
-        })
+        pump(
+            &self.down,
+            &up,
+            to_up,
+            upbuf,
+            idle,
+            &|n| {
+                stats.received(n);
+                upstream.sent(n);
+            },
+            &|n| {
+                stats.sent(n);
+                upstream.received(n);
+            },
+        )
         .await;
         Next::Close
     }
@@ -421,7 +485,9 @@ impl<B: Backend> Conn<'_, B> {
             self.view.clusters[cluster].reused();
             return Some((stream, addr, true));
         }
-        super::connect::<B>(self.view, cluster).await.map(|(stream, addr)| (stream, addr, false))
+        super::connect::<B>(self.view, cluster)
+            .await
+            .map(|(stream, addr)| (stream, addr, false))
     }
 
     /// Sends a response the proxy makes itself, counts it, and says what comes next.
@@ -430,10 +496,14 @@ impl<B: Backend> Conn<'_, B> {
         let close = close || self.worker.draining();
         let message = reply_bytes(status, flag, close);
         let len = message.len();
-        let (written, _) = self.down.write_all(message, 0..len).await;
         self.stats.sent(len as u64);
         self.stats.response(status, started.elapsed());
-        if written.is_err() || close { Next::Close } else { Next::KeepAlive }
+        let (written, _) = self.down.write_all(message, 0..len).await;
+        if written.is_err() || close {
+            Next::Close
+        } else {
+            Next::KeepAlive
+        }
     }
 }
 

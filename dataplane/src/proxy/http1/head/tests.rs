@@ -1,0 +1,165 @@
+use super::*;
+
+const LIMITS: Limits = Limits {
+    max_head: 1024,
+    max_line: 128,
+    max_headers: 8,
+};
+
+fn request(text: &str) -> Result<Option<RequestHead>, HeadError> {
+    parse_request(text.as_bytes(), &LIMITS)
+}
+
+fn complete(text: &str) -> RequestHead {
+    request(text).unwrap().expect("complete head")
+}
+
+#[test]
+fn reads_host_path_and_framing() {
+    let text =
+        "POST /api/v1?x=1 HTTP/1.1\r\nHost: Example.com:80\r\nContent-Length: 5\r\n\r\nhello";
+    let head = complete(text);
+    assert_eq!(head.len, text.len() - 5);
+    assert_eq!(&text[head.host.clone()], "Example.com:80");
+    assert_eq!(&text[head.path.clone()], "/api/v1?x=1");
+    assert_eq!(head.framing, Framing::Length(5));
+    assert!(head.keep_alive && !head.upgrade && !head.expect_continue);
+    assert_eq!(head.method, Method::Other);
+}
+
+#[test]
+fn absolute_form_takes_its_authority() {
+    let text = "GET http://svc.local:8080/p?q HTTP/1.1\r\nHost: other\r\n\r\n";
+    let head = complete(text);
+    assert_eq!(&text[head.host.clone()], "svc.local:8080");
+    assert_eq!(&text[head.path.clone()], "/p?q");
+}
+
+#[test]
+fn connection_semantics_by_version() {
+    assert!(!complete("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").keep_alive);
+    assert!(!complete("GET / HTTP/1.0\r\n\r\n").keep_alive);
+    assert!(complete("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").keep_alive);
+    let ws = complete(
+        "GET /ws HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    );
+    assert!(ws.upgrade);
+    let expect = complete(
+        "PUT / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nTransfer-Encoding: chunked\r\n\r\n",
+    );
+    assert!(expect.expect_continue);
+    assert_eq!(expect.framing, Framing::Chunked);
+    assert_eq!(
+        complete("HEAD / HTTP/1.1\r\nHost: a\r\n\r\n").method,
+        Method::Head
+    );
+}
+
+#[test]
+fn partial_heads_ask_for_more() {
+    assert_eq!(request("GET / HTTP/1.1\r\nHost: a\r\n"), Ok(None));
+    assert_eq!(request("GE"), Ok(None));
+}
+
+#[test]
+fn refuses_ambiguous_or_malformed_requests() {
+    let bad = [
+        "GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 6\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        "GET / HTTP/1.1\r\n\r\n",
+        "GET nopath HTTP/1.1\r\nHost: a\r\n\r\n",
+        "GET / HTTP/2.0\r\nHost: a\r\n\r\n",
+        "\x16\x03\x01\x02\x00\x01\x00\x01\x03\x03",
+        "GET / HTTP/1.1\r\nHo st: a\r\n\r\n",
+    ];
+    for text in bad {
+        let error = request(text).expect_err(text);
+        assert_eq!(error.status(), 400, "{text:?}: {error}");
+    }
+    // Equal repeated lengths are one length.
+    assert_eq!(
+        complete("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 3\r\n\r\n").framing,
+        Framing::Length(3)
+    );
+}
+
+#[test]
+fn enforces_limits_with_the_right_status() {
+    let long_line = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(200));
+    assert_eq!(request(&long_line).unwrap_err().status(), 414);
+    // Still incomplete, but already past the line limit.
+    assert_eq!(
+        request(&format!("GET /{}", "a".repeat(200)))
+            .unwrap_err()
+            .status(),
+        414
+    );
+    let many = format!("GET / HTTP/1.1\r\n{}\r\n", "X-A: b\r\n".repeat(9));
+    assert_eq!(request(&many).unwrap_err(), HeadError::TooManyHeaders);
+    assert_eq!(request(&many).unwrap_err().status(), 431);
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n",
+        "b".repeat(1100)
+    );
+    assert_eq!(request(&big).unwrap_err().status(), 431);
+}
+
+fn response(text: &str, method: Method) -> ResponseHead {
+    parse_response(text.as_bytes(), &LIMITS, method)
+        .unwrap()
+        .expect("complete head")
+}
+
+#[test]
+fn response_framing() {
+    let r = response(
+        "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n",
+        Method::Other,
+    );
+    assert_eq!(
+        (r.status, r.framing, r.keep_alive),
+        (200, Framing::Length(10), true)
+    );
+    let r = response(
+        "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n",
+        Method::Head,
+    );
+    assert_eq!(r.framing, Framing::Empty);
+    let r = response("HTTP/1.1 204 No Content\r\n\r\n", Method::Other);
+    assert_eq!(r.framing, Framing::Empty);
+    let r = response(
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+        Method::Other,
+    );
+    assert_eq!(r.framing, Framing::Chunked);
+    let r = response("HTTP/1.1 200 OK\r\n\r\n", Method::Other);
+    assert_eq!((r.framing, r.keep_alive), (Framing::UntilClose, false));
+    let r = response(
+        "HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n",
+        Method::Other,
+    );
+    assert!(!r.keep_alive && r.says_close);
+    let r = response(
+        "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n",
+        Method::Other,
+    );
+    assert!(!r.keep_alive && r.says_close);
+    assert!(parse_response(b"garbage\r\n\r\n", &LIMITS, Method::Other).is_err());
+}
+
+#[test]
+fn rewrites_connection_to_close() {
+    let head = b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\n";
+    let out = with_connection_close(head);
+    assert_eq!(
+        out,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nconnection: close\r\n\r\n"
+    );
+    let reparsed = response(std::str::from_utf8(&out).unwrap(), Method::Other);
+    assert!(reparsed.says_close);
+}

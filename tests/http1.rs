@@ -1,0 +1,460 @@
+//! HTTP/1.1 through one proxy hop: routing, bodies, pipelining, upgrades, failures and limits.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tests::client::{self, Conn};
+use tests::upstream::{Http, black_hole, dead_address};
+use tests::{BackendChoice, Proxy, admin_get, both_backends, metric, start_proxy, wait_for_metric};
+
+/// Two upstream services, one proxy routing to them by host and path.
+struct Fixture {
+    proxy: Proxy,
+    api: Http,
+    web: Http,
+}
+
+impl Fixture {
+    fn start(backend: BackendChoice) -> Fixture {
+        Fixture::with(backend, "")
+    }
+
+    fn with(backend: BackendChoice, http_settings: &str) -> Fixture {
+        let api = Http::start("api");
+        let web = Http::start("web");
+        let yaml = format!(
+            r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    protocol: http
+    routes:
+      - {{ host: api.local, path_prefix: /, cluster: api }}
+      - {{ path_prefix: /api, cluster: api }}
+      - {{ path_prefix: /, cluster: web, timeout: 400ms }}
+      - {{ host: down.local, cluster: down }}
+      - {{ host: hole.local, cluster: hole, timeout: 300ms }}
+clusters:
+  - {{ name: api, endpoints: [{api}] }}
+  - {{ name: web, endpoints: [{web}] }}
+  - {{ name: down, endpoints: [{down}], connect_timeout: 300ms }}
+  - {{ name: hole, endpoints: [{hole}] }}
+{http_settings}"#,
+            api = api.addr,
+            web = web.addr,
+            down = dead_address(),
+            hole = black_hole(),
+        );
+        Fixture {
+            proxy: start_proxy(&yaml, backend),
+            api,
+            web,
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.proxy.listener_addr("web").unwrap()
+    }
+
+    fn get(&self, host: &str, path: &str) -> client::Response {
+        client::request(
+            self.addr(),
+            &format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+        )
+    }
+
+    fn metrics(&self) -> String {
+        admin_get(&self.proxy, "/metrics")
+    }
+}
+
+fn routes_by_host_and_path(backend: BackendChoice) {
+    let f = Fixture::start(backend);
+    let cases = [
+        ("api.local", "/anything", "api /anything"),
+        ("API.LOCAL:8080", "/x", "api /x"),
+        ("other", "/api/users", "api /api/users"),
+        ("other", "/apix", "web /apix"),
+        ("other", "/", "web /"),
+    ];
+    for (host, path, expected) in cases {
+        let response = f.get(host, path);
+        assert_eq!(response.status, 200, "{host}{path}");
+        assert_eq!(response.text(), expected, "{host}{path}");
+    }
+    // The Host header reaches the upstream unchanged.
+    assert_eq!(f.get("api.local", "/h").header("x-host"), Some("api.local"));
+}
+
+fn keep_alive_reuses_both_connections(backend: BackendChoice) {
+    let f = Fixture::start(backend);
+    let mut conn = Conn::open(f.addr());
+    for i in 0..20 {
+        conn.send(format!("GET /n/{i} HTTP/1.1\r\nHost: api.local\r\n\r\n").as_bytes());
+        let response = conn.response(false);
+        assert_eq!(response.text(), format!("api /n/{i}"));
+    }
+    assert_eq!(f.api.requests.load(Ordering::SeqCst), 20);
+    // One worker served this client connection, so one pooled upstream connection did.
+    assert_eq!(f.api.connections.load(Ordering::SeqCst), 1);
+    wait_for_metric(
+        &f.proxy,
+        "tern_upstream_pool_reuses_total{cluster=\"api\"}",
+        19.0,
+    );
+}
+
+fn pipelined_requests_are_answered_in_order(backend: BackendChoice) {
+    let f = Fixture::start(backend);
+    let mut conn = Conn::open(f.addr());
+    let batch: String = (0..5)
+        .map(|i| {
+            let host = if i % 2 == 0 { "api.local" } else { "other" };
+            format!("GET /p/{i} HTTP/1.1\r\nHost: {host}\r\n\r\n")
+        })
+        .chain([
+            "POST /echo HTTP/1.1\r\nHost: api.local\r\nContent-Length: 5\r\n\r\nhello".to_owned(),
+        ])
+        .chain(["GET /last HTTP/1.1\r\nHost: other\r\n\r\n".to_owned()])
+        .collect();
+    conn.send(batch.as_bytes());
+    for i in 0..5 {
+        let name = if i % 2 == 0 { "api" } else { "web" };
+        assert_eq!(conn.response(false).text(), format!("{name} /p/{i}"));
+    }
+    assert_eq!(conn.response(false).text(), "hello");
+    assert_eq!(conn.response(false).text(), "web /last");
+}
+
+fn streams_chunked_and_large_bodies(backend: BackendChoice) {
+    let f = Fixture::start(backend);
+    let mut conn = Conn::open(f.addr());
+    // A chunked request body in awkward pieces, echoed back.
+    conn.send(b"POST /echo HTTP/1.1\r\nHost: api.local\r\nTransfer-Encoding: chunked\r\n\r\n");
+    for piece in [
+        "4\r\nWiki\r\n",
+        "5\r\npedia\r\n",
+        "E\r\n in\r\n\r\nchunks.\r\n",
+        "0\r\n\r\n",
+    ] {
+        conn.send(piece.as_bytes());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(conn.response(false).text(), "Wikipedia in\r\n\r\nchunks.");
+    // A chunked response from the upstream.
+    conn.send(b"GET /chunked HTTP/1.1\r\nHost: api.local\r\n\r\n");
+    let response = conn.response(false);
+    assert_eq!(response.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(response.text(), "part0;part1;part2;part3;part4;");
+    // A 4 MB content-length body both ways on the same connection.
+    let big: Vec<u8> = (0..4 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    conn.send(
+        format!(
+            "POST /echo HTTP/1.1\r\nHost: api.local\r\nContent-Length: {}\r\n\r\n",
+            big.len()
+        )
+        .as_bytes(),
+    );
+    conn.send(&big);
+    let response = conn.response(false);
+    assert_eq!(response.body.len(), big.len());
+    assert!(response.body == big);
+    // HEAD: headers only, and the connection stays usable.
+    conn.send(b"HEAD /h HTTP/1.1\r\nHost: api.local\r\n\r\nGET /after HTTP/1.1\r\nHost: api.local\r\n\r\n");
+    assert_eq!(conn.response(true).status, 200);
+    assert_eq!(conn.response(false).text(), "api /after");
+}
+
+fn expect_continue_is_passed_through(backend: BackendChoice) {
+    let f = Fixture::start(backend);
+    let mut conn = Conn::open(f.addr());
+    conn.send(b"POST /echo HTTP/1.1\r\nHost: api.local\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n");
+    let interim = conn.response(false);
+    assert_eq!(interim.status, 100);
+    conn.send(b"abc");
+    assert_eq!(conn.response(false).text(), "abc");
+}
+
+fn websocket_upgrade_becomes_a_byte_pump(backend: BackendChoice) {
+    let f = Fixture::start(backend);
+    let mut conn = Conn::open(f.addr());
+    conn.send(
+        b"GET /ws HTTP/1.1\r\nHost: api.local\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    );
+    let response = conn.response(true);
+    assert_eq!(response.status, 101);
+    for message in ["frame one", "frame two"] {
+        conn.send(message.as_bytes());
+        let mut got = vec![0u8; message.len()];
+        let mut filled = 0;
+        while filled < got.len() {
+            filled += client::read_some(&mut conn.stream, &mut got[filled..]).unwrap();
+        }
+        assert_eq!(got, message.as_bytes());
+    }
+}
+
+fn upstream_down_is_503(backend: BackendChoice) {
+    let f = Fixture::start(backend);
+    let response = f.get("down.local", "/");
+    assert_eq!(response.status, 503);
+    assert_eq!(response.header("x-tern-response-flag"), Some("UF"));
+    let metrics = wait_for_metric(
+        &f.proxy,
+        "tern_responses_total{listener=\"web\",class=\"5xx\"}",
+        1.0,
+    );
+    assert_eq!(
+        metric(&metrics, "tern_errors_total{listener=\"web\",flag=\"UF\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "tern_responses_total{listener=\"web\",class=\"5xx\"}"
+        ),
+        1.0
+    );
+}
+
+fn upstream_that_hangs_is_504_after_the_timeout(backend: BackendChoice) {
+    let f = Fixture::start(backend);
+    // An upstream that accepts and never answers.
+    let started = Instant::now();
+    let response = f.get("hole.local", "/");
+    let waited = started.elapsed();
+    assert_eq!(response.status, 504);
+    assert_eq!(response.header("x-tern-response-flag"), Some("UT"));
+    assert!(
+        waited >= Duration::from_millis(280),
+        "answered after {waited:?}"
+    );
+    // An HTTP upstream whose handler never returns, on a keep-alive connection that then
+    // goes on working.
+    let mut conn = Conn::open(f.addr());
+    conn.send(b"GET /hang HTTP/1.1\r\nHost: other\r\n\r\n");
+    assert_eq!(conn.response(false).status, 504);
+    conn.send(b"GET /fine HTTP/1.1\r\nHost: other\r\n\r\n");
+    assert_eq!(conn.response(false).text(), "web /fine");
+    wait_for_metric(
+        &f.proxy,
+        "tern_upstream_timeouts_total{cluster=\"web\"}",
+        1.0,
+    );
+}
+
+fn no_route_is_404(backend: BackendChoice) {
+    let api = Http::start("api");
+    let yaml = format!(
+        "listeners:\n  - name: web\n    address: 127.0.0.1:0\n    protocol: http\n    routes:\n      - {{ path_prefix: /only, cluster: api }}\nclusters:\n  - {{ name: api, endpoints: [{}] }}\n",
+        api.addr
+    );
+    let proxy = start_proxy(&yaml, backend);
+    let mut conn = Conn::open(proxy.listener_addr("web").unwrap());
+    conn.send(b"GET /elsewhere HTTP/1.1\r\nHost: x\r\n\r\n");
+    let response = conn.response(false);
+    assert_eq!(
+        (response.status, response.header("x-tern-response-flag")),
+        (404, Some("NR"))
+    );
+    // The connection stays open for the next request.
+    conn.send(b"GET /only/x HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(conn.response(false).text(), "api /only/x");
+}
+
+/// Sends `raw`, expects `status`, then a closed connection; then checks the proxy still
+/// serves a well-behaved client.
+fn refused(f: &Fixture, raw: &[u8], status: u16) {
+    let mut conn = Conn::open(f.addr());
+    conn.send(raw);
+    let response = conn.response(false);
+    assert_eq!(
+        response.status,
+        status,
+        "for {:?}",
+        String::from_utf8_lossy(&raw[..raw.len().min(60)])
+    );
+    assert!(conn.closed(), "the proxy closes after refusing a request");
+    assert_eq!(f.get("other", "/still-ok").text(), "web /still-ok");
+}
+
+fn bad_requests_get_the_right_status_and_a_close(backend: BackendChoice) {
+    let f = Fixture::with(
+        backend,
+        "http:\n  max_header_bytes: 4096\n  max_request_line: 512\n  max_headers: 20\n",
+    );
+    refused(&f, b"GARBAGE\r\n\r\n", 400);
+    refused(
+        &f,
+        b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03garbage-tls-hello\r\n\r\n",
+        400,
+    );
+    refused(
+        &f,
+        b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+        400,
+    );
+    refused(&f, b"GET / HTTP/1.1\r\n\r\n", 400);
+    refused(
+        &f,
+        b"POST /echo HTTP/1.1\r\nHost: api.local\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        400,
+    );
+    refused(
+        &f,
+        format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(600)).as_bytes(),
+        414,
+    );
+    refused(
+        &f,
+        format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+            "b".repeat(5000)
+        )
+        .as_bytes(),
+        431,
+    );
+    refused(
+        &f,
+        format!(
+            "GET / HTTP/1.1\r\nHost: a\r\n{}\r\n",
+            "X-N: v\r\n".repeat(25)
+        )
+        .as_bytes(),
+        431,
+    );
+    // An endless header block, never finished, is cut off at the limit.
+    let mut conn = Conn::open(f.addr());
+    conn.send(b"GET / HTTP/1.1\r\nHost: a\r\n");
+    for _ in 0..100 {
+        if conn
+            .stream
+            .write_all(b"X-More: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n")
+            .is_err()
+        {
+            break;
+        }
+    }
+    assert_eq!(conn.response(false).status, 431);
+    let metrics = wait_for_metric(
+        &f.proxy,
+        "tern_errors_total{listener=\"web\",flag=\"DPE\"}",
+        5.0,
+    );
+    assert_eq!(
+        metric(&metrics, "tern_errors_total{listener=\"web\",flag=\"DLE\"}"),
+        4.0
+    );
+}
+
+fn slowloris_gets_408_while_others_are_served(backend: BackendChoice) {
+    let f = Fixture::with(backend, "http:\n  header_timeout: 400ms\n");
+    let mut slow = Conn::open(f.addr());
+    let started = Instant::now();
+    slow.send(b"GET / HTTP/1.1\r\n");
+    // Trickle header bytes; meanwhile a normal client is served promptly.
+    let mut served = 0;
+    while started.elapsed() < Duration::from_millis(300) {
+        let _ = slow.stream.write_all(b"X");
+        assert_eq!(f.get("other", "/busy").text(), "web /busy");
+        served += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(served > 3);
+    let response = slow.response(false);
+    assert_eq!(response.status, 408);
+    assert!(started.elapsed() >= Duration::from_millis(380));
+    assert!(slow.closed());
+}
+
+fn metrics_count_what_was_sent(backend: BackendChoice) {
+    let f = Fixture::start(backend);
+    for i in 0..7 {
+        assert_eq!(f.get("api.local", &format!("/{i}")).status, 200);
+    }
+    assert_eq!(f.get("down.local", "/").status, 503);
+    let metrics = wait_for_metric(
+        &f.proxy,
+        "tern_request_duration_seconds_count{listener=\"web\"}",
+        8.0,
+    );
+    assert_eq!(
+        metric(&metrics, "tern_requests_total{listener=\"web\"}"),
+        8.0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "tern_responses_total{listener=\"web\",class=\"2xx\"}"
+        ),
+        7.0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "tern_responses_total{listener=\"web\",class=\"5xx\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(&metrics, "tern_upstream_requests_total{cluster=\"api\"}"),
+        7.0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "tern_upstream_responses_total{cluster=\"api\",class=\"2xx\"}"
+        ),
+        7.0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "tern_request_duration_seconds_count{listener=\"web\"}"
+        ),
+        8.0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "tern_listener_connections_total{listener=\"web\"}"
+        ),
+        8.0
+    );
+    let p99 = metric(
+        &metrics,
+        "tern_request_duration_seconds{listener=\"web\",quantile=\"0.99\"}",
+    );
+    assert!(p99 > 0.0 && p99 < 10.0, "p99 {p99}");
+    assert_eq!(metric(&metrics, "tern_workers_reporting"), 2.0);
+    let backend_label = if backend == BackendChoice::Epoll {
+        "epoll"
+    } else {
+        "io_uring"
+    };
+    assert_eq!(
+        metric(
+            &metrics,
+            &format!("tern_proxy_info{{backend=\"{backend_label}\",workers=\"2\"}}")
+        ),
+        1.0
+    );
+}
+
+both_backends!(
+    routes_by_host_and_path,
+    keep_alive_reuses_both_connections,
+    pipelined_requests_are_answered_in_order,
+    streams_chunked_and_large_bodies,
+    expect_continue_is_passed_through,
+    websocket_upgrade_becomes_a_byte_pump,
+    upstream_down_is_503,
+    upstream_that_hangs_is_504_after_the_timeout,
+    no_route_is_404,
+    bad_requests_get_the_right_status_and_a_close,
+    slowloris_gets_408_while_others_are_served,
+    metrics_count_what_was_sent,
+);

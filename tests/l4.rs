@@ -1,0 +1,155 @@
+//! Opaque TCP through one proxy hop: byte-exact both ways, half-close, failures.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::time::{Duration, Instant};
+
+use tests::upstream::{Echo, black_hole, dead_address};
+use tests::{BackendChoice, both_backends, client, metric, start_proxy, wait_for_metric};
+
+fn tcp_config(endpoint: std::net::SocketAddr, idle: &str) -> String {
+    format!(
+        "listeners:\n  - {{ name: raw, address: 127.0.0.1:0, protocol: tcp, cluster: up }}\n\
+         clusters:\n  - {{ name: up, endpoints: [{endpoint}], idle_timeout: {idle}, connect_timeout: 500ms }}\n"
+    )
+}
+
+/// A deterministic, non-repeating-looking payload.
+fn payload(len: usize) -> Vec<u8> {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+fn ten_megabytes_echo_exactly_with_half_close(backend: BackendChoice) {
+    let echo = Echo::start();
+    let proxy = start_proxy(&tcp_config(echo.addr, "30s"), backend);
+    let mut stream = client::connect(proxy.listener_addr("raw").unwrap());
+    let sent = payload(10 * 1024 * 1024);
+    let mut writer = stream.try_clone().unwrap();
+    let to_send = sent.clone();
+    let sender = std::thread::spawn(move || {
+        writer.write_all(&to_send).unwrap();
+        // Half-close: the echo server sees end of stream only through the proxy.
+        writer.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut received = Vec::with_capacity(sent.len());
+    stream
+        .read_to_end(&mut received)
+        .expect("read until the proxy passes the echo's half-close on");
+    sender.join().unwrap();
+    assert_eq!(received.len(), sent.len());
+    assert!(received == sent, "bytes differ");
+
+    let metrics = wait_for_metric(
+        &proxy,
+        "tern_listener_active_connections{listener=\"raw\"}",
+        0.0,
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "tern_listener_received_bytes_total{listener=\"raw\"}"
+        ),
+        sent.len() as f64
+    );
+    assert_eq!(
+        metric(&metrics, "tern_listener_sent_bytes_total{listener=\"raw\"}"),
+        sent.len() as f64
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "tern_listener_connections_total{listener=\"raw\"}"
+        ),
+        1.0
+    );
+}
+
+fn half_close_keeps_the_other_direction_open(backend: BackendChoice) {
+    let echo = Echo::start();
+    let proxy = start_proxy(&tcp_config(echo.addr, "30s"), backend);
+    let mut stream = client::connect(proxy.listener_addr("raw").unwrap());
+    stream.write_all(b"ping").unwrap();
+    stream.shutdown(Shutdown::Write).unwrap();
+    // The echo answers after seeing our end of stream; our read side still works.
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply).unwrap();
+    assert_eq!(reply, b"ping");
+}
+
+fn many_small_exchanges_on_many_connections(backend: BackendChoice) {
+    let echo = Echo::start();
+    let proxy = start_proxy(&tcp_config(echo.addr, "30s"), backend);
+    let addr = proxy.listener_addr("raw").unwrap();
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut stream = client::connect(addr);
+                for i in 0..200 {
+                    let message = format!("{t}:{i:05}");
+                    stream.write_all(message.as_bytes()).unwrap();
+                    let mut reply = vec![0u8; message.len()];
+                    stream.read_exact(&mut reply).unwrap();
+                    assert_eq!(reply, message.as_bytes());
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+fn upstream_down_closes_the_connection(backend: BackendChoice) {
+    let proxy = start_proxy(&tcp_config(dead_address(), "30s"), backend);
+    let mut stream = client::connect(proxy.listener_addr("raw").unwrap());
+    let mut buf = [0u8; 16];
+    let n = client::read_some(&mut stream, &mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "the proxy closes when no upstream answers");
+    let metrics = wait_for_metric(
+        &proxy,
+        "tern_errors_total{listener=\"raw\",flag=\"UF\"}",
+        1.0,
+    );
+    assert!(
+        metric(
+            &metrics,
+            "tern_upstream_connect_failures_total{cluster=\"up\"}"
+        ) >= 1.0
+    );
+}
+
+fn idle_connections_are_closed(backend: BackendChoice) {
+    let proxy = start_proxy(&tcp_config(black_hole(), "300ms"), backend);
+    let mut stream = client::connect(proxy.listener_addr("raw").unwrap());
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    let n = client::read_some(&mut stream, &mut buf).expect("an orderly close");
+    assert_eq!(n, 0);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250),
+        "closed after {waited:?}, before the idle timeout"
+    );
+    wait_for_metric(
+        &proxy,
+        "tern_errors_total{listener=\"raw\",flag=\"IT\"}",
+        1.0,
+    );
+}
+
+both_backends!(
+    ten_megabytes_echo_exactly_with_half_close,
+    half_close_keeps_the_other_direction_open,
+    many_small_exchanges_on_many_connections,
+    upstream_down_closes_the_connection,
+    idle_connections_are_closed,
+);

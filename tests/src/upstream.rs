@@ -1,0 +1,204 @@
+//! Upstream servers for tests: a TCP echo server and a hyper HTTP/1.1 server whose
+//! behaviour is chosen by path.
+//!
+//! HTTP paths: `/echo` answers with the request body; `/chunked` streams a chunked body;
+//! `/hang` never answers; `/slow/<ms>` answers after a delay; `/ws` upgrades and then echoes
+//! raw bytes; anything else answers `<name> <path>` with the request's Host in `x-host`.
+
+use std::convert::Infallible;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+
+/// A TCP echo server: echoes until end of stream, then half-closes.
+pub struct Echo {
+    /// Its address.
+    pub addr: SocketAddr,
+}
+
+impl Echo {
+    /// Starts it on a background thread (one thread per connection).
+    pub fn start() -> Echo {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        match stream.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if stream.write_all(&buf[..n]).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                    let _ = stream.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        Echo { addr }
+    }
+}
+
+/// An HTTP/1.1 server (hyper) on its own runtime thread.
+pub struct Http {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Requests it has received.
+    pub requests: Arc<AtomicUsize>,
+    /// Connections it has accepted.
+    pub connections: Arc<AtomicUsize>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+fn full(body: impl Into<Bytes>) -> Body {
+    Full::new(body.into()).boxed()
+}
+
+async fn handle(
+    name: &'static str,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let path = request.uri().path().to_owned();
+    let host = request
+        .headers()
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let response = if path == "/echo" {
+        let body = request
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        Response::new(full(body))
+    } else if path == "/chunked" {
+        let frames: Vec<Bytes> = (0..5).map(|i| Bytes::from(format!("part{i};"))).collect();
+        Response::new(Frames(frames.into_iter()).boxed())
+    } else if path == "/hang" {
+        std::future::pending::<()>().await;
+        unreachable!()
+    } else if let Some(ms) = path.strip_prefix("/slow/") {
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(100))).await;
+        Response::new(full(format!("{name} slow")))
+    } else if path == "/ws" {
+        let upgrade = hyper::upgrade::on(request);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = upgrade.await {
+                let mut io = TokioIo::new(upgraded);
+                let (mut r, mut w) = tokio::io::split(&mut io);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        });
+        let mut response = Response::new(full(""));
+        *response.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+        response
+            .headers_mut()
+            .insert("connection", "upgrade".parse().unwrap());
+        response
+            .headers_mut()
+            .insert("upgrade", "websocket".parse().unwrap());
+        response
+    } else {
+        let mut response = Response::new(full(format!("{name} {path}")));
+        response.headers_mut().insert(
+            "x-host",
+            host.parse().unwrap_or_else(|_| "?".parse().unwrap()),
+        );
+        response
+    };
+    Ok(response)
+}
+
+/// A body sent as separate frames with no length, so hyper chunks it.
+struct Frames(std::vec::IntoIter<Bytes>);
+
+impl hyper::body::Body for Frames {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        std::task::Poll::Ready(self.0.next().map(|b| Ok(Frame::data(b))))
+    }
+}
+
+impl Http {
+    /// Starts a server that names itself `name` in its answers.
+    pub fn start(name: &'static str) -> Http {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (reqs, conns) = (requests.clone(), connections.clone());
+        runtime.spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                conns.fetch_add(1, Ordering::SeqCst);
+                let reqs = reqs.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request| {
+                        reqs.fetch_add(1, Ordering::SeqCst);
+                        handle(name, request)
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        Http {
+            addr,
+            requests,
+            connections,
+            _runtime: runtime,
+        }
+    }
+}
+
+/// An address nothing listens on (bound, then closed).
+pub fn dead_address() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
+
+/// A server that accepts and then never reads or writes.
+pub fn black_hole() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming() {
+            held.push(stream);
+        }
+    });
+    addr
+}
