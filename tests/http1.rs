@@ -8,13 +8,14 @@ use std::time::{Duration, Instant};
 
 use tests::client::{self, Conn};
 use tests::upstream::{Http, black_hole, dead_address};
-use tests::{BackendChoice, Proxy, admin_get, both_backends, metric, start_proxy, wait_for_metric};
+use tests::{BackendChoice, Proxy, both_backends, metric, start_proxy, wait_for_metric};
 
 /// Two upstream services, one proxy routing to them by host and path.
 struct Fixture {
     proxy: Proxy,
     api: Http,
-    web: Http,
+    /// Kept alive for the proxy to route to.
+    _web: Http,
 }
 
 impl Fixture {
@@ -51,7 +52,7 @@ clusters:
         Fixture {
             proxy: start_proxy(&yaml, backend),
             api,
-            web,
+            _web: web,
         }
     }
 
@@ -64,10 +65,6 @@ clusters:
             self.addr(),
             &format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n"),
         )
-    }
-
-    fn metrics(&self) -> String {
-        admin_get(&self.proxy, "/metrics")
     }
 }
 

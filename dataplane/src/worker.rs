@@ -299,10 +299,10 @@ pub fn run<B: Backend>(spawn: Spawn) -> std::io::Result<()> {
         snapshot,
         mut commands,
     } = spawn;
-    if let Some(cpu) = cpu {
-        if let Err(error) = crate::sys::pin_current_thread(cpu) {
-            tracing::warn!(worker = id, cpu, %error, "could not pin worker");
-        }
+    if let Some(cpu) = cpu
+        && let Err(error) = crate::sys::pin_current_thread(cpu)
+    {
+        tracing::warn!(worker = id, cpu, %error, "could not pin worker");
     }
     B::block_on(async move {
         let worker = Worker::<B>::new(id, snapshot);

@@ -26,13 +26,13 @@ pub struct UringListener(tokio_uring::net::TcpListener);
 /// ring setup, which is what a seccomp profile that blocks io_uring makes fail (`EPERM`,
 /// `ENOSYS`).
 pub fn probe() -> io::Result<()> {
-    if let Ok(text) = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled") {
-        if text.trim() == "2" {
-            return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                "io_uring is disabled by the kernel.io_uring_disabled sysctl",
-            ));
-        }
+    if let Ok(text) = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+        && text.trim() == "2"
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "io_uring is disabled by the kernel.io_uring_disabled sysctl",
+        ));
     }
     io_uring::IoUring::new(2)
         .map(drop)

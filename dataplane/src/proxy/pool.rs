@@ -11,9 +11,12 @@ use std::time::{Duration, Instant};
 
 use crate::io::Backend;
 
+/// Connections parked for one endpoint, oldest first, with when they were parked.
+type Parked<S> = Vec<(S, Instant)>;
+
 /// Idle upstream connections of one worker.
 pub struct Pool<B: Backend> {
-    idle: RefCell<HashMap<SocketAddr, Vec<(B::Stream, Instant)>>>,
+    idle: RefCell<HashMap<SocketAddr, Parked<B::Stream>>>,
 }
 
 impl<B: Backend> Default for Pool<B> {

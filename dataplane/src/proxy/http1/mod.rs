@@ -238,7 +238,7 @@ impl<B: Backend> Conn<'_, B> {
         if !has_body {
             self.inbuf.drain(..head.len);
         }
-        self.respond(head, route, up, addr, response, !body_done, started)
+        self.respond(head, route, (up, addr), response, !body_done, started)
             .await
     }
 
@@ -359,8 +359,7 @@ impl<B: Backend> Conn<'_, B> {
         &mut self,
         head: &RequestHead,
         route: &RoutePlan,
-        up: B::Stream,
-        addr: SocketAddr,
+        (up, addr): (B::Stream, SocketAddr),
         response: ResponseHead,
         body_unsent: bool,
         started: Instant,

@@ -1,0 +1,213 @@
+//! The `tern-proxy` binary: start-up errors, SIGHUP reload, SIGTERM drain and exit code.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A minimal upstream answering every request with `name`.
+fn upstream(name: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || serve(stream, name));
+        }
+    });
+    addr
+}
+
+fn serve(mut stream: TcpStream, name: &str) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            buf.drain(..end + 4);
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{name}",
+                name.len()
+            );
+            if stream.write_all(reply.as_bytes()).is_err() {
+                return;
+            }
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// One GET on a new connection; the body, or `None` if the proxy could not be reached.
+fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(addr).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    let status = text.get(9..12)?.parse().ok()?;
+    let body = text.split("\r\n\r\n").nth(1)?.to_owned();
+    Some((status, body))
+}
+
+fn write_config(path: &Path, listener: SocketAddr, cluster: &str, a: SocketAddr, b: SocketAddr) {
+    let yaml = format!(
+        "listeners:\n  - {{ name: web, address: {listener}, protocol: http, routes: [{{ cluster: {cluster} }}] }}\n\
+         clusters:\n  - {{ name: a, endpoints: [{a}] }}\n  - {{ name: b, endpoints: [{b}] }}\n"
+    );
+    std::fs::write(path, yaml).unwrap();
+}
+
+struct Running {
+    child: Child,
+    admin: SocketAddr,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(config: &Path, backend: &str) -> Running {
+    let admin = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_tern-proxy"))
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "--admin",
+            &admin.to_string(),
+            "--workers",
+            "2",
+            "--no-pin",
+        ])
+        .args([
+            "--io-backend",
+            backend,
+            "--drain-deadline",
+            "5s",
+            "--log",
+            "warn",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let running = Running { child, admin };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(admin, "/ready").is_none_or(|(status, _)| status != 200) {
+        assert!(Instant::now() < deadline, "tern-proxy did not become ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    running
+}
+
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("sh")
+        .args(["-c", &format!("kill -{name} {}", child.id())])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn sighup_reloads_good_files_and_refuses_bad_ones(backend: &str) {
+    let dir = std::env::temp_dir().join(format!("tern-cli-{}-{backend}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("proxy.yaml");
+    let (a, b) = (upstream("a"), upstream("b"));
+    let listener = free_port();
+    write_config(&path, listener, "a", a, b);
+    let mut proxy = start(&path, backend);
+    assert_eq!(get(listener, "/").unwrap(), (200, "a".into()));
+
+    write_config(&path, listener, "b", a, b);
+    signal(&proxy.child, "HUP");
+    wait_until("the reload routes to b", || {
+        get(listener, "/").is_some_and(|(_, body)| body == "b")
+    });
+
+    std::fs::write(&path, "listeners: [ {{ this is not yaml").unwrap();
+    signal(&proxy.child, "HUP");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        get(listener, "/").unwrap(),
+        (200, "b".into()),
+        "a bad file leaves the running config"
+    );
+    let dump = get(proxy.admin, "/config_dump").unwrap().1;
+    assert!(dump.contains("\"version\": 2"), "{dump}");
+
+    signal(&proxy.child, "TERM");
+    let status = proxy.child.wait().unwrap();
+    assert!(status.success(), "exit after SIGTERM: {status}");
+    let mut stderr = String::new();
+    proxy
+        .child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(
+        stderr.contains("reload refused"),
+        "the refusal is logged: {stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn sighup_reloads_on_io_uring() {
+    sighup_reloads_good_files_and_refuses_bad_ones("io-uring");
+}
+
+#[test]
+fn sighup_reloads_on_epoll() {
+    sighup_reloads_good_files_and_refuses_bad_ones("epoll");
+}
+
+#[test]
+fn a_bad_config_file_stops_start_up_with_the_field_named() {
+    let dir = std::env::temp_dir().join(format!("tern-cli-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.yaml");
+    std::fs::write(
+        &path,
+        "listeners:\n  - { name: web, address: 127.0.0.1:0, protocol: tcp, cluster: ghost }\n",
+    )
+    .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_tern-proxy"))
+        .args(["--config", path.to_str().unwrap(), "--admin", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("listeners[0].cluster") && stderr.contains("ghost"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
