@@ -1,0 +1,292 @@
+//! What the generator sends, and how it tells a response is complete, without allocating per
+//! request: the request bytes are built once and shared; a response is scanned as it arrives
+//! and its body is counted, not kept.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+/// The protocols `tern-load` speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Raw TCP: N bytes out, M bytes back.
+    Tcp,
+    /// HTTP/1.1 with keep-alive.
+    Http,
+}
+
+/// One request shape, reused for every request of a run.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    /// The protocol.
+    pub protocol: Protocol,
+    /// The bytes of one request.
+    pub request: Arc<[u8]>,
+    /// Raw TCP only: bytes expected back per request.
+    pub response_size: usize,
+}
+
+impl Workload {
+    /// Raw TCP: `request_size` bytes out (at least one), `response_size` back.
+    pub fn tcp(request_size: usize, response_size: usize) -> Workload {
+        let request: Vec<u8> = (0..request_size.max(1)).map(|i| b'a' + (i % 26) as u8).collect();
+        Workload { protocol: Protocol::Tcp, request: request.into(), response_size: response_size.max(1) }
+    }
+
+    /// HTTP/1.1: a GET of `path` (or a POST with a `body_size`-byte body).
+    pub fn http(host: &str, path: &str, body_size: usize) -> Workload {
+        let mut request = if body_size == 0 {
+            format!("GET {path} HTTP/1.1\r\nhost: {host}\r\nuser-agent: tern-load\r\n\r\n").into_bytes()
+        } else {
+            format!("POST {path} HTTP/1.1\r\nhost: {host}\r\nuser-agent: tern-load\r\ncontent-length: {body_size}\r\n\r\n")
+                .into_bytes()
+        };
+        request.extend((0..body_size).map(|i| b'a' + (i % 26) as u8));
+        Workload { protocol: Protocol::Http, request: request.into(), response_size: 0 }
+    }
+
+    /// A fresh scanner for one response.
+    pub fn response(&self) -> Response {
+        match self.protocol {
+            Protocol::Tcp => Response::Tcp { remaining: self.response_size },
+            Protocol::Http => Response::HttpHead,
+        }
+    }
+}
+
+/// Why a response could not be understood.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    /// Not an HTTP/1.x response head.
+    #[error("malformed response head")]
+    MalformedHead,
+    /// The head is larger than the read buffer.
+    #[error("response head too large")]
+    HeadTooLarge,
+    /// A response with no length (read-until-close) cannot be load-tested on keep-alive.
+    #[error("response without Content-Length or chunked encoding")]
+    NoLength,
+    /// Invalid chunked encoding.
+    #[error("malformed chunked body")]
+    MalformedChunk,
+}
+
+impl ProtocolError {
+    /// A short label for error counts.
+    pub fn kind(self) -> &'static str {
+        match self {
+            ProtocolError::MalformedHead => "malformed response",
+            ProtocolError::HeadTooLarge => "response head too large",
+            ProtocolError::NoLength => "response without length",
+            ProtocolError::MalformedChunk => "malformed chunked body",
+        }
+    }
+}
+
+/// Progress of one response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Consumed this many bytes; the response is not complete.
+    More(usize),
+    /// Consumed this many bytes; the response is complete, with this HTTP status (0 for TCP).
+    Done(usize, u16),
+}
+
+/// Scanner state of one response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Response {
+    /// Raw TCP: bytes still expected.
+    Tcp {
+        /// Bytes still expected.
+        remaining: usize,
+    },
+    /// Waiting for a complete HTTP head.
+    HttpHead,
+    /// Counting a `Content-Length` body.
+    Length {
+        /// Body bytes still expected.
+        remaining: u64,
+        /// The status.
+        status: u16,
+    },
+    /// Scanning a chunked body.
+    Chunked {
+        /// Where in the chunk grammar.
+        state: Chunk,
+        /// The status.
+        status: u16,
+    },
+}
+
+/// Where a chunked scan is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chunk {
+    /// In a size line, with the size read so far and whether the extension started.
+    Size(u64, bool),
+    /// In data, with bytes left (the CRLF after it included).
+    Data(u64),
+    /// In the trailer section, with the length of the current line.
+    Trailer(usize),
+}
+
+impl Response {
+    /// Scans `data` (bytes received and not yet consumed).
+    pub fn step(&mut self, data: &[u8]) -> Result<Step, ProtocolError> {
+        match self {
+            Response::Tcp { remaining } => {
+                let n = (*remaining).min(data.len());
+                *remaining -= n;
+                Ok(if *remaining == 0 { Step::Done(n, 0) } else { Step::More(n) })
+            }
+            Response::HttpHead => self.head(data),
+            Response::Length { remaining, status } => {
+                let n = usize::try_from(*remaining).unwrap_or(usize::MAX).min(data.len());
+                *remaining -= n as u64;
+                Ok(if *remaining == 0 { Step::Done(n, *status) } else { Step::More(n) })
+            }
+            Response::Chunked { state, status } => {
+                let status = *status;
+                let mut i = 0;
+                while i < data.len() {
+                    match state {
+                        Chunk::Data(left) => {
+                            let n = usize::try_from(*left).unwrap_or(usize::MAX).min(data.len() - i);
+                            *left -= n as u64;
+                            i += n;
+                            if *left == 0 {
+                                *state = Chunk::Size(0, false);
+                            }
+                        }
+                        Chunk::Size(size, in_extension) => {
+                            let b = data[i];
+                            i += 1;
+                            match b {
+                                b'\n' if *size == 0 => *state = Chunk::Trailer(0),
+                                // Data, then its CRLF.
+                                b'\n' => *state = Chunk::Data(*size + 2),
+                                b'\r' => {}
+                                b';' => *in_extension = true,
+                                _ if *in_extension => {}
+                                _ => {
+                                    let digit = (b as char).to_digit(16).ok_or(ProtocolError::MalformedChunk)?;
+                                    *size = size.checked_mul(16).ok_or(ProtocolError::MalformedChunk)? + u64::from(digit);
+                                }
+                            }
+                        }
+                        Chunk::Trailer(line) => {
+                            let b = data[i];
+                            i += 1;
+                            match b {
+                                b'\n' if *line == 0 => return Ok(Step::Done(i, status)),
+                                b'\n' => *line = 0,
+                                b'\r' => {}
+                                _ => *line += 1,
+                            }
+                        }
+                    }
+                }
+                Ok(Step::More(i))
+            }
+        }
+    }
+
+    fn head(&mut self, data: &[u8]) -> Result<Step, ProtocolError> {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut parsed = httparse::Response::new(&mut headers);
+        let len = match parsed.parse(data) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Ok(Step::More(0)),
+            Err(_) => return Err(ProtocolError::MalformedHead),
+        };
+        let status = parsed.code.unwrap_or(0);
+        let mut length = None;
+        let mut chunked = false;
+        for h in parsed.headers.iter() {
+            if h.name.eq_ignore_ascii_case("content-length") {
+                let text = std::str::from_utf8(h.value).map_err(|_| ProtocolError::MalformedHead)?;
+                length = Some(text.trim().parse::<u64>().map_err(|_| ProtocolError::MalformedHead)?);
+            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                chunked = h.value.windows(7).any(|w| w.eq_ignore_ascii_case(b"chunked"));
+            }
+        }
+        *self = if (100..200).contains(&status) {
+            // An interim response: the real one follows.
+            Response::HttpHead
+        } else if status == 204 || status == 304 {
+            return Ok(Step::Done(len, status));
+        } else if chunked {
+            Response::Chunked { state: Chunk::Size(0, false), status }
+        } else if let Some(remaining) = length {
+            if remaining == 0 {
+                return Ok(Step::Done(len, status));
+            }
+            Response::Length { remaining, status }
+        } else {
+            return Err(ProtocolError::NoLength);
+        };
+        Ok(Step::More(len))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `bytes` in pieces of `piece`, as a connection would, and returns the status and
+    /// how many bytes the response took.
+    fn scan(workload: &Workload, bytes: &[u8], piece: usize) -> Result<(u16, usize), ProtocolError> {
+        let mut response = workload.response();
+        let mut buffered: Vec<u8> = Vec::new();
+        let mut consumed = 0;
+        for part in bytes.chunks(piece) {
+            buffered.extend_from_slice(part);
+            loop {
+                match response.step(&buffered)? {
+                    Step::Done(n, status) => return Ok((status, consumed + n)),
+                    Step::More(0) => break,
+                    Step::More(n) => {
+                        buffered.drain(..n);
+                        consumed += n;
+                    }
+                }
+            }
+        }
+        panic!("incomplete after {consumed} bytes");
+    }
+
+    #[test]
+    fn http_lengths_chunks_and_interim_responses() {
+        let w = Workload::http("h", "/", 0);
+        let next = b"HTTP/1.1 200 OK\r\n";
+        let cases: [(&[u8], u16); 4] = [
+            (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello", 200),
+            (b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n", 503),
+            (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n10\r\n0123456789abcdef\r\n0\r\nt: 1\r\n\r\n", 200),
+            (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok", 201),
+        ];
+        for (response, status) in cases {
+            let mut stream = response.to_vec();
+            stream.extend_from_slice(next);
+            for piece in [1, 3, 7, stream.len()] {
+                assert_eq!(scan(&w, &stream, piece).unwrap(), (status, response.len()), "piece {piece}");
+            }
+        }
+        assert_eq!(scan(&w, b"HTTP/1.1 200 OK\r\n\r\n", 100), Err(ProtocolError::NoLength));
+        assert_eq!(scan(&w, b"SSH-2.0-OpenSSH\r\n\r\n", 100), Err(ProtocolError::MalformedHead));
+    }
+
+    #[test]
+    fn tcp_counts_bytes() {
+        let w = Workload::tcp(10, 1000);
+        assert_eq!(w.request.len(), 10);
+        assert_eq!(scan(&w, &[7u8; 1500], 64).unwrap(), (0, 1000));
+    }
+
+    #[test]
+    fn http_requests_carry_their_body() {
+        let w = Workload::http("svc", "/p", 3);
+        assert!(w.request.starts_with(b"POST /p HTTP/1.1\r\nhost: svc\r\n"));
+        assert!(w.request.ends_with(b"content-length: 3\r\n\r\nabc"));
+    }
+}
