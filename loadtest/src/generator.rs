@@ -7,8 +7,8 @@
 //! sends are scheduled to the microsecond, not to epoll's millisecond), its own histograms,
 //! and no allocation per request. Threads share nothing but progress counters.
 
-use std::collections::{BTreeMap, BinaryHeap};
 use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -92,7 +92,11 @@ impl Outcome {
     /// Completed requests per second over the window.
     pub fn achieved_rate(&self) -> f64 {
         let seconds = self.elapsed.as_secs_f64();
-        if seconds > 0.0 { self.completed as f64 / seconds } else { 0.0 }
+        if seconds > 0.0 {
+            self.completed as f64 / seconds
+        } else {
+            0.0
+        }
     }
 
     /// Errors of all kinds.
@@ -126,16 +130,28 @@ pub struct Progress {
 
 /// A histogram with the generator's bounds.
 pub fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, MAX_MICROS, 3).unwrap_or_else(|_| unreachable!("constant bounds are valid"))
+    Histogram::new_with_bounds(1, MAX_MICROS, 3)
+        .unwrap_or_else(|_| unreachable!("constant bounds are valid"))
 }
 
 /// Runs the plan to completion.
 pub fn run(plan: &Plan, progress: &Progress) -> Result<Outcome, RunError> {
-    if !plan.rate.is_finite() || plan.rate <= 0.0 || plan.connections == 0 || plan.threads == 0 || plan.duration.is_zero() {
-        return Err(RunError::Invalid("rate, connections, threads and duration must be positive"));
+    if !plan.rate.is_finite()
+        || plan.rate <= 0.0
+        || plan.connections == 0
+        || plan.threads == 0
+        || plan.duration.is_zero()
+    {
+        return Err(RunError::Invalid(
+            "rate, connections, threads and duration must be positive",
+        ));
     }
-    std::net::TcpStream::connect_timeout(&plan.target, Duration::from_secs(2))
-        .map_err(|source| RunError::Unreachable { target: plan.target, source })?;
+    std::net::TcpStream::connect_timeout(&plan.target, Duration::from_secs(2)).map_err(
+        |source| RunError::Unreachable {
+            target: plan.target,
+            source,
+        },
+    )?;
 
     let threads = plan.threads.min(plan.connections);
     // Each connection sends every `interval`; connections are staggered evenly across it.
@@ -148,7 +164,13 @@ pub fn run(plan: &Plan, progress: &Progress) -> Result<Outcome, RunError> {
                 scope.spawn(move || Thread::new(plan, &mine, interval, start)?.run(progress))
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or(Err(RunError::Invalid("a generator thread panicked")))).collect()
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or(Err(RunError::Invalid("a generator thread panicked")))
+            })
+            .collect()
     });
     let mut merged = Outcome {
         latency: histogram(),
@@ -223,14 +245,26 @@ fn micros_ceil(ns: u64) -> u64 {
 }
 
 impl<'a> Thread<'a> {
-    fn new(plan: &'a Plan, mine: &[usize], interval: f64, start: Instant) -> Result<Thread<'a>, RunError> {
+    fn new(
+        plan: &'a Plan,
+        mine: &[usize],
+        interval: f64,
+        start: Instant,
+    ) -> Result<Thread<'a>, RunError> {
         // Best effort: a 1 µs timer slack (the default is 50 µs).
         let _ = rustix::thread::set_current_timer_slack(std::num::NonZeroU64::new(1000));
         let poll = Poll::new().map_err(RunError::Setup)?;
-        let timer = rustix::time::timerfd_create(TimerfdClockId::Monotonic, TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC)
-            .map_err(|e| RunError::Setup(e.into()))?;
+        let timer = rustix::time::timerfd_create(
+            TimerfdClockId::Monotonic,
+            TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC,
+        )
+        .map_err(|e| RunError::Setup(e.into()))?;
         poll.registry()
-            .register(&mut mio::unix::SourceFd(&timer.as_raw_fd()), TIMER, Interest::READABLE)
+            .register(
+                &mut mio::unix::SourceFd(&timer.as_raw_fd()),
+                TIMER,
+                Interest::READABLE,
+            )
             .map_err(RunError::Setup)?;
         let mut due = BinaryHeap::with_capacity(mine.len());
         let conns = mine
@@ -305,7 +339,10 @@ impl<'a> Thread<'a> {
             let mut next = self.due.peek().map_or(u64::MAX, |Reverse((t, _))| *t);
             let mut busy = false;
             for i in 0..self.conns.len() {
-                if self.conns[i].state == State::Busy || (self.conns[i].state == State::Connecting && self.conns[i].send_when_connected) {
+                if self.conns[i].state == State::Busy
+                    || (self.conns[i].state == State::Connecting
+                        && self.conns[i].send_when_connected)
+                {
                     let deadline = self.conns[i].intended.saturating_add(timeout);
                     if deadline <= now {
                         self.fail(i, "timeout", progress);
@@ -332,7 +369,9 @@ impl<'a> Thread<'a> {
                     continue;
                 }
                 let i = event.token().0;
-                if self.conns[i].state == State::Connecting && (event.is_writable() || event.is_error()) {
+                if self.conns[i].state == State::Connecting
+                    && (event.is_writable() || event.is_error())
+                {
                     self.connected(i, progress);
                 }
                 if self.conns[i].state == State::Busy {
@@ -355,7 +394,13 @@ impl<'a> Thread<'a> {
             tv_sec: i64::try_from(after_ns / 1_000_000_000).unwrap_or(i64::MAX),
             tv_nsec: i64::try_from(after_ns % 1_000_000_000).unwrap_or(0),
         };
-        let spec = Itimerspec { it_interval: Timespec { tv_sec: 0, tv_nsec: 0 }, it_value: value };
+        let spec = Itimerspec {
+            it_interval: Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: value,
+        };
         rustix::time::timerfd_settime(&self.timer, TimerfdTimerFlags::empty(), &spec)
             .map(drop)
             .map_err(|e| RunError::Setup(e.into()))
@@ -365,7 +410,11 @@ impl<'a> Thread<'a> {
         let conn = &mut self.conns[i];
         match TcpStream::connect(self.plan.target) {
             Ok(mut stream) => {
-                let registered = self.poll.registry().register(&mut stream, Token(i), Interest::READABLE | Interest::WRITABLE);
+                let registered = self.poll.registry().register(
+                    &mut stream,
+                    Token(i),
+                    Interest::READABLE | Interest::WRITABLE,
+                );
                 if registered.is_ok() {
                     let _ = stream.set_nodelay(true);
                     conn.stream = Some(stream);
@@ -440,7 +489,10 @@ impl<'a> Thread<'a> {
         conn.written = 0;
         conn.response = self.plan.workload.response();
         if self.in_window(t) {
-            let _ = self.outcome.send_lag.record(micros_ceil(now.saturating_sub(t)));
+            let _ = self
+                .outcome
+                .send_lag
+                .record(micros_ceil(now.saturating_sub(t)));
         }
         self.write(i, progress);
     }
@@ -448,7 +500,9 @@ impl<'a> Thread<'a> {
     fn write(&mut self, i: usize, progress: &Progress) {
         let request = &self.plan.workload.request;
         let conn = &mut self.conns[i];
-        let Some(stream) = conn.stream.as_mut() else { return };
+        let Some(stream) = conn.stream.as_mut() else {
+            return;
+        };
         while conn.written < request.len() {
             match stream.write(&request[conn.written..]) {
                 Ok(0) => return self.fail(i, "write", progress),
@@ -463,7 +517,9 @@ impl<'a> Thread<'a> {
     fn read(&mut self, i: usize, progress: &Progress) {
         loop {
             let conn = &mut self.conns[i];
-            let Some(stream) = conn.stream.as_mut() else { return };
+            let Some(stream) = conn.stream.as_mut() else {
+                return;
+            };
             if conn.filled == conn.rbuf.len() {
                 return self.fail(i, "response head too large", progress);
             }
@@ -501,14 +557,21 @@ impl<'a> Thread<'a> {
         if (200..400).contains(&status) || status == 0 {
             progress.completed.fetch_add(1, Ordering::Relaxed);
             if self.in_window(t) {
-                let _ = self.outcome.latency.record(micros_ceil(now.saturating_sub(t)));
+                let _ = self
+                    .outcome
+                    .latency
+                    .record(micros_ceil(now.saturating_sub(t)));
                 self.outcome.completed += 1;
                 self.last_completion = self.last_completion.max(now);
             }
         } else {
             progress.errors.fetch_add(1, Ordering::Relaxed);
             if self.in_window(t) {
-                *self.outcome.errors.entry(format!("http {}xx", status / 100)).or_default() += 1;
+                *self
+                    .outcome
+                    .errors
+                    .entry(format!("http {}xx", status / 100))
+                    .or_default() += 1;
                 self.last_completion = self.last_completion.max(now);
             }
         }

@@ -16,7 +16,11 @@ use loadtest::report::{self, Report};
 use loadtest::serve;
 
 #[derive(Debug, Parser)]
-#[command(name = "tern-load", version, about = "Open-loop load generator with HDR latency reports")]
+#[command(
+    name = "tern-load",
+    version,
+    about = "Open-loop load generator with HDR latency reports"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -168,17 +172,28 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         Err(error) => return Err(error.into()),
     };
     let name = args.target.to_string();
-    let report = Report::new(&name, &format!("{:?}", args.protocol).to_lowercase(), args.connections, &outcome);
+    let report = Report::new(
+        &name,
+        &format!("{:?}", args.protocol).to_lowercase(),
+        args.connections,
+        &outcome,
+    );
     print!("{}", report.table());
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &args.hgrm {
-        std::fs::write(path, report::hgrm(&outcome.latency)).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, report::hgrm(&outcome.latency))
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &args.chart {
-        report::chart(path, &format!("{name} at {:.0}/s", args.rate), &[(name.clone(), &outcome.latency)])
-            .with_context(|| format!("writing {}", path.display()))?;
+        report::chart(
+            path,
+            &format!("{name} at {:.0}/s", args.rate),
+            &[(name.clone(), &outcome.latency)],
+        )
+        .with_context(|| format!("writing {}", path.display()))?;
     }
     if outcome.completed == 0 {
         eprintln!("tern-load: no request succeeded");

@@ -30,26 +30,39 @@ pub struct Workload {
 impl Workload {
     /// Raw TCP: `request_size` bytes out (at least one), `response_size` back.
     pub fn tcp(request_size: usize, response_size: usize) -> Workload {
-        let request: Vec<u8> = (0..request_size.max(1)).map(|i| b'a' + (i % 26) as u8).collect();
-        Workload { protocol: Protocol::Tcp, request: request.into(), response_size: response_size.max(1) }
+        let request: Vec<u8> = (0..request_size.max(1))
+            .map(|i| b'a' + (i % 26) as u8)
+            .collect();
+        Workload {
+            protocol: Protocol::Tcp,
+            request: request.into(),
+            response_size: response_size.max(1),
+        }
     }
 
     /// HTTP/1.1: a GET of `path` (or a POST with a `body_size`-byte body).
     pub fn http(host: &str, path: &str, body_size: usize) -> Workload {
         let mut request = if body_size == 0 {
-            format!("GET {path} HTTP/1.1\r\nhost: {host}\r\nuser-agent: tern-load\r\n\r\n").into_bytes()
+            format!("GET {path} HTTP/1.1\r\nhost: {host}\r\nuser-agent: tern-load\r\n\r\n")
+                .into_bytes()
         } else {
             format!("POST {path} HTTP/1.1\r\nhost: {host}\r\nuser-agent: tern-load\r\ncontent-length: {body_size}\r\n\r\n")
                 .into_bytes()
         };
         request.extend((0..body_size).map(|i| b'a' + (i % 26) as u8));
-        Workload { protocol: Protocol::Http, request: request.into(), response_size: 0 }
+        Workload {
+            protocol: Protocol::Http,
+            request: request.into(),
+            response_size: 0,
+        }
     }
 
     /// A fresh scanner for one response.
     pub fn response(&self) -> Response {
         match self.protocol {
-            Protocol::Tcp => Response::Tcp { remaining: self.response_size },
+            Protocol::Tcp => Response::Tcp {
+                remaining: self.response_size,
+            },
             Protocol::Http => Response::HttpHead,
         }
     }
@@ -137,13 +150,23 @@ impl Response {
             Response::Tcp { remaining } => {
                 let n = (*remaining).min(data.len());
                 *remaining -= n;
-                Ok(if *remaining == 0 { Step::Done(n, 0) } else { Step::More(n) })
+                Ok(if *remaining == 0 {
+                    Step::Done(n, 0)
+                } else {
+                    Step::More(n)
+                })
             }
             Response::HttpHead => self.head(data),
             Response::Length { remaining, status } => {
-                let n = usize::try_from(*remaining).unwrap_or(usize::MAX).min(data.len());
+                let n = usize::try_from(*remaining)
+                    .unwrap_or(usize::MAX)
+                    .min(data.len());
                 *remaining -= n as u64;
-                Ok(if *remaining == 0 { Step::Done(n, *status) } else { Step::More(n) })
+                Ok(if *remaining == 0 {
+                    Step::Done(n, *status)
+                } else {
+                    Step::More(n)
+                })
             }
             Response::Chunked { state, status } => {
                 let status = *status;
@@ -151,7 +174,9 @@ impl Response {
                 while i < data.len() {
                     match state {
                         Chunk::Data(left) => {
-                            let n = usize::try_from(*left).unwrap_or(usize::MAX).min(data.len() - i);
+                            let n = usize::try_from(*left)
+                                .unwrap_or(usize::MAX)
+                                .min(data.len() - i);
                             *left -= n as u64;
                             i += n;
                             if *left == 0 {
@@ -169,8 +194,13 @@ impl Response {
                                 b';' => *in_extension = true,
                                 _ if *in_extension => {}
                                 _ => {
-                                    let digit = (b as char).to_digit(16).ok_or(ProtocolError::MalformedChunk)?;
-                                    *size = size.checked_mul(16).ok_or(ProtocolError::MalformedChunk)? + u64::from(digit);
+                                    let digit = (b as char)
+                                        .to_digit(16)
+                                        .ok_or(ProtocolError::MalformedChunk)?;
+                                    *size = size
+                                        .checked_mul(16)
+                                        .ok_or(ProtocolError::MalformedChunk)?
+                                        + u64::from(digit);
                                 }
                             }
                         }
@@ -204,10 +234,18 @@ impl Response {
         let mut chunked = false;
         for h in parsed.headers.iter() {
             if h.name.eq_ignore_ascii_case("content-length") {
-                let text = std::str::from_utf8(h.value).map_err(|_| ProtocolError::MalformedHead)?;
-                length = Some(text.trim().parse::<u64>().map_err(|_| ProtocolError::MalformedHead)?);
+                let text =
+                    std::str::from_utf8(h.value).map_err(|_| ProtocolError::MalformedHead)?;
+                length = Some(
+                    text.trim()
+                        .parse::<u64>()
+                        .map_err(|_| ProtocolError::MalformedHead)?,
+                );
             } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                chunked = h.value.windows(7).any(|w| w.eq_ignore_ascii_case(b"chunked"));
+                chunked = h
+                    .value
+                    .windows(7)
+                    .any(|w| w.eq_ignore_ascii_case(b"chunked"));
             }
         }
         *self = if (100..200).contains(&status) {
@@ -216,7 +254,10 @@ impl Response {
         } else if status == 204 || status == 304 {
             return Ok(Step::Done(len, status));
         } else if chunked {
-            Response::Chunked { state: Chunk::Size(0, false), status }
+            Response::Chunked {
+                state: Chunk::Size(0, false),
+                status,
+            }
         } else if let Some(remaining) = length {
             if remaining == 0 {
                 return Ok(Step::Done(len, status));
@@ -235,7 +276,11 @@ mod tests {
 
     /// Feeds `bytes` in pieces of `piece`, as a connection would, and returns the status and
     /// how many bytes the response took.
-    fn scan(workload: &Workload, bytes: &[u8], piece: usize) -> Result<(u16, usize), ProtocolError> {
+    fn scan(
+        workload: &Workload,
+        bytes: &[u8],
+        piece: usize,
+    ) -> Result<(u16, usize), ProtocolError> {
         let mut response = workload.response();
         let mut buffered: Vec<u8> = Vec::new();
         let mut consumed = 0;
@@ -269,11 +314,21 @@ mod tests {
             let mut stream = response.to_vec();
             stream.extend_from_slice(next);
             for piece in [1, 3, 7, stream.len()] {
-                assert_eq!(scan(&w, &stream, piece).unwrap(), (status, response.len()), "piece {piece}");
+                assert_eq!(
+                    scan(&w, &stream, piece).unwrap(),
+                    (status, response.len()),
+                    "piece {piece}"
+                );
             }
         }
-        assert_eq!(scan(&w, b"HTTP/1.1 200 OK\r\n\r\n", 100), Err(ProtocolError::NoLength));
-        assert_eq!(scan(&w, b"SSH-2.0-OpenSSH\r\n\r\n", 100), Err(ProtocolError::MalformedHead));
+        assert_eq!(
+            scan(&w, b"HTTP/1.1 200 OK\r\n\r\n", 100),
+            Err(ProtocolError::NoLength)
+        );
+        assert_eq!(
+            scan(&w, b"SSH-2.0-OpenSSH\r\n\r\n", 100),
+            Err(ProtocolError::MalformedHead)
+        );
     }
 
     #[test]

@@ -12,7 +12,13 @@ use serde::Serialize;
 use crate::generator::Outcome;
 
 /// Percentiles every report shows.
-pub const PERCENTILES: [(f64, &str); 5] = [(50.0, "p50"), (90.0, "p90"), (99.0, "p99"), (99.9, "p99.9"), (99.99, "p99.99")];
+pub const PERCENTILES: [(f64, &str); 5] = [
+    (50.0, "p50"),
+    (90.0, "p90"),
+    (99.0, "p99"),
+    (99.9, "p99.9"),
+    (99.99, "p99.99"),
+];
 
 /// The achieved rate must be within this fraction of the target for the run to count.
 pub const RATE_TOLERANCE: f64 = 0.01;
@@ -41,7 +47,12 @@ impl Summary {
         Summary {
             percentiles: PERCENTILES
                 .iter()
-                .map(|(p, name)| ((*name).to_owned(), if empty { 0 } else { h.value_at_percentile(*p) }))
+                .map(|(p, name)| {
+                    (
+                        (*name).to_owned(),
+                        if empty { 0 } else { h.value_at_percentile(*p) },
+                    )
+                })
                 .collect(),
             min: if empty { 0 } else { h.min() },
             max: h.max(),
@@ -112,12 +123,23 @@ impl Report {
         let _ = writeln!(
             out,
             "{} {} | target {:.0}/s, achieved {:.1}/s | {} connections | {:.1}s measured",
-            self.target, self.protocol, self.target_rate, self.achieved_rate, self.connections, self.duration_seconds
+            self.target,
+            self.protocol,
+            self.target_rate,
+            self.achieved_rate,
+            self.connections,
+            self.duration_seconds
         );
         let _ = writeln!(out, "{}", header_row());
         let _ = writeln!(out, "{}", summary_row("latency", &self.latency_us));
         let _ = writeln!(out, "{}", summary_row("send lag", &self.send_lag_us));
-        let _ = writeln!(out, "requests: {} scheduled, {} completed, errors: {}", self.scheduled, self.completed, errors_text(&self.errors));
+        let _ = writeln!(
+            out,
+            "requests: {} scheduled, {} completed, errors: {}",
+            self.scheduled,
+            self.completed,
+            errors_text(&self.errors)
+        );
         if !self.rate_kept {
             let _ = writeln!(
                 out,
@@ -154,14 +176,22 @@ pub fn errors_text(errors: &BTreeMap<String, u64>) -> String {
     if errors.is_empty() {
         return "none".into();
     }
-    errors.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", ")
+    errors
+        .iter()
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The HdrHistogram percentile distribution (values in milliseconds, as wrk2 and the
 /// HdrHistogram plotter expect).
 pub fn hgrm(h: &Histogram<u64>) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "{:>12} {:>14} {:>10} {:>14}\n", "Value", "Percentile", "TotalCount", "1/(1-Percentile)");
+    let _ = writeln!(
+        out,
+        "{:>12} {:>14} {:>10} {:>14}\n",
+        "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
+    );
     if !h.is_empty() {
         let mut total = 0;
         for v in h.iter_quantiles(5) {
@@ -169,15 +199,34 @@ pub fn hgrm(h: &Histogram<u64>) -> String {
             let q = v.quantile_iterated_to();
             let ms = v.value_iterated_to() as f64 / 1000.0;
             if q < 1.0 {
-                let _ = writeln!(out, "{ms:12.3} {q:2.12} {total:10} {:14.2}", 1.0 / (1.0 - q));
+                let _ = writeln!(
+                    out,
+                    "{ms:12.3} {q:2.12} {total:10} {:14.2}",
+                    1.0 / (1.0 - q)
+                );
             } else {
                 let _ = writeln!(out, "{ms:12.3} {q:2.12} {total:10}");
             }
         }
     }
-    let _ = writeln!(out, "#[Mean    = {:12.3}, StdDeviation   = {:12.3}]", h.mean() / 1000.0, h.stdev() / 1000.0);
-    let _ = writeln!(out, "#[Max     = {:12.3}, Total count    = {:12}]", h.max() as f64 / 1000.0, h.len());
-    let _ = writeln!(out, "#[Buckets = {:12}, SubBuckets     = {:12}]", h.buckets(), h.distinct_values());
+    let _ = writeln!(
+        out,
+        "#[Mean    = {:12.3}, StdDeviation   = {:12.3}]",
+        h.mean() / 1000.0,
+        h.stdev() / 1000.0
+    );
+    let _ = writeln!(
+        out,
+        "#[Max     = {:12.3}, Total count    = {:12}]",
+        h.max() as f64 / 1000.0,
+        h.len()
+    );
+    let _ = writeln!(
+        out,
+        "#[Buckets = {:12}, SubBuckets     = {:12}]",
+        h.buckets(),
+        h.distinct_values()
+    );
     out
 }
 
@@ -227,15 +276,26 @@ pub fn chart(path: &Path, title: &str, series: &[(String, &Histogram<u64>)]) -> 
         let color = Palette99::pick(i).to_rgba();
         let points: Vec<(f64, f64)> = h
             .iter_quantiles(10)
-            .map(|v| (chart_x(v.quantile_iterated_to()), v.value_iterated_to() as f64))
+            .map(|v| {
+                (
+                    chart_x(v.quantile_iterated_to()),
+                    v.value_iterated_to() as f64,
+                )
+            })
             .filter(|(x, _)| *x <= x_max)
             .collect();
         chart
             .draw_series(LineSeries::new(points, color.stroke_width(2)))?
             .label(name.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
     }
-    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
     root.present()?;
     Ok(())
 }
@@ -263,14 +323,26 @@ mod tests {
             .filter(|l| !l.trim().is_empty() && !l.starts_with('#') && !l.contains("Percentile"))
             .map(|l| {
                 let f: Vec<&str> = l.split_whitespace().collect();
-                (f[0].parse().unwrap(), f[1].parse().unwrap(), f[2].parse().unwrap())
+                (
+                    f[0].parse().unwrap(),
+                    f[1].parse().unwrap(),
+                    f[2].parse().unwrap(),
+                )
             })
             .collect();
         assert_eq!(rows.last().unwrap().2, 10_000);
-        assert!(rows.windows(2).all(|w| w[0].2 <= w[1].2 && w[0].1 <= w[1].1));
+        assert!(
+            rows.windows(2)
+                .all(|w| w[0].2 <= w[1].2 && w[0].1 <= w[1].1)
+        );
         let p99 = rows.iter().find(|r| r.1 >= 0.99).unwrap();
         let summary = Summary::of(&h);
-        assert!((p99.0 * 1000.0 - summary.get("p99") as f64).abs() <= 10.0, "{} vs {}", p99.0, summary.get("p99"));
+        assert!(
+            (p99.0 * 1000.0 - summary.get("p99") as f64).abs() <= 10.0,
+            "{} vs {}",
+            p99.0,
+            summary.get("p99")
+        );
         assert!(text.contains("Total count    =        10000"));
     }
 
@@ -294,7 +366,12 @@ mod tests {
         let h = sample();
         chart(&path, "test", &[("direct".into(), &h), ("tern".into(), &h)]).unwrap();
         let svg = std::fs::read_to_string(&path).unwrap();
-        assert!(svg.starts_with("<svg") && svg.contains("direct") && svg.contains("tern") && svg.contains("99.9%"));
+        assert!(
+            svg.starts_with("<svg")
+                && svg.contains("direct")
+                && svg.contains("tern")
+                && svg.contains("99.9%")
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -65,7 +65,10 @@ impl Shared {
 
 /// Starts a server on its own runtime.
 pub fn start(spec: Spec) -> io::Result<Server> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(spec.threads.max(1)).enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(spec.threads.max(1))
+        .enable_all()
+        .build()?;
     let listener = runtime.block_on(TcpListener::bind(spec.addr))?;
     let addr = listener.local_addr()?;
     let response = match spec.protocol {
@@ -75,12 +78,20 @@ pub fn start(spec: Spec) -> io::Result<Server> {
             r.extend((0..spec.response_size).map(|i| b'A' + (i % 26) as u8));
             r
         }
-        Protocol::Tcp => (0..spec.response_size).map(|i| b'A' + (i % 26) as u8).collect(),
+        Protocol::Tcp => (0..spec.response_size)
+            .map(|i| b'A' + (i % 26) as u8)
+            .collect(),
     };
-    let shared = Arc::new(Shared { spec, started: Instant::now(), response });
+    let shared = Arc::new(Shared {
+        spec,
+        started: Instant::now(),
+        response,
+    });
     runtime.spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             let shared = shared.clone();
             tokio::spawn(async move {
@@ -91,7 +102,10 @@ pub fn start(spec: Spec) -> io::Result<Server> {
             });
         }
     });
-    Ok(Server { addr, _runtime: runtime })
+    Ok(Server {
+        addr,
+        _runtime: runtime,
+    })
 }
 
 async fn serve_tcp(mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
@@ -152,7 +166,10 @@ async fn serve_http(mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
             let mut length = 0u64;
             for h in request.headers.iter() {
                 if h.name.eq_ignore_ascii_case("content-length") {
-                    length = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+                    length = std::str::from_utf8(h.value)
+                        .ok()
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
                 } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
                     stream.write_all(b"HTTP/1.1 501 Not Implemented\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await?;
                     return Ok(());
