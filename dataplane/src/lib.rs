@@ -47,7 +47,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             workers: None,
-            backend: BackendChoice::Auto,
+            backend: BackendChoice::default(),
             pin_workers: true,
             admin: SocketAddr::from(([127, 0, 0, 1], 15000)),
             drain_deadline: Duration::from_secs(30),

@@ -23,8 +23,9 @@ struct Args {
     /// Worker threads [default: the CPUs this process may use, capped by its cgroup quota].
     #[arg(long, env = "TERN_WORKERS")]
     workers: Option<usize>,
-    /// IO backend; `auto` uses io_uring where the kernel and seccomp allow it, else epoll.
-    #[arg(long, env = "TERN_IO_BACKEND", value_enum, default_value_t = BackendChoice::Auto)]
+    /// IO backend. `auto` uses io_uring where the kernel and seccomp allow it, else epoll;
+    /// `epoll` is the default because it measured faster per hop (docs/benchmarks.md).
+    #[arg(long, env = "TERN_IO_BACKEND", value_enum, default_value_t = BackendChoice::Epoll)]
     io_backend: BackendChoice,
     /// Do not pin workers to CPUs.
     #[arg(long)]

@@ -211,3 +211,91 @@ fn a_bad_config_file_stops_start_up_with_the_field_named() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Spawns `tern-proxy` from a thread whose seccomp filter makes `io_uring_setup` fail with
+/// `EPERM`, as the default profiles of containerd 2.x and Docker do; the child inherits it.
+fn spawn_without_io_uring(args: &[&str]) -> Child {
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    std::thread::spawn(move || {
+        let rules = std::collections::BTreeMap::from([(libc::SYS_io_uring_setup, vec![])]);
+        let arch = std::env::consts::ARCH
+            .try_into()
+            .expect("a seccomp-supported architecture");
+        let filter = seccompiler::SeccompFilter::new(
+            rules,
+            seccompiler::SeccompAction::Allow,
+            seccompiler::SeccompAction::Errno(libc::EPERM as u32),
+            arch,
+        )
+        .unwrap();
+        let program: seccompiler::BpfProgram = filter.try_into().unwrap();
+        seccompiler::apply_filter(&program).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_tern-proxy"))
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn auto_falls_back_to_epoll_when_seccomp_blocks_io_uring() {
+    let dir = std::env::temp_dir().join(format!("tern-cli-seccomp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("proxy.yaml");
+    let (a, b) = (upstream("a"), upstream("b"));
+    let listener = free_port();
+    write_config(&path, listener, "a", a, b);
+    let admin = free_port();
+    let config = path.to_str().unwrap();
+    let admin_text = admin.to_string();
+    let child = spawn_without_io_uring(&[
+        "--config",
+        config,
+        "--admin",
+        &admin_text,
+        "--io-backend",
+        "auto",
+        "--workers",
+        "1",
+    ]);
+    let mut running = Running { child, admin };
+    wait_until("the proxy is ready", || {
+        get(admin, "/ready").is_some_and(|(status, _)| status == 200)
+    });
+    assert_eq!(get(listener, "/").unwrap(), (200, "a".into()));
+    let dump = get(running.admin, "/config_dump").unwrap().1;
+    assert!(dump.contains("\"backend\": \"epoll\""), "{dump}");
+    signal(&running.child, "TERM");
+    assert!(running.child.wait().unwrap().success());
+    let mut stderr = String::new();
+    running
+        .child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(
+        stderr.contains("io_uring is unavailable") && stderr.contains("io_uring_setup failed"),
+        "{stderr}"
+    );
+
+    // Asked for io_uring explicitly, it refuses to start and says why.
+    let child = spawn_without_io_uring(&[
+        "--config",
+        config,
+        "--admin",
+        "127.0.0.1:0",
+        "--io-backend",
+        "io-uring",
+    ]);
+    let output = child.wait_with_output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("io_uring_setup failed"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

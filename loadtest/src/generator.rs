@@ -104,7 +104,30 @@ impl Outcome {
         self.errors.values().sum()
     }
 
-    fn merge(&mut self, other: Outcome) {
+    /// An outcome with nothing recorded yet.
+    pub fn empty(target_rate: f64) -> Outcome {
+        Outcome {
+            latency: histogram(),
+            send_lag: histogram(),
+            scheduled: 0,
+            completed: 0,
+            errors: BTreeMap::new(),
+            elapsed: Duration::ZERO,
+            target_rate,
+        }
+    }
+
+    /// Adds a later run (another round) into this one: counts add, and so do the elapsed
+    /// times, so the achieved rate stays per second of measurement.
+    pub fn merge(&mut self, other: Outcome) {
+        let elapsed = self.elapsed + other.elapsed;
+        self.merge_parallel(other);
+        self.elapsed = elapsed;
+    }
+
+    /// Adds a concurrent part of the same run (another thread's): counts add; the run lasted
+    /// as long as its longest part.
+    fn merge_parallel(&mut self, other: Outcome) {
         // Same bounds everywhere, so adding cannot fail.
         let _ = self.latency.add(&other.latency);
         let _ = self.send_lag.add(&other.send_lag);
@@ -172,17 +195,9 @@ pub fn run(plan: &Plan, progress: &Progress) -> Result<Outcome, RunError> {
             })
             .collect()
     });
-    let mut merged = Outcome {
-        latency: histogram(),
-        send_lag: histogram(),
-        scheduled: 0,
-        completed: 0,
-        errors: BTreeMap::new(),
-        elapsed: Duration::ZERO,
-        target_rate: plan.rate,
-    };
+    let mut merged = Outcome::empty(plan.rate);
     for result in results {
-        merged.merge(result?);
+        merged.merge_parallel(result?);
     }
     Ok(merged)
 }
@@ -296,15 +311,7 @@ impl<'a> Thread<'a> {
             interval,
             start,
             window: (warmup, warmup.saturating_add(nanos(plan.duration))),
-            outcome: Outcome {
-                latency: histogram(),
-                send_lag: histogram(),
-                scheduled: 0,
-                completed: 0,
-                errors: BTreeMap::new(),
-                elapsed: Duration::ZERO,
-                target_rate: plan.rate,
-            },
+            outcome: Outcome::empty(plan.rate),
             last_completion: 0,
         })
     }

@@ -5,6 +5,7 @@
 //! It depends on no other Tern crate, so it measures any proxy the same way.
 #![forbid(unsafe_code)]
 
+pub mod compare;
 pub mod generator;
 pub mod protocol;
 pub mod report;

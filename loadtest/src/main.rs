@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use loadtest::generator::{self, Plan, Progress, RunError};
 use loadtest::protocol::{Protocol, Workload};
 use loadtest::report::{self, Report};
-use loadtest::serve;
+use loadtest::{compare, serve};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -32,6 +32,33 @@ enum Command {
     Run(RunArgs),
     /// Run a built-in upstream until interrupted.
     Serve(ServeArgs),
+    /// Run one scenario against direct, Tern and peer proxies, interleaved, and compare.
+    Compare(CompareArgs),
+}
+
+#[derive(Debug, Args)]
+struct CompareArgs {
+    /// The scenario file (see loadtest/scenarios/).
+    #[arg(long)]
+    scenario: PathBuf,
+    /// Where to write .hgrm, JSON and charts [default: target/tern-load/<scenario name>].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// The tern-proxy binary [default: beside tern-load].
+    #[arg(long)]
+    tern_proxy: Option<PathBuf>,
+    /// The haproxy binary.
+    #[arg(long, default_value = "haproxy")]
+    haproxy: PathBuf,
+    /// The nginx binary.
+    #[arg(long, default_value = "nginx")]
+    nginx: PathBuf,
+    /// Override the scenario's rounds.
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Override the scenario's measured duration per target and round.
+    #[arg(long, value_parser = duration)]
+    duration: Option<Duration>,
 }
 
 fn duration(text: &str) -> Result<Duration, humantime::DurationError> {
@@ -123,6 +150,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Serve(args) => serve_forever(args),
+        Command::Compare(args) => compare(args),
     };
     match result {
         Ok(code) => code,
@@ -218,6 +246,34 @@ fn progress_line(progress: &Progress, done: &std::sync::atomic::AtomicBool, tota
         );
     }
     eprint!("\r{:60}\r", "");
+}
+
+fn compare(args: CompareArgs) -> anyhow::Result<ExitCode> {
+    let text = std::fs::read_to_string(&args.scenario)
+        .with_context(|| format!("reading {}", args.scenario.display()))?;
+    let mut scenario: compare::Scenario = serde_yaml::from_str(&text)
+        .with_context(|| format!("parsing {}", args.scenario.display()))?;
+    if let Some(rounds) = args.rounds {
+        scenario.rounds = rounds;
+    }
+    if let Some(duration) = args.duration {
+        scenario.duration = duration;
+    }
+    let beside = std::env::current_exe()?.with_file_name("tern-proxy");
+    let programs = compare::Programs {
+        tern_proxy: args.tern_proxy.unwrap_or(beside),
+        haproxy: args.haproxy,
+        nginx: args.nginx,
+    };
+    let name = args
+        .scenario
+        .file_stem()
+        .map_or_else(|| "compare".into(), |s| s.to_string_lossy().into_owned());
+    let out = args
+        .out
+        .unwrap_or_else(|| PathBuf::from("target/tern-load").join(name));
+    compare::run(&scenario, &programs, &out)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn serve_forever(args: ServeArgs) -> anyhow::Result<ExitCode> {

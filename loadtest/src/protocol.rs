@@ -16,6 +16,16 @@ pub enum Protocol {
     Http,
 }
 
+impl Protocol {
+    /// The name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Http => "http",
+        }
+    }
+}
+
 /// One request shape, reused for every request of a run.
 #[derive(Debug, Clone)]
 pub struct Workload {

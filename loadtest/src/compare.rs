@@ -1,0 +1,598 @@
+//! `tern-load compare`: one scenario against several targets — direct, Tern, HAProxy, nginx —
+//! in interleaved rounds (A B C A B C …) so machine drift hits all alike, reported as added
+//! latency over direct and as ratios between proxies measured in the same run.
+//!
+//! It starts the built-in upstream and every proxy itself, from configs kept in
+//! `loadtest/peers/`, samples each proxy's CPU time and RSS from `/proc`, and writes the
+//! `.hgrm` files, JSON and a combined chart.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+use crate::generator::{self, Outcome, Plan, Progress};
+use crate::protocol::{Protocol, Workload};
+use crate::report::{self, PERCENTILES, Summary};
+use crate::serve;
+
+/// A scenario file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// `http` or `tcp`.
+    pub protocol: Protocol,
+    /// Requests per second.
+    pub rate: f64,
+    /// Connection counts to measure, each a separate point.
+    pub connections: Vec<usize>,
+    /// Measured time per target, per round.
+    #[serde(with = "humantime_serde")]
+    pub duration: Duration,
+    /// Warm-up per target, per round.
+    #[serde(with = "humantime_serde")]
+    pub warmup: Duration,
+    /// Interleaved rounds.
+    pub rounds: usize,
+    /// Request bytes (TCP) or request body bytes (HTTP).
+    #[serde(default)]
+    pub request_size: usize,
+    /// Response bytes.
+    pub response_size: usize,
+    /// Which targets, in order: `direct`, `tern`, `tern-uring`, `haproxy`, `nginx`.
+    pub targets: Vec<TargetKind>,
+    /// Generator threads.
+    #[serde(default = "one")]
+    pub generator_threads: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// A kind of target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TargetKind {
+    /// The upstream itself, no proxy.
+    Direct,
+    /// `tern-proxy`, one worker, its default (epoll) backend.
+    Tern,
+    /// `tern-proxy`, one worker, io_uring backend.
+    TernUring,
+    /// HAProxy, one thread.
+    Haproxy,
+    /// nginx, one worker.
+    Nginx,
+}
+
+impl TargetKind {
+    /// The name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            TargetKind::Direct => "direct",
+            TargetKind::Tern => "tern",
+            TargetKind::TernUring => "tern-uring",
+            TargetKind::Haproxy => "haproxy",
+            TargetKind::Nginx => "nginx",
+        }
+    }
+}
+
+/// Where to find the programs.
+#[derive(Debug, Clone)]
+pub struct Programs {
+    /// `tern-proxy`.
+    pub tern_proxy: PathBuf,
+    /// `haproxy`.
+    pub haproxy: PathBuf,
+    /// `nginx`.
+    pub nginx: PathBuf,
+}
+
+/// A started target.
+struct Target {
+    kind: TargetKind,
+    addr: SocketAddr,
+    process: Option<Child>,
+    _dir: Option<ScratchDir>,
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.process {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+struct ScratchDir(PathBuf);
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn free_port() -> anyhow::Result<SocketAddr> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+fn wait_listening(addr: SocketAddr, child: &mut Child, what: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_err() {
+        if let Some(status) = child.try_wait()? {
+            bail!("{what} exited during start-up ({status})");
+        }
+        if Instant::now() > deadline {
+            bail!("{what} did not listen on {addr} within 10s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn fill(template: &str, vars: &[(&str, String)]) -> String {
+    vars.iter().fold(template.to_owned(), |text, (key, value)| {
+        text.replace(&format!("{{{{{key}}}}}"), value)
+    })
+}
+
+fn start_target(
+    kind: TargetKind,
+    scenario: &Scenario,
+    upstream: SocketAddr,
+    programs: &Programs,
+    scratch: &Path,
+) -> anyhow::Result<Target> {
+    if kind == TargetKind::Direct {
+        return Ok(Target {
+            kind,
+            addr: upstream,
+            process: None,
+            _dir: None,
+        });
+    }
+    let dir = scratch.join(kind.name());
+    std::fs::create_dir_all(&dir)?;
+    let listen = free_port()?;
+    let mode = match scenario.protocol {
+        Protocol::Http => "http",
+        Protocol::Tcp => "tcp",
+    };
+    let vars = [
+        ("listen", listen.to_string()),
+        ("upstream", upstream.to_string()),
+        ("dir", dir.display().to_string()),
+        ("mode", mode.to_owned()),
+        (
+            "http_only",
+            if mode == "http" {
+                String::new()
+            } else {
+                "# ".to_owned()
+            },
+        ),
+    ];
+    let mut command = match kind {
+        TargetKind::Direct => unreachable!("handled above"),
+        TargetKind::Tern | TargetKind::TernUring => {
+            let listener = match scenario.protocol {
+                Protocol::Http => format!(
+                    "{{ name: hop, address: {listen}, protocol: http, routes: [{{ cluster: upstream }}] }}"
+                ),
+                Protocol::Tcp => {
+                    format!("{{ name: hop, address: {listen}, protocol: tcp, cluster: upstream }}")
+                }
+            };
+            let config = dir.join("tern.yaml");
+            std::fs::write(
+                &config,
+                format!(
+                    "listeners:\n  - {listener}\nclusters:\n  - {{ name: upstream, endpoints: [{upstream}] }}\n"
+                ),
+            )?;
+            let backend = if kind == TargetKind::TernUring {
+                "io-uring"
+            } else {
+                "epoll"
+            };
+            let mut c = Command::new(&programs.tern_proxy);
+            c.args([
+                "--config",
+                &config.display().to_string(),
+                "--admin",
+                "127.0.0.1:0",
+                "--workers",
+                "1",
+            ])
+            .args(["--io-backend", backend, "--log", "warn"]);
+            c
+        }
+        TargetKind::Haproxy => {
+            let config = dir.join("haproxy.cfg");
+            std::fs::write(&config, fill(include_str!("../peers/haproxy.cfg"), &vars))?;
+            let mut c = Command::new(&programs.haproxy);
+            c.args(["-f", &config.display().to_string(), "-db"]);
+            c
+        }
+        TargetKind::Nginx => {
+            let template = match scenario.protocol {
+                Protocol::Http => include_str!("../peers/nginx-http.conf"),
+                Protocol::Tcp => include_str!("../peers/nginx-tcp.conf"),
+            };
+            let config = dir.join("nginx.conf");
+            std::fs::write(&config, fill(template, &vars))?;
+            let mut c = Command::new(&programs.nginx);
+            c.args([
+                "-p",
+                &dir.display().to_string(),
+                "-c",
+                &config.display().to_string(),
+                "-e",
+                &dir.join("error.log").display().to_string(),
+            ]);
+            c
+        }
+    };
+    let mut child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {} ({:?})", kind.name(), command.get_program()))?;
+    wait_listening(listen, &mut child, kind.name())?;
+    Ok(Target {
+        kind,
+        addr: listen,
+        process: Some(child),
+        _dir: Some(ScratchDir(dir)),
+    })
+}
+
+/// CPU seconds and resident memory of a process and its children (nginx's worker).
+#[derive(Debug, Clone, Copy, Default)]
+struct Usage {
+    cpu_seconds: f64,
+    rss_bytes: u64,
+}
+
+fn process_usage(pid: u32) -> Usage {
+    let ticks = rustix::param::clock_ticks_per_second() as f64;
+    let mut pids = vec![pid];
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Some(other) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if stat_fields(other).and_then(|f| f.get(1).and_then(|p| p.parse::<u32>().ok()))
+                == Some(pid)
+            {
+                pids.push(other);
+            }
+        }
+    }
+    let mut usage = Usage::default();
+    for p in pids {
+        if let Some(fields) = stat_fields(p) {
+            // After the command: state ppid ... utime is field 14, stime 15 (1-based), i.e.
+            // indices 11 and 12 here.
+            let utime: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            let stime: f64 = fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            usage.cpu_seconds += (utime + stime) / ticks;
+        }
+        if let Ok(status) = std::fs::read_to_string(format!("/proc/{p}/status")) {
+            let kb = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                .unwrap_or(0);
+            usage.rss_bytes += kb * 1024;
+        }
+    }
+    usage
+}
+
+/// `/proc/<pid>/stat` fields after the command name.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = text.rsplit_once(')')?.1;
+    Some(after.split_whitespace().map(str::to_owned).collect())
+}
+
+/// The measurements of one target at one point, over all rounds.
+#[derive(Debug, Clone)]
+struct Measured {
+    outcome: Outcome,
+    cpu_seconds: f64,
+    measured_seconds: f64,
+    rss_idle: u64,
+    rss_peak: u64,
+}
+
+/// One target's result at one point, as written to JSON.
+#[derive(Debug, Serialize)]
+pub struct TargetResult {
+    /// Target name.
+    pub target: String,
+    /// Connections.
+    pub connections: usize,
+    /// Latency summary, µs.
+    pub latency_us: Summary,
+    /// Added over direct at each percentile, µs.
+    pub added_us: BTreeMap<String, i64>,
+    /// Achieved rate (mean over rounds).
+    pub achieved_rate: f64,
+    /// Failed requests by kind.
+    pub errors: BTreeMap<String, u64>,
+    /// Proxy CPU per 1000 requests per second, in vCPUs.
+    pub vcpu_per_1000_rps: Option<f64>,
+    /// Proxy RSS before load, MB.
+    pub rss_idle_mb: Option<f64>,
+    /// Proxy RSS under load (peak of samples), MB.
+    pub rss_load_mb: Option<f64>,
+}
+
+/// The whole comparison, as written to JSON.
+#[derive(Debug, Serialize)]
+pub struct Comparison {
+    /// The scenario that ran.
+    pub scenario: Scenario,
+    /// Targets that were skipped, and why.
+    pub skipped: BTreeMap<String, String>,
+    /// Results, by point then target.
+    pub results: Vec<TargetResult>,
+}
+
+/// Runs a scenario; prints the report; writes files into `out`.
+pub fn run(scenario: &Scenario, programs: &Programs, out: &Path) -> anyhow::Result<Comparison> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let upstream = serve::start(serve::Spec {
+        addr: "127.0.0.1:0".parse()?,
+        protocol: scenario.protocol,
+        request_size: scenario.request_size.max(1),
+        response_size: scenario.response_size,
+        delay: Duration::ZERO,
+        stall: None,
+        threads: 1,
+    })?;
+    let scratch =
+        ScratchDir(std::env::temp_dir().join(format!("tern-compare-{}", std::process::id())));
+    let mut targets = Vec::new();
+    let mut skipped = BTreeMap::new();
+    for &kind in &scenario.targets {
+        match start_target(kind, scenario, upstream.addr, programs, &scratch.0) {
+            Ok(target) => targets.push(target),
+            Err(error) => {
+                eprintln!("skipping {}: {error:#}", kind.name());
+                skipped.insert(kind.name().to_owned(), format!("{error:#}"));
+            }
+        }
+    }
+    if targets.is_empty() {
+        bail!("no target could be started");
+    }
+    let workload = match scenario.protocol {
+        Protocol::Http => Workload::http("tern-load", "/", scenario.request_size),
+        Protocol::Tcp => Workload::tcp(scenario.request_size.max(1), scenario.response_size),
+    };
+    let mut measured: BTreeMap<(usize, TargetKind), Measured> = BTreeMap::new();
+    for target in &targets {
+        let rss_idle = target
+            .process
+            .as_ref()
+            .map_or(0, |c| process_usage(c.id()).rss_bytes);
+        for &connections in &scenario.connections {
+            measured.insert(
+                (connections, target.kind),
+                Measured {
+                    outcome: Outcome::empty(scenario.rate),
+                    cpu_seconds: 0.0,
+                    measured_seconds: 0.0,
+                    rss_idle,
+                    rss_peak: 0,
+                },
+            );
+        }
+    }
+    let total = scenario.rounds * scenario.connections.len() * targets.len();
+    let mut done = 0;
+    for round in 1..=scenario.rounds {
+        for &connections in &scenario.connections {
+            for target in &targets {
+                done += 1;
+                eprintln!(
+                    "[{done}/{total}] round {round}: {} at {:.0}/s, {connections} connections",
+                    target.kind.name(),
+                    scenario.rate
+                );
+                let plan = Plan {
+                    target: target.addr,
+                    workload: workload.clone(),
+                    rate: scenario.rate,
+                    connections,
+                    threads: scenario.generator_threads,
+                    duration: scenario.duration,
+                    warmup: scenario.warmup,
+                    timeout: Duration::from_secs(5),
+                };
+                let pid = target.process.as_ref().map(Child::id);
+                let before = pid.map(process_usage);
+                let started = Instant::now();
+                let outcome = generator::run(&plan, &Progress::default())?;
+                let wall = started.elapsed().as_secs_f64();
+                let after = pid.map(process_usage);
+                let m = measured
+                    .get_mut(&(connections, target.kind))
+                    .context("measurement slot")?;
+                if let (Some(before), Some(after)) = (before, after) {
+                    m.cpu_seconds += after.cpu_seconds - before.cpu_seconds;
+                    m.rss_peak = m.rss_peak.max(after.rss_bytes);
+                }
+                m.measured_seconds += wall;
+                m.outcome.merge(outcome);
+            }
+        }
+    }
+
+    let mut results = Vec::new();
+    let mut text = String::new();
+    for &connections in &scenario.connections {
+        let direct = measured
+            .get(&(connections, TargetKind::Direct))
+            .map(|m| Summary::of(&m.outcome.latency));
+        let _ = writeln!(
+            text,
+            "\n{} at {:.0}/s, {connections} connections, {} B responses; {} rounds of {:?} per target, interleaved",
+            scenario.protocol.name(),
+            scenario.rate,
+            scenario.response_size,
+            scenario.rounds,
+            scenario.duration
+        );
+        let _ = writeln!(text, "{}{:>11}  errors", report::header_row(), "rate/s");
+        let mut rows = Vec::new();
+        for target in &targets {
+            let Some(m) = measured.get(&(connections, target.kind)) else {
+                continue;
+            };
+            let summary = Summary::of(&m.outcome.latency);
+            let achieved = m.outcome.achieved_rate();
+            let _ = writeln!(
+                text,
+                "{}{:>11.1}  {}",
+                report::summary_row(target.kind.name(), &summary),
+                achieved,
+                report::errors_text(&m.outcome.errors)
+            );
+            let added: BTreeMap<String, i64> = match &direct {
+                Some(d) if target.kind != TargetKind::Direct => PERCENTILES
+                    .iter()
+                    .map(|(_, name)| {
+                        (
+                            (*name).to_owned(),
+                            summary.get(name) as i64 - d.get(name) as i64,
+                        )
+                    })
+                    .collect(),
+                _ => BTreeMap::new(),
+            };
+            let busy_seconds = m.measured_seconds;
+            let vcpu = (target.process.is_some() && busy_seconds > 0.0)
+                .then(|| m.cpu_seconds / busy_seconds / (scenario.rate / 1000.0));
+            let proxy = target.process.is_some();
+            rows.push(TargetResult {
+                target: target.kind.name().to_owned(),
+                connections,
+                latency_us: summary,
+                added_us: added,
+                achieved_rate: achieved,
+                errors: m.outcome.errors.clone(),
+                vcpu_per_1000_rps: vcpu,
+                rss_idle_mb: proxy.then(|| m.rss_idle as f64 / 1e6),
+                rss_load_mb: proxy.then(|| m.rss_peak as f64 / 1e6),
+            });
+        }
+        if direct.is_some() {
+            let mut header = format!("\n{:<22}", "added over direct (µs)");
+            for (_, name) in PERCENTILES {
+                let _ = write!(header, "{name:>9}");
+            }
+            let _ = writeln!(text, "{header}");
+            for row in rows.iter().filter(|r| !r.added_us.is_empty()) {
+                let mut line = format!("{:<22}", row.target);
+                for (_, name) in PERCENTILES {
+                    let _ = write!(line, "{:>9}", row.added_us.get(name).copied().unwrap_or(0));
+                }
+                let _ = writeln!(text, "{line}");
+            }
+            // Ratios of Tern's added latency to each peer's, same run.
+            for tern in rows.iter().filter(|r| r.target.starts_with("tern")) {
+                for peer in rows
+                    .iter()
+                    .filter(|r| r.target == "haproxy" || r.target == "nginx")
+                {
+                    let mut line = format!("{:<22}", format!("{} / {}", tern.target, peer.target));
+                    for (_, name) in PERCENTILES {
+                        let (t, p) = (
+                            tern.added_us.get(name).copied().unwrap_or(0),
+                            peer.added_us.get(name).copied().unwrap_or(0),
+                        );
+                        let cell = if p > 0 {
+                            format!("{:.2}", t as f64 / p as f64)
+                        } else {
+                            "-".into()
+                        };
+                        let _ = write!(line, "{cell:>9}");
+                    }
+                    let _ = writeln!(text, "{line}");
+                }
+            }
+        }
+        let _ = writeln!(
+            text,
+            "\nresources          vCPU/1000rps  RSS idle MB  RSS load MB"
+        );
+        for row in rows.iter().filter(|r| r.vcpu_per_1000_rps.is_some()) {
+            let _ = writeln!(
+                text,
+                "{:<18} {:>12.3} {:>12.1} {:>12.1}",
+                row.target,
+                row.vcpu_per_1000_rps.unwrap_or(0.0),
+                row.rss_idle_mb.unwrap_or(0.0),
+                row.rss_load_mb.unwrap_or(0.0)
+            );
+        }
+
+        // Files for this point.
+        let mut series: Vec<(String, &Histogram<u64>)> = Vec::new();
+        for target in &targets {
+            if let Some(m) = measured.get(&(connections, target.kind)) {
+                let path = out.join(format!("{}-c{connections}.hgrm", target.kind.name()));
+                std::fs::write(&path, report::hgrm(&m.outcome.latency))?;
+                series.push((target.kind.name().to_owned(), &m.outcome.latency));
+            }
+        }
+        let chart = out.join(format!("latency-c{connections}.svg"));
+        report::chart(
+            &chart,
+            &format!(
+                "{} {:.0}/s, {connections} connections",
+                scenario.protocol.name(),
+                scenario.rate
+            ),
+            &series,
+        )?;
+        results.extend(rows);
+    }
+    for (name, why) in &skipped {
+        let _ = writeln!(text, "skipped {name}: {why}");
+    }
+    let _ = writeln!(
+        text,
+        "\nfiles: {}/ (*.hgrm, latency-*.svg, report.json)",
+        out.display()
+    );
+    print!("{text}");
+    let comparison = Comparison {
+        scenario: scenario.clone(),
+        skipped,
+        results,
+    };
+    std::fs::write(
+        out.join("report.json"),
+        serde_json::to_vec_pretty(&comparison)?,
+    )?;
+    std::fs::write(out.join("report.txt"), text)?;
+    Ok(comparison)
+}
