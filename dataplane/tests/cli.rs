@@ -299,3 +299,10 @@ fn auto_falls_back_to_epoll_when_seccomp_blocks_io_uring() {
     assert!(stderr.contains("io_uring_setup failed"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_example_config_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/local.yaml");
+    let config = shared::Config::from_file(&path).unwrap();
+    assert_eq!(config.listeners.len(), 2);
+}

@@ -50,6 +50,30 @@ pub struct Scenario {
     /// Generator threads.
     #[serde(default = "one")]
     pub generator_threads: usize,
+    /// Also find each target's saturation point.
+    #[serde(default)]
+    pub saturation: Option<Saturation>,
+}
+
+/// A saturation sweep: raise the rate step by step (all targets interleaved at each step)
+/// until a target's p99 exceeds the limit or it cannot keep the rate.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Saturation {
+    /// First rate.
+    pub from: f64,
+    /// Added at each step.
+    pub step: f64,
+    /// Last rate tried.
+    pub up_to: f64,
+    /// The p99 a rate must stay under to pass.
+    #[serde(with = "humantime_serde")]
+    pub p99_under: Duration,
+    /// Connections during the sweep.
+    pub connections: usize,
+    /// Measured time per step.
+    #[serde(with = "humantime_serde")]
+    pub duration: Duration,
 }
 
 fn one() -> usize {
@@ -352,6 +376,72 @@ pub struct Comparison {
     pub skipped: BTreeMap<String, String>,
     /// Results, by point then target.
     pub results: Vec<TargetResult>,
+    /// Highest passing rate per target, when a sweep ran.
+    pub saturation: BTreeMap<String, f64>,
+}
+
+/// Raises the rate until each target fails; returns the highest passing rate per target.
+fn sweep(
+    sweep: &Saturation,
+    scenario: &Scenario,
+    targets: &[Target],
+    workload: &Workload,
+    text: &mut String,
+) -> anyhow::Result<BTreeMap<String, f64>> {
+    let mut passed: BTreeMap<String, f64> = BTreeMap::new();
+    let mut failed: BTreeMap<String, String> = BTreeMap::new();
+    let limit = u64::try_from(sweep.p99_under.as_micros()).unwrap_or(u64::MAX);
+    let mut rate = sweep.from;
+    while rate <= sweep.up_to && failed.len() < targets.len() {
+        let still: Vec<&Target> = targets
+            .iter()
+            .filter(|t| !failed.contains_key(t.kind.name()))
+            .collect();
+        for target in still {
+            eprintln!("saturation: {} at {rate:.0}/s", target.kind.name());
+            let plan = Plan {
+                target: target.addr,
+                workload: workload.clone(),
+                rate,
+                connections: sweep.connections,
+                threads: scenario.generator_threads,
+                duration: sweep.duration,
+                warmup: Duration::from_millis(500),
+                timeout: Duration::from_secs(5),
+            };
+            let outcome = generator::run(&plan, &Progress::default())?;
+            let p99 = outcome.latency.value_at_percentile(99.0);
+            let kept = outcome.achieved_rate() >= rate * (1.0 - report::RATE_TOLERANCE);
+            if kept && p99 < limit && outcome.error_count() == 0 {
+                passed.insert(target.kind.name().to_owned(), rate);
+            } else {
+                failed.insert(
+                    target.kind.name().to_owned(),
+                    format!(
+                        "at {rate:.0}/s: p99 {p99} µs, achieved {:.0}/s, {} errors",
+                        outcome.achieved_rate(),
+                        outcome.error_count()
+                    ),
+                );
+            }
+        }
+        rate += sweep.step;
+    }
+    let _ = writeln!(
+        text,
+        "\nsaturation: highest rate with p99 under {:?} ({} connections, {:?} per step, one proxy worker/thread)",
+        sweep.p99_under, sweep.connections, sweep.duration
+    );
+    for target in targets {
+        let name = target.kind.name();
+        let best = passed.get(name).copied().unwrap_or(0.0);
+        let why = failed.get(name).map_or_else(
+            || format!("still passing at {:.0}/s", sweep.up_to),
+            |w| format!("failed {w}"),
+        );
+        let _ = writeln!(text, "{name:<12} {best:>9.0}/s   {why}");
+    }
+    Ok(passed)
 }
 
 /// Runs a scenario; prints the report; writes files into `out`.
@@ -575,6 +665,10 @@ pub fn run(scenario: &Scenario, programs: &Programs, out: &Path) -> anyhow::Resu
         )?;
         results.extend(rows);
     }
+    let saturation = match &scenario.saturation {
+        Some(s) => sweep(s, scenario, &targets, &workload, &mut text)?,
+        None => BTreeMap::new(),
+    };
     for (name, why) in &skipped {
         let _ = writeln!(text, "skipped {name}: {why}");
     }
@@ -588,6 +682,7 @@ pub fn run(scenario: &Scenario, programs: &Programs, out: &Path) -> anyhow::Resu
         scenario: scenario.clone(),
         skipped,
         results,
+        saturation,
     };
     std::fs::write(
         out.join("report.json"),

@@ -548,6 +548,13 @@ impl<'a> Thread<'a> {
                         self.complete(i, status, progress);
                         break;
                     }
+                    Ok(Step::DoneClose(n, status)) => {
+                        conn.consume(n);
+                        self.complete(i, status, progress);
+                        // The next send reconnects.
+                        self.drop_conn(i);
+                        return;
+                    }
                     Err(e) => return self.fail(i, e.kind(), progress),
                 }
             }

@@ -114,6 +114,9 @@ pub enum Step {
     More(usize),
     /// Consumed this many bytes; the response is complete, with this HTTP status (0 for TCP).
     Done(usize, u16),
+    /// As `Done`, and the server said `Connection: close`: open a new connection for the
+    /// next request (not an error; servers limit requests per connection).
+    DoneClose(usize, u16),
 }
 
 /// Scanner state of one response.
@@ -132,6 +135,8 @@ pub enum Response {
         remaining: u64,
         /// The status.
         status: u16,
+        /// The server will close after this response.
+        close: bool,
     },
     /// Scanning a chunked body.
     Chunked {
@@ -139,6 +144,8 @@ pub enum Response {
         state: Chunk,
         /// The status.
         status: u16,
+        /// The server will close after this response.
+        close: bool,
     },
 }
 
@@ -167,19 +174,27 @@ impl Response {
                 })
             }
             Response::HttpHead => self.head(data),
-            Response::Length { remaining, status } => {
+            Response::Length {
+                remaining,
+                status,
+                close,
+            } => {
                 let n = usize::try_from(*remaining)
                     .unwrap_or(usize::MAX)
                     .min(data.len());
                 *remaining -= n as u64;
                 Ok(if *remaining == 0 {
-                    Step::Done(n, *status)
+                    done(n, *status, *close)
                 } else {
                     Step::More(n)
                 })
             }
-            Response::Chunked { state, status } => {
-                let status = *status;
+            Response::Chunked {
+                state,
+                status,
+                close,
+            } => {
+                let (status, close) = (*status, *close);
                 let mut i = 0;
                 while i < data.len() {
                     match state {
@@ -218,7 +233,7 @@ impl Response {
                             let b = data[i];
                             i += 1;
                             match b {
-                                b'\n' if *line == 0 => return Ok(Step::Done(i, status)),
+                                b'\n' if *line == 0 => return Ok(done(i, status, close)),
                                 b'\n' => *line = 0,
                                 b'\r' => {}
                                 _ => *line += 1,
@@ -242,6 +257,7 @@ impl Response {
         let status = parsed.code.unwrap_or(0);
         let mut length = None;
         let mut chunked = false;
+        let mut close = parsed.version == Some(0);
         for h in parsed.headers.iter() {
             if h.name.eq_ignore_ascii_case("content-length") {
                 let text =
@@ -256,27 +272,42 @@ impl Response {
                     .value
                     .windows(7)
                     .any(|w| w.eq_ignore_ascii_case(b"chunked"));
+            } else if h.name.eq_ignore_ascii_case("connection") {
+                close = h.value.windows(5).any(|w| w.eq_ignore_ascii_case(b"close"));
             }
         }
         *self = if (100..200).contains(&status) {
             // An interim response: the real one follows.
             Response::HttpHead
         } else if status == 204 || status == 304 {
-            return Ok(Step::Done(len, status));
+            return Ok(done(len, status, close));
         } else if chunked {
             Response::Chunked {
                 state: Chunk::Size(0, false),
                 status,
+                close,
             }
         } else if let Some(remaining) = length {
             if remaining == 0 {
-                return Ok(Step::Done(len, status));
+                return Ok(done(len, status, close));
             }
-            Response::Length { remaining, status }
+            Response::Length {
+                remaining,
+                status,
+                close,
+            }
         } else {
             return Err(ProtocolError::NoLength);
         };
         Ok(Step::More(len))
+    }
+}
+
+fn done(consumed: usize, status: u16, close: bool) -> Step {
+    if close {
+        Step::DoneClose(consumed, status)
+    } else {
+        Step::Done(consumed, status)
     }
 }
 
@@ -298,7 +329,9 @@ mod tests {
             buffered.extend_from_slice(part);
             loop {
                 match response.step(&buffered)? {
-                    Step::Done(n, status) => return Ok((status, consumed + n)),
+                    Step::Done(n, status) | Step::DoneClose(n, status) => {
+                        return Ok((status, consumed + n));
+                    }
                     Step::More(0) => break,
                     Step::More(n) => {
                         buffered.drain(..n);
@@ -335,6 +368,9 @@ mod tests {
             scan(&w, b"HTTP/1.1 200 OK\r\n\r\n", 100),
             Err(ProtocolError::NoLength)
         );
+        let mut closing = w.response();
+        let head = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
+        assert_eq!(closing.step(head), Ok(Step::DoneClose(head.len(), 200)));
         assert_eq!(
             scan(&w, b"SSH-2.0-OpenSSH\r\n\r\n", 100),
             Err(ProtocolError::MalformedHead)
