@@ -367,6 +367,48 @@ fn slowloris_gets_408_while_others_are_served(backend: BackendChoice) {
     assert!(slow.closed());
 }
 
+fn metrics_count_bytes_exactly(backend: BackendChoice) {
+    let f = Fixture::start(backend);
+    let mut conn = Conn::open(f.addr());
+    conn.send(b"POST /echo HTTP/1.1\r\nHost: api.local\r\nContent-Length: 11\r\n\r\nhello world");
+    assert_eq!(conn.response(false).text(), "hello world");
+    conn.send(b"POST /echo HTTP/1.1\r\nHost: api.local\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n");
+    assert_eq!(conn.response(false).text(), "abc");
+    conn.send(b"GET /chunked HTTP/1.1\r\nHost: api.local\r\n\r\n");
+    assert_eq!(
+        conn.response(false).text(),
+        "part0;part1;part2;part3;part4;"
+    );
+    let metrics = wait_for_metric(
+        &f.proxy,
+        "tern_request_duration_seconds_count{listener=\"web\"}",
+        3.0,
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "tern_listener_received_bytes_total{listener=\"web\"}"
+        ),
+        conn.sent as f64
+    );
+    assert_eq!(
+        metric(&metrics, "tern_listener_sent_bytes_total{listener=\"web\"}"),
+        conn.received as f64
+    );
+    // Heads and bodies pass unchanged, so the upstream side moved the same bytes.
+    assert_eq!(
+        metric(&metrics, "tern_upstream_sent_bytes_total{cluster=\"api\"}"),
+        conn.sent as f64
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "tern_upstream_received_bytes_total{cluster=\"api\"}"
+        ),
+        conn.received as f64
+    );
+}
+
 fn metrics_count_what_was_sent(backend: BackendChoice) {
     let f = Fixture::start(backend);
     for i in 0..7 {
@@ -454,4 +496,5 @@ both_backends!(
     bad_requests_get_the_right_status_and_a_close,
     slowloris_gets_408_while_others_are_served,
     metrics_count_what_was_sent,
+    metrics_count_bytes_exactly,
 );

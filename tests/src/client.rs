@@ -66,6 +66,10 @@ pub struct Conn {
     /// The socket.
     pub stream: TcpStream,
     buf: Vec<u8>,
+    /// Bytes sent so far.
+    pub sent: usize,
+    /// Bytes received so far.
+    pub received: usize,
 }
 
 impl Conn {
@@ -74,6 +78,8 @@ impl Conn {
         Conn {
             stream,
             buf: Vec::new(),
+            sent: 0,
+            received: 0,
         }
     }
 
@@ -85,12 +91,14 @@ impl Conn {
     /// Writes bytes.
     pub fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).expect("send");
+        self.sent += bytes.len();
     }
 
     fn fill(&mut self) -> usize {
         let mut chunk = [0u8; 16 * 1024];
         let n = read_some(&mut self.stream, &mut chunk).expect("read from proxy");
         self.buf.extend_from_slice(&chunk[..n]);
+        self.received += n;
         n
     }
 

@@ -178,6 +178,15 @@ impl ChunkedDecoder {
     }
 }
 
+/// What [`forward`] moved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Forwarded {
+    /// Body bytes written to the receiver.
+    pub body: u64,
+    /// Bytes read from the sender while forwarding (not counting `pending`).
+    pub read: u64,
+}
+
 /// Tracks how much of a body is left.
 enum Progress {
     Length(u64),
@@ -203,36 +212,43 @@ impl Progress {
     }
 }
 
-/// Forwards one body from `src` to `dst`. `pending` holds bytes already read from `src`
-/// (the start of the body, perhaps more); on return it holds whatever followed the body
-/// (a pipelined request, say). `scratch` is a reusable buffer. Returns the bytes forwarded.
+/// Forwards one message from `src` to `dst`: the first `head` bytes of `pending` (a message
+/// head already read, or 0), then the body. The head and whatever part of the body is already
+/// in `pending` go out in one write. `pending` holds bytes already read from `src`; on return
+/// it holds whatever followed the body (a pipelined request, say). `scratch` is a reusable
+/// buffer. Returns the body bytes forwarded.
 pub async fn forward<S: Stream, D: Stream>(
     src: &S,
     dst: &D,
     framing: Framing,
+    head: usize,
     pending: &mut Vec<u8>,
     scratch: &mut Vec<u8>,
-) -> Result<u64, BodyError> {
+) -> Result<Forwarded, BodyError> {
+    let head = head.min(pending.len());
     let mut progress = match framing {
-        Framing::Empty => return Ok(0),
-        Framing::Length(n) => Progress::Length(n),
-        Framing::Chunked => Progress::Chunked(ChunkedDecoder::default()),
-        Framing::UntilClose => Progress::UntilClose,
+        Framing::Empty => None,
+        Framing::Length(n) => Some(Progress::Length(n)),
+        Framing::Chunked => Some(Progress::Chunked(ChunkedDecoder::default())),
+        Framing::UntilClose => Some(Progress::UntilClose),
     };
-    let mut total = 0u64;
-    if !pending.is_empty() {
-        let (n, done) = progress.take(pending)?;
-        if n > 0 {
-            let (written, back) = dst.write_all(std::mem::take(pending), 0..n).await;
-            *pending = back;
-            written.map_err(BodyError::Write)?;
-            pending.drain(..n);
-            total += n as u64;
-        }
-        if done {
-            return Ok(total);
-        }
+    let (n, done) = match &mut progress {
+        None => (0, true),
+        Some(progress) => progress.take(&pending[head..])?,
+    };
+    if head + n > 0 {
+        let (written, back) = dst.write_all(std::mem::take(pending), 0..head + n).await;
+        *pending = back;
+        written.map_err(BodyError::Write)?;
+        pending.drain(..head + n);
     }
+    let mut moved = Forwarded {
+        body: n as u64,
+        read: 0,
+    };
+    let Some(mut progress) = progress.filter(|_| !done) else {
+        return Ok(moved);
+    };
     if scratch.capacity() < BODY_BUFFER {
         scratch.reserve(BODY_BUFFER);
     }
@@ -241,9 +257,10 @@ pub async fn forward<S: Stream, D: Stream>(
         let (read, back) = src.read(std::mem::take(scratch)).await;
         *scratch = back;
         let got = read.map_err(BodyError::Read)?;
+        moved.read += got as u64;
         if got == 0 {
             return match progress {
-                Progress::UntilClose => Ok(total),
+                Progress::UntilClose => Ok(moved),
                 _ => Err(BodyError::Truncated),
             };
         }
@@ -252,11 +269,11 @@ pub async fn forward<S: Stream, D: Stream>(
             let (written, back) = dst.write_all(std::mem::take(scratch), 0..n).await;
             *scratch = back;
             written.map_err(BodyError::Write)?;
-            total += n as u64;
+            moved.body += n as u64;
         }
         if done {
             pending.extend_from_slice(&scratch[n..got]);
-            return Ok(total);
+            return Ok(moved);
         }
     }
 }

@@ -189,28 +189,31 @@ impl<B: Backend> Conn<'_, B> {
             // A pooled connection the upstream already closed fails here; a request with no
             // body is safe to send again on a fresh connection, once.
             let may_retry = reused && !retried && !has_body;
-            let inbuf = std::mem::take(&mut self.inbuf);
-            let (written, inbuf) = up.write_all(inbuf, 0..head.len).await;
-            self.inbuf = inbuf;
-            if written.is_err() {
-                let _ = up.shutdown(Shutdown::Both);
-                if may_retry {
-                    retried = true;
-                    continue;
+            if has_body && !head.expect_continue {
+                // The head and the start of the body go out in one write.
+                if let Err(next) = self.request_body(head, &up, cluster, started).await {
+                    return next;
                 }
-                self.inbuf.drain(..head.len);
-                return self
-                    .reply(502, Flag::UpstreamReset, has_body, started)
-                    .await;
-            }
-            upstream_stats.sent(head.len as u64);
-            if has_body {
-                self.inbuf.drain(..head.len);
-                if !head.expect_continue {
-                    if let Err(next) = self.request_body(head, &up, cluster, started).await {
-                        return next;
+                body_done = true;
+            } else {
+                let inbuf = std::mem::take(&mut self.inbuf);
+                let (written, inbuf) = up.write_all(inbuf, 0..head.len).await;
+                self.inbuf = inbuf;
+                if written.is_err() {
+                    let _ = up.shutdown(Shutdown::Both);
+                    if may_retry {
+                        retried = true;
+                        continue;
                     }
-                    body_done = true;
+                    self.inbuf.drain(..head.len);
+                    return self
+                        .reply(502, Flag::UpstreamReset, has_body, started)
+                        .await;
+                }
+                upstream_stats.sent(head.len as u64);
+                if has_body {
+                    // Expect: 100-continue; the body follows the upstream's 100.
+                    self.inbuf.drain(..head.len);
                 }
             }
             match self
@@ -242,7 +245,8 @@ impl<B: Backend> Conn<'_, B> {
             .await
     }
 
-    /// Forwards the request body; on failure answers or closes and says what comes next.
+    /// Forwards the request head and body (the head is at the front of `inbuf`); on failure
+    /// answers or closes and says what comes next.
     async fn request_body(
         &mut self,
         head: &RequestHead,
@@ -255,14 +259,15 @@ impl<B: Backend> Conn<'_, B> {
             &self.down,
             up,
             head.framing,
+            head.len,
             &mut self.inbuf,
             &mut self.scratch,
         )
         .await
         {
-            Ok(bytes) => {
-                self.stats.received(bytes);
-                upstream_stats.sent(bytes);
+            Ok(moved) => {
+                self.stats.received(moved.read);
+                upstream_stats.sent(head.len as u64 + moved.body);
                 Ok(())
             }
             Err(BodyError::Write(_)) => {
@@ -325,12 +330,16 @@ impl<B: Backend> Conn<'_, B> {
                             &self.down,
                             up,
                             head.framing,
+                            0,
                             &mut self.inbuf,
                             &mut self.scratch,
                         )
                         .await
                         {
-                            Ok(bytes) => self.stats.received(bytes),
+                            Ok(moved) => {
+                                self.stats.received(moved.read);
+                                self.view.clusters[route.cluster].sent(moved.body);
+                            }
                             Err(_) => return Err(UpstreamFailure::DownstreamGone),
                         }
                         *body_done = true;
@@ -349,7 +358,7 @@ impl<B: Backend> Conn<'_, B> {
             match read {
                 Ok(0) if self.upbuf.is_empty() => return Err(UpstreamFailure::Closed),
                 Ok(0) | Err(_) => return Err(UpstreamFailure::Reset),
-                Ok(_) => {}
+                Ok(n) => self.view.clusters[route.cluster].received(n as u64),
             }
         }
     }
@@ -366,7 +375,6 @@ impl<B: Backend> Conn<'_, B> {
     ) -> Next {
         let cluster = route.cluster;
         let upstream_stats = &self.view.clusters[cluster];
-        upstream_stats.received(self.upbuf.len() as u64);
         upstream_stats.response(response.status);
 
         if response.status == 101 && head.upgrade {
@@ -377,29 +385,29 @@ impl<B: Backend> Conn<'_, B> {
             || response.framing == Framing::UntilClose
             || body_unsent
             || response.status == 101;
-        let upbuf = std::mem::take(&mut self.upbuf);
-        let (written, mut upbuf) = if close && !response.says_close && head.keep_alive {
-            let rewritten = head::with_connection_close(&upbuf[..response.len]);
-            let len = rewritten.len();
-            self.stats.sent(len as u64);
-            let (written, _) = self.down.write_all(rewritten, 0..len).await;
-            (written, upbuf)
-        } else {
-            self.stats.sent(response.len as u64);
-            self.down.write_all(upbuf, 0..response.len).await
-        };
-        upbuf.drain(..response.len);
-        self.upbuf = upbuf;
-        if written.is_err() {
-            let _ = up.shutdown(Shutdown::Both);
-            self.stats.error(Flag::DownstreamReset);
-            return Next::Close;
-        }
         let mut pending = std::mem::take(&mut self.upbuf);
+        // Normally the head goes out as received, in one write with the body's start; when
+        // the proxy closes a connection the client wanted kept, the head says so.
+        let mut head_len = response.len;
+        if close && !response.says_close && head.keep_alive {
+            let rewritten = head::with_connection_close(&pending[..response.len]);
+            let len = rewritten.len();
+            let (written, _) = self.down.write_all(rewritten, 0..len).await;
+            if written.is_err() {
+                self.upbuf = pending;
+                let _ = up.shutdown(Shutdown::Both);
+                self.stats.error(Flag::DownstreamReset);
+                return Next::Close;
+            }
+            self.stats.sent(len as u64);
+            pending.drain(..response.len);
+            head_len = 0;
+        }
         let forwarded = body::forward(
             &up,
             &self.down,
             response.framing,
+            head_len,
             &mut pending,
             &mut self.scratch,
         )
@@ -408,9 +416,9 @@ impl<B: Backend> Conn<'_, B> {
         pending.clear();
         self.upbuf = pending;
         match forwarded {
-            Ok(bytes) => {
-                self.stats.sent(bytes);
-                upstream_stats.received(bytes);
+            Ok(moved) => {
+                self.stats.sent(head_len as u64 + moved.body);
+                upstream_stats.received(moved.read);
             }
             Err(BodyError::Write(_)) => {
                 let _ = up.shutdown(Shutdown::Both);
