@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod snapshot;
 pub mod sys;
+pub mod tls;
 pub mod worker;
 
 use std::net::SocketAddr;

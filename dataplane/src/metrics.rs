@@ -46,11 +46,14 @@ pub enum Flag {
     DownstreamReset,
     /// An opaque TCP connection was closed for inactivity.
     IdleTimeout,
+    /// A peer failed the mTLS handshake: plaintext on an mTLS port, an untrusted or expired
+    /// certificate, the wrong identity, or no handshake in time.
+    TlsHandshake,
 }
 
 impl Flag {
     /// Every flag, in label order.
-    pub const ALL: [Flag; 10] = [
+    pub const ALL: [Flag; 11] = [
         Flag::NoRoute,
         Flag::UpstreamConnectFailure,
         Flag::UpstreamTimeout,
@@ -61,6 +64,7 @@ impl Flag {
         Flag::DownstreamTimeout,
         Flag::DownstreamReset,
         Flag::IdleTimeout,
+        Flag::TlsHandshake,
     ];
 
     /// The short code.
@@ -76,6 +80,7 @@ impl Flag {
             Flag::DownstreamTimeout => "DT",
             Flag::DownstreamReset => "DC",
             Flag::IdleTimeout => "IT",
+            Flag::TlsHandshake => "TLS",
         }
     }
 }

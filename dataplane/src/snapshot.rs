@@ -24,6 +24,8 @@ pub struct Snapshot {
     pub listeners: Vec<ListenerPlan>,
     /// Clusters, in config order; plans refer to them by index.
     pub clusters: Vec<ClusterPlan>,
+    /// This proxy's workload identity, when the config uses mTLS.
+    pub identity: Option<shared::SpiffeId>,
 }
 
 /// One listener as the workers run it.
@@ -35,6 +37,28 @@ pub struct ListenerPlan {
     pub configured: SocketAddr,
     /// What it does with connections.
     pub kind: ListenerKind,
+    /// mTLS termination, if configured.
+    pub tls: Option<ListenerTls>,
+}
+
+/// How a listener terminates mTLS.
+#[derive(Debug, Clone)]
+pub struct ListenerTls {
+    /// The server configuration (this proxy's certificate, client certificates required).
+    pub config: Arc<rustls::ServerConfig>,
+    /// Time allowed for the handshake.
+    pub handshake_timeout: Duration,
+}
+
+/// How a cluster originates mTLS.
+#[derive(Debug, Clone)]
+pub struct ClusterTls {
+    /// The identity the endpoints must prove.
+    pub identity: shared::SpiffeId,
+    /// Client configuration offering ALPN `tern-tcp` (opaque TCP inside).
+    pub tcp: Arc<rustls::ClientConfig>,
+    /// Client configuration offering ALPN `http/1.1`.
+    pub http1: Arc<rustls::ClientConfig>,
 }
 
 /// What a listener does with a connection.
@@ -62,6 +86,8 @@ pub struct ClusterPlan {
     pub idle_timeout: Duration,
     /// Idle HTTP connections kept per endpoint, per worker.
     pub max_idle_per_endpoint: usize,
+    /// mTLS origination, if configured.
+    pub tls: Option<ClusterTls>,
 }
 
 /// HTTP routes of one listener, most specific host first.
@@ -110,17 +136,44 @@ impl Snapshot {
                 field,
                 message,
             })?;
-        let clusters: Vec<ClusterPlan> = config
-            .clusters
-            .iter()
-            .map(|c| ClusterPlan {
+        let invalid = |field: String, message: String| config::ConfigError::Invalid {
+            origin: source.clone(),
+            field,
+            message,
+        };
+        let identity = match &config.identity {
+            Some(files) => Some(
+                crate::tls::Identity::load(files)
+                    .map_err(|e| invalid("identity".into(), e.to_string()))?,
+            ),
+            None => None,
+        };
+        let mut clusters: Vec<ClusterPlan> = Vec::with_capacity(config.clusters.len());
+        for (i, c) in config.clusters.iter().enumerate() {
+            let tls = match (&c.tls, &identity) {
+                (Some(tls), Some(identity)) => {
+                    let client = |alpn| {
+                        identity
+                            .client_config(tls.identity.clone(), alpn)
+                            .map_err(|e| invalid(format!("clusters[{i}].tls"), e.to_string()))
+                    };
+                    Some(ClusterTls {
+                        identity: tls.identity.clone(),
+                        tcp: client(crate::tls::ALPN_TCP)?,
+                        http1: client(crate::tls::ALPN_HTTP1)?,
+                    })
+                }
+                _ => None,
+            };
+            clusters.push(ClusterPlan {
                 name: c.name.as_str().into(),
                 endpoints: c.endpoints.clone(),
                 connect_timeout: c.connect_timeout,
                 idle_timeout: c.idle_timeout,
                 max_idle_per_endpoint: c.max_idle_per_endpoint,
-            })
-            .collect();
+                tls,
+            });
+        }
         let index = |name: &str| clusters.iter().position(|c| &*c.name == name);
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {
@@ -135,18 +188,28 @@ impl Snapshot {
                         .map(|r| (r, index(&r.cluster).unwrap_or_default())),
                 )),
             };
+            let tls = match (&l.tls, &identity) {
+                (Some(tls), Some(identity)) => Some(ListenerTls {
+                    config: identity.server_config(),
+                    handshake_timeout: tls.handshake_timeout,
+                }),
+                _ => None,
+            };
             listeners.push(ListenerPlan {
                 name: l.name.as_str().into(),
                 configured: l.address,
                 kind,
+                tls,
             });
         }
+        let identity = identity.map(|i| i.id);
         Ok(Snapshot {
             version,
             source,
             config,
             listeners,
             clusters,
+            identity,
         })
     }
 

@@ -15,11 +15,12 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::io::{Backend, Listener};
-use crate::metrics::{ClusterStats, ListenerStats, Registry, WorkerReport};
+use crate::io::{Backend, Listener, Stream};
+use crate::metrics::{ClusterStats, Flag, ListenerStats, Registry, WorkerReport};
 use crate::proxy;
 use crate::proxy::pool::Pool;
-use crate::snapshot::{ListenerKind, Snapshot};
+use crate::snapshot::{ListenerKind, ListenerPlan, Snapshot};
+use crate::tls::{MaybeTls, TlsStream};
 
 /// What the control side asks of a worker.
 #[derive(Debug)]
@@ -267,16 +268,66 @@ async fn accept_loop<B: Backend>(worker: Rc<Worker<B>>, name: Arc<str>, listener
         tokio::task::spawn_local(async move {
             let _guard = guard;
             let worker = _guard.worker.clone();
-            match &view.snapshot.listeners[index].kind {
+            let plan = &view.snapshot.listeners[index];
+            let Some(down) = terminate_tls::<B>(plan, &view.listeners[index], stream, peer).await
+            else {
+                return;
+            };
+            match &plan.kind {
                 ListenerKind::Tcp { cluster } => {
-                    proxy::tcp::serve(&worker, &view, index, *cluster, stream).await;
+                    proxy::tcp::serve(&worker, &view, index, *cluster, down).await;
                 }
                 ListenerKind::Http(routes) => {
-                    proxy::http1::serve(&worker, &view, index, routes, stream, peer).await;
+                    proxy::http1::serve(&worker, &view, index, routes, down, peer).await;
                 }
             }
         });
     }
+}
+
+/// Runs the server side of mTLS on a listener that requires it: the peer must present a
+/// certificate from the trust bundle and ask for what the listener speaks (ALPN).
+async fn terminate_tls<B: Backend>(
+    plan: &ListenerPlan,
+    stats: &ListenerStats,
+    stream: B::Stream,
+    peer: SocketAddr,
+) -> Option<MaybeTls<B::Stream>> {
+    let Some(tls) = &plan.tls else {
+        return Some(MaybeTls::Plain(stream));
+    };
+    let refuse = |why: &dyn std::fmt::Display| {
+        stats.error(Flag::TlsHandshake);
+        tracing::warn!(listener = %plan.name, %peer, %why, "mTLS refused");
+    };
+    let accepted = match TlsStream::server(stream, tls.config.clone()) {
+        Ok(stream) => stream.handshake_within(tls.handshake_timeout).await,
+        Err(error) => Err(error),
+    };
+    let stream = match accepted {
+        Ok(stream) => stream,
+        Err(error) => {
+            refuse(&error);
+            return None;
+        }
+    };
+    let wanted: &[u8] = match plan.kind {
+        ListenerKind::Tcp { .. } => crate::tls::ALPN_TCP,
+        ListenerKind::Http(_) => crate::tls::ALPN_HTTP1,
+    };
+    if stream.alpn().as_deref() != Some(wanted) {
+        refuse(&format_args!(
+            "peer asked for ALPN {:?}, the listener speaks {:?}",
+            stream
+                .alpn()
+                .map(|a| String::from_utf8_lossy(&a).into_owned()),
+            String::from_utf8_lossy(wanted)
+        ));
+        let _ = stream.shutdown(Shutdown::Both);
+        return None;
+    }
+    tracing::debug!(listener = %plan.name, %peer, identity = ?stream.peer_id().map(|id| id.to_string()), "mTLS accepted");
+    Some(MaybeTls::Tls(Box::new(stream)))
 }
 
 /// Everything a worker thread needs to start.

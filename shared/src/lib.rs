@@ -1,11 +1,13 @@
 //! The model both planes share.
 //!
 //! `tern-proxy` (the data plane) and `tern-control` (the control plane) depend on this crate
-//! and never on each other. It owns the proxy configuration model and its validation; the
-//! identity types, the `.proto` APIs and the CRD types join it as the planes grow. It does no
-//! network IO.
+//! and never on each other. It owns the proxy configuration model and its validation and the
+//! workload identity type; the `.proto` APIs and the CRD types join it as the planes grow. It
+//! does no network IO.
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod identity;
 
 pub use config::Config;
+pub use identity::SpiffeId;

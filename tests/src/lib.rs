@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod client;
+pub mod pki;
 pub mod upstream;
 
 use std::net::SocketAddr;

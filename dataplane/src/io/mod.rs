@@ -89,6 +89,11 @@ pub trait Stream: Sized + 'static {
     /// Shuts down one or both directions. `Shutdown::Both` also completes a read another
     /// task has pending, which is how an idle connection is closed promptly.
     fn shutdown(&self, how: Shutdown) -> io::Result<()>;
+
+    /// Ends the sending direction cleanly (a half-close): for TLS, `close_notify` first.
+    async fn close_write(&self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
 }
 
 /// A listening socket.

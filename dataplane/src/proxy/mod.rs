@@ -12,22 +12,64 @@ pub mod tcp;
 use std::net::SocketAddr;
 
 use crate::io::Backend;
+use crate::tls::{MaybeTls, TlsStream};
 use crate::worker::View;
+
+/// What is inside an mTLS connection to an upstream sidecar (its ALPN).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Inner {
+    /// Opaque TCP.
+    Tcp,
+    /// HTTP/1.1.
+    Http1,
+}
 
 /// Most endpoints tried for one connection before giving up.
 const CONNECT_ATTEMPTS: usize = 3;
 
 /// Opens a connection to the next endpoints of `cluster`, round robin, trying up to
-/// [`CONNECT_ATTEMPTS`] of them within each one's connect timeout.
+/// [`CONNECT_ATTEMPTS`] of them within each one's connect timeout; for an mTLS cluster the
+/// handshake, which proves the endpoint's identity, must finish within it too.
 pub(crate) async fn connect<B: Backend>(
     view: &View,
     cluster: usize,
-) -> Option<(B::Stream, SocketAddr)> {
+    inner: Inner,
+) -> Option<(MaybeTls<B::Stream>, SocketAddr)> {
     let plan = view.snapshot.clusters.get(cluster)?;
     let stats = view.clusters.get(cluster)?;
     for _ in 0..plan.endpoints.len().min(CONNECT_ATTEMPTS) {
         let addr = view.next_endpoint(cluster)?;
-        match tokio::time::timeout(plan.connect_timeout, B::connect(addr)).await {
+        let started = tokio::time::Instant::now();
+        let attempt = async {
+            let stream = match tokio::time::timeout(plan.connect_timeout, B::connect(addr)).await {
+                Ok(connected) => connected?,
+                Err(_) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "connect timed out",
+                    ));
+                }
+            };
+            let Some(tls) = &plan.tls else {
+                return Ok(MaybeTls::Plain(stream));
+            };
+            let config = match inner {
+                Inner::Tcp => tls.tcp.clone(),
+                Inner::Http1 => tls.http1.clone(),
+            };
+            let remaining = plan.connect_timeout.saturating_sub(started.elapsed());
+            match TlsStream::client(stream, config, addr.ip())?
+                .handshake_within(remaining)
+                .await
+            {
+                Ok(stream) => Ok(MaybeTls::Tls(Box::new(stream))),
+                Err(error) => {
+                    tracing::warn!(cluster = %plan.name, %addr, expected = %tls.identity, %error, "mTLS handshake with upstream failed");
+                    Err(error)
+                }
+            }
+        };
+        match tokio::time::timeout(plan.connect_timeout + plan.connect_timeout, attempt).await {
             Ok(Ok(stream)) => {
                 stats.connected();
                 return Some((stream, addr));

@@ -10,13 +10,14 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::io::Backend;
+use crate::tls::MaybeTls;
 
 /// Connections parked for one endpoint, oldest first, with when they were parked.
 type Parked<S> = Vec<(S, Instant)>;
 
 /// Idle upstream connections of one worker.
 pub struct Pool<B: Backend> {
-    idle: RefCell<HashMap<SocketAddr, Parked<B::Stream>>>,
+    idle: RefCell<HashMap<SocketAddr, Parked<MaybeTls<B::Stream>>>>,
 }
 
 impl<B: Backend> Default for Pool<B> {
@@ -29,7 +30,7 @@ impl<B: Backend> Default for Pool<B> {
 
 impl<B: Backend> Pool<B> {
     /// Takes the most recently parked connection to `addr` that is younger than `max_idle`.
-    pub fn take(&self, addr: SocketAddr, max_idle: Duration) -> Option<B::Stream> {
+    pub fn take(&self, addr: SocketAddr, max_idle: Duration) -> Option<MaybeTls<B::Stream>> {
         let mut idle = self.idle.borrow_mut();
         let parked = idle.get_mut(&addr)?;
         let now = Instant::now();
@@ -45,7 +46,7 @@ impl<B: Backend> Pool<B> {
 
     /// Parks a connection that finished an exchange cleanly, unless `addr` already has
     /// `max_per_endpoint` parked.
-    pub fn put(&self, addr: SocketAddr, stream: B::Stream, max_per_endpoint: usize) {
+    pub fn put(&self, addr: SocketAddr, stream: MaybeTls<B::Stream>, max_per_endpoint: usize) {
         let mut idle = self.idle.borrow_mut();
         let parked = idle.entry(addr).or_default();
         if parked.len() < max_per_endpoint {

@@ -18,15 +18,15 @@ use crate::worker::{View, Worker};
 const COPY_BUFFER: usize = 16 * 1024;
 
 /// Serves one opaque TCP connection.
-pub async fn serve<B: Backend>(
+pub async fn serve<B: Backend, D: Stream>(
     _worker: &Rc<Worker<B>>,
     view: &View,
     listener: usize,
     cluster: usize,
-    down: B::Stream,
+    down: D,
 ) {
     let stats = &view.listeners[listener];
-    let Some((up, _)) = super::connect::<B>(view, cluster).await else {
+    let Some((up, _)) = super::connect::<B>(view, cluster, super::Inner::Tcp).await else {
         stats.error(Flag::UpstreamConnectFailure);
         let _ = down.shutdown(Shutdown::Both);
         return;
@@ -133,7 +133,7 @@ async fn copy<S: Stream, D: Stream>(
             let n = read?;
             if n == 0 {
                 // The peer may already be gone entirely; that is not this direction's error.
-                let _ = dst.shutdown(Shutdown::Write);
+                let _ = dst.close_write().await;
                 return Ok(());
             }
             last_activity.set(Instant::now());

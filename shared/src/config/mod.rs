@@ -10,10 +10,12 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::identity::SpiffeId;
 
 /// A whole proxy configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -28,6 +30,49 @@ pub struct Config {
     /// HTTP/1.1 limits and downstream timeouts, shared by every HTTP listener.
     #[serde(default)]
     pub http: HttpSettings,
+    /// This proxy's workload identity, needed by any listener or cluster that uses mTLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<IdentityFiles>,
+}
+
+/// Where this proxy's identity lives, as PEM files (the local mode; the control plane's CA
+/// replaces them later).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityFiles {
+    /// Certificate chain, leaf first; the leaf carries the SPIFFE ID as its one URI SAN.
+    pub cert: PathBuf,
+    /// The leaf's private key.
+    pub key: PathBuf,
+    /// CA certificates peers' chains must lead to.
+    pub trust_bundle: PathBuf,
+}
+
+/// mTLS on a listener: peers must present a certificate from the trust bundle.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTls {
+    /// Only `strict` (mTLS required) for now.
+    pub mode: TlsMode,
+    /// Time allowed for a client to finish its handshake.
+    #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+}
+
+/// How a listener treats plaintext.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// mTLS only; plaintext and TLS without a client certificate are refused.
+    Strict,
+}
+
+/// mTLS to a cluster: the endpoints are sidecars that must prove this identity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterTls {
+    /// The SPIFFE ID the endpoints' certificates must carry.
+    pub identity: SpiffeId,
 }
 
 /// What a listener speaks.
@@ -56,6 +101,9 @@ pub struct Listener {
     /// For `http` listeners: routes, matched by host then longest path prefix.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<Route>,
+    /// Terminate mTLS from peer sidecars on this listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ListenerTls>,
 }
 
 /// An HTTP route: a host and path prefix that select a cluster.
@@ -95,6 +143,9 @@ pub struct Cluster {
     /// Idle HTTP connections kept per endpoint, per worker.
     #[serde(default = "default_max_idle_per_endpoint")]
     pub max_idle_per_endpoint: usize,
+    /// Originate mTLS to the endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ClusterTls>,
 }
 
 /// Limits on what an HTTP client may send, and how long it may take.
@@ -148,6 +199,9 @@ fn default_idle_timeout() -> Duration {
 }
 fn default_max_idle_per_endpoint() -> usize {
     64
+}
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 /// Why a configuration was refused. Each variant says where the problem is.
@@ -294,6 +348,15 @@ impl Config {
                     }
                 }
             }
+        }
+
+        let wants_tls = self.listeners.iter().any(|l| l.tls.is_some())
+            || self.clusters.iter().any(|c| c.tls.is_some());
+        if wants_tls && self.identity.is_none() {
+            return fail(
+                "identity".into(),
+                "mTLS on a listener or cluster needs this proxy's identity (cert, key, trust_bundle)",
+            );
         }
 
         let http = &self.http;

@@ -21,6 +21,7 @@ use super::tcp::pump;
 use crate::io::{Backend, Stream};
 use crate::metrics::{Flag, ListenerStats};
 use crate::snapshot::{RoutePlan, RouteTable};
+use crate::tls::MaybeTls;
 use crate::worker::{View, Worker};
 
 /// Initial capacity of a connection's head buffers.
@@ -48,7 +49,7 @@ struct Conn<'a, B: Backend> {
     stats: &'a ListenerStats,
     settings: &'a HttpSettings,
     limits: Limits,
-    down: B::Stream,
+    down: MaybeTls<B::Stream>,
     /// Bytes read from the client not yet forwarded: the current head, then the body's start
     /// or pipelined requests.
     inbuf: Vec<u8>,
@@ -64,7 +65,7 @@ pub async fn serve<B: Backend>(
     view: &View,
     listener: usize,
     routes: &RouteTable,
-    down: B::Stream,
+    down: MaybeTls<B::Stream>,
     peer: SocketAddr,
 ) {
     let settings = &view.snapshot.config.http;
@@ -250,7 +251,7 @@ impl<B: Backend> Conn<'_, B> {
     async fn request_body(
         &mut self,
         head: &RequestHead,
-        up: &B::Stream,
+        up: &MaybeTls<B::Stream>,
         cluster: usize,
         started: Instant,
     ) -> Result<(), Next> {
@@ -293,7 +294,7 @@ impl<B: Backend> Conn<'_, B> {
     /// sending an expect-continue body once the upstream asks for it.
     async fn read_response_head(
         &mut self,
-        up: &B::Stream,
+        up: &MaybeTls<B::Stream>,
         head: &RequestHead,
         route: &RoutePlan,
         body_done: &mut bool,
@@ -368,7 +369,7 @@ impl<B: Backend> Conn<'_, B> {
         &mut self,
         head: &RequestHead,
         route: &RoutePlan,
-        (up, addr): (B::Stream, SocketAddr),
+        (up, addr): (MaybeTls<B::Stream>, SocketAddr),
         response: ResponseHead,
         body_unsent: bool,
         started: Instant,
@@ -446,7 +447,7 @@ impl<B: Backend> Conn<'_, B> {
     /// Passes a `101 Switching Protocols` on and pumps bytes both ways until both end.
     async fn upgrade(
         &mut self,
-        up: B::Stream,
+        up: MaybeTls<B::Stream>,
         response: ResponseHead,
         cluster: usize,
         started: Instant,
@@ -484,7 +485,7 @@ impl<B: Backend> Conn<'_, B> {
     }
 
     /// A pooled connection to the cluster's next endpoint, or a new one.
-    async fn checkout(&self, cluster: usize) -> Option<(B::Stream, SocketAddr, bool)> {
+    async fn checkout(&self, cluster: usize) -> Option<(MaybeTls<B::Stream>, SocketAddr, bool)> {
         let plan = self.view.snapshot.clusters.get(cluster)?;
         // Round robin picks the endpoint; the pool only saves the handshake.
         let addr = self.view.next_endpoint(cluster)?;
@@ -492,7 +493,7 @@ impl<B: Backend> Conn<'_, B> {
             self.view.clusters[cluster].reused();
             return Some((stream, addr, true));
         }
-        super::connect::<B>(self.view, cluster)
+        super::connect::<B>(self.view, cluster, super::Inner::Http1)
             .await
             .map(|(stream, addr)| (stream, addr, false))
     }

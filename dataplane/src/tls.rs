@@ -1,0 +1,536 @@
+//! Mutual TLS between sidecars: SPIFFE identities on both ends, TLS 1.3 through rustls, and a
+//! TLS stream that speaks the same owned-buffer [`Stream`] interface as a plain socket, so the
+//! proxy logic runs unchanged over either.
+//!
+//! This module owns loading this proxy's identity (certificate chain, key, trust bundle),
+//! verifying a peer's chain and SPIFFE ID, the TLS record pump, and [`MaybeTls`], the stream
+//! type the proxy uses where a connection may or may not be TLS. It does not decide which
+//! connections are TLS; listener and cluster config do.
+
+use std::cell::RefCell;
+use std::io::{self, Read as _, Write as _};
+use std::net::Shutdown;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use shared::SpiffeId;
+use shared::config::IdentityFiles;
+
+use crate::io::{BufResult, Stream};
+
+/// ALPN for opaque TCP inside the tunnel.
+pub const ALPN_TCP: &[u8] = b"tern-tcp";
+/// ALPN for HTTP/1.1 inside the tunnel.
+pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+/// Ciphertext read size.
+const RECORD_BUFFER: usize = 18 * 1024;
+
+/// Why an identity could not be loaded or a peer was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file could not be read or parsed.
+    #[error("{what} {path}: {message}")]
+    File {
+        /// Which file.
+        what: &'static str,
+        /// Its path.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The certificate carries no usable SPIFFE ID.
+    #[error("certificate: {0}")]
+    Identity(String),
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+/// This proxy's workload identity and the TLS configurations built from it.
+#[derive(Debug)]
+pub struct Identity {
+    /// Who this proxy is.
+    pub id: SpiffeId,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    roots: Arc<RootCertStore>,
+    provider: Arc<CryptoProvider>,
+    server: Arc<rustls::ServerConfig>,
+}
+
+fn read_pem<T>(
+    what: &'static str,
+    path: &Path,
+    parse: impl FnOnce(&[u8]) -> Result<T, String>,
+) -> Result<T, TlsError> {
+    let fail = |message: String| TlsError::File {
+        what,
+        path: path.display().to_string(),
+        message,
+    };
+    let bytes = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
+    parse(&bytes).map_err(fail)
+}
+
+fn certificates(bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_slice_iter(bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    if certs.is_empty() {
+        Err("no certificate in the file".into())
+    } else {
+        Ok(certs)
+    }
+}
+
+/// The single SPIFFE ID in a certificate's URI SANs.
+pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| format!("unparsable certificate: {e}"))?;
+    let san = parsed
+        .subject_alternative_name()
+        .map_err(|e| format!("invalid subjectAltName: {e}"))?
+        .ok_or("no subjectAltName")?;
+    let mut uris = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            x509_parser::extensions::GeneralName::URI(uri) => Some(*uri),
+            _ => None,
+        });
+    let (Some(uri), None) = (uris.next(), uris.next()) else {
+        return Err("an X.509 SVID carries exactly one URI SAN".into());
+    };
+    uri.parse()
+        .map_err(|e: shared::identity::SpiffeIdError| e.to_string())
+}
+
+impl Identity {
+    /// Loads an identity from PEM files and builds its server configuration.
+    pub fn load(files: &IdentityFiles) -> Result<Identity, TlsError> {
+        let chain = read_pem("certificate", &files.cert, certificates)?;
+        let key = read_pem("key", &files.key, |b| {
+            PrivateKeyDer::from_pem_slice(b).map_err(|e| e.to_string())
+        })?;
+        let bundle = read_pem("trust bundle", &files.trust_bundle, certificates)?;
+        let mut roots = RootCertStore::empty();
+        for cert in bundle {
+            roots.add(cert).map_err(|e| TlsError::File {
+                what: "trust bundle",
+                path: files.trust_bundle.display().to_string(),
+                message: e.to_string(),
+            })?;
+        }
+        let id = spiffe_id_of(&chain[0]).map_err(TlsError::Identity)?;
+        Identity::new(id, chain, key, roots)
+    }
+
+    /// Builds an identity from parts already in memory.
+    pub fn new(
+        id: SpiffeId,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        roots: RootCertStore,
+    ) -> Result<Identity, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let roots = Arc::new(roots);
+        let client_verifier =
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+                .build()
+                .map_err(|e| TlsError::Config(rustls::Error::General(e.to_string())))?;
+        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(client_verifier)
+            .with_single_cert(chain.clone(), key.clone_key())?;
+        server.alpn_protocols = vec![ALPN_TCP.to_vec(), ALPN_HTTP1.to_vec()];
+        // Tickets arrive after the handshake as records a kernel-TLS receiver cannot take;
+        // sidecars reconnect rarely, so resumption is not worth them.
+        server.send_tls13_tickets = 0;
+        Ok(Identity {
+            id,
+            chain,
+            key,
+            roots,
+            provider,
+            server: Arc::new(server),
+        })
+    }
+
+    /// The configuration for accepting mTLS from peers.
+    pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        self.server.clone()
+    }
+
+    /// A configuration for connecting to a peer that must prove `expected`, speaking `alpn`.
+    pub fn client_config(
+        &self,
+        expected: SpiffeId,
+        alpn: &[u8],
+    ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+        let verifier = Arc::new(SpiffeVerifier {
+            roots: self.roots.clone(),
+            expected,
+            algorithms: self.provider.signature_verification_algorithms,
+        });
+        let mut client = rustls::ClientConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
+        client.alpn_protocols = vec![alpn.to_vec()];
+        client.resumption = rustls::client::Resumption::disabled();
+        Ok(Arc::new(client))
+    }
+}
+
+/// Checks a server's chain against the trust bundle and its SPIFFE ID against the one the
+/// route expects. DNS names play no part: SPIFFE certificates carry a URI SAN instead.
+#[derive(Debug)]
+struct SpiffeVerifier {
+    roots: Arc<RootCertStore>,
+    expected: SpiffeId,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for SpiffeVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.algorithms.all,
+        )?;
+        let id = spiffe_id_of(end_entity).map_err(|e| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+                Arc::new(io::Error::other(e)),
+            )))
+        })?;
+        if id != self.expected {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Other(rustls::OtherError(Arc::new(io::Error::other(
+                    format!("peer is {id}, expected {}", self.expected),
+                )))),
+            ));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// A TLS connection over a [`Stream`], itself a [`Stream`] of plaintext.
+///
+/// rustls does no IO: reads feed it ciphertext and take plaintext out, writes put plaintext
+/// in and send the records it makes. The connection state is borrowed only between awaits, so
+/// one task may read while another writes; writes of records are serialised by `sending`.
+pub struct TlsStream<S> {
+    inner: S,
+    conn: RefCell<rustls::Connection>,
+    /// Ciphertext read from the socket and not yet taken by rustls.
+    incoming: RefCell<Vec<u8>>,
+    /// Held while records are being written; holds the reusable outgoing buffer.
+    sending: tokio::sync::Mutex<Vec<u8>>,
+}
+
+fn tls_error(error: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, error)
+}
+
+impl<S: Stream> TlsStream<S> {
+    /// The client side of a connection to `server` (its IP names it; no SNI is sent). Run
+    /// [`TlsStream::handshake`] before use.
+    pub fn client(
+        inner: S,
+        config: Arc<rustls::ClientConfig>,
+        server: std::net::IpAddr,
+    ) -> io::Result<TlsStream<S>> {
+        let conn = rustls::ClientConnection::new(config, ServerName::IpAddress(server.into()))
+            .map_err(tls_error)?;
+        Ok(TlsStream::new(inner, conn.into()))
+    }
+
+    /// The server side of a connection. Run [`TlsStream::handshake`] before use.
+    pub fn server(inner: S, config: Arc<rustls::ServerConfig>) -> io::Result<TlsStream<S>> {
+        let conn = rustls::ServerConnection::new(config).map_err(tls_error)?;
+        Ok(TlsStream::new(inner, conn.into()))
+    }
+
+    /// Runs `handshake` within `timeout`; on timeout or failure the socket is shut down (an
+    /// abandoned io_uring read would otherwise keep it open).
+    pub async fn handshake_within(self, timeout: std::time::Duration) -> io::Result<TlsStream<S>> {
+        match tokio::time::timeout(timeout, self.handshake()).await {
+            Ok(Ok(())) => Ok(self),
+            Ok(Err(error)) => {
+                let _ = self.inner.shutdown(Shutdown::Both);
+                Err(error)
+            }
+            Err(_) => {
+                let _ = self.inner.shutdown(Shutdown::Both);
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no TLS handshake within the timeout",
+                ))
+            }
+        }
+    }
+
+    fn new(inner: S, conn: rustls::Connection) -> TlsStream<S> {
+        TlsStream {
+            inner,
+            conn: RefCell::new(conn),
+            incoming: RefCell::new(Vec::with_capacity(RECORD_BUFFER)),
+            sending: tokio::sync::Mutex::new(Vec::with_capacity(RECORD_BUFFER)),
+        }
+    }
+
+    /// Completes the handshake.
+    pub async fn handshake(&self) -> io::Result<()> {
+        loop {
+            self.flush().await?;
+            if !self.conn.borrow().is_handshaking() {
+                return Ok(());
+            }
+            if self.receive().await? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "peer closed during the TLS handshake",
+                ));
+            }
+        }
+    }
+
+    /// The peer's SPIFFE ID (after the handshake).
+    pub fn peer_id(&self) -> Option<SpiffeId> {
+        let conn = self.conn.borrow();
+        let certs = conn.peer_certificates()?;
+        spiffe_id_of(certs.first()?).ok()
+    }
+
+    /// The negotiated ALPN protocol.
+    pub fn alpn(&self) -> Option<Vec<u8>> {
+        self.conn.borrow().alpn_protocol().map(<[u8]>::to_vec)
+    }
+
+    /// Sends every record rustls has ready.
+    async fn flush(&self) -> io::Result<()> {
+        let mut out = self.sending.lock().await;
+        loop {
+            out.clear();
+            {
+                let mut conn = self.conn.borrow_mut();
+                while conn.wants_write() {
+                    conn.write_tls(&mut *out)?;
+                }
+            }
+            if out.is_empty() {
+                return Ok(());
+            }
+            let len = out.len();
+            let (written, back) = self
+                .inner
+                .write_all(std::mem::take(&mut *out), 0..len)
+                .await;
+            *out = back;
+            written?;
+        }
+    }
+
+    /// Reads ciphertext from the socket and feeds what rustls can take; returns the bytes
+    /// read (0 at end of stream). Ciphertext rustls cannot take yet (its plaintext buffer is
+    /// full until the reader drains it) stays in `incoming` for [`Self::feed`].
+    async fn receive(&self) -> io::Result<usize> {
+        let mut buf = std::mem::take(&mut *self.incoming.borrow_mut());
+        if buf.capacity() - buf.len() < RECORD_BUFFER {
+            buf.reserve(RECORD_BUFFER);
+        }
+        let (read, back) = self.inner.read(buf).await;
+        *self.incoming.borrow_mut() = back;
+        let result = match read {
+            Ok(0) => Ok(0),
+            Ok(n) => self.feed().map(|_| n),
+            Err(e) => Err(e),
+        };
+        if result.is_err() {
+            // An alert may be queued for the peer; best effort.
+            let _ = self.flush().await;
+        }
+        result
+    }
+
+    /// Hands buffered ciphertext to rustls until it is all consumed or rustls pushes back;
+    /// returns whether any was consumed.
+    fn feed(&self) -> io::Result<bool> {
+        let mut conn = self.conn.borrow_mut();
+        let mut incoming = self.incoming.borrow_mut();
+        let mut consumed = 0;
+        while consumed < incoming.len() {
+            let mut data = &incoming[consumed..];
+            match conn.read_tls(&mut data) {
+                // After close_notify rustls takes nothing more; what follows is discarded.
+                Ok(0) => {
+                    consumed = incoming.len();
+                    break;
+                }
+                Ok(n) => consumed += n,
+                // Backpressure: the plaintext buffer is full until the reader drains it.
+                Err(e) if e.kind() == io::ErrorKind::Other => break,
+                Err(e) => return Err(e),
+            }
+            conn.process_new_packets().map_err(tls_error)?;
+        }
+        incoming.drain(..consumed);
+        Ok(consumed > 0)
+    }
+}
+
+impl<S: Stream> Stream for TlsStream<S> {
+    async fn read(&self, mut buf: Vec<u8>) -> BufResult<usize> {
+        if buf.len() == buf.capacity() {
+            buf.reserve(buf.capacity().max(4096));
+        }
+        loop {
+            let start = buf.len();
+            let spare = buf.capacity() - start;
+            {
+                let mut conn = self.conn.borrow_mut();
+                buf.resize(start + spare, 0);
+                let read = conn.reader().read(&mut buf[start..]);
+                match read {
+                    Ok(n) => {
+                        buf.truncate(start + n);
+                        return (Ok(n), buf);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => buf.truncate(start),
+                    Err(e) => {
+                        buf.truncate(start);
+                        return (Err(e), buf);
+                    }
+                }
+            }
+            // Ciphertext held back by backpressure comes first.
+            let held = !self.incoming.borrow().is_empty();
+            if held {
+                match self.feed() {
+                    Ok(true) => continue,
+                    Ok(false) => {}
+                    Err(e) => return (Err(e), buf),
+                }
+            }
+            match self.receive().await {
+                Ok(0) => {
+                    // End of stream without close_notify: a truncation attack or a crash.
+                    let error = io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "peer closed without TLS close_notify",
+                    );
+                    return (Err(error), buf);
+                }
+                Ok(_) => {
+                    // A post-handshake message (KeyUpdate) may want an answer.
+                    let wants_write = self.conn.borrow().wants_write();
+                    if wants_write && let Err(e) = self.flush().await {
+                        return (Err(e), buf);
+                    }
+                }
+                Err(e) => return (Err(e), buf),
+            }
+        }
+    }
+
+    async fn write_all(&self, buf: Vec<u8>, range: Range<usize>) -> BufResult<()> {
+        let Some(plain) = buf.get(range) else {
+            return (Err(io::ErrorKind::InvalidInput.into()), buf);
+        };
+        let queued = self.conn.borrow_mut().writer().write_all(plain);
+        if let Err(e) = queued {
+            return (Err(e), buf);
+        }
+        let flushed = self.flush().await;
+        (flushed, buf)
+    }
+
+    fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        self.inner.shutdown(how)
+    }
+
+    async fn close_write(&self) -> io::Result<()> {
+        self.conn.borrow_mut().send_close_notify();
+        self.flush().await?;
+        self.inner.shutdown(Shutdown::Write)
+    }
+}
+
+/// A connection that may be TLS: what the proxy holds where config decides.
+pub enum MaybeTls<S> {
+    /// Plain TCP.
+    Plain(S),
+    /// mTLS.
+    Tls(Box<TlsStream<S>>),
+}
+
+impl<S: Stream> Stream for MaybeTls<S> {
+    async fn read(&self, buf: Vec<u8>) -> BufResult<usize> {
+        match self {
+            MaybeTls::Plain(s) => s.read(buf).await,
+            MaybeTls::Tls(s) => s.read(buf).await,
+        }
+    }
+
+    async fn write_all(&self, buf: Vec<u8>, range: Range<usize>) -> BufResult<()> {
+        match self {
+            MaybeTls::Plain(s) => s.write_all(buf, range).await,
+            MaybeTls::Tls(s) => s.write_all(buf, range).await,
+        }
+    }
+
+    fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        match self {
+            MaybeTls::Plain(s) => s.shutdown(how),
+            MaybeTls::Tls(s) => s.shutdown(how),
+        }
+    }
+
+    async fn close_write(&self) -> io::Result<()> {
+        match self {
+            MaybeTls::Plain(s) => s.close_write().await,
+            MaybeTls::Tls(s) => s.close_write().await,
+        }
+    }
+}

@@ -1,0 +1,334 @@
+//! Mutual TLS between two sidecars: an outbound proxy originates mTLS to an inbound proxy,
+//! which checks the client's certificate and terminates it; the outbound side checks the
+//! inbound side's SPIFFE ID. Byte-exact both ways; every bad peer is refused and counted.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::time::{Duration, Instant};
+
+use tests::client::{self, Conn};
+use tests::pki::{IdentityPaths, TempDir, TestCa};
+use tests::upstream::{Echo, Http};
+use tests::{BackendChoice, Proxy, both_backends, metric, start_proxy, wait_for_metric};
+
+const A: &str = "spiffe://tern.test/ns/shop/sa/frontend";
+const B: &str = "spiffe://tern.test/ns/shop/sa/backend";
+
+/// The inbound sidecar: `in-tcp` and `in-http` require mTLS and deliver to the apps.
+fn inbound(
+    backend: BackendChoice,
+    identity: &IdentityPaths,
+    tcp_app: SocketAddr,
+    http_app: SocketAddr,
+) -> Proxy {
+    let yaml = format!(
+        "{}listeners:\n\
+         \x20 - {{ name: in-tcp, address: 127.0.0.1:0, protocol: tcp, cluster: tcp-app, tls: {{ mode: strict, handshake_timeout: 400ms }} }}\n\
+         \x20 - {{ name: in-http, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: http-app }}], tls: {{ mode: strict }} }}\n\
+         clusters:\n\
+         \x20 - {{ name: tcp-app, endpoints: [{tcp_app}] }}\n\
+         \x20 - {{ name: http-app, endpoints: [{http_app}] }}\n",
+        identity.yaml()
+    );
+    start_proxy(&yaml, backend)
+}
+
+/// The outbound sidecar: plaintext from the app, mTLS to the inbound sidecar expecting `peer`.
+fn outbound(
+    backend: BackendChoice,
+    identity: &IdentityPaths,
+    inbound: &Proxy,
+    peer: &str,
+) -> Proxy {
+    let yaml = format!(
+        "{}listeners:\n\
+         \x20 - {{ name: out-tcp, address: 127.0.0.1:0, protocol: tcp, cluster: b-tcp }}\n\
+         \x20 - {{ name: out-http, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: b-http }}] }}\n\
+         clusters:\n\
+         \x20 - {{ name: b-tcp, endpoints: [{}], tls: {{ identity: \"{peer}\" }}, connect_timeout: 2s }}\n\
+         \x20 - {{ name: b-http, endpoints: [{}], tls: {{ identity: \"{peer}\" }}, connect_timeout: 2s }}\n",
+        identity.yaml(),
+        inbound.listener_addr("in-tcp").unwrap(),
+        inbound.listener_addr("in-http").unwrap(),
+    );
+    start_proxy(&yaml, backend)
+}
+
+struct Mesh {
+    _dir: TempDir,
+    _echo: Echo,
+    _http: Http,
+    a: Proxy,
+    b: Proxy,
+}
+
+fn mesh(backend: BackendChoice) -> Mesh {
+    let dir = TempDir::new("mtls");
+    let ca = TestCa::new("tern test root");
+    let a_id = ca.write_identity(&dir.0, "a", A, &[&ca], false);
+    let b_id = ca.write_identity(&dir.0, "b", B, &[&ca], false);
+    let echo = Echo::start();
+    let http = Http::start("app");
+    let b = inbound(backend, &b_id, echo.addr, http.addr);
+    let a = outbound(backend, &a_id, &b, B);
+    Mesh {
+        _dir: dir,
+        _echo: echo,
+        _http: http,
+        a,
+        b,
+    }
+}
+
+fn payload(len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect()
+}
+
+fn tcp_is_byte_exact_both_ways_with_half_close(backend: BackendChoice) {
+    let m = mesh(backend);
+    let mut stream = client::connect(m.a.listener_addr("out-tcp").unwrap());
+    let sent = payload(10 * 1024 * 1024 + 7);
+    let mut writer = stream.try_clone().unwrap();
+    let to_send = sent.clone();
+    let sender = std::thread::spawn(move || {
+        writer.write_all(&to_send).unwrap();
+        writer.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut received = Vec::new();
+    stream.read_to_end(&mut received).unwrap();
+    sender.join().unwrap();
+    assert_eq!(received.len(), sent.len());
+    assert!(received == sent, "bytes differ");
+    // The inbound side's listener saw it all, decrypted.
+    let metrics = wait_for_metric(
+        &m.b,
+        "tern_listener_active_connections{listener=\"in-tcp\"}",
+        0.0,
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "tern_listener_received_bytes_total{listener=\"in-tcp\"}"
+        ),
+        sent.len() as f64
+    );
+}
+
+fn many_small_messages(backend: BackendChoice) {
+    let m = mesh(backend);
+    let mut stream = client::connect(m.a.listener_addr("out-tcp").unwrap());
+    for i in 0..2000 {
+        let message = format!("message {i:06}");
+        stream.write_all(message.as_bytes()).unwrap();
+        let mut reply = vec![0u8; message.len()];
+        stream.read_exact(&mut reply).unwrap();
+        assert_eq!(reply, message.as_bytes());
+    }
+}
+
+fn http_requests_cross_the_tunnel_on_pooled_connections(backend: BackendChoice) {
+    let m = mesh(backend);
+    let mut conn = Conn::open(m.a.listener_addr("out-http").unwrap());
+    for i in 0..20 {
+        conn.send(format!("GET /r/{i} HTTP/1.1\r\nHost: backend\r\n\r\n").as_bytes());
+        assert_eq!(conn.response(false).text(), format!("app /r/{i}"));
+    }
+    conn.send(b"POST /echo HTTP/1.1\r\nHost: backend\r\nContent-Length: 5\r\n\r\nhello");
+    assert_eq!(conn.response(false).text(), "hello");
+    // One mTLS connection carried all of them.
+    let metrics = wait_for_metric(
+        &m.a,
+        "tern_upstream_pool_reuses_total{cluster=\"b-http\"}",
+        20.0,
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "tern_upstream_connections_total{cluster=\"b-http\"}"
+        ),
+        1.0
+    );
+}
+
+/// Expects the outbound proxy to refuse B (B's certificate fails A's checks): the TCP client
+/// sees a close, an HTTP client a 503, and the failure counts as a failed connect.
+fn refused_by_outbound(a: &Proxy) {
+    let mut stream = client::connect(a.listener_addr("out-tcp").unwrap());
+    let mut buf = [0u8; 8];
+    assert_eq!(client::read_some(&mut stream, &mut buf).unwrap_or(0), 0);
+    let response = client::request(
+        a.listener_addr("out-http").unwrap(),
+        "GET / HTTP/1.1\r\nHost: b\r\n\r\n",
+    );
+    assert_eq!(
+        (response.status, response.header("x-tern-response-flag")),
+        (503, Some("UF"))
+    );
+    assert!(
+        metric(
+            &tests::admin_get(a, "/metrics"),
+            "tern_upstream_connect_failures_total{cluster=\"b-tcp\"}"
+        ) >= 1.0
+    );
+}
+
+/// Expects B to refuse A's client certificate. In TLS 1.3 the server checks the client's
+/// certificate after the client has finished its side of the handshake, so A learns of the
+/// refusal from B's alert on its first read: a TCP client sees a close, an HTTP client a 502.
+fn refused_by_inbound(a: &Proxy, b: &Proxy) {
+    let mut stream = client::connect(a.listener_addr("out-tcp").unwrap());
+    stream.write_all(b"ping").unwrap();
+    let mut buf = [0u8; 8];
+    assert_eq!(client::read_some(&mut stream, &mut buf).unwrap_or(0), 0);
+    let response = client::request(
+        a.listener_addr("out-http").unwrap(),
+        "GET / HTTP/1.1\r\nHost: b\r\n\r\n",
+    );
+    assert_eq!(
+        (response.status, response.header("x-tern-response-flag")),
+        (502, Some("UC"))
+    );
+    let metrics = wait_for_metric(
+        b,
+        "tern_errors_total{listener=\"in-tcp\",flag=\"TLS\"}",
+        1.0,
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "tern_errors_total{listener=\"in-http\",flag=\"TLS\"}"
+        ),
+        1.0
+    );
+}
+
+/// Reads until the proxy closes; what came back must not be an answer (at most a TLS alert).
+fn refused_without_an_answer(conn: &mut Conn) {
+    let mut got = Vec::new();
+    // A read timeout (the client's, 10 s) would mean the proxy left the connection open.
+    conn.stream
+        .read_to_end(&mut got)
+        .expect("the proxy closes the connection");
+    assert!(
+        got.is_empty() || got[0] == 0x15,
+        "expected nothing or a TLS alert, got {:?}",
+        String::from_utf8_lossy(&got)
+    );
+}
+
+fn the_wrong_identity_is_refused(backend: BackendChoice) {
+    let dir = TempDir::new("mtls-wrong");
+    let ca = TestCa::new("root");
+    let a_id = ca.write_identity(&dir.0, "a", A, &[&ca], false);
+    let b_id = ca.write_identity(
+        &dir.0,
+        "b",
+        "spiffe://tern.test/ns/shop/sa/impostor",
+        &[&ca],
+        false,
+    );
+    let (echo, http) = (Echo::start(), Http::start("app"));
+    let b = inbound(backend, &b_id, echo.addr, http.addr);
+    let a = outbound(backend, &a_id, &b, B);
+    refused_by_outbound(&a);
+}
+
+fn an_untrusted_ca_is_refused_both_ways(backend: BackendChoice) {
+    let dir = TempDir::new("mtls-untrusted");
+    let (ca, rogue) = (TestCa::new("root"), TestCa::new("rogue"));
+    // B's certificate comes from a CA A does not trust.
+    let a_id = ca.write_identity(&dir.0, "a", A, &[&ca], false);
+    let b_id = rogue.write_identity(&dir.0, "b", B, &[&ca], false);
+    let (echo, http) = (Echo::start(), Http::start("app"));
+    let b = inbound(backend, &b_id, echo.addr, http.addr);
+    let a = outbound(backend, &a_id, &b, B);
+    refused_by_outbound(&a);
+    // A's certificate comes from a CA B does not trust: B refuses the client.
+    let a_rogue = rogue.write_identity(&dir.0, "a2", A, &[&ca, &rogue], false);
+    let b_ok = ca.write_identity(&dir.0, "b2", B, &[&ca], false);
+    let b2 = inbound(backend, &b_ok, echo.addr, http.addr);
+    let a2 = outbound(backend, &a_rogue, &b2, B);
+    refused_by_inbound(&a2, &b2);
+}
+
+fn an_expired_certificate_is_refused(backend: BackendChoice) {
+    let dir = TempDir::new("mtls-expired");
+    let ca = TestCa::new("root");
+    let a_id = ca.write_identity(&dir.0, "a", A, &[&ca], false);
+    let b_id = ca.write_identity(&dir.0, "b", B, &[&ca], true);
+    let (echo, http) = (Echo::start(), Http::start("app"));
+    let b = inbound(backend, &b_id, echo.addr, http.addr);
+    let a = outbound(backend, &a_id, &b, B);
+    refused_by_outbound(&a);
+}
+
+fn plaintext_garbage_and_stalled_handshakes_are_refused(backend: BackendChoice) {
+    let m = mesh(backend);
+    let inbound_tcp = m.b.listener_addr("in-tcp").unwrap();
+    let inbound_http = m.b.listener_addr("in-http").unwrap();
+    // Plaintext HTTP to a strict port.
+    let mut conn = Conn::open(inbound_http);
+    conn.send(b"GET / HTTP/1.1\r\nHost: b\r\n\r\n");
+    refused_without_an_answer(&mut conn);
+    // Random bytes.
+    let mut conn = Conn::open(inbound_tcp);
+    conn.send(&payload(3000));
+    refused_without_an_answer(&mut conn);
+    // A truncated ClientHello, then silence: the handshake timeout (400 ms) closes it.
+    let mut conn = Conn::open(inbound_tcp);
+    conn.send(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03");
+    let started = Instant::now();
+    refused_without_an_answer(&mut conn);
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "closed after {:?}",
+        started.elapsed()
+    );
+    let metrics = wait_for_metric(
+        &m.b,
+        "tern_errors_total{listener=\"in-tcp\",flag=\"TLS\"}",
+        2.0,
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "tern_errors_total{listener=\"in-http\",flag=\"TLS\"}"
+        ),
+        1.0
+    );
+    // Everyone else is still served.
+    let mut stream = client::connect(m.a.listener_addr("out-tcp").unwrap());
+    stream.write_all(b"still here").unwrap();
+    let mut reply = [0u8; 10];
+    stream.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"still here");
+}
+
+fn config_without_identity_files_is_refused(_backend: BackendChoice) {
+    let yaml = "listeners:\n  - { name: in, address: 127.0.0.1:0, protocol: tcp, cluster: c, tls: { mode: strict } }\nclusters:\n  - { name: c, endpoints: [127.0.0.1:1] }\n";
+    let error = shared::Config::from_yaml(yaml, "no-identity.yaml").unwrap_err();
+    assert!(error.to_string().contains("identity"), "{error}");
+    let dir = TempDir::new("mtls-missing");
+    let missing = format!(
+        "identity:\n  cert: {0}/nope.crt\n  key: {0}/nope.key\n  trust_bundle: {0}/nope.crt\n{yaml}",
+        dir.0.display()
+    );
+    let config = shared::Config::from_yaml(&missing, "missing.yaml").unwrap();
+    let error =
+        dataplane::snapshot::Snapshot::compile(config, 1, "missing.yaml".into()).unwrap_err();
+    assert!(error.to_string().contains("nope.crt"), "{error}");
+}
+
+both_backends!(
+    tcp_is_byte_exact_both_ways_with_half_close,
+    many_small_messages,
+    http_requests_cross_the_tunnel_on_pooled_connections,
+    the_wrong_identity_is_refused,
+    an_untrusted_ca_is_refused_both_ways,
+    an_expired_certificate_is_refused,
+    plaintext_garbage_and_stalled_handshakes_are_refused,
+    config_without_identity_files_is_refused,
+);
