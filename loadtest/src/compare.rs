@@ -90,6 +90,9 @@ pub enum TargetKind {
     Tern,
     /// `tern-proxy`, one worker, io_uring backend.
     TernUring,
+    /// A sidecar pair: an outbound `tern-proxy` originating mTLS to an inbound one, one
+    /// worker each, with certificates from a CA generated for the run.
+    TernMtls,
     /// HAProxy, one thread.
     Haproxy,
     /// nginx, one worker.
@@ -103,6 +106,7 @@ impl TargetKind {
             TargetKind::Direct => "direct",
             TargetKind::Tern => "tern",
             TargetKind::TernUring => "tern-uring",
+            TargetKind::TernMtls => "tern-mtls",
             TargetKind::Haproxy => "haproxy",
             TargetKind::Nginx => "nginx",
         }
@@ -124,13 +128,32 @@ pub struct Programs {
 struct Target {
     kind: TargetKind,
     addr: SocketAddr,
-    process: Option<Child>,
+    /// The proxy processes (none for direct).
+    processes: Vec<Child>,
     _dir: Option<ScratchDir>,
+}
+
+impl Target {
+    /// CPU and memory of all the target's processes.
+    fn usage(&self) -> Option<Usage> {
+        if self.processes.is_empty() {
+            return None;
+        }
+        Some(
+            self.processes
+                .iter()
+                .map(|c| process_usage(c.id()))
+                .fold(Usage::default(), |a, b| Usage {
+                    cpu_seconds: a.cpu_seconds + b.cpu_seconds,
+                    rss_bytes: a.rss_bytes + b.rss_bytes,
+                }),
+        )
+    }
 }
 
 impl Drop for Target {
     fn drop(&mut self) {
-        if let Some(child) = &mut self.process {
+        for child in &mut self.processes {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -180,9 +203,12 @@ fn start_target(
         return Ok(Target {
             kind,
             addr: upstream,
-            process: None,
+            processes: Vec::new(),
             _dir: None,
         });
+    }
+    if kind == TargetKind::TernMtls {
+        return start_mtls_pair(scenario, upstream, programs, scratch);
     }
     let dir = scratch.join(kind.name());
     std::fs::create_dir_all(&dir)?;
@@ -206,7 +232,7 @@ fn start_target(
         ),
     ];
     let mut command = match kind {
-        TargetKind::Direct => unreachable!("handled above"),
+        TargetKind::Direct | TargetKind::TernMtls => unreachable!("handled above"),
         TargetKind::Tern | TargetKind::TernUring => {
             let listener = match scenario.protocol {
                 Protocol::Http => format!(
@@ -275,7 +301,91 @@ fn start_target(
     Ok(Target {
         kind,
         addr: listen,
-        process: Some(child),
+        processes: vec![child],
+        _dir: Some(ScratchDir(dir)),
+    })
+}
+
+/// Starts a `tern-proxy` with `config` and waits until it listens on `listen`.
+fn start_tern(
+    programs: &Programs,
+    config: &Path,
+    listen: SocketAddr,
+    what: &str,
+) -> anyhow::Result<Child> {
+    let mut child = Command::new(&programs.tern_proxy)
+        .args([
+            "--config",
+            &config.display().to_string(),
+            "--admin",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+        ])
+        .args(["--log", "warn"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {what} ({})", programs.tern_proxy.display()))?;
+    wait_listening(listen, &mut child, what)?;
+    Ok(child)
+}
+
+/// The sidecar pair: client → outbound tern-proxy → mTLS → inbound tern-proxy → upstream.
+fn start_mtls_pair(
+    scenario: &Scenario,
+    upstream: SocketAddr,
+    programs: &Programs,
+    scratch: &Path,
+) -> anyhow::Result<Target> {
+    let dir = scratch.join("tern-mtls");
+    let pki = crate::pki::Pki::generate(&dir, "tern-load.local", &["client", "server"])?;
+    let (listen, inbound) = (free_port()?, free_port()?);
+    let protocol = scenario.protocol.name();
+    let listener = |name: &str, address: SocketAddr, to: &str, tls: &str| match scenario.protocol {
+        Protocol::Http => format!(
+            "  - {{ name: {name}, address: {address}, protocol: http, routes: [{{ cluster: {to} }}]{tls} }}\n"
+        ),
+        Protocol::Tcp => format!(
+            "  - {{ name: {name}, address: {address}, protocol: tcp, cluster: {to}{tls} }}\n"
+        ),
+    };
+    let inbound_config = dir.join("inbound.yaml");
+    std::fs::write(
+        &inbound_config,
+        format!(
+            "{}listeners:\n{}clusters:\n  - {{ name: app, endpoints: [{upstream}] }}\n",
+            pki.identity_yaml("server"),
+            listener("inbound", inbound, "app", ", tls: { mode: strict }"),
+        ),
+    )?;
+    let outbound_config = dir.join("outbound.yaml");
+    std::fs::write(
+        &outbound_config,
+        format!(
+            "{}listeners:\n{}clusters:\n  - {{ name: server, endpoints: [{inbound}], tls: {{ identity: \"{}\" }} }}\n",
+            pki.identity_yaml("client"),
+            listener("outbound", listen, "server", ""),
+            pki.spiffe_id("server"),
+        ),
+    )?;
+    let inbound_proxy = start_tern(
+        programs,
+        &inbound_config,
+        inbound,
+        &format!("inbound sidecar ({protocol})"),
+    )?;
+    let mut processes = vec![inbound_proxy];
+    processes.push(start_tern(
+        programs,
+        &outbound_config,
+        listen,
+        "outbound sidecar",
+    )?);
+    Ok(Target {
+        kind: TargetKind::TernMtls,
+        addr: listen,
+        processes,
         _dir: Some(ScratchDir(dir)),
     })
 }
@@ -488,10 +598,7 @@ pub fn run(scenario: &Scenario, programs: &Programs, out: &Path) -> anyhow::Resu
     };
     let mut measured: BTreeMap<(usize, TargetKind), Measured> = BTreeMap::new();
     for target in &targets {
-        let rss_idle = target
-            .process
-            .as_ref()
-            .map_or(0, |c| process_usage(c.id()).rss_bytes);
+        let rss_idle = target.usage().map_or(0, |u| u.rss_bytes);
         for &connections in &scenario.connections {
             measured.insert(
                 (connections, target.kind),
@@ -526,12 +633,11 @@ pub fn run(scenario: &Scenario, programs: &Programs, out: &Path) -> anyhow::Resu
                     warmup: scenario.warmup,
                     timeout: Duration::from_secs(5),
                 };
-                let pid = target.process.as_ref().map(Child::id);
-                let before = pid.map(process_usage);
+                let before = target.usage();
                 let started = Instant::now();
                 let outcome = generator::run(&plan, &Progress::default())?;
                 let wall = started.elapsed().as_secs_f64();
-                let after = pid.map(process_usage);
+                let after = target.usage();
                 let m = measured
                     .get_mut(&(connections, target.kind))
                     .context("measurement slot")?;
@@ -588,9 +694,9 @@ pub fn run(scenario: &Scenario, programs: &Programs, out: &Path) -> anyhow::Resu
                 _ => BTreeMap::new(),
             };
             let busy_seconds = m.measured_seconds;
-            let vcpu = (target.process.is_some() && busy_seconds > 0.0)
+            let vcpu = (!target.processes.is_empty() && busy_seconds > 0.0)
                 .then(|| m.cpu_seconds / busy_seconds / (scenario.rate / 1000.0));
-            let proxy = target.process.is_some();
+            let proxy = !target.processes.is_empty();
             rows.push(TargetResult {
                 target: target.kind.name().to_owned(),
                 connections,
@@ -616,8 +722,12 @@ pub fn run(scenario: &Scenario, programs: &Programs, out: &Path) -> anyhow::Resu
                 }
                 let _ = writeln!(text, "{line}");
             }
-            // Ratios of Tern's added latency to each peer's, same run.
-            for tern in rows.iter().filter(|r| r.target.starts_with("tern")) {
+            // Ratios of Tern's added latency to each peer's, same run, for equal hop counts
+            // (the mTLS pair is two hops; the peers run one).
+            for tern in rows
+                .iter()
+                .filter(|r| r.target == "tern" || r.target == "tern-uring")
+            {
                 for peer in rows
                     .iter()
                     .filter(|r| r.target == "haproxy" || r.target == "nginx")
