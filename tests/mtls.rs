@@ -307,6 +307,43 @@ fn plaintext_garbage_and_stalled_handshakes_are_refused(backend: BackendChoice) 
     assert_eq!(&reply, b"still here");
 }
 
+fn a_pooled_connection_the_peer_closed_is_replaced(backend: BackendChoice) {
+    let dir = TempDir::new("mtls-stale");
+    let ca = TestCa::new("root");
+    let a_id = ca.write_identity(&dir.0, "a", A, &[&ca], false);
+    let b_id = ca.write_identity(&dir.0, "b", B, &[&ca], false);
+    let http = Http::start("app");
+    // The inbound side closes idle keep-alive connections after 200 ms; the outbound pool
+    // keeps them for an hour, so the next request finds a dead one.
+    let yaml = format!(
+        "{}listeners:\n  - {{ name: in-tcp, address: 127.0.0.1:0, protocol: tcp, cluster: app, tls: {{ mode: strict }} }}\n\
+         \x20 - {{ name: in-http, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: app }}], tls: {{ mode: strict }} }}\n\
+         clusters:\n  - {{ name: app, endpoints: [{}] }}\nhttp:\n  keepalive_timeout: 200ms\n",
+        b_id.yaml(),
+        http.addr
+    );
+    let b = start_proxy(&yaml, backend);
+    let a = outbound(backend, &a_id, &b, B);
+    let mut conn = Conn::open(a.listener_addr("out-http").unwrap());
+    for i in 0..3 {
+        conn.send(format!("GET /n/{i} HTTP/1.1\r\nHost: b\r\n\r\n").as_bytes());
+        assert_eq!(
+            conn.response(false).text(),
+            format!("app /n/{i}"),
+            "request {i}"
+        );
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    let metrics = tests::admin_get(&a, "/metrics");
+    assert_eq!(
+        metric(
+            &metrics,
+            "tern_upstream_connections_total{cluster=\"b-http\"}"
+        ),
+        3.0
+    );
+}
+
 fn config_without_identity_files_is_refused(_backend: BackendChoice) {
     let yaml = "listeners:\n  - { name: in, address: 127.0.0.1:0, protocol: tcp, cluster: c, tls: { mode: strict } }\nclusters:\n  - { name: c, endpoints: [127.0.0.1:1] }\n";
     let error = shared::Config::from_yaml(yaml, "no-identity.yaml").unwrap_err();
@@ -331,4 +368,5 @@ both_backends!(
     an_expired_certificate_is_refused,
     plaintext_garbage_and_stalled_handshakes_are_refused,
     config_without_identity_files_is_refused,
+    a_pooled_connection_the_peer_closed_is_replaced,
 );

@@ -93,6 +93,10 @@ pub enum TargetKind {
     /// A sidecar pair: an outbound `tern-proxy` originating mTLS to an inbound one, one
     /// worker each, with certificates from a CA generated for the run.
     TernMtls,
+    /// The same pair built from two HAProxy processes (one thread each).
+    HaproxyMtls,
+    /// The same pair built from two nginx processes (one worker each).
+    NginxMtls,
     /// HAProxy, one thread.
     Haproxy,
     /// nginx, one worker.
@@ -107,6 +111,8 @@ impl TargetKind {
             TargetKind::Tern => "tern",
             TargetKind::TernUring => "tern-uring",
             TargetKind::TernMtls => "tern-mtls",
+            TargetKind::HaproxyMtls => "haproxy-mtls",
+            TargetKind::NginxMtls => "nginx-mtls",
             TargetKind::Haproxy => "haproxy",
             TargetKind::Nginx => "nginx",
         }
@@ -210,29 +216,13 @@ fn start_target(
     if kind == TargetKind::TernMtls {
         return start_mtls_pair(scenario, upstream, programs, scratch);
     }
+    if matches!(kind, TargetKind::HaproxyMtls | TargetKind::NginxMtls) {
+        return start_peer_pair(kind, scenario, upstream, programs, scratch);
+    }
     let dir = scratch.join(kind.name());
     std::fs::create_dir_all(&dir)?;
     let listen = free_port()?;
-    let mode = match scenario.protocol {
-        Protocol::Http => "http",
-        Protocol::Tcp => "tcp",
-    };
-    let vars = [
-        ("listen", listen.to_string()),
-        ("upstream", upstream.to_string()),
-        ("dir", dir.display().to_string()),
-        ("mode", mode.to_owned()),
-        (
-            "http_only",
-            if mode == "http" {
-                String::new()
-            } else {
-                "# ".to_owned()
-            },
-        ),
-    ];
-    let mut command = match kind {
-        TargetKind::Direct | TargetKind::TernMtls => unreachable!("handled above"),
+    let child = match kind {
         TargetKind::Tern | TargetKind::TernUring => {
             let listener = match scenario.protocol {
                 Protocol::Http => format!(
@@ -254,26 +244,173 @@ fn start_target(
             } else {
                 "epoll"
             };
-            let mut c = Command::new(&programs.tern_proxy);
-            c.args([
-                "--config",
-                &config.display().to_string(),
-                "--admin",
-                "127.0.0.1:0",
-                "--workers",
-                "1",
-            ])
-            .args(["--io-backend", backend, "--log", "warn"]);
-            c
+            let mut child = Command::new(&programs.tern_proxy)
+                .args([
+                    "--config",
+                    &config.display().to_string(),
+                    "--admin",
+                    "127.0.0.1:0",
+                    "--workers",
+                    "1",
+                ])
+                .args(["--io-backend", backend, "--log", "warn"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .with_context(|| {
+                    format!(
+                        "starting {} ({})",
+                        kind.name(),
+                        programs.tern_proxy.display()
+                    )
+                })?;
+            wait_listening(listen, &mut child, kind.name())?;
+            child
         }
-        TargetKind::Haproxy => {
+        TargetKind::Haproxy => start_peer(
+            Peer::Haproxy,
+            scenario,
+            listen,
+            upstream,
+            &dir,
+            Tls::None,
+            programs,
+        )?,
+        TargetKind::Nginx => start_peer(
+            Peer::Nginx,
+            scenario,
+            listen,
+            upstream,
+            &dir,
+            Tls::None,
+            programs,
+        )?,
+        TargetKind::Direct
+        | TargetKind::TernMtls
+        | TargetKind::HaproxyMtls
+        | TargetKind::NginxMtls => {
+            unreachable!("handled above")
+        }
+    };
+    Ok(Target {
+        kind,
+        addr: listen,
+        processes: vec![child],
+        _dir: Some(ScratchDir(dir)),
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Peer {
+    Haproxy,
+    Nginx,
+}
+
+/// A peer proxy's part in an mTLS pair.
+#[derive(Debug, Clone, Copy)]
+enum Tls<'a> {
+    /// Plain in, plain out.
+    None,
+    /// Terminates mTLS (certificate `server`, client certificates required).
+    Terminate(&'a crate::pki::Pki),
+    /// Originates mTLS (certificate `client`, verifies `server` by its DNS name).
+    Originate(&'a crate::pki::Pki),
+}
+
+/// Starts HAProxy or nginx from the configs in `loadtest/peers/`, in its role.
+fn start_peer(
+    peer: Peer,
+    scenario: &Scenario,
+    listen: SocketAddr,
+    upstream: SocketAddr,
+    dir: &Path,
+    tls: Tls<'_>,
+    programs: &Programs,
+) -> anyhow::Result<Child> {
+    std::fs::create_dir_all(dir)?;
+    let mode = scenario.protocol.name();
+    let d = dir.display().to_string();
+    let mut vars: Vec<(&str, String)> = vec![
+        ("listen", listen.to_string()),
+        ("upstream", upstream.to_string()),
+        ("dir", d),
+        ("mode", mode.to_owned()),
+        (
+            "http_only",
+            if mode == "http" {
+                String::new()
+            } else {
+                "# ".to_owned()
+            },
+        ),
+        ("bind_tls", String::new()),
+        ("server_tls", String::new()),
+        ("listen_tls", String::new()),
+        ("proxy_tls", String::new()),
+        ("scheme", "http".to_owned()),
+    ];
+    let mut set = |key: &str, value: String| {
+        if let Some(slot) = vars.iter_mut().find(|(k, _)| *k == key) {
+            slot.1 = value;
+        }
+    };
+    match (peer, tls) {
+        (_, Tls::None) => {}
+        (Peer::Haproxy, Tls::Terminate(pki)) => {
+            let p = pki.dir().display();
+            set(
+                "bind_tls",
+                format!(
+                    " ssl crt {p}/server.pem ca-file {p}/ca.crt verify required ssl-min-ver TLSv1.3"
+                ),
+            );
+        }
+        (Peer::Haproxy, Tls::Originate(pki)) => {
+            let p = pki.dir().display();
+            let name = pki.dns_name("server");
+            set(
+                "server_tls",
+                format!(
+                    " ssl crt {p}/client.pem ca-file {p}/ca.crt verify required verifyhost {name} sni str({name}) ssl-min-ver TLSv1.3"
+                ),
+            );
+        }
+        (Peer::Nginx, Tls::Terminate(pki)) => {
+            let p = pki.dir().display();
+            set("listen_tls", " ssl".to_owned());
+            set(
+                "server_tls",
+                format!(
+                    "ssl_certificate {p}/server.crt; ssl_certificate_key {p}/server.key; ssl_client_certificate {p}/ca.crt; ssl_verify_client on; ssl_protocols TLSv1.3;"
+                ),
+            );
+        }
+        (Peer::Nginx, Tls::Originate(pki)) => {
+            let p = pki.dir().display();
+            let name = pki.dns_name("server");
+            let on = if scenario.protocol == Protocol::Tcp {
+                "proxy_ssl on; "
+            } else {
+                ""
+            };
+            set("scheme", "https".to_owned());
+            set(
+                "proxy_tls",
+                format!(
+                    "{on}proxy_ssl_certificate {p}/client.crt; proxy_ssl_certificate_key {p}/client.key; proxy_ssl_trusted_certificate {p}/ca.crt; proxy_ssl_verify on; proxy_ssl_name {name}; proxy_ssl_server_name on; proxy_ssl_protocols TLSv1.3; proxy_ssl_session_reuse on;"
+                ),
+            );
+        }
+    }
+    let mut command = match peer {
+        Peer::Haproxy => {
             let config = dir.join("haproxy.cfg");
             std::fs::write(&config, fill(include_str!("../peers/haproxy.cfg"), &vars))?;
             let mut c = Command::new(&programs.haproxy);
             c.args(["-f", &config.display().to_string(), "-db"]);
             c
         }
-        TargetKind::Nginx => {
+        Peer::Nginx => {
             let template = match scenario.protocol {
                 Protocol::Http => include_str!("../peers/nginx-http.conf"),
                 Protocol::Tcp => include_str!("../peers/nginx-tcp.conf"),
@@ -286,22 +423,61 @@ fn start_target(
                 &dir.display().to_string(),
                 "-c",
                 &config.display().to_string(),
-                "-e",
-                &dir.join("error.log").display().to_string(),
-            ]);
+            ])
+            .args(["-e", &dir.join("error.log").display().to_string()]);
             c
         }
     };
+    let what = format!("{peer:?}").to_lowercase();
     let mut child = command
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .with_context(|| format!("starting {} ({:?})", kind.name(), command.get_program()))?;
-    wait_listening(listen, &mut child, kind.name())?;
+        .with_context(|| format!("starting {what} ({:?})", command.get_program()))?;
+    wait_listening(listen, &mut child, &what)?;
+    Ok(child)
+}
+
+/// An mTLS pair of HAProxy or nginx processes: client → outbound → mTLS → inbound → upstream.
+fn start_peer_pair(
+    kind: TargetKind,
+    scenario: &Scenario,
+    upstream: SocketAddr,
+    programs: &Programs,
+    scratch: &Path,
+) -> anyhow::Result<Target> {
+    let peer = if kind == TargetKind::HaproxyMtls {
+        Peer::Haproxy
+    } else {
+        Peer::Nginx
+    };
+    let dir = scratch.join(kind.name());
+    let pki =
+        crate::pki::Pki::generate(&dir.join("pki"), "tern-load.local", &["client", "server"])?;
+    let (listen, inbound) = (free_port()?, free_port()?);
+    let inner = start_peer(
+        peer,
+        scenario,
+        inbound,
+        upstream,
+        &dir.join("inbound"),
+        Tls::Terminate(&pki),
+        programs,
+    )?;
+    let mut processes = vec![inner];
+    processes.push(start_peer(
+        peer,
+        scenario,
+        listen,
+        inbound,
+        &dir.join("outbound"),
+        Tls::Originate(&pki),
+        programs,
+    )?);
     Ok(Target {
         kind,
         addr: listen,
-        processes: vec![child],
+        processes,
         _dir: Some(ScratchDir(dir)),
     })
 }
@@ -722,15 +898,19 @@ pub fn run(scenario: &Scenario, programs: &Programs, out: &Path) -> anyhow::Resu
                 }
                 let _ = writeln!(text, "{line}");
             }
-            // Ratios of Tern's added latency to each peer's, same run, for equal hop counts
-            // (the mTLS pair is two hops; the peers run one).
-            for tern in rows
-                .iter()
-                .filter(|r| r.target == "tern" || r.target == "tern-uring")
-            {
-                for peer in rows
+            // Ratios of Tern's added latency to each peer's, same run, like for like: single
+            // hops with single hops, mTLS pairs with mTLS pairs.
+            let pairs: [(&str, &[&str]); 3] = [
+                ("tern", &["haproxy", "nginx"]),
+                ("tern-uring", &["haproxy", "nginx"]),
+                ("tern-mtls", &["haproxy-mtls", "nginx-mtls"]),
+            ];
+            for (ours, theirs) in pairs {
+                let peers = rows.iter().filter(|r| theirs.contains(&r.target.as_str()));
+                for (tern, peer) in rows
                     .iter()
-                    .filter(|r| r.target == "haproxy" || r.target == "nginx")
+                    .filter(|r| r.target == ours)
+                    .flat_map(|t| peers.clone().map(move |p| (t, p)))
                 {
                     let mut line = format!("{:<22}", format!("{} / {}", tern.target, peer.target));
                     for (_, name) in PERCENTILES {

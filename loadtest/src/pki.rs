@@ -10,6 +10,7 @@ use rcgen::{
 };
 
 /// A run's CA and the workload identities it issued.
+#[derive(Debug)]
 pub struct Pki {
     dir: PathBuf,
     trust_domain: String,
@@ -38,7 +39,12 @@ impl Pki {
         };
         for name in workloads {
             let mut leaf = CertificateParams::new(Vec::<String>::new())?;
-            leaf.subject_alt_names = vec![SanType::URI(pki.spiffe_id(name).as_str().try_into()?)];
+            // The URI SAN is the SPIFFE ID Tern checks; the DNS SAN lets HAProxy and nginx,
+            // which cannot match URI SANs, verify the same certificates by name.
+            leaf.subject_alt_names = vec![
+                SanType::URI(pki.spiffe_id(name).as_str().try_into()?),
+                SanType::DnsName(pki.dns_name(name).as_str().try_into()?),
+            ];
             leaf.extended_key_usages = vec![
                 ExtendedKeyUsagePurpose::ServerAuth,
                 ExtendedKeyUsagePurpose::ClientAuth,
@@ -48,6 +54,11 @@ impl Pki {
             let cert = leaf.signed_by(&key, &issuer)?;
             std::fs::write(dir.join(format!("{name}.crt")), cert.pem())?;
             std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem())?;
+            // HAProxy takes certificate and key in one file.
+            std::fs::write(
+                dir.join(format!("{name}.pem")),
+                format!("{}{}", cert.pem(), key.serialize_pem()),
+            )?;
         }
         Ok(pki)
     }
@@ -55,6 +66,16 @@ impl Pki {
     /// The SPIFFE ID of a workload.
     pub fn spiffe_id(&self, name: &str) -> String {
         format!("spiffe://{}/ns/default/sa/{name}", self.trust_domain)
+    }
+
+    /// The DNS name in a workload's certificate.
+    pub fn dns_name(&self, name: &str) -> String {
+        format!("{name}.{}", self.trust_domain)
+    }
+
+    /// The directory holding `ca.crt` and `<name>.{crt,key,pem}`.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The `identity:` block of a tern-proxy config for a workload.

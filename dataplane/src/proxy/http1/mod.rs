@@ -24,6 +24,9 @@ use crate::snapshot::{RoutePlan, RouteTable};
 use crate::tls::MaybeTls;
 use crate::worker::{View, Worker};
 
+/// How long a closing connection may take to send its TLS close_notify.
+const CLOSE_NOTIFY_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Initial capacity of a connection's head buffers.
 const HEAD_BUFFER: usize = 4096;
 
@@ -105,6 +108,9 @@ pub async fn serve<B: Backend>(
             break;
         }
     }
+    // Over TLS, say goodbye properly (close_notify) so the peer can tell a close from a
+    // truncation; best effort.
+    let _ = tokio::time::timeout(CLOSE_NOTIFY_GRACE, conn.down.close_write()).await;
     let _ = conn.down.shutdown(Shutdown::Both);
 }
 
@@ -357,7 +363,9 @@ impl<B: Backend> Conn<'_, B> {
             };
             self.upbuf = upbuf;
             match read {
-                Ok(0) if self.upbuf.is_empty() => return Err(UpstreamFailure::Closed),
+                // Nothing came back: a connection the upstream had closed while it sat in the
+                // pool (over TLS the close shows as an error, not an end of stream).
+                Ok(0) | Err(_) if self.upbuf.is_empty() => return Err(UpstreamFailure::Closed),
                 Ok(0) | Err(_) => return Err(UpstreamFailure::Reset),
                 Ok(n) => self.view.clusters[route.cluster].received(n as u64),
             }
@@ -518,7 +526,7 @@ impl<B: Backend> Conn<'_, B> {
 /// How the upstream failed before a response head arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum UpstreamFailure {
-    /// Closed before sending anything (a stale pooled connection, typically).
+    /// Closed or failed before sending anything (a stale pooled connection, typically).
     Closed,
     /// Closed or failed mid-head.
     Reset,
