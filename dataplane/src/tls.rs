@@ -8,7 +8,7 @@
 //! connections are TLS; listener and cluster config do.
 
 use std::cell::RefCell;
-use std::io::{self, Read as _, Write as _};
+use std::io::{self, BufRead as _, Write as _};
 use std::net::Shutdown;
 use std::ops::Range;
 use std::path::Path;
@@ -426,22 +426,34 @@ impl<S: Stream> Stream for TlsStream<S> {
             buf.reserve(buf.capacity().max(4096));
         }
         loop {
-            let start = buf.len();
-            let spare = buf.capacity() - start;
+            // Copy whatever plaintext rustls holds straight into the spare capacity (no
+            // zero-filling of the buffer first).
+            let spare = buf.capacity() - buf.len();
             {
                 let mut conn = self.conn.borrow_mut();
-                buf.resize(start + spare, 0);
-                let read = conn.reader().read(&mut buf[start..]);
-                match read {
-                    Ok(n) => {
-                        buf.truncate(start + n);
-                        return (Ok(n), buf);
+                let mut reader = conn.reader();
+                let mut copied = 0;
+                let mut would_block = false;
+                while copied < spare {
+                    match reader.fill_buf() {
+                        // close_notify: end of stream.
+                        Ok([]) => break,
+                        Ok(chunk) => {
+                            let n = chunk.len().min(spare - copied);
+                            buf.extend_from_slice(&chunk[..n]);
+                            reader.consume(n);
+                            copied += n;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            would_block = true;
+                            break;
+                        }
+                        Err(e) if copied == 0 => return (Err(e), buf),
+                        Err(_) => break,
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => buf.truncate(start),
-                    Err(e) => {
-                        buf.truncate(start);
-                        return (Err(e), buf);
-                    }
+                }
+                if copied > 0 || !would_block {
+                    return (Ok(copied), buf);
                 }
             }
             // Ciphertext held back by backpressure comes first.
@@ -475,15 +487,24 @@ impl<S: Stream> Stream for TlsStream<S> {
     }
 
     async fn write_all(&self, buf: Vec<u8>, range: Range<usize>) -> BufResult<()> {
-        let Some(plain) = buf.get(range) else {
+        if buf.get(range.clone()).is_none() {
             return (Err(io::ErrorKind::InvalidInput.into()), buf);
-        };
-        let queued = self.conn.borrow_mut().writer().write_all(plain);
-        if let Err(e) = queued {
-            return (Err(e), buf);
         }
-        let flushed = self.flush().await;
-        (flushed, buf)
+        // rustls takes plaintext up to its buffer limit (64 KiB) at a time; send what it has
+        // encrypted before giving it more.
+        let mut at = range.start;
+        while at < range.end {
+            let taken = self.conn.borrow_mut().writer().write(&buf[at..range.end]);
+            match taken {
+                Ok(0) => {}
+                Ok(n) => at += n,
+                Err(e) => return (Err(e), buf),
+            }
+            if let Err(e) = self.flush().await {
+                return (Err(e), buf);
+            }
+        }
+        (Ok(()), buf)
     }
 
     fn shutdown(&self, how: Shutdown) -> io::Result<()> {

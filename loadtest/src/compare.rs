@@ -130,6 +130,19 @@ pub struct Programs {
     pub nginx: PathBuf,
 }
 
+/// Responses at least this large make a scenario a bulk-throughput one.
+const BULK_BYTES: usize = 1 << 20;
+
+/// Throughput of one bulk response at the median transfer time, MB/s.
+fn bulk_mbps(scenario: &Scenario, latency: &Summary) -> f64 {
+    let seconds = latency.get("p50") as f64 / 1e6;
+    if seconds > 0.0 {
+        scenario.response_size as f64 / 1e6 / seconds
+    } else {
+        0.0
+    }
+}
+
 /// A started target.
 struct Target {
     kind: TargetKind,
@@ -929,9 +942,33 @@ pub fn run(scenario: &Scenario, programs: &Programs, out: &Path) -> anyhow::Resu
                 }
             }
         }
+        if scenario.response_size >= BULK_BYTES {
+            // Bulk: each response is one long transfer; its median time gives the throughput.
+            let direct_mbps = rows
+                .iter()
+                .find(|r| r.target == "direct")
+                .map(|r| bulk_mbps(scenario, &r.latency_us));
+            let _ = writeln!(
+                text,
+                "\nbulk ({} MB per response)   MB/s at p50   vs direct",
+                scenario.response_size >> 20
+            );
+            for row in &rows {
+                let mbps = bulk_mbps(scenario, &row.latency_us);
+                let share = direct_mbps
+                    .filter(|d| *d > 0.0)
+                    .map_or_else(|| "-".to_owned(), |d| format!("{:.0}%", mbps / d * 100.0));
+                let _ = writeln!(text, "{:<28} {mbps:>11.0} {share:>11}", row.target);
+            }
+        }
         let _ = writeln!(
             text,
-            "\nresources          vCPU/1000rps  RSS idle MB  RSS load MB"
+            "\nresources          vCPU/1000rps  RSS idle MB  RSS load MB{}",
+            if scenario.response_size >= BULK_BYTES {
+                "   (vCPU/1000rps: not meaningful for bulk)"
+            } else {
+                ""
+            }
         );
         for row in rows.iter().filter(|r| r.vcpu_per_1000_rps.is_some()) {
             let _ = writeln!(

@@ -14,8 +14,11 @@ use crate::io::{Backend, Stream};
 use crate::metrics::Flag;
 use crate::worker::{View, Worker};
 
-/// Buffer size of each direction.
+/// Initial buffer size of each direction.
 const COPY_BUFFER: usize = 16 * 1024;
+/// A direction whose reads keep filling its buffer grows it up to this, so bulk transfers
+/// take fewer, larger syscalls while ordinary connections stay small.
+const MAX_COPY_BUFFER: usize = 256 * 1024;
 
 /// Serves one opaque TCP connection.
 pub async fn serve<B: Backend, D: Stream>(
@@ -141,6 +144,9 @@ async fn copy<S: Stream, D: Stream>(
             let (written, back) = dst.write_all(std::mem::take(&mut buf), 0..n).await;
             buf = back;
             written?;
+            if n == buf.capacity() && n < MAX_COPY_BUFFER {
+                buf.reserve(2 * n - buf.len());
+            }
         }
     }
     .await;
