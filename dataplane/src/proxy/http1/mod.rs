@@ -186,7 +186,9 @@ impl<B: Backend> Conn<'_, B> {
         let mut body_done = !has_body;
         let mut retried = false;
         let (up, addr, response) = loop {
-            let Some((up, addr, reused)) = self.checkout(cluster).await else {
+            // A retry connects afresh: connections parked as long as the stale one probably
+            // went stale with it.
+            let Some((up, addr, reused)) = self.checkout(cluster, !retried).await else {
                 self.inbuf.drain(..head.len);
                 return self
                     .reply(503, Flag::UpstreamConnectFailure, has_body, started)
@@ -492,12 +494,19 @@ impl<B: Backend> Conn<'_, B> {
         Next::Close
     }
 
-    /// A pooled connection to the cluster's next endpoint, or a new one.
-    async fn checkout(&self, cluster: usize) -> Option<(MaybeTls<B::Stream>, SocketAddr, bool)> {
+    /// A pooled connection to the cluster's next endpoint (when `pooled`), or a new one.
+    async fn checkout(
+        &self,
+        cluster: usize,
+        pooled: bool,
+    ) -> Option<(MaybeTls<B::Stream>, SocketAddr, bool)> {
         let plan = self.view.snapshot.clusters.get(cluster)?;
         // Round robin picks the endpoint; the pool only saves the handshake.
         let addr = self.view.next_endpoint(cluster)?;
-        if let Some(stream) = self.worker.pool.take(addr, plan.idle_timeout) {
+        if let Some(stream) = pooled
+            .then(|| self.worker.pool.take(addr, plan.idle_timeout))
+            .flatten()
+        {
             self.view.clusters[cluster].reused();
             return Some((stream, addr, true));
         }
