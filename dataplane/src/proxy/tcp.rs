@@ -11,7 +11,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use crate::io::{Backend, Stream};
-use crate::metrics::Flag;
+use crate::metrics::{ClusterStats, Flag, ListenerStats};
 use crate::worker::{View, Worker};
 
 /// Initial buffer size of each direction.
@@ -36,22 +36,7 @@ pub async fn serve<B: Backend, D: Stream>(
     };
     let idle = view.snapshot.clusters[cluster].idle_timeout;
     let upstream = &view.clusters[cluster];
-    let outcome = pump(
-        &down,
-        &up,
-        Vec::new(),
-        Vec::new(),
-        idle,
-        &|n| {
-            stats.received(n);
-            upstream.sent(n);
-        },
-        &|n| {
-            stats.sent(n);
-            upstream.received(n);
-        },
-    )
-    .await;
+    let outcome = pump_counted(&down, &up, Vec::new(), Vec::new(), idle, stats, upstream).await;
     if outcome == Pumped::IdleTimeout {
         stats.error(Flag::IdleTimeout);
     }
@@ -66,6 +51,28 @@ pub enum Pumped {
     Failed,
     /// Nothing moved for the idle timeout; both sockets were shut down.
     IdleTimeout,
+}
+
+/// [`pump`] between a client (`down`) and an upstream (`up`), counting bytes on the
+/// listener's and the cluster's statistics.
+pub async fn pump_counted<D: Stream, U: Stream>(
+    down: &D,
+    up: &U,
+    to_up: Vec<u8>,
+    to_down: Vec<u8>,
+    idle: Duration,
+    listener: &ListenerStats,
+    cluster: &ClusterStats,
+) -> Pumped {
+    let from_down = |n| {
+        listener.received(n);
+        cluster.sent(n);
+    };
+    let from_up = |n| {
+        listener.sent(n);
+        cluster.received(n);
+    };
+    pump(down, up, to_up, to_down, idle, &from_down, &from_up).await
 }
 
 /// Copies `a → b` and `b → a` until both directions end. `to_b` and `to_a` are bytes already

@@ -17,7 +17,7 @@ use shared::config::HttpSettings;
 
 use self::body::BodyError;
 use self::head::{Framing, Limits, RequestHead, ResponseHead};
-use super::tcp::pump;
+use super::tcp::pump_counted;
 use crate::io::{Backend, Stream};
 use crate::metrics::{Flag, ListenerStats};
 use crate::snapshot::{RoutePlan, RouteTable};
@@ -475,22 +475,7 @@ impl<B: Backend> Conn<'_, B> {
         let idle = self.view.snapshot.clusters[cluster].idle_timeout;
         let stats = self.stats;
         let upstream = &self.view.clusters[cluster];
-        pump(
-            &self.down,
-            &up,
-            to_up,
-            upbuf,
-            idle,
-            &|n| {
-                stats.received(n);
-                upstream.sent(n);
-            },
-            &|n| {
-                stats.sent(n);
-                upstream.received(n);
-            },
-        )
-        .await;
+        pump_counted(&self.down, &up, to_up, upbuf, idle, stats, upstream).await;
         Next::Close
     }
 
