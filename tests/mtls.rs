@@ -344,6 +344,67 @@ fn a_pooled_connection_the_peer_closed_is_replaced(backend: BackendChoice) {
     );
 }
 
+fn permissive_ports_take_mtls_and_plaintext(backend: BackendChoice) {
+    let dir = TempDir::new("mtls-permissive");
+    let ca = TestCa::new("root");
+    let a_id = ca.write_identity(&dir.0, "a", A, &[&ca], false);
+    let b_id = ca.write_identity(&dir.0, "b", B, &[&ca], false);
+    let (echo, http) = (Echo::start(), Http::start("app"));
+    let yaml = format!(
+        "{}listeners:\n\
+         \x20 - {{ name: in-tcp, address: 127.0.0.1:0, protocol: tcp, cluster: tcp-app, tls: {{ mode: permissive, handshake_timeout: 300ms }} }}\n\
+         \x20 - {{ name: in-http, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: http-app }}], tls: {{ mode: permissive }} }}\n\
+         clusters:\n  - {{ name: tcp-app, endpoints: [{}] }}\n  - {{ name: http-app, endpoints: [{}] }}\n",
+        b_id.yaml(),
+        echo.addr,
+        http.addr
+    );
+    let b = start_proxy(&yaml, backend);
+    let a = outbound(backend, &a_id, &b, B);
+    // mTLS from the peer sidecar.
+    let mut stream = client::connect(a.listener_addr("out-tcp").unwrap());
+    stream.write_all(b"over mtls").unwrap();
+    let mut reply = [0u8; 9];
+    stream.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"over mtls");
+    let response = client::request(
+        a.listener_addr("out-http").unwrap(),
+        "GET /m HTTP/1.1\r\nHost: b\r\n\r\n",
+    );
+    assert_eq!(response.text(), "app /m");
+    // Plaintext straight from a workload outside the mesh.
+    let mut plain = client::connect(b.listener_addr("in-tcp").unwrap());
+    plain.write_all(b"in the clear").unwrap();
+    let mut reply = [0u8; 12];
+    plain.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"in the clear");
+    let response = client::request(
+        b.listener_addr("in-http").unwrap(),
+        "GET /p HTTP/1.1\r\nHost: b\r\n\r\n",
+    );
+    assert_eq!(response.text(), "app /p");
+    // A client that never speaks is closed after the timeout (client-first protocols only).
+    let mut silent = Conn::open(b.listener_addr("in-tcp").unwrap());
+    let started = Instant::now();
+    refused_without_an_answer(&mut silent);
+    assert!(started.elapsed() >= Duration::from_millis(250));
+}
+
+fn disabled_ports_are_plaintext_only(backend: BackendChoice) {
+    // No identity is needed when every listener disables mTLS.
+    let echo = Echo::start();
+    let yaml = format!(
+        "listeners:\n  - {{ name: in-tcp, address: 127.0.0.1:0, protocol: tcp, cluster: app, tls: {{ mode: disable }} }}\nclusters:\n  - {{ name: app, endpoints: [{}] }}\n",
+        echo.addr
+    );
+    let b = start_proxy(&yaml, backend);
+    let mut plain = client::connect(b.listener_addr("in-tcp").unwrap());
+    plain.write_all(b"plain").unwrap();
+    let mut reply = [0u8; 5];
+    plain.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"plain");
+}
+
 fn config_without_identity_files_is_refused(_backend: BackendChoice) {
     let yaml = "listeners:\n  - { name: in, address: 127.0.0.1:0, protocol: tcp, cluster: c, tls: { mode: strict } }\nclusters:\n  - { name: c, endpoints: [127.0.0.1:1] }\n";
     let error = shared::Config::from_yaml(yaml, "no-identity.yaml").unwrap_err();
@@ -369,4 +430,6 @@ both_backends!(
     plaintext_garbage_and_stalled_handshakes_are_refused,
     config_without_identity_files_is_refused,
     a_pooled_connection_the_peer_closed_is_replaced,
+    permissive_ports_take_mtls_and_plaintext,
+    disabled_ports_are_plaintext_only,
 );

@@ -46,8 +46,10 @@ pub struct ListenerPlan {
 pub struct ListenerTls {
     /// The server configuration (this proxy's certificate, client certificates required).
     pub config: Arc<rustls::ServerConfig>,
-    /// Time allowed for the handshake.
+    /// Time allowed for the handshake (and, when permissive, for the first byte).
     pub handshake_timeout: Duration,
+    /// Plaintext is accepted too.
+    pub permissive: bool,
 }
 
 /// How a cluster originates mTLS.
@@ -189,10 +191,13 @@ impl Snapshot {
                 )),
             };
             let tls = match (&l.tls, &identity) {
-                (Some(tls), Some(identity)) => Some(ListenerTls {
-                    config: identity.server_config(),
-                    handshake_timeout: tls.handshake_timeout,
-                }),
+                (Some(tls), Some(identity)) if tls.mode != config::TlsMode::Disable => {
+                    Some(ListenerTls {
+                        config: identity.server_config(),
+                        handshake_timeout: tls.handshake_timeout,
+                        permissive: tls.mode == config::TlsMode::Permissive,
+                    })
+                }
                 _ => None,
             };
             listeners.push(ListenerPlan {

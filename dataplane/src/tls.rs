@@ -25,6 +25,9 @@ use shared::config::IdentityFiles;
 
 use crate::io::{BufResult, Stream};
 
+/// The first byte of a TLS handshake record.
+pub const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
 /// ALPN for opaque TCP inside the tunnel.
 pub const ALPN_TCP: &[u8] = b"tern-tcp";
 /// ALPN for HTTP/1.1 inside the tunnel.
@@ -286,10 +289,17 @@ impl<S: Stream> TlsStream<S> {
         Ok(TlsStream::new(inner, conn.into()))
     }
 
-    /// The server side of a connection. Run [`TlsStream::handshake`] before use.
-    pub fn server(inner: S, config: Arc<rustls::ServerConfig>) -> io::Result<TlsStream<S>> {
+    /// The server side of a connection; `read` holds bytes already read from the client.
+    /// Run [`TlsStream::handshake`] before use.
+    pub fn server(
+        inner: S,
+        config: Arc<rustls::ServerConfig>,
+        read: Vec<u8>,
+    ) -> io::Result<TlsStream<S>> {
         let conn = rustls::ServerConnection::new(config).map_err(tls_error)?;
-        Ok(TlsStream::new(inner, conn.into()))
+        let stream = TlsStream::new(inner, conn.into());
+        *stream.incoming.borrow_mut() = read;
+        Ok(stream)
     }
 
     /// Runs `handshake` within `timeout`; on timeout or failure the socket is shut down (an
@@ -326,6 +336,14 @@ impl<S: Stream> TlsStream<S> {
             self.flush().await?;
             if !self.conn.borrow().is_handshaking() {
                 return Ok(());
+            }
+            let held = !self.incoming.borrow().is_empty();
+            if held {
+                if let Err(error) = self.feed() {
+                    let _ = self.flush().await;
+                    return Err(error);
+                }
+                continue;
             }
             if self.receive().await? == 0 {
                 return Err(io::Error::new(
@@ -522,35 +540,47 @@ impl<S: Stream> Stream for TlsStream<S> {
 pub enum MaybeTls<S> {
     /// Plain TCP.
     Plain(S),
+    /// Plain TCP whose first bytes were read already (to tell it from TLS); reads return
+    /// them first.
+    Sniffed(S, RefCell<Vec<u8>>),
     /// mTLS.
     Tls(Box<TlsStream<S>>),
 }
 
 impl<S: Stream> Stream for MaybeTls<S> {
-    async fn read(&self, buf: Vec<u8>) -> BufResult<usize> {
+    async fn read(&self, mut buf: Vec<u8>) -> BufResult<usize> {
         match self {
             MaybeTls::Plain(s) => s.read(buf).await,
+            MaybeTls::Sniffed(s, first) => {
+                let first = std::mem::take(&mut *first.borrow_mut());
+                if first.is_empty() {
+                    s.read(buf).await
+                } else {
+                    buf.extend_from_slice(&first);
+                    (Ok(first.len()), buf)
+                }
+            }
             MaybeTls::Tls(s) => s.read(buf).await,
         }
     }
 
     async fn write_all(&self, buf: Vec<u8>, range: Range<usize>) -> BufResult<()> {
         match self {
-            MaybeTls::Plain(s) => s.write_all(buf, range).await,
+            MaybeTls::Plain(s) | MaybeTls::Sniffed(s, _) => s.write_all(buf, range).await,
             MaybeTls::Tls(s) => s.write_all(buf, range).await,
         }
     }
 
     fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         match self {
-            MaybeTls::Plain(s) => s.shutdown(how),
+            MaybeTls::Plain(s) | MaybeTls::Sniffed(s, _) => s.shutdown(how),
             MaybeTls::Tls(s) => s.shutdown(how),
         }
     }
 
     async fn close_write(&self) -> io::Result<()> {
         match self {
-            MaybeTls::Plain(s) => s.close_write().await,
+            MaybeTls::Plain(s) | MaybeTls::Sniffed(s, _) => s.close_write().await,
             MaybeTls::Tls(s) => s.close_write().await,
         }
     }

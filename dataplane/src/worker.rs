@@ -300,7 +300,35 @@ async fn terminate_tls<B: Backend>(
         stats.error(Flag::TlsHandshake);
         tracing::warn!(listener = %plan.name, %peer, %why, "mTLS refused");
     };
-    let accepted = match TlsStream::server(stream, tls.config.clone()) {
+    let mut first = Vec::new();
+    if tls.permissive {
+        // Tell TLS from plaintext by the first byte; the client must speak first.
+        first.reserve(512);
+        let read = tokio::time::timeout(
+            tls.handshake_timeout,
+            stream.read(std::mem::take(&mut first)),
+        )
+        .await;
+        match read {
+            Ok((Ok(n), bytes)) if n > 0 => first = bytes,
+            Ok((Ok(_), _)) => return None,
+            Ok((Err(error), _)) => {
+                tracing::debug!(listener = %plan.name, %peer, %error, "connection failed before its first byte");
+                return None;
+            }
+            Err(_) => {
+                // The abandoned read stays queued under io_uring: shut the socket, never reuse it.
+                let _ = stream.shutdown(Shutdown::Both);
+                refuse(&"no first byte within the timeout on a permissive port");
+                return None;
+            }
+        }
+        if first.first() != Some(&crate::tls::TLS_HANDSHAKE_RECORD) {
+            tracing::debug!(listener = %plan.name, %peer, "plaintext on a permissive port");
+            return Some(MaybeTls::Sniffed(stream, std::cell::RefCell::new(first)));
+        }
+    }
+    let accepted = match TlsStream::server(stream, tls.config.clone(), first) {
         Ok(stream) => stream.handshake_within(tls.handshake_timeout).await,
         Err(error) => Err(error),
     };

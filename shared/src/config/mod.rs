@@ -48,11 +48,12 @@ pub struct IdentityFiles {
     pub trust_bundle: PathBuf,
 }
 
-/// mTLS on a listener: peers must present a certificate from the trust bundle.
+/// mTLS on a listener (like Istio's PeerAuthentication): whether peers must, may or may not
+/// use mTLS with a certificate from the trust bundle.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerTls {
-    /// Only `strict` (mTLS required) for now.
+    /// `strict`, `permissive` or `disable`.
     pub mode: TlsMode,
     /// Time allowed for a client to finish its handshake.
     #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
@@ -65,6 +66,11 @@ pub struct ListenerTls {
 pub enum TlsMode {
     /// mTLS only; plaintext and TLS without a client certificate are refused.
     Strict,
+    /// mTLS or plaintext, told apart by the first byte (a TLS handshake record starts with
+    /// 0x16), for migrating workloads onto the mesh. The client must speak first.
+    Permissive,
+    /// Plaintext only, as if `tls` were absent.
+    Disable,
 }
 
 /// mTLS to a cluster: the endpoints are sidecars that must prove this identity.
@@ -350,7 +356,10 @@ impl Config {
             }
         }
 
-        let wants_tls = self.listeners.iter().any(|l| l.tls.is_some())
+        let wants_tls = self
+            .listeners
+            .iter()
+            .any(|l| l.tls.as_ref().is_some_and(|t| t.mode != TlsMode::Disable))
             || self.clusters.iter().any(|c| c.tls.is_some());
         if wants_tls && self.identity.is_none() {
             return fail(
