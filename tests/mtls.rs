@@ -263,6 +263,13 @@ fn an_expired_certificate_is_refused(backend: BackendChoice) {
     let b = inbound(backend, &b_id, echo.addr, http.addr);
     let a = outbound(backend, &a_id, &b, B);
     refused_by_outbound(&a);
+    // Each proxy says how long its own certificate has left: B's is past expiry.
+    let series = |id: &str| format!("tern_identity_expiry_seconds{{identity=\"{id}\"}}");
+    assert!(metric(&tests::admin_get(&b, "/metrics"), &series(B)) < -86_400.0 * 365.0);
+    assert!(metric(&tests::admin_get(&a, "/metrics"), &series(A)) > 86_400.0);
+    let dump = tests::admin_get(&b, "/config_dump");
+    assert!(dump.contains(&format!("\"spiffe_id\": \"{B}\"")), "{dump}");
+    assert!(dump.contains("\"expires_in_seconds\": -"), "{dump}");
 }
 
 fn plaintext_garbage_and_stalled_handshakes_are_refused(backend: BackendChoice) {

@@ -27,6 +27,7 @@ pub fn run(
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;
+        tokio::task::spawn_local(watch_certificate(control.clone()));
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
@@ -57,6 +58,20 @@ pub fn run(
     })
 }
 
+/// How often the certificate's remaining lifetime is checked.
+const CERTIFICATE_CHECK: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Logs loudly, well before it happens, that this proxy's certificate will expire (a silent
+/// expiry is a classic mesh outage), and again once it has.
+async fn watch_certificate(control: Arc<Control>) {
+    loop {
+        if let Some((id, validity)) = control.snapshot().and_then(|s| s.identity.clone()) {
+            crate::control::log_expiry(&id, &validity);
+        }
+        tokio::time::sleep(CERTIFICATE_CHECK).await;
+    }
+}
+
 fn text(
     status: StatusCode,
     content_type: &'static str,
@@ -72,8 +87,17 @@ fn text(
 }
 
 #[derive(Serialize)]
+struct IdentityDump {
+    spiffe_id: String,
+    not_before: i64,
+    not_after: i64,
+    expires_in_seconds: i64,
+}
+
+#[derive(Serialize)]
 struct ConfigDump<'a> {
     version: u64,
+    identity: Option<IdentityDump>,
     source: &'a str,
     backend: &'a str,
     workers: usize,
@@ -97,12 +121,24 @@ async fn handle(control: &Control, request: Request<Incoming>) -> Response<Full<
         }
         (&Method::GET, "/metrics") => {
             let (report, answered) = control.scrape().await;
-            let version = control.snapshot().map_or(0, |s| s.version);
+            let snapshot = control.snapshot();
+            let version = snapshot.as_ref().map_or(0, |s| s.version);
+            let identity_expiry =
+                snapshot
+                    .as_ref()
+                    .and_then(|s| s.identity.as_ref())
+                    .map(|(id, validity)| {
+                        (
+                            id.to_string(),
+                            validity.remaining(std::time::SystemTime::now()),
+                        )
+                    });
             let info = metrics::Info {
                 backend: control.backend.as_str(),
                 workers: control.workers(),
                 config_version: version,
                 workers_reporting: answered,
+                identity_expiry,
             };
             text(
                 StatusCode::OK,
@@ -114,8 +150,18 @@ async fn handle(control: &Control, request: Request<Incoming>) -> Response<Full<
             let Some(snapshot) = control.snapshot() else {
                 return text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "no config yet\n");
             };
+            let identity = snapshot
+                .identity
+                .as_ref()
+                .map(|(id, validity)| IdentityDump {
+                    spiffe_id: id.to_string(),
+                    not_before: validity.not_before,
+                    not_after: validity.not_after,
+                    expires_in_seconds: validity.remaining(std::time::SystemTime::now()),
+                });
             let dump = ConfigDump {
                 version: snapshot.version,
+                identity,
                 source: &snapshot.source,
                 backend: control.backend.as_str(),
                 workers: control.workers(),

@@ -21,6 +21,17 @@ use crate::snapshot::Snapshot;
 use crate::sys;
 use crate::worker::Command;
 
+/// Logs the state of this proxy's certificate when it is close to expiry or past it.
+pub fn log_expiry(id: &shared::SpiffeId, validity: &crate::tls::Validity) {
+    let now = std::time::SystemTime::now();
+    let remaining = validity.remaining(now);
+    if remaining <= 0 {
+        tracing::error!(identity = %id, expired_seconds_ago = -remaining, "the workload certificate has EXPIRED: peers will refuse this proxy; renew the identity files and send SIGHUP");
+    } else if validity.expiring(now) {
+        tracing::warn!(identity = %id, expires_in_seconds = remaining, "the workload certificate expires soon: renew the identity files and send SIGHUP");
+    }
+}
+
 /// How long a worker may take to acknowledge a snapshot or answer a scrape.
 const WORKER_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -179,6 +190,9 @@ impl Control {
             }
         }
         tracing::info!(version, source, listeners = ?bound.iter().map(|b| (&b.name, b.address)).collect::<Vec<_>>(), "config applied");
+        if let Some((id, validity)) = &snapshot.identity {
+            log_expiry(id, validity);
+        }
         state.snapshot = Some(snapshot);
         state.bound = bound;
         self.ready.store(true, Ordering::Release);

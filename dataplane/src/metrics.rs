@@ -397,6 +397,8 @@ pub struct Info<'a> {
     pub config_version: u64,
     /// Workers that answered the scrape.
     pub workers_reporting: usize,
+    /// This proxy's SPIFFE ID and the seconds until its certificate expires.
+    pub identity_expiry: Option<(String, i64)>,
 }
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -430,6 +432,18 @@ pub fn render(info: &Info<'_>, report: &WorkerReport) -> String {
     );
     let _ = writeln!(out, "tern_config_version {}", info.config_version);
     let _ = writeln!(out, "tern_workers_reporting {}", info.workers_reporting);
+    if let Some((id, seconds)) = &info.identity_expiry {
+        let _ = writeln!(
+            out,
+            "# HELP tern_identity_expiry_seconds Seconds until this proxy's certificate expires (negative: expired)."
+        );
+        let _ = writeln!(out, "# TYPE tern_identity_expiry_seconds gauge");
+        let _ = writeln!(
+            out,
+            "tern_identity_expiry_seconds{{identity=\"{}\"}} {seconds}",
+            escape(id)
+        );
+    }
 
     let ls = &report.listeners;
     let series = |out: &mut String,
@@ -652,8 +666,13 @@ mod tests {
             workers: 2,
             config_version: 3,
             workers_reporting: 2,
+            identity_expiry: Some(("spiffe://td/ns/a/sa/b".into(), 42)),
         };
         let text = render(&info, &merged);
+        assert!(
+            text.contains("tern_identity_expiry_seconds{identity=\"spiffe://td/ns/a/sa/b\"} 42"),
+            "{text}"
+        );
         assert!(
             text.contains("tern_proxy_info{backend=\"epoll\",workers=\"2\"} 1"),
             "{text}"

@@ -24,8 +24,9 @@ pub struct Snapshot {
     pub listeners: Vec<ListenerPlan>,
     /// Clusters, in config order; plans refer to them by index.
     pub clusters: Vec<ClusterPlan>,
-    /// This proxy's workload identity, when the config uses mTLS.
-    pub identity: Option<shared::SpiffeId>,
+    /// This proxy's workload identity and its certificate's validity, when the config uses
+    /// mTLS.
+    pub identity: Option<(shared::SpiffeId, crate::tls::Validity)>,
 }
 
 /// One listener as the workers run it.
@@ -207,7 +208,7 @@ impl Snapshot {
                 tls,
             });
         }
-        let identity = identity.map(|i| i.id);
+        let identity = identity.map(|i| (i.id, i.validity));
         Ok(Snapshot {
             version,
             source,

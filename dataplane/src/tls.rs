@@ -61,6 +61,8 @@ pub enum TlsError {
 pub struct Identity {
     /// Who this proxy is.
     pub id: SpiffeId,
+    /// The validity of this proxy's certificate.
+    pub validity: Validity,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     roots: Arc<RootCertStore>,
@@ -91,6 +93,42 @@ fn certificates(bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
     } else {
         Ok(certs)
     }
+}
+
+/// When a certificate is valid, in seconds since the Unix epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Validity {
+    /// Not before.
+    pub not_before: i64,
+    /// Not after.
+    pub not_after: i64,
+}
+
+impl Validity {
+    /// Seconds until expiry (negative once expired).
+    pub fn remaining(&self, now: std::time::SystemTime) -> i64 {
+        let now = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        self.not_after - now
+    }
+
+    /// Whether less than a fifth of the lifetime (or under an hour) is left: time to say so.
+    pub fn expiring(&self, now: std::time::SystemTime) -> bool {
+        let remaining = self.remaining(now);
+        remaining < 3600 || remaining * 5 < (self.not_after - self.not_before)
+    }
+}
+
+/// The validity period of a certificate.
+pub fn validity_of(cert: &CertificateDer<'_>) -> Result<Validity, String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| format!("unparsable certificate: {e}"))?;
+    let validity = parsed.validity();
+    Ok(Validity {
+        not_before: validity.not_before.timestamp(),
+        not_after: validity.not_after.timestamp(),
+    })
 }
 
 /// The single SPIFFE ID in a certificate's URI SANs.
@@ -157,8 +195,10 @@ impl Identity {
         // Tickets arrive after the handshake as records a kernel-TLS receiver cannot take;
         // sidecars reconnect rarely, so resumption is not worth them.
         server.send_tls13_tickets = 0;
+        let validity = validity_of(&chain[0]).map_err(TlsError::Identity)?;
         Ok(Identity {
             id,
+            validity,
             chain,
             key,
             roots,
