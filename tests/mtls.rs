@@ -115,6 +115,11 @@ fn tcp_is_byte_exact_both_ways_with_half_close(backend: BackendChoice) {
         ),
         sent.len() as f64
     );
+    // The inbound side knows who connected.
+    let peer = format!(
+        "tern_listener_peer_connections_total{{listener=\"in-tcp\",peer_identity=\"{A}\"}}"
+    );
+    assert_eq!(metric(&metrics, &peer), 1.0);
 }
 
 fn many_small_messages(backend: BackendChoice) {

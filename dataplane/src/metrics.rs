@@ -106,6 +106,8 @@ pub struct ListenerStats {
     bytes_received: Cell<u64>,
     bytes_sent: Cell<u64>,
     latency: RefCell<Histogram<u64>>,
+    /// mTLS connections by the peer's SPIFFE ID.
+    peers: RefCell<BTreeMap<String, u64>>,
 }
 
 impl ListenerStats {
@@ -119,6 +121,7 @@ impl ListenerStats {
             bytes_received: Cell::new(0),
             bytes_sent: Cell::new(0),
             latency: RefCell::new(new_histogram()),
+            peers: RefCell::default(),
         }
     }
 
@@ -126,6 +129,17 @@ impl ListenerStats {
     pub fn connection_opened(&self) {
         bump(&self.connections, 1);
         bump(&self.active, 1);
+    }
+
+    /// An mTLS connection from a peer proving `identity` was accepted.
+    pub fn peer(&self, identity: &str) {
+        let mut peers = self.peers.borrow_mut();
+        match peers.get_mut(identity) {
+            Some(n) => *n += 1,
+            None => {
+                peers.insert(identity.to_owned(), 1);
+            }
+        }
     }
 
     /// An accepted connection ended.
@@ -265,6 +279,7 @@ impl Registry {
                     bytes_received: s.bytes_received.get(),
                     bytes_sent: s.bytes_sent.get(),
                     latency: s.latency.borrow().clone(),
+                    peers: s.peers.borrow().clone(),
                 };
                 (name.clone(), report)
             })
@@ -322,6 +337,8 @@ pub struct ListenerReport {
     pub bytes_sent: u64,
     /// Request latency in microseconds.
     pub latency: Histogram<u64>,
+    /// mTLS connections by peer SPIFFE ID.
+    pub peers: BTreeMap<String, u64>,
 }
 
 /// A cluster's statistics.
@@ -363,6 +380,9 @@ impl WorkerReport {
                     m.bytes_sent += l.bytes_sent;
                     // Same bounds on every worker, so adding cannot fail.
                     let _ = m.latency.add(&l.latency);
+                    for (peer, n) in l.peers {
+                        *m.peers.entry(peer).or_default() += n;
+                    }
                 }
             }
         }
@@ -521,6 +541,21 @@ pub fn render(info: &Info<'_>, report: &WorkerReport) -> String {
                     flag.code()
                 );
             }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP tern_listener_peer_connections_total mTLS connections accepted, by the peer's SPIFFE ID."
+    );
+    let _ = writeln!(out, "# TYPE tern_listener_peer_connections_total counter");
+    for (l, r) in ls {
+        for (peer, n) in &r.peers {
+            let _ = writeln!(
+                out,
+                "tern_listener_peer_connections_total{{listener=\"{}\",peer_identity=\"{}\"}} {n}",
+                escape(l),
+                escape(peer)
+            );
         }
     }
     let _ = writeln!(

@@ -354,7 +354,11 @@ async fn terminate_tls<B: Backend>(
         let _ = stream.shutdown(Shutdown::Both);
         return None;
     }
-    tracing::debug!(listener = %plan.name, %peer, identity = ?stream.peer_id().map(|id| id.to_string()), "mTLS accepted");
+    let identity = stream.peer_id().map(|id| id.to_string());
+    if let Some(identity) = &identity {
+        stats.peer(identity);
+    }
+    tracing::debug!(listener = %plan.name, %peer, identity = identity.as_deref().unwrap_or("?"), "mTLS accepted");
     Some(MaybeTls::Tls(Box::new(stream)))
 }
 
