@@ -38,6 +38,7 @@ fn scenario(protocol: Protocol) -> Scenario {
         targets: vec![TargetKind::Direct, TargetKind::Tern, TargetKind::TernMtls],
         generator_threads: 1,
         saturation: None,
+        reconnect: false,
     }
 }
 

@@ -53,6 +53,10 @@ pub struct Scenario {
     /// Also find each target's saturation point.
     #[serde(default)]
     pub saturation: Option<Saturation>,
+    /// A new connection for every request (connection set-up cost: TCP, and mTLS handshakes
+    /// through a sidecar pair).
+    #[serde(default)]
+    pub reconnect: bool,
 }
 
 /// A saturation sweep: raise the rate step by step (all targets interleaved at each step)
@@ -781,10 +785,13 @@ pub fn run(scenario: &Scenario, programs: &Programs, out: &Path) -> anyhow::Resu
     if targets.is_empty() {
         bail!("no target could be started");
     }
-    let workload = match scenario.protocol {
+    let mut workload = match scenario.protocol {
         Protocol::Http => Workload::http("tern-load", "/", scenario.request_size),
         Protocol::Tcp => Workload::tcp(scenario.request_size.max(1), scenario.response_size),
     };
+    if scenario.reconnect {
+        workload = workload.reconnecting();
+    }
     let mut measured: BTreeMap<(usize, TargetKind), Measured> = BTreeMap::new();
     for target in &targets {
         let rss_idle = target.usage().map_or(0, |u| u.rss_bytes);

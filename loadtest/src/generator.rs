@@ -546,6 +546,11 @@ impl<'a> Thread<'a> {
                     Ok(Step::Done(n, status)) => {
                         conn.consume(n);
                         self.complete(i, status, progress);
+                        if self.plan.workload.reconnect {
+                            // The next send opens a new connection.
+                            self.drop_conn(i);
+                            return;
+                        }
                         break;
                     }
                     Ok(Step::DoneClose(n, status)) => {

@@ -35,6 +35,9 @@ pub struct Workload {
     pub request: Arc<[u8]>,
     /// Raw TCP only: bytes expected back per request.
     pub response_size: usize,
+    /// Open a new connection for every request (to measure connection set-up: TCP and,
+    /// through a mesh, the mTLS handshake).
+    pub reconnect: bool,
 }
 
 impl Workload {
@@ -47,6 +50,7 @@ impl Workload {
             protocol: Protocol::Tcp,
             request: request.into(),
             response_size: response_size.max(1),
+            reconnect: false,
         }
     }
 
@@ -64,7 +68,22 @@ impl Workload {
             protocol: Protocol::Http,
             request: request.into(),
             response_size: 0,
+            reconnect: false,
         }
+    }
+
+    /// The same requests, each on a new connection.
+    pub fn reconnecting(mut self) -> Workload {
+        self.reconnect = true;
+        if self.protocol == Protocol::Http {
+            let text = String::from_utf8_lossy(&self.request).replacen(
+                "\r\n\r\n",
+                "\r\nconnection: close\r\n\r\n",
+                1,
+            );
+            self.request = text.into_bytes().into();
+        }
+        self
     }
 
     /// A fresh scanner for one response.
