@@ -312,11 +312,7 @@ fn plaintext_garbage_and_stalled_handshakes_are_refused(backend: BackendChoice) 
         1.0
     );
     // Everyone else is still served.
-    let mut stream = client::connect(m.a.listener_addr("out-tcp").unwrap());
-    stream.write_all(b"still here").unwrap();
-    let mut reply = [0u8; 10];
-    stream.read_exact(&mut reply).unwrap();
-    assert_eq!(&reply, b"still here");
+    client::assert_echo(m.a.listener_addr("out-tcp").unwrap(), b"still here");
 }
 
 fn a_pooled_connection_the_peer_closed_is_replaced(backend: BackendChoice) {
@@ -374,22 +370,14 @@ fn permissive_ports_take_mtls_and_plaintext(backend: BackendChoice) {
     let b = start_proxy(&yaml, backend);
     let a = outbound(backend, &a_id, &b, B);
     // mTLS from the peer sidecar.
-    let mut stream = client::connect(a.listener_addr("out-tcp").unwrap());
-    stream.write_all(b"over mtls").unwrap();
-    let mut reply = [0u8; 9];
-    stream.read_exact(&mut reply).unwrap();
-    assert_eq!(&reply, b"over mtls");
+    client::assert_echo(a.listener_addr("out-tcp").unwrap(), b"over mtls");
     let response = client::request(
         a.listener_addr("out-http").unwrap(),
         "GET /m HTTP/1.1\r\nHost: b\r\n\r\n",
     );
     assert_eq!(response.text(), "app /m");
     // Plaintext straight from a workload outside the mesh.
-    let mut plain = client::connect(b.listener_addr("in-tcp").unwrap());
-    plain.write_all(b"in the clear").unwrap();
-    let mut reply = [0u8; 12];
-    plain.read_exact(&mut reply).unwrap();
-    assert_eq!(&reply, b"in the clear");
+    client::assert_echo(b.listener_addr("in-tcp").unwrap(), b"in the clear");
     let response = client::request(
         b.listener_addr("in-http").unwrap(),
         "GET /p HTTP/1.1\r\nHost: b\r\n\r\n",
@@ -410,11 +398,7 @@ fn disabled_ports_are_plaintext_only(backend: BackendChoice) {
         echo.addr
     );
     let b = start_proxy(&yaml, backend);
-    let mut plain = client::connect(b.listener_addr("in-tcp").unwrap());
-    plain.write_all(b"plain").unwrap();
-    let mut reply = [0u8; 5];
-    plain.read_exact(&mut reply).unwrap();
-    assert_eq!(&reply, b"plain");
+    client::assert_echo(b.listener_addr("in-tcp").unwrap(), b"plain");
 }
 
 fn config_without_identity_files_is_refused(_backend: BackendChoice) {

@@ -54,6 +54,15 @@ pub fn read_some(stream: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<usiz
     }
 }
 
+/// Opens a connection to an echo path, sends `message` and asserts it comes back unchanged.
+pub fn assert_echo(addr: SocketAddr, message: &[u8]) {
+    let mut stream = connect(addr);
+    stream.write_all(message).expect("send");
+    let mut reply = vec![0u8; message.len()];
+    stream.read_exact(&mut reply).expect("echo");
+    assert_eq!(reply, message);
+}
+
 /// Sends `raw` on a new connection and reads one response.
 pub fn request(addr: SocketAddr, raw: &str) -> Response {
     let mut conn = Conn::new(connect(addr));
