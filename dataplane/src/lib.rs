@@ -4,7 +4,8 @@
 //! Layout: [`worker`] threads (one per core) run the data path, written once in [`proxy`]
 //! against the [`io`] interface and its two backends; [`control`] and [`admin`] run on their
 //! own thread and reach workers only by message; [`snapshot`] is the compiled config workers
-//! read; [`metrics`] are per-worker and merged at scrape; [`sys`] holds the OS calls.
+//! read; [`tls`] carries mutual TLS over the same IO interface; [`metrics`] are per-worker
+//! and merged at scrape; [`sys`] holds the OS calls.
 
 pub mod admin;
 pub mod control;
@@ -114,9 +115,11 @@ impl Proxy {
         let (senders, receivers): (Vec<_>, Vec<_>) =
             (0..count).map(|_| mpsc::unbounded_channel()).unzip();
         let control = Arc::new(Control::new(backend, senders, options.drain_deadline));
+        // Workers start on an empty snapshot; the real one (validated, identity loaded,
+        // sockets bound) arrives with the first `apply` below.
+        let empty = Config::from_yaml("{}", source).map_err(ApplyError::from)?;
         let first = Arc::new(
-            snapshot::Snapshot::compile(config.clone(), 0, source.to_owned())
-                .map_err(ApplyError::from)?,
+            snapshot::Snapshot::compile(empty, 0, source.to_owned()).map_err(ApplyError::from)?,
         );
         let remaining = Arc::new(std::sync::atomic::AtomicUsize::new(count));
         let mut workers = Vec::with_capacity(count);
