@@ -367,6 +367,25 @@ fn slowloris_gets_408_while_others_are_served(backend: BackendChoice) {
     assert!(slow.closed());
 }
 
+fn a_body_that_stalls_gets_408(backend: BackendChoice) {
+    let f = Fixture::with(backend, "http:\n  body_timeout: 300ms\n");
+    let mut slow = Conn::open(f.addr());
+    let started = Instant::now();
+    slow.send(b"POST /echo HTTP/1.1\r\nHost: api.local\r\nContent-Length: 10\r\n\r\nabc");
+    assert_eq!(f.get("other", "/meanwhile").text(), "web /meanwhile");
+    let response = slow.response(false);
+    assert_eq!(
+        (response.status, response.header("x-tern-response-flag")),
+        (408, Some("DT"))
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(280),
+        "after {:?}",
+        started.elapsed()
+    );
+    assert!(slow.closed());
+}
+
 fn metrics_count_bytes_exactly(backend: BackendChoice) {
     let f = Fixture::start(backend);
     let mut conn = Conn::open(f.addr());
@@ -497,4 +516,5 @@ both_backends!(
     slowloris_gets_408_while_others_are_served,
     metrics_count_what_was_sent,
     metrics_count_bytes_exactly,
+    a_body_that_stalls_gets_408,
 );

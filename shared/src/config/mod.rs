@@ -171,6 +171,10 @@ pub struct HttpSettings {
     /// A keep-alive connection with no request for this long is closed.
     #[serde(with = "humantime_serde")]
     pub keepalive_timeout: Duration,
+    /// A request body that sends nothing for this long gets 408 and a close (slow-body
+    /// defence).
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
 }
 
 impl Default for HttpSettings {
@@ -181,6 +185,7 @@ impl Default for HttpSettings {
             max_headers: 100,
             header_timeout: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -384,7 +389,10 @@ impl Config {
                 &format!("must be between 1 and {MAX_HEADERS}"),
             );
         }
-        if http.header_timeout.is_zero() || http.keepalive_timeout.is_zero() {
+        if http.header_timeout.is_zero()
+            || http.keepalive_timeout.is_zero()
+            || http.body_timeout.is_zero()
+        {
             return fail(
                 "http.header_timeout".into(),
                 "timeouts must be greater than zero",

@@ -28,6 +28,9 @@ pub enum BodyError {
     /// Invalid chunked framing.
     #[error("invalid chunked encoding: {0}")]
     Chunked(&'static str),
+    /// The sender sent nothing for the idle timeout; its socket must not be read again.
+    #[error("the sender went idle mid-body")]
+    Idle,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,7 +219,7 @@ impl Progress {
 /// head already read, or 0), then the body. The head and whatever part of the body is already
 /// in `pending` go out in one write. `pending` holds bytes already read from `src`; on return
 /// it holds whatever followed the body (a pipelined request, say). `scratch` is a reusable
-/// buffer. Returns the body bytes forwarded.
+/// buffer. A sender that sends nothing for `idle` fails the body. Returns what moved.
 pub async fn forward<S: Stream, D: Stream>(
     src: &S,
     dst: &D,
@@ -224,6 +227,7 @@ pub async fn forward<S: Stream, D: Stream>(
     head: usize,
     pending: &mut Vec<u8>,
     scratch: &mut Vec<u8>,
+    idle: std::time::Duration,
 ) -> Result<Forwarded, BodyError> {
     let head = head.min(pending.len());
     let mut progress = match framing {
@@ -254,7 +258,12 @@ pub async fn forward<S: Stream, D: Stream>(
     }
     loop {
         scratch.clear();
-        let (read, back) = src.read(std::mem::take(scratch)).await;
+        let (read, back) = match tokio::time::timeout(idle, src.read(std::mem::take(scratch))).await
+        {
+            Ok(read) => read,
+            // The abandoned read may still be queued (io_uring): the caller closes `src`.
+            Err(_) => return Err(BodyError::Idle),
+        };
         *scratch = back;
         let got = read.map_err(BodyError::Read)?;
         moved.read += got as u64;

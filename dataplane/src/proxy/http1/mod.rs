@@ -271,6 +271,7 @@ impl<B: Backend> Conn<'_, B> {
             head.len,
             &mut self.inbuf,
             &mut self.scratch,
+            self.settings.body_timeout,
         )
         .await
         {
@@ -278,6 +279,12 @@ impl<B: Backend> Conn<'_, B> {
                 self.stats.received(moved.read);
                 upstream_stats.sent(head.len as u64 + moved.body);
                 Ok(())
+            }
+            Err(BodyError::Idle) => {
+                let _ = up.shutdown(Shutdown::Both);
+                Err(self
+                    .reply(408, Flag::DownstreamTimeout, true, started)
+                    .await)
             }
             Err(BodyError::Write(_)) => {
                 let _ = up.shutdown(Shutdown::Both);
@@ -342,6 +349,7 @@ impl<B: Backend> Conn<'_, B> {
                             0,
                             &mut self.inbuf,
                             &mut self.scratch,
+                            self.settings.body_timeout,
                         )
                         .await
                         {
@@ -421,6 +429,7 @@ impl<B: Backend> Conn<'_, B> {
             head_len,
             &mut pending,
             &mut self.scratch,
+            self.view.snapshot.clusters[cluster].idle_timeout,
         )
         .await;
         let leftover = !pending.is_empty();
