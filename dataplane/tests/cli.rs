@@ -126,6 +126,21 @@ fn signal(child: &Child, name: &str) {
     assert!(status.success());
 }
 
+/// Sends SIGTERM, expects a clean exit, and returns what the proxy logged.
+fn terminate(child: &mut Child) -> String {
+    signal(child, "TERM");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit after SIGTERM: {status}");
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    stderr
+}
+
 fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(5);
     while !check() {
@@ -161,17 +176,7 @@ fn sighup_reloads_good_files_and_refuses_bad_ones(backend: &str) {
     let dump = get(proxy.admin, "/config_dump").unwrap().1;
     assert!(dump.contains("\"version\": 2"), "{dump}");
 
-    signal(&proxy.child, "TERM");
-    let status = proxy.child.wait().unwrap();
-    assert!(status.success(), "exit after SIGTERM: {status}");
-    let mut stderr = String::new();
-    proxy
-        .child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    let stderr = terminate(&mut proxy.child);
     assert!(
         stderr.contains("reload refused"),
         "the refusal is logged: {stderr}"
@@ -269,16 +274,7 @@ fn auto_falls_back_to_epoll_when_seccomp_blocks_io_uring() {
     assert_eq!(get(listener, "/").unwrap(), (200, "a".into()));
     let dump = get(running.admin, "/config_dump").unwrap().1;
     assert!(dump.contains("\"backend\": \"epoll\""), "{dump}");
-    signal(&running.child, "TERM");
-    assert!(running.child.wait().unwrap().success());
-    let mut stderr = String::new();
-    running
-        .child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    let stderr = terminate(&mut running.child);
     assert!(
         stderr.contains("io_uring is unavailable") && stderr.contains("io_uring_setup failed"),
         "{stderr}"

@@ -1,6 +1,7 @@
 //! Streaming message bodies from one socket to another without buffering them whole:
 //! `Content-Length`, chunked (decoded only to find its end; the bytes go through
-//! unchanged, trailers included) and read-until-close.
+//! unchanged, trailers included) and read-until-close. A sender idle past the given timeout
+//! fails the body.
 
 use std::io;
 

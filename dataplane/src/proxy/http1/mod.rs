@@ -254,6 +254,31 @@ impl<B: Backend> Conn<'_, B> {
             .await
     }
 
+    /// Streams the request body upstream, after the first `head_len` bytes of `inbuf` (the
+    /// head, when it has not been sent yet), counting what moved.
+    async fn send_body(
+        &mut self,
+        head: &RequestHead,
+        head_len: usize,
+        up: &MaybeTls<B::Stream>,
+        cluster: usize,
+    ) -> Result<(), BodyError> {
+        let timeout = self.settings.body_timeout;
+        let moved = body::forward(
+            &self.down,
+            up,
+            head.framing,
+            head_len,
+            &mut self.inbuf,
+            &mut self.scratch,
+            timeout,
+        )
+        .await?;
+        self.stats.received(moved.read);
+        self.view.clusters[cluster].sent(head_len as u64 + moved.body);
+        Ok(())
+    }
+
     /// Forwards the request head and body (the head is at the front of `inbuf`); on failure
     /// answers or closes and says what comes next.
     async fn request_body(
@@ -263,23 +288,8 @@ impl<B: Backend> Conn<'_, B> {
         cluster: usize,
         started: Instant,
     ) -> Result<(), Next> {
-        let upstream_stats = &self.view.clusters[cluster];
-        match body::forward(
-            &self.down,
-            up,
-            head.framing,
-            head.len,
-            &mut self.inbuf,
-            &mut self.scratch,
-            self.settings.body_timeout,
-        )
-        .await
-        {
-            Ok(moved) => {
-                self.stats.received(moved.read);
-                upstream_stats.sent(head.len as u64 + moved.body);
-                Ok(())
-            }
+        match self.send_body(head, head.len, up, cluster).await {
+            Ok(()) => Ok(()),
             Err(BodyError::Idle) => {
                 let _ = up.shutdown(Shutdown::Both);
                 Err(self
@@ -342,22 +352,8 @@ impl<B: Backend> Conn<'_, B> {
                         return Err(UpstreamFailure::DownstreamGone);
                     }
                     if response.status == 100 && !*body_done {
-                        match body::forward(
-                            &self.down,
-                            up,
-                            head.framing,
-                            0,
-                            &mut self.inbuf,
-                            &mut self.scratch,
-                            self.settings.body_timeout,
-                        )
-                        .await
-                        {
-                            Ok(moved) => {
-                                self.stats.received(moved.read);
-                                self.view.clusters[route.cluster].sent(moved.body);
-                            }
-                            Err(_) => return Err(UpstreamFailure::DownstreamGone),
+                        if self.send_body(head, 0, up, route.cluster).await.is_err() {
+                            return Err(UpstreamFailure::DownstreamGone);
                         }
                         *body_done = true;
                     }
