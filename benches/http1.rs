@@ -40,7 +40,7 @@ Connection: keep-alive\r\n\r\n";
 
 fn parse_and_route(c: &mut Criterion) {
     let config = shared::Config::from_yaml(CONFIG, "bench").unwrap();
-    let snapshot = Snapshot::compile(config, 1, "bench".into()).unwrap();
+    let snapshot = Snapshot::compile(config, None, 1, "bench".into()).unwrap();
     let ListenerKind::Http(routes) = &snapshot.listeners[0].kind else {
         unreachable!()
     };

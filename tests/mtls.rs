@@ -397,18 +397,19 @@ fn disabled_ports_are_plaintext_only(backend: BackendChoice) {
     client::assert_echo(b.listener_addr("in-tcp").unwrap(), b"plain");
 }
 
-fn config_without_identity_files_is_refused(_backend: BackendChoice) {
+fn config_without_identity_files_is_refused(backend: BackendChoice) {
     let yaml = "listeners:\n  - { name: in, address: 127.0.0.1:0, protocol: tcp, cluster: c, tls: { mode: strict } }\nclusters:\n  - { name: c, endpoints: [127.0.0.1:1] }\n";
     let error = shared::Config::from_yaml(yaml, "no-identity.yaml").unwrap_err();
     assert!(error.to_string().contains("identity"), "{error}");
     let dir = TempDir::new("mtls-missing");
     let missing = format!(
-        "identity:\n  cert: {0}/nope.crt\n  key: {0}/nope.key\n  trust_bundle: {0}/nope.crt\n{yaml}",
+        "identity:\n  files:\n    cert: {0}/nope.crt\n    key: {0}/nope.key\n    trust_bundle: {0}/nope.crt\n{yaml}",
         dir.0.display()
     );
     let config = shared::Config::from_yaml(&missing, "missing.yaml").unwrap();
-    let error =
-        dataplane::snapshot::Snapshot::compile(config, 1, "missing.yaml".into()).unwrap_err();
+    let Err(error) = Proxy::start(config, "missing.yaml", tests::options(backend)) else {
+        panic!("a proxy started without its identity files");
+    };
     assert!(error.to_string().contains("nope.crt"), "{error}");
 }
 

@@ -1,5 +1,6 @@
 //! The admin server: `/live`, `/ready`, `/metrics`, `/config_dump` and `POST /shutdown`, on
-//! its own thread with its own small runtime, never on a worker.
+//! its own thread with its own small runtime, never on a worker. The same runtime runs the
+//! CA client and the certificate-expiry watch.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -28,6 +29,7 @@ pub fn run(
     local.block_on(&runtime, async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;
         tokio::task::spawn_local(watch_certificate(control.clone()));
+        tokio::task::spawn_local(crate::ca_client::run(control.clone()));
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
@@ -115,6 +117,12 @@ async fn handle(control: &Control, request: Request<Incoming>) -> Response<Full<
                 text(StatusCode::OK, PLAIN, "ready\n")
             } else if control.draining() {
                 text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "draining\n")
+            } else if let Some(ca) = control.ca().borrow().as_ref() {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    PLAIN,
+                    format!("waiting for a certificate from the CA at {}\n", ca.address),
+                )
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "starting\n")
             }
@@ -139,6 +147,18 @@ async fn handle(control: &Control, request: Request<Incoming>) -> Response<Full<
                 config_version: version,
                 workers_reporting: answered,
                 identity_expiry,
+                certify: control.ca().borrow().is_some().then(|| {
+                    (
+                        control
+                            .certify
+                            .ok
+                            .load(std::sync::atomic::Ordering::Relaxed),
+                        control
+                            .certify
+                            .failed
+                            .load(std::sync::atomic::Ordering::Relaxed),
+                    )
+                }),
             };
             text(
                 StatusCode::OK,

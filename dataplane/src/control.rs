@@ -4,6 +4,11 @@
 //! It runs on the admin thread or the caller's thread, never on a worker, and talks to
 //! workers only by message. Applying a config is all-or-nothing: if it does not validate or
 //! a socket cannot be bound, the workers keep the config they have.
+//!
+//! It also holds this proxy's identity: loaded from files at every apply, or, when the
+//! config names a CA, the latest certificate [`crate::ca_client`] obtained. A config that
+//! needs a CA certificate waits for the first one; each renewal re-applies the running
+//! config with the new certificate, so new connections use it and open ones are untouched.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,13 +17,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
-use shared::config::{Config, ConfigError};
+use shared::config::{CaClient, Config, ConfigError, IdentitySource};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::io::BackendKind;
 use crate::metrics::WorkerReport;
 use crate::snapshot::Snapshot;
 use crate::sys;
+use crate::tls::Identity;
 use crate::worker::Command;
 
 /// Logs the state of this proxy's certificate when it is close to expiry or past it.
@@ -26,9 +32,9 @@ pub fn log_expiry(id: &shared::SpiffeId, validity: &crate::tls::Validity) {
     let now = std::time::SystemTime::now();
     let remaining = validity.remaining(now);
     if remaining <= 0 {
-        tracing::error!(identity = %id, expired_seconds_ago = -remaining, "the workload certificate has EXPIRED: peers will refuse this proxy; renew the identity files and send SIGHUP");
+        tracing::error!(identity = %id, expired_seconds_ago = -remaining, "the workload certificate has EXPIRED: peers will refuse this proxy; renew it (CA reachable? identity files replaced and SIGHUP sent?)");
     } else if validity.expiring(now) {
-        tracing::warn!(identity = %id, expires_in_seconds = remaining, "the workload certificate expires soon: renew the identity files and send SIGHUP");
+        tracing::warn!(identity = %id, expires_in_seconds = remaining, "the workload certificate expires soon: renew it (CA reachable? identity files replaced and SIGHUP sent?)");
     }
 }
 
@@ -62,6 +68,10 @@ pub enum ApplyError {
     /// The proxy is draining and takes no new config.
     #[error("the proxy is draining")]
     Draining,
+    /// The config takes its identity from the CA and no certificate has arrived yet; it is
+    /// kept and applied as soon as one does.
+    #[error("waiting for a certificate from the CA at {0}")]
+    AwaitingCertificate(SocketAddr),
 }
 
 /// A listener's bound address.
@@ -79,6 +89,19 @@ pub struct BoundListener {
 struct State {
     snapshot: Option<Arc<Snapshot>>,
     bound: Vec<BoundListener>,
+    /// The config to run, kept so a new certificate can be applied with it.
+    desired: Option<(Config, String)>,
+    /// The latest certificate from the CA.
+    issued: Option<Arc<Identity>>,
+}
+
+/// Certificate requests to the CA, by outcome (for `/metrics`).
+#[derive(Debug, Default)]
+pub struct CertifyCounts {
+    /// Requests that returned a certificate.
+    pub ok: std::sync::atomic::AtomicU64,
+    /// Requests that failed (CA unreachable, refused, bad answer).
+    pub failed: std::sync::atomic::AtomicU64,
 }
 
 /// Shared by the admin thread and the process owning the proxy.
@@ -91,6 +114,9 @@ pub struct Control {
     draining: AtomicBool,
     drain_deadline: Duration,
     finished: watch::Sender<bool>,
+    ca: watch::Sender<Option<CaClient>>,
+    /// Certificate requests by outcome.
+    pub certify: CertifyCounts,
 }
 
 impl Control {
@@ -105,11 +131,15 @@ impl Control {
             state: Mutex::new(State {
                 snapshot: None,
                 bound: Vec::new(),
+                desired: None,
+                issued: None,
             }),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             drain_deadline,
             finished: watch::Sender::new(false),
+            ca: watch::Sender::new(None),
+            certify: CertifyCounts::default(),
         }
     }
 
@@ -122,13 +152,78 @@ impl Control {
 
     /// Validates `config`, binds what is new, and hands it to every worker. Blocks until all
     /// workers have it live. Returns the new version.
+    ///
+    /// A config whose identity comes from the CA before any certificate has arrived is kept
+    /// and [`ApplyError::AwaitingCertificate`] returned; it goes live with the certificate.
     pub fn apply(&self, config: Config, source: &str) -> Result<u64, ApplyError> {
         if self.draining() {
             return Err(ApplyError::Draining);
         }
         let mut state = self.state();
+        let result = self.apply_locked(&mut state, config.clone(), source);
+        if matches!(result, Ok(_) | Err(ApplyError::AwaitingCertificate(_))) {
+            let ca = match &config.identity {
+                Some(IdentitySource::Ca(ca)) => Some(ca.clone()),
+                _ => None,
+            };
+            state.desired = Some((config, source.to_owned()));
+            self.ca.send_if_modified(|current| {
+                let changed = *current != ca;
+                *current = ca;
+                changed
+            });
+        }
+        result
+    }
+
+    /// Installs a certificate from the CA and re-applies the running (or waiting) config
+    /// with it. Returns the new version, or `None` when there is no config to apply yet.
+    pub fn install_certificate(&self, identity: Identity) -> Result<Option<u64>, ApplyError> {
+        if self.draining() {
+            return Err(ApplyError::Draining);
+        }
+        let mut state = self.state();
+        state.issued = Some(Arc::new(identity));
+        let Some((config, source)) = state.desired.clone() else {
+            return Ok(None);
+        };
+        self.apply_locked(&mut state, config, &source).map(Some)
+    }
+
+    /// The CA to get certificates from, as the running config says; changes are signalled.
+    pub fn ca(&self) -> watch::Receiver<Option<CaClient>> {
+        self.ca.subscribe()
+    }
+
+    fn apply_locked(
+        &self,
+        state: &mut State,
+        config: Config,
+        source: &str,
+    ) -> Result<u64, ApplyError> {
+        let identity = match &config.identity {
+            None => None,
+            Some(IdentitySource::Files(files)) => {
+                Some(Arc::new(Identity::load(files).map_err(|e| {
+                    ConfigError::Invalid {
+                        origin: source.to_owned(),
+                        field: "identity".into(),
+                        message: e.to_string(),
+                    }
+                })?))
+            }
+            Some(IdentitySource::Ca(ca)) => match &state.issued {
+                Some(issued) if issued.id == ca.spiffe_id => Some(issued.clone()),
+                _ => return Err(ApplyError::AwaitingCertificate(ca.address)),
+            },
+        };
         let version = state.snapshot.as_ref().map_or(1, |s| s.version + 1);
-        let snapshot = Arc::new(Snapshot::compile(config, version, source.to_owned())?);
+        let snapshot = Arc::new(Snapshot::compile(
+            config,
+            identity.as_deref(),
+            version,
+            source.to_owned(),
+        )?);
 
         // Keep sockets whose name and configured address did not change; bind the rest.
         let mut bound = Vec::with_capacity(snapshot.listeners.len());

@@ -3,11 +3,13 @@
 //!
 //! Layout: [`worker`] threads (one per core) run the data path, written once in [`proxy`]
 //! against the [`io`] interface and its two backends; [`control`] and [`admin`] run on their
-//! own thread and reach workers only by message; [`snapshot`] is the compiled config workers
+//! own thread and reach workers only by message, as does [`ca_client`], which keeps this
+//! proxy certified by `tern-control`'s CA; [`snapshot`] is the compiled config workers
 //! read; [`tls`] carries mutual TLS over the same IO interface; [`metrics`] are per-worker
 //! and merged at scrape; [`sys`] holds the OS calls.
 
 pub mod admin;
+pub mod ca_client;
 pub mod control;
 pub mod io;
 pub mod metrics;
@@ -90,7 +92,9 @@ pub struct Proxy {
 
 impl Proxy {
     /// Starts workers and the admin server and applies `config`; returns once every worker
-    /// accepts on every listener.
+    /// accepts on every listener, or, when the identity comes from the CA, once the request
+    /// for it is under way (the config goes live, and `/ready` turns 200, with the
+    /// certificate).
     pub fn start(config: Config, source: &str, options: Options) -> Result<Proxy, StartError> {
         let backend = options.backend.resolve().map_err(StartError::Backend)?;
         let count = options.workers.unwrap_or_else(sys::default_workers).max(1);
@@ -119,7 +123,8 @@ impl Proxy {
         // sockets bound) arrives with the first `apply` below.
         let empty = Config::from_yaml("{}", source).map_err(ApplyError::from)?;
         let first = Arc::new(
-            snapshot::Snapshot::compile(empty, 0, source.to_owned()).map_err(ApplyError::from)?,
+            snapshot::Snapshot::compile(empty, None, 0, source.to_owned())
+                .map_err(ApplyError::from)?,
         );
         let remaining = Arc::new(std::sync::atomic::AtomicUsize::new(count));
         let mut workers = Vec::with_capacity(count);
@@ -162,7 +167,12 @@ impl Proxy {
             admin_stop: admin_stop.clone(),
             admin_addr,
         };
-        control.apply(config, source)?;
+        match control.apply(config, source) {
+            // The identity comes from the CA: the admin thread fetches it and applies the
+            // config then; until that, /ready says so.
+            Ok(_) | Err(ApplyError::AwaitingCertificate(_)) => {}
+            Err(error) => return Err(error.into()),
+        }
         let admin = std::thread::Builder::new()
             .name("tern-admin".into())
             .spawn(move || {

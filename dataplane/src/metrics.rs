@@ -419,6 +419,8 @@ pub struct Info<'a> {
     pub workers_reporting: usize,
     /// This proxy's SPIFFE ID and the seconds until its certificate expires.
     pub identity_expiry: Option<(String, i64)>,
+    /// Certificate requests to the CA that succeeded and that failed, when a CA is used.
+    pub certify: Option<(u64, u64)>,
 }
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -462,6 +464,17 @@ pub fn render(info: &Info<'_>, report: &WorkerReport) -> String {
             out,
             "tern_identity_expiry_seconds{{identity=\"{}\"}} {seconds}",
             escape(id)
+        );
+    }
+    if let Some((ok, failed)) = info.certify {
+        let _ = writeln!(
+            out,
+            "# HELP tern_identity_certify_total Certificate requests to the CA, by result.\n# TYPE tern_identity_certify_total counter"
+        );
+        let _ = writeln!(out, "tern_identity_certify_total{{result=\"ok\"}} {ok}");
+        let _ = writeln!(
+            out,
+            "tern_identity_certify_total{{result=\"error\"}} {failed}"
         );
     }
 
@@ -702,10 +715,15 @@ mod tests {
             config_version: 3,
             workers_reporting: 2,
             identity_expiry: Some(("spiffe://td/ns/a/sa/b".into(), 42)),
+            certify: Some((3, 1)),
         };
         let text = render(&info, &merged);
         assert!(
             text.contains("tern_identity_expiry_seconds{identity=\"spiffe://td/ns/a/sa/b\"} 42"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tern_identity_certify_total{result=\"ok\"} 3\ntern_identity_certify_total{result=\"error\"} 1\n"),
             "{text}"
         );
         assert!(

@@ -126,9 +126,12 @@ pub struct RoutePlan {
 }
 
 impl Snapshot {
-    /// Compiles a config that passed [`Config::validate`]. Fails only if it did not.
+    /// Compiles a config that passed [`Config::validate`], with this proxy's identity (which
+    /// the control side resolved from files or got from the CA). Fails if the config does not
+    /// validate or rustls refuses a TLS configuration.
     pub fn compile(
         config: Config,
+        identity: Option<&crate::tls::Identity>,
         version: u64,
         source: String,
     ) -> Result<Snapshot, config::ConfigError> {
@@ -144,16 +147,9 @@ impl Snapshot {
             field,
             message,
         };
-        let identity = match &config.identity {
-            Some(files) => Some(
-                crate::tls::Identity::load(files)
-                    .map_err(|e| invalid("identity".into(), e.to_string()))?,
-            ),
-            None => None,
-        };
         let mut clusters: Vec<ClusterPlan> = Vec::with_capacity(config.clusters.len());
         for (i, c) in config.clusters.iter().enumerate() {
-            let tls = match (&c.tls, &identity) {
+            let tls = match (&c.tls, identity) {
                 (Some(tls), Some(identity)) => {
                     let client = |alpn| {
                         identity
@@ -191,7 +187,7 @@ impl Snapshot {
                         .map(|r| (r, index(&r.cluster).unwrap_or_default())),
                 )),
             };
-            let tls = match (&l.tls, &identity) {
+            let tls = match (&l.tls, identity) {
                 (Some(tls), Some(identity)) if tls.mode != config::TlsMode::Disable => {
                     Some(ListenerTls {
                         config: identity.server_config(),
@@ -208,7 +204,7 @@ impl Snapshot {
                 tls,
             });
         }
-        let identity = identity.map(|i| (i.id, i.validity));
+        let identity = identity.map(|i| (i.id.clone(), i.validity));
         Ok(Snapshot {
             version,
             source,
@@ -314,7 +310,7 @@ mod tests {
 
     fn snapshot(yaml: &str) -> Snapshot {
         let config = Config::from_yaml(yaml, "test").unwrap();
-        Snapshot::compile(config, 1, "test".into()).unwrap()
+        Snapshot::compile(config, None, 1, "test".into()).unwrap()
     }
 
     const ROUTES: &str = r#"

@@ -12,8 +12,13 @@ static ALLOCATOR: dhat::Alloc = dhat::Alloc;
 #[test]
 fn parse_and_route_do_not_allocate() {
     let yaml = "listeners:\n  - name: web\n    address: 127.0.0.1:0\n    protocol: http\n    routes:\n      - { host: api.example.com, path_prefix: /v1, cluster: api }\n      - { host: \"*.example.com\", cluster: api }\n      - { cluster: api }\nclusters:\n  - { name: api, endpoints: [127.0.0.1:1] }\n";
-    let snapshot =
-        Snapshot::compile(shared::Config::from_yaml(yaml, "t").unwrap(), 1, "t".into()).unwrap();
+    let snapshot = Snapshot::compile(
+        shared::Config::from_yaml(yaml, "t").unwrap(),
+        None,
+        1,
+        "t".into(),
+    )
+    .unwrap();
     let ListenerKind::Http(routes) = &snapshot.listeners[0].kind else {
         unreachable!()
     };

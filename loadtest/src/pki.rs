@@ -81,7 +81,7 @@ impl Pki {
     /// The `identity:` block of a tern-proxy config for a workload.
     pub fn identity_yaml(&self, name: &str) -> String {
         format!(
-            "identity:\n  cert: {}\n  key: {}\n  trust_bundle: {}\n",
+            "identity:\n  files:\n    cert: {}\n    key: {}\n    trust_bundle: {}\n",
             self.dir.join(format!("{name}.crt")).display(),
             self.dir.join(format!("{name}.key")).display(),
             self.dir.join("ca.crt").display()

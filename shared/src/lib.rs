@@ -2,10 +2,11 @@
 //!
 //! `tern-proxy` (the data plane) and `tern-control` (the control plane) depend on this crate
 //! and never on each other. It owns the proxy configuration model and its validation and the
-//! workload identity type; the `.proto` APIs and the CRD types join it as the planes grow. It
-//! does no network IO.
+//! workload identity type, and the gRPC APIs between the planes ([`api`], generated from
+//! `proto/`); the CRD types join it as the planes grow. It does no network IO itself.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod config;
 pub mod identity;
 

@@ -103,6 +103,15 @@ impl Conn {
         self.sent += bytes.len();
     }
 
+    /// Sends `message` to an echo path and asserts it comes back unchanged.
+    pub fn echo(&mut self, message: &[u8]) {
+        self.send(message);
+        let mut reply = vec![0u8; message.len()];
+        self.stream.read_exact(&mut reply).expect("echo");
+        self.received += reply.len();
+        assert_eq!(reply, message);
+    }
+
     fn fill(&mut self) -> usize {
         let mut chunk = [0u8; 16 * 1024];
         let n = read_some(&mut self.stream, &mut chunk).expect("read from proxy");

@@ -1,11 +1,13 @@
 //! The harness Tern's end-to-end tests share: upstream servers (TCP echo, HTTP via hyper),
 //! blocking raw clients that send exact bytes and read exact responses, and a fixture that
-//! starts an in-process proxy on loopback with either IO backend.
+//! starts an in-process proxy on loopback with either IO backend, and an in-process
+//! `tern-control` CA.
 //!
 //! Everything binds `127.0.0.1:0` and is torn down on drop; every socket read has a timeout,
 //! so a broken proxy fails a test instead of hanging it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod ca;
 pub mod client;
 pub mod pki;
 pub mod upstream;
@@ -15,18 +17,21 @@ use std::time::Duration;
 
 pub use dataplane::{BackendChoice, Proxy};
 
-/// Starts a proxy with two unpinned workers, the admin server on a free port, and a short
-/// drain deadline.
-pub fn start_proxy(yaml: &str, backend: BackendChoice) -> Proxy {
-    let config = shared::Config::from_yaml(yaml, "test.yaml").expect("valid test config");
-    let options = dataplane::Options {
+/// Two unpinned workers, the admin server on a free port, and a short drain deadline.
+pub fn options(backend: BackendChoice) -> dataplane::Options {
+    dataplane::Options {
         workers: Some(2),
         backend,
         pin_workers: false,
         admin: "127.0.0.1:0".parse().unwrap(),
         drain_deadline: Duration::from_secs(5),
-    };
-    Proxy::start(config, "test.yaml", options).expect("proxy starts")
+    }
+}
+
+/// Starts a proxy with [`options`].
+pub fn start_proxy(yaml: &str, backend: BackendChoice) -> Proxy {
+    let config = shared::Config::from_yaml(yaml, "test.yaml").expect("valid test config");
+    Proxy::start(config, "test.yaml", options(backend)).expect("proxy starts")
 }
 
 /// GETs a path from the proxy's admin server and returns the body.

@@ -29,7 +29,7 @@ impl IdentityPaths {
     /// The `identity:` block of a proxy config.
     pub fn yaml(&self) -> String {
         format!(
-            "identity:\n  cert: {}\n  key: {}\n  trust_bundle: {}\n",
+            "identity:\n  files:\n    cert: {}\n    key: {}\n    trust_bundle: {}\n",
             self.cert.display(),
             self.key.display(),
             self.trust_bundle.display()

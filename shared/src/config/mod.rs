@@ -32,11 +32,78 @@ pub struct Config {
     pub http: HttpSettings,
     /// This proxy's workload identity, needed by any listener or cluster that uses mTLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub identity: Option<IdentityFiles>,
+    pub identity: Option<IdentitySource>,
 }
 
-/// Where this proxy's identity lives, as PEM files (the local mode; the control plane's CA
-/// replaces them later).
+/// Where this proxy's workload identity comes from: `identity: { files: {...} }` or
+/// `identity: { ca: {...} }`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "IdentityFields", into = "IdentityFields")]
+pub enum IdentitySource {
+    /// PEM files the operator provides and rotates (SIGHUP reloads them).
+    Files(IdentityFiles),
+    /// Certificates from `tern-control`'s CA, for a key generated in the proxy and never
+    /// sent anywhere; renewed automatically before they expire.
+    Ca(CaClient),
+}
+
+/// The YAML shape of [`IdentitySource`]: exactly one of the two keys.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IdentityFields {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    files: Option<IdentityFiles>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ca: Option<CaClient>,
+}
+
+impl TryFrom<IdentityFields> for IdentitySource {
+    type Error = &'static str;
+
+    fn try_from(fields: IdentityFields) -> Result<Self, Self::Error> {
+        match (fields.files, fields.ca) {
+            (Some(files), None) => Ok(IdentitySource::Files(files)),
+            (None, Some(ca)) => Ok(IdentitySource::Ca(ca)),
+            _ => Err("identity takes exactly one of `files` or `ca`"),
+        }
+    }
+}
+
+impl From<IdentitySource> for IdentityFields {
+    fn from(source: IdentitySource) -> Self {
+        match source {
+            IdentitySource::Files(files) => IdentityFields {
+                files: Some(files),
+                ca: None,
+            },
+            IdentitySource::Ca(ca) => IdentityFields {
+                files: None,
+                ca: Some(ca),
+            },
+        }
+    }
+}
+
+/// How to get certificates from `tern-control`'s CA.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaClient {
+    /// The CA's gRPC address, e.g. `127.0.0.1:15012`; always spoken to over TLS.
+    pub address: SocketAddr,
+    /// The name the CA's serving certificate carries (`tern-control` unless changed).
+    #[serde(default = "default_ca_server_name")]
+    pub server_name: String,
+    /// PEM roots that the CA's serving certificate must lead to (the mesh root, e.g. from
+    /// `tern-control`'s state directory).
+    pub root: PathBuf,
+    /// The identity to ask for.
+    pub spiffe_id: SpiffeId,
+    /// A file holding the credential that proves `spiffe_id` (a bootstrap token from
+    /// `tern-control token`); read at every request, so it can be replaced.
+    pub token_file: PathBuf,
+}
+
+/// Where this proxy's identity lives, as PEM files.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityFiles {
@@ -211,6 +278,9 @@ fn default_idle_timeout() -> Duration {
 fn default_max_idle_per_endpoint() -> usize {
     64
 }
+fn default_ca_server_name() -> String {
+    "tern-control".to_owned()
+}
 fn default_handshake_timeout() -> Duration {
     Duration::from_secs(5)
 }
@@ -369,7 +439,7 @@ impl Config {
         if wants_tls && self.identity.is_none() {
             return fail(
                 "identity".into(),
-                "mTLS on a listener or cluster needs this proxy's identity (cert, key, trust_bundle)",
+                "mTLS on a listener or cluster needs this proxy's identity (`files` or `ca`)",
             );
         }
 

@@ -140,3 +140,37 @@ fn an_empty_document_is_an_empty_config() {
     let config = Config::from_yaml("{}", "empty").unwrap();
     assert!(config.listeners.is_empty() && config.clusters.is_empty());
 }
+
+#[test]
+fn identity_takes_files_or_a_ca_but_not_both_or_neither() {
+    let files = "identity:\n  files: { cert: c.pem, key: k.pem, trust_bundle: b.pem }\n";
+    let config = Config::from_yaml(files, "files").unwrap();
+    assert!(matches!(config.identity, Some(IdentitySource::Files(_))));
+
+    let ca = "identity:\n  ca:\n    address: 127.0.0.1:15012\n    root: /r.pem\n    spiffe_id: spiffe://td/ns/a/sa/b\n    token_file: /t\n";
+    let config = Config::from_yaml(ca, "ca").unwrap();
+    let Some(IdentitySource::Ca(client)) = &config.identity else {
+        panic!("{config:?}");
+    };
+    assert_eq!(client.server_name, "tern-control");
+    assert_eq!(client.spiffe_id.to_string(), "spiffe://td/ns/a/sa/b");
+    // What is dumped (JSON) reads back the same.
+    let json = serde_json::to_string(&config).unwrap();
+    assert_eq!(serde_json::from_str::<Config>(&json).unwrap(), config);
+
+    for (yaml, why) in [
+        ("identity: {}\n", "exactly one"),
+        (
+            "identity:\n  files: { cert: c, key: k, trust_bundle: b }\n  ca: { address: 127.0.0.1:1, root: r, spiffe_id: spiffe://td/ns/a/sa/b, token_file: t }\n",
+            "exactly one",
+        ),
+        (
+            "identity:\n  ca: { address: 127.0.0.1:1, root: r, spiffe_id: https://x, token_file: t }\n",
+            "SPIFFE",
+        ),
+        ("identity:\n  cert: c\n", "unknown field"),
+    ] {
+        let error = Config::from_yaml(yaml, "bad").unwrap_err().to_string();
+        assert!(error.contains(why), "{yaml}: {error}");
+    }
+}

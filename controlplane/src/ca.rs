@@ -1,0 +1,446 @@
+//! The mesh certificate authority: its signing key and certificate (generated on first start
+//! and kept in the state directory, or provided by the operator), the trust bundle it hands
+//! out, the per-workload bootstrap tokens it accepts in local mode, and the signing of
+//! workload certificates from CSRs.
+//!
+//! Everything here is synchronous and does no network IO; [`crate::identity`] puts it behind
+//! gRPC.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use ring::rand::SecureRandom as _;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer};
+use shared::SpiffeId;
+
+/// Slack on `not_before` for peers whose clocks run a little behind ours.
+const CLOCK_SKEW: Duration = Duration::from_secs(60);
+/// Lifetime of a root the CA generates for itself.
+const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// The shortest workload certificate lifetime allowed (short lifetimes are for tests; the
+/// default is 24 h).
+pub const MIN_WORKLOAD_LIFETIME: Duration = Duration::from_secs(5);
+/// The prefix of a bootstrap token, naming its format.
+const TOKEN_PREFIX: &str = "tern1";
+
+/// Where the CA keeps its state, and what it was given.
+#[derive(Debug, Clone)]
+pub struct CaOptions {
+    /// Directory for the generated root (`ca.crt`, `ca.key`) and the token key (`token.key`).
+    pub state_dir: PathBuf,
+    /// The trust domain of every identity this CA signs.
+    pub trust_domain: String,
+    /// Lifetime of workload certificates.
+    pub workload_lifetime: Duration,
+    /// An operator-provided signing certificate (PEM: the signing certificate first, then
+    /// any intermediates up to, optionally, the root) instead of a generated root.
+    pub ca_cert: Option<PathBuf>,
+    /// The key of `ca_cert`.
+    pub ca_key: Option<PathBuf>,
+    /// Extra roots to trust besides this CA's own (PEM), e.g. the old root during a root
+    /// rotation.
+    pub extra_roots: Option<PathBuf>,
+}
+
+/// Why the CA could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    /// A state or input file could not be read or written.
+    #[error("{path}: {message}")]
+    File {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The options are inconsistent.
+    #[error("{0}")]
+    Options(String),
+    /// Certificate generation failed.
+    #[error("generating certificates: {0}")]
+    Generate(#[from] rcgen::Error),
+}
+
+/// Why a certification request was refused. Each maps onto a gRPC status.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CertifyError {
+    /// The request is malformed.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// The credential is not a valid token of this CA.
+    #[error("invalid credential: {0}")]
+    Unauthenticated(String),
+    /// The credential is valid but proves another identity.
+    #[error("the credential proves {proven}, not {requested}")]
+    Denied {
+        /// The identity the credential proves.
+        proven: String,
+        /// The identity asked for.
+        requested: String,
+    },
+    /// Signing failed (a bug or a broken key, not the caller's fault).
+    #[error("signing failed: {0}")]
+    Internal(String),
+}
+
+/// A signed workload certificate and what the proxy needs with it.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// Leaf first, then intermediates.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// Roots peers' chains may lead to.
+    pub trust_bundle: Vec<CertificateDer<'static>>,
+    /// The identity certified.
+    pub id: SpiffeId,
+}
+
+/// The mesh CA.
+pub struct Authority {
+    trust_domain: String,
+    workload_lifetime: Duration,
+    issuer: Issuer<'static, KeyPair>,
+    /// Certificates sent after the leaf: the signing certificate and any intermediates,
+    /// without self-signed roots.
+    intermediates: Vec<CertificateDer<'static>>,
+    trust_bundle: Vec<CertificateDer<'static>>,
+    token_key: ring::hmac::Key,
+    random: ring::rand::SystemRandom,
+}
+
+impl std::fmt::Debug for Authority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authority")
+            .field("trust_domain", &self.trust_domain)
+            .field("workload_lifetime", &self.workload_lifetime)
+            .finish_non_exhaustive()
+    }
+}
+
+fn file_error(path: &Path, message: impl std::fmt::Display) -> CaError {
+    CaError::File {
+        path: path.display().to_string(),
+        message: message.to_string(),
+    }
+}
+
+fn read_to_string(path: &Path) -> Result<String, CaError> {
+    std::fs::read_to_string(path).map_err(|e| file_error(path, e))
+}
+
+/// Writes a file only its owner may read.
+fn write_private(path: &Path, contents: &[u8]) -> Result<(), CaError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut file| file.write_all(contents))
+        .map_err(|e| file_error(path, e))
+}
+
+fn pem_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaError> {
+    let text = read_to_string(path)?;
+    let certs = CertificateDer::pem_slice_iter(text.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_error(path, e))?;
+    if certs.is_empty() {
+        return Err(file_error(path, "no certificate in the file"));
+    }
+    Ok(certs)
+}
+
+fn is_self_signed(cert: &CertificateDer<'_>) -> bool {
+    x509_parser::parse_x509_certificate(cert.as_ref())
+        .is_ok_and(|(_, parsed)| parsed.subject() == parsed.issuer())
+}
+
+/// An `OffsetDateTime` `offset` from now (negative: in the past).
+fn from_now(offset: Duration, past: bool) -> time::OffsetDateTime {
+    let now = time::OffsetDateTime::now_utc();
+    let offset = time::Duration::try_from(offset).unwrap_or(time::Duration::MAX);
+    if past { now - offset } else { now + offset }
+}
+
+impl Authority {
+    /// Opens the CA: loads the operator's signing certificate, or the root in the state
+    /// directory, generating and persisting one on first start.
+    pub fn open(options: &CaOptions) -> Result<Authority, CaError> {
+        if options.trust_domain.is_empty() || options.trust_domain.contains('/') {
+            return Err(CaError::Options(format!(
+                "invalid trust domain `{}`",
+                options.trust_domain
+            )));
+        }
+        if options.workload_lifetime < MIN_WORKLOAD_LIFETIME {
+            return Err(CaError::Options(format!(
+                "the workload certificate lifetime must be at least {MIN_WORKLOAD_LIFETIME:?}"
+            )));
+        }
+        std::fs::create_dir_all(&options.state_dir)
+            .map_err(|e| file_error(&options.state_dir, e))?;
+        let (cert_path, key_path) = match (&options.ca_cert, &options.ca_key) {
+            (Some(cert), Some(key)) => (cert.clone(), key.clone()),
+            (None, None) => {
+                let cert = options.state_dir.join("ca.crt");
+                let key = options.state_dir.join("ca.key");
+                if !cert.exists() && !key.exists() {
+                    generate_root(&cert, &key, &options.trust_domain)?;
+                }
+                (cert, key)
+            }
+            _ => {
+                return Err(CaError::Options(
+                    "--ca-cert and --ca-key go together".into(),
+                ));
+            }
+        };
+        let chain = pem_certificates(&cert_path)?;
+        let key =
+            KeyPair::from_pem(&read_to_string(&key_path)?).map_err(|e| file_error(&key_path, e))?;
+        let issuer =
+            Issuer::from_ca_cert_der(&chain[0], key).map_err(|e| file_error(&cert_path, e))?;
+        let (roots, intermediates): (Vec<_>, Vec<_>) =
+            chain.into_iter().partition(|c| is_self_signed(c));
+        let mut trust_bundle = roots;
+        if let Some(extra) = &options.extra_roots {
+            trust_bundle.extend(pem_certificates(extra)?);
+        }
+        if trust_bundle.is_empty() {
+            return Err(CaError::Options(format!(
+                "{} holds no root: add the root to it or pass it with --extra-roots",
+                cert_path.display()
+            )));
+        }
+        let token_key = load_token_key(&options.state_dir.join("token.key"))?;
+        Ok(Authority {
+            trust_domain: options.trust_domain.clone(),
+            workload_lifetime: options.workload_lifetime,
+            issuer,
+            intermediates,
+            trust_bundle,
+            token_key,
+            random: ring::rand::SystemRandom::new(),
+        })
+    }
+
+    /// The trust domain.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The roots this CA tells proxies to trust.
+    pub fn trust_bundle(&self) -> &[CertificateDer<'static>] {
+        &self.trust_bundle
+    }
+
+    /// The bootstrap token that proves `id` to this CA (local mode). Anyone holding it can
+    /// obtain certificates for `id`, so hand it only to that workload.
+    pub fn token(&self, id: &SpiffeId) -> String {
+        let tag = ring::hmac::sign(&self.token_key, id.to_string().as_bytes());
+        format!(
+            "{TOKEN_PREFIX}.{}.{}",
+            URL_SAFE_NO_PAD.encode(id.to_string()),
+            URL_SAFE_NO_PAD.encode(tag.as_ref())
+        )
+    }
+
+    /// Checks a bootstrap token and returns the identity it proves.
+    pub fn verify_token(&self, token: &str) -> Result<SpiffeId, CertifyError> {
+        let bad = |why: &str| CertifyError::Unauthenticated(why.to_owned());
+        let mut parts = token.trim().split('.');
+        let (Some(TOKEN_PREFIX), Some(id), Some(tag), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad("not a Tern bootstrap token"));
+        };
+        let id = URL_SAFE_NO_PAD
+            .decode(id)
+            .map_err(|_| bad("not a Tern bootstrap token"))?;
+        let tag = URL_SAFE_NO_PAD
+            .decode(tag)
+            .map_err(|_| bad("not a Tern bootstrap token"))?;
+        ring::hmac::verify(&self.token_key, &id, &tag)
+            .map_err(|_| bad("the token was not issued by this CA"))?;
+        String::from_utf8(id)
+            .ok()
+            .and_then(|id| id.parse().ok())
+            .ok_or_else(|| bad("the token names no valid SPIFFE ID"))
+    }
+
+    /// Signs a workload certificate for the key in `csr`, for the identity `credential`
+    /// proves. Only the CSR's public key and its URI SAN are used; subject, lifetime, key
+    /// usages and every other extension are the CA's choice.
+    pub fn certify(&self, csr: &[u8], credential: &str) -> Result<Issued, CertifyError> {
+        let invalid = |why: String| CertifyError::Invalid(why);
+        let request = CertificateSigningRequestParams::from_der(
+            &CertificateSigningRequestDer::from(csr.to_vec()),
+        )
+        .map_err(|e| invalid(format!("not a valid signed PKCS#10 request: {e}")))?;
+        if request.public_key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
+            return Err(invalid("the key must be ECDSA P-256".into()));
+        }
+        let mut uris = request
+            .params
+            .subject_alt_names
+            .iter()
+            .filter_map(|san| match san {
+                SanType::URI(uri) => Some(uri.as_str()),
+                _ => None,
+            });
+        let (Some(uri), None) = (uris.next(), uris.next()) else {
+            return Err(invalid(
+                "the request must carry exactly one URI SAN, the SPIFFE ID".into(),
+            ));
+        };
+        let requested: SpiffeId = uri
+            .parse()
+            .map_err(|e| invalid(format!("URI SAN `{uri}`: {e}")))?;
+        if requested.trust_domain() != self.trust_domain {
+            return Err(invalid(format!(
+                "{requested} is not in trust domain `{}`",
+                self.trust_domain
+            )));
+        }
+        let proven = self.verify_token(credential)?;
+        if proven != requested {
+            return Err(CertifyError::Denied {
+                proven: proven.to_string(),
+                requested: requested.to_string(),
+            });
+        }
+
+        let mut serial = [0u8; 16];
+        self.random
+            .fill(&mut serial)
+            .map_err(|_| CertifyError::Internal("no randomness".into()))?;
+        serial[0] &= 0x7f; // a positive INTEGER
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(
+            requested
+                .to_string()
+                .try_into()
+                .map_err(|e| invalid(format!("URI SAN: {e}")))?,
+        )];
+        params.not_before = from_now(CLOCK_SKEW, true);
+        params.not_after = from_now(self.workload_lifetime, false);
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let signed = CertificateSigningRequestParams {
+            params,
+            public_key: request.public_key,
+        }
+        .signed_by(&self.issuer)
+        .map_err(|e| CertifyError::Internal(e.to_string()))?;
+
+        let mut chain = Vec::with_capacity(1 + self.intermediates.len());
+        chain.push(signed.der().clone());
+        chain.extend(self.intermediates.iter().cloned());
+        Ok(Issued {
+            chain,
+            trust_bundle: self.trust_bundle.clone(),
+            id: requested,
+        })
+    }
+
+    /// A serving certificate for `tern-control` itself (DNS and IP SANs for the names
+    /// proxies dial, and its own SPIFFE ID), with its key, both PEM.
+    pub fn serving_certificate(&self, names: &[String]) -> Result<(String, String), CertifyError> {
+        let internal = |e: rcgen::Error| CertifyError::Internal(e.to_string());
+        let key = KeyPair::generate().map_err(internal)?;
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(internal)?;
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "tern-control");
+        let id = format!(
+            "spiffe://{}/ns/tern-system/sa/tern-control",
+            self.trust_domain
+        );
+        params.subject_alt_names = vec![SanType::URI(id.as_str().try_into().map_err(internal)?)];
+        for name in names {
+            params.subject_alt_names.push(match name.parse() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(name.as_str().try_into().map_err(internal)?),
+            });
+        }
+        params.not_before = from_now(CLOCK_SKEW, true);
+        params.not_after = from_now(ROOT_LIFETIME / 10, false);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer).map_err(internal)?;
+        let mut chain = cert.pem();
+        for intermediate in &self.intermediates {
+            chain.push_str(&pem_encode(intermediate));
+        }
+        Ok((chain, key.serialize_pem()))
+    }
+}
+
+/// PEM for one certificate.
+pub fn pem_encode(cert: &CertificateDer<'_>) -> String {
+    pem::encode(&pem::Pem::new("CERTIFICATE", cert.to_vec()))
+}
+
+fn generate_root(cert_path: &Path, key_path: &Path, trust_domain: &str) -> Result<(), CaError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, trust_domain);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "Tern mesh root");
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = from_now(CLOCK_SKEW, true);
+    params.not_after = from_now(ROOT_LIFETIME, false);
+    let root = params.self_signed(&key)?;
+    write_private(key_path, key.serialize_pem().as_bytes())?;
+    std::fs::write(cert_path, root.pem()).map_err(|e| file_error(cert_path, e))?;
+    tracing::info!(root = %cert_path.display(), "generated a new mesh root");
+    Ok(())
+}
+
+fn load_token_key(path: &Path) -> Result<ring::hmac::Key, CaError> {
+    let secret = match std::fs::read(path) {
+        Ok(secret) => secret,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut secret = vec![0u8; 32];
+            ring::rand::SystemRandom::new()
+                .fill(&mut secret)
+                .map_err(|_| file_error(path, "no randomness for a token key"))?;
+            write_private(path, &secret)?;
+            secret
+        }
+        Err(e) => return Err(file_error(path, e)),
+    };
+    if secret.len() < 32 {
+        return Err(file_error(path, "a token key needs at least 32 bytes"));
+    }
+    Ok(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret))
+}
+
+#[cfg(test)]
+mod tests;

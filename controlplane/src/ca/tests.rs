@@ -1,0 +1,260 @@
+use std::time::Duration;
+
+use rcgen::{CertificateParams, KeyPair, SanType};
+
+use super::*;
+
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(label: &str) -> Dir {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("tern-ca-{label}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        Dir(dir)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn options(dir: &Path) -> CaOptions {
+    CaOptions {
+        state_dir: dir.to_owned(),
+        trust_domain: "mesh.test".into(),
+        workload_lifetime: Duration::from_secs(3600),
+        ca_cert: None,
+        ca_key: None,
+        extra_roots: None,
+    }
+}
+
+fn csr(uris: &[&str], key: &KeyPair) -> Vec<u8> {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names = uris
+        .iter()
+        .map(|u| SanType::URI((*u).try_into().unwrap()))
+        .collect();
+    // A CSR may ask for anything; the CA must ignore all but the key and the URI SAN.
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.serialize_request(key).unwrap().der().to_vec()
+}
+
+const WEB: &str = "spiffe://mesh.test/ns/shop/sa/web";
+
+#[test]
+fn a_valid_request_gets_a_short_lived_leaf_for_the_proven_identity_only() {
+    let dir = Dir::new("valid");
+    let ca = Authority::open(&options(&dir.0)).unwrap();
+    let id: SpiffeId = WEB.parse().unwrap();
+    let key = KeyPair::generate().unwrap();
+    let issued = ca.certify(&csr(&[WEB], &key), &ca.token(&id)).unwrap();
+    assert_eq!(issued.id, id);
+    assert_eq!(
+        issued.chain.len(),
+        1,
+        "the root signs directly: no intermediates"
+    );
+    assert_eq!(issued.trust_bundle.len(), 1);
+
+    let (_, leaf) = x509_parser::parse_x509_certificate(&issued.chain[0]).unwrap();
+    let (_, root) = x509_parser::parse_x509_certificate(&issued.trust_bundle[0]).unwrap();
+    leaf.verify_signature(Some(root.public_key())).unwrap();
+    assert_eq!(leaf.issuer(), root.subject());
+    assert!(
+        !leaf.is_ca(),
+        "the CSR asked for CA; the CA must not grant it"
+    );
+    assert_eq!(
+        leaf.public_key().subject_public_key.data.as_ref(),
+        rcgen::PublicKeyData::der_bytes(&key),
+        "the certificate is for the proxy's own key"
+    );
+    let lifetime = leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp();
+    assert_eq!(lifetime, 3600 + 60, "lifetime plus clock-skew slack");
+    let san = leaf.subject_alternative_name().unwrap().unwrap();
+    assert_eq!(
+        format!("{:?}", san.value.general_names),
+        format!("[URI({WEB:?})]")
+    );
+}
+
+#[test]
+fn the_root_and_token_key_persist_across_restarts() {
+    let dir = Dir::new("persist");
+    let first = Authority::open(&options(&dir.0)).unwrap();
+    let token = first.token(&WEB.parse().unwrap());
+    let second = Authority::open(&options(&dir.0)).unwrap();
+    assert_eq!(first.trust_bundle(), second.trust_bundle());
+    assert_eq!(second.verify_token(&token).unwrap().to_string(), WEB);
+    let mode = std::fs::metadata(dir.0.join("ca.key"))
+        .unwrap()
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o077,
+        0,
+        "the root key is private"
+    );
+}
+
+#[test]
+fn credentials_are_checked_against_the_requested_identity() {
+    let dir = Dir::new("tokens");
+    let other_dir = Dir::new("tokens-other");
+    let ca = Authority::open(&options(&dir.0)).unwrap();
+    let other_ca = Authority::open(&options(&other_dir.0)).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let request = csr(&[WEB], &key);
+    let db: SpiffeId = "spiffe://mesh.test/ns/shop/sa/db".parse().unwrap();
+
+    let denied = ca.certify(&request, &ca.token(&db)).unwrap_err();
+    assert!(
+        matches!(&denied, CertifyError::Denied { proven, requested } if proven == &db.to_string() && requested == WEB),
+        "{denied:?}"
+    );
+    for garbage in [
+        "",
+        "tern1",
+        "tern1.a.b",
+        "tern1.a.b.c",
+        "Bearer xyz",
+        "\u{0}\u{1}",
+    ] {
+        assert!(
+            matches!(
+                ca.certify(&request, garbage),
+                Err(CertifyError::Unauthenticated(_))
+            ),
+            "{garbage:?}"
+        );
+    }
+    // A token minted by another CA, and one whose identity was edited, are both forged.
+    let foreign = other_ca.token(&WEB.parse().unwrap());
+    assert!(matches!(
+        ca.certify(&request, &foreign),
+        Err(CertifyError::Unauthenticated(_))
+    ));
+    let db_token = ca.token(&db);
+    let tag = db_token.rsplit('.').next().unwrap();
+    let edited = format!("tern1.{}.{tag}", URL_SAFE_NO_PAD.encode(WEB));
+    assert!(matches!(
+        ca.certify(&request, &edited),
+        Err(CertifyError::Unauthenticated(_))
+    ));
+}
+
+#[test]
+fn malformed_requests_are_invalid_arguments() {
+    let dir = Dir::new("malformed");
+    let ca = Authority::open(&options(&dir.0)).unwrap();
+    let token = ca.token(&WEB.parse().unwrap());
+    let p256 = KeyPair::generate().unwrap();
+    let p384 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("garbage", b"not a CSR".to_vec()),
+        ("empty", Vec::new()),
+        ("P-384 key", csr(&[WEB], &p384)),
+        ("no URI SAN", csr(&[], &p256)),
+        (
+            "two URI SANs",
+            csr(&[WEB, "spiffe://mesh.test/ns/shop/sa/db"], &p256),
+        ),
+        (
+            "other trust domain",
+            csr(&["spiffe://evil.test/ns/shop/sa/web"], &p256),
+        ),
+        ("not SPIFFE", csr(&["https://example.com/"], &p256)),
+    ];
+    for (what, request) in cases {
+        assert!(
+            matches!(ca.certify(&request, &token), Err(CertifyError::Invalid(_))),
+            "{what}"
+        );
+    }
+    // A CSR whose signature does not match its key: flip a byte of the signature.
+    let mut forged = csr(&[WEB], &p256);
+    let last = forged.len() - 1;
+    forged[last] ^= 0x01;
+    assert!(matches!(
+        ca.certify(&forged, &token),
+        Err(CertifyError::Invalid(_))
+    ));
+}
+
+#[test]
+fn an_operator_intermediate_signs_and_its_root_and_extra_roots_form_the_bundle() {
+    let dir = Dir::new("intermediate");
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let root_key = KeyPair::generate().unwrap();
+    let mut root = CertificateParams::new(Vec::<String>::new()).unwrap();
+    root.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    root.distinguished_name.push(DnType::CommonName, "org root");
+    let root_cert = root.self_signed(&root_key).unwrap();
+    let root_issuer = Issuer::new(root, root_key);
+    let inter_key = KeyPair::generate().unwrap();
+    let mut inter = CertificateParams::new(Vec::<String>::new()).unwrap();
+    inter.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    inter
+        .distinguished_name
+        .push(DnType::CommonName, "mesh intermediate");
+    let inter_cert = inter.signed_by(&inter_key, &root_issuer).unwrap();
+    let old_root = rcgen::generate_simple_self_signed(vec!["old".into()]).unwrap();
+    std::fs::write(dir.0.join("inter.crt"), inter_cert.pem()).unwrap();
+    std::fs::write(dir.0.join("inter.key"), inter_key.serialize_pem()).unwrap();
+    std::fs::write(
+        dir.0.join("roots.crt"),
+        format!("{}{}", root_cert.pem(), old_root.cert.pem()),
+    )
+    .unwrap();
+
+    let mut opts = options(&dir.0.join("state"));
+    opts.ca_cert = Some(dir.0.join("inter.crt"));
+    opts.ca_key = Some(dir.0.join("inter.key"));
+    let missing_root = Authority::open(&opts).unwrap_err();
+    assert!(
+        missing_root.to_string().contains("--extra-roots"),
+        "{missing_root}"
+    );
+    opts.extra_roots = Some(dir.0.join("roots.crt"));
+    let ca = Authority::open(&opts).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let issued = ca
+        .certify(&csr(&[WEB], &key), &ca.token(&WEB.parse().unwrap()))
+        .unwrap();
+    assert_eq!(issued.chain.len(), 2, "leaf and intermediate");
+    assert_eq!(issued.chain[1], *inter_cert.der());
+    assert_eq!(issued.trust_bundle.len(), 2, "the root and the old root");
+    assert_eq!(issued.trust_bundle[0], *root_cert.der());
+    let (_, leaf) = x509_parser::parse_x509_certificate(&issued.chain[0]).unwrap();
+    let (_, signer) = x509_parser::parse_x509_certificate(&issued.chain[1]).unwrap();
+    leaf.verify_signature(Some(signer.public_key())).unwrap();
+}
+
+#[test]
+fn bad_options_are_refused_with_a_reason() {
+    let dir = Dir::new("options");
+    let mut opts = options(&dir.0);
+    opts.trust_domain = String::new();
+    assert!(Authority::open(&opts).is_err());
+    let mut opts = options(&dir.0);
+    opts.workload_lifetime = Duration::from_secs(4);
+    assert!(
+        Authority::open(&opts)
+            .unwrap_err()
+            .to_string()
+            .contains("lifetime")
+    );
+    let mut opts = options(&dir.0);
+    opts.ca_cert = Some(dir.0.join("missing.crt"));
+    opts.ca_key = Some(dir.0.join("missing.key"));
+    assert!(
+        Authority::open(&opts)
+            .unwrap_err()
+            .to_string()
+            .contains("missing.crt")
+    );
+}

@@ -1,0 +1,129 @@
+//! `tern-control`: `serve` runs the control plane (the mesh CA over gRPC); `token` prints the
+//! bootstrap token a workload presents to prove its identity in local mode.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args as ClapArgs, Parser, Subcommand};
+use controlplane::{Authority, CaOptions, ControlPlane, Options};
+use tokio::signal::unix::{SignalKind, signal};
+
+/// Tern's control plane.
+#[derive(Debug, Parser)]
+#[command(name = "tern-control", version)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+    /// Log filter (tracing `EnvFilter` syntax).
+    #[arg(long, env = "TERN_LOG", default_value = "info", global = true)]
+    log: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs the control plane until SIGTERM or SIGINT.
+    Serve {
+        /// The gRPC address proxies connect to (TLS).
+        #[arg(long, env = "TERN_CONTROL_LISTEN", default_value = "127.0.0.1:15012")]
+        listen: SocketAddr,
+        /// Names and IPs proxies dial this server by (its certificate carries them).
+        #[arg(long = "server-name", default_values_t = ["tern-control".to_owned(), "localhost".to_owned(), "127.0.0.1".to_owned()])]
+        server_names: Vec<String>,
+        #[command(flatten)]
+        ca: CaArgs,
+    },
+    /// Prints the bootstrap token that proves SPIFFE_ID to this CA (local mode). Hand it only
+    /// to that workload: whoever holds it can get certificates for the identity.
+    Token {
+        /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+        spiffe_id: shared::SpiffeId,
+        #[command(flatten)]
+        ca: CaArgs,
+    },
+}
+
+#[derive(Debug, ClapArgs)]
+struct CaArgs {
+    /// Where the generated root and the token key live (created on first start).
+    #[arg(long, env = "TERN_STATE_DIR", default_value = "/var/lib/tern-control")]
+    state_dir: PathBuf,
+    /// The mesh's trust domain.
+    #[arg(long, env = "TERN_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    /// Lifetime of workload certificates.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    workload_lifetime: Duration,
+    /// Sign with this certificate (PEM, signing certificate first, then any chain) instead of
+    /// a generated root.
+    #[arg(long, requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// The key of --ca-cert (PEM).
+    #[arg(long, requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// More roots for the trust bundle (PEM), e.g. the old root during a root rotation.
+    #[arg(long)]
+    extra_roots: Option<PathBuf>,
+}
+
+impl From<CaArgs> for CaOptions {
+    fn from(args: CaArgs) -> CaOptions {
+        CaOptions {
+            state_dir: args.state_dir,
+            trust_domain: args.trust_domain,
+            workload_lifetime: args.workload_lifetime,
+            ca_cert: args.ca_cert,
+            ca_key: args.ca_key,
+            extra_roots: args.extra_roots,
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&args.log).context("invalid --log filter")?,
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match args.command {
+        Command::Token { spiffe_id, ca } => {
+            let authority = Authority::open(&ca.into())?;
+            anyhow::ensure!(
+                spiffe_id.trust_domain() == authority.trust_domain(),
+                "{spiffe_id} is not in trust domain `{}`",
+                authority.trust_domain()
+            );
+            println!("{}", authority.token(&spiffe_id));
+            Ok(())
+        }
+        Command::Serve {
+            listen,
+            server_names,
+            ca,
+        } => {
+            let control = ControlPlane::start(Options {
+                listen,
+                server_names,
+                ca: ca.into(),
+            })?;
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(async {
+                    let mut terminate = signal(SignalKind::terminate())?;
+                    let mut interrupt = signal(SignalKind::interrupt())?;
+                    tokio::select! {
+                        _ = terminate.recv() => {}
+                        _ = interrupt.recv() => {}
+                    }
+                    anyhow::Ok(())
+                })?;
+            tracing::info!("stopping");
+            control.stop();
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,72 @@
+//! The `tern-control` binary: `token` is stable across runs for one state directory and
+//! refuses a foreign trust domain; `serve` comes up and exits 0 on SIGTERM.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Command, Stdio};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tern-control");
+
+fn state_dir(label: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("tern-control-cli-{label}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+#[test]
+fn token_is_stable_for_a_state_directory_and_checks_the_trust_domain() {
+    let dir = state_dir("token");
+    let token = |id: &str| {
+        Command::new(BIN)
+            .args(["token", id, "--trust-domain", "mesh.test", "--state-dir"])
+            .arg(&dir)
+            .output()
+            .unwrap()
+    };
+    let first = token("spiffe://mesh.test/ns/shop/sa/web");
+    assert!(first.status.success(), "{first:?}");
+    let second = token("spiffe://mesh.test/ns/shop/sa/web");
+    assert_eq!(first.stdout, second.stdout, "same key, same token");
+    assert!(String::from_utf8_lossy(&first.stdout).starts_with("tern1."));
+    let other = token("spiffe://mesh.test/ns/shop/sa/db");
+    assert_ne!(first.stdout, other.stdout);
+
+    let foreign = token("spiffe://elsewhere.test/ns/shop/sa/web");
+    assert!(!foreign.status.success());
+    assert!(
+        String::from_utf8_lossy(&foreign.stderr).contains("not in trust domain"),
+        "{foreign:?}"
+    );
+    let garbage = token("https://example.com");
+    assert!(!garbage.status.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn serve_starts_and_exits_cleanly_on_sigterm() {
+    let dir = state_dir("serve");
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(&dir)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let serving = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|line| line.contains("tern-control serving"));
+    assert!(serving.is_some(), "never served");
+    assert!(dir.join("ca.crt").exists() && dir.join("ca.key").exists());
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

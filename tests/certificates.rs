@@ -1,0 +1,199 @@
+//! Proxies that get their identity from `tern-control`'s CA: certification over gRPC with a
+//! bootstrap token, mTLS between two such proxies, refusal of a token for another identity,
+//! a CA that is down at start-up, rotation that drops no connection, and a CA outage at
+//! renewal that leaves traffic flowing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tests::ca::TestControlPlane;
+use tests::client::{self, Conn};
+use tests::upstream::Echo;
+use tests::{BackendChoice, Proxy, admin_get, metric, start_proxy};
+
+const CERTIFY_OK: &str = "tern_identity_certify_total{result=\"ok\"}";
+const CERTIFY_ERROR: &str = "tern_identity_certify_total{result=\"error\"}";
+
+/// The status and body of an admin GET.
+fn admin_status(proxy: &Proxy, path: &str) -> (u16, String) {
+    let response = client::request(
+        proxy.admin_addr(),
+        &format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"),
+    );
+    (response.status, response.text())
+}
+
+/// Polls until `check` holds, for up to `within`; panics with `what` otherwise.
+fn eventually(within: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+fn wait_ready(proxy: &Proxy, within: Duration) {
+    eventually(within, "the proxy to be ready", || {
+        admin_status(proxy, "/ready").0 == 200
+    });
+}
+
+fn metric_of(proxy: &Proxy, series: &str) -> f64 {
+    metric(&admin_get(proxy, "/metrics"), series)
+}
+
+/// The certificate `not_after` and SPIFFE ID that `/config_dump` shows.
+fn certificate(proxy: &Proxy) -> (i64, String) {
+    let dump: serde_json::Value = serde_json::from_str(&admin_get(proxy, "/config_dump")).unwrap();
+    let identity = &dump["identity"];
+    (
+        identity["not_after"].as_i64().expect("an identity"),
+        identity["spiffe_id"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// Proxy `b` terminates strict mTLS in front of an echo server.
+fn start_server_side(control: &TestControlPlane, echo: &Echo) -> Proxy {
+    let yaml = format!(
+        "{}listeners:\n  - {{ name: in, address: 127.0.0.1:0, protocol: tcp, cluster: app, tls: {{ mode: strict }} }}\nclusters:\n  - {{ name: app, endpoints: [{}] }}\n",
+        control.identity_yaml("b", "b"),
+        echo.addr
+    );
+    start_proxy(&yaml, BackendChoice::Epoll)
+}
+
+/// Proxy `a` (its token proving `proves`) originates mTLS to `b` at `inbound`.
+fn start_client_side(control: &TestControlPlane, proves: &str, inbound: SocketAddr) -> Proxy {
+    let yaml = format!(
+        "{}listeners:\n  - {{ name: out, address: 127.0.0.1:0, protocol: tcp, cluster: b }}\nclusters:\n  - {{ name: b, endpoints: [{inbound}], tls: {{ identity: \"{}\" }} }}\n",
+        control.identity_yaml("a", proves),
+        TestControlPlane::spiffe_id("b"),
+    );
+    start_proxy(&yaml, BackendChoice::Epoll)
+}
+
+fn ready_pair(control: &TestControlPlane, echo: &Echo) -> (Proxy, Proxy) {
+    let b = start_server_side(control, echo);
+    wait_ready(&b, Duration::from_secs(10));
+    let a = start_client_side(control, "a", b.listener_addr("in").unwrap());
+    wait_ready(&a, Duration::from_secs(10));
+    (a, b)
+}
+
+#[test]
+fn proxies_certified_by_the_ca_carry_mtls_traffic() {
+    let control = TestControlPlane::start(Duration::from_secs(3600));
+    let echo = Echo::start();
+    let (a, b) = ready_pair(&control, &echo);
+    client::assert_echo(a.listener_addr("out").unwrap(), b"through the mesh");
+
+    for (proxy, name) in [(&a, "a"), (&b, "b")] {
+        let (not_after, id) = certificate(proxy);
+        assert_eq!(id, TestControlPlane::spiffe_id(name));
+        let metrics = admin_get(proxy, "/metrics");
+        assert_eq!(metric(&metrics, CERTIFY_OK), 1.0);
+        assert_eq!(metric(&metrics, CERTIFY_ERROR), 0.0);
+        let expiry = metric(
+            &metrics,
+            &format!(
+                "tern_identity_expiry_seconds{{identity=\"{}\"}}",
+                TestControlPlane::spiffe_id(name)
+            ),
+        );
+        assert!((3500.0..=3600.0).contains(&expiry), "{expiry}");
+        assert!(not_after > 0);
+    }
+    // b saw a's identity, which only the CA could have certified.
+    let inbound = admin_get(&b, "/metrics");
+    assert_eq!(
+        metric(
+            &inbound,
+            &format!(
+                "tern_listener_peer_connections_total{{listener=\"in\",peer_identity=\"{}\"}}",
+                TestControlPlane::spiffe_id("a")
+            )
+        ),
+        1.0,
+        "{inbound}"
+    );
+}
+
+#[test]
+fn a_token_for_another_identity_is_refused_until_the_right_one_arrives() {
+    let control = TestControlPlane::start(Duration::from_secs(3600));
+    let a = start_client_side(&control, "mallory", "127.0.0.1:9".parse().unwrap());
+    eventually(Duration::from_secs(10), "two refusals", || {
+        metric_of(&a, CERTIFY_ERROR) >= 2.0
+    });
+    let (status, body) = admin_status(&a, "/ready");
+    assert_eq!(status, 503);
+    assert!(body.contains("waiting for a certificate"), "{body}");
+    assert_eq!(metric_of(&a, CERTIFY_OK), 0.0);
+    assert!(
+        a.listener_addr("out").is_none(),
+        "no listener may open before the proxy has its identity"
+    );
+
+    // The token file is read at every attempt: replacing it is enough.
+    control.write_token("a", "a");
+    wait_ready(&a, Duration::from_secs(10));
+    assert!(a.listener_addr("out").is_some());
+    assert_eq!(certificate(&a).1, TestControlPlane::spiffe_id("a"));
+}
+
+#[test]
+fn a_ca_that_is_down_at_start_up_is_retried_until_it_answers() {
+    let mut control = TestControlPlane::start(Duration::from_secs(3600));
+    let echo = Echo::start();
+    let b = start_server_side(&control, &echo);
+    wait_ready(&b, Duration::from_secs(10));
+    control.stop();
+    let a = start_client_side(&control, "a", b.listener_addr("in").unwrap());
+    eventually(Duration::from_secs(10), "a failed attempt", || {
+        metric_of(&a, CERTIFY_ERROR) >= 1.0
+    });
+    assert_eq!(admin_status(&a, "/ready").0, 503);
+    // b, already certified, serves on without its CA.
+    assert_eq!(admin_status(&b, "/ready").0, 200);
+
+    control.restart();
+    wait_ready(&a, Duration::from_secs(15));
+    client::assert_echo(a.listener_addr("out").unwrap(), b"after the outage");
+}
+
+#[test]
+fn rotation_drops_no_connection_and_a_ca_outage_at_renewal_is_survived() {
+    // Certificates live 10 s: renewal comes after 5–7 s.
+    let mut control = TestControlPlane::start(Duration::from_secs(10));
+    let echo = Echo::start();
+    let (a, b) = ready_pair(&control, &echo);
+    let out = a.listener_addr("out").unwrap();
+    let mut open = Conn::open(out);
+    open.echo(b"before rotation");
+    let first = (certificate(&a).0, certificate(&b).0);
+
+    eventually(Duration::from_secs(15), "both proxies to renew", || {
+        certificate(&a).0 > first.0 && certificate(&b).0 > first.1
+    });
+    open.echo(b"the connection opened before the rotation is untouched");
+    client::assert_echo(out, b"a new connection uses the new certificates");
+
+    // The CA goes away: the next renewal fails and is retried, while traffic flows on with
+    // the certificates in hand.
+    control.stop();
+    let renewed = metric_of(&a, CERTIFY_OK);
+    eventually(Duration::from_secs(15), "a failed renewal", || {
+        metric_of(&a, CERTIFY_ERROR) >= 1.0
+    });
+    client::assert_echo(out, b"served while the CA is down");
+    open.echo(b"and the old connection too");
+
+    control.restart();
+    eventually(
+        Duration::from_secs(15),
+        "a renewal after the CA returns",
+        || metric_of(&a, CERTIFY_OK) > renewed,
+    );
+    client::assert_echo(out, b"after the CA came back");
+}

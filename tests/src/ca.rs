@@ -1,0 +1,102 @@
+//! A `tern-control` CA in-process, for tests of proxies that get their certificates from it:
+//! a state directory of its own, tokens written to files, and the `identity: ca:` block of
+//! a proxy config. It can be stopped and started again on the same port and state, to play
+//! a control plane that dies and comes back.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use controlplane::{CaOptions, ControlPlane, Options};
+
+use crate::pki::TempDir;
+
+/// The trust domain of test meshes.
+pub const TRUST_DOMAIN: &str = "mesh.test";
+
+/// A control plane serving the CA on loopback.
+pub struct TestControlPlane {
+    /// Its state directory (root, token key) and token files.
+    pub dir: TempDir,
+    /// Where it listens (kept across restarts).
+    pub address: SocketAddr,
+    lifetime: Duration,
+    running: Option<ControlPlane>,
+}
+
+impl TestControlPlane {
+    /// Starts a CA issuing certificates valid for `lifetime`.
+    pub fn start(lifetime: Duration) -> TestControlPlane {
+        let dir = TempDir::new("control");
+        let mut control = TestControlPlane {
+            dir,
+            address: "127.0.0.1:0".parse().unwrap(),
+            lifetime,
+            running: None,
+        };
+        control.restart();
+        control
+    }
+
+    fn options(&self) -> Options {
+        Options {
+            listen: self.address,
+            server_names: vec!["tern-control".into()],
+            ca: CaOptions {
+                state_dir: self.dir.0.join("state"),
+                trust_domain: TRUST_DOMAIN.into(),
+                workload_lifetime: self.lifetime,
+                ca_cert: None,
+                ca_key: None,
+                extra_roots: None,
+            },
+        }
+    }
+
+    /// Stops serving (the port closes; proxies' requests fail).
+    pub fn stop(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.stop();
+        }
+    }
+
+    /// Starts (again) on the same port with the same root.
+    pub fn restart(&mut self) {
+        self.stop();
+        let running = ControlPlane::start(self.options()).expect("control plane starts");
+        self.address = running.address();
+        self.running = Some(running);
+    }
+
+    /// The SPIFFE ID of a test workload.
+    pub fn spiffe_id(name: &str) -> String {
+        format!("spiffe://{TRUST_DOMAIN}/ns/default/sa/{name}")
+    }
+
+    /// Writes `name`'s bootstrap token to a file and returns its path.
+    pub fn write_token(&self, name: &str, proves: &str) -> std::path::PathBuf {
+        // The CA's state directory is enough to mint a token, running or not.
+        let authority = controlplane::Authority::open(&self.options().ca).unwrap();
+        let token = authority.token(&Self::spiffe_id(proves).parse().unwrap());
+        let path = self.dir.0.join(format!("{name}.token"));
+        std::fs::write(&path, token).unwrap();
+        path
+    }
+
+    /// The `identity:` block for a proxy that is `name`, with a token that proves `proves`.
+    pub fn identity_yaml(&self, name: &str, proves: &str) -> String {
+        let token = self.write_token(name, proves);
+        format!(
+            "identity:\n  ca:\n    address: {}\n    root: {}\n    spiffe_id: {}\n    token_file: {}\n",
+            self.address,
+            self.dir.0.join("state/ca.crt").display(),
+            Self::spiffe_id(name),
+            token.display()
+        )
+    }
+}
+
+impl Drop for TestControlPlane {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
