@@ -5,13 +5,15 @@
 //! against the [`io`] interface and its two backends; [`control`] and [`admin`] run on their
 //! own thread and reach workers only by message, as does [`ca_client`], which keeps this
 //! proxy certified by `tern-control`'s CA; [`snapshot`] is the compiled config workers
-//! read; [`tls`] carries mutual TLS over the same IO interface; [`metrics`] are per-worker
+//! read; [`tls`] carries mutual TLS over the same IO interface and [`ktls`] hands its record
+//! layer to the kernel where it can; [`metrics`] are per-worker
 //! and merged at scrape; [`sys`] holds the OS calls.
 
 pub mod admin;
 pub mod ca_client;
 pub mod control;
 pub mod io;
+pub mod ktls;
 pub mod metrics;
 pub mod proxy;
 pub mod snapshot;

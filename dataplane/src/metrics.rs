@@ -108,6 +108,30 @@ pub struct ListenerStats {
     latency: RefCell<Histogram<u64>>,
     /// mTLS connections by the peer's SPIFFE ID.
     peers: RefCell<BTreeMap<String, u64>>,
+    /// mTLS connections by where the record layer runs: `[kernel, userspace]`.
+    tls_modes: [Cell<u64>; 2],
+}
+
+/// Where a TLS connection's record layer runs after the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// kTLS: the kernel encrypts and decrypts.
+    Kernel = 0,
+    /// rustls in the proxy.
+    Userspace = 1,
+}
+
+impl TlsMode {
+    /// Both, in label order.
+    pub const ALL: [TlsMode; 2] = [TlsMode::Kernel, TlsMode::Userspace];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            TlsMode::Kernel => "kernel",
+            TlsMode::Userspace => "userspace",
+        }
+    }
 }
 
 impl ListenerStats {
@@ -122,7 +146,13 @@ impl ListenerStats {
             bytes_sent: Cell::new(0),
             latency: RefCell::new(new_histogram()),
             peers: RefCell::default(),
+            tls_modes: Default::default(),
         }
+    }
+
+    /// An mTLS connection was accepted and runs its record layer in `mode`.
+    pub fn tls_mode(&self, mode: TlsMode) {
+        bump(&self.tls_modes[mode as usize], 1);
     }
 
     /// A connection was accepted.
@@ -194,9 +224,15 @@ pub struct ClusterStats {
     bytes_sent: Cell<u64>,
     bytes_received: Cell<u64>,
     pool_reuses: Cell<u64>,
+    tls_modes: [Cell<u64>; 2],
 }
 
 impl ClusterStats {
+    /// An mTLS connection to an upstream runs its record layer in `mode`.
+    pub fn tls_mode(&self, mode: TlsMode) {
+        bump(&self.tls_modes[mode as usize], 1);
+    }
+
     /// A new upstream connection was established.
     pub fn connected(&self) {
         bump(&self.connections, 1);
@@ -280,6 +316,7 @@ impl Registry {
                     bytes_sent: s.bytes_sent.get(),
                     latency: s.latency.borrow().clone(),
                     peers: s.peers.borrow().clone(),
+                    tls_modes: s.tls_modes.each_ref().map(Cell::get),
                 };
                 (name.clone(), report)
             })
@@ -298,6 +335,7 @@ impl Registry {
                     bytes_sent: s.bytes_sent.get(),
                     bytes_received: s.bytes_received.get(),
                     pool_reuses: s.pool_reuses.get(),
+                    tls_modes: s.tls_modes.each_ref().map(Cell::get),
                 };
                 (name.clone(), report)
             })
@@ -339,6 +377,8 @@ pub struct ListenerReport {
     pub latency: Histogram<u64>,
     /// mTLS connections by peer SPIFFE ID.
     pub peers: BTreeMap<String, u64>,
+    /// mTLS connections by [`TlsMode`].
+    pub tls_modes: [u64; 2],
 }
 
 /// A cluster's statistics.
@@ -360,6 +400,8 @@ pub struct ClusterReport {
     pub bytes_received: u64,
     /// Requests that reused a pooled connection.
     pub pool_reuses: u64,
+    /// mTLS connections by [`TlsMode`].
+    pub tls_modes: [u64; 2],
 }
 
 impl WorkerReport {
@@ -383,6 +425,7 @@ impl WorkerReport {
                     for (peer, n) in l.peers {
                         *m.peers.entry(peer).or_default() += n;
                     }
+                    add(&mut m.tls_modes, &l.tls_modes);
                 }
             }
         }
@@ -396,6 +439,7 @@ impl WorkerReport {
             m.bytes_sent += c.bytes_sent;
             m.bytes_received += c.bytes_received;
             m.pool_reuses += c.pool_reuses;
+            add(&mut m.tls_modes, &c.tls_modes);
         }
     }
 }
@@ -573,6 +617,21 @@ pub fn render(info: &Info<'_>, report: &WorkerReport) -> String {
     }
     let _ = writeln!(
         out,
+        "# HELP tern_listener_tls_connections_total mTLS connections accepted, by where the record layer runs (kernel: kTLS; userspace: rustls).\n# TYPE tern_listener_tls_connections_total counter"
+    );
+    for (l, r) in ls {
+        for mode in TlsMode::ALL {
+            let _ = writeln!(
+                out,
+                "tern_listener_tls_connections_total{{listener=\"{}\",mode=\"{}\"}} {}",
+                escape(l),
+                mode.label(),
+                r.tls_modes[mode as usize]
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
         "# HELP tern_request_duration_seconds HTTP request latency, first head byte parsed to last response byte sent; exact quantiles from merged HDR histograms."
     );
     let _ = writeln!(out, "# TYPE tern_request_duration_seconds summary");
@@ -655,6 +714,21 @@ pub fn render(info: &Info<'_>, report: &WorkerReport) -> String {
         "Bytes read from upstreams.",
         &|r| r.bytes_received,
     );
+    let _ = writeln!(
+        out,
+        "# HELP tern_upstream_tls_connections_total mTLS connections to upstreams, by where the record layer runs (kernel: kTLS; userspace: rustls).\n# TYPE tern_upstream_tls_connections_total counter"
+    );
+    for (c, r) in cs {
+        for mode in TlsMode::ALL {
+            let _ = writeln!(
+                out,
+                "tern_upstream_tls_connections_total{{cluster=\"{}\",mode=\"{}\"}} {}",
+                escape(c),
+                mode.label(),
+                r.tls_modes[mode as usize]
+            );
+        }
+    }
     let _ = writeln!(
         out,
         "# HELP tern_upstream_responses_total Upstream responses, by status class."

@@ -153,7 +153,7 @@ impl Snapshot {
                 (Some(tls), Some(identity)) => {
                     let client = |alpn| {
                         identity
-                            .client_config(tls.identity.clone(), alpn)
+                            .client_config(tls.identity.clone(), alpn, tls.cipher_suites.as_deref())
                             .map_err(|e| invalid(format!("clusters[{i}].tls"), e.to_string()))
                     };
                     Some(ClusterTls {

@@ -132,3 +132,160 @@ mod tests {
         assert_eq!(second.local_addr().unwrap(), addr);
     }
 }
+
+/// Kernel TLS keys for one direction of a TLS 1.3 connection: the cipher, key, IV (salt and
+/// nonce part, as the kernel splits them) and the next record sequence number.
+#[derive(Clone)]
+pub enum KtlsKeys {
+    /// TLS_AES_128_GCM_SHA256.
+    Aes128Gcm(libc::tls12_crypto_info_aes_gcm_128),
+    /// TLS_AES_256_GCM_SHA384.
+    Aes256Gcm(libc::tls12_crypto_info_aes_gcm_256),
+    /// TLS_CHACHA20_POLY1305_SHA256.
+    Chacha20Poly1305(libc::tls12_crypto_info_chacha20_poly1305),
+}
+
+/// Attaches the kernel's TLS upper-layer protocol to a connected TCP socket. The socket
+/// behaves as before until keys are installed; `ENOENT` means this kernel has no kTLS.
+#[allow(unsafe_code)]
+pub fn attach_tls_ulp(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    const NAME: &[u8] = b"tls";
+    // SAFETY: `NAME` outlives the call and its length is passed with it; the fd is borrowed,
+    // so it is open for the duration of the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_TCP,
+            libc::TCP_ULP,
+            NAME.as_ptr().cast(),
+            NAME.len() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Installs one direction's keys (`libc::TLS_TX` or `libc::TLS_RX`) on a socket that has
+/// the TLS ULP attached.
+#[allow(unsafe_code)]
+pub fn install_ktls_keys(
+    fd: std::os::fd::BorrowedFd<'_>,
+    direction: libc::c_int,
+    keys: &KtlsKeys,
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    fn raw<T>(info: &T) -> (*const libc::c_void, usize) {
+        (std::ptr::from_ref(info).cast(), std::mem::size_of::<T>())
+    }
+    let (pointer, len) = match keys {
+        KtlsKeys::Aes128Gcm(info) => raw(info),
+        KtlsKeys::Aes256Gcm(info) => raw(info),
+        KtlsKeys::Chacha20Poly1305(info) => raw(info),
+    };
+    // SAFETY: `pointer` refers to a `#[repr(C)]` uapi struct borrowed for the call, and `len`
+    // is exactly its size, as the kernel's `tls_setsockopt` expects for the cipher it names.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_TLS,
+            direction,
+            pointer,
+            len as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Receives from a kTLS socket into `buf`'s spare capacity: one record's plaintext (or part
+/// of it) and the record's content type (23 application data, 21 alert, 22 handshake).
+/// Non-blocking; `WouldBlock` when nothing is ready.
+#[allow(unsafe_code)]
+pub fn recv_tls_record(
+    fd: std::os::fd::BorrowedFd<'_>,
+    buf: &mut Vec<u8>,
+) -> io::Result<(usize, u8)> {
+    use std::os::fd::AsRawFd as _;
+    let spare = buf.spare_capacity_mut();
+    let mut iov = libc::iovec {
+        iov_base: spare.as_mut_ptr().cast(),
+        iov_len: spare.len(),
+    };
+    // Room for one cmsghdr carrying one byte, aligned as cmsghdr requires.
+    let mut control = [0u64; 8];
+    // SAFETY: all-zeroes is a valid `msghdr` (null pointers, zero lengths).
+    let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
+    message.msg_iov = &mut iov;
+    message.msg_iovlen = 1;
+    message.msg_control = control.as_mut_ptr().cast();
+    message.msg_controllen = std::mem::size_of_val(&control) as _;
+    // SAFETY: `message` points at `iov` (the uninitialised spare capacity of `buf`, which
+    // the kernel only writes) and at `control`, both live for the call with the lengths
+    // given. The fd is borrowed, so it is open.
+    let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut message, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    // SAFETY: the kernel initialised the first `n` bytes of the spare capacity.
+    unsafe { buf.set_len(buf.len() + n) };
+    let mut record_type = 23; // without a cmsg the record is application data
+    // SAFETY: the CMSG macros walk the control buffer within `msg_controllen`, which the
+    // kernel set to what it wrote; the data read is one byte inside a cmsg it wrote.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&message);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_TLS && (*cmsg).cmsg_type == libc::TLS_GET_RECORD_TYPE
+            {
+                record_type = *libc::CMSG_DATA(cmsg);
+            }
+            cmsg = libc::CMSG_NXTHDR(&message, cmsg);
+        }
+    }
+    Ok((n, record_type))
+}
+
+/// Sends `data` as one record of `record_type` on a kTLS socket (an alert, say). Non-blocking.
+#[allow(unsafe_code)]
+pub fn send_tls_record(
+    fd: std::os::fd::BorrowedFd<'_>,
+    record_type: u8,
+    data: &[u8],
+) -> io::Result<usize> {
+    use std::os::fd::AsRawFd as _;
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr().cast_mut().cast(),
+        iov_len: data.len(),
+    };
+    let mut control = [0u64; 8];
+    // SAFETY: all-zeroes is a valid `msghdr`.
+    let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
+    message.msg_iov = &mut iov;
+    message.msg_iovlen = 1;
+    message.msg_control = control.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    message.msg_controllen = unsafe { libc::CMSG_SPACE(1) } as _;
+    // SAFETY: the control buffer (64 bytes) holds CMSG_SPACE(1) bytes; the header and its
+    // one data byte are written inside it. `iov` points at `data`, which the kernel only
+    // reads. The fd is borrowed, so it is open.
+    let n = unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&message);
+        (*cmsg).cmsg_level = libc::SOL_TLS;
+        (*cmsg).cmsg_type = libc::TLS_SET_RECORD_TYPE;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(1) as _;
+        *libc::CMSG_DATA(cmsg) = record_type;
+        libc::sendmsg(fd.as_raw_fd(), &message, libc::MSG_DONTWAIT)
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}

@@ -195,6 +195,7 @@ impl Identity {
         // Tickets arrive after the handshake as records a kernel-TLS receiver cannot take;
         // sidecars reconnect rarely, so resumption is not worth them.
         server.send_tls13_tickets = 0;
+        server.enable_secret_extraction = crate::ktls::supported();
         let validity = validity_of(&chain[0]).map_err(TlsError::Identity)?;
         Ok(Identity {
             id,
@@ -212,24 +213,44 @@ impl Identity {
         self.server.clone()
     }
 
-    /// A configuration for connecting to a peer that must prove `expected`, speaking `alpn`.
+    /// A configuration for connecting to a peer that must prove `expected`, speaking `alpn`,
+    /// offering `suites` (all of them when `None`).
     pub fn client_config(
         &self,
         expected: SpiffeId,
         alpn: &[u8],
+        suites: Option<&[shared::config::CipherSuite]>,
     ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
         let verifier = Arc::new(SpiffeVerifier {
             roots: self.roots.clone(),
             expected,
             algorithms: self.provider.signature_verification_algorithms,
         });
-        let mut client = rustls::ClientConfig::builder_with_provider(self.provider.clone())
+        let provider = match suites {
+            None => self.provider.clone(),
+            Some(suites) => {
+                use rustls::crypto::ring::cipher_suite as ring;
+                use shared::config::CipherSuite as Suite;
+                let mut provider = (*self.provider).clone();
+                provider.cipher_suites = suites
+                    .iter()
+                    .map(|suite| match suite {
+                        Suite::Aes128GcmSha256 => ring::TLS13_AES_128_GCM_SHA256,
+                        Suite::Aes256GcmSha384 => ring::TLS13_AES_256_GCM_SHA384,
+                        Suite::Chacha20Poly1305Sha256 => ring::TLS13_CHACHA20_POLY1305_SHA256,
+                    })
+                    .collect();
+                Arc::new(provider)
+            }
+        };
+        let mut client = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
             .with_custom_certificate_verifier(verifier)
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
         client.alpn_protocols = vec![alpn.to_vec()];
         client.resumption = rustls::client::Resumption::disabled();
+        client.enable_secret_extraction = crate::ktls::supported();
         Ok(Arc::new(client))
     }
 }
@@ -404,6 +425,77 @@ impl<S: Stream> TlsStream<S> {
     /// The negotiated ALPN protocol.
     pub fn alpn(&self) -> Option<Vec<u8>> {
         self.conn.borrow().alpn_protocol().map(<[u8]>::to_vec)
+    }
+
+    /// Hands the record layer to the kernel (kTLS) when this kernel, this backend and the
+    /// connection's state allow it; otherwise the stream stays as it is, in userspace. Call
+    /// it after the handshake and after reading [`Self::peer_id`] and [`Self::alpn`].
+    ///
+    /// An error means the keys were taken from rustls but the kernel refused them: the
+    /// connection is unusable and must be closed.
+    pub fn into_kernel(self) -> io::Result<MaybeTls<S>> {
+        if !crate::ktls::supported() || self.conn.borrow().is_handshaking() {
+            return Ok(MaybeTls::Tls(Box::new(self)));
+        }
+        let Some(socket) = self.inner.kernel_tls_socket() else {
+            return Ok(MaybeTls::Tls(Box::new(self)));
+        };
+        // Records already read off the socket must go through rustls; a partial one would
+        // be lost to the kernel, and so would records rustls still has to send.
+        self.feed()?;
+        if !self.incoming.borrow().is_empty() || self.conn.borrow().wants_write() {
+            return Ok(MaybeTls::Tls(Box::new(self)));
+        }
+        if let Err(error) = crate::sys::attach_tls_ulp(socket) {
+            tracing::debug!(%error, "kTLS refused for this connection; staying in userspace");
+            return Ok(MaybeTls::Tls(Box::new(self)));
+        }
+        // Plaintext rustls already decrypted is read first by the kernel-TLS stream.
+        let mut pending = Vec::new();
+        let mut peer_closed = false;
+        {
+            let mut conn = self.conn.borrow_mut();
+            let mut reader = conn.reader();
+            loop {
+                match reader.fill_buf() {
+                    Ok([]) => {
+                        peer_closed = true;
+                        break;
+                    }
+                    Ok(chunk) => {
+                        let n = chunk.len();
+                        pending.extend_from_slice(chunk);
+                        reader.consume(n);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let secrets = match self.conn.into_inner() {
+            rustls::Connection::Client(conn) => conn.dangerous_extract_secrets(),
+            rustls::Connection::Server(conn) => conn.dangerous_extract_secrets(),
+        }
+        .map_err(tls_error)?;
+        let unsupported = || {
+            io::Error::new(
+                io::ErrorKind::Unsupported,
+                "kTLS: the negotiated cipher has no kernel interface",
+            )
+        };
+        let tx = crate::ktls::keys(secrets.tx.0, &secrets.tx.1).ok_or_else(unsupported)?;
+        let rx = crate::ktls::keys(secrets.rx.0, &secrets.rx.1).ok_or_else(unsupported)?;
+        let socket = self
+            .inner
+            .kernel_tls_socket()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::Unsupported))?;
+        crate::sys::install_ktls_keys(socket, libc::TLS_TX, &tx)?;
+        crate::sys::install_ktls_keys(socket, libc::TLS_RX, &rx)?;
+        Ok(MaybeTls::Kernel(Box::new(crate::ktls::KernelTls::new(
+            self.inner,
+            pending,
+            peer_closed,
+        ))))
     }
 
     /// Sends every record rustls has ready.
@@ -583,8 +675,21 @@ pub enum MaybeTls<S> {
     /// Plain TCP whose first bytes were read already (to tell it from TLS); reads return
     /// them first.
     Sniffed(S, RefCell<Vec<u8>>),
-    /// mTLS.
+    /// mTLS, records in userspace rustls.
     Tls(Box<TlsStream<S>>),
+    /// mTLS, records in the kernel (kTLS).
+    Kernel(Box<crate::ktls::KernelTls<S>>),
+}
+
+impl<S> MaybeTls<S> {
+    /// Where the record layer runs, for TLS connections.
+    pub fn tls_mode(&self) -> Option<crate::metrics::TlsMode> {
+        match self {
+            MaybeTls::Plain(_) | MaybeTls::Sniffed(..) => None,
+            MaybeTls::Tls(_) => Some(crate::metrics::TlsMode::Userspace),
+            MaybeTls::Kernel(_) => Some(crate::metrics::TlsMode::Kernel),
+        }
+    }
 }
 
 impl<S: Stream> Stream for MaybeTls<S> {
@@ -601,6 +706,7 @@ impl<S: Stream> Stream for MaybeTls<S> {
                 }
             }
             MaybeTls::Tls(s) => s.read(buf).await,
+            MaybeTls::Kernel(s) => s.read(buf).await,
         }
     }
 
@@ -608,6 +714,7 @@ impl<S: Stream> Stream for MaybeTls<S> {
         match self {
             MaybeTls::Plain(s) | MaybeTls::Sniffed(s, _) => s.write_all(buf, range).await,
             MaybeTls::Tls(s) => s.write_all(buf, range).await,
+            MaybeTls::Kernel(s) => s.write_all(buf, range).await,
         }
     }
 
@@ -615,6 +722,7 @@ impl<S: Stream> Stream for MaybeTls<S> {
         match self {
             MaybeTls::Plain(s) | MaybeTls::Sniffed(s, _) => s.shutdown(how),
             MaybeTls::Tls(s) => s.shutdown(how),
+            MaybeTls::Kernel(s) => s.shutdown(how),
         }
     }
 
@@ -622,6 +730,7 @@ impl<S: Stream> Stream for MaybeTls<S> {
         match self {
             MaybeTls::Plain(s) | MaybeTls::Sniffed(s, _) => s.close_write().await,
             MaybeTls::Tls(s) => s.close_write().await,
+            MaybeTls::Kernel(s) => s.close_write().await,
         }
     }
 }

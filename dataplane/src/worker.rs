@@ -358,8 +358,20 @@ async fn terminate_tls<B: Backend>(
     if let Some(identity) = &identity {
         stats.peer(identity);
     }
-    tracing::debug!(listener = %plan.name, %peer, identity = identity.as_deref().unwrap_or("?"), "mTLS accepted");
-    Some(MaybeTls::Tls(Box::new(stream)))
+    let stream = match stream.into_kernel() {
+        Ok(stream) => stream,
+        Err(error) => {
+            refuse(&format_args!(
+                "handing the keys to kernel TLS failed: {error}"
+            ));
+            return None;
+        }
+    };
+    if let Some(mode) = stream.tls_mode() {
+        stats.tls_mode(mode);
+    }
+    tracing::debug!(listener = %plan.name, %peer, identity = identity.as_deref().unwrap_or("?"), mode = ?stream.tls_mode(), "mTLS accepted");
+    Some(stream)
 }
 
 /// Everything a worker thread needs to start.

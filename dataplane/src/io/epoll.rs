@@ -54,6 +54,41 @@ impl Stream for EpollStream {
     fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         socket2::SockRef::from(&self.0).shutdown(how)
     }
+
+    fn kernel_tls_socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        Some(std::os::fd::AsFd::as_fd(&self.0))
+    }
+
+    async fn read_tls_record(&self, mut buf: Vec<u8>) -> BufResult<(usize, u8)> {
+        super::ensure_spare(&mut buf);
+        loop {
+            if let Err(e) = self.0.readable().await {
+                return (Err(e), buf);
+            }
+            let fd = std::os::fd::AsFd::as_fd(&self.0);
+            match self.0.try_io(tokio::io::Interest::READABLE, || {
+                crate::sys::recv_tls_record(fd, &mut buf)
+            }) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                result => return (result, buf),
+            }
+        }
+    }
+
+    async fn write_tls_record(&self, record_type: u8, data: &[u8]) -> io::Result<()> {
+        loop {
+            self.0.writable().await?;
+            let fd = std::os::fd::AsFd::as_fd(&self.0);
+            match self.0.try_io(tokio::io::Interest::WRITABLE, || {
+                crate::sys::send_tls_record(fd, record_type, data)
+            }) {
+                Ok(n) if n == data.len() => return Ok(()),
+                Ok(_) => return Err(io::ErrorKind::WriteZero.into()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
 }
 
 impl Listener for EpollListener {

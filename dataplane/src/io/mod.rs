@@ -94,6 +94,23 @@ pub trait Stream: Sized + 'static {
     async fn close_write(&self) -> io::Result<()> {
         self.shutdown(Shutdown::Write)
     }
+
+    /// The socket, where this backend can drive kernel TLS on it; `None` keeps TLS in
+    /// userspace (tokio-uring exposes no `recvmsg` with control messages on TCP).
+    fn kernel_tls_socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
+
+    /// On a kernel-TLS socket: reads (part of) one record's plaintext after `buf.len()` and
+    /// returns its length and the record's content type.
+    async fn read_tls_record(&self, buf: Vec<u8>) -> BufResult<(usize, u8)> {
+        (Err(io::ErrorKind::Unsupported.into()), buf)
+    }
+
+    /// On a kernel-TLS socket: sends `data` as one record of `record_type` (an alert).
+    async fn write_tls_record(&self, _record_type: u8, _data: &[u8]) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
 }
 
 /// A listening socket.

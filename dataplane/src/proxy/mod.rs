@@ -62,7 +62,13 @@ pub(crate) async fn connect<B: Backend>(
                 .handshake_within(remaining)
                 .await
             {
-                Ok(stream) => Ok(MaybeTls::Tls(Box::new(stream))),
+                Ok(stream) => {
+                    let stream = stream.into_kernel()?;
+                    if let Some(mode) = stream.tls_mode() {
+                        stats.tls_mode(mode);
+                    }
+                    Ok(stream)
+                }
                 Err(error) => {
                     tracing::warn!(cluster = %plan.name, %addr, expected = %tls.identity, %error, "mTLS handshake with upstream failed");
                     Err(error)

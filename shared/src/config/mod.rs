@@ -146,6 +146,24 @@ pub enum TlsMode {
 pub struct ClusterTls {
     /// The SPIFFE ID the endpoints' certificates must carry.
     pub identity: SpiffeId,
+    /// The TLS 1.3 cipher suites to offer, most preferred first; all three by default
+    /// (AES-256-GCM, AES-128-GCM, ChaCha20-Poly1305, in rustls' order).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cipher_suites: Option<Vec<CipherSuite>>,
+}
+
+/// A TLS 1.3 cipher suite; each also has a kernel-TLS implementation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CipherSuite {
+    /// AES-128 in GCM mode.
+    #[serde(rename = "TLS13_AES_128_GCM_SHA256")]
+    Aes128GcmSha256,
+    /// AES-256 in GCM mode.
+    #[serde(rename = "TLS13_AES_256_GCM_SHA384")]
+    Aes256GcmSha384,
+    /// ChaCha20-Poly1305 (fast without AES instructions).
+    #[serde(rename = "TLS13_CHACHA20_POLY1305_SHA256")]
+    Chacha20Poly1305Sha256,
 }
 
 /// What a listener speaks.
@@ -364,6 +382,11 @@ impl Config {
             }
             if cluster.idle_timeout.is_zero() {
                 return fail(at("idle_timeout"), "must be greater than zero");
+            }
+            if let Some(tls) = &cluster.tls
+                && tls.cipher_suites.as_ref().is_some_and(Vec::is_empty)
+            {
+                return fail(at("tls.cipher_suites"), "must name at least one suite");
             }
         }
 

@@ -1,0 +1,264 @@
+//! Kernel TLS through a sidecar pair: an outbound proxy originates mTLS to an inbound proxy
+//! (epoll backend, which drives kTLS sockets), for each TLS 1.3 cipher suite, moving bulk
+//! data both ways at once and many small messages, byte-exact.
+//!
+//! The same tests run on any kernel. Where the kernel has kTLS, every mTLS connection must be
+//! handed to it, and `/proc/net/tls_stat` must show the kernel carrying the records; where it
+//! has none (as on Tern's development machines), every connection must fall back to
+//! userspace rustls and still move the bytes exactly. `TERN_EXPECT_KTLS=1` (set by the VM
+//! harness, `tests/ktls_vm.rs`, which boots a kernel that has it) makes the absence of kTLS
+//! a failure rather than a fallback.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::net::Shutdown;
+
+use tests::client;
+use tests::pki::{TempDir, TestCa};
+use tests::upstream::Echo;
+use tests::{BackendChoice, Proxy, admin_get, metric, start_proxy, wait_for_metric};
+
+const A: &str = "spiffe://tern.test/ns/shop/sa/frontend";
+const B: &str = "spiffe://tern.test/ns/shop/sa/backend";
+
+/// Bulk size: 100 MB each way for one suite where the kernel does the crypto (the VM
+/// harness, whose emulated CPU is slow) and 16 MB for the others; 8 MiB where this debug
+/// build's userspace crypto does, which proves the same fallback path.
+fn bulk_bytes(suite: &str) -> usize {
+    match (dataplane::ktls::supported(), suite) {
+        (true, "TLS13_AES_128_GCM_SHA256") => 100 * 1000 * 1000,
+        (true, _) => 16 * 1000 * 1000,
+        (false, _) => 8 * 1024 * 1024,
+    }
+}
+
+struct Pair {
+    _dir: TempDir,
+    _echo: Echo,
+    a: Proxy,
+    b: Proxy,
+}
+
+fn pair(suite: &str) -> Pair {
+    let dir = TempDir::new("ktls");
+    let ca = TestCa::new("tern ktls root");
+    let a_id = ca.write_identity(&dir.0, "a", A, &[&ca], false);
+    let b_id = ca.write_identity(&dir.0, "b", B, &[&ca], false);
+    let echo = Echo::start();
+    let b = start_proxy(
+        &format!(
+            "{}listeners:\n  - {{ name: in, address: 127.0.0.1:0, protocol: tcp, cluster: app, tls: {{ mode: strict }} }}\nclusters:\n  - {{ name: app, endpoints: [{}] }}\n",
+            b_id.yaml(),
+            echo.addr
+        ),
+        BackendChoice::Epoll,
+    );
+    let a = start_proxy(
+        &format!(
+            "{}listeners:\n  - {{ name: out, address: 127.0.0.1:0, protocol: tcp, cluster: b }}\nclusters:\n  - {{ name: b, endpoints: [{}], tls: {{ identity: \"{B}\", cipher_suites: [{suite}] }} }}\n",
+            a_id.yaml(),
+            b.listener_addr("in").unwrap()
+        ),
+        BackendChoice::Epoll,
+    );
+    Pair {
+        _dir: dir,
+        _echo: echo,
+        a,
+        b,
+    }
+}
+
+/// A deterministic, non-repeating-looking pattern (so a dropped or reordered record shows).
+fn pattern(len: usize) -> Vec<u8> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+/// The kernel's kTLS counters (`TlsTxSw`, `TlsRxSw`, ...), or none without kTLS.
+fn tls_stat() -> Vec<(String, u64)> {
+    std::fs::read_to_string("/proc/net/tls_stat")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            Some((fields.next()?.to_owned(), fields.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+fn stat(stats: &[(String, u64)], name: &str) -> u64 {
+    stats.iter().find(|(n, _)| n == name).map_or(0, |(_, v)| *v)
+}
+
+fn moves_bytes_exactly(suite: &str) {
+    let kernel = dataplane::ktls::supported();
+    if std::env::var_os("TERN_EXPECT_KTLS").is_some() {
+        assert!(
+            kernel,
+            "TERN_EXPECT_KTLS is set but this kernel has no kTLS"
+        );
+    }
+    let before = tls_stat();
+    let p = pair(suite);
+    let out = p.a.listener_addr("out").unwrap();
+
+    // Bulk, both directions at once: the echo returns every byte while more are sent.
+    let mut stream = client::connect(out);
+    let sent = pattern(bulk_bytes(suite));
+    let mut writer = stream.try_clone().unwrap();
+    let to_send = sent.clone();
+    let sender = std::thread::spawn(move || {
+        writer.write_all(&to_send).unwrap();
+        writer.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut received = Vec::with_capacity(sent.len());
+    stream.read_to_end(&mut received).unwrap();
+    sender.join().unwrap();
+    assert_eq!(received.len(), sent.len());
+    assert!(received == sent, "bytes differ");
+
+    // Many small messages on one connection: each is its own record.
+    let mut stream = client::connect(out);
+    for i in 0..2000 {
+        let message = format!("small message {i:06}");
+        stream.write_all(message.as_bytes()).unwrap();
+        let mut reply = vec![0u8; message.len()];
+        stream.read_exact(&mut reply).unwrap();
+        assert_eq!(reply, message.as_bytes());
+    }
+    drop(stream);
+
+    let (used, unused) = if kernel {
+        ("kernel", "userspace")
+    } else {
+        ("userspace", "kernel")
+    };
+    let inbound = wait_for_metric(
+        &p.b,
+        "tern_listener_active_connections{listener=\"in\"}",
+        0.0,
+    );
+    let series = |mode: &str| {
+        format!("tern_listener_tls_connections_total{{listener=\"in\",mode=\"{mode}\"}}")
+    };
+    assert_eq!(metric(&inbound, &series(used)), 2.0, "{inbound}");
+    assert_eq!(metric(&inbound, &series(unused)), 0.0);
+    let outbound = admin_get(&p.a, "/metrics");
+    let series = |mode: &str| {
+        format!("tern_upstream_tls_connections_total{{cluster=\"b\",mode=\"{mode}\"}}")
+    };
+    assert_eq!(metric(&outbound, &series(used)), 2.0, "{outbound}");
+    assert_eq!(metric(&outbound, &series(unused)), 0.0);
+
+    if kernel {
+        // Both proxies put two connections each into kTLS, both directions, and the kernel's
+        // own counters say so.
+        let after = tls_stat();
+        for counter in ["TlsTxSw", "TlsRxSw"] {
+            let grown = stat(&after, counter) - stat(&before, counter);
+            assert!(grown >= 4, "{counter} grew by {grown}: {after:?}");
+        }
+        assert_eq!(
+            stat(&after, "TlsDecryptError"),
+            stat(&before, "TlsDecryptError")
+        );
+        println!("KTLS-CHECKED {suite}: kernel");
+    } else {
+        println!("KTLS-CHECKED {suite}: userspace fallback");
+    }
+}
+
+#[test]
+fn aes_128_gcm() {
+    moves_bytes_exactly("TLS13_AES_128_GCM_SHA256");
+}
+
+#[test]
+fn aes_256_gcm() {
+    moves_bytes_exactly("TLS13_AES_256_GCM_SHA384");
+}
+
+#[test]
+fn chacha20_poly1305() {
+    moves_bytes_exactly("TLS13_CHACHA20_POLY1305_SHA256");
+}
+
+/// A userspace rustls client that sends its first bytes in the same write as its handshake
+/// `Finished`: the inbound proxy reads both at once, so rustls holds decrypted plaintext at
+/// the hand-off, which must reach the app first. Closing with `close_notify` must come back
+/// as a clean `close_notify` (the kernel side sends it as an alert record).
+#[test]
+fn data_that_arrives_with_the_handshake_and_close_notify_survive_the_hand_off() {
+    let dir = TempDir::new("ktls-early");
+    let ca = TestCa::new("tern ktls root");
+    let a_id = ca.write_identity(&dir.0, "a", A, &[&ca], false);
+    let b_id = ca.write_identity(&dir.0, "b", B, &[&ca], false);
+    let echo = Echo::start();
+    let b = start_proxy(
+        &format!(
+            "{}listeners:\n  - {{ name: in, address: 127.0.0.1:0, protocol: tcp, cluster: app, tls: {{ mode: strict }} }}\nclusters:\n  - {{ name: app, endpoints: [{}] }}\n",
+            b_id.yaml(),
+            echo.addr
+        ),
+        BackendChoice::Epoll,
+    );
+    let identity = dataplane::tls::Identity::load(&shared::config::IdentityFiles {
+        cert: a_id.cert.clone(),
+        key: a_id.key.clone(),
+        trust_bundle: a_id.trust_bundle.clone(),
+    })
+    .unwrap();
+    let config = identity
+        .client_config(B.parse().unwrap(), dataplane::tls::ALPN_TCP, None)
+        .unwrap();
+    let mut socket = client::connect(b.listener_addr("in").unwrap());
+    let server = rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    let mut tls = rustls::ClientConnection::new(config, server).unwrap();
+    let early = pattern(3000);
+    // Queued before the handshake ends, so it leaves in the same write as `Finished`.
+    tls.writer().write_all(&early).unwrap();
+    while tls.is_handshaking() || tls.wants_write() {
+        tls.complete_io(&mut socket).unwrap();
+    }
+    let mut stream = rustls::Stream::new(&mut tls, &mut socket);
+    let mut reply = vec![0u8; early.len()];
+    stream.read_exact(&mut reply).unwrap();
+    assert!(reply == early, "the first bytes were lost or changed");
+    stream.write_all(b"and then some").unwrap();
+    let mut reply = [0u8; 13];
+    stream.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"and then some");
+
+    tls.send_close_notify();
+    tls.complete_io(&mut socket).unwrap();
+    // The echo sees end of stream and closes; the proxy ends its side with close_notify,
+    // which rustls reports as a clean end (an abrupt close would be an error here).
+    let mut rest = Vec::new();
+    rustls::Stream::new(&mut tls, &mut socket)
+        .read_to_end(&mut rest)
+        .expect("a clean close_notify from the proxy");
+    assert!(rest.is_empty());
+    let mode = if dataplane::ktls::supported() {
+        "kernel"
+    } else {
+        "userspace"
+    };
+    let inbound = admin_get(&b, "/metrics");
+    assert_eq!(
+        metric(
+            &inbound,
+            &format!("tern_listener_tls_connections_total{{listener=\"in\",mode=\"{mode}\"}}")
+        ),
+        1.0,
+        "{inbound}"
+    );
+    println!("KTLS-CHECKED early data and close_notify: {mode}");
+}
