@@ -197,3 +197,47 @@ fn rotation_drops_no_connection_and_a_ca_outage_at_renewal_is_survived() {
     );
     client::assert_echo(out, b"after the CA came back");
 }
+
+#[test]
+fn a_root_rotation_keeps_old_and_new_certificates_talking() {
+    let mut control = TestControlPlane::start(Duration::from_secs(3600));
+    let roots = tests::pki::TempDir::new("roots");
+    let old = tests::pki::TestCa::new("old mesh root").write_root(&roots.0, "old");
+    let new = tests::pki::TestCa::new("new mesh root").write_root(&roots.0, "new");
+    let echo = Echo::start();
+
+    // Step 1: still signing with the old root, the bundle already carries the new one.
+    control.ca.ca_cert = Some(old.0.clone());
+    control.ca.ca_key = Some(old.1.clone());
+    control.ca.extra_roots = Some(new.0.clone());
+    control.restart();
+    let b = start_server_side(&control, &echo);
+    wait_ready(&b, Duration::from_secs(10));
+
+    // Step 2: signing with the new root; the bundle keeps the old one.
+    control.ca.ca_cert = Some(new.0.clone());
+    control.ca.ca_key = Some(new.1.clone());
+    control.ca.extra_roots = Some(old.0.clone());
+    control.restart();
+    let a = start_client_side(&control, "a", b.listener_addr("in").unwrap());
+    wait_ready(&a, Duration::from_secs(10));
+    client::assert_echo(a.listener_addr("out").unwrap(), b"old and new roots");
+
+    // Without the old root in its bundle, a proxy on the new root cannot reach b: the
+    // bundle is what made the rotation work.
+    control.ca.extra_roots = None;
+    control.restart();
+    let c = start_client_side(&control, "a", b.listener_addr("in").unwrap());
+    wait_ready(&c, Duration::from_secs(10));
+    let mut refused = client::connect(c.listener_addr("out").unwrap());
+    let _ = std::io::Write::write_all(&mut refused, b"x");
+    let mut buf = [0u8; 1];
+    let read = std::io::Read::read(&mut refused, &mut buf);
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "a connection was carried to a peer outside the bundle"
+    );
+    eventually(Duration::from_secs(5), "the refused upstream", || {
+        metric_of(&c, "tern_upstream_connect_failures_total{cluster=\"b\"}") >= 1.0
+    });
+}

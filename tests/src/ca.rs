@@ -19,7 +19,8 @@ pub struct TestControlPlane {
     pub dir: TempDir,
     /// Where it listens (kept across restarts).
     pub address: SocketAddr,
-    lifetime: Duration,
+    /// The CA's options; change them and [`Self::restart`] to rotate roots.
+    pub ca: CaOptions,
     running: Option<ControlPlane>,
 }
 
@@ -27,10 +28,18 @@ impl TestControlPlane {
     /// Starts a CA issuing certificates valid for `lifetime`.
     pub fn start(lifetime: Duration) -> TestControlPlane {
         let dir = TempDir::new("control");
+        let ca = CaOptions {
+            state_dir: dir.0.join("state"),
+            trust_domain: TRUST_DOMAIN.into(),
+            workload_lifetime: lifetime,
+            ca_cert: None,
+            ca_key: None,
+            extra_roots: None,
+        };
         let mut control = TestControlPlane {
             dir,
             address: "127.0.0.1:0".parse().unwrap(),
-            lifetime,
+            ca,
             running: None,
         };
         control.restart();
@@ -41,14 +50,7 @@ impl TestControlPlane {
         Options {
             listen: self.address,
             server_names: vec!["tern-control".into()],
-            ca: CaOptions {
-                state_dir: self.dir.0.join("state"),
-                trust_domain: TRUST_DOMAIN.into(),
-                workload_lifetime: self.lifetime,
-                ca_cert: None,
-                ca_key: None,
-                extra_roots: None,
-            },
+            ca: self.ca.clone(),
         }
     }
 
@@ -83,12 +85,19 @@ impl TestControlPlane {
     }
 
     /// The `identity:` block for a proxy that is `name`, with a token that proves `proves`.
+    /// The proxy verifies the CA's serving certificate against the CA's current signing
+    /// certificate.
     pub fn identity_yaml(&self, name: &str, proves: &str) -> String {
         let token = self.write_token(name, proves);
+        let root = self
+            .ca
+            .ca_cert
+            .clone()
+            .unwrap_or_else(|| self.dir.0.join("state/ca.crt"));
         format!(
             "identity:\n  ca:\n    address: {}\n    root: {}\n    spiffe_id: {}\n    token_file: {}\n",
             self.address,
-            self.dir.0.join("state/ca.crt").display(),
+            root.display(),
             Self::spiffe_id(name),
             token.display()
         )

@@ -56,6 +56,16 @@ impl TestCa {
         }
     }
 
+    /// Writes this root and its key as PEM files under `dir` (for `tern-control --ca-cert`).
+    pub fn write_root(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        std::fs::create_dir_all(dir).unwrap();
+        let cert = dir.join(format!("{name}.crt"));
+        let key = dir.join(format!("{name}.key"));
+        std::fs::write(&cert, &self.root_pem).unwrap();
+        std::fs::write(&key, self.issuer.key().serialize_pem()).unwrap();
+        (cert, key)
+    }
+
     /// Issues a workload certificate for `spiffe_id`, valid now (or, with `expired`, a
     /// certificate that expired in 2020).
     pub fn issue(&self, spiffe_id: &str, expired: bool) -> (String, String) {
