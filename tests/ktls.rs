@@ -158,6 +158,26 @@ fn moves_bytes_exactly(suite: &str) {
     assert_eq!(metric(&outbound, &series(used)), 2.0, "{outbound}");
     assert_eq!(metric(&outbound, &series(unused)), 0.0);
 
+    // With kTLS both sockets of each proxy carry plain bytes, so bulk directions splice;
+    // with userspace TLS they cannot.
+    let spliced = |proxy: &Proxy, listener: &str| {
+        metric(
+            &admin_get(proxy, "/metrics"),
+            &format!("tern_listener_spliced_directions_total{{listener=\"{listener}\"}}"),
+        )
+    };
+    if kernel {
+        assert!(
+            spliced(&p.a, "out") >= 1.0,
+            "the outbound proxy did not splice"
+        );
+        assert!(
+            spliced(&p.b, "in") >= 1.0,
+            "the inbound proxy did not splice"
+        );
+    } else {
+        assert_eq!(spliced(&p.a, "out") + spliced(&p.b, "in"), 0.0);
+    }
     if kernel {
         // Both proxies put two connections each into kTLS, both directions, and the kernel's
         // own counters say so.

@@ -71,6 +71,17 @@ fn ten_megabytes_echo_exactly_with_half_close(backend: BackendChoice) {
         ),
         1.0
     );
+    // A bulk direction moves to splice on epoll (plain sockets both sides); tokio-uring
+    // offers no splice, so io_uring copies.
+    let spliced = metric(
+        &metrics,
+        "tern_listener_spliced_directions_total{listener=\"raw\"}",
+    );
+    if backend == BackendChoice::Epoll {
+        assert!(spliced >= 1.0, "no direction was spliced");
+    } else {
+        assert_eq!(spliced, 0.0);
+    }
 }
 
 fn half_close_keeps_the_other_direction_open(backend: BackendChoice) {
@@ -106,6 +117,15 @@ fn many_small_exchanges_on_many_connections(backend: BackendChoice) {
     for t in threads {
         t.join().unwrap();
     }
+    // Small messages never look bulk: they stay on the copy path.
+    let metrics = tests::admin_get(&proxy, "/metrics");
+    assert_eq!(
+        metric(
+            &metrics,
+            "tern_listener_spliced_directions_total{listener=\"raw\"}"
+        ),
+        0.0
+    );
 }
 
 fn upstream_down_closes_the_connection(backend: BackendChoice) {

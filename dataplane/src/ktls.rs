@@ -28,6 +28,8 @@ use crate::sys::KtlsKeys;
 const ALERT: u8 = 21;
 const HANDSHAKE: u8 = 22;
 const APPLICATION_DATA: u8 = 23;
+/// The largest TLS record's plaintext.
+const RECORD_MAX: usize = 16 * 1024;
 /// A warning-level `close_notify` alert.
 const CLOSE_NOTIFY: [u8; 2] = [1, 0];
 
@@ -206,6 +208,42 @@ impl<S: Stream> Stream for KernelTls<S> {
     async fn close_write(&self) -> io::Result<()> {
         self.inner.write_tls_record(ALERT, &CLOSE_NOTIFY).await?;
         self.inner.shutdown(Shutdown::Write)
+    }
+
+    fn can_splice(&self) -> bool {
+        !self.peer_closed && self.pending.borrow().is_empty() && self.inner.can_splice()
+    }
+
+    async fn splice_to_pipe(
+        &self,
+        pipe: std::os::fd::BorrowedFd<'_>,
+        len: usize,
+    ) -> io::Result<usize> {
+        match self.inner.splice_to_pipe(pipe, len).await {
+            // The kernel splices only application data; the next record is a control record
+            // (close_notify, say): read it the ordinary way.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                let (read, buf) = self.read(Vec::with_capacity(RECORD_MAX)).await;
+                let n = read?;
+                if n > 0 {
+                    // Not expected, but never lose bytes: the empty pipe takes a record.
+                    let written = rustix::io::write(pipe, &buf[..n])?;
+                    if written < n {
+                        return Err(io::ErrorKind::WriteZero.into());
+                    }
+                }
+                Ok(n)
+            }
+            result => result,
+        }
+    }
+
+    async fn splice_from_pipe(
+        &self,
+        pipe: std::os::fd::BorrowedFd<'_>,
+        len: usize,
+    ) -> io::Result<usize> {
+        self.inner.splice_from_pipe(pipe, len).await
     }
 }
 

@@ -110,6 +110,8 @@ pub struct ListenerStats {
     peers: RefCell<BTreeMap<String, u64>>,
     /// mTLS connections by where the record layer runs: `[kernel, userspace]`.
     tls_modes: [Cell<u64>; 2],
+    /// Opaque TCP directions that moved to `splice`.
+    spliced: Cell<u64>,
 }
 
 /// Where a TLS connection's record layer runs after the handshake.
@@ -147,7 +149,13 @@ impl ListenerStats {
             latency: RefCell::new(new_histogram()),
             peers: RefCell::default(),
             tls_modes: Default::default(),
+            spliced: Cell::new(0),
         }
+    }
+
+    /// A direction of an opaque TCP connection moved to `splice`.
+    pub fn spliced(&self) {
+        bump(&self.spliced, 1);
     }
 
     /// An mTLS connection was accepted and runs its record layer in `mode`.
@@ -317,6 +325,7 @@ impl Registry {
                     latency: s.latency.borrow().clone(),
                     peers: s.peers.borrow().clone(),
                     tls_modes: s.tls_modes.each_ref().map(Cell::get),
+                    spliced: s.spliced.get(),
                 };
                 (name.clone(), report)
             })
@@ -379,6 +388,8 @@ pub struct ListenerReport {
     pub peers: BTreeMap<String, u64>,
     /// mTLS connections by [`TlsMode`].
     pub tls_modes: [u64; 2],
+    /// Opaque TCP directions that moved to `splice`.
+    pub spliced: u64,
 }
 
 /// A cluster's statistics.
@@ -426,6 +437,7 @@ impl WorkerReport {
                         *m.peers.entry(peer).or_default() += n;
                     }
                     add(&mut m.tls_modes, &l.tls_modes);
+                    m.spliced += l.spliced;
                 }
             }
         }
@@ -560,6 +572,13 @@ pub fn render(info: &Info<'_>, report: &WorkerReport) -> String {
         "counter",
         "Bytes read from clients.",
         &|r| r.bytes_received,
+    );
+    series(
+        &mut out,
+        "tern_listener_spliced_directions_total",
+        "counter",
+        "Opaque TCP directions that turned out bulk and moved to splice (bytes kept in the kernel).",
+        &|r| r.spliced,
     );
     series(
         &mut out,

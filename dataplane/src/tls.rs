@@ -733,4 +733,37 @@ impl<S: Stream> Stream for MaybeTls<S> {
             MaybeTls::Kernel(s) => s.close_write().await,
         }
     }
+
+    fn can_splice(&self) -> bool {
+        match self {
+            MaybeTls::Plain(s) => s.can_splice(),
+            MaybeTls::Kernel(s) => s.can_splice(),
+            // Sniffed bytes and userspace TLS must pass through the proxy.
+            MaybeTls::Sniffed(..) | MaybeTls::Tls(_) => false,
+        }
+    }
+
+    async fn splice_to_pipe(
+        &self,
+        pipe: std::os::fd::BorrowedFd<'_>,
+        len: usize,
+    ) -> io::Result<usize> {
+        match self {
+            MaybeTls::Plain(s) => s.splice_to_pipe(pipe, len).await,
+            MaybeTls::Kernel(s) => s.splice_to_pipe(pipe, len).await,
+            MaybeTls::Sniffed(..) | MaybeTls::Tls(_) => Err(io::ErrorKind::Unsupported.into()),
+        }
+    }
+
+    async fn splice_from_pipe(
+        &self,
+        pipe: std::os::fd::BorrowedFd<'_>,
+        len: usize,
+    ) -> io::Result<usize> {
+        match self {
+            MaybeTls::Plain(s) => s.splice_from_pipe(pipe, len).await,
+            MaybeTls::Kernel(s) => s.splice_from_pipe(pipe, len).await,
+            MaybeTls::Sniffed(..) | MaybeTls::Tls(_) => Err(io::ErrorKind::Unsupported.into()),
+        }
+    }
 }

@@ -7,6 +7,10 @@ use std::ops::Range;
 
 use super::{Backend, BackendKind, BufResult, Listener, Stream};
 
+/// `splice` flags: move pages rather than copy where the kernel can; never block.
+const SPLICE: rustix::pipe::SpliceFlags =
+    rustix::pipe::SpliceFlags::MOVE.union(rustix::pipe::SpliceFlags::NONBLOCK);
+
 /// The epoll backend.
 #[derive(Debug)]
 pub struct Epoll;
@@ -53,6 +57,48 @@ impl Stream for EpollStream {
 
     fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         socket2::SockRef::from(&self.0).shutdown(how)
+    }
+
+    fn can_splice(&self) -> bool {
+        true
+    }
+
+    async fn splice_to_pipe(
+        &self,
+        pipe: std::os::fd::BorrowedFd<'_>,
+        len: usize,
+    ) -> io::Result<usize> {
+        loop {
+            self.0.readable().await?;
+            // The pipe is empty, so EAGAIN can only mean the socket has nothing yet.
+            match self.0.try_io(tokio::io::Interest::READABLE, || {
+                Ok(rustix::pipe::splice(
+                    &self.0, None, pipe, None, len, SPLICE,
+                )?)
+            }) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                result => return result,
+            }
+        }
+    }
+
+    async fn splice_from_pipe(
+        &self,
+        pipe: std::os::fd::BorrowedFd<'_>,
+        len: usize,
+    ) -> io::Result<usize> {
+        loop {
+            self.0.writable().await?;
+            // The pipe holds `len` bytes, so EAGAIN can only mean the socket is full.
+            match self.0.try_io(tokio::io::Interest::WRITABLE, || {
+                Ok(rustix::pipe::splice(
+                    pipe, None, &self.0, None, len, SPLICE,
+                )?)
+            }) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                result => return result,
+            }
+        }
     }
 
     fn kernel_tls_socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {

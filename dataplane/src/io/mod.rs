@@ -111,6 +111,33 @@ pub trait Stream: Sized + 'static {
     async fn write_tls_record(&self, _record_type: u8, _data: &[u8]) -> io::Result<()> {
         Err(io::ErrorKind::Unsupported.into())
     }
+
+    /// Whether the bytes on this socket are exactly the application's (plain TCP, or kernel
+    /// TLS with nothing buffered) and this backend can `splice` them, so opaque TCP can move
+    /// them socket to socket through a pipe without copying them into userspace.
+    fn can_splice(&self) -> bool {
+        false
+    }
+
+    /// Moves up to `len` bytes from the socket into the empty `pipe`; `Ok(0)` is end of
+    /// stream. Only when [`Self::can_splice`].
+    async fn splice_to_pipe(
+        &self,
+        _pipe: std::os::fd::BorrowedFd<'_>,
+        _len: usize,
+    ) -> io::Result<usize> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
+    /// Moves up to `len` bytes from `pipe` into the socket; returns how many. Only when
+    /// [`Self::can_splice`].
+    async fn splice_from_pipe(
+        &self,
+        _pipe: std::os::fd::BorrowedFd<'_>,
+        _len: usize,
+    ) -> io::Result<usize> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
 }
 
 /// A listening socket.

@@ -1,14 +1,21 @@
 //! Opaque TCP: each accepted connection is joined to one upstream connection and bytes are
 //! copied both ways, unparsed, through one bounded buffer per direction.
 //!
+//! A direction that turns out to be bulk (a read fills a 64 KiB buffer) and whose two sockets
+//! carry plain bytes (plain TCP, or kernel TLS) moves to `splice` through a pipe, so its
+//! bytes stay in the kernel.
+//!
 //! Half-close is passed on (end of stream from one side becomes `shutdown(Write)` on the
 //! other, and the other direction keeps flowing); an error on either side closes both; a
 //! connection with no bytes either way for the cluster's idle timeout is closed.
 
 use std::cell::Cell;
 use std::net::Shutdown;
+use std::os::fd::{AsFd as _, OwnedFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
+
+use rustix::pipe::PipeFlags;
 
 use crate::io::{Backend, Stream};
 use crate::metrics::{ClusterStats, Flag, ListenerStats};
@@ -19,6 +26,8 @@ const COPY_BUFFER: usize = 16 * 1024;
 /// A direction whose reads keep filling its buffer grows it up to this, so bulk transfers
 /// take fewer, larger syscalls while ordinary connections stay small.
 const MAX_COPY_BUFFER: usize = 256 * 1024;
+/// A read this large marks a bulk direction, which moves to `splice` where it can.
+const SPLICE_AFTER: usize = 64 * 1024;
 
 /// Serves one opaque TCP connection.
 pub async fn serve<B: Backend, D: Stream>(
@@ -72,11 +81,17 @@ pub async fn pump_counted<D: Stream, U: Stream>(
         listener.sent(n);
         cluster.received(n);
     };
-    pump(down, up, to_up, to_down, idle, &from_down, &from_up).await
+    let spliced = || listener.spliced();
+    pump(
+        down, up, to_up, to_down, idle, &from_down, &from_up, &spliced,
+    )
+    .await
 }
 
 /// Copies `a → b` and `b → a` until both directions end. `to_b` and `to_a` are bytes already
-/// read from `a` and `b`, written first. `on_a` and `on_b` count bytes read from each side.
+/// read from `a` and `b`, written first. `on_a` and `on_b` count bytes read from each side;
+/// `on_splice` counts directions that moved to `splice`.
+#[allow(clippy::too_many_arguments)]
 pub async fn pump<A: Stream, B: Stream>(
     a: &A,
     b: &B,
@@ -85,12 +100,13 @@ pub async fn pump<A: Stream, B: Stream>(
     idle: Duration,
     on_a: &dyn Fn(u64),
     on_b: &dyn Fn(u64),
+    on_splice: &dyn Fn(),
 ) -> Pumped {
     let last_activity = Cell::new(Instant::now());
     let copies = async {
         let (ab, ba) = tokio::join!(
-            copy(a, b, to_b, &last_activity, on_a),
-            copy(b, a, to_a, &last_activity, on_b)
+            copy(a, b, to_b, &last_activity, on_a, on_splice),
+            copy(b, a, to_a, &last_activity, on_b, on_splice)
         );
         if ab.is_ok() && ba.is_ok() {
             Pumped::Finished
@@ -124,6 +140,7 @@ async fn copy<S: Stream, D: Stream>(
     pending: Vec<u8>,
     last_activity: &Cell<Instant>,
     count: &dyn Fn(u64),
+    on_splice: &dyn Fn(),
 ) -> std::io::Result<()> {
     let mut buf = pending;
     let result = async {
@@ -151,6 +168,15 @@ async fn copy<S: Stream, D: Stream>(
             let (written, back) = dst.write_all(std::mem::take(&mut buf), 0..n).await;
             buf = back;
             written?;
+            if n >= SPLICE_AFTER && src.can_splice() && dst.can_splice() {
+                match rustix::pipe::pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC) {
+                    Ok(pipe) => {
+                        on_splice();
+                        return splice(src, dst, pipe, last_activity, count).await;
+                    }
+                    Err(error) => tracing::debug!(%error, "no pipe for splice; copying"),
+                }
+            }
             if n == buf.capacity() && n < MAX_COPY_BUFFER {
                 buf.reserve(2 * n - buf.len());
             }
@@ -163,4 +189,35 @@ async fn copy<S: Stream, D: Stream>(
         let _ = dst.shutdown(Shutdown::Both);
     }
     result
+}
+
+/// One direction, the rest of the way, socket → pipe → socket: the bytes are never copied
+/// into the proxy. Errors are handled by the caller, [`copy`].
+async fn splice<S: Stream, D: Stream>(
+    src: &S,
+    dst: &D,
+    (read_end, write_end): (OwnedFd, OwnedFd),
+    last_activity: &Cell<Instant>,
+    count: &dyn Fn(u64),
+) -> std::io::Result<()> {
+    // A larger pipe moves more per call; the default (64 KiB) also works.
+    let _ = rustix::pipe::fcntl_setpipe_size(&write_end, MAX_COPY_BUFFER);
+    loop {
+        let n = src
+            .splice_to_pipe(write_end.as_fd(), MAX_COPY_BUFFER)
+            .await?;
+        if n == 0 {
+            let _ = dst.close_write().await;
+            return Ok(());
+        }
+        last_activity.set(Instant::now());
+        count(n as u64);
+        let mut left = n;
+        while left > 0 {
+            match dst.splice_from_pipe(read_end.as_fd(), left).await? {
+                0 => return Err(std::io::ErrorKind::WriteZero.into()),
+                moved => left -= moved,
+            }
+        }
+    }
 }
