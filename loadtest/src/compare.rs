@@ -241,11 +241,11 @@ fn start_target(
     let listen = free_port()?;
     let child = match kind {
         TargetKind::Tern | TargetKind::TernUring => {
-            let listener = match scenario.protocol {
+            let listener = match scenario.protocol.proxied_as() {
                 Protocol::Http => format!(
                     "{{ name: hop, address: {listen}, protocol: http, routes: [{{ cluster: upstream }}] }}"
                 ),
-                Protocol::Tcp => {
+                _ => {
                     format!("{{ name: hop, address: {listen}, protocol: tcp, cluster: upstream }}")
                 }
             };
@@ -345,7 +345,7 @@ fn start_peer(
     programs: &Programs,
 ) -> anyhow::Result<Child> {
     std::fs::create_dir_all(dir)?;
-    let mode = scenario.protocol.name();
+    let mode = scenario.protocol.proxied_as().name();
     let d = dir.display().to_string();
     let mut vars: Vec<(&str, String)> = vec![
         ("listen", listen.to_string()),
@@ -405,7 +405,7 @@ fn start_peer(
         (Peer::Nginx, Tls::Originate(pki)) => {
             let p = pki.dir().display();
             let name = pki.dns_name("server");
-            let on = if scenario.protocol == Protocol::Tcp {
+            let on = if scenario.protocol.proxied_as() == Protocol::Tcp {
                 "proxy_ssl on; "
             } else {
                 ""
@@ -428,9 +428,9 @@ fn start_peer(
             c
         }
         Peer::Nginx => {
-            let template = match scenario.protocol {
+            let template = match scenario.protocol.proxied_as() {
                 Protocol::Http => include_str!("../peers/nginx-http.conf"),
-                Protocol::Tcp => include_str!("../peers/nginx-tcp.conf"),
+                _ => include_str!("../peers/nginx-tcp.conf"),
             };
             let config = dir.join("nginx.conf");
             std::fs::write(&config, fill(template, &vars))?;
@@ -534,12 +534,15 @@ fn start_mtls_pair(
     let dir = scratch.join("tern-mtls");
     let pki = crate::pki::Pki::generate(&dir, "tern-load.local", &["client", "server"])?;
     let (listen, inbound) = (free_port()?, free_port()?);
-    let protocol = scenario.protocol.name();
-    let listener = |name: &str, address: SocketAddr, to: &str, tls: &str| match scenario.protocol {
+    let protocol = scenario.protocol.proxied_as().name();
+    let listener = |name: &str, address: SocketAddr, to: &str, tls: &str| match scenario
+        .protocol
+        .proxied_as()
+    {
         Protocol::Http => format!(
             "  - {{ name: {name}, address: {address}, protocol: http, routes: [{{ cluster: {to} }}]{tls} }}\n"
         ),
-        Protocol::Tcp => format!(
+        _ => format!(
             "  - {{ name: {name}, address: {address}, protocol: tcp, cluster: {to}{tls} }}\n"
         ),
     };
@@ -788,6 +791,12 @@ pub fn run(scenario: &Scenario, programs: &Programs, out: &Path) -> anyhow::Resu
     let mut workload = match scenario.protocol {
         Protocol::Http => Workload::http("tern-load", "/", scenario.request_size),
         Protocol::Tcp => Workload::tcp(scenario.request_size.max(1), scenario.response_size),
+        Protocol::Http2 => Workload::http2("tern-load", "/", scenario.request_size),
+        Protocol::Grpc => Workload::grpc(
+            "tern-load",
+            crate::h2::GRPC_ECHO_PATH,
+            scenario.request_size,
+        ),
     };
     if scenario.reconnect {
         workload = workload.reconnecting();

@@ -228,6 +228,10 @@ struct Conn {
     rbuf: Box<[u8]>,
     filled: usize,
     response: Response,
+    /// HTTP/2: the connection's frame and HPACK state, and the bytes it sends (requests
+    /// with their stream IDs, acknowledgements); `written` counts into `out`.
+    h2: Option<crate::h2::Connection>,
+    out: Vec<u8>,
 }
 
 impl Conn {
@@ -298,6 +302,8 @@ impl<'a> Thread<'a> {
                     rbuf: vec![0; READ_BUFFER].into_boxed_slice(),
                     filled: 0,
                     response: plan.workload.response(),
+                    h2: None,
+                    out: Vec::new(),
                 }
             })
             .collect();
@@ -426,6 +432,13 @@ impl<'a> Thread<'a> {
                     let _ = stream.set_nodelay(true);
                     conn.stream = Some(stream);
                     conn.state = State::Connecting;
+                    conn.h2 = self
+                        .plan
+                        .workload
+                        .protocol
+                        .h2()
+                        .map(crate::h2::Connection::new);
+                    conn.out.clear();
                     return;
                 }
                 conn.state = State::Down;
@@ -493,6 +506,12 @@ impl<'a> Thread<'a> {
         let conn = &mut self.conns[i];
         conn.state = State::Busy;
         conn.sent_at = now;
+        if let Some(h2) = &mut conn.h2 {
+            // Bytes of `out` not yet written (an acknowledgement) go first.
+            let written = conn.written.min(conn.out.len());
+            conn.out.drain(..written);
+            h2.request(&self.plan.workload.request, &mut conn.out);
+        }
         conn.written = 0;
         conn.response = self.plan.workload.response();
         if self.in_window(t) {
@@ -505,8 +524,12 @@ impl<'a> Thread<'a> {
     }
 
     fn write(&mut self, i: usize, progress: &Progress) {
-        let request = &self.plan.workload.request;
         let conn = &mut self.conns[i];
+        let request: &[u8] = if conn.h2.is_some() {
+            &conn.out
+        } else {
+            &self.plan.workload.request
+        };
         let Some(stream) = conn.stream.as_mut() else {
             return;
         };
@@ -540,7 +563,11 @@ impl<'a> Thread<'a> {
             // Scan what arrived.
             loop {
                 let conn = &mut self.conns[i];
-                match conn.response.step(&conn.rbuf[..conn.filled]) {
+                let step = match &mut conn.h2 {
+                    Some(h2) => h2.step(&conn.rbuf[..conn.filled]),
+                    None => conn.response.step(&conn.rbuf[..conn.filled]),
+                };
+                match step {
                     Ok(Step::More(0)) => break,
                     Ok(Step::More(n)) => conn.consume(n),
                     Ok(Step::Done(n, status)) => {
@@ -560,8 +587,25 @@ impl<'a> Thread<'a> {
                         self.drop_conn(i);
                         return;
                     }
+                    Ok(Step::Failed(n, kind)) => {
+                        conn.consume(n);
+                        if self.in_window(self.conns[i].intended) {
+                            self.last_completion = self.last_completion.max(self.now());
+                        }
+                        self.count_error(i, kind, progress);
+                        self.conns[i].state = State::Idle;
+                        self.schedule_next(i);
+                        break;
+                    }
                     Err(e) => return self.fail(i, e.kind(), progress),
                 }
+            }
+            // HTTP/2 acknowledgements and window updates go out at once.
+            let conn = &mut self.conns[i];
+            if let Some(h2) = &mut conn.h2
+                && h2.take_pending(&mut conn.out)
+            {
+                self.write(i, progress);
             }
             if self.conns[i].state != State::Busy {
                 return;
@@ -599,6 +643,13 @@ impl<'a> Thread<'a> {
 
     /// Counts the outstanding request as failed, drops the connection, schedules the next.
     fn fail(&mut self, i: usize, kind: &str, progress: &Progress) {
+        self.count_error(i, kind, progress);
+        self.drop_conn(i);
+        self.schedule_next(i);
+    }
+
+    /// Counts the outstanding request as an error of `kind`.
+    fn count_error(&mut self, i: usize, kind: &str, progress: &Progress) {
         let t = self.conns[i].intended;
         progress.errors.fetch_add(1, Ordering::Relaxed);
         if self.in_window(t) {
@@ -609,8 +660,6 @@ impl<'a> Thread<'a> {
                 }
             }
         }
-        self.drop_conn(i);
-        self.schedule_next(i);
     }
 
     fn schedule_next(&mut self, i: usize) {

@@ -7,6 +7,7 @@
 
 pub mod compare;
 pub mod generator;
+pub mod h2;
 pub mod pki;
 pub mod protocol;
 pub mod report;

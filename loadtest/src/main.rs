@@ -91,18 +91,20 @@ struct RunArgs {
     /// Generator threads [default: the CPUs available].
     #[arg(long)]
     threads: Option<usize>,
-    /// Request body bytes (HTTP: a POST when non-zero) or request bytes (TCP).
+    /// Request body bytes (HTTP, HTTP/2: a POST when non-zero), request bytes (TCP), or the
+    /// message size (gRPC).
     #[arg(long, default_value_t = 0)]
     request_size: usize,
     /// TCP: response bytes expected per request.
     #[arg(long, default_value_t = 1024)]
     response_size: usize,
-    /// HTTP: Host header.
+    /// HTTP: Host header (HTTP/2, gRPC: `:authority`).
     #[arg(long, default_value = "tern-load")]
     host: String,
-    /// HTTP: request path.
-    #[arg(long, default_value = "/")]
-    path: String,
+    /// HTTP: request path (gRPC: `/package.Service/Method`) [default: `/`; gRPC: the built-in
+    /// echo, `/tern.load.v1.Echo/Echo`].
+    #[arg(long)]
+    path: Option<String>,
     /// Write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -166,9 +168,16 @@ fn available_cpus() -> usize {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let path = args.path.as_deref();
     let workload = match args.protocol {
         Protocol::Tcp => Workload::tcp(args.request_size, args.response_size),
-        Protocol::Http => Workload::http(&args.host, &args.path, args.request_size),
+        Protocol::Http => Workload::http(&args.host, path.unwrap_or("/"), args.request_size),
+        Protocol::Http2 => Workload::http2(&args.host, path.unwrap_or("/"), args.request_size),
+        Protocol::Grpc => Workload::grpc(
+            &args.host,
+            path.unwrap_or(loadtest::h2::GRPC_ECHO_PATH),
+            args.request_size,
+        ),
     };
     let plan = Plan {
         target: args.target,
@@ -200,12 +209,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         Err(error) => return Err(error.into()),
     };
     let name = args.target.to_string();
-    let report = Report::new(
-        &name,
-        &format!("{:?}", args.protocol).to_lowercase(),
-        args.connections,
-        &outcome,
-    );
+    let report = Report::new(&name, args.protocol.name(), args.connections, &outcome);
     print!("{}", report.table());
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)

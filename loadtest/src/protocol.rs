@@ -14,6 +14,10 @@ pub enum Protocol {
     Tcp,
     /// HTTP/1.1 with keep-alive.
     Http,
+    /// HTTP/2 over cleartext TCP (prior knowledge), one stream at a time per connection.
+    Http2,
+    /// gRPC unary over HTTP/2 (cleartext), one call at a time per connection.
+    Grpc,
 }
 
 impl Protocol {
@@ -22,6 +26,26 @@ impl Protocol {
         match self {
             Protocol::Tcp => "tcp",
             Protocol::Http => "http",
+            Protocol::Http2 => "http2",
+            Protocol::Grpc => "grpc",
+        }
+    }
+
+    /// What a proxy in front of a target must speak to carry this protocol: HTTP/2 and gRPC
+    /// cross proxies as opaque TCP (an L4 comparison) until Tern routes HTTP/2 itself.
+    pub fn proxied_as(self) -> Protocol {
+        match self {
+            Protocol::Http => Protocol::Http,
+            Protocol::Tcp | Protocol::Http2 | Protocol::Grpc => Protocol::Tcp,
+        }
+    }
+
+    /// The HTTP/2 flavour, for the protocols that run over HTTP/2.
+    pub fn h2(self) -> Option<crate::h2::Kind> {
+        match self {
+            Protocol::Http2 => Some(crate::h2::Kind::Http),
+            Protocol::Grpc => Some(crate::h2::Kind::Grpc),
+            Protocol::Tcp | Protocol::Http => None,
         }
     }
 }
@@ -72,6 +96,30 @@ impl Workload {
         }
     }
 
+    /// HTTP/2: a GET of `path` (or a POST with a `body_size`-byte body). `request` holds the
+    /// frames, stream ID 0; each connection patches in its own.
+    pub fn http2(host: &str, path: &str, body_size: usize) -> Workload {
+        Workload {
+            protocol: Protocol::Http2,
+            request: crate::h2::request_template(crate::h2::Kind::Http, host, path, body_size)
+                .into(),
+            response_size: 0,
+            reconnect: false,
+        }
+    }
+
+    /// gRPC unary: a call of `path` (`/package.Service/Method`) carrying a
+    /// `message_size`-byte message.
+    pub fn grpc(host: &str, path: &str, message_size: usize) -> Workload {
+        Workload {
+            protocol: Protocol::Grpc,
+            request: crate::h2::request_template(crate::h2::Kind::Grpc, host, path, message_size)
+                .into(),
+            response_size: 0,
+            reconnect: false,
+        }
+    }
+
     /// The same requests, each on a new connection.
     pub fn reconnecting(mut self) -> Workload {
         self.reconnect = true;
@@ -93,6 +141,7 @@ impl Workload {
                 remaining: self.response_size,
             },
             Protocol::Http => Response::HttpHead,
+            Protocol::Http2 | Protocol::Grpc => Response::Framed,
         }
     }
 }
@@ -112,6 +161,18 @@ pub enum ProtocolError {
     /// Invalid chunked encoding.
     #[error("malformed chunked body")]
     MalformedChunk,
+    /// An HTTP/2 frame that breaks the protocol (or one this client never allows).
+    #[error("malformed HTTP/2 frame")]
+    BadFrame,
+    /// A header block the HPACK decoder refused.
+    #[error("malformed HPACK header block")]
+    Hpack,
+    /// The server sent GOAWAY.
+    #[error("HTTP/2 GOAWAY")]
+    GoAway,
+    /// The server reset the request's stream.
+    #[error("HTTP/2 stream reset")]
+    StreamReset,
 }
 
 impl ProtocolError {
@@ -122,6 +183,10 @@ impl ProtocolError {
             ProtocolError::HeadTooLarge => "response head too large",
             ProtocolError::NoLength => "response without length",
             ProtocolError::MalformedChunk => "malformed chunked body",
+            ProtocolError::BadFrame => "malformed h2 frame",
+            ProtocolError::Hpack => "malformed hpack",
+            ProtocolError::GoAway => "h2 goaway",
+            ProtocolError::StreamReset => "h2 stream reset",
         }
     }
 }
@@ -136,11 +201,17 @@ pub enum Step {
     /// As `Done`, and the server said `Connection: close`: open a new connection for the
     /// next request (not an error; servers limit requests per connection).
     DoneClose(usize, u16),
+    /// Consumed this many bytes; the response is complete and is an error of this kind (a
+    /// gRPC status other than OK); the connection stays usable.
+    Failed(usize, &'static str),
 }
 
 /// Scanner state of one response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Response {
+    /// HTTP/2: the connection's [`crate::h2::Connection`] scans frames; this scanner takes
+    /// nothing.
+    Framed,
     /// Raw TCP: bytes still expected.
     Tcp {
         /// Bytes still expected.
@@ -183,6 +254,7 @@ impl Response {
     /// Scans `data` (bytes received and not yet consumed).
     pub fn step(&mut self, data: &[u8]) -> Result<Step, ProtocolError> {
         match self {
+            Response::Framed => Ok(Step::More(0)),
             Response::Tcp { remaining } => {
                 let n = (*remaining).min(data.len());
                 *remaining -= n;
@@ -351,6 +423,7 @@ mod tests {
                     Step::Done(n, status) | Step::DoneClose(n, status) => {
                         return Ok((status, consumed + n));
                     }
+                    Step::Failed(..) => panic!("HTTP/1.1 responses do not fail this way"),
                     Step::More(0) => break,
                     Step::More(n) => {
                         buffered.drain(..n);

@@ -1,6 +1,7 @@
-//! Built-in upstreams for benchmarks and tests: raw TCP request/response (or echo) and an
-//! HTTP/1.1 server, each with a configurable response size and delay and optional injected
-//! stalls (a pause of D every T) to check that latency measurement sees them.
+//! Built-in upstreams for benchmarks and tests: raw TCP request/response (or echo), an
+//! HTTP/1.1 server, an HTTP/2 server (cleartext, prior knowledge) and a gRPC echo (unary, any
+//! method), each with a configurable response size and delay and optional injected stalls (a
+//! pause of D every T) to check that latency measurement sees them.
 
 use std::io;
 use std::net::SocketAddr;
@@ -78,7 +79,7 @@ pub fn start(spec: Spec) -> io::Result<Server> {
             r.extend((0..spec.response_size).map(|i| b'A' + (i % 26) as u8));
             r
         }
-        Protocol::Tcp => (0..spec.response_size)
+        Protocol::Tcp | Protocol::Http2 | Protocol::Grpc => (0..spec.response_size)
             .map(|i| b'A' + (i % 26) as u8)
             .collect(),
     };
@@ -98,6 +99,7 @@ pub fn start(spec: Spec) -> io::Result<Server> {
                 let _ = match shared.spec.protocol {
                     Protocol::Http => serve_http(stream, &shared).await,
                     Protocol::Tcp => serve_tcp(stream, &shared).await,
+                    Protocol::Http2 | Protocol::Grpc => serve_h2(stream, shared).await,
                 };
             });
         }
@@ -182,4 +184,74 @@ async fn serve_http(mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
             stream.write_all(&shared.response).await?;
         }
     }
+}
+
+/// HTTP/2 and gRPC: each stream gets the response after the delay; gRPC echoes the request's
+/// message (or sends `response_size` bytes when set) with `grpc-status: 0`.
+async fn serve_h2(stream: TcpStream, shared: Arc<Shared>) -> io::Result<()> {
+    let mut connection = h2::server::handshake(stream)
+        .await
+        .map_err(io::Error::other)?;
+    while let Some(accepted) = connection.accept().await {
+        let Ok((request, respond)) = accepted else {
+            break;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _ = answer_h2(request, respond, &shared).await;
+        });
+    }
+    Ok(())
+}
+
+async fn answer_h2(
+    request: http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<bytes::Bytes>,
+    shared: &Shared,
+) -> Result<(), h2::Error> {
+    let grpc = shared.spec.protocol == Protocol::Grpc;
+    let mut body = request.into_body();
+    let mut received = bytes::BytesMut::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        received.extend_from_slice(&chunk);
+    }
+    shared.before_response().await;
+    if !grpc {
+        let response = http::Response::builder()
+            .status(200)
+            .header("content-length", shared.response.len())
+            .body(())
+            .unwrap_or_default();
+        let mut send = respond.send_response(response, shared.response.is_empty())?;
+        if !shared.response.is_empty() {
+            send.send_data(bytes::Bytes::copy_from_slice(&shared.response), true)?;
+        }
+        return Ok(());
+    }
+    // gRPC: one length-prefixed message each way.
+    let message = if shared.response.is_empty() {
+        received.get(5..).map(<[u8]>::to_vec).unwrap_or_default()
+    } else {
+        shared.response.clone()
+    };
+    let mut framed = Vec::with_capacity(5 + message.len());
+    framed.push(0);
+    framed.extend_from_slice(
+        &u32::try_from(message.len())
+            .unwrap_or(u32::MAX)
+            .to_be_bytes(),
+    );
+    framed.extend_from_slice(&message);
+    let response = http::Response::builder()
+        .status(200)
+        .header("content-type", "application/grpc")
+        .body(())
+        .unwrap_or_default();
+    let mut send = respond.send_response(response, false)?;
+    send.send_data(framed.into(), false)?;
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    send.send_trailers(trailers)
 }

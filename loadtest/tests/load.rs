@@ -41,6 +41,11 @@ fn achieves_the_target_rate_within_one_percent() {
     for (protocol, workload) in [
         (Protocol::Http, Workload::http("t", "/", 0)),
         (Protocol::Tcp, Workload::tcp(64, 1024)),
+        (Protocol::Http2, Workload::http2("t", "/", 0)),
+        (
+            Protocol::Grpc,
+            Workload::grpc("t", loadtest::h2::GRPC_ECHO_PATH, 100),
+        ),
     ] {
         let upstream = server(protocol, None);
         let outcome = generator::run(
@@ -209,4 +214,76 @@ fn a_server_that_dies_mid_run_is_counted_not_hidden() {
         "{:?}",
         outcome.errors
     );
+}
+
+/// An HTTP/2 server that fails every request: 503 for plain HTTP/2, `grpc-status: 14`
+/// (UNAVAILABLE, trailers-only) for gRPC; it pings the client first, as servers may.
+fn failing_h2_server(grpc: bool) -> (std::net::SocketAddr, tokio::runtime::Runtime) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    runtime.spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let Ok(mut connection) = h2::server::handshake(stream).await else {
+                    return;
+                };
+                let mut ping = connection.ping_pong().unwrap();
+                tokio::spawn(async move {
+                    let _ = ping.ping(h2::Ping::opaque()).await;
+                });
+                while let Some(Ok((_request, mut respond))) = connection.accept().await {
+                    let response = if grpc {
+                        http::Response::builder()
+                            .status(200)
+                            .header("content-type", "application/grpc")
+                            .header("grpc-status", "14")
+                            .body(())
+                            .unwrap()
+                    } else {
+                        http::Response::builder().status(503).body(()).unwrap()
+                    };
+                    let _ = respond.send_response(response, true);
+                }
+            });
+        }
+    });
+    (addr, runtime)
+}
+
+#[test]
+fn http2_and_grpc_failures_are_counted_by_kind_and_keep_the_connection() {
+    for (grpc, workload, kind) in [
+        (false, Workload::http2("t", "/", 0), "http 5xx"),
+        (
+            true,
+            Workload::grpc("t", loadtest::h2::GRPC_ECHO_PATH, 10),
+            "grpc UNAVAILABLE",
+        ),
+    ] {
+        let (addr, _runtime) = failing_h2_server(grpc);
+        let outcome = generator::run(
+            &plan(addr, workload, 400.0, Duration::from_secs(1)),
+            &Progress::default(),
+        )
+        .unwrap();
+        assert_eq!(outcome.scheduled, 400, "{kind}");
+        assert_eq!(outcome.completed, 0, "{kind}");
+        assert_eq!(
+            outcome.errors.get(kind).copied(),
+            Some(400),
+            "{kind}: {:?}",
+            outcome.errors
+        );
+        assert_eq!(outcome.errors.len(), 1, "only {kind}: {:?}", outcome.errors);
+    }
 }
