@@ -349,7 +349,7 @@ impl<'a> Thread<'a> {
                 self.send(i, t, progress);
             }
             // Time out late responses; find the next deadline.
-            let mut next = self.due.peek().map_or(u64::MAX, |Reverse((t, _))| *t);
+            let mut next = u64::MAX;
             let mut busy = false;
             for i in 0..self.conns.len() {
                 if self.conns[i].state == State::Busy
@@ -365,6 +365,8 @@ impl<'a> Thread<'a> {
                     }
                 }
             }
+            // After the timeouts: each one scheduled its connection's next send.
+            next = next.min(self.due.peek().map_or(u64::MAX, |Reverse((t, _))| *t));
             if self.due.is_empty() && !busy {
                 break;
             }
@@ -455,8 +457,7 @@ impl<'a> Thread<'a> {
                 conn.state = State::Idle;
                 if conn.send_when_connected {
                     conn.send_when_connected = false;
-                    let t = conn.intended;
-                    self.send(i, t, progress);
+                    self.start(i, progress);
                 }
             }
             Ok(None) => {} // Still connecting.
@@ -502,6 +503,12 @@ impl<'a> Thread<'a> {
             }
             State::Idle | State::Busy => {}
         }
+        self.start(i, progress);
+    }
+
+    /// Puts the request intended for `conns[i].intended` on the wire (the connection is up).
+    fn start(&mut self, i: usize, progress: &Progress) {
+        let t = self.conns[i].intended;
         let now = self.now();
         let conn = &mut self.conns[i];
         conn.state = State::Busy;

@@ -287,3 +287,42 @@ fn http2_and_grpc_failures_are_counted_by_kind_and_keep_the_connection() {
         assert_eq!(outcome.errors.len(), 1, "only {kind}: {:?}", outcome.errors);
     }
 }
+
+#[test]
+fn every_connection_timing_out_at_once_does_not_stall_the_run() {
+    // The server answers nothing for 1.5 s of every 3 s, far past the 300 ms timeout. When
+    // every outstanding request times out at once, the sends they reschedule must still wake
+    // the generator (they once waited for a timer set to "never"), and a request that needed
+    // a new connection is scheduled once, not once more when the connection is up.
+    let upstream = server(
+        Protocol::Http,
+        Some((Duration::from_millis(1500), Duration::from_secs(3))),
+    );
+    let mut plan = plan(
+        upstream.addr,
+        Workload::http("t", "/", 0),
+        200.0,
+        Duration::from_secs(2),
+    );
+    plan.warmup = Duration::ZERO;
+    plan.timeout = Duration::from_millis(300);
+    // One connection: when it times out nothing else is pending, the harshest case.
+    plan.connections = 1;
+    // On a thread of its own, so a run that never ends fails the test instead of hanging it.
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(generator::run(&plan, &Progress::default()));
+    });
+    let outcome = finished
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the run never ended")
+        .unwrap();
+    assert!(outcome.errors.get("timeout").copied().unwrap_or(0) > 0);
+    assert!(outcome.completed > 0);
+    assert_eq!(
+        outcome.scheduled,
+        outcome.completed + outcome.error_count(),
+        "{:?}",
+        outcome.errors
+    );
+}
