@@ -9,14 +9,15 @@ use loadtest::compare::{self, Programs, Scenario, TargetKind};
 use loadtest::protocol::Protocol;
 use tests::pki::TempDir;
 
-/// `cargo test --workspace` builds `tern-proxy` beside the test binaries' `deps/` folder.
-fn tern_proxy() -> PathBuf {
+/// `cargo test --workspace` builds `tern-proxy` and `tern-control` beside the test
+/// binaries' `deps/` folder.
+fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let path = exe
         .parent()
         .and_then(|deps| deps.parent())
         .unwrap()
-        .join("tern-proxy");
+        .join(name);
     assert!(
         path.exists(),
         "{} is missing: run the tests with `cargo test --workspace`",
@@ -47,7 +48,8 @@ fn compares_direct_a_hop_and_an_mtls_pair_in_one_run() {
     for protocol in [Protocol::Http, Protocol::Tcp] {
         let out = TempDir::new("compare");
         let programs = Programs {
-            tern_proxy: tern_proxy(),
+            tern_proxy: binary("tern-proxy"),
+            tern_control: binary("tern-control"),
             haproxy: "haproxy".into(),
             nginx: "nginx".into(),
         };

@@ -39,20 +39,25 @@ struct Pair {
     b: Proxy,
 }
 
+/// The inbound sidecar: strict mTLS on `in`, delivering to `echo`.
+fn inbound(identity: &tests::pki::IdentityPaths, echo: &Echo) -> Proxy {
+    start_proxy(
+        &format!(
+            "{}listeners:\n  - {{ name: in, address: 127.0.0.1:0, protocol: tcp, cluster: app, tls: {{ mode: strict }} }}\nclusters:\n  - {{ name: app, endpoints: [{}] }}\n",
+            identity.yaml(),
+            echo.addr
+        ),
+        BackendChoice::Epoll,
+    )
+}
+
 fn pair(suite: &str) -> Pair {
     let dir = TempDir::new("ktls");
     let ca = TestCa::new("tern ktls root");
     let a_id = ca.write_identity(&dir.0, "a", A, &[&ca], false);
     let b_id = ca.write_identity(&dir.0, "b", B, &[&ca], false);
     let echo = Echo::start();
-    let b = start_proxy(
-        &format!(
-            "{}listeners:\n  - {{ name: in, address: 127.0.0.1:0, protocol: tcp, cluster: app, tls: {{ mode: strict }} }}\nclusters:\n  - {{ name: app, endpoints: [{}] }}\n",
-            b_id.yaml(),
-            echo.addr
-        ),
-        BackendChoice::Epoll,
-    );
+    let b = inbound(&b_id, &echo);
     let a = start_proxy(
         &format!(
             "{}listeners:\n  - {{ name: out, address: 127.0.0.1:0, protocol: tcp, cluster: b }}\nclusters:\n  - {{ name: b, endpoints: [{}], tls: {{ identity: \"{B}\", cipher_suites: [{suite}] }} }}\n",
@@ -67,19 +72,6 @@ fn pair(suite: &str) -> Pair {
         a,
         b,
     }
-}
-
-/// A deterministic, non-repeating-looking pattern (so a dropped or reordered record shows).
-fn pattern(len: usize) -> Vec<u8> {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
 }
 
 /// The kernel's kTLS counters (`TlsTxSw`, `TlsRxSw`, ...), or none without kTLS.
@@ -112,7 +104,7 @@ fn moves_bytes_exactly(suite: &str) {
 
     // Bulk, both directions at once: the echo returns every byte while more are sent.
     let mut stream = client::connect(out);
-    let sent = pattern(bulk_bytes(suite));
+    let sent = client::payload(bulk_bytes(suite));
     let mut writer = stream.try_clone().unwrap();
     let to_send = sent.clone();
     let sender = std::thread::spawn(move || {
@@ -222,14 +214,7 @@ fn data_that_arrives_with_the_handshake_and_close_notify_survive_the_hand_off() 
     let a_id = ca.write_identity(&dir.0, "a", A, &[&ca], false);
     let b_id = ca.write_identity(&dir.0, "b", B, &[&ca], false);
     let echo = Echo::start();
-    let b = start_proxy(
-        &format!(
-            "{}listeners:\n  - {{ name: in, address: 127.0.0.1:0, protocol: tcp, cluster: app, tls: {{ mode: strict }} }}\nclusters:\n  - {{ name: app, endpoints: [{}] }}\n",
-            b_id.yaml(),
-            echo.addr
-        ),
-        BackendChoice::Epoll,
-    );
+    let b = inbound(&b_id, &echo);
     let identity = dataplane::tls::Identity::load(&shared::config::IdentityFiles {
         cert: a_id.cert.clone(),
         key: a_id.key.clone(),
@@ -242,7 +227,7 @@ fn data_that_arrives_with_the_handshake_and_close_notify_survive_the_hand_off() 
     let mut socket = client::connect(b.listener_addr("in").unwrap());
     let server = rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
     let mut tls = rustls::ClientConnection::new(config, server).unwrap();
-    let early = pattern(3000);
+    let early = client::payload(3000);
     // Queued before the handshake ends, so it leaves in the same write as `Finished`.
     tls.writer().write_all(&early).unwrap();
     while tls.is_handshaking() || tls.wants_write() {

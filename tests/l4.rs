@@ -15,24 +15,11 @@ fn tcp_config(endpoint: std::net::SocketAddr, idle: &str) -> String {
     )
 }
 
-/// A deterministic, non-repeating-looking payload.
-fn payload(len: usize) -> Vec<u8> {
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
-}
-
 fn ten_megabytes_echo_exactly_with_half_close(backend: BackendChoice) {
     let echo = Echo::start();
     let proxy = start_proxy(&tcp_config(echo.addr, "30s"), backend);
     let mut stream = client::connect(proxy.listener_addr("raw").unwrap());
-    let sent = payload(10 * 1024 * 1024);
+    let sent = client::payload(10 * 1024 * 1024);
     let mut writer = stream.try_clone().unwrap();
     let to_send = sent.clone();
     let sender = std::thread::spawn(move || {

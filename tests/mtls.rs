@@ -81,16 +81,10 @@ fn mesh(backend: BackendChoice) -> Mesh {
     }
 }
 
-fn payload(len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect()
-}
-
 fn tcp_is_byte_exact_both_ways_with_half_close(backend: BackendChoice) {
     let m = mesh(backend);
     let mut stream = client::connect(m.a.listener_addr("out-tcp").unwrap());
-    let sent = payload(10 * 1024 * 1024 + 7);
+    let sent = client::payload(10 * 1024 * 1024 + 7);
     let mut writer = stream.try_clone().unwrap();
     let to_send = sent.clone();
     let sender = std::thread::spawn(move || {
@@ -283,7 +277,7 @@ fn plaintext_garbage_and_stalled_handshakes_are_refused(backend: BackendChoice) 
     refused_without_an_answer(&mut conn);
     // Random bytes.
     let mut conn = Conn::open(inbound_tcp);
-    conn.send(&payload(3000));
+    conn.send(&client::payload(3000));
     refused_without_an_answer(&mut conn);
     // A truncated ClientHello, then silence: the handshake timeout (400 ms) closes it.
     let mut conn = Conn::open(inbound_tcp);

@@ -4,7 +4,9 @@
 //!
 //! It starts the built-in upstream and every proxy itself, from configs kept in
 //! `loadtest/peers/`, samples each proxy's CPU time and RSS from `/proc`, and writes the
-//! `.hgrm` files, JSON and a combined chart.
+//! `.hgrm` files, JSON and a combined chart. The Tern mTLS pair gets its certificates from a
+//! `tern-control` started for the run, as a mesh would; the HAProxy and nginx pairs from PEM
+//! files made by [`crate::pki`]. Either way it runs the Tern binaries, never links Tern.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -128,6 +130,8 @@ impl TargetKind {
 pub struct Programs {
     /// `tern-proxy`.
     pub tern_proxy: PathBuf,
+    /// `tern-control`: its CA certifies the Tern mTLS pair, as in a real mesh.
+    pub tern_control: PathBuf,
     /// `haproxy`.
     pub haproxy: PathBuf,
     /// `nginx`.
@@ -153,6 +157,9 @@ struct Target {
     addr: SocketAddr,
     /// The proxy processes (none for direct).
     processes: Vec<Child>,
+    /// Processes the target needs but whose CPU and memory are not the proxy's (the Tern
+    /// pair's control plane, idle once it has issued the certificates).
+    helpers: Vec<Child>,
     _dir: Option<ScratchDir>,
 }
 
@@ -176,7 +183,7 @@ impl Target {
 
 impl Drop for Target {
     fn drop(&mut self) {
-        for child in &mut self.processes {
+        for child in self.processes.iter_mut().chain(&mut self.helpers) {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -227,6 +234,7 @@ fn start_target(
             kind,
             addr: upstream,
             processes: Vec::new(),
+            helpers: Vec::new(),
             _dir: None,
         });
     }
@@ -313,6 +321,7 @@ fn start_target(
         kind,
         addr: listen,
         processes: vec![child],
+        helpers: Vec::new(),
         _dir: Some(ScratchDir(dir)),
     })
 }
@@ -495,6 +504,7 @@ fn start_peer_pair(
         kind,
         addr: listen,
         processes,
+        helpers: Vec::new(),
         _dir: Some(ScratchDir(dir)),
     })
 }
@@ -524,15 +534,62 @@ fn start_tern(
     Ok(child)
 }
 
-/// The sidecar pair: client → outbound tern-proxy → mTLS → inbound tern-proxy → upstream.
+/// The sidecar pair: client → outbound tern-proxy → mTLS → inbound tern-proxy → upstream,
+/// each proxy certified by a `tern-control` CA started for the run (keys generated in the
+/// proxies, bootstrap tokens from `tern-control token`).
 fn start_mtls_pair(
     scenario: &Scenario,
     upstream: SocketAddr,
     programs: &Programs,
     scratch: &Path,
 ) -> anyhow::Result<Target> {
+    const TRUST_DOMAIN: &str = "tern-load.local";
     let dir = scratch.join("tern-mtls");
-    let pki = crate::pki::Pki::generate(&dir, "tern-load.local", &["client", "server"])?;
+    let state = dir.join("ca");
+    std::fs::create_dir_all(&dir)?;
+    let ca_address = free_port()?;
+    let state_arg = state.display().to_string();
+    let ca_args = ["--state-dir", &state_arg, "--trust-domain", TRUST_DOMAIN];
+    let mut control = Command::new(&programs.tern_control)
+        .args([
+            "serve",
+            "--listen",
+            &ca_address.to_string(),
+            "--log",
+            "warn",
+        ])
+        .args(ca_args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| {
+            format!(
+                "starting tern-control ({})",
+                programs.tern_control.display()
+            )
+        })?;
+    wait_listening(ca_address, &mut control, "tern-control")?;
+    let identity = |name: &str| -> anyhow::Result<String> {
+        let id = format!("spiffe://{TRUST_DOMAIN}/ns/default/sa/{name}");
+        let token = Command::new(&programs.tern_control)
+            .args(["token", &id, "--log", "warn"])
+            .args(ca_args)
+            .output()
+            .context("running tern-control token")?;
+        if !token.status.success() {
+            bail!(
+                "tern-control token: {}",
+                String::from_utf8_lossy(&token.stderr).trim()
+            );
+        }
+        let token_file = dir.join(format!("{name}.token"));
+        std::fs::write(&token_file, &token.stdout)?;
+        Ok(format!(
+            "identity:\n  ca:\n    address: {ca_address}\n    root: {}\n    spiffe_id: \"{id}\"\n    token_file: {}\n",
+            state.join("ca.crt").display(),
+            token_file.display()
+        ))
+    };
     let (listen, inbound) = (free_port()?, free_port()?);
     let protocol = scenario.protocol.proxied_as().name();
     let listener = |name: &str, address: SocketAddr, to: &str, tls: &str| match scenario
@@ -551,7 +608,7 @@ fn start_mtls_pair(
         &inbound_config,
         format!(
             "{}listeners:\n{}clusters:\n  - {{ name: app, endpoints: [{upstream}] }}\n",
-            pki.identity_yaml("server"),
+            identity("server")?,
             listener("inbound", inbound, "app", ", tls: { mode: strict }"),
         ),
     )?;
@@ -559,12 +616,12 @@ fn start_mtls_pair(
     std::fs::write(
         &outbound_config,
         format!(
-            "{}listeners:\n{}clusters:\n  - {{ name: server, endpoints: [{inbound}], tls: {{ identity: \"{}\" }} }}\n",
-            pki.identity_yaml("client"),
+            "{}listeners:\n{}clusters:\n  - {{ name: server, endpoints: [{inbound}], tls: {{ identity: \"spiffe://{TRUST_DOMAIN}/ns/default/sa/server\" }} }}\n",
+            identity("client")?,
             listener("outbound", listen, "server", ""),
-            pki.spiffe_id("server"),
         ),
     )?;
+    // Each proxy binds its listener once its certificate has arrived.
     let inbound_proxy = start_tern(
         programs,
         &inbound_config,
@@ -582,6 +639,7 @@ fn start_mtls_pair(
         kind: TargetKind::TernMtls,
         addr: listen,
         processes,
+        helpers: vec![control],
         _dir: Some(ScratchDir(dir)),
     })
 }

@@ -47,6 +47,10 @@ struct CompareArgs {
     /// The tern-proxy binary [default: beside tern-load].
     #[arg(long)]
     tern_proxy: Option<PathBuf>,
+    /// The tern-control binary, whose CA certifies the Tern mTLS pair [default: beside
+    /// tern-load].
+    #[arg(long)]
+    tern_control: Option<PathBuf>,
     /// The haproxy binary.
     #[arg(long, default_value = "haproxy")]
     haproxy: PathBuf,
@@ -263,9 +267,12 @@ fn compare(args: CompareArgs) -> anyhow::Result<ExitCode> {
     if let Some(duration) = args.duration {
         scenario.duration = duration;
     }
-    let beside = std::env::current_exe()?.with_file_name("tern-proxy");
+    let beside = |name: &str| std::env::current_exe().map(|exe| exe.with_file_name(name));
     let programs = compare::Programs {
-        tern_proxy: args.tern_proxy.unwrap_or(beside),
+        tern_proxy: args.tern_proxy.map_or_else(|| beside("tern-proxy"), Ok)?,
+        tern_control: args
+            .tern_control
+            .map_or_else(|| beside("tern-control"), Ok)?,
         haproxy: args.haproxy,
         nginx: args.nginx,
     };

@@ -1,5 +1,5 @@
-//! Certificates for mTLS targets: a CA made for one run and SPIFFE workload certificates
-//! issued by it, written as PEM files the proxies' configs point at.
+//! Certificates for the peer proxies' mTLS pairs (HAProxy, nginx): a CA made for one run and
+//! SPIFFE workload certificates issued by it, written as PEM files their configs point at.
 
 use std::path::{Path, PathBuf};
 
@@ -76,15 +76,5 @@ impl Pki {
     /// The directory holding `ca.crt` and `<name>.{crt,key,pem}`.
     pub fn dir(&self) -> &Path {
         &self.dir
-    }
-
-    /// The `identity:` block of a tern-proxy config for a workload.
-    pub fn identity_yaml(&self, name: &str) -> String {
-        format!(
-            "identity:\n  files:\n    cert: {}\n    key: {}\n    trust_bundle: {}\n",
-            self.dir.join(format!("{name}.crt")).display(),
-            self.dir.join(format!("{name}.key")).display(),
-            self.dir.join("ca.crt").display()
-        )
     }
 }

@@ -34,6 +34,20 @@ impl Response {
     }
 }
 
+/// A deterministic payload that never repeats a short period (xorshift), so a dropped,
+/// duplicated or reordered chunk shows as a difference.
+pub fn payload(len: usize) -> Vec<u8> {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
 /// Connects with read and write timeouts set.
 pub fn connect(addr: SocketAddr) -> TcpStream {
     let stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
