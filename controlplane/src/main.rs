@@ -1,5 +1,6 @@
 //! `tern-control`: `serve` runs the control plane (the mesh CA over gRPC); `token` prints the
-//! bootstrap token a workload presents to prove its identity in local mode.
+//! bootstrap token a workload presents to prove its identity in local mode; `crds` prints
+//! the CustomResourceDefinitions of Tern's resources.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -34,6 +35,8 @@ enum Command {
         #[command(flatten)]
         ca: CaArgs,
     },
+    /// Prints the CustomResourceDefinitions of Tern's resources (`| kubectl apply -f -`).
+    Crds,
     /// Prints the bootstrap token that proves SPIFFE_ID to this CA (local mode). Hand it only
     /// to that workload: whoever holds it can get certificates for the identity.
     Token {
@@ -89,6 +92,10 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match args.command {
+        Command::Crds => {
+            print!("{}", shared::crd::definitions_yaml()?);
+            Ok(())
+        }
         Command::Token { spiffe_id, ca } => {
             let authority = Authority::open(&ca.into())?;
             anyhow::ensure!(

@@ -1,5 +1,6 @@
 //! The `tern-control` binary: `token` is stable across runs for one state directory and
-//! refuses a foreign trust domain; `serve` comes up and exits 0 on SIGTERM.
+//! refuses a foreign trust domain; `serve` comes up and exits 0 on SIGTERM; `crds` prints
+//! exactly the committed `deploy/crds/tern.dev.yaml`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead as _, BufReader};
@@ -69,4 +70,19 @@ fn serve_starts_and_exits_cleanly_on_sigterm() {
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_committed_crds_are_the_ones_the_types_generate() {
+    let output = Command::new(BIN).arg("crds").output().unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let generated = String::from_utf8(output.stdout).unwrap();
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds/tern.dev.yaml");
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        generated == committed,
+        "{} differs from the CRD types: regenerate it with\n  cargo run -p controlplane --bin tern-control -- crds > deploy/crds/tern.dev.yaml",
+        path.display()
+    );
 }
