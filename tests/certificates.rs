@@ -241,3 +241,25 @@ fn a_root_rotation_keeps_old_and_new_certificates_talking() {
         metric_of(&c, "tern_upstream_connect_failures_total{cluster=\"b\"}") >= 1.0
     });
 }
+
+#[test]
+fn a_config_that_cannot_go_live_with_its_certificate_is_retried_soon() {
+    let control = TestControlPlane::start(Duration::from_secs(3600));
+    // Another socket holds the listener's port: the first apply fails after certification.
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = squatter.local_addr().unwrap().port();
+    let yaml = format!(
+        "{}listeners:\n  - {{ name: out, address: 127.0.0.1:{port}, protocol: tcp, cluster: b }}\nclusters:\n  - {{ name: b, endpoints: [127.0.0.1:9], tls: {{ identity: \"{}\" }} }}\n",
+        control.identity_yaml("a", "a"),
+        TestControlPlane::spiffe_id("b"),
+    );
+    let a = start_proxy(&yaml, BackendChoice::Epoll);
+    eventually(Duration::from_secs(10), "a certificate", || {
+        metric_of(&a, CERTIFY_OK) >= 1.0
+    });
+    assert_eq!(admin_status(&a, "/ready").0, 503);
+    drop(squatter);
+    // Retried with backoff (0.25 s, 0.5 s, …), not at the renewal hours away.
+    wait_ready(&a, Duration::from_secs(10));
+    assert_eq!(a.listener_addr("out").unwrap().port(), port);
+}

@@ -173,17 +173,23 @@ pub async fn run(control: Arc<Control>) {
         };
         let delay = match certify(&ca).await {
             Ok(identity) => {
-                failures = 0;
                 control.certify.ok.fetch_add(1, Ordering::Relaxed);
                 let validity = identity.validity;
                 tracing::info!(identity = %identity.id, not_after = validity.not_after, ca = %ca.address, "certificate issued");
                 match control.install_certificate(identity) {
-                    Ok(_) | Err(ApplyError::Draining) => {}
+                    Ok(_) | Err(ApplyError::Draining) => {
+                        failures = 0;
+                        renewal_delay(&validity, std::time::SystemTime::now(), random_fraction())
+                    }
+                    // The config did not go live with it (a port in use, say): try again
+                    // soon rather than at the next renewal.
                     Err(error) => {
-                        tracing::error!(%error, "the new certificate could not be applied");
+                        let delay = backoff(failures, random_fraction());
+                        failures = failures.saturating_add(1);
+                        tracing::error!(%error, retry_in = ?delay, "the config could not be applied with the new certificate");
+                        delay
                     }
                 }
-                renewal_delay(&validity, std::time::SystemTime::now(), random_fraction())
             }
             Err(error) => {
                 control.certify.failed.fetch_add(1, Ordering::Relaxed);
