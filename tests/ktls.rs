@@ -11,7 +11,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{Read, Write};
-use std::net::Shutdown;
 
 use tests::client;
 use tests::pki::{TempDir, TestCa};
@@ -103,19 +102,7 @@ fn moves_bytes_exactly(suite: &str) {
     let out = p.a.listener_addr("out").unwrap();
 
     // Bulk, both directions at once: the echo returns every byte while more are sent.
-    let mut stream = client::connect(out);
-    let sent = client::payload(bulk_bytes(suite));
-    let mut writer = stream.try_clone().unwrap();
-    let to_send = sent.clone();
-    let sender = std::thread::spawn(move || {
-        writer.write_all(&to_send).unwrap();
-        writer.shutdown(Shutdown::Write).unwrap();
-    });
-    let mut received = Vec::with_capacity(sent.len());
-    stream.read_to_end(&mut received).unwrap();
-    sender.join().unwrap();
-    assert_eq!(received.len(), sent.len());
-    assert!(received == sent, "bytes differ");
+    client::assert_bulk_echo(out, bulk_bytes(suite));
 
     // Many small messages on one connection: each is its own record.
     let mut stream = client::connect(out);

@@ -18,22 +18,7 @@ fn tcp_config(endpoint: std::net::SocketAddr, idle: &str) -> String {
 fn ten_megabytes_echo_exactly_with_half_close(backend: BackendChoice) {
     let echo = Echo::start();
     let proxy = start_proxy(&tcp_config(echo.addr, "30s"), backend);
-    let mut stream = client::connect(proxy.listener_addr("raw").unwrap());
-    let sent = client::payload(10 * 1024 * 1024);
-    let mut writer = stream.try_clone().unwrap();
-    let to_send = sent.clone();
-    let sender = std::thread::spawn(move || {
-        writer.write_all(&to_send).unwrap();
-        // Half-close: the echo server sees end of stream only through the proxy.
-        writer.shutdown(Shutdown::Write).unwrap();
-    });
-    let mut received = Vec::with_capacity(sent.len());
-    stream
-        .read_to_end(&mut received)
-        .expect("read until the proxy passes the echo's half-close on");
-    sender.join().unwrap();
-    assert_eq!(received.len(), sent.len());
-    assert!(received == sent, "bytes differ");
+    let sent = client::assert_bulk_echo(proxy.listener_addr("raw").unwrap(), 10 * 1024 * 1024);
 
     let metrics = wait_for_metric(
         &proxy,
@@ -45,11 +30,11 @@ fn ten_megabytes_echo_exactly_with_half_close(backend: BackendChoice) {
             &metrics,
             "tern_listener_received_bytes_total{listener=\"raw\"}"
         ),
-        sent.len() as f64
+        sent as f64
     );
     assert_eq!(
         metric(&metrics, "tern_listener_sent_bytes_total{listener=\"raw\"}"),
-        sent.len() as f64
+        sent as f64
     );
     assert_eq!(
         metric(

@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use tests::client::{self, Conn};
@@ -83,19 +83,8 @@ fn mesh(backend: BackendChoice) -> Mesh {
 
 fn tcp_is_byte_exact_both_ways_with_half_close(backend: BackendChoice) {
     let m = mesh(backend);
-    let mut stream = client::connect(m.a.listener_addr("out-tcp").unwrap());
-    let sent = client::payload(10 * 1024 * 1024 + 7);
-    let mut writer = stream.try_clone().unwrap();
-    let to_send = sent.clone();
-    let sender = std::thread::spawn(move || {
-        writer.write_all(&to_send).unwrap();
-        writer.shutdown(Shutdown::Write).unwrap();
-    });
-    let mut received = Vec::new();
-    stream.read_to_end(&mut received).unwrap();
-    sender.join().unwrap();
-    assert_eq!(received.len(), sent.len());
-    assert!(received == sent, "bytes differ");
+    let sent =
+        client::assert_bulk_echo(m.a.listener_addr("out-tcp").unwrap(), 10 * 1024 * 1024 + 7);
     // The inbound side's listener saw it all, decrypted.
     let metrics = wait_for_metric(
         &m.b,
@@ -107,7 +96,7 @@ fn tcp_is_byte_exact_both_ways_with_half_close(backend: BackendChoice) {
             &metrics,
             "tern_listener_received_bytes_total{listener=\"in-tcp\"}"
         ),
-        sent.len() as f64
+        sent as f64
     );
     // The inbound side knows who connected.
     let peer = format!(

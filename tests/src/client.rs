@@ -68,6 +68,31 @@ pub fn read_some(stream: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<usiz
     }
 }
 
+/// Sends `len` bytes of [`payload`] to an echo path while reading the echo back (both
+/// directions at once), half-closes, reads until the far side's half-close comes back through,
+/// and asserts every byte returned unchanged and in order. Returns the byte count.
+pub fn assert_bulk_echo(addr: SocketAddr, len: usize) -> usize {
+    let mut stream = connect(addr);
+    let sent = payload(len);
+    let mut writer = stream.try_clone().expect("clone the socket");
+    let to_send = sent.clone();
+    let sender = std::thread::spawn(move || {
+        writer.write_all(&to_send).expect("send");
+        // Half-close: the echo server sees end of stream only through the proxies.
+        writer
+            .shutdown(std::net::Shutdown::Write)
+            .expect("half-close");
+    });
+    let mut received = Vec::with_capacity(sent.len());
+    stream
+        .read_to_end(&mut received)
+        .expect("read until the half-close is passed back");
+    sender.join().expect("sender thread");
+    assert_eq!(received.len(), sent.len());
+    assert!(received == sent, "bytes differ");
+    sent.len()
+}
+
 /// Opens a connection to an echo path, sends `message` and asserts it comes back unchanged.
 pub fn assert_echo(addr: SocketAddr, message: &[u8]) {
     let mut stream = connect(addr);
