@@ -2,7 +2,10 @@
 //! installing) and generates prost messages and tonic clients and servers from them.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/tern/identity/v1/identity.proto"];
+    let protos = [
+        "proto/tern/identity/v1/identity.proto",
+        "proto/tern/discovery/v1/discovery.proto",
+    ];
     let descriptors = protox::compile(protos, ["proto"])?;
     tonic_prost_build::configure().compile_fds(descriptors)?;
     for proto in protos {

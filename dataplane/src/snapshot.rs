@@ -119,10 +119,43 @@ enum HostMatch {
 #[derive(Debug)]
 pub struct RoutePlan {
     prefix: Box<str>,
+    /// Indexes into [`Snapshot::clusters`], each with the running total of the weights up to
+    /// and including it; zero-weight backends are left out.
+    backends: Box<[(usize, u32)]>,
+    /// Time allowed for the upstream's response head.
+    pub timeout: Duration,
+}
+
+/// The backend one request goes to.
+#[derive(Debug, Clone, Copy)]
+pub struct Chosen {
     /// Index into [`Snapshot::clusters`].
     pub cluster: usize,
     /// Time allowed for the upstream's response head.
     pub timeout: Duration,
+}
+
+impl RoutePlan {
+    /// Picks a backend by weight; `roll` is a uniformly random `u32`.
+    pub fn choose(&self, roll: u32) -> Chosen {
+        let cluster = match &*self.backends {
+            [(only, _)] => *only,
+            backends => {
+                let total = backends.last().map_or(1, |&(_, sum)| sum.max(1));
+                // Lemire's multiply-shift maps the roll onto [0, total) without division.
+                let point = ((u64::from(roll) * u64::from(total)) >> 32) as u32;
+                backends
+                    .iter()
+                    .find(|&&(_, sum)| point < sum)
+                    .or(backends.last())
+                    .map_or(0, |&(cluster, _)| cluster)
+            }
+        };
+        Chosen {
+            cluster,
+            timeout: self.timeout,
+        }
+    }
 }
 
 impl Snapshot {
@@ -181,11 +214,20 @@ impl Snapshot {
                     // Validation guarantees the cluster exists.
                     cluster: l.cluster.as_deref().and_then(index).unwrap_or_default(),
                 },
-                Protocol::Http => ListenerKind::Http(RouteTable::new(
-                    l.routes
+                Protocol::Http => ListenerKind::Http(RouteTable::new(l.routes.iter().map(|r| {
+                    let mut sum = 0u32;
+                    let backends = r
+                        .backends
                         .iter()
-                        .map(|r| (r, index(&r.cluster).unwrap_or_default())),
-                )),
+                        .filter(|b| b.weight > 0)
+                        .map(|b| {
+                            // Validation guarantees the cluster exists and the total fits.
+                            sum = sum.saturating_add(b.weight);
+                            (index(&b.cluster).unwrap_or_default(), sum)
+                        })
+                        .collect();
+                    (r, backends)
+                }))),
             };
             let tls = match (&l.tls, identity) {
                 (Some(tls), Some(identity)) if tls.mode != config::TlsMode::Disable => {
@@ -222,13 +264,15 @@ impl Snapshot {
 }
 
 impl RouteTable {
-    fn new<'a>(routes: impl Iterator<Item = (&'a config::Route, usize)>) -> RouteTable {
+    fn new<'a>(
+        routes: impl Iterator<Item = (&'a config::Route, Box<[(usize, u32)]>)>,
+    ) -> RouteTable {
         let mut hosts: Vec<HostRoutes> = Vec::new();
-        for (route, cluster) in routes {
+        for (route, backends) in routes {
             let host = HostMatch::parse(&route.host);
             let plan = RoutePlan {
                 prefix: route.path_prefix.as_str().into(),
-                cluster,
+                backends,
                 timeout: route.timeout,
             };
             match hosts.iter_mut().find(|h| h.host == host) {
@@ -338,7 +382,37 @@ clusters:
         };
         table
             .route(host.as_bytes(), path.as_bytes())
-            .map(|r| s.clusters[r.cluster].name.to_string())
+            .map(|r| s.clusters[r.choose(0).cluster].name.to_string())
+    }
+
+    #[test]
+    fn a_split_sends_each_backend_its_share_and_none_to_weight_zero() {
+        let s = snapshot(
+            r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    protocol: http
+    routes:
+      - backends: [{ cluster: a, weight: 3 }, { cluster: off, weight: 0 }, { cluster: b, weight: 1 }]
+clusters:
+  - { name: a, endpoints: [127.0.0.1:1] }
+  - { name: off, endpoints: [127.0.0.1:2] }
+  - { name: b, endpoints: [127.0.0.1:3] }
+"#,
+        );
+        let ListenerKind::Http(table) = &s.listeners[0].kind else {
+            panic!("not http")
+        };
+        let route = table.route(b"x", b"/").unwrap();
+        // Evenly spread rolls: exactly the weights' shares.
+        let mut counts = [0usize; 3];
+        for i in 0..4096u32 {
+            counts[route.choose(i << 20).cluster] += 1;
+        }
+        assert_eq!(counts, [3072, 0, 1024]);
+        assert_eq!(route.choose(u32::MAX).cluster, 2);
+        assert_eq!(route.choose(0).cluster, 0);
     }
 
     #[test]

@@ -53,9 +53,22 @@ pub struct View {
     /// Stats per cluster index.
     pub clusters: Vec<Rc<ClusterStats>>,
     round_robin: Vec<Cell<usize>>,
+    /// xorshift64 state for weighted route splits (per worker; no cryptographic need).
+    random: Cell<u64>,
 }
 
 impl View {
+    /// A uniformly random `u32` (xorshift64, seeded per view from the process's random
+    /// hasher keys).
+    pub fn roll(&self) -> u32 {
+        let mut x = self.random.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.random.set(x);
+        (x >> 32) as u32
+    }
+
     /// The next endpoint of a cluster, round robin.
     pub fn next_endpoint(&self, cluster: usize) -> Option<SocketAddr> {
         let endpoints = &self.snapshot.clusters.get(cluster)?.endpoints;
@@ -236,8 +249,18 @@ fn make_view(stats: &Registry, snapshot: Arc<Snapshot>) -> View {
             .map(|c| stats.cluster(&c.name))
             .collect(),
         round_robin: snapshot.clusters.iter().map(|_| Cell::new(0)).collect(),
+        // xorshift must not start at 0.
+        random: Cell::new(random_seed() | 1),
         snapshot,
     }
+}
+
+/// A seed from the process's randomly keyed hasher.
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(0);
+    hasher.finish()
 }
 
 async fn accept_loop<B: Backend>(worker: Rc<Worker<B>>, name: Arc<str>, listener: B::Listener) {

@@ -7,3 +7,9 @@ pub mod identity {
     #![allow(missing_docs, clippy::all, clippy::pedantic)]
     tonic::include_proto!("tern.identity.v1");
 }
+
+/// `tern.discovery.v1`: config distribution (`Watch`).
+pub mod discovery {
+    #![allow(missing_docs, clippy::all, clippy::pedantic)]
+    tonic::include_proto!("tern.discovery.v1");
+}

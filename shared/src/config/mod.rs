@@ -33,6 +33,47 @@ pub struct Config {
     /// This proxy's workload identity, needed by any listener or cluster that uses mTLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<IdentitySource>,
+    /// Get listeners and clusters from `tern-control` too (it needs `identity.ca`: the same
+    /// server, root and token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<Discovery>,
+}
+
+/// What this proxy asks `tern-control` for: the config of the workload it runs beside, and
+/// listeners for the destinations it talks to. What `tern-control` sends is added to the
+/// file's own listeners and clusters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Discovery {
+    /// The workload (a Pod, `<namespace>/<name>`) this proxy runs beside; its inbound
+    /// listeners come from the Services that select it.
+    pub workload: WorkloadRef,
+    /// Destinations to listen for (explicit mode; with interception, listeners follow the
+    /// traffic instead).
+    #[serde(default)]
+    pub outbound: Vec<Outbound>,
+}
+
+/// A Pod, by namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadRef {
+    /// The Pod's namespace.
+    pub namespace: String,
+    /// The Pod's name.
+    pub name: String,
+}
+
+/// A destination Service port and where this proxy listens for traffic to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Outbound {
+    /// `<name>.<namespace>`.
+    pub service: String,
+    /// The Service's port.
+    pub port: u16,
+    /// Where the application connects to reach it.
+    pub listen: SocketAddr,
 }
 
 /// Where this proxy's workload identity comes from: `identity: { files: {...} }` or
@@ -197,23 +238,99 @@ pub struct Listener {
     pub tls: Option<ListenerTls>,
 }
 
-/// An HTTP route: a host and path prefix that select a cluster.
+/// An HTTP route: a host and path prefix that select a cluster, or split requests between
+/// clusters by weight. In YAML, `cluster: x` is short for `backends: [{cluster: x}]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "RouteFields", into = "RouteFields")]
 pub struct Route {
     /// `example.com` (exact, case-insensitive, port ignored), `*.example.com` (any subdomain)
     /// or `*` (any host, the default).
-    #[serde(default = "default_host")]
     pub host: String,
     /// Matches whole path segments, as Gateway API's `PathPrefix` does: `/api` matches `/api`
     /// and `/api/v1`, not `/apix`. The default `/` matches everything.
-    #[serde(default = "default_path_prefix")]
     pub path_prefix: String,
-    /// The cluster requests go to.
-    pub cluster: String,
+    /// Where requests go: each request picks one backend, with probability weight / total.
+    pub backends: Vec<Backend>,
     /// How long to wait for the upstream's response head; past it the proxy answers 504.
-    #[serde(default = "default_request_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+}
+
+/// A cluster and its share of a route's requests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    /// The cluster.
+    pub cluster: String,
+    /// Relative share; 0 takes no requests.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+/// The YAML shape of [`Route`]: `cluster` or `backends`, not both.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteFields {
+    #[serde(default = "default_host")]
+    host: String,
+    #[serde(default = "default_path_prefix")]
+    path_prefix: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cluster: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    backends: Vec<Backend>,
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    timeout: Duration,
+}
+
+impl TryFrom<RouteFields> for Route {
+    type Error = &'static str;
+
+    fn try_from(fields: RouteFields) -> Result<Self, Self::Error> {
+        let backends = match (fields.cluster, fields.backends) {
+            (Some(cluster), backends) if backends.is_empty() => vec![Backend { cluster, weight: 1 }],
+            (None, backends) if !backends.is_empty() => backends,
+            _ => return Err("a route takes exactly one of `cluster` or `backends`"),
+        };
+        Ok(Route {
+            host: fields.host,
+            path_prefix: fields.path_prefix,
+            backends,
+            timeout: fields.timeout,
+        })
+    }
+}
+
+impl From<Route> for RouteFields {
+    fn from(route: Route) -> Self {
+        let single = route.backends.len() == 1 && route.backends[0].weight == 1;
+        let (cluster, backends) = if single {
+            (route.backends.into_iter().next().map(|b| b.cluster), Vec::new())
+        } else {
+            (None, route.backends)
+        };
+        RouteFields {
+            host: route.host,
+            path_prefix: route.path_prefix,
+            cluster,
+            backends,
+            timeout: route.timeout,
+        }
+    }
+}
+
+impl Route {
+    /// A route of every path of every host to one cluster, with the default timeout.
+    pub fn to_cluster(cluster: &str) -> Route {
+        Route {
+            host: default_host(),
+            path_prefix: default_path_prefix(),
+            backends: vec![Backend {
+                cluster: cluster.to_owned(),
+                weight: 1,
+            }],
+            timeout: default_request_timeout(),
+        }
+    }
 }
 
 /// A named set of upstream endpoints, balanced round robin.
@@ -222,7 +339,8 @@ pub struct Route {
 pub struct Cluster {
     /// Unique name; routes refer to it and metrics are labelled with it.
     pub name: String,
-    /// Upstream addresses.
+    /// Upstream addresses. May be empty (a Service scaled to zero): connections to the
+    /// cluster then fail at once.
     pub endpoints: Vec<SocketAddr>,
     /// Time allowed to establish an upstream TCP connection.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
@@ -278,6 +396,9 @@ impl Default for HttpSettings {
 /// The most header fields a head may be configured to allow.
 pub const MAX_HEADERS: usize = 256;
 
+fn default_weight() -> u32 {
+    1
+}
 fn default_host() -> String {
     "*".to_owned()
 }
@@ -374,9 +495,6 @@ impl Config {
             if !cluster_names.insert(cluster.name.as_str()) {
                 return fail(at("name"), &format!("duplicate cluster `{}`", cluster.name));
             }
-            if cluster.endpoints.is_empty() {
-                return fail(at("endpoints"), "needs at least one endpoint");
-            }
             if cluster.connect_timeout.is_zero() {
                 return fail(at("connect_timeout"), "must be greater than zero");
             }
@@ -434,10 +552,19 @@ impl Config {
                     }
                     for (j, route) in listener.routes.iter().enumerate() {
                         let at = |f: &str| format!("listeners[{i}].routes[{j}].{f}");
-                        if !cluster_names.contains(route.cluster.as_str()) {
+                        for (k, backend) in route.backends.iter().enumerate() {
+                            if !cluster_names.contains(backend.cluster.as_str()) {
+                                return fail(
+                                    at(&format!("backends[{k}].cluster")),
+                                    &format!("unknown cluster `{}`", backend.cluster),
+                                );
+                            }
+                        }
+                        let total: u64 = route.backends.iter().map(|b| u64::from(b.weight)).sum();
+                        if total == 0 || total > u64::from(u32::MAX) {
                             return fail(
-                                at("cluster"),
-                                &format!("unknown cluster `{}`", route.cluster),
+                                at("backends"),
+                                "the weights must add up to more than 0 and fit in 32 bits",
                             );
                         }
                         if !route.path_prefix.starts_with('/') {
@@ -464,6 +591,26 @@ impl Config {
                 "identity".into(),
                 "mTLS on a listener or cluster needs this proxy's identity (`files` or `ca`)",
             );
+        }
+        if let Some(discovery) = &self.discovery {
+            if !matches!(self.identity, Some(IdentitySource::Ca(_))) {
+                return fail(
+                    "discovery".into(),
+                    "needs `identity.ca`: the proxy reaches tern-control with its root and token",
+                );
+            }
+            if discovery.workload.namespace.is_empty() || discovery.workload.name.is_empty() {
+                return fail("discovery.workload".into(), "needs a namespace and a name");
+            }
+            for (i, outbound) in discovery.outbound.iter().enumerate() {
+                let at = |f: &str| format!("discovery.outbound[{i}].{f}");
+                if crate::config::service_name(&outbound.service).is_none() {
+                    return fail(at("service"), "must be `<name>.<namespace>`");
+                }
+                if outbound.port == 0 {
+                    return fail(at("port"), "must not be 0");
+                }
+            }
         }
 
         let http = &self.http;
@@ -500,6 +647,13 @@ impl Config {
     }
 }
 
+/// Splits `<name>.<namespace>` into its parts.
+pub fn service_name(service: &str) -> Option<(&str, &str)> {
+    let (name, namespace) = service.split_once('.')?;
+    (!name.is_empty() && !namespace.is_empty() && !namespace.contains('.'))
+        .then_some((name, namespace))
+}
+
 fn check_host_pattern(host: &str) -> Result<(), &'static str> {
     if host == "*" {
         return Ok(());
@@ -519,6 +673,8 @@ fn check_host_pattern(host: &str) -> Result<(), &'static str> {
     }
     Ok(())
 }
+
+pub mod wire;
 
 #[cfg(test)]
 mod tests;

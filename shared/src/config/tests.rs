@@ -68,7 +68,7 @@ fn invalid(yaml: &str) -> (String, String) {
 fn names_the_field_of_an_unknown_cluster() {
     let yaml = GOOD.replace("cluster: api", "cluster: nope");
     let (field, message) = invalid(&yaml);
-    assert_eq!(field, "listeners[0].routes[0].cluster");
+    assert_eq!(field, "listeners[0].routes[0].backends[0].cluster");
     assert!(message.contains("nope"), "{message}");
 }
 
@@ -86,8 +86,11 @@ fn refuses_inconsistent_listeners_and_clusters() {
         ),
         (GOOD.replace("name: api", "name: web"), "clusters[1].name"),
         (
-            GOOD.replace("endpoints: [\"[::1]:9003\"]", "endpoints: []"),
-            "clusters[1].endpoints",
+            GOOD.replace(
+                "cluster: api",
+                "backends: [{ cluster: api, weight: 0 }, { cluster: web, weight: 0 }]",
+            ),
+            "listeners[0].routes[0].backends",
         ),
         (
             GOOD.replace("path_prefix: /v1", "path_prefix: v1"),
@@ -173,4 +176,42 @@ fn identity_takes_files_or_a_ca_but_not_both_or_neither() {
         let error = Config::from_yaml(yaml, "bad").unwrap_err().to_string();
         assert!(error.contains(why), "{yaml}: {error}");
     }
+}
+
+#[test]
+fn a_route_splits_by_weight_and_a_single_cluster_is_shorthand() {
+    let yaml = GOOD.replace(
+        "cluster: api",
+        "backends: [{ cluster: api, weight: 90 }, { cluster: web, weight: 10 }]",
+    );
+    let config = Config::from_yaml(&yaml, "split.yaml").unwrap();
+    let weights: Vec<_> = config.listeners[0].routes[0]
+        .backends
+        .iter()
+        .map(|b| (b.cluster.as_str(), b.weight))
+        .collect();
+    assert_eq!(weights, [("api", 90), ("web", 10)]);
+    let again = serde_yaml::to_string(&config).unwrap();
+    assert_eq!(Config::from_yaml(&again, "again.yaml").unwrap(), config);
+
+    let single = Config::from_yaml(GOOD, "good.yaml").unwrap();
+    assert_eq!(single.listeners[0].routes[0].backends.len(), 1);
+    assert!(serde_yaml::to_string(&single).unwrap().contains("cluster: api"));
+
+    let both = GOOD.replace("cluster: api", "cluster: api\n        backends: [{ cluster: web }]");
+    let err = Config::from_yaml(&both, "both.yaml").unwrap_err().to_string();
+    assert!(err.contains("exactly one of `cluster` or `backends`"), "{err}");
+}
+
+#[test]
+fn an_empty_cluster_is_allowed_and_discovery_needs_the_ca() {
+    let empty = GOOD.replace("endpoints: [\"[::1]:9003\"]", "endpoints: []");
+    assert!(Config::from_yaml(&empty, "empty.yaml").is_ok());
+
+    let discovery = format!(
+        "{GOOD}discovery:\n  workload: {{ namespace: shop, name: web-0 }}\n  outbound: [{{ service: cart.shop, port: 80, listen: 127.0.0.1:18080 }}]\n"
+    );
+    let (field, message) = invalid(&discovery);
+    assert_eq!(field, "discovery");
+    assert!(message.contains("identity.ca"), "{message}");
 }

@@ -20,7 +20,7 @@ use self::head::{Framing, Limits, RequestHead, ResponseHead};
 use super::tcp::pump_counted;
 use crate::io::{Backend, Stream};
 use crate::metrics::{Flag, ListenerStats};
-use crate::snapshot::{RoutePlan, RouteTable};
+use crate::snapshot::{Chosen, RouteTable};
 use crate::tls::MaybeTls;
 use crate::worker::{View, Worker};
 
@@ -101,7 +101,10 @@ pub async fn serve<B: Backend>(
             &conn.inbuf[head.path.clone()],
         );
         let next = match route {
-            Some(route) => conn.exchange(&head, route, started).await,
+            Some(route) => {
+                let chosen = route.choose(conn.view.roll());
+                conn.exchange(&head, chosen, started).await
+            }
             None => conn.no_route(&head, started).await,
         };
         if next == Next::Close {
@@ -179,7 +182,7 @@ impl<B: Backend> Conn<'_, B> {
     /// The request head stays at the front of `inbuf` until it cannot be needed again: a
     /// request with a body is drained as soon as its head is out (it is never retried); one
     /// without is kept for a retry until the response head arrives.
-    async fn exchange(&mut self, head: &RequestHead, route: &RoutePlan, started: Instant) -> Next {
+    async fn exchange(&mut self, head: &RequestHead, route: Chosen, started: Instant) -> Next {
         let cluster = route.cluster;
         let upstream_stats = &self.view.clusters[cluster];
         let has_body = head.framing != Framing::Empty;
@@ -321,7 +324,7 @@ impl<B: Backend> Conn<'_, B> {
         &mut self,
         up: &MaybeTls<B::Stream>,
         head: &RequestHead,
-        route: &RoutePlan,
+        route: Chosen,
         body_done: &mut bool,
     ) -> Result<ResponseHead, UpstreamFailure> {
         let deadline = tokio::time::Instant::now() + route.timeout;
@@ -382,7 +385,7 @@ impl<B: Backend> Conn<'_, B> {
     async fn respond(
         &mut self,
         head: &RequestHead,
-        route: &RoutePlan,
+        route: Chosen,
         (up, addr): (MaybeTls<B::Stream>, SocketAddr),
         response: ResponseHead,
         body_unsent: bool,

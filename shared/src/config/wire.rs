@@ -1,0 +1,330 @@
+//! The wire form of the listeners and clusters `tern-control` pushes
+//! (`tern.discovery.v1.ProxyConfig`), to and from the domain types. Decoding checks what
+//! the wire cannot (addresses, enums, identities) and names the field; cross-references are
+//! checked once more by [`Config::validate`] when the proxy merges the result into its
+//! config.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::api::discovery as pb;
+use crate::config::{
+    Backend, CipherSuite, Cluster, ClusterTls, Config, Listener, ListenerTls, Protocol, Route,
+    TlsMode,
+};
+
+/// Listeners and clusters from `tern-control`, at a version.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pushed {
+    /// The control plane's version of this config.
+    pub version: u64,
+    /// Listeners to add to the proxy's own.
+    pub listeners: Vec<Listener>,
+    /// Clusters to add to the proxy's own.
+    pub clusters: Vec<Cluster>,
+}
+
+/// A field of a pushed config that does not decode, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct WireError {
+    /// The field, e.g. `clusters[2].endpoints[0]`.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+fn wrong(field: String, message: impl Into<String>) -> WireError {
+    WireError {
+        field,
+        message: message.into(),
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Encodes `config`'s listeners and clusters at `version`.
+pub fn encode(config: &Config, version: u64) -> pb::ProxyConfig {
+    pb::ProxyConfig {
+        version,
+        listeners: config.listeners.iter().map(encode_listener).collect(),
+        clusters: config.clusters.iter().map(encode_cluster).collect(),
+    }
+}
+
+fn encode_listener(l: &Listener) -> pb::Listener {
+    pb::Listener {
+        name: l.name.clone(),
+        address: l.address.to_string(),
+        protocol: match l.protocol {
+            Protocol::Tcp => pb::Protocol::Tcp,
+            Protocol::Http => pb::Protocol::Http,
+        } as i32,
+        cluster: l.cluster.clone().unwrap_or_default(),
+        routes: l
+            .routes
+            .iter()
+            .map(|r| pb::Route {
+                host: r.host.clone(),
+                path_prefix: r.path_prefix.clone(),
+                backends: r
+                    .backends
+                    .iter()
+                    .map(|b| pb::WeightedCluster {
+                        cluster: b.cluster.clone(),
+                        weight: b.weight,
+                    })
+                    .collect(),
+                timeout_ms: millis(r.timeout),
+            })
+            .collect(),
+        tls: l.tls.as_ref().map(|t| pb::ListenerTls {
+            mode: match t.mode {
+                TlsMode::Strict => pb::TlsMode::Strict,
+                TlsMode::Permissive => pb::TlsMode::Permissive,
+                TlsMode::Disable => pb::TlsMode::Disable,
+            } as i32,
+            handshake_timeout_ms: millis(t.handshake_timeout),
+        }),
+    }
+}
+
+fn encode_cluster(c: &Cluster) -> pb::Cluster {
+    pb::Cluster {
+        name: c.name.clone(),
+        endpoints: c.endpoints.iter().map(ToString::to_string).collect(),
+        connect_timeout_ms: millis(c.connect_timeout),
+        idle_timeout_ms: millis(c.idle_timeout),
+        max_idle_per_endpoint: u32::try_from(c.max_idle_per_endpoint).unwrap_or(u32::MAX),
+        tls: c.tls.as_ref().map(|t| pb::ClusterTls {
+            identity: t.identity.to_string(),
+            cipher_suites: t
+                .cipher_suites
+                .iter()
+                .flatten()
+                .map(|s| match s {
+                    CipherSuite::Aes128GcmSha256 => pb::CipherSuite::Aes128GcmSha256,
+                    CipherSuite::Aes256GcmSha384 => pb::CipherSuite::Aes256GcmSha384,
+                    CipherSuite::Chacha20Poly1305Sha256 => pb::CipherSuite::Chacha20Poly1305Sha256,
+                } as i32)
+                .collect(),
+        }),
+    }
+}
+
+fn address(field: String, text: &str) -> Result<SocketAddr, WireError> {
+    text.parse()
+        .map_err(|_| wrong(field, format!("`{text}` is not an ip:port")))
+}
+
+impl TryFrom<pb::ProxyConfig> for Pushed {
+    type Error = WireError;
+
+    fn try_from(config: pb::ProxyConfig) -> Result<Pushed, WireError> {
+        let listeners = config
+            .listeners
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| decode_listener(i, l))
+            .collect::<Result<_, _>>()?;
+        let clusters = config
+            .clusters
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| decode_cluster(i, c))
+            .collect::<Result<_, _>>()?;
+        Ok(Pushed {
+            version: config.version,
+            listeners,
+            clusters,
+        })
+    }
+}
+
+fn decode_listener(i: usize, l: pb::Listener) -> Result<Listener, WireError> {
+    let at = |f: &str| format!("listeners[{i}].{f}");
+    let protocol = match pb::Protocol::try_from(l.protocol) {
+        Ok(pb::Protocol::Tcp) => Protocol::Tcp,
+        Ok(pb::Protocol::Http) => Protocol::Http,
+        _ => return Err(wrong(at("protocol"), format!("unknown protocol {}", l.protocol))),
+    };
+    let routes = l
+        .routes
+        .into_iter()
+        .map(|r| Route {
+            host: r.host,
+            path_prefix: r.path_prefix,
+            backends: r
+                .backends
+                .into_iter()
+                .map(|b| Backend {
+                    cluster: b.cluster,
+                    weight: b.weight,
+                })
+                .collect(),
+            timeout: Duration::from_millis(r.timeout_ms),
+        })
+        .collect();
+    let tls = match l.tls {
+        None => None,
+        Some(t) => Some(ListenerTls {
+            mode: match pb::TlsMode::try_from(t.mode) {
+                Ok(pb::TlsMode::Strict) => TlsMode::Strict,
+                Ok(pb::TlsMode::Permissive) => TlsMode::Permissive,
+                Ok(pb::TlsMode::Disable) => TlsMode::Disable,
+                _ => return Err(wrong(at("tls.mode"), format!("unknown mode {}", t.mode))),
+            },
+            handshake_timeout: Duration::from_millis(t.handshake_timeout_ms),
+        }),
+    };
+    Ok(Listener {
+        address: address(at("address"), &l.address)?,
+        name: l.name,
+        protocol,
+        cluster: (!l.cluster.is_empty()).then_some(l.cluster),
+        routes,
+        tls,
+    })
+}
+
+fn decode_cluster(i: usize, c: pb::Cluster) -> Result<Cluster, WireError> {
+    let at = |f: &str| format!("clusters[{i}].{f}");
+    let endpoints = c
+        .endpoints
+        .iter()
+        .enumerate()
+        .map(|(j, e)| address(at(&format!("endpoints[{j}]")), e))
+        .collect::<Result<_, _>>()?;
+    let tls = match c.tls {
+        None => None,
+        Some(t) => {
+            let identity = t
+                .identity
+                .parse()
+                .map_err(|e| wrong(at("tls.identity"), format!("{e}")))?;
+            let suites = t
+                .cipher_suites
+                .iter()
+                .map(|&s| match pb::CipherSuite::try_from(s) {
+                    Ok(pb::CipherSuite::Aes128GcmSha256) => Ok(CipherSuite::Aes128GcmSha256),
+                    Ok(pb::CipherSuite::Aes256GcmSha384) => Ok(CipherSuite::Aes256GcmSha384),
+                    Ok(pb::CipherSuite::Chacha20Poly1305Sha256) => {
+                        Ok(CipherSuite::Chacha20Poly1305Sha256)
+                    }
+                    _ => Err(wrong(at("tls.cipher_suites"), format!("unknown suite {s}"))),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Some(ClusterTls {
+                identity,
+                cipher_suites: (!suites.is_empty()).then_some(suites),
+            })
+        }
+    };
+    Ok(Cluster {
+        name: c.name,
+        endpoints,
+        connect_timeout: Duration::from_millis(c.connect_timeout_ms),
+        idle_timeout: Duration::from_millis(c.idle_timeout_ms),
+        max_idle_per_endpoint: c.max_idle_per_endpoint as usize,
+        tls,
+    })
+}
+
+impl Pushed {
+    /// `base` (the proxy's own config) with these listeners and clusters added, validated.
+    pub fn merge_into(&self, base: &Config) -> Result<Config, (String, String)> {
+        let mut config = base.clone();
+        config.listeners.extend(self.listeners.iter().cloned());
+        config.clusters.extend(self.clusters.iter().cloned());
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = r#"
+listeners:
+  - name: outbound-cart
+    address: 127.0.0.1:18080
+    protocol: http
+    routes:
+      - path_prefix: /v2
+        backends: [{ cluster: cart-v2, weight: 9 }, { cluster: cart, weight: 1 }]
+        timeout: 750ms
+      - cluster: cart
+  - name: inbound-8080
+    address: 127.0.0.1:15080
+    protocol: tcp
+    cluster: app
+    tls: { mode: permissive, handshake_timeout: 2s }
+clusters:
+  - name: cart
+    endpoints: [127.0.0.1:9001, "[::1]:9002"]
+    tls: { identity: spiffe://cluster.local/ns/shop/sa/cart, cipher_suites: [TLS13_CHACHA20_POLY1305_SHA256] }
+  - name: cart-v2
+    endpoints: []
+    connect_timeout: 250ms
+  - name: app
+    endpoints: [127.0.0.1:8080]
+identity:
+  files: { cert: c.pem, key: k.pem, trust_bundle: b.pem }
+"#;
+
+    #[test]
+    fn a_config_survives_the_wire_unchanged() {
+        let config = Config::from_yaml(CONFIG, "wire.yaml").unwrap();
+        let wire = encode(&config, 7);
+        let pushed = Pushed::try_from(wire).unwrap();
+        assert_eq!(pushed.version, 7);
+        assert_eq!(pushed.listeners, config.listeners);
+        assert_eq!(pushed.clusters, config.clusters);
+
+        let base = Config {
+            listeners: Vec::new(),
+            clusters: Vec::new(),
+            ..config.clone()
+        };
+        assert_eq!(pushed.merge_into(&base).unwrap(), config);
+    }
+
+    #[test]
+    fn bad_wire_values_name_their_field() {
+        let config = Config::from_yaml(CONFIG, "wire.yaml").unwrap();
+        let mut wire = encode(&config, 1);
+        wire.clusters[0].endpoints[1] = "cart:80".into();
+        let err = Pushed::try_from(wire).unwrap_err();
+        assert_eq!(err.field, "clusters[0].endpoints[1]");
+
+        let mut wire = encode(&config, 1);
+        wire.listeners[1].protocol = 42;
+        assert_eq!(
+            Pushed::try_from(wire).unwrap_err().field,
+            "listeners[1].protocol"
+        );
+
+        let mut wire = encode(&config, 1);
+        wire.clusters[0].tls.as_mut().unwrap().identity = "spiffe://nope".into();
+        assert_eq!(
+            Pushed::try_from(wire).unwrap_err().field,
+            "clusters[0].tls.identity"
+        );
+
+        // Decodes, but a route names a cluster that is not there: validation says where.
+        let mut wire = encode(&config, 1);
+        wire.clusters.remove(1);
+        let pushed = Pushed::try_from(wire).unwrap();
+        let base = Config {
+            listeners: Vec::new(),
+            clusters: Vec::new(),
+            ..config
+        };
+        let (field, message) = pushed.merge_into(&base).unwrap_err();
+        assert_eq!(field, "listeners[0].routes[0].backends[0].cluster");
+        assert!(message.contains("cart-v2"), "{message}");
+    }
+}
