@@ -57,6 +57,7 @@ fn parse_and_route(c: &mut Criterion) {
             routes
                 .route(&REQUEST[head.host.clone()], &REQUEST[head.path.clone()])
                 .unwrap()
+                .choose(7)
                 .cluster
         });
     });
