@@ -112,6 +112,8 @@ pub struct Authority {
     trust_bundle: Vec<CertificateDer<'static>>,
     token_key: ring::hmac::Key,
     random: ring::rand::SystemRandom,
+    /// When the latest certificate of each identity expires (Unix seconds), for status.
+    expiries: std::sync::Mutex<std::collections::HashMap<SpiffeId, i64>>,
 }
 
 impl std::fmt::Debug for Authority {
@@ -229,6 +231,7 @@ impl Authority {
             trust_bundle,
             token_key,
             random: ring::rand::SystemRandom::new(),
+            expiries: std::sync::Mutex::default(),
         })
     }
 
@@ -251,6 +254,16 @@ impl Authority {
             URL_SAFE_NO_PAD.encode(id.to_string()),
             URL_SAFE_NO_PAD.encode(tag.as_ref())
         )
+    }
+
+    /// When the latest certificate issued for `id` expires (Unix seconds), if this CA issued
+    /// one since it started.
+    pub fn expiry(&self, id: &SpiffeId) -> Option<i64> {
+        self.expiries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(id)
+            .copied()
     }
 
     /// Checks a bootstrap token and returns the identity it proves.
@@ -341,6 +354,7 @@ impl Authority {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         params.use_authority_key_identifier_extension = true;
+        let not_after = params.not_after.unix_timestamp();
         let signed = CertificateSigningRequestParams {
             params,
             public_key: request.public_key,
@@ -348,6 +362,10 @@ impl Authority {
         .signed_by(&self.issuer)
         .map_err(|e| CertifyError::Internal(e.to_string()))?;
 
+        self.expiries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(requested.clone(), not_after);
         let mut chain = Vec::with_capacity(1 + self.intermediates.len());
         chain.push(signed.der().clone());
         chain.extend(self.intermediates.iter().cloned());

@@ -1,17 +1,13 @@
 //! The identity gRPC service: `Certify` over TLS, backed by the [`Authority`], with each
 //! refusal mapped onto the gRPC status a client can act on and logged with its reason.
 
-use std::future::Future;
 use std::sync::Arc;
 
-use shared::api::identity::identity_server::{Identity, IdentityServer};
+use shared::api::identity::identity_server::Identity;
 use shared::api::identity::{CertifyRequest, CertifyResponse};
 use tonic::{Request, Response, Status};
 
 use crate::ca::{Authority, CertifyError};
-
-/// Largest request accepted: a CSR is a few hundred bytes, a token under a few KiB.
-const MAX_REQUEST: usize = 64 * 1024;
 
 /// The `tern.identity.v1.Identity` service.
 #[derive(Debug, Clone)]
@@ -54,24 +50,4 @@ impl Identity for IdentityService {
             }
         }
     }
-}
-
-/// Serves the identity API over TLS on `listener` until `shutdown` resolves.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    cert_pem: &str,
-    key_pem: &str,
-    service: IdentityService,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), tonic::transport::Error> {
-    let tls = tonic::transport::ServerTlsConfig::new()
-        .identity(tonic::transport::Identity::from_pem(cert_pem, key_pem));
-    tonic::transport::Server::builder()
-        .tls_config(tls)?
-        .add_service(IdentityServer::new(service).max_decoding_message_size(MAX_REQUEST))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
-            shutdown,
-        )
-        .await
 }

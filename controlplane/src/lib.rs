@@ -3,20 +3,38 @@
 //! around it.
 //!
 //! Layout: [`ca`] is the mesh certificate authority (keys, tokens, signing; no IO beyond
-//! its state directory); [`identity`] serves it over gRPC (`tern.identity.v1.Identity`).
-//! Config distribution joins as its own service next to it.
+//! its state directory) and [`identity`] serves it over gRPC; [`catalog`] holds what the
+//! user declared, read by a [`catalog::source::Source`] (a directory of manifests) and
+//! checked once; [`translate`] turns it into each proxy's config and [`discovery`] streams
+//! that to the proxies and records their ACKs and NACKs; [`admin`] shows it all over HTTP.
 
+pub mod admin;
 pub mod ca;
+pub mod catalog;
+pub mod discovery;
 pub mod identity;
+pub mod translate;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use anyhow::Context as _;
-use tokio::sync::oneshot;
+use shared::api::discovery::discovery_server::DiscoveryServer;
+use shared::api::identity::identity_server::IdentityServer;
+use tokio::sync::{oneshot, watch};
 
 pub use ca::{Authority, CaOptions};
+use catalog::Catalog;
+use catalog::source::{Directory, Source};
+use discovery::{DiscoveryService, Registry};
+
+/// Largest gRPC message accepted from a proxy: a CSR, a token, a Hello with its
+/// destinations.
+const MAX_REQUEST: usize = 1024 * 1024;
+/// Largest config sent to a proxy.
+const MAX_CONFIG: usize = 64 * 1024 * 1024;
 
 /// How to run the control plane.
 #[derive(Debug, Clone)]
@@ -27,20 +45,27 @@ pub struct Options {
     pub server_names: Vec<String>,
     /// The CA.
     pub ca: CaOptions,
+    /// A directory of YAML manifests to serve config from; none serves empty configs.
+    pub manifests: Option<PathBuf>,
+    /// The admin HTTP address (`/status`, `/metrics`); none for no admin endpoint.
+    pub admin: Option<SocketAddr>,
 }
 
 /// A running control plane; dropping it stops it.
 #[derive(Debug)]
 pub struct ControlPlane {
     address: SocketAddr,
+    admin: Option<SocketAddr>,
     authority: Arc<Authority>,
+    catalog: watch::Receiver<Arc<Catalog>>,
+    registry: Arc<Registry>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl ControlPlane {
-    /// Opens the CA, binds the gRPC port and serves on a thread of its own; returns once the
-    /// port is bound.
+    /// Opens the CA, reads the manifests once, binds the gRPC and admin ports and serves on
+    /// a thread of its own; returns once the ports are bound.
     pub fn start(options: Options) -> anyhow::Result<ControlPlane> {
         let authority = Arc::new(Authority::open(&options.ca).context("opening the CA")?);
         let (cert, key) = authority
@@ -56,24 +81,63 @@ impl ControlPlane {
             .block_on(tokio::net::TcpListener::bind(options.listen))
             .with_context(|| format!("binding {}", options.listen))?;
         let address = listener.local_addr().context("reading the bound address")?;
+        let admin_listener = match options.admin {
+            Some(admin) => Some(
+                runtime
+                    .block_on(tokio::net::TcpListener::bind(admin))
+                    .with_context(|| format!("binding the admin address {admin}"))?,
+            ),
+            None => None,
+        };
+        let admin = match &admin_listener {
+            Some(l) => Some(l.local_addr().context("reading the admin address")?),
+            None => None,
+        };
+
+        let empty = Catalog::empty(authority.trust_domain());
+        let (catalog_tx, catalog) = watch::channel(Arc::new(empty));
+        if let Some(dir) = &options.manifests {
+            let mut source = Directory::new(dir);
+            let first = runtime.block_on(source.next());
+            publish(&catalog_tx, first);
+            runtime.spawn(async move {
+                loop {
+                    let declared = source.next().await;
+                    publish(&catalog_tx, declared);
+                }
+            });
+        }
+        let registry = Arc::new(Registry::default());
+        if let Some(listener) = admin_listener {
+            runtime.spawn(admin::serve(
+                listener,
+                catalog.clone(),
+                registry.clone(),
+                std::future::pending(),
+            ));
+        }
+
         let (stop, stopped) = oneshot::channel::<()>();
-        let service = identity::IdentityService::new(authority.clone());
+        let identity = identity::IdentityService::new(authority.clone());
+        let discovery = DiscoveryService::new(authority.clone(), catalog.clone(), registry.clone());
         let thread = std::thread::Builder::new()
             .name("tern-control".into())
             .spawn(move || {
-                let served =
-                    runtime.block_on(identity::serve(listener, &cert, &key, service, async {
-                        let _ = stopped.await;
-                    }));
+                let served = runtime.block_on(serve(listener, &cert, &key, identity, discovery, async {
+                    let _ = stopped.await;
+                }));
                 if let Err(error) = served {
                     tracing::error!(%error, "the gRPC server failed");
                 }
             })
             .context("starting the server thread")?;
-        tracing::info!(%address, trust_domain = authority.trust_domain(), "tern-control serving");
+        tracing::info!(%address, ?admin, trust_domain = authority.trust_domain(), manifests = ?options.manifests, "tern-control serving");
         Ok(ControlPlane {
             address,
+            admin,
             authority,
+            catalog,
+            registry,
             stop: Some(stop),
             thread: Some(thread),
         })
@@ -84,9 +148,24 @@ impl ControlPlane {
         self.address
     }
 
+    /// The bound admin address.
+    pub fn admin_address(&self) -> Option<SocketAddr> {
+        self.admin
+    }
+
     /// The CA (to mint bootstrap tokens, read the trust bundle).
     pub fn authority(&self) -> &Arc<Authority> {
         &self.authority
+    }
+
+    /// The catalog in use now.
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.catalog.borrow().clone()
+    }
+
+    /// What `/status` shows.
+    pub fn status(&self) -> admin::Status {
+        admin::status(&self.catalog(), &self.registry)
     }
 
     /// Stops serving and waits for the server thread.
@@ -108,4 +187,49 @@ impl Drop for ControlPlane {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Checks what a source declared and, when that changes anything, publishes the catalog.
+fn publish(catalog: &watch::Sender<Arc<Catalog>>, declared: catalog::Declared) {
+    let previous = catalog.borrow().clone();
+    let next = Catalog::build(declared, &previous);
+    for problem in &next.problems {
+        if !previous.problems.contains(problem) {
+            tracing::warn!(%problem, "config refused");
+        }
+    }
+    let changed = next.generation != previous.generation;
+    if changed {
+        tracing::info!(generation = next.generation, objects = next.len(), problems = next.problems.len(), "config changed");
+    }
+    if changed || next.problems != previous.problems {
+        catalog.send_replace(Arc::new(next));
+    }
+}
+
+/// Serves the identity and discovery APIs over TLS on `listener` until `shutdown` resolves.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    cert_pem: &str,
+    key_pem: &str,
+    identity: identity::IdentityService,
+    discovery: DiscoveryService,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let tls = tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(cert_pem, key_pem));
+    tonic::transport::Server::builder()
+        .tls_config(tls)?
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .add_service(IdentityServer::new(identity).max_decoding_message_size(MAX_REQUEST))
+        .add_service(
+            DiscoveryServer::new(discovery)
+                .max_decoding_message_size(MAX_REQUEST)
+                .max_encoding_message_size(MAX_CONFIG),
+        )
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            shutdown,
+        )
+        .await
 }

@@ -1,4 +1,5 @@
-//! `tern-control`: `serve` runs the control plane (the mesh CA over gRPC); `token` prints the
+//! `tern-control`: `serve` runs the control plane (the mesh CA and config distribution over
+//! gRPC, from a directory of manifests); `token` prints the
 //! bootstrap token a workload presents to prove its identity in local mode; `crds` prints
 //! the CustomResourceDefinitions of Tern's resources.
 
@@ -32,6 +33,13 @@ enum Command {
         /// Names and IPs proxies dial this server by (its certificate carries them).
         #[arg(long = "server-name", default_values_t = ["tern-control".to_owned(), "localhost".to_owned(), "127.0.0.1".to_owned()])]
         server_names: Vec<String>,
+        /// A directory of YAML manifests (Service, EndpointSlice, Pod, HTTPRoute and Tern's
+        /// kinds), watched for changes; without one, proxies get empty configs.
+        #[arg(long, env = "TERN_MANIFESTS")]
+        manifests: Option<PathBuf>,
+        /// The admin HTTP address (`/status` for `ternctl status`, `/metrics`).
+        #[arg(long, env = "TERN_CONTROL_ADMIN", default_value = "127.0.0.1:15014")]
+        admin: SocketAddr,
         #[command(flatten)]
         ca: CaArgs,
     },
@@ -109,12 +117,16 @@ fn main() -> anyhow::Result<()> {
         Command::Serve {
             listen,
             server_names,
+            manifests,
+            admin,
             ca,
         } => {
             let control = ControlPlane::start(Options {
                 listen,
                 server_names,
                 ca: ca.into(),
+                manifests,
+                admin: Some(admin),
             })?;
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -555,6 +555,8 @@ fn start_mtls_pair(
             "serve",
             "--listen",
             &ca_address.to_string(),
+            "--admin",
+            "127.0.0.1:0",
             "--log",
             "warn",
         ])

@@ -65,6 +65,7 @@ pub enum OutboundTraffic {
     kind = "Mesh",
     plural = "meshes",
     status = "PolicyStatus",
+    derive = "PartialEq",
     printcolumn = r#"{"name":"Trust domain","type":"string","jsonPath":".spec.trustDomain"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -105,6 +106,7 @@ pub struct PortMtls {
     plural = "mtlspolicies",
     namespaced,
     status = "PolicyStatus",
+    derive = "PartialEq",
     printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -158,6 +160,7 @@ pub struct Source {
     plural = "authorizationpolicies",
     namespaced,
     status = "PolicyStatus",
+    derive = "PartialEq",
     printcolumn = r#"{"name":"Target","type":"string","jsonPath":".spec.targetRef.name"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -260,6 +263,7 @@ pub struct ConnectionLimits {
     plural = "backendpolicies",
     namespaced,
     status = "PolicyStatus",
+    derive = "PartialEq",
     printcolumn = r#"{"name":"Target","type":"string","jsonPath":".spec.targetRef.name"}"#
 )]
 #[serde(rename_all = "camelCase")]

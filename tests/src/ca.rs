@@ -21,6 +21,10 @@ pub struct TestControlPlane {
     pub address: SocketAddr,
     /// The CA's options; change them and [`Self::restart`] to rotate roots.
     pub ca: CaOptions,
+    /// A manifest directory to serve config from (set before [`Self::restart`]).
+    pub manifests: Option<std::path::PathBuf>,
+    /// The admin address (kept across restarts).
+    pub admin: SocketAddr,
     running: Option<ControlPlane>,
 }
 
@@ -40,10 +44,25 @@ impl TestControlPlane {
             dir,
             address: "127.0.0.1:0".parse().unwrap(),
             ca,
+            manifests: None,
+            admin: "127.0.0.1:0".parse().unwrap(),
             running: None,
         };
         control.restart();
         control
+    }
+
+    /// Starts a CA and config server reading `manifests`.
+    pub fn with_manifests(lifetime: Duration, manifests: &std::path::Path) -> TestControlPlane {
+        let mut control = TestControlPlane::start(lifetime);
+        control.manifests = Some(manifests.to_owned());
+        control.restart();
+        control
+    }
+
+    /// The running control plane.
+    pub fn running(&self) -> &ControlPlane {
+        self.running.as_ref().expect("the control plane is running")
     }
 
     fn options(&self) -> Options {
@@ -51,6 +70,8 @@ impl TestControlPlane {
             listen: self.address,
             server_names: vec!["tern-control".into()],
             ca: self.ca.clone(),
+            manifests: self.manifests.clone(),
+            admin: Some(self.admin),
         }
     }
 
@@ -66,6 +87,9 @@ impl TestControlPlane {
         self.stop();
         let running = ControlPlane::start(self.options()).expect("control plane starts");
         self.address = running.address();
+        if let Some(admin) = running.admin_address() {
+            self.admin = admin;
+        }
         self.running = Some(running);
     }
 

@@ -318,6 +318,30 @@ impl From<Route> for RouteFields {
     }
 }
 
+impl Cluster {
+    /// A plaintext cluster with the default timeouts and pool size.
+    pub fn new(name: impl Into<String>, endpoints: Vec<SocketAddr>) -> Cluster {
+        Cluster {
+            name: name.into(),
+            endpoints,
+            connect_timeout: default_connect_timeout(),
+            idle_timeout: default_idle_timeout(),
+            max_idle_per_endpoint: default_max_idle_per_endpoint(),
+            tls: None,
+        }
+    }
+}
+
+impl ListenerTls {
+    /// `mode` with the default handshake timeout.
+    pub fn new(mode: TlsMode) -> ListenerTls {
+        ListenerTls {
+            mode,
+            handshake_timeout: default_handshake_timeout(),
+        }
+    }
+}
+
 impl Route {
     /// A route of every path of every host to one cluster, with the default timeout.
     pub fn to_cluster(cluster: &str) -> Route {

@@ -1,0 +1,173 @@
+//! Gateway API's `HTTPRoute` (`gateway.networking.k8s.io/v1`), the part of it Tern routes
+//! with, attached to a Service as GAMMA defines. Fields Tern does not carry out yet (header,
+//! query and method matches, filters, regular expressions) are parsed so that using them is
+//! a clear error rather than silently ignored; unknown fields are refused.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::{Deserialize, Serialize};
+
+/// An `HTTPRoute`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRoute {
+    /// `gateway.networking.k8s.io/v1` (or `v1beta1`).
+    pub api_version: String,
+    /// `HTTPRoute`.
+    pub kind: String,
+    /// Name and namespace.
+    pub metadata: ObjectMeta,
+    /// What to route.
+    pub spec: HttpRouteSpec,
+    /// Written by controllers; ignored on input.
+    #[serde(default, skip_serializing)]
+    pub status: Option<serde_json::Value>,
+}
+
+/// `HTTPRoute.spec`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRouteSpec {
+    /// The Services (GAMMA) this route attaches to.
+    #[serde(default)]
+    pub parent_refs: Vec<ParentRef>,
+    /// Host names requests must carry; empty means any.
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+    /// Matches and where they go.
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+}
+
+/// A Service this route attaches to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ParentRef {
+    /// `""` or `core` for a Service.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// `Service` for the mesh.
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// The Service's name.
+    pub name: String,
+    /// Its namespace; the route's by default.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// One port of the Service; all of them when absent.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Not used for Services.
+    #[serde(default)]
+    pub section_name: Option<String>,
+}
+
+/// A routing rule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Rule {
+    /// A name for the rule.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Any one of these matches; none means every request.
+    #[serde(default)]
+    pub matches: Vec<Match>,
+    /// Where matched requests go, split by weight.
+    #[serde(default)]
+    pub backend_refs: Vec<BackendRef>,
+    /// Request timeouts.
+    #[serde(default)]
+    pub timeouts: Option<Timeouts>,
+    /// Not supported yet.
+    #[serde(default)]
+    pub filters: Option<Vec<serde_json::Value>>,
+    /// Not supported yet.
+    #[serde(default)]
+    pub retry: Option<serde_json::Value>,
+    /// Not supported yet.
+    #[serde(default)]
+    pub session_persistence: Option<serde_json::Value>,
+}
+
+/// What a request must look like.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Match {
+    /// The path.
+    #[serde(default)]
+    pub path: Option<PathMatch>,
+    /// Not supported yet.
+    #[serde(default)]
+    pub headers: Option<Vec<serde_json::Value>>,
+    /// Not supported yet.
+    #[serde(default)]
+    pub query_params: Option<Vec<serde_json::Value>>,
+    /// Not supported yet.
+    #[serde(default)]
+    pub method: Option<String>,
+}
+
+/// A path match.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PathMatch {
+    /// `PathPrefix` (the default); `Exact` and `RegularExpression` are not supported yet.
+    #[serde(default = "default_path_type", rename = "type")]
+    pub kind: String,
+    /// The path; `/` by default.
+    #[serde(default = "default_path")]
+    pub value: String,
+}
+
+fn default_path_type() -> String {
+    "PathPrefix".to_owned()
+}
+fn default_path() -> String {
+    "/".to_owned()
+}
+
+/// A Service port and its share of a rule's requests.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackendRef {
+    /// `""` or `core`.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// `Service`.
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// The Service's name.
+    pub name: String,
+    /// Its namespace; the route's by default.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// The Service port.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Relative share; 1 by default.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Not supported yet.
+    #[serde(default)]
+    pub filters: Option<Vec<serde_json::Value>>,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// Gateway API durations (`10s`, `500ms`, `1m30s`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Timeouts {
+    /// The whole request, from the client's view.
+    #[serde(default)]
+    pub request: Option<String>,
+    /// One try to a backend.
+    #[serde(default)]
+    pub backend_request: Option<String>,
+}
+
+/// Whether a group/kind pair names a core `Service`.
+pub fn is_service(group: Option<&str>, kind: Option<&str>) -> bool {
+    matches!(group, None | Some("" | "core")) && matches!(kind, None | Some("Service"))
+}

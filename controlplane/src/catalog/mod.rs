@@ -1,0 +1,879 @@
+//! The catalog: every object the user declared that passed validation, indexed for
+//! translation into proxy configs.
+//!
+//! A [`Source`](source::Source) yields what is declared ([`Declared`]); [`Catalog::build`]
+//! checks each object on its own and against the others (an unknown Service, a bad
+//! duration, weights adding up to zero, two routes claiming the same path) and keeps only
+//! what passes. An object that fails keeps its previous accepted version, and so does every
+//! object of a file that no longer parses, so a bad edit never takes working config away; the
+//! problem is recorded with the file, the object and the field, and is never pushed.
+
+pub mod gateway;
+pub mod source;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::Serialize;
+use shared::crd::{AuthorizationPolicy, BackendPolicy, MTLSPolicy, Mesh, MtlsMode, TargetRef};
+
+pub use gateway::HttpRoute;
+
+/// The Pod annotation that maps application ports to the sidecar's inbound ports on the
+/// Pod's IP in explicit mode: `"8080=15080,9090=15090"`.
+pub const INBOUND_PORTS: &str = "tern.dev/inbound-ports";
+/// The label an EndpointSlice names its Service with.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// One declared object.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Object {
+    /// `tern.dev/v1alpha1 Mesh`.
+    Mesh(Box<Mesh>),
+    /// `v1 Service`.
+    Service(Box<Service>),
+    /// `discovery.k8s.io/v1 EndpointSlice`.
+    EndpointSlice(Box<EndpointSlice>),
+    /// `v1 Pod`.
+    Pod(Box<Pod>),
+    /// `gateway.networking.k8s.io/v1 HTTPRoute`.
+    HttpRoute(Box<HttpRoute>),
+    /// `tern.dev/v1alpha1 MTLSPolicy`.
+    MtlsPolicy(Box<MTLSPolicy>),
+    /// `tern.dev/v1alpha1 AuthorizationPolicy`.
+    AuthorizationPolicy(Box<AuthorizationPolicy>),
+    /// `tern.dev/v1alpha1 BackendPolicy`.
+    BackendPolicy(Box<BackendPolicy>),
+}
+
+/// Kinds in the order they are checked: each may refer only to kinds before it.
+const KIND_ORDER: [&str; 8] = [
+    "Mesh",
+    "Service",
+    "Pod",
+    "EndpointSlice",
+    "MTLSPolicy",
+    "BackendPolicy",
+    "AuthorizationPolicy",
+    "HTTPRoute",
+];
+
+impl Object {
+    /// The object's kind, as written in manifests.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Object::Mesh(_) => "Mesh",
+            Object::Service(_) => "Service",
+            Object::EndpointSlice(_) => "EndpointSlice",
+            Object::Pod(_) => "Pod",
+            Object::HttpRoute(_) => "HTTPRoute",
+            Object::MtlsPolicy(_) => "MTLSPolicy",
+            Object::AuthorizationPolicy(_) => "AuthorizationPolicy",
+            Object::BackendPolicy(_) => "BackendPolicy",
+        }
+    }
+
+    fn metadata(&self) -> &ObjectMeta {
+        match self {
+            Object::Mesh(o) => &o.metadata,
+            Object::Service(o) => &o.metadata,
+            Object::EndpointSlice(o) => &o.metadata,
+            Object::Pod(o) => &o.metadata,
+            Object::HttpRoute(o) => &o.metadata,
+            Object::MtlsPolicy(o) => &o.metadata,
+            Object::AuthorizationPolicy(o) => &o.metadata,
+            Object::BackendPolicy(o) => &o.metadata,
+        }
+    }
+
+    /// Its identity in the catalog. Namespaced kinds default to `default`, as kubectl does.
+    pub fn key(&self) -> Key {
+        let meta = self.metadata();
+        let namespace = match self {
+            Object::Mesh(_) => String::new(),
+            _ => meta
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".to_owned()),
+        };
+        Key {
+            kind: self.kind(),
+            namespace,
+            name: meta.name.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// Kind, namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Key {
+    /// The kind.
+    pub kind: &'static str,
+    /// The namespace (empty for cluster-scoped kinds).
+    pub namespace: String,
+    /// The name.
+    pub name: String,
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind, self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        }
+    }
+}
+
+/// Where an object came from: a file and the document's index in it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Origin {
+    /// The file (or, for Kubernetes, the API).
+    pub file: String,
+    /// The YAML document within the file, from 0.
+    pub document: usize,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (document {})", self.file, self.document + 1)
+    }
+}
+
+/// Something declared that was refused, and exactly where.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    /// The file and document.
+    pub origin: Origin,
+    /// `HTTPRoute shop/cart`, when the object got that far.
+    pub object: Option<String>,
+    /// The field, e.g. `spec.rules[0].backendRefs[1].name`.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+    /// Whether the object's previous version is still in use.
+    pub kept_previous: bool,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: ", self.origin)?;
+        if let Some(object) = &self.object {
+            write!(f, "{object}: ")?;
+        }
+        write!(f, "{}: {}", self.field, self.message)?;
+        if self.kept_previous {
+            write!(f, " (its previous version stays in use)")?;
+        }
+        Ok(())
+    }
+}
+
+/// Everything a source declares at one moment.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Declared {
+    /// Objects that parsed, with where they came from.
+    pub objects: Vec<(Origin, Object)>,
+    /// Documents that did not parse.
+    pub problems: Vec<Problem>,
+    /// Files that could not be read or parsed as a whole: their objects keep their previous
+    /// versions.
+    pub broken_files: BTreeSet<String>,
+}
+
+/// What the catalog knows of a Pod.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Workload {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// The service account its identity is derived from.
+    pub service_account: String,
+    /// `status.podIP`.
+    pub ip: Option<IpAddr>,
+    /// Application port → sidecar inbound port (explicit mode).
+    pub inbound: BTreeMap<u16, u16>,
+    /// Named container ports.
+    pub named_ports: BTreeMap<String, u16>,
+}
+
+/// Accepted objects, indexed.
+#[derive(Debug, Clone, Default)]
+pub struct Catalog {
+    /// Bumped whenever the accepted objects change.
+    pub generation: u64,
+    /// What was refused.
+    pub problems: Vec<Problem>,
+    trust_domain: String,
+    accepted: BTreeMap<Key, (Origin, Object)>,
+    pub(crate) mesh: Option<shared::crd::MeshSpec>,
+    pub(crate) services: BTreeMap<(String, String), Service>,
+    pub(crate) workloads: BTreeMap<(String, String), Workload>,
+    pub(crate) slices: BTreeMap<(String, String), Vec<EndpointSlice>>,
+    pub(crate) routes: Vec<HttpRoute>,
+    pub(crate) mtls: Vec<MTLSPolicy>,
+    pub(crate) backend_policies: Vec<BackendPolicy>,
+    pub(crate) authorization: Vec<AuthorizationPolicy>,
+}
+
+type Check = Result<(), (String, String)>;
+
+fn fail<T>(field: impl Into<String>, message: impl Into<String>) -> Result<T, (String, String)> {
+    Err((field.into(), message.into()))
+}
+
+impl Catalog {
+    /// An empty catalog for `trust_domain` (the CA's).
+    pub fn empty(trust_domain: &str) -> Catalog {
+        Catalog {
+            trust_domain: trust_domain.to_owned(),
+            ..Catalog::default()
+        }
+    }
+
+    /// The trust domain identities are minted in.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// How many objects are in use.
+    pub fn len(&self) -> usize {
+        self.accepted.len()
+    }
+
+    /// Whether nothing is in use.
+    pub fn is_empty(&self) -> bool {
+        self.accepted.is_empty()
+    }
+
+    /// The objects in use, with where each came from.
+    pub fn objects(&self) -> impl Iterator<Item = (&Key, &Origin)> {
+        self.accepted.iter().map(|(k, (o, _))| (k, o))
+    }
+
+    /// Checks `declared` and builds the next catalog; refused objects keep their version
+    /// from `previous`. The generation moves on only when what is accepted changed.
+    pub fn build(declared: Declared, previous: &Catalog) -> Catalog {
+        let mut next = Catalog::empty(&previous.trust_domain);
+        next.problems = declared.problems;
+
+        let mut by_key: BTreeMap<Key, (Origin, Object)> = BTreeMap::new();
+        for (origin, object) in declared.objects {
+            let key = object.key();
+            if key.name.is_empty() {
+                next.problems.push(Problem {
+                    origin,
+                    object: Some(key.kind.to_owned()),
+                    field: "metadata.name".into(),
+                    message: "is required".into(),
+                    kept_previous: false,
+                });
+                continue;
+            }
+            if let Some((first, _)) = by_key.get(&key) {
+                next.problems.push(Problem {
+                    origin,
+                    object: Some(key.to_string()),
+                    field: "metadata.name".into(),
+                    message: format!("{key} is already declared in {first}"),
+                    kept_previous: true,
+                });
+                continue;
+            }
+            by_key.insert(key, (origin, object));
+        }
+        // Objects of files that no longer parse stay as they were.
+        for (key, (origin, object)) in &previous.accepted {
+            let broken = declared
+                .broken_files
+                .iter()
+                .any(|b| std::path::Path::new(&origin.file).starts_with(b));
+            if broken && !by_key.contains_key(key) {
+                by_key.insert(key.clone(), (origin.clone(), object.clone()));
+            }
+        }
+
+        for kind in KIND_ORDER {
+            let keys: Vec<Key> = by_key.keys().filter(|k| k.kind == kind).cloned().collect();
+            for key in keys {
+                let Some((origin, object)) = by_key.remove(&key) else {
+                    continue;
+                };
+                match next.admit(&object) {
+                    Ok(()) => {
+                        next.accepted.insert(key, (origin, object));
+                    }
+                    Err((field, message)) => {
+                        let fallback = previous
+                            .accepted
+                            .get(&key)
+                            .filter(|(_, old)| *old != object && next.admit(old).is_ok());
+                        next.problems.push(Problem {
+                            origin: origin.clone(),
+                            object: Some(key.to_string()),
+                            field,
+                            message,
+                            kept_previous: fallback.is_some(),
+                        });
+                        if let Some(old) = fallback {
+                            next.accepted.insert(key, old.clone());
+                        }
+                    }
+                }
+            }
+        }
+        let changed = next
+            .accepted
+            .iter()
+            .map(|(k, (_, o))| (k, o))
+            .ne(previous.accepted.iter().map(|(k, (_, o))| (k, o)));
+        next.generation = previous.generation + u64::from(changed);
+        next
+    }
+
+    /// Checks one object against what is accepted so far and, if it passes, indexes it.
+    fn admit(&mut self, object: &Object) -> Check {
+        let key = object.key();
+        match object {
+            Object::Mesh(mesh) => {
+                if key.name != "default" {
+                    return fail("metadata.name", "only the Mesh named `default` applies");
+                }
+                if mesh.spec.trust_domain != self.trust_domain {
+                    return fail(
+                        "spec.trustDomain",
+                        format!(
+                            "`{}` is not the CA's trust domain `{}` (tern-control --trust-domain)",
+                            mesh.spec.trust_domain, self.trust_domain
+                        ),
+                    );
+                }
+                if let Some(lifetime) = &mesh.spec.certificate_lifetime {
+                    duration("spec.certificateLifetime", lifetime)?;
+                }
+                self.mesh = Some(mesh.spec.clone());
+            }
+            Object::Service(service) => {
+                check_service(service)?;
+                self.services
+                    .insert((key.namespace, key.name), (**service).clone());
+            }
+            Object::Pod(pod) => {
+                let workload = check_pod(&key, pod)?;
+                self.workloads.insert((key.namespace, key.name), workload);
+            }
+            Object::EndpointSlice(slice) => {
+                let service = check_slice(slice)?;
+                self.slices
+                    .entry((key.namespace, service))
+                    .or_default()
+                    .push((**slice).clone());
+            }
+            Object::MtlsPolicy(policy) => {
+                if let Some(selector) = &policy.spec.selector {
+                    check_selector("spec.selector", selector)?;
+                }
+                let mut ports = BTreeSet::new();
+                for (i, port) in policy.spec.ports.iter().enumerate() {
+                    if port.port == 0 || !ports.insert(port.port) {
+                        return fail(format!("spec.ports[{i}].port"), "must be unique and not 0");
+                    }
+                }
+                self.mtls.push((**policy).clone());
+            }
+            Object::BackendPolicy(policy) => {
+                self.check_target(&key.namespace, &policy.spec.target_ref)?;
+                if let Some(retries) = &policy.spec.retries {
+                    if let Some(timeout) = &retries.per_try_timeout {
+                        duration("spec.retries.perTryTimeout", timeout)?;
+                    }
+                    if let Some(budget) = &retries.budget
+                        && budget.percent > 100
+                    {
+                        return fail("spec.retries.budget.percent", "must be 0 to 100");
+                    }
+                }
+                if let Some(outliers) = &policy.spec.outlier_detection {
+                    duration(
+                        "spec.outlierDetection.baseEjectionTime",
+                        &outliers.base_ejection_time,
+                    )?;
+                    if outliers.max_ejected_percent > 100 {
+                        return fail("spec.outlierDetection.maxEjectedPercent", "must be 0 to 100");
+                    }
+                }
+                self.backend_policies.push((**policy).clone());
+            }
+            Object::AuthorizationPolicy(policy) => {
+                self.check_target(&key.namespace, &policy.spec.target_ref)?;
+                for (i, source) in policy.spec.from.iter().enumerate() {
+                    for (j, id) in source.identities.iter().enumerate() {
+                        let pattern = id.strip_suffix("/sa/*").map_or(id.clone(), |ns| {
+                            format!("{ns}/sa/any")
+                        });
+                        if pattern.parse::<shared::SpiffeId>().is_err() {
+                            return fail(
+                                format!("spec.from[{i}].identities[{j}]"),
+                                format!("`{id}` is not a SPIFFE workload ID (or one ending `/sa/*`)"),
+                            );
+                        }
+                    }
+                }
+                self.authorization.push((**policy).clone());
+            }
+            Object::HttpRoute(route) => {
+                self.check_route(&key, route)?;
+                self.routes.push((**route).clone());
+            }
+        }
+        Ok(())
+    }
+
+    fn check_target(&self, namespace: &str, target: &TargetRef) -> Check {
+        if !gateway::is_service(Some(&target.group), Some(&target.kind)) {
+            return fail("spec.targetRef.kind", "only a Service can be targeted");
+        }
+        let service = self.service(namespace, &target.name).ok_or_else(|| {
+            (
+                "spec.targetRef.name".to_owned(),
+                format!("unknown Service {namespace}/{}", target.name),
+            )
+        })?;
+        if let Some(port) = target.port
+            && service_port(service, port).is_none()
+        {
+            return fail(
+                "spec.targetRef.port",
+                format!("Service {namespace}/{} has no port {port}", target.name),
+            );
+        }
+        Ok(())
+    }
+
+    fn check_route(&self, key: &Key, route: &HttpRoute) -> Check {
+        let spec = &route.spec;
+        if spec.parent_refs.is_empty() {
+            return fail("spec.parentRefs", "needs a Service to attach to");
+        }
+        for (i, parent) in spec.parent_refs.iter().enumerate() {
+            let at = |f: &str| format!("spec.parentRefs[{i}].{f}");
+            if !gateway::is_service(parent.group.as_deref(), parent.kind.as_deref()) {
+                return fail(at("kind"), "Tern routes Services (GAMMA); Gateways are not supported");
+            }
+            let namespace = parent.namespace.as_deref().unwrap_or(&key.namespace);
+            let Some(service) = self.service(namespace, &parent.name) else {
+                return fail(at("name"), format!("unknown Service {namespace}/{}", parent.name));
+            };
+            if let Some(port) = parent.port
+                && service_port(service, port).is_none()
+            {
+                return fail(at("port"), format!("Service {namespace}/{} has no port {port}", parent.name));
+            }
+        }
+        for (i, host) in spec.hostnames.iter().enumerate() {
+            if host.is_empty() || host.contains('*') && !host.starts_with("*.") {
+                return fail(format!("spec.hostnames[{i}]"), "must be a DNS name or `*.` and one");
+            }
+        }
+        for (i, rule) in spec.rules.iter().enumerate() {
+            let at = |f: &str| format!("spec.rules[{i}].{f}");
+            if rule.filters.as_ref().is_some_and(|f| !f.is_empty()) {
+                return fail(at("filters"), "filters are not supported yet");
+            }
+            if rule.retry.is_some() {
+                return fail(at("retry"), "not supported yet; use a BackendPolicy's retries");
+            }
+            if rule.session_persistence.is_some() {
+                return fail(at("sessionPersistence"), "not supported yet");
+            }
+            for (j, m) in rule.matches.iter().enumerate() {
+                let at = |f: &str| format!("spec.rules[{i}].matches[{j}].{f}");
+                if m.headers.as_ref().is_some_and(|h| !h.is_empty()) {
+                    return fail(at("headers"), "header matches are not supported yet");
+                }
+                if m.query_params.as_ref().is_some_and(|q| !q.is_empty()) {
+                    return fail(at("queryParams"), "query parameter matches are not supported yet");
+                }
+                if m.method.is_some() {
+                    return fail(at("method"), "method matches are not supported yet");
+                }
+                if let Some(path) = &m.path {
+                    match path.kind.as_str() {
+                        "PathPrefix" => {}
+                        "RegularExpression" => {
+                            return fail(at("path.type"), "RegularExpression is not supported; use PathPrefix");
+                        }
+                        "Exact" => return fail(at("path.type"), "Exact is not supported yet; use PathPrefix"),
+                        other => return fail(at("path.type"), format!("unknown type `{other}`")),
+                    }
+                    if !path.value.starts_with('/') {
+                        return fail(at("path.value"), "must start with `/`");
+                    }
+                }
+            }
+            if rule.backend_refs.is_empty() {
+                return fail(at("backendRefs"), "needs at least one backend");
+            }
+            for (j, backend) in rule.backend_refs.iter().enumerate() {
+                let at = |f: &str| format!("spec.rules[{i}].backendRefs[{j}].{f}");
+                if !gateway::is_service(backend.group.as_deref(), backend.kind.as_deref()) {
+                    return fail(at("kind"), "only Services are supported as backends");
+                }
+                if backend.filters.as_ref().is_some_and(|f| !f.is_empty()) {
+                    return fail(at("filters"), "filters are not supported yet");
+                }
+                let namespace = backend.namespace.as_deref().unwrap_or(&key.namespace);
+                let Some(service) = self.service(namespace, &backend.name) else {
+                    return fail(at("name"), format!("unknown backend Service {namespace}/{}", backend.name));
+                };
+                let Some(port) = backend.port else {
+                    return fail(at("port"), "is required for a Service backend");
+                };
+                if service_port(service, port).is_none() {
+                    return fail(at("port"), format!("Service {namespace}/{} has no port {port}", backend.name));
+                }
+            }
+            let total: u64 = rule.backend_refs.iter().map(|b| u64::from(b.weight)).sum();
+            if total == 0 {
+                return fail(at("backendRefs"), "the weights add up to zero: no request could go anywhere");
+            }
+            if total > u64::from(u32::MAX) {
+                return fail(at("backendRefs"), "the weights add up to more than 2^32 - 1");
+            }
+            if let Some(timeouts) = &rule.timeouts {
+                if let Some(request) = &timeouts.request {
+                    duration(&at("timeouts.request"), request)?;
+                }
+                if let Some(request) = &timeouts.backend_request {
+                    duration(&at("timeouts.backendRequest"), request)?;
+                }
+            }
+        }
+        // Two rules (here or in an accepted route) that claim the same host and path of the
+        // same Service port conflict; the route accepted first keeps them.
+        let mut claimed = BTreeSet::new();
+        for (i, claim) in route_claims(route, &key.namespace) {
+            if !claimed.insert(claim.clone()) {
+                return fail(format!("spec.rules[{i}].matches"), format!("repeats the match {} in this route", claim.describe()));
+            }
+            for other in &self.routes {
+                let other_ns = other.metadata.namespace.as_deref().unwrap_or("default");
+                if route_claims(other, other_ns).any(|(_, c)| c.overlaps(&claim)) {
+                    return fail(
+                        format!("spec.rules[{i}].matches"),
+                        format!(
+                            "conflicts with HTTPRoute {other_ns}/{}, which already routes {}",
+                            other.metadata.name.as_deref().unwrap_or_default(),
+                            claim.describe()
+                        ),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A Service by namespace and name.
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&Service> {
+        self.services.get(&(namespace.to_owned(), name.to_owned()))
+    }
+
+    /// A Pod by namespace and name.
+    pub fn workload(&self, namespace: &str, name: &str) -> Option<&Workload> {
+        self.workloads.get(&(namespace.to_owned(), name.to_owned()))
+    }
+
+    /// The mTLS mode of a workload's inbound port: the most specific MTLSPolicy (one with a
+    /// selector over a namespace-wide one; then by name), its per-port override first; else
+    /// the Mesh's default.
+    pub fn mtls_mode(&self, workload: &Workload, port: u16) -> MtlsMode {
+        let mut matching: Vec<&MTLSPolicy> = self
+            .mtls
+            .iter()
+            .filter(|p| p.metadata.namespace.as_deref().unwrap_or("default") == workload.namespace)
+            .filter(|p| p.spec.selector.as_ref().is_none_or(|s| selects(s, &workload.labels)))
+            .collect();
+        matching.sort_by_key(|p| (p.spec.selector.is_none(), p.metadata.name.clone()));
+        match matching.first() {
+            Some(policy) => policy
+                .spec
+                .ports
+                .iter()
+                .find(|p| p.port == port)
+                .map_or(policy.spec.mode, |p| p.mode),
+            None => self.mesh.as_ref().map_or(MtlsMode::Strict, |m| m.mtls),
+        }
+    }
+}
+
+/// A Service port by number.
+pub fn service_port(service: &Service, port: u16) -> Option<&k8s_openapi::api::core::v1::ServicePort> {
+    service
+        .spec
+        .as_ref()?
+        .ports
+        .as_ref()?
+        .iter()
+        .find(|p| p.port == i32::from(port))
+}
+
+/// What a route rule claims: a Service port (0 for all), a host and a path prefix.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Claim {
+    service: (String, String),
+    port: u16,
+    host: String,
+    prefix: String,
+}
+
+impl Claim {
+    fn overlaps(&self, other: &Claim) -> bool {
+        self.service == other.service
+            && (self.port == other.port || self.port == 0 || other.port == 0)
+            && self.host == other.host
+            && self.prefix == other.prefix
+    }
+
+    fn describe(&self) -> String {
+        let port = if self.port == 0 { String::new() } else { format!(":{}", self.port) };
+        format!("{}{} for Service {}/{}{port}", self.host, self.prefix, self.service.0, self.service.1)
+    }
+}
+
+fn route_claims<'a>(route: &'a HttpRoute, namespace: &'a str) -> impl Iterator<Item = (usize, Claim)> + 'a {
+    let hosts: Vec<String> = if route.spec.hostnames.is_empty() {
+        vec!["*".to_owned()]
+    } else {
+        route.spec.hostnames.clone()
+    };
+    route.spec.parent_refs.iter().flat_map(move |parent| {
+        let service = (
+            parent.namespace.clone().unwrap_or_else(|| namespace.to_owned()),
+            parent.name.clone(),
+        );
+        let hosts = hosts.clone();
+        route.spec.rules.iter().enumerate().flat_map(move |(i, rule)| {
+            let prefixes: Vec<String> = if rule.matches.is_empty() {
+                vec!["/".to_owned()]
+            } else {
+                rule.matches
+                    .iter()
+                    .map(|m| m.path.as_ref().map_or("/".to_owned(), |p| p.value.clone()))
+                    .collect()
+            };
+            let service = service.clone();
+            let port = parent.port.unwrap_or(0);
+            hosts.clone().into_iter().flat_map(move |host| {
+                let service = service.clone();
+                prefixes.clone().into_iter().map(move |prefix| {
+                    (
+                        i,
+                        Claim {
+                            service: service.clone(),
+                            port,
+                            host: host.clone(),
+                            prefix,
+                        },
+                    )
+                })
+            })
+        })
+    })
+}
+
+/// Parses a Gateway API / Kubernetes duration (`10s`, `500ms`, `1m30s`).
+pub fn duration(field: &str, text: &str) -> Result<Duration, (String, String)> {
+    match humantime::parse_duration(text) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => fail(field, "must be greater than zero"),
+        Err(e) => fail(field, format!("`{text}` is not a duration ({e})")),
+    }
+}
+
+fn port_number(field: String, value: i32) -> Result<u16, (String, String)> {
+    match u16::try_from(value) {
+        Ok(port) if port != 0 => Ok(port),
+        _ => fail(field, format!("{value} is not a port (1-65535)")),
+    }
+}
+
+fn check_service(service: &Service) -> Check {
+    let Some(spec) = &service.spec else {
+        return fail("spec", "is required");
+    };
+    let ports = spec.ports.as_deref().unwrap_or_default();
+    if ports.is_empty() {
+        return fail("spec.ports", "needs at least one port");
+    }
+    let mut numbers = BTreeSet::new();
+    let mut names = BTreeSet::new();
+    for (i, port) in ports.iter().enumerate() {
+        let number = port_number(format!("spec.ports[{i}].port"), port.port)?;
+        if !numbers.insert(number) {
+            return fail(format!("spec.ports[{i}].port"), format!("port {number} is listed twice"));
+        }
+        if ports.len() > 1 && port.name.as_deref().unwrap_or_default().is_empty() {
+            return fail(format!("spec.ports[{i}].name"), "is required when a Service has several ports");
+        }
+        if let Some(name) = &port.name
+            && !names.insert(name.clone())
+        {
+            return fail(format!("spec.ports[{i}].name"), format!("`{name}` is used twice"));
+        }
+        if let Some(protocol) = &port.protocol
+            && protocol != "TCP"
+        {
+            return fail(format!("spec.ports[{i}].protocol"), format!("{protocol} is not carried by the mesh; only TCP"));
+        }
+        if let Some(IntOrString::Int(target)) = &port.target_port {
+            port_number(format!("spec.ports[{i}].targetPort"), *target)?;
+        }
+    }
+    if let Some(selector) = &spec.selector
+        && selector.is_empty()
+    {
+        return fail("spec.selector", "an empty selector selects nothing; leave it out");
+    }
+    Ok(())
+}
+
+fn check_pod(key: &Key, pod: &Pod) -> Result<Workload, (String, String)> {
+    let mut inbound = BTreeMap::new();
+    if let Some(spec) = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(INBOUND_PORTS))
+    {
+        let field = format!("metadata.annotations[\"{INBOUND_PORTS}\"]");
+        for pair in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let parsed = pair
+                .split_once('=')
+                .and_then(|(app, sidecar)| Some((app.trim().parse::<u16>().ok()?, sidecar.trim().parse::<u16>().ok()?)));
+            match parsed {
+                Some((app, sidecar)) if app != 0 && sidecar != 0 => {
+                    if inbound.insert(app, sidecar).is_some() {
+                        return fail(field, format!("port {app} is mapped twice"));
+                    }
+                }
+                _ => return fail(field, format!("`{pair}` is not `<app port>=<sidecar port>`")),
+            }
+        }
+    }
+    let ip = match pod.status.as_ref().and_then(|s| s.pod_ip.as_deref()) {
+        None => None,
+        Some(text) => Some(text.parse::<IpAddr>().map_err(|_| {
+            ("status.podIP".to_owned(), format!("`{text}` is not an IP address"))
+        })?),
+    };
+    if !inbound.is_empty() && ip.is_none() {
+        return fail("status.podIP", "is required when the Pod has inbound ports");
+    }
+    let spec = pod.spec.as_ref();
+    let service_account = spec
+        .and_then(|s| s.service_account_name.clone())
+        .unwrap_or_else(|| "default".to_owned());
+    let mut named_ports = BTreeMap::new();
+    for (i, container) in spec.map(|s| s.containers.as_slice()).unwrap_or_default().iter().enumerate() {
+        for (j, port) in container.ports.as_deref().unwrap_or_default().iter().enumerate() {
+            let number = port_number(format!("spec.containers[{i}].ports[{j}].containerPort"), port.container_port)?;
+            if let Some(name) = &port.name {
+                named_ports.insert(name.clone(), number);
+            }
+        }
+    }
+    Ok(Workload {
+        namespace: key.namespace.clone(),
+        name: key.name.clone(),
+        labels: pod.metadata.labels.clone().unwrap_or_default(),
+        service_account,
+        ip,
+        inbound,
+        named_ports,
+    })
+}
+
+fn check_slice(slice: &EndpointSlice) -> Result<String, (String, String)> {
+    let Some(service) = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_NAME_LABEL))
+    else {
+        return fail(format!("metadata.labels[\"{SERVICE_NAME_LABEL}\"]"), "names the Service and is required");
+    };
+    let v6 = match slice.address_type.as_str() {
+        "IPv4" => false,
+        "IPv6" => true,
+        other => return fail("addressType", format!("`{other}` is not supported; IPv4 or IPv6")),
+    };
+    for (i, endpoint) in slice.endpoints.as_deref().unwrap_or_default().iter().enumerate() {
+        for (j, address) in endpoint.addresses.iter().enumerate() {
+            match address.parse::<IpAddr>() {
+                Ok(ip) if ip.is_ipv6() == v6 => {}
+                _ => {
+                    return fail(
+                        format!("endpoints[{i}].addresses[{j}]"),
+                        format!("`{address}` is not an {} address", slice.address_type),
+                    );
+                }
+            }
+        }
+    }
+    for (i, port) in slice.ports.as_deref().unwrap_or_default().iter().enumerate() {
+        if let Some(number) = port.port {
+            port_number(format!("ports[{i}].port"), number)?;
+        }
+    }
+    Ok(service.clone())
+}
+
+fn check_selector(field: &str, selector: &LabelSelector) -> Check {
+    for (i, expression) in selector.match_expressions.iter().flatten().enumerate() {
+        let at = format!("{field}.matchExpressions[{i}]");
+        let values = expression.values.as_deref().unwrap_or_default();
+        match expression.operator.as_str() {
+            "In" | "NotIn" if values.is_empty() => return fail(at, "In and NotIn need values"),
+            "In" | "NotIn" => {}
+            "Exists" | "DoesNotExist" if !values.is_empty() => {
+                return fail(at, "Exists and DoesNotExist take no values");
+            }
+            "Exists" | "DoesNotExist" => {}
+            other => return fail(at, format!("unknown operator `{other}`")),
+        }
+    }
+    Ok(())
+}
+
+/// Whether a label selector selects these labels (an empty selector selects everything).
+pub fn selects(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+    let labels_match = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let expressions_match = selector.match_expressions.iter().flatten().all(|e| {
+        let value = labels.get(&e.key);
+        let values = e.values.as_deref().unwrap_or_default();
+        match e.operator.as_str() {
+            "In" => value.is_some_and(|v| values.contains(v)),
+            "NotIn" => value.is_none_or(|v| !values.contains(v)),
+            "Exists" => value.is_some(),
+            "DoesNotExist" => value.is_none(),
+            _ => false,
+        }
+    });
+    labels_match && expressions_match
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,231 @@
+//! Where declared config comes from, behind one trait: [`Source`]. [`Directory`] watches a
+//! directory of YAML manifests (the embedded default, no cluster needed); a Kubernetes
+//! source through kube-rs implements the same trait.
+//!
+//! The directory is polled (a few stat calls every [`POLL_INTERVAL`]), which works the same
+//! on every filesystem, including the ConfigMap volumes whose symlink swaps inotify misses; a
+//! change is read only once the files stop changing for [`QUIET`], so an editor's burst of
+//! writes, or `cp -r` of many files, becomes one update.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use serde::Deserialize as _;
+
+use super::{Declared, Object, Origin, Problem};
+
+/// How often the directory is checked for changes.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How long the files must stay unchanged before a change is read.
+pub const QUIET: Duration = Duration::from_millis(50);
+/// Longest a stream of changes can postpone reading them.
+pub const MAX_DEBOUNCE: Duration = Duration::from_millis(500);
+
+/// A source of declared objects.
+pub trait Source: Send + 'static {
+    /// Resolves with everything declared: at once the first time, then whenever it may have
+    /// changed.
+    fn next(&mut self) -> impl Future<Output = Declared> + Send;
+}
+
+/// A directory of YAML manifests (any depth; `*.yaml` and `*.yml`, several documents per
+/// file allowed).
+#[derive(Debug)]
+pub struct Directory {
+    root: PathBuf,
+    seen: Option<Fingerprint>,
+}
+
+type Fingerprint = Result<Vec<(PathBuf, u64, Option<SystemTime>)>, String>;
+
+impl Directory {
+    /// Watches `root`.
+    pub fn new(root: impl Into<PathBuf>) -> Directory {
+        Directory {
+            root: root.into(),
+            seen: None,
+        }
+    }
+
+    async fn fingerprint(&self) -> Fingerprint {
+        let root = self.root.clone();
+        tokio::task::spawn_blocking(move || fingerprint(&root))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()))
+    }
+}
+
+impl Source for Directory {
+    async fn next(&mut self) -> Declared {
+        let mut now = self.fingerprint().await;
+        if self.seen.is_some() {
+            while Some(&now) == self.seen.as_ref() {
+                tokio::time::sleep(POLL_INTERVAL).await;
+                now = self.fingerprint().await;
+            }
+            // Changed: wait for it to settle.
+            let started = tokio::time::Instant::now();
+            loop {
+                tokio::time::sleep(QUIET).await;
+                let again = self.fingerprint().await;
+                if again == now || started.elapsed() >= MAX_DEBOUNCE {
+                    now = again;
+                    break;
+                }
+                now = again;
+            }
+        }
+        self.seen = Some(now);
+        let root = self.root.clone();
+        tokio::task::spawn_blocking(move || load(&root))
+            .await
+            .unwrap_or_default()
+    }
+}
+
+fn walk(dir: &Path, files: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        let hidden = entry.file_name().to_string_lossy().starts_with('.');
+        // Follows symlinks: ConfigMap volumes are made of them.
+        let meta = std::fs::metadata(&path)?;
+        if hidden {
+            continue;
+        }
+        if meta.is_dir() {
+            walk(&path, files)?;
+        } else if matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
+            files.push(path);
+        }
+    }
+    Ok(())
+}
+
+fn fingerprint(root: &Path) -> Fingerprint {
+    let mut files = Vec::new();
+    walk(root, &mut files).map_err(|e| e.to_string())?;
+    files.sort();
+    Ok(files
+        .into_iter()
+        .map(|path| {
+            let meta = std::fs::metadata(&path).ok();
+            let len = meta.as_ref().map_or(0, std::fs::Metadata::len);
+            let modified = meta.and_then(|m| m.modified().ok());
+            (path, len, modified)
+        })
+        .collect())
+}
+
+/// Reads and parses every manifest under `root`.
+pub fn load(root: &Path) -> Declared {
+    let mut declared = Declared::default();
+    let mut files = Vec::new();
+    if let Err(error) = walk(root, &mut files) {
+        declared.problems.push(Problem {
+            origin: Origin {
+                file: root.display().to_string(),
+                document: 0,
+            },
+            object: None,
+            field: String::new(),
+            message: format!("reading the directory: {error}"),
+            kept_previous: true,
+        });
+        declared.broken_files.insert(root.display().to_string());
+        return declared;
+    }
+    files.sort();
+    for path in files {
+        let file = path.display().to_string();
+        match std::fs::read_to_string(&path) {
+            Ok(text) => parse_file(&file, &text, &mut declared),
+            Err(error) => {
+                declared.problems.push(Problem {
+                    origin: Origin { file: file.clone(), document: 0 },
+                    object: None,
+                    field: String::new(),
+                    message: format!("reading the file: {error}"),
+                    kept_previous: true,
+                });
+                declared.broken_files.insert(file);
+            }
+        }
+    }
+    declared
+}
+
+/// Parses the YAML documents of one file into `declared`. A document that does not parse
+/// marks the file broken, so the objects it held before keep their previous versions.
+pub fn parse_file(file: &str, text: &str, declared: &mut Declared) {
+    for (document, yaml) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let origin = Origin {
+            file: file.to_owned(),
+            document,
+        };
+        let mut problem = |object: Option<String>, field: String, message: String| {
+            declared.problems.push(Problem {
+                origin: origin.clone(),
+                object,
+                field,
+                message,
+                kept_previous: true,
+            });
+            declared.broken_files.insert(file.to_owned());
+        };
+        let value = match serde_yaml::Value::deserialize(yaml) {
+            Ok(serde_yaml::Value::Null) => continue,
+            Ok(value) => value,
+            Err(error) => {
+                // A syntax error ends the stream: nothing after it can be trusted.
+                problem(None, String::new(), format!("not valid YAML: {error}"));
+                return;
+            }
+        };
+        let text_of = |key: &str| value.get(key).and_then(serde_yaml::Value::as_str).unwrap_or_default().to_owned();
+        let (api_version, kind) = (text_of("apiVersion"), text_of("kind"));
+        let name = value
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(serde_yaml::Value::as_str)
+            .map(|name| format!("{kind} {name}"));
+        match parse_object(&api_version, &kind, value) {
+            Ok(object) => declared.objects.push((origin, object)),
+            Err((field, message)) => problem(name, field, message),
+        }
+    }
+}
+
+fn typed<T: serde::de::DeserializeOwned>(value: serde_yaml::Value) -> Result<Box<T>, (String, String)> {
+    serde_path_to_error::deserialize(value)
+        .map(Box::new)
+        .map_err(|error| {
+            let path = error.path().to_string();
+            let field = if path == "." { String::new() } else { path };
+            (field, error.into_inner().to_string())
+        })
+}
+
+fn parse_object(api_version: &str, kind: &str, value: serde_yaml::Value) -> Result<Object, (String, String)> {
+    Ok(match (api_version, kind) {
+        ("v1", "Service") => Object::Service(typed(value)?),
+        ("v1", "Pod") => Object::Pod(typed(value)?),
+        ("discovery.k8s.io/v1", "EndpointSlice") => Object::EndpointSlice(typed(value)?),
+        ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => {
+            Object::HttpRoute(typed(value)?)
+        }
+        ("tern.dev/v1alpha1", "Mesh") => Object::Mesh(typed(value)?),
+        ("tern.dev/v1alpha1", "MTLSPolicy") => Object::MtlsPolicy(typed(value)?),
+        ("tern.dev/v1alpha1", "AuthorizationPolicy") => Object::AuthorizationPolicy(typed(value)?),
+        ("tern.dev/v1alpha1", "BackendPolicy") => Object::BackendPolicy(typed(value)?),
+        _ => {
+            return Err((
+                "kind".into(),
+                format!(
+                    "`{api_version}` `{kind}` is not a kind Tern reads (Service, EndpointSlice, Pod, HTTPRoute, and tern.dev's Mesh, MTLSPolicy, AuthorizationPolicy, BackendPolicy)"
+                ),
+            ));
+        }
+    })
+}

@@ -1,0 +1,384 @@
+//! The discovery gRPC service (`tern.discovery.v1.Discovery/Watch`) and the registry of
+//! connected proxies.
+//!
+//! Each stream authenticates its Hello with the same credential the CA takes, then gets the
+//! proxy's whole config at once and again each time the catalog changes what this proxy
+//! needs, and only then. Every config carries a version from one counter seeded with the
+//! start time, so versions only grow, across restarts too. Acks and Nacks land in the
+//! [`Registry`], which the admin endpoint and `ternctl status` read; the last Nack stays
+//! visible after its proxy left.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use shared::api::discovery::discovery_server::Discovery;
+use shared::api::discovery::watch_request::Kind;
+use shared::api::discovery::{self as pb, ProxyConfig, WatchRequest};
+use shared::config::{Outbound, wire};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::ca::Authority;
+use crate::catalog::Catalog;
+use crate::translate::{ProxyRequest, translate};
+
+/// Time allowed for a new stream's Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most destinations one proxy may subscribe to.
+const MAX_SUBSCRIPTIONS: usize = 4096;
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A Nack: the version a proxy refused, and why.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Nack {
+    /// Who refused.
+    pub identity: String,
+    /// `<namespace>/<pod>`.
+    pub workload: String,
+    /// The refused version.
+    pub version: u64,
+    /// The proxy's reason.
+    pub reason: String,
+    /// When (Unix seconds).
+    pub at: u64,
+}
+
+/// One connected proxy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProxyStatus {
+    /// The identity it proved.
+    pub identity: String,
+    /// `<namespace>/<pod>`.
+    pub workload: String,
+    /// Its address as the server sees it.
+    pub peer: Option<SocketAddr>,
+    /// When the stream opened (Unix seconds).
+    pub connected_at: u64,
+    /// The latest version sent.
+    pub sent_version: u64,
+    /// The latest version it acknowledged.
+    pub applied_version: u64,
+    /// Its latest Nack on this stream.
+    pub last_nack: Option<Nack>,
+    /// Destinations it subscribed to.
+    pub subscriptions: usize,
+    /// What could not be put in its config.
+    pub notes: Vec<String>,
+    /// When its latest certificate from this CA expires (Unix seconds).
+    pub certificate_expiry: Option<i64>,
+}
+
+/// Connected proxies and the counters `/metrics` shows.
+#[derive(Debug)]
+pub struct Registry {
+    proxies: Mutex<BTreeMap<u64, ProxyStatus>>,
+    last_nack: Mutex<Option<Nack>>,
+    next_stream: AtomicU64,
+    next_version: AtomicU64,
+    /// Configs sent.
+    pub pushes: AtomicU64,
+    /// Acks received.
+    pub acks: AtomicU64,
+    /// Nacks received.
+    pub nacks: AtomicU64,
+    /// Streams refused (bad Hello, bad credential).
+    pub refused: AtomicU64,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        let millis = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(1));
+        Registry {
+            proxies: Mutex::default(),
+            last_nack: Mutex::default(),
+            next_stream: AtomicU64::new(0),
+            next_version: AtomicU64::new(millis),
+            pushes: AtomicU64::new(0),
+            acks: AtomicU64::new(0),
+            nacks: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Registry {
+    fn proxies(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, ProxyStatus>> {
+        self.proxies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn update(&self, stream: u64, change: impl FnOnce(&mut ProxyStatus)) {
+        if let Some(status) = self.proxies().get_mut(&stream) {
+            change(status);
+        }
+    }
+
+    /// Connected proxies, by connection order.
+    pub fn connected(&self) -> Vec<ProxyStatus> {
+        self.proxies().values().cloned().collect()
+    }
+
+    /// The latest Nack from any proxy, even one that has since gone.
+    pub fn last_nack(&self) -> Option<Nack> {
+        self.last_nack
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// The `tern.discovery.v1.Discovery` service.
+#[derive(Debug, Clone)]
+pub struct DiscoveryService {
+    authority: Arc<Authority>,
+    catalog: watch::Receiver<Arc<Catalog>>,
+    registry: Arc<Registry>,
+}
+
+impl DiscoveryService {
+    /// Serves configs from `catalog` to proxies `authority`'s tokens authenticate.
+    pub fn new(
+        authority: Arc<Authority>,
+        catalog: watch::Receiver<Arc<Catalog>>,
+        registry: Arc<Registry>,
+    ) -> DiscoveryService {
+        DiscoveryService {
+            authority,
+            catalog,
+            registry,
+        }
+    }
+
+    fn authenticate(&self, hello: pb::Hello) -> Result<ProxyRequest, Status> {
+        let proven = self
+            .authority
+            .verify_token(&hello.credential)
+            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        if proven.to_string() != hello.spiffe_id {
+            return Err(Status::permission_denied(format!(
+                "the credential proves {proven}, not {}",
+                hello.spiffe_id
+            )));
+        }
+        if hello.namespace != proven.namespace() {
+            return Err(Status::permission_denied(format!(
+                "{proven} may not speak for a workload in namespace `{}`",
+                hello.namespace
+            )));
+        }
+        if hello.workload.is_empty() {
+            return Err(Status::invalid_argument("the Hello names no workload"));
+        }
+        Ok(ProxyRequest {
+            identity: proven,
+            namespace: hello.namespace,
+            workload: hello.workload,
+            outbound: outbound(hello.outbound)?,
+        })
+    }
+}
+
+fn outbound(wire: Vec<pb::Outbound>) -> Result<Vec<Outbound>, Status> {
+    if wire.len() > MAX_SUBSCRIPTIONS {
+        return Err(Status::invalid_argument(format!(
+            "more than {MAX_SUBSCRIPTIONS} destinations"
+        )));
+    }
+    wire.into_iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let bad = |why: String| Status::invalid_argument(format!("outbound[{i}]: {why}"));
+            if shared::config::service_name(&o.service).is_none() {
+                return Err(bad(format!("`{}` is not <name>.<namespace>", o.service)));
+            }
+            Ok(Outbound {
+                port: u16::try_from(o.port)
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| bad(format!("{} is not a port", o.port)))?,
+                listen: o
+                    .listen
+                    .parse()
+                    .map_err(|_| bad(format!("`{}` is not an ip:port", o.listen)))?,
+                service: o.service,
+            })
+        })
+        .collect()
+}
+
+type ConfigStream = Pin<Box<dyn Stream<Item = Result<ProxyConfig, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Discovery for DiscoveryService {
+    type WatchStream = ConfigStream;
+
+    async fn watch(
+        &self,
+        request: Request<Streaming<WatchRequest>>,
+    ) -> Result<Response<ConfigStream>, Status> {
+        let peer = request.remote_addr();
+        let mut messages = request.into_inner();
+        let refuse = |status: Status| {
+            self.registry.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(?peer, error = %status.message(), "discovery stream refused");
+            status
+        };
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, messages.message()).await {
+            Ok(Ok(Some(WatchRequest {
+                kind: Some(Kind::Hello(hello)),
+            }))) => hello,
+            Ok(Err(status)) => return Err(refuse(status)),
+            Err(_) => return Err(refuse(Status::deadline_exceeded("no Hello in time"))),
+            Ok(_) => {
+                return Err(refuse(Status::invalid_argument(
+                    "the first message must be a Hello",
+                )));
+            }
+        };
+        let running = hello.running_version;
+        let proxy = self.authenticate(hello).map_err(refuse)?;
+        let stream = self.registry.next_stream.fetch_add(1, Ordering::Relaxed);
+        self.registry.proxies().insert(
+            stream,
+            ProxyStatus {
+                identity: proxy.identity.to_string(),
+                workload: format!("{}/{}", proxy.namespace, proxy.workload),
+                peer,
+                connected_at: unix_now(),
+                sent_version: 0,
+                applied_version: running,
+                last_nack: None,
+                subscriptions: proxy.outbound.len(),
+                notes: Vec::new(),
+                certificate_expiry: self.authority.expiry(&proxy.identity),
+            },
+        );
+        tracing::info!(?peer, identity = %proxy.identity, workload = %format!("{}/{}", proxy.namespace, proxy.workload), running, "proxy connected");
+        let (configs, stream_out) = mpsc::channel(2);
+        tokio::spawn(serve_stream(
+            stream,
+            proxy,
+            messages,
+            configs,
+            self.catalog.clone(),
+            self.registry.clone(),
+            self.authority.clone(),
+        ));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(stream_out),
+        )))
+    }
+}
+
+async fn serve_stream(
+    stream: u64,
+    mut proxy: ProxyRequest,
+    mut messages: Streaming<WatchRequest>,
+    configs: mpsc::Sender<Result<ProxyConfig, Status>>,
+    mut catalog: watch::Receiver<Arc<Catalog>>,
+    registry: Arc<Registry>,
+    authority: Arc<Authority>,
+) {
+    let mut last_sent = None;
+    let mut dirty = true;
+    loop {
+        if dirty {
+            dirty = false;
+            let current = catalog.borrow_and_update().clone();
+            let translated = translate(&current, &proxy);
+            if last_sent.as_ref() != Some(&translated.config) {
+                let version = registry.next_version.fetch_add(1, Ordering::Relaxed);
+                if configs
+                    .send(Ok(wire::encode(&translated.config, version)))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                registry.pushes.fetch_add(1, Ordering::Relaxed);
+                registry.update(stream, |s| {
+                    s.sent_version = version;
+                    s.notes = translated.notes;
+                    s.subscriptions = proxy.outbound.len();
+                });
+                last_sent = Some(translated.config);
+            }
+        }
+        tokio::select! {
+            changed = catalog.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                dirty = true;
+            }
+            message = messages.message() => match message {
+                Ok(Some(WatchRequest { kind: Some(Kind::Ack(ack)) })) => {
+                    registry.acks.fetch_add(1, Ordering::Relaxed);
+                    let expiry = authority.expiry(&proxy.identity);
+                    registry.update(stream, |s| {
+                        s.applied_version = ack.version;
+                        s.certificate_expiry = expiry;
+                    });
+                }
+                Ok(Some(WatchRequest { kind: Some(Kind::Nack(nack)) })) => {
+                    registry.nacks.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(identity = %proxy.identity, version = nack.version, reason = %nack.reason, "proxy refused its config (NACK); it runs its previous version");
+                    let nack = Nack {
+                        identity: proxy.identity.to_string(),
+                        workload: format!("{}/{}", proxy.namespace, proxy.workload),
+                        version: nack.version,
+                        reason: nack.reason,
+                        at: unix_now(),
+                    };
+                    *registry
+                        .last_nack
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(nack.clone());
+                    registry.update(stream, |s| s.last_nack = Some(nack));
+                }
+                Ok(Some(WatchRequest { kind: Some(Kind::Subscribe(subscribe)) })) => {
+                    match outbound(subscribe.outbound) {
+                        Ok(more) => {
+                            for o in more {
+                                if !proxy.outbound.contains(&o) {
+                                    proxy.outbound.push(o);
+                                }
+                            }
+                            if proxy.outbound.len() > MAX_SUBSCRIPTIONS {
+                                let _ = configs.send(Err(Status::resource_exhausted("too many destinations"))).await;
+                                break;
+                            }
+                            dirty = true;
+                        }
+                        Err(status) => {
+                            let _ = configs.send(Err(status)).await;
+                            break;
+                        }
+                    }
+                }
+                Ok(Some(_)) => {
+                    let _ = configs.send(Err(Status::invalid_argument("a second Hello, or an empty message"))).await;
+                    break;
+                }
+                Ok(None) | Err(_) => break,
+            },
+            () = configs.closed() => break,
+        }
+    }
+    registry.proxies().remove(&stream);
+    tracing::info!(identity = %proxy.identity, "proxy disconnected");
+}
