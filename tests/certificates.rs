@@ -5,39 +5,17 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tests::ca::TestControlPlane;
 use tests::client::{self, Conn};
 use tests::upstream::Echo;
-use tests::{BackendChoice, Proxy, admin_get, metric, start_proxy};
+use tests::{
+    BackendChoice, Proxy, admin_get, admin_status, eventually, metric, start_proxy, wait_ready,
+};
 
 const CERTIFY_OK: &str = "tern_identity_certify_total{result=\"ok\"}";
 const CERTIFY_ERROR: &str = "tern_identity_certify_total{result=\"error\"}";
-
-/// The status and body of an admin GET.
-fn admin_status(proxy: &Proxy, path: &str) -> (u16, String) {
-    let response = client::request(
-        proxy.admin_addr(),
-        &format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"),
-    );
-    (response.status, response.text())
-}
-
-/// Polls until `check` holds, for up to `within`; panics with `what` otherwise.
-fn eventually(within: Duration, what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(25));
-    }
-}
-
-fn wait_ready(proxy: &Proxy, within: Duration) {
-    eventually(within, "the proxy to be ready", || {
-        admin_status(proxy, "/ready").0 == 200
-    });
-}
 
 fn metric_of(proxy: &Proxy, series: &str) -> f64 {
     metric(&admin_get(proxy, "/metrics"), series)

@@ -65,7 +65,9 @@ fn a_bad_config_is_refused_and_the_old_one_stays(backend: BackendChoice) {
     let unknown_cluster = config("      - { cluster: nope }\n", &[("a", a.addr)], "");
     let error = shared::Config::from_yaml(&unknown_cluster, "bad.yaml").unwrap_err();
     assert!(
-        error.to_string().contains("listeners[0].routes[0].cluster"),
+        error
+            .to_string()
+            .contains("listeners[0].routes[0].backends[0].cluster"),
         "{error}"
     );
 

@@ -53,24 +53,70 @@ fn metrics(catalog: &Catalog, registry: &Registry) -> String {
         .filter(|p| p.applied_version != p.sent_version)
         .count();
     let counters = [
-        ("tern_control_pushes_total", "Configs sent to proxies.", registry.pushes.load(Ordering::Relaxed)),
-        ("tern_control_acks_total", "Configs proxies acknowledged.", registry.acks.load(Ordering::Relaxed)),
-        ("tern_control_nacks_total", "Configs proxies refused.", registry.nacks.load(Ordering::Relaxed)),
-        ("tern_control_streams_refused_total", "Discovery streams refused (bad Hello or credential).", registry.refused.load(Ordering::Relaxed)),
+        (
+            "tern_control_pushes_total",
+            "Configs sent to proxies.",
+            registry.pushes.load(Ordering::Relaxed),
+        ),
+        (
+            "tern_control_acks_total",
+            "Configs proxies acknowledged.",
+            registry.acks.load(Ordering::Relaxed),
+        ),
+        (
+            "tern_control_nacks_total",
+            "Configs proxies refused.",
+            registry.nacks.load(Ordering::Relaxed),
+        ),
+        (
+            "tern_control_streams_refused_total",
+            "Discovery streams refused (bad Hello or credential).",
+            registry.refused.load(Ordering::Relaxed),
+        ),
     ];
     for (name, help, value) in counters {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+        );
     }
     let gauges = [
-        ("tern_control_proxies_connected", "Proxies with an open discovery stream.", proxies.len() as u64),
-        ("tern_control_proxies_behind", "Connected proxies that have not acknowledged their latest config.", behind as u64),
-        ("tern_control_catalog_generation", "Generation of the accepted config.", catalog.generation),
-        ("tern_control_catalog_objects", "Declared objects in use.", catalog.len() as u64),
-        ("tern_control_catalog_problems", "Declared objects refused (see /status).", catalog.problems.len() as u64),
-        ("tern_control_last_nack_version", "Version of the latest NACK (0 if none).", registry.last_nack().map_or(0, |n| n.version)),
+        (
+            "tern_control_proxies_connected",
+            "Proxies with an open discovery stream.",
+            proxies.len() as u64,
+        ),
+        (
+            "tern_control_proxies_behind",
+            "Connected proxies that have not acknowledged their latest config.",
+            behind as u64,
+        ),
+        (
+            "tern_control_catalog_generation",
+            "Generation of the accepted config.",
+            catalog.generation,
+        ),
+        (
+            "tern_control_catalog_objects",
+            "Declared objects in use.",
+            catalog.len() as u64,
+        ),
+        (
+            "tern_control_catalog_problems",
+            "Declared objects refused (see /status).",
+            catalog.problems.len() as u64,
+        ),
+        (
+            "tern_control_last_nack_version",
+            "Version of the latest NACK (0 if none).",
+            registry.last_nack().map_or(0, |n| n.version),
+        ),
     ];
     for (name, help, value) in gauges {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+        );
     }
     out
 }
@@ -94,15 +140,25 @@ fn handle(
     let catalog = catalog.borrow().clone();
     match (request.method(), request.uri().path()) {
         (&Method::GET, "/live" | "/ready") => reply(StatusCode::OK, PLAIN, "ok\n".into()),
-        (&Method::GET, "/status") => match serde_json::to_string_pretty(&status(&catalog, registry)) {
-            Ok(json) => reply(StatusCode::OK, "application/json", json),
-            Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, PLAIN, format!("{e}\n")),
-        },
-        (&Method::GET, "/metrics") => reply(StatusCode::OK, "text/plain; version=0.0.4", metrics(&catalog, registry)),
+        (&Method::GET, "/status") => {
+            match serde_json::to_string_pretty(&status(&catalog, registry)) {
+                Ok(json) => reply(StatusCode::OK, "application/json", json),
+                Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, PLAIN, format!("{e}\n")),
+            }
+        }
+        (&Method::GET, "/metrics") => reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            metrics(&catalog, registry),
+        ),
         (_, "/live" | "/ready" | "/status" | "/metrics") => {
             reply(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "use GET\n".into())
         }
-        _ => reply(StatusCode::NOT_FOUND, PLAIN, "try /status, /metrics, /live or /ready\n".into()),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            PLAIN,
+            "try /status, /metrics, /live or /ready\n".into(),
+        ),
     }
 }
 

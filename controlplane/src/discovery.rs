@@ -147,19 +147,24 @@ pub struct DiscoveryService {
     authority: Arc<Authority>,
     catalog: watch::Receiver<Arc<Catalog>>,
     registry: Arc<Registry>,
+    stopping: watch::Receiver<bool>,
 }
 
 impl DiscoveryService {
-    /// Serves configs from `catalog` to proxies `authority`'s tokens authenticate.
+    /// Serves configs from `catalog` to proxies `authority`'s tokens authenticate; every
+    /// stream ends when `stopping` turns true (so a graceful shutdown does not wait on
+    /// streams that never end by themselves).
     pub fn new(
         authority: Arc<Authority>,
         catalog: watch::Receiver<Arc<Catalog>>,
         registry: Arc<Registry>,
+        stopping: watch::Receiver<bool>,
     ) -> DiscoveryService {
         DiscoveryService {
             authority,
             catalog,
             registry,
+            stopping,
         }
     }
 
@@ -269,15 +274,7 @@ impl Discovery for DiscoveryService {
         );
         tracing::info!(?peer, identity = %proxy.identity, workload = %format!("{}/{}", proxy.namespace, proxy.workload), running, "proxy connected");
         let (configs, stream_out) = mpsc::channel(2);
-        tokio::spawn(serve_stream(
-            stream,
-            proxy,
-            messages,
-            configs,
-            self.catalog.clone(),
-            self.registry.clone(),
-            self.authority.clone(),
-        ));
+        tokio::spawn(serve_stream(self.clone(), stream, proxy, messages, configs));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(stream_out),
         )))
@@ -285,17 +282,24 @@ impl Discovery for DiscoveryService {
 }
 
 async fn serve_stream(
+    service: DiscoveryService,
     stream: u64,
     mut proxy: ProxyRequest,
     mut messages: Streaming<WatchRequest>,
     configs: mpsc::Sender<Result<ProxyConfig, Status>>,
-    mut catalog: watch::Receiver<Arc<Catalog>>,
-    registry: Arc<Registry>,
-    authority: Arc<Authority>,
 ) {
+    let DiscoveryService {
+        authority,
+        mut catalog,
+        registry,
+        mut stopping,
+    } = service;
     let mut last_sent = None;
     let mut dirty = true;
     loop {
+        if *stopping.borrow_and_update() {
+            break;
+        }
         if dirty {
             dirty = false;
             let current = catalog.borrow_and_update().clone();
@@ -377,6 +381,8 @@ async fn serve_stream(
                 Ok(None) | Err(_) => break,
             },
             () = configs.closed() => break,
+            // It only ever turns true.
+            _ = stopping.changed() => break,
         }
     }
     registry.proxies().remove(&stream);

@@ -118,14 +118,23 @@ impl ControlPlane {
         }
 
         let (stop, stopped) = oneshot::channel::<()>();
+        let (stopping_tx, stopping) = watch::channel(false);
         let identity = identity::IdentityService::new(authority.clone());
-        let discovery = DiscoveryService::new(authority.clone(), catalog.clone(), registry.clone());
+        let discovery = DiscoveryService::new(
+            authority.clone(),
+            catalog.clone(),
+            registry.clone(),
+            stopping,
+        );
         let thread = std::thread::Builder::new()
             .name("tern-control".into())
             .spawn(move || {
-                let served = runtime.block_on(serve(listener, &cert, &key, identity, discovery, async {
-                    let _ = stopped.await;
-                }));
+                let served =
+                    runtime.block_on(serve(listener, &cert, &key, identity, discovery, async {
+                        let _ = stopped.await;
+                        // End the streams, or the graceful shutdown would wait for them.
+                        stopping_tx.send_replace(true);
+                    }));
                 if let Err(error) = served {
                     tracing::error!(%error, "the gRPC server failed");
                 }
@@ -200,7 +209,12 @@ fn publish(catalog: &watch::Sender<Arc<Catalog>>, declared: catalog::Declared) {
     }
     let changed = next.generation != previous.generation;
     if changed {
-        tracing::info!(generation = next.generation, objects = next.len(), problems = next.problems.len(), "config changed");
+        tracing::info!(
+            generation = next.generation,
+            objects = next.len(),
+            problems = next.problems.len(),
+            "config changed"
+        );
     }
     if changed || next.problems != previous.problems {
         catalog.send_replace(Arc::new(next));

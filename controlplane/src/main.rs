@@ -121,6 +121,17 @@ fn main() -> anyhow::Result<()> {
             admin,
             ca,
         } => {
+            // Signal handlers first, so a SIGTERM right after start-up is a clean stop.
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let (mut terminate, mut interrupt) = {
+                let _entered = runtime.enter();
+                (
+                    signal(SignalKind::terminate())?,
+                    signal(SignalKind::interrupt())?,
+                )
+            };
             let control = ControlPlane::start(Options {
                 listen,
                 server_names,
@@ -128,18 +139,12 @@ fn main() -> anyhow::Result<()> {
                 manifests,
                 admin: Some(admin),
             })?;
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?
-                .block_on(async {
-                    let mut terminate = signal(SignalKind::terminate())?;
-                    let mut interrupt = signal(SignalKind::interrupt())?;
-                    tokio::select! {
-                        _ = terminate.recv() => {}
-                        _ = interrupt.recv() => {}
-                    }
-                    anyhow::Ok(())
-                })?;
+            runtime.block_on(async {
+                tokio::select! {
+                    _ = terminate.recv() => {}
+                    _ = interrupt.recv() => {}
+                }
+            });
             tracing::info!("stopping");
             control.stop();
             Ok(())

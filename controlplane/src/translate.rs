@@ -18,13 +18,13 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
 use k8s_openapi::api::core::v1::{Service, ServicePort};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
+use shared::SpiffeId;
 use shared::config::{
-    Backend, Cluster, ClusterTls, Config, Listener, ListenerTls, Outbound, Protocol, Route,
-    TlsMode,
+    Backend, Cluster, ClusterTls, Config, Listener, ListenerTls, Outbound, Protocol, Route, TlsMode,
 };
 use shared::crd::MtlsMode;
-use shared::SpiffeId;
 
 use crate::catalog::{Catalog, Workload, service_port};
 
@@ -82,27 +82,43 @@ pub fn translate(catalog: &Catalog, request: &ProxyRequest) -> Translated {
     let mut clusters = BTreeMap::new();
     for outbound in &request.outbound {
         let Some((name, namespace)) = shared::config::service_name(&outbound.service) else {
-            out.notes.push(format!("`{}` is not <name>.<namespace>", outbound.service));
+            out.notes
+                .push(format!("`{}` is not <name>.<namespace>", outbound.service));
             continue;
         };
         let Some(service) = catalog.service(namespace, name) else {
-            out.notes.push(format!("unknown Service {namespace}/{name}"));
+            out.notes
+                .push(format!("unknown Service {namespace}/{name}"));
             continue;
         };
         let Some(port) = service_port(service, outbound.port) else {
-            out.notes.push(format!("Service {namespace}/{name} has no port {}", outbound.port));
+            out.notes.push(format!(
+                "Service {namespace}/{name} has no port {}",
+                outbound.port
+            ));
             continue;
         };
         let listener_name = format!("outbound:{}:{}", outbound.service, outbound.port);
         let own = cluster_name(namespace, name, outbound.port);
         let listener = if is_http(port) {
-            let routes = routes(catalog, namespace, name, outbound.port, &mut clusters, &mut out.notes);
+            let routes = routes(
+                catalog,
+                namespace,
+                name,
+                outbound.port,
+                &mut clusters,
+                &mut out.notes,
+            );
             Listener {
                 name: listener_name,
                 address: outbound.listen,
                 protocol: Protocol::Http,
                 cluster: None,
-                routes: if routes.is_empty() { vec![Route::to_cluster(&own)] } else { routes },
+                routes: if routes.is_empty() {
+                    vec![Route::to_cluster(&own)]
+                } else {
+                    routes
+                },
                 tls: None,
             }
         } else {
@@ -116,11 +132,14 @@ pub fn translate(catalog: &Catalog, request: &ProxyRequest) -> Translated {
             }
         };
         let uses_own = listener.cluster.is_some()
-            || listener.routes.iter().any(|r| r.backends.iter().any(|b| b.cluster == own));
+            || listener
+                .routes
+                .iter()
+                .any(|r| r.backends.iter().any(|b| b.cluster == own));
         if uses_own {
-            clusters
-                .entry(own)
-                .or_insert_with(|| service_cluster(catalog, namespace, service, port, &mut out.notes));
+            clusters.entry(own).or_insert_with(|| {
+                service_cluster(catalog, namespace, service, port, &mut out.notes)
+            });
         }
         out.config.listeners.push(listener);
     }
@@ -153,18 +172,47 @@ fn inbound(catalog: &Catalog, request: &ProxyRequest, out: &mut Translated) {
             MtlsMode::Permissive => TlsMode::Permissive,
             MtlsMode::Disable => TlsMode::Disable,
         };
+        // What peers send inside mTLS (their ALPN) follows the Service port they dialed.
+        let http = serves_http(catalog, workload, app);
         out.config.listeners.push(Listener {
             name: name.clone(),
             address: SocketAddr::new(ip, sidecar),
-            protocol: Protocol::Tcp,
-            cluster: Some(name.clone()),
-            routes: Vec::new(),
+            protocol: if http { Protocol::Http } else { Protocol::Tcp },
+            cluster: (!http).then(|| name.clone()),
+            routes: if http {
+                vec![Route::to_cluster(&name)]
+            } else {
+                Vec::new()
+            },
             tls: Some(ListenerTls::new(mode)),
         });
         out.config
             .clusters
             .push(Cluster::new(name, vec![SocketAddr::new(ip, app)]));
     }
+}
+
+/// Whether a Service selecting `workload` has an `http` port targeting `app`.
+fn serves_http(catalog: &Catalog, workload: &Workload, app: u16) -> bool {
+    catalog
+        .services
+        .iter()
+        .filter(|((namespace, _), _)| *namespace == workload.namespace)
+        .filter_map(|(_, service)| service.spec.as_ref())
+        .filter(|spec| {
+            spec.selector
+                .as_ref()
+                .is_some_and(|s| s.iter().all(|(k, v)| workload.labels.get(k) == Some(v)))
+        })
+        .flat_map(|spec| spec.ports.iter().flatten())
+        .any(|port| {
+            let target = match &port.target_port {
+                None => u16::try_from(port.port).ok(),
+                Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
+                Some(IntOrString::String(name)) => workload.named_ports.get(name).copied(),
+            };
+            target == Some(app) && is_http(port)
+        })
 }
 
 fn routes(
@@ -196,17 +244,22 @@ fn routes(
             for backend in &rule.backend_refs {
                 let backend_ns = backend.namespace.as_deref().unwrap_or(route_ns);
                 // Validated: the Service and its port exist.
-                let (Some(target), Some(number)) = (catalog.service(backend_ns, &backend.name), backend.port) else {
+                let (Some(target), Some(number)) =
+                    (catalog.service(backend_ns, &backend.name), backend.port)
+                else {
                     continue;
                 };
                 let Some(target_port) = service_port(target, number) else {
                     continue;
                 };
                 let name = cluster_name(backend_ns, &backend.name, number);
-                clusters
-                    .entry(name.clone())
-                    .or_insert_with(|| service_cluster(catalog, backend_ns, target, target_port, notes));
-                backends.push(Backend { cluster: name, weight: backend.weight });
+                clusters.entry(name.clone()).or_insert_with(|| {
+                    service_cluster(catalog, backend_ns, target, target_port, notes)
+                });
+                backends.push(Backend {
+                    cluster: name,
+                    weight: backend.weight,
+                });
             }
             let timeout = rule
                 .timeouts
@@ -258,7 +311,9 @@ fn service_cluster(
             .ports
             .iter()
             .flatten()
-            .find(|p| p.name.as_deref().unwrap_or_default() == port.name.as_deref().unwrap_or_default())
+            .find(|p| {
+                p.name.as_deref().unwrap_or_default() == port.name.as_deref().unwrap_or_default()
+            })
             .and_then(|p| p.port)
             .and_then(|p| u16::try_from(p).ok())
         else {
@@ -277,7 +332,10 @@ fn service_cluster(
                     .as_ref()
                     .filter(|r| r.kind.as_deref() == Some("Pod"))
                     .and_then(|r| {
-                        catalog.workload(r.namespace.as_deref().unwrap_or(namespace), r.name.as_deref()?)
+                        catalog.workload(
+                            r.namespace.as_deref().unwrap_or(namespace),
+                            r.name.as_deref()?,
+                        )
                     })
                     .or_else(|| {
                         catalog
@@ -286,8 +344,12 @@ fn service_cluster(
                             .find(|w| w.namespace == namespace && w.ip == Some(ip))
                     });
                 let sidecar = pod.and_then(|w| Some((w.inbound.get(&target)?, w)));
-                match sidecar.and_then(|(port, w)| Some((*port, workload_identity(catalog.trust_domain(), w)?))) {
-                    Some((sidecar_port, id)) => meshed.push((SocketAddr::new(ip, sidecar_port), id)),
+                match sidecar.and_then(|(port, w)| {
+                    Some((*port, workload_identity(catalog.trust_domain(), w)?))
+                }) {
+                    Some((sidecar_port, id)) => {
+                        meshed.push((SocketAddr::new(ip, sidecar_port), id))
+                    }
                     None => plain.push(SocketAddr::new(ip, target)),
                 }
             }
@@ -296,7 +358,8 @@ fn service_cluster(
     let cluster_name = cluster_name(namespace, &name, number);
     let mut cluster = Cluster::new(cluster_name.clone(), Vec::new());
     if let Some((_, identity)) = meshed.first().cloned() {
-        let (same, other): (Vec<_>, Vec<_>) = meshed.into_iter().partition(|(_, id)| *id == identity);
+        let (same, other): (Vec<_>, Vec<_>) =
+            meshed.into_iter().partition(|(_, id)| *id == identity);
         if !other.is_empty() || !plain.is_empty() {
             notes.push(format!(
                 "{cluster_name}: {} endpoints left out: a Service's meshed endpoints must share one identity ({identity}) and every endpoint must be meshed once one is",
@@ -304,7 +367,10 @@ fn service_cluster(
             ));
         }
         cluster.endpoints = same.into_iter().map(|(a, _)| a).collect();
-        cluster.tls = Some(ClusterTls { identity, cipher_suites: None });
+        cluster.tls = Some(ClusterTls {
+            identity,
+            cipher_suites: None,
+        });
     } else {
         cluster.endpoints = plain;
     }
@@ -312,7 +378,9 @@ fn service_cluster(
         .backend_policies
         .iter()
         .filter(|p| p.metadata.namespace.as_deref().unwrap_or("default") == namespace)
-        .find(|p| p.spec.target_ref.name == name && p.spec.target_ref.port.is_none_or(|p| p == number))
+        .find(|p| {
+            p.spec.target_ref.name == name && p.spec.target_ref.port.is_none_or(|p| p == number)
+        })
         .and_then(|p| p.spec.connection_limits.as_ref()?.max_idle_per_endpoint)
     {
         cluster.max_idle_per_endpoint = limit as usize;

@@ -47,7 +47,14 @@ fn token_is_stable_for_a_state_directory_and_checks_the_trust_domain() {
 fn serve_starts_and_exits_cleanly_on_sigterm() {
     let dir = state_dir("serve");
     let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--state-dir",
+        ])
         .arg(&dir)
         .stderr(Stdio::piped())
         .spawn()

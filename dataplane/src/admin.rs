@@ -30,6 +30,7 @@ pub fn run(
         let listener = tokio::net::TcpListener::from_std(listener)?;
         tokio::task::spawn_local(watch_certificate(control.clone()));
         tokio::task::spawn_local(crate::ca_client::run(control.clone()));
+        tokio::task::spawn_local(crate::discovery_client::run(control.clone()));
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
@@ -100,7 +101,10 @@ struct IdentityDump {
 struct ConfigDump<'a> {
     version: u64,
     identity: Option<IdentityDump>,
+    /// Where the config came from: the file, plus `tern-control` and its version.
     source: &'a str,
+    /// The version of the listeners and clusters from `tern-control`.
+    control_plane_version: Option<u64>,
     backend: &'a str,
     workers: usize,
     draining: bool,
@@ -117,11 +121,11 @@ async fn handle(control: &Control, request: Request<Incoming>) -> Response<Full<
                 text(StatusCode::OK, PLAIN, "ready\n")
             } else if control.draining() {
                 text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "draining\n")
-            } else if let Some(ca) = control.ca().borrow().as_ref() {
+            } else if let Some(what) = control.waiting_for() {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     PLAIN,
-                    format!("waiting for a certificate from the CA at {}\n", ca.address),
+                    format!("waiting for {what}\n"),
                 )
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "starting\n")
@@ -147,6 +151,14 @@ async fn handle(control: &Control, request: Request<Incoming>) -> Response<Full<
                 config_version: version,
                 workers_reporting: answered,
                 identity_expiry,
+                discovery: control.discovery().borrow().is_some().then(|| {
+                    let updates = &control.updates;
+                    (
+                        updates.acked.load(std::sync::atomic::Ordering::Relaxed),
+                        updates.nacked.load(std::sync::atomic::Ordering::Relaxed),
+                        updates.connected.load(std::sync::atomic::Ordering::Relaxed),
+                    )
+                }),
                 certify: control.ca().borrow().is_some().then(|| {
                     (
                         control
@@ -183,6 +195,7 @@ async fn handle(control: &Control, request: Request<Incoming>) -> Response<Full<
                 version: snapshot.version,
                 identity,
                 source: &snapshot.source,
+                control_plane_version: control.pushed_version(),
                 backend: control.backend.as_str(),
                 workers: control.workers(),
                 draining: control.draining(),

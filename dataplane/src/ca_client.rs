@@ -63,12 +63,23 @@ pub enum CertifyError {
     Generate(#[from] rcgen::Error),
 }
 
-fn read(what: &'static str, path: &std::path::Path) -> Result<String, CertifyError> {
+pub(crate) fn read(what: &'static str, path: &std::path::Path) -> Result<String, CertifyError> {
     std::fs::read_to_string(path).map_err(|e| CertifyError::File {
         what,
         path: path.display().to_string(),
         message: e.to_string(),
     })
+}
+
+/// The endpoint of `tern-control` at `ca.address`, over TLS verified against `root` (PEM),
+/// with the connect timeout set.
+pub(crate) fn endpoint(ca: &CaClient, root: String) -> Result<Endpoint, tonic::transport::Error> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(root))
+        .domain_name(ca.server_name.clone());
+    Ok(Endpoint::from_shared(format!("https://{}", ca.address))?
+        .tls_config(tls)?
+        .connect_timeout(CONNECT_TIMEOUT))
 }
 
 /// Generates a key, has the CA certify it, and returns the identity built from the answer.
@@ -81,18 +92,12 @@ pub async fn certify(ca: &CaClient) -> Result<Identity, CertifyError> {
     params.subject_alt_names = vec![rcgen::SanType::URI(ca.spiffe_id.to_string().try_into()?)];
     let csr = params.serialize_request(&key)?;
 
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(root))
-        .domain_name(ca.server_name.clone());
     let connect_error = |source| CertifyError::Connect {
         address: ca.address,
         source,
     };
-    let channel = Endpoint::from_shared(format!("https://{}", ca.address))
+    let channel = endpoint(ca, root)
         .map_err(connect_error)?
-        .tls_config(tls)
-        .map_err(connect_error)?
-        .connect_timeout(CONNECT_TIMEOUT)
         .timeout(REQUEST_TIMEOUT)
         .connect()
         .await
@@ -131,7 +136,7 @@ pub async fn certify(ca: &CaClient) -> Result<Identity, CertifyError> {
 
 /// A random fraction in [0, 1), from the process's randomly keyed hasher (jitter needs no
 /// cryptographic quality).
-fn random_fraction() -> f64 {
+pub(crate) fn random_fraction() -> f64 {
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u64(0);
     (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64

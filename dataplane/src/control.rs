@@ -17,7 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
-use shared::config::{CaClient, Config, ConfigError, IdentitySource};
+use shared::config::wire::Pushed;
+use shared::config::{CaClient, Config, ConfigError, Discovery, IdentitySource};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::io::BackendKind;
@@ -72,6 +73,20 @@ pub enum ApplyError {
     /// kept and applied as soon as one does.
     #[error("waiting for a certificate from the CA at {0}")]
     AwaitingCertificate(SocketAddr),
+    /// The config takes listeners and clusters from `tern-control` and none have arrived
+    /// yet; it is kept and applied as soon as they do.
+    #[error("waiting for a config from tern-control at {0}")]
+    AwaitingConfig(SocketAddr),
+}
+
+impl ApplyError {
+    /// Whether the config was accepted and only waits for something from `tern-control`.
+    pub fn is_awaiting(&self) -> bool {
+        matches!(
+            self,
+            ApplyError::AwaitingCertificate(_) | ApplyError::AwaitingConfig(_)
+        )
+    }
 }
 
 /// A listener's bound address.
@@ -93,6 +108,19 @@ struct State {
     desired: Option<(Config, String)>,
     /// The latest certificate from the CA.
     issued: Option<Arc<Identity>>,
+    /// The latest listeners and clusters from `tern-control` that went live.
+    pushed: Option<Pushed>,
+}
+
+/// Config updates from `tern-control`, by outcome (for `/metrics`).
+#[derive(Debug, Default)]
+pub struct DiscoveryCounts {
+    /// Updates applied (ACKed).
+    pub acked: std::sync::atomic::AtomicU64,
+    /// Updates refused (NACKed).
+    pub nacked: std::sync::atomic::AtomicU64,
+    /// Whether the stream is up.
+    pub connected: AtomicBool,
 }
 
 /// Certificate requests to the CA, by outcome (for `/metrics`).
@@ -115,8 +143,11 @@ pub struct Control {
     drain_deadline: Duration,
     finished: watch::Sender<bool>,
     ca: watch::Sender<Option<CaClient>>,
+    discovery: watch::Sender<Option<(CaClient, Discovery)>>,
     /// Certificate requests by outcome.
     pub certify: CertifyCounts,
+    /// Config updates from `tern-control` by outcome.
+    pub updates: DiscoveryCounts,
 }
 
 impl Control {
@@ -133,13 +164,16 @@ impl Control {
                 bound: Vec::new(),
                 desired: None,
                 issued: None,
+                pushed: None,
             }),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             drain_deadline,
             finished: watch::Sender::new(false),
             ca: watch::Sender::new(None),
+            discovery: watch::Sender::new(None),
             certify: CertifyCounts::default(),
+            updates: DiscoveryCounts::default(),
         }
     }
 
@@ -161,19 +195,72 @@ impl Control {
         }
         let mut state = self.state();
         let result = self.apply_locked(&mut state, config.clone(), source);
-        if matches!(result, Ok(_) | Err(ApplyError::AwaitingCertificate(_))) {
+        if result.as_ref().is_ok() || result.as_ref().is_err_and(ApplyError::is_awaiting) {
             let ca = match &config.identity {
                 Some(IdentitySource::Ca(ca)) => Some(ca.clone()),
                 _ => None,
             };
+            let discovery = ca.clone().zip(config.discovery.clone());
             state.desired = Some((config, source.to_owned()));
             self.ca.send_if_modified(|current| {
                 let changed = *current != ca;
                 *current = ca;
                 changed
             });
+            self.discovery.send_if_modified(|current| {
+                let changed = *current != discovery;
+                *current = discovery;
+                changed
+            });
         }
         result
+    }
+
+    /// Applies listeners and clusters from `tern-control` with the running (or waiting)
+    /// config. If they cannot go live (they do not validate, a port is taken), the previous
+    /// ones stay and the error says why.
+    pub fn install_pushed(&self, pushed: Pushed) -> Result<Option<u64>, ApplyError> {
+        if self.draining() {
+            return Err(ApplyError::Draining);
+        }
+        let mut state = self.state();
+        let previous = state.pushed.replace(pushed);
+        let Some((config, source)) = state.desired.clone() else {
+            return Ok(None);
+        };
+        match self.apply_locked(&mut state, config, &source) {
+            Ok(version) => Ok(Some(version)),
+            Err(error) if error.is_awaiting() => Ok(None),
+            Err(error) => {
+                state.pushed = previous;
+                Err(error)
+            }
+        }
+    }
+
+    /// The version of the running config from `tern-control`, if any.
+    pub fn pushed_version(&self) -> Option<u64> {
+        self.state().pushed.as_ref().map(|p| p.version)
+    }
+
+    /// What the proxy waits for before it is ready, if anything.
+    pub fn waiting_for(&self) -> Option<String> {
+        let state = self.state();
+        let (config, _) = state.desired.as_ref()?;
+        if let Some(IdentitySource::Ca(ca)) = &config.identity {
+            if config.discovery.is_some() && state.pushed.is_none() {
+                return Some(format!("a config from tern-control at {}", ca.address));
+            }
+            if state.issued.as_ref().is_none_or(|i| i.id != ca.spiffe_id) {
+                return Some(format!("a certificate from the CA at {}", ca.address));
+            }
+        }
+        None
+    }
+
+    /// What to ask `tern-control` for, as the running config says; changes are signalled.
+    pub fn discovery(&self) -> watch::Receiver<Option<(CaClient, Discovery)>> {
+        self.discovery.subscribe()
     }
 
     /// Installs a certificate from the CA and re-applies the running (or waiting) config
@@ -187,7 +274,11 @@ impl Control {
         let Some((config, source)) = state.desired.clone() else {
             return Ok(None);
         };
-        self.apply_locked(&mut state, config, &source).map(Some)
+        match self.apply_locked(&mut state, config, &source) {
+            Ok(version) => Ok(Some(version)),
+            Err(error) if error.is_awaiting() => Ok(None),
+            Err(error) => Err(error),
+        }
     }
 
     /// The CA to get certificates from, as the running config says; changes are signalled.
@@ -217,6 +308,29 @@ impl Control {
                 _ => return Err(ApplyError::AwaitingCertificate(ca.address)),
             },
         };
+        let (config, source) = match (&config.discovery, &config.identity, &state.pushed) {
+            (None, _, _) => (config, source.to_owned()),
+            (Some(_), Some(IdentitySource::Ca(ca)), None) => {
+                return Err(ApplyError::AwaitingConfig(ca.address));
+            }
+            (Some(_), Some(IdentitySource::Ca(ca)), Some(pushed)) => {
+                let origin = format!(
+                    "{source} + tern-control {} version {}",
+                    ca.address, pushed.version
+                );
+                let merged = pushed.merge_into(&config).map_err(|(field, message)| {
+                    ConfigError::Invalid {
+                        origin: origin.clone(),
+                        field,
+                        message,
+                    }
+                })?;
+                (merged, origin)
+            }
+            // Validation refuses `discovery` without `identity.ca`.
+            (Some(_), _, _) => (config, source.to_owned()),
+        };
+        let source = source.as_str();
         let version = state.snapshot.as_ref().map_or(1, |s| s.version + 1);
         let snapshot = Arc::new(Snapshot::compile(
             config,

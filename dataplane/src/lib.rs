@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod ca_client;
 pub mod control;
+pub mod discovery_client;
 pub mod io;
 pub mod ktls;
 pub mod metrics;
@@ -172,7 +173,8 @@ impl Proxy {
         match control.apply(config, source) {
             // The identity comes from the CA: the admin thread fetches it and applies the
             // config then; until that, /ready says so.
-            Ok(_) | Err(ApplyError::AwaitingCertificate(_)) => {}
+            Ok(_) => {}
+            Err(error) if error.is_awaiting() => {}
             Err(error) => return Err(error.into()),
         }
         let admin = std::thread::Builder::new()

@@ -477,6 +477,9 @@ pub struct Info<'a> {
     pub identity_expiry: Option<(String, i64)>,
     /// Certificate requests to the CA that succeeded and that failed, when a CA is used.
     pub certify: Option<(u64, u64)>,
+    /// Config updates from `tern-control` (ACKed, NACKed) and whether the stream is up, when
+    /// the config asks for them.
+    pub discovery: Option<(u64, u64, bool)>,
 }
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -520,6 +523,17 @@ pub fn render(info: &Info<'_>, report: &WorkerReport) -> String {
             out,
             "tern_identity_expiry_seconds{{identity=\"{}\"}} {seconds}",
             escape(id)
+        );
+    }
+    if let Some((acked, nacked, connected)) = info.discovery {
+        let _ = writeln!(
+            out,
+            "# HELP tern_discovery_updates_total Configs from tern-control, by outcome.\n# TYPE tern_discovery_updates_total counter\ntern_discovery_updates_total{{result=\"ack\"}} {acked}\ntern_discovery_updates_total{{result=\"nack\"}} {nacked}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tern_discovery_connected Whether the config stream from tern-control is up.\n# TYPE tern_discovery_connected gauge\ntern_discovery_connected {}",
+            u8::from(connected)
         );
     }
     if let Some((ok, failed)) = info.certify {
@@ -809,10 +823,16 @@ mod tests {
             workers_reporting: 2,
             identity_expiry: Some(("spiffe://td/ns/a/sa/b".into(), 42)),
             certify: Some((3, 1)),
+            discovery: Some((5, 2, true)),
         };
         let text = render(&info, &merged);
         assert!(
             text.contains("tern_identity_expiry_seconds{identity=\"spiffe://td/ns/a/sa/b\"} 42"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tern_discovery_updates_total{result=\"nack\"} 2\n")
+                && text.contains("\ntern_discovery_connected 1\n"),
             "{text}"
         );
         assert!(

@@ -9,6 +9,7 @@
 
 pub mod ca;
 pub mod client;
+pub mod manifests;
 pub mod pki;
 pub mod upstream;
 
@@ -42,6 +43,34 @@ pub fn admin_get(proxy: &Proxy, path: &str) -> String {
     );
     assert_eq!(response.status, 200, "admin {path}: {}", response.text());
     response.text()
+}
+
+/// The status and body of an admin GET.
+pub fn admin_status(proxy: &Proxy, path: &str) -> (u16, String) {
+    let response = client::request(
+        proxy.admin_addr(),
+        &format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"),
+    );
+    (response.status, response.text())
+}
+
+/// Polls until `check` holds, for up to `within`; panics with `what` otherwise.
+pub fn eventually(within: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !check() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Waits until the proxy's `/ready` answers 200.
+pub fn wait_ready(proxy: &Proxy, within: Duration) {
+    eventually(within, "the proxy to be ready", || {
+        admin_status(proxy, "/ready").0 == 200
+    });
 }
 
 /// The value of one metric series in Prometheus text (`name{labels}` exactly), or 0.

@@ -102,7 +102,10 @@ fn print(status: &Status) {
             if left <= 0 {
                 "EXPIRED".to_owned()
             } else {
-                format!("in {}", humantime::format_duration(Duration::from_secs(left.unsigned_abs())))
+                format!(
+                    "in {}",
+                    humantime::format_duration(Duration::from_secs(left.unsigned_abs()))
+                )
             }
         });
         let applied = if proxy.applied_version == proxy.sent_version {
@@ -150,8 +153,8 @@ fn main() -> anyhow::Result<()> {
                 println!("{body}");
                 return Ok(());
             }
-            let status: Status =
-                serde_json::from_str(&body).context("tern-control's /status is not what ternctl reads")?;
+            let status: Status = serde_json::from_str(&body)
+                .context("tern-control's /status is not what ternctl reads")?;
             print(&status);
             Ok(())
         }

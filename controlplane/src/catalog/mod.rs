@@ -408,7 +408,10 @@ impl Catalog {
                         &outliers.base_ejection_time,
                     )?;
                     if outliers.max_ejected_percent > 100 {
-                        return fail("spec.outlierDetection.maxEjectedPercent", "must be 0 to 100");
+                        return fail(
+                            "spec.outlierDetection.maxEjectedPercent",
+                            "must be 0 to 100",
+                        );
                     }
                 }
                 self.backend_policies.push((**policy).clone());
@@ -417,13 +420,15 @@ impl Catalog {
                 self.check_target(&key.namespace, &policy.spec.target_ref)?;
                 for (i, source) in policy.spec.from.iter().enumerate() {
                     for (j, id) in source.identities.iter().enumerate() {
-                        let pattern = id.strip_suffix("/sa/*").map_or(id.clone(), |ns| {
-                            format!("{ns}/sa/any")
-                        });
+                        let pattern = id
+                            .strip_suffix("/sa/*")
+                            .map_or(id.clone(), |ns| format!("{ns}/sa/any"));
                         if pattern.parse::<shared::SpiffeId>().is_err() {
                             return fail(
                                 format!("spec.from[{i}].identities[{j}]"),
-                                format!("`{id}` is not a SPIFFE workload ID (or one ending `/sa/*`)"),
+                                format!(
+                                    "`{id}` is not a SPIFFE workload ID (or one ending `/sa/*`)"
+                                ),
                             );
                         }
                     }
@@ -467,21 +472,33 @@ impl Catalog {
         for (i, parent) in spec.parent_refs.iter().enumerate() {
             let at = |f: &str| format!("spec.parentRefs[{i}].{f}");
             if !gateway::is_service(parent.group.as_deref(), parent.kind.as_deref()) {
-                return fail(at("kind"), "Tern routes Services (GAMMA); Gateways are not supported");
+                return fail(
+                    at("kind"),
+                    "Tern routes Services (GAMMA); Gateways are not supported",
+                );
             }
             let namespace = parent.namespace.as_deref().unwrap_or(&key.namespace);
             let Some(service) = self.service(namespace, &parent.name) else {
-                return fail(at("name"), format!("unknown Service {namespace}/{}", parent.name));
+                return fail(
+                    at("name"),
+                    format!("unknown Service {namespace}/{}", parent.name),
+                );
             };
             if let Some(port) = parent.port
                 && service_port(service, port).is_none()
             {
-                return fail(at("port"), format!("Service {namespace}/{} has no port {port}", parent.name));
+                return fail(
+                    at("port"),
+                    format!("Service {namespace}/{} has no port {port}", parent.name),
+                );
             }
         }
         for (i, host) in spec.hostnames.iter().enumerate() {
             if host.is_empty() || host.contains('*') && !host.starts_with("*.") {
-                return fail(format!("spec.hostnames[{i}]"), "must be a DNS name or `*.` and one");
+                return fail(
+                    format!("spec.hostnames[{i}]"),
+                    "must be a DNS name or `*.` and one",
+                );
             }
         }
         for (i, rule) in spec.rules.iter().enumerate() {
@@ -490,7 +507,10 @@ impl Catalog {
                 return fail(at("filters"), "filters are not supported yet");
             }
             if rule.retry.is_some() {
-                return fail(at("retry"), "not supported yet; use a BackendPolicy's retries");
+                return fail(
+                    at("retry"),
+                    "not supported yet; use a BackendPolicy's retries",
+                );
             }
             if rule.session_persistence.is_some() {
                 return fail(at("sessionPersistence"), "not supported yet");
@@ -501,7 +521,10 @@ impl Catalog {
                     return fail(at("headers"), "header matches are not supported yet");
                 }
                 if m.query_params.as_ref().is_some_and(|q| !q.is_empty()) {
-                    return fail(at("queryParams"), "query parameter matches are not supported yet");
+                    return fail(
+                        at("queryParams"),
+                        "query parameter matches are not supported yet",
+                    );
                 }
                 if m.method.is_some() {
                     return fail(at("method"), "method matches are not supported yet");
@@ -510,9 +533,17 @@ impl Catalog {
                     match path.kind.as_str() {
                         "PathPrefix" => {}
                         "RegularExpression" => {
-                            return fail(at("path.type"), "RegularExpression is not supported; use PathPrefix");
+                            return fail(
+                                at("path.type"),
+                                "RegularExpression is not supported; use PathPrefix",
+                            );
                         }
-                        "Exact" => return fail(at("path.type"), "Exact is not supported yet; use PathPrefix"),
+                        "Exact" => {
+                            return fail(
+                                at("path.type"),
+                                "Exact is not supported yet; use PathPrefix",
+                            );
+                        }
                         other => return fail(at("path.type"), format!("unknown type `{other}`")),
                     }
                     if !path.value.starts_with('/') {
@@ -533,21 +564,33 @@ impl Catalog {
                 }
                 let namespace = backend.namespace.as_deref().unwrap_or(&key.namespace);
                 let Some(service) = self.service(namespace, &backend.name) else {
-                    return fail(at("name"), format!("unknown backend Service {namespace}/{}", backend.name));
+                    return fail(
+                        at("name"),
+                        format!("unknown backend Service {namespace}/{}", backend.name),
+                    );
                 };
                 let Some(port) = backend.port else {
                     return fail(at("port"), "is required for a Service backend");
                 };
                 if service_port(service, port).is_none() {
-                    return fail(at("port"), format!("Service {namespace}/{} has no port {port}", backend.name));
+                    return fail(
+                        at("port"),
+                        format!("Service {namespace}/{} has no port {port}", backend.name),
+                    );
                 }
             }
             let total: u64 = rule.backend_refs.iter().map(|b| u64::from(b.weight)).sum();
             if total == 0 {
-                return fail(at("backendRefs"), "the weights add up to zero: no request could go anywhere");
+                return fail(
+                    at("backendRefs"),
+                    "the weights add up to zero: no request could go anywhere",
+                );
             }
             if total > u64::from(u32::MAX) {
-                return fail(at("backendRefs"), "the weights add up to more than 2^32 - 1");
+                return fail(
+                    at("backendRefs"),
+                    "the weights add up to more than 2^32 - 1",
+                );
             }
             if let Some(timeouts) = &rule.timeouts {
                 if let Some(request) = &timeouts.request {
@@ -563,7 +606,10 @@ impl Catalog {
         let mut claimed = BTreeSet::new();
         for (i, claim) in route_claims(route, &key.namespace) {
             if !claimed.insert(claim.clone()) {
-                return fail(format!("spec.rules[{i}].matches"), format!("repeats the match {} in this route", claim.describe()));
+                return fail(
+                    format!("spec.rules[{i}].matches"),
+                    format!("repeats the match {} in this route", claim.describe()),
+                );
             }
             for other in &self.routes {
                 let other_ns = other.metadata.namespace.as_deref().unwrap_or("default");
@@ -600,7 +646,12 @@ impl Catalog {
             .mtls
             .iter()
             .filter(|p| p.metadata.namespace.as_deref().unwrap_or("default") == workload.namespace)
-            .filter(|p| p.spec.selector.as_ref().is_none_or(|s| selects(s, &workload.labels)))
+            .filter(|p| {
+                p.spec
+                    .selector
+                    .as_ref()
+                    .is_none_or(|s| selects(s, &workload.labels))
+            })
             .collect();
         matching.sort_by_key(|p| (p.spec.selector.is_none(), p.metadata.name.clone()));
         match matching.first() {
@@ -616,7 +667,10 @@ impl Catalog {
 }
 
 /// A Service port by number.
-pub fn service_port(service: &Service, port: u16) -> Option<&k8s_openapi::api::core::v1::ServicePort> {
+pub fn service_port(
+    service: &Service,
+    port: u16,
+) -> Option<&k8s_openapi::api::core::v1::ServicePort> {
     service
         .spec
         .as_ref()?
@@ -644,12 +698,22 @@ impl Claim {
     }
 
     fn describe(&self) -> String {
-        let port = if self.port == 0 { String::new() } else { format!(":{}", self.port) };
-        format!("{}{} for Service {}/{}{port}", self.host, self.prefix, self.service.0, self.service.1)
+        let port = if self.port == 0 {
+            String::new()
+        } else {
+            format!(":{}", self.port)
+        };
+        format!(
+            "{}{} for Service {}/{}{port}",
+            self.host, self.prefix, self.service.0, self.service.1
+        )
     }
 }
 
-fn route_claims<'a>(route: &'a HttpRoute, namespace: &'a str) -> impl Iterator<Item = (usize, Claim)> + 'a {
+fn route_claims<'a>(
+    route: &'a HttpRoute,
+    namespace: &'a str,
+) -> impl Iterator<Item = (usize, Claim)> + 'a {
     let hosts: Vec<String> = if route.spec.hostnames.is_empty() {
         vec!["*".to_owned()]
     } else {
@@ -657,36 +721,44 @@ fn route_claims<'a>(route: &'a HttpRoute, namespace: &'a str) -> impl Iterator<I
     };
     route.spec.parent_refs.iter().flat_map(move |parent| {
         let service = (
-            parent.namespace.clone().unwrap_or_else(|| namespace.to_owned()),
+            parent
+                .namespace
+                .clone()
+                .unwrap_or_else(|| namespace.to_owned()),
             parent.name.clone(),
         );
         let hosts = hosts.clone();
-        route.spec.rules.iter().enumerate().flat_map(move |(i, rule)| {
-            let prefixes: Vec<String> = if rule.matches.is_empty() {
-                vec!["/".to_owned()]
-            } else {
-                rule.matches
-                    .iter()
-                    .map(|m| m.path.as_ref().map_or("/".to_owned(), |p| p.value.clone()))
-                    .collect()
-            };
-            let service = service.clone();
-            let port = parent.port.unwrap_or(0);
-            hosts.clone().into_iter().flat_map(move |host| {
+        route
+            .spec
+            .rules
+            .iter()
+            .enumerate()
+            .flat_map(move |(i, rule)| {
+                let prefixes: Vec<String> = if rule.matches.is_empty() {
+                    vec!["/".to_owned()]
+                } else {
+                    rule.matches
+                        .iter()
+                        .map(|m| m.path.as_ref().map_or("/".to_owned(), |p| p.value.clone()))
+                        .collect()
+                };
                 let service = service.clone();
-                prefixes.clone().into_iter().map(move |prefix| {
-                    (
-                        i,
-                        Claim {
-                            service: service.clone(),
-                            port,
-                            host: host.clone(),
-                            prefix,
-                        },
-                    )
+                let port = parent.port.unwrap_or(0);
+                hosts.clone().into_iter().flat_map(move |host| {
+                    let service = service.clone();
+                    prefixes.clone().into_iter().map(move |prefix| {
+                        (
+                            i,
+                            Claim {
+                                service: service.clone(),
+                                port,
+                                host: host.clone(),
+                                prefix,
+                            },
+                        )
+                    })
                 })
             })
-        })
     })
 }
 
@@ -719,20 +791,32 @@ fn check_service(service: &Service) -> Check {
     for (i, port) in ports.iter().enumerate() {
         let number = port_number(format!("spec.ports[{i}].port"), port.port)?;
         if !numbers.insert(number) {
-            return fail(format!("spec.ports[{i}].port"), format!("port {number} is listed twice"));
+            return fail(
+                format!("spec.ports[{i}].port"),
+                format!("port {number} is listed twice"),
+            );
         }
         if ports.len() > 1 && port.name.as_deref().unwrap_or_default().is_empty() {
-            return fail(format!("spec.ports[{i}].name"), "is required when a Service has several ports");
+            return fail(
+                format!("spec.ports[{i}].name"),
+                "is required when a Service has several ports",
+            );
         }
         if let Some(name) = &port.name
             && !names.insert(name.clone())
         {
-            return fail(format!("spec.ports[{i}].name"), format!("`{name}` is used twice"));
+            return fail(
+                format!("spec.ports[{i}].name"),
+                format!("`{name}` is used twice"),
+            );
         }
         if let Some(protocol) = &port.protocol
             && protocol != "TCP"
         {
-            return fail(format!("spec.ports[{i}].protocol"), format!("{protocol} is not carried by the mesh; only TCP"));
+            return fail(
+                format!("spec.ports[{i}].protocol"),
+                format!("{protocol} is not carried by the mesh; only TCP"),
+            );
         }
         if let Some(IntOrString::Int(target)) = &port.target_port {
             port_number(format!("spec.ports[{i}].targetPort"), *target)?;
@@ -741,7 +825,10 @@ fn check_service(service: &Service) -> Check {
     if let Some(selector) = &spec.selector
         && selector.is_empty()
     {
-        return fail("spec.selector", "an empty selector selects nothing; leave it out");
+        return fail(
+            "spec.selector",
+            "an empty selector selects nothing; leave it out",
+        );
     }
     Ok(())
 }
@@ -756,23 +843,34 @@ fn check_pod(key: &Key, pod: &Pod) -> Result<Workload, (String, String)> {
     {
         let field = format!("metadata.annotations[\"{INBOUND_PORTS}\"]");
         for pair in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let parsed = pair
-                .split_once('=')
-                .and_then(|(app, sidecar)| Some((app.trim().parse::<u16>().ok()?, sidecar.trim().parse::<u16>().ok()?)));
+            let parsed = pair.split_once('=').and_then(|(app, sidecar)| {
+                Some((
+                    app.trim().parse::<u16>().ok()?,
+                    sidecar.trim().parse::<u16>().ok()?,
+                ))
+            });
             match parsed {
                 Some((app, sidecar)) if app != 0 && sidecar != 0 => {
                     if inbound.insert(app, sidecar).is_some() {
                         return fail(field, format!("port {app} is mapped twice"));
                     }
                 }
-                _ => return fail(field, format!("`{pair}` is not `<app port>=<sidecar port>`")),
+                _ => {
+                    return fail(
+                        field,
+                        format!("`{pair}` is not `<app port>=<sidecar port>`"),
+                    );
+                }
             }
         }
     }
     let ip = match pod.status.as_ref().and_then(|s| s.pod_ip.as_deref()) {
         None => None,
         Some(text) => Some(text.parse::<IpAddr>().map_err(|_| {
-            ("status.podIP".to_owned(), format!("`{text}` is not an IP address"))
+            (
+                "status.podIP".to_owned(),
+                format!("`{text}` is not an IP address"),
+            )
         })?),
     };
     if !inbound.is_empty() && ip.is_none() {
@@ -783,9 +881,23 @@ fn check_pod(key: &Key, pod: &Pod) -> Result<Workload, (String, String)> {
         .and_then(|s| s.service_account_name.clone())
         .unwrap_or_else(|| "default".to_owned());
     let mut named_ports = BTreeMap::new();
-    for (i, container) in spec.map(|s| s.containers.as_slice()).unwrap_or_default().iter().enumerate() {
-        for (j, port) in container.ports.as_deref().unwrap_or_default().iter().enumerate() {
-            let number = port_number(format!("spec.containers[{i}].ports[{j}].containerPort"), port.container_port)?;
+    for (i, container) in spec
+        .map(|s| s.containers.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        for (j, port) in container
+            .ports
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            let number = port_number(
+                format!("spec.containers[{i}].ports[{j}].containerPort"),
+                port.container_port,
+            )?;
             if let Some(name) = &port.name {
                 named_ports.insert(name.clone(), number);
             }
@@ -809,14 +921,28 @@ fn check_slice(slice: &EndpointSlice) -> Result<String, (String, String)> {
         .as_ref()
         .and_then(|l| l.get(SERVICE_NAME_LABEL))
     else {
-        return fail(format!("metadata.labels[\"{SERVICE_NAME_LABEL}\"]"), "names the Service and is required");
+        return fail(
+            format!("metadata.labels[\"{SERVICE_NAME_LABEL}\"]"),
+            "names the Service and is required",
+        );
     };
     let v6 = match slice.address_type.as_str() {
         "IPv4" => false,
         "IPv6" => true,
-        other => return fail("addressType", format!("`{other}` is not supported; IPv4 or IPv6")),
+        other => {
+            return fail(
+                "addressType",
+                format!("`{other}` is not supported; IPv4 or IPv6"),
+            );
+        }
     };
-    for (i, endpoint) in slice.endpoints.as_deref().unwrap_or_default().iter().enumerate() {
+    for (i, endpoint) in slice
+        .endpoints
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
         for (j, address) in endpoint.addresses.iter().enumerate() {
             match address.parse::<IpAddr>() {
                 Ok(ip) if ip.is_ipv6() == v6 => {}
@@ -829,7 +955,13 @@ fn check_slice(slice: &EndpointSlice) -> Result<String, (String, String)> {
             }
         }
     }
-    for (i, port) in slice.ports.as_deref().unwrap_or_default().iter().enumerate() {
+    for (i, port) in slice
+        .ports
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
         if let Some(number) = port.port {
             port_number(format!("ports[{i}].port"), number)?;
         }

@@ -37,7 +37,9 @@ pub struct Directory {
     seen: Option<Fingerprint>,
 }
 
-type Fingerprint = Result<Vec<(PathBuf, u64, Option<SystemTime>)>, String>;
+/// Per file: path, length, modification time, inode and change time (a rename changes the
+/// inode, an in-place write the times), so a same-length edit is seen too.
+type Fingerprint = Result<Vec<(PathBuf, u64, Option<SystemTime>, u64, i64)>, String>;
 
 impl Directory {
     /// Watches `root`.
@@ -96,7 +98,10 @@ fn walk(dir: &Path, files: &mut Vec<PathBuf>) -> std::io::Result<()> {
         }
         if meta.is_dir() {
             walk(&path, files)?;
-        } else if matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
+        } else if matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml")
+        ) {
             files.push(path);
         }
     }
@@ -110,10 +115,15 @@ fn fingerprint(root: &Path) -> Fingerprint {
     Ok(files
         .into_iter()
         .map(|path| {
+            use std::os::unix::fs::MetadataExt;
             let meta = std::fs::metadata(&path).ok();
             let len = meta.as_ref().map_or(0, std::fs::Metadata::len);
+            let inode = meta.as_ref().map_or(0, MetadataExt::ino);
+            let changed = meta
+                .as_ref()
+                .map_or(0, |m| m.ctime_nsec() + m.ctime() * 1_000_000_000);
             let modified = meta.and_then(|m| m.modified().ok());
-            (path, len, modified)
+            (path, len, modified, inode, changed)
         })
         .collect())
 }
@@ -143,7 +153,10 @@ pub fn load(root: &Path) -> Declared {
             Ok(text) => parse_file(&file, &text, &mut declared),
             Err(error) => {
                 declared.problems.push(Problem {
-                    origin: Origin { file: file.clone(), document: 0 },
+                    origin: Origin {
+                        file: file.clone(),
+                        document: 0,
+                    },
                     object: None,
                     field: String::new(),
                     message: format!("reading the file: {error}"),
@@ -183,7 +196,13 @@ pub fn parse_file(file: &str, text: &str, declared: &mut Declared) {
                 return;
             }
         };
-        let text_of = |key: &str| value.get(key).and_then(serde_yaml::Value::as_str).unwrap_or_default().to_owned();
+        let text_of = |key: &str| {
+            value
+                .get(key)
+                .and_then(serde_yaml::Value::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        };
         let (api_version, kind) = (text_of("apiVersion"), text_of("kind"));
         let name = value
             .get("metadata")
@@ -197,7 +216,9 @@ pub fn parse_file(file: &str, text: &str, declared: &mut Declared) {
     }
 }
 
-fn typed<T: serde::de::DeserializeOwned>(value: serde_yaml::Value) -> Result<Box<T>, (String, String)> {
+fn typed<T: serde::de::DeserializeOwned>(
+    value: serde_yaml::Value,
+) -> Result<Box<T>, (String, String)> {
     serde_path_to_error::deserialize(value)
         .map(Box::new)
         .map_err(|error| {
@@ -207,7 +228,11 @@ fn typed<T: serde::de::DeserializeOwned>(value: serde_yaml::Value) -> Result<Box
         })
 }
 
-fn parse_object(api_version: &str, kind: &str, value: serde_yaml::Value) -> Result<Object, (String, String)> {
+fn parse_object(
+    api_version: &str,
+    kind: &str,
+    value: serde_yaml::Value,
+) -> Result<Object, (String, String)> {
     Ok(match (api_version, kind) {
         ("v1", "Service") => Object::Service(typed(value)?),
         ("v1", "Pod") => Object::Pod(typed(value)?),

@@ -287,7 +287,9 @@ impl TryFrom<RouteFields> for Route {
 
     fn try_from(fields: RouteFields) -> Result<Self, Self::Error> {
         let backends = match (fields.cluster, fields.backends) {
-            (Some(cluster), backends) if backends.is_empty() => vec![Backend { cluster, weight: 1 }],
+            (Some(cluster), backends) if backends.is_empty() => {
+                vec![Backend { cluster, weight: 1 }]
+            }
             (None, backends) if !backends.is_empty() => backends,
             _ => return Err("a route takes exactly one of `cluster` or `backends`"),
         };
@@ -304,7 +306,10 @@ impl From<Route> for RouteFields {
     fn from(route: Route) -> Self {
         let single = route.backends.len() == 1 && route.backends[0].weight == 1;
         let (cluster, backends) = if single {
-            (route.backends.into_iter().next().map(|b| b.cluster), Vec::new())
+            (
+                route.backends.into_iter().next().map(|b| b.cluster),
+                Vec::new(),
+            )
         } else {
             (None, route.backends)
         };
@@ -473,7 +478,7 @@ pub enum ConfigError {
     Invalid {
         /// Where the text came from.
         origin: String,
-        /// The offending field, e.g. `listeners[1].routes[0].cluster`.
+        /// The offending field, e.g. `listeners[1].routes[0].backends[0].cluster`.
         field: String,
         /// What is wrong with it.
         message: String,

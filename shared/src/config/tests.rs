@@ -196,11 +196,23 @@ fn a_route_splits_by_weight_and_a_single_cluster_is_shorthand() {
 
     let single = Config::from_yaml(GOOD, "good.yaml").unwrap();
     assert_eq!(single.listeners[0].routes[0].backends.len(), 1);
-    assert!(serde_yaml::to_string(&single).unwrap().contains("cluster: api"));
+    assert!(
+        serde_yaml::to_string(&single)
+            .unwrap()
+            .contains("cluster: api")
+    );
 
-    let both = GOOD.replace("cluster: api", "cluster: api\n        backends: [{ cluster: web }]");
-    let err = Config::from_yaml(&both, "both.yaml").unwrap_err().to_string();
-    assert!(err.contains("exactly one of `cluster` or `backends`"), "{err}");
+    let both = GOOD.replace(
+        "cluster: api",
+        "cluster: api\n        backends: [{ cluster: web }]",
+    );
+    let err = Config::from_yaml(&both, "both.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("exactly one of `cluster` or `backends`"),
+        "{err}"
+    );
 }
 
 #[test]

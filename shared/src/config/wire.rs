@@ -148,7 +148,12 @@ fn decode_listener(i: usize, l: pb::Listener) -> Result<Listener, WireError> {
     let protocol = match pb::Protocol::try_from(l.protocol) {
         Ok(pb::Protocol::Tcp) => Protocol::Tcp,
         Ok(pb::Protocol::Http) => Protocol::Http,
-        _ => return Err(wrong(at("protocol"), format!("unknown protocol {}", l.protocol))),
+        _ => {
+            return Err(wrong(
+                at("protocol"),
+                format!("unknown protocol {}", l.protocol),
+            ));
+        }
     };
     let routes = l
         .routes

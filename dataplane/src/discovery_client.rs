@@ -1,0 +1,183 @@
+//! The client of `tern-control`'s config stream (`tern.discovery.v1.Discovery/Watch`): says
+//! who this proxy is and what it wants, applies each config it gets with
+//! [`Control::install_pushed`], and answers ACK or NACK with the reason.
+//!
+//! It runs on the admin thread, never on a worker. A config that does not decode or cannot
+//! go live (an invalid reference, a port in use) is NACKed and the previous one keeps
+//! running. When the stream breaks the proxy serves on with its last good config and
+//! reconnects with jittered, capped backoff; the server sends the current config on every
+//! new stream, so a reconnect resyncs.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use shared::api::discovery::discovery_client::DiscoveryClient;
+use shared::api::discovery::watch_request::Kind;
+use shared::api::discovery::{self as pb, WatchRequest};
+use shared::config::wire::Pushed;
+use shared::config::{CaClient, Discovery};
+use tokio::sync::mpsc;
+
+use crate::ca_client::{CertifyError, backoff, endpoint, random_fraction, read};
+use crate::control::{ApplyError, Control};
+
+/// Largest config accepted from `tern-control`.
+const MAX_CONFIG: usize = 64 * 1024 * 1024;
+
+/// Why a config stream ended.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The root or token file could not be read.
+    #[error(transparent)]
+    File(#[from] CertifyError),
+    /// `tern-control` could not be reached.
+    #[error("connecting to tern-control at {address}: {source}")]
+    Connect {
+        /// Its address.
+        address: std::net::SocketAddr,
+        /// The transport error.
+        source: tonic::transport::Error,
+    },
+    /// `tern-control` refused the stream or it failed.
+    #[error("tern-control answered {}: {}", .0.code(), .0.message())]
+    Status(#[from] tonic::Status),
+    /// `tern-control` closed the stream.
+    #[error("tern-control closed the stream")]
+    Ended,
+}
+
+/// Keeps this proxy's config streaming from `tern-control` for as long as its config asks
+/// for it; a change of settings starts a new stream at once.
+pub async fn run(control: Arc<Control>) {
+    let mut settings = control.discovery();
+    let mut failures = 0u32;
+    loop {
+        let Some((ca, discovery)) = settings.borrow_and_update().clone() else {
+            if settings.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        let ended = tokio::select! {
+            ended = stream(&control, &ca, &discovery, &mut failures) => ended,
+            changed = settings.changed() => {
+                control.updates.connected.store(false, Ordering::Relaxed);
+                if changed.is_err() {
+                    return;
+                }
+                failures = 0;
+                continue;
+            }
+        };
+        control.updates.connected.store(false, Ordering::Relaxed);
+        let delay = backoff(failures, random_fraction());
+        failures = failures.saturating_add(1);
+        tracing::warn!(error = %ended, retry_in = ?delay, version = ?control.pushed_version(), "no config stream from tern-control; serving on with the last config");
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            changed = settings.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                failures = 0;
+            }
+        }
+    }
+}
+
+fn hello(ca: &CaClient, discovery: &Discovery, token: &str, running: u64) -> WatchRequest {
+    WatchRequest {
+        kind: Some(Kind::Hello(pb::Hello {
+            spiffe_id: ca.spiffe_id.to_string(),
+            credential: token.trim().to_owned(),
+            namespace: discovery.workload.namespace.clone(),
+            workload: discovery.workload.name.clone(),
+            outbound: discovery
+                .outbound
+                .iter()
+                .map(|o| pb::Outbound {
+                    service: o.service.clone(),
+                    port: u32::from(o.port),
+                    listen: o.listen.to_string(),
+                })
+                .collect(),
+            running_version: running,
+        })),
+    }
+}
+
+/// One stream: connect, say hello, then apply configs until it ends.
+async fn stream(
+    control: &Control,
+    ca: &CaClient,
+    discovery: &Discovery,
+    failures: &mut u32,
+) -> StreamError {
+    match stream_inner(control, ca, discovery, failures).await {
+        Ok(()) => StreamError::Ended,
+        Err(error) => error,
+    }
+}
+
+async fn stream_inner(
+    control: &Control,
+    ca: &CaClient,
+    discovery: &Discovery,
+    failures: &mut u32,
+) -> Result<(), StreamError> {
+    let root = read("CA root", &ca.root)?;
+    let token = read("token", &ca.token_file)?;
+    let connect_error = |source| StreamError::Connect {
+        address: ca.address,
+        source,
+    };
+    let channel = endpoint(ca, root)
+        .map_err(connect_error)?
+        .http2_keep_alive_interval(std::time::Duration::from_secs(30))
+        .connect()
+        .await
+        .map_err(connect_error)?;
+    let (answers, outgoing) = mpsc::channel(4);
+    let running = control.pushed_version().unwrap_or(0);
+    // The receiver is alive: it is moved into the call below.
+    let _ = answers.send(hello(ca, discovery, &token, running)).await;
+    let mut configs = DiscoveryClient::new(channel)
+        .max_decoding_message_size(MAX_CONFIG)
+        .watch(tokio_stream::wrappers::ReceiverStream::new(outgoing))
+        .await?
+        .into_inner();
+    control.updates.connected.store(true, Ordering::Relaxed);
+    tracing::info!(address = %ca.address, workload = %format!("{}/{}", discovery.workload.namespace, discovery.workload.name), "config stream from tern-control open");
+    while let Some(config) = configs.message().await? {
+        *failures = 0;
+        let version = config.version;
+        let outcome = match Pushed::try_from(config) {
+            Ok(pushed) => match control.install_pushed(pushed) {
+                Ok(_) => Ok(()),
+                Err(ApplyError::Draining) => return Ok(()),
+                Err(error) => Err(error.to_string()),
+            },
+            Err(error) => Err(format!("the config does not decode: {error}")),
+        };
+        let answer = match outcome {
+            Ok(()) => {
+                control.updates.acked.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(version, "config from tern-control applied");
+                Kind::Ack(pb::Ack { version })
+            }
+            Err(reason) => {
+                control.updates.nacked.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(version, %reason, "config from tern-control refused (NACK); the previous one keeps running");
+                Kind::Nack(pb::Nack { version, reason })
+            }
+        };
+        if answers
+            .send(WatchRequest { kind: Some(answer) })
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    Ok(())
+}

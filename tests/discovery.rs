@@ -1,0 +1,414 @@
+//! Config distribution end to end: `tern-control` reads a manifest directory (Services,
+//! EndpointSlices, Pods, HTTPRoutes) and streams each proxy its config; proxies certified by
+//! the same control plane carry the traffic over mTLS.
+//!
+//! Route changes reach two running proxies within a second; invalid manifests are refused
+//! with file, object and field, and nothing is pushed; a proxy NACKs what it cannot apply
+//! and keeps its version; the control plane can die and come back, and proxies resync.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use tests::ca::TestControlPlane;
+use tests::client;
+use tests::manifests::{self, free_port};
+use tests::pki::TempDir;
+use tests::upstream::Http;
+use tests::{
+    BackendChoice, Proxy, admin_get, admin_status, eventually, metric, start_proxy, wait_ready,
+};
+
+const OUTBOUND: &str = "outbound:reviews.default:80";
+const ACKS: &str = "tern_discovery_updates_total{result=\"ack\"}";
+const NACKS: &str = "tern_discovery_updates_total{result=\"nack\"}";
+
+/// The mesh under test: `reviews` routes to `reviews-v1` (a Pod with a sidecar) or
+/// `reviews-v2` (no sidecar), by the HTTPRoute in `route.yaml`.
+struct Mesh {
+    dir: TempDir,
+    control: TestControlPlane,
+    v1: Http,
+    v2: Http,
+    sidecar_port: u16,
+}
+
+impl Mesh {
+    fn start() -> Mesh {
+        let dir = TempDir::new("manifests");
+        let (v1, v2) = (Http::start("v1"), Http::start("v2"));
+        let sidecar_port = free_port();
+        let write = |name: &str, text: &str| manifests::write(&dir.0, name, text);
+        write(
+            "services.yaml",
+            &[
+                manifests::http_service("reviews", v1.addr.port()),
+                manifests::http_service("reviews-v1", v1.addr.port()),
+                manifests::http_service("reviews-v2", v2.addr.port()),
+            ]
+            .join("---\n"),
+        );
+        write(
+            "endpoints.yaml",
+            &[
+                manifests::endpoints("reviews", "http", &[(v1.addr, Some("reviews-v1-0"))]),
+                manifests::endpoints("reviews-v1", "http", &[(v1.addr, Some("reviews-v1-0"))]),
+                manifests::endpoints("reviews-v2", "http", &[(v2.addr, None)]),
+            ]
+            .join("---\n"),
+        );
+        write(
+            "pods.yaml",
+            &manifests::pod(
+                "reviews-v1-0",
+                "reviews-v1",
+                "reviews",
+                "127.0.0.1",
+                &[(v1.addr.port(), sidecar_port)],
+            ),
+        );
+        write(
+            "route.yaml",
+            &manifests::route("reviews", "reviews", &[("reviews-v1", 1)]),
+        );
+        let control = TestControlPlane::with_manifests(Duration::from_secs(3600), &dir.0);
+        Mesh {
+            dir,
+            control,
+            v1,
+            v2,
+            sidecar_port,
+        }
+    }
+
+    fn write(&self, name: &str, text: &str) {
+        manifests::write(&self.dir.0, name, text);
+    }
+
+    /// A proxy for Pod `pod`, running as `account`, with an outbound listener for `reviews`
+    /// if `client`.
+    fn proxy(&self, pod: &str, account: &str, client: bool) -> Proxy {
+        let outbound = if client {
+            "[{ service: reviews.default, port: 80, listen: 127.0.0.1:0 }]"
+        } else {
+            "[]"
+        };
+        let yaml = format!(
+            "{}discovery:\n  workload: {{ namespace: default, name: {pod} }}\n  outbound: {outbound}\n",
+            self.control.identity_yaml(account, account)
+        );
+        start_proxy(&yaml, BackendChoice::Epoll)
+    }
+
+    fn status(&self) -> controlplane::admin::Status {
+        self.control.running().status()
+    }
+}
+
+/// The body of `GET path` through the proxy's outbound listener.
+fn get(proxy: &Proxy, path: &str) -> String {
+    let address = proxy.listener_addr(OUTBOUND).expect("an outbound listener");
+    let response = client::request(
+        address,
+        &format!("GET {path} HTTP/1.1\r\nHost: reviews\r\nConnection: close\r\n\r\n"),
+    );
+    format!("{} {}", response.status, response.text())
+}
+
+fn control_plane_version(proxy: &Proxy) -> u64 {
+    let dump: serde_json::Value = serde_json::from_str(&admin_get(proxy, "/config_dump")).unwrap();
+    dump["control_plane_version"].as_u64().unwrap_or(0)
+}
+
+fn metric_of(proxy: &Proxy, series: &str) -> f64 {
+    metric(&admin_get(proxy, "/metrics"), series)
+}
+
+fn ready(mesh: &Mesh) -> (Proxy, Proxy, Proxy) {
+    let sidecar = mesh.proxy("reviews-v1-0", "reviews", false);
+    let a1 = mesh.proxy("a-1", "a", true);
+    let a2 = mesh.proxy("a-2", "a", true);
+    for proxy in [&sidecar, &a1, &a2] {
+        wait_ready(proxy, Duration::from_secs(10));
+    }
+    (sidecar, a1, a2)
+}
+
+#[test]
+fn a_route_change_in_the_manifests_moves_two_proxies_traffic_within_a_second() {
+    let mesh = Mesh::start();
+    let (sidecar, a1, a2) = ready(&mesh);
+    // reviews-v1 is meshed: a proxy reaches it through its sidecar, over mTLS.
+    for proxy in [&a1, &a2] {
+        assert_eq!(get(proxy, "/x"), "200 v1 /x");
+    }
+    let inbound = format!("inbound:{}", mesh.v1.addr.port());
+    assert_eq!(
+        sidecar.listener_addr(&inbound).map(|a| a.port()),
+        Some(mesh.sidecar_port)
+    );
+    let seen = admin_get(&sidecar, "/metrics");
+    assert_eq!(
+        metric(
+            &seen,
+            &format!(
+                "tern_listener_peer_connections_total{{listener=\"inbound:{}\",peer_identity=\"{}\"}}",
+                mesh.v1.addr.port(),
+                TestControlPlane::spiffe_id("a")
+            )
+        ),
+        2.0,
+        "{seen}"
+    );
+
+    let before = (control_plane_version(&a1), control_plane_version(&a2));
+    mesh.write(
+        "route.yaml",
+        &manifests::route("reviews", "reviews", &[("reviews-v2", 1)]),
+    );
+    let changed = Instant::now();
+    eventually(
+        Duration::from_secs(5),
+        "both proxies to route to v2",
+        || get(&a1, "/y") == "200 v2 /y" && get(&a2, "/y") == "200 v2 /y",
+    );
+    let took = changed.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "the change took {took:?} to reach both proxies"
+    );
+    assert!(control_plane_version(&a1) > before.0 && control_plane_version(&a2) > before.1);
+    assert_eq!(
+        mesh.v2.requests.load(std::sync::atomic::Ordering::SeqCst),
+        2
+    );
+
+    // A split sends each backend a share.
+    mesh.write(
+        "route.yaml",
+        &manifests::route(
+            "reviews",
+            "reviews",
+            &[("reviews-v1", 1), ("reviews-v2", 1)],
+        ),
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    eventually(Duration::from_secs(5), "both backends to answer", || {
+        seen.insert(get(&a1, "/z"));
+        seen.len() == 2
+    });
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        ["200 v1 /z", "200 v2 /z"]
+    );
+
+    // The sidecar's own config did not change with the route: it was not pushed to.
+    let status = mesh.status();
+    let sidecar_status = status
+        .proxies
+        .iter()
+        .find(|p| p.workload == "default/reviews-v1-0")
+        .unwrap();
+    assert_eq!(sidecar_status.sent_version, sidecar_status.applied_version);
+    assert_eq!(
+        metric_of(&sidecar, ACKS),
+        1.0,
+        "one config, never re-pushed"
+    );
+    assert_eq!(metric_of(&a1, ACKS), 3.0);
+}
+
+#[test]
+fn invalid_manifests_are_refused_with_the_field_named_and_nothing_is_pushed() {
+    let mesh = Mesh::start();
+    let (_sidecar, a1, _a2) = ready(&mesh);
+    assert_eq!(get(&a1, "/"), "200 v1 /");
+    let version = control_plane_version(&a1);
+    let generation = mesh.status().generation;
+
+    // An unknown backend, then weights adding up to zero, then YAML that does not parse:
+    // each is refused, says where, and the route in use stays.
+    let cases = [
+        (
+            manifests::route("reviews", "reviews", &[("nope", 1)]),
+            "HTTPRoute default/reviews: spec.rules[0].backendRefs[0].name: unknown backend Service default/nope",
+        ),
+        (
+            manifests::route(
+                "reviews",
+                "reviews",
+                &[("reviews-v2", 0), ("reviews-v1", 0)],
+            ),
+            "spec.rules[0].backendRefs: the weights add up to zero",
+        ),
+        (
+            "kind: HTTPRoute\nmetadata: [\n".to_owned(),
+            "not valid YAML",
+        ),
+        (
+            manifests::route("reviews", "reviews", &[("reviews-v2", 1)])
+                .replace("port: 80, weight", "port: eighty, weight"),
+            "spec.rules[0].backendRefs[0].port",
+        ),
+    ];
+    for (text, expected) in cases {
+        mesh.write("route.yaml", &text);
+        eventually(Duration::from_secs(5), expected, || {
+            mesh.status()
+                .problems
+                .iter()
+                .any(|p| p.contains(expected) && p.contains("route.yaml"))
+        });
+        let problems = mesh.status().problems;
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert_eq!(
+            mesh.status().generation,
+            generation,
+            "nothing accepted changed"
+        );
+        assert_eq!(get(&a1, "/"), "200 v1 /");
+        assert_eq!(control_plane_version(&a1), version, "nothing was pushed");
+    }
+
+    // A fix is taken at once and the problem goes away.
+    mesh.write(
+        "route.yaml",
+        &manifests::route("reviews", "reviews", &[("reviews-v2", 1)]),
+    );
+    eventually(Duration::from_secs(5), "the fixed route", || {
+        get(&a1, "/") == "200 v2 /"
+    });
+    assert!(mesh.status().problems.is_empty());
+}
+
+#[test]
+fn a_proxy_nacks_a_config_it_cannot_apply_and_keeps_its_version() {
+    let mesh = Mesh::start();
+    let (sidecar, a1, _a2) = ready(&mesh);
+    let version = control_plane_version(&sidecar);
+
+    // Move the sidecar's inbound port onto one that is taken: it cannot bind, so it refuses.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port();
+    let app = mesh.v1.addr.port();
+    mesh.write(
+        "pods.yaml",
+        &manifests::pod(
+            "reviews-v1-0",
+            "reviews-v1",
+            "reviews",
+            "127.0.0.1",
+            &[(app, taken_port)],
+        ),
+    );
+    eventually(Duration::from_secs(5), "a NACK", || {
+        metric_of(&sidecar, NACKS) == 1.0
+    });
+    assert_eq!(
+        control_plane_version(&sidecar),
+        version,
+        "the old version runs on"
+    );
+    let status = mesh.status();
+    let nack = status.last_nack.expect("the NACK is visible");
+    assert_eq!(nack.workload, "default/reviews-v1-0");
+    assert!(
+        nack.reason.contains(&format!("127.0.0.1:{taken_port}")),
+        "{}",
+        nack.reason
+    );
+    let entry = status
+        .proxies
+        .iter()
+        .find(|p| p.workload == "default/reviews-v1-0")
+        .unwrap();
+    assert_eq!(entry.applied_version, version);
+    assert!(entry.sent_version > version);
+    assert_eq!(
+        entry.last_nack.as_ref().unwrap().version,
+        entry.sent_version
+    );
+    // The sidecar still listens where it did.
+    assert_eq!(
+        sidecar
+            .listener_addr(&format!("inbound:{app}"))
+            .map(|a| a.port()),
+        Some(mesh.sidecar_port)
+    );
+    // Once the port is free again and the manifest fixed, the next config goes through.
+    drop(taken);
+    mesh.write(
+        "pods.yaml",
+        &manifests::pod(
+            "reviews-v1-0",
+            "reviews-v1",
+            "reviews",
+            "127.0.0.1",
+            &[(app, mesh.sidecar_port)],
+        ),
+    );
+    eventually(Duration::from_secs(5), "the fixed config", || {
+        let entry = mesh
+            .status()
+            .proxies
+            .into_iter()
+            .find(|p| p.workload == "default/reviews-v1-0")
+            .unwrap();
+        entry.applied_version == entry.sent_version && entry.applied_version > version
+    });
+    assert_eq!(get(&a1, "/again"), "200 v1 /again");
+}
+
+#[test]
+fn traffic_flows_while_the_control_plane_is_down_and_proxies_resync_when_it_returns() {
+    let mut mesh = Mesh::start();
+    let (_sidecar, a1, _a2) = ready(&mesh);
+    assert_eq!(get(&a1, "/"), "200 v1 /");
+
+    mesh.control.stop();
+    eventually(Duration::from_secs(5), "the stream to drop", || {
+        metric_of(&a1, "tern_discovery_connected") == 0.0
+    });
+    for _ in 0..10 {
+        assert_eq!(
+            get(&a1, "/"),
+            "200 v1 /",
+            "the last good config keeps serving"
+        );
+    }
+    let (status, _) = admin_status(&a1, "/ready");
+    assert_eq!(
+        status, 200,
+        "a proxy with a config stays ready without its control plane"
+    );
+
+    // Changed while the control plane was down; it reads it when it comes back.
+    mesh.write(
+        "route.yaml",
+        &manifests::route("reviews", "reviews", &[("reviews-v2", 1)]),
+    );
+    mesh.control.restart();
+    eventually(Duration::from_secs(10), "the resync", || {
+        get(&a1, "/") == "200 v2 /"
+    });
+    assert_eq!(metric_of(&a1, "tern_discovery_connected"), 1.0);
+}
+
+#[test]
+fn a_proxy_waits_for_its_config_and_cannot_read_another_namespaces() {
+    let mesh = Mesh::start();
+    // A proxy in namespace `default` asking as a workload of namespace `other` is refused.
+    let yaml = format!(
+        "{}discovery:\n  workload: {{ namespace: other, name: x-0 }}\n",
+        mesh.control.identity_yaml("a", "a")
+    );
+    let intruder = start_proxy(&yaml, BackendChoice::Epoll);
+    eventually(Duration::from_secs(5), "the refusal", || {
+        mesh.control.running().status().proxies.is_empty()
+            && admin_status(&intruder, "/ready")
+                .1
+                .contains("waiting for a config from tern-control")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(admin_status(&intruder, "/ready").0, 503);
+    assert!(mesh.status().proxies.is_empty());
+}
