@@ -13,6 +13,7 @@ use tests::ca::TestControlPlane;
 use tests::client;
 use tests::manifests::{self, free_port};
 use tests::pki::TempDir;
+use tests::simulated::{self, SimulatedProxy};
 use tests::upstream::Http;
 use tests::{
     BackendChoice, Proxy, admin_get, admin_status, eventually, metric, start_proxy, wait_ready,
@@ -411,4 +412,82 @@ fn a_proxy_waits_for_its_config_and_cannot_read_another_namespaces() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(admin_status(&intruder, "/ready").0, 503);
     assert!(mesh.status().proxies.is_empty());
+}
+
+#[test]
+fn many_proxies_connecting_at_once_all_converge() {
+    const PROXIES: usize = 200;
+    let mesh = Mesh::start();
+    let token = std::fs::read_to_string(mesh.control.write_token("a", "a")).unwrap();
+    let root = std::fs::read_to_string(mesh.control.dir.0.join("state/ca.crt")).unwrap();
+    let address = mesh.control.address;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let has = |config: &shared::api::discovery::ProxyConfig, cluster: &str| {
+        config.clusters.iter().any(|c| c.name == cluster)
+    };
+    let first = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    runtime.block_on(async {
+        let mut channels = Vec::new();
+        for _ in 0..4 {
+            channels.push(simulated::channel(address, &root).await.unwrap());
+        }
+        for i in 0..PROXIES {
+            let hello = simulated::hello(
+                &TestControlPlane::spiffe_id("a"),
+                &token,
+                &format!("sim-{i}"),
+                &["reviews".to_owned()],
+            );
+            let channel = channels[i % channels.len()].clone();
+            let first = first.clone();
+            tasks.spawn(async move {
+                let mut proxy = SimulatedProxy::connect(channel, hello).await.unwrap();
+                let config = proxy.next().await.unwrap().unwrap();
+                assert!(has(&config, "outbound:reviews-v1.default:80"));
+                first.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                loop {
+                    let config = proxy.next().await.unwrap().expect("the stream stays open");
+                    if has(&config, "outbound:reviews-v2.default:80") {
+                        return config.version;
+                    }
+                }
+            });
+        }
+    });
+    eventually(
+        Duration::from_secs(20),
+        "every proxy's first config",
+        || first.load(std::sync::atomic::Ordering::SeqCst) == PROXIES,
+    );
+    eventually(Duration::from_secs(5), "every ACK", || {
+        let status = mesh.status();
+        status.proxies.len() == PROXIES
+            && status
+                .proxies
+                .iter()
+                .all(|p| p.applied_version == p.sent_version)
+    });
+
+    mesh.write(
+        "route.yaml",
+        &manifests::route("reviews", "reviews", &[("reviews-v2", 1)]),
+    );
+    let versions = runtime.block_on(async {
+        tokio::time::timeout(Duration::from_secs(20), tasks.join_all())
+            .await
+            .expect("every proxy converges")
+    });
+    assert_eq!(versions.len(), PROXIES);
+    eventually(Duration::from_secs(5), "every ACK of the change", || {
+        let status = mesh.status();
+        status
+            .proxies
+            .iter()
+            .all(|p| p.applied_version == p.sent_version && versions.contains(&p.applied_version))
+    });
 }

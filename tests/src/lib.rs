@@ -11,6 +11,7 @@ pub mod ca;
 pub mod client;
 pub mod manifests;
 pub mod pki;
+pub mod simulated;
 pub mod upstream;
 
 use std::net::SocketAddr;
