@@ -1,1 +1,396 @@
+use super::source::parse_file;
+use super::*;
+use crate::translate::{ProxyRequest, translate};
+use shared::config::{Outbound, Protocol, TlsMode};
 
+const TRUST_DOMAIN: &str = "mesh.test";
+
+const BASE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: { name: cart, namespace: shop }
+spec:
+  selector: { app: cart }
+  ports: [{ name: http, port: 80, targetPort: 8080 }]
+---
+apiVersion: v1
+kind: Service
+metadata: { name: cart-v2, namespace: shop }
+spec:
+  ports: [{ name: http, port: 80, targetPort: 8080 }]
+---
+apiVersion: v1
+kind: Service
+metadata: { name: db, namespace: shop }
+spec:
+  ports: [{ name: pg, port: 5432 }]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: { name: cart-a, namespace: shop, labels: { kubernetes.io/service-name: cart } }
+addressType: IPv4
+ports: [{ name: http, port: 8080 }]
+endpoints:
+  - addresses: ["10.0.0.1"]
+    targetRef: { kind: Pod, name: cart-0 }
+  - addresses: ["10.0.0.9"]
+    conditions: { ready: false }
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: { name: db-a, namespace: shop, labels: { kubernetes.io/service-name: db } }
+addressType: IPv4
+ports: [{ name: pg, port: 5432 }]
+endpoints:
+  - addresses: ["10.0.0.5"]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: cart-0
+  namespace: shop
+  labels: { app: cart }
+  annotations: { tern.dev/inbound-ports: "8080=15080" }
+spec: { serviceAccountName: cart, containers: [] }
+status: { podIP: 10.0.0.1 }
+"#;
+
+fn declared(files: &[(&str, &str)]) -> Declared {
+    let mut declared = Declared::default();
+    for (file, text) in files {
+        parse_file(file, text, &mut declared);
+    }
+    declared
+}
+
+fn build(files: &[(&str, &str)]) -> Catalog {
+    Catalog::build(declared(files), &Catalog::empty(TRUST_DOMAIN))
+}
+
+fn route(name: &str, body: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{ name: {name}, namespace: shop }}\nspec:\n  parentRefs: [{{ kind: Service, name: cart, port: 80 }}]\n{body}"
+    )
+}
+
+/// The one problem of a catalog, as text.
+fn problem(catalog: &Catalog) -> String {
+    assert_eq!(catalog.problems.len(), 1, "{:#?}", catalog.problems);
+    catalog.problems[0].to_string()
+}
+
+#[test]
+fn a_valid_mesh_is_accepted_whole() {
+    let catalog = build(&[("base.yaml", BASE)]);
+    assert!(catalog.problems.is_empty(), "{:#?}", catalog.problems);
+    assert_eq!(catalog.len(), 6);
+    assert_eq!(catalog.generation, 1);
+    let workload = catalog.workload("shop", "cart-0").unwrap();
+    assert_eq!(workload.inbound.get(&8080), Some(&15080));
+    assert_eq!(workload.service_account, "cart");
+}
+
+#[test]
+fn parse_errors_name_the_file_document_and_field() {
+    let cases = [
+        (
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: { name: x }\n",
+            "kind: `v1` `ConfigMap` is not a kind Tern reads",
+        ),
+        (
+            "apiVersion: v1\nkind: Service\nmetadata: { name: x }\nspec:\n  ports: [{ port: eighty }]\n",
+            "spec.ports[0].port: invalid type",
+        ),
+        (
+            &route(
+                "r",
+                "  rules: [{ backendRefs: [{ name: cart, port: 80, weight: -1 }] }]\n",
+            ),
+            "spec.rules[0].backendRefs[0].weight",
+        ),
+        (&route("r", "  rulez: []\n"), "unknown field `rulez`"),
+        ("kind: [\n", "not valid YAML"),
+    ];
+    for (text, expected) in cases {
+        let declared = declared(&[("bad.yaml", text)]);
+        assert_eq!(declared.problems.len(), 1, "{text}");
+        let shown = declared.problems[0].to_string();
+        assert!(shown.starts_with("bad.yaml (document 1): "), "{shown}");
+        assert!(
+            shown.contains(expected),
+            "{shown} should contain {expected}"
+        );
+        assert!(declared.broken_files.contains("bad.yaml"));
+    }
+}
+
+#[test]
+fn objects_are_checked_against_each_other_and_refusals_name_the_field() {
+    let cases: Vec<(String, &str)> = vec![
+        (
+            route("r", "  rules: [{ backendRefs: [{ name: nope, port: 80 }] }]\n"),
+            "HTTPRoute shop/r: spec.rules[0].backendRefs[0].name: unknown backend Service shop/nope",
+        ),
+        (
+            route("r", "  rules: [{ backendRefs: [{ name: cart, port: 81 }] }]\n"),
+            "spec.rules[0].backendRefs[0].port: Service shop/cart has no port 81",
+        ),
+        (
+            route("r", "  rules: [{ backendRefs: [{ name: cart, port: 80, weight: 0 }, { name: cart-v2, port: 80, weight: 0 }] }]\n"),
+            "spec.rules[0].backendRefs: the weights add up to zero",
+        ),
+        (
+            route("r", "  rules: [{ matches: [{ path: { type: RegularExpression, value: \"/a.*\" } }], backendRefs: [{ name: cart, port: 80 }] }]\n"),
+            "spec.rules[0].matches[0].path.type: RegularExpression is not supported",
+        ),
+        (
+            route("r", "  rules: [{ matches: [{ headers: [{ name: x, value: y }] }], backendRefs: [{ name: cart, port: 80 }] }]\n"),
+            "spec.rules[0].matches[0].headers: header matches are not supported yet",
+        ),
+        (
+            route("r", "  rules: [{ timeouts: { request: soon }, backendRefs: [{ name: cart, port: 80 }] }]\n"),
+            "spec.rules[0].timeouts.request: `soon` is not a duration",
+        ),
+        (
+            route("r", "  rules: [{ backendRefs: [{ name: cart, port: 80 }] }]\n").replace("name: cart, port: 80 }]\n  rules", "name: gone, port: 80 }]\n  rules"),
+            "spec.parentRefs[0].name: unknown Service shop/gone",
+        ),
+        (
+            "apiVersion: v1\nkind: Pod\nmetadata: { name: p, namespace: shop, annotations: { tern.dev/inbound-ports: \"8080:15080\" } }\nspec: { containers: [] }\nstatus: { podIP: 10.0.0.2 }\n".into(),
+            "metadata.annotations[\"tern.dev/inbound-ports\"]: `8080:15080` is not `<app port>=<sidecar port>`",
+        ),
+        (
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: { name: s, namespace: shop }\naddressType: IPv4\nendpoints: []\n".into(),
+            "metadata.labels[\"kubernetes.io/service-name\"]: names the Service and is required",
+        ),
+        (
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: { name: s, namespace: shop, labels: { kubernetes.io/service-name: cart } }\naddressType: IPv4\nendpoints: [{ addresses: [\"::1\"] }]\n".into(),
+            "endpoints[0].addresses[0]: `::1` is not an IPv4 address",
+        ),
+        (
+            "apiVersion: v1\nkind: Service\nmetadata: { name: two, namespace: shop }\nspec:\n  ports: [{ name: a, port: 80 }, { name: b, port: 80 }]\n".into(),
+            "spec.ports[1].port: port 80 is listed twice",
+        ),
+        (
+            "apiVersion: tern.dev/v1alpha1\nkind: Mesh\nmetadata: { name: default }\nspec: { trustDomain: other.test }\n".into(),
+            "spec.trustDomain: `other.test` is not the CA's trust domain `mesh.test`",
+        ),
+        (
+            "apiVersion: tern.dev/v1alpha1\nkind: BackendPolicy\nmetadata: { name: b, namespace: shop }\nspec: { targetRef: { kind: Service, name: nope } }\n".into(),
+            "spec.targetRef.name: unknown Service shop/nope",
+        ),
+    ];
+    for (text, expected) in cases {
+        let catalog = build(&[("base.yaml", BASE), ("new.yaml", &text)]);
+        let shown = problem(&catalog);
+        assert!(shown.starts_with("new.yaml (document 1): "), "{shown}");
+        assert!(
+            shown.contains(expected),
+            "{shown}\nshould contain\n{expected}"
+        );
+        assert_eq!(catalog.len(), 6, "nothing else is affected");
+    }
+}
+
+#[test]
+fn the_first_of_two_conflicting_routes_keeps_the_path_and_a_duplicate_is_refused() {
+    let a = route(
+        "a",
+        "  rules: [{ backendRefs: [{ name: cart, port: 80 }] }]\n",
+    );
+    let b = route(
+        "b",
+        "  rules: [{ matches: [{ path: { value: / } }], backendRefs: [{ name: cart-v2, port: 80 }] }]\n",
+    );
+    let catalog = build(&[("base.yaml", BASE), ("a.yaml", &a), ("b.yaml", &b)]);
+    let shown = problem(&catalog);
+    assert!(
+        shown.contains("HTTPRoute shop/b: spec.rules[0].matches: conflicts with HTTPRoute shop/a"),
+        "{shown}"
+    );
+
+    let catalog = build(&[("base.yaml", BASE), ("a.yaml", &a), ("copy.yaml", &a)]);
+    assert!(problem(&catalog).contains("HTTPRoute shop/a is already declared in a.yaml"));
+}
+
+#[test]
+fn a_refused_edit_keeps_the_previous_version_and_a_broken_file_keeps_its_objects() {
+    let good = route(
+        "r",
+        "  rules: [{ backendRefs: [{ name: cart-v2, port: 80 }] }]\n",
+    );
+    let first = build(&[("base.yaml", BASE), ("route.yaml", &good)]);
+    assert!(first.problems.is_empty());
+
+    let bad = route(
+        "r",
+        "  rules: [{ backendRefs: [{ name: nope, port: 80 }] }]\n",
+    );
+    let second = Catalog::build(
+        declared(&[("base.yaml", BASE), ("route.yaml", &bad)]),
+        &first,
+    );
+    assert!(second.problems[0].kept_previous);
+    assert!(problem(&second).ends_with("(its previous version stays in use)"));
+    assert_eq!(second.routes, first.routes);
+    assert_eq!(
+        second.generation, first.generation,
+        "nothing accepted changed"
+    );
+
+    let third = Catalog::build(
+        declared(&[("base.yaml", "kind: [\n"), ("route.yaml", &good)]),
+        &second,
+    );
+    assert_eq!(third.len(), first.len(), "the broken file's objects stay");
+    assert_eq!(third.generation, first.generation);
+
+    // Deleting a file does remove its objects.
+    let fourth = Catalog::build(declared(&[("base.yaml", BASE)]), &third);
+    assert!(fourth.routes.is_empty());
+    assert_eq!(fourth.generation, first.generation + 1);
+}
+
+#[test]
+fn mtls_mode_comes_from_the_most_specific_policy_then_the_mesh() {
+    let policies = r#"
+apiVersion: tern.dev/v1alpha1
+kind: Mesh
+metadata: { name: default }
+spec: { trustDomain: mesh.test, mtls: Permissive }
+---
+apiVersion: tern.dev/v1alpha1
+kind: MTLSPolicy
+metadata: { name: namespace-wide, namespace: shop }
+spec: { mode: Disable }
+---
+apiVersion: tern.dev/v1alpha1
+kind: MTLSPolicy
+metadata: { name: cart, namespace: shop }
+spec:
+  selector: { matchLabels: { app: cart } }
+  mode: Strict
+  ports: [{ port: 9090, mode: Permissive }]
+"#;
+    let catalog = build(&[("base.yaml", BASE), ("policies.yaml", policies)]);
+    assert!(catalog.problems.is_empty(), "{:#?}", catalog.problems);
+    let cart = catalog.workload("shop", "cart-0").unwrap().clone();
+    assert_eq!(catalog.mtls_mode(&cart, 8080), MtlsMode::Strict);
+    assert_eq!(catalog.mtls_mode(&cart, 9090), MtlsMode::Permissive);
+    let mut other = cart.clone();
+    other.labels.clear();
+    assert_eq!(catalog.mtls_mode(&other, 8080), MtlsMode::Disable);
+    other.namespace = "elsewhere".into();
+    assert_eq!(
+        catalog.mtls_mode(&other, 8080),
+        MtlsMode::Permissive,
+        "the Mesh's default"
+    );
+}
+
+fn request(pod: &str, account: &str, outbound: &[(&str, u16)]) -> ProxyRequest {
+    ProxyRequest {
+        identity: format!("spiffe://{TRUST_DOMAIN}/ns/shop/sa/{account}")
+            .parse()
+            .unwrap(),
+        namespace: "shop".into(),
+        workload: pod.into(),
+        outbound: outbound
+            .iter()
+            .map(|(service, port)| Outbound {
+                service: (*service).into(),
+                port: *port,
+                listen: "127.0.0.1:0".parse().unwrap(),
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn a_proxy_gets_its_inbound_ports_and_only_the_destinations_it_asked_for() {
+    let split = route(
+        "split",
+        "  rules:\n    - matches: [{ path: { value: /v2 } }]\n      timeouts: { request: 750ms }\n      backendRefs: [{ name: cart-v2, port: 80, weight: 9 }, { name: cart, port: 80, weight: 1 }]\n",
+    );
+    let catalog = build(&[("base.yaml", BASE), ("route.yaml", &split)]);
+
+    // The cart Pod's own sidecar: one inbound listener, HTTP because the Service port is.
+    let cart = translate(&catalog, &request("cart-0", "cart", &[]));
+    assert_eq!(cart.config.listeners.len(), 1);
+    let inbound = &cart.config.listeners[0];
+    assert_eq!(inbound.address, "10.0.0.1:15080".parse().unwrap());
+    assert_eq!(inbound.protocol, Protocol::Http);
+    assert_eq!(inbound.tls.as_ref().unwrap().mode, TlsMode::Strict);
+    assert_eq!(
+        cart.config.clusters[0].endpoints,
+        ["10.0.0.1:8080".parse().unwrap()]
+    );
+
+    // A client of cart and db: HTTP routes for cart (the split), opaque TCP for db.
+    let web = translate(
+        &catalog,
+        &request(
+            "web-0",
+            "web",
+            &[("cart.shop", 80), ("db.shop", 5432), ("nope.shop", 80)],
+        ),
+    );
+    assert!(
+        web.notes
+            .iter()
+            .any(|n| n.contains("unknown Service shop/nope")),
+        "{:?}",
+        web.notes
+    );
+    let names: Vec<&str> = web
+        .config
+        .listeners
+        .iter()
+        .map(|l| l.name.as_str())
+        .collect();
+    assert_eq!(names, ["outbound:cart.shop:80", "outbound:db.shop:5432"]);
+    let routes = &web.config.listeners[0].routes;
+    assert_eq!(
+        routes.len(),
+        1,
+        "with a route attached, unmatched paths get 404"
+    );
+    assert_eq!(routes[0].path_prefix, "/v2");
+    assert_eq!(routes[0].timeout, std::time::Duration::from_millis(750));
+    let weights: Vec<u32> = routes[0].backends.iter().map(|b| b.weight).collect();
+    assert_eq!(weights, [9, 1]);
+    let cluster = |name: &str| web.config.clusters.iter().find(|c| c.name == name).unwrap();
+    // cart's one ready endpoint has a sidecar: reached through it, over mTLS.
+    let cart_cluster = cluster("outbound:cart.shop:80");
+    assert_eq!(cart_cluster.endpoints, ["10.0.0.1:15080".parse().unwrap()]);
+    assert_eq!(
+        cart_cluster.tls.as_ref().unwrap().identity.to_string(),
+        "spiffe://mesh.test/ns/shop/sa/cart"
+    );
+    // db has no sidecar: plaintext, straight to it.
+    let db = cluster("outbound:db.shop:5432");
+    assert_eq!(db.endpoints, ["10.0.0.5:5432".parse().unwrap()]);
+    assert!(db.tls.is_none());
+    assert_eq!(web.config.listeners[1].protocol, Protocol::Tcp);
+    let mut full = web.config.clone();
+    full.identity = Some(shared::config::IdentitySource::Files(
+        shared::config::IdentityFiles {
+            cert: "c".into(),
+            key: "k".into(),
+            trust_bundle: "b".into(),
+        },
+    ));
+    full.validate().expect("a translated config validates");
+
+    // A proxy that is not the Pod's service account gets no inbound listeners.
+    let impostor = translate(&catalog, &request("cart-0", "web", &[]));
+    assert!(impostor.config.listeners.is_empty());
+    assert!(
+        impostor
+            .notes
+            .iter()
+            .any(|n| n.contains("runs as service account `cart`")),
+        "{:?}",
+        impostor.notes
+    );
+}
