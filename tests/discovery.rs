@@ -310,6 +310,26 @@ fn a_proxy_nacks_a_config_it_cannot_apply_and_keeps_its_version() {
         "the old version runs on"
     );
     let status = mesh.status();
+    // `ternctl status` shows it.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let table = status.render(now);
+    for expected in [
+        "default/reviews-v1-0",
+        "(behind)",
+        "last NACK, of version",
+        "default/a-1",
+        "spiffe://mesh.test/ns/default/sa/a",
+        "in 59m",
+    ] {
+        assert!(table.contains(expected), "{expected} missing from\n{table}");
+    }
+    assert!(
+        table.contains(" in 1h") || table.contains(" in 59m"),
+        "certificate expiry in\n{table}"
+    );
     let nack = status.last_nack.expect("the NACK is visible");
     assert_eq!(nack.workload, "default/reviews-v1-0");
     assert!(

@@ -34,6 +34,82 @@ pub struct Status {
     pub last_nack: Option<Nack>,
 }
 
+fn ago(now: u64, then: u64) -> String {
+    humantime::format_duration(std::time::Duration::from_secs(now.saturating_sub(then))).to_string()
+}
+
+impl Status {
+    /// The table `ternctl status` prints, as of `now` (Unix seconds).
+    pub fn render(&self, now: u64) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "config generation {}: {} objects in use, {} refused",
+            self.generation,
+            self.objects,
+            self.problems.len()
+        );
+        for problem in &self.problems {
+            let _ = writeln!(out, "  refused: {problem}");
+        }
+        let _ = writeln!(
+            out,
+            "\n{:<28} {:<48} {:>14} {:>24} {:>10} {:>14}",
+            "WORKLOAD", "IDENTITY", "SENT", "APPLIED", "CONNECTED", "CERT EXPIRES"
+        );
+        for proxy in &self.proxies {
+            let expiry = proxy.certificate_expiry.map_or("-".to_owned(), |e| {
+                let left = e.saturating_sub(i64::try_from(now).unwrap_or(i64::MAX));
+                if left <= 0 {
+                    "EXPIRED".to_owned()
+                } else {
+                    format!("in {}", ago(left.unsigned_abs(), 0))
+                }
+            });
+            let applied = if proxy.applied_version == proxy.sent_version {
+                proxy.applied_version.to_string()
+            } else {
+                format!("{} (behind)", proxy.applied_version)
+            };
+            let _ = writeln!(
+                out,
+                "{:<28} {:<48} {:>14} {:>24} {:>10} {:>14}",
+                proxy.workload,
+                proxy.identity,
+                proxy.sent_version,
+                applied,
+                ago(now, proxy.connected_at),
+                expiry
+            );
+            if let Some(nack) = &proxy.last_nack {
+                let _ = writeln!(
+                    out,
+                    "  last NACK, of version {}: {}",
+                    nack.version, nack.reason
+                );
+            }
+            for note in &proxy.notes {
+                let _ = writeln!(out, "  note: {note}");
+            }
+        }
+        if self.proxies.is_empty() {
+            let _ = writeln!(out, "(no proxy connected)");
+        }
+        if let Some(nack) = &self.last_nack {
+            let _ = writeln!(
+                out,
+                "\nlast NACK: {} ({}) refused version {} {} ago: {}",
+                nack.workload,
+                nack.identity,
+                nack.version,
+                ago(now, nack.at),
+                nack.reason
+            );
+        }
+        out
+    }
+}
+
 /// The status of the control plane right now.
 pub fn status(catalog: &Catalog, registry: &Registry) -> Status {
     Status {

@@ -93,3 +93,98 @@ fn the_committed_crds_are_the_ones_the_types_generate() {
         path.display()
     );
 }
+
+const TERNCTL: &str = env!("CARGO_BIN_EXE_ternctl");
+
+/// A child process killed when the test ends, passed or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn ternctl_status_reads_a_running_control_plane() {
+    let dir = state_dir("ternctl");
+    let manifests = dir.join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    std::fs::write(
+        manifests.join("svc.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: { name: cart }\nspec:\n  ports: [{ name: http, port: 80 }]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        manifests.join("broken.yaml"),
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: { name: r }\nspec: { rulez: [] }\n",
+    )
+    .unwrap();
+    let admin = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().to_string()
+    };
+    let mut child = KillOnDrop(
+        Command::new(BIN)
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                &admin,
+                "--manifests",
+            ])
+            .arg(&manifests)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
+    assert!(
+        lines
+            .by_ref()
+            .map_while(Result::ok)
+            .any(|line| line.contains("tern-control serving")),
+        "never served"
+    );
+    let status = Command::new(TERNCTL)
+        .args(["status", "--admin", &admin])
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{status:?}");
+    let text = String::from_utf8(status.stdout).unwrap();
+    assert!(
+        text.contains("config generation 1: 1 objects in use, 1 refused"),
+        "{text}"
+    );
+    assert!(
+        text.contains("broken.yaml (document 1): HTTPRoute r: spec.rulez: unknown field `rulez`"),
+        "{text}"
+    );
+    assert!(text.contains("(no proxy connected)"), "{text}");
+
+    let json = Command::new(TERNCTL)
+        .args(["status", "--json", "--admin", &admin])
+        .output()
+        .unwrap();
+    let parsed: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(parsed["objects"], 1);
+
+    drop(lines);
+    drop(child);
+    let gone = Command::new(TERNCTL)
+        .args(["status", "--admin", &admin])
+        .output()
+        .unwrap();
+    assert!(!gone.status.success(), "{gone:?}");
+    assert!(
+        String::from_utf8_lossy(&gone.stderr)
+            .contains("connecting to tern-control's admin endpoint"),
+        "{gone:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

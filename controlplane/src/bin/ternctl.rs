@@ -74,77 +74,6 @@ fn dechunk(mut body: &str) -> anyhow::Result<String> {
     }
 }
 
-fn ago(now: u64, then: u64) -> String {
-    humantime::format_duration(Duration::from_secs(now.saturating_sub(then))).to_string()
-}
-
-fn print(status: &Status) {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    println!(
-        "config generation {}: {} objects in use, {} refused",
-        status.generation,
-        status.objects,
-        status.problems.len()
-    );
-    for problem in &status.problems {
-        println!("  refused: {problem}");
-    }
-    println!();
-    println!(
-        "{:<28} {:<52} {:<16} {:<16} {:<10} {:<14}",
-        "WORKLOAD", "IDENTITY", "SENT", "APPLIED", "CONNECTED", "CERT EXPIRES"
-    );
-    for proxy in &status.proxies {
-        let expiry = proxy.certificate_expiry.map_or("-".to_owned(), |e| {
-            let left = e - i64::try_from(now).unwrap_or(i64::MAX);
-            if left <= 0 {
-                "EXPIRED".to_owned()
-            } else {
-                format!(
-                    "in {}",
-                    humantime::format_duration(Duration::from_secs(left.unsigned_abs()))
-                )
-            }
-        });
-        let applied = if proxy.applied_version == proxy.sent_version {
-            proxy.applied_version.to_string()
-        } else {
-            format!("{} (behind)", proxy.applied_version)
-        };
-        println!(
-            "{:<28} {:<52} {:<16} {:<16} {:<10} {:<14}",
-            proxy.workload,
-            proxy.identity,
-            proxy.sent_version,
-            applied,
-            ago(now, proxy.connected_at),
-            expiry
-        );
-        if let Some(nack) = &proxy.last_nack {
-            println!("  last NACK of version {}: {}", nack.version, nack.reason);
-        }
-        for note in &proxy.notes {
-            println!("  note: {note}");
-        }
-    }
-    if status.proxies.is_empty() {
-        println!("(no proxy connected)");
-    }
-    if let Some(nack) = &status.last_nack {
-        println!();
-        println!(
-            "last NACK: {} ({}) refused version {} {} ago: {}",
-            nack.workload,
-            nack.identity,
-            nack.version,
-            ago(now, nack.at),
-            nack.reason
-        );
-    }
-}
-
 fn main() -> anyhow::Result<()> {
     match Args::parse().command {
         Command::Status { admin, json } => {
@@ -155,7 +84,10 @@ fn main() -> anyhow::Result<()> {
             }
             let status: Status = serde_json::from_str(&body)
                 .context("tern-control's /status is not what ternctl reads")?;
-            print(&status);
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            print!("{}", status.render(now));
             Ok(())
         }
     }

@@ -264,7 +264,17 @@ impl Catalog {
     /// from `previous`. The generation moves on only when what is accepted changed.
     pub fn build(declared: Declared, previous: &Catalog) -> Catalog {
         let mut next = Catalog::empty(&previous.trust_domain);
-        next.problems = declared.problems;
+        // A file that no longer parses keeps what it held before, if anything.
+        next.problems = declared
+            .problems
+            .into_iter()
+            .map(|mut problem| {
+                problem.kept_previous = previous.accepted.values().any(|(origin, _)| {
+                    std::path::Path::new(&origin.file).starts_with(&problem.origin.file)
+                });
+                problem
+            })
+            .collect();
 
         let mut by_key: BTreeMap<Key, (Origin, Object)> = BTreeMap::new();
         for (origin, object) in declared.objects {
