@@ -394,3 +394,34 @@ fn a_proxy_gets_its_inbound_ports_and_only_the_destinations_it_asked_for() {
         impostor.notes
     );
 }
+
+#[test]
+fn the_example_manifests_in_deploy_local_are_accepted() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local");
+    let catalog = Catalog::build(source::load(&dir), &Catalog::empty("cluster.local"));
+    assert!(catalog.problems.is_empty(), "{:#?}", catalog.problems);
+    assert_eq!(catalog.len(), 11);
+    let web = translate(
+        &catalog,
+        &ProxyRequest {
+            identity: "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap(),
+            namespace: "shop".into(),
+            workload: "web-0".into(),
+            outbound: vec![Outbound {
+                service: "cart.shop".into(),
+                port: 80,
+                listen: "127.0.0.1:18080".parse().unwrap(),
+            }],
+        },
+    );
+    let weights: Vec<u32> = web.config.listeners[0].routes[0]
+        .backends
+        .iter()
+        .map(|b| b.weight)
+        .collect();
+    assert_eq!(weights, [90, 10]);
+    assert!(
+        web.config.clusters.iter().all(|c| c.tls.is_some()),
+        "both cart versions are meshed"
+    );
+}
