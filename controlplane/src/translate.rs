@@ -75,7 +75,13 @@ fn is_http(port: &ServicePort) -> bool {
 /// Builds the config for `request`.
 pub fn translate(catalog: &Catalog, request: &ProxyRequest) -> Translated {
     let mut out = Translated {
-        config: Config::from_yaml("{}", "tern-control").unwrap_or_else(|_| unreachable!()),
+        config: Config {
+            listeners: Vec::new(),
+            clusters: Vec::new(),
+            http: shared::config::HttpSettings::default(),
+            identity: None,
+            discovery: None,
+        },
         notes: Vec::new(),
     };
     inbound(catalog, request, &mut out);
@@ -234,11 +240,7 @@ fn routes(
         if !attached {
             continue;
         }
-        let hosts: Vec<String> = if route.spec.hostnames.is_empty() {
-            vec!["*".to_owned()]
-        } else {
-            route.spec.hostnames.clone()
-        };
+        let hosts = route.spec.hosts();
         for rule in &route.spec.rules {
             let mut backends = Vec::new();
             for backend in &rule.backend_refs {
@@ -266,14 +268,7 @@ fn routes(
                 .as_ref()
                 .and_then(|t| t.request.as_deref())
                 .and_then(|t| humantime::parse_duration(t).ok());
-            let prefixes: Vec<String> = if rule.matches.is_empty() {
-                vec!["/".to_owned()]
-            } else {
-                rule.matches
-                    .iter()
-                    .map(|m| m.path.as_ref().map_or("/".to_owned(), |p| p.value.clone()))
-                    .collect()
-            };
+            let prefixes = rule.path_prefixes();
             for host in &hosts {
                 for prefix in &prefixes {
                     let mut plan = Route::to_cluster("");

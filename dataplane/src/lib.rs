@@ -42,7 +42,8 @@ pub struct Options {
     pub workers: Option<usize>,
     /// Which IO backend.
     pub backend: BackendChoice,
-    /// Pin each worker to its own CPU.
+    /// Pin each worker to its own CPU, when the process has CPUs of its own (see
+    /// [`exclusive_cpus`]).
     pub pin_workers: bool,
     /// Admin server address.
     pub admin: SocketAddr,
@@ -59,6 +60,19 @@ impl Default for Options {
             admin: SocketAddr::from(([127, 0, 0, 1], 15000)),
             drain_deadline: Duration::from_secs(30),
         }
+    }
+}
+
+/// The CPUs to pin `workers` workers to: the allowed ones when there are no more of them
+/// than workers (an exclusive cpuset, as Kubernetes' static CPU manager gives a Guaranteed
+/// pod), else none. On a shared CPU pool every sidecar sees the same allowed set, and
+/// pinning would put every sidecar's worker 0 on the same first CPU; there the scheduler
+/// places threads better.
+pub fn exclusive_cpus(allowed: Vec<usize>, workers: usize) -> Vec<usize> {
+    if allowed.len() <= workers {
+        allowed
+    } else {
+        Vec::new()
     }
 }
 
@@ -102,7 +116,7 @@ impl Proxy {
         let backend = options.backend.resolve().map_err(StartError::Backend)?;
         let count = options.workers.unwrap_or_else(sys::default_workers).max(1);
         let cpus = if options.pin_workers {
-            sys::allowed_cpus().unwrap_or_default()
+            exclusive_cpus(sys::allowed_cpus().unwrap_or_default(), count)
         } else {
             Vec::new()
         };
@@ -251,5 +265,20 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.control.drain_within(Duration::ZERO);
         self.join_threads();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exclusive_cpus;
+
+    #[test]
+    fn workers_are_pinned_only_to_cpus_of_their_own() {
+        assert_eq!(exclusive_cpus(vec![2, 3], 2), [2, 3], "an exclusive cpuset");
+        assert_eq!(exclusive_cpus(vec![5], 2), [5], "fewer CPUs than workers");
+        assert!(
+            exclusive_cpus(vec![0, 1, 2, 3], 2).is_empty(),
+            "a shared pool: every sidecar would pin to CPU 0"
+        );
     }
 }

@@ -167,6 +167,30 @@ pub struct Timeouts {
     pub backend_request: Option<String>,
 }
 
+impl HttpRouteSpec {
+    /// The host names requests must carry: `*` when none is listed.
+    pub fn hosts(&self) -> Vec<String> {
+        if self.hostnames.is_empty() {
+            vec!["*".to_owned()]
+        } else {
+            self.hostnames.clone()
+        }
+    }
+}
+
+impl Rule {
+    /// The path prefixes this rule matches: `/` when it has no matches or a match has no path.
+    pub fn path_prefixes(&self) -> Vec<String> {
+        if self.matches.is_empty() {
+            return vec!["/".to_owned()];
+        }
+        self.matches
+            .iter()
+            .map(|m| m.path.as_ref().map_or("/".to_owned(), |p| p.value.clone()))
+            .collect()
+    }
+}
+
 /// Whether a group/kind pair names a core `Service`.
 pub fn is_service(group: Option<&str>, kind: Option<&str>) -> bool {
     matches!(group, None | Some("" | "core")) && matches!(kind, None | Some("Service"))

@@ -724,11 +724,7 @@ fn route_claims<'a>(
     route: &'a HttpRoute,
     namespace: &'a str,
 ) -> impl Iterator<Item = (usize, Claim)> + 'a {
-    let hosts: Vec<String> = if route.spec.hostnames.is_empty() {
-        vec!["*".to_owned()]
-    } else {
-        route.spec.hostnames.clone()
-    };
+    let hosts = route.spec.hosts();
     route.spec.parent_refs.iter().flat_map(move |parent| {
         let service = (
             parent
@@ -744,14 +740,7 @@ fn route_claims<'a>(
             .iter()
             .enumerate()
             .flat_map(move |(i, rule)| {
-                let prefixes: Vec<String> = if rule.matches.is_empty() {
-                    vec!["/".to_owned()]
-                } else {
-                    rule.matches
-                        .iter()
-                        .map(|m| m.path.as_ref().map_or("/".to_owned(), |p| p.value.clone()))
-                        .collect()
-                };
+                let prefixes = rule.path_prefixes();
                 let service = service.clone();
                 let port = parent.port.unwrap_or(0);
                 hosts.clone().into_iter().flat_map(move |host| {
