@@ -68,18 +68,15 @@ impl Stream for EpollStream {
         pipe: std::os::fd::BorrowedFd<'_>,
         len: usize,
     ) -> io::Result<usize> {
-        loop {
-            self.0.readable().await?;
-            // The pipe is empty, so EAGAIN can only mean the socket has nothing yet.
-            match self.0.try_io(tokio::io::Interest::READABLE, || {
+        // The pipe is empty, so EAGAIN can only mean the socket has nothing yet: `async_io`
+        // waits for readiness and retries on it.
+        self.0
+            .async_io(tokio::io::Interest::READABLE, || {
                 Ok(rustix::pipe::splice(
                     &self.0, None, pipe, None, len, SPLICE,
                 )?)
-            }) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                result => return result,
-            }
-        }
+            })
+            .await
     }
 
     async fn splice_from_pipe(
@@ -87,18 +84,14 @@ impl Stream for EpollStream {
         pipe: std::os::fd::BorrowedFd<'_>,
         len: usize,
     ) -> io::Result<usize> {
-        loop {
-            self.0.writable().await?;
-            // The pipe holds `len` bytes, so EAGAIN can only mean the socket is full.
-            match self.0.try_io(tokio::io::Interest::WRITABLE, || {
+        // The pipe holds `len` bytes, so EAGAIN can only mean the socket is full.
+        self.0
+            .async_io(tokio::io::Interest::WRITABLE, || {
                 Ok(rustix::pipe::splice(
                     pipe, None, &self.0, None, len, SPLICE,
                 )?)
-            }) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                result => return result,
-            }
-        }
+            })
+            .await
     }
 
     fn kernel_tls_socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
@@ -107,32 +100,28 @@ impl Stream for EpollStream {
 
     async fn read_tls_record(&self, mut buf: Vec<u8>) -> BufResult<(usize, u8)> {
         super::ensure_spare(&mut buf);
-        loop {
-            if let Err(e) = self.0.readable().await {
-                return (Err(e), buf);
-            }
-            let fd = std::os::fd::AsFd::as_fd(&self.0);
-            match self.0.try_io(tokio::io::Interest::READABLE, || {
+        let fd = std::os::fd::AsFd::as_fd(&self.0);
+        let result = self
+            .0
+            .async_io(tokio::io::Interest::READABLE, || {
                 crate::sys::recv_tls_record(fd, &mut buf)
-            }) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                result => return (result, buf),
-            }
-        }
+            })
+            .await;
+        (result, buf)
     }
 
     async fn write_tls_record(&self, record_type: u8, data: &[u8]) -> io::Result<()> {
-        loop {
-            self.0.writable().await?;
-            let fd = std::os::fd::AsFd::as_fd(&self.0);
-            match self.0.try_io(tokio::io::Interest::WRITABLE, || {
+        let fd = std::os::fd::AsFd::as_fd(&self.0);
+        let sent = self
+            .0
+            .async_io(tokio::io::Interest::WRITABLE, || {
                 crate::sys::send_tls_record(fd, record_type, data)
-            }) {
-                Ok(n) if n == data.len() => return Ok(()),
-                Ok(_) => return Err(io::ErrorKind::WriteZero.into()),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
+            })
+            .await?;
+        if sent == data.len() {
+            Ok(())
+        } else {
+            Err(io::ErrorKind::WriteZero.into())
         }
     }
 }
