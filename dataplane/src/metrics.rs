@@ -648,21 +648,13 @@ pub fn render(info: &Info<'_>, report: &WorkerReport) -> String {
             );
         }
     }
-    let _ = writeln!(
-        out,
-        "# HELP tern_listener_tls_connections_total mTLS connections accepted, by where the record layer runs (kernel: kTLS; userspace: rustls).\n# TYPE tern_listener_tls_connections_total counter"
+    render_tls_modes(
+        &mut out,
+        "tern_listener_tls_connections_total",
+        "mTLS connections accepted",
+        "listener",
+        ls.iter().map(|(l, r)| (l.as_ref(), &r.tls_modes)),
     );
-    for (l, r) in ls {
-        for mode in TlsMode::ALL {
-            let _ = writeln!(
-                out,
-                "tern_listener_tls_connections_total{{listener=\"{}\",mode=\"{}\"}} {}",
-                escape(l),
-                mode.label(),
-                r.tls_modes[mode as usize]
-            );
-        }
-    }
     let _ = writeln!(
         out,
         "# HELP tern_request_duration_seconds HTTP request latency, first head byte parsed to last response byte sent; exact quantiles from merged HDR histograms."
@@ -747,21 +739,13 @@ pub fn render(info: &Info<'_>, report: &WorkerReport) -> String {
         "Bytes read from upstreams.",
         &|r| r.bytes_received,
     );
-    let _ = writeln!(
-        out,
-        "# HELP tern_upstream_tls_connections_total mTLS connections to upstreams, by where the record layer runs (kernel: kTLS; userspace: rustls).\n# TYPE tern_upstream_tls_connections_total counter"
+    render_tls_modes(
+        &mut out,
+        "tern_upstream_tls_connections_total",
+        "mTLS connections to upstreams",
+        "cluster",
+        cs.iter().map(|(c, r)| (c.as_ref(), &r.tls_modes)),
     );
-    for (c, r) in cs {
-        for mode in TlsMode::ALL {
-            let _ = writeln!(
-                out,
-                "tern_upstream_tls_connections_total{{cluster=\"{}\",mode=\"{}\"}} {}",
-                escape(c),
-                mode.label(),
-                r.tls_modes[mode as usize]
-            );
-        }
-    }
     let _ = writeln!(
         out,
         "# HELP tern_upstream_responses_total Upstream responses, by status class."
@@ -780,6 +764,32 @@ pub fn render(info: &Info<'_>, report: &WorkerReport) -> String {
 }
 
 /// Escapes a label value (backslash, quote, newline).
+/// One counter of mTLS connections by record-layer mode (kernel: kTLS; userspace: rustls),
+/// a series per `label` value and mode.
+fn render_tls_modes<'a>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    label: &str,
+    rows: impl Iterator<Item = (&'a str, &'a [u64; 2])>,
+) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}, by where the record layer runs (kernel: kTLS; userspace: rustls).\n# TYPE {name} counter"
+    );
+    for (value, modes) in rows {
+        for mode in TlsMode::ALL {
+            let _ = writeln!(
+                out,
+                "{name}{{{label}=\"{}\",mode=\"{}\"}} {}",
+                escape(value),
+                mode.label(),
+                modes[mode as usize]
+            );
+        }
+    }
+}
+
 fn escape(value: &str) -> std::borrow::Cow<'_, str> {
     if value.contains(['\\', '"', '\n']) {
         value
