@@ -13,6 +13,7 @@ pub mod admin;
 pub mod ca_client;
 pub mod control;
 pub mod discovery_client;
+pub mod intercept;
 pub mod io;
 pub mod ktls;
 pub mod metrics;

@@ -1,22 +1,25 @@
 //! `tern-proxy`: runs the sidecar from a YAML config file; SIGHUP reloads the file, SIGTERM
-//! or SIGINT (or `POST /shutdown` on the admin port) drains and exits 0.
+//! or SIGINT (or `POST /shutdown` on the admin port) drains and exits 0. `tern-proxy init`
+//! installs the pod's traffic interception rules (see [`dataplane::intercept`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{Args as ClapArgs, Parser, Subcommand};
 use dataplane::{BackendChoice, Options, Proxy};
 use tokio::signal::unix::{SignalKind, signal};
 
 /// Tern's sidecar proxy.
 #[derive(Debug, Parser)]
-#[command(name = "tern-proxy", version)]
+#[command(name = "tern-proxy", version, args_conflicts_with_subcommands = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// The YAML config file (listeners, routes, clusters).
     #[arg(long, short, env = "TERN_CONFIG")]
-    config: PathBuf,
+    config: Option<PathBuf>,
     /// Admin server address (/live, /ready, /metrics, /config_dump, /shutdown).
     #[arg(long, env = "TERN_ADMIN", default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
@@ -38,6 +41,77 @@ struct Args {
     log: String,
 }
 
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Installs (or with --uninstall removes) the nftables rules that send this network
+    /// namespace's TCP through the proxy; run it in the pod's namespace, as istio-init does.
+    Init(InitArgs),
+}
+
+#[derive(Debug, ClapArgs)]
+struct InitArgs {
+    /// Where outbound TCP goes.
+    #[arg(long, default_value_t = 15001)]
+    outbound_port: u16,
+    /// Where inbound TCP goes.
+    #[arg(long, default_value_t = 15006)]
+    inbound_port: u16,
+    /// The proxy's UID; its own connections are not intercepted.
+    #[arg(long, default_value_t = 1337)]
+    proxy_uid: u32,
+    /// A socket mark whose connections are not intercepted.
+    #[arg(long, default_value_t = 1337)]
+    proxy_mark: u32,
+    /// Outbound destinations to intercept (comma-separated CIDRs); all by default.
+    #[arg(long, value_delimiter = ',')]
+    include_outbound_cidrs: Vec<ipnet::IpNet>,
+    /// Outbound destinations to leave alone (comma-separated CIDRs).
+    #[arg(long, value_delimiter = ',')]
+    exclude_outbound_cidrs: Vec<ipnet::IpNet>,
+    /// Outbound destination ports to leave alone.
+    #[arg(long, value_delimiter = ',')]
+    exclude_outbound_ports: Vec<u16>,
+    /// Inbound ports to intercept; all by default.
+    #[arg(long, value_delimiter = ',')]
+    include_inbound_ports: Vec<u16>,
+    /// Inbound ports to leave alone (e.g. a health port).
+    #[arg(long, value_delimiter = ',')]
+    exclude_inbound_ports: Vec<u16>,
+    /// Print the rules instead of applying them.
+    #[arg(long)]
+    dry_run: bool,
+    /// Remove the rules.
+    #[arg(long)]
+    uninstall: bool,
+}
+
+fn init(args: InitArgs) -> anyhow::Result<()> {
+    use dataplane::intercept::{self, Interception};
+    let ruleset = if args.uninstall {
+        intercept::uninstall_ruleset()
+    } else {
+        Interception {
+            outbound_port: args.outbound_port,
+            inbound_port: args.inbound_port,
+            proxy_uid: args.proxy_uid,
+            proxy_mark: args.proxy_mark,
+            include_outbound_cidrs: args.include_outbound_cidrs,
+            exclude_outbound_cidrs: args.exclude_outbound_cidrs,
+            exclude_outbound_ports: args.exclude_outbound_ports,
+            include_inbound_ports: args.include_inbound_ports,
+            exclude_inbound_ports: args.exclude_inbound_ports,
+        }
+        .ruleset()
+    };
+    if args.dry_run {
+        print!("{ruleset}");
+        return Ok(());
+    }
+    intercept::apply(&ruleset)?;
+    tracing::info!(uninstall = args.uninstall, "interception rules applied");
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
@@ -47,7 +121,13 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
 
-    let config = shared::Config::from_file(&args.config)?;
+    if let Some(Command::Init(init_args)) = args.command {
+        return init(init_args);
+    }
+    let config_path = args
+        .config
+        .context("--config (or TERN_CONFIG) is required to run the proxy")?;
+    let config = shared::Config::from_file(&config_path)?;
     let options = Options {
         workers: args.workers,
         backend: args.io_backend,
@@ -55,7 +135,7 @@ fn main() -> anyhow::Result<()> {
         admin: args.admin,
         drain_deadline: args.drain_deadline,
     };
-    let proxy = Proxy::start(config, &args.config.display().to_string(), options)?;
+    let proxy = Proxy::start(config, &config_path.display().to_string(), options)?;
     tracing::info!(listeners = ?proxy.control().addresses(), "ready");
 
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -67,7 +147,7 @@ fn main() -> anyhow::Result<()> {
         let mut interrupt = signal(SignalKind::interrupt())?;
         loop {
             tokio::select! {
-                _ = hangup.recv() => match proxy.reload_file(&args.config) {
+                _ = hangup.recv() => match proxy.reload_file(&config_path) {
                     Ok(version) => tracing::info!(version, "reloaded on SIGHUP"),
                     Err(error) => tracing::error!(%error, "reload refused; keeping the running config"),
                 },
