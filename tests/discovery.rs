@@ -343,10 +343,9 @@ fn a_proxy_nacks_a_config_it_cannot_apply_and_keeps_its_version() {
         .unwrap();
     assert_eq!(entry.applied_version, version);
     assert!(entry.sent_version > version);
-    assert_eq!(
-        entry.last_nack.as_ref().unwrap().version,
-        entry.sent_version
-    );
+    // (The control plane offers it again with backoff, so a retry may be in flight.)
+    let nacked = entry.last_nack.as_ref().unwrap().version;
+    assert!(nacked > version && nacked <= entry.sent_version);
     // The sidecar still listens where it did.
     assert_eq!(
         sidecar

@@ -30,6 +30,10 @@ use crate::translate::{ProxyRequest, translate};
 
 /// Time allowed for a new stream's Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// First delay before a NACKed config is offered again; doubles up to [`MAX_NACK_RETRY`].
+const NACK_RETRY: Duration = Duration::from_secs(1);
+/// Longest delay between offers of a NACKed config.
+const MAX_NACK_RETRY: Duration = Duration::from_secs(60);
 /// Most destinations one proxy may subscribe to.
 const MAX_SUBSCRIPTIONS: usize = 4096;
 
@@ -296,6 +300,10 @@ async fn serve_stream(
     } = service;
     let mut last_sent = None;
     let mut dirty = true;
+    // After a NACK the same config is offered again, with backoff: the cause may pass (a
+    // port still held by its previous owner).
+    let mut retry: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    let mut nacks_in_a_row = 0u32;
     loop {
         if *stopping.borrow_and_update() {
             break;
@@ -306,11 +314,12 @@ async fn serve_stream(
             let translated = translate(&current, &proxy);
             if last_sent.as_ref() != Some(&translated.config) {
                 let version = registry.next_version.fetch_add(1, Ordering::Relaxed);
-                if configs
-                    .send(Ok(wire::encode(&translated.config, version)))
-                    .await
-                    .is_err()
-                {
+                // A proxy that stops reading must not hold up a shutdown.
+                let sent = tokio::select! {
+                    sent = configs.send(Ok(wire::encode(&translated.config, version))) => sent.is_ok(),
+                    _ = stopping.changed() => false,
+                };
+                if !sent {
                     break;
                 }
                 registry.pushes.fetch_add(1, Ordering::Relaxed);
@@ -323,6 +332,15 @@ async fn serve_stream(
             }
         }
         tokio::select! {
+            () = async {
+                match retry.as_mut() {
+                    Some(sleep) => sleep.await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                retry = None;
+                dirty = true;
+            }
             changed = catalog.changed() => {
                 if changed.is_err() {
                     break;
@@ -332,6 +350,8 @@ async fn serve_stream(
             message = messages.message() => match message {
                 Ok(Some(WatchRequest { kind: Some(Kind::Ack(ack)) })) => {
                     registry.acks.fetch_add(1, Ordering::Relaxed);
+                    nacks_in_a_row = 0;
+                    retry = None;
                     let expiry = authority.expiry(&proxy.identity);
                     registry.update(stream, |s| {
                         s.applied_version = ack.version;
@@ -340,6 +360,12 @@ async fn serve_stream(
                 }
                 Ok(Some(WatchRequest { kind: Some(Kind::Nack(nack)) })) => {
                     registry.nacks.fetch_add(1, Ordering::Relaxed);
+                    let delay = NACK_RETRY
+                        .saturating_mul(1 << nacks_in_a_row.min(6))
+                        .min(MAX_NACK_RETRY);
+                    nacks_in_a_row = nacks_in_a_row.saturating_add(1);
+                    last_sent = None;
+                    retry = Some(Box::pin(tokio::time::sleep(delay)));
                     tracing::warn!(identity = %proxy.identity, version = nack.version, reason = %nack.reason, "proxy refused its config (NACK); it runs its previous version");
                     let nack = Nack {
                         identity: proxy.identity.to_string(),

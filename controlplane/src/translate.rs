@@ -338,7 +338,10 @@ fn service_cluster(
                             .values()
                             .find(|w| w.namespace == namespace && w.ip == Some(ip))
                     });
-                let sidecar = pod.and_then(|w| Some((w.inbound.get(&target)?, w)));
+                // A port whose mTLS mode is Disable takes plaintext: dial the application.
+                let sidecar = pod
+                    .filter(|w| catalog.mtls_mode(w, target) != MtlsMode::Disable)
+                    .and_then(|w| Some((w.inbound.get(&target)?, w)));
                 match sidecar.and_then(|(port, w)| {
                     Some((*port, workload_identity(catalog.trust_domain(), w)?))
                 }) {

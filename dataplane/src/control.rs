@@ -224,6 +224,17 @@ impl Control {
             return Err(ApplyError::Draining);
         }
         let mut state = self.state();
+        // Checked now, even if the config cannot go live yet (no certificate): a push that
+        // cannot merge is refused at once rather than ACKed and found out later.
+        if let Some((config, source)) = &state.desired
+            && let Err((field, message)) = pushed.merge_into(config)
+        {
+            return Err(ApplyError::Config(ConfigError::Invalid {
+                origin: format!("{source} + tern-control version {}", pushed.version),
+                field,
+                message,
+            }));
+        }
         let previous = state.pushed.replace(pushed);
         let Some((config, source)) = state.desired.clone() else {
             return Ok(None);

@@ -87,6 +87,8 @@ struct InitArgs {
 
 fn init(args: InitArgs) -> anyhow::Result<()> {
     use dataplane::intercept::{self, Interception};
+    // `meta mark 0 return` would match every unmarked packet and intercept nothing.
+    anyhow::ensure!(args.proxy_mark != 0, "--proxy-mark must not be 0");
     let ruleset = if args.uninstall {
         intercept::uninstall_ruleset()
     } else {

@@ -313,7 +313,17 @@ impl Catalog {
         }
 
         for kind in KIND_ORDER {
-            let keys: Vec<Key> = by_key.keys().filter(|k| k.kind == kind).cloned().collect();
+            let mut keys: Vec<Key> = by_key.keys().filter(|k| k.kind == kind).cloned().collect();
+            // What was accepted before and is unchanged goes first: a newcomer that
+            // conflicts with it (a route claiming the same path) is the one refused.
+            keys.sort_by_key(|k| {
+                let unchanged = previous
+                    .accepted
+                    .get(k)
+                    .zip(by_key.get(k))
+                    .is_some_and(|((_, old), (_, new))| old == new);
+                !unchanged
+            });
             for key in keys {
                 let Some((origin, object)) = by_key.remove(&key) else {
                     continue;
@@ -504,11 +514,8 @@ impl Catalog {
             }
         }
         for (i, host) in spec.hostnames.iter().enumerate() {
-            if host.is_empty() || host.contains('*') && !host.starts_with("*.") {
-                return fail(
-                    format!("spec.hostnames[{i}]"),
-                    "must be a DNS name or `*.` and one",
-                );
+            if let Err(why) = shared::config::check_host_pattern(host) {
+                return fail(format!("spec.hostnames[{i}]"), why);
             }
         }
         for (i, rule) in spec.rules.iter().enumerate() {
@@ -764,8 +771,9 @@ fn route_claims<'a>(
 /// Parses a Gateway API / Kubernetes duration (`10s`, `500ms`, `1m30s`).
 pub fn duration(field: &str, text: &str) -> Result<Duration, (String, String)> {
     match humantime::parse_duration(text) {
-        Ok(d) if !d.is_zero() => Ok(d),
-        Ok(_) => fail(field, "must be greater than zero"),
+        // Proxies take milliseconds.
+        Ok(d) if d >= Duration::from_millis(1) => Ok(d),
+        Ok(_) => fail(field, "must be at least 1ms"),
         Err(e) => fail(field, format!("`{text}` is not a duration ({e})")),
     }
 }
@@ -850,6 +858,9 @@ fn check_pod(key: &Key, pod: &Pod) -> Result<Workload, (String, String)> {
             });
             match parsed {
                 Some((app, sidecar)) if app != 0 && sidecar != 0 => {
+                    if inbound.values().any(|&s| s == sidecar) {
+                        return fail(field, format!("sidecar port {sidecar} is used twice"));
+                    }
                     if inbound.insert(app, sidecar).is_some() {
                         return fail(field, format!("port {app} is mapped twice"));
                     }

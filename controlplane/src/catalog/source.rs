@@ -86,31 +86,50 @@ impl Source for Directory {
     }
 }
 
-fn walk(dir: &Path, files: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let path = entry.path();
-        let hidden = entry.file_name().to_string_lossy().starts_with('.');
-        // Follows symlinks: ConfigMap volumes are made of them.
-        let meta = std::fs::metadata(&path)?;
-        if hidden {
+/// Collects the manifests under `dir`. Hidden entries (editor lock and swap files,
+/// ConfigMap internals) are skipped; an entry that cannot be read is reported in `errors`
+/// and skipped, so one unreadable file or directory (a `lost+found`) does not hide the rest.
+fn walk(dir: &Path, files: &mut Vec<PathBuf>, errors: &mut Vec<(PathBuf, String)>) {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(error) => {
+            errors.push((dir.to_owned(), error.to_string()));
+            return;
+        }
+    };
+    for entry in entries {
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(error) => {
+                errors.push((dir.to_owned(), error.to_string()));
+                continue;
+            }
+        };
+        if entry.file_name().to_string_lossy().starts_with('.') {
             continue;
         }
-        if meta.is_dir() {
-            walk(&path, files)?;
-        } else if matches!(
+        let path = entry.path();
+        let manifest = matches!(
             path.extension().and_then(|e| e.to_str()),
             Some("yaml" | "yml")
-        ) {
-            files.push(path);
+        );
+        // Follows symlinks: ConfigMap volumes are made of them.
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.is_dir() => walk(&path, files, errors),
+            Ok(_) if manifest => files.push(path),
+            Ok(_) => {}
+            Err(error) => errors.push((path, error.to_string())),
         }
     }
-    Ok(())
 }
 
 fn fingerprint(root: &Path) -> Fingerprint {
     let mut files = Vec::new();
-    walk(root, &mut files).map_err(|e| e.to_string())?;
+    let mut errors = Vec::new();
+    walk(root, &mut files, &mut errors);
+    if let Some((_, error)) = errors.iter().find(|(path, _)| path == root) {
+        return Err(error.clone());
+    }
     files.sort();
     Ok(files
         .into_iter()
@@ -132,19 +151,21 @@ fn fingerprint(root: &Path) -> Fingerprint {
 pub fn load(root: &Path) -> Declared {
     let mut declared = Declared::default();
     let mut files = Vec::new();
-    if let Err(error) = walk(root, &mut files) {
+    let mut errors = Vec::new();
+    walk(root, &mut files, &mut errors);
+    for (path, error) in errors {
+        let path = path.display().to_string();
         declared.problems.push(Problem {
             origin: Origin {
-                file: root.display().to_string(),
+                file: path.clone(),
                 document: 0,
             },
             object: None,
             field: String::new(),
-            message: format!("reading the directory: {error}"),
+            message: format!("reading it: {error}"),
             kept_previous: true,
         });
-        declared.broken_files.insert(root.display().to_string());
-        return declared;
+        declared.broken_files.insert(path);
     }
     files.sort();
     for path in files {
@@ -210,7 +231,18 @@ pub fn parse_file(file: &str, text: &str, declared: &mut Declared) {
             .and_then(serde_yaml::Value::as_str)
             .map(|name| format!("{kind} {name}"));
         match parse_object(&api_version, &kind, value) {
-            Ok(object) => declared.objects.push((origin, object)),
+            Ok(Some(object)) => declared.objects.push((origin, object)),
+            // Another kind (a Deployment beside its Service, say): reported, but the file's
+            // own objects are read as usual.
+            Ok(None) => declared.problems.push(Problem {
+                origin,
+                object: name,
+                field: "kind".into(),
+                message: format!(
+                    "`{api_version}` `{kind}` is not a kind Tern reads (Service, EndpointSlice, Pod, HTTPRoute, and tern.dev's Mesh, MTLSPolicy, AuthorizationPolicy, BackendPolicy); ignored"
+                ),
+                kept_previous: false,
+            }),
             Err((field, message)) => problem(name, field, message),
         }
     }
@@ -228,12 +260,13 @@ fn typed<T: serde::de::DeserializeOwned>(
         })
 }
 
+/// The typed object of a document, or `None` for a kind Tern does not read.
 fn parse_object(
     api_version: &str,
     kind: &str,
     value: serde_yaml::Value,
-) -> Result<Object, (String, String)> {
-    Ok(match (api_version, kind) {
+) -> Result<Option<Object>, (String, String)> {
+    Ok(Some(match (api_version, kind) {
         ("v1", "Service") => Object::Service(typed(value)?),
         ("v1", "Pod") => Object::Pod(typed(value)?),
         ("discovery.k8s.io/v1", "EndpointSlice") => Object::EndpointSlice(typed(value)?),
@@ -244,13 +277,6 @@ fn parse_object(
         ("tern.dev/v1alpha1", "MTLSPolicy") => Object::MtlsPolicy(typed(value)?),
         ("tern.dev/v1alpha1", "AuthorizationPolicy") => Object::AuthorizationPolicy(typed(value)?),
         ("tern.dev/v1alpha1", "BackendPolicy") => Object::BackendPolicy(typed(value)?),
-        _ => {
-            return Err((
-                "kind".into(),
-                format!(
-                    "`{api_version}` `{kind}` is not a kind Tern reads (Service, EndpointSlice, Pod, HTTPRoute, and tern.dev's Mesh, MTLSPolicy, AuthorizationPolicy, BackendPolicy)"
-                ),
-            ));
-        }
-    })
+        _ => return Ok(None),
+    }))
 }

@@ -120,7 +120,13 @@ fn parse_errors_name_the_file_document_and_field() {
             shown.contains(expected),
             "{shown} should contain {expected}"
         );
-        assert!(declared.broken_files.contains("bad.yaml"));
+        // A kind Tern does not read is reported, but does not freeze the file.
+        let other_kind = expected.starts_with("kind:");
+        assert_eq!(
+            declared.broken_files.contains("bad.yaml"),
+            !other_kind,
+            "{shown}"
+        );
     }
 }
 
@@ -424,4 +430,88 @@ fn the_example_manifests_in_deploy_local_are_accepted() {
         web.config.clusters.iter().all(|c| c.tls.is_some()),
         "both cart versions are meshed"
     );
+}
+
+#[test]
+fn a_new_route_cannot_take_the_path_of_one_already_in_use() {
+    let existing = route(
+        "zz-existing",
+        "  rules: [{ backendRefs: [{ name: cart, port: 80 }] }]\n",
+    );
+    let first = build(&[("base.yaml", BASE), ("z.yaml", &existing)]);
+    assert!(first.problems.is_empty());
+    // It sorts first by name, but the route already in use keeps the path.
+    let newcomer = route(
+        "aa-newcomer",
+        "  rules: [{ backendRefs: [{ name: cart-v2, port: 80 }] }]\n",
+    );
+    let next = Catalog::build(
+        declared(&[
+            ("base.yaml", BASE),
+            ("z.yaml", &existing),
+            ("a.yaml", &newcomer),
+        ]),
+        &first,
+    );
+    assert!(
+        problem(&next).contains("HTTPRoute shop/aa-newcomer: spec.rules[0].matches: conflicts with HTTPRoute shop/zz-existing"),
+        "{}",
+        problem(&next)
+    );
+    assert_eq!(next.routes, first.routes);
+}
+
+#[test]
+fn other_kinds_in_a_file_are_reported_and_do_not_freeze_it() {
+    let deployment = "apiVersion: apps/v1\nkind: Deployment\nmetadata: { name: cart, namespace: shop }\nspec: {}\n---\n";
+    let first = build(&[("app.yaml", &format!("{deployment}{BASE}"))]);
+    assert!(
+        problem(&first)
+            .contains("Deployment cart: kind: `apps/v1` `Deployment` is not a kind Tern reads")
+    );
+    assert_eq!(first.len(), 6);
+    // Removing the Pod from that file removes it: the file is not "broken".
+    let without_pod = BASE.split("---\napiVersion: v1\nkind: Pod").next().unwrap();
+    let next = Catalog::build(
+        declared(&[("app.yaml", &format!("{deployment}{without_pod}"))]),
+        &first,
+    );
+    assert_eq!(next.len(), 5);
+    assert!(next.workload("shop", "cart-0").is_none());
+}
+
+#[test]
+fn values_a_proxy_would_refuse_are_refused_at_the_source() {
+    let cases: Vec<(String, &str)> = vec![
+        (
+            route("r", "  hostnames: [\"*.*.example.com\"]\n  rules: [{ backendRefs: [{ name: cart, port: 80 }] }]\n"),
+            "spec.hostnames[0]: a wildcard is only allowed as a leading `*.`",
+        ),
+        (
+            route("r", "  rules: [{ timeouts: { request: 500us }, backendRefs: [{ name: cart, port: 80 }] }]\n"),
+            "spec.rules[0].timeouts.request: must be at least 1ms",
+        ),
+        (
+            "apiVersion: v1\nkind: Pod\nmetadata: { name: p, namespace: shop, annotations: { tern.dev/inbound-ports: \"8080=15080,9090=15080\" } }\nspec: { containers: [] }\nstatus: { podIP: 10.0.0.2 }\n".into(),
+            "sidecar port 15080 is used twice",
+        ),
+    ];
+    for (text, expected) in cases {
+        let catalog = build(&[("base.yaml", BASE), ("new.yaml", &text)]);
+        let shown = problem(&catalog);
+        assert!(
+            shown.contains(expected),
+            "{shown}\nshould contain\n{expected}"
+        );
+    }
+}
+
+#[test]
+fn a_port_with_mtls_disabled_is_reached_in_plaintext_at_the_application() {
+    let disable = "apiVersion: tern.dev/v1alpha1\nkind: MTLSPolicy\nmetadata: { name: off, namespace: shop }\nspec: { mode: Disable }\n";
+    let catalog = build(&[("base.yaml", BASE), ("off.yaml", disable)]);
+    let web = translate(&catalog, &request("web-0", "web", &[("cart.shop", 80)]));
+    let cart = &web.config.clusters[0];
+    assert_eq!(cart.endpoints, ["10.0.0.1:8080".parse().unwrap()]);
+    assert!(cart.tls.is_none());
 }

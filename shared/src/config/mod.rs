@@ -631,8 +631,16 @@ impl Config {
             if discovery.workload.namespace.is_empty() || discovery.workload.name.is_empty() {
                 return fail("discovery.workload".into(), "needs a namespace and a name");
             }
+            let mut destinations = HashSet::new();
+            let mut listens = HashSet::new();
             for (i, outbound) in discovery.outbound.iter().enumerate() {
                 let at = |f: &str| format!("discovery.outbound[{i}].{f}");
+                if !destinations.insert((outbound.service.as_str(), outbound.port)) {
+                    return fail(at("service"), "this service and port are listed twice");
+                }
+                if outbound.listen.port() != 0 && !listens.insert(outbound.listen) {
+                    return fail(at("listen"), &format!("{} is used twice", outbound.listen));
+                }
                 if crate::config::service_name(&outbound.service).is_none() {
                     return fail(at("service"), "must be `<name>.<namespace>`");
                 }
@@ -683,7 +691,8 @@ pub fn service_name(service: &str) -> Option<(&str, &str)> {
         .then_some((name, namespace))
 }
 
-fn check_host_pattern(host: &str) -> Result<(), &'static str> {
+/// Checks a route host pattern: a DNS name, `*.` followed by one, or `*`.
+pub fn check_host_pattern(host: &str) -> Result<(), &'static str> {
     if host == "*" {
         return Ok(());
     }
