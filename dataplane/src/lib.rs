@@ -3,11 +3,12 @@
 //!
 //! Layout: [`worker`] threads (one per core) run the data path, written once in [`proxy`]
 //! against the [`io`] interface and its two backends; [`control`] and [`admin`] run on their
-//! own thread and reach workers only by message, as does [`ca_client`], which keeps this
-//! proxy certified by `tern-control`'s CA; [`snapshot`] is the compiled config workers
-//! read; [`tls`] carries mutual TLS over the same IO interface and [`ktls`] hands its record
-//! layer to the kernel where it can; [`metrics`] are per-worker
-//! and merged at scrape; [`sys`] holds the OS calls.
+//! own thread and reach workers only by message, as do [`ca_client`], which keeps this
+//! proxy certified by `tern-control`'s CA, and [`discovery_client`], which streams its
+//! config from `tern-control`; [`snapshot`] is the compiled config workers read; [`tls`]
+//! carries mutual TLS over the same IO interface and [`ktls`] hands its record layer to the
+//! kernel where it can; [`metrics`] are per-worker and merged at scrape; [`sys`] holds the
+//! OS calls; [`intercept`] writes the pod's nftables rules for `tern-proxy init`.
 
 pub mod admin;
 pub mod ca_client;
