@@ -509,3 +509,44 @@ fn many_proxies_connecting_at_once_all_converge() {
             .all(|p| p.applied_version == p.sent_version && versions.contains(&p.applied_version))
     });
 }
+
+#[test]
+fn a_nacked_config_is_offered_again_and_lands_once_its_cause_passes() {
+    let mesh = Mesh::start();
+    let (sidecar, _a1, _a2) = ready(&mesh);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port();
+    let app = mesh.v1.addr.port();
+    mesh.write(
+        "pods.yaml",
+        &manifests::pod(
+            "reviews-v1-0",
+            "reviews-v1",
+            "reviews",
+            "127.0.0.1",
+            &[(app, taken_port)],
+        ),
+    );
+    eventually(Duration::from_secs(5), "a NACK", || {
+        metric_of(&sidecar, NACKS) >= 1.0
+    });
+    // The port frees up; nothing in the manifests changes. The control plane's retry lands.
+    drop(taken);
+    eventually(
+        Duration::from_secs(10),
+        "the retried config to go live",
+        || {
+            sidecar
+                .listener_addr(&format!("inbound:{app}"))
+                .map(|a| a.port())
+                == Some(taken_port)
+        },
+    );
+    let status = mesh.status();
+    let entry = status
+        .proxies
+        .iter()
+        .find(|p| p.workload == "default/reviews-v1-0")
+        .unwrap();
+    assert_eq!(entry.applied_version, entry.sent_version);
+}
