@@ -265,7 +265,7 @@ impl Discovery for DiscoveryService {
             stream,
             ProxyStatus {
                 identity: proxy.identity.to_string(),
-                workload: format!("{}/{}", proxy.namespace, proxy.workload),
+                workload: proxy.workload_name(),
                 peer,
                 connected_at: unix_now(),
                 sent_version: 0,
@@ -276,7 +276,7 @@ impl Discovery for DiscoveryService {
                 certificate_expiry: self.authority.expiry(&proxy.identity),
             },
         );
-        tracing::info!(?peer, identity = %proxy.identity, workload = %format!("{}/{}", proxy.namespace, proxy.workload), running, "proxy connected");
+        tracing::info!(?peer, identity = %proxy.identity, workload = %proxy.workload_name(), running, "proxy connected");
         let (configs, stream_out) = mpsc::channel(2);
         tokio::spawn(serve_stream(self.clone(), stream, proxy, messages, configs));
         Ok(Response::new(Box::pin(
@@ -369,7 +369,7 @@ async fn serve_stream(
                     tracing::warn!(identity = %proxy.identity, version = nack.version, reason = %nack.reason, "proxy refused its config (NACK); it runs its previous version");
                     let nack = Nack {
                         identity: proxy.identity.to_string(),
-                        workload: format!("{}/{}", proxy.namespace, proxy.workload),
+                        workload: proxy.workload_name(),
                         version: nack.version,
                         reason: nack.reason,
                         at: unix_now(),

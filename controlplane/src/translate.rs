@@ -41,6 +41,13 @@ pub struct ProxyRequest {
     pub outbound: Vec<Outbound>,
 }
 
+impl ProxyRequest {
+    /// `<namespace>/<pod>`.
+    pub fn workload_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.workload)
+    }
+}
+
 /// A proxy's config and what could not be put in it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Translated {
@@ -332,12 +339,7 @@ fn service_cluster(
                             r.name.as_deref()?,
                         )
                     })
-                    .or_else(|| {
-                        catalog
-                            .workloads
-                            .values()
-                            .find(|w| w.namespace == namespace && w.ip == Some(ip))
-                    });
+                    .or_else(|| catalog.workload_at(namespace, ip));
                 // A port whose mTLS mode is Disable takes plaintext: dial the application.
                 let sidecar = pod
                     .filter(|w| catalog.mtls_mode(w, target) != MtlsMode::Disable)

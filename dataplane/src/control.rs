@@ -224,29 +224,31 @@ impl Control {
             return Err(ApplyError::Draining);
         }
         let mut state = self.state();
-        // Checked now, even if the config cannot go live yet (no certificate): a push that
-        // cannot merge is refused at once rather than ACKed and found out later.
-        if let Some((config, source)) = &state.desired
-            && let Err((field, message)) = pushed.merge_into(config)
-        {
-            return Err(ApplyError::Config(ConfigError::Invalid {
-                origin: format!("{source} + tern-control version {}", pushed.version),
-                field,
-                message,
-            }));
-        }
+        let version = pushed.version;
         let previous = state.pushed.replace(pushed);
         let Some((config, source)) = state.desired.clone() else {
             return Ok(None);
         };
-        match self.apply_locked(&mut state, config, &source) {
+        let result = match self.apply_locked(&mut state, config.clone(), &source) {
             Ok(version) => Ok(Some(version)),
-            Err(error) if error.is_awaiting() => Ok(None),
-            Err(error) => {
-                state.pushed = previous;
-                Err(error)
+            // It cannot go live yet (no certificate), but a push that cannot merge is
+            // refused now rather than ACKed and found out later.
+            Err(error) if error.is_awaiting() => {
+                match state.pushed.as_ref().map(|p| p.merge_into(&config)) {
+                    Some(Err((field, message))) => Err(ApplyError::Config(ConfigError::Invalid {
+                        origin: format!("{source} + tern-control version {version}"),
+                        field,
+                        message,
+                    })),
+                    _ => Ok(None),
+                }
             }
+            Err(error) => Err(error),
+        };
+        if result.is_err() {
+            state.pushed = previous;
         }
+        result
     }
 
     /// The version of the running config from `tern-control`, if any.

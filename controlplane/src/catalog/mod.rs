@@ -218,8 +218,12 @@ pub struct Catalog {
     pub(crate) mesh: Option<shared::crd::MeshSpec>,
     pub(crate) services: BTreeMap<(String, String), Service>,
     pub(crate) workloads: BTreeMap<(String, String), Workload>,
+    /// Pod names by namespace and IP, for endpoints without a `targetRef`.
+    workloads_by_ip: BTreeMap<(String, IpAddr), String>,
     pub(crate) slices: BTreeMap<(String, String), Vec<EndpointSlice>>,
     pub(crate) routes: Vec<HttpRoute>,
+    /// What the accepted routes claim, with the route (`namespace/name`) that claims it.
+    claims: Vec<(Claim, String)>,
     pub(crate) mtls: Vec<MTLSPolicy>,
     pub(crate) backend_policies: Vec<BackendPolicy>,
     pub(crate) authorization: Vec<AuthorizationPolicy>,
@@ -389,6 +393,10 @@ impl Catalog {
             }
             Object::Pod(pod) => {
                 let workload = check_pod(&key, pod)?;
+                if let Some(ip) = workload.ip {
+                    self.workloads_by_ip
+                        .insert((key.namespace.clone(), ip), key.name.clone());
+                }
                 self.workloads.insert((key.namespace, key.name), workload);
             }
             Object::EndpointSlice(slice) => {
@@ -457,6 +465,12 @@ impl Catalog {
             }
             Object::HttpRoute(route) => {
                 self.check_route(&key, route)?;
+                let owner = format!("{}/{}", key.namespace, key.name);
+                self.claims.extend(
+                    route_claims(route, &key.namespace)
+                        .into_iter()
+                        .map(|(_, claim)| (claim, owner.clone())),
+                );
                 self.routes.push((**route).clone());
             }
         }
@@ -628,18 +642,14 @@ impl Catalog {
                     format!("repeats the match {} in this route", claim.describe()),
                 );
             }
-            for other in &self.routes {
-                let other_ns = other.metadata.namespace.as_deref().unwrap_or("default");
-                if route_claims(other, other_ns).any(|(_, c)| c.overlaps(&claim)) {
-                    return fail(
-                        format!("spec.rules[{i}].matches"),
-                        format!(
-                            "conflicts with HTTPRoute {other_ns}/{}, which already routes {}",
-                            other.metadata.name.as_deref().unwrap_or_default(),
-                            claim.describe()
-                        ),
-                    );
-                }
+            if let Some((_, owner)) = self.claims.iter().find(|(c, _)| c.overlaps(&claim)) {
+                return fail(
+                    format!("spec.rules[{i}].matches"),
+                    format!(
+                        "conflicts with HTTPRoute {owner}, which already routes {}",
+                        claim.describe()
+                    ),
+                );
             }
         }
         Ok(())
@@ -653,6 +663,12 @@ impl Catalog {
     /// A Pod by namespace and name.
     pub fn workload(&self, namespace: &str, name: &str) -> Option<&Workload> {
         self.workloads.get(&(namespace.to_owned(), name.to_owned()))
+    }
+
+    /// The Pod at `ip` in `namespace`.
+    pub fn workload_at(&self, namespace: &str, ip: IpAddr) -> Option<&Workload> {
+        let name = self.workloads_by_ip.get(&(namespace.to_owned(), ip))?;
+        self.workload(namespace, name)
     }
 
     /// The mTLS mode of a workload's inbound port: the most specific MTLSPolicy (one with a
@@ -727,45 +743,32 @@ impl Claim {
     }
 }
 
-fn route_claims<'a>(
-    route: &'a HttpRoute,
-    namespace: &'a str,
-) -> impl Iterator<Item = (usize, Claim)> + 'a {
+/// Every (rule index, claim) of a route: each parent Service port × host × path prefix.
+fn route_claims(route: &HttpRoute, namespace: &str) -> Vec<(usize, Claim)> {
     let hosts = route.spec.hosts();
-    route.spec.parent_refs.iter().flat_map(move |parent| {
+    let mut claims = Vec::new();
+    for parent in &route.spec.parent_refs {
         let service = (
-            parent
-                .namespace
-                .clone()
-                .unwrap_or_else(|| namespace.to_owned()),
+            parent.namespace.as_deref().unwrap_or(namespace).to_owned(),
             parent.name.clone(),
         );
-        let hosts = hosts.clone();
-        route
-            .spec
-            .rules
-            .iter()
-            .enumerate()
-            .flat_map(move |(i, rule)| {
-                let prefixes = rule.path_prefixes();
-                let service = service.clone();
-                let port = parent.port.unwrap_or(0);
-                hosts.clone().into_iter().flat_map(move |host| {
-                    let service = service.clone();
-                    prefixes.clone().into_iter().map(move |prefix| {
-                        (
-                            i,
-                            Claim {
-                                service: service.clone(),
-                                port,
-                                host: host.clone(),
-                                prefix,
-                            },
-                        )
-                    })
-                })
-            })
-    })
+        for (i, rule) in route.spec.rules.iter().enumerate() {
+            for host in &hosts {
+                for prefix in rule.path_prefixes() {
+                    claims.push((
+                        i,
+                        Claim {
+                            service: service.clone(),
+                            port: parent.port.unwrap_or(0),
+                            host: host.clone(),
+                            prefix,
+                        },
+                    ));
+                }
+            }
+        }
+    }
+    claims
 }
 
 /// Parses a Gateway API / Kubernetes duration (`10s`, `500ms`, `1m30s`).
