@@ -4,11 +4,19 @@
 //! - Inbound: one listener per port the Pod maps to its sidecar (annotation
 //!   `tern.dev/inbound-ports`), on the Pod's IP, terminating mTLS in the mode MTLSPolicy (or
 //!   the Mesh) gives that port, and forwarding to the application on the Pod's IP.
+//!   An intercepted Pod (annotation `tern.dev/interception: enabled`) gets one per port a
+//!   Service targets instead, claiming the connections `tern-proxy init` redirects to that
+//!   port (`intercept: inbound`).
 //! - Outbound: one listener per destination the proxy subscribed to, on the address it
-//!   asked for. An `http` port (`appProtocol: http`, or a port name `http` or `http-*`, as
-//!   Istio reads it) routes by the HTTPRoutes attached to the Service (GAMMA): with none
-//!   attached every request goes to the Service, with some attached a request no rule
-//!   matches gets 404. Other ports are opaque TCP to the Service.
+//!   asked for; an intercepted Pod also gets one per port of every Service with a cluster IP,
+//!   claiming the application's connections to that address (`intercept: outbound`).
+//!   A port's protocol ([`port_protocol`]): `http` (`appProtocol: http`, or a port name
+//!   `http` or `http-*`, as Istio reads it) routes by the HTTPRoutes attached to the Service
+//!   (GAMMA): with none attached every request goes to the Service, with some attached a
+//!   request no rule matches gets 404. Declared opaque ports (an `appProtocol` or a name
+//!   prefix like `tcp`, `mysql`) and well-known server-speaks-first ports
+//!   ([`OPAQUE_PORTS`]) are opaque TCP, never detected; the rest are `detect`: HTTP/1.1 is
+//!   routed as above, anything else is opaque TCP to the Service.
 //! - Clusters: the ready endpoints of the Service's EndpointSlices. An endpoint whose Pod
 //!   has a sidecar for that port is reached through it, over mTLS, and must prove the Pod's
 //!   identity (`spiffe://<trust domain>/ns/<namespace>/sa/<service account>`); others are
@@ -22,11 +30,12 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 use shared::SpiffeId;
 use shared::config::{
-    Backend, Cluster, ClusterTls, Config, Listener, ListenerTls, Outbound, Protocol, Route, TlsMode,
+    Backend, Cluster, ClusterTls, Config, Intercept, Interception, Listener, ListenerTls,
+    OutboundPolicy, Protocol, Route, TlsMode,
 };
-use shared::crd::MtlsMode;
+use shared::crd::{MtlsMode, OutboundTraffic};
 
-use crate::catalog::{Catalog, Workload, service_port};
+use crate::catalog::{Catalog, Workload, cluster_ips, service_port};
 
 /// Who a proxy is and what it wants.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -38,7 +47,7 @@ pub struct ProxyRequest {
     /// The Pod's name.
     pub workload: String,
     /// Destinations it listens for.
-    pub outbound: Vec<Outbound>,
+    pub outbound: Vec<shared::config::Outbound>,
 }
 
 impl ProxyRequest {
@@ -72,11 +81,35 @@ pub fn workload_identity(trust_domain: &str, workload: &Workload) -> Option<Spif
     .ok()
 }
 
-fn is_http(port: &ServicePort) -> bool {
+/// Ports of protocols where the server speaks first (SMTP, MySQL, …) or that are never
+/// HTTP: opaque TCP without detection, so they never wait for a client's first bytes
+/// (Linkerd's default opaque ports).
+pub const OPAQUE_PORTS: [u16; 8] = [25, 587, 3306, 4444, 5432, 6379, 9300, 11211];
+
+/// Port name prefixes (Istio's `<protocol>[-<suffix>]`) that declare an opaque protocol.
+const OPAQUE_NAMES: [&str; 8] = [
+    "tcp", "tls", "mysql", "mongo", "redis", "postgres", "smtp", "grpc",
+];
+
+/// What a Service port speaks: `http` when declared so, `tcp` when declared opaque or a
+/// well-known opaque port, else `detect`.
+pub fn port_protocol(port: &ServicePort) -> Protocol {
     let name = port.name.as_deref().unwrap_or_default();
-    matches!(port.app_protocol.as_deref(), Some("http" | "HTTP"))
-        || name == "http"
-        || name.starts_with("http-")
+    let prefix = name.split('-').next().unwrap_or_default();
+    match port.app_protocol.as_deref() {
+        Some(app) if app.eq_ignore_ascii_case("http") => return Protocol::Http,
+        Some(_) => return Protocol::Tcp,
+        None => {}
+    }
+    if prefix == "http" {
+        Protocol::Http
+    } else if OPAQUE_NAMES.contains(&prefix)
+        || u16::try_from(port.port).is_ok_and(|p| OPAQUE_PORTS.contains(&p))
+    {
+        Protocol::Tcp
+    } else {
+        Protocol::Detect
+    }
 }
 
 /// Builds the config for `request`.
@@ -88,6 +121,7 @@ pub fn translate(catalog: &Catalog, request: &ProxyRequest) -> Translated {
             http: shared::config::HttpSettings::default(),
             identity: None,
             discovery: None,
+            interception: None,
         },
         notes: Vec::new(),
     };
@@ -111,38 +145,84 @@ pub fn translate(catalog: &Catalog, request: &ProxyRequest) -> Translated {
             ));
             continue;
         };
-        let listener_name = format!("outbound:{}:{}", outbound.service, outbound.port);
-        let own = cluster_name(namespace, name, outbound.port);
-        let listener = if is_http(port) {
-            let routes = routes(
+        let destination = Destination {
+            namespace,
+            service,
+            port,
+        };
+        let listener = destination.listener(
+            catalog,
+            format!("outbound:{}:{}", outbound.service, outbound.port),
+            outbound.listen,
+            None,
+            &mut clusters,
+            &mut out.notes,
+        );
+        out.config.listeners.push(listener);
+    }
+    let intercepted = catalog
+        .workload(&request.namespace, &request.workload)
+        .is_some_and(|w| w.intercepted);
+    if intercepted {
+        intercepted_outbound(catalog, &mut out, &mut clusters);
+        let policy = match catalog.mesh.as_ref().map(|m| m.outbound_traffic) {
+            Some(OutboundTraffic::RegistryOnly) => OutboundPolicy::RegistryOnly,
+            None | Some(OutboundTraffic::AllowAny) => OutboundPolicy::AllowAny,
+        };
+        out.config.interception = Some(Interception {
+            outbound_policy: policy,
+            ..Interception::default()
+        });
+    }
+    out.config.clusters.extend(clusters.into_values());
+    out
+}
+
+/// One Service port as a destination.
+struct Destination<'a> {
+    namespace: &'a str,
+    service: &'a Service,
+    port: &'a ServicePort,
+}
+
+impl Destination<'_> {
+    /// The outbound listener for this destination, adding the clusters it uses.
+    fn listener(
+        &self,
+        catalog: &Catalog,
+        name: String,
+        address: SocketAddr,
+        intercept: Option<Intercept>,
+        clusters: &mut BTreeMap<String, Cluster>,
+        notes: &mut Vec<String>,
+    ) -> Listener {
+        let service_name = self.service.metadata.name.as_deref().unwrap_or_default();
+        let number = u16::try_from(self.port.port).unwrap_or_default();
+        let own = cluster_name(self.namespace, service_name, number);
+        let protocol = port_protocol(self.port);
+        let routes = match protocol {
+            Protocol::Tcp => Vec::new(),
+            Protocol::Http | Protocol::Detect => routes(
                 catalog,
-                namespace,
-                name,
-                outbound.port,
-                &mut clusters,
-                &mut out.notes,
-            );
-            Listener {
-                name: listener_name,
-                address: outbound.listen,
-                protocol: Protocol::Http,
-                cluster: None,
-                routes: if routes.is_empty() {
-                    vec![Route::to_cluster(&own)]
-                } else {
-                    routes
-                },
-                tls: None,
-            }
-        } else {
-            Listener {
-                name: listener_name,
-                address: outbound.listen,
-                protocol: Protocol::Tcp,
-                cluster: Some(own.clone()),
-                routes: Vec::new(),
-                tls: None,
-            }
+                self.namespace,
+                service_name,
+                number,
+                clusters,
+                notes,
+            ),
+        };
+        let listener = Listener {
+            name,
+            address,
+            protocol,
+            cluster: (protocol != Protocol::Http).then(|| own.clone()),
+            routes: if routes.is_empty() && protocol == Protocol::Http {
+                vec![Route::to_cluster(&own)]
+            } else {
+                routes
+            },
+            tls: None,
+            intercept,
         };
         let uses_own = listener.cluster.is_some()
             || listener
@@ -151,13 +231,42 @@ pub fn translate(catalog: &Catalog, request: &ProxyRequest) -> Translated {
                 .any(|r| r.backends.iter().any(|b| b.cluster == own));
         if uses_own {
             clusters.entry(own).or_insert_with(|| {
-                service_cluster(catalog, namespace, service, port, &mut out.notes)
+                service_cluster(catalog, self.namespace, self.service, self.port, notes)
             });
         }
-        out.config.listeners.push(listener);
+        listener
     }
-    out.config.clusters.extend(clusters.into_values());
-    out
+}
+
+/// An intercepted Pod's outbound listeners: one per port and cluster IP of every Service.
+fn intercepted_outbound(
+    catalog: &Catalog,
+    out: &mut Translated,
+    clusters: &mut BTreeMap<String, Cluster>,
+) {
+    for ((namespace, name), service) in &catalog.services {
+        for ip in cluster_ips(service) {
+            for port in service.spec.iter().flat_map(|s| s.ports.iter().flatten()) {
+                let Ok(number) = u16::try_from(port.port) else {
+                    continue;
+                };
+                let destination = Destination {
+                    namespace,
+                    service,
+                    port,
+                };
+                let listener = destination.listener(
+                    catalog,
+                    format!("outbound:{name}.{namespace}:{number}/{ip}"),
+                    SocketAddr::new(ip, number),
+                    Some(Intercept::Outbound),
+                    clusters,
+                    &mut out.notes,
+                );
+                out.config.listeners.push(listener);
+            }
+        }
+    }
 }
 
 fn inbound(catalog: &Catalog, request: &ProxyRequest, out: &mut Translated) {
@@ -178,7 +287,19 @@ fn inbound(catalog: &Catalog, request: &ProxyRequest, out: &mut Translated) {
     let Some(ip) = workload.ip else {
         return;
     };
-    for (&app, &sidecar) in &workload.inbound {
+    let ports: Vec<(u16, u16, Option<Intercept>)> = if workload.intercepted {
+        app_ports(catalog, workload)
+            .into_iter()
+            .map(|app| (app, app, Some(Intercept::Inbound)))
+            .collect()
+    } else {
+        workload
+            .inbound
+            .iter()
+            .map(|(&app, &sidecar)| (app, sidecar, None))
+            .collect()
+    };
+    for (app, sidecar, intercept) in ports {
         let name = format!("inbound:{app}");
         let mode = match catalog.mtls_mode(workload, app) {
             MtlsMode::Strict => TlsMode::Strict,
@@ -186,18 +307,19 @@ fn inbound(catalog: &Catalog, request: &ProxyRequest, out: &mut Translated) {
             MtlsMode::Disable => TlsMode::Disable,
         };
         // What peers send inside mTLS (their ALPN) follows the Service port they dialed.
-        let http = serves_http(catalog, workload, app);
+        let protocol = app_protocol(catalog, workload, app);
         out.config.listeners.push(Listener {
             name: name.clone(),
             address: SocketAddr::new(ip, sidecar),
-            protocol: if http { Protocol::Http } else { Protocol::Tcp },
-            cluster: (!http).then(|| name.clone()),
-            routes: if http {
+            protocol,
+            cluster: (protocol != Protocol::Http).then(|| name.clone()),
+            routes: if protocol == Protocol::Http {
                 vec![Route::to_cluster(&name)]
             } else {
                 Vec::new()
             },
             tls: Some(ListenerTls::new(mode)),
+            intercept,
         });
         out.config
             .clusters
@@ -205,8 +327,11 @@ fn inbound(catalog: &Catalog, request: &ProxyRequest, out: &mut Translated) {
     }
 }
 
-/// Whether a Service selecting `workload` has an `http` port targeting `app`.
-fn serves_http(catalog: &Catalog, workload: &Workload, app: u16) -> bool {
+/// The Service ports that select `workload`, with the application port each targets.
+fn targeted_ports<'a>(
+    catalog: &'a Catalog,
+    workload: &'a Workload,
+) -> impl Iterator<Item = (u16, &'a ServicePort)> + 'a {
     catalog
         .services
         .iter()
@@ -218,14 +343,38 @@ fn serves_http(catalog: &Catalog, workload: &Workload, app: u16) -> bool {
                 .is_some_and(|s| s.iter().all(|(k, v)| workload.labels.get(k) == Some(v)))
         })
         .flat_map(|spec| spec.ports.iter().flatten())
-        .any(|port| {
+        .filter_map(|port| {
             let target = match &port.target_port {
                 None => u16::try_from(port.port).ok(),
                 Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
                 Some(IntOrString::String(name)) => workload.named_ports.get(name).copied(),
-            };
-            target == Some(app) && is_http(port)
+            }?;
+            Some((target, port))
         })
+}
+
+/// The application ports Services target on `workload`, in order.
+fn app_ports(catalog: &Catalog, workload: &Workload) -> Vec<u16> {
+    let mut ports: Vec<u16> = targeted_ports(catalog, workload).map(|(p, _)| p).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+/// What peers speak to application port `app`: `http` if a Service port targeting it is
+/// HTTP, else `detect` if one is detected, else opaque `tcp` (also with no Service).
+fn app_protocol(catalog: &Catalog, workload: &Workload, app: u16) -> Protocol {
+    let protocols: Vec<Protocol> = targeted_ports(catalog, workload)
+        .filter(|(target, _)| *target == app)
+        .map(|(_, port)| port_protocol(port))
+        .collect();
+    if protocols.contains(&Protocol::Http) {
+        Protocol::Http
+    } else if protocols.contains(&Protocol::Detect) {
+        Protocol::Detect
+    } else {
+        Protocol::Tcp
+    }
 }
 
 fn routes(
@@ -343,9 +492,9 @@ fn service_cluster(
                 // A port whose mTLS mode is Disable takes plaintext: dial the application.
                 let sidecar = pod
                     .filter(|w| catalog.mtls_mode(w, target) != MtlsMode::Disable)
-                    .and_then(|w| Some((w.inbound.get(&target)?, w)));
+                    .and_then(|w| Some((w.sidecar_port(target)?, w)));
                 match sidecar.and_then(|(port, w)| {
-                    Some((*port, workload_identity(catalog.trust_domain(), w)?))
+                    Some((port, workload_identity(catalog.trust_domain(), w)?))
                 }) {
                     Some((sidecar_port, id)) => {
                         meshed.push((SocketAddr::new(ip, sidecar_port), id))

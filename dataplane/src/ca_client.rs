@@ -17,7 +17,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use shared::api::identity::CertifyRequest;
 use shared::api::identity::identity_client::IdentityClient;
 use shared::config::CaClient;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::control::{ApplyError, Control};
 use crate::tls::{Identity, Validity};
@@ -82,8 +82,30 @@ pub(crate) fn endpoint(ca: &CaClient, root: String) -> Result<Endpoint, tonic::t
         .connect_timeout(CONNECT_TIMEOUT))
 }
 
+/// Connects to `tern-control` at `address`; with `mark`, the socket carries it, so the
+/// interception rules leave the proxy's own connection alone.
+pub(crate) async fn connect(
+    endpoint: Endpoint,
+    address: std::net::SocketAddr,
+    mark: Option<u32>,
+) -> Result<Channel, tonic::transport::Error> {
+    if mark.is_none() {
+        return endpoint.connect().await;
+    }
+    endpoint
+        .connect_with_connector(tower::service_fn(
+            move |_: tonic::codegen::http::Uri| async move {
+                crate::sys::connect_marked(address, mark)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            },
+        ))
+        .await
+}
+
 /// Generates a key, has the CA certify it, and returns the identity built from the answer.
-pub async fn certify(ca: &CaClient) -> Result<Identity, CertifyError> {
+/// `mark` is set on the connection (see [`connect`]).
+pub async fn certify(ca: &CaClient, mark: Option<u32>) -> Result<Identity, CertifyError> {
     let root = read("CA root", &ca.root)?;
     let token = read("token", &ca.token_file)?;
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
@@ -96,10 +118,10 @@ pub async fn certify(ca: &CaClient) -> Result<Identity, CertifyError> {
         address: ca.address,
         source,
     };
-    let channel = endpoint(ca, root)
+    let endpoint = endpoint(ca, root)
         .map_err(connect_error)?
-        .timeout(REQUEST_TIMEOUT)
-        .connect()
+        .timeout(REQUEST_TIMEOUT);
+    let channel = connect(endpoint, ca.address, mark)
         .await
         .map_err(connect_error)?;
     let answer = IdentityClient::new(channel)
@@ -176,7 +198,7 @@ pub async fn run(control: Arc<Control>) {
             }
             continue;
         };
-        let delay = match certify(&ca).await {
+        let delay = match certify(&ca, control.mark()).await {
             Ok(identity) => {
                 control.certify.ok.fetch_add(1, Ordering::Relaxed);
                 let validity = identity.validity;

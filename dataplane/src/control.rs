@@ -177,6 +177,15 @@ impl Control {
         }
     }
 
+    /// The socket mark for the proxy's own connections (to `tern-control` too), from the
+    /// config to run.
+    pub fn mark(&self) -> Option<u32> {
+        self.state()
+            .desired
+            .as_ref()
+            .and_then(|(config, _)| config.interception.as_ref()?.mark)
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding the lock leaves plain data behind; keep using it.
         self.state
@@ -357,6 +366,9 @@ impl Control {
         let mut sockets: Vec<Vec<(usize, std::net::TcpListener)>> =
             self.workers.iter().map(|_| Vec::new()).collect();
         for (index, plan) in snapshot.listeners.iter().enumerate() {
+            if !plan.bound {
+                continue;
+            }
             let kept = state
                 .bound
                 .iter()

@@ -131,10 +131,10 @@ async fn stream_inner(
         address: ca.address,
         source,
     };
-    let channel = endpoint(ca, root)
+    let endpoint = endpoint(ca, root)
         .map_err(connect_error)?
-        .http2_keep_alive_interval(std::time::Duration::from_secs(30))
-        .connect()
+        .http2_keep_alive_interval(std::time::Duration::from_secs(30));
+    let channel = crate::ca_client::connect(endpoint, ca.address, control.mark())
         .await
         .map_err(connect_error)?;
     let (answers, outgoing) = mpsc::channel(4);

@@ -112,6 +112,45 @@ pub struct ListenerStats {
     tls_modes: [Cell<u64>; 2],
     /// Opaque TCP directions that moved to `splice`.
     spliced: Cell<u64>,
+    /// Protocol detection outcomes, by [`Detected`].
+    detections: [Cell<u64>; Detected::ALL.len()],
+}
+
+/// What protocol detection found in a client's first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detected {
+    /// An HTTP/1.x request line.
+    Http1 = 0,
+    /// The HTTP/2 connection preface.
+    Http2 = 1,
+    /// A TLS ClientHello (the application's own TLS).
+    Tls = 2,
+    /// Other bytes, or end of stream.
+    Opaque = 3,
+    /// Nothing decisive within the detection timeout.
+    Timeout = 4,
+}
+
+impl Detected {
+    /// Every outcome, in label order.
+    pub const ALL: [Detected; 5] = [
+        Detected::Http1,
+        Detected::Http2,
+        Detected::Tls,
+        Detected::Opaque,
+        Detected::Timeout,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Detected::Http1 => "http1",
+            Detected::Http2 => "http2",
+            Detected::Tls => "tls",
+            Detected::Opaque => "opaque",
+            Detected::Timeout => "timeout",
+        }
+    }
 }
 
 /// Where a TLS connection's record layer runs after the handshake.
@@ -150,7 +189,13 @@ impl ListenerStats {
             peers: RefCell::default(),
             tls_modes: Default::default(),
             spliced: Cell::new(0),
+            detections: Default::default(),
         }
+    }
+
+    /// Protocol detection on a connection found `outcome`.
+    pub fn detected(&self, outcome: Detected) {
+        bump(&self.detections[outcome as usize], 1);
     }
 
     /// A direction of an opaque TCP connection moved to `splice`.
@@ -326,6 +371,7 @@ impl Registry {
                     peers: s.peers.borrow().clone(),
                     tls_modes: s.tls_modes.each_ref().map(Cell::get),
                     spliced: s.spliced.get(),
+                    detections: s.detections.each_ref().map(Cell::get),
                 };
                 (name.clone(), report)
             })
@@ -390,6 +436,8 @@ pub struct ListenerReport {
     pub tls_modes: [u64; 2],
     /// Opaque TCP directions that moved to `splice`.
     pub spliced: u64,
+    /// Protocol detection outcomes, by [`Detected`].
+    pub detections: [u64; Detected::ALL.len()],
 }
 
 /// A cluster's statistics.
@@ -438,6 +486,7 @@ impl WorkerReport {
                     }
                     add(&mut m.tls_modes, &l.tls_modes);
                     m.spliced += l.spliced;
+                    add(&mut m.detections, &l.detections);
                 }
             }
         }
@@ -614,6 +663,23 @@ pub fn render(info: &Info<'_>, report: &WorkerReport) -> String {
                 "tern_responses_total{{listener=\"{}\",class=\"{class}\"}} {n}",
                 escape(l)
             );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP tern_protocol_detections_total What protocol detection found in clients' first bytes (timeout: nothing decisive in time; served as opaque TCP)."
+    );
+    let _ = writeln!(out, "# TYPE tern_protocol_detections_total counter");
+    for (l, r) in ls {
+        for (outcome, n) in Detected::ALL.iter().zip(r.detections) {
+            if n > 0 {
+                let _ = writeln!(
+                    out,
+                    "tern_protocol_detections_total{{listener=\"{}\",protocol=\"{}\"}} {n}",
+                    escape(l),
+                    outcome.label()
+                );
+            }
         }
     }
     let _ = writeln!(

@@ -5,11 +5,12 @@
 //! by every worker (`Arc`); a connection keeps the snapshot it was accepted under until it
 //! ends. Routing here does not allocate.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use shared::config::{self, Config, Protocol};
+use shared::config::{self, Config, Intercept, OutboundPolicy, Protocol};
 
 /// An immutable, versioned view of the config, ready for the data path.
 #[derive(Debug)]
@@ -27,6 +28,44 @@ pub struct Snapshot {
     /// This proxy's workload identity and its certificate's validity, when the config uses
     /// mTLS.
     pub identity: Option<(shared::SpiffeId, crate::tls::Validity)>,
+    /// Transparent mode: which listener takes an intercepted connection.
+    pub intercept: Option<InterceptPlan>,
+}
+
+/// How intercepted connections find their listener.
+#[derive(Debug)]
+pub struct InterceptPlan {
+    /// Original destination → listener index, for each direction.
+    outbound: HashMap<SocketAddr, usize>,
+    inbound: HashMap<SocketAddr, usize>,
+    /// What happens to outbound connections no listener claims.
+    pub policy: OutboundPolicy,
+    /// Mark on every connection the proxy opens.
+    pub mark: Option<u32>,
+    /// How long `detect` listeners wait for the first bytes.
+    pub detect_timeout: Duration,
+    /// The cluster (no endpoints of its own) that unclaimed connections pass through to
+    /// their original destination on.
+    pub passthrough: usize,
+}
+
+impl InterceptPlan {
+    /// The listener that takes a connection intercepted in `direction` on its way to
+    /// `original`: the one naming that address, else one naming the port on any address.
+    pub fn claim(&self, direction: Intercept, original: SocketAddr) -> Option<usize> {
+        let table = match direction {
+            Intercept::Outbound => &self.outbound,
+            Intercept::Inbound => &self.inbound,
+        };
+        if let Some(&index) = table.get(&original) {
+            return Some(index);
+        }
+        let any = match original.ip() {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        };
+        table.get(&SocketAddr::new(any, original.port())).copied()
+    }
 }
 
 /// One listener as the workers run it.
@@ -40,6 +79,8 @@ pub struct ListenerPlan {
     pub kind: ListenerKind,
     /// mTLS termination, if configured.
     pub tls: Option<ListenerTls>,
+    /// Whether it has sockets of its own; an intercepted destination has none.
+    pub bound: bool,
 }
 
 /// How a listener terminates mTLS.
@@ -64,6 +105,16 @@ pub struct ClusterTls {
     pub http1: Arc<rustls::ClientConfig>,
 }
 
+impl ClusterTls {
+    /// The client configuration for what travels inside.
+    pub fn client(&self, inner: crate::proxy::Inner) -> Arc<rustls::ClientConfig> {
+        match inner {
+            crate::proxy::Inner::Tcp => self.tcp.clone(),
+            crate::proxy::Inner::Http1 => self.http1.clone(),
+        }
+    }
+}
+
 /// What a listener does with a connection.
 #[derive(Debug)]
 pub enum ListenerKind {
@@ -74,6 +125,18 @@ pub enum ListenerKind {
     },
     /// Parse HTTP/1.1 and route each request.
     Http(RouteTable),
+    /// HTTP/1.1 (routed) or opaque TCP (to `cluster`), told by ALPN under mTLS and by the
+    /// first bytes otherwise.
+    Detect {
+        /// Index into [`Snapshot::clusters`], for opaque TCP.
+        cluster: usize,
+        /// Routes for HTTP/1.1.
+        routes: RouteTable,
+    },
+    /// An interception socket: each connection is served by the listener its original
+    /// destination names ([`InterceptPlan::claim`]), or, unclaimed, passed through to it
+    /// (inbound always; outbound when the policy allows).
+    Intercepted(Intercept),
 }
 
 /// One cluster as the workers run it.
@@ -92,6 +155,9 @@ pub struct ClusterPlan {
     /// mTLS origination, if configured.
     pub tls: Option<ClusterTls>,
 }
+
+/// The cluster that intercepted connections no listener claims pass through on.
+pub const PASSTHROUGH: &str = "intercept-passthrough";
 
 /// HTTP routes of one listener, most specific host first.
 #[derive(Debug, Default)]
@@ -206,46 +272,114 @@ impl Snapshot {
                 tls,
             });
         }
+        let passthrough = config.interception.as_ref().map(|_| {
+            clusters.push(ClusterPlan {
+                name: PASSTHROUGH.into(),
+                endpoints: Vec::new(),
+                connect_timeout: config::Cluster::new("", Vec::new()).connect_timeout,
+                idle_timeout: config::Cluster::new("", Vec::new()).idle_timeout,
+                max_idle_per_endpoint: 0,
+                tls: None,
+            });
+            clusters.len() - 1
+        });
         let index = |name: &str| clusters.iter().position(|c| &*c.name == name);
-        let mut listeners = Vec::with_capacity(config.listeners.len());
-        for l in &config.listeners {
-            let kind = match l.protocol {
-                Protocol::Tcp => ListenerKind::Tcp {
-                    // Validation guarantees the cluster exists.
-                    cluster: l.cluster.as_deref().and_then(index).unwrap_or_default(),
-                },
-                Protocol::Http => ListenerKind::Http(RouteTable::new(l.routes.iter().map(|r| {
-                    let mut sum = 0u32;
-                    let backends = r
-                        .backends
-                        .iter()
-                        .filter(|b| b.weight > 0)
-                        .map(|b| {
-                            // Validation guarantees the cluster exists and the total fits.
-                            sum = sum.saturating_add(b.weight);
-                            (index(&b.cluster).unwrap_or_default(), sum)
-                        })
-                        .collect();
-                    (r, backends)
-                }))),
-            };
-            let tls = match (&l.tls, identity) {
-                (Some(tls), Some(identity)) if tls.mode != config::TlsMode::Disable => {
-                    Some(ListenerTls {
-                        config: identity.server_config(),
-                        handshake_timeout: tls.handshake_timeout,
-                        permissive: tls.mode == config::TlsMode::Permissive,
+        // Validation guarantees every cluster named exists and route weights fit.
+        let route_table = |routes: &[config::Route]| {
+            RouteTable::new(routes.iter().map(|r| {
+                let mut sum = 0u32;
+                let backends = r
+                    .backends
+                    .iter()
+                    .filter(|b| b.weight > 0)
+                    .map(|b| {
+                        sum = sum.saturating_add(b.weight);
+                        (index(&b.cluster).unwrap_or_default(), sum)
                     })
-                }
-                _ => None,
+                    .collect();
+                (r, backends)
+            }))
+        };
+        let server_tls = |tls: &config::ListenerTls| match identity {
+            Some(identity) if tls.mode != config::TlsMode::Disable => Some(ListenerTls {
+                config: identity.server_config(),
+                handshake_timeout: tls.handshake_timeout,
+                permissive: tls.mode == config::TlsMode::Permissive,
+            }),
+            _ => None,
+        };
+        let mut listeners = Vec::with_capacity(config.listeners.len() + 4);
+        let mut intercepted: [HashMap<SocketAddr, usize>; 2] = Default::default();
+        for l in &config.listeners {
+            let cluster = l.cluster.as_deref().and_then(index).unwrap_or_default();
+            let kind = match l.protocol {
+                Protocol::Tcp => ListenerKind::Tcp { cluster },
+                Protocol::Http => ListenerKind::Http(route_table(&l.routes)),
+                Protocol::Detect if l.routes.is_empty() => ListenerKind::Detect {
+                    cluster,
+                    routes: route_table(&[config::Route::to_cluster(
+                        l.cluster.as_deref().unwrap_or_default(),
+                    )]),
+                },
+                Protocol::Detect => ListenerKind::Detect {
+                    cluster,
+                    routes: route_table(&l.routes),
+                },
             };
+            if let Some(direction) = l.intercept {
+                intercepted[direction as usize].insert(l.address, listeners.len());
+            }
             listeners.push(ListenerPlan {
                 name: l.name.as_str().into(),
                 configured: l.address,
                 kind,
-                tls,
+                tls: l.tls.as_ref().and_then(server_tls),
+                bound: l.intercept.is_none(),
             });
         }
+        let [outbound, inbound] = intercepted;
+        let intercept = match (&config.interception, passthrough) {
+            (Some(settings), Some(passthrough)) => {
+                let mut sockets = vec![
+                    (Intercept::Outbound, IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+                    (Intercept::Inbound, IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+                ];
+                if settings.ipv6 {
+                    sockets.push((Intercept::Outbound, IpAddr::V6(Ipv6Addr::UNSPECIFIED)));
+                    sockets.push((Intercept::Inbound, IpAddr::V6(Ipv6Addr::UNSPECIFIED)));
+                }
+                for (direction, ip) in sockets {
+                    let (port, tls) = match direction {
+                        Intercept::Outbound => (settings.outbound_port, None),
+                        Intercept::Inbound => {
+                            (settings.inbound_port, server_tls(&settings.inbound_tls))
+                        }
+                    };
+                    let family = if ip.is_ipv6() { "-v6" } else { "" };
+                    let direction_name = match direction {
+                        Intercept::Outbound => "outbound",
+                        Intercept::Inbound => "inbound",
+                    };
+                    listeners.push(ListenerPlan {
+                        name: format!("{}{direction_name}{family}", config::INTERCEPT_PREFIX)
+                            .into(),
+                        configured: SocketAddr::new(ip, port),
+                        kind: ListenerKind::Intercepted(direction),
+                        tls,
+                        bound: true,
+                    });
+                }
+                Some(InterceptPlan {
+                    outbound,
+                    inbound,
+                    policy: settings.outbound_policy,
+                    mark: settings.mark,
+                    detect_timeout: settings.detect_timeout,
+                    passthrough,
+                })
+            }
+            _ => None,
+        };
         let identity = identity.map(|i| (i.id.clone(), i.validity));
         Ok(Snapshot {
             version,
@@ -254,7 +388,13 @@ impl Snapshot {
             listeners,
             clusters,
             identity,
+            intercept,
         })
+    }
+
+    /// The mark to set on the proxy's own connections, in transparent mode.
+    pub fn mark(&self) -> Option<u32> {
+        self.intercept.as_ref().and_then(|i| i.mark)
     }
 
     /// Finds a listener by name.

@@ -1,5 +1,6 @@
-//! What the proxy asks of the operating system: the CPUs it may use, thread pinning, and
-//! `SO_REUSEPORT` listening sockets.
+//! What the proxy asks of the operating system: the CPUs it may use, thread pinning,
+//! `SO_REUSEPORT` listening sockets, the original destination of an intercepted connection
+//! and the socket mark of the proxy's own connections.
 //!
 //! The only `unsafe` in the data plane lives here, each block with the reason it is sound.
 
@@ -102,6 +103,62 @@ pub fn bind_reuseport(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     Ok(socket.into())
+}
+
+/// Where an intercepted connection was going before `tern-proxy init`'s rules redirected it
+/// (`SO_ORIGINAL_DST`, or `IP6T_SO_ORIGINAL_DST` on an IPv6 socket).
+pub fn original_destination(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<SocketAddr> {
+    match rustix::net::getsockname(fd)? {
+        addr if addr.address_family() == rustix::net::AddressFamily::INET6 => {
+            rustix::net::sockopt::ipv6_original_dst(fd)
+                .map(SocketAddr::V6)
+                .map_err(Into::into)
+        }
+        _ => rustix::net::sockopt::ip_original_dst(fd)
+            .map(SocketAddr::V4)
+            .map_err(Into::into),
+    }
+}
+
+/// Borrows the descriptor of a socket that exposes only `AsRawFd` (tokio-uring's).
+#[allow(unsafe_code)]
+pub fn borrow_fd<T: std::os::fd::AsRawFd>(owner: &T) -> std::os::fd::BorrowedFd<'_> {
+    // SAFETY: the descriptor belongs to `owner`, which stays alive (and so keeps it open) for
+    // as long as the returned borrow, whose lifetime is tied to `owner`'s.
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(owner.as_raw_fd()) }
+}
+
+/// Waits until `fd` is readable, through tokio's reactor (which tokio-uring runs too):
+/// unlike a ring read, this wait can be abandoned without losing bytes. The registration
+/// ends with the wait; it does not own, or close, the descriptor.
+#[allow(unsafe_code)]
+pub async fn wait_readable(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: `fd` is borrowed for as long as this future lives, so the descriptor stays open
+    // and refers to the same socket for the whole life of the `AsyncFd`, which is dropped
+    // before the future completes.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+    }?;
+    let _ready = registered.readable().await?;
+    Ok(())
+}
+
+/// Opens a TCP connection through tokio (both backends run a tokio reactor), with
+/// `TCP_NODELAY` and, if given, the socket mark the interception rules leave alone.
+pub async fn connect_marked(
+    addr: SocketAddr,
+    mark: Option<u32>,
+) -> io::Result<tokio::net::TcpStream> {
+    let socket = if addr.is_ipv6() {
+        tokio::net::TcpSocket::new_v6()?
+    } else {
+        tokio::net::TcpSocket::new_v4()?
+    };
+    if let Some(mark) = mark {
+        socket2::SockRef::from(&socket).set_mark(mark)?;
+    }
+    socket.set_nodelay(true)?;
+    socket.connect(addr).await
 }
 
 #[cfg(test)]

@@ -682,6 +682,26 @@ pub enum MaybeTls<S> {
 }
 
 impl<S> MaybeTls<S> {
+    /// A plaintext stream whose reads return `first` before anything else (bytes already
+    /// read to tell its protocol).
+    pub fn replaying(self, first: Vec<u8>) -> MaybeTls<S> {
+        match self {
+            MaybeTls::Plain(s) | MaybeTls::Sniffed(s, _) if !first.is_empty() => {
+                MaybeTls::Sniffed(s, RefCell::new(first))
+            }
+            other => other,
+        }
+    }
+
+    /// A sniffed stream whose replayed bytes are all consumed, as plain again (so opaque TCP
+    /// may splice it).
+    pub fn unsniffed(self) -> MaybeTls<S> {
+        match self {
+            MaybeTls::Sniffed(s, first) if first.borrow().is_empty() => MaybeTls::Plain(s),
+            other => other,
+        }
+    }
+
     /// Where the record layer runs, for TLS connections.
     pub fn tls_mode(&self) -> Option<crate::metrics::TlsMode> {
         match self {
@@ -715,6 +735,20 @@ impl<S: Stream> Stream for MaybeTls<S> {
             MaybeTls::Plain(s) | MaybeTls::Sniffed(s, _) => s.write_all(buf, range).await,
             MaybeTls::Tls(s) => s.write_all(buf, range).await,
             MaybeTls::Kernel(s) => s.write_all(buf, range).await,
+        }
+    }
+
+    async fn readable(&self) -> io::Result<()> {
+        match self {
+            MaybeTls::Plain(s) => s.readable().await,
+            MaybeTls::Sniffed(s, first) => {
+                if first.borrow().is_empty() {
+                    s.readable().await
+                } else {
+                    Ok(())
+                }
+            }
+            MaybeTls::Tls(_) | MaybeTls::Kernel(_) => Err(io::ErrorKind::Unsupported.into()),
         }
     }
 

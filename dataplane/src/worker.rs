@@ -291,33 +291,95 @@ async fn accept_loop<B: Backend>(worker: Rc<Worker<B>>, name: Arc<str>, listener
         tokio::task::spawn_local(async move {
             let _guard = guard;
             let worker = _guard.worker.clone();
-            let plan = &view.snapshot.listeners[index];
-            let Some(down) = terminate_tls::<B>(plan, &view.listeners[index], stream, peer).await
-            else {
-                return;
-            };
-            match &plan.kind {
-                ListenerKind::Tcp { cluster } => {
-                    proxy::tcp::serve(&worker, &view, index, *cluster, down).await;
-                }
-                ListenerKind::Http(routes) => {
-                    proxy::http1::serve(&worker, &view, index, routes, down, peer).await;
-                }
-            }
+            serve(&worker, &view, index, stream, peer).await;
         });
     }
 }
 
+/// Counts a connection on a listener it was handed to (an intercepted destination) for as
+/// long as it lasts.
+struct Claimed(Rc<ListenerStats>);
+
+impl Drop for Claimed {
+    fn drop(&mut self) {
+        self.0.connection_closed();
+    }
+}
+
+/// Serves one accepted connection: finds the listener an intercepted one belongs to,
+/// terminates mTLS where that listener asks for it, and runs what the listener speaks.
+async fn serve<B: Backend>(
+    worker: &Rc<Worker<B>>,
+    view: &View,
+    accepted: usize,
+    stream: B::Stream,
+    peer: SocketAddr,
+) {
+    let mut index = accepted;
+    let mut original = None;
+    if let ListenerKind::Intercepted(direction) = view.snapshot.listeners[accepted].kind {
+        let plan = &view.snapshot.listeners[accepted];
+        let to = match stream.original_destination() {
+            // A connection made straight to the interception port (not redirected) would
+            // loop back to it.
+            Ok(to) if to.port() != plan.configured.port() => to,
+            Ok(_) | Err(_) => {
+                view.listeners[accepted].error(Flag::NoRoute);
+                tracing::warn!(listener = %plan.name, %peer, "connection without an intercepted destination refused");
+                let _ = stream.shutdown(Shutdown::Both);
+                return;
+            }
+        };
+        original = Some(to);
+        if let Some(claimed) = view
+            .snapshot
+            .intercept
+            .as_ref()
+            .and_then(|i| i.claim(direction, to))
+        {
+            index = claimed;
+        }
+    }
+    let _claimed = (index != accepted).then(|| {
+        let stats = view.listeners[index].clone();
+        stats.connection_opened();
+        Claimed(stats)
+    });
+    let plan = &view.snapshot.listeners[index];
+    let Some((down, inner)) = terminate_tls::<B>(plan, &view.listeners[index], stream, peer).await
+    else {
+        return;
+    };
+    match &plan.kind {
+        ListenerKind::Tcp { cluster } => {
+            proxy::tcp::serve(worker, view, index, *cluster, down, Vec::new()).await;
+        }
+        ListenerKind::Http(routes) => {
+            proxy::http1::serve(worker, view, index, routes, down, peer).await;
+        }
+        ListenerKind::Detect { cluster, routes } => {
+            proxy::detect::serve(worker, view, index, *cluster, routes, down, peer, inner).await;
+        }
+        ListenerKind::Intercepted(direction) => {
+            if let Some(original) = original {
+                proxy::intercept::passthrough::<B>(view, index, *direction, original, down).await;
+            }
+        }
+    }
+}
+
 /// Runs the server side of mTLS on a listener that requires it: the peer must present a
-/// certificate from the trust bundle and ask for what the listener speaks (ALPN).
+/// certificate from the trust bundle and ask for what the listener speaks (ALPN; a `detect`
+/// listener or an interception socket takes either). Returns the stream and, under mTLS,
+/// what the peer said is inside.
 async fn terminate_tls<B: Backend>(
     plan: &ListenerPlan,
     stats: &ListenerStats,
     stream: B::Stream,
     peer: SocketAddr,
-) -> Option<MaybeTls<B::Stream>> {
+) -> Option<(MaybeTls<B::Stream>, Option<proxy::Inner>)> {
     let Some(tls) = &plan.tls else {
-        return Some(MaybeTls::Plain(stream));
+        return Some((MaybeTls::Plain(stream), None));
     };
     let refuse = |why: &dyn std::fmt::Display| {
         stats.error(Flag::TlsHandshake);
@@ -348,7 +410,10 @@ async fn terminate_tls<B: Backend>(
         }
         if first.first() != Some(&crate::tls::TLS_HANDSHAKE_RECORD) {
             tracing::debug!(listener = %plan.name, %peer, "plaintext on a permissive port");
-            return Some(MaybeTls::Sniffed(stream, std::cell::RefCell::new(first)));
+            return Some((
+                MaybeTls::Sniffed(stream, std::cell::RefCell::new(first)),
+                None,
+            ));
         }
     }
     let accepted = match TlsStream::server(stream, tls.config.clone(), first) {
@@ -362,17 +427,21 @@ async fn terminate_tls<B: Backend>(
             return None;
         }
     };
-    let wanted: &[u8] = match plan.kind {
-        ListenerKind::Tcp { .. } => crate::tls::ALPN_TCP,
-        ListenerKind::Http(_) => crate::tls::ALPN_HTTP1,
+    let alpn = stream.alpn();
+    let inner = match alpn.as_deref() {
+        Some(crate::tls::ALPN_TCP) => Some(proxy::Inner::Tcp),
+        Some(crate::tls::ALPN_HTTP1) => Some(proxy::Inner::Http1),
+        _ => None,
     };
-    if stream.alpn().as_deref() != Some(wanted) {
+    let accepts = match plan.kind {
+        ListenerKind::Tcp { .. } => inner == Some(proxy::Inner::Tcp),
+        ListenerKind::Http(_) => inner == Some(proxy::Inner::Http1),
+        ListenerKind::Detect { .. } | ListenerKind::Intercepted(_) => inner.is_some(),
+    };
+    if !accepts {
         refuse(&format_args!(
-            "peer asked for ALPN {:?}, the listener speaks {:?}",
-            stream
-                .alpn()
-                .map(|a| String::from_utf8_lossy(&a).into_owned()),
-            String::from_utf8_lossy(wanted)
+            "peer asked for ALPN {:?}, which the listener does not speak",
+            alpn.map(|a| String::from_utf8_lossy(&a).into_owned()),
         ));
         let _ = stream.shutdown(Shutdown::Both);
         return None;
@@ -394,7 +463,7 @@ async fn terminate_tls<B: Backend>(
         stats.tls_mode(mode);
     }
     tracing::debug!(listener = %plan.name, %peer, identity = identity.as_deref().unwrap_or("?"), mode = ?stream.tls_mode(), "mTLS accepted");
-    Some(stream)
+    Some((stream, inner))
 }
 
 /// Everything a worker thread needs to start.

@@ -28,6 +28,10 @@ pub use gateway::HttpRoute;
 /// The Pod annotation that maps application ports to the sidecar's inbound ports on the
 /// Pod's IP in explicit mode: `"8080=15080,9090=15090"`.
 pub const INBOUND_PORTS: &str = "tern.dev/inbound-ports";
+/// Pod annotation: `enabled` when `tern-proxy init` intercepts the Pod's traffic, so its
+/// sidecar takes peers' connections on the application's own ports and the application's
+/// connections to Service addresses.
+pub const INTERCEPTION: &str = "tern.dev/interception";
 /// The label an EndpointSlice names its Service with.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -202,8 +206,22 @@ pub struct Workload {
     pub ip: Option<IpAddr>,
     /// Application port → sidecar inbound port (explicit mode).
     pub inbound: BTreeMap<u16, u16>,
+    /// Its traffic is intercepted (annotation `tern.dev/interception: enabled`): its sidecar
+    /// takes peers' connections on the application ports themselves.
+    pub intercepted: bool,
     /// Named container ports.
     pub named_ports: BTreeMap<String, u16>,
+}
+
+impl Workload {
+    /// The port peers' sidecars dial, over mTLS, to reach application port `app`: the
+    /// sidecar port it is mapped to (explicit mode) or, intercepted, `app` itself.
+    pub fn sidecar_port(&self, app: u16) -> Option<u16> {
+        match self.inbound.get(&app) {
+            Some(&sidecar) => Some(sidecar),
+            None => self.intercepted.then_some(app),
+        }
+    }
 }
 
 /// Accepted objects, indexed.
@@ -713,6 +731,24 @@ pub fn service_port(
         .find(|p| p.port == i32::from(port))
 }
 
+/// A Service's virtual addresses (`spec.clusterIPs`, else `spec.clusterIP`); none when it is
+/// headless.
+pub fn cluster_ips(service: &Service) -> Vec<IpAddr> {
+    let Some(spec) = service.spec.as_ref() else {
+        return Vec::new();
+    };
+    let mut ips: Vec<IpAddr> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .chain(spec.cluster_ip.iter())
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ips
+}
+
 /// What a route rule claims: a Service port (0 for all), a host and a path prefix.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct Claim {
@@ -797,6 +833,15 @@ fn check_service(service: &Service) -> Check {
         return fail("spec.ports", "needs at least one port");
     }
     let mut numbers = BTreeSet::new();
+    for ip in spec
+        .cluster_ip
+        .iter()
+        .chain(spec.cluster_ips.iter().flatten())
+    {
+        if ip != "None" && !ip.is_empty() && ip.parse::<IpAddr>().is_err() {
+            return fail("spec.clusterIP", format!("`{ip}` is not an IP address"));
+        }
+    }
     let mut names = BTreeSet::new();
     for (i, port) in ports.iter().enumerate() {
         let number = port_number(format!("spec.ports[{i}].port"), port.port)?;
@@ -877,6 +922,30 @@ fn check_pod(key: &Key, pod: &Pod) -> Result<Workload, (String, String)> {
             }
         }
     }
+    let intercepted = match pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(INTERCEPTION))
+        .map(String::as_str)
+    {
+        None | Some("disabled") => false,
+        Some("enabled") => true,
+        Some(other) => {
+            return fail(
+                format!("metadata.annotations[\"{INTERCEPTION}\"]"),
+                format!("`{other}` is not `enabled` or `disabled`"),
+            );
+        }
+    };
+    if intercepted && !inbound.is_empty() {
+        return fail(
+            format!("metadata.annotations[\"{INBOUND_PORTS}\"]"),
+            format!(
+                "an intercepted Pod ({INTERCEPTION}) takes peers on its own ports; leave it out"
+            ),
+        );
+    }
     let ip = match pod.status.as_ref().and_then(|s| s.pod_ip.as_deref()) {
         None => None,
         Some(text) => Some(text.parse::<IpAddr>().map_err(|_| {
@@ -886,8 +955,11 @@ fn check_pod(key: &Key, pod: &Pod) -> Result<Workload, (String, String)> {
             )
         })?),
     };
-    if !inbound.is_empty() && ip.is_none() {
-        return fail("status.podIP", "is required when the Pod has inbound ports");
+    if (intercepted || !inbound.is_empty()) && ip.is_none() {
+        return fail(
+            "status.podIP",
+            "is required when the Pod has a sidecar that takes inbound traffic",
+        );
     }
     let spec = pod.spec.as_ref();
     let service_account = spec
@@ -923,6 +995,7 @@ fn check_pod(key: &Key, pod: &Pod) -> Result<Workload, (String, String)> {
         service_account,
         ip,
         inbound,
+        intercepted,
         named_ports,
     })
 }

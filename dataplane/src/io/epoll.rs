@@ -59,6 +59,14 @@ impl Stream for EpollStream {
         socket2::SockRef::from(&self.0).shutdown(how)
     }
 
+    async fn readable(&self) -> io::Result<()> {
+        self.0.readable().await
+    }
+
+    fn original_destination(&self) -> io::Result<SocketAddr> {
+        crate::sys::original_destination(std::os::fd::AsFd::as_fd(&self.0))
+    }
+
     fn can_splice(&self) -> bool {
         true
     }
@@ -145,10 +153,10 @@ impl Backend for Epoll {
         tokio::net::TcpListener::from_std(socket).map(EpollListener)
     }
 
-    async fn connect(addr: SocketAddr) -> io::Result<EpollStream> {
-        let stream = tokio::net::TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
-        Ok(EpollStream(stream))
+    async fn connect(addr: SocketAddr, mark: Option<u32>) -> io::Result<EpollStream> {
+        crate::sys::connect_marked(addr, mark)
+            .await
+            .map(EpollStream)
     }
 
     fn block_on<F: Future>(future: F) -> io::Result<F::Output> {

@@ -90,6 +90,18 @@ pub trait Stream: Sized + 'static {
     /// task has pending, which is how an idle connection is closed promptly.
     fn shutdown(&self, how: Shutdown) -> io::Result<()>;
 
+    /// Waits until a read would not block (bytes, end of stream or an error are there),
+    /// consuming nothing, so it may be abandoned (a timeout) without losing bytes; `read`
+    /// right after returns at once. Plain sockets only.
+    async fn readable(&self) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
+    /// The original destination of an intercepted connection (`SO_ORIGINAL_DST`).
+    fn original_destination(&self) -> io::Result<SocketAddr> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
     /// Ends the sending direction cleanly (a half-close): for TLS, `close_notify` first.
     async fn close_write(&self) -> io::Result<()> {
         self.shutdown(Shutdown::Write)
@@ -162,8 +174,9 @@ pub trait Backend: 'static {
     /// Adopts a bound, listening, non-blocking std socket.
     fn listener(socket: std::net::TcpListener) -> io::Result<Self::Listener>;
 
-    /// Opens a TCP connection, with `TCP_NODELAY` set.
-    async fn connect(addr: SocketAddr) -> io::Result<Self::Stream>;
+    /// Opens a TCP connection, with `TCP_NODELAY` set and, if given, the socket mark that
+    /// keeps it out of the interception rules.
+    async fn connect(addr: SocketAddr, mark: Option<u32>) -> io::Result<Self::Stream>;
 
     /// Builds this backend's runtime on the current thread and runs `future` on it to
     /// completion; tasks may be spawned with `tokio::task::spawn_local`.

@@ -61,6 +61,14 @@ impl Stream for UringStream {
     fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         self.0.shutdown(how)
     }
+
+    async fn readable(&self) -> io::Result<()> {
+        crate::sys::wait_readable(crate::sys::borrow_fd(&self.0)).await
+    }
+
+    fn original_destination(&self) -> io::Result<SocketAddr> {
+        crate::sys::original_destination(crate::sys::borrow_fd(&self.0))
+    }
 }
 
 impl Listener for UringListener {
@@ -84,8 +92,15 @@ impl Backend for Uring {
         )))
     }
 
-    async fn connect(addr: SocketAddr) -> io::Result<UringStream> {
-        let stream = tokio_uring::net::TcpStream::connect(addr).await?;
+    async fn connect(addr: SocketAddr, mark: Option<u32>) -> io::Result<UringStream> {
+        let stream = match mark {
+            None => tokio_uring::net::TcpStream::connect(addr).await?,
+            // tokio-uring cannot set options before connecting: connect through tokio's
+            // reactor, then hand the socket to the ring.
+            Some(_) => tokio_uring::net::TcpStream::from_std(
+                crate::sys::connect_marked(addr, mark).await?.into_std()?,
+            ),
+        };
         stream.set_nodelay(true)?;
         Ok(UringStream(stream))
     }

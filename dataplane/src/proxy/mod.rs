@@ -1,11 +1,14 @@
 //! The proxy logic, written once against the [`crate::io`] interface: opaque TCP
-//! ([`tcp`]), HTTP/1.1 ([`http1`]) and the per-worker upstream pool ([`pool`]).
+//! ([`tcp`]), HTTP/1.1 ([`http1`]), protocol detection ([`detect`]), intercepted connections
+//! ([`intercept`]) and the per-worker upstream pool ([`pool`]).
 //!
 //! Rule for every read here: a read that is abandoned (timeout, drain) is never retried on
 //! the same socket; the socket is shut down instead. With io_uring an abandoned read stays
 //! queued in the kernel and would swallow bytes meant for the next one.
 
+pub mod detect;
 pub mod http1;
+pub mod intercept;
 pub mod pool;
 pub mod tcp;
 
@@ -17,7 +20,7 @@ use crate::worker::View;
 
 /// What is inside an mTLS connection to an upstream sidecar (its ALPN).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Inner {
+pub enum Inner {
     /// Opaque TCP.
     Tcp,
     /// HTTP/1.1.
@@ -36,59 +39,72 @@ pub(crate) async fn connect<B: Backend>(
     inner: Inner,
 ) -> Option<(MaybeTls<B::Stream>, SocketAddr)> {
     let plan = view.snapshot.clusters.get(cluster)?;
-    let stats = view.clusters.get(cluster)?;
     for _ in 0..plan.endpoints.len().min(CONNECT_ATTEMPTS) {
         let addr = view.next_endpoint(cluster)?;
-        let started = tokio::time::Instant::now();
-        let attempt = async {
-            let stream = match tokio::time::timeout(plan.connect_timeout, B::connect(addr)).await {
-                Ok(connected) => connected?,
-                Err(_) => {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "connect timed out",
-                    ));
-                }
-            };
-            let Some(tls) = &plan.tls else {
-                return Ok(MaybeTls::Plain(stream));
-            };
-            let config = match inner {
-                Inner::Tcp => tls.tcp.clone(),
-                Inner::Http1 => tls.http1.clone(),
-            };
-            let remaining = plan.connect_timeout.saturating_sub(started.elapsed());
-            match TlsStream::client(stream, config, addr.ip())?
-                .handshake_within(remaining)
-                .await
-            {
-                Ok(stream) => {
-                    let stream = stream.into_kernel()?;
-                    if let Some(mode) = stream.tls_mode() {
-                        stats.tls_mode(mode);
-                    }
-                    Ok(stream)
-                }
-                Err(error) => {
-                    tracing::warn!(cluster = %plan.name, %addr, expected = %tls.identity, %error, "mTLS handshake with upstream failed");
-                    Err(error)
-                }
-            }
-        };
-        match tokio::time::timeout(plan.connect_timeout + plan.connect_timeout, attempt).await {
-            Ok(Ok(stream)) => {
-                stats.connected();
-                return Some((stream, addr));
-            }
-            Ok(Err(error)) => {
-                stats.connect_failed();
-                tracing::debug!(cluster = %plan.name, %addr, %error, "upstream connect failed");
-            }
-            Err(_) => {
-                stats.connect_failed();
-                tracing::debug!(cluster = %plan.name, %addr, "upstream connect timed out");
-            }
+        if let Some(stream) = connect_to::<B>(view, cluster, addr, inner).await {
+            return Some((stream, addr));
         }
     }
     None
+}
+
+/// One attempt at `addr` for `cluster` (its timeout, its mTLS), counted on the cluster.
+pub(crate) async fn connect_to<B: Backend>(
+    view: &View,
+    cluster: usize,
+    addr: SocketAddr,
+    inner: Inner,
+) -> Option<MaybeTls<B::Stream>> {
+    let plan = view.snapshot.clusters.get(cluster)?;
+    let stats = view.clusters.get(cluster)?;
+    let mark = view.snapshot.mark();
+    let started = tokio::time::Instant::now();
+    let attempt = async {
+        let stream = match tokio::time::timeout(plan.connect_timeout, B::connect(addr, mark)).await
+        {
+            Ok(connected) => connected?,
+            Err(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connect timed out",
+                ));
+            }
+        };
+        let Some(tls) = &plan.tls else {
+            return Ok(MaybeTls::Plain(stream));
+        };
+        let remaining = plan.connect_timeout.saturating_sub(started.elapsed());
+        match TlsStream::client(stream, tls.client(inner), addr.ip())?
+            .handshake_within(remaining)
+            .await
+        {
+            Ok(stream) => {
+                let stream = stream.into_kernel()?;
+                if let Some(mode) = stream.tls_mode() {
+                    stats.tls_mode(mode);
+                }
+                Ok(stream)
+            }
+            Err(error) => {
+                tracing::warn!(cluster = %plan.name, %addr, expected = %tls.identity, %error, "mTLS handshake with upstream failed");
+                Err(error)
+            }
+        }
+    };
+    match tokio::time::timeout(plan.connect_timeout + plan.connect_timeout, attempt).await {
+        Ok(Ok(stream)) => {
+            stats.connected();
+            Some(stream)
+        }
+        Ok(Err(error)) => {
+            stats.connect_failed();
+            tracing::debug!(cluster = %plan.name, %addr, %error, "upstream connect failed");
+            None
+        }
+        Err(_) => {
+            stats.connect_failed();
+            tracing::debug!(cluster = %plan.name, %addr, "upstream connect timed out");
+            None
+        }
+    }
 }

@@ -29,13 +29,14 @@ const MAX_COPY_BUFFER: usize = 256 * 1024;
 /// A read this large marks a bulk direction, which moves to `splice` where it can.
 const SPLICE_AFTER: usize = 64 * 1024;
 
-/// Serves one opaque TCP connection.
+/// Serves one opaque TCP connection; `first` holds bytes already read from the client.
 pub async fn serve<B: Backend, D: Stream>(
     _worker: &Rc<Worker<B>>,
     view: &View,
     listener: usize,
     cluster: usize,
     down: D,
+    first: Vec<u8>,
 ) {
     let stats = &view.listeners[listener];
     let Some((up, _)) = super::connect::<B>(view, cluster, super::Inner::Tcp).await else {
@@ -45,7 +46,7 @@ pub async fn serve<B: Backend, D: Stream>(
     };
     let idle = view.snapshot.clusters[cluster].idle_timeout;
     let upstream = &view.clusters[cluster];
-    let outcome = pump_counted(&down, &up, Vec::new(), Vec::new(), idle, stats, upstream).await;
+    let outcome = pump_counted(&down, &up, first, Vec::new(), idle, stats, upstream).await;
     if outcome == Pumped::IdleTimeout {
         stats.error(Flag::IdleTimeout);
     }

@@ -37,6 +37,81 @@ pub struct Config {
     /// server, root and token).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub discovery: Option<Discovery>,
+    /// Transparent mode: take the connections `tern-proxy init` redirects (outbound and
+    /// inbound), and serve each as the listener whose `intercept` address is its original
+    /// destination.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interception: Option<Interception>,
+}
+
+/// The proxy's side of traffic interception: where redirected connections arrive and what
+/// happens to those no listener claims.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Interception {
+    /// Where `tern-proxy init` sends the pod's outbound TCP (bound on `0.0.0.0`, and `[::]`
+    /// when `ipv6`).
+    #[serde(default = "default_outbound_port")]
+    pub outbound_port: u16,
+    /// Where `tern-proxy init` sends the pod's inbound TCP.
+    #[serde(default = "default_inbound_port")]
+    pub inbound_port: u16,
+    /// Also take IPv6 connections.
+    #[serde(default = "default_true")]
+    pub ipv6: bool,
+    /// What happens to outbound connections to a destination no listener claims (outside
+    /// the mesh): `allow_any` passes them through, `registry_only` refuses them.
+    #[serde(default)]
+    pub outbound_policy: OutboundPolicy,
+    /// mTLS on inbound ports no listener claims; they are passed to the application as
+    /// opaque TCP. Permissive by default, as Istio's default PeerAuthentication.
+    #[serde(default = "default_inbound_tls")]
+    pub inbound_tls: ListenerTls,
+    /// A socket mark set on every connection the proxy opens, so the interception rules
+    /// leave them alone (`tern-proxy init --proxy-mark`); needs `CAP_NET_ADMIN`. Without it
+    /// the proxy must run as the excluded UID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mark: Option<u32>,
+    /// How long `detect` listeners wait for the client's first bytes before treating the
+    /// connection as opaque TCP.
+    #[serde(default = "default_detect_timeout", with = "humantime_serde")]
+    pub detect_timeout: Duration,
+}
+
+/// Outbound traffic to destinations outside the mesh (Istio's `outboundTrafficPolicy`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutboundPolicy {
+    /// Passed through to the original destination, as opaque TCP.
+    #[default]
+    AllowAny,
+    /// Refused (closed).
+    RegistryOnly,
+}
+
+/// Which intercepted connections a listener takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Intercept {
+    /// The application's outbound connections to `address` (a Service's address).
+    Outbound,
+    /// Peers' connections to `address` (this Pod's address and an application port; an
+    /// unspecified IP matches any of the Pod's addresses on that port).
+    Inbound,
+}
+
+impl Default for Interception {
+    fn default() -> Self {
+        Interception {
+            outbound_port: default_outbound_port(),
+            inbound_port: default_inbound_port(),
+            ipv6: true,
+            outbound_policy: OutboundPolicy::default(),
+            inbound_tls: default_inbound_tls(),
+            mark: None,
+            detect_timeout: default_detect_timeout(),
+        }
+    }
 }
 
 /// What this proxy asks `tern-control` for: the config of the workload it runs beside, and
@@ -215,6 +290,11 @@ pub enum Protocol {
     Tcp,
     /// HTTP/1.1: requests are parsed and routed by host and path.
     Http,
+    /// Told by the client's first bytes: HTTP/1.1 is routed by `routes` (every request to
+    /// `cluster` when there are none); anything else (the HTTP/2 preface, a TLS
+    /// ClientHello, other bytes, or nothing within `interception.detect_timeout`) goes to
+    /// `cluster` as opaque TCP. Server-speaks-first protocols must be `tcp`.
+    Detect,
 }
 
 /// A listening socket: one per worker, bound with `SO_REUSEPORT`.
@@ -236,6 +316,10 @@ pub struct Listener {
     /// Terminate mTLS from peer sidecars on this listener.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ListenerTls>,
+    /// Not bound: takes the intercepted connections (see [`Interception`]) whose original
+    /// destination is `address`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intercept: Option<Intercept>,
 }
 
 /// An HTTP route: a host and path prefix that select a cluster, or split requests between
@@ -452,6 +536,25 @@ fn default_ca_server_name() -> String {
 fn default_handshake_timeout() -> Duration {
     Duration::from_secs(5)
 }
+fn default_outbound_port() -> u16 {
+    15001
+}
+fn default_inbound_port() -> u16 {
+    15006
+}
+fn default_true() -> bool {
+    true
+}
+fn default_inbound_tls() -> ListenerTls {
+    ListenerTls::new(TlsMode::Permissive)
+}
+fn default_detect_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+
+/// Listener names the proxy gives its interception sockets; configured listeners may not
+/// start with it.
+pub const INTERCEPT_PREFIX: &str = "intercept-";
 
 /// Why a configuration was refused. Each variant says where the problem is.
 #[derive(Debug, thiserror::Error)]
@@ -521,6 +624,12 @@ impl Config {
             if cluster.name.is_empty() {
                 return fail(at("name"), "must not be empty");
             }
+            if cluster.name.starts_with(INTERCEPT_PREFIX) {
+                return fail(
+                    at("name"),
+                    &format!("`{INTERCEPT_PREFIX}` names are the proxy's own"),
+                );
+            }
             if !cluster_names.insert(cluster.name.as_str()) {
                 return fail(at("name"), &format!("duplicate cluster `{}`", cluster.name));
             }
@@ -538,7 +647,7 @@ impl Config {
         }
 
         let mut listener_names = HashSet::new();
-        let mut addresses = HashSet::new();
+        let mut addresses: HashSet<(Option<Intercept>, SocketAddr)> = HashSet::new();
         for (i, listener) in self.listeners.iter().enumerate() {
             let at = |f: &str| format!("listeners[{i}].{f}");
             if listener.name.is_empty() {
@@ -550,7 +659,40 @@ impl Config {
                     &format!("duplicate listener `{}`", listener.name),
                 );
             }
-            if listener.address.port() != 0 && !addresses.insert(listener.address) {
+            if listener.name.starts_with(INTERCEPT_PREFIX) {
+                return fail(
+                    at("name"),
+                    &format!("`{INTERCEPT_PREFIX}` names are the proxy's own"),
+                );
+            }
+            if let Some(direction) = listener.intercept {
+                if self.interception.is_none() {
+                    return fail(at("intercept"), "needs an `interception` block");
+                }
+                if listener.address.port() == 0 {
+                    return fail(at("address"), "an intercepted destination needs a port");
+                }
+                if direction == Intercept::Outbound
+                    && listener
+                        .tls
+                        .as_ref()
+                        .is_some_and(|t| t.mode != TlsMode::Disable)
+                {
+                    return fail(
+                        at("tls"),
+                        "outbound connections come from the application, in plaintext",
+                    );
+                }
+                if !addresses.insert((Some(direction), listener.address)) {
+                    return fail(
+                        at("address"),
+                        &format!(
+                            "{} is claimed by another {direction:?} listener",
+                            listener.address
+                        ),
+                    );
+                }
+            } else if listener.address.port() != 0 && !addresses.insert((None, listener.address)) {
                 return fail(
                     at("address"),
                     &format!("{} is used by another listener", listener.address),
@@ -569,14 +711,26 @@ impl Config {
                         Some(_) => {}
                     }
                 }
-                Protocol::Http => {
-                    if listener.cluster.is_some() {
+                Protocol::Http | Protocol::Detect => {
+                    if listener.protocol == Protocol::Detect {
+                        match &listener.cluster {
+                            None => {
+                                return fail(
+                                    at("cluster"),
+                                    "a detect listener needs a cluster (for opaque TCP)",
+                                );
+                            }
+                            Some(name) if !cluster_names.contains(name.as_str()) => {
+                                return fail(at("cluster"), &format!("unknown cluster `{name}`"));
+                            }
+                            Some(_) => {}
+                        }
+                    } else if listener.cluster.is_some() {
                         return fail(
                             at("cluster"),
                             "an http listener routes with `routes`, not `cluster`",
                         );
-                    }
-                    if listener.routes.is_empty() {
+                    } else if listener.routes.is_empty() {
                         return fail(at("routes"), "an http listener needs at least one route");
                     }
                     for (j, route) in listener.routes.iter().enumerate() {
@@ -614,6 +768,10 @@ impl Config {
             .listeners
             .iter()
             .any(|l| l.tls.as_ref().is_some_and(|t| t.mode != TlsMode::Disable))
+            || self
+                .interception
+                .as_ref()
+                .is_some_and(|i| i.inbound_tls.mode != TlsMode::Disable)
             || self.clusters.iter().any(|c| c.tls.is_some());
         if wants_tls && self.identity.is_none() {
             return fail(
@@ -647,6 +805,27 @@ impl Config {
                 if outbound.port == 0 {
                     return fail(at("port"), "must not be 0");
                 }
+            }
+        }
+
+        if let Some(interception) = &self.interception {
+            if interception.outbound_port == 0 || interception.inbound_port == 0 {
+                return fail("interception".into(), "the ports must not be 0");
+            }
+            if interception.outbound_port == interception.inbound_port {
+                return fail(
+                    "interception.inbound_port".into(),
+                    "must differ from outbound_port",
+                );
+            }
+            if interception.detect_timeout.is_zero() {
+                return fail(
+                    "interception.detect_timeout".into(),
+                    "must be greater than zero",
+                );
+            }
+            if interception.mark == Some(0) {
+                return fail("interception.mark".into(), "0 marks nothing");
             }
         }
 

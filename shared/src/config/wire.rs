@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use crate::api::discovery as pb;
 use crate::config::{
-    Backend, CipherSuite, Cluster, ClusterTls, Config, Listener, ListenerTls, Protocol, Route,
-    TlsMode,
+    Backend, CipherSuite, Cluster, ClusterTls, Config, Intercept, Listener, ListenerTls,
+    OutboundPolicy, Protocol, Route, TlsMode,
 };
 
 /// Listeners and clusters from `tern-control`, at a version.
@@ -22,6 +22,8 @@ pub struct Pushed {
     pub listeners: Vec<Listener>,
     /// Clusters to add to the proxy's own.
     pub clusters: Vec<Cluster>,
+    /// The mesh's outbound policy, replacing the file's `interception.outbound_policy`.
+    pub outbound_policy: Option<OutboundPolicy>,
 }
 
 /// A field of a pushed config that does not decode, and why.
@@ -45,12 +47,18 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Encodes `config`'s listeners and clusters at `version`.
+/// Encodes `config`'s listeners and clusters (and, with `interception`, its outbound policy)
+/// at `version`.
 pub fn encode(config: &Config, version: u64) -> pb::ProxyConfig {
     pb::ProxyConfig {
         version,
         listeners: config.listeners.iter().map(encode_listener).collect(),
         clusters: config.clusters.iter().map(encode_cluster).collect(),
+        outbound_policy: match config.interception.as_ref().map(|i| i.outbound_policy) {
+            None => pb::OutboundPolicy::Unspecified,
+            Some(OutboundPolicy::AllowAny) => pb::OutboundPolicy::AllowAny,
+            Some(OutboundPolicy::RegistryOnly) => pb::OutboundPolicy::RegistryOnly,
+        } as i32,
     }
 }
 
@@ -61,6 +69,7 @@ fn encode_listener(l: &Listener) -> pb::Listener {
         protocol: match l.protocol {
             Protocol::Tcp => pb::Protocol::Tcp,
             Protocol::Http => pb::Protocol::Http,
+            Protocol::Detect => pb::Protocol::Detect,
         } as i32,
         cluster: l.cluster.clone().unwrap_or_default(),
         routes: l
@@ -88,6 +97,11 @@ fn encode_listener(l: &Listener) -> pb::Listener {
             } as i32,
             handshake_timeout_ms: millis(t.handshake_timeout),
         }),
+        intercept: match l.intercept {
+            None => pb::Intercept::None,
+            Some(Intercept::Outbound) => pb::Intercept::Outbound,
+            Some(Intercept::Inbound) => pb::Intercept::Inbound,
+        } as i32,
     }
 }
 
@@ -135,10 +149,22 @@ impl TryFrom<pb::ProxyConfig> for Pushed {
             .enumerate()
             .map(|(i, c)| decode_cluster(i, c))
             .collect::<Result<_, _>>()?;
+        let outbound_policy = match pb::OutboundPolicy::try_from(config.outbound_policy) {
+            Ok(pb::OutboundPolicy::Unspecified) => None,
+            Ok(pb::OutboundPolicy::AllowAny) => Some(OutboundPolicy::AllowAny),
+            Ok(pb::OutboundPolicy::RegistryOnly) => Some(OutboundPolicy::RegistryOnly),
+            Err(_) => {
+                return Err(wrong(
+                    "outbound_policy".into(),
+                    format!("unknown policy {}", config.outbound_policy),
+                ));
+            }
+        };
         Ok(Pushed {
             version: config.version,
             listeners,
             clusters,
+            outbound_policy,
         })
     }
 }
@@ -148,6 +174,7 @@ fn decode_listener(i: usize, l: pb::Listener) -> Result<Listener, WireError> {
     let protocol = match pb::Protocol::try_from(l.protocol) {
         Ok(pb::Protocol::Tcp) => Protocol::Tcp,
         Ok(pb::Protocol::Http) => Protocol::Http,
+        Ok(pb::Protocol::Detect) => Protocol::Detect,
         _ => {
             return Err(wrong(
                 at("protocol"),
@@ -184,6 +211,17 @@ fn decode_listener(i: usize, l: pb::Listener) -> Result<Listener, WireError> {
             handshake_timeout: Duration::from_millis(t.handshake_timeout_ms),
         }),
     };
+    let intercept = match pb::Intercept::try_from(l.intercept) {
+        Ok(pb::Intercept::None) => None,
+        Ok(pb::Intercept::Outbound) => Some(Intercept::Outbound),
+        Ok(pb::Intercept::Inbound) => Some(Intercept::Inbound),
+        Err(_) => {
+            return Err(wrong(
+                at("intercept"),
+                format!("unknown direction {}", l.intercept),
+            ));
+        }
+    };
     Ok(Listener {
         address: address(at("address"), &l.address)?,
         name: l.name,
@@ -191,6 +229,7 @@ fn decode_listener(i: usize, l: pb::Listener) -> Result<Listener, WireError> {
         cluster: (!l.cluster.is_empty()).then_some(l.cluster),
         routes,
         tls,
+        intercept,
     })
 }
 
@@ -243,6 +282,10 @@ impl Pushed {
         let mut config = base.clone();
         config.listeners.extend(self.listeners.iter().cloned());
         config.clusters.extend(self.clusters.iter().cloned());
+        if let (Some(interception), Some(policy)) = (&mut config.interception, self.outbound_policy)
+        {
+            interception.outbound_policy = policy;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -267,6 +310,18 @@ listeners:
     protocol: tcp
     cluster: app
     tls: { mode: permissive, handshake_timeout: 2s }
+  - name: outbound-db
+    address: 198.19.0.5:5432
+    protocol: detect
+    cluster: cart
+    intercept: outbound
+  - name: inbound-8080-intercepted
+    address: 0.0.0.0:8080
+    protocol: http
+    routes: [{ cluster: app }]
+    tls: { mode: strict }
+    intercept: inbound
+interception: { outbound_policy: registry_only, mark: 1337 }
 clusters:
   - name: cart
     endpoints: [127.0.0.1:9001, "[::1]:9002"]

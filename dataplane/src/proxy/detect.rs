@@ -1,0 +1,145 @@
+//! Protocol detection: what a plaintext client speaks, told by its first bytes (an HTTP/1.x
+//! request line, the HTTP/2 preface, a TLS ClientHello, anything else), within a timeout.
+//!
+//! Detection waits for readiness rather than a read, so giving up at the timeout loses no
+//! bytes on either backend, and a server-speaks-first protocol on a detected port costs the
+//! timeout once per connection and still works (as opaque TCP). Such ports are best declared
+//! `tcp`, as the control plane does for well-known ones, so they never wait.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use super::Inner;
+use crate::io::{Backend, Stream};
+use crate::metrics::Detected;
+use crate::snapshot::RouteTable;
+use crate::tls::MaybeTls;
+use crate::worker::{View, Worker};
+
+/// The HTTP/2 client connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Request methods that mark HTTP/1.x, each with the space after it.
+const METHODS: [&[u8]; 9] = [
+    b"GET ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"HEAD ",
+    b"OPTIONS ",
+    b"PATCH ",
+    b"CONNECT ",
+    b"TRACE ",
+];
+
+/// Room for the first read; more than any prefix detection needs.
+const FIRST_READ: usize = 2048;
+
+/// What `first` (the client's first bytes) are, or `None` while they could still become
+/// more than one thing.
+pub fn classify(first: &[u8]) -> Option<Detected> {
+    match first {
+        [] => None,
+        [0x16] => None,
+        // A TLS handshake record: content type 22, then a 3.x record version.
+        [0x16, 0x03, ..] => Some(Detected::Tls),
+        _ if first.starts_with(H2_PREFACE) => Some(Detected::Http2),
+        _ if H2_PREFACE.starts_with(first) => None,
+        _ if METHODS.iter().any(|m| first.starts_with(m)) => Some(Detected::Http1),
+        _ if METHODS.iter().any(|m| m.starts_with(first)) => None,
+        _ => Some(Detected::Opaque),
+    }
+}
+
+/// Reads the client's first bytes until they say what they are or `timeout` passes;
+/// returns the outcome and the bytes read (to be replayed).
+pub async fn sniff<S: Stream>(down: &S, timeout: Duration) -> (Detected, Vec<u8>) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut first = Vec::with_capacity(FIRST_READ);
+    loop {
+        match tokio::time::timeout_at(deadline, down.readable()).await {
+            Err(_) => return (Detected::Timeout, first),
+            // The copy that follows will meet the error again and report it.
+            Ok(Err(_)) => return (Detected::Opaque, first),
+            Ok(Ok(())) => {}
+        }
+        let (read, back) = down.read(first).await;
+        first = back;
+        match read {
+            Ok(0) | Err(_) => return (Detected::Opaque, first),
+            Ok(_) => {}
+        }
+        if let Some(outcome) = classify(&first) {
+            return (outcome, first);
+        }
+    }
+}
+
+/// Serves a `detect` listener's connection: HTTP/1.1 by `routes`, anything else as opaque
+/// TCP to `cluster`. Under mTLS the peer's ALPN (`inner`) already says which.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve<B: Backend>(
+    worker: &Rc<Worker<B>>,
+    view: &View,
+    listener: usize,
+    cluster: usize,
+    routes: &RouteTable,
+    down: MaybeTls<B::Stream>,
+    peer: SocketAddr,
+    inner: Option<Inner>,
+) {
+    let (http, first) = match inner {
+        Some(inner) => (inner == Inner::Http1, Vec::new()),
+        None => {
+            let timeout = view
+                .snapshot
+                .intercept
+                .as_ref()
+                .map_or(Duration::from_secs(1), |i| i.detect_timeout);
+            let (outcome, first) = sniff(&down, timeout).await;
+            view.listeners[listener].detected(outcome);
+            tracing::debug!(listener = %view.snapshot.listeners[listener].name, %peer, protocol = outcome.label(), "protocol detected");
+            (outcome == Detected::Http1, first)
+        }
+    };
+    if http {
+        let down = down.replaying(first);
+        super::http1::serve(worker, view, listener, routes, down, peer).await;
+    } else {
+        super::tcp::serve(worker, view, listener, cluster, down.unsniffed(), first).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_bytes_tell_the_protocol() {
+        let cases: [(&[u8], Option<Detected>); 14] = [
+            (b"", None),
+            (b"G", None),
+            (b"GET", None),
+            (b"GET / HTTP/1.1\r\n", Some(Detected::Http1)),
+            (b"OPTIONS * HTTP/1.1\r\n", Some(Detected::Http1)),
+            (b"PR", None),
+            (b"PRI * HTTP/2.0\r\n", None),
+            (H2_PREFACE, Some(Detected::Http2)),
+            (b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n", Some(Detected::Opaque)),
+            (&[0x16], None),
+            (&[0x16, 0x03, 0x01, 0x02, 0x00], Some(Detected::Tls)),
+            (&[0x16, 0x42], Some(Detected::Opaque)),
+            (b"GETX / HTTP/1.1", Some(Detected::Opaque)),
+            (b"\x00\x00\x00\x08\x04\xd2\x16\x2f", Some(Detected::Opaque)),
+        ];
+        for (bytes, expected) in cases {
+            assert_eq!(
+                classify(bytes),
+                expected,
+                "{:?}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+    }
+}
