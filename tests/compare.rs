@@ -2,29 +2,12 @@
 //! mTLS sidecar pair, each started from the real binary, measured in one run.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use loadtest::compare::{self, Programs, Scenario, TargetKind};
 use loadtest::protocol::Protocol;
+use tests::binary;
 use tests::pki::TempDir;
-
-/// `cargo test --workspace` builds `tern-proxy` and `tern-control` beside the test
-/// binaries' `deps/` folder.
-fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let path = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .unwrap()
-        .join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run the tests with `cargo test --workspace`",
-        path.display()
-    );
-    path
-}
 
 fn scenario(protocol: Protocol) -> Scenario {
     Scenario {

@@ -169,8 +169,13 @@ pub fn translate(catalog: &Catalog, request: &ProxyRequest) -> Translated {
             Some(OutboundTraffic::RegistryOnly) => OutboundPolicy::RegistryOnly,
             None | Some(OutboundTraffic::AllowAny) => OutboundPolicy::AllowAny,
         };
+        // Ports no Service targets are passed to the application in the workload's mode.
+        let inbound_mode = catalog
+            .workload(&request.namespace, &request.workload)
+            .map_or(MtlsMode::Strict, |w| catalog.mtls_mode(w, 0));
         out.config.interception = Some(Interception {
             outbound_policy: policy,
+            inbound_tls: ListenerTls::new(tls_mode(inbound_mode)),
             ..Interception::default()
         });
     }
@@ -301,16 +306,17 @@ fn inbound(catalog: &Catalog, request: &ProxyRequest, out: &mut Translated) {
     };
     for (app, sidecar, intercept) in ports {
         let name = format!("inbound:{app}");
-        let mode = match catalog.mtls_mode(workload, app) {
-            MtlsMode::Strict => TlsMode::Strict,
-            MtlsMode::Permissive => TlsMode::Permissive,
-            MtlsMode::Disable => TlsMode::Disable,
-        };
+        let mode = tls_mode(catalog.mtls_mode(workload, app));
         // What peers send inside mTLS (their ALPN) follows the Service port they dialed.
         let protocol = app_protocol(catalog, workload, app);
+        // An intercepted port is claimed on every address of the Pod (both families).
+        let address = match intercept {
+            Some(_) => SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), sidecar),
+            None => SocketAddr::new(ip, sidecar),
+        };
         out.config.listeners.push(Listener {
             name: name.clone(),
-            address: SocketAddr::new(ip, sidecar),
+            address,
             protocol,
             cluster: (protocol != Protocol::Http).then(|| name.clone()),
             routes: if protocol == Protocol::Http {
@@ -324,6 +330,14 @@ fn inbound(catalog: &Catalog, request: &ProxyRequest, out: &mut Translated) {
         out.config
             .clusters
             .push(Cluster::new(name, vec![SocketAddr::new(ip, app)]));
+    }
+}
+
+fn tls_mode(mode: MtlsMode) -> TlsMode {
+    match mode {
+        MtlsMode::Strict => TlsMode::Strict,
+        MtlsMode::Permissive => TlsMode::Permissive,
+        MtlsMode::Disable => TlsMode::Disable,
     }
 }
 

@@ -51,20 +51,19 @@ pub struct InterceptPlan {
 
 impl InterceptPlan {
     /// The listener that takes a connection intercepted in `direction` on its way to
-    /// `original`: the one naming that address, else one naming the port on any address.
+    /// `original`: the one naming that address, else one naming the port on the unspecified
+    /// address of either family (a Pod's port, whichever of its addresses was dialed).
     pub fn claim(&self, direction: Intercept, original: SocketAddr) -> Option<usize> {
         let table = match direction {
             Intercept::Outbound => &self.outbound,
             Intercept::Inbound => &self.inbound,
         };
-        if let Some(&index) = table.get(&original) {
-            return Some(index);
-        }
-        let any = match original.ip() {
-            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-        };
-        table.get(&SocketAddr::new(any, original.port())).copied()
+        let port = original.port();
+        table
+            .get(&original)
+            .or_else(|| table.get(&SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port)))
+            .or_else(|| table.get(&SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port)))
+            .copied()
     }
 }
 

@@ -11,6 +11,7 @@ pub mod ca;
 pub mod client;
 pub mod manifests;
 pub mod pki;
+pub mod pods;
 pub mod simulated;
 pub mod upstream;
 
@@ -72,6 +73,23 @@ pub fn wait_ready(proxy: &Proxy, within: Duration) {
     eventually(within, "the proxy to be ready", || {
         admin_status(proxy, "/ready").0 == 200
     });
+}
+
+/// A binary of the workspace (`tern-proxy`, `tern-control`, `tern-load`): `cargo test
+/// --workspace` builds them beside the test binaries' `deps/` folder.
+pub fn binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`",
+        path.display()
+    );
+    path
 }
 
 /// The value of one metric series in Prometheus text (`name{labels}` exactly), or 0.

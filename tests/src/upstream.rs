@@ -28,11 +28,28 @@ pub struct Echo {
 impl Echo {
     /// Starts it on a background thread (one thread per connection).
     pub fn start() -> Echo {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        Echo::on(TcpListener::bind("127.0.0.1:0").unwrap(), None, |_| {})
+    }
+
+    /// Serves `listener` (bound in any network namespace); `greeting`, if any, is sent first
+    /// on every connection (a server-speaks-first protocol); `accepted` is told each peer.
+    pub fn on(
+        listener: TcpListener,
+        greeting: Option<&'static [u8]>,
+        accepted: impl Fn(SocketAddr) + Send + 'static,
+    ) -> Echo {
         let addr = listener.local_addr().unwrap();
         thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { return };
+                if let Ok(peer) = stream.peer_addr() {
+                    accepted(peer);
+                }
+                if let Some(greeting) = greeting
+                    && stream.write_all(greeting).is_err()
+                {
+                    continue;
+                }
                 thread::spawn(move || {
                     let mut buf = vec![0u8; 64 * 1024];
                     loop {
@@ -144,14 +161,21 @@ impl hyper::body::Body for Frames {
 impl Http {
     /// Starts a server that names itself `name` in its answers.
     pub fn start(name: &'static str) -> Http {
+        Http::on(std::net::TcpListener::bind("127.0.0.1:0").unwrap(), name)
+    }
+
+    /// Serves `listener` (bound in any network namespace).
+    pub fn on(listener: std::net::TcpListener, name: &'static str) -> Http {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .unwrap();
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let listener = {
+            let _entered = runtime.enter();
+            tokio::net::TcpListener::from_std(listener).unwrap()
+        };
         let addr = listener.local_addr().unwrap();
         let requests = Arc::new(AtomicUsize::new(0));
         let connections = Arc::new(AtomicUsize::new(0));

@@ -24,6 +24,9 @@ pub struct Pushed {
     pub clusters: Vec<Cluster>,
     /// The mesh's outbound policy, replacing the file's `interception.outbound_policy`.
     pub outbound_policy: Option<OutboundPolicy>,
+    /// The mTLS mode of unclaimed inbound ports, replacing the file's
+    /// `interception.inbound_tls.mode`.
+    pub inbound_mode: Option<TlsMode>,
 }
 
 /// A field of a pushed config that does not decode, and why.
@@ -59,6 +62,28 @@ pub fn encode(config: &Config, version: u64) -> pb::ProxyConfig {
             Some(OutboundPolicy::AllowAny) => pb::OutboundPolicy::AllowAny,
             Some(OutboundPolicy::RegistryOnly) => pb::OutboundPolicy::RegistryOnly,
         } as i32,
+        inbound_mode: match config.interception.as_ref().map(|i| i.inbound_tls.mode) {
+            None => pb::TlsMode::Unspecified,
+            Some(mode) => encode_mode(mode),
+        } as i32,
+    }
+}
+
+fn encode_mode(mode: TlsMode) -> pb::TlsMode {
+    match mode {
+        TlsMode::Strict => pb::TlsMode::Strict,
+        TlsMode::Permissive => pb::TlsMode::Permissive,
+        TlsMode::Disable => pb::TlsMode::Disable,
+    }
+}
+
+fn decode_mode(field: String, mode: i32) -> Result<Option<TlsMode>, WireError> {
+    match pb::TlsMode::try_from(mode) {
+        Ok(pb::TlsMode::Unspecified) => Ok(None),
+        Ok(pb::TlsMode::Strict) => Ok(Some(TlsMode::Strict)),
+        Ok(pb::TlsMode::Permissive) => Ok(Some(TlsMode::Permissive)),
+        Ok(pb::TlsMode::Disable) => Ok(Some(TlsMode::Disable)),
+        Err(_) => Err(wrong(field, format!("unknown mode {mode}"))),
     }
 }
 
@@ -90,11 +115,7 @@ fn encode_listener(l: &Listener) -> pb::Listener {
             })
             .collect(),
         tls: l.tls.as_ref().map(|t| pb::ListenerTls {
-            mode: match t.mode {
-                TlsMode::Strict => pb::TlsMode::Strict,
-                TlsMode::Permissive => pb::TlsMode::Permissive,
-                TlsMode::Disable => pb::TlsMode::Disable,
-            } as i32,
+            mode: encode_mode(t.mode) as i32,
             handshake_timeout_ms: millis(t.handshake_timeout),
         }),
         intercept: match l.intercept {
@@ -165,6 +186,7 @@ impl TryFrom<pb::ProxyConfig> for Pushed {
             listeners,
             clusters,
             outbound_policy,
+            inbound_mode: decode_mode("inbound_mode".into(), config.inbound_mode)?,
         })
     }
 }
@@ -202,12 +224,8 @@ fn decode_listener(i: usize, l: pb::Listener) -> Result<Listener, WireError> {
     let tls = match l.tls {
         None => None,
         Some(t) => Some(ListenerTls {
-            mode: match pb::TlsMode::try_from(t.mode) {
-                Ok(pb::TlsMode::Strict) => TlsMode::Strict,
-                Ok(pb::TlsMode::Permissive) => TlsMode::Permissive,
-                Ok(pb::TlsMode::Disable) => TlsMode::Disable,
-                _ => return Err(wrong(at("tls.mode"), format!("unknown mode {}", t.mode))),
-            },
+            mode: decode_mode(at("tls.mode"), t.mode)?
+                .ok_or_else(|| wrong(at("tls.mode"), "must be set"))?,
             handshake_timeout: Duration::from_millis(t.handshake_timeout_ms),
         }),
     };
@@ -282,9 +300,13 @@ impl Pushed {
         let mut config = base.clone();
         config.listeners.extend(self.listeners.iter().cloned());
         config.clusters.extend(self.clusters.iter().cloned());
-        if let (Some(interception), Some(policy)) = (&mut config.interception, self.outbound_policy)
-        {
-            interception.outbound_policy = policy;
+        if let Some(interception) = &mut config.interception {
+            if let Some(policy) = self.outbound_policy {
+                interception.outbound_policy = policy;
+            }
+            if let Some(mode) = self.inbound_mode {
+                interception.inbound_tls.mode = mode;
+            }
         }
         config.validate()?;
         Ok(config)
