@@ -112,7 +112,7 @@ spec:
 fn start_sidecar(node: &Node, control: &TestControlPlane, pod: &Pod) {
     node.exec(&pod.netns, &binary("tern-proxy"), &["init"]);
     let config = format!(
-        "{identity}discovery:\n  workload: {{ namespace: default, name: {name} }}\ninterception: {{ mark: 1337, detect_timeout: 10s }}\n",
+        "{identity}discovery:\n  workload: {{ namespace: default, name: {name} }}\ninterception: {{ mark: 1337 }}\ndetect_timeout: 10s\n",
         identity = control.identity_yaml(&pod.name, &pod.name),
         name = pod.name,
     );

@@ -122,6 +122,7 @@ pub fn translate(catalog: &Catalog, request: &ProxyRequest) -> Translated {
             identity: None,
             discovery: None,
             interception: None,
+            detect_timeout: Config::default_detect_timeout(),
         },
         notes: Vec::new(),
     };

@@ -42,8 +42,6 @@ pub struct InterceptPlan {
     pub policy: OutboundPolicy,
     /// Mark on every connection the proxy opens.
     pub mark: Option<u32>,
-    /// How long `detect` listeners wait for the first bytes.
-    pub detect_timeout: Duration,
     /// The cluster (no endpoints of its own) that unclaimed connections pass through to
     /// their original destination on.
     pub passthrough: usize,
@@ -373,7 +371,6 @@ impl Snapshot {
                     inbound,
                     policy: settings.outbound_policy,
                     mark: settings.mark,
-                    detect_timeout: settings.detect_timeout,
                     passthrough,
                 })
             }

@@ -128,9 +128,22 @@ pub fn borrow_fd<T: std::os::fd::AsRawFd>(owner: &T) -> std::os::fd::BorrowedFd<
     unsafe { std::os::fd::BorrowedFd::borrow_raw(owner.as_raw_fd()) }
 }
 
-/// Waits until `fd` is readable, through tokio's reactor (which tokio-uring runs too):
-/// unlike a ring read, this wait can be abandoned without losing bytes. The registration
-/// ends with the wait; it does not own, or close, the descriptor.
+/// Whether a read on `fd` would return at once (bytes, end of stream or an error), looked at
+/// without taking anything (`MSG_PEEK | MSG_DONTWAIT`).
+pub fn read_ready(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<bool> {
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+    match socket2::SockRef::from(&fd)
+        .recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+    {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Waits until a read on `fd` would return at once, through tokio's reactor (which
+/// tokio-uring runs too): unlike a ring read, this wait can be abandoned without losing
+/// bytes. The registration ends with the wait; it does not own, or close, the descriptor.
 #[allow(unsafe_code)]
 pub async fn wait_readable(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: `fd` is borrowed for as long as this future lives, so the descriptor stays open
@@ -139,8 +152,13 @@ pub async fn wait_readable(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
     let registered = unsafe {
         tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
     }?;
-    let _ready = registered.readable().await?;
-    Ok(())
+    loop {
+        let mut ready = registered.readable().await?;
+        if read_ready(fd)? {
+            return Ok(());
+        }
+        ready.clear_ready();
+    }
 }
 
 /// Opens a TCP connection through tokio (both backends run a tokio reactor), with

@@ -515,3 +515,184 @@ fn a_port_with_mtls_disabled_is_reached_in_plaintext_at_the_application() {
     assert_eq!(cart.endpoints, ["10.0.0.1:8080".parse().unwrap()]);
     assert!(cart.tls.is_none());
 }
+
+#[test]
+fn a_port_is_http_opaque_or_detected_by_its_declaration() {
+    use crate::translate::port_protocol;
+    use k8s_openapi::api::core::v1::ServicePort;
+    let port = |name: Option<&str>, number: i32, app: Option<&str>| ServicePort {
+        name: name.map(Into::into),
+        port: number,
+        app_protocol: app.map(Into::into),
+        ..ServicePort::default()
+    };
+    let cases = [
+        (port(Some("http"), 80, None), Protocol::Http),
+        (port(Some("http-api"), 8080, None), Protocol::Http),
+        (port(Some("web"), 80, Some("HTTP")), Protocol::Http),
+        (port(Some("web"), 80, Some("tcp")), Protocol::Tcp),
+        (port(Some("mysql-main"), 3307, None), Protocol::Tcp),
+        (port(Some("grpc"), 9090, None), Protocol::Tcp),
+        (port(Some("db"), 5432, None), Protocol::Tcp),
+        (port(None, 6379, None), Protocol::Tcp),
+        (port(Some("echo"), 9000, None), Protocol::Detect),
+        (port(None, 8080, None), Protocol::Detect),
+    ];
+    for (port, expected) in cases {
+        assert_eq!(port_protocol(&port), expected, "{port:?}");
+    }
+}
+
+const INTERCEPTED: &str = r#"
+apiVersion: tern.dev/v1alpha1
+kind: Mesh
+metadata: { name: default }
+spec: { trustDomain: mesh.test, mtls: Permissive, outboundTraffic: RegistryOnly }
+---
+apiVersion: v1
+kind: Service
+metadata: { name: api, namespace: shop }
+spec:
+  selector: { app: api }
+  clusterIPs: ["10.96.0.10", "fd00::10"]
+  ports: [{ name: http, port: 80, targetPort: 8080 }, { name: raw, port: 9000 }]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: { name: api-a, namespace: shop, labels: { kubernetes.io/service-name: api } }
+addressType: IPv4
+ports: [{ name: http, port: 8080 }, { name: raw, port: 9000 }]
+endpoints:
+  - addresses: ["10.0.1.1"]
+    targetRef: { kind: Pod, name: api-0 }
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: api-0
+  namespace: shop
+  labels: { app: api }
+  annotations: { tern.dev/interception: enabled }
+spec: { serviceAccountName: api, containers: [] }
+status: { podIP: 10.0.1.1 }
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: client-0
+  namespace: shop
+  annotations: { tern.dev/interception: enabled }
+spec: { serviceAccountName: client, containers: [] }
+status: { podIP: 10.0.1.2 }
+"#;
+
+#[test]
+fn an_intercepted_pod_claims_its_app_ports_and_every_service_address() {
+    let catalog = build(&[("mesh.yaml", INTERCEPTED)]);
+    assert!(catalog.problems.is_empty(), "{:#?}", catalog.problems);
+
+    // The server: its app ports, claimed on any of its addresses, in the mesh's mode.
+    let api = translate(&catalog, &request("api-0", "api", &[]));
+    let inbound: Vec<_> = api
+        .config
+        .listeners
+        .iter()
+        .filter(|l| l.intercept == Some(shared::config::Intercept::Inbound))
+        .map(|l| (l.name.as_str(), l.address, l.protocol))
+        .collect();
+    assert_eq!(
+        inbound,
+        [
+            (
+                "inbound:8080",
+                "0.0.0.0:8080".parse().unwrap(),
+                Protocol::Http
+            ),
+            (
+                "inbound:9000",
+                "0.0.0.0:9000".parse().unwrap(),
+                Protocol::Detect
+            ),
+        ]
+    );
+    let interception = api.config.interception.as_ref().unwrap();
+    assert_eq!(interception.inbound_tls.mode, TlsMode::Permissive);
+    assert_eq!(
+        interception.outbound_policy,
+        shared::config::OutboundPolicy::RegistryOnly
+    );
+
+    // The client: one listener per Service port and cluster IP, each claiming that address;
+    // the endpoint is the Pod's own app port, over mTLS (its sidecar takes it there).
+    let client = translate(&catalog, &request("client-0", "client", &[]));
+    let outbound: Vec<_> = client
+        .config
+        .listeners
+        .iter()
+        .map(|l| (l.address.to_string(), l.protocol, l.intercept))
+        .collect();
+    let claims = Some(shared::config::Intercept::Outbound);
+    assert_eq!(
+        outbound,
+        [
+            ("10.96.0.10:80".to_owned(), Protocol::Http, claims),
+            ("10.96.0.10:9000".to_owned(), Protocol::Detect, claims),
+            ("[fd00::10]:80".to_owned(), Protocol::Http, claims),
+            ("[fd00::10]:9000".to_owned(), Protocol::Detect, claims),
+        ]
+    );
+    let raw = client
+        .config
+        .clusters
+        .iter()
+        .find(|c| c.name == "outbound:api.shop:9000")
+        .unwrap();
+    assert_eq!(raw.endpoints, ["10.0.1.1:9000".parse().unwrap()]);
+    assert_eq!(
+        raw.tls.as_ref().unwrap().identity.to_string(),
+        "spiffe://mesh.test/ns/shop/sa/api"
+    );
+    // What it gets validates as the proxy will check it (with its own interception block).
+    let mut full = client.config.clone();
+    full.identity = Some(shared::config::IdentitySource::Files(
+        shared::config::IdentityFiles {
+            cert: "c".into(),
+            key: "k".into(),
+            trust_bundle: "b".into(),
+        },
+    ));
+    full.validate().expect("a translated config validates");
+}
+
+#[test]
+fn interception_annotations_are_checked() {
+    let pod = |annotations: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{ name: p, namespace: shop, annotations: {{ {annotations} }} }}\nspec: {{ containers: [] }}\nstatus: {{ podIP: 10.0.0.2 }}\n"
+        )
+    };
+    let catalog = build(&[("p.yaml", &pod("tern.dev/interception: maybe"))]);
+    assert!(
+        problem(&catalog).contains("`maybe` is not `enabled` or `disabled`"),
+        "{}",
+        problem(&catalog)
+    );
+    let catalog = build(&[(
+        "p.yaml",
+        &pod("tern.dev/interception: enabled, tern.dev/inbound-ports: \"8080=15080\""),
+    )]);
+    assert!(
+        problem(&catalog).contains("leave it out"),
+        "{}",
+        problem(&catalog)
+    );
+    let catalog = build(&[(
+        "s.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: { name: s, namespace: shop }\nspec: { clusterIP: 10.96.0.300, ports: [{ port: 80 }] }\n",
+    )]);
+    assert!(
+        problem(&catalog).contains("spec.clusterIP"),
+        "{}",
+        problem(&catalog)
+    );
+}

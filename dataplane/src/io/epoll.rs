@@ -60,7 +60,18 @@ impl Stream for EpollStream {
     }
 
     async fn readable(&self) -> io::Result<()> {
-        self.0.readable().await
+        // tokio's readiness can be stale after a read that did not drain the socket; a peek
+        // confirms it (and clears it when there is nothing).
+        let fd = std::os::fd::AsFd::as_fd(&self.0);
+        self.0
+            .async_io(tokio::io::Interest::READABLE, || {
+                if crate::sys::read_ready(fd)? {
+                    Ok(())
+                } else {
+                    Err(io::ErrorKind::WouldBlock.into())
+                }
+            })
+            .await
     }
 
     fn original_destination(&self) -> io::Result<SocketAddr> {

@@ -92,12 +92,7 @@ pub async fn serve<B: Backend>(
     let (http, first) = match inner {
         Some(inner) => (inner == Inner::Http1, Vec::new()),
         None => {
-            let timeout = view
-                .snapshot
-                .intercept
-                .as_ref()
-                .map_or(Duration::from_secs(1), |i| i.detect_timeout);
-            let (outcome, first) = sniff(&down, timeout).await;
+            let (outcome, first) = sniff(&down, view.snapshot.config.detect_timeout).await;
             view.listeners[listener].detected(outcome);
             tracing::debug!(listener = %view.snapshot.listeners[listener].name, %peer, protocol = outcome.label(), "protocol detected");
             (outcome == Detected::Http1, first)

@@ -42,6 +42,11 @@ pub struct Config {
     /// destination.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interception: Option<Interception>,
+    /// How long `detect` listeners wait for a plaintext client's first bytes before treating
+    /// the connection as opaque TCP (a server-speaks-first protocol on a port not declared
+    /// opaque waits this long once per connection).
+    #[serde(default = "default_detect_timeout", with = "humantime_serde")]
+    pub detect_timeout: Duration,
 }
 
 /// The proxy's side of traffic interception: where redirected connections arrive and what
@@ -72,10 +77,6 @@ pub struct Interception {
     /// the proxy must run as the excluded UID.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mark: Option<u32>,
-    /// How long `detect` listeners wait for the client's first bytes before treating the
-    /// connection as opaque TCP.
-    #[serde(default = "default_detect_timeout", with = "humantime_serde")]
-    pub detect_timeout: Duration,
 }
 
 /// Outbound traffic to destinations outside the mesh (Istio's `outboundTrafficPolicy`).
@@ -109,7 +110,6 @@ impl Default for Interception {
             outbound_policy: OutboundPolicy::default(),
             inbound_tls: default_inbound_tls(),
             mark: None,
-            detect_timeout: default_detect_timeout(),
         }
     }
 }
@@ -292,7 +292,7 @@ pub enum Protocol {
     Http,
     /// Told by the client's first bytes: HTTP/1.1 is routed by `routes` (every request to
     /// `cluster` when there are none); anything else (the HTTP/2 preface, a TLS
-    /// ClientHello, other bytes, or nothing within `interception.detect_timeout`) goes to
+    /// ClientHello, other bytes, or nothing within `detect_timeout`) goes to
     /// `cluster` as opaque TCP. Server-speaks-first protocols must be `tcp`.
     Detect,
 }
@@ -818,15 +818,13 @@ impl Config {
                     "must differ from outbound_port",
                 );
             }
-            if interception.detect_timeout.is_zero() {
-                return fail(
-                    "interception.detect_timeout".into(),
-                    "must be greater than zero",
-                );
-            }
             if interception.mark == Some(0) {
                 return fail("interception.mark".into(), "0 marks nothing");
             }
+        }
+
+        if self.detect_timeout.is_zero() {
+            return fail("detect_timeout".into(), "must be greater than zero");
         }
 
         let http = &self.http;
@@ -855,6 +853,11 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// The default of [`Config::detect_timeout`].
+    pub fn default_detect_timeout() -> Duration {
+        default_detect_timeout()
     }
 
     /// Looks a cluster up by name.

@@ -1,0 +1,100 @@
+//! Protocol detection on a `detect` listener, on both IO backends: HTTP/1.1 is routed, other
+//! bytes go to the cluster as opaque TCP, and a client that says nothing (a server that
+//! speaks first) is served as opaque TCP once the detection timeout passes, with no byte
+//! lost. Outcomes are counted by protocol.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+
+use tests::upstream::{Echo, Http};
+use tests::{BackendChoice, both_backends, client, metric, start_proxy, wait_for_metric};
+
+fn config(echo: std::net::SocketAddr, http: std::net::SocketAddr, timeout: &str) -> String {
+    format!(
+        "listeners:\n  - name: detect\n    address: 127.0.0.1:0\n    protocol: detect\n    cluster: opaque\n    routes: [{{ path_prefix: /web, cluster: web }}]\n\
+         clusters:\n  - {{ name: opaque, endpoints: [{echo}] }}\n  - {{ name: web, endpoints: [{http}] }}\n\
+         detect_timeout: {timeout}\n"
+    )
+}
+
+fn http_is_routed_and_other_bytes_are_opaque(backend: BackendChoice) {
+    let echo = Echo::start();
+    let web = Http::start("web");
+    let proxy = start_proxy(&config(echo.addr, web.addr, "5s"), backend);
+    let addr = proxy.listener_addr("detect").unwrap();
+
+    // HTTP/1.1 by its request line: routed by path.
+    let response = client::request(addr, "GET /web/a HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(response.text(), "web /web/a");
+    let response = client::request(addr, "GET /other HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(response.status, 404);
+
+    // Anything else goes to the cluster as it is, the first bytes included, and a message
+    // that starts like a method but is not one too.
+    client::assert_echo(addr, b"\x00\x01binary protocol");
+    client::assert_echo(addr, b"GETTING warmer");
+    // The HTTP/2 preface and a TLS ClientHello are opaque too (to the echo here).
+    client::assert_echo(addr, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04");
+    client::assert_echo(addr, &[0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5]);
+
+    let metrics = wait_for_metric(
+        &proxy,
+        "tern_protocol_detections_total{listener=\"detect\",protocol=\"opaque\"}",
+        2.0,
+    );
+    for (protocol, count) in [("http1", 2.0), ("http2", 1.0), ("tls", 1.0)] {
+        assert_eq!(
+            metric(
+                &metrics,
+                &format!(
+                    "tern_protocol_detections_total{{listener=\"detect\",protocol=\"{protocol}\"}}"
+                )
+            ),
+            count,
+            "{protocol}: {metrics}"
+        );
+    }
+}
+
+fn a_silent_client_becomes_opaque_after_the_timeout_without_losing_bytes(backend: BackendChoice) {
+    // A server that speaks first: it greets, then echoes.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let banner = Echo::on(listener, Some(b"220 ready\r\n"), |_| {});
+    let web = Http::start("web");
+    let proxy = start_proxy(&config(banner.addr, web.addr, "300ms"), backend);
+    let addr = proxy.listener_addr("detect").unwrap();
+
+    let mut stream = client::connect(addr);
+    let mut greeting = [0u8; 11];
+    stream.read_exact(&mut greeting).unwrap();
+    assert_eq!(&greeting, b"220 ready\r\n");
+    // The connection is opaque from here on: bytes flow both ways unchanged.
+    stream.write_all(b"HELO tern\r\n").unwrap();
+    let mut reply = [0u8; 11];
+    stream.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"HELO tern\r\n");
+    drop(stream);
+
+    // A client that sends part of a method, then pauses past the timeout, then the rest:
+    // nothing it sent is lost (detection waited on readiness, not on an abandoned read).
+    let mut stream = client::connect(addr);
+    stream.write_all(b"GE").unwrap();
+    let mut greeting = [0u8; 11];
+    stream.read_exact(&mut greeting).unwrap();
+    assert_eq!(&greeting, b"220 ready\r\n");
+    stream.write_all(b"T lost?").unwrap();
+    let mut reply = [0u8; 9];
+    stream.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"GET lost?");
+
+    wait_for_metric(
+        &proxy,
+        "tern_protocol_detections_total{listener=\"detect\",protocol=\"timeout\"}",
+        2.0,
+    );
+}
+
+both_backends!(
+    http_is_routed_and_other_bytes_are_opaque,
+    a_silent_client_becomes_opaque_after_the_timeout_without_losing_bytes,
+);
