@@ -1,6 +1,9 @@
 //! `ternctl`: the operator's view of a running mesh. `status` reads `tern-control`'s admin
 //! endpoint and prints the config it serves, what it refused, and every connected proxy with
-//! the version it runs, its last NACK and its certificate's expiry.
+//! the version it runs, its last NACK and its certificate's expiry. `demo` runs a whole mesh
+//! on this machine and measures it ([`demo`]).
+
+mod demo;
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
@@ -29,6 +32,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Runs a local mesh (tern-control, a server and a client with sidecars, in pods where the
+    /// machine allows), sends load through it and straight to the server, and prints both
+    /// latency reports; then takes it all down (also on Ctrl-C).
+    Demo(demo::DemoArgs),
 }
 
 /// One GET over HTTP/1.1 with `Connection: close`; returns the body of a 200.
@@ -76,6 +83,10 @@ fn dechunk(mut body: &str) -> anyhow::Result<String> {
 
 fn main() -> anyhow::Result<()> {
     match Args::parse().command {
+        Command::Demo(args) => match demo::run(&args) {
+            Err(error) if error.is::<demo::Interrupted>() => std::process::exit(130),
+            result => result,
+        },
         Command::Status { admin, json } => {
             let body = get(admin, "/status")?;
             if json {
