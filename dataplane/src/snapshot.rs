@@ -100,6 +100,8 @@ pub struct ClusterTls {
     pub tcp: Arc<rustls::ClientConfig>,
     /// Client configuration offering ALPN `http/1.1`.
     pub http1: Arc<rustls::ClientConfig>,
+    /// Client configuration offering ALPN `h2`.
+    pub http2: Arc<rustls::ClientConfig>,
 }
 
 impl ClusterTls {
@@ -108,6 +110,7 @@ impl ClusterTls {
         match inner {
             crate::proxy::Inner::Tcp => self.tcp.clone(),
             crate::proxy::Inner::Http1 => self.http1.clone(),
+            crate::proxy::Inner::Http2 => self.http2.clone(),
         }
     }
 }
@@ -120,10 +123,10 @@ pub enum ListenerKind {
         /// Index into [`Snapshot::clusters`].
         cluster: usize,
     },
-    /// Parse HTTP/1.1 and route each request.
+    /// Parse HTTP/1.1, or HTTP/2 (its preface, or ALPN `h2`), and route each request.
     Http(RouteTable),
-    /// HTTP/1.1 (routed) or opaque TCP (to `cluster`), told by ALPN under mTLS and by the
-    /// first bytes otherwise.
+    /// HTTP/1.1 or HTTP/2 (routed) or opaque TCP (to `cluster`), told by ALPN under mTLS and
+    /// by the first bytes otherwise.
     Detect {
         /// Index into [`Snapshot::clusters`], for opaque TCP.
         cluster: usize,
@@ -256,6 +259,7 @@ impl Snapshot {
                         identity: tls.identity.clone(),
                         tcp: client(crate::tls::ALPN_TCP)?,
                         http1: client(crate::tls::ALPN_HTTP1)?,
+                        http2: client(crate::tls::ALPN_HTTP2)?,
                     })
                 }
                 _ => None,

@@ -32,6 +32,8 @@ pub const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 pub const ALPN_TCP: &[u8] = b"tern-tcp";
 /// ALPN for HTTP/1.1 inside the tunnel.
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+/// ALPN for HTTP/2 (and gRPC) inside the tunnel.
+pub const ALPN_HTTP2: &[u8] = b"h2";
 /// Ciphertext read size.
 const RECORD_BUFFER: usize = 18 * 1024;
 
@@ -191,7 +193,7 @@ impl Identity {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(client_verifier)
             .with_single_cert(chain.clone(), key.clone_key())?;
-        server.alpn_protocols = vec![ALPN_TCP.to_vec(), ALPN_HTTP1.to_vec()];
+        server.alpn_protocols = vec![ALPN_TCP.to_vec(), ALPN_HTTP1.to_vec(), ALPN_HTTP2.to_vec()];
         // Tickets arrive after the handshake as records a kernel-TLS receiver cannot take;
         // sidecars reconnect rarely, so resumption is not worth them.
         server.send_tls13_tickets = 0;

@@ -86,6 +86,8 @@ pub struct Worker<B: Backend> {
     view: RefCell<Rc<View>>,
     /// Per-worker upstream HTTP connection pool.
     pub pool: Pool<B>,
+    /// Per-worker upstream HTTP/2 connections.
+    pub h2: proxy::http2::Pool,
     stats: Registry,
     accepting: RefCell<HashMap<Arc<str>, AcceptLoop>>,
     active: Cell<usize>,
@@ -136,6 +138,7 @@ impl<B: Backend> Worker<B> {
             id,
             view: RefCell::new(view),
             pool: Pool::default(),
+            h2: proxy::http2::Pool::default(),
             stats,
             accepting: RefCell::default(),
             active: Cell::new(0),
@@ -214,6 +217,7 @@ impl<B: Backend> Worker<B> {
         }
         self.drain_started.notify_waiters();
         self.pool.clear();
+        self.h2.clear();
         if self.active.get() > 0 {
             let finished = tokio::time::timeout(deadline, self.all_closed.notified()).await;
             if finished.is_err() {
@@ -310,7 +314,7 @@ impl Drop for Claimed {
 /// terminates mTLS where that listener asks for it, and runs what the listener speaks.
 async fn serve<B: Backend>(
     worker: &Rc<Worker<B>>,
-    view: &View,
+    view: &Rc<View>,
     accepted: usize,
     stream: B::Stream,
     peer: SocketAddr,
@@ -355,10 +359,20 @@ async fn serve<B: Backend>(
             proxy::tcp::serve(worker, view, index, *cluster, down, Vec::new()).await;
         }
         ListenerKind::Http(routes) => {
-            proxy::http1::serve(worker, view, index, routes, down, peer).await;
+            proxy::detect::serve(worker, view, index, None, routes, down, peer, inner).await;
         }
         ListenerKind::Detect { cluster, routes } => {
-            proxy::detect::serve(worker, view, index, *cluster, routes, down, peer, inner).await;
+            proxy::detect::serve(
+                worker,
+                view,
+                index,
+                Some(*cluster),
+                routes,
+                down,
+                peer,
+                inner,
+            )
+            .await;
         }
         ListenerKind::Intercepted(direction) => {
             if let Some(original) = original {
@@ -431,11 +445,14 @@ async fn terminate_tls<B: Backend>(
     let inner = match alpn.as_deref() {
         Some(crate::tls::ALPN_TCP) => Some(proxy::Inner::Tcp),
         Some(crate::tls::ALPN_HTTP1) => Some(proxy::Inner::Http1),
+        Some(crate::tls::ALPN_HTTP2) => Some(proxy::Inner::Http2),
         _ => None,
     };
     let accepts = match plan.kind {
         ListenerKind::Tcp { .. } => inner == Some(proxy::Inner::Tcp),
-        ListenerKind::Http(_) => inner == Some(proxy::Inner::Http1),
+        ListenerKind::Http(_) => {
+            matches!(inner, Some(proxy::Inner::Http1 | proxy::Inner::Http2))
+        }
         ListenerKind::Detect { .. } | ListenerKind::Intercepted(_) => inner.is_some(),
     };
     if !accepts {

@@ -9,6 +9,7 @@
 
 pub mod ca;
 pub mod client;
+pub mod h2;
 pub mod manifests;
 pub mod pki;
 pub mod pods;

@@ -1,7 +1,8 @@
 //! Upstream servers for tests: a TCP echo server and a hyper HTTP/1.1 server whose
 //! behaviour is chosen by path.
 //!
-//! HTTP paths: `/echo` answers with the request body; `/chunked` streams a chunked body;
+//! HTTP paths: `/echo` answers with the request body; `/grpc` too, then trailers
+//! (`grpc-status: 0`, `x-served-by: <name>`); `/chunked` streams a chunked body;
 //! `/hang` never answers; `/slow/<ms>` answers after a delay; `/ws` upgrades and then echoes
 //! raw bytes; anything else answers `<name> <path>` with the request's Host in `x-host`.
 
@@ -70,7 +71,8 @@ impl Echo {
     }
 }
 
-/// An HTTP/1.1 server (hyper) on its own runtime thread.
+/// An HTTP server (hyper: HTTP/1.1, and HTTP/2 with prior knowledge) on its own runtime
+/// thread.
 pub struct Http {
     /// Its address.
     pub addr: SocketAddr,
@@ -106,6 +108,19 @@ async fn handle(
             .map(|b| b.to_bytes())
             .unwrap_or_default();
         Response::new(full(body))
+    } else if path == "/grpc" {
+        // gRPC's shape: the body echoed, then trailers carrying the status.
+        let body = request
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let mut trailers = hyper::HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        trailers.insert("x-served-by", name.parse().unwrap());
+        let frames = vec![Frame::data(body), Frame::trailers(trailers)];
+        Response::new(FrameList(frames.into_iter()).boxed())
     } else if path == "/chunked" {
         let frames: Vec<Bytes> = (0..5).map(|i| Bytes::from(format!("part{i};"))).collect();
         Response::new(Frames(frames.into_iter()).boxed())
@@ -158,6 +173,20 @@ impl hyper::body::Body for Frames {
     }
 }
 
+/// A body of ready frames (data, then trailers).
+struct FrameList(std::vec::IntoIter<Frame<Bytes>>);
+
+impl hyper::body::Body for FrameList {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        std::task::Poll::Ready(self.0.next().map(Ok))
+    }
+}
+
 impl Http {
     /// Starts a server that names itself `name` in its answers.
     pub fn start(name: &'static str) -> Http {
@@ -192,10 +221,12 @@ impl Http {
                         reqs.fetch_add(1, Ordering::SeqCst);
                         handle(name, request)
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .with_upgrades()
-                        .await;
+                    // HTTP/1.1 or HTTP/2 (prior knowledge), told by the preface.
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .await;
                 });
             }
         });

@@ -11,6 +11,7 @@
 //! logic.
 
 pub mod epoll;
+pub mod hyper_io;
 pub mod uring;
 
 use std::future::Future;

@@ -76,33 +76,43 @@ pub async fn sniff<S: Stream>(down: &S, timeout: Duration) -> (Detected, Vec<u8>
     }
 }
 
-/// Serves a `detect` listener's connection: HTTP/1.1 by `routes`, anything else as opaque
-/// TCP to `cluster`. Under mTLS the peer's ALPN (`inner`) already says which.
+/// Serves an HTTP or `detect` listener's connection: HTTP/1.1 and HTTP/2 by `routes`;
+/// anything else as opaque TCP to `cluster` (a `detect` listener), or to the HTTP/1.1 parser,
+/// which refuses it (an `http` listener, `cluster` `None`). Under mTLS the peer's ALPN
+/// (`inner`) already says which; plaintext is told by its first bytes.
 #[allow(clippy::too_many_arguments)]
 pub async fn serve<B: Backend>(
     worker: &Rc<Worker<B>>,
-    view: &View,
+    view: &Rc<View>,
     listener: usize,
-    cluster: usize,
+    cluster: Option<usize>,
     routes: &RouteTable,
     down: MaybeTls<B::Stream>,
     peer: SocketAddr,
     inner: Option<Inner>,
 ) {
-    let (http, first) = match inner {
-        Some(inner) => (inner == Inner::Http1, Vec::new()),
+    let (outcome, first) = match inner {
+        Some(Inner::Http1) => (Detected::Http1, Vec::new()),
+        Some(Inner::Http2) => (Detected::Http2, Vec::new()),
+        Some(Inner::Tcp) => (Detected::Opaque, Vec::new()),
         None => {
             let (outcome, first) = sniff(&down, view.snapshot.config.detect_timeout).await;
             view.listeners[listener].detected(outcome);
             tracing::debug!(listener = %view.snapshot.listeners[listener].name, %peer, protocol = outcome.label(), "protocol detected");
-            (outcome == Detected::Http1, first)
+            (outcome, first)
         }
     };
-    if http {
-        let down = down.replaying(first);
-        super::http1::serve(worker, view, listener, routes, down, peer).await;
-    } else {
-        super::tcp::serve(worker, view, listener, cluster, down.unsniffed(), first).await;
+    match (outcome, cluster) {
+        (Detected::Http2, _) => {
+            super::http2::serve(worker, view, listener, down.replaying(first), peer).await;
+        }
+        (Detected::Http1, _) | (_, None) => {
+            let down = down.replaying(first);
+            super::http1::serve(worker, view, listener, routes, down, peer).await;
+        }
+        (_, Some(cluster)) => {
+            super::tcp::serve(worker, view, listener, cluster, down.unsniffed(), first).await;
+        }
     }
 }
 

@@ -1,5 +1,5 @@
 //! The proxy logic, written once against the [`crate::io`] interface: opaque TCP
-//! ([`tcp`]), HTTP/1.1 ([`http1`]), protocol detection ([`detect`]), intercepted connections
+//! ([`tcp`]), HTTP/1.1 ([`http1`]), HTTP/2 ([`http2`]), protocol detection ([`detect`]), intercepted connections
 //! ([`intercept`]) and the per-worker upstream pool ([`pool`]).
 //!
 //! Rule for every read here: a read that is abandoned (timeout, drain) is never retried on
@@ -8,6 +8,7 @@
 
 pub mod detect;
 pub mod http1;
+pub mod http2;
 pub mod intercept;
 pub mod pool;
 pub mod tcp;
@@ -25,10 +26,12 @@ pub enum Inner {
     Tcp,
     /// HTTP/1.1.
     Http1,
+    /// HTTP/2.
+    Http2,
 }
 
 /// Most endpoints tried for one connection before giving up.
-const CONNECT_ATTEMPTS: usize = 3;
+pub(crate) const CONNECT_ATTEMPTS: usize = 3;
 
 /// Opens a connection to the next endpoints of `cluster`, round robin, trying up to
 /// [`CONNECT_ATTEMPTS`] of them within each one's connect timeout; for an mTLS cluster the

@@ -1,0 +1,243 @@
+//! HTTP/2 (and so gRPC): one downstream connection's streams, each request routed by
+//! authority and path like HTTP/1.1, and carried on a multiplexed upstream HTTP/2 connection
+//! (h2c prior knowledge, or ALPN `h2` under mTLS).
+//!
+//! hyper runs both ends, over the owned-buffer streams ([`crate::io::hyper_io`]), so flow
+//! control, trailers (gRPC's status) and stream resets are its; this module routes, picks
+//! the upstream connection (one per endpoint per worker, shared by all streams), bounds the
+//! wait for the response head with the route's timeout, and answers failures itself with
+//! `x-tern-response-flag`, as HTTP/1.1 does.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper::{Request, Response};
+
+use crate::io::Backend;
+use crate::io::hyper_io::{HyperIo, LocalExec};
+use crate::metrics::Flag;
+use crate::snapshot::{ListenerKind, RouteTable};
+use crate::tls::MaybeTls;
+use crate::worker::{View, Worker};
+
+/// What the proxy answers with: the upstream's body, or its own short text.
+pub type Body = Either<Incoming, Full<Bytes>>;
+
+/// An upstream connection, or the one being made: streams that arrive while it is being
+/// made wait for it rather than each opening their own.
+type Shared = Rc<tokio::sync::OnceCell<SendRequest<Incoming>>>;
+
+/// One worker's upstream HTTP/2 connections, by cluster and endpoint; each carries every
+/// stream to that endpoint.
+#[derive(Default)]
+pub struct Pool {
+    connections: RefCell<HashMap<(Arc<str>, SocketAddr), Shared>>,
+}
+
+impl Pool {
+    /// Forgets `key`'s connection if it is still `shared` (a newer one may have replaced it).
+    fn forget(&self, key: &(Arc<str>, SocketAddr), shared: &Shared) {
+        let mut connections = self.connections.borrow_mut();
+        if connections.get(key).is_some_and(|c| Rc::ptr_eq(c, shared)) {
+            connections.remove(key);
+        }
+    }
+}
+
+impl Pool {
+    /// Closes every connection (their drivers end when the last sender is dropped).
+    pub fn clear(&self) {
+        self.connections.borrow_mut().clear();
+    }
+}
+
+/// Serves one HTTP/2 connection on `listener` until the client closes it or the worker
+/// drains (then in-flight streams finish and the client is told to go away).
+pub async fn serve<B: Backend>(
+    worker: &Rc<Worker<B>>,
+    view: &Rc<View>,
+    listener: usize,
+    down: MaybeTls<B::Stream>,
+    peer: SocketAddr,
+) {
+    let service = {
+        let (worker, view) = (worker.clone(), view.clone());
+        hyper::service::service_fn(move |request: Request<Incoming>| {
+            let (worker, view) = (worker.clone(), view.clone());
+            async move { Ok::<_, Infallible>(forward(&worker, &view, listener, request).await) }
+        })
+    };
+    let connection = hyper::server::conn::http2::Builder::new(LocalExec)
+        .max_header_list_size(view.snapshot.config.http.max_header_bytes as u32)
+        .serve_connection(HyperIo::new(down), service);
+    let mut connection = std::pin::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = worker.drain_started() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(listener = %view.snapshot.listeners[listener].name, %peer, %error, "HTTP/2 connection ended with an error");
+    }
+}
+
+/// Routes and forwards one request; answers it itself when that fails.
+async fn forward<B: Backend>(
+    worker: &Rc<Worker<B>>,
+    view: &View,
+    listener: usize,
+    request: Request<Incoming>,
+) -> Response<Body> {
+    let started = Instant::now();
+    let stats = &view.listeners[listener];
+    stats.request();
+    let routes: &RouteTable = match &view.snapshot.listeners[listener].kind {
+        ListenerKind::Http(routes) | ListenerKind::Detect { routes, .. } => routes,
+        ListenerKind::Tcp { .. } | ListenerKind::Intercepted(_) => {
+            return local(stats, started, 404, Flag::NoRoute);
+        }
+    };
+    let host = request
+        .uri()
+        .authority()
+        .map(|a| a.as_str().as_bytes())
+        .or_else(|| {
+            request
+                .headers()
+                .get(hyper::header::HOST)
+                .map(|h| h.as_bytes())
+        })
+        .unwrap_or_default();
+    let path = request
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .as_bytes();
+    let Some(route) = routes.route(host, path) else {
+        return local(stats, started, 404, Flag::NoRoute);
+    };
+    let chosen = route.choose(view.roll());
+    let Some(mut sender) = upstream::<B>(worker, view, chosen.cluster).await else {
+        return local(stats, started, 503, Flag::UpstreamConnectFailure);
+    };
+    let cluster = &view.clusters[chosen.cluster];
+    cluster.request();
+    match tokio::time::timeout(chosen.timeout, sender.send_request(request)).await {
+        Err(_) => {
+            cluster.timeout();
+            local(stats, started, 504, Flag::UpstreamTimeout)
+        }
+        Ok(Err(error)) => {
+            tracing::debug!(cluster = %view.snapshot.clusters[chosen.cluster].name, %error, "HTTP/2 upstream failed");
+            local(stats, started, 502, Flag::UpstreamReset)
+        }
+        Ok(Ok(response)) => {
+            let status = response.status().as_u16();
+            cluster.response(status);
+            stats.response(status, started.elapsed());
+            response.map(Either::Left)
+        }
+    }
+}
+
+/// A response the proxy makes itself.
+fn local(
+    stats: &crate::metrics::ListenerStats,
+    started: Instant,
+    status: u16,
+    flag: Flag,
+) -> Response<Body> {
+    stats.error(flag);
+    stats.response(status, started.elapsed());
+    let mut response = Response::new(Either::Right(Full::new(Bytes::from(format!(
+        "{status} ({})\n",
+        flag.code()
+    )))));
+    *response.status_mut() =
+        hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::BAD_GATEWAY);
+    response.headers_mut().insert(
+        "x-tern-response-flag",
+        hyper::header::HeaderValue::from_static(flag.code()),
+    );
+    response
+}
+
+/// A ready connection to the next endpoint of `cluster`: the worker's, or a new one.
+async fn upstream<B: Backend>(
+    worker: &Rc<Worker<B>>,
+    view: &View,
+    cluster: usize,
+) -> Option<SendRequest<Incoming>> {
+    let plan = view.snapshot.clusters.get(cluster)?;
+    for _ in 0..plan.endpoints.len().min(super::CONNECT_ATTEMPTS) {
+        let addr = view.next_endpoint(cluster)?;
+        let key = (plan.name.clone(), addr);
+        let shared: Shared = worker
+            .h2
+            .connections
+            .borrow_mut()
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let pooled = shared.initialized();
+        let made = shared
+            .get_or_try_init(|| connect::<B>(view, cluster, addr))
+            .await;
+        match made {
+            Ok(sender) => {
+                let mut sender = sender.clone();
+                if sender.ready().await.is_ok() {
+                    if pooled {
+                        view.clusters[cluster].reused();
+                    }
+                    return Some(sender);
+                }
+                // It closed (the upstream went away or said GOAWAY): the next request makes
+                // a new one.
+                worker.h2.forget(&key, &shared);
+            }
+            Err(()) => worker.h2.forget(&key, &shared),
+        }
+    }
+    None
+}
+
+/// A new HTTP/2 connection to `addr` for `cluster`, its driver running on this worker.
+async fn connect<B: Backend>(
+    view: &View,
+    cluster: usize,
+    addr: SocketAddr,
+) -> Result<SendRequest<Incoming>, ()> {
+    let name = view.snapshot.clusters[cluster].name.clone();
+    let stream = super::connect_to::<B>(view, cluster, addr, super::Inner::Http2)
+        .await
+        .ok_or(())?;
+    match hyper::client::conn::http2::Builder::new(LocalExec)
+        .handshake::<_, Incoming>(HyperIo::new(stream))
+        .await
+    {
+        Ok((sender, connection)) => {
+            tokio::task::spawn_local(async move {
+                if let Err(error) = connection.await {
+                    tracing::debug!(cluster = %name, %addr, %error, "HTTP/2 upstream connection ended");
+                }
+            });
+            Ok(sender)
+        }
+        Err(error) => {
+            tracing::debug!(cluster = %name, %addr, %error, "HTTP/2 handshake with upstream failed");
+            Err(())
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! HTTP/2 (and gRPC's shape) through the proxy, on both IO backends: prior-knowledge h2c on
+//! an `http` listener, many concurrent streams on one connection each routed on its own,
+//! bodies both ways under flow control, trailers passed on, the proxy's own answers for no
+//! route and a dead upstream, and an mTLS sidecar pair carrying HTTP/2 inside (ALPN `h2`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use bytes::Bytes;
+use tests::h2::H2;
+use tests::pki::{TempDir, TestCa};
+use tests::upstream::{Http, dead_address};
+use tests::{BackendChoice, both_backends, metric, start_proxy, wait_for_metric};
+
+fn routed_config(a: std::net::SocketAddr, b: std::net::SocketAddr) -> String {
+    format!(
+        "listeners:\n  - name: web\n    address: 127.0.0.1:0\n    protocol: http\n    routes:\n      - {{ path_prefix: /a, cluster: a }}\n      - {{ path_prefix: /b, cluster: b }}\n      - {{ path_prefix: /echo, cluster: a }}\n      - {{ path_prefix: /dead, cluster: dead }}\n      - {{ host: grpc.example, cluster: a }}\n\
+         clusters:\n  - {{ name: a, endpoints: [{a}] }}\n  - {{ name: b, endpoints: [{b}] }}\n  - {{ name: dead, endpoints: [{}], connect_timeout: 300ms }}\n",
+        dead_address()
+    )
+}
+
+fn streams_are_routed_each_on_its_own(backend: BackendChoice) {
+    let a = Http::start("a");
+    let b = Http::start("b");
+    let proxy = start_proxy(&routed_config(a.addr, b.addr), backend);
+    let client = H2::connect(proxy.listener_addr("web").unwrap());
+
+    // Many streams at once on one connection, alternating routes.
+    let paths: Vec<String> = (0..64)
+        .map(|i| format!("/{}/{i}", if i % 2 == 0 { "a" } else { "b" }))
+        .collect();
+    for (path, answer) in paths.iter().zip(client.get_many("svc", &paths)) {
+        assert_eq!(answer.status, 200, "{path}");
+        let expected = format!("{} {path}", &path[1..2]);
+        assert_eq!(answer.text(), expected);
+    }
+    // The upstream side multiplexes too: one connection per upstream per worker at most.
+    assert!(a.connections.load(std::sync::atomic::Ordering::SeqCst) <= 2);
+
+    // A body larger than the default flow-control window, both ways.
+    let big = Bytes::from(tests::client::payload(1024 * 1024));
+    let echoed = client.send("POST", "svc", "/echo", big.clone());
+    assert_eq!(echoed.status, 200);
+    assert!(
+        echoed.body == big,
+        "{} bytes back, not the {} sent",
+        echoed.body.len(),
+        big.len()
+    );
+
+    // gRPC's shape: routed by authority, body echoed, trailers passed on.
+    let grpc = client.send(
+        "POST",
+        "grpc.example",
+        "/grpc",
+        Bytes::from_static(b"\0\0\0\0\x03abc"),
+    );
+    assert_eq!(grpc.body.as_ref(), b"\0\0\0\0\x03abc");
+    let trailers = grpc.trailers.expect("trailers");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["x-served-by"], "a");
+
+    // The proxy's own answers.
+    let none = client.get("other.example", "/nowhere");
+    assert_eq!(none.status, 404);
+    assert_eq!(none.headers["x-tern-response-flag"], "NR");
+    let dead = client.get("svc", "/dead");
+    assert_eq!(dead.status, 503);
+    assert_eq!(dead.headers["x-tern-response-flag"], "UF");
+
+    let metrics = wait_for_metric(
+        &proxy,
+        "tern_protocol_detections_total{listener=\"web\",protocol=\"http2\"}",
+        1.0,
+    );
+    assert!(
+        metric(&metrics, "tern_requests_total{listener=\"web\"}") >= 68.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "tern_errors_total{listener=\"web\",flag=\"NR\"}"),
+        1.0
+    );
+    // HTTP/1.1 still works on the same listener.
+    let response = tests::client::request(
+        proxy.listener_addr("web").unwrap(),
+        "GET /b/h1 HTTP/1.1\r\nHost: svc\r\n\r\n",
+    );
+    assert_eq!(response.text(), "b /b/h1");
+}
+
+fn an_mtls_pair_carries_http2_inside(backend: BackendChoice) {
+    const A: &str = "spiffe://tern.test/ns/shop/sa/frontend";
+    const B: &str = "spiffe://tern.test/ns/shop/sa/backend";
+    let dir = TempDir::new("h2-mtls");
+    let ca = TestCa::new("tern test root");
+    let a_id = ca.write_identity(&dir.0, "a", A, &[&ca], false);
+    let b_id = ca.write_identity(&dir.0, "b", B, &[&ca], false);
+    let app = Http::start("app");
+    let inbound = start_proxy(
+        &format!(
+            "{}listeners:\n  - {{ name: in, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: app }}], tls: {{ mode: strict }} }}\nclusters:\n  - {{ name: app, endpoints: [{}] }}\n",
+            b_id.yaml(),
+            app.addr
+        ),
+        backend,
+    );
+    let outbound = start_proxy(
+        &format!(
+            "{}listeners:\n  - {{ name: out, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: b }}] }}\nclusters:\n  - {{ name: b, endpoints: [{}], tls: {{ identity: \"{B}\" }}, connect_timeout: 2s }}\n",
+            a_id.yaml(),
+            inbound.listener_addr("in").unwrap()
+        ),
+        backend,
+    );
+    let client = H2::connect(outbound.listener_addr("out").unwrap());
+    let paths: Vec<String> = (0..16).map(|i| format!("/x/{i}")).collect();
+    for (path, answer) in paths.iter().zip(client.get_many("svc", &paths)) {
+        assert_eq!(answer.text(), format!("app {path}"));
+    }
+    let grpc = client.send("POST", "svc", "/grpc", Bytes::from_static(b"payload"));
+    assert_eq!(grpc.trailers.expect("trailers")["grpc-status"], "0");
+    // The inbound side saw the outbound side's identity, over mTLS.
+    // One mTLS connection per worker of the outbound side at most, every stream on it.
+    let metrics = tests::admin_get(&inbound, "/metrics");
+    let connections = metric(
+        &metrics,
+        &format!("tern_listener_peer_connections_total{{listener=\"in\",peer_identity=\"{A}\"}}"),
+    );
+    assert!((1.0..=2.0).contains(&connections), "{metrics}");
+    assert!(
+        metric(&metrics, "tern_requests_total{listener=\"in\"}") >= 17.0,
+        "{metrics}"
+    );
+}
+
+both_backends!(
+    streams_are_routed_each_on_its_own,
+    an_mtls_pair_carries_http2_inside
+);

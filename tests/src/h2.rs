@@ -1,0 +1,108 @@
+//! A blocking HTTP/2 client for tests (hyper, prior knowledge, on its own runtime): one
+//! connection, many concurrent streams.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+/// One HTTP/2 connection.
+pub struct H2 {
+    runtime: tokio::runtime::Runtime,
+    sender: SendRequest<Full<Bytes>>,
+}
+
+/// A response, read whole.
+#[derive(Debug)]
+pub struct Answer {
+    /// Status code.
+    pub status: u16,
+    /// Headers.
+    pub headers: hyper::HeaderMap,
+    /// Body.
+    pub body: Bytes,
+    /// Trailers, if any.
+    pub trailers: Option<hyper::HeaderMap>,
+}
+
+impl Answer {
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+impl H2 {
+    /// Connects (h2c, prior knowledge) over `stream`, already connected (in any namespace).
+    pub fn over(stream: std::net::TcpStream) -> H2 {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        stream.set_nonblocking(true).unwrap();
+        let sender = runtime.block_on(async {
+            let stream = tokio::net::TcpStream::from_std(stream).unwrap();
+            let (sender, connection) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                    .await
+                    .expect("HTTP/2 handshake");
+            tokio::spawn(connection);
+            sender
+        });
+        H2 { runtime, sender }
+    }
+
+    /// Connects to `addr`.
+    pub fn connect(addr: SocketAddr) -> H2 {
+        H2::over(crate::client::connect(addr))
+    }
+
+    /// Sends one request and reads the whole answer.
+    pub fn send(&self, method: &str, authority: &str, path: &str, body: Bytes) -> Answer {
+        let mut sender = self.sender.clone();
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(format!("http://{authority}{path}"))
+            .body(Full::new(body))
+            .unwrap();
+        self.runtime.block_on(async move {
+            let response = tokio::time::timeout(
+                std::time::Duration::from_secs(20),
+                sender.send_request(request),
+            )
+            .await
+            .expect("an answer in time")
+            .expect("a response");
+            let status = response.status().as_u16();
+            let headers = response.headers().clone();
+            let collected = response.into_body().collect().await.expect("a body");
+            let trailers = collected.trailers().cloned();
+            Answer {
+                status,
+                headers,
+                body: collected.to_bytes(),
+                trailers,
+            }
+        })
+    }
+
+    /// A GET.
+    pub fn get(&self, authority: &str, path: &str) -> Answer {
+        self.send("GET", authority, path, Bytes::new())
+    }
+
+    /// Sends `count` GETs at once on this connection (concurrent streams); the answers, in
+    /// order.
+    pub fn get_many(&self, authority: &str, paths: &[String]) -> Vec<Answer> {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = paths
+                .iter()
+                .map(|path| scope.spawn(move || self.get(authority, path)))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+}
