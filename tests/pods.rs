@@ -2,7 +2,7 @@
 //! bridge, each meshed pod running `tern-proxy init` and a `tern-proxy` sidecar (the real
 //! binaries), configured by a `tern-control` in the node namespace from a manifest
 //! directory. The applications know nothing of the mesh: they dial Service addresses and
-//! listen on their own ports.
+//! listen on their own ports (HTTP/1.1 and HTTP/2 alike).
 //!
 //! Needs root, `ip` and `nft` (CI installs iproute2 and nftables); elsewhere it says why and
 //! passes without running.
@@ -278,6 +278,13 @@ fn intercepted_pods_talk_mtls_by_service_address() {
     assert_eq!(get(&a, b_http, "b", "/to-c/y").text(), "c /to-c/y");
     let c_http = socket(C_V4.parse::<std::net::IpAddr>().unwrap(), 80);
     assert_eq!(get(&a, c_http, "c", "/direct").text(), "c /direct");
+    // HTTP/2 (prior knowledge) to the same address routes by the same HTTPRoute, stream by
+    // stream, and crosses the sidecars as HTTP/2 (ALPN h2) with trailers intact.
+    let h2 = tests::h2::H2::over(a.connect(b_http).unwrap());
+    assert_eq!(h2.get("b", "/x2").text(), "b /x2");
+    assert_eq!(h2.get("b", "/to-c/y2").text(), "c /to-c/y2");
+    let call = h2.send("POST", "b", "/grpc", bytes::Bytes::from_static(b"call"));
+    assert_eq!(call.trailers.expect("trailers")["x-served-by"], "b");
 
     // A server-speaks-first protocol (port 3306 is opaque by default): the greeting comes
     // without the client saying anything, long before the 10 s detection timeout.

@@ -87,21 +87,27 @@ pub fn workload_identity(trust_domain: &str, workload: &Workload) -> Option<Spif
 pub const OPAQUE_PORTS: [u16; 8] = [25, 587, 3306, 4444, 5432, 6379, 9300, 11211];
 
 /// Port name prefixes (Istio's `<protocol>[-<suffix>]`) that declare an opaque protocol.
-const OPAQUE_NAMES: [&str; 8] = [
-    "tcp", "tls", "mysql", "mongo", "redis", "postgres", "smtp", "grpc",
-];
+const OPAQUE_NAMES: [&str; 7] = ["tcp", "tls", "mysql", "mongo", "redis", "postgres", "smtp"];
 
-/// What a Service port speaks: `http` when declared so, `tcp` when declared opaque or a
-/// well-known opaque port, else `detect`.
+/// Port name prefixes, and `appProtocol`s, of HTTP: HTTP/1.1, HTTP/2 and gRPC are all routed.
+const HTTP_NAMES: [&str; 5] = ["http", "http2", "h2c", "grpc", "grpc-web"];
+
+/// What a Service port speaks: `http` (HTTP/1.1, HTTP/2, gRPC) when declared so, `tcp`
+/// when declared opaque or a well-known opaque port, else `detect`.
 pub fn port_protocol(port: &ServicePort) -> Protocol {
     let name = port.name.as_deref().unwrap_or_default();
     let prefix = name.split('-').next().unwrap_or_default();
     match port.app_protocol.as_deref() {
-        Some(app) if app.eq_ignore_ascii_case("http") => return Protocol::Http,
+        Some(app)
+            if HTTP_NAMES.iter().any(|h| app.eq_ignore_ascii_case(h))
+                || app == "kubernetes.io/h2c" =>
+        {
+            return Protocol::Http;
+        }
         Some(_) => return Protocol::Tcp,
         None => {}
     }
-    if prefix == "http" {
+    if HTTP_NAMES.contains(&prefix) {
         Protocol::Http
     } else if OPAQUE_NAMES.contains(&prefix)
         || u16::try_from(port.port).is_ok_and(|p| OPAQUE_PORTS.contains(&p))

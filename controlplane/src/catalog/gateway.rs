@@ -1,5 +1,5 @@
-//! Gateway API's `HTTPRoute` (`gateway.networking.k8s.io/v1`), the part of it Tern routes
-//! with, attached to a Service as GAMMA defines. Fields Tern does not carry out yet (header,
+//! Gateway API's `HTTPRoute` and `GRPCRoute` (`gateway.networking.k8s.io/v1`), the part of
+//! them Tern routes with, attached to a Service as GAMMA defines. Fields Tern does not carry out yet (header,
 //! query and method matches, filters, regular expressions) are parsed so that using them is
 //! a clear error rather than silently ignored; unknown fields are refused.
 
@@ -194,4 +194,159 @@ impl Rule {
 /// Whether a group/kind pair names a core `Service`.
 pub fn is_service(group: Option<&str>, kind: Option<&str>) -> bool {
     matches!(group, None | Some("" | "core")) && matches!(kind, None | Some("Service"))
+}
+
+/// A `GRPCRoute` (`gateway.networking.k8s.io/v1`): routes gRPC calls by service and method.
+/// Tern carries it as the [`HttpRoute`] it is equivalent to (a call to `pkg.Svc/Method` is a
+/// request for the path `/pkg.Svc/Method`), see [`GrpcRoute::into_http_route`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcRoute {
+    /// `gateway.networking.k8s.io/v1`.
+    pub api_version: String,
+    /// `GRPCRoute`.
+    pub kind: String,
+    /// Name and namespace.
+    pub metadata: ObjectMeta,
+    /// What to route.
+    pub spec: GrpcRouteSpec,
+    /// Written by controllers; ignored on input.
+    #[serde(default, skip_serializing)]
+    pub status: Option<serde_json::Value>,
+}
+
+/// `GRPCRoute.spec`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcRouteSpec {
+    /// The Services (GAMMA) this route attaches to.
+    #[serde(default)]
+    pub parent_refs: Vec<ParentRef>,
+    /// Host names (`:authority`) calls must carry; empty means any.
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+    /// Matches and where they go.
+    #[serde(default)]
+    pub rules: Vec<GrpcRule>,
+}
+
+/// A `GRPCRoute` rule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcRule {
+    /// A name for the rule.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Any one of these matches; none means every call.
+    #[serde(default)]
+    pub matches: Vec<GrpcMatch>,
+    /// Where matched calls go, split by weight.
+    #[serde(default)]
+    pub backend_refs: Vec<BackendRef>,
+    /// Not supported yet.
+    #[serde(default)]
+    pub filters: Option<Vec<serde_json::Value>>,
+    /// Not supported yet.
+    #[serde(default)]
+    pub session_persistence: Option<serde_json::Value>,
+}
+
+/// What a call must look like.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcMatch {
+    /// The gRPC service and method.
+    #[serde(default)]
+    pub method: Option<MethodMatch>,
+    /// Not supported yet.
+    #[serde(default)]
+    pub headers: Option<Vec<serde_json::Value>>,
+}
+
+/// A gRPC method match.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MethodMatch {
+    /// `Exact` (the default); `RegularExpression` is not supported yet.
+    #[serde(default = "default_method_type", rename = "type")]
+    pub kind: String,
+    /// The fully qualified service, `pkg.Service`.
+    #[serde(default)]
+    pub service: Option<String>,
+    /// The method.
+    #[serde(default)]
+    pub method: Option<String>,
+}
+
+fn default_method_type() -> String {
+    "Exact".to_owned()
+}
+
+impl GrpcRoute {
+    /// The equivalent `HTTPRoute` (its `kind` stays `GRPCRoute`): each method match becomes a
+    /// path prefix, `/pkg.Service/Method`, or `/pkg.Service` for all of a service's methods.
+    /// What has no equivalent is refused with its field.
+    pub fn into_http_route(self) -> Result<HttpRoute, (String, String)> {
+        let mut rules = Vec::with_capacity(self.spec.rules.len());
+        for (i, rule) in self.spec.rules.into_iter().enumerate() {
+            let mut matches = Vec::with_capacity(rule.matches.len());
+            for (j, m) in rule.matches.into_iter().enumerate() {
+                let at = |f: &str| format!("spec.rules[{i}].matches[{j}].{f}");
+                let path = match m.method {
+                    None => "/".to_owned(),
+                    Some(method) => {
+                        if method.kind != "Exact" {
+                            return Err((
+                                at("method.type"),
+                                format!("`{}` is not supported yet; use Exact", method.kind),
+                            ));
+                        }
+                        match (method.service, method.method) {
+                            (Some(service), Some(name)) => format!("/{service}/{name}"),
+                            (Some(service), None) => format!("/{service}"),
+                            (None, Some(_)) => {
+                                return Err((
+                                    at("method.service"),
+                                    "a method match needs its service".to_owned(),
+                                ));
+                            }
+                            (None, None) => "/".to_owned(),
+                        }
+                    }
+                };
+                if path.contains(char::is_whitespace) || path.contains("//") {
+                    return Err((at("method"), format!("`{path}` is not a gRPC method path")));
+                }
+                matches.push(Match {
+                    path: Some(PathMatch {
+                        kind: "PathPrefix".to_owned(),
+                        value: path,
+                    }),
+                    headers: m.headers,
+                    query_params: None,
+                    method: None,
+                });
+            }
+            rules.push(Rule {
+                name: rule.name,
+                matches,
+                backend_refs: rule.backend_refs,
+                timeouts: None,
+                filters: rule.filters,
+                retry: None,
+                session_persistence: rule.session_persistence,
+            });
+        }
+        Ok(HttpRoute {
+            api_version: self.api_version,
+            kind: self.kind,
+            metadata: self.metadata,
+            spec: HttpRouteSpec {
+                parent_refs: self.spec.parent_refs,
+                hostnames: self.spec.hostnames,
+                rules,
+            },
+            status: None,
+        })
+    }
 }

@@ -57,7 +57,7 @@ pub enum Object {
 }
 
 /// Kinds in the order they are checked: each may refer only to kinds before it.
-const KIND_ORDER: [&str; 8] = [
+const KIND_ORDER: [&str; 9] = [
     "Mesh",
     "Service",
     "Pod",
@@ -66,6 +66,7 @@ const KIND_ORDER: [&str; 8] = [
     "BackendPolicy",
     "AuthorizationPolicy",
     "HTTPRoute",
+    "GRPCRoute",
 ];
 
 impl Object {
@@ -76,6 +77,8 @@ impl Object {
             Object::Service(_) => "Service",
             Object::EndpointSlice(_) => "EndpointSlice",
             Object::Pod(_) => "Pod",
+            // A GRPCRoute is carried as the HTTPRoute it is equivalent to.
+            Object::HttpRoute(o) if o.kind == "GRPCRoute" => "GRPCRoute",
             Object::HttpRoute(_) => "HTTPRoute",
             Object::MtlsPolicy(_) => "MTLSPolicy",
             Object::AuthorizationPolicy(_) => "AuthorizationPolicy",

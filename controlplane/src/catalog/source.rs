@@ -239,7 +239,7 @@ pub fn parse_file(file: &str, text: &str, declared: &mut Declared) {
                 object: name,
                 field: "kind".into(),
                 message: format!(
-                    "`{api_version}` `{kind}` is not a kind Tern reads (Service, EndpointSlice, Pod, HTTPRoute, and tern.dev's Mesh, MTLSPolicy, AuthorizationPolicy, BackendPolicy); ignored"
+                    "`{api_version}` `{kind}` is not a kind Tern reads (Service, EndpointSlice, Pod, HTTPRoute, GRPCRoute, and tern.dev's Mesh, MTLSPolicy, AuthorizationPolicy, BackendPolicy); ignored"
                 ),
                 kept_previous: false,
             }),
@@ -272,6 +272,10 @@ fn parse_object(
         ("discovery.k8s.io/v1", "EndpointSlice") => Object::EndpointSlice(typed(value)?),
         ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => {
             Object::HttpRoute(typed(value)?)
+        }
+        ("gateway.networking.k8s.io/v1", "GRPCRoute") => {
+            let route: Box<super::gateway::GrpcRoute> = typed(value)?;
+            Object::HttpRoute(Box::new(route.into_http_route()?))
         }
         ("tern.dev/v1alpha1", "Mesh") => Object::Mesh(typed(value)?),
         ("tern.dev/v1alpha1", "MTLSPolicy") => Object::MtlsPolicy(typed(value)?),
