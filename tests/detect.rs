@@ -1,5 +1,5 @@
-//! Protocol detection on a `detect` listener, on both IO backends: HTTP/1.1 is routed, other
-//! bytes go to the cluster as opaque TCP, and a client that says nothing (a server that
+//! Protocol detection on a `detect` listener, on both IO backends: HTTP/1.1 and HTTP/2 are
+//! routed, other bytes go to the cluster as opaque TCP, and a client that says nothing (a server that
 //! speaks first) is served as opaque TCP once the detection timeout passes, with no byte
 //! lost. Outcomes are counted by protocol.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -33,8 +33,10 @@ fn http_is_routed_and_other_bytes_are_opaque(backend: BackendChoice) {
     // that starts like a method but is not one too.
     client::assert_echo(addr, b"\x00\x01binary protocol");
     client::assert_echo(addr, b"GETTING warmer");
-    // The HTTP/2 preface and a TLS ClientHello are opaque too (to the echo here).
-    client::assert_echo(addr, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04");
+    // The HTTP/2 preface: routed as HTTP/2.
+    let h2 = tests::h2::H2::connect(addr);
+    assert_eq!(h2.get("x", "/web/h2").text(), "web /web/h2");
+    // A TLS ClientHello (the application's own TLS) is opaque.
     client::assert_echo(addr, &[0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5]);
 
     let metrics = wait_for_metric(

@@ -43,8 +43,9 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Installs (or with --uninstall removes) the nftables rules that send this network
-    /// namespace's TCP through the proxy; run it in the pod's namespace, as istio-init does.
+    /// Installs (or with --uninstall removes) the nftables (or iptables) rules that send this
+    /// network namespace's TCP through the proxy; run it in the pod's namespace, as istio-init
+    /// does.
     Init(InitArgs),
 }
 
@@ -77,6 +78,9 @@ struct InitArgs {
     /// Inbound ports to leave alone (e.g. a health port).
     #[arg(long, value_delimiter = ',')]
     exclude_inbound_ports: Vec<u16>,
+    /// nftables (preferred), iptables, or auto: nftables when `nft` runs here.
+    #[arg(long, value_enum, default_value_t = dataplane::intercept::Firewall::Auto)]
+    firewall: dataplane::intercept::Firewall,
     /// Print the rules instead of applying them.
     #[arg(long)]
     dry_run: bool,
@@ -86,31 +90,50 @@ struct InitArgs {
 }
 
 fn init(args: InitArgs) -> anyhow::Result<()> {
-    use dataplane::intercept::{self, Interception};
+    use dataplane::intercept::{self, Family, Firewall, Interception};
     // `meta mark 0 return` would match every unmarked packet and intercept nothing.
     anyhow::ensure!(args.proxy_mark != 0, "--proxy-mark must not be 0");
-    let ruleset = if args.uninstall {
-        intercept::uninstall_ruleset()
-    } else {
-        Interception {
-            outbound_port: args.outbound_port,
-            inbound_port: args.inbound_port,
-            proxy_uid: args.proxy_uid,
-            proxy_mark: args.proxy_mark,
-            include_outbound_cidrs: args.include_outbound_cidrs,
-            exclude_outbound_cidrs: args.exclude_outbound_cidrs,
-            exclude_outbound_ports: args.exclude_outbound_ports,
-            include_inbound_ports: args.include_inbound_ports,
-            exclude_inbound_ports: args.exclude_inbound_ports,
-        }
-        .ruleset()
+    let interception = Interception {
+        outbound_port: args.outbound_port,
+        inbound_port: args.inbound_port,
+        proxy_uid: args.proxy_uid,
+        proxy_mark: args.proxy_mark,
+        include_outbound_cidrs: args.include_outbound_cidrs,
+        exclude_outbound_cidrs: args.exclude_outbound_cidrs,
+        exclude_outbound_ports: args.exclude_outbound_ports,
+        include_inbound_ports: args.include_inbound_ports,
+        exclude_inbound_ports: args.exclude_inbound_ports,
     };
-    if args.dry_run {
-        print!("{ruleset}");
-        return Ok(());
+    let firewall = args.firewall.resolve();
+    match (firewall, args.dry_run, args.uninstall) {
+        (Firewall::Iptables, true, _) => {
+            for family in [Family::V4, Family::V6] {
+                println!("# {family:?}: iptables-restore --noflush");
+                print!("{}", interception.iptables_rules(family));
+            }
+        }
+        (Firewall::Iptables, false, false) => intercept::apply_iptables(&interception)?,
+        (Firewall::Iptables, false, true) => intercept::uninstall_iptables()?,
+        (_, dry_run, uninstall) => {
+            let ruleset = if uninstall {
+                intercept::uninstall_ruleset()
+            } else {
+                interception.ruleset()
+            };
+            if dry_run {
+                print!("{ruleset}");
+                return Ok(());
+            }
+            intercept::apply(&ruleset)?;
+        }
     }
-    intercept::apply(&ruleset)?;
-    tracing::info!(uninstall = args.uninstall, "interception rules applied");
+    if !args.dry_run {
+        tracing::info!(
+            ?firewall,
+            uninstall = args.uninstall,
+            "interception rules applied"
+        );
+    }
     Ok(())
 }
 

@@ -192,3 +192,75 @@ fn init_intercepts_outbound_tcp_idempotently_and_uninstall_removes_it() {
     // Uninstalling again is not an error.
     assert!(ns.exec(&[BIN, "init", "--uninstall"]).status.success());
 }
+
+fn iptables_available() -> bool {
+    Command::new("iptables-restore")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn init_with_iptables_intercepts_the_same_way_and_uninstalls() {
+    if !can_run() || !iptables_available() {
+        eprintln!("skipping: needs root and iptables");
+        return;
+    }
+    let ns = Netns::new("ipt");
+    for _ in 0..2 {
+        let init = ns.exec(&[
+            BIN,
+            "init",
+            "--firewall",
+            "iptables",
+            "--exclude-outbound-ports",
+            "5432",
+        ]);
+        assert!(init.status.success(), "{init:?}");
+    }
+    let listed = String::from_utf8(ns.exec(&["iptables", "-t", "nat", "-S"]).stdout).unwrap();
+    assert_eq!(
+        listed.matches("-A OUTPUT -p tcp -j TERN_OUTBOUND").count(),
+        1,
+        "run twice, one jump:\n{listed}"
+    );
+    assert_eq!(
+        listed.matches("--to-ports 15001").count(),
+        1,
+        "run twice, one redirect:\n{listed}"
+    );
+    let listed6 = String::from_utf8(ns.exec(&["ip6tables", "-t", "nat", "-S"]).stdout).unwrap();
+    assert!(listed6.contains("TERN_INBOUND"), "{listed6}");
+
+    ns.within(|| {
+        let outbound = TcpListener::bind("0.0.0.0:15001").unwrap();
+        assert!(connects("10.9.9.9:80"));
+        let (accepted, _) = outbound.accept().unwrap();
+        let original = rustix::net::sockopt::ip_original_dst(&accepted).unwrap();
+        assert_eq!(SocketAddr::V4(original), "10.9.9.9:80".parse().unwrap());
+        assert!(!connects("10.9.9.9:5432"));
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                rustix::thread::set_thread_uid(rustix::process::Uid::from_raw(1337)).unwrap();
+                assert!(
+                    !connects("10.9.9.9:80"),
+                    "the proxy's own connection was intercepted"
+                );
+            });
+        });
+    });
+
+    let uninstall = ns.exec(&[BIN, "init", "--firewall", "iptables", "--uninstall"]);
+    assert!(uninstall.status.success(), "{uninstall:?}");
+    let listed = String::from_utf8(ns.exec(&["iptables", "-t", "nat", "-S"]).stdout).unwrap();
+    assert!(!listed.contains("TERN"), "{listed}");
+    ns.within(|| {
+        let _outbound = TcpListener::bind("0.0.0.0:15001").unwrap();
+        assert!(!connects("10.9.9.9:80"), "no longer intercepted");
+    });
+    assert!(
+        ns.exec(&[BIN, "init", "--firewall", "iptables", "--uninstall"])
+            .status
+            .success()
+    );
+}

@@ -533,7 +533,10 @@ fn a_port_is_http_opaque_or_detected_by_its_declaration() {
         (port(Some("web"), 80, Some("tcp")), Protocol::Tcp),
         (port(Some("mysql-main"), 3307, None), Protocol::Tcp),
         (port(Some("grpc"), 9090, None), Protocol::Http),
-        (port(Some("api"), 9090, Some("kubernetes.io/h2c")), Protocol::Http),
+        (
+            port(Some("api"), 9090, Some("kubernetes.io/h2c")),
+            Protocol::Http,
+        ),
         (port(Some("http2-api"), 9091, None), Protocol::Http),
         (port(Some("db"), 5432, None), Protocol::Tcp),
         (port(None, 6379, None), Protocol::Tcp),
