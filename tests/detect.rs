@@ -32,7 +32,7 @@ fn http_is_routed_and_other_bytes_are_opaque(backend: BackendChoice) {
     // Anything else goes to the cluster as it is, the first bytes included, and a message
     // that starts like a method but is not one too.
     client::assert_echo(addr, b"\x00\x01binary protocol");
-    client::assert_echo(addr, b"GETTING warmer");
+    client::assert_echo(addr, b"GETting warmer");
     // The HTTP/2 preface: routed as HTTP/2.
     let h2 = tests::h2::H2::connect(addr);
     assert_eq!(h2.get("x", "/web/h2").text(), "web /web/h2");

@@ -1,7 +1,8 @@
 //! HTTP/2 (and gRPC's shape) through the proxy, on both IO backends: prior-knowledge h2c on
 //! an `http` listener, many concurrent streams on one connection each routed on its own,
 //! bodies both ways under flow control, trailers passed on, the proxy's own answers for no
-//! route and a dead upstream, and an mTLS sidecar pair carrying HTTP/2 inside (ALPN `h2`).
+//! route and a dead upstream, an mTLS sidecar pair carrying HTTP/2 inside (ALPN `h2`), and a
+//! long-lived connection that follows a config change.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use bytes::Bytes;
@@ -133,7 +134,26 @@ fn an_mtls_pair_carries_http2_inside(backend: BackendChoice) {
     );
 }
 
+fn a_long_lived_connection_follows_config_changes(backend: BackendChoice) {
+    let a = Http::start("a");
+    let b = Http::start("b");
+    let yaml = |to: &str| {
+        format!(
+            "listeners:\n  - {{ name: web, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: {to} }}] }}\nclusters:\n  - {{ name: a, endpoints: [{}] }}\n  - {{ name: b, endpoints: [{}] }}\n",
+            a.addr, b.addr
+        )
+    };
+    let proxy = start_proxy(&yaml("a"), backend);
+    let client = H2::connect(proxy.listener_addr("web").unwrap());
+    assert_eq!(client.get("svc", "/1").text(), "a /1");
+    // gRPC clients keep one connection for hours: a route change reaches its next request.
+    let config = shared::Config::from_yaml(&yaml("b"), "v2").unwrap();
+    proxy.reload(config, "v2").unwrap();
+    assert_eq!(client.get("svc", "/2").text(), "b /2");
+}
+
 both_backends!(
     streams_are_routed_each_on_its_own,
-    an_mtls_pair_carries_http2_inside
+    an_mtls_pair_carries_http2_inside,
+    a_long_lived_connection_follows_config_changes,
 );

@@ -382,19 +382,20 @@ fn app_ports(catalog: &Catalog, workload: &Workload) -> Vec<u16> {
     ports
 }
 
-/// What peers speak to application port `app`: `http` if a Service port targeting it is
-/// HTTP, else `detect` if one is detected, else opaque `tcp` (also with no Service).
+/// What peers speak to application port `app`, by the Service ports targeting it: what they
+/// all say, or `detect` (which takes every kind of peer: ALPN says which) when they differ;
+/// opaque `tcp` when no Service targets it.
 fn app_protocol(catalog: &Catalog, workload: &Workload, app: u16) -> Protocol {
-    let protocols: Vec<Protocol> = targeted_ports(catalog, workload)
+    let mut protocols = targeted_ports(catalog, workload)
         .filter(|(target, _)| *target == app)
-        .map(|(_, port)| port_protocol(port))
-        .collect();
-    if protocols.contains(&Protocol::Http) {
-        Protocol::Http
-    } else if protocols.contains(&Protocol::Detect) {
-        Protocol::Detect
+        .map(|(_, port)| port_protocol(port));
+    let Some(first) = protocols.next() else {
+        return Protocol::Tcp;
+    };
+    if protocols.all(|p| p == first) {
+        first
     } else {
-        Protocol::Tcp
+        Protocol::Detect
     }
 }
 

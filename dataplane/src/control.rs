@@ -369,6 +369,13 @@ impl Control {
             if !plan.bound {
                 continue;
             }
+            if matches!(plan.kind, crate::snapshot::ListenerKind::Intercepted(_))
+                && plan.configured.is_ipv6()
+                && !sys::ipv6_available()
+            {
+                tracing::warn!(listener = %plan.name, "IPv6 is disabled here: no IPv6 interception socket");
+                continue;
+            }
             let kept = state
                 .bound
                 .iter()

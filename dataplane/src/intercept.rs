@@ -357,7 +357,7 @@ pub fn uninstall_iptables() -> Result<(), InterceptError> {
 
 /// IPv4, and IPv6 when this namespace has it.
 fn families() -> Vec<Family> {
-    if std::path::Path::new("/proc/net/if_inet6").exists() {
+    if crate::sys::ipv6_available() {
         vec![Family::V4, Family::V6]
     } else {
         vec![Family::V4]

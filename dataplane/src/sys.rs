@@ -128,6 +128,12 @@ pub fn borrow_fd<T: std::os::fd::AsRawFd>(owner: &T) -> std::os::fd::BorrowedFd<
     unsafe { std::os::fd::BorrowedFd::borrow_raw(owner.as_raw_fd()) }
 }
 
+/// Whether this network namespace has IPv6 (a kernel booted with `ipv6.disable=1`, or a
+/// namespace without it, cannot bind `[::]`).
+pub fn ipv6_available() -> bool {
+    std::path::Path::new("/proc/net/if_inet6").exists()
+}
+
 /// Whether a read on `fd` would return at once (bytes, end of stream or an error), looked at
 /// without taking anything (`MSG_PEEK | MSG_DONTWAIT`).
 pub fn read_ready(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<bool> {

@@ -148,6 +148,11 @@ impl<B: Backend> Worker<B> {
         })
     }
 
+    /// The worker's current config and statistics handles.
+    pub fn view(&self) -> Rc<View> {
+        self.view.borrow().clone()
+    }
+
     /// Whether a drain has begun: connections finish what is in flight, then close.
     pub fn draining(&self) -> bool {
         self.draining.get()
@@ -350,7 +355,9 @@ async fn serve<B: Backend>(
         Claimed(stats)
     });
     let plan = &view.snapshot.listeners[index];
-    let Some((down, inner)) = terminate_tls::<B>(plan, &view.listeners[index], stream, peer).await
+    let detect_timeout = view.snapshot.config.detect_timeout;
+    let Some((down, inner)) =
+        terminate_tls::<B>(plan, &view.listeners[index], stream, peer, detect_timeout).await
     else {
         return;
     };
@@ -391,6 +398,7 @@ async fn terminate_tls<B: Backend>(
     stats: &ListenerStats,
     stream: B::Stream,
     peer: SocketAddr,
+    detect_timeout: Duration,
 ) -> Option<(MaybeTls<B::Stream>, Option<proxy::Inner>)> {
     let Some(tls) = &plan.tls else {
         return Some((MaybeTls::Plain(stream), None));
@@ -401,24 +409,29 @@ async fn terminate_tls<B: Backend>(
     };
     let mut first = Vec::new();
     if tls.permissive {
-        // Tell TLS from plaintext by the first byte; the client must speak first.
-        first.reserve(512);
-        let read = tokio::time::timeout(
-            tls.handshake_timeout,
-            stream.read(std::mem::take(&mut first)),
-        )
-        .await;
-        match read {
-            Ok((Ok(n), bytes)) if n > 0 => first = bytes,
-            Ok((Ok(_), _)) => return None,
-            Ok((Err(error), _)) => {
+        // Tell TLS from plaintext by the first byte. Wait on readiness, not a read, so giving
+        // up loses nothing: a client silent for the detection timeout is plaintext (a
+        // protocol whose server speaks first), passed on as opaque TCP.
+        match tokio::time::timeout(detect_timeout, stream.readable()).await {
+            Err(_) => {
+                stats.detected(crate::metrics::Detected::Timeout);
+                tracing::debug!(listener = %plan.name, %peer, "silent client on a permissive port: plaintext");
+                return Some((MaybeTls::Plain(stream), Some(proxy::Inner::Tcp)));
+            }
+            Ok(Err(error)) => {
                 tracing::debug!(listener = %plan.name, %peer, %error, "connection failed before its first byte");
                 return None;
             }
-            Err(_) => {
-                // The abandoned read stays queued under io_uring: shut the socket, never reuse it.
-                let _ = stream.shutdown(Shutdown::Both);
-                refuse(&"no first byte within the timeout on a permissive port");
+            Ok(Ok(())) => {}
+        }
+        first.reserve(512);
+        let (read, bytes) = stream.read(first).await;
+        first = bytes;
+        match read {
+            Ok(n) if n > 0 => {}
+            Ok(_) => return None,
+            Err(error) => {
+                tracing::debug!(listener = %plan.name, %peer, %error, "connection failed before its first byte");
                 return None;
             }
         }

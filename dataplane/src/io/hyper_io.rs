@@ -137,6 +137,16 @@ impl<S: Stream> hyper::rt::Write for HyperIo<S> {
     }
 }
 
+impl<S: Stream> Drop for HyperIo<S> {
+    fn drop(&mut self) {
+        // A read still in flight is an io_uring operation that outlives its future and keeps
+        // the socket open: shut the socket so it completes and the socket closes.
+        if self.reading.is_some() {
+            let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
 /// Runs hyper's background tasks (connection drivers, streams) on the worker's own thread.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LocalExec;

@@ -20,18 +20,8 @@ use crate::worker::{View, Worker};
 /// The HTTP/2 client connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Request methods that mark HTTP/1.x, each with the space after it.
-const METHODS: [&[u8]; 9] = [
-    b"GET ",
-    b"POST ",
-    b"PUT ",
-    b"DELETE ",
-    b"HEAD ",
-    b"OPTIONS ",
-    b"PATCH ",
-    b"CONNECT ",
-    b"TRACE ",
-];
+/// The longest request method taken for HTTP/1.x (`UPDATEREDIRECTREF` is 17).
+const MAX_METHOD: usize = 20;
 
 /// Room for the first read; more than any prefix detection needs.
 const FIRST_READ: usize = 2048;
@@ -46,9 +36,21 @@ pub fn classify(first: &[u8]) -> Option<Detected> {
         [0x16, 0x03, ..] => Some(Detected::Tls),
         _ if first.starts_with(H2_PREFACE) => Some(Detected::Http2),
         _ if H2_PREFACE.starts_with(first) => None,
-        _ if METHODS.iter().any(|m| first.starts_with(m)) => Some(Detected::Http1),
-        _ if METHODS.iter().any(|m| m.starts_with(first)) => None,
-        _ => Some(Detected::Opaque),
+        // A broken HTTP/2 preface is no HTTP/1.x request either.
+        _ if first.starts_with(b"PRI ") => Some(Detected::Opaque),
+        _ => method_shape(first),
+    }
+}
+
+/// HTTP/1.x by the shape of a request line's start: a method of upper-case letters (any
+/// method, WebDAV's too), then a space.
+fn method_shape(first: &[u8]) -> Option<Detected> {
+    let letters = first.iter().take_while(|b| b.is_ascii_uppercase()).count();
+    match first.get(letters) {
+        _ if letters > MAX_METHOD => Some(Detected::Opaque),
+        None => None,
+        Some(b' ') if letters > 0 => Some(Detected::Http1),
+        Some(_) => Some(Detected::Opaque),
     }
 }
 
@@ -122,7 +124,7 @@ mod tests {
 
     #[test]
     fn first_bytes_tell_the_protocol() {
-        let cases: [(&[u8], Option<Detected>); 14] = [
+        let cases: [(&[u8], Option<Detected>); 17] = [
             (b"", None),
             (b"G", None),
             (b"GET", None),
@@ -135,7 +137,10 @@ mod tests {
             (&[0x16], None),
             (&[0x16, 0x03, 0x01, 0x02, 0x00], Some(Detected::Tls)),
             (&[0x16, 0x42], Some(Detected::Opaque)),
-            (b"GETX / HTTP/1.1", Some(Detected::Opaque)),
+            (b"PROPFIND /dav HTTP/1.1", Some(Detected::Http1)),
+            (b"GETX / HTTP/1.1", Some(Detected::Http1)),
+            (b"GETting", Some(Detected::Opaque)),
+            (b" GET", Some(Detected::Opaque)),
             (b"\x00\x00\x00\x08\x04\xd2\x16\x2f", Some(Detected::Opaque)),
         ];
         for (bytes, expected) in cases {

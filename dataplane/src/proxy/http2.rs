@@ -3,10 +3,11 @@
 //! (h2c prior knowledge, or ALPN `h2` under mTLS).
 //!
 //! hyper runs both ends, over the owned-buffer streams ([`crate::io::hyper_io`]), so flow
-//! control, trailers (gRPC's status) and stream resets are its; this module routes, picks
-//! the upstream connection (one per endpoint per worker, shared by all streams), bounds the
-//! wait for the response head with the route's timeout, and answers failures itself with
-//! `x-tern-response-flag`, as HTTP/1.1 does.
+//! control, trailers (gRPC's status), stream resets and keep-alive pings are its; this module
+//! routes, picks the upstream connection (one per endpoint per worker, shared by all
+//! streams), bounds everything up to the response head with the route's timeout, sends a
+//! request the upstream refused unseen (GOAWAY) once more on a new connection, and answers
+//! failures itself with `x-tern-response-flag`, as HTTP/1.1 does.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -14,7 +15,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};
@@ -36,16 +37,19 @@ pub type Body = Either<Incoming, Full<Bytes>>;
 /// made wait for it rather than each opening their own.
 type Shared = Rc<tokio::sync::OnceCell<SendRequest<Incoming>>>;
 
+/// A pool entry's key: the cluster and the endpoint.
+type Key = (Arc<str>, SocketAddr);
+
 /// One worker's upstream HTTP/2 connections, by cluster and endpoint; each carries every
 /// stream to that endpoint.
 #[derive(Default)]
 pub struct Pool {
-    connections: RefCell<HashMap<(Arc<str>, SocketAddr), Shared>>,
+    connections: RefCell<HashMap<Key, Shared>>,
 }
 
 impl Pool {
     /// Forgets `key`'s connection if it is still `shared` (a newer one may have replaced it).
-    fn forget(&self, key: &(Arc<str>, SocketAddr), shared: &Shared) {
+    fn forget(&self, key: &Key, shared: &Shared) {
         let mut connections = self.connections.borrow_mut();
         if connections.get(key).is_some_and(|c| Rc::ptr_eq(c, shared)) {
             connections.remove(key);
@@ -60,8 +64,15 @@ impl Pool {
     }
 }
 
+/// How often an idle HTTP/2 connection (either end) is pinged, and how long the answer may
+/// take before the connection is dropped as dead.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves one HTTP/2 connection on `listener` until the client closes it or the worker
-/// drains (then in-flight streams finish and the client is told to go away).
+/// drains (then in-flight streams finish and the client is told to go away). Each request
+/// runs under the worker's current config (found by the listener's name), so a long-lived
+/// connection (gRPC's) follows route and endpoint changes.
 pub async fn serve<B: Backend>(
     worker: &Rc<Worker<B>>,
     view: &Rc<View>,
@@ -70,14 +81,25 @@ pub async fn serve<B: Backend>(
     peer: SocketAddr,
 ) {
     let service = {
-        let (worker, view) = (worker.clone(), view.clone());
+        let (worker, accepted) = (worker.clone(), view.clone());
+        let name = view.snapshot.listeners[listener].name.clone();
         hyper::service::service_fn(move |request: Request<Incoming>| {
-            let (worker, view) = (worker.clone(), view.clone());
+            let worker = worker.clone();
+            let current = worker.view();
+            let (view, listener) = match current.snapshot.listener_index(&name) {
+                Some(index) => (current, index),
+                None => (accepted.clone(), listener),
+            };
             async move { Ok::<_, Infallible>(forward(&worker, &view, listener, request).await) }
         })
     };
     let connection = hyper::server::conn::http2::Builder::new(LocalExec)
-        .max_header_list_size(view.snapshot.config.http.max_header_bytes as u32)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .max_header_list_size(
+            u32::try_from(view.snapshot.config.http.max_header_bytes).unwrap_or(u32::MAX),
+        )
         .serve_connection(HyperIo::new(down), service);
     let mut connection = std::pin::pin!(connection);
     let result = tokio::select! {
@@ -92,12 +114,14 @@ pub async fn serve<B: Backend>(
     }
 }
 
-/// Routes and forwards one request; answers it itself when that fails.
+/// Routes and forwards one request; answers it itself when that fails. The route's timeout
+/// bounds everything up to the response head: finding or making the upstream connection
+/// and the upstream's answer.
 async fn forward<B: Backend>(
     worker: &Rc<Worker<B>>,
     view: &View,
     listener: usize,
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
 ) -> Response<Body> {
     let started = Instant::now();
     let stats = &view.listeners[listener];
@@ -108,16 +132,13 @@ async fn forward<B: Backend>(
             return local(stats, started, 404, Flag::NoRoute);
         }
     };
+    if request.uri().authority().is_none() && !with_host_authority(&mut request) {
+        return local(stats, started, 400, Flag::DownstreamProtocolError);
+    }
     let host = request
         .uri()
         .authority()
         .map(|a| a.as_str().as_bytes())
-        .or_else(|| {
-            request
-                .headers()
-                .get(hyper::header::HOST)
-                .map(|h| h.as_bytes())
-        })
         .unwrap_or_default();
     let path = request
         .uri()
@@ -128,26 +149,71 @@ async fn forward<B: Backend>(
         return local(stats, started, 404, Flag::NoRoute);
     };
     let chosen = route.choose(view.roll());
-    let Some(mut sender) = upstream::<B>(worker, view, chosen.cluster).await else {
-        return local(stats, started, 503, Flag::UpstreamConnectFailure);
-    };
     let cluster = &view.clusters[chosen.cluster];
-    cluster.request();
-    match tokio::time::timeout(chosen.timeout, sender.send_request(request)).await {
-        Err(_) => {
-            cluster.timeout();
-            local(stats, started, 504, Flag::UpstreamTimeout)
+    let deadline = tokio::time::Instant::now() + chosen.timeout;
+    // A request the upstream never saw (its connection was closing: GOAWAY) goes once more,
+    // on a new connection.
+    for _ in 0..2 {
+        let upstream =
+            tokio::time::timeout_at(deadline, upstream::<B>(worker, view, chosen.cluster));
+        let (mut sender, key, shared) = match upstream.await {
+            Ok(Some(found)) => found,
+            Ok(None) => return local(stats, started, 503, Flag::UpstreamConnectFailure),
+            Err(_) => {
+                cluster.timeout();
+                return local(stats, started, 504, Flag::UpstreamTimeout);
+            }
+        };
+        cluster.request();
+        match tokio::time::timeout_at(deadline, sender.try_send_request(request)).await {
+            Err(_) => {
+                cluster.timeout();
+                return local(stats, started, 504, Flag::UpstreamTimeout);
+            }
+            Ok(Ok(response)) => {
+                let status = response.status().as_u16();
+                cluster.response(status);
+                stats.response(status, started.elapsed());
+                return response.map(Either::Left);
+            }
+            Ok(Err(mut failed)) => {
+                worker.h2.forget(&key, &shared);
+                tracing::debug!(cluster = %view.snapshot.clusters[chosen.cluster].name, error = %failed.error(), "HTTP/2 upstream failed");
+                match failed.take_message() {
+                    Some(unsent) => request = unsent,
+                    None => return local(stats, started, 502, Flag::UpstreamReset),
+                }
+            }
         }
-        Ok(Err(error)) => {
-            tracing::debug!(cluster = %view.snapshot.clusters[chosen.cluster].name, %error, "HTTP/2 upstream failed");
-            local(stats, started, 502, Flag::UpstreamReset)
+    }
+    local(stats, started, 502, Flag::UpstreamReset)
+}
+
+/// Gives a request that names its host only in `Host` (allowed in HTTP/2) the authority the
+/// upstream connection needs; false when there is none to give.
+fn with_host_authority(request: &mut Request<Incoming>) -> bool {
+    let Some(host) = request
+        .headers()
+        .get(hyper::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.parse::<hyper::http::uri::Authority>().ok())
+    else {
+        return false;
+    };
+    let mut parts = request.uri().clone().into_parts();
+    parts.authority = Some(host);
+    if parts.scheme.is_none() {
+        parts.scheme = Some(hyper::http::uri::Scheme::HTTP);
+    }
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(hyper::http::uri::PathAndQuery::from_static("/"));
+    }
+    match hyper::Uri::from_parts(parts) {
+        Ok(uri) => {
+            *request.uri_mut() = uri;
+            true
         }
-        Ok(Ok(response)) => {
-            let status = response.status().as_u16();
-            cluster.response(status);
-            stats.response(status, started.elapsed());
-            response.map(Either::Left)
-        }
+        Err(_) => false,
     }
 }
 
@@ -173,12 +239,13 @@ fn local(
     response
 }
 
-/// A ready connection to the next endpoint of `cluster`: the worker's, or a new one.
+/// A ready connection to the next endpoint of `cluster` (the worker's, or a new one), with
+/// its pool key and entry, to forget it by if it fails.
 async fn upstream<B: Backend>(
     worker: &Rc<Worker<B>>,
     view: &View,
     cluster: usize,
-) -> Option<SendRequest<Incoming>> {
+) -> Option<(SendRequest<Incoming>, Key, Shared)> {
     let plan = view.snapshot.clusters.get(cluster)?;
     for _ in 0..plan.endpoints.len().min(super::CONNECT_ATTEMPTS) {
         let addr = view.next_endpoint(cluster)?;
@@ -201,7 +268,7 @@ async fn upstream<B: Backend>(
                     if pooled {
                         view.clusters[cluster].reused();
                     }
-                    return Some(sender);
+                    return Some((sender, key, shared));
                 }
                 // It closed (the upstream went away or said GOAWAY): the next request makes
                 // a new one.
@@ -224,6 +291,10 @@ async fn connect<B: Backend>(
         .await
         .ok_or(())?;
     match hyper::client::conn::http2::Builder::new(LocalExec)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
         .handshake::<_, Incoming>(HyperIo::new(stream))
         .await
     {

@@ -821,6 +821,17 @@ impl Config {
             if interception.mark == Some(0) {
                 return fail("interception.mark".into(), "0 marks nothing");
             }
+            let ports = [interception.outbound_port, interception.inbound_port];
+            if let Some(i) = self
+                .listeners
+                .iter()
+                .position(|l| l.intercept.is_none() && ports.contains(&l.address.port()))
+            {
+                return fail(
+                    format!("listeners[{i}].address"),
+                    "the interception ports are the proxy's own",
+                );
+            }
         }
 
         if self.detect_timeout.is_zero() {

@@ -227,3 +227,57 @@ fn an_empty_cluster_is_allowed_and_discovery_needs_the_ca() {
     assert_eq!(field, "discovery");
     assert!(message.contains("identity.ca"), "{message}");
 }
+
+#[test]
+fn interception_and_claiming_listeners_are_checked() {
+    let intercepting = format!(
+        "{GOOD}  - {{ name: cart, endpoints: [127.0.0.1:9004] }}\ninterception: {{ inbound_tls: {{ mode: disable }} }}\n"
+    )
+    .replacen(
+        "listeners:\n",
+        "listeners:\n  - { name: out-cart, address: 198.19.0.10:80, protocol: detect, cluster: cart, intercept: outbound }\n",
+        1,
+    );
+    let config = Config::from_yaml(&intercepting, "good.yaml").unwrap();
+    assert_eq!(config.listeners[0].intercept, Some(Intercept::Outbound));
+    assert_eq!(config.detect_timeout, Duration::from_secs(1));
+    let cases = [
+        // Claiming needs the interception block.
+        (
+            intercepting.replace("interception: { inbound_tls: { mode: disable } }\n", ""),
+            "listeners[0].intercept",
+        ),
+        // A detect listener needs its opaque cluster.
+        (
+            intercepting.replace("protocol: detect, cluster: cart,", "protocol: detect,"),
+            "listeners[0].cluster",
+        ),
+        // The application's outbound connections are plaintext.
+        (
+            intercepting.replace("intercept: outbound", "intercept: outbound, tls: { mode: strict }"),
+            "listeners[0].tls",
+        ),
+        // Two listeners claiming one destination.
+        (
+            intercepting.replacen(
+                "listeners:\n",
+                "listeners:\n  - { name: again, address: 198.19.0.10:80, protocol: tcp, cluster: cart, intercept: outbound }\n",
+                1,
+            ),
+            "listeners[1].address",
+        ),
+        // A bound listener on an interception port would steal redirected connections.
+        (
+            intercepting.replace("127.0.0.1:5433", "127.0.0.1:15001"),
+            "listeners[2].address",
+        ),
+        // The interception sockets' names are the proxy's.
+        (
+            intercepting.replace("name: db", "name: intercept-db"),
+            "listeners[2].name",
+        ),
+    ];
+    for (yaml, field) in cases {
+        assert_eq!(invalid(&yaml).0, field, "{yaml}");
+    }
+}
