@@ -55,7 +55,11 @@ fn parse_and_route(c: &mut Criterion) {
         b.iter(|| {
             let head = parse_request(black_box(REQUEST), &limits).unwrap().unwrap();
             routes
-                .route(&REQUEST[head.host.clone()], &REQUEST[head.path.clone()])
+                .route(
+                    &REQUEST[head.host.clone()],
+                    &REQUEST[head.path.clone()],
+                    &dataplane::snapshot::RawHead(&REQUEST[..head.len]),
+                )
                 .unwrap()
                 .choose(7)
                 .cluster

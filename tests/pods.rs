@@ -57,13 +57,14 @@ spec:
   ports:
     - {{ name: echo, port: 9000 }}
     - {{ name: http, port: 80, targetPort: 8080 }}
+    - {{ name: grpc, port: 81, targetPort: 8080 }}
     - {{ name: banner, port: 3306 }}
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata: {{ name: b-v4, namespace: default, labels: {{ kubernetes.io/service-name: b }} }}
 addressType: IPv4
-ports: [{{ name: echo, port: 9000 }}, {{ name: http, port: 8080 }}, {{ name: banner, port: 3306 }}]
+ports: [{{ name: echo, port: 9000 }}, {{ name: http, port: 8080 }}, {{ name: grpc, port: 8080 }}, {{ name: banner, port: 3306 }}]
 endpoints:
   - {{ addresses: ["{b4}"], targetRef: {{ kind: Pod, name: b }} }}
 ---
@@ -71,7 +72,7 @@ apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata: {{ name: b-v6, namespace: default, labels: {{ kubernetes.io/service-name: b }} }}
 addressType: IPv6
-ports: [{{ name: echo, port: 9000 }}, {{ name: http, port: 8080 }}, {{ name: banner, port: 3306 }}]
+ports: [{{ name: echo, port: 9000 }}, {{ name: http, port: 8080 }}, {{ name: grpc, port: 8080 }}, {{ name: banner, port: 3306 }}]
 endpoints:
   - {{ addresses: ["{b6}"], targetRef: {{ kind: Pod, name: b }} }}
 ---
@@ -97,9 +98,19 @@ metadata: {{ name: b-to-c, namespace: default }}
 spec:
   parentRefs: [{{ kind: Service, group: "", name: b, port: 80 }}]
   rules:
-    - matches: [{{ path: {{ type: PathPrefix, value: /to-c }} }}]
+    - matches: [{{ path: {{ type: PathPrefix, value: /to-c }} }}, {{ headers: [{{ name: x-canary, value: "yes" }}] }}]
       backendRefs: [{{ name: c, port: 80 }}]
     - backendRefs: [{{ name: b, port: 80 }}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {{ name: b-grpc, namespace: default }}
+spec:
+  parentRefs: [{{ kind: Service, group: "", name: b, port: 81 }}]
+  rules:
+    - matches: [{{ method: {{ service: tern.Test }} }}]
+      backendRefs: [{{ name: c, port: 80 }}]
+    - backendRefs: [{{ name: b, port: 81 }}]
 "#,
         b4 = b.v4,
         b6 = b.v6,
@@ -285,6 +296,27 @@ fn intercepted_pods_talk_mtls_by_service_address() {
     assert_eq!(h2.get("b", "/to-c/y2").text(), "c /to-c/y2");
     let call = h2.send("POST", "b", "/grpc", bytes::Bytes::from_static(b"call"));
     assert_eq!(call.trailers.expect("trailers")["x-served-by"], "b");
+    // A header match of the same HTTPRoute.
+    let mut canary = tests::client::Conn::new(a.connect(b_http).unwrap());
+    canary.send(b"GET /x HTTP/1.1\r\nHost: b\r\nX-Canary: yes\r\nConnection: close\r\n\r\n");
+    assert_eq!(canary.response(false).text(), "c /x");
+    // gRPC calls routed by a GRPCRoute on the gRPC port: by service and method.
+    let b_grpc = socket(B_V4.parse::<std::net::IpAddr>().unwrap(), 81);
+    let grpc = tests::h2::H2::over(a.connect(b_grpc).unwrap());
+    let to_c = grpc.send(
+        "POST",
+        "b",
+        "/tern.Test/Call",
+        bytes::Bytes::from_static(b"m"),
+    );
+    assert_eq!(to_c.text(), "c /tern.Test/Call");
+    let to_b = grpc.send(
+        "POST",
+        "b",
+        "/other.Svc/Call",
+        bytes::Bytes::from_static(b"m"),
+    );
+    assert_eq!(to_b.text(), "b /other.Svc/Call");
 
     // A server-speaks-first protocol (port 3306 is opaque by default): the greeting comes
     // without the client saying anything, long before the 10 s detection timeout.

@@ -446,12 +446,19 @@ fn routes(
                 .as_ref()
                 .and_then(|t| t.request.as_deref())
                 .and_then(|t| humantime::parse_duration(t).ok());
-            let prefixes = rule.path_prefixes();
+            let matched = rule.matched();
             for host in &hosts {
-                for prefix in &prefixes {
+                for (prefix, headers) in &matched {
                     let mut plan = Route::to_cluster("");
                     plan.host = host.clone();
                     plan.path_prefix = prefix.clone();
+                    plan.headers = headers
+                        .iter()
+                        .map(|(name, value)| shared::config::HeaderMatch {
+                            name: name.clone(),
+                            value: value.clone(),
+                        })
+                        .collect();
                     plan.backends = backends.clone();
                     if let Some(timeout) = timeout {
                         plan.timeout = timeout;

@@ -181,10 +181,15 @@ enum HostMatch {
     Any,
 }
 
+/// A route's header matches: lower-case names and exact values.
+type HeaderMatches = Box<[(Box<str>, Box<[u8]>)]>;
+
 /// Where a matched request goes.
 #[derive(Debug)]
 pub struct RoutePlan {
     prefix: Box<str>,
+    /// Headers that must have these values: lower-case names.
+    headers: HeaderMatches,
     /// Indexes into [`Snapshot::clusters`], each with the running total of the weights up to
     /// and including it; zero-weight backends are left out.
     backends: Box<[(usize, u32)]>,
@@ -412,6 +417,16 @@ impl RouteTable {
             let host = HostMatch::parse(&route.host);
             let plan = RoutePlan {
                 prefix: route.path_prefix.as_str().into(),
+                headers: route
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.name.to_ascii_lowercase().into_boxed_str(),
+                            h.value.as_bytes().into(),
+                        )
+                    })
+                    .collect(),
                 backends,
                 timeout: route.timeout,
             };
@@ -424,8 +439,10 @@ impl RouteTable {
             }
         }
         for h in &mut hosts {
-            // Stable: among equal prefixes the first declared wins.
-            h.routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+            // Longest prefix, then most header matches (Gateway API's precedence); stable, so
+            // among equals the first declared wins.
+            h.routes
+                .sort_by_key(|r| std::cmp::Reverse((r.prefix.len(), r.headers.len())));
         }
         hosts.sort_by_key(|h| match &h.host {
             HostMatch::Exact(_) => (0, 0),
@@ -436,14 +453,61 @@ impl RouteTable {
     }
 
     /// Picks the route for a request: the most specific matching host (exact, then the
-    /// longest wildcard suffix, then `*`) that has a matching path prefix, and within it the
-    /// longest prefix. `host` may carry a port; `path` may carry a query.
-    pub fn route(&self, host: &[u8], path: &[u8]) -> Option<&RoutePlan> {
+    /// longest wildcard suffix, then `*`) that has a matching route, and within it the
+    /// longest prefix, then the most header matches. `host` may carry a port; `path` may
+    /// carry a query; `headers` is asked only about routes that match on headers.
+    pub fn route(
+        &self,
+        host: &[u8],
+        path: &[u8],
+        headers: &impl RequestHeaders,
+    ) -> Option<&RoutePlan> {
         let host = strip_port(host);
         self.hosts
             .iter()
             .filter(|h| h.host.matches(host))
-            .find_map(|h| h.routes.iter().find(|r| prefix_matches(&r.prefix, path)))
+            .find_map(|h| {
+                h.routes.iter().find(|r| {
+                    prefix_matches(&r.prefix, path)
+                        && r.headers
+                            .iter()
+                            .all(|(name, value)| headers.header(name) == Some(&**value))
+                })
+            })
+    }
+}
+
+/// A request's headers, as routing asks for them.
+pub trait RequestHeaders {
+    /// The value of the header `name` (lower case), if the request has it.
+    fn header(&self, name: &str) -> Option<&[u8]>;
+}
+
+/// No headers (a request routed by host and path alone).
+impl RequestHeaders for () {
+    fn header(&self, _: &str) -> Option<&[u8]> {
+        None
+    }
+}
+
+impl RequestHeaders for hyper::HeaderMap {
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.get(name).map(|v| v.as_bytes())
+    }
+}
+
+/// The header lines of an HTTP/1.1 request head, as received.
+pub struct RawHead<'a>(pub &'a [u8]);
+
+impl RequestHeaders for RawHead<'_> {
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        // The head was parsed already: lines end in \n (\r\n), fields are `name: value`.
+        self.0.split(|&b| b == b'\n').skip(1).find_map(|line| {
+            let colon = line.iter().position(|&b| b == b':')?;
+            line[..colon]
+                .eq_ignore_ascii_case(name.as_bytes())
+                .then(|| line[colon + 1..].trim_ascii())
+        })
     }
 }
 
@@ -521,7 +585,7 @@ clusters:
             panic!("not http")
         };
         table
-            .route(host.as_bytes(), path.as_bytes())
+            .route(host.as_bytes(), path.as_bytes(), &())
             .map(|r| s.clusters[r.choose(0).cluster].name.to_string())
     }
 
@@ -544,7 +608,7 @@ clusters:
         let ListenerKind::Http(table) = &s.listeners[0].kind else {
             panic!("not http")
         };
-        let route = table.route(b"x", b"/").unwrap();
+        let route = table.route(b"x", b"/", &()).unwrap();
         // Evenly spread rolls: exactly the weights' shares.
         let mut counts = [0usize; 3];
         for i in 0..4096u32 {
@@ -577,6 +641,58 @@ clusters:
                 "{host}{path}"
             );
         }
+    }
+
+    #[test]
+    fn header_matches_narrow_a_route_and_the_most_specific_wins() {
+        let s = snapshot(
+            r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    protocol: http
+    routes:
+      - { path_prefix: /api, cluster: stable }
+      - { path_prefix: /api, headers: [{ name: X-Canary, value: "yes" }], cluster: canary }
+      - path_prefix: /api
+        headers: [{ name: x-canary, value: "yes" }, { name: x-user, value: ops }]
+        cluster: ops
+clusters:
+  - { name: stable, endpoints: [127.0.0.1:1] }
+  - { name: canary, endpoints: [127.0.0.1:2] }
+  - { name: ops, endpoints: [127.0.0.1:3] }
+"#,
+        );
+        let ListenerKind::Http(table) = &s.listeners[0].kind else {
+            panic!("not http")
+        };
+        let to = |head: &str| {
+            let head = head.replace('\n', "\r\n");
+            table
+                .route(b"x", b"/api/v1", &RawHead(head.as_bytes()))
+                .map(|r| s.clusters[r.choose(0).cluster].name.to_string())
+        };
+        assert_eq!(
+            to("GET /api/v1 HTTP/1.1\nHost: x\n\n").as_deref(),
+            Some("stable")
+        );
+        assert_eq!(
+            to("GET /api/v1 HTTP/1.1\nHost: x\nx-canary:  yes \n\n").as_deref(),
+            Some("canary")
+        );
+        assert_eq!(
+            to("GET /api/v1 HTTP/1.1\nX-User: ops\nX-CANARY: yes\n\n").as_deref(),
+            Some("ops")
+        );
+        assert_eq!(
+            to("GET /api/v1 HTTP/1.1\nx-canary: YES\n\n").as_deref(),
+            Some("stable"),
+            "values match exactly"
+        );
+        let mut map = hyper::HeaderMap::new();
+        map.insert("x-canary", "yes".parse().unwrap());
+        let route = table.route(b"x", b"/api", &map).unwrap();
+        assert_eq!(&*s.clusters[route.choose(0).cluster].name, "canary");
     }
 
     #[test]

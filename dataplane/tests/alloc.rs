@@ -37,7 +37,11 @@ fn parse_and_route_do_not_allocate() {
         for request in requests {
             let head = parse_request(request, &limits).unwrap().unwrap();
             routed += routes
-                .route(&request[head.host.clone()], &request[head.path.clone()])
+                .route(
+                    &request[head.host.clone()],
+                    &request[head.path.clone()],
+                    &dataplane::snapshot::RawHead(&request[..head.len]),
+                )
                 .map_or(0, |r| r.choose(7).cluster + 1);
         }
         let mut decoder = ChunkedDecoder::default();

@@ -95,15 +95,32 @@ pub struct Match {
     /// The path.
     #[serde(default)]
     pub path: Option<PathMatch>,
-    /// Not supported yet.
+    /// Headers the request must carry (all of them).
     #[serde(default)]
-    pub headers: Option<Vec<serde_json::Value>>,
+    pub headers: Option<Vec<HeaderMatch>>,
     /// Not supported yet.
     #[serde(default)]
     pub query_params: Option<Vec<serde_json::Value>>,
     /// Not supported yet.
     #[serde(default)]
     pub method: Option<String>,
+}
+
+/// A header match.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderMatch {
+    /// `Exact` (the default); `RegularExpression` is not supported yet.
+    #[serde(default = "default_exact", rename = "type")]
+    pub kind: String,
+    /// The header's name (case-insensitive).
+    pub name: String,
+    /// The value it must have.
+    pub value: String,
+}
+
+fn default_exact() -> String {
+    "Exact".to_owned()
 }
 
 /// A path match.
@@ -179,14 +196,26 @@ impl HttpRouteSpec {
 }
 
 impl Rule {
-    /// The path prefixes this rule matches: `/` when it has no matches or a match has no path.
-    pub fn path_prefixes(&self) -> Vec<String> {
+    /// What this rule matches, one entry per match: the path prefix (`/` when a match has
+    /// no path) and the headers, name (lower case) and value, sorted; every request when it
+    /// has no matches.
+    pub fn matched(&self) -> Vec<(String, Vec<(String, String)>)> {
         if self.matches.is_empty() {
-            return vec!["/".to_owned()];
+            return vec![("/".to_owned(), Vec::new())];
         }
         self.matches
             .iter()
-            .map(|m| m.path.as_ref().map_or("/".to_owned(), |p| p.value.clone()))
+            .map(|m| {
+                let prefix = m.path.as_ref().map_or("/".to_owned(), |p| p.value.clone());
+                let mut headers: Vec<(String, String)> = m
+                    .headers
+                    .iter()
+                    .flatten()
+                    .map(|h| (h.name.to_ascii_lowercase(), h.value.clone()))
+                    .collect();
+                headers.sort();
+                (prefix, headers)
+            })
             .collect()
     }
 }
@@ -258,9 +287,9 @@ pub struct GrpcMatch {
     /// The gRPC service and method.
     #[serde(default)]
     pub method: Option<MethodMatch>,
-    /// Not supported yet.
+    /// Headers (metadata) the call must carry (all of them).
     #[serde(default)]
-    pub headers: Option<Vec<serde_json::Value>>,
+    pub headers: Option<Vec<HeaderMatch>>,
 }
 
 /// A gRPC method match.

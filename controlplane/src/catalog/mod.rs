@@ -569,8 +569,21 @@ impl Catalog {
             }
             for (j, m) in rule.matches.iter().enumerate() {
                 let at = |f: &str| format!("spec.rules[{i}].matches[{j}].{f}");
-                if m.headers.as_ref().is_some_and(|h| !h.is_empty()) {
-                    return fail(at("headers"), "header matches are not supported yet");
+                for (k, header) in m.headers.iter().flatten().enumerate() {
+                    let at = |f: &str| format!("spec.rules[{i}].matches[{j}].headers[{k}].{f}");
+                    if header.kind != "Exact" {
+                        return fail(
+                            at("type"),
+                            format!("`{}` is not supported yet; use Exact", header.kind),
+                        );
+                    }
+                    let plan = shared::config::HeaderMatch {
+                        name: header.name.clone(),
+                        value: header.value.clone(),
+                    };
+                    if let Err(why) = shared::config::check_header_match(&plan) {
+                        return fail(at("name"), why);
+                    }
                 }
                 if m.query_params.as_ref().is_some_and(|q| !q.is_empty()) {
                     return fail(
@@ -759,6 +772,8 @@ struct Claim {
     port: u16,
     host: String,
     prefix: String,
+    /// Header matches, lower-case names, sorted.
+    headers: Vec<(String, String)>,
 }
 
 impl Claim {
@@ -767,6 +782,7 @@ impl Claim {
             && (self.port == other.port || self.port == 0 || other.port == 0)
             && self.host == other.host
             && self.prefix == other.prefix
+            && self.headers == other.headers
     }
 
     fn describe(&self) -> String {
@@ -775,8 +791,13 @@ impl Claim {
         } else {
             format!(":{}", self.port)
         };
+        let headers: String = self
+            .headers
+            .iter()
+            .map(|(name, value)| format!(" with {name}: {value}"))
+            .collect();
         format!(
-            "{}{} for Service {}/{}{port}",
+            "{}{}{headers} for Service {}/{}{port}",
             self.host, self.prefix, self.service.0, self.service.1
         )
     }
@@ -793,7 +814,7 @@ fn route_claims(route: &HttpRoute, namespace: &str) -> Vec<(usize, Claim)> {
         );
         for (i, rule) in route.spec.rules.iter().enumerate() {
             for host in &hosts {
-                for prefix in rule.path_prefixes() {
+                for (prefix, headers) in rule.matched() {
                     claims.push((
                         i,
                         Claim {
@@ -801,6 +822,7 @@ fn route_claims(route: &HttpRoute, namespace: &str) -> Vec<(usize, Claim)> {
                             port: parent.port.unwrap_or(0),
                             host: host.clone(),
                             prefix,
+                            headers,
                         },
                     ));
                 }

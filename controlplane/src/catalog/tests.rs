@@ -150,8 +150,12 @@ fn objects_are_checked_against_each_other_and_refusals_name_the_field() {
             "spec.rules[0].matches[0].path.type: RegularExpression is not supported",
         ),
         (
-            route("r", "  rules: [{ matches: [{ headers: [{ name: x, value: y }] }], backendRefs: [{ name: cart, port: 80 }] }]\n"),
-            "spec.rules[0].matches[0].headers: header matches are not supported yet",
+            route("r", "  rules: [{ matches: [{ headers: [{ type: RegularExpression, name: x, value: \"y.*\" }] }], backendRefs: [{ name: cart, port: 80 }] }]\n"),
+            "spec.rules[0].matches[0].headers[0].type: `RegularExpression` is not supported yet",
+        ),
+        (
+            route("r", "  rules: [{ matches: [{ headers: [{ name: \"bad name\", value: y }] }], backendRefs: [{ name: cart, port: 80 }] }]\n"),
+            "spec.rules[0].matches[0].headers[0].name: the name must be an HTTP header name",
         ),
         (
             route("r", "  rules: [{ timeouts: { request: soon }, backendRefs: [{ name: cart, port: 80 }] }]\n"),
@@ -764,6 +768,55 @@ spec:
     let catalog = build(&[("grpc.yaml", &method_only)]);
     assert!(
         problem(&catalog).contains("needs its service"),
+        "{}",
+        problem(&catalog)
+    );
+}
+
+#[test]
+fn header_matches_narrow_routes_and_count_in_conflicts() {
+    let canary = route(
+        "canary",
+        "  rules:\n    - matches: [{ path: { value: / }, headers: [{ name: X-Canary, value: \"yes\" }] }]\n      backendRefs: [{ name: cart-v2, port: 80 }]\n    - backendRefs: [{ name: cart, port: 80 }]\n",
+    );
+    let catalog = build(&[("base.yaml", BASE), ("route.yaml", &canary)]);
+    assert!(catalog.problems.is_empty(), "{:#?}", catalog.problems);
+    let web = translate(&catalog, &request("web-0", "web", &[("cart.shop", 80)]));
+    let routes = &web.config.listeners[0].routes;
+    assert_eq!(routes.len(), 2);
+    assert_eq!(
+        routes[0].headers,
+        [shared::config::HeaderMatch {
+            name: "x-canary".into(),
+            value: "yes".into()
+        }]
+    );
+    assert_eq!(routes[0].backends[0].cluster, "outbound:cart-v2.shop:80");
+    assert!(routes[1].headers.is_empty());
+
+    // Another route on the same path with other headers does not conflict; the same
+    // headers do.
+    let other = route(
+        "other",
+        "  rules:\n    - matches: [{ headers: [{ name: x-user, value: ops }] }]\n      backendRefs: [{ name: cart, port: 80 }]\n",
+    );
+    let catalog = build(&[
+        ("base.yaml", BASE),
+        ("route.yaml", &canary),
+        ("other.yaml", &other),
+    ]);
+    assert!(catalog.problems.is_empty(), "{:#?}", catalog.problems);
+    let same = route(
+        "same",
+        "  rules:\n    - matches: [{ headers: [{ name: x-canary, value: \"yes\" }] }]\n      backendRefs: [{ name: cart, port: 80 }]\n",
+    );
+    let catalog = build(&[
+        ("base.yaml", BASE),
+        ("route.yaml", &canary),
+        ("same.yaml", &same),
+    ]);
+    assert!(
+        problem(&catalog).contains("x-canary: yes"),
         "{}",
         problem(&catalog)
     );

@@ -145,7 +145,7 @@ async fn forward<B: Backend>(
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .as_bytes();
-    let Some(route) = routes.route(host, path) else {
+    let Some(route) = routes.route(host, path, request.headers()) else {
         return local(stats, started, 404, Flag::NoRoute);
     };
     let chosen = route.choose(view.roll());

@@ -333,10 +333,23 @@ pub struct Route {
     /// Matches whole path segments, as Gateway API's `PathPrefix` does: `/api` matches `/api`
     /// and `/api/v1`, not `/apix`. The default `/` matches everything.
     pub path_prefix: String,
+    /// Headers the request must carry, each with exactly this value (names are
+    /// case-insensitive); all of them must match.
+    pub headers: Vec<HeaderMatch>,
     /// Where requests go: each request picks one backend, with probability weight / total.
     pub backends: Vec<Backend>,
     /// How long to wait for the upstream's response head; past it the proxy answers 504.
     pub timeout: Duration,
+}
+
+/// A request header and the value it must have.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMatch {
+    /// The header's name (case-insensitive).
+    pub name: String,
+    /// Its exact value.
+    pub value: String,
 }
 
 /// A cluster and its share of a route's requests.
@@ -358,6 +371,8 @@ struct RouteFields {
     host: String,
     #[serde(default = "default_path_prefix")]
     path_prefix: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    headers: Vec<HeaderMatch>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     cluster: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -380,6 +395,7 @@ impl TryFrom<RouteFields> for Route {
         Ok(Route {
             host: fields.host,
             path_prefix: fields.path_prefix,
+            headers: fields.headers,
             backends,
             timeout: fields.timeout,
         })
@@ -400,6 +416,7 @@ impl From<Route> for RouteFields {
         RouteFields {
             host: route.host,
             path_prefix: route.path_prefix,
+            headers: route.headers,
             cluster,
             backends,
             timeout: route.timeout,
@@ -437,6 +454,7 @@ impl Route {
         Route {
             host: default_host(),
             path_prefix: default_path_prefix(),
+            headers: Vec::new(),
             backends: vec![Backend {
                 cluster: cluster.to_owned(),
                 weight: 1,
@@ -759,6 +777,11 @@ impl Config {
                         if route.timeout.is_zero() {
                             return fail(at("timeout"), "must be greater than zero");
                         }
+                        for (k, header) in route.headers.iter().enumerate() {
+                            if let Err(why) = check_header_match(header) {
+                                return fail(at(&format!("headers[{k}]")), why);
+                            }
+                        }
                     }
                 }
             }
@@ -882,6 +905,22 @@ pub fn service_name(service: &str) -> Option<(&str, &str)> {
     let (name, namespace) = service.split_once('.')?;
     (!name.is_empty() && !namespace.is_empty() && !namespace.contains('.'))
         .then_some((name, namespace))
+}
+
+/// Checks a header match: a header name (an HTTP token) and a value without line breaks.
+pub fn check_header_match(header: &HeaderMatch) -> Result<(), &'static str> {
+    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if header.name.is_empty() || !header.name.bytes().all(token) {
+        return Err("the name must be an HTTP header name");
+    }
+    if header
+        .value
+        .bytes()
+        .any(|b| b == b'\r' || b == b'\n' || b == 0)
+    {
+        return Err("the value must not hold line breaks or NUL");
+    }
+    Ok(())
 }
 
 /// Checks a route host pattern: a DNS name, `*.` followed by one, or `*`.

@@ -112,6 +112,14 @@ fn encode_listener(l: &Listener) -> pb::Listener {
                     })
                     .collect(),
                 timeout_ms: millis(r.timeout),
+                headers: r
+                    .headers
+                    .iter()
+                    .map(|h| pb::HeaderMatch {
+                        name: h.name.clone(),
+                        value: h.value.clone(),
+                    })
+                    .collect(),
             })
             .collect(),
         tls: l.tls.as_ref().map(|t| pb::ListenerTls {
@@ -210,6 +218,14 @@ fn decode_listener(i: usize, l: pb::Listener) -> Result<Listener, WireError> {
         .map(|r| Route {
             host: r.host,
             path_prefix: r.path_prefix,
+            headers: r
+                .headers
+                .into_iter()
+                .map(|h| crate::config::HeaderMatch {
+                    name: h.name,
+                    value: h.value,
+                })
+                .collect(),
             backends: r
                 .backends
                 .into_iter()
@@ -324,6 +340,7 @@ listeners:
     protocol: http
     routes:
       - path_prefix: /v2
+        headers: [{ name: x-canary, value: "yes" }]
         backends: [{ cluster: cart-v2, weight: 9 }, { cluster: cart, weight: 1 }]
         timeout: 750ms
       - cluster: cart

@@ -99,6 +99,7 @@ pub async fn serve<B: Backend>(
         let route = routes.route(
             &conn.inbuf[head.host.clone()],
             &conn.inbuf[head.path.clone()],
+            &crate::snapshot::RawHead(&conn.inbuf[..head.len]),
         );
         let next = match route {
             Some(route) => {
