@@ -47,6 +47,17 @@ enum Command {
     /// network namespace's TCP through the proxy; run it in the pod's namespace, as istio-init
     /// does.
     Init(InitArgs),
+    /// Waits until the proxy at --admin is ready (certificate held, config applied) and
+    /// exits 0, or exits 1 after --timeout: a Kubernetes postStart hook on the sidecar holds
+    /// the application's containers until then, as Istio's holdApplicationUntilProxyStarts.
+    WaitReady {
+        /// The proxy's admin server.
+        #[arg(long, env = "TERN_ADMIN", default_value = "127.0.0.1:15000")]
+        admin: std::net::SocketAddr,
+        /// How long to wait.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
 }
 
 #[derive(Debug, ClapArgs)]
@@ -137,6 +148,41 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Polls `GET /ready` on the admin server until it answers 200, for up to `timeout`.
+fn wait_ready(admin: std::net::SocketAddr, timeout: std::time::Duration) -> anyhow::Result<()> {
+    use std::io::{Read as _, Write as _};
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let answer = (|| -> std::io::Result<String> {
+            let mut stream =
+                std::net::TcpStream::connect_timeout(&admin, std::time::Duration::from_secs(1))?;
+            stream.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+            stream.write_all(b"GET /ready HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")?;
+            let mut text = String::new();
+            stream.read_to_string(&mut text)?;
+            Ok(text)
+        })();
+        let last = match answer {
+            Ok(text) if text.starts_with("HTTP/1.1 200") => {
+                tracing::info!(%admin, "the proxy is ready");
+                return Ok(());
+            }
+            Ok(text) => text
+                .split("\r\n\r\n")
+                .nth(1)
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
+            Err(error) => error.to_string(),
+        };
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the proxy at {admin} was not ready within {timeout:?}: {last}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
@@ -146,8 +192,10 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
 
-    if let Some(Command::Init(init_args)) = args.command {
-        return init(init_args);
+    match args.command {
+        Some(Command::Init(init_args)) => return init(init_args),
+        Some(Command::WaitReady { admin, timeout }) => return wait_ready(admin, timeout),
+        None => {}
     }
     let config_path = args
         .config

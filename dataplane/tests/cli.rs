@@ -302,3 +302,60 @@ fn the_example_config_is_valid() {
     let config = shared::Config::from_file(&path).unwrap();
     assert_eq!(config.listeners.len(), 2);
 }
+
+#[test]
+fn wait_ready_holds_until_the_proxy_is_ready_and_gives_up_after_its_timeout() {
+    // Nothing listens: it gives up, says why, and exits non-zero.
+    let nobody = free_port();
+    let output = Command::new(env!("CARGO_BIN_EXE_tern-proxy"))
+        .args([
+            "wait-ready",
+            "--admin",
+            &nobody.to_string(),
+            "--timeout",
+            "300ms",
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("was not ready within"),
+        "{output:?}"
+    );
+
+    // Started while the proxy is still coming up, it returns once the proxy is ready.
+    let dir = std::env::temp_dir().join(format!("tern-wait-ready-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("proxy.yaml");
+    let app = upstream("app");
+    write_config(&config, free_port(), "a", app, app);
+    let admin = free_port();
+    let waiter = Command::new(env!("CARGO_BIN_EXE_tern-proxy"))
+        .args([
+            "wait-ready",
+            "--admin",
+            &admin.to_string(),
+            "--timeout",
+            "30s",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut proxy = Command::new(env!("CARGO_BIN_EXE_tern-proxy"))
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "--admin",
+            &admin.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let waited = waiter.wait_with_output().unwrap();
+    assert!(waited.status.success(), "{waited:?}");
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
