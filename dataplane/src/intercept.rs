@@ -369,32 +369,27 @@ fn run(program: &str, args: &[&str]) -> Result<(), InterceptError> {
         .args(args)
         .output()
         .map_err(|e| InterceptError::Spawn(program.to_owned(), e))?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(InterceptError::Refused(
-            program.to_owned(),
-            String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-        ))
-    }
+    succeeded(program, &output)
 }
 
 fn run_with_input(program: &str, args: &[&str], input: &str) -> Result<(), InterceptError> {
+    let spawn_error = |e| InterceptError::Spawn(program.to_owned(), e);
     let mut child = Command::new(program)
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| InterceptError::Spawn(program.to_owned(), e))?;
+        .map_err(spawn_error)?;
     if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(input.as_bytes())
-            .map_err(|e| InterceptError::Spawn(program.to_owned(), e))?;
+        stdin.write_all(input.as_bytes()).map_err(spawn_error)?;
     }
-    let output = child
-        .wait_with_output()
-        .map_err(|e| InterceptError::Spawn(program.to_owned(), e))?;
+    let output = child.wait_with_output().map_err(spawn_error)?;
+    succeeded(program, &output)
+}
+
+/// The tool's exit, as a result carrying what it said on failure.
+fn succeeded(program: &str, output: &std::process::Output) -> Result<(), InterceptError> {
     if output.status.success() {
         Ok(())
     } else {

@@ -94,6 +94,29 @@ fn connects(to: &str) -> bool {
     TcpStream::connect_timeout(&to.parse().unwrap(), Duration::from_millis(300)).is_ok()
 }
 
+/// Inside a namespace with the rules (port 5432 excluded): any destination lands on the
+/// outbound port with its original destination readable; the excluded port and the
+/// proxy's own traffic (UID 1337) go out untouched (and, here, nowhere). Returns the
+/// outbound port's listener.
+fn assert_intercepts_all_but_the_excluded() -> TcpListener {
+    let outbound = TcpListener::bind("0.0.0.0:15001").unwrap();
+    assert!(connects("10.9.9.9:80"));
+    let (accepted, _) = outbound.accept().unwrap();
+    let original = rustix::net::sockopt::ip_original_dst(&accepted).unwrap();
+    assert_eq!(SocketAddr::V4(original), "10.9.9.9:80".parse().unwrap());
+    assert!(!connects("10.9.9.9:5432"));
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            rustix::thread::set_thread_uid(rustix::process::Uid::from_raw(1337)).unwrap();
+            assert!(
+                !connects("10.9.9.9:80"),
+                "the proxy's own connection was intercepted"
+            );
+        });
+    });
+    outbound
+}
+
 #[test]
 fn dry_run_prints_the_rules_without_applying_them() {
     let output = Command::new(BIN)
@@ -151,26 +174,7 @@ fn init_intercepts_outbound_tcp_idempotently_and_uninstall_removes_it() {
     );
 
     ns.within(|| {
-        let outbound = TcpListener::bind("0.0.0.0:15001").unwrap();
-        // Any destination lands on the outbound port, and the proxy can tell where it was
-        // going.
-        assert!(connects("10.9.9.9:80"));
-        let (accepted, _) = outbound.accept().unwrap();
-        let original = rustix::net::sockopt::ip_original_dst(&accepted).unwrap();
-        assert_eq!(SocketAddr::V4(original), "10.9.9.9:80".parse().unwrap());
-
-        // An excluded port, and the proxy's own traffic (UID 1337), go out untouched (and,
-        // here, nowhere).
-        assert!(!connects("10.9.9.9:5432"));
-        std::thread::scope(|scope| {
-            scope.spawn(|| {
-                rustix::thread::set_thread_uid(rustix::process::Uid::from_raw(1337)).unwrap();
-                assert!(
-                    !connects("10.9.9.9:80"),
-                    "the proxy's own connection was intercepted"
-                );
-            });
-        });
+        let outbound = assert_intercepts_all_but_the_excluded();
         // Loopback is not intercepted.
         let local = TcpListener::bind("127.0.0.1:0").unwrap();
         assert!(connects(&local.local_addr().unwrap().to_string()));
@@ -232,23 +236,7 @@ fn init_with_iptables_intercepts_the_same_way_and_uninstalls() {
     let listed6 = String::from_utf8(ns.exec(&["ip6tables", "-t", "nat", "-S"]).stdout).unwrap();
     assert!(listed6.contains("TERN_INBOUND"), "{listed6}");
 
-    ns.within(|| {
-        let outbound = TcpListener::bind("0.0.0.0:15001").unwrap();
-        assert!(connects("10.9.9.9:80"));
-        let (accepted, _) = outbound.accept().unwrap();
-        let original = rustix::net::sockopt::ip_original_dst(&accepted).unwrap();
-        assert_eq!(SocketAddr::V4(original), "10.9.9.9:80".parse().unwrap());
-        assert!(!connects("10.9.9.9:5432"));
-        std::thread::scope(|scope| {
-            scope.spawn(|| {
-                rustix::thread::set_thread_uid(rustix::process::Uid::from_raw(1337)).unwrap();
-                assert!(
-                    !connects("10.9.9.9:80"),
-                    "the proxy's own connection was intercepted"
-                );
-            });
-        });
-    });
+    ns.within(|| drop(assert_intercepts_all_but_the_excluded()));
 
     let uninstall = ns.exec(&[BIN, "init", "--firewall", "iptables", "--uninstall"]);
     assert!(uninstall.status.success(), "{uninstall:?}");

@@ -123,7 +123,16 @@ async fn handle(
         Response::new(FrameList(frames.into_iter()).boxed())
     } else if path == "/chunked" {
         let frames: Vec<Bytes> = (0..5).map(|i| Bytes::from(format!("part{i};"))).collect();
-        Response::new(Frames(frames.into_iter()).boxed())
+        Response::new(
+            FrameList(
+                frames
+                    .into_iter()
+                    .map(Frame::data)
+                    .collect::<Vec<_>>()
+                    .into_iter(),
+            )
+            .boxed(),
+        )
     } else if path == "/hang" {
         std::future::pending::<()>().await;
         unreachable!()
@@ -159,21 +168,7 @@ async fn handle(
     Ok(response)
 }
 
-/// A body sent as separate frames with no length, so hyper chunks it.
-struct Frames(std::vec::IntoIter<Bytes>);
-
-impl hyper::body::Body for Frames {
-    type Data = Bytes;
-    type Error = Infallible;
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        std::task::Poll::Ready(self.0.next().map(|b| Ok(Frame::data(b))))
-    }
-}
-
-/// A body of ready frames (data, then trailers).
+/// A body of ready frames (data, then trailers), with no length, so hyper chunks it.
 struct FrameList(std::vec::IntoIter<Frame<Bytes>>);
 
 impl hyper::body::Body for FrameList {

@@ -298,6 +298,19 @@ spec:
     );
 }
 
+/// A translated config validates as the proxy will check it (given an identity of its own).
+fn assert_validates(config: &shared::Config) {
+    let mut full = config.clone();
+    full.identity = Some(shared::config::IdentitySource::Files(
+        shared::config::IdentityFiles {
+            cert: "c".into(),
+            key: "k".into(),
+            trust_bundle: "b".into(),
+        },
+    ));
+    full.validate().expect("a translated config validates");
+}
+
 fn request(pod: &str, account: &str, outbound: &[(&str, u16)]) -> ProxyRequest {
     ProxyRequest {
         identity: format!("spiffe://{TRUST_DOMAIN}/ns/shop/sa/{account}")
@@ -382,15 +395,7 @@ fn a_proxy_gets_its_inbound_ports_and_only_the_destinations_it_asked_for() {
     assert_eq!(db.endpoints, ["10.0.0.5:5432".parse().unwrap()]);
     assert!(db.tls.is_none());
     assert_eq!(web.config.listeners[1].protocol, Protocol::Tcp);
-    let mut full = web.config.clone();
-    full.identity = Some(shared::config::IdentitySource::Files(
-        shared::config::IdentityFiles {
-            cert: "c".into(),
-            key: "k".into(),
-            trust_bundle: "b".into(),
-        },
-    ));
-    full.validate().expect("a translated config validates");
+    assert_validates(&web.config);
 
     // A proxy that is not the Pod's service account gets no inbound listeners.
     let impostor = translate(&catalog, &request("cart-0", "web", &[]));
@@ -662,15 +667,7 @@ fn an_intercepted_pod_claims_its_app_ports_and_every_service_address() {
         "spiffe://mesh.test/ns/shop/sa/api"
     );
     // What it gets validates as the proxy will check it (with its own interception block).
-    let mut full = client.config.clone();
-    full.identity = Some(shared::config::IdentitySource::Files(
-        shared::config::IdentityFiles {
-            cert: "c".into(),
-            key: "k".into(),
-            trust_bundle: "b".into(),
-        },
-    ));
-    full.validate().expect("a translated config validates");
+    assert_validates(&client.config);
 }
 
 #[test]

@@ -546,7 +546,7 @@ impl Mesh {
 
         std::fs::write(
             self.out.join("manifests/mesh.yaml"),
-            pod_manifests(client_ip, server_ip),
+            manifests(client_ip, server_ip, true),
         )
         .context("writing the manifests")?;
         let control = SocketAddr::new(NODE.into(), 15012);
@@ -604,7 +604,7 @@ impl Mesh {
         );
         std::fs::write(
             self.out.join("manifests/mesh.yaml"),
-            loopback_manifests(server_ip),
+            manifests(Ipv4Addr::new(127, 0, 20, 2), server_ip, false),
         )
         .context("writing the manifests")?;
         let control: SocketAddr = "127.0.20.100:15012".parse()?;
@@ -857,9 +857,27 @@ fn parse_report(text: &str) -> anyhow::Result<Measured> {
     })
 }
 
-fn pod_manifests(client: Ipv4Addr, server: Ipv4Addr) -> String {
+/// The demo's manifests: the server's Service and EndpointSlice, and both Pods. In pods the
+/// Service has a cluster IP and the Pods are intercepted; on loopback the server's sidecar
+/// takes mTLS on an explicit port.
+fn manifests(client: Ipv4Addr, server: Ipv4Addr, pods: bool) -> String {
+    let (mode, cluster_ip, server_sidecar, client_sidecar) = if pods {
+        (
+            "pods",
+            format!("  clusterIP: \"{SERVICE_IP}\"\n"),
+            "tern.dev/interception: enabled".to_owned(),
+            "tern.dev/interception: enabled",
+        )
+    } else {
+        (
+            "loopback: explicit sidecar ports",
+            String::new(),
+            format!("tern.dev/inbound-ports: \"{APP_PORT}=15080\""),
+            "tern.dev/interception: disabled",
+        )
+    };
     format!(
-        r#"# Written by `ternctl demo` (pods).
+        r#"# Written by `ternctl demo` ({mode}).
 apiVersion: tern.dev/v1alpha1
 kind: Mesh
 metadata: {{ name: default }}
@@ -870,8 +888,7 @@ kind: Service
 metadata: {{ name: server, namespace: {NAMESPACE} }}
 spec:
   selector: {{ app: server }}
-  clusterIP: "{SERVICE_IP}"
-  ports: [{{ name: http, port: 80, targetPort: {APP_PORT} }}]
+{cluster_ip}  ports: [{{ name: http, port: 80, targetPort: {APP_PORT} }}]
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
@@ -887,7 +904,7 @@ metadata:
   name: server
   namespace: {NAMESPACE}
   labels: {{ app: server }}
-  annotations: {{ tern.dev/interception: enabled }}
+  annotations: {{ {server_sidecar} }}
 spec: {{ serviceAccountName: server, containers: [] }}
 status: {{ podIP: "{server}" }}
 ---
@@ -896,51 +913,9 @@ kind: Pod
 metadata:
   name: client
   namespace: {NAMESPACE}
-  annotations: {{ tern.dev/interception: enabled }}
+  annotations: {{ {client_sidecar} }}
 spec: {{ serviceAccountName: client, containers: [] }}
 status: {{ podIP: "{client}" }}
-"#
-    )
-}
-
-fn loopback_manifests(server: Ipv4Addr) -> String {
-    format!(
-        r#"# Written by `ternctl demo` (loopback: explicit sidecar ports).
-apiVersion: tern.dev/v1alpha1
-kind: Mesh
-metadata: {{ name: default }}
-spec: {{ trustDomain: {TRUST_DOMAIN}, mtls: Strict }}
----
-apiVersion: v1
-kind: Service
-metadata: {{ name: server, namespace: {NAMESPACE} }}
-spec:
-  selector: {{ app: server }}
-  ports: [{{ name: http, port: 80, targetPort: {APP_PORT} }}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{ name: server-1, namespace: {NAMESPACE}, labels: {{ kubernetes.io/service-name: server }} }}
-addressType: IPv4
-ports: [{{ name: http, port: {APP_PORT} }}]
-endpoints:
-  - {{ addresses: ["{server}"], targetRef: {{ kind: Pod, name: server }} }}
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: server
-  namespace: {NAMESPACE}
-  labels: {{ app: server }}
-  annotations: {{ tern.dev/inbound-ports: "{APP_PORT}=15080" }}
-spec: {{ serviceAccountName: server, containers: [] }}
-status: {{ podIP: "{server}" }}
----
-apiVersion: v1
-kind: Pod
-metadata: {{ name: client, namespace: {NAMESPACE} }}
-spec: {{ serviceAccountName: client, containers: [] }}
-status: {{ podIP: "127.0.20.2" }}
 "#
     )
 }
