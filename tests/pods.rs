@@ -318,6 +318,12 @@ fn intercepted_pods_talk_mtls_by_service_address() {
     );
     assert_eq!(to_b.text(), "b /other.Svc/Call");
 
+    // a's sidecar learns destinations as its application dials them: nothing yet of the
+    // port it has not used.
+    let (_, dump) = admin(&a, "/config_dump");
+    assert!(dump.contains("outbound:b.default:9000/"), "{dump}");
+    assert!(!dump.contains("outbound:b.default:3306/"), "{dump}");
+
     // A server-speaks-first protocol (port 3306 is opaque by default): the greeting comes
     // without the client saying anything, long before the 10 s detection timeout.
     let b_banner = socket(B_V4.parse::<std::net::IpAddr>().unwrap(), 3306);
@@ -358,6 +364,8 @@ fn intercepted_pods_talk_mtls_by_service_address() {
     // Outside the mesh: allow-any passes through; registry-only refuses.
     let outside = socket(outsider.v4, 7000);
     assert_eq!(echo_through(&a, outside, b"out").unwrap(), b"out");
+    let (_, dump) = admin(&a, "/config_dump");
+    assert!(dump.contains(&outside.to_string()), "known outside the mesh: {dump}");
     tests::manifests::write(
         &manifests_dir,
         "mesh.yaml",

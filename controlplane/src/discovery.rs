@@ -192,29 +192,42 @@ impl DiscoveryService {
         if hello.workload.is_empty() {
             return Err(Status::invalid_argument("the Hello names no workload"));
         }
-        Ok(ProxyRequest {
+        ProxyRequest {
             identity: proven,
             namespace: hello.namespace,
             workload: hello.workload,
-            outbound: outbound(hello.outbound)?,
-        })
+            outbound: Vec::new(),
+            destinations: Vec::new(),
+        }
+        .with(hello.outbound)
     }
 }
 
-fn outbound(wire: Vec<pb::Outbound>) -> Result<Vec<Outbound>, Status> {
-    if wire.len() > MAX_SUBSCRIPTIONS {
-        return Err(Status::invalid_argument(format!(
-            "more than {MAX_SUBSCRIPTIONS} destinations"
-        )));
-    }
-    wire.into_iter()
-        .enumerate()
-        .map(|(i, o)| {
+trait Subscribes: Sized {
+    /// Adds what the proxy asks for: explicit destinations (a Service port and where to
+    /// listen) and intercepted ones (an address its application dialed); refuses a bad one,
+    /// or more than [`MAX_SUBSCRIPTIONS`] in all.
+    fn with(self, wire: Vec<pb::Outbound>) -> Result<Self, Status>;
+}
+
+impl Subscribes for ProxyRequest {
+    fn with(mut self, wire: Vec<pb::Outbound>) -> Result<ProxyRequest, Status> {
+        for (i, o) in wire.into_iter().enumerate() {
             let bad = |why: String| Status::invalid_argument(format!("outbound[{i}]: {why}"));
+            if !o.address.is_empty() {
+                let address = o
+                    .address
+                    .parse()
+                    .map_err(|_| bad(format!("`{}` is not an ip:port", o.address)))?;
+                if !self.destinations.contains(&address) {
+                    self.destinations.push(address);
+                }
+                continue;
+            }
             if shared::config::service_name(&o.service).is_none() {
                 return Err(bad(format!("`{}` is not <name>.<namespace>", o.service)));
             }
-            Ok(Outbound {
+            let explicit = Outbound {
                 port: u16::try_from(o.port)
                     .ok()
                     .filter(|p| *p != 0)
@@ -224,9 +237,18 @@ fn outbound(wire: Vec<pb::Outbound>) -> Result<Vec<Outbound>, Status> {
                     .parse()
                     .map_err(|_| bad(format!("`{}` is not an ip:port", o.listen)))?,
                 service: o.service,
-            })
-        })
-        .collect()
+            };
+            if !self.outbound.contains(&explicit) {
+                self.outbound.push(explicit);
+            }
+        }
+        if self.outbound.len() + self.destinations.len() > MAX_SUBSCRIPTIONS {
+            return Err(Status::resource_exhausted(format!(
+                "more than {MAX_SUBSCRIPTIONS} destinations"
+            )));
+        }
+        Ok(self)
+    }
 }
 
 type ConfigStream = Pin<Box<dyn Stream<Item = Result<ProxyConfig, Status>> + Send>>;
@@ -271,7 +293,7 @@ impl Discovery for DiscoveryService {
                 sent_version: 0,
                 applied_version: running,
                 last_nack: None,
-                subscriptions: proxy.outbound.len(),
+                subscriptions: proxy.outbound.len() + proxy.destinations.len(),
                 notes: Vec::new(),
                 certificate_expiry: self.authority.expiry(&proxy.identity),
             },
@@ -326,7 +348,7 @@ async fn serve_stream(
                 registry.update(stream, |s| {
                     s.sent_version = version;
                     s.notes = translated.notes;
-                    s.subscriptions = proxy.outbound.len();
+                    s.subscriptions = proxy.outbound.len() + proxy.destinations.len();
                 });
                 last_sent = Some(translated.config);
             }
@@ -381,17 +403,9 @@ async fn serve_stream(
                     registry.update(stream, |s| s.last_nack = Some(nack));
                 }
                 Ok(Some(WatchRequest { kind: Some(Kind::Subscribe(subscribe)) })) => {
-                    match outbound(subscribe.outbound) {
+                    match proxy.clone().with(subscribe.outbound) {
                         Ok(more) => {
-                            for o in more {
-                                if !proxy.outbound.contains(&o) {
-                                    proxy.outbound.push(o);
-                                }
-                            }
-                            if proxy.outbound.len() > MAX_SUBSCRIPTIONS {
-                                let _ = configs.send(Err(Status::resource_exhausted("too many destinations"))).await;
-                                break;
-                            }
+                            proxy = more;
                             dirty = true;
                         }
                         Err(status) => {

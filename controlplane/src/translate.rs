@@ -8,8 +8,10 @@
 //!   Service targets instead, claiming the connections `tern-proxy init` redirects to that
 //!   port (`intercept: inbound`).
 //! - Outbound: one listener per destination the proxy subscribed to, on the address it
-//!   asked for; an intercepted Pod also gets one per port of every Service with a cluster IP,
-//!   claiming the application's connections to that address (`intercept: outbound`).
+//!   asked for; an intercepted Pod's proxy subscribes by the addresses its application dials,
+//!   on first use, and gets a listener claiming each that is a Service's (`intercept:
+//!   outbound`) and the rest reported outside the mesh: its config follows what it talks
+//!   to, not the size of the mesh.
 //!   A port's protocol ([`port_protocol`]): `http` (`appProtocol: http`, or a port name
 //!   `http` or `http-*`, as Istio reads it) routes by the HTTPRoutes attached to the Service
 //!   (GAMMA): with none attached every request goes to the Service, with some attached a
@@ -48,6 +50,8 @@ pub struct ProxyRequest {
     pub workload: String,
     /// Destinations it listens for.
     pub outbound: Vec<shared::config::Outbound>,
+    /// Addresses its intercepted application dialed (in the order it asked).
+    pub destinations: Vec<SocketAddr>,
 }
 
 impl ProxyRequest {
@@ -171,7 +175,7 @@ pub fn translate(catalog: &Catalog, request: &ProxyRequest) -> Translated {
         .workload(&request.namespace, &request.workload)
         .is_some_and(|w| w.intercepted);
     if intercepted {
-        intercepted_outbound(catalog, &mut out, &mut clusters);
+        let outside_mesh = intercepted_outbound(catalog, request, &mut out, &mut clusters);
         let policy = match catalog.mesh.as_ref().map(|m| m.outbound_traffic) {
             Some(OutboundTraffic::RegistryOnly) => OutboundPolicy::RegistryOnly,
             None | Some(OutboundTraffic::AllowAny) => OutboundPolicy::AllowAny,
@@ -183,6 +187,7 @@ pub fn translate(catalog: &Catalog, request: &ProxyRequest) -> Translated {
         out.config.interception = Some(Interception {
             outbound_policy: policy,
             inbound_tls: ListenerTls::new(tls_mode(inbound_mode)),
+            outside_mesh,
             ..Interception::default()
         });
     }
@@ -250,35 +255,51 @@ impl Destination<'_> {
     }
 }
 
-/// An intercepted Pod's outbound listeners: one per port and cluster IP of every Service.
+/// An intercepted Pod's outbound listeners: one for each address its application dialed
+/// that is a Service's (a cluster IP and port), claiming it; the others are reported outside
+/// the mesh, so the proxy applies its outbound policy to them without asking again.
 fn intercepted_outbound(
     catalog: &Catalog,
+    request: &ProxyRequest,
     out: &mut Translated,
     clusters: &mut BTreeMap<String, Cluster>,
-) {
-    for ((namespace, name), service) in &catalog.services {
-        for ip in cluster_ips(service) {
-            for port in service.spec.iter().flat_map(|s| s.ports.iter().flatten()) {
-                let Ok(number) = u16::try_from(port.port) else {
-                    continue;
-                };
-                let destination = Destination {
-                    namespace,
-                    service,
-                    port,
-                };
-                let listener = destination.listener(
-                    catalog,
-                    format!("outbound:{name}.{namespace}:{number}/{ip}"),
-                    SocketAddr::new(ip, number),
-                    Some(Intercept::Outbound),
-                    clusters,
-                    &mut out.notes,
-                );
-                out.config.listeners.push(listener);
-            }
-        }
+) -> Vec<SocketAddr> {
+    let mut outside = Vec::new();
+    for &address in &request.destinations {
+        let found = catalog
+            .services
+            .iter()
+            .find_map(|((namespace, name), service)| {
+                if !cluster_ips(service).contains(&address.ip()) {
+                    return None;
+                }
+                let port = service_port(service, address.port())?;
+                Some((namespace, name, service, port))
+            });
+        let Some((namespace, name, service, port)) = found else {
+            outside.push(address);
+            continue;
+        };
+        let destination = Destination {
+            namespace,
+            service,
+            port,
+        };
+        let listener = destination.listener(
+            catalog,
+            format!(
+                "outbound:{name}.{namespace}:{}/{}",
+                address.port(),
+                address.ip()
+            ),
+            address,
+            Some(Intercept::Outbound),
+            clusters,
+            &mut out.notes,
+        );
+        out.config.listeners.push(listener);
     }
+    outside
 }
 
 fn inbound(catalog: &Catalog, request: &ProxyRequest, out: &mut Translated) {

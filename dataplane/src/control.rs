@@ -144,6 +144,12 @@ pub struct Control {
     finished: watch::Sender<bool>,
     ca: watch::Sender<Option<CaClient>>,
     discovery: watch::Sender<Option<(CaClient, Discovery)>>,
+    /// Intercepted destinations no listener claims, from the workers, for the discovery
+    /// client to ask `tern-control` about (the receiver is taken once).
+    destinations: (
+        mpsc::UnboundedSender<SocketAddr>,
+        Mutex<Option<mpsc::UnboundedReceiver<SocketAddr>>>,
+    ),
     /// Certificate requests by outcome.
     pub certify: CertifyCounts,
     /// Config updates from `tern-control` by outcome.
@@ -172,9 +178,27 @@ impl Control {
             finished: watch::Sender::new(false),
             ca: watch::Sender::new(None),
             discovery: watch::Sender::new(None),
+            destinations: {
+                let (sender, receiver) = mpsc::unbounded_channel();
+                (sender, Mutex::new(Some(receiver)))
+            },
             certify: CertifyCounts::default(),
             updates: DiscoveryCounts::default(),
         }
+    }
+
+    /// Where workers send intercepted destinations no listener claims.
+    pub(crate) fn destination_sender(&self) -> mpsc::UnboundedSender<SocketAddr> {
+        self.destinations.0.clone()
+    }
+
+    /// The workers' unclaimed destinations, for the discovery client (once).
+    pub(crate) fn take_destinations(&self) -> Option<mpsc::UnboundedReceiver<SocketAddr>> {
+        self.destinations
+            .1
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
     }
 
     /// The socket mark for the proxy's own connections (to `tern-control` too), from the

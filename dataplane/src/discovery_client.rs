@@ -51,6 +51,10 @@ pub enum StreamError {
 pub async fn run(control: Arc<Control>) {
     let mut settings = control.discovery();
     let mut failures = 0u32;
+    let mut destinations = Destinations {
+        from_workers: control.take_destinations(),
+        asked: Vec::new(),
+    };
     loop {
         let Some((ca, discovery)) = settings.borrow_and_update().clone() else {
             if settings.changed().await.is_err() {
@@ -59,7 +63,7 @@ pub async fn run(control: Arc<Control>) {
             continue;
         };
         let ended = tokio::select! {
-            ended = stream(&control, &ca, &discovery, &mut failures) => ended,
+            ended = stream(&control, &ca, &discovery, &mut failures, &mut destinations) => ended,
             changed = settings.changed() => {
                 control.updates.connected.store(false, Ordering::Relaxed);
                 if changed.is_err() {
@@ -85,7 +89,13 @@ pub async fn run(control: Arc<Control>) {
     }
 }
 
-fn hello(ca: &CaClient, discovery: &Discovery, token: &str, running: u64) -> WatchRequest {
+fn hello(
+    ca: &CaClient,
+    discovery: &Discovery,
+    token: &str,
+    running: u64,
+    asked: &[std::net::SocketAddr],
+) -> WatchRequest {
     WatchRequest {
         kind: Some(Kind::Hello(pb::Hello {
             spiffe_id: ca.spiffe_id.to_string(),
@@ -99,11 +109,60 @@ fn hello(ca: &CaClient, discovery: &Discovery, token: &str, running: u64) -> Wat
                     service: o.service.clone(),
                     port: u32::from(o.port),
                     listen: o.listen.to_string(),
+                    address: String::new(),
                 })
+                .chain(by_address(asked))
                 .collect(),
             running_version: running,
         })),
     }
+}
+
+/// Intercepted destinations no listener claimed: the workers' channel, and every address
+/// asked about so far (said again in each new stream's Hello).
+struct Destinations {
+    from_workers: Option<mpsc::UnboundedReceiver<std::net::SocketAddr>>,
+    asked: Vec<std::net::SocketAddr>,
+}
+
+/// Most intercepted destinations asked about (tern-control refuses more subscriptions).
+const MAX_ASKED: usize = 4000;
+
+impl Destinations {
+    /// The next addresses not asked about yet (waits for at least one; never, without a
+    /// channel).
+    async fn next_new(&mut self) -> Vec<std::net::SocketAddr> {
+        let Some(receiver) = self.from_workers.as_mut() else {
+            return std::future::pending().await;
+        };
+        loop {
+            let Some(first) = receiver.recv().await else {
+                return std::future::pending().await;
+            };
+            let mut new = Vec::new();
+            for address in
+                std::iter::once(first).chain(std::iter::from_fn(|| receiver.try_recv().ok()))
+            {
+                if !self.asked.contains(&address) && self.asked.len() < MAX_ASKED {
+                    self.asked.push(address);
+                    new.push(address);
+                }
+            }
+            if !new.is_empty() {
+                return new;
+            }
+        }
+    }
+}
+
+fn by_address(addresses: &[std::net::SocketAddr]) -> Vec<pb::Outbound> {
+    addresses
+        .iter()
+        .map(|a| pb::Outbound {
+            address: a.to_string(),
+            ..pb::Outbound::default()
+        })
+        .collect()
 }
 
 /// One stream: connect, say hello, then apply configs until it ends.
@@ -112,8 +171,9 @@ async fn stream(
     ca: &CaClient,
     discovery: &Discovery,
     failures: &mut u32,
+    destinations: &mut Destinations,
 ) -> StreamError {
-    match stream_inner(control, ca, discovery, failures).await {
+    match stream_inner(control, ca, discovery, failures, destinations).await {
         Ok(()) => StreamError::Ended,
         Err(error) => error,
     }
@@ -124,6 +184,7 @@ async fn stream_inner(
     ca: &CaClient,
     discovery: &Discovery,
     failures: &mut u32,
+    destinations: &mut Destinations,
 ) -> Result<(), StreamError> {
     let root = read("CA root", &ca.root)?;
     let token = read("token", &ca.token_file)?;
@@ -140,7 +201,9 @@ async fn stream_inner(
     let (answers, outgoing) = mpsc::channel(4);
     let running = control.pushed_version().unwrap_or(0);
     // The receiver is alive: it is moved into the call below.
-    let _ = answers.send(hello(ca, discovery, &token, running)).await;
+    let _ = answers
+        .send(hello(ca, discovery, &token, running, &destinations.asked))
+        .await;
     let mut configs = DiscoveryClient::new(channel)
         .max_decoding_message_size(MAX_CONFIG)
         .watch(tokio_stream::wrappers::ReceiverStream::new(outgoing))
@@ -148,7 +211,21 @@ async fn stream_inner(
         .into_inner();
     control.updates.connected.store(true, Ordering::Relaxed);
     tracing::info!(address = %ca.address, workload = %format!("{}/{}", discovery.workload.namespace, discovery.workload.name), "config stream from tern-control open");
-    while let Some(config) = configs.message().await? {
+    loop {
+        let config = tokio::select! {
+            message = configs.message() => match message? {
+                Some(config) => config,
+                None => break,
+            },
+            new = destinations.next_new() => {
+                tracing::debug!(destinations = ?new, "asking tern-control about intercepted destinations");
+                let subscribe = Kind::Subscribe(pb::Subscribe { outbound: by_address(&new) });
+                if answers.send(WatchRequest { kind: Some(subscribe) }).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+        };
         *failures = 0;
         let version = config.version;
         let outcome = match Pushed::try_from(config) {

@@ -153,6 +153,7 @@ impl Proxy {
                 cpu: (!cpus.is_empty()).then(|| cpus[id % cpus.len()]),
                 snapshot: first.clone(),
                 commands,
+                destinations: control.destination_sender(),
             };
             let worker_control = control.clone();
             let remaining = remaining.clone();

@@ -45,6 +45,11 @@ pub struct InterceptPlan {
     /// The cluster (no endpoints of its own) that unclaimed connections pass through to
     /// their original destination on.
     pub passthrough: usize,
+    /// Destinations known to be outside the mesh.
+    outside: std::collections::HashSet<SocketAddr>,
+    /// Whether `tern-control` supplies the listeners (so an unclaimed destination is worth
+    /// asking about).
+    pub on_demand: bool,
 }
 
 impl InterceptPlan {
@@ -62,6 +67,11 @@ impl InterceptPlan {
             .or_else(|| table.get(&SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port)))
             .or_else(|| table.get(&SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port)))
             .copied()
+    }
+
+    /// Whether `tern-control` said `destination` is outside the mesh.
+    pub fn is_outside(&self, destination: SocketAddr) -> bool {
+        self.outside.contains(&destination)
     }
 }
 
@@ -381,6 +391,8 @@ impl Snapshot {
                     policy: settings.outbound_policy,
                     mark: settings.mark,
                     passthrough,
+                    outside: settings.outside_mesh.iter().copied().collect(),
+                    on_demand: config.discovery.is_some(),
                 })
             }
             _ => None,

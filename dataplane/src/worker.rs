@@ -21,6 +21,7 @@ use crate::proxy;
 use crate::proxy::pool::Pool;
 use crate::snapshot::{ListenerKind, ListenerPlan, Snapshot};
 use crate::tls::{MaybeTls, TlsStream};
+use shared::config::Intercept;
 
 /// What the control side asks of a worker.
 #[derive(Debug)]
@@ -88,6 +89,10 @@ pub struct Worker<B: Backend> {
     pub pool: Pool<B>,
     /// Per-worker upstream HTTP/2 connections.
     pub h2: proxy::http2::Pool,
+    /// Where unclaimed intercepted destinations go, to be asked about.
+    destinations: mpsc::UnboundedSender<SocketAddr>,
+    /// Woken whenever a new snapshot goes live.
+    applied: Notify,
     stats: Registry,
     accepting: RefCell<HashMap<Arc<str>, AcceptLoop>>,
     active: Cell<usize>,
@@ -131,7 +136,11 @@ impl<B: Backend> Drop for ConnectionGuard<B> {
 }
 
 impl<B: Backend> Worker<B> {
-    fn new(id: usize, snapshot: Arc<Snapshot>) -> Rc<Worker<B>> {
+    fn new(
+        id: usize,
+        snapshot: Arc<Snapshot>,
+        destinations: mpsc::UnboundedSender<SocketAddr>,
+    ) -> Rc<Worker<B>> {
         let stats = Registry::default();
         let view = Rc::new(make_view(&stats, snapshot));
         Rc::new(Worker {
@@ -139,6 +148,8 @@ impl<B: Backend> Worker<B> {
             view: RefCell::new(view),
             pool: Pool::default(),
             h2: proxy::http2::Pool::default(),
+            destinations,
+            applied: Notify::new(),
             stats,
             accepting: RefCell::default(),
             active: Cell::new(0),
@@ -172,6 +183,7 @@ impl<B: Backend> Worker<B> {
     ) -> Result<usize, String> {
         let view = Rc::new(make_view(&self.stats, snapshot.clone()));
         *self.view.borrow_mut() = view;
+        self.applied.notify_waiters();
         let mut accepting = self.accepting.borrow_mut();
         // Stop listeners that are gone, or whose socket is being replaced.
         let replaced: Vec<Arc<str>> = accepting
@@ -305,6 +317,56 @@ async fn accept_loop<B: Backend>(worker: Rc<Worker<B>>, name: Arc<str>, listener
     }
 }
 
+/// How long a connection to a destination no listener claims waits while `tern-control` is
+/// asked about it (the first connection to each new destination).
+const DISCOVERY_WAIT: Duration = Duration::from_secs(2);
+
+/// The listener claiming `to` in `view`, if any.
+fn claim(view: &View, direction: Intercept, to: SocketAddr) -> Option<usize> {
+    view.snapshot
+        .intercept
+        .as_ref()
+        .and_then(|i| i.claim(direction, to))
+}
+
+/// Asks `tern-control` about an outbound destination no listener claims (through the
+/// discovery client) and waits, up to [`DISCOVERY_WAIT`], for a config that claims it or
+/// says it is outside the mesh; returns that config and the claiming listener. `None` when
+/// there is nobody to ask, or it is known to be outside already.
+async fn discover<B: Backend>(
+    worker: &Rc<Worker<B>>,
+    view: &View,
+    to: SocketAddr,
+) -> Option<(Rc<View>, Option<usize>)> {
+    let plan = view.snapshot.intercept.as_ref()?;
+    if !plan.on_demand || plan.is_outside(to) {
+        return None;
+    }
+    let _ = worker.destinations.send(to);
+    let deadline = tokio::time::Instant::now() + DISCOVERY_WAIT;
+    loop {
+        let applied = worker.applied.notified();
+        let mut applied = std::pin::pin!(applied);
+        applied.as_mut().enable();
+        let current = worker.view();
+        if let Some(claimed) = claim(&current, Intercept::Outbound, to) {
+            return Some((current, Some(claimed)));
+        }
+        if current
+            .snapshot
+            .intercept
+            .as_ref()
+            .is_some_and(|i| i.is_outside(to))
+        {
+            return Some((current, None));
+        }
+        if tokio::time::timeout_at(deadline, applied).await.is_err() {
+            tracing::debug!(%to, "no word from tern-control about this destination in time");
+            return Some((current, None));
+        }
+    }
+}
+
 /// Counts a connection on a listener it was handed to (an intercepted destination) for as
 /// long as it lasts.
 struct Claimed(Rc<ListenerStats>);
@@ -324,6 +386,7 @@ async fn serve<B: Backend>(
     stream: B::Stream,
     peer: SocketAddr,
 ) {
+    let mut view = view.clone();
     let mut index = accepted;
     let mut original = None;
     if let ListenerKind::Intercepted(direction) = view.snapshot.listeners[accepted].kind {
@@ -340,16 +403,33 @@ async fn serve<B: Backend>(
             }
         };
         original = Some(to);
-        if let Some(claimed) = view
-            .snapshot
-            .intercept
-            .as_ref()
-            .and_then(|i| i.claim(direction, to))
-        {
-            index = claimed;
+        match claim(&view, direction, to) {
+            Some(claimed) => index = claimed,
+            None if direction == Intercept::Outbound => {
+                if let Some((current, claimed)) = discover(worker, &view, to).await {
+                    // Served under the config that claims it, as the listener it names.
+                    if let Some(accepted_again) = current
+                        .snapshot
+                        .listener_index(&view.snapshot.listeners[accepted].name)
+                    {
+                        index = accepted_again;
+                    }
+                    view = current;
+                    if let Some(claimed) = claimed {
+                        index = claimed;
+                    }
+                }
+            }
+            None => {}
         }
     }
-    let _claimed = (index != accepted).then(|| {
+    let view = &view;
+    let claimed = original.is_some()
+        && !matches!(
+            view.snapshot.listeners[index].kind,
+            ListenerKind::Intercepted(_)
+        );
+    let _claimed = claimed.then(|| {
         let stats = view.listeners[index].clone();
         stats.connection_opened();
         Claimed(stats)
@@ -506,6 +586,8 @@ pub struct Spawn {
     pub snapshot: Arc<Snapshot>,
     /// Commands from the control side.
     pub commands: mpsc::UnboundedReceiver<Command>,
+    /// Where unclaimed intercepted destinations go ([`crate::control::Control`]).
+    pub destinations: mpsc::UnboundedSender<SocketAddr>,
 }
 
 /// Runs a worker on the current thread until it has drained.
@@ -515,6 +597,7 @@ pub fn run<B: Backend>(spawn: Spawn) -> std::io::Result<()> {
         cpu,
         snapshot,
         mut commands,
+        destinations,
     } = spawn;
     if let Some(cpu) = cpu
         && let Err(error) = crate::sys::pin_current_thread(cpu)
@@ -522,7 +605,7 @@ pub fn run<B: Backend>(spawn: Spawn) -> std::io::Result<()> {
         tracing::warn!(worker = id, cpu, %error, "could not pin worker");
     }
     B::block_on(async move {
-        let worker = Worker::<B>::new(id, snapshot);
+        let worker = Worker::<B>::new(id, snapshot, destinations);
         tracing::debug!(
             worker = id,
             backend = B::KIND.as_str(),

@@ -38,6 +38,7 @@ pub fn hello(spiffe_id: &str, token: &str, workload: &str, services: &[String]) 
                 service: format!("{s}.default"),
                 port: 80,
                 listen: "127.0.0.1:0".into(),
+                address: String::new(),
             })
             .collect(),
         running_version: 0,

@@ -326,6 +326,7 @@ fn request(pod: &str, account: &str, outbound: &[(&str, u16)]) -> ProxyRequest {
                 listen: "127.0.0.1:0".parse().unwrap(),
             })
             .collect(),
+        destinations: Vec::new(),
     }
 }
 
@@ -427,6 +428,7 @@ fn the_example_manifests_in_deploy_local_are_accepted() {
                 port: 80,
                 listen: "127.0.0.1:18080".parse().unwrap(),
             }],
+            destinations: Vec::new(),
         },
     );
     let weights: Vec<u32> = web.config.listeners[0].routes[0]
@@ -636,9 +638,27 @@ fn an_intercepted_pod_claims_its_app_ports_and_every_service_address() {
         shared::config::OutboundPolicy::RegistryOnly
     );
 
-    // The client: one listener per Service port and cluster IP, each claiming that address;
-    // the endpoint is the Pod's own app port, over mTLS (its sidecar takes it there).
-    let client = translate(&catalog, &request("client-0", "client", &[]));
+    // The client: a listener for each address it dialed that is a Service's, claiming it;
+    // the endpoint is the Pod's own app port, over mTLS (its sidecar takes it there). An
+    // address of no Service is reported outside the mesh; nothing of other Services is sent.
+    let mut asked = request("client-0", "client", &[]);
+    asked.destinations = [
+        "10.96.0.10:80",
+        "10.96.0.10:9000",
+        "[fd00::10]:80",
+        "[fd00::10]:9000",
+        "192.0.2.1:443",
+    ]
+    .iter()
+    .map(|a| a.parse().unwrap())
+    .collect();
+    let client = translate(&catalog, &asked);
+    assert_eq!(
+        client.config.interception.as_ref().unwrap().outside_mesh,
+        ["192.0.2.1:443".parse().unwrap()]
+    );
+    let nothing_asked = translate(&catalog, &request("client-0", "client", &[]));
+    assert!(nothing_asked.config.listeners.is_empty());
     let outbound: Vec<_> = client
         .config
         .listeners

@@ -72,6 +72,10 @@ pub struct Interception {
     /// opaque TCP. Permissive by default, as Istio's default PeerAuthentication.
     #[serde(default = "default_inbound_tls")]
     pub inbound_tls: ListenerTls,
+    /// Intercepted destinations known to be outside the mesh (tern-control says so when asked
+    /// about them): the outbound policy applies to them at once, without asking again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outside_mesh: Vec<SocketAddr>,
     /// A socket mark set on every connection the proxy opens, so the interception rules
     /// leave them alone (`tern-proxy init --proxy-mark`); needs `CAP_NET_ADMIN`. Without it
     /// the proxy must run as the excluded UID.
@@ -109,6 +113,7 @@ impl Default for Interception {
             ipv6: true,
             outbound_policy: OutboundPolicy::default(),
             inbound_tls: default_inbound_tls(),
+            outside_mesh: Vec::new(),
             mark: None,
         }
     }

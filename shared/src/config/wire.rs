@@ -27,6 +27,8 @@ pub struct Pushed {
     /// The mTLS mode of unclaimed inbound ports, replacing the file's
     /// `interception.inbound_tls.mode`.
     pub inbound_mode: Option<TlsMode>,
+    /// Intercepted destinations outside the mesh, replacing `interception.outside_mesh`.
+    pub outside_mesh: Vec<SocketAddr>,
 }
 
 /// A field of a pushed config that does not decode, and why.
@@ -66,6 +68,12 @@ pub fn encode(config: &Config, version: u64) -> pb::ProxyConfig {
             None => pb::TlsMode::Unspecified,
             Some(mode) => encode_mode(mode),
         } as i32,
+        outside_mesh: config
+            .interception
+            .iter()
+            .flat_map(|i| &i.outside_mesh)
+            .map(ToString::to_string)
+            .collect(),
     }
 }
 
@@ -195,6 +203,12 @@ impl TryFrom<pb::ProxyConfig> for Pushed {
             clusters,
             outbound_policy,
             inbound_mode: decode_mode("inbound_mode".into(), config.inbound_mode)?,
+            outside_mesh: config
+                .outside_mesh
+                .iter()
+                .enumerate()
+                .map(|(i, a)| address(format!("outside_mesh[{i}]"), a))
+                .collect::<Result<_, _>>()?,
         })
     }
 }
@@ -323,6 +337,7 @@ impl Pushed {
             if let Some(mode) = self.inbound_mode {
                 interception.inbound_tls.mode = mode;
             }
+            interception.outside_mesh.clone_from(&self.outside_mesh);
         }
         config.validate()?;
         Ok(config)
@@ -360,7 +375,7 @@ listeners:
     routes: [{ cluster: app }]
     tls: { mode: strict }
     intercept: inbound
-interception: { outbound_policy: registry_only, mark: 1337 }
+interception: { outbound_policy: registry_only, mark: 1337, outside_mesh: ["192.0.2.7:443"] }
 clusters:
   - name: cart
     endpoints: [127.0.0.1:9001, "[::1]:9002"]
