@@ -1,7 +1,7 @@
 //! HTTP/2 (and gRPC's shape) through the proxy, on both IO backends: prior-knowledge h2c on
 //! an `http` listener, many concurrent streams on one connection each routed on its own,
 //! bodies both ways under flow control, trailers passed on, the proxy's own answers for no
-//! route and a dead upstream, an mTLS sidecar pair carrying HTTP/2 inside (ALPN `h2`), and a
+//! route and a dead upstream, an mTLS sidecar pair carrying HTTP/2 inside (ALPN `tern-h2`), and a
 //! long-lived connection that follows a config change.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -363,6 +363,24 @@ fn permissive_ports_take_mtls_and_plaintext(backend: BackendChoice) {
         "GET /p HTTP/1.1\r\nHost: b\r\n\r\n",
     );
     assert_eq!(response.text(), "app /p");
+    // The application's own TLS (a ClientHello offering no mesh ALPN) passes through to it
+    // as it is; only a sidecar's (ALPN `tern-…`) is taken for mTLS.
+    let hello = {
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let name = rustls::pki_types::ServerName::try_from("app.example").unwrap();
+        let mut client = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+        let mut bytes = Vec::new();
+        client.write_tls(&mut bytes).unwrap();
+        bytes
+    };
+    client::assert_echo(b.listener_addr("in-tcp").unwrap(), &hello);
+
     // A client silent past the detection timeout is plaintext (its server may speak first):
     // when it does speak, its bytes reach the application.
     let mut silent = Conn::open(b.listener_addr("in-tcp").unwrap());

@@ -365,7 +365,10 @@ fn intercepted_pods_talk_mtls_by_service_address() {
     let outside = socket(outsider.v4, 7000);
     assert_eq!(echo_through(&a, outside, b"out").unwrap(), b"out");
     let (_, dump) = admin(&a, "/config_dump");
-    assert!(dump.contains(&outside.to_string()), "known outside the mesh: {dump}");
+    assert!(
+        dump.contains(&outside.to_string()),
+        "known outside the mesh: {dump}"
+    );
     tests::manifests::write(
         &manifests_dir,
         "mesh.yaml",

@@ -108,9 +108,9 @@ pub struct ClusterTls {
     pub identity: shared::SpiffeId,
     /// Client configuration offering ALPN `tern-tcp` (opaque TCP inside).
     pub tcp: Arc<rustls::ClientConfig>,
-    /// Client configuration offering ALPN `http/1.1`.
+    /// Client configuration offering ALPN `tern-http/1.1`.
     pub http1: Arc<rustls::ClientConfig>,
-    /// Client configuration offering ALPN `h2`.
+    /// Client configuration offering ALPN `tern-h2`.
     pub http2: Arc<rustls::ClientConfig>,
 }
 
@@ -133,7 +133,7 @@ pub enum ListenerKind {
         /// Index into [`Snapshot::clusters`].
         cluster: usize,
     },
-    /// Parse HTTP/1.1, or HTTP/2 (its preface, or ALPN `h2`), and route each request.
+    /// Parse HTTP/1.1, or HTTP/2 (its preface, or ALPN `tern-h2`), and route each request.
     Http(RouteTable),
     /// HTTP/1.1 or HTTP/2 (routed) or opaque TCP (to `cluster`), told by ALPN under mTLS and
     /// by the first bytes otherwise.

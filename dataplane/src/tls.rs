@@ -28,12 +28,94 @@ use crate::io::{BufResult, Stream};
 /// The first byte of a TLS handshake record.
 pub const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
-/// ALPN for opaque TCP inside the tunnel.
+/// ALPN for opaque TCP inside the tunnel. Every mesh ALPN starts `tern-`, so a permissive
+/// port tells a peer sidecar's ClientHello from an application's own TLS.
 pub const ALPN_TCP: &[u8] = b"tern-tcp";
 /// ALPN for HTTP/1.1 inside the tunnel.
-pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+pub const ALPN_HTTP1: &[u8] = b"tern-http/1.1";
 /// ALPN for HTTP/2 (and gRPC) inside the tunnel.
-pub const ALPN_HTTP2: &[u8] = b"h2";
+pub const ALPN_HTTP2: &[u8] = b"tern-h2";
+
+/// What the first TLS record of a connection says about who is calling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hello {
+    /// Not all of the record has arrived.
+    Partial,
+    /// A ClientHello offering a mesh ALPN (`tern-…`): a peer sidecar.
+    Mesh,
+    /// Anything else: the application's own TLS (or not TLS at all).
+    Other,
+}
+
+/// Reads a TLS ClientHello record (RFC 8446 §4.1.2) far enough to see whether it offers a
+/// mesh ALPN. Bounds-checked throughout; a ClientHello split over several records counts as
+/// a mesh one (the mTLS handshake then decides).
+pub fn classify_hello(bytes: &[u8]) -> Hello {
+    fn take<'a>(input: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = (input.get(..n)?, input.get(n..)?);
+        *input = rest;
+        Some(head)
+    }
+    fn length(input: &mut &[u8], width: usize) -> Option<usize> {
+        Some(
+            take(input, width)?
+                .iter()
+                .fold(0, |n, &b| n << 8 | usize::from(b)),
+        )
+    }
+    let Some(header) = bytes.get(..5) else {
+        return Hello::Partial;
+    };
+    if header[0] != TLS_HANDSHAKE_RECORD {
+        return Hello::Other;
+    }
+    let record_len = usize::from(header[3]) << 8 | usize::from(header[4]);
+    let Some(record) = bytes.get(5..5 + record_len) else {
+        return Hello::Partial;
+    };
+    let offers = (|| -> Option<bool> {
+        let mut input = record;
+        if take(&mut input, 1)? != [1] {
+            return Some(false);
+        }
+        let hello_len = length(&mut input, 3)?;
+        if hello_len > input.len() {
+            // Continued in the next record: let the handshake decide.
+            return Some(true);
+        }
+        let mut hello = take(&mut input, hello_len)?;
+        take(&mut hello, 2 + 32)?;
+        let session = length(&mut hello, 1)?;
+        take(&mut hello, session)?;
+        let suites = length(&mut hello, 2)?;
+        take(&mut hello, suites)?;
+        let compression = length(&mut hello, 1)?;
+        take(&mut hello, compression)?;
+        let extensions_len = length(&mut hello, 2)?;
+        let mut extensions = take(&mut hello, extensions_len)?;
+        while !extensions.is_empty() {
+            let kind = length(&mut extensions, 2)?;
+            let len = length(&mut extensions, 2)?;
+            let mut data = take(&mut extensions, len)?;
+            if kind != 16 {
+                continue;
+            }
+            let list_len = length(&mut data, 2)?;
+            let mut list = take(&mut data, list_len)?;
+            while !list.is_empty() {
+                let len = length(&mut list, 1)?;
+                if take(&mut list, len)?.starts_with(b"tern-") {
+                    return Some(true);
+                }
+            }
+        }
+        Some(false)
+    })();
+    match offers {
+        Some(true) => Hello::Mesh,
+        Some(false) | None => Hello::Other,
+    }
+}
 /// Ciphertext read size.
 const RECORD_BUFFER: usize = 18 * 1024;
 
@@ -801,5 +883,57 @@ impl<S: Stream> Stream for MaybeTls<S> {
             MaybeTls::Kernel(s) => s.splice_from_pipe(pipe, len).await,
             MaybeTls::Sniffed(..) | MaybeTls::Tls(_) => Err(io::ErrorKind::Unsupported.into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The first flight of a rustls client offering `alpn`.
+    fn client_hello(alpn: &[&[u8]]) -> Vec<u8> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+        let name = rustls::pki_types::ServerName::try_from("peer.example").unwrap();
+        let mut client = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut out = Vec::new();
+        client.write_tls(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn a_mesh_client_hello_is_told_from_an_applications_own_tls() {
+        let mesh = client_hello(&[ALPN_HTTP2]);
+        assert_eq!(classify_hello(&mesh), Hello::Mesh);
+        assert_eq!(
+            classify_hello(&client_hello(&[b"h2", ALPN_TCP])),
+            Hello::Mesh
+        );
+        assert_eq!(
+            classify_hello(&client_hello(&[b"h2", b"http/1.1"])),
+            Hello::Other
+        );
+        assert_eq!(classify_hello(&client_hello(&[])), Hello::Other);
+        // Arriving in pieces: partial until the record is whole.
+        for cut in [1, 4, 5, mesh.len() / 2, mesh.len() - 1] {
+            assert_eq!(classify_hello(&mesh[..cut]), Hello::Partial, "{cut}");
+        }
+        // Plaintext, and garbage shaped like a record, are not mesh peers.
+        assert_eq!(classify_hello(b"GET / HTTP/1.1\r\n"), Hello::Other);
+        let mut garbage = vec![0x16, 3, 1, 0, 8];
+        garbage.extend_from_slice(&[1, 0, 0, 200, 9, 9, 9, 9]);
+        assert_eq!(
+            classify_hello(&garbage),
+            Hello::Mesh,
+            "a hello continued in the next record"
+        );
+        let mut truncated = vec![0x16, 3, 1, 0, 6];
+        truncated.extend_from_slice(&[1, 0, 0, 2, 3, 3]);
+        assert_eq!(classify_hello(&truncated), Hello::Other);
     }
 }

@@ -317,6 +317,9 @@ async fn accept_loop<B: Backend>(worker: Rc<Worker<B>>, name: Arc<str>, listener
     }
 }
 
+/// The most a permissive port reads to see a whole first TLS record (16 KiB and a header).
+const MAX_FIRST_RECORD: usize = 16 * 1024 + 5;
+
 /// How long a connection to a destination no listener claims waits while `tern-control` is
 /// asked about it (the first connection to each new destination).
 const DISCOVERY_WAIT: Duration = Duration::from_secs(2);
@@ -515,8 +518,26 @@ async fn terminate_tls<B: Backend>(
                 return None;
             }
         }
-        if first.first() != Some(&crate::tls::TLS_HANDSHAKE_RECORD) {
-            tracing::debug!(listener = %plan.name, %peer, "plaintext on a permissive port");
+        // A ClientHello offering a mesh ALPN is a peer sidecar; anything else (plaintext,
+        // or the application's own TLS) passes as it is. Read the whole first record.
+        let deadline = tokio::time::Instant::now() + tls.handshake_timeout;
+        let mut hello = crate::tls::classify_hello(&first);
+        while hello == crate::tls::Hello::Partial && first.len() < MAX_FIRST_RECORD {
+            if !matches!(
+                tokio::time::timeout_at(deadline, stream.readable()).await,
+                Ok(Ok(()))
+            ) {
+                break;
+            }
+            let (read, bytes) = stream.read(first).await;
+            first = bytes;
+            if !matches!(read, Ok(n) if n > 0) {
+                break;
+            }
+            hello = crate::tls::classify_hello(&first);
+        }
+        if hello != crate::tls::Hello::Mesh {
+            tracing::debug!(listener = %plan.name, %peer, "plaintext (or the application's own TLS) on a permissive port");
             return Some((
                 MaybeTls::Sniffed(stream, std::cell::RefCell::new(first)),
                 None,

@@ -1,6 +1,6 @@
 //! HTTP/2 (and so gRPC): one downstream connection's streams, each request routed by
 //! authority and path like HTTP/1.1, and carried on a multiplexed upstream HTTP/2 connection
-//! (h2c prior knowledge, or ALPN `h2` under mTLS).
+//! (h2c prior knowledge, or ALPN `tern-h2` under mTLS).
 //!
 //! hyper runs both ends, over the owned-buffer streams ([`crate::io::hyper_io`]), so flow
 //! control, trailers (gRPC's status), stream resets and keep-alive pings are its; this module
