@@ -174,7 +174,9 @@ pub fn translate(catalog: &Catalog, request: &ProxyRequest) -> Translated {
     let intercepted = catalog
         .workload(&request.namespace, &request.workload)
         .is_some_and(|w| w.intercepted);
-    if intercepted {
+    // Destinations a proxy asks about get an answer, listener or outside-the-mesh, even
+    // when the catalog does not (yet) say its Pod is intercepted: it waits for one.
+    if intercepted || !request.destinations.is_empty() {
         let outside_mesh = intercepted_outbound(catalog, request, &mut out, &mut clusters);
         let policy = match catalog.mesh.as_ref().map(|m| m.outbound_traffic) {
             Some(OutboundTraffic::RegistryOnly) => OutboundPolicy::RegistryOnly,

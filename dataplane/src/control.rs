@@ -132,6 +132,9 @@ pub struct CertifyCounts {
     pub failed: std::sync::atomic::AtomicU64,
 }
 
+/// Unclaimed intercepted destinations queued for the discovery client, at most.
+const DESTINATION_QUEUE: usize = 1024;
+
 /// Shared by the admin thread and the process owning the proxy.
 pub struct Control {
     /// The workers' IO backend.
@@ -147,8 +150,8 @@ pub struct Control {
     /// Intercepted destinations no listener claims, from the workers, for the discovery
     /// client to ask `tern-control` about (the receiver is taken once).
     destinations: (
-        mpsc::UnboundedSender<SocketAddr>,
-        Mutex<Option<mpsc::UnboundedReceiver<SocketAddr>>>,
+        mpsc::Sender<SocketAddr>,
+        Mutex<Option<mpsc::Receiver<SocketAddr>>>,
     ),
     /// Certificate requests by outcome.
     pub certify: CertifyCounts,
@@ -179,7 +182,7 @@ impl Control {
             ca: watch::Sender::new(None),
             discovery: watch::Sender::new(None),
             destinations: {
-                let (sender, receiver) = mpsc::unbounded_channel();
+                let (sender, receiver) = mpsc::channel(DESTINATION_QUEUE);
                 (sender, Mutex::new(Some(receiver)))
             },
             certify: CertifyCounts::default(),
@@ -188,12 +191,12 @@ impl Control {
     }
 
     /// Where workers send intercepted destinations no listener claims.
-    pub(crate) fn destination_sender(&self) -> mpsc::UnboundedSender<SocketAddr> {
+    pub(crate) fn destination_sender(&self) -> mpsc::Sender<SocketAddr> {
         self.destinations.0.clone()
     }
 
     /// The workers' unclaimed destinations, for the discovery client (once).
-    pub(crate) fn take_destinations(&self) -> Option<mpsc::UnboundedReceiver<SocketAddr>> {
+    pub(crate) fn take_destinations(&self) -> Option<mpsc::Receiver<SocketAddr>> {
         self.destinations
             .1
             .lock()

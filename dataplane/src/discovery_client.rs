@@ -121,17 +121,20 @@ fn hello(
 /// Intercepted destinations no listener claimed: the workers' channel, and every address
 /// asked about so far (said again in each new stream's Hello).
 struct Destinations {
-    from_workers: Option<mpsc::UnboundedReceiver<std::net::SocketAddr>>,
+    from_workers: Option<mpsc::Receiver<std::net::SocketAddr>>,
     asked: Vec<std::net::SocketAddr>,
 }
 
-/// Most intercepted destinations asked about (tern-control refuses more subscriptions).
-const MAX_ASKED: usize = 4000;
+/// Most destinations one proxy subscribes to, explicit and intercepted together
+/// (tern-control refuses more); past it, new intercepted destinations are not asked about
+/// (their connections get the outbound policy after one wait, then at once).
+const MAX_SUBSCRIPTIONS: usize = 4096;
 
 impl Destinations {
     /// The next addresses not asked about yet (waits for at least one; never, without a
     /// channel).
-    async fn next_new(&mut self) -> Vec<std::net::SocketAddr> {
+    async fn next_new(&mut self, explicit: usize) -> Vec<std::net::SocketAddr> {
+        let limit = MAX_SUBSCRIPTIONS.saturating_sub(explicit);
         let Some(receiver) = self.from_workers.as_mut() else {
             return std::future::pending().await;
         };
@@ -143,7 +146,7 @@ impl Destinations {
             for address in
                 std::iter::once(first).chain(std::iter::from_fn(|| receiver.try_recv().ok()))
             {
-                if !self.asked.contains(&address) && self.asked.len() < MAX_ASKED {
+                if !self.asked.contains(&address) && self.asked.len() < limit {
                     self.asked.push(address);
                     new.push(address);
                 }
@@ -217,7 +220,7 @@ async fn stream_inner(
                 Some(config) => config,
                 None => break,
             },
-            new = destinations.next_new() => {
+            new = destinations.next_new(discovery.outbound.len()) => {
                 tracing::debug!(destinations = ?new, "asking tern-control about intercepted destinations");
                 let subscribe = Kind::Subscribe(pb::Subscribe { outbound: by_address(&new) });
                 if answers.send(WatchRequest { kind: Some(subscribe) }).await.is_err() {

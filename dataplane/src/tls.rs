@@ -48,8 +48,8 @@ pub enum Hello {
 }
 
 /// Reads a TLS ClientHello record (RFC 8446 §4.1.2) far enough to see whether it offers a
-/// mesh ALPN. Bounds-checked throughout; a ClientHello split over several records counts as
-/// a mesh one (the mTLS handshake then decides).
+/// mesh ALPN. Bounds-checked throughout; a ClientHello split over several records is not a
+/// sidecar's (those are small).
 pub fn classify_hello(bytes: &[u8]) -> Hello {
     fn take<'a>(input: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
         let (head, rest) = (input.get(..n)?, input.get(n..)?);
@@ -63,12 +63,14 @@ pub fn classify_hello(bytes: &[u8]) -> Hello {
                 .fold(0, |n, &b| n << 8 | usize::from(b)),
         )
     }
+    match bytes.first() {
+        None => return Hello::Partial,
+        Some(&TLS_HANDSHAKE_RECORD) => {}
+        Some(_) => return Hello::Other,
+    }
     let Some(header) = bytes.get(..5) else {
         return Hello::Partial;
     };
-    if header[0] != TLS_HANDSHAKE_RECORD {
-        return Hello::Other;
-    }
     let record_len = usize::from(header[3]) << 8 | usize::from(header[4]);
     let Some(record) = bytes.get(5..5 + record_len) else {
         return Hello::Partial;
@@ -80,8 +82,8 @@ pub fn classify_hello(bytes: &[u8]) -> Hello {
         }
         let hello_len = length(&mut input, 3)?;
         if hello_len > input.len() {
-            // Continued in the next record: let the handshake decide.
-            return Some(true);
+            // Continued in the next record: no sidecar's hello is that large.
+            return Some(false);
         }
         let mut hello = take(&mut input, hello_len)?;
         take(&mut hello, 2 + 32)?;
@@ -929,8 +931,13 @@ mod tests {
         garbage.extend_from_slice(&[1, 0, 0, 200, 9, 9, 9, 9]);
         assert_eq!(
             classify_hello(&garbage),
-            Hello::Mesh,
+            Hello::Other,
             "a hello continued in the next record"
+        );
+        assert_eq!(
+            classify_hello(b"\x05"),
+            Hello::Other,
+            "a short non-TLS first write"
         );
         let mut truncated = vec![0x16, 3, 1, 0, 6];
         truncated.extend_from_slice(&[1, 0, 0, 2, 3, 3]);

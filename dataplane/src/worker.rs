@@ -90,7 +90,10 @@ pub struct Worker<B: Backend> {
     /// Per-worker upstream HTTP/2 connections.
     pub h2: proxy::http2::Pool,
     /// Where unclaimed intercepted destinations go, to be asked about.
-    destinations: mpsc::UnboundedSender<SocketAddr>,
+    destinations: mpsc::Sender<SocketAddr>,
+    /// Destinations asked about that got no answer in time, until when not to wait for one
+    /// again (the outbound policy applies at once meanwhile).
+    unanswered: RefCell<HashMap<SocketAddr, tokio::time::Instant>>,
     /// Woken whenever a new snapshot goes live.
     applied: Notify,
     stats: Registry,
@@ -139,7 +142,7 @@ impl<B: Backend> Worker<B> {
     fn new(
         id: usize,
         snapshot: Arc<Snapshot>,
-        destinations: mpsc::UnboundedSender<SocketAddr>,
+        destinations: mpsc::Sender<SocketAddr>,
     ) -> Rc<Worker<B>> {
         let stats = Registry::default();
         let view = Rc::new(make_view(&stats, snapshot));
@@ -149,6 +152,7 @@ impl<B: Backend> Worker<B> {
             pool: Pool::default(),
             h2: proxy::http2::Pool::default(),
             destinations,
+            unanswered: RefCell::default(),
             applied: Notify::new(),
             stats,
             accepting: RefCell::default(),
@@ -324,6 +328,11 @@ const MAX_FIRST_RECORD: usize = 16 * 1024 + 5;
 /// asked about it (the first connection to each new destination).
 const DISCOVERY_WAIT: Duration = Duration::from_secs(2);
 
+/// How long a destination that got no answer is not waited for again.
+const UNANSWERED_FOR: Duration = Duration::from_secs(30);
+/// Most unanswered destinations a worker remembers.
+const MAX_UNANSWERED: usize = 4096;
+
 /// The listener claiming `to` in `view`, if any.
 fn claim(view: &View, direction: Intercept, to: SocketAddr) -> Option<usize> {
     view.snapshot
@@ -333,27 +342,39 @@ fn claim(view: &View, direction: Intercept, to: SocketAddr) -> Option<usize> {
 }
 
 /// Asks `tern-control` about an outbound destination no listener claims (through the
-/// discovery client) and waits, up to [`DISCOVERY_WAIT`], for a config that claims it or
-/// says it is outside the mesh; returns that config and the claiming listener. `None` when
-/// there is nobody to ask, or it is known to be outside already.
+/// discovery client) and waits, up to [`DISCOVERY_WAIT`], for a config that claims it;
+/// returns that config and the claiming listener. `None` at once when there is nobody to
+/// ask, the destination is known to be outside the mesh, or it went unanswered lately; and
+/// when the answer is that it is outside, or none comes in time.
 async fn discover<B: Backend>(
     worker: &Rc<Worker<B>>,
     view: &View,
     to: SocketAddr,
-) -> Option<(Rc<View>, Option<usize>)> {
+) -> Option<(Rc<View>, usize)> {
     let plan = view.snapshot.intercept.as_ref()?;
     if !plan.on_demand || plan.is_outside(to) {
         return None;
     }
-    let _ = worker.destinations.send(to);
-    let deadline = tokio::time::Instant::now() + DISCOVERY_WAIT;
+    let now = tokio::time::Instant::now();
+    if worker
+        .unanswered
+        .borrow()
+        .get(&to)
+        .is_some_and(|until| *until > now)
+    {
+        return None;
+    }
+    // A full queue means the discovery client is behind (or tern-control away); what it has
+    // not taken it asks again in its next Hello, and this connection waits as any other.
+    let _ = worker.destinations.try_send(to);
+    let deadline = now + DISCOVERY_WAIT;
     loop {
         let applied = worker.applied.notified();
         let mut applied = std::pin::pin!(applied);
         applied.as_mut().enable();
         let current = worker.view();
         if let Some(claimed) = claim(&current, Intercept::Outbound, to) {
-            return Some((current, Some(claimed)));
+            return Some((current, claimed));
         }
         if current
             .snapshot
@@ -361,11 +382,18 @@ async fn discover<B: Backend>(
             .as_ref()
             .is_some_and(|i| i.is_outside(to))
         {
-            return Some((current, None));
+            return None;
         }
         if tokio::time::timeout_at(deadline, applied).await.is_err() {
             tracing::debug!(%to, "no word from tern-control about this destination in time");
-            return Some((current, None));
+            let mut unanswered = worker.unanswered.borrow_mut();
+            if unanswered.len() >= MAX_UNANSWERED {
+                unanswered.retain(|_, until| *until > deadline);
+            }
+            if unanswered.len() < MAX_UNANSWERED {
+                unanswered.insert(to, deadline + UNANSWERED_FOR);
+            }
+            return None;
         }
     }
 }
@@ -409,18 +437,11 @@ async fn serve<B: Backend>(
         match claim(&view, direction, to) {
             Some(claimed) => index = claimed,
             None if direction == Intercept::Outbound => {
+                // Served under the newer config that claims it, as the listener it names;
+                // else as it was accepted (its outbound policy).
                 if let Some((current, claimed)) = discover(worker, &view, to).await {
-                    // Served under the config that claims it, as the listener it names.
-                    if let Some(accepted_again) = current
-                        .snapshot
-                        .listener_index(&view.snapshot.listeners[accepted].name)
-                    {
-                        index = accepted_again;
-                    }
                     view = current;
-                    if let Some(claimed) = claimed {
-                        index = claimed;
-                    }
+                    index = claimed;
                 }
             }
             None => {}
@@ -608,7 +629,7 @@ pub struct Spawn {
     /// Commands from the control side.
     pub commands: mpsc::UnboundedReceiver<Command>,
     /// Where unclaimed intercepted destinations go ([`crate::control::Control`]).
-    pub destinations: mpsc::UnboundedSender<SocketAddr>,
+    pub destinations: mpsc::Sender<SocketAddr>,
 }
 
 /// Runs a worker on the current thread until it has drained.

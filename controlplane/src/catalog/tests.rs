@@ -659,6 +659,15 @@ fn an_intercepted_pod_claims_its_app_ports_and_every_service_address() {
     );
     let nothing_asked = translate(&catalog, &request("client-0", "client", &[]));
     assert!(nothing_asked.config.listeners.is_empty());
+    // A proxy the catalog does not know as intercepted still gets an answer to what it
+    // asked (else it would wait for one on every connection).
+    asked.workload = "not-declared-0".into();
+    let unknown_pod = translate(&catalog, &asked);
+    assert_eq!(unknown_pod.config.listeners.len(), 4);
+    assert_eq!(
+        unknown_pod.config.interception.as_ref().unwrap().outside_mesh,
+        ["192.0.2.1:443".parse().unwrap()]
+    );
     let outbound: Vec<_> = client
         .config
         .listeners
