@@ -665,7 +665,12 @@ fn an_intercepted_pod_claims_its_app_ports_and_every_service_address() {
     let unknown_pod = translate(&catalog, &asked);
     assert_eq!(unknown_pod.config.listeners.len(), 4);
     assert_eq!(
-        unknown_pod.config.interception.as_ref().unwrap().outside_mesh,
+        unknown_pod
+            .config
+            .interception
+            .as_ref()
+            .unwrap()
+            .outside_mesh,
         ["192.0.2.1:443".parse().unwrap()]
     );
     let outbound: Vec<_> = client
