@@ -532,8 +532,9 @@ fn a_nacked_config_is_offered_again_and_lands_once_its_cause_passes() {
     });
     // The port frees up; nothing in the manifests changes. The control plane's retry lands.
     drop(taken);
+    // Retries back off (1 s doubling): allow several.
     eventually(
-        Duration::from_secs(10),
+        Duration::from_secs(40),
         "the retried config to go live",
         || {
             sidecar
@@ -542,11 +543,13 @@ fn a_nacked_config_is_offered_again_and_lands_once_its_cause_passes() {
                 == Some(taken_port)
         },
     );
-    let status = mesh.status();
-    let entry = status
-        .proxies
-        .iter()
-        .find(|p| p.workload == "default/reviews-v1-0")
-        .unwrap();
-    assert_eq!(entry.applied_version, entry.sent_version);
+    // The proxy applies, then ACKs: the control plane records the ACK a moment later.
+    eventually(Duration::from_secs(5), "the retried config ACKed", || {
+        let status = mesh.status();
+        status
+            .proxies
+            .iter()
+            .find(|p| p.workload == "default/reviews-v1-0")
+            .is_some_and(|entry| entry.applied_version == entry.sent_version)
+    });
 }

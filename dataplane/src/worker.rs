@@ -187,6 +187,7 @@ impl<B: Backend> Worker<B> {
     ) -> Result<usize, String> {
         let view = Rc::new(make_view(&self.stats, snapshot.clone()));
         *self.view.borrow_mut() = view;
+        self.h2.retain_endpoints_of(&snapshot);
         self.applied.notify_waiters();
         let mut accepting = self.accepting.borrow_mut();
         // Stop listeners that are gone, or whose socket is being replaced.

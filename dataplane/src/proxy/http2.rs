@@ -48,6 +48,17 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// Closes the connections to endpoints `snapshot` no longer has in that cluster (a
+    /// scaled-down Service), so they do not linger until their keep-alive fails.
+    pub fn retain_endpoints_of(&self, snapshot: &crate::snapshot::Snapshot) {
+        self.connections.borrow_mut().retain(|(cluster, addr), _| {
+            snapshot
+                .clusters
+                .iter()
+                .any(|c| c.name == *cluster && c.endpoints.contains(addr))
+        });
+    }
+
     /// Forgets `key`'s connection if it is still `shared` (a newer one may have replaced it).
     fn forget(&self, key: &Key, shared: &Shared) {
         let mut connections = self.connections.borrow_mut();
