@@ -89,6 +89,16 @@ fn full(body: impl Into<Bytes>) -> Body {
     Full::new(body.into()).boxed()
 }
 
+/// A request's whole body (empty if it broke off).
+async fn whole_body(request: Request<Incoming>) -> Bytes {
+    request
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default()
+}
+
 async fn handle(
     name: &'static str,
     request: Request<Incoming>,
@@ -101,21 +111,10 @@ async fn handle(
         .unwrap_or("")
         .to_owned();
     let response = if path == "/echo" {
-        let body = request
-            .into_body()
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
-        Response::new(full(body))
+        Response::new(full(whole_body(request).await))
     } else if path == "/grpc" {
         // gRPC's shape: the body echoed, then trailers carrying the status.
-        let body = request
-            .into_body()
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
+        let body = whole_body(request).await;
         let mut trailers = hyper::HeaderMap::new();
         trailers.insert("grpc-status", "0".parse().unwrap());
         trailers.insert("x-served-by", name.parse().unwrap());
