@@ -37,7 +37,7 @@ use shared::config::{
 };
 use shared::crd::{MtlsMode, OutboundTraffic};
 
-use crate::catalog::{Catalog, Workload, cluster_ips, service_port};
+use crate::catalog::{Catalog, Workload, service_port};
 
 /// Who a proxy is and what it wants.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -269,14 +269,14 @@ fn intercepted_outbound(
     let mut outside = Vec::new();
     for &address in &request.destinations {
         let found = catalog
-            .services
-            .iter()
-            .find_map(|((namespace, name), service)| {
-                if !cluster_ips(service).contains(&address.ip()) {
-                    return None;
-                }
-                let port = service_port(service, address.port())?;
-                Some((namespace, name, service, port))
+            .service_at(address.ip())
+            .and_then(|(namespace, name, service)| {
+                Some((
+                    namespace,
+                    name,
+                    service,
+                    service_port(service, address.port())?,
+                ))
             });
         let Some((namespace, name, service, port)) = found else {
             outside.push(address);

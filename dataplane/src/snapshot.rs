@@ -289,11 +289,13 @@ impl Snapshot {
             });
         }
         let passthrough = config.interception.as_ref().map(|_| {
+            // A cluster's defaults, and no endpoints of its own.
+            let defaults = config::Cluster::new(PASSTHROUGH, Vec::new());
             clusters.push(ClusterPlan {
                 name: PASSTHROUGH.into(),
                 endpoints: Vec::new(),
-                connect_timeout: config::Cluster::new("", Vec::new()).connect_timeout,
-                idle_timeout: config::Cluster::new("", Vec::new()).idle_timeout,
+                connect_timeout: defaults.connect_timeout,
+                idle_timeout: defaults.idle_timeout,
                 max_idle_per_endpoint: 0,
                 tls: None,
             });

@@ -241,6 +241,8 @@ pub struct Catalog {
     pub(crate) workloads: BTreeMap<(String, String), Workload>,
     /// Pod names by namespace and IP, for endpoints without a `targetRef`.
     workloads_by_ip: BTreeMap<(String, IpAddr), String>,
+    /// Services by cluster IP (namespace, name), for intercepted destinations.
+    services_by_ip: BTreeMap<IpAddr, (String, String)>,
     pub(crate) slices: BTreeMap<(String, String), Vec<EndpointSlice>>,
     pub(crate) routes: Vec<HttpRoute>,
     /// What the accepted routes claim, with the route (`namespace/name`) that claims it.
@@ -409,6 +411,11 @@ impl Catalog {
             }
             Object::Service(service) => {
                 check_service(service)?;
+                for ip in cluster_ips(service) {
+                    self.services_by_ip
+                        .entry(ip)
+                        .or_insert_with(|| (key.namespace.clone(), key.name.clone()));
+                }
                 self.services
                     .insert((key.namespace, key.name), (**service).clone());
             }
@@ -694,6 +701,12 @@ impl Catalog {
         self.services.get(&(namespace.to_owned(), name.to_owned()))
     }
 
+    /// The Service whose cluster IP is `ip`: its namespace, name and object.
+    pub fn service_at(&self, ip: IpAddr) -> Option<(&str, &str, &Service)> {
+        let (namespace, name) = self.services_by_ip.get(&ip)?;
+        Some((namespace, name, self.service(namespace, name)?))
+    }
+
     /// A Pod by namespace and name.
     pub fn workload(&self, namespace: &str, name: &str) -> Option<&Workload> {
         self.workloads.get(&(namespace.to_owned(), name.to_owned()))
@@ -749,7 +762,7 @@ pub fn service_port(
 
 /// A Service's virtual addresses (`spec.clusterIPs`, else `spec.clusterIP`); none when it is
 /// headless.
-pub fn cluster_ips(service: &Service) -> Vec<IpAddr> {
+fn cluster_ips(service: &Service) -> Vec<IpAddr> {
     let Some(spec) = service.spec.as_ref() else {
         return Vec::new();
     };

@@ -12,7 +12,6 @@
 //! the client dials its sidecar's explicit outbound listener. Everything started is stopped,
 //! and every namespace removed, when the demo ends, fails, or is interrupted (Ctrl-C).
 
-use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
@@ -816,23 +815,7 @@ fn within<T: Send>(netns: Option<&str>, f: impl FnOnce() -> T + Send) -> anyhow:
 /// Whether the sidecar whose admin server is at `admin` (inside `netns`) answers `/ready`
 /// with 200.
 fn ready(netns: Option<&str>, admin: SocketAddr) -> bool {
-    within(netns, || {
-        let Ok(mut stream) = std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(1))
-        else {
-            return false;
-        };
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-        if stream
-            .write_all(b"GET /ready HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
-            .is_err()
-        {
-            return false;
-        }
-        let mut answer = String::new();
-        let _ = stream.read_to_string(&mut answer);
-        answer.starts_with("HTTP/1.1 200")
-    })
-    .unwrap_or(false)
+    within(netns, || super::get(admin, "/ready").is_ok()).unwrap_or(false)
 }
 
 /// The figures of a `tern-load run --json` report.
