@@ -4,9 +4,10 @@
 //!
 //! This module owns detecting kTLS ([`supported`], probed once per process), turning rustls'
 //! extracted secrets into the kernel's key structures, and [`KernelTls`], the stream a
-//! connection becomes after the hand-off. [`crate::tls::TlsStream::into_kernel`] decides per
+//! connection becomes after the hand-off. [`crate::tls::Handshake::into_record_layer`] decides per
 //! connection whether to hand off; where it cannot (no kTLS in this kernel, a backend without
-//! the socket calls, data mid-record), the connection stays in userspace rustls.
+//! the socket calls, a record half-read at the end of the handshake), the connection runs
+//! Tern's userspace record layer ([`crate::usertls`]) instead.
 //!
 //! After the hand-off, records other than application data surface as control records: an
 //! alert `close_notify` is the end of the stream; anything else (a TLS 1.3 KeyUpdate, a
@@ -24,14 +25,10 @@ use rustls::ConnectionTrafficSecrets;
 use crate::io::{BufResult, Stream};
 use crate::sys::KtlsKeys;
 
-/// TLS content types (RFC 8446 §5.1).
-const ALERT: u8 = 21;
-const HANDSHAKE: u8 = 22;
-const APPLICATION_DATA: u8 = 23;
+use crate::usertls::{ALERT, APPLICATION_DATA, CLOSE_NOTIFY, HANDSHAKE};
+
 /// The largest TLS record's plaintext.
 const RECORD_MAX: usize = 16 * 1024;
-/// A warning-level `close_notify` alert.
-const CLOSE_NOTIFY: [u8; 2] = [1, 0];
 
 /// Whether this kernel offers kTLS (the `tls` TCP upper-layer protocol). Probed once.
 pub fn supported() -> bool {
@@ -124,19 +121,17 @@ fn build(cipher: Cipher, key: &[u8], iv: &[u8], sequence: u64) -> Option<KtlsKey
 /// the socket; plaintext rustls had already decrypted before the hand-off is read first.
 pub struct KernelTls<S> {
     inner: S,
-    /// Plaintext rustls decrypted before the hand-off, not yet read.
+    /// Plaintext decrypted before the hand-off, not yet read.
     pending: RefCell<Vec<u8>>,
-    /// rustls had already seen the peer's `close_notify`: after `pending`, end of stream.
-    peer_closed: bool,
 }
 
 impl<S: Stream> KernelTls<S> {
-    /// Wraps a socket whose keys are installed, with the plaintext drained from rustls.
-    pub(crate) fn new(inner: S, pending: Vec<u8>, peer_closed: bool) -> KernelTls<S> {
+    /// Wraps a socket whose keys are installed, with the plaintext of records that arrived
+    /// with the end of the handshake.
+    pub(crate) fn new(inner: S, pending: Vec<u8>) -> KernelTls<S> {
         KernelTls {
             inner,
             pending: RefCell::new(pending),
-            peer_closed,
         }
     }
 }
@@ -153,9 +148,6 @@ impl<S: Stream> Stream for KernelTls<S> {
                 buf.extend(pending.drain(..n));
                 return (Ok(n), buf);
             }
-        }
-        if self.peer_closed {
-            return (Ok(0), buf);
         }
         let start = buf.len();
         let (read, back) = self.inner.read_tls_record(buf).await;
@@ -211,7 +203,7 @@ impl<S: Stream> Stream for KernelTls<S> {
     }
 
     fn can_splice(&self) -> bool {
-        !self.peer_closed && self.pending.borrow().is_empty() && self.inner.can_splice()
+        self.pending.borrow().is_empty() && self.inner.can_splice()
     }
 
     async fn splice_to_pipe(

@@ -6,8 +6,9 @@
 //! own thread and reach workers only by message, as do [`ca_client`], which keeps this
 //! proxy certified by `tern-control`'s CA, and [`discovery_client`], which streams its
 //! config from `tern-control`; [`snapshot`] is the compiled config workers read; [`tls`]
-//! carries mutual TLS over the same IO interface and [`ktls`] hands its record layer to the
-//! kernel where it can; [`metrics`] are per-worker and merged at scrape; [`sys`] holds the
+//! runs mutual TLS handshakes over the same IO interface, then [`ktls`] hands the record
+//! layer to the kernel where it can and [`usertls`] runs it in userspace where it cannot;
+//! [`metrics`] are per-worker and merged at scrape; [`sys`] holds the
 //! OS calls; [`intercept`] writes the pod's nftables rules for `tern-proxy init`.
 
 pub mod admin;
@@ -22,6 +23,7 @@ pub mod proxy;
 pub mod snapshot;
 pub mod sys;
 pub mod tls;
+pub mod usertls;
 pub mod worker;
 
 use std::net::SocketAddr;

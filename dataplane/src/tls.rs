@@ -1,14 +1,16 @@
-//! Mutual TLS between sidecars: SPIFFE identities on both ends, TLS 1.3 through rustls, and a
-//! TLS stream that speaks the same owned-buffer [`Stream`] interface as a plain socket, so the
-//! proxy logic runs unchanged over either.
+//! Mutual TLS between sidecars: SPIFFE identities on both ends, TLS 1.3 handshakes through
+//! rustls, and [`MaybeTls`], the stream the proxy holds where a connection may or may not be
+//! TLS. It speaks the same owned-buffer [`Stream`] interface as a plain socket, so the proxy
+//! logic runs unchanged over either.
 //!
 //! This module owns loading this proxy's identity (certificate chain, key, trust bundle),
-//! verifying a peer's chain and SPIFFE ID, the TLS record pump, and [`MaybeTls`], the stream
-//! type the proxy uses where a connection may or may not be TLS. It does not decide which
-//! connections are TLS; listener and cluster config do.
+//! verifying a peer's chain and SPIFFE ID, and the handshake ([`Handshake`]). After the
+//! handshake the record layer is the kernel's ([`crate::ktls`]) or Tern's own in userspace
+//! ([`crate::usertls`]); rustls is not used for records. It does not decide which connections
+//! are TLS; listener and cluster config do.
 
 use std::cell::RefCell;
-use std::io::{self, BufRead as _, Write as _};
+use std::io;
 use std::net::Shutdown;
 use std::ops::Range;
 use std::path::Path;
@@ -118,8 +120,11 @@ pub fn classify_hello(bytes: &[u8]) -> Hello {
         Some(false) | None => Hello::Other,
     }
 }
-/// Ciphertext read size.
-const RECORD_BUFFER: usize = 18 * 1024;
+/// Ciphertext read size during the handshake.
+const HANDSHAKE_READ: usize = 18 * 1024;
+/// The longest record rustls takes (a TLS 1.2-sized ciphertext record); a longer header is
+/// garbage.
+const MAX_RECORD: usize = 16 * 1024 + 2048;
 
 /// Why an identity could not be loaded or a peer was refused.
 #[derive(Debug, thiserror::Error)]
@@ -281,7 +286,7 @@ impl Identity {
         // Tickets arrive after the handshake as records a kernel-TLS receiver cannot take;
         // sidecars reconnect rarely, so resumption is not worth them.
         server.send_tls13_tickets = 0;
-        server.enable_secret_extraction = crate::ktls::supported();
+        server.enable_secret_extraction = true;
         let validity = validity_of(&chain[0]).map_err(TlsError::Identity)?;
         Ok(Identity {
             id,
@@ -336,7 +341,7 @@ impl Identity {
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
         client.alpn_protocols = vec![alpn.to_vec()];
         client.resumption = rustls::client::Resumption::disabled();
-        client.enable_secret_extraction = crate::ktls::supported();
+        client.enable_secret_extraction = true;
         Ok(Arc::new(client))
     }
 }
@@ -405,54 +410,60 @@ impl ServerCertVerifier for SpiffeVerifier {
     }
 }
 
-/// A TLS connection over a [`Stream`], itself a [`Stream`] of plaintext.
+/// A TLS 1.3 handshake over a [`Stream`], run by rustls; [`Handshake::into_record_layer`]
+/// then gives the connection its record layer: the kernel's, or Tern's own in userspace.
 ///
-/// rustls does no IO: reads feed it ciphertext and take plaintext out, writes put plaintext
-/// in and send the records it makes. The connection state is borrowed only between awaits, so
-/// one task may read while another writes; writes of records are serialised by `sending`.
-pub struct TlsStream<S> {
+/// rustls does no IO: reads feed it ciphertext and writes send the records it makes. It is fed
+/// one whole record at a time and no more once the handshake is done, so every record after
+/// the handshake is still here, undecrypted, for the record layer to take.
+pub struct Handshake<S> {
     inner: S,
-    conn: RefCell<rustls::Connection>,
-    /// Ciphertext read from the socket and not yet taken by rustls.
-    incoming: RefCell<Vec<u8>>,
-    /// Held while records are being written; holds the reusable outgoing buffer.
-    sending: tokio::sync::Mutex<Vec<u8>>,
+    conn: rustls::Connection,
+    /// Ciphertext read from the socket and not yet given to rustls.
+    incoming: Vec<u8>,
+    /// The reusable buffer records are written from.
+    outgoing: Vec<u8>,
 }
 
 fn tls_error(error: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, error)
 }
 
-impl<S: Stream> TlsStream<S> {
-    /// The client side of a connection to `server` (its IP names it; no SNI is sent). Run
-    /// [`TlsStream::handshake`] before use.
+impl<S: Stream> Handshake<S> {
+    /// The client side of a connection to `server` (its IP names it; no SNI is sent).
     pub fn client(
         inner: S,
         config: Arc<rustls::ClientConfig>,
         server: std::net::IpAddr,
-    ) -> io::Result<TlsStream<S>> {
+    ) -> io::Result<Handshake<S>> {
         let conn = rustls::ClientConnection::new(config, ServerName::IpAddress(server.into()))
             .map_err(tls_error)?;
-        Ok(TlsStream::new(inner, conn.into()))
+        Ok(Handshake::new(inner, conn.into(), Vec::new()))
     }
 
     /// The server side of a connection; `read` holds bytes already read from the client.
-    /// Run [`TlsStream::handshake`] before use.
     pub fn server(
         inner: S,
         config: Arc<rustls::ServerConfig>,
         read: Vec<u8>,
-    ) -> io::Result<TlsStream<S>> {
+    ) -> io::Result<Handshake<S>> {
         let conn = rustls::ServerConnection::new(config).map_err(tls_error)?;
-        let stream = TlsStream::new(inner, conn.into());
-        *stream.incoming.borrow_mut() = read;
-        Ok(stream)
+        Ok(Handshake::new(inner, conn.into(), read))
     }
 
-    /// Runs `handshake` within `timeout`; on timeout or failure the socket is shut down (an
-    /// abandoned io_uring read would otherwise keep it open).
-    pub async fn handshake_within(self, timeout: std::time::Duration) -> io::Result<TlsStream<S>> {
-        match tokio::time::timeout(timeout, self.handshake()).await {
+    fn new(inner: S, conn: rustls::Connection, incoming: Vec<u8>) -> Handshake<S> {
+        Handshake {
+            inner,
+            conn,
+            incoming,
+            outgoing: Vec::new(),
+        }
+    }
+
+    /// Runs the handshake within `timeout`; on timeout or failure the socket is shut down
+    /// (an abandoned io_uring read would otherwise keep it open).
+    pub async fn run_within(mut self, timeout: std::time::Duration) -> io::Result<Handshake<S>> {
+        match tokio::time::timeout(timeout, self.run()).await {
             Ok(Ok(())) => Ok(self),
             Ok(Err(error)) => {
                 let _ = self.inner.shutdown(Shutdown::Both);
@@ -468,31 +479,27 @@ impl<S: Stream> TlsStream<S> {
         }
     }
 
-    fn new(inner: S, conn: rustls::Connection) -> TlsStream<S> {
-        TlsStream {
-            inner,
-            conn: RefCell::new(conn),
-            incoming: RefCell::new(Vec::with_capacity(RECORD_BUFFER)),
-            sending: tokio::sync::Mutex::new(Vec::with_capacity(RECORD_BUFFER)),
-        }
-    }
-
     /// Completes the handshake.
-    pub async fn handshake(&self) -> io::Result<()> {
+    async fn run(&mut self) -> io::Result<()> {
         loop {
             self.flush().await?;
-            if !self.conn.borrow().is_handshaking() {
+            if !self.conn.is_handshaking() {
                 return Ok(());
             }
-            let held = !self.incoming.borrow().is_empty();
-            if held {
-                if let Err(error) = self.feed() {
+            match self.feed() {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(error) => {
+                    // An alert may be queued for the peer; best effort.
                     let _ = self.flush().await;
                     return Err(error);
                 }
-                continue;
             }
-            if self.receive().await? == 0 {
+            let mut buf = std::mem::take(&mut self.incoming);
+            buf.reserve(HANDSHAKE_READ);
+            let (read, back) = self.inner.read(buf).await;
+            self.incoming = back;
+            if read? == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "peer closed during the TLS handshake",
@@ -501,64 +508,86 @@ impl<S: Stream> TlsStream<S> {
         }
     }
 
-    /// The peer's SPIFFE ID (after the handshake).
+    /// Sends every record rustls has ready.
+    async fn flush(&mut self) -> io::Result<()> {
+        self.outgoing.clear();
+        while self.conn.wants_write() {
+            self.conn.write_tls(&mut self.outgoing)?;
+        }
+        if self.outgoing.is_empty() {
+            return Ok(());
+        }
+        let out = std::mem::take(&mut self.outgoing);
+        let len = out.len();
+        let (written, back) = self.inner.write_all(out, 0..len).await;
+        self.outgoing = back;
+        written
+    }
+
+    /// Gives rustls the first whole record held, if there is one and the handshake still
+    /// wants it; returns whether it took one.
+    fn feed(&mut self) -> io::Result<bool> {
+        let Some(header) = self.incoming.get(..5) else {
+            return Ok(false);
+        };
+        let length = usize::from(u16::from_be_bytes([header[3], header[4]]));
+        // A record longer than TLS allows goes to rustls at once, for its error.
+        let end = if length > MAX_RECORD {
+            self.incoming.len()
+        } else if self.incoming.len() >= 5 + length {
+            5 + length
+        } else {
+            return Ok(false);
+        };
+        let mut record = &self.incoming[..end];
+        while !record.is_empty() {
+            if self.conn.read_tls(&mut record)? == 0 {
+                break;
+            }
+        }
+        self.incoming.drain(..end);
+        self.conn.process_new_packets().map_err(tls_error)?;
+        Ok(true)
+    }
+
+    /// Shuts the socket down (a peer refused after the handshake).
+    pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        self.inner.shutdown(how)
+    }
+
+    /// The peer's SPIFFE ID.
     pub fn peer_id(&self) -> Option<SpiffeId> {
-        let conn = self.conn.borrow();
-        let certs = conn.peer_certificates()?;
+        let certs = self.conn.peer_certificates()?;
         spiffe_id_of(certs.first()?).ok()
     }
 
     /// The negotiated ALPN protocol.
     pub fn alpn(&self) -> Option<Vec<u8>> {
-        self.conn.borrow().alpn_protocol().map(<[u8]>::to_vec)
+        self.conn.alpn_protocol().map(<[u8]>::to_vec)
     }
 
-    /// Hands the record layer to the kernel (kTLS) when this kernel, this backend and the
-    /// connection's state allow it; otherwise the stream stays as it is, in userspace. Call
-    /// it after the handshake and after reading [`Self::peer_id`] and [`Self::alpn`].
+    /// Takes the session's keys out of rustls and gives the connection its record layer:
+    /// the kernel's (kTLS) when this kernel, this backend and the connection allow it, else
+    /// Tern's own in userspace. Call it after the handshake and after reading
+    /// [`Self::peer_id`] and [`Self::alpn`].
     ///
-    /// An error means the keys were taken from rustls but the kernel refused them: the
-    /// connection is unusable and must be closed.
-    pub fn into_kernel(self) -> io::Result<MaybeTls<S>> {
-        if !crate::ktls::supported() || self.conn.borrow().is_handshaking() {
-            return Ok(MaybeTls::Tls(Box::new(self)));
+    /// An error leaves the connection unusable (the kernel refused its keys, or the cipher is
+    /// unknown); it must be closed.
+    pub fn into_record_layer(self) -> io::Result<MaybeTls<S>> {
+        let Handshake {
+            inner,
+            conn,
+            mut incoming,
+            ..
+        } = self;
+        if conn.is_handshaking() || conn.wants_write() {
+            return Err(io::Error::other("the TLS handshake has not finished"));
         }
-        let Some(socket) = self.inner.kernel_tls_socket() else {
-            return Ok(MaybeTls::Tls(Box::new(self)));
-        };
-        // Records already read off the socket must go through rustls; a partial one would
-        // be lost to the kernel, and so would records rustls still has to send.
-        self.feed()?;
-        if !self.incoming.borrow().is_empty() || self.conn.borrow().wants_write() {
-            return Ok(MaybeTls::Tls(Box::new(self)));
-        }
-        if let Err(error) = crate::sys::attach_tls_ulp(socket) {
-            tracing::debug!(%error, "kTLS refused for this connection; staying in userspace");
-            return Ok(MaybeTls::Tls(Box::new(self)));
-        }
-        // Plaintext rustls already decrypted is read first by the kernel-TLS stream.
-        let mut pending = Vec::new();
-        let mut peer_closed = false;
-        {
-            let mut conn = self.conn.borrow_mut();
-            let mut reader = conn.reader();
-            loop {
-                match reader.fill_buf() {
-                    Ok([]) => {
-                        peer_closed = true;
-                        break;
-                    }
-                    Ok(chunk) => {
-                        let n = chunk.len();
-                        pending.extend_from_slice(chunk);
-                        reader.consume(n);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        let secrets = match self.conn.into_inner() {
+        let limit = conn
+            .negotiated_cipher_suite()
+            .and_then(|suite| suite.tls13())
+            .map_or(u64::MAX, |suite| suite.common.confidentiality_limit);
+        let secrets = match conn {
             rustls::Connection::Client(conn) => conn.dangerous_extract_secrets(),
             rustls::Connection::Server(conn) => conn.dangerous_extract_secrets(),
         }
@@ -566,191 +595,53 @@ impl<S: Stream> TlsStream<S> {
         let unsupported = || {
             io::Error::new(
                 io::ErrorKind::Unsupported,
-                "kTLS: the negotiated cipher has no kernel interface",
+                "the negotiated TLS cipher has no record layer here",
             )
         };
-        let tx = crate::ktls::keys(secrets.tx.0, &secrets.tx.1).ok_or_else(unsupported)?;
-        let rx = crate::ktls::keys(secrets.rx.0, &secrets.rx.1).ok_or_else(unsupported)?;
-        let socket = self
-            .inner
-            .kernel_tls_socket()
-            .ok_or_else(|| io::Error::from(io::ErrorKind::Unsupported))?;
-        crate::sys::install_ktls_keys(socket, libc::TLS_TX, &tx)?;
-        crate::sys::install_ktls_keys(socket, libc::TLS_RX, &rx)?;
-        Ok(MaybeTls::Kernel(Box::new(crate::ktls::KernelTls::new(
-            self.inner,
-            pending,
-            peer_closed,
-        ))))
-    }
-
-    /// Sends every record rustls has ready.
-    async fn flush(&self) -> io::Result<()> {
-        let mut out = self.sending.lock().await;
-        loop {
-            out.clear();
-            {
-                let mut conn = self.conn.borrow_mut();
-                while conn.wants_write() {
-                    conn.write_tls(&mut *out)?;
-                }
-            }
-            if out.is_empty() {
-                return Ok(());
-            }
-            let len = out.len();
-            let (written, back) = self
-                .inner
-                .write_all(std::mem::take(&mut *out), 0..len)
-                .await;
-            *out = back;
-            written?;
-        }
-    }
-
-    /// Reads ciphertext from the socket and feeds what rustls can take; returns the bytes
-    /// read (0 at end of stream). Ciphertext rustls cannot take yet (its plaintext buffer is
-    /// full until the reader drains it) stays in `incoming` for [`Self::feed`].
-    async fn receive(&self) -> io::Result<usize> {
-        let mut buf = std::mem::take(&mut *self.incoming.borrow_mut());
-        if buf.capacity() - buf.len() < RECORD_BUFFER {
-            buf.reserve(RECORD_BUFFER);
-        }
-        let (read, back) = self.inner.read(buf).await;
-        *self.incoming.borrow_mut() = back;
-        let result = match read {
-            Ok(0) => Ok(0),
-            Ok(n) => self.feed().map(|_| n),
-            Err(e) => Err(e),
+        let mut opener =
+            crate::usertls::Opener::new(secrets.rx.0, &secrets.rx.1).ok_or_else(unsupported)?;
+        let sealer = crate::usertls::Sealer::new(secrets.tx.0, &secrets.tx.1, limit)
+            .ok_or_else(unsupported)?;
+        // Records that came with the end of the handshake are opened here, so the kernel can
+        // take over after them; a partial one keeps the connection in userspace.
+        let opened = opener.open(&mut incoming)?;
+        let partial = if opened.closed {
+            Vec::new()
+        } else {
+            incoming[opened.consumed..].to_vec()
         };
-        if result.is_err() {
-            // An alert may be queued for the peer; best effort.
-            let _ = self.flush().await;
-        }
-        result
-    }
-
-    /// Hands buffered ciphertext to rustls until it is all consumed or rustls pushes back;
-    /// returns whether any was consumed.
-    fn feed(&self) -> io::Result<bool> {
-        let mut conn = self.conn.borrow_mut();
-        let mut incoming = self.incoming.borrow_mut();
-        let mut consumed = 0;
-        while consumed < incoming.len() {
-            let mut data = &incoming[consumed..];
-            match conn.read_tls(&mut data) {
-                // After close_notify rustls takes nothing more; what follows is discarded.
-                Ok(0) => {
-                    consumed = incoming.len();
-                    break;
+        incoming.truncate(opened.plaintext);
+        let pending = incoming;
+        if partial.is_empty()
+            && !opened.closed
+            && crate::ktls::supported()
+            && let Some(socket) = inner.kernel_tls_socket()
+        {
+            match crate::sys::attach_tls_ulp(socket) {
+                Ok(()) => {
+                    let tx = crate::ktls::keys(sealer.sequence(), &secrets.tx.1)
+                        .ok_or_else(unsupported)?;
+                    let rx = crate::ktls::keys(opener.sequence(), &secrets.rx.1)
+                        .ok_or_else(unsupported)?;
+                    crate::sys::install_ktls_keys(socket, libc::TLS_TX, &tx)?;
+                    crate::sys::install_ktls_keys(socket, libc::TLS_RX, &rx)?;
+                    return Ok(MaybeTls::Kernel(Box::new(crate::ktls::KernelTls::new(
+                        inner, pending,
+                    ))));
                 }
-                Ok(n) => consumed += n,
-                // Backpressure: the plaintext buffer is full until the reader drains it.
-                Err(e) if e.kind() == io::ErrorKind::Other => break,
-                Err(e) => return Err(e),
-            }
-            conn.process_new_packets().map_err(tls_error)?;
-        }
-        incoming.drain(..consumed);
-        Ok(consumed > 0)
-    }
-}
-
-impl<S: Stream> Stream for TlsStream<S> {
-    async fn read(&self, mut buf: Vec<u8>) -> BufResult<usize> {
-        if buf.len() == buf.capacity() {
-            buf.reserve(buf.capacity().max(4096));
-        }
-        loop {
-            // Copy whatever plaintext rustls holds straight into the spare capacity (no
-            // zero-filling of the buffer first).
-            let spare = buf.capacity() - buf.len();
-            {
-                let mut conn = self.conn.borrow_mut();
-                let mut reader = conn.reader();
-                let mut copied = 0;
-                let mut would_block = false;
-                while copied < spare {
-                    match reader.fill_buf() {
-                        // close_notify: end of stream.
-                        Ok([]) => break,
-                        Ok(chunk) => {
-                            let n = chunk.len().min(spare - copied);
-                            buf.extend_from_slice(&chunk[..n]);
-                            reader.consume(n);
-                            copied += n;
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            would_block = true;
-                            break;
-                        }
-                        Err(e) if copied == 0 => return (Err(e), buf),
-                        Err(_) => break,
-                    }
-                }
-                if copied > 0 || !would_block {
-                    return (Ok(copied), buf);
+                Err(error) => {
+                    tracing::debug!(%error, "kTLS refused for this connection; staying in userspace");
                 }
             }
-            // Ciphertext held back by backpressure comes first.
-            let held = !self.incoming.borrow().is_empty();
-            if held {
-                match self.feed() {
-                    Ok(true) => continue,
-                    Ok(false) => {}
-                    Err(e) => return (Err(e), buf),
-                }
-            }
-            match self.receive().await {
-                Ok(0) => {
-                    // End of stream without close_notify: a truncation attack or a crash.
-                    let error = io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "peer closed without TLS close_notify",
-                    );
-                    return (Err(error), buf);
-                }
-                Ok(_) => {
-                    // A post-handshake message (KeyUpdate) may want an answer.
-                    let wants_write = self.conn.borrow().wants_write();
-                    if wants_write && let Err(e) = self.flush().await {
-                        return (Err(e), buf);
-                    }
-                }
-                Err(e) => return (Err(e), buf),
-            }
         }
-    }
-
-    async fn write_all(&self, buf: Vec<u8>, range: Range<usize>) -> BufResult<()> {
-        if buf.get(range.clone()).is_none() {
-            return (Err(io::ErrorKind::InvalidInput.into()), buf);
-        }
-        // rustls takes plaintext up to its buffer limit (64 KiB) at a time; send what it has
-        // encrypted before giving it more.
-        let mut at = range.start;
-        while at < range.end {
-            let taken = self.conn.borrow_mut().writer().write(&buf[at..range.end]);
-            match taken {
-                Ok(0) => {}
-                Ok(n) => at += n,
-                Err(e) => return (Err(e), buf),
-            }
-            if let Err(e) = self.flush().await {
-                return (Err(e), buf);
-            }
-        }
-        (Ok(()), buf)
-    }
-
-    fn shutdown(&self, how: Shutdown) -> io::Result<()> {
-        self.inner.shutdown(how)
-    }
-
-    async fn close_write(&self) -> io::Result<()> {
-        self.conn.borrow_mut().send_close_notify();
-        self.flush().await?;
-        self.inner.shutdown(Shutdown::Write)
+        Ok(MaybeTls::User(Box::new(crate::usertls::UserTls::new(
+            inner,
+            opener,
+            sealer,
+            pending,
+            partial,
+            opened.closed,
+        ))))
     }
 }
 
@@ -761,8 +652,8 @@ pub enum MaybeTls<S> {
     /// Plain TCP whose first bytes were read already (to tell it from TLS); reads return
     /// them first.
     Sniffed(S, RefCell<Vec<u8>>),
-    /// mTLS, records in userspace rustls.
-    Tls(Box<TlsStream<S>>),
+    /// mTLS, records in Tern's userspace record layer.
+    User(Box<crate::usertls::UserTls<S>>),
     /// mTLS, records in the kernel (kTLS).
     Kernel(Box<crate::ktls::KernelTls<S>>),
 }
@@ -792,7 +683,7 @@ impl<S> MaybeTls<S> {
     pub fn tls_mode(&self) -> Option<crate::metrics::TlsMode> {
         match self {
             MaybeTls::Plain(_) | MaybeTls::Sniffed(..) => None,
-            MaybeTls::Tls(_) => Some(crate::metrics::TlsMode::Userspace),
+            MaybeTls::User(_) => Some(crate::metrics::TlsMode::Userspace),
             MaybeTls::Kernel(_) => Some(crate::metrics::TlsMode::Kernel),
         }
     }
@@ -811,7 +702,7 @@ impl<S: Stream> Stream for MaybeTls<S> {
                     (Ok(first.len()), buf)
                 }
             }
-            MaybeTls::Tls(s) => s.read(buf).await,
+            MaybeTls::User(s) => s.read(buf).await,
             MaybeTls::Kernel(s) => s.read(buf).await,
         }
     }
@@ -819,7 +710,7 @@ impl<S: Stream> Stream for MaybeTls<S> {
     async fn write_all(&self, buf: Vec<u8>, range: Range<usize>) -> BufResult<()> {
         match self {
             MaybeTls::Plain(s) | MaybeTls::Sniffed(s, _) => s.write_all(buf, range).await,
-            MaybeTls::Tls(s) => s.write_all(buf, range).await,
+            MaybeTls::User(s) => s.write_all(buf, range).await,
             MaybeTls::Kernel(s) => s.write_all(buf, range).await,
         }
     }
@@ -834,14 +725,14 @@ impl<S: Stream> Stream for MaybeTls<S> {
                     Ok(())
                 }
             }
-            MaybeTls::Tls(_) | MaybeTls::Kernel(_) => Err(io::ErrorKind::Unsupported.into()),
+            MaybeTls::User(_) | MaybeTls::Kernel(_) => Err(io::ErrorKind::Unsupported.into()),
         }
     }
 
     fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         match self {
             MaybeTls::Plain(s) | MaybeTls::Sniffed(s, _) => s.shutdown(how),
-            MaybeTls::Tls(s) => s.shutdown(how),
+            MaybeTls::User(s) => s.shutdown(how),
             MaybeTls::Kernel(s) => s.shutdown(how),
         }
     }
@@ -849,7 +740,7 @@ impl<S: Stream> Stream for MaybeTls<S> {
     async fn close_write(&self) -> io::Result<()> {
         match self {
             MaybeTls::Plain(s) | MaybeTls::Sniffed(s, _) => s.close_write().await,
-            MaybeTls::Tls(s) => s.close_write().await,
+            MaybeTls::User(s) => s.close_write().await,
             MaybeTls::Kernel(s) => s.close_write().await,
         }
     }
@@ -859,7 +750,7 @@ impl<S: Stream> Stream for MaybeTls<S> {
             MaybeTls::Plain(s) => s.can_splice(),
             MaybeTls::Kernel(s) => s.can_splice(),
             // Sniffed bytes and userspace TLS must pass through the proxy.
-            MaybeTls::Sniffed(..) | MaybeTls::Tls(_) => false,
+            MaybeTls::Sniffed(..) | MaybeTls::User(_) => false,
         }
     }
 
@@ -871,7 +762,7 @@ impl<S: Stream> Stream for MaybeTls<S> {
         match self {
             MaybeTls::Plain(s) => s.splice_to_pipe(pipe, len).await,
             MaybeTls::Kernel(s) => s.splice_to_pipe(pipe, len).await,
-            MaybeTls::Sniffed(..) | MaybeTls::Tls(_) => Err(io::ErrorKind::Unsupported.into()),
+            MaybeTls::Sniffed(..) | MaybeTls::User(_) => Err(io::ErrorKind::Unsupported.into()),
         }
     }
 
@@ -883,7 +774,7 @@ impl<S: Stream> Stream for MaybeTls<S> {
         match self {
             MaybeTls::Plain(s) => s.splice_from_pipe(pipe, len).await,
             MaybeTls::Kernel(s) => s.splice_from_pipe(pipe, len).await,
-            MaybeTls::Sniffed(..) | MaybeTls::Tls(_) => Err(io::ErrorKind::Unsupported.into()),
+            MaybeTls::Sniffed(..) | MaybeTls::User(_) => Err(io::ErrorKind::Unsupported.into()),
         }
     }
 }

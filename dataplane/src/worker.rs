@@ -20,7 +20,7 @@ use crate::metrics::{ClusterStats, Flag, ListenerStats, Registry, WorkerReport};
 use crate::proxy;
 use crate::proxy::pool::Pool;
 use crate::snapshot::{ListenerKind, ListenerPlan, Snapshot};
-use crate::tls::{MaybeTls, TlsStream};
+use crate::tls::{Handshake, MaybeTls};
 use shared::config::Intercept;
 
 /// What the control side asks of a worker.
@@ -566,8 +566,8 @@ async fn terminate_tls<B: Backend>(
             ));
         }
     }
-    let accepted = match TlsStream::server(stream, tls.config.clone(), first) {
-        Ok(stream) => stream.handshake_within(tls.handshake_timeout).await,
+    let accepted = match Handshake::server(stream, tls.config.clone(), first) {
+        Ok(handshake) => handshake.run_within(tls.handshake_timeout).await,
         Err(error) => Err(error),
     };
     let stream = match accepted {
@@ -603,11 +603,11 @@ async fn terminate_tls<B: Backend>(
     if let Some(identity) = &identity {
         stats.peer(identity);
     }
-    let stream = match stream.into_kernel() {
+    let stream = match stream.into_record_layer() {
         Ok(stream) => stream,
         Err(error) => {
             refuse(&format_args!(
-                "handing the keys to kernel TLS failed: {error}"
+                "the TLS record layer could not take over: {error}"
             ));
             return None;
         }

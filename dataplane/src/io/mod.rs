@@ -185,7 +185,7 @@ pub trait Backend: 'static {
 }
 
 /// Grows `buf` when it has no spare capacity, so a read always has room.
-fn ensure_spare(buf: &mut Vec<u8>) {
+pub(crate) fn ensure_spare(buf: &mut Vec<u8>) {
     if buf.len() == buf.capacity() {
         buf.reserve(buf.capacity().max(4096));
     }

@@ -16,7 +16,7 @@ pub mod tcp;
 use std::net::SocketAddr;
 
 use crate::io::Backend;
-use crate::tls::{MaybeTls, TlsStream};
+use crate::tls::{Handshake, MaybeTls};
 use crate::worker::View;
 
 /// What is inside an mTLS connection to an upstream sidecar (its ALPN).
@@ -77,12 +77,12 @@ pub(crate) async fn connect_to<B: Backend>(
             return Ok(MaybeTls::Plain(stream));
         };
         let remaining = plan.connect_timeout.saturating_sub(started.elapsed());
-        match TlsStream::client(stream, tls.client(inner), addr.ip())?
-            .handshake_within(remaining)
+        match Handshake::client(stream, tls.client(inner), addr.ip())?
+            .run_within(remaining)
             .await
         {
             Ok(stream) => {
-                let stream = stream.into_kernel()?;
+                let stream = stream.into_record_layer()?;
                 if let Some(mode) = stream.tls_mode() {
                     stats.tls_mode(mode);
                 }
