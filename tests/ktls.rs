@@ -5,7 +5,7 @@
 //! The same tests run on any kernel. Where the kernel has kTLS, every mTLS connection must be
 //! handed to it, and `/proc/net/tls_stat` must show the kernel carrying the records; where it
 //! has none (as on Tern's development machines), every connection must fall back to
-//! userspace rustls and still move the bytes exactly. `TERN_EXPECT_KTLS=1` (set by the VM
+//! Tern's userspace record layer and still move the bytes exactly. `TERN_EXPECT_KTLS=1` (set by the VM
 //! harness, `tests/ktls_vm.rs`, which boots a kernel that has it) makes the absence of kTLS
 //! a failure rather than a fallback.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -191,8 +191,9 @@ fn chacha20_poly1305() {
 }
 
 /// A userspace rustls client that sends its first bytes in the same write as its handshake
-/// `Finished`: the inbound proxy reads both at once, so rustls holds decrypted plaintext at
-/// the hand-off, which must reach the app first. Closing with `close_notify` must come back
+/// `Finished`: the inbound proxy reads both at once, so records behind the handshake are
+/// opened at the hand-off (then the kernel, where there is kTLS, takes over after them), and
+/// their plaintext must reach the app first. Closing with `close_notify` must come back
 /// as a clean `close_notify` (the kernel side sends it as an alert record).
 #[test]
 fn data_that_arrives_with_the_handshake_and_close_notify_survive_the_hand_off() {

@@ -39,7 +39,7 @@ pub fn supported() -> bool {
             true
         }
         Err(error) => {
-            tracing::info!(%error, "kernel TLS is unavailable (no `tls` module?): mTLS stays in userspace rustls");
+            tracing::info!(%error, "kernel TLS is unavailable (no `tls` module?): mTLS records stay in userspace");
             false
         }
     })
