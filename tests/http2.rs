@@ -2,7 +2,8 @@
 //! an `http` listener, many concurrent streams on one connection each routed on its own,
 //! bodies both ways under flow control, trailers passed on, the proxy's own answers for no
 //! route and a dead upstream, an mTLS sidecar pair carrying HTTP/2 inside (ALPN `tern-h2`), and a
-//! long-lived connection that follows a config change.
+//! long-lived connection that follows a config change (and whose pooled upstream connections
+//! to endpoints a new config drops are closed).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use bytes::Bytes;
@@ -150,6 +151,24 @@ fn a_long_lived_connection_follows_config_changes(backend: BackendChoice) {
     let config = shared::Config::from_yaml(&yaml("b"), "v2").unwrap();
     proxy.reload(config, "v2").unwrap();
     assert_eq!(client.get("svc", "/2").text(), "b /2");
+
+    // An endpoint a new config no longer has (a scaled-down Service): the proxy's pooled
+    // connection to it closes at the apply, not when its keep-alive next fails.
+    let open = |upstream: &Http| upstream.open.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(open(&b), 1, "one pooled connection to b");
+    let without_b = format!(
+        "listeners:\n  - {{ name: web, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: a }}] }}\nclusters:\n  - {{ name: a, endpoints: [{}] }}\n",
+        a.addr
+    );
+    let config = shared::Config::from_yaml(&without_b, "v3").unwrap();
+    proxy.reload(config, "v3").unwrap();
+    tests::eventually(
+        std::time::Duration::from_secs(5),
+        "the connection to b to close",
+        || open(&b) == 0,
+    );
+    assert_eq!(client.get("svc", "/3").text(), "a /3");
+    assert_eq!(open(&a), 1, "the connection to a, still configured, stays");
 }
 
 both_backends!(

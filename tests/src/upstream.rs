@@ -80,6 +80,8 @@ pub struct Http {
     pub requests: Arc<AtomicUsize>,
     /// Connections it has accepted.
     pub connections: Arc<AtomicUsize>,
+    /// Connections open now.
+    pub open: Arc<AtomicUsize>,
     _runtime: tokio::runtime::Runtime,
 }
 
@@ -202,14 +204,17 @@ impl Http {
         let addr = listener.local_addr().unwrap();
         let requests = Arc::new(AtomicUsize::new(0));
         let connections = Arc::new(AtomicUsize::new(0));
-        let (reqs, conns) = (requests.clone(), connections.clone());
+        let open = Arc::new(AtomicUsize::new(0));
+        let (reqs, conns, now_open) = (requests.clone(), connections.clone(), open.clone());
         runtime.spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
                 conns.fetch_add(1, Ordering::SeqCst);
+                now_open.fetch_add(1, Ordering::SeqCst);
                 let reqs = reqs.clone();
+                let now_open = now_open.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |request| {
                         reqs.fetch_add(1, Ordering::SeqCst);
@@ -221,6 +226,7 @@ impl Http {
                     )
                     .serve_connection_with_upgrades(TokioIo::new(stream), service)
                     .await;
+                    now_open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
@@ -228,6 +234,7 @@ impl Http {
             addr,
             requests,
             connections,
+            open,
             _runtime: runtime,
         }
     }
