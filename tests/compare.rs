@@ -1,5 +1,6 @@
 //! `tern-load compare` end to end on loopback: direct traffic, one `tern-proxy` hop and an
-//! mTLS sidecar pair, each started from the real binary, measured in one run.
+//! mTLS sidecar pair, each started from the real binary, measured in one run, for HTTP/1.1,
+//! opaque TCP and gRPC (which the proxies route as HTTP/2).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
@@ -28,7 +29,7 @@ fn scenario(protocol: Protocol) -> Scenario {
 
 #[test]
 fn compares_direct_a_hop_and_an_mtls_pair_in_one_run() {
-    for protocol in [Protocol::Http, Protocol::Tcp] {
+    for protocol in [Protocol::Http, Protocol::Tcp, Protocol::Grpc] {
         let out = TempDir::new("compare");
         let programs = Programs {
             tern_proxy: binary("tern-proxy"),

@@ -249,11 +249,13 @@ fn start_target(
     let listen = free_port()?;
     let child = match kind {
         TargetKind::Tern | TargetKind::TernUring => {
+            // An `http` listener takes HTTP/1.1 and HTTP/2 (told by the preface) and speaks
+            // the same version to the upstream.
             let listener = match scenario.protocol.proxied_as() {
-                Protocol::Http => format!(
+                Protocol::Http | Protocol::Http2 | Protocol::Grpc => format!(
                     "{{ name: hop, address: {listen}, protocol: http, routes: [{{ cluster: upstream }}] }}"
                 ),
-                _ => {
+                Protocol::Tcp => {
                     format!("{{ name: hop, address: {listen}, protocol: tcp, cluster: upstream }}")
                 }
             };
@@ -354,7 +356,14 @@ fn start_peer(
     programs: &Programs,
 ) -> anyhow::Result<Child> {
     std::fs::create_dir_all(dir)?;
-    let mode = scenario.protocol.proxied_as().name();
+    let proxied_as = scenario.protocol.proxied_as();
+    let mode = if proxied_as == Protocol::Tcp {
+        "tcp"
+    } else {
+        "http"
+    };
+    // HTTP/2 on both sides: prior knowledge in cleartext, ALPN `h2` under TLS.
+    let h2 = proxied_as == Protocol::Http2;
     let d = dir.display().to_string();
     let mut vars: Vec<(&str, String)> = vec![
         ("listen", listen.to_string()),
@@ -369,11 +378,28 @@ fn start_peer(
                 "# ".to_owned()
             },
         ),
-        ("bind_tls", String::new()),
-        ("server_tls", String::new()),
+        // HAProxy's cleartext HTTP/2, on both sides (replaced by ALPN where TLS is set).
+        (
+            "bind_tls",
+            if h2 && peer == Peer::Haproxy {
+                " proto h2"
+            } else {
+                ""
+            }
+            .to_owned(),
+        ),
+        (
+            "server_tls",
+            if h2 && peer == Peer::Haproxy {
+                " proto h2"
+            } else {
+                ""
+            }
+            .to_owned(),
+        ),
         ("listen_tls", String::new()),
         ("proxy_tls", String::new()),
-        ("scheme", "http".to_owned()),
+        ("scheme", if h2 { "grpc" } else { "http" }.to_owned()),
     ];
     let mut set = |key: &str, value: String| {
         if let Some(slot) = vars.iter_mut().find(|(k, _)| *k == key) {
@@ -387,7 +413,8 @@ fn start_peer(
             set(
                 "bind_tls",
                 format!(
-                    " ssl crt {p}/server.pem ca-file {p}/ca.crt verify required ssl-min-ver TLSv1.3"
+                    " ssl crt {p}/server.pem ca-file {p}/ca.crt verify required ssl-min-ver TLSv1.3{}",
+                    if h2 { " alpn h2" } else { "" }
                 ),
             );
         }
@@ -397,7 +424,8 @@ fn start_peer(
             set(
                 "server_tls",
                 format!(
-                    " ssl crt {p}/client.pem ca-file {p}/ca.crt verify required verifyhost {name} sni str({name}) ssl-min-ver TLSv1.3"
+                    " ssl crt {p}/client.pem ca-file {p}/ca.crt verify required verifyhost {name} sni str({name}) ssl-min-ver TLSv1.3{}",
+                    if h2 { " alpn h2" } else { "" }
                 ),
             );
         }
@@ -414,16 +442,18 @@ fn start_peer(
         (Peer::Nginx, Tls::Originate(pki)) => {
             let p = pki.dir().display();
             let name = pki.dns_name("server");
-            let on = if scenario.protocol.proxied_as() == Protocol::Tcp {
+            let on = if proxied_as == Protocol::Tcp {
                 "proxy_ssl on; "
             } else {
                 ""
             };
-            set("scheme", "https".to_owned());
+            // HTTP/2 upstreams are nginx's grpc module, whose TLS directives are its own.
+            let directive = if h2 { "grpc" } else { "proxy" };
+            set("scheme", if h2 { "grpcs" } else { "https" }.to_owned());
             set(
                 "proxy_tls",
                 format!(
-                    "{on}proxy_ssl_certificate {p}/client.crt; proxy_ssl_certificate_key {p}/client.key; proxy_ssl_trusted_certificate {p}/ca.crt; proxy_ssl_verify on; proxy_ssl_name {name}; proxy_ssl_server_name on; proxy_ssl_protocols TLSv1.3; proxy_ssl_session_reuse on;"
+                    "{on}{directive}_ssl_certificate {p}/client.crt; {directive}_ssl_certificate_key {p}/client.key; {directive}_ssl_trusted_certificate {p}/ca.crt; {directive}_ssl_verify on; {directive}_ssl_name {name}; {directive}_ssl_server_name on; {directive}_ssl_protocols TLSv1.3; {directive}_ssl_session_reuse on;"
                 ),
             );
         }
@@ -437,9 +467,10 @@ fn start_peer(
             c
         }
         Peer::Nginx => {
-            let template = match scenario.protocol.proxied_as() {
+            let template = match proxied_as {
                 Protocol::Http => include_str!("../peers/nginx-http.conf"),
-                _ => include_str!("../peers/nginx-tcp.conf"),
+                Protocol::Http2 | Protocol::Grpc => include_str!("../peers/nginx-http2.conf"),
+                Protocol::Tcp => include_str!("../peers/nginx-tcp.conf"),
             };
             let config = dir.join("nginx.conf");
             std::fs::write(&config, fill(template, &vars))?;
@@ -598,10 +629,10 @@ fn start_mtls_pair(
         .protocol
         .proxied_as()
     {
-        Protocol::Http => format!(
+        Protocol::Http | Protocol::Http2 | Protocol::Grpc => format!(
             "  - {{ name: {name}, address: {address}, protocol: http, routes: [{{ cluster: {to} }}]{tls} }}\n"
         ),
-        _ => format!(
+        Protocol::Tcp => format!(
             "  - {{ name: {name}, address: {address}, protocol: tcp, cluster: {to}{tls} }}\n"
         ),
     };

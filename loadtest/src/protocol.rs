@@ -31,12 +31,13 @@ impl Protocol {
         }
     }
 
-    /// What a proxy in front of a target must speak to carry this protocol: HTTP/2 and gRPC
-    /// cross proxies as opaque TCP (an L4 comparison) until Tern routes HTTP/2 itself.
+    /// What a proxy in front of a target speaks to carry this protocol: each proxy runs as
+    /// an L7 proxy of the target's HTTP version (gRPC is carried as HTTP/2), TCP as L4.
     pub fn proxied_as(self) -> Protocol {
         match self {
+            Protocol::Tcp => Protocol::Tcp,
             Protocol::Http => Protocol::Http,
-            Protocol::Tcp | Protocol::Http2 | Protocol::Grpc => Protocol::Tcp,
+            Protocol::Http2 | Protocol::Grpc => Protocol::Http2,
         }
     }
 
