@@ -429,14 +429,14 @@ mod tests {
     use std::sync::Arc;
 
     use rustls::crypto::ring::cipher_suite;
-    use rustls::{ClientConnection, ServerConnection, SupportedCipherSuite};
+    use rustls::{ClientConnection, Connection, ServerConnection, SupportedCipherSuite};
 
     use super::*;
 
     /// A finished in-memory TLS 1.3 handshake between a rustls client and server, with the
     /// server's keys extracted into this layer; the client stays in rustls.
     struct Session {
-        client: ClientConnection,
+        client: Connection,
         opener: Opener,
         sealer: Sealer,
     }
@@ -469,26 +469,11 @@ mod tests {
             .with_root_certificates(roots)
             .with_no_client_auth();
         let name = rustls::pki_types::ServerName::try_from("peer.example").unwrap();
-        let mut client = ClientConnection::new(Arc::new(client), name).unwrap();
-        let mut server = ServerConnection::new(Arc::new(server)).unwrap();
+        let mut client = Connection::from(ClientConnection::new(Arc::new(client), name).unwrap());
+        let mut server = Connection::from(ServerConnection::new(Arc::new(server)).unwrap());
         while client.is_handshaking() || server.is_handshaking() {
-            let mut wire = Vec::new();
-            while client.wants_write() {
-                client.write_tls(&mut wire).unwrap();
-            }
-            // An empty read would be taken for the peer's end of stream.
-            if !wire.is_empty() {
-                server.read_tls(&mut wire.as_slice()).unwrap();
-                server.process_new_packets().unwrap();
-            }
-            let mut wire = Vec::new();
-            while server.wants_write() {
-                server.write_tls(&mut wire).unwrap();
-            }
-            if !wire.is_empty() {
-                client.read_tls(&mut wire.as_slice()).unwrap();
-                client.process_new_packets().unwrap();
-            }
+            pass(&mut client, &mut server);
+            pass(&mut server, &mut client);
         }
         let limit = suite.tls13().unwrap().common.confidentiality_limit;
         let secrets = server.dangerous_extract_secrets().unwrap();
@@ -496,6 +481,19 @@ mod tests {
             client,
             opener: Opener::new(secrets.rx.0, &secrets.rx.1).unwrap(),
             sealer: Sealer::new(secrets.tx.0, &secrets.tx.1, limit).unwrap(),
+        }
+    }
+
+    /// Hands what `from` has to send to `to`.
+    fn pass(from: &mut Connection, to: &mut Connection) {
+        let mut wire = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut wire).unwrap();
+        }
+        // An empty read would be taken for the peer's end of stream.
+        if !wire.is_empty() {
+            to.read_tls(&mut wire.as_slice()).unwrap();
+            to.process_new_packets().unwrap();
         }
     }
 
@@ -511,7 +509,7 @@ mod tests {
     }
 
     /// What the rustls client sends for `data` (its records, whole).
-    fn client_records(client: &mut ClientConnection, data: &[u8]) -> Vec<u8> {
+    fn client_records(client: &mut Connection, data: &[u8]) -> Vec<u8> {
         let mut written = 0;
         let mut wire = Vec::new();
         while written < data.len() {
