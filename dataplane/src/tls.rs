@@ -679,6 +679,15 @@ impl<S> MaybeTls<S> {
         }
     }
 
+    /// Whether a pool should stop reusing this connection: its userspace TLS keys are near
+    /// their confidentiality limit ([`crate::usertls::UserTls::worn`]).
+    pub fn worn(&self) -> bool {
+        match self {
+            MaybeTls::User(s) => s.worn(),
+            MaybeTls::Plain(_) | MaybeTls::Sniffed(..) | MaybeTls::Kernel(_) => false,
+        }
+    }
+
     /// Where the record layer runs, for TLS connections.
     pub fn tls_mode(&self) -> Option<crate::metrics::TlsMode> {
         match self {

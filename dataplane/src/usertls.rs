@@ -12,8 +12,9 @@
 //! alerts. `close_notify` is the end of the stream; any other alert, or a post-handshake
 //! handshake message (a KeyUpdate or session ticket; Tern sends neither), ends the connection
 //! with an error. A sender stops with an error at its AEAD's confidentiality limit (2^24
-//! records for AES-GCM, about 256 GiB of full records) rather than send past it: a KeyUpdate
-//! would need the traffic secret, which rustls does not hand out.
+//! records for AES-GCM) rather than send past it: a KeyUpdate would need the traffic secret,
+//! which rustls' buffered connection does not hand out. Pools retire a connection before
+//! that ([`UserTls::worn`]): past 7/8 of the limit in either direction it is not reused.
 
 use std::cell::RefCell;
 use std::io;
@@ -159,6 +160,9 @@ impl Opener {
             let Some(last) = opened.iter().rposition(|&b| b != 0) else {
                 return Err(invalid("TLS record with no content type"));
             };
+            if last > MAX_FRAGMENT {
+                return Err(invalid("TLS record plaintext longer than 2^14 bytes"));
+            }
             let content_type = opened[last];
             at = end;
             match content_type {
@@ -220,6 +224,8 @@ impl Sealer {
     fn seal(&mut self, content_type: u8, data: &[u8]) -> io::Result<()> {
         debug_assert!(data.len() <= MAX_FRAGMENT);
         let length = data.len() + 1 + TAG;
+        // The nonce first: at the limit nothing is added to the buffer.
+        let nonce = self.keys.next_nonce()?;
         let start = self.out.len();
         self.out.reserve(HEADER + length);
         let header = [
@@ -232,7 +238,6 @@ impl Sealer {
         self.out.extend_from_slice(&header);
         self.out.extend_from_slice(data);
         self.out.push(content_type);
-        let nonce = self.keys.next_nonce()?;
         let tag = self
             .keys
             .key
@@ -263,6 +268,22 @@ pub struct UserTls<S> {
     receiving: RefCell<Receiving>,
     /// Held while records are being written, so they go out in sequence order.
     sending: tokio::sync::Mutex<Sealer>,
+    /// The next record's sequence number on the sending side, readable without the lock.
+    sent: std::cell::Cell<u64>,
+    /// Where [`Self::worn`] starts saying yes.
+    worn_at: u64,
+}
+
+impl<S> UserTls<S> {
+    /// Whether either direction has used 7/8 of what its key may protect: a pool should not
+    /// reuse the connection, so it is retired before a write fails at the limit.
+    pub fn worn(&self) -> bool {
+        let received = self
+            .receiving
+            .try_borrow()
+            .map_or(0, |receiving| receiving.opener.sequence());
+        self.sent.get().max(received) >= self.worn_at
+    }
 }
 
 impl<S: Stream> UserTls<S> {
@@ -286,12 +307,15 @@ impl<S: Stream> UserTls<S> {
                 read_size: FIRST_READ,
                 closed,
             }),
+            sent: std::cell::Cell::new(sealer.sequence()),
+            worn_at: sealer.keys.limit - sealer.keys.limit / 8,
             sending: tokio::sync::Mutex::new(sealer),
         }
     }
 
     /// Writes what the sealer holds, then empties it.
     async fn send(&self, sealer: &mut Sealer) -> io::Result<()> {
+        self.sent.set(sealer.sequence());
         let out = std::mem::take(&mut sealer.out);
         let len = out.len();
         let (written, mut back) = self.inner.write_all(out, 0..len).await;
@@ -323,8 +347,9 @@ impl<S: Stream> Stream for UserTls<S> {
                 if buf.capacity() - buf.len() < wanted {
                     buf.reserve(wanted);
                 }
+                // `partial` stays until this read's bytes are opened, so a read abandoned
+                // mid-await (a timeout) loses nothing.
                 buf.extend_from_slice(&receiving.partial);
-                receiving.partial.clear();
                 whole_record(&buf[start..])
             };
             if !whole_record {
@@ -358,6 +383,7 @@ impl<S: Stream> Stream for UserTls<S> {
                 }
             }
             let mut receiving = self.receiving.borrow_mut();
+            receiving.partial.clear();
             let opened = match receiving.opener.open(&mut buf[start..]) {
                 Ok(opened) => opened,
                 Err(error) => {
@@ -633,6 +659,58 @@ mod tests {
         assert!(whole_record(&huge));
         assert!(s.opener.open(&mut huge.to_vec()).is_err());
         assert!(!whole_record(&[APPLICATION_DATA, 3, 3, 0, 40, 1, 2]));
+    }
+
+    /// A socket that takes every write.
+    struct Sink;
+
+    impl Stream for Sink {
+        async fn read(&self, buf: Vec<u8>) -> BufResult<usize> {
+            (Ok(0), buf)
+        }
+        async fn write_all(&self, buf: Vec<u8>, _range: Range<usize>) -> BufResult<()> {
+            (Ok(()), buf)
+        }
+        fn shutdown(&self, _how: Shutdown) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_connection_is_worn_at_seven_eighths_of_its_limit_either_way() {
+        let secrets = ConnectionTrafficSecrets::Aes256Gcm {
+            key: [1u8; 32].into(),
+            iv: [2u8; 12].into(),
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let tls = UserTls::new(
+            Sink,
+            Opener::new(0, &secrets).unwrap(),
+            Sealer::new(0, &secrets, 16).unwrap(),
+            Vec::new(),
+            Vec::new(),
+            false,
+        );
+        for _ in 0..13 {
+            let (written, _) = runtime.block_on(tls.write_all(b"x".to_vec(), 0..1));
+            written.unwrap();
+        }
+        assert!(!tls.worn(), "13 of 16 records");
+        let (written, _) = runtime.block_on(tls.write_all(b"x".to_vec(), 0..1));
+        written.unwrap();
+        assert!(tls.worn(), "14 of 16 records");
+
+        let tls = UserTls::new(
+            Sink,
+            Opener::new(14, &secrets).unwrap(),
+            Sealer::new(0, &secrets, 16).unwrap(),
+            Vec::new(),
+            Vec::new(),
+            false,
+        );
+        assert!(tls.worn(), "the peer's side counts too");
     }
 
     #[test]

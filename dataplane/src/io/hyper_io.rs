@@ -39,8 +39,8 @@ struct Sending {
     spare: Vec<u8>,
     /// A sender task is scheduled or writing.
     active: bool,
-    /// The error a write met, reported by the next call.
-    failed: Option<io::Error>,
+    /// The error a write met: every later call reports it, and nothing more is sent.
+    failed: Option<(io::ErrorKind, String)>,
     /// A write or shutdown waiting for the sender.
     waiting: Option<std::task::Waker>,
 }
@@ -59,8 +59,13 @@ pub struct HyperIo<S: Stream> {
 impl<S: Stream> HyperIo<S> {
     /// Wraps a stream.
     pub fn new(stream: S) -> HyperIo<S> {
+        HyperIo::shared(Rc::new(stream))
+    }
+
+    /// Wraps a stream the caller keeps a handle to (to ask it things while hyper runs it).
+    pub fn shared(stream: Rc<S>) -> HyperIo<S> {
         HyperIo {
-            stream: Rc::new(stream),
+            stream,
             reading: None,
             read_buf: Vec::new(),
             read_pos: 0,
@@ -69,10 +74,10 @@ impl<S: Stream> HyperIo<S> {
         }
     }
 
-    /// The error the sender met, if any (reported once).
-    fn take_failure(&self) -> io::Result<()> {
-        match self.sending.borrow_mut().failed.take() {
-            Some(error) => Err(error),
+    /// The error the sender met, if any.
+    fn failure(&self) -> io::Result<()> {
+        match &self.sending.borrow().failed {
+            Some((kind, message)) => Err(io::Error::new(*kind, message.clone())),
             None => Ok(()),
         }
     }
@@ -105,7 +110,7 @@ async fn send<S: Stream>(stream: Rc<S>, sending: Rc<RefCell<Sending>>) {
         buf.clear();
         state.spare = buf;
         if let Err(error) = written {
-            state.failed = Some(error);
+            state.failed = Some((error.kind(), error.to_string()));
             state.pending.clear();
             state.active = false;
             if let Some(waker) = state.waiting.take() {
@@ -159,7 +164,7 @@ impl<S: Stream> hyper::rt::Write for HyperIo<S> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        this.take_failure()?;
+        this.failure()?;
         let mut state = this.sending.borrow_mut();
         if state.pending.len() >= WRITE_LIMIT {
             state.waiting = Some(cx.waker().clone());
@@ -174,7 +179,7 @@ impl<S: Stream> hyper::rt::Write for HyperIo<S> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(self.take_failure())
+        Poll::Ready(self.failure())
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -186,7 +191,7 @@ impl<S: Stream> hyper::rt::Write for HyperIo<S> {
                 return Poll::Pending;
             }
         }
-        this.take_failure()?;
+        this.failure()?;
         if this.closing.is_none() {
             let stream = this.stream.clone();
             this.closing = Some(Box::pin(async move { stream.close_write().await }));
@@ -201,9 +206,16 @@ impl<S: Stream> hyper::rt::Write for HyperIo<S> {
 impl<S: Stream> Drop for HyperIo<S> {
     fn drop(&mut self) {
         // A read still in flight is an io_uring operation that outlives its future and keeps
-        // the socket open: shut the socket so it completes and the socket closes.
+        // the socket open: shut the socket so it completes and the socket closes. Bytes the
+        // sender has yet to write still go: then only reading is shut, and the socket closes
+        // when the sender lets go of it.
         if self.reading.is_some() {
-            let _ = self.stream.shutdown(std::net::Shutdown::Both);
+            let how = if self.sending.borrow().active {
+                std::net::Shutdown::Read
+            } else {
+                std::net::Shutdown::Both
+            };
+            let _ = self.stream.shutdown(how);
         }
     }
 }
@@ -317,11 +329,13 @@ mod tests {
             recorder.fail.set(true);
             tokio::task::yield_now().await;
             tokio::task::yield_now().await;
-            let error = write(&mut io, b"after").map(|r| r.unwrap_err());
-            assert!(
-                matches!(error, Poll::Ready(ref e) if e.kind() == io::ErrorKind::BrokenPipe),
-                "{error:?}"
-            );
+            for _ in 0..2 {
+                let error = write(&mut io, b"after").map(|r| r.unwrap_err());
+                assert!(
+                    matches!(error, Poll::Ready(ref e) if e.kind() == io::ErrorKind::BrokenPipe),
+                    "every write after the failure reports it: {error:?}"
+                );
+            }
         });
     }
 }

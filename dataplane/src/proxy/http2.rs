@@ -35,7 +35,15 @@ pub type Body = Either<Incoming, Full<Bytes>>;
 
 /// An upstream connection, or the one being made: streams that arrive while it is being
 /// made wait for it rather than each opening their own.
-type Shared = Rc<tokio::sync::OnceCell<SendRequest<Incoming>>>;
+type Shared = Rc<tokio::sync::OnceCell<Upstream>>;
+
+/// A pooled upstream connection: what sends on it, and whether its TLS keys are worn
+/// ([`MaybeTls::worn`]), so the pool retires it before they run out.
+#[derive(Clone)]
+struct Upstream {
+    sender: SendRequest<Incoming>,
+    worn: Rc<dyn Fn() -> bool>,
+}
 
 /// A pool entry's key: the cluster and the endpoint.
 type Key = (Arc<str>, SocketAddr);
@@ -261,20 +269,23 @@ async fn upstream<B: Backend>(
     for _ in 0..plan.endpoints.len().min(super::CONNECT_ATTEMPTS) {
         let addr = view.next_endpoint(cluster)?;
         let key = (plan.name.clone(), addr);
-        let shared: Shared = worker
-            .h2
-            .connections
-            .borrow_mut()
-            .entry(key.clone())
-            .or_default()
-            .clone();
+        let shared: Shared = {
+            let mut connections = worker.h2.connections.borrow_mut();
+            let entry = connections.entry(key.clone()).or_default();
+            if entry.get().is_some_and(|upstream| (upstream.worn)()) {
+                // Streams in flight finish on it; new ones go to a new connection.
+                tracing::debug!(%addr, "retiring an HTTP/2 upstream connection whose TLS keys are near their limit");
+                *entry = Shared::default();
+            }
+            entry.clone()
+        };
         let pooled = shared.initialized();
         let made = shared
             .get_or_try_init(|| connect::<B>(view, cluster, addr))
             .await;
         match made {
-            Ok(sender) => {
-                let mut sender = sender.clone();
+            Ok(upstream) => {
+                let mut sender = upstream.sender.clone();
                 if sender.ready().await.is_ok() {
                     if pooled {
                         view.clusters[cluster].reused();
@@ -296,17 +307,19 @@ async fn connect<B: Backend>(
     view: &View,
     cluster: usize,
     addr: SocketAddr,
-) -> Result<SendRequest<Incoming>, ()> {
+) -> Result<Upstream, ()> {
     let name = view.snapshot.clusters[cluster].name.clone();
-    let stream = super::connect_to::<B>(view, cluster, addr, super::Inner::Http2)
-        .await
-        .ok_or(())?;
+    let stream = Rc::new(
+        super::connect_to::<B>(view, cluster, addr, super::Inner::Http2)
+            .await
+            .ok_or(())?,
+    );
     match hyper::client::conn::http2::Builder::new(LocalExec)
         .timer(hyper_util::rt::TokioTimer::new())
         .keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true)
-        .handshake::<_, Incoming>(HyperIo::new(stream))
+        .handshake::<_, Incoming>(HyperIo::shared(stream.clone()))
         .await
     {
         Ok((sender, connection)) => {
@@ -315,7 +328,11 @@ async fn connect<B: Backend>(
                     tracing::debug!(cluster = %name, %addr, %error, "HTTP/2 upstream connection ended");
                 }
             });
-            Ok(sender)
+            let stream = Rc::downgrade(&stream);
+            Ok(Upstream {
+                sender,
+                worn: Rc::new(move || stream.upgrade().is_some_and(|s| s.worn())),
+            })
         }
         Err(error) => {
             tracing::debug!(cluster = %name, %addr, %error, "HTTP/2 handshake with upstream failed");
