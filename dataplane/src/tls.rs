@@ -617,19 +617,30 @@ impl<S: Stream> Handshake<S> {
             && crate::ktls::supported()
             && let Some(socket) = inner.kernel_tls_socket()
         {
-            match crate::sys::attach_tls_ulp(socket) {
-                Ok(()) => {
-                    let tx = crate::ktls::keys(sealer.sequence(), &secrets.tx.1)
-                        .ok_or_else(unsupported)?;
-                    let rx = crate::ktls::keys(opener.sequence(), &secrets.rx.1)
-                        .ok_or_else(unsupported)?;
-                    crate::sys::install_ktls_keys(socket, libc::TLS_TX, &tx)?;
-                    crate::sys::install_ktls_keys(socket, libc::TLS_RX, &rx)?;
-                    return Ok(MaybeTls::Kernel(Box::new(crate::ktls::KernelTls::new(
-                        inner, pending,
-                    ))));
+            let tx = crate::ktls::keys(sealer.sequence(), &secrets.tx.1);
+            let rx = crate::ktls::keys(opener.sequence(), &secrets.rx.1);
+            let attached = crate::sys::attach_tls_ulp(socket);
+            match (attached, tx, rx) {
+                (Ok(()), Some(tx), Some(rx)) => {
+                    // Until the first key is in, the socket is still plain TCP: a kernel that
+                    // refuses this cipher (ChaCha20 before Linux 5.11, say) leaves the
+                    // connection to userspace. After it, a refusal is fatal.
+                    match crate::sys::install_ktls_keys(socket, libc::TLS_TX, &tx) {
+                        Ok(()) => {
+                            crate::sys::install_ktls_keys(socket, libc::TLS_RX, &rx)?;
+                            return Ok(MaybeTls::Kernel(Box::new(crate::ktls::KernelTls::new(
+                                inner, pending,
+                            ))));
+                        }
+                        Err(error) => {
+                            tracing::debug!(%error, "the kernel refused this cipher's keys; staying in userspace");
+                        }
+                    }
                 }
-                Err(error) => {
+                (Ok(()), _, _) => {
+                    tracing::debug!("no kernel interface for this cipher; staying in userspace");
+                }
+                (Err(error), _, _) => {
                     tracing::debug!(%error, "kTLS refused for this connection; staying in userspace");
                 }
             }
