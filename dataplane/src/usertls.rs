@@ -320,6 +320,7 @@ impl<S: Stream> UserTls<S> {
         let len = out.len();
         let (written, mut back) = self.inner.write_all(out, 0..len).await;
         back.clear();
+        crate::io::fit(&mut back, len, FIRST_READ);
         sealer.out = back;
         written
     }
@@ -374,6 +375,8 @@ impl<S: Stream> Stream for UserTls<S> {
                         let mut receiving = self.receiving.borrow_mut();
                         if n == asked && receiving.read_size < MAX_READ {
                             receiving.read_size = (receiving.read_size * 2).min(MAX_READ);
+                        } else if n.saturating_mul(8) < receiving.read_size {
+                            receiving.read_size = (receiving.read_size / 2).max(FIRST_READ);
                         }
                     }
                     Err(error) => {

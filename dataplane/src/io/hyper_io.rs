@@ -108,6 +108,7 @@ async fn send<S: Stream>(stream: Rc<S>, sending: Rc<RefCell<Sending>>) {
         let (written, mut buf) = stream.write_all(buf, 0..len).await;
         let mut state = sending.borrow_mut();
         buf.clear();
+        super::fit(&mut buf, len, READ_BUFFER);
         state.spare = buf;
         if let Err(error) = written {
             state.failed = Some((error.kind(), error.to_string()));

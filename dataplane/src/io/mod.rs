@@ -184,9 +184,43 @@ pub trait Backend: 'static {
     fn block_on<F: Future>(future: F) -> io::Result<F::Output>;
 }
 
+/// After a read or write that used `used` bytes of `buf`, gives memory back: a buffer that
+/// grew for a bulk burst and is now more than eight times what traffic uses shrinks to twice
+/// that, never below `floor`. Buffers grow when reads fill them; this keeps a connection
+/// that once moved bulk from holding its largest buffer for the rest of its life.
+pub(crate) fn fit(buf: &mut Vec<u8>, used: usize, floor: usize) {
+    if buf.capacity() > floor && used.saturating_mul(8) < buf.capacity() {
+        buf.shrink_to(used.saturating_mul(2).max(floor).max(buf.len()));
+    }
+}
+
 /// Grows `buf` when it has no spare capacity, so a read always has room.
 pub(crate) fn ensure_spare(buf: &mut Vec<u8>) {
     if buf.len() == buf.capacity() {
         buf.reserve(buf.capacity().max(4096));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_give_back_what_bulk_made_them_take() {
+        let mut buf: Vec<u8> = Vec::with_capacity(256 * 1024);
+        fit(&mut buf, 100 * 1024, 16 * 1024);
+        assert_eq!(buf.capacity(), 256 * 1024, "still in use: kept");
+        fit(&mut buf, 1000, 16 * 1024);
+        assert!(buf.capacity() >= 16 * 1024 && buf.capacity() < 32 * 1024);
+        let mut small: Vec<u8> = Vec::with_capacity(16 * 1024);
+        fit(&mut small, 0, 16 * 1024);
+        assert_eq!(small.capacity(), 16 * 1024, "never below the floor");
+        let mut full = vec![1u8; 64 * 1024];
+        full.reserve(1024 * 1024);
+        fit(&mut full, 10, 4096);
+        assert!(
+            full.len() == 64 * 1024 && full.capacity() >= 64 * 1024,
+            "never below its length"
+        );
     }
 }

@@ -26,6 +26,8 @@ const COPY_BUFFER: usize = 16 * 1024;
 /// A direction whose reads keep filling its buffer grows it up to this, so bulk transfers
 /// take fewer, larger syscalls while ordinary connections stay small.
 const MAX_COPY_BUFFER: usize = 256 * 1024;
+/// A buffer that grew shrinks back to no less than this once its direction is quiet.
+const SHRINK_FLOOR: usize = 4 * COPY_BUFFER;
 /// A read this large marks a bulk direction, which moves to `splice` where it can.
 const SPLICE_AFTER: usize = 64 * 1024;
 
@@ -180,6 +182,11 @@ async fn copy<S: Stream, D: Stream>(
             }
             if n == buf.capacity() && n < MAX_COPY_BUFFER {
                 buf.reserve(2 * n - buf.len());
+            } else {
+                // A bulk burst is over: give most of the buffer back. Not below what a TLS
+                // read reserves (two records), so that reads do not reallocate each time.
+                buf.clear();
+                crate::io::fit(&mut buf, n, SHRINK_FLOOR);
             }
         }
     }
