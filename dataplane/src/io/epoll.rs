@@ -26,12 +26,24 @@ pub struct EpollListener(tokio::net::TcpListener);
 impl Stream for EpollStream {
     async fn read(&self, mut buf: Vec<u8>) -> BufResult<usize> {
         super::ensure_spare(&mut buf);
+        let spare = buf.capacity() - buf.len();
         loop {
             if let Err(e) = self.0.readable().await {
                 return (Err(e), buf);
             }
             match self.0.try_read_buf(&mut buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Ok(n) if n > 0 && n < spare => {
+                    // A short read emptied the socket: forget its readiness now, so the next
+                    // read waits for new bytes instead of first making a `recv` that can only
+                    // say EAGAIN. Bytes that arrived meanwhile raise a new (edge-triggered)
+                    // event, which tokio has not seen yet, so its tick keeps this clear from
+                    // hiding them.
+                    let _ = self.0.try_io(tokio::io::Interest::READABLE, || {
+                        Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                    });
+                    return (Ok(n), buf);
+                }
                 result => return (result, buf),
             }
         }
@@ -176,5 +188,51 @@ impl Backend for Epoll {
             .build()?;
         let local = tokio::task::LocalSet::new();
         Ok(local.block_on(&runtime, future))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use super::*;
+
+    /// A short read forgets readiness; the peer's end of stream that came with the bytes, or
+    /// bytes that come after, must still be seen.
+    #[test]
+    fn after_a_short_read_both_later_bytes_and_end_of_stream_arrive() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let stream = EpollStream(listener.accept().await.unwrap().0);
+            let within = |what| async move {
+                tokio::time::timeout(std::time::Duration::from_secs(5), what)
+                    .await
+                    .expect("the read hung")
+            };
+
+            peer.write_all(b"first").unwrap();
+            let (read, buf) = within(stream.read(Vec::with_capacity(64))).await;
+            assert_eq!((read.unwrap(), &buf[..]), (5, &b"first"[..]));
+
+            // Bytes that come after the short read.
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            peer.write_all(b"second").unwrap();
+            let (read, buf) = within(stream.read(Vec::with_capacity(64))).await;
+            assert_eq!((read.unwrap(), &buf[..]), (6, &b"second"[..]));
+
+            // Bytes and the end of stream together, before the read.
+            peer.write_all(b"last").unwrap();
+            peer.shutdown(Shutdown::Write).unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            let (read, buf) = within(stream.read(Vec::with_capacity(64))).await;
+            assert_eq!((read.unwrap(), &buf[..]), (4, &b"last"[..]));
+            let (read, _) = within(stream.read(Vec::with_capacity(64))).await;
+            assert_eq!(read.unwrap(), 0, "end of stream");
+        });
     }
 }
