@@ -1,5 +1,7 @@
 //! Opaque TCP: each accepted connection is joined to one upstream connection and bytes are
-//! copied both ways, unparsed, through one bounded buffer per direction.
+//! copied both ways, unparsed, through one bounded buffer per direction. A buffer starts at
+//! 16 KiB, doubles while reads fill it (up to 256 KiB), and gives the memory back when its
+//! direction goes quiet.
 //!
 //! A direction that turns out to be bulk (a read fills a 64 KiB buffer) and whose two sockets
 //! carry plain bytes (plain TCP, or kernel TLS) moves to `splice` through a pipe, so its
