@@ -688,14 +688,18 @@ mod tests {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let tls = UserTls::new(
-            Sink,
-            Opener::new(0, &secrets).unwrap(),
-            Sealer::new(0, &secrets, 16).unwrap(),
-            Vec::new(),
-            Vec::new(),
-            false,
-        );
+        // Records received so far, and a sender limited to 16 records.
+        let connection = |received| {
+            UserTls::new(
+                Sink,
+                Opener::new(received, &secrets).unwrap(),
+                Sealer::new(0, &secrets, 16).unwrap(),
+                Vec::new(),
+                Vec::new(),
+                false,
+            )
+        };
+        let tls = connection(0);
         for _ in 0..13 {
             let (written, _) = runtime.block_on(tls.write_all(b"x".to_vec(), 0..1));
             written.unwrap();
@@ -705,14 +709,7 @@ mod tests {
         written.unwrap();
         assert!(tls.worn(), "14 of 16 records");
 
-        let tls = UserTls::new(
-            Sink,
-            Opener::new(14, &secrets).unwrap(),
-            Sealer::new(0, &secrets, 16).unwrap(),
-            Vec::new(),
-            Vec::new(),
-            false,
-        );
+        let tls = connection(14);
         assert!(tls.worn(), "the peer's side counts too");
     }
 
