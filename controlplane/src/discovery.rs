@@ -203,15 +203,14 @@ impl DiscoveryService {
     }
 }
 
-trait Subscribes: Sized {
+impl ProxyRequest {
     /// Adds what the proxy asks for: explicit destinations (a Service port and where to
     /// listen) and intercepted ones (an address its application dialed); refuses a bad one,
-    /// or more than [`MAX_SUBSCRIPTIONS`] in all.
-    fn with(self, wire: Vec<pb::Outbound>) -> Result<Self, Status>;
-}
-
-impl Subscribes for ProxyRequest {
+    /// or more than [`MAX_SUBSCRIPTIONS`] in all (checked as they are added, so an oversized
+    /// request is refused before it costs more than the limit).
     fn with(mut self, wire: Vec<pb::Outbound>) -> Result<ProxyRequest, Status> {
+        let full =
+            || Status::resource_exhausted(format!("more than {MAX_SUBSCRIPTIONS} destinations"));
         for (i, o) in wire.into_iter().enumerate() {
             let bad = |why: String| Status::invalid_argument(format!("outbound[{i}]: {why}"));
             if !o.address.is_empty() {
@@ -221,6 +220,9 @@ impl Subscribes for ProxyRequest {
                     .map_err(|_| bad(format!("`{}` is not an ip:port", o.address)))?;
                 if !self.destinations.contains(&address) {
                     self.destinations.push(address);
+                }
+                if self.outbound.len() + self.destinations.len() > MAX_SUBSCRIPTIONS {
+                    return Err(full());
                 }
                 continue;
             }
@@ -241,11 +243,9 @@ impl Subscribes for ProxyRequest {
             if !self.outbound.contains(&explicit) {
                 self.outbound.push(explicit);
             }
-        }
-        if self.outbound.len() + self.destinations.len() > MAX_SUBSCRIPTIONS {
-            return Err(Status::resource_exhausted(format!(
-                "more than {MAX_SUBSCRIPTIONS} destinations"
-            )));
+            if self.outbound.len() + self.destinations.len() > MAX_SUBSCRIPTIONS {
+                return Err(full());
+            }
         }
         Ok(self)
     }

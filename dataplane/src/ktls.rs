@@ -25,10 +25,7 @@ use rustls::ConnectionTrafficSecrets;
 use crate::io::{BufResult, Stream};
 use crate::sys::KtlsKeys;
 
-use crate::usertls::{ALERT, APPLICATION_DATA, CLOSE_NOTIFY, HANDSHAKE};
-
-/// The largest TLS record's plaintext.
-const RECORD_MAX: usize = 16 * 1024;
+use crate::usertls::{ALERT, APPLICATION_DATA, CLOSE_NOTIFY, HANDSHAKE, MAX_FRAGMENT};
 
 /// Whether this kernel offers kTLS (the `tls` TCP upper-layer protocol). Probed once.
 pub fn supported() -> bool {
@@ -215,7 +212,7 @@ impl<S: Stream> Stream for KernelTls<S> {
             // The kernel splices only application data; the next record is a control record
             // (close_notify, say): read it the ordinary way.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                let (read, buf) = self.read(Vec::with_capacity(RECORD_MAX)).await;
+                let (read, buf) = self.read(Vec::with_capacity(MAX_FRAGMENT)).await;
                 let n = read?;
                 if n > 0 {
                     // Not expected, but never lose bytes: the empty pipe takes a record.

@@ -47,9 +47,6 @@ pub struct InterceptPlan {
     pub passthrough: usize,
     /// Destinations known to be outside the mesh.
     outside: std::collections::HashSet<SocketAddr>,
-    /// Whether `tern-control` supplies the listeners (so an unclaimed destination is worth
-    /// asking about).
-    pub on_demand: bool,
 }
 
 impl InterceptPlan {
@@ -394,7 +391,6 @@ impl Snapshot {
                     mark: settings.mark,
                     passthrough,
                     outside: settings.outside_mesh.iter().copied().collect(),
-                    on_demand: config.discovery.is_some(),
                 })
             }
             _ => None,

@@ -27,9 +27,6 @@ use shared::config::IdentityFiles;
 
 use crate::io::{BufResult, Stream};
 
-/// The first byte of a TLS handshake record.
-pub const TLS_HANDSHAKE_RECORD: u8 = 0x16;
-
 /// ALPN for opaque TCP inside the tunnel. Every mesh ALPN starts `tern-`, so a permissive
 /// port tells a peer sidecar's ClientHello from an application's own TLS.
 pub const ALPN_TCP: &[u8] = b"tern-tcp";
@@ -67,7 +64,7 @@ pub fn classify_hello(bytes: &[u8]) -> Hello {
     }
     match bytes.first() {
         None => return Hello::Partial,
-        Some(&TLS_HANDSHAKE_RECORD) => {}
+        Some(&crate::usertls::HANDSHAKE) => {}
         Some(_) => return Hello::Other,
     }
     let Some(header) = bytes.get(..5) else {

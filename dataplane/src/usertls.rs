@@ -33,11 +33,11 @@ pub(crate) const APPLICATION_DATA: u8 = 23;
 /// A warning-level `close_notify` alert.
 pub(crate) const CLOSE_NOTIFY: [u8; 2] = [1, 0];
 /// A record header: type, legacy version, length.
-const HEADER: usize = 5;
+pub(crate) const HEADER: usize = 5;
 /// The AEAD tag of every TLS 1.3 cipher suite.
 const TAG: usize = 16;
 /// The largest plaintext of one record.
-const MAX_FRAGMENT: usize = 16 * 1024;
+pub(crate) const MAX_FRAGMENT: usize = 16 * 1024;
 /// The largest encrypted record body TLS 1.3 allows (RFC 8446 §5.2).
 const MAX_CIPHERTEXT: usize = MAX_FRAGMENT + 256;
 /// The first read size; a connection whose reads keep filling it doubles it up to

@@ -323,7 +323,7 @@ async fn accept_loop<B: Backend>(worker: Rc<Worker<B>>, name: Arc<str>, listener
 }
 
 /// The most a permissive port reads to see a whole first TLS record (16 KiB and a header).
-const MAX_FIRST_RECORD: usize = 16 * 1024 + 5;
+const MAX_FIRST_RECORD: usize = crate::usertls::HEADER + crate::usertls::MAX_FRAGMENT;
 
 /// How long a connection to a destination no listener claims waits while `tern-control` is
 /// asked about it (the first connection to each new destination).
@@ -353,7 +353,9 @@ async fn discover<B: Backend>(
     to: SocketAddr,
 ) -> Option<(Rc<View>, usize)> {
     let plan = view.snapshot.intercept.as_ref()?;
-    if !plan.on_demand || plan.is_outside(to) {
+    // Only `tern-control` supplies listeners, so only with it is a destination worth asking
+    // about.
+    if view.snapshot.config.discovery.is_none() || plan.is_outside(to) {
         return None;
     }
     let now = tokio::time::Instant::now();
@@ -365,8 +367,9 @@ async fn discover<B: Backend>(
     {
         return None;
     }
-    // A full queue means the discovery client is behind (or tern-control away); what it has
-    // not taken it asks again in its next Hello, and this connection waits as any other.
+    // A full queue means the discovery client is behind (or tern-control away): this
+    // destination is not asked about, the connection waits as any other, and, unanswered,
+    // is not waited for again for a while.
     let _ = worker.destinations.try_send(to);
     let deadline = now + DISCOVERY_WAIT;
     loop {

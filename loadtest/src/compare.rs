@@ -249,16 +249,7 @@ fn start_target(
     let listen = free_port()?;
     let child = match kind {
         TargetKind::Tern | TargetKind::TernUring => {
-            // An `http` listener takes HTTP/1.1 and HTTP/2 (told by the preface) and speaks
-            // the same version to the upstream.
-            let listener = match scenario.protocol.proxied_as() {
-                Protocol::Http | Protocol::Http2 | Protocol::Grpc => format!(
-                    "{{ name: hop, address: {listen}, protocol: http, routes: [{{ cluster: upstream }}] }}"
-                ),
-                Protocol::Tcp => {
-                    format!("{{ name: hop, address: {listen}, protocol: tcp, cluster: upstream }}")
-                }
-            };
+            let listener = tern_listener(scenario.protocol, "hop", listen, "upstream", "");
             let config = dir.join("tern.yaml");
             std::fs::write(
                 &config,
@@ -357,13 +348,15 @@ fn start_peer(
 ) -> anyhow::Result<Child> {
     std::fs::create_dir_all(dir)?;
     let proxied_as = scenario.protocol.proxied_as();
-    let mode = if proxied_as == Protocol::Tcp {
-        "tcp"
-    } else {
-        "http"
-    };
+    let mode = proxied_as.proxy_mode();
     // HTTP/2 on both sides: prior knowledge in cleartext, ALPN `h2` under TLS.
     let h2 = proxied_as == Protocol::Http2;
+    // HAProxy's cleartext HTTP/2, on both sides (replaced by ALPN where TLS is set).
+    let haproxy_h2 = if h2 && peer == Peer::Haproxy {
+        " proto h2"
+    } else {
+        ""
+    };
     let d = dir.display().to_string();
     let mut vars: Vec<(&str, String)> = vec![
         ("listen", listen.to_string()),
@@ -378,25 +371,8 @@ fn start_peer(
                 "# ".to_owned()
             },
         ),
-        // HAProxy's cleartext HTTP/2, on both sides (replaced by ALPN where TLS is set).
-        (
-            "bind_tls",
-            if h2 && peer == Peer::Haproxy {
-                " proto h2"
-            } else {
-                ""
-            }
-            .to_owned(),
-        ),
-        (
-            "server_tls",
-            if h2 && peer == Peer::Haproxy {
-                " proto h2"
-            } else {
-                ""
-            }
-            .to_owned(),
-        ),
+        ("bind_tls", haproxy_h2.to_owned()),
+        ("server_tls", haproxy_h2.to_owned()),
         ("listen_tls", String::new()),
         ("proxy_tls", String::new()),
         ("scheme", if h2 { "grpc" } else { "http" }.to_owned()),
@@ -469,6 +445,7 @@ fn start_peer(
         Peer::Nginx => {
             let template = match proxied_as {
                 Protocol::Http => include_str!("../peers/nginx-http.conf"),
+                // `proxied_as` carries gRPC as HTTP/2.
                 Protocol::Http2 | Protocol::Grpc => include_str!("../peers/nginx-http2.conf"),
                 Protocol::Tcp => include_str!("../peers/nginx-tcp.conf"),
             };
@@ -625,16 +602,11 @@ fn start_mtls_pair(
     };
     let (listen, inbound) = (free_port()?, free_port()?);
     let protocol = scenario.protocol.proxied_as().name();
-    let listener = |name: &str, address: SocketAddr, to: &str, tls: &str| match scenario
-        .protocol
-        .proxied_as()
-    {
-        Protocol::Http | Protocol::Http2 | Protocol::Grpc => format!(
-            "  - {{ name: {name}, address: {address}, protocol: http, routes: [{{ cluster: {to} }}]{tls} }}\n"
-        ),
-        Protocol::Tcp => format!(
-            "  - {{ name: {name}, address: {address}, protocol: tcp, cluster: {to}{tls} }}\n"
-        ),
+    let listener = |name: &str, address: SocketAddr, to: &str, tls: &str| {
+        format!(
+            "  - {}\n",
+            tern_listener(scenario.protocol, name, address, to, tls)
+        )
     };
     let inbound_config = dir.join("inbound.yaml");
     std::fs::write(
@@ -675,6 +647,26 @@ fn start_mtls_pair(
         helpers: vec![control],
         _dir: Some(ScratchDir(dir)),
     })
+}
+
+/// A Tern listener (YAML flow mapping) named `name` on `address`, sending to cluster `to`,
+/// with `tls` appended (`, tls: {…}` or empty): an `http` listener for HTTP (it takes
+/// HTTP/1.1 and HTTP/2, told by the preface, and speaks the same version upstream), `tcp`
+/// for TCP.
+fn tern_listener(
+    protocol: Protocol,
+    name: &str,
+    address: SocketAddr,
+    to: &str,
+    tls: &str,
+) -> String {
+    if protocol.proxied_as() == Protocol::Tcp {
+        format!("{{ name: {name}, address: {address}, protocol: tcp, cluster: {to}{tls} }}")
+    } else {
+        format!(
+            "{{ name: {name}, address: {address}, protocol: http, routes: [{{ cluster: {to} }}]{tls} }}"
+        )
+    }
 }
 
 /// CPU seconds and resident memory of a process and its children (nginx's worker).

@@ -41,6 +41,14 @@ impl Protocol {
         }
     }
 
+    /// How a proxy carries this protocol: `tcp` (L4) or `http` (L7, HTTP/1.1 or HTTP/2).
+    pub fn proxy_mode(self) -> &'static str {
+        match self.proxied_as() {
+            Protocol::Tcp => "tcp",
+            Protocol::Http | Protocol::Http2 | Protocol::Grpc => "http",
+        }
+    }
+
     /// The HTTP/2 flavour, for the protocols that run over HTTP/2.
     pub fn h2(self) -> Option<crate::h2::Kind> {
         match self {

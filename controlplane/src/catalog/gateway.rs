@@ -297,7 +297,7 @@ pub struct GrpcMatch {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MethodMatch {
     /// `Exact` (the default); `RegularExpression` is not supported yet.
-    #[serde(default = "default_method_type", rename = "type")]
+    #[serde(default = "default_exact", rename = "type")]
     pub kind: String,
     /// The fully qualified service, `pkg.Service`.
     #[serde(default)]
@@ -305,10 +305,6 @@ pub struct MethodMatch {
     /// The method.
     #[serde(default)]
     pub method: Option<String>,
-}
-
-fn default_method_type() -> String {
-    "Exact".to_owned()
 }
 
 impl GrpcRoute {

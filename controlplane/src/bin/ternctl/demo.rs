@@ -739,13 +739,11 @@ impl Mesh {
             std::thread::sleep(Duration::from_millis(50));
         };
         self.children.retain(|(l, _)| *l != label);
-        let report = std::fs::read_to_string(file("json"));
-        let report = match (status.success(), report) {
-            (_, Ok(report)) => report,
-            (_, Err(_)) => bail!(
+        let Ok(report) = std::fs::read_to_string(file("json")) else {
+            bail!(
                 "{label} failed ({status}); see {}",
                 self.log(&label).display()
-            ),
+            );
         };
         parse_report(&report).with_context(|| format!("reading {}", file("json")))
     }
