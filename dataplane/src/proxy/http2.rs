@@ -35,14 +35,20 @@ pub type Body = Either<Incoming, Full<Bytes>>;
 
 /// An upstream connection, or the one being made: streams that arrive while it is being
 /// made wait for it rather than each opening their own.
-type Shared = Rc<tokio::sync::OnceCell<Upstream>>;
+type Shared<S> = Rc<tokio::sync::OnceCell<Upstream<S>>>;
 
-/// A pooled upstream connection: what sends on it, and whether its TLS keys are worn
-/// ([`MaybeTls::worn`]), so the pool retires it before they run out.
-#[derive(Clone)]
-struct Upstream {
+/// A pooled upstream connection: what sends on it, and its stream, held only to ask whether
+/// its TLS keys are worn, so the pool retires it before they run out.
+struct Upstream<S> {
     sender: SendRequest<Incoming>,
-    worn: Rc<dyn Fn() -> bool>,
+    stream: std::rc::Weak<MaybeTls<S>>,
+}
+
+impl<S> Upstream<S> {
+    /// [`MaybeTls::worn`], while the connection lasts.
+    fn worn(&self) -> bool {
+        self.stream.upgrade().is_some_and(|stream| stream.worn())
+    }
 }
 
 /// A pool entry's key: the cluster and the endpoint.
@@ -50,12 +56,19 @@ type Key = (Arc<str>, SocketAddr);
 
 /// One worker's upstream HTTP/2 connections, by cluster and endpoint; each carries every
 /// stream to that endpoint.
-#[derive(Default)]
-pub struct Pool {
-    connections: RefCell<HashMap<Key, Shared>>,
+pub struct Pool<B: Backend> {
+    connections: RefCell<HashMap<Key, Shared<B::Stream>>>,
 }
 
-impl Pool {
+impl<B: Backend> Default for Pool<B> {
+    fn default() -> Self {
+        Pool {
+            connections: RefCell::default(),
+        }
+    }
+}
+
+impl<B: Backend> Pool<B> {
     /// Closes the connections to endpoints `snapshot` no longer has in that cluster (a
     /// scaled-down Service), so they do not linger until their keep-alive fails.
     pub fn retain_endpoints_of(&self, snapshot: &crate::snapshot::Snapshot) {
@@ -68,7 +81,7 @@ impl Pool {
     }
 
     /// Forgets `key`'s connection if it is still `shared` (a newer one may have replaced it).
-    fn forget(&self, key: &Key, shared: &Shared) {
+    fn forget(&self, key: &Key, shared: &Shared<B::Stream>) {
         let mut connections = self.connections.borrow_mut();
         if connections.get(key).is_some_and(|c| Rc::ptr_eq(c, shared)) {
             connections.remove(key);
@@ -76,7 +89,7 @@ impl Pool {
     }
 }
 
-impl Pool {
+impl<B: Backend> Pool<B> {
     /// Closes every connection (their drivers end when the last sender is dropped).
     pub fn clear(&self) {
         self.connections.borrow_mut().clear();
@@ -274,15 +287,15 @@ async fn upstream<B: Backend>(
     worker: &Rc<Worker<B>>,
     view: &View,
     cluster: usize,
-) -> Option<(SendRequest<Incoming>, Key, Shared)> {
+) -> Option<(SendRequest<Incoming>, Key, Shared<B::Stream>)> {
     let plan = view.snapshot.clusters.get(cluster)?;
     for _ in 0..plan.endpoints.len().min(super::CONNECT_ATTEMPTS) {
         let addr = view.next_endpoint(cluster)?;
         let key = (plan.name.clone(), addr);
-        let shared: Shared = {
+        let shared: Shared<B::Stream> = {
             let mut connections = worker.h2.connections.borrow_mut();
             let entry = connections.entry(key.clone()).or_default();
-            if entry.get().is_some_and(|upstream| (upstream.worn)()) {
+            if entry.get().is_some_and(Upstream::worn) {
                 // Streams in flight finish on it; new ones go to a new connection.
                 tracing::debug!(%addr, "retiring an HTTP/2 upstream connection whose TLS keys are near their limit");
                 *entry = Shared::default();
@@ -317,7 +330,7 @@ async fn connect<B: Backend>(
     view: &View,
     cluster: usize,
     addr: SocketAddr,
-) -> Result<Upstream, ()> {
+) -> Result<Upstream<B::Stream>, ()> {
     let name = view.snapshot.clusters[cluster].name.clone();
     let stream = Rc::new(
         super::connect_to::<B>(view, cluster, addr, super::Inner::Http2)
@@ -338,10 +351,9 @@ async fn connect<B: Backend>(
                     tracing::debug!(cluster = %name, %addr, %error, "HTTP/2 upstream connection ended");
                 }
             });
-            let stream = Rc::downgrade(&stream);
             Ok(Upstream {
                 sender,
-                worn: Rc::new(move || stream.upgrade().is_some_and(|s| s.worn())),
+                stream: Rc::downgrade(&stream),
             })
         }
         Err(error) => {

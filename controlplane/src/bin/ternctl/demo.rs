@@ -63,6 +63,10 @@ const SERVICE_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
 /// The application's port, and a second one left out of interception (the direct path).
 const APP_PORT: u16 = 8080;
 const DIRECT_PORT: u16 = 9080;
+/// With `--loopback`, the server workload's address.
+const LOOPBACK_SERVER: Ipv4Addr = Ipv4Addr::new(127, 0, 20, 1);
+/// With `--loopback`, the client workload's address.
+const LOOPBACK_CLIENT: Ipv4Addr = Ipv4Addr::new(127, 0, 20, 2);
 
 /// The binaries the demo runs, found beside `ternctl`.
 struct Binaries {
@@ -589,33 +593,33 @@ impl Mesh {
         ])
     }
 
-    /// Loopback: the workloads at 127.0.20.x, the client's sidecar listening for the
-    /// server's Service explicitly.
+    /// Loopback: the workloads at [`LOOPBACK_SERVER`] and [`LOOPBACK_CLIENT`], the client's
+    /// sidecar listening for the server's Service explicitly.
     fn start_loopback(
         &mut self,
         binaries: &Binaries,
         args: &DemoArgs,
     ) -> anyhow::Result<Vec<LoadPath>> {
-        let server_ip = Ipv4Addr::new(127, 0, 20, 1);
-        let client_listen: SocketAddr = "127.0.20.2:18080".parse()?;
+        let server_ip = LOOPBACK_SERVER;
+        let client_listen = SocketAddr::new(LOOPBACK_CLIENT.into(), 18080);
         println!(
             "loopback: server at {server_ip}, the client's sidecar listens for Service `server` on {client_listen}"
         );
         std::fs::write(
             self.out.join("manifests/mesh.yaml"),
-            manifests(Ipv4Addr::new(127, 0, 20, 2), server_ip, false),
+            manifests(LOOPBACK_CLIENT, server_ip, false),
         )
         .context("writing the manifests")?;
         let control: SocketAddr = "127.0.20.100:15012".parse()?;
         self.start_control(binaries, None, control, "127.0.20.100:15014".parse()?)?;
         self.start_app(binaries, None, APP_PORT, args, "server-app")?;
-        let server_admin: SocketAddr = "127.0.20.1:15000".parse()?;
+        let server_admin = SocketAddr::new(LOOPBACK_SERVER.into(), 15000);
         self.start_sidecar(binaries, None, "server", control, server_admin, "")?;
         let outbound = format!(
             "  outbound: [{{ service: server.{NAMESPACE}, port: 80, listen: \"{client_listen}\" }}]\n"
         );
         // The outbound list belongs to the discovery block written last in the config.
-        let client_admin: SocketAddr = "127.0.20.2:15000".parse()?;
+        let client_admin = SocketAddr::new(LOOPBACK_CLIENT.into(), 15000);
         self.start_sidecar(binaries, None, "client", control, client_admin, &outbound)?;
         Ok(vec![
             LoadPath {
@@ -643,7 +647,7 @@ impl Mesh {
         let ip: IpAddr = if netns.is_some() {
             Ipv4Addr::UNSPECIFIED.into()
         } else {
-            Ipv4Addr::new(127, 0, 20, 1).into()
+            LOOPBACK_SERVER.into()
         };
         let listen = SocketAddr::new(ip, port);
         self.spawn(
