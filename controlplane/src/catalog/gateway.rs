@@ -7,35 +7,46 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
 
 /// An `HTTPRoute`.
+pub type HttpRoute = Route<Rule>;
+/// `HTTPRoute.spec`.
+pub type HttpRouteSpec = RouteSpec<Rule>;
+/// A `GRPCRoute` (`gateway.networking.k8s.io/v1`): routes gRPC calls by service and method.
+/// Tern carries it as the [`HttpRoute`] it is equivalent to (a call to `pkg.Svc/Method` is a
+/// request for the path `/pkg.Svc/Method`), see [`Route::into_http_route`].
+pub type GrpcRoute = Route<GrpcRule>;
+
+/// A route of Gateway API's, `R` its kind of rule: `HTTPRoute` and `GRPCRoute` differ only
+/// there.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct HttpRoute {
-    /// `gateway.networking.k8s.io/v1` (or `v1beta1`).
+pub struct Route<R> {
+    /// `gateway.networking.k8s.io/v1` (or `v1beta1` for `HTTPRoute`).
     pub api_version: String,
-    /// `HTTPRoute`.
+    /// `HTTPRoute` or `GRPCRoute`.
     pub kind: String,
     /// Name and namespace.
     pub metadata: ObjectMeta,
     /// What to route.
-    pub spec: HttpRouteSpec,
+    pub spec: RouteSpec<R>,
     /// Written by controllers; ignored on input.
     #[serde(default, skip_serializing)]
     pub status: Option<serde_json::Value>,
 }
 
-/// `HTTPRoute.spec`.
+/// A route's `spec`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct HttpRouteSpec {
+pub struct RouteSpec<R> {
     /// The Services (GAMMA) this route attaches to.
     #[serde(default)]
     pub parent_refs: Vec<ParentRef>,
-    /// Host names requests must carry; empty means any.
+    /// Host names (`Host`, `:authority`) requests must carry; empty means any.
     #[serde(default)]
     pub hostnames: Vec<String>,
     /// Matches and where they go.
-    #[serde(default)]
-    pub rules: Vec<Rule>,
+    // (`Vec::new` rather than `default`, which would ask `R: Default` of the rule type.)
+    #[serde(default = "Vec::new")]
+    pub rules: Vec<R>,
 }
 
 /// A Service this route attaches to.
@@ -225,40 +236,6 @@ pub fn is_service(group: Option<&str>, kind: Option<&str>) -> bool {
     matches!(group, None | Some("" | "core")) && matches!(kind, None | Some("Service"))
 }
 
-/// A `GRPCRoute` (`gateway.networking.k8s.io/v1`): routes gRPC calls by service and method.
-/// Tern carries it as the [`HttpRoute`] it is equivalent to (a call to `pkg.Svc/Method` is a
-/// request for the path `/pkg.Svc/Method`), see [`GrpcRoute::into_http_route`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct GrpcRoute {
-    /// `gateway.networking.k8s.io/v1`.
-    pub api_version: String,
-    /// `GRPCRoute`.
-    pub kind: String,
-    /// Name and namespace.
-    pub metadata: ObjectMeta,
-    /// What to route.
-    pub spec: GrpcRouteSpec,
-    /// Written by controllers; ignored on input.
-    #[serde(default, skip_serializing)]
-    pub status: Option<serde_json::Value>,
-}
-
-/// `GRPCRoute.spec`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct GrpcRouteSpec {
-    /// The Services (GAMMA) this route attaches to.
-    #[serde(default)]
-    pub parent_refs: Vec<ParentRef>,
-    /// Host names (`:authority`) calls must carry; empty means any.
-    #[serde(default)]
-    pub hostnames: Vec<String>,
-    /// Matches and where they go.
-    #[serde(default)]
-    pub rules: Vec<GrpcRule>,
-}
-
 /// A `GRPCRoute` rule.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -307,7 +284,7 @@ pub struct MethodMatch {
     pub method: Option<String>,
 }
 
-impl GrpcRoute {
+impl Route<GrpcRule> {
     /// The equivalent `HTTPRoute` (its `kind` stays `GRPCRoute`): each method match becomes a
     /// path prefix, `/pkg.Service/Method`, or `/pkg.Service` for all of a service's methods.
     /// What has no equivalent is refused with its field.
