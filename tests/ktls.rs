@@ -255,3 +255,140 @@ fn data_that_arrives_with_the_handshake_and_close_notify_survive_the_hand_off() 
     );
     println!("KTLS-CHECKED early data and close_notify: {mode}");
 }
+
+/// The inbound sidecar's identity and a rustls client config for a mesh peer (`A`) that
+/// expects it, speaking opaque TCP.
+fn mesh_client(dir: &TempDir, ca: &TestCa) -> std::sync::Arc<rustls::ClientConfig> {
+    let a_id = ca.write_identity(&dir.0, "a", A, &[ca], false);
+    let identity = dataplane::tls::Identity::load(&shared::config::IdentityFiles {
+        cert: a_id.cert.clone(),
+        key: a_id.key.clone(),
+        trust_bundle: a_id.trust_bundle.clone(),
+    })
+    .unwrap();
+    identity
+        .client_config(B.parse().unwrap(), dataplane::tls::ALPN_TCP, None)
+        .unwrap()
+}
+
+/// A peer that updates its keys mid-connection (a TLS 1.3 KeyUpdate that asks for the
+/// proxy's too) is followed: in userspace the bytes after it still cross both ways. Where
+/// the kernel holds the keys, the proxy installs the next ones in it; a kernel that cannot
+/// rekey a live socket (Linux 6.1, the VM's) refuses them and that connection ends, while
+/// the bytes before the update have arrived and the proxy serves the next connection.
+#[test]
+fn a_peer_that_updates_its_keys_is_followed() {
+    let dir = TempDir::new("ktls-key-update");
+    let ca = TestCa::new("tern ktls root");
+    let b_id = ca.write_identity(&dir.0, "b", B, &[&ca], false);
+    let echo = Echo::start();
+    let b = inbound(&b_id, &echo);
+    let config = mesh_client(&dir, &ca);
+    let server = rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    let connect = || {
+        let socket = client::connect(b.listener_addr("in").unwrap());
+        let tls = rustls::ClientConnection::new(config.clone(), server.clone()).unwrap();
+        (socket, tls)
+    };
+    let (mut socket, mut tls) = connect();
+    let mut stream = rustls::Stream::new(&mut tls, &mut socket);
+    stream.write_all(b"before").unwrap();
+    let mut reply = [0u8; 6];
+    stream.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"before");
+
+    tls.refresh_traffic_keys().unwrap();
+    let mut stream = rustls::Stream::new(&mut tls, &mut socket);
+    stream.write_all(b"after").unwrap();
+    let mut reply = [0u8; 5];
+    let after = stream.read_exact(&mut reply);
+    let kernel = dataplane::ktls::supported();
+    match after {
+        Ok(()) => assert_eq!(&reply, b"after"),
+        Err(error) => {
+            assert!(kernel, "userspace TLS must follow a KeyUpdate: {error}");
+            assert_ne!(
+                error.kind(),
+                std::io::ErrorKind::WouldBlock,
+                "the proxy hung"
+            );
+            println!("KTLS-CHECKED this kernel refused updated keys: {error}");
+        }
+    }
+    // The proxy serves the next connection.
+    let (mut socket, mut tls) = connect();
+    let mut stream = rustls::Stream::new(&mut tls, &mut socket);
+    stream.write_all(b"next").unwrap();
+    let mut reply = [0u8; 4];
+    stream.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"next");
+    println!(
+        "KTLS-CHECKED key update: {}",
+        if kernel { "kernel" } else { "userspace" }
+    );
+}
+
+/// A server that sends TLS 1.3 session tickets after the handshake (Tern's sidecars do not,
+/// any other TLS 1.3 server may) does not break the client side: the tickets arrive after
+/// the hand-off, as control records where the kernel holds the keys, and go to rustls; the
+/// bytes after them still cross both ways.
+#[test]
+fn session_tickets_after_the_hand_off_are_taken() {
+    let dir = TempDir::new("ktls-tickets");
+    let ca = TestCa::new("tern ktls root");
+    let a_id = ca.write_identity(&dir.0, "a", A, &[&ca], false);
+    let b_id = ca.write_identity(&dir.0, "b", B, &[&ca], false);
+    let identity = dataplane::tls::Identity::load(&shared::config::IdentityFiles {
+        cert: b_id.cert.clone(),
+        key: b_id.key.clone(),
+        trust_bundle: b_id.trust_bundle.clone(),
+    })
+    .unwrap();
+    let mut config = (*identity.server_config()).clone();
+    config.send_tls13_tickets = 2;
+    let config = std::sync::Arc::new(config);
+    // The far end: a rustls server that echoes one message.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let server_addr = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut socket, _) = listener.accept().unwrap();
+        socket
+            .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        let mut tls = rustls::ServerConnection::new(config).unwrap();
+        let mut stream = rustls::Stream::new(&mut tls, &mut socket);
+        let mut message = [0u8; 5];
+        stream.read_exact(&mut message).unwrap();
+        stream.write_all(&message).unwrap();
+        stream.flush().unwrap();
+        message
+    });
+    let a = start_proxy(
+        &format!(
+            "{}listeners:\n  - {{ name: out, address: 127.0.0.1:0, protocol: tcp, cluster: b }}\nclusters:\n  - {{ name: b, endpoints: [{server_addr}], tls: {{ identity: \"{B}\" }} }}\n",
+            a_id.yaml(),
+        ),
+        BackendChoice::Epoll,
+    );
+    let mut app = client::connect(a.listener_addr("out").unwrap());
+    app.write_all(b"hello").unwrap();
+    let mut reply = [0u8; 5];
+    app.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"hello");
+    assert_eq!(&server.join().unwrap(), b"hello");
+    let mode = if dataplane::ktls::supported() {
+        "kernel"
+    } else {
+        "userspace"
+    };
+    let outbound = admin_get(&a, "/metrics");
+    assert_eq!(
+        metric(
+            &outbound,
+            &format!("tern_upstream_tls_connections_total{{cluster=\"b\",mode=\"{mode}\"}}")
+        ),
+        1.0,
+        "{outbound}"
+    );
+    println!("KTLS-CHECKED session tickets: {mode}");
+}

@@ -10,11 +10,12 @@
 //! Tern's userspace record layer ([`crate::usertls`]) instead.
 //!
 //! After the hand-off, records other than application data surface as control records: an
-//! alert `close_notify` is the end of the stream; anything else (a TLS 1.3 KeyUpdate, a
-//! session ticket; Tern sends neither) closes the connection with an error, as the kernel
-//! cannot rekey a receive path.
+//! alert `close_notify` is the end of the stream, any other alert an error; post-handshake
+//! messages are handled as in userspace ([`crate::usertls::post_handshake`]). A KeyUpdate
+//! installs the next keys in the kernel, which takes them only where it can rekey (Linux
+//! 6.14 and later); an older kernel refuses and the connection ends with that error.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::Shutdown;
 use std::ops::Range;
@@ -25,7 +26,10 @@ use rustls::ConnectionTrafficSecrets;
 use crate::io::{BufResult, Stream};
 use crate::sys::KtlsKeys;
 
-use crate::usertls::{ALERT, APPLICATION_DATA, CLOSE_NOTIFY, HANDSHAKE, MAX_FRAGMENT};
+use crate::tls::KeySchedule;
+use crate::usertls::{
+    ALERT, APPLICATION_DATA, CLOSE_NOTIFY, HANDSHAKE, KeyUpdate, MAX_FRAGMENT, post_handshake,
+};
 
 /// Whether this kernel offers kTLS (the `tls` TCP upper-layer protocol). Probed once.
 pub fn supported() -> bool {
@@ -120,16 +124,68 @@ pub struct KernelTls<S> {
     inner: S,
     /// Plaintext decrypted before the hand-off, not yet read.
     pending: RefCell<Vec<u8>>,
+    /// Both directions' next keys; borrowed only between awaits.
+    schedule: RefCell<KeySchedule>,
+    /// The peer asked for a KeyUpdate, to be sent before the next write.
+    key_update_owed: Cell<bool>,
 }
 
 impl<S: Stream> KernelTls<S> {
     /// Wraps a socket whose keys are installed, with the plaintext of records that arrived
     /// with the end of the handshake.
-    pub(crate) fn new(inner: S, pending: Vec<u8>) -> KernelTls<S> {
+    pub(crate) fn new(inner: S, pending: Vec<u8>, schedule: KeySchedule) -> KernelTls<S> {
         KernelTls {
             inner,
             pending: RefCell::new(pending),
+            schedule: RefCell::new(schedule),
+            key_update_owed: Cell::new(false),
         }
+    }
+
+    /// Installs the next keys of one direction (sequence numbers start again at zero).
+    fn install_next_keys(&self, direction: libc::c_int) -> io::Result<()> {
+        let mut schedule = self.schedule.borrow_mut();
+        let secrets = if direction == libc::TLS_TX {
+            schedule.next_tx()?
+        } else {
+            schedule.next_rx()?
+        };
+        let keys = keys(0, &secrets).ok_or_else(|| {
+            io::Error::other("the updated TLS keys are not of the session's cipher")
+        })?;
+        let socket = self
+            .inner
+            .kernel_tls_socket()
+            .ok_or_else(|| io::Error::other("not a kernel-TLS socket"))?;
+        crate::sys::install_ktls_keys(socket, direction, &keys).map_err(|error| {
+            io::Error::new(
+                error.kind(),
+                format!("the kernel cannot take updated TLS keys (a KeyUpdate; kernel TLS rekeys from Linux 6.14): {error}"),
+            )
+        })
+    }
+
+    /// Handles a post-handshake record's messages.
+    fn post_handshake(&self, record: &[u8]) -> io::Result<()> {
+        let update = post_handshake(record, &mut self.schedule.borrow_mut())?;
+        if let Some(update) = update {
+            self.install_next_keys(libc::TLS_RX)?;
+            if update == KeyUpdate::Requested {
+                self.key_update_owed.set(true);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the KeyUpdate the peer asked for, if it did, and moves to the next keys.
+    async fn pay_key_update(&self) -> io::Result<()> {
+        if self.key_update_owed.take() {
+            self.inner
+                .write_tls_record(HANDSHAKE, &KeyUpdate::NotRequested.message())
+                .await?;
+            self.install_next_keys(libc::TLS_TX)?;
+        }
+        Ok(())
     }
 }
 
@@ -147,46 +203,52 @@ impl<S: Stream> Stream for KernelTls<S> {
             }
         }
         let start = buf.len();
-        let (read, back) = self.inner.read_tls_record(buf).await;
-        buf = back;
-        let (n, record_type) = match read {
-            Ok(read) => read,
-            Err(error) => return (Err(error), buf),
-        };
-        if record_type == APPLICATION_DATA {
-            if n > 0 {
-                return (Ok(n), buf);
+        loop {
+            let (read, back) = self.inner.read_tls_record(buf).await;
+            buf = back;
+            let (n, record_type) = match read {
+                Ok(read) => read,
+                Err(error) => return (Err(error), buf),
+            };
+            if record_type == APPLICATION_DATA {
+                if n > 0 {
+                    return (Ok(n), buf);
+                }
+                // End of stream without close_notify: a truncation attack or a crash.
+                let error = io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "peer closed without TLS close_notify",
+                );
+                return (Err(error), buf);
             }
-            // End of stream without close_notify: a truncation attack or a crash.
-            let error = io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "peer closed without TLS close_notify",
-            );
+            // A control record: take it out of the caller's buffer.
+            let record = buf[start..].to_vec();
+            buf.truncate(start);
+            let error = match record_type {
+                // close_notify: a clean end of stream.
+                ALERT if record.get(1) == Some(&0) => return (Ok(0), buf),
+                ALERT => io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    format!("peer sent TLS alert {record:?}"),
+                ),
+                // Nothing for the caller: read the next record.
+                HANDSHAKE => match self.post_handshake(&record) {
+                    Ok(()) => continue,
+                    Err(error) => error,
+                },
+                other => io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("unexpected TLS record type {other}"),
+                ),
+            };
             return (Err(error), buf);
         }
-        // A control record: take it out of the caller's buffer.
-        let record = buf[start..].to_vec();
-        buf.truncate(start);
-        let error = match record_type {
-            // close_notify: a clean end of stream.
-            ALERT if record.get(1) == Some(&0) => return (Ok(0), buf),
-            ALERT => io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                format!("peer sent TLS alert {record:?}"),
-            ),
-            HANDSHAKE => io::Error::new(
-                io::ErrorKind::InvalidData,
-                "a post-handshake message (KeyUpdate or session ticket) arrived on a kernel-TLS connection",
-            ),
-            other => io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("unexpected TLS record type {other}"),
-            ),
-        };
-        (Err(error), buf)
     }
 
     async fn write_all(&self, buf: Vec<u8>, range: Range<usize>) -> BufResult<()> {
+        if let Err(error) = self.pay_key_update().await {
+            return (Err(error), buf);
+        }
         self.inner.write_all(buf, range).await
     }
 
@@ -195,6 +257,7 @@ impl<S: Stream> Stream for KernelTls<S> {
     }
 
     async fn close_write(&self) -> io::Result<()> {
+        self.pay_key_update().await?;
         self.inner.write_tls_record(ALERT, &CLOSE_NOTIFY).await?;
         self.inner.shutdown(Shutdown::Write)
     }
@@ -232,6 +295,7 @@ impl<S: Stream> Stream for KernelTls<S> {
         pipe: std::os::fd::BorrowedFd<'_>,
         len: usize,
     ) -> io::Result<usize> {
+        self.pay_key_update().await?;
         self.inner.splice_from_pipe(pipe, len).await
     }
 }

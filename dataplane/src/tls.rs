@@ -18,9 +18,13 @@ use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::kernel::KernelConnection;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, UnbufferedConnectionCommon, UnbufferedStatus,
+};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use shared::SpiffeId;
 use shared::config::IdentityFiles;
@@ -407,23 +411,308 @@ impl ServerCertVerifier for SpiffeVerifier {
     }
 }
 
-/// A TLS 1.3 handshake over a [`Stream`], run by rustls; [`Handshake::into_record_layer`]
-/// then gives the connection its record layer: the kernel's, or Tern's own in userspace.
+/// The rustls side of a TLS 1.3 handshake, with no IO: ciphertext in, records out.
 ///
-/// rustls does no IO: reads feed it ciphertext and writes send the records it makes. It is fed
-/// one whole record at a time and no more once the handshake is done, so every record after
-/// the handshake is still here, undecrypted, for the record layer to take.
-pub struct Handshake<S> {
-    inner: S,
-    conn: rustls::Connection,
-    /// Ciphertext read from the socket and not yet given to rustls.
-    incoming: Vec<u8>,
-    /// The reusable buffer records are written from.
-    outgoing: Vec<u8>,
+/// rustls' unbuffered connection is offered one whole record at a time (the next one too only
+/// while a handshake message spans records) and nothing once the handshake is done, so every
+/// record after it stays in `incoming`, undecrypted, for the record layer to take.
+pub(crate) struct HandshakeState {
+    conn: Unbuffered,
+    /// Ciphertext read from the peer and not yet taken by rustls.
+    pub(crate) incoming: Vec<u8>,
+    /// How much of the start of `incoming` rustls has been offered and still holds.
+    offered: usize,
+    /// Records to send to the peer, in order.
+    pub(crate) outgoing: Vec<u8>,
+}
+
+enum Unbuffered {
+    Client(rustls::client::UnbufferedClientConnection),
+    Server(rustls::server::UnbufferedServerConnection),
+}
+
+/// What a handshake needs once its `outgoing` records are sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Progress {
+    /// More ciphertext from the peer, appended to `incoming`.
+    Read,
+    /// Nothing: the handshake is done.
+    Done,
+}
+
+/// A finished handshake, taken apart for the record layer.
+pub(crate) struct Session {
+    pub secrets: rustls::ExtractedSecrets,
+    pub schedule: KeySchedule,
+    /// The confidentiality limit of the negotiated cipher, in records per key.
+    pub limit: u64,
+    /// Ciphertext that came after the handshake.
+    pub incoming: Vec<u8>,
 }
 
 fn tls_error(error: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, error)
+}
+
+impl HandshakeState {
+    pub(crate) fn client(
+        config: Arc<rustls::ClientConfig>,
+        server: ServerName<'static>,
+    ) -> io::Result<HandshakeState> {
+        let conn =
+            rustls::client::UnbufferedClientConnection::new(config, server).map_err(tls_error)?;
+        Ok(HandshakeState::new(Unbuffered::Client(conn), Vec::new()))
+    }
+
+    /// The server side; `read` holds ciphertext already read from the client.
+    pub(crate) fn server(
+        config: Arc<rustls::ServerConfig>,
+        read: Vec<u8>,
+    ) -> io::Result<HandshakeState> {
+        let conn = rustls::server::UnbufferedServerConnection::new(config).map_err(tls_error)?;
+        Ok(HandshakeState::new(Unbuffered::Server(conn), read))
+    }
+
+    fn new(conn: Unbuffered, incoming: Vec<u8>) -> HandshakeState {
+        HandshakeState {
+            conn,
+            incoming,
+            offered: 0,
+            outgoing: Vec::new(),
+        }
+    }
+
+    /// Gives rustls the records it can take from `incoming` and appends what it has to send
+    /// to `outgoing`. On an error, `outgoing` ends with the alert for the peer, if any.
+    pub(crate) fn advance(&mut self) -> io::Result<Progress> {
+        let HandshakeState {
+            conn,
+            incoming,
+            offered,
+            outgoing,
+        } = self;
+        let progress = match conn {
+            Unbuffered::Client(conn) => advance(conn, incoming, offered, outgoing),
+            Unbuffered::Server(conn) => advance(conn, incoming, offered, outgoing),
+        };
+        if progress.is_err() {
+            // rustls queues its alert and hands it out on the next call (which must see the
+            // same buffer: rustls may hold part of it).
+            let _ = match conn {
+                Unbuffered::Client(conn) => advance(conn, incoming, offered, outgoing),
+                Unbuffered::Server(conn) => advance(conn, incoming, offered, outgoing),
+            };
+        }
+        progress
+    }
+
+    fn common(&self) -> &rustls::CommonState {
+        match &self.conn {
+            Unbuffered::Client(conn) => conn,
+            Unbuffered::Server(conn) => conn,
+        }
+    }
+
+    /// The peer's SPIFFE ID.
+    pub(crate) fn peer_id(&self) -> Option<SpiffeId> {
+        let certs = self.common().peer_certificates()?;
+        spiffe_id_of(certs.first()?).ok()
+    }
+
+    /// The negotiated ALPN protocol.
+    pub(crate) fn alpn(&self) -> Option<Vec<u8>> {
+        self.common().alpn_protocol().map(<[u8]>::to_vec)
+    }
+
+    /// Takes the finished session out of rustls: its keys, its key schedule, and the
+    /// ciphertext that followed the handshake.
+    pub(crate) fn finish(self) -> io::Result<Session> {
+        let common = self.common();
+        if common.is_handshaking() || self.offered != 0 || !self.outgoing.is_empty() {
+            return Err(io::Error::other("the TLS handshake has not finished"));
+        }
+        let limit = common
+            .negotiated_cipher_suite()
+            .and_then(|suite| suite.tls13())
+            .map_or(u64::MAX, |suite| suite.common.confidentiality_limit);
+        let (secrets, schedule) = match self.conn {
+            Unbuffered::Client(conn) => conn
+                .dangerous_into_kernel_connection()
+                .map(|(secrets, conn)| (secrets, KeySchedule::Client(conn))),
+            Unbuffered::Server(conn) => conn
+                .dangerous_into_kernel_connection()
+                .map(|(secrets, conn)| (secrets, KeySchedule::Server(conn))),
+        }
+        .map_err(tls_error)?;
+        Ok(Session {
+            secrets,
+            schedule,
+            limit,
+            incoming: self.incoming,
+        })
+    }
+}
+
+/// The two sides of rustls' unbuffered API, which differ only in type.
+trait UnbufferedSide: std::ops::Deref<Target = UnbufferedConnectionCommon<Self::Data>> {
+    type Data;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data>;
+}
+
+impl UnbufferedSide for rustls::client::UnbufferedClientConnection {
+    type Data = rustls::client::ClientConnectionData;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(incoming)
+    }
+}
+
+impl UnbufferedSide for rustls::server::UnbufferedServerConnection {
+    type Data = rustls::server::ServerConnectionData;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(incoming)
+    }
+}
+
+/// What one call into rustls asked for.
+enum Step {
+    /// Call again.
+    Again,
+    /// More records.
+    Blocked,
+    /// It could send application data (the handshake may still wait for the client).
+    Traffic,
+}
+
+/// Drives `conn` over the records in `incoming` ([`HandshakeState::advance`]).
+fn advance<C: UnbufferedSide>(
+    conn: &mut C,
+    incoming: &mut Vec<u8>,
+    offered: &mut usize,
+    outgoing: &mut Vec<u8>,
+) -> io::Result<Progress> {
+    loop {
+        let status = conn.process(&mut incoming[..*offered]);
+        let discard = status.discard;
+        let step = match status.state {
+            Err(error) => Err(tls_error(error)),
+            Ok(ConnectionState::EncodeTlsData(mut data)) => {
+                let start = outgoing.len();
+                let mut room = 4096;
+                loop {
+                    outgoing.resize(start + room, 0);
+                    match data.encode(&mut outgoing[start..]) {
+                        Ok(written) => {
+                            outgoing.truncate(start + written);
+                            break Ok(Step::Again);
+                        }
+                        Err(EncodeError::InsufficientSize(size)) if size.required_size > room => {
+                            room = size.required_size;
+                        }
+                        Err(error) => {
+                            outgoing.truncate(start);
+                            break Err(io::Error::other(error));
+                        }
+                    }
+                }
+            }
+            // The caller sends `outgoing` before it reads again.
+            Ok(ConnectionState::TransmitTlsData(data)) => {
+                data.done();
+                Ok(Step::Again)
+            }
+            Ok(ConnectionState::BlockedHandshake) => Ok(Step::Blocked),
+            Ok(ConnectionState::WriteTraffic(_)) => Ok(Step::Traffic),
+            Ok(ConnectionState::PeerClosed | ConnectionState::Closed) => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "peer closed during the TLS handshake",
+            )),
+            Ok(_) => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "application data during the TLS handshake",
+            )),
+        };
+        incoming.drain(..discard);
+        *offered -= discard;
+        match step? {
+            Step::Again => {}
+            Step::Traffic if !conn.is_handshaking() => return Ok(Progress::Done),
+            // A server may send before the client's Finished; it still waits for it.
+            Step::Blocked | Step::Traffic => match next_record_end(incoming, *offered) {
+                Some(end) => *offered = end,
+                None => return Ok(Progress::Read),
+            },
+        }
+    }
+}
+
+/// Where the whole record at `from` in `ciphertext` ends, if it is all there. A header
+/// longer than any record is offered whole, for rustls' error.
+fn next_record_end(ciphertext: &[u8], from: usize) -> Option<usize> {
+    let header = ciphertext.get(from..from + 5)?;
+    let length = usize::from(u16::from_be_bytes([header[3], header[4]]));
+    if length > MAX_RECORD {
+        Some(ciphertext.len())
+    } else {
+        Some(from + 5 + length).filter(|&end| end <= ciphertext.len())
+    }
+}
+
+/// What rustls keeps of a session after its handshake: the traffic secrets' schedule, for
+/// KeyUpdates, and (on a client) where a session ticket goes.
+pub(crate) enum KeySchedule {
+    Client(KernelConnection<rustls::client::ClientConnectionData>),
+    Server(KernelConnection<rustls::server::ServerConnectionData>),
+}
+
+impl KeySchedule {
+    /// The next sending keys, after a KeyUpdate this side sends.
+    pub(crate) fn next_tx(&mut self) -> io::Result<rustls::ConnectionTrafficSecrets> {
+        let (_, secrets) = match self {
+            KeySchedule::Client(conn) => conn.update_tx_secret(),
+            KeySchedule::Server(conn) => conn.update_tx_secret(),
+        }
+        .map_err(tls_error)?;
+        Ok(secrets)
+    }
+
+    /// The next receiving keys, after a KeyUpdate from the peer.
+    pub(crate) fn next_rx(&mut self) -> io::Result<rustls::ConnectionTrafficSecrets> {
+        let (_, secrets) = match self {
+            KeySchedule::Client(conn) => conn.update_rx_secret(),
+            KeySchedule::Server(conn) => conn.update_rx_secret(),
+        }
+        .map_err(tls_error)?;
+        Ok(secrets)
+    }
+
+    /// A NewSessionTicket's body, from a server. Tern's clients do not resume, so rustls
+    /// checks it and drops it.
+    pub(crate) fn ticket(&mut self, body: &[u8]) -> io::Result<()> {
+        match self {
+            KeySchedule::Client(conn) => conn.handle_new_session_ticket(body).map_err(tls_error),
+            KeySchedule::Server(_) => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a TLS client sent a session ticket",
+            )),
+        }
+    }
+}
+
+/// A TLS 1.3 handshake over a [`Stream`] ([`HandshakeState`] and the IO it needs);
+/// [`Handshake::into_record_layer`] then gives the connection its record layer: the
+/// kernel's, or Tern's own in userspace.
+pub struct Handshake<S> {
+    inner: S,
+    state: HandshakeState,
 }
 
 impl<S: Stream> Handshake<S> {
@@ -433,9 +722,8 @@ impl<S: Stream> Handshake<S> {
         config: Arc<rustls::ClientConfig>,
         server: std::net::IpAddr,
     ) -> io::Result<Handshake<S>> {
-        let conn = rustls::ClientConnection::new(config, ServerName::IpAddress(server.into()))
-            .map_err(tls_error)?;
-        Ok(Handshake::new(inner, conn.into(), Vec::new()))
+        let state = HandshakeState::client(config, ServerName::IpAddress(server.into()))?;
+        Ok(Handshake { inner, state })
     }
 
     /// The server side of a connection; `read` holds bytes already read from the client.
@@ -444,17 +732,8 @@ impl<S: Stream> Handshake<S> {
         config: Arc<rustls::ServerConfig>,
         read: Vec<u8>,
     ) -> io::Result<Handshake<S>> {
-        let conn = rustls::ServerConnection::new(config).map_err(tls_error)?;
-        Ok(Handshake::new(inner, conn.into(), read))
-    }
-
-    fn new(inner: S, conn: rustls::Connection, incoming: Vec<u8>) -> Handshake<S> {
-        Handshake {
-            inner,
-            conn,
-            incoming,
-            outgoing: Vec::new(),
-        }
+        let state = HandshakeState::server(config, read)?;
+        Ok(Handshake { inner, state })
     }
 
     /// Runs the handshake within `timeout`; on timeout or failure the socket is shut down
@@ -479,23 +758,17 @@ impl<S: Stream> Handshake<S> {
     /// Completes the handshake.
     async fn run(&mut self) -> io::Result<()> {
         loop {
-            self.flush().await?;
-            if !self.conn.is_handshaking() {
-                return Ok(());
+            let progress = self.state.advance();
+            // Records first, an alert included: the peer learns why.
+            let sent = self.send().await;
+            match progress? {
+                Progress::Done => return sent,
+                Progress::Read => sent?,
             }
-            match self.feed() {
-                Ok(true) => continue,
-                Ok(false) => {}
-                Err(error) => {
-                    // An alert may be queued for the peer; best effort.
-                    let _ = self.flush().await;
-                    return Err(error);
-                }
-            }
-            let mut buf = std::mem::take(&mut self.incoming);
+            let mut buf = std::mem::take(&mut self.state.incoming);
             buf.reserve(HANDSHAKE_READ);
             let (read, back) = self.inner.read(buf).await;
-            self.incoming = back;
+            self.state.incoming = back;
             if read? == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -505,46 +778,17 @@ impl<S: Stream> Handshake<S> {
         }
     }
 
-    /// Sends every record rustls has ready.
-    async fn flush(&mut self) -> io::Result<()> {
-        self.outgoing.clear();
-        while self.conn.wants_write() {
-            self.conn.write_tls(&mut self.outgoing)?;
-        }
-        if self.outgoing.is_empty() {
+    /// Sends the records the handshake has ready.
+    async fn send(&mut self) -> io::Result<()> {
+        if self.state.outgoing.is_empty() {
             return Ok(());
         }
-        let out = std::mem::take(&mut self.outgoing);
+        let out = std::mem::take(&mut self.state.outgoing);
         let len = out.len();
-        let (written, back) = self.inner.write_all(out, 0..len).await;
-        self.outgoing = back;
+        let (written, mut back) = self.inner.write_all(out, 0..len).await;
+        back.clear();
+        self.state.outgoing = back;
         written
-    }
-
-    /// Gives rustls the first whole record held, if there is one and the handshake still
-    /// wants it; returns whether it took one.
-    fn feed(&mut self) -> io::Result<bool> {
-        let Some(header) = self.incoming.get(..5) else {
-            return Ok(false);
-        };
-        let length = usize::from(u16::from_be_bytes([header[3], header[4]]));
-        // A record longer than TLS allows goes to rustls at once, for its error.
-        let end = if length > MAX_RECORD {
-            self.incoming.len()
-        } else if self.incoming.len() >= 5 + length {
-            5 + length
-        } else {
-            return Ok(false);
-        };
-        let mut record = &self.incoming[..end];
-        while !record.is_empty() {
-            if self.conn.read_tls(&mut record)? == 0 {
-                break;
-            }
-        }
-        self.incoming.drain(..end);
-        self.conn.process_new_packets().map_err(tls_error)?;
-        Ok(true)
     }
 
     /// Shuts the socket down (a peer refused after the handshake).
@@ -554,13 +798,12 @@ impl<S: Stream> Handshake<S> {
 
     /// The peer's SPIFFE ID.
     pub fn peer_id(&self) -> Option<SpiffeId> {
-        let certs = self.conn.peer_certificates()?;
-        spiffe_id_of(certs.first()?).ok()
+        self.state.peer_id()
     }
 
     /// The negotiated ALPN protocol.
     pub fn alpn(&self) -> Option<Vec<u8>> {
-        self.conn.alpn_protocol().map(<[u8]>::to_vec)
+        self.state.alpn()
     }
 
     /// Takes the session's keys out of rustls and gives the connection its record layer:
@@ -571,24 +814,13 @@ impl<S: Stream> Handshake<S> {
     /// An error leaves the connection unusable (the kernel refused its keys, or the cipher is
     /// unknown); it must be closed.
     pub fn into_record_layer(self) -> io::Result<MaybeTls<S>> {
-        let Handshake {
-            inner,
-            conn,
-            mut incoming,
-            ..
-        } = self;
-        if conn.is_handshaking() || conn.wants_write() {
-            return Err(io::Error::other("the TLS handshake has not finished"));
-        }
-        let limit = conn
-            .negotiated_cipher_suite()
-            .and_then(|suite| suite.tls13())
-            .map_or(u64::MAX, |suite| suite.common.confidentiality_limit);
-        let secrets = match conn {
-            rustls::Connection::Client(conn) => conn.dangerous_extract_secrets(),
-            rustls::Connection::Server(conn) => conn.dangerous_extract_secrets(),
-        }
-        .map_err(tls_error)?;
+        let Handshake { inner, state } = self;
+        let Session {
+            secrets,
+            mut schedule,
+            limit,
+            incoming,
+        } = state.finish()?;
         let unsupported = || {
             io::Error::new(
                 io::ErrorKind::Unsupported,
@@ -600,17 +832,9 @@ impl<S: Stream> Handshake<S> {
         let sealer = crate::usertls::Sealer::new(secrets.tx.0, &secrets.tx.1, limit)
             .ok_or_else(unsupported)?;
         // Records that came with the end of the handshake are opened here, so the kernel can
-        // take over after them; a partial one keeps the connection in userspace.
-        let opened = opener.open(&mut incoming)?;
-        let partial = if opened.closed {
-            Vec::new()
-        } else {
-            incoming[opened.consumed..].to_vec()
-        };
-        incoming.truncate(opened.plaintext);
-        let pending = incoming;
-        if partial.is_empty()
-            && !opened.closed
+        // take over after them.
+        let leftover = crate::usertls::Leftover::open(&mut opener, &mut schedule, incoming)?;
+        if leftover.kernel_may_take_over()
             && crate::ktls::supported()
             && let Some(socket) = inner.kernel_tls_socket()
         {
@@ -626,7 +850,9 @@ impl<S: Stream> Handshake<S> {
                         Ok(()) => {
                             crate::sys::install_ktls_keys(socket, libc::TLS_RX, &rx)?;
                             return Ok(MaybeTls::Kernel(Box::new(crate::ktls::KernelTls::new(
-                                inner, pending,
+                                inner,
+                                leftover.pending,
+                                schedule,
                             ))));
                         }
                         Err(error) => {
@@ -643,12 +869,7 @@ impl<S: Stream> Handshake<S> {
             }
         }
         Ok(MaybeTls::User(Box::new(crate::usertls::UserTls::new(
-            inner,
-            opener,
-            sealer,
-            pending,
-            partial,
-            opened.closed,
+            inner, opener, sealer, schedule, leftover,
         ))))
     }
 }
@@ -684,15 +905,6 @@ impl<S> MaybeTls<S> {
         match self {
             MaybeTls::Sniffed(s, first) if first.borrow().is_empty() => MaybeTls::Plain(s),
             other => other,
-        }
-    }
-
-    /// Whether a pool should stop reusing this connection: its userspace TLS keys are near
-    /// their confidentiality limit ([`crate::usertls::UserTls::worn`]).
-    pub fn worn(&self) -> bool {
-        match self {
-            MaybeTls::User(s) => s.worn(),
-            MaybeTls::Plain(_) | MaybeTls::Sniffed(..) | MaybeTls::Kernel(_) => false,
         }
     }
 
@@ -796,6 +1008,104 @@ impl<S: Stream> Stream for MaybeTls<S> {
     }
 }
 
+/// In-memory handshakes between Tern's side ([`HandshakeState`]) and a rustls peer, for tests
+/// of the handshake and of the record layers after it.
+#[cfg(test)]
+pub(crate) mod in_memory {
+    use super::*;
+
+    /// A client and server configuration for `peer.example` (self-signed, no client
+    /// certificate) offering only `suite`.
+    pub(crate) fn configs(
+        suite: rustls::SupportedCipherSuite,
+    ) -> (rustls::ClientConfig, rustls::ServerConfig) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["peer.example".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let mut provider = rustls::crypto::ring::default_provider();
+        provider.cipher_suites = vec![suite];
+        let provider = Arc::new(provider);
+        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap();
+        server.send_tls13_tickets = 0;
+        server.enable_secret_extraction = true;
+        let mut roots = RootCertStore::empty();
+        roots.add(cert.der().clone()).unwrap();
+        let mut client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.enable_secret_extraction = true;
+        (client, server)
+    }
+
+    /// Tern's client side of a handshake with `client`.
+    pub(crate) fn client(client: rustls::ClientConfig) -> HandshakeState {
+        let name = ServerName::try_from("peer.example").unwrap();
+        HandshakeState::client(Arc::new(client), name).unwrap()
+    }
+
+    /// Tern's server side of a handshake with `server`.
+    pub(crate) fn server(server: rustls::ServerConfig) -> HandshakeState {
+        HandshakeState::server(Arc::new(server), Vec::new()).unwrap()
+    }
+
+    /// A rustls client peer.
+    pub(crate) fn peer_client(client: rustls::ClientConfig) -> rustls::Connection {
+        let name = ServerName::try_from("peer.example").unwrap();
+        rustls::ClientConnection::new(Arc::new(client), name)
+            .unwrap()
+            .into()
+    }
+
+    /// A rustls server peer.
+    pub(crate) fn peer_server(server: rustls::ServerConfig) -> rustls::Connection {
+        rustls::ServerConnection::new(Arc::new(server))
+            .unwrap()
+            .into()
+    }
+
+    /// Hands `ciphertext` to `peer`.
+    pub(crate) fn deliver(peer: &mut rustls::Connection, mut ciphertext: &[u8]) {
+        while !ciphertext.is_empty() {
+            peer.read_tls(&mut ciphertext).unwrap();
+            peer.process_new_packets().unwrap();
+        }
+    }
+
+    /// What `peer` has to send.
+    pub(crate) fn sent_by(peer: &mut rustls::Connection) -> Vec<u8> {
+        let mut wire = Vec::new();
+        while peer.wants_write() {
+            peer.write_tls(&mut wire).unwrap();
+        }
+        wire
+    }
+
+    /// Runs the handshake between Tern's side and `peer` to its end.
+    pub(crate) fn handshake(mut tern: HandshakeState, peer: &mut rustls::Connection) -> Session {
+        for _ in 0..20 {
+            let progress = tern.advance().unwrap();
+            deliver(peer, &std::mem::take(&mut tern.outgoing));
+            tern.incoming.extend(sent_by(peer));
+            if progress == Progress::Done && !peer.is_handshaking() {
+                return tern.finish().unwrap();
+            }
+        }
+        panic!("the handshake did not finish");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -850,5 +1160,72 @@ mod tests {
         let mut truncated = vec![0x16, 3, 1, 0, 6];
         truncated.extend_from_slice(&[1, 0, 0, 2, 3, 3]);
         assert_eq!(classify_hello(&truncated), Hello::Other);
+    }
+
+    #[test]
+    fn a_handshake_whose_messages_span_records_completes_and_leaves_what_follows() {
+        use in_memory::*;
+        let (client_config, mut server_config) =
+            configs(rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256);
+        // The server's certificate message spans several records.
+        server_config.max_fragment_size = Some(64);
+        let mut peer = peer_server(server_config);
+        let mut tern = client(client_config);
+        let mut records = 0;
+        let done = loop {
+            let progress = tern.advance().unwrap();
+            deliver(&mut peer, &std::mem::take(&mut tern.outgoing));
+            let wire = sent_by(&mut peer);
+            let mut at = 0;
+            while at < wire.len() {
+                at += 5 + usize::from(u16::from_be_bytes([wire[at + 3], wire[at + 4]]));
+                records += 1;
+            }
+            tern.incoming.extend(wire);
+            if progress == Progress::Done {
+                break tern;
+            }
+        };
+        assert!(records > 10, "{records} records");
+        // Application data sent right after the handshake stays ciphertext for the record
+        // layer.
+        std::io::Write::write_all(&mut peer.writer(), b"after").unwrap();
+        let mut tern = done;
+        tern.incoming.extend(sent_by(&mut peer));
+        let held = tern.incoming.len();
+        let session = tern.finish().unwrap();
+        assert_eq!(session.incoming.len(), held);
+        assert!(!session.incoming.windows(5).any(|w| w == b"after"));
+    }
+
+    #[test]
+    fn a_failed_handshake_queues_an_alert_for_the_peer() {
+        use in_memory::*;
+        let suite = rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256;
+        let (_, server_config) = configs(suite);
+        // A client that trusts another CA.
+        let (client_config, _) = configs(suite);
+        let mut peer = peer_server(server_config);
+        let mut tern = client(client_config);
+        let error = loop {
+            match tern.advance() {
+                Ok(_) => {
+                    deliver(&mut peer, &std::mem::take(&mut tern.outgoing));
+                    tern.incoming.extend(sent_by(&mut peer));
+                }
+                Err(error) => break error,
+            }
+        };
+        assert!(
+            error.to_string().contains("invalid peer certificate"),
+            "{error}"
+        );
+        let mut alert = tern.outgoing.as_slice();
+        peer.read_tls(&mut alert).unwrap();
+        let error = peer.process_new_packets().unwrap_err();
+        assert!(
+            matches!(error, rustls::Error::AlertReceived(_)),
+            "{error:?}"
+        );
     }
 }

@@ -8,15 +8,16 @@
 //! in one call. Nothing is copied into or out of rustls' own buffers and nothing is allocated
 //! per record.
 //!
-//! The contract after the handshake is the kernel's ([`crate::ktls`]): application data and
-//! alerts. `close_notify` is the end of the stream; any other alert, or a post-handshake
-//! handshake message (a KeyUpdate or session ticket; Tern sends neither), ends the connection
-//! with an error. A sender stops with an error at its AEAD's confidentiality limit (2^24
-//! records for AES-GCM) rather than send past it: a KeyUpdate would need the traffic secret,
-//! which rustls' buffered connection does not hand out. Pools retire a connection before
-//! that ([`UserTls::worn`]): past 7/8 of the limit in either direction it is not reused.
+//! After the handshake a connection carries application data, alerts and the post-handshake
+//! messages of TLS 1.3 ([`post_handshake`], shared with [`crate::ktls`]): a KeyUpdate moves
+//! the receiving side to the next keys of the session's key schedule (rustls' kernel
+//! connection computes them), and one that asks for an answer has this side update its own
+//! sending keys before its next write; a session ticket goes to rustls. `close_notify` is the
+//! end of the stream; any other alert ends the connection with an error. A sender updates its
+//! own keys before its AEAD's confidentiality limit (2^24 records for AES-GCM), so a
+//! connection may live and carry data for as long as it is wanted.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::Shutdown;
 use std::ops::Range;
@@ -25,6 +26,7 @@ use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 use rustls::ConnectionTrafficSecrets;
 
 use crate::io::{BufResult, Stream};
+use crate::tls::KeySchedule;
 
 /// TLS content types (RFC 8446 §5.1).
 pub(crate) const ALERT: u8 = 21;
@@ -48,8 +50,72 @@ const MAX_READ: usize = 256 * 1024;
 /// How many encrypted bytes a write gathers before it goes to the socket.
 const WRITE_BATCH: usize = 256 * 1024;
 
+/// Handshake message types after the handshake (RFC 8446 §4).
+const NEW_SESSION_TICKET: u8 = 4;
+const KEY_UPDATE: u8 = 24;
+
 fn invalid(message: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message)
+}
+
+/// A KeyUpdate's `request_update`: whether the peer must update its sending keys too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum KeyUpdate {
+    NotRequested,
+    Requested,
+}
+
+impl KeyUpdate {
+    /// The handshake message: type, 24-bit length, `request_update`.
+    pub(crate) fn message(self) -> [u8; 5] {
+        [KEY_UPDATE, 0, 0, 1, self as u8]
+    }
+}
+
+/// Handles the post-handshake messages in one handshake record's plaintext: a session ticket
+/// goes to `schedule`; a KeyUpdate, which must end the record (the keys change after it), is
+/// returned for the record layer to act on.
+///
+/// TLS 1.3 lets a handshake message span records. Post-handshake messages are small and no
+/// implementation splits them, so one that does not fit its record is refused.
+pub(crate) fn post_handshake(
+    mut messages: &[u8],
+    schedule: &mut KeySchedule,
+) -> io::Result<Option<KeyUpdate>> {
+    if messages.is_empty() {
+        return Err(invalid("empty TLS handshake record"));
+    }
+    while let [kind, a, b, c, rest @ ..] = messages {
+        let length = u32::from_be_bytes([0, *a, *b, *c]) as usize;
+        let Some((body, rest)) = rest.split_at_checked(length) else {
+            break;
+        };
+        messages = rest;
+        match *kind {
+            NEW_SESSION_TICKET => schedule.ticket(body)?,
+            KEY_UPDATE => {
+                let update = match body {
+                    [0] => KeyUpdate::NotRequested,
+                    [1] => KeyUpdate::Requested,
+                    _ => return Err(invalid("malformed TLS KeyUpdate")),
+                };
+                if !messages.is_empty() {
+                    return Err(invalid("TLS KeyUpdate not at the end of its record"));
+                }
+                return Ok(Some(update));
+            }
+            _ => {
+                return Err(invalid(
+                    "unexpected TLS handshake message after the handshake",
+                ));
+            }
+        }
+    }
+    if messages.is_empty() {
+        Ok(None)
+    } else {
+        Err(invalid("TLS post-handshake message split across records"))
+    }
 }
 
 /// One direction's AEAD key, its static IV and the next record's sequence number.
@@ -57,13 +123,11 @@ struct Keys {
     key: LessSafeKey,
     iv: [u8; 12],
     sequence: u64,
-    /// The sequence number this direction must not reach.
-    limit: u64,
 }
 
 impl Keys {
-    /// Keys from rustls' extracted secrets; `None` for a cipher this layer does not have.
-    fn new(sequence: u64, secrets: &ConnectionTrafficSecrets, limit: u64) -> Option<Keys> {
+    /// Keys from rustls' secrets; `None` for a cipher this layer does not have.
+    fn new(sequence: u64, secrets: &ConnectionTrafficSecrets) -> Option<Keys> {
         let (algorithm, key, iv) = match secrets {
             ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aead::AES_128_GCM, key, iv),
             ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aead::AES_256_GCM, key, iv),
@@ -76,28 +140,23 @@ impl Keys {
             key: LessSafeKey::new(UnboundKey::new(algorithm, key.as_ref()).ok()?),
             iv: iv.as_ref().try_into().ok()?,
             sequence,
-            limit,
         })
     }
 
+    /// The keys a KeyUpdate moves to (sequence numbers start again at zero).
+    fn next(secrets: io::Result<ConnectionTrafficSecrets>) -> io::Result<Keys> {
+        Keys::new(0, &secrets?)
+            .ok_or_else(|| io::Error::other("the updated TLS keys are not of the session's cipher"))
+    }
+
     /// The per-record nonce (RFC 8446 §5.3): the IV XOR the sequence number, which advances.
-    fn next_nonce(&mut self) -> io::Result<Nonce> {
-        if self.sequence >= self.limit {
-            return Err(io::Error::other(
-                "TLS confidentiality limit reached: this connection carried all the records its key may protect",
-            ));
-        }
+    fn next_nonce(&mut self) -> Nonce {
         let mut nonce = self.iv;
         for (byte, sequence) in nonce[4..].iter_mut().zip(self.sequence.to_be_bytes()) {
             *byte ^= sequence;
         }
         self.sequence += 1;
-        Ok(Nonce::assume_unique_for_key(nonce))
-    }
-
-    /// The next sequence number, which is what kernel TLS takes as `rec_seq`.
-    pub(crate) fn sequence(&self) -> u64 {
-        self.sequence
+        Nonce::assume_unique_for_key(nonce)
     }
 }
 
@@ -110,6 +169,8 @@ pub(crate) struct Opened {
     pub consumed: usize,
     /// The peer's `close_notify` arrived (anything after it is ignored).
     pub closed: bool,
+    /// The peer updated its keys; `Requested` if any of its updates asked for ours.
+    pub key_update: Option<KeyUpdate>,
 }
 
 /// The receiving direction.
@@ -119,19 +180,29 @@ pub(crate) struct Opener {
 
 impl Opener {
     pub(crate) fn new(sequence: u64, secrets: &ConnectionTrafficSecrets) -> Option<Opener> {
-        Keys::new(sequence, secrets, u64::MAX).map(|keys| Opener { keys })
+        Keys::new(sequence, secrets).map(|keys| Opener { keys })
     }
 
+    /// The next record's sequence number, which is what kernel TLS takes as `rec_seq`.
     pub(crate) fn sequence(&self) -> u64 {
-        self.keys.sequence()
+        self.keys.sequence
     }
 
     /// Decrypts every whole record at the start of `buf` in place, packing their
-    /// application data at the start of `buf`.
-    pub(crate) fn open(&mut self, buf: &mut [u8]) -> io::Result<Opened> {
-        let mut plaintext = 0;
-        let mut at = 0;
-        while let Some(header) = buf.get(at..at + HEADER) {
+    /// application data at the start of `buf`; post-handshake messages go to
+    /// [`post_handshake`], and a KeyUpdate moves the records after it to the next keys.
+    pub(crate) fn open(
+        &mut self,
+        buf: &mut [u8],
+        schedule: &mut KeySchedule,
+    ) -> io::Result<Opened> {
+        let mut opened = Opened {
+            plaintext: 0,
+            consumed: 0,
+            closed: false,
+            key_update: None,
+        };
+        while let Some(header) = buf.get(opened.consumed..opened.consumed + HEADER) {
             let header: [u8; HEADER] = header.try_into().map_err(|_| invalid("short header"))?;
             let length = usize::from(u16::from_be_bytes([header[3], header[4]]));
             if header[0] != APPLICATION_DATA || header[1] != 3 || length > MAX_CIPHERTEXT {
@@ -140,13 +211,15 @@ impl Opener {
             if length < TAG + 1 {
                 return Err(invalid("TLS record shorter than its tag"));
             }
+            let at = opened.consumed;
             let end = at + HEADER + length;
             if end > buf.len() {
                 break;
             }
-            let nonce = self.keys.next_nonce()?;
+            let nonce = self.keys.next_nonce();
             // The plaintext lands `plaintext` bytes in, behind the ciphertext it came from.
-            let opened = self
+            let plaintext = opened.plaintext;
+            let inner = self
                 .keys
                 .key
                 .open_within(
@@ -157,49 +230,44 @@ impl Opener {
                 )
                 .map_err(|_| invalid("TLS record failed authentication"))?;
             // The inner content type is the last non-zero byte; zeros after it are padding.
-            let Some(last) = opened.iter().rposition(|&b| b != 0) else {
+            let Some(last) = inner.iter().rposition(|&b| b != 0) else {
                 return Err(invalid("TLS record with no content type"));
             };
             if last > MAX_FRAGMENT {
                 return Err(invalid("TLS record plaintext longer than 2^14 bytes"));
             }
-            let content_type = opened[last];
-            at = end;
-            match content_type {
-                APPLICATION_DATA => plaintext += last,
+            opened.consumed = end;
+            match inner[last] {
+                APPLICATION_DATA => opened.plaintext += last,
                 // close_notify (description 0), at whatever level.
-                ALERT if last == 2 && opened[1] == 0 => {
-                    return Ok(Opened {
-                        plaintext,
-                        consumed: at,
-                        closed: true,
-                    });
+                ALERT if last == 2 && inner[1] == 0 => {
+                    opened.closed = true;
+                    return Ok(opened);
                 }
                 ALERT => {
                     return Err(io::Error::new(
                         io::ErrorKind::ConnectionAborted,
-                        format!("peer sent TLS alert {:?}", &opened[..last]),
+                        format!("peer sent TLS alert {:?}", &inner[..last]),
                     ));
                 }
                 HANDSHAKE => {
-                    return Err(invalid(
-                        "a post-handshake message (KeyUpdate or session ticket) arrived; Tern sidecars send neither",
-                    ));
+                    if let Some(update) = post_handshake(&inner[..last], schedule)? {
+                        self.keys = Keys::next(schedule.next_rx())?;
+                        opened.key_update = opened.key_update.max(Some(update));
+                    }
                 }
                 _ => return Err(invalid("unexpected TLS content type")),
             }
         }
-        Ok(Opened {
-            plaintext,
-            consumed: at,
-            closed: false,
-        })
+        Ok(opened)
     }
 }
 
 /// The sending direction, with the buffer records are built in.
 pub(crate) struct Sealer {
     keys: Keys,
+    /// The confidentiality limit: records one key may protect.
+    limit: u64,
     out: Vec<u8>,
 }
 
@@ -209,23 +277,46 @@ impl Sealer {
         secrets: &ConnectionTrafficSecrets,
         limit: u64,
     ) -> Option<Sealer> {
-        Keys::new(sequence, secrets, limit).map(|keys| Sealer {
+        Keys::new(sequence, secrets).map(|keys| Sealer {
             keys,
+            limit,
             out: Vec::new(),
         })
     }
 
+    /// The next record's sequence number, which is what kernel TLS takes as `rec_seq`.
     pub(crate) fn sequence(&self) -> u64 {
-        self.keys.sequence()
+        self.keys.sequence
     }
 
     /// Appends `data` to the outgoing buffer as one record of `content_type` (at most
-    /// [`MAX_FRAGMENT`] bytes).
-    fn seal(&mut self, content_type: u8, data: &[u8]) -> io::Result<()> {
+    /// [`MAX_FRAGMENT`] bytes), after a KeyUpdate if the current keys have protected all
+    /// the records they may.
+    fn seal(
+        &mut self,
+        content_type: u8,
+        data: &[u8],
+        schedule: &mut KeySchedule,
+    ) -> io::Result<()> {
+        // The KeyUpdate takes the last sequence number the keys allow.
+        if self.keys.sequence.saturating_add(1) >= self.limit {
+            self.update_keys(schedule)?;
+        }
+        self.seal_record(content_type, data)
+    }
+
+    /// Sends a KeyUpdate (one that asks nothing of the peer) and moves to the next keys.
+    fn update_keys(&mut self, schedule: &mut KeySchedule) -> io::Result<()> {
+        let next = Keys::next(schedule.next_tx())?;
+        self.seal_record(HANDSHAKE, &KeyUpdate::NotRequested.message())?;
+        self.keys = next;
+        Ok(())
+    }
+
+    fn seal_record(&mut self, content_type: u8, data: &[u8]) -> io::Result<()> {
         debug_assert!(data.len() <= MAX_FRAGMENT);
         let length = data.len() + 1 + TAG;
-        // The nonce first: at the limit nothing is added to the buffer.
-        let nonce = self.keys.next_nonce()?;
+        let nonce = self.keys.next_nonce();
         let start = self.out.len();
         self.out.reserve(HEADER + length);
         let header = [
@@ -245,6 +336,48 @@ impl Sealer {
             .map_err(|_| io::Error::other("TLS record could not be sealed"))?;
         self.out.extend_from_slice(tag.as_ref());
         Ok(())
+    }
+}
+
+/// What the records read with the end of a handshake held, opened: the record layer a
+/// connection takes over with.
+pub(crate) struct Leftover {
+    /// Plaintext, to be read first.
+    pub pending: Vec<u8>,
+    /// Ciphertext of a record not yet whole.
+    pub partial: Vec<u8>,
+    /// The peer's `close_notify` came already.
+    pub closed: bool,
+    /// The peer updated its keys already.
+    pub key_update: Option<KeyUpdate>,
+}
+
+impl Leftover {
+    /// Opens the records in `ciphertext`.
+    pub(crate) fn open(
+        opener: &mut Opener,
+        schedule: &mut KeySchedule,
+        mut ciphertext: Vec<u8>,
+    ) -> io::Result<Leftover> {
+        let opened = opener.open(&mut ciphertext, schedule)?;
+        let partial = if opened.closed {
+            Vec::new()
+        } else {
+            ciphertext[opened.consumed..].to_vec()
+        };
+        ciphertext.truncate(opened.plaintext);
+        Ok(Leftover {
+            pending: ciphertext,
+            partial,
+            closed: opened.closed,
+            key_update: opened.key_update,
+        })
+    }
+
+    /// Whether the kernel can take the connection's records from here: nothing half-read,
+    /// nothing closed, and the keys still those of the handshake.
+    pub(crate) fn kernel_may_take_over(&self) -> bool {
+        self.partial.is_empty() && !self.closed && self.key_update.is_none()
     }
 }
 
@@ -268,54 +401,38 @@ pub struct UserTls<S> {
     receiving: RefCell<Receiving>,
     /// Held while records are being written, so they go out in sequence order.
     sending: tokio::sync::Mutex<Sealer>,
-    /// The next record's sequence number on the sending side, readable without the lock.
-    sent: std::cell::Cell<u64>,
-    /// Where [`Self::worn`] starts saying yes.
-    worn_at: u64,
-}
-
-impl<S> UserTls<S> {
-    /// Whether either direction has used 7/8 of what its key may protect: a pool should not
-    /// reuse the connection, so it is retired before a write fails at the limit.
-    pub fn worn(&self) -> bool {
-        let received = self
-            .receiving
-            .try_borrow()
-            .map_or(0, |receiving| receiving.opener.sequence());
-        self.sent.get().max(received) >= self.worn_at
-    }
+    /// Both directions' next keys; borrowed only between awaits.
+    schedule: RefCell<KeySchedule>,
+    /// The peer asked for a KeyUpdate, to be sent before the next write.
+    key_update_owed: Cell<bool>,
 }
 
 impl<S: Stream> UserTls<S> {
-    /// Takes over `inner` after the handshake: `pending` is plaintext already decrypted,
-    /// `partial` ciphertext already read (not a whole record), `closed` whether the peer's
-    /// `close_notify` came already.
+    /// Takes over `inner` after the handshake, with what came with its end.
     pub(crate) fn new(
         inner: S,
         opener: Opener,
         sealer: Sealer,
-        pending: Vec<u8>,
-        partial: Vec<u8>,
-        closed: bool,
+        schedule: KeySchedule,
+        leftover: Leftover,
     ) -> UserTls<S> {
         UserTls {
             inner,
             receiving: RefCell::new(Receiving {
                 opener,
-                pending,
-                partial,
+                pending: leftover.pending,
+                partial: leftover.partial,
                 read_size: FIRST_READ,
-                closed,
+                closed: leftover.closed,
             }),
-            sent: std::cell::Cell::new(sealer.sequence()),
-            worn_at: sealer.keys.limit - sealer.keys.limit / 8,
             sending: tokio::sync::Mutex::new(sealer),
+            schedule: RefCell::new(schedule),
+            key_update_owed: Cell::new(leftover.key_update == Some(KeyUpdate::Requested)),
         }
     }
 
     /// Writes what the sealer holds, then empties it.
     async fn send(&self, sealer: &mut Sealer) -> io::Result<()> {
-        self.sent.set(sealer.sequence());
         let out = std::mem::take(&mut sealer.out);
         let len = out.len();
         let (written, mut back) = self.inner.write_all(out, 0..len).await;
@@ -323,6 +440,24 @@ impl<S: Stream> UserTls<S> {
         crate::io::fit(&mut back, len, FIRST_READ);
         sealer.out = back;
         written
+    }
+
+    /// Seals `data` as records of `content_type`, after the KeyUpdate the peer asked for.
+    fn seal(&self, sealer: &mut Sealer, content_type: u8, data: &[u8]) -> io::Result<()> {
+        let schedule = &mut *self.schedule.borrow_mut();
+        let sealed = (|| {
+            if self.key_update_owed.take() {
+                sealer.update_keys(schedule)?;
+            }
+            for fragment in data.chunks(MAX_FRAGMENT) {
+                sealer.seal(content_type, fragment, schedule)?;
+            }
+            Ok(())
+        })();
+        if sealed.is_err() {
+            sealer.out.clear();
+        }
+        sealed
     }
 }
 
@@ -387,13 +522,19 @@ impl<S: Stream> Stream for UserTls<S> {
             }
             let mut receiving = self.receiving.borrow_mut();
             receiving.partial.clear();
-            let opened = match receiving.opener.open(&mut buf[start..]) {
+            let opened = receiving
+                .opener
+                .open(&mut buf[start..], &mut self.schedule.borrow_mut());
+            let opened = match opened {
                 Ok(opened) => opened,
                 Err(error) => {
                     buf.truncate(start);
                     return (Err(error), buf);
                 }
             };
+            if opened.key_update == Some(KeyUpdate::Requested) {
+                self.key_update_owed.set(true);
+            }
             receiving.closed = opened.closed;
             if !opened.closed {
                 receiving
@@ -413,11 +554,8 @@ impl<S: Stream> Stream for UserTls<S> {
         };
         let mut sealer = self.sending.lock().await;
         for batch in data.chunks(WRITE_BATCH) {
-            for fragment in batch.chunks(MAX_FRAGMENT) {
-                if let Err(error) = sealer.seal(APPLICATION_DATA, fragment) {
-                    sealer.out.clear();
-                    return (Err(error), buf);
-                }
+            if let Err(error) = self.seal(&mut sealer, APPLICATION_DATA, batch) {
+                return (Err(error), buf);
             }
             if let Err(error) = self.send(&mut sealer).await {
                 return (Err(error), buf);
@@ -432,7 +570,7 @@ impl<S: Stream> Stream for UserTls<S> {
 
     async fn close_write(&self) -> io::Result<()> {
         let mut sealer = self.sending.lock().await;
-        sealer.seal(ALERT, &CLOSE_NOTIFY)?;
+        self.seal(&mut sealer, ALERT, &CLOSE_NOTIFY)?;
         self.send(&mut sealer).await?;
         self.inner.shutdown(Shutdown::Write)
     }
@@ -455,74 +593,65 @@ fn whole_record(ciphertext: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use std::io::{Read as _, Write as _};
-    use std::sync::Arc;
 
+    use rustls::SupportedCipherSuite;
     use rustls::crypto::ring::cipher_suite;
-    use rustls::{ClientConnection, Connection, ServerConnection, SupportedCipherSuite};
 
     use super::*;
+    use crate::tls::in_memory::{self, deliver, sent_by};
 
-    /// A finished in-memory TLS 1.3 handshake between a rustls client and server, with the
-    /// server's keys extracted into this layer; the client stays in rustls.
+    /// A finished in-memory TLS 1.3 session between a rustls peer and Tern's side, whose
+    /// keys are in this layer.
     struct Session {
-        client: Connection,
+        peer: rustls::Connection,
         opener: Opener,
         sealer: Sealer,
+        schedule: KeySchedule,
+        /// Ciphertext that came with the end of the handshake.
+        leftover: Vec<u8>,
     }
 
-    fn session(suite: SupportedCipherSuite) -> Session {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["peer.example".to_string()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        let mut provider = rustls::crypto::ring::default_provider();
-        provider.cipher_suites = vec![suite];
-        let provider = Arc::new(provider);
-        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![cert.der().clone()],
-                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-            )
-            .unwrap();
-        server.send_tls13_tickets = 0;
-        server.enable_secret_extraction = true;
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(cert.der().clone()).unwrap();
-        let client = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let name = rustls::pki_types::ServerName::try_from("peer.example").unwrap();
-        let mut client = Connection::from(ClientConnection::new(Arc::new(client), name).unwrap());
-        let mut server = Connection::from(ServerConnection::new(Arc::new(server)).unwrap());
-        while client.is_handshaking() || server.is_handshaking() {
-            pass(&mut client, &mut server);
-            pass(&mut server, &mut client);
+    impl Session {
+        fn new(tern: crate::tls::HandshakeState, mut peer: rustls::Connection) -> Session {
+            let session = in_memory::handshake(tern, &mut peer);
+            let secrets = session.secrets;
+            Session {
+                peer,
+                opener: Opener::new(secrets.rx.0, &secrets.rx.1).unwrap(),
+                sealer: Sealer::new(secrets.tx.0, &secrets.tx.1, session.limit).unwrap(),
+                schedule: session.schedule,
+                leftover: session.incoming,
+            }
         }
-        let limit = suite.tls13().unwrap().common.confidentiality_limit;
-        let secrets = server.dangerous_extract_secrets().unwrap();
-        Session {
-            client,
-            opener: Opener::new(secrets.rx.0, &secrets.rx.1).unwrap(),
-            sealer: Sealer::new(secrets.tx.0, &secrets.tx.1, limit).unwrap(),
-        }
-    }
 
-    /// Hands what `from` has to send to `to`.
-    fn pass(from: &mut Connection, to: &mut Connection) {
-        let mut wire = Vec::new();
-        while from.wants_write() {
-            from.write_tls(&mut wire).unwrap();
+        /// Tern as the server, the peer a rustls client.
+        fn server(suite: SupportedCipherSuite) -> Session {
+            let (client, server) = in_memory::configs(suite);
+            Session::new(in_memory::server(server), in_memory::peer_client(client))
         }
-        // An empty read would be taken for the peer's end of stream.
-        if !wire.is_empty() {
-            to.read_tls(&mut wire.as_slice()).unwrap();
-            to.process_new_packets().unwrap();
+
+        /// Opens what the peer sent, whole.
+        fn open(&mut self, mut wire: Vec<u8>) -> io::Result<(Vec<u8>, Opened)> {
+            let opened = self.opener.open(&mut wire, &mut self.schedule)?;
+            assert_eq!(opened.consumed, wire.len(), "a record left over");
+            wire.truncate(opened.plaintext);
+            Ok((wire, opened))
+        }
+
+        /// What the peer reads of `wire`.
+        fn peer_reads(&mut self, wire: &[u8]) -> Vec<u8> {
+            deliver(&mut self.peer, wire);
+            let mut received = Vec::new();
+            let mut chunk = [0; 4096];
+            loop {
+                match self.peer.reader().read(&mut chunk) {
+                    Ok(0) => break,
+                    Ok(n) => received.extend_from_slice(&chunk[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("after {} bytes: {e}", received.len()),
+                }
+            }
+            received
         }
     }
 
@@ -537,15 +666,13 @@ mod tests {
         (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
     }
 
-    /// What the rustls client sends for `data` (its records, whole).
-    fn client_records(client: &mut Connection, data: &[u8]) -> Vec<u8> {
+    /// What the rustls peer sends for `data` (its records, whole).
+    fn peer_records(peer: &mut rustls::Connection, data: &[u8]) -> Vec<u8> {
         let mut written = 0;
         let mut wire = Vec::new();
         while written < data.len() {
-            written += client.writer().write(&data[written..]).unwrap();
-            while client.wants_write() {
-                client.write_tls(&mut wire).unwrap();
-            }
+            written += peer.writer().write(&data[written..]).unwrap();
+            wire.extend(sent_by(peer));
         }
         wire
     }
@@ -553,16 +680,17 @@ mod tests {
     #[test]
     fn records_from_rustls_open_in_place_across_every_boundary() {
         for suite in SUITES {
-            let mut s = session(suite);
+            let mut s = Session::server(suite);
+            assert!(s.leftover.is_empty());
             let data = pattern(100_000);
-            let mut wire = client_records(&mut s.client, &data);
-            wire.extend(client_records(&mut s.client, b"tail"));
+            let mut wire = peer_records(&mut s.peer, &data);
+            wire.extend(peer_records(&mut s.peer, b"tail"));
             // Fed in pieces that cut headers, bodies and tags anywhere.
             let mut received = Vec::new();
             let mut held: Vec<u8> = Vec::new();
             for piece in wire.chunks(7_001) {
                 held.extend_from_slice(piece);
-                let opened = s.opener.open(&mut held).unwrap();
+                let opened = s.opener.open(&mut held, &mut s.schedule).unwrap();
                 assert!(!opened.closed);
                 received.extend_from_slice(&held[..opened.plaintext]);
                 held.drain(..opened.consumed);
@@ -572,49 +700,38 @@ mod tests {
             assert!(received[..data.len()] == data[..], "{suite:?}");
             assert_eq!(&received[data.len()..], b"tail");
 
-            s.client.send_close_notify();
-            let mut wire = Vec::new();
-            s.client.write_tls(&mut wire).unwrap();
-            let opened = s.opener.open(&mut wire).unwrap();
-            assert_eq!((opened.plaintext, opened.closed), (0, true), "{suite:?}");
+            s.peer.send_close_notify();
+            let wire = sent_by(&mut s.peer);
+            let (plaintext, opened) = s.open(wire).unwrap();
+            assert!(plaintext.is_empty() && opened.closed, "{suite:?}");
         }
     }
 
     #[test]
     fn sealed_records_are_read_by_rustls() {
         for suite in SUITES {
-            let mut s = session(suite);
+            let mut s = Session::server(suite);
             let data = pattern(70_000);
             for fragment in data.chunks(MAX_FRAGMENT) {
-                s.sealer.seal(APPLICATION_DATA, fragment).unwrap();
+                s.sealer
+                    .seal(APPLICATION_DATA, fragment, &mut s.schedule)
+                    .unwrap();
             }
-            s.sealer.seal(ALERT, &CLOSE_NOTIFY).unwrap();
+            s.sealer
+                .seal(ALERT, &CLOSE_NOTIFY, &mut s.schedule)
+                .unwrap();
             let wire = std::mem::take(&mut s.sealer.out);
             let mut received = Vec::new();
             let mut at = 0;
             // One record at a time, as a socket reader would hand them over.
             while at < wire.len() {
                 let length = usize::from(u16::from_be_bytes([wire[at + 3], wire[at + 4]]));
-                let mut record = &wire[at..at + HEADER + length];
+                received.extend(s.peer_reads(&wire[at..at + HEADER + length]));
                 at += HEADER + length;
-                while !record.is_empty() {
-                    let n = s.client.read_tls(&mut record).unwrap();
-                    assert!(n > 0, "{suite:?}");
-                    s.client.process_new_packets().unwrap();
-                    let mut chunk = [0; 4096];
-                    loop {
-                        match s.client.reader().read(&mut chunk) {
-                            Ok(0) => break,
-                            Ok(n) => received.extend_from_slice(&chunk[..n]),
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                            Err(e) => panic!("{suite:?} at {}: {e}", received.len()),
-                        }
-                    }
-                }
             }
             assert!(received == data, "{suite:?}");
             assert!(
-                matches!(s.client.reader().read(&mut [0; 1]), Ok(0)),
+                matches!(s.peer.reader().read(&mut [0; 1]), Ok(0)),
                 "{suite:?}: close_notify is a clean end"
             );
         }
@@ -622,56 +739,61 @@ mod tests {
 
     #[test]
     fn a_tampered_record_is_refused() {
-        let mut s = session(SUITES[0]);
-        let mut wire = client_records(&mut s.client, b"hello");
+        let mut s = Session::server(SUITES[0]);
+        let mut wire = peer_records(&mut s.peer, b"hello");
         let last = wire.len() - 1;
         wire[last] ^= 1;
-        let error = s.opener.open(&mut wire).unwrap_err();
+        let error = s.open(wire).unwrap_err();
         assert!(error.to_string().contains("authentication"), "{error}");
     }
 
     #[test]
-    fn a_key_update_or_a_fatal_alert_ends_the_connection() {
-        let mut s = session(SUITES[0]);
-        s.client.refresh_traffic_keys().unwrap();
-        let mut wire = Vec::new();
-        s.client.write_tls(&mut wire).unwrap();
-        let error = s.opener.open(&mut wire).unwrap_err();
-        assert!(error.to_string().contains("post-handshake"), "{error}");
-
-        // A fatal alert (handshake_failure), opened with the keys that sealed it.
+    fn a_fatal_alert_ends_the_connection() {
+        let mut s = Session::server(SUITES[0]);
+        // handshake_failure, sealed with the keys that open it.
         let secrets = ConnectionTrafficSecrets::Aes256Gcm {
             key: [7u8; 32].into(),
             iv: [9u8; 12].into(),
         };
         let mut sealer = Sealer::new(0, &secrets, u64::MAX).unwrap();
         let mut opener = Opener::new(0, &secrets).unwrap();
-        sealer.seal(APPLICATION_DATA, b"x").unwrap();
-        sealer.seal(ALERT, &[2, 40]).unwrap();
-        let error = opener.open(&mut sealer.out).unwrap_err();
+        sealer
+            .seal(APPLICATION_DATA, b"x", &mut s.schedule)
+            .unwrap();
+        sealer.seal(ALERT, &[2, 40], &mut s.schedule).unwrap();
+        let error = opener.open(&mut sealer.out, &mut s.schedule).unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::ConnectionAborted, "{error}");
     }
 
     #[test]
     fn garbage_is_refused_without_waiting_for_more() {
-        let mut s = session(SUITES[0]);
+        let mut s = Session::server(SUITES[0]);
         assert!(whole_record(b"GET / HTTP/1.1"));
-        let error = s.opener.open(&mut b"GET / HTTP/1.1".to_vec()).unwrap_err();
+        let error = s.open(b"GET / HTTP/1.1".to_vec()).unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::InvalidData);
         let huge = [APPLICATION_DATA, 3, 3, 0xff, 0xff];
         assert!(whole_record(&huge));
-        assert!(s.opener.open(&mut huge.to_vec()).is_err());
+        assert!(s.open(huge.to_vec()).is_err());
         assert!(!whole_record(&[APPLICATION_DATA, 3, 3, 0, 40, 1, 2]));
     }
 
-    /// A socket that takes every write.
-    struct Sink;
+    /// An in-memory socket: reads take what the test put in `incoming`, writes land in
+    /// `outgoing`.
+    #[derive(Default)]
+    struct Wire {
+        incoming: RefCell<Vec<u8>>,
+        outgoing: RefCell<Vec<u8>>,
+    }
 
-    impl Stream for Sink {
-        async fn read(&self, buf: Vec<u8>) -> BufResult<usize> {
-            (Ok(0), buf)
+    impl Stream for std::rc::Rc<Wire> {
+        async fn read(&self, mut buf: Vec<u8>) -> BufResult<usize> {
+            let mut incoming = self.incoming.borrow_mut();
+            let n = incoming.len().min(buf.capacity() - buf.len());
+            buf.extend(incoming.drain(..n));
+            (Ok(n), buf)
         }
-        async fn write_all(&self, buf: Vec<u8>, _range: Range<usize>) -> BufResult<()> {
+        async fn write_all(&self, buf: Vec<u8>, range: Range<usize>) -> BufResult<()> {
+            self.outgoing.borrow_mut().extend_from_slice(&buf[range]);
             (Ok(()), buf)
         }
         fn shutdown(&self, _how: Shutdown) -> io::Result<()> {
@@ -680,49 +802,109 @@ mod tests {
     }
 
     #[test]
-    fn a_connection_is_worn_at_seven_eighths_of_its_limit_either_way() {
-        let secrets = ConnectionTrafficSecrets::Aes256Gcm {
-            key: [1u8; 32].into(),
-            iv: [2u8; 12].into(),
-        };
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        // Records received so far, and a sender limited to 16 records.
-        let connection = |received| {
-            UserTls::new(
-                Sink,
-                Opener::new(received, &secrets).unwrap(),
-                Sealer::new(0, &secrets, 16).unwrap(),
-                Vec::new(),
-                Vec::new(),
-                false,
-            )
-        };
-        let tls = connection(0);
-        for _ in 0..13 {
-            let (written, _) = runtime.block_on(tls.write_all(b"x".to_vec(), 0..1));
-            written.unwrap();
-        }
-        assert!(!tls.worn(), "13 of 16 records");
-        let (written, _) = runtime.block_on(tls.write_all(b"x".to_vec(), 0..1));
-        written.unwrap();
-        assert!(tls.worn(), "14 of 16 records");
+    fn a_key_update_from_the_peer_is_followed_and_answered_before_the_next_write() {
+        for suite in SUITES {
+            let mut s = Session::server(suite);
+            let mut wire = peer_records(&mut s.peer, b"before");
+            // rustls asks for an update in return.
+            s.peer.refresh_traffic_keys().unwrap();
+            wire.extend(sent_by(&mut s.peer));
+            wire.extend(peer_records(&mut s.peer, b"after"));
 
-        let tls = connection(14);
-        assert!(tls.worn(), "the peer's side counts too");
+            let socket = std::rc::Rc::new(Wire::default());
+            *socket.incoming.borrow_mut() = wire;
+            let leftover = Leftover::open(&mut s.opener, &mut s.schedule, Vec::new()).unwrap();
+            let tls = UserTls::new(socket.clone(), s.opener, s.sealer, s.schedule, leftover);
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            let mut received = Vec::new();
+            while received.len() < 11 {
+                let (read, buf) = runtime.block_on(tls.read(Vec::with_capacity(64 * 1024)));
+                assert!(read.unwrap() > 0, "{suite:?}");
+                received.extend(buf);
+            }
+            assert_eq!(received, b"beforeafter", "{suite:?}");
+            assert!(tls.key_update_owed.get(), "{suite:?}");
+
+            let (written, _) = runtime.block_on(tls.write_all(b"reply".to_vec(), 0..5));
+            written.unwrap();
+            assert!(!tls.key_update_owed.get());
+            let wire = std::mem::take(&mut *socket.outgoing.borrow_mut());
+            // The KeyUpdate record, then the data under the new keys.
+            assert!(wire.len() > 2 * (HEADER + TAG), "{suite:?}");
+            let mut peer = s.peer;
+            deliver(&mut peer, &wire);
+            let mut reply = [0; 5];
+            peer.reader().read_exact(&mut reply).unwrap();
+            assert_eq!(&reply, b"reply", "{suite:?}");
+        }
     }
 
     #[test]
-    fn the_sender_stops_at_the_confidentiality_limit() {
-        let mut s = session(SUITES[0]);
-        s.sealer.keys.limit = s.sealer.keys.sequence + 2;
-        s.sealer.seal(APPLICATION_DATA, b"one").unwrap();
-        s.sealer.seal(APPLICATION_DATA, b"two").unwrap();
-        let error = s.sealer.seal(APPLICATION_DATA, b"three").unwrap_err();
-        assert!(
-            error.to_string().contains("confidentiality limit"),
-            "{error}"
+    fn the_sender_updates_its_keys_before_the_confidentiality_limit() {
+        let mut s = Session::server(SUITES[0]);
+        s.sealer.limit = s.sealer.keys.sequence + 3;
+        let data = pattern(10 * 100);
+        for record in data.chunks(100) {
+            s.sealer
+                .seal(APPLICATION_DATA, record, &mut s.schedule)
+                .unwrap();
+        }
+        let wire = std::mem::take(&mut s.sealer.out);
+        let records = {
+            let (mut count, mut at) = (0, 0);
+            while at < wire.len() {
+                at += HEADER + usize::from(u16::from_be_bytes([wire[at + 3], wire[at + 4]]));
+                count += 1;
+            }
+            count
+        };
+        // Ten of data; each set of keys seals two of them and a KeyUpdate.
+        assert_eq!(records, 10 + 4);
+        assert!(s.sealer.keys.sequence < 3);
+        assert_eq!(s.peer_reads(&wire), data);
+    }
+
+    #[test]
+    fn a_session_ticket_from_the_server_goes_to_rustls() {
+        let (client, mut server) = in_memory::configs(SUITES[1]);
+        server.send_tls13_tickets = 2;
+        let mut s = Session::new(in_memory::client(client), in_memory::peer_server(server));
+        // The tickets follow the server's handshake; application data follows them.
+        let mut wire = std::mem::take(&mut s.leftover);
+        wire.extend(peer_records(&mut s.peer, b"hello"));
+        let (plaintext, opened) = s.open(wire).unwrap();
+        assert_eq!(plaintext, b"hello");
+        assert_eq!(opened.key_update, None);
+    }
+
+    #[test]
+    fn post_handshake_messages_out_of_place_are_refused() {
+        let mut server = Session::server(SUITES[0]).schedule;
+        let ticket = [NEW_SESSION_TICKET, 0, 0, 4, 0, 0, 0, 1];
+        let cases: [(&[u8], &str); 6] = [
+            (&ticket, "client sent a session ticket"),
+            (&[KEY_UPDATE, 0, 0, 1, 7], "malformed"),
+            (
+                &[KEY_UPDATE, 0, 0, 1, 0, KEY_UPDATE, 0, 0, 1, 0],
+                "end of its record",
+            ),
+            (&[KEY_UPDATE, 0, 0, 2, 0], "split across records"),
+            (&[KEY_UPDATE, 0], "split across records"),
+            // A CertificateRequest: post-handshake authentication is not offered.
+            (&[13, 0, 0, 0], "unexpected TLS handshake message"),
+        ];
+        for (messages, expected) in cases {
+            let error = post_handshake(messages, &mut server).unwrap_err();
+            assert!(
+                error.to_string().contains(expected),
+                "{messages:?}: {error}"
+            );
+        }
+        assert_eq!(
+            post_handshake(&KeyUpdate::Requested.message(), &mut server).unwrap(),
+            Some(KeyUpdate::Requested)
         );
     }
 }

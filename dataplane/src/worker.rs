@@ -88,7 +88,7 @@ pub struct Worker<B: Backend> {
     /// Per-worker upstream HTTP connection pool.
     pub pool: Pool<B>,
     /// Per-worker upstream HTTP/2 connections.
-    pub h2: proxy::http2::Pool<B>,
+    pub h2: proxy::http2::Pool,
     /// Where unclaimed intercepted destinations go, to be asked about.
     destinations: mpsc::Sender<SocketAddr>,
     /// Destinations asked about that got no answer in time, until when not to wait for one

@@ -59,13 +59,8 @@ pub struct HyperIo<S: Stream> {
 impl<S: Stream> HyperIo<S> {
     /// Wraps a stream.
     pub fn new(stream: S) -> HyperIo<S> {
-        HyperIo::shared(Rc::new(stream))
-    }
-
-    /// Wraps a stream the caller keeps a handle to (to ask it things while hyper runs it).
-    pub fn shared(stream: Rc<S>) -> HyperIo<S> {
         HyperIo {
-            stream,
+            stream: Rc::new(stream),
             reading: None,
             read_buf: Vec::new(),
             read_pos: 0,

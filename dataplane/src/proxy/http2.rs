@@ -35,40 +35,19 @@ pub type Body = Either<Incoming, Full<Bytes>>;
 
 /// An upstream connection, or the one being made: streams that arrive while it is being
 /// made wait for it rather than each opening their own.
-type Shared<S> = Rc<tokio::sync::OnceCell<Upstream<S>>>;
-
-/// A pooled upstream connection: what sends on it, and its stream, held only to ask whether
-/// its TLS keys are worn, so the pool retires it before they run out.
-struct Upstream<S> {
-    sender: SendRequest<Incoming>,
-    stream: std::rc::Weak<MaybeTls<S>>,
-}
-
-impl<S> Upstream<S> {
-    /// [`MaybeTls::worn`], while the connection lasts.
-    fn worn(&self) -> bool {
-        self.stream.upgrade().is_some_and(|stream| stream.worn())
-    }
-}
+type Shared = Rc<tokio::sync::OnceCell<SendRequest<Incoming>>>;
 
 /// A pool entry's key: the cluster and the endpoint.
 type Key = (Arc<str>, SocketAddr);
 
 /// One worker's upstream HTTP/2 connections, by cluster and endpoint; each carries every
 /// stream to that endpoint.
-pub struct Pool<B: Backend> {
-    connections: RefCell<HashMap<Key, Shared<B::Stream>>>,
+#[derive(Default)]
+pub struct Pool {
+    connections: RefCell<HashMap<Key, Shared>>,
 }
 
-impl<B: Backend> Default for Pool<B> {
-    fn default() -> Self {
-        Pool {
-            connections: RefCell::default(),
-        }
-    }
-}
-
-impl<B: Backend> Pool<B> {
+impl Pool {
     /// Closes the connections to endpoints `snapshot` no longer has in that cluster (a
     /// scaled-down Service), so they do not linger until their keep-alive fails.
     pub fn retain_endpoints_of(&self, snapshot: &crate::snapshot::Snapshot) {
@@ -81,7 +60,7 @@ impl<B: Backend> Pool<B> {
     }
 
     /// Forgets `key`'s connection if it is still `shared` (a newer one may have replaced it).
-    fn forget(&self, key: &Key, shared: &Shared<B::Stream>) {
+    fn forget(&self, key: &Key, shared: &Shared) {
         let mut connections = self.connections.borrow_mut();
         if connections.get(key).is_some_and(|c| Rc::ptr_eq(c, shared)) {
             connections.remove(key);
@@ -89,7 +68,7 @@ impl<B: Backend> Pool<B> {
     }
 }
 
-impl<B: Backend> Pool<B> {
+impl Pool {
     /// Closes every connection (their drivers end when the last sender is dropped).
     pub fn clear(&self) {
         self.connections.borrow_mut().clear();
@@ -287,28 +266,25 @@ async fn upstream<B: Backend>(
     worker: &Rc<Worker<B>>,
     view: &View,
     cluster: usize,
-) -> Option<(SendRequest<Incoming>, Key, Shared<B::Stream>)> {
+) -> Option<(SendRequest<Incoming>, Key, Shared)> {
     let plan = view.snapshot.clusters.get(cluster)?;
     for _ in 0..plan.endpoints.len().min(super::CONNECT_ATTEMPTS) {
         let addr = view.next_endpoint(cluster)?;
         let key = (plan.name.clone(), addr);
-        let shared: Shared<B::Stream> = {
-            let mut connections = worker.h2.connections.borrow_mut();
-            let entry = connections.entry(key.clone()).or_default();
-            if entry.get().is_some_and(Upstream::worn) {
-                // Streams in flight finish on it; new ones go to a new connection.
-                tracing::debug!(%addr, "retiring an HTTP/2 upstream connection whose TLS keys are near their limit");
-                *entry = Shared::default();
-            }
-            entry.clone()
-        };
+        let shared = worker
+            .h2
+            .connections
+            .borrow_mut()
+            .entry(key.clone())
+            .or_default()
+            .clone();
         let pooled = shared.initialized();
         let made = shared
             .get_or_try_init(|| connect::<B>(view, cluster, addr))
             .await;
         match made {
-            Ok(upstream) => {
-                let mut sender = upstream.sender.clone();
+            Ok(sender) => {
+                let mut sender = sender.clone();
                 if sender.ready().await.is_ok() {
                     if pooled {
                         view.clusters[cluster].reused();
@@ -330,19 +306,17 @@ async fn connect<B: Backend>(
     view: &View,
     cluster: usize,
     addr: SocketAddr,
-) -> Result<Upstream<B::Stream>, ()> {
+) -> Result<SendRequest<Incoming>, ()> {
     let name = view.snapshot.clusters[cluster].name.clone();
-    let stream = Rc::new(
-        super::connect_to::<B>(view, cluster, addr, super::Inner::Http2)
-            .await
-            .ok_or(())?,
-    );
+    let stream = super::connect_to::<B>(view, cluster, addr, super::Inner::Http2)
+        .await
+        .ok_or(())?;
     match hyper::client::conn::http2::Builder::new(LocalExec)
         .timer(hyper_util::rt::TokioTimer::new())
         .keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true)
-        .handshake::<_, Incoming>(HyperIo::shared(stream.clone()))
+        .handshake::<_, Incoming>(HyperIo::new(stream))
         .await
     {
         Ok((sender, connection)) => {
@@ -351,10 +325,7 @@ async fn connect<B: Backend>(
                     tracing::debug!(cluster = %name, %addr, %error, "HTTP/2 upstream connection ended");
                 }
             });
-            Ok(Upstream {
-                sender,
-                stream: Rc::downgrade(&stream),
-            })
+            Ok(sender)
         }
         Err(error) => {
             tracing::debug!(cluster = %name, %addr, %error, "HTTP/2 handshake with upstream failed");

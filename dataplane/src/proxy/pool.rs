@@ -45,12 +45,8 @@ impl<B: Backend> Pool<B> {
     }
 
     /// Parks a connection that finished an exchange cleanly, unless `addr` already has
-    /// `max_per_endpoint` parked or its TLS keys are worn (then it closes).
+    /// `max_per_endpoint` parked (then it closes).
     pub fn put(&self, addr: SocketAddr, stream: MaybeTls<B::Stream>, max_per_endpoint: usize) {
-        if stream.worn() {
-            tracing::debug!(%addr, "retiring an upstream connection whose TLS keys are near their limit");
-            return;
-        }
         let mut idle = self.idle.borrow_mut();
         let parked = idle.entry(addr).or_default();
         if parked.len() < max_per_endpoint {
