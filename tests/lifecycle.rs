@@ -203,3 +203,48 @@ both_backends!(
     ready_live_and_shutdown,
     drain_finishes_in_flight_requests,
 );
+
+/// Each worker asks the scheduler for the configured time slice (where the kernel reports
+/// slices: Linux 6.12 and later).
+#[test]
+fn workers_run_with_the_configured_scheduler_slice() {
+    let slice_of = |task: &std::path::Path| -> Option<u64> {
+        std::fs::read_to_string(task.join("sched"))
+            .ok()?
+            .lines()
+            .find(|line| line.starts_with("se.slice"))?
+            .split(':')
+            .nth(1)?
+            .trim()
+            .parse()
+            .ok()
+    };
+    if slice_of(std::path::Path::new("/proc/thread-self")).is_none() {
+        println!("this kernel does not report scheduler slices");
+        return;
+    }
+    let options = dataplane::Options {
+        worker_slice: Some(Duration::from_micros(420)),
+        ..tests::options(BackendChoice::Epoll)
+    };
+    let config = shared::Config::from_yaml("{}", "test.yaml").unwrap();
+    let proxy = dataplane::Proxy::start(config, "test.yaml", options).unwrap();
+    let workers_with_slice = || {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|entry| entry.path())
+            .filter(|task| {
+                std::fs::read_to_string(task.join("comm"))
+                    .is_ok_and(|name| name.starts_with("tern-worker"))
+            })
+            .filter(|task| slice_of(task) == Some(420_000))
+            .count()
+    };
+    tests::eventually(
+        Duration::from_secs(5),
+        "both workers set their slice",
+        || workers_with_slice() == 2,
+    );
+    drop(proxy);
+}

@@ -49,6 +49,10 @@ pub struct Options {
     /// Pin each worker to its own CPU, when the process has CPUs of its own (see
     /// [`exclusive_cpus`]).
     pub pin_workers: bool,
+    /// The scheduler time slice each worker asks for ([`sys::set_thread_slice`]); `None`
+    /// keeps the kernel's. Shorter than the default (0.7–3 ms, by CPU count), a worker woken
+    /// by a packet runs before a busy neighbour's slice ends.
+    pub worker_slice: Option<Duration>,
     /// Admin server address.
     pub admin: SocketAddr,
     /// How long a drain waits for in-flight work.
@@ -61,11 +65,16 @@ impl Default for Options {
             workers: None,
             backend: BackendChoice::default(),
             pin_workers: true,
+            worker_slice: Some(DEFAULT_WORKER_SLICE),
             admin: SocketAddr::from(([127, 0, 0, 1], 15000)),
             drain_deadline: Duration::from_secs(30),
         }
     }
 }
+
+/// The default [`Options::worker_slice`]: short enough to take most of the wake-up latency
+/// gain, long enough not to cost bulk throughput (docs/benchmarks.md).
+pub const DEFAULT_WORKER_SLICE: Duration = Duration::from_micros(300);
 
 /// The CPUs to pin `workers` workers to: the allowed ones when there are no more of them
 /// than workers (an exclusive cpuset, as Kubernetes' static CPU manager gives a Guaranteed
@@ -153,6 +162,7 @@ impl Proxy {
             let spawn = worker::Spawn {
                 id,
                 cpu: (!cpus.is_empty()).then(|| cpus[id % cpus.len()]),
+                slice: options.worker_slice,
                 snapshot: first.clone(),
                 commands,
                 destinations: control.destination_sender(),

@@ -628,6 +628,8 @@ pub struct Spawn {
     pub id: usize,
     /// CPU to pin to, if any.
     pub cpu: Option<usize>,
+    /// The scheduler time slice to ask for ([`crate::Options::worker_slice`]).
+    pub slice: Option<Duration>,
     /// The first snapshot.
     pub snapshot: Arc<Snapshot>,
     /// Commands from the control side.
@@ -641,6 +643,7 @@ pub fn run<B: Backend>(spawn: Spawn) -> std::io::Result<()> {
     let Spawn {
         id,
         cpu,
+        slice,
         snapshot,
         mut commands,
         destinations,
@@ -649,6 +652,12 @@ pub fn run<B: Backend>(spawn: Spawn) -> std::io::Result<()> {
         && let Err(error) = crate::sys::pin_current_thread(cpu)
     {
         tracing::warn!(worker = id, cpu, %error, "could not pin worker");
+    }
+    if let Some(slice) = slice {
+        let nanos = u64::try_from(slice.as_nanos()).unwrap_or(u64::MAX);
+        if let Err(error) = crate::sys::set_thread_slice(nanos) {
+            tracing::warn!(worker = id, ?slice, %error, "could not set the worker's scheduler slice");
+        }
     }
     B::block_on(async move {
         let worker = Worker::<B>::new(id, snapshot, destinations);
