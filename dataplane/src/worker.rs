@@ -517,51 +517,32 @@ async fn terminate_tls<B: Backend>(
     };
     let mut first = Vec::new();
     if tls.permissive {
-        // Tell TLS from plaintext by the first byte. Wait on readiness, not a read, so giving
-        // up loses nothing: a client silent for the detection timeout is plaintext (a
-        // protocol whose server speaks first), passed on as opaque TCP.
-        match tokio::time::timeout(detect_timeout, stream.readable()).await {
-            Err(_) => {
+        use proxy::detect::{FirstBytes, read_first};
+        // A client silent for the detection timeout is plaintext (a protocol whose server
+        // speaks first), passed on as opaque TCP.
+        let deadline = tokio::time::Instant::now() + detect_timeout;
+        let any = |bytes: &[u8]| (!bytes.is_empty()).then_some(());
+        match read_first(&stream, &mut first, deadline, 1, any).await {
+            FirstBytes::Told(()) => {}
+            FirstBytes::TimedOut => {
                 stats.detected(crate::metrics::Detected::Timeout);
                 tracing::debug!(listener = %plan.name, %peer, "silent client on a permissive port: plaintext");
                 return Some((MaybeTls::Plain(stream), Some(proxy::Inner::Tcp)));
             }
-            Ok(Err(error)) => {
-                tracing::debug!(listener = %plan.name, %peer, %error, "connection failed before its first byte");
-                return None;
-            }
-            Ok(Ok(())) => {}
-        }
-        first.reserve(512);
-        let (read, bytes) = stream.read(first).await;
-        first = bytes;
-        match read {
-            Ok(n) if n > 0 => {}
-            Ok(_) => return None,
-            Err(error) => {
-                tracing::debug!(listener = %plan.name, %peer, %error, "connection failed before its first byte");
+            FirstBytes::Ended => {
+                tracing::debug!(listener = %plan.name, %peer, "connection ended before its first byte");
                 return None;
             }
         }
         // A ClientHello offering a mesh ALPN is a peer sidecar; anything else (plaintext,
         // or the application's own TLS) passes as it is. Read the whole first record.
         let deadline = tokio::time::Instant::now() + tls.handshake_timeout;
-        let mut hello = crate::tls::classify_hello(&first);
-        while hello == crate::tls::Hello::Partial && first.len() < MAX_FIRST_RECORD {
-            if !matches!(
-                tokio::time::timeout_at(deadline, stream.readable()).await,
-                Ok(Ok(()))
-            ) {
-                break;
-            }
-            let (read, bytes) = stream.read(first).await;
-            first = bytes;
-            if !matches!(read, Ok(n) if n > 0) {
-                break;
-            }
-            hello = crate::tls::classify_hello(&first);
-        }
-        if hello != crate::tls::Hello::Mesh {
+        let whole = |bytes: &[u8]| match crate::tls::classify_hello(bytes) {
+            crate::tls::Hello::Partial => None,
+            hello => Some(hello),
+        };
+        let hello = read_first(&stream, &mut first, deadline, MAX_FIRST_RECORD, whole).await;
+        if hello != FirstBytes::Told(crate::tls::Hello::Mesh) {
             tracing::debug!(listener = %plan.name, %peer, "plaintext (or the application's own TLS) on a permissive port");
             return Some((
                 MaybeTls::Sniffed(stream, std::cell::RefCell::new(first)),

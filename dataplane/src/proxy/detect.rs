@@ -54,28 +54,63 @@ fn method_shape(first: &[u8]) -> Option<Detected> {
     }
 }
 
+/// How reading a client's first bytes ended ([`read_first`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirstBytes<T> {
+    /// They said what they are.
+    Told(T),
+    /// The deadline passed first.
+    TimedOut,
+    /// The connection ended or failed, or the bytes reached the cap, before they said.
+    Ended,
+}
+
+/// Reads a client's first bytes into `first` until `tell` says what they are (`Some`),
+/// `deadline` passes, the connection ends or `first` holds `cap` bytes (a read may take it
+/// past `cap`: the bytes are replayed, not parsed, after). It waits on
+/// readiness rather than in a read, so giving up at the deadline loses nothing on either
+/// backend.
+pub async fn read_first<S: Stream, T>(
+    down: &S,
+    first: &mut Vec<u8>,
+    deadline: tokio::time::Instant,
+    cap: usize,
+    tell: impl Fn(&[u8]) -> Option<T>,
+) -> FirstBytes<T> {
+    loop {
+        if let Some(told) = tell(first) {
+            return FirstBytes::Told(told);
+        }
+        if first.len() >= cap {
+            return FirstBytes::Ended;
+        }
+        match tokio::time::timeout_at(deadline, down.readable()).await {
+            Err(_) => return FirstBytes::TimedOut,
+            // Whatever comes next meets the error again and reports it.
+            Ok(Err(_)) => return FirstBytes::Ended,
+            Ok(Ok(())) => {}
+        }
+        first.reserve(FIRST_READ);
+        let (read, back) = down.read(std::mem::take(first)).await;
+        *first = back;
+        if !matches!(read, Ok(n) if n > 0) {
+            return FirstBytes::Ended;
+        }
+    }
+}
+
 /// Reads the client's first bytes until they say what they are or `timeout` passes;
 /// returns the outcome and the bytes read (to be replayed).
 pub async fn sniff<S: Stream>(down: &S, timeout: Duration) -> (Detected, Vec<u8>) {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut first = Vec::with_capacity(FIRST_READ);
-    loop {
-        match tokio::time::timeout_at(deadline, down.readable()).await {
-            Err(_) => return (Detected::Timeout, first),
-            // The copy that follows will meet the error again and report it.
-            Ok(Err(_)) => return (Detected::Opaque, first),
-            Ok(Ok(())) => {}
-        }
-        let (read, back) = down.read(first).await;
-        first = back;
-        match read {
-            Ok(0) | Err(_) => return (Detected::Opaque, first),
-            Ok(_) => {}
-        }
-        if let Some(outcome) = classify(&first) {
-            return (outcome, first);
-        }
-    }
+    let outcome = match read_first(down, &mut first, deadline, usize::MAX, classify).await {
+        FirstBytes::Told(outcome) => outcome,
+        FirstBytes::TimedOut => Detected::Timeout,
+        // The copy that follows meets the error again and reports it.
+        FirstBytes::Ended => Detected::Opaque,
+    };
+    (outcome, first)
 }
 
 /// Serves an HTTP or `detect` listener's connection: HTTP/1.1 and HTTP/2 by `routes`;
