@@ -53,7 +53,7 @@ pub async fn run(control: Arc<Control>) {
     let mut failures = 0u32;
     let mut destinations = Destinations {
         from_workers: control.take_destinations(),
-        asked: Vec::new(),
+        asked: std::collections::BTreeSet::new(),
     };
     loop {
         let Some((ca, discovery)) = settings.borrow_and_update().clone() else {
@@ -94,7 +94,7 @@ fn hello(
     discovery: &Discovery,
     token: &str,
     running: u64,
-    asked: &[std::net::SocketAddr],
+    asked: &std::collections::BTreeSet<std::net::SocketAddr>,
 ) -> WatchRequest {
     WatchRequest {
         kind: Some(Kind::Hello(pb::Hello {
@@ -122,7 +122,7 @@ fn hello(
 /// asked about so far (said again in each new stream's Hello).
 struct Destinations {
     from_workers: Option<mpsc::Receiver<std::net::SocketAddr>>,
-    asked: Vec<std::net::SocketAddr>,
+    asked: std::collections::BTreeSet<std::net::SocketAddr>,
 }
 
 /// Most destinations one proxy subscribes to, explicit and intercepted together
@@ -146,8 +146,7 @@ impl Destinations {
             for address in
                 std::iter::once(first).chain(std::iter::from_fn(|| receiver.try_recv().ok()))
             {
-                if !self.asked.contains(&address) && self.asked.len() < limit {
-                    self.asked.push(address);
+                if self.asked.len() < limit && self.asked.insert(address) {
                     new.push(address);
                 }
             }
@@ -158,9 +157,11 @@ impl Destinations {
     }
 }
 
-fn by_address(addresses: &[std::net::SocketAddr]) -> Vec<pb::Outbound> {
+fn by_address<'a>(
+    addresses: impl IntoIterator<Item = &'a std::net::SocketAddr>,
+) -> Vec<pb::Outbound> {
     addresses
-        .iter()
+        .into_iter()
         .map(|a| pb::Outbound {
             address: a.to_string(),
             ..pb::Outbound::default()
