@@ -475,13 +475,7 @@ fn routes(
                     let mut plan = Route::to_cluster("");
                     plan.host = host.clone();
                     plan.path_prefix = prefix.clone();
-                    plan.headers = headers
-                        .iter()
-                        .map(|(name, value)| shared::config::HeaderMatch {
-                            name: name.clone(),
-                            value: value.clone(),
-                        })
-                        .collect();
+                    plan.headers = headers.clone();
                     plan.backends = backends.clone();
                     if let Some(timeout) = timeout {
                         plan.timeout = timeout;

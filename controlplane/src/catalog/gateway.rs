@@ -210,7 +210,7 @@ impl Rule {
     /// What this rule matches, one entry per match: the path prefix (`/` when a match has
     /// no path) and the headers, name (lower case) and value, sorted; every request when it
     /// has no matches.
-    pub fn matched(&self) -> Vec<(String, Vec<(String, String)>)> {
+    pub fn matched(&self) -> Vec<(String, Vec<shared::config::HeaderMatch>)> {
         if self.matches.is_empty() {
             return vec![("/".to_owned(), Vec::new())];
         }
@@ -218,11 +218,14 @@ impl Rule {
             .iter()
             .map(|m| {
                 let prefix = m.path.as_ref().map_or("/".to_owned(), |p| p.value.clone());
-                let mut headers: Vec<(String, String)> = m
+                let mut headers: Vec<shared::config::HeaderMatch> = m
                     .headers
                     .iter()
                     .flatten()
-                    .map(|h| (h.name.to_ascii_lowercase(), h.value.clone()))
+                    .map(|h| shared::config::HeaderMatch {
+                        name: h.name.to_ascii_lowercase(),
+                        value: h.value.clone(),
+                    })
                     .collect();
                 headers.sort();
                 (prefix, headers)

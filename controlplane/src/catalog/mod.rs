@@ -786,7 +786,7 @@ struct Claim {
     host: String,
     prefix: String,
     /// Header matches, lower-case names, sorted.
-    headers: Vec<(String, String)>,
+    headers: Vec<shared::config::HeaderMatch>,
 }
 
 impl Claim {
@@ -807,7 +807,7 @@ impl Claim {
         let headers: String = self
             .headers
             .iter()
-            .map(|(name, value)| format!(" with {name}: {value}"))
+            .map(|header| format!(" with {}: {}", header.name, header.value))
             .collect();
         format!(
             "{}{}{headers} for Service {}/{}{port}",

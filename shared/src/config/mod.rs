@@ -348,7 +348,7 @@ pub struct Route {
 }
 
 /// A request header and the value it must have.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HeaderMatch {
     /// The header's name (case-insensitive).
