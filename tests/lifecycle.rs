@@ -219,8 +219,15 @@ fn workers_run_with_the_configured_scheduler_slice() {
             .parse()
             .ok()
     };
-    if slice_of(std::path::Path::new("/proc/thread-self")).is_none() {
-        println!("this kernel does not report scheduler slices");
+    // Where the kernel has custom slices (and reports them), a thread asking for one says.
+    let supported = std::thread::spawn(move || {
+        dataplane::sys::set_thread_slice(500_000).is_ok_and(|kernels| kernels != 0)
+            && slice_of(std::path::Path::new("/proc/thread-self")) == Some(500_000)
+    })
+    .join()
+    .unwrap();
+    if !supported {
+        println!("this kernel has no custom scheduler slices, or does not report them");
         return;
     }
     let options = dataplane::Options {

@@ -128,6 +128,8 @@ pub struct KernelTls<S> {
     schedule: RefCell<KeySchedule>,
     /// The peer asked for a KeyUpdate, to be sent before the next write.
     key_update_owed: Cell<bool>,
+    /// Post-handshake records since the last application data ([`post_handshake`]).
+    post_handshake_run: Cell<u32>,
 }
 
 impl<S: Stream> KernelTls<S> {
@@ -139,6 +141,7 @@ impl<S: Stream> KernelTls<S> {
             pending: RefCell::new(pending),
             schedule: RefCell::new(schedule),
             key_update_owed: Cell::new(false),
+            post_handshake_run: Cell::new(0),
         }
     }
 
@@ -167,7 +170,10 @@ impl<S: Stream> KernelTls<S> {
 
     /// Handles a post-handshake record's messages.
     fn post_handshake(&self, record: &[u8]) -> io::Result<()> {
-        let update = post_handshake(record, &mut self.schedule.borrow_mut())?;
+        let mut run = self.post_handshake_run.get();
+        let update = post_handshake(record, &mut self.schedule.borrow_mut(), &mut run);
+        self.post_handshake_run.set(run);
+        let update = update?;
         if let Some(update) = update {
             self.install_next_keys(libc::TLS_RX)?;
             if update == KeyUpdate::Requested {
@@ -177,13 +183,16 @@ impl<S: Stream> KernelTls<S> {
         Ok(())
     }
 
-    /// Sends the KeyUpdate the peer asked for, if it did, and moves to the next keys.
+    /// Sends the KeyUpdate the peer asked for, if it did, and moves to the next keys. It is
+    /// owed until both are done, so a write abandoned or failed in between sends nothing
+    /// under the old keys as if it were paid.
     async fn pay_key_update(&self) -> io::Result<()> {
-        if self.key_update_owed.take() {
+        if self.key_update_owed.get() {
             self.inner
                 .write_tls_record(HANDSHAKE, &KeyUpdate::NotRequested.message())
                 .await?;
             self.install_next_keys(libc::TLS_TX)?;
+            self.key_update_owed.set(false);
         }
         Ok(())
     }
@@ -212,6 +221,7 @@ impl<S: Stream> Stream for KernelTls<S> {
             };
             if record_type == APPLICATION_DATA {
                 if n > 0 {
+                    self.post_handshake_run.set(0);
                     return (Ok(n), buf);
                 }
                 // End of stream without close_notify: a truncation attack or a crash.

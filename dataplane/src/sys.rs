@@ -57,7 +57,8 @@ pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
 /// (EEVDF's custom slice, Linux 6.12 and later, which clamps it to 0.1–100 ms; older kernels
 /// ignore it). A thread whose slice is shorter than its neighbours' gets an earlier deadline
 /// when it wakes, so it runs sooner instead of queueing behind a busy neighbour's slice; its
-/// share of the CPU is unchanged. Returns the slice the thread had.
+/// share of the CPU is unchanged. Returns the slice the thread had: 0 where the kernel has
+/// no custom slices.
 #[allow(unsafe_code)]
 pub fn set_thread_slice(slice_ns: u64) -> io::Result<u64> {
     let size = std::mem::size_of::<libc::sched_attr>() as u32;
@@ -68,7 +69,8 @@ pub fn set_thread_slice(slice_ns: u64) -> io::Result<u64> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    if attr.sched_policy != libc::SCHED_OTHER as u32 {
+    let fair = [libc::SCHED_OTHER, libc::SCHED_BATCH].map(|policy| policy as u32);
+    if !fair.contains(&attr.sched_policy) {
         return Err(io::Error::new(
             io::ErrorKind::Unsupported,
             "the thread is not under the fair scheduler",
@@ -222,28 +224,26 @@ pub async fn connect_marked(
 mod tests {
     use super::*;
 
-    /// The calling thread's slice as the kernel reports it, where it does (Linux 6.12+).
-    fn reported_slice() -> Option<u64> {
-        std::fs::read_to_string("/proc/thread-self/sched")
-            .ok()?
-            .lines()
-            .find(|line| line.starts_with("se.slice"))?
-            .split(':')
-            .nth(1)?
-            .trim()
-            .parse()
-            .ok()
-    }
-
     #[test]
     fn a_thread_gets_the_slice_it_asks_for() {
         std::thread::spawn(|| {
-            let before = reported_slice();
-            set_thread_slice(250_000).unwrap();
-            if let Some(before) = before {
-                assert_ne!(before, 250_000, "the default slice is not the asked one");
-                assert_eq!(reported_slice(), Some(250_000));
-            }
+            let kernels = match set_thread_slice(250_000) {
+                Ok(0) => return println!("this kernel has no custom scheduler slices"),
+                Ok(kernels) => kernels,
+                // A seccomp filter or a real-time test runner.
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        io::ErrorKind::PermissionDenied | io::ErrorKind::Unsupported
+                    ) =>
+                {
+                    return println!("no scheduler slice here: {error}");
+                }
+                Err(error) => panic!("{error}"),
+            };
+            assert_ne!(kernels, 250_000, "the kernel's slice is not the asked one");
+            // Asking again reports the slice the first call set.
+            assert_eq!(set_thread_slice(kernels).unwrap(), 250_000);
         })
         .join()
         .unwrap();

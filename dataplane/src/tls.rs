@@ -1163,7 +1163,7 @@ mod tests {
     }
 
     #[test]
-    fn a_handshake_whose_messages_span_records_completes_and_leaves_what_follows() {
+    fn a_handshake_whose_messages_span_records_completes() {
         use in_memory::*;
         let (client_config, mut server_config) =
             configs(rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256);
@@ -1177,8 +1177,8 @@ mod tests {
             deliver(&mut peer, &std::mem::take(&mut tern.outgoing));
             let wire = sent_by(&mut peer);
             let mut at = 0;
-            while at < wire.len() {
-                at += 5 + usize::from(u16::from_be_bytes([wire[at + 3], wire[at + 4]]));
+            while let Some(end) = next_record_end(&wire, at) {
+                at = end;
                 records += 1;
             }
             tern.incoming.extend(wire);
@@ -1187,15 +1187,35 @@ mod tests {
             }
         };
         assert!(records > 10, "{records} records");
-        // Application data sent right after the handshake stays ciphertext for the record
-        // layer.
-        std::io::Write::write_all(&mut peer.writer(), b"after").unwrap();
-        let mut tern = done;
+        assert!(!peer.is_handshaking());
+        done.finish().unwrap();
+    }
+
+    #[test]
+    fn data_behind_the_clients_finished_is_left_for_the_record_layer() {
+        use in_memory::*;
+        let (client_config, server_config) =
+            configs(rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256);
+        let mut peer = peer_client(client_config);
+        let mut tern = server(server_config);
         tern.incoming.extend(sent_by(&mut peer));
-        let held = tern.incoming.len();
-        let session = tern.finish().unwrap();
-        assert_eq!(session.incoming.len(), held);
-        assert!(!session.incoming.windows(5).any(|w| w == b"after"));
+        // The server's flight goes out; it waits for the client's Finished.
+        assert_eq!(tern.advance().unwrap(), Progress::Read);
+        deliver(&mut peer, &std::mem::take(&mut tern.outgoing));
+        assert!(!peer.is_handshaking());
+        // The client's Finished and its first request arrive in one read.
+        std::io::Write::write_all(&mut peer.writer(), b"after").unwrap();
+        tern.incoming.extend(sent_by(&mut peer));
+        assert_eq!(tern.advance().unwrap(), Progress::Done);
+        let mut session = tern.finish().unwrap();
+        let held = session.incoming.len();
+        let mut opener =
+            crate::usertls::Opener::new(session.secrets.rx.0, &session.secrets.rx.1).unwrap();
+        let opened = opener
+            .open(&mut session.incoming, &mut session.schedule)
+            .unwrap();
+        assert_eq!(opened.consumed, held, "exactly one record was left");
+        assert_eq!(&session.incoming[..opened.plaintext], b"after");
     }
 
     #[test]

@@ -53,6 +53,10 @@ const WRITE_BATCH: usize = 256 * 1024;
 /// Handshake message types after the handshake (RFC 8446 §4).
 const NEW_SESSION_TICKET: u8 = 4;
 const KEY_UPDATE: u8 = 24;
+/// Most post-handshake records a peer may send in a row with no application data between
+/// (rustls and BoringSSL allow 32 KeyUpdates): past it, a peer streaming KeyUpdates or
+/// tickets is refused rather than served key derivations without end.
+const MAX_POST_HANDSHAKE_RUN: u32 = 32;
 
 fn invalid(message: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message)
@@ -74,14 +78,23 @@ impl KeyUpdate {
 
 /// Handles the post-handshake messages in one handshake record's plaintext: a session ticket
 /// goes to `schedule`; a KeyUpdate, which must end the record (the keys change after it), is
-/// returned for the record layer to act on.
+/// returned for the record layer to act on. `run` counts such records since the peer's last
+/// application data (the caller zeroes it on data); past [`MAX_POST_HANDSHAKE_RUN`] the
+/// peer is refused.
 ///
 /// TLS 1.3 lets a handshake message span records. Post-handshake messages are small and no
 /// implementation splits them, so one that does not fit its record is refused.
 pub(crate) fn post_handshake(
     mut messages: &[u8],
     schedule: &mut KeySchedule,
+    run: &mut u32,
 ) -> io::Result<Option<KeyUpdate>> {
+    *run += 1;
+    if *run > MAX_POST_HANDSHAKE_RUN {
+        return Err(invalid(
+            "too many TLS post-handshake messages without application data",
+        ));
+    }
     if messages.is_empty() {
         return Err(invalid("empty TLS handshake record"));
     }
@@ -176,11 +189,16 @@ pub(crate) struct Opened {
 /// The receiving direction.
 pub(crate) struct Opener {
     keys: Keys,
+    /// Post-handshake records since the last application data ([`post_handshake`]).
+    post_handshake_run: u32,
 }
 
 impl Opener {
     pub(crate) fn new(sequence: u64, secrets: &ConnectionTrafficSecrets) -> Option<Opener> {
-        Keys::new(sequence, secrets).map(|keys| Opener { keys })
+        Keys::new(sequence, secrets).map(|keys| Opener {
+            keys,
+            post_handshake_run: 0,
+        })
     }
 
     /// The next record's sequence number, which is what kernel TLS takes as `rec_seq`.
@@ -238,7 +256,10 @@ impl Opener {
             }
             opened.consumed = end;
             match inner[last] {
-                APPLICATION_DATA => opened.plaintext += last,
+                APPLICATION_DATA => {
+                    opened.plaintext += last;
+                    self.post_handshake_run = 0;
+                }
                 // close_notify (description 0), at whatever level.
                 ALERT if last == 2 && inner[1] == 0 => {
                     opened.closed = true;
@@ -251,7 +272,8 @@ impl Opener {
                     ));
                 }
                 HANDSHAKE => {
-                    if let Some(update) = post_handshake(&inner[..last], schedule)? {
+                    let run = &mut self.post_handshake_run;
+                    if let Some(update) = post_handshake(&inner[..last], schedule, run)? {
                         self.keys = Keys::next(schedule.next_rx())?;
                         opened.key_update = opened.key_update.max(Some(update));
                     }
@@ -269,6 +291,9 @@ pub(crate) struct Sealer {
     /// The confidentiality limit: records one key may protect.
     limit: u64,
     out: Vec<u8>,
+    /// A seal failed: records built since the last send were dropped, a KeyUpdate among
+    /// them perhaps, so nothing more may be sent.
+    failed: bool,
 }
 
 impl Sealer {
@@ -281,6 +306,7 @@ impl Sealer {
             keys,
             limit,
             out: Vec::new(),
+            failed: false,
         })
     }
 
@@ -444,6 +470,11 @@ impl<S: Stream> UserTls<S> {
 
     /// Seals `data` as records of `content_type`, after the KeyUpdate the peer asked for.
     fn seal(&self, sealer: &mut Sealer, content_type: u8, data: &[u8]) -> io::Result<()> {
+        if sealer.failed {
+            return Err(io::Error::other(
+                "an earlier TLS record could not be sealed; nothing more is sent",
+            ));
+        }
         let schedule = &mut *self.schedule.borrow_mut();
         let sealed = (|| {
             if self.key_update_owed.take() {
@@ -456,6 +487,7 @@ impl<S: Stream> UserTls<S> {
         })();
         if sealed.is_err() {
             sealer.out.clear();
+            sealer.failed = true;
         }
         sealed
     }
@@ -896,15 +928,23 @@ mod tests {
             (&[13, 0, 0, 0], "unexpected TLS handshake message"),
         ];
         for (messages, expected) in cases {
-            let error = post_handshake(messages, &mut server).unwrap_err();
+            let error = post_handshake(messages, &mut server, &mut 0).unwrap_err();
             assert!(
                 error.to_string().contains(expected),
                 "{messages:?}: {error}"
             );
         }
         assert_eq!(
-            post_handshake(&KeyUpdate::Requested.message(), &mut server).unwrap(),
+            post_handshake(&KeyUpdate::Requested.message(), &mut server, &mut 0).unwrap(),
             Some(KeyUpdate::Requested)
         );
+        // A peer that sends KeyUpdates without end is refused, one with data between is not.
+        let update = KeyUpdate::NotRequested.message();
+        let mut run = 0;
+        for _ in 0..MAX_POST_HANDSHAKE_RUN {
+            post_handshake(&update, &mut server, &mut run).unwrap();
+        }
+        let error = post_handshake(&update, &mut server, &mut run).unwrap_err();
+        assert!(error.to_string().contains("too many"), "{error}");
     }
 }

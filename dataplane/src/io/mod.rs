@@ -120,7 +120,8 @@ pub trait Stream: Sized + 'static {
         (Err(io::ErrorKind::Unsupported.into()), buf)
     }
 
-    /// On a kernel-TLS socket: sends `data` as one record of `record_type` (an alert).
+    /// On a kernel-TLS socket: sends `data` as one record of `record_type` (an alert, or a
+    /// KeyUpdate).
     async fn write_tls_record(&self, _record_type: u8, _data: &[u8]) -> io::Result<()> {
         Err(io::ErrorKind::Unsupported.into())
     }
