@@ -11,11 +11,12 @@
 //!
 //! After the hand-off, records other than application data surface as control records: an
 //! alert `close_notify` is the end of the stream, any other alert an error; post-handshake
-//! messages are handled as in userspace ([`crate::usertls::post_handshake`]). A KeyUpdate
-//! installs the next keys in the kernel, which takes them only where it can rekey (Linux
-//! 6.14 and later); an older kernel refuses and the connection ends with that error.
+//! messages are handled as in userspace ([`AfterHandshake`]). A KeyUpdate
+//! installs the next keys in the kernel, which takes them only where it can rekey a live
+//! socket (recent kernels; Linux 6.1, the VM test's, cannot); a kernel that refuses ends the
+//! connection with that error.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::io;
 use std::net::Shutdown;
 use std::ops::Range;
@@ -26,9 +27,9 @@ use rustls::ConnectionTrafficSecrets;
 use crate::io::{BufResult, Stream};
 use crate::sys::KtlsKeys;
 
-use crate::tls::KeySchedule;
 use crate::usertls::{
-    ALERT, APPLICATION_DATA, CLOSE_NOTIFY, HANDSHAKE, KeyUpdate, MAX_FRAGMENT, post_handshake,
+    ALERT, APPLICATION_DATA, AfterHandshake, CLOSE_NOTIFY, HANDSHAKE, KEY_UPDATE_MESSAGE,
+    MAX_FRAGMENT,
 };
 
 /// Whether this kernel offers kTLS (the `tls` TCP upper-layer protocol). Probed once.
@@ -124,34 +125,28 @@ pub struct KernelTls<S> {
     inner: S,
     /// Plaintext decrypted before the hand-off, not yet read.
     pending: RefCell<Vec<u8>>,
-    /// Both directions' next keys; borrowed only between awaits.
-    schedule: RefCell<KeySchedule>,
-    /// The peer asked for a KeyUpdate, to be sent before the next write.
-    key_update_owed: Cell<bool>,
-    /// Post-handshake records since the last application data ([`post_handshake`]).
-    post_handshake_run: Cell<u32>,
+    /// The session after the handshake; borrowed only between awaits.
+    after: RefCell<AfterHandshake>,
 }
 
 impl<S: Stream> KernelTls<S> {
     /// Wraps a socket whose keys are installed, with the plaintext of records that arrived
     /// with the end of the handshake.
-    pub(crate) fn new(inner: S, pending: Vec<u8>, schedule: KeySchedule) -> KernelTls<S> {
+    pub(crate) fn new(inner: S, pending: Vec<u8>, after: AfterHandshake) -> KernelTls<S> {
         KernelTls {
             inner,
             pending: RefCell::new(pending),
-            schedule: RefCell::new(schedule),
-            key_update_owed: Cell::new(false),
-            post_handshake_run: Cell::new(0),
+            after: RefCell::new(after),
         }
     }
 
     /// Installs the next keys of one direction (sequence numbers start again at zero).
     fn install_next_keys(&self, direction: libc::c_int) -> io::Result<()> {
-        let mut schedule = self.schedule.borrow_mut();
+        let mut after = self.after.borrow_mut();
         let secrets = if direction == libc::TLS_TX {
-            schedule.next_tx()?
+            after.next_tx()?
         } else {
-            schedule.next_rx()?
+            after.next_rx()?
         };
         let keys = keys(0, &secrets).ok_or_else(|| {
             io::Error::other("the updated TLS keys are not of the session's cipher")
@@ -163,22 +158,16 @@ impl<S: Stream> KernelTls<S> {
         crate::sys::install_ktls_keys(socket, direction, &keys).map_err(|error| {
             io::Error::new(
                 error.kind(),
-                format!("the kernel cannot take updated TLS keys (a KeyUpdate; kernel TLS rekeys from Linux 6.14): {error}"),
+                format!("the kernel cannot take updated TLS keys (a KeyUpdate; this kernel cannot rekey a live TLS socket): {error}"),
             )
         })
     }
 
     /// Handles a post-handshake record's messages.
     fn post_handshake(&self, record: &[u8]) -> io::Result<()> {
-        let mut run = self.post_handshake_run.get();
-        let update = post_handshake(record, &mut self.schedule.borrow_mut(), &mut run);
-        self.post_handshake_run.set(run);
-        let update = update?;
-        if let Some(update) = update {
+        let keys_updated = self.after.borrow_mut().record(record)?;
+        if keys_updated {
             self.install_next_keys(libc::TLS_RX)?;
-            if update == KeyUpdate::Requested {
-                self.key_update_owed.set(true);
-            }
         }
         Ok(())
     }
@@ -187,12 +176,12 @@ impl<S: Stream> KernelTls<S> {
     /// owed until both are done, so a write abandoned or failed in between sends nothing
     /// under the old keys as if it were paid.
     async fn pay_key_update(&self) -> io::Result<()> {
-        if self.key_update_owed.get() {
+        if self.after.borrow().owes_key_update() {
             self.inner
-                .write_tls_record(HANDSHAKE, &KeyUpdate::NotRequested.message())
+                .write_tls_record(HANDSHAKE, &KEY_UPDATE_MESSAGE)
                 .await?;
             self.install_next_keys(libc::TLS_TX)?;
-            self.key_update_owed.set(false);
+            self.after.borrow_mut().paid_key_update();
         }
         Ok(())
     }
@@ -221,7 +210,7 @@ impl<S: Stream> Stream for KernelTls<S> {
             };
             if record_type == APPLICATION_DATA {
                 if n > 0 {
-                    self.post_handshake_run.set(0);
+                    self.after.borrow_mut().data();
                     return (Ok(n), buf);
                 }
                 // End of stream without close_notify: a truncation attack or a crash.

@@ -33,11 +33,11 @@ struct Args {
     /// Do not pin workers to CPUs.
     #[arg(long)]
     no_pin: bool,
-    /// The scheduler time slice each worker asks for (Linux 6.12+; older kernels ignore it).
-    /// Shorter than the kernel's default, a worker woken by traffic runs before a busy
-    /// neighbour's slice ends; `0` keeps the kernel's.
-    #[arg(long, env = "TERN_WORKER_SLICE", default_value = "300us", value_parser = humantime::parse_duration)]
-    worker_slice: Duration,
+    /// The scheduler time slice each worker asks for (Linux 6.12+; older kernels ignore it)
+    /// [default: 300us]. Shorter than the kernel's default, a worker woken by traffic runs
+    /// before a busy neighbour's slice ends; `0` keeps the kernel's.
+    #[arg(long, env = "TERN_WORKER_SLICE", value_parser = humantime::parse_duration)]
+    worker_slice: Option<Duration>,
     /// How long a drain waits for in-flight requests.
     #[arg(long, env = "TERN_DRAIN_DEADLINE", default_value = "30s", value_parser = humantime::parse_duration)]
     drain_deadline: Duration,
@@ -210,7 +210,10 @@ fn main() -> anyhow::Result<()> {
         workers: args.workers,
         backend: args.io_backend,
         pin_workers: !args.no_pin,
-        worker_slice: (!args.worker_slice.is_zero()).then_some(args.worker_slice),
+        worker_slice: match args.worker_slice {
+            None => Options::default().worker_slice,
+            Some(slice) => (!slice.is_zero()).then_some(slice),
+        },
         admin: args.admin,
         drain_deadline: args.drain_deadline,
     };

@@ -23,6 +23,8 @@ pub struct Snapshot {
     pub config: Config,
     /// Listeners, in config order.
     pub listeners: Vec<ListenerPlan>,
+    /// Listener name → index in `listeners`.
+    listener_names: HashMap<Arc<str>, usize>,
     /// Clusters, in config order; plans refer to them by index.
     pub clusters: Vec<ClusterPlan>,
     /// This proxy's workload identity and its certificate's validity, when the config uses
@@ -396,11 +398,17 @@ impl Snapshot {
             _ => None,
         };
         let identity = identity.map(|i| (i.id.clone(), i.validity));
+        let listener_names = listeners
+            .iter()
+            .enumerate()
+            .map(|(index, plan)| (plan.name.clone(), index))
+            .collect();
         Ok(Snapshot {
             version,
             source,
             config,
             listeners,
+            listener_names,
             clusters,
             identity,
             intercept,
@@ -414,7 +422,7 @@ impl Snapshot {
 
     /// Finds a listener by name.
     pub fn listener_index(&self, name: &str) -> Option<usize> {
-        self.listeners.iter().position(|l| &*l.name == name)
+        self.listener_names.get(name).copied()
     }
 }
 

@@ -817,7 +817,7 @@ impl<S: Stream> Handshake<S> {
         let Handshake { inner, state } = self;
         let Session {
             secrets,
-            mut schedule,
+            schedule,
             limit,
             incoming,
         } = state.finish()?;
@@ -827,49 +827,41 @@ impl<S: Stream> Handshake<S> {
                 "the negotiated TLS cipher has no record layer here",
             )
         };
+        let mut after = crate::usertls::AfterHandshake::new(schedule);
         let mut opener =
             crate::usertls::Opener::new(secrets.rx.0, &secrets.rx.1).ok_or_else(unsupported)?;
-        let sealer = crate::usertls::Sealer::new(secrets.tx.0, &secrets.tx.1, limit)
-            .ok_or_else(unsupported)?;
         // Records that came with the end of the handshake are opened here, so the kernel can
         // take over after them.
-        let leftover = crate::usertls::Leftover::open(&mut opener, &mut schedule, incoming)?;
+        let leftover = crate::usertls::Leftover::open(&mut opener, &mut after, incoming)?;
         if leftover.kernel_may_take_over()
             && crate::ktls::supported()
             && let Some(socket) = inner.kernel_tls_socket()
+            && let Some(tx) = crate::ktls::keys(secrets.tx.0, &secrets.tx.1)
+            && let Some(rx) = crate::ktls::keys(opener.sequence(), &secrets.rx.1)
         {
-            let tx = crate::ktls::keys(sealer.sequence(), &secrets.tx.1);
-            let rx = crate::ktls::keys(opener.sequence(), &secrets.rx.1);
-            let attached = crate::sys::attach_tls_ulp(socket);
-            match (attached, tx, rx) {
-                (Ok(()), Some(tx), Some(rx)) => {
-                    // Until the first key is in, the socket is still plain TCP: a kernel that
-                    // refuses this cipher (ChaCha20 before Linux 5.11, say) leaves the
-                    // connection to userspace. After it, a refusal is fatal.
-                    match crate::sys::install_ktls_keys(socket, libc::TLS_TX, &tx) {
-                        Ok(()) => {
-                            crate::sys::install_ktls_keys(socket, libc::TLS_RX, &rx)?;
-                            return Ok(MaybeTls::Kernel(Box::new(crate::ktls::KernelTls::new(
-                                inner,
-                                leftover.pending,
-                                schedule,
-                            ))));
-                        }
-                        Err(error) => {
-                            tracing::debug!(%error, "the kernel refused this cipher's keys; staying in userspace");
-                        }
+            match crate::sys::attach_tls_ulp(socket) {
+                // Until the first key is in, the socket is still plain TCP: a kernel that
+                // refuses this cipher (ChaCha20 before Linux 5.11, say) leaves the connection
+                // to userspace. After it, a refusal is fatal.
+                Ok(()) => match crate::sys::install_ktls_keys(socket, libc::TLS_TX, &tx) {
+                    Ok(()) => {
+                        crate::sys::install_ktls_keys(socket, libc::TLS_RX, &rx)?;
+                        let kernel = crate::ktls::KernelTls::new(inner, leftover.pending, after);
+                        return Ok(MaybeTls::Kernel(Box::new(kernel)));
                     }
-                }
-                (Ok(()), _, _) => {
-                    tracing::debug!("no kernel interface for this cipher; staying in userspace");
-                }
-                (Err(error), _, _) => {
+                    Err(error) => {
+                        tracing::debug!(%error, "the kernel refused this cipher's keys; staying in userspace");
+                    }
+                },
+                Err(error) => {
                     tracing::debug!(%error, "kTLS refused for this connection; staying in userspace");
                 }
             }
         }
+        let sealer = crate::usertls::Sealer::new(secrets.tx.0, &secrets.tx.1, limit)
+            .ok_or_else(unsupported)?;
         Ok(MaybeTls::User(Box::new(crate::usertls::UserTls::new(
-            inner, opener, sealer, schedule, leftover,
+            inner, opener, sealer, after, leftover,
         ))))
     }
 }
@@ -1212,7 +1204,10 @@ mod tests {
         let mut opener =
             crate::usertls::Opener::new(session.secrets.rx.0, &session.secrets.rx.1).unwrap();
         let opened = opener
-            .open(&mut session.incoming, &mut session.schedule)
+            .open(
+                &mut session.incoming,
+                &mut crate::usertls::AfterHandshake::new(session.schedule),
+            )
             .unwrap();
         assert_eq!(opened.consumed, held, "exactly one record was left");
         assert_eq!(&session.incoming[..opened.plaintext], b"after");

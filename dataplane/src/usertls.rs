@@ -9,7 +9,7 @@
 //! per record.
 //!
 //! After the handshake a connection carries application data, alerts and the post-handshake
-//! messages of TLS 1.3 ([`post_handshake`], shared with [`crate::ktls`]): a KeyUpdate moves
+//! messages of TLS 1.3 ([`AfterHandshake`], shared with [`crate::ktls`]): a KeyUpdate moves
 //! the receiving side to the next keys of the session's key schedule (rustls' kernel
 //! connection computes them), and one that asks for an answer has this side update its own
 //! sending keys before its next write; a session ticket goes to rustls. `close_notify` is the
@@ -17,7 +17,7 @@
 //! own keys before its AEAD's confidentiality limit (2^24 records for AES-GCM), so a
 //! connection may live and carry data for as long as it is wanted.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::io;
 use std::net::Shutdown;
 use std::ops::Range;
@@ -62,72 +62,103 @@ fn invalid(message: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message)
 }
 
-/// A KeyUpdate's `request_update`: whether the peer must update its sending keys too.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) enum KeyUpdate {
-    NotRequested,
-    Requested,
+/// The KeyUpdate this side sends: type, 24-bit length, `request_update` = `update_not_requested`
+/// (the peer need not update its own keys).
+pub(crate) const KEY_UPDATE_MESSAGE: [u8; 5] = [KEY_UPDATE, 0, 0, 1, 0];
+
+/// What a record layer keeps of the session after the handshake: rustls' key schedule, the
+/// post-handshake records since the peer's last application data, and whether the peer asked
+/// for a KeyUpdate this side has not sent yet. Shared by both record layers.
+pub(crate) struct AfterHandshake {
+    schedule: KeySchedule,
+    run: u32,
+    owed: bool,
 }
 
-impl KeyUpdate {
-    /// The handshake message: type, 24-bit length, `request_update`.
-    pub(crate) fn message(self) -> [u8; 5] {
-        [KEY_UPDATE, 0, 0, 1, self as u8]
-    }
-}
-
-/// Handles the post-handshake messages in one handshake record's plaintext: a session ticket
-/// goes to `schedule`; a KeyUpdate, which must end the record (the keys change after it), is
-/// returned for the record layer to act on. `run` counts such records since the peer's last
-/// application data (the caller zeroes it on data); past [`MAX_POST_HANDSHAKE_RUN`] the
-/// peer is refused.
-///
-/// TLS 1.3 lets a handshake message span records. Post-handshake messages are small and no
-/// implementation splits them, so one that does not fit its record is refused.
-pub(crate) fn post_handshake(
-    mut messages: &[u8],
-    schedule: &mut KeySchedule,
-    run: &mut u32,
-) -> io::Result<Option<KeyUpdate>> {
-    *run += 1;
-    if *run > MAX_POST_HANDSHAKE_RUN {
-        return Err(invalid(
-            "too many TLS post-handshake messages without application data",
-        ));
-    }
-    if messages.is_empty() {
-        return Err(invalid("empty TLS handshake record"));
-    }
-    while let [kind, a, b, c, rest @ ..] = messages {
-        let length = u32::from_be_bytes([0, *a, *b, *c]) as usize;
-        let Some((body, rest)) = rest.split_at_checked(length) else {
-            break;
-        };
-        messages = rest;
-        match *kind {
-            NEW_SESSION_TICKET => schedule.ticket(body)?,
-            KEY_UPDATE => {
-                let update = match body {
-                    [0] => KeyUpdate::NotRequested,
-                    [1] => KeyUpdate::Requested,
-                    _ => return Err(invalid("malformed TLS KeyUpdate")),
-                };
-                if !messages.is_empty() {
-                    return Err(invalid("TLS KeyUpdate not at the end of its record"));
-                }
-                return Ok(Some(update));
-            }
-            _ => {
-                return Err(invalid(
-                    "unexpected TLS handshake message after the handshake",
-                ));
-            }
+impl AfterHandshake {
+    pub(crate) fn new(schedule: KeySchedule) -> AfterHandshake {
+        AfterHandshake {
+            schedule,
+            run: 0,
+            owed: false,
         }
     }
-    if messages.is_empty() {
-        Ok(None)
-    } else {
-        Err(invalid("TLS post-handshake message split across records"))
+
+    /// Handles the post-handshake messages in one handshake record's plaintext: a session
+    /// ticket goes to rustls; a KeyUpdate must end the record (the keys change after it).
+    /// Returns whether the peer updated its keys: the caller moves reading to
+    /// [`Self::next_rx`]. Past [`MAX_POST_HANDSHAKE_RUN`] such records with no data between,
+    /// the peer is refused.
+    ///
+    /// TLS 1.3 lets a handshake message span records. Post-handshake messages are small and
+    /// no implementation splits them, so one that does not fit its record is refused.
+    pub(crate) fn record(&mut self, mut messages: &[u8]) -> io::Result<bool> {
+        self.run += 1;
+        if self.run > MAX_POST_HANDSHAKE_RUN {
+            return Err(invalid(
+                "too many TLS post-handshake messages without application data",
+            ));
+        }
+        if messages.is_empty() {
+            return Err(invalid("empty TLS handshake record"));
+        }
+        while let [kind, a, b, c, rest @ ..] = messages {
+            let length = u32::from_be_bytes([0, *a, *b, *c]) as usize;
+            let Some((body, rest)) = rest.split_at_checked(length) else {
+                break;
+            };
+            messages = rest;
+            match *kind {
+                NEW_SESSION_TICKET => self.schedule.ticket(body)?,
+                KEY_UPDATE => {
+                    match body {
+                        [0] => {}
+                        // It asks for ours in return, before our next write.
+                        [1] => self.owed = true,
+                        _ => return Err(invalid("malformed TLS KeyUpdate")),
+                    }
+                    if !messages.is_empty() {
+                        return Err(invalid("TLS KeyUpdate not at the end of its record"));
+                    }
+                    return Ok(true);
+                }
+                _ => {
+                    return Err(invalid(
+                        "unexpected TLS handshake message after the handshake",
+                    ));
+                }
+            }
+        }
+        if messages.is_empty() {
+            Ok(false)
+        } else {
+            Err(invalid("TLS post-handshake message split across records"))
+        }
+    }
+
+    /// The peer sent application data.
+    pub(crate) fn data(&mut self) {
+        self.run = 0;
+    }
+
+    /// Whether the peer asked for a KeyUpdate this side has not sent yet.
+    pub(crate) fn owes_key_update(&self) -> bool {
+        self.owed
+    }
+
+    /// The owed KeyUpdate was sent and the sending keys moved on.
+    pub(crate) fn paid_key_update(&mut self) {
+        self.owed = false;
+    }
+
+    /// The next receiving keys, after a KeyUpdate from the peer.
+    pub(crate) fn next_rx(&mut self) -> io::Result<ConnectionTrafficSecrets> {
+        self.schedule.next_rx()
+    }
+
+    /// The next sending keys, after a KeyUpdate this side sends.
+    pub(crate) fn next_tx(&mut self) -> io::Result<ConnectionTrafficSecrets> {
+        self.schedule.next_tx()
     }
 }
 
@@ -182,23 +213,18 @@ pub(crate) struct Opened {
     pub consumed: usize,
     /// The peer's `close_notify` arrived (anything after it is ignored).
     pub closed: bool,
-    /// The peer updated its keys; `Requested` if any of its updates asked for ours.
-    pub key_update: Option<KeyUpdate>,
+    /// The peer updated its keys.
+    pub keys_updated: bool,
 }
 
 /// The receiving direction.
 pub(crate) struct Opener {
     keys: Keys,
-    /// Post-handshake records since the last application data ([`post_handshake`]).
-    post_handshake_run: u32,
 }
 
 impl Opener {
     pub(crate) fn new(sequence: u64, secrets: &ConnectionTrafficSecrets) -> Option<Opener> {
-        Keys::new(sequence, secrets).map(|keys| Opener {
-            keys,
-            post_handshake_run: 0,
-        })
+        Keys::new(sequence, secrets).map(|keys| Opener { keys })
     }
 
     /// The next record's sequence number, which is what kernel TLS takes as `rec_seq`.
@@ -207,18 +233,18 @@ impl Opener {
     }
 
     /// Decrypts every whole record at the start of `buf` in place, packing their
-    /// application data at the start of `buf`; post-handshake messages go to
-    /// [`post_handshake`], and a KeyUpdate moves the records after it to the next keys.
+    /// application data at the start of `buf`; post-handshake messages go to `after`, and a
+    /// KeyUpdate moves the records after it to the next keys.
     pub(crate) fn open(
         &mut self,
         buf: &mut [u8],
-        schedule: &mut KeySchedule,
+        after: &mut AfterHandshake,
     ) -> io::Result<Opened> {
         let mut opened = Opened {
             plaintext: 0,
             consumed: 0,
             closed: false,
-            key_update: None,
+            keys_updated: false,
         };
         while let Some(header) = buf.get(opened.consumed..opened.consumed + HEADER) {
             let header: [u8; HEADER] = header.try_into().map_err(|_| invalid("short header"))?;
@@ -258,7 +284,7 @@ impl Opener {
             match inner[last] {
                 APPLICATION_DATA => {
                     opened.plaintext += last;
-                    self.post_handshake_run = 0;
+                    after.data();
                 }
                 // close_notify (description 0), at whatever level.
                 ALERT if last == 2 && inner[1] == 0 => {
@@ -272,10 +298,9 @@ impl Opener {
                     ));
                 }
                 HANDSHAKE => {
-                    let run = &mut self.post_handshake_run;
-                    if let Some(update) = post_handshake(&inner[..last], schedule, run)? {
-                        self.keys = Keys::next(schedule.next_rx())?;
-                        opened.key_update = opened.key_update.max(Some(update));
+                    if after.record(&inner[..last])? {
+                        self.keys = Keys::next(after.next_rx())?;
+                        opened.keys_updated = true;
                     }
                 }
                 _ => return Err(invalid("unexpected TLS content type")),
@@ -310,11 +335,6 @@ impl Sealer {
         })
     }
 
-    /// The next record's sequence number, which is what kernel TLS takes as `rec_seq`.
-    pub(crate) fn sequence(&self) -> u64 {
-        self.keys.sequence
-    }
-
     /// Appends `data` to the outgoing buffer as one record of `content_type` (at most
     /// [`MAX_FRAGMENT`] bytes), after a KeyUpdate if the current keys have protected all
     /// the records they may.
@@ -322,19 +342,19 @@ impl Sealer {
         &mut self,
         content_type: u8,
         data: &[u8],
-        schedule: &mut KeySchedule,
+        after: &mut AfterHandshake,
     ) -> io::Result<()> {
         // The KeyUpdate takes the last sequence number the keys allow.
         if self.keys.sequence.saturating_add(1) >= self.limit {
-            self.update_keys(schedule)?;
+            self.update_keys(after)?;
         }
         self.seal_record(content_type, data)
     }
 
     /// Sends a KeyUpdate (one that asks nothing of the peer) and moves to the next keys.
-    fn update_keys(&mut self, schedule: &mut KeySchedule) -> io::Result<()> {
-        let next = Keys::next(schedule.next_tx())?;
-        self.seal_record(HANDSHAKE, &KeyUpdate::NotRequested.message())?;
+    fn update_keys(&mut self, after: &mut AfterHandshake) -> io::Result<()> {
+        let next = Keys::next(after.next_tx())?;
+        self.seal_record(HANDSHAKE, &KEY_UPDATE_MESSAGE)?;
         self.keys = next;
         Ok(())
     }
@@ -375,17 +395,17 @@ pub(crate) struct Leftover {
     /// The peer's `close_notify` came already.
     pub closed: bool,
     /// The peer updated its keys already.
-    pub key_update: Option<KeyUpdate>,
+    pub keys_updated: bool,
 }
 
 impl Leftover {
     /// Opens the records in `ciphertext`.
     pub(crate) fn open(
         opener: &mut Opener,
-        schedule: &mut KeySchedule,
+        after: &mut AfterHandshake,
         mut ciphertext: Vec<u8>,
     ) -> io::Result<Leftover> {
-        let opened = opener.open(&mut ciphertext, schedule)?;
+        let opened = opener.open(&mut ciphertext, after)?;
         let partial = if opened.closed {
             Vec::new()
         } else {
@@ -396,14 +416,14 @@ impl Leftover {
             pending: ciphertext,
             partial,
             closed: opened.closed,
-            key_update: opened.key_update,
+            keys_updated: opened.keys_updated,
         })
     }
 
     /// Whether the kernel can take the connection's records from here: nothing half-read,
     /// nothing closed, and the keys still those of the handshake.
     pub(crate) fn kernel_may_take_over(&self) -> bool {
-        self.partial.is_empty() && !self.closed && self.key_update.is_none()
+        self.partial.is_empty() && !self.closed && !self.keys_updated
     }
 }
 
@@ -427,10 +447,8 @@ pub struct UserTls<S> {
     receiving: RefCell<Receiving>,
     /// Held while records are being written, so they go out in sequence order.
     sending: tokio::sync::Mutex<Sealer>,
-    /// Both directions' next keys; borrowed only between awaits.
-    schedule: RefCell<KeySchedule>,
-    /// The peer asked for a KeyUpdate, to be sent before the next write.
-    key_update_owed: Cell<bool>,
+    /// The session after the handshake; borrowed only between awaits.
+    after: RefCell<AfterHandshake>,
 }
 
 impl<S: Stream> UserTls<S> {
@@ -439,7 +457,7 @@ impl<S: Stream> UserTls<S> {
         inner: S,
         opener: Opener,
         sealer: Sealer,
-        schedule: KeySchedule,
+        after: AfterHandshake,
         leftover: Leftover,
     ) -> UserTls<S> {
         UserTls {
@@ -452,8 +470,7 @@ impl<S: Stream> UserTls<S> {
                 closed: leftover.closed,
             }),
             sending: tokio::sync::Mutex::new(sealer),
-            schedule: RefCell::new(schedule),
-            key_update_owed: Cell::new(leftover.key_update == Some(KeyUpdate::Requested)),
+            after: RefCell::new(after),
         }
     }
 
@@ -475,13 +492,14 @@ impl<S: Stream> UserTls<S> {
                 "an earlier TLS record could not be sealed; nothing more is sent",
             ));
         }
-        let schedule = &mut *self.schedule.borrow_mut();
+        let after = &mut *self.after.borrow_mut();
         let sealed = (|| {
-            if self.key_update_owed.take() {
-                sealer.update_keys(schedule)?;
+            if after.owes_key_update() {
+                sealer.update_keys(after)?;
+                after.paid_key_update();
             }
             for fragment in data.chunks(MAX_FRAGMENT) {
-                sealer.seal(content_type, fragment, schedule)?;
+                sealer.seal(content_type, fragment, after)?;
             }
             Ok(())
         })();
@@ -497,7 +515,7 @@ impl<S: Stream> Stream for UserTls<S> {
     async fn read(&self, mut buf: Vec<u8>) -> BufResult<usize> {
         let start = buf.len();
         loop {
-            let whole_record = {
+            {
                 let mut receiving = self.receiving.borrow_mut();
                 let receiving = &mut *receiving;
                 if !receiving.pending.is_empty() {
@@ -515,48 +533,46 @@ impl<S: Stream> Stream for UserTls<S> {
                 if buf.capacity() - buf.len() < wanted {
                     buf.reserve(wanted);
                 }
-                // `partial` stays until this read's bytes are opened, so a read abandoned
-                // mid-await (a timeout) loses nothing.
+                // `partial` (never a whole record: `Opener::open` takes every whole one) stays
+                // until this read's bytes are opened, so a read abandoned mid-await (a
+                // timeout) loses nothing.
                 buf.extend_from_slice(&receiving.partial);
-                whole_record(&buf[start..])
-            };
-            if !whole_record {
-                let asked = buf.capacity() - buf.len();
-                let (read, back) = self.inner.read(buf).await;
-                buf = back;
-                match read {
-                    Ok(0) => {
-                        let error = if buf.len() > start {
-                            "peer closed in the middle of a TLS record"
-                        } else {
-                            // A truncation attack or a crash.
-                            "peer closed without TLS close_notify"
-                        };
-                        buf.truncate(start);
-                        return (
-                            Err(io::Error::new(io::ErrorKind::UnexpectedEof, error)),
-                            buf,
-                        );
+            }
+            let asked = buf.capacity() - buf.len();
+            let (read, back) = self.inner.read(buf).await;
+            buf = back;
+            match read {
+                Ok(0) => {
+                    let error = if buf.len() > start {
+                        "peer closed in the middle of a TLS record"
+                    } else {
+                        // A truncation attack or a crash.
+                        "peer closed without TLS close_notify"
+                    };
+                    buf.truncate(start);
+                    return (
+                        Err(io::Error::new(io::ErrorKind::UnexpectedEof, error)),
+                        buf,
+                    );
+                }
+                Ok(n) => {
+                    let mut receiving = self.receiving.borrow_mut();
+                    if n == asked && receiving.read_size < MAX_READ {
+                        receiving.read_size = (receiving.read_size * 2).min(MAX_READ);
+                    } else if n.saturating_mul(8) < receiving.read_size {
+                        receiving.read_size = (receiving.read_size / 2).max(FIRST_READ);
                     }
-                    Ok(n) => {
-                        let mut receiving = self.receiving.borrow_mut();
-                        if n == asked && receiving.read_size < MAX_READ {
-                            receiving.read_size = (receiving.read_size * 2).min(MAX_READ);
-                        } else if n.saturating_mul(8) < receiving.read_size {
-                            receiving.read_size = (receiving.read_size / 2).max(FIRST_READ);
-                        }
-                    }
-                    Err(error) => {
-                        buf.truncate(start);
-                        return (Err(error), buf);
-                    }
+                }
+                Err(error) => {
+                    buf.truncate(start);
+                    return (Err(error), buf);
                 }
             }
             let mut receiving = self.receiving.borrow_mut();
             receiving.partial.clear();
             let opened = receiving
                 .opener
-                .open(&mut buf[start..], &mut self.schedule.borrow_mut());
+                .open(&mut buf[start..], &mut self.after.borrow_mut());
             let opened = match opened {
                 Ok(opened) => opened,
                 Err(error) => {
@@ -564,9 +580,6 @@ impl<S: Stream> Stream for UserTls<S> {
                     return (Err(error), buf);
                 }
             };
-            if opened.key_update == Some(KeyUpdate::Requested) {
-                self.key_update_owed.set(true);
-            }
             receiving.closed = opened.closed;
             if !opened.closed {
                 receiving
@@ -608,20 +621,6 @@ impl<S: Stream> Stream for UserTls<S> {
     }
 }
 
-/// Whether `ciphertext` starts with a whole record (or a header no record can have, which
-/// [`Opener::open`] then refuses without waiting for more).
-fn whole_record(ciphertext: &[u8]) -> bool {
-    match ciphertext.get(..HEADER) {
-        None => false,
-        Some(header) => {
-            let length = usize::from(u16::from_be_bytes([header[3], header[4]]));
-            header[0] != APPLICATION_DATA
-                || length > MAX_CIPHERTEXT
-                || ciphertext.len() >= HEADER + length
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::io::{Read as _, Write as _};
@@ -638,7 +637,7 @@ mod tests {
         peer: rustls::Connection,
         opener: Opener,
         sealer: Sealer,
-        schedule: KeySchedule,
+        after: AfterHandshake,
         /// Ciphertext that came with the end of the handshake.
         leftover: Vec<u8>,
     }
@@ -651,7 +650,7 @@ mod tests {
                 peer,
                 opener: Opener::new(secrets.rx.0, &secrets.rx.1).unwrap(),
                 sealer: Sealer::new(secrets.tx.0, &secrets.tx.1, session.limit).unwrap(),
-                schedule: session.schedule,
+                after: AfterHandshake::new(session.schedule),
                 leftover: session.incoming,
             }
         }
@@ -664,7 +663,7 @@ mod tests {
 
         /// Opens what the peer sent, whole.
         fn open(&mut self, mut wire: Vec<u8>) -> io::Result<(Vec<u8>, Opened)> {
-            let opened = self.opener.open(&mut wire, &mut self.schedule)?;
+            let opened = self.opener.open(&mut wire, &mut self.after)?;
             assert_eq!(opened.consumed, wire.len(), "a record left over");
             wire.truncate(opened.plaintext);
             Ok((wire, opened))
@@ -722,7 +721,7 @@ mod tests {
             let mut held: Vec<u8> = Vec::new();
             for piece in wire.chunks(7_001) {
                 held.extend_from_slice(piece);
-                let opened = s.opener.open(&mut held, &mut s.schedule).unwrap();
+                let opened = s.opener.open(&mut held, &mut s.after).unwrap();
                 assert!(!opened.closed);
                 received.extend_from_slice(&held[..opened.plaintext]);
                 held.drain(..opened.consumed);
@@ -746,12 +745,10 @@ mod tests {
             let data = pattern(70_000);
             for fragment in data.chunks(MAX_FRAGMENT) {
                 s.sealer
-                    .seal(APPLICATION_DATA, fragment, &mut s.schedule)
+                    .seal(APPLICATION_DATA, fragment, &mut s.after)
                     .unwrap();
             }
-            s.sealer
-                .seal(ALERT, &CLOSE_NOTIFY, &mut s.schedule)
-                .unwrap();
+            s.sealer.seal(ALERT, &CLOSE_NOTIFY, &mut s.after).unwrap();
             let wire = std::mem::take(&mut s.sealer.out);
             let mut received = Vec::new();
             let mut at = 0;
@@ -789,24 +786,23 @@ mod tests {
         };
         let mut sealer = Sealer::new(0, &secrets, u64::MAX).unwrap();
         let mut opener = Opener::new(0, &secrets).unwrap();
-        sealer
-            .seal(APPLICATION_DATA, b"x", &mut s.schedule)
-            .unwrap();
-        sealer.seal(ALERT, &[2, 40], &mut s.schedule).unwrap();
-        let error = opener.open(&mut sealer.out, &mut s.schedule).unwrap_err();
+        sealer.seal(APPLICATION_DATA, b"x", &mut s.after).unwrap();
+        sealer.seal(ALERT, &[2, 40], &mut s.after).unwrap();
+        let error = opener.open(&mut sealer.out, &mut s.after).unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::ConnectionAborted, "{error}");
     }
 
     #[test]
     fn garbage_is_refused_without_waiting_for_more() {
         let mut s = Session::server(SUITES[0]);
-        assert!(whole_record(b"GET / HTTP/1.1"));
         let error = s.open(b"GET / HTTP/1.1".to_vec()).unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::InvalidData);
         let huge = [APPLICATION_DATA, 3, 3, 0xff, 0xff];
-        assert!(whole_record(&huge));
         assert!(s.open(huge.to_vec()).is_err());
-        assert!(!whole_record(&[APPLICATION_DATA, 3, 3, 0, 40, 1, 2]));
+        // A record's start is held, waiting for the rest.
+        let mut start = vec![APPLICATION_DATA, 3, 3, 0, 40, 1, 2];
+        let opened = s.opener.open(&mut start, &mut s.after).unwrap();
+        assert_eq!((opened.consumed, opened.plaintext), (0, 0));
     }
 
     /// An in-memory socket: reads take what the test put in `incoming`, writes land in
@@ -845,8 +841,8 @@ mod tests {
 
             let socket = std::rc::Rc::new(Wire::default());
             *socket.incoming.borrow_mut() = wire;
-            let leftover = Leftover::open(&mut s.opener, &mut s.schedule, Vec::new()).unwrap();
-            let tls = UserTls::new(socket.clone(), s.opener, s.sealer, s.schedule, leftover);
+            let leftover = Leftover::open(&mut s.opener, &mut s.after, Vec::new()).unwrap();
+            let tls = UserTls::new(socket.clone(), s.opener, s.sealer, s.after, leftover);
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .build()
                 .unwrap();
@@ -857,11 +853,11 @@ mod tests {
                 received.extend(buf);
             }
             assert_eq!(received, b"beforeafter", "{suite:?}");
-            assert!(tls.key_update_owed.get(), "{suite:?}");
+            assert!(tls.after.borrow().owes_key_update(), "{suite:?}");
 
             let (written, _) = runtime.block_on(tls.write_all(b"reply".to_vec(), 0..5));
             written.unwrap();
-            assert!(!tls.key_update_owed.get());
+            assert!(!tls.after.borrow().owes_key_update());
             let wire = std::mem::take(&mut *socket.outgoing.borrow_mut());
             // The KeyUpdate record, then the data under the new keys.
             assert!(wire.len() > 2 * (HEADER + TAG), "{suite:?}");
@@ -880,7 +876,7 @@ mod tests {
         let data = pattern(10 * 100);
         for record in data.chunks(100) {
             s.sealer
-                .seal(APPLICATION_DATA, record, &mut s.schedule)
+                .seal(APPLICATION_DATA, record, &mut s.after)
                 .unwrap();
         }
         let wire = std::mem::take(&mut s.sealer.out);
@@ -908,12 +904,12 @@ mod tests {
         wire.extend(peer_records(&mut s.peer, b"hello"));
         let (plaintext, opened) = s.open(wire).unwrap();
         assert_eq!(plaintext, b"hello");
-        assert_eq!(opened.key_update, None);
+        assert!(!opened.keys_updated);
     }
 
     #[test]
     fn post_handshake_messages_out_of_place_are_refused() {
-        let mut server = Session::server(SUITES[0]).schedule;
+        let server = || AfterHandshake::new(Session::server(SUITES[0]).after.schedule);
         let ticket = [NEW_SESSION_TICKET, 0, 0, 4, 0, 0, 0, 1];
         let cases: [(&[u8], &str); 6] = [
             (&ticket, "client sent a session ticket"),
@@ -927,24 +923,26 @@ mod tests {
             // A CertificateRequest: post-handshake authentication is not offered.
             (&[13, 0, 0, 0], "unexpected TLS handshake message"),
         ];
+        let mut after = server();
         for (messages, expected) in cases {
-            let error = post_handshake(messages, &mut server, &mut 0).unwrap_err();
+            let error = after.record(messages).unwrap_err();
             assert!(
                 error.to_string().contains(expected),
                 "{messages:?}: {error}"
             );
         }
-        assert_eq!(
-            post_handshake(&KeyUpdate::Requested.message(), &mut server, &mut 0).unwrap(),
-            Some(KeyUpdate::Requested)
-        );
+        // A KeyUpdate that asks for ours is owed until paid.
+        let mut after = server();
+        assert!(after.record(&[KEY_UPDATE, 0, 0, 1, 1]).unwrap());
+        assert!(after.owes_key_update());
+        after.paid_key_update();
+        assert!(!after.owes_key_update());
         // A peer that sends KeyUpdates without end is refused, one with data between is not.
-        let update = KeyUpdate::NotRequested.message();
-        let mut run = 0;
+        after.data();
         for _ in 0..MAX_POST_HANDSHAKE_RUN {
-            post_handshake(&update, &mut server, &mut run).unwrap();
+            assert!(after.record(&KEY_UPDATE_MESSAGE).unwrap());
         }
-        let error = post_handshake(&update, &mut server, &mut run).unwrap_err();
+        let error = after.record(&KEY_UPDATE_MESSAGE).unwrap_err();
         assert!(error.to_string().contains("too many"), "{error}");
     }
 }

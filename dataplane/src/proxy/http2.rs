@@ -94,20 +94,10 @@ pub async fn serve<B: Backend>(
     let service = {
         let (worker, accepted) = (worker.clone(), view.clone());
         let name = view.snapshot.listeners[listener].name.clone();
-        // The listener's index in the worker's current view, found again only when the view
-        // changes (by name: a search over every listener).
-        let found = RefCell::new((view.clone(), Some(listener)));
         hyper::service::service_fn(move |request: Request<Incoming>| {
             let worker = worker.clone();
             let current = worker.view();
-            let index = {
-                let mut found = found.borrow_mut();
-                if !Rc::ptr_eq(&found.0, &current) {
-                    *found = (current.clone(), current.snapshot.listener_index(&name));
-                }
-                found.1
-            };
-            let (view, listener) = match index {
+            let (view, listener) = match current.snapshot.listener_index(&name) {
                 Some(index) => (current, index),
                 None => (accepted.clone(), listener),
             };
