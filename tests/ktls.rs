@@ -11,6 +11,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{Read, Write};
+use std::time::Duration;
+
+use dataplane::io::epoll::Epoll;
+use dataplane::io::{Backend, Listener, Stream};
+use dataplane::tls::{Handshake, MaybeTls};
+use rustls::pki_types::pem::PemObject;
 
 use tests::client;
 use tests::pki::{TempDir, TestCa};
@@ -273,7 +279,7 @@ fn inbound_and_mesh_client(
 /// Sends `message` over `tls` and reads it back from the echo behind the proxy.
 fn echo(
     tls: &mut rustls::ClientConnection,
-    socket: &mut std::net::TcpStream,
+    socket: &mut (impl Read + Write),
     message: &[u8],
 ) -> std::io::Result<()> {
     let mut stream = rustls::Stream::new(tls, socket);
@@ -306,8 +312,8 @@ fn a_peer_that_updates_its_keys_is_followed() {
         Ok(()) => {}
         Err(error) => {
             assert!(
-                dataplane::ktls::supported(),
-                "userspace TLS must follow a KeyUpdate: {error}"
+                dataplane::ktls::supported() && !dataplane::ktls::can_rekey(),
+                "TLS in userspace, or in a kernel that rekeys, must follow a KeyUpdate: {error}"
             );
             // The proxy closed that connection (neither hung nor sent garbage).
             assert_eq!(error.kind(), std::io::ErrorKind::UnexpectedEof, "{error}");
@@ -379,4 +385,203 @@ fn session_tickets_after_the_hand_off_are_taken() {
         "{outbound}"
     );
     println!("KTLS-CHECKED session tickets: {mode}");
+}
+
+/// rustls' AES-128-GCM with a confidentiality limit of `limit` records per key, so a test
+/// reaches the limit in a few hundred records rather than 2^24.
+fn suite_with_limit(limit: u64) -> rustls::SupportedCipherSuite {
+    let rustls::SupportedCipherSuite::Tls13(suite) =
+        rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256
+    else {
+        unreachable!("a TLS 1.3 suite")
+    };
+    let worn: &'static rustls::Tls13CipherSuite = Box::leak(Box::new(rustls::Tls13CipherSuite {
+        common: rustls::CipherSuiteCommon {
+            confidentiality_limit: limit,
+            ..suite.common
+        },
+        hkdf_provider: suite.hkdf_provider,
+        aead_alg: suite.aead_alg,
+        quic: None,
+    }));
+    rustls::SupportedCipherSuite::Tls13(worn)
+}
+
+/// The sending side of Tern's record layer updates its own keys before they protect more
+/// records than its cipher allows. Tern's side here is the server of a connection whose
+/// suite allows 64 records per key, echoing 1000 messages (a record each) to a rustls peer;
+/// the peer must follow every KeyUpdate for the bytes to cross. In userspace and in a kernel
+/// that rekeys, all of them cross, and the kernel counts its rekeys; a kernel that cannot
+/// rekey ends the connection before the limit (never past it), with an error that says why.
+#[test]
+fn the_sender_updates_its_keys_before_their_limit() {
+    const LIMIT: u64 = 64;
+    const MESSAGES: usize = 1000;
+    let dir = TempDir::new("ktls-limit");
+    let ca = TestCa::new("tern ktls root");
+    let a_id = ca.write_identity(&dir.0, "a", A, &[&ca], false);
+    let b_id = ca.write_identity(&dir.0, "b", B, &[&ca], false);
+
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites = vec![suite_with_limit(LIMIT)];
+    let chain = rustls::pki_types::CertificateDer::pem_file_iter(&b_id.cert)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&b_id.key).unwrap();
+    let mut server = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    server.enable_secret_extraction = true;
+    server.send_tls13_tickets = 0;
+    let server = std::sync::Arc::new(server);
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Tern's side: a handshake, the record layer the proxy would give the connection, and
+    // an echo of what it reads.
+    let tern = std::thread::spawn(move || -> Result<&'static str, std::io::Error> {
+        Epoll::block_on(async move {
+            let listener = Epoll::listener(listener)?;
+            let (stream, _) = listener.accept().await?;
+            let tls = Handshake::server(stream, server, Vec::new())?
+                .run_within(Duration::from_secs(20))
+                .await?
+                .into_record_layer()?;
+            let mode = match &tls {
+                MaybeTls::Kernel(_) => "kernel",
+                MaybeTls::User(_) => "userspace",
+                _ => "plain",
+            };
+            let mut buf = Vec::with_capacity(4096);
+            loop {
+                buf.clear();
+                let (read, back) = tls.read(buf).await;
+                buf = back;
+                if read? == 0 {
+                    break;
+                }
+                let len = buf.len();
+                let (written, back) = tls.write_all(buf, 0..len).await;
+                buf = back;
+                written?;
+            }
+            tls.close_write().await?;
+            Ok(mode)
+        })?
+    });
+
+    let before = tls_stat();
+    let identity = dataplane::tls::Identity::load(&shared::config::IdentityFiles {
+        cert: a_id.cert.clone(),
+        key: a_id.key.clone(),
+        trust_bundle: a_id.trust_bundle.clone(),
+    })
+    .unwrap();
+    let config = identity
+        .client_config(B.parse().unwrap(), dataplane::tls::ALPN_TCP, None)
+        .unwrap();
+    let mut socket = Tap {
+        socket: client::connect(addr),
+        read: Vec::new(),
+    };
+    let mut tls = rustls::ClientConnection::new(
+        config,
+        rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
+    )
+    .unwrap();
+    let mut echoed = 0;
+    let mut failure = None;
+    for i in 0..MESSAGES {
+        match echo(&mut tls, &mut socket, format!("message {i:04}").as_bytes()) {
+            Ok(()) => echoed += 1,
+            Err(error) => {
+                failure = Some(error);
+                break;
+            }
+        }
+    }
+    if failure.is_none() {
+        tls.send_close_notify();
+        tls.write_tls(&mut socket).unwrap();
+    }
+    let tern = tern.join().unwrap();
+    let after = tls_stat();
+    // A KeyUpdate (5 bytes, type and tag) is the only 22-byte record Tern's side sends here.
+    let key_updates = record_lengths(&socket.read)
+        .filter(|&length| length == 5 + 1 + 16)
+        .count();
+
+    let kernel = dataplane::ktls::supported();
+    if kernel && !dataplane::ktls::can_rekey() {
+        // Ended when the next send might have passed the limit (a 12-byte message bounds
+        // 12 records, one kept for a KeyUpdate): not after, and not long before.
+        let error = tern.expect_err("a kernel that cannot rekey ends the connection");
+        assert!(error.to_string().contains("cannot update"), "{error}");
+        assert!(failure.is_some(), "the peer saw the end");
+        assert!(
+            (48..=LIMIT as usize - 13).contains(&echoed),
+            "{echoed} echoed"
+        );
+        assert_eq!(key_updates, 0, "no KeyUpdate the kernel could not follow");
+        println!("KTLS-CHECKED own key update: kernel, refused by this kernel: {error}");
+        return;
+    }
+    assert!(failure.is_none(), "{echoed} echoed: {failure:?}; {tern:?}");
+    assert_eq!(echoed, MESSAGES);
+    let mode = tern.unwrap();
+    assert_eq!(mode, tls_mode());
+    // A KeyUpdate per 64 records at least (userspace updates at the limit, kTLS at 7/8).
+    assert!(
+        key_updates >= MESSAGES / LIMIT as usize,
+        "{key_updates} KeyUpdates"
+    );
+    if kernel {
+        // The kernel took a new key at least once per 64 records.
+        let rekeys = stat(&after, "TlsTxRekeyOk") - stat(&before, "TlsTxRekeyOk");
+        assert!(rekeys as usize >= MESSAGES / LIMIT as usize, "{after:?}");
+        println!("KTLS-CHECKED own key update: kernel, {rekeys} rekeys");
+    } else {
+        println!("KTLS-CHECKED own key update: userspace");
+    }
+}
+
+/// A socket that keeps a copy of what it reads.
+struct Tap {
+    socket: std::net::TcpStream,
+    read: Vec<u8>,
+}
+
+impl Read for Tap {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.socket.read(buf)?;
+        self.read.extend_from_slice(&buf[..n]);
+        Ok(n)
+    }
+}
+
+impl Write for Tap {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.socket.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.socket.flush()
+    }
+}
+
+/// The lengths of the TLS records in `bytes`.
+fn record_lengths(mut bytes: &[u8]) -> impl Iterator<Item = usize> + '_ {
+    std::iter::from_fn(move || {
+        let [_, _, _, high, low, rest @ ..] = bytes else {
+            return None;
+        };
+        let length = usize::from(u16::from_be_bytes([*high, *low]));
+        bytes = rest.get(length..)?;
+        Some(length)
+    })
 }

@@ -1,11 +1,15 @@
-//! Kernel TLS tested for real: this machine's kernel has no kTLS, so the test boots a Debian
+//! Kernel TLS tested for real: this machine's kernel has no kTLS, so each test boots a Debian
 //! cloud kernel (which ships `tls.ko`) under qemu (TCG: slow, never used for timing) with an
 //! initramfs holding busybox, the kernel's crypto and TLS modules, and a static build of the
 //! `ktls` test binary, and runs it there with `TERN_EXPECT_KTLS=1`: every suite must go
 //! through the kernel, byte-exact, with the kernel's own counters agreeing.
 //!
-//! Needs `tests/ktls-vm/prepare.sh` to have run once (qemu, busybox, cpio and the kernel
-//! package; CI runs it).
+//! Two kernels, because kTLS differs where it matters: Debian 12's 6.1, which cannot take new
+//! keys on a live socket, and the newest Debian kernel (trixie-backports), which can, so TLS
+//! 1.3 KeyUpdate is checked both where it ends a connection and where it carries on.
+//!
+//! Needs `tests/ktls-vm/prepare.sh` to have run once (qemu, busybox, cpio, xz and the kernel
+//! packages; CI runs it).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Read as _;
@@ -27,6 +31,7 @@ const MODULES: &[&str] = &[
     "ghash_clmulni_intel",
     "libchacha",
     "chacha_generic",
+    "chacha",
     "chacha_x86_64",
     "libpoly1305",
     "poly1305_generic",
@@ -152,18 +157,20 @@ fn build_initramfs(kernel: &Path, version: &str, test: &Path, dir: &Path) -> Pat
     image
 }
 
-#[test]
-fn ktls_carries_the_mtls_pair_in_a_real_kernel() {
-    let kernel = workspace().join("target/ktls-vm/kernel");
-    let vmlinuz = std::fs::read_dir(kernel.join("boot"))
-        .ok()
-        .and_then(|entries| {
-            entries.filter_map(Result::ok).map(|e| e.path()).find(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
-            })
-        })
-        .expect("no kernel under target/ktls-vm/kernel: run tests/ktls-vm/prepare.sh first");
+/// Boots the kernel prepared for `suite` with the guest test and returns its console.
+fn boot(suite: &str) -> String {
+    // One guest at a time: each takes both emulated CPUs' worth of host time.
+    static ONE_GUEST: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guest = ONE_GUEST
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let kernel = workspace().join("target/ktls-vm/kernels").join(suite);
+    let vmlinuz = kernel.join("vmlinuz");
+    assert!(
+        vmlinuz.exists(),
+        "no kernel under {}: run tests/ktls-vm/prepare.sh first",
+        kernel.display()
+    );
     let version = std::fs::read_dir(kernel.join("lib/modules"))
         .unwrap()
         .filter_map(Result::ok)
@@ -209,8 +216,13 @@ fn ktls_carries_the_mtls_pair_in_a_real_kernel() {
     println!("{console}");
     assert!(
         status.is_some(),
-        "the guest did not finish within {GUEST_DEADLINE:?}"
+        "the {suite} guest did not finish within {GUEST_DEADLINE:?}"
     );
+    console
+}
+
+/// What every kTLS kernel must show: the ULP, and every suite carried by the kernel.
+fn assert_carried_by_the_kernel(console: &str) {
     assert!(
         console.contains("KTLS-VM-ULP:") && console.contains(" tls"),
         "the guest kernel did not offer the tls ULP"
@@ -222,6 +234,7 @@ fn ktls_carries_the_mtls_pair_in_a_real_kernel() {
         "early data and close_notify",
         "key update",
         "session tickets",
+        "own key update",
     ] {
         assert!(
             console.contains(&format!("KTLS-CHECKED {suite}: kernel")),
@@ -229,11 +242,43 @@ fn ktls_carries_the_mtls_pair_in_a_real_kernel() {
         );
     }
     assert!(
-        console.contains("test result: ok. 6 passed"),
+        console.contains("test result: ok. 7 passed"),
         "guest tests failed"
     );
     assert!(
         console.contains("KTLS-VM-EXIT 0"),
         "guest test binary failed"
+    );
+}
+
+/// Debian 12's kernel (6.1): kTLS, but it cannot take new keys on a live socket, so a
+/// KeyUpdate either way ends that connection, cleanly and before any key passes its limit.
+#[test]
+fn ktls_carries_the_mtls_pair_in_debian_12s_kernel() {
+    let console = boot("bookworm");
+    assert_carried_by_the_kernel(&console);
+    assert!(
+        console.contains("KTLS-CHECKED this kernel refused updated keys"),
+        "a peer's KeyUpdate was not refused by 6.1"
+    );
+    assert!(
+        console.contains("KTLS-CHECKED own key update: kernel, refused by this kernel"),
+        "the sender did not stop before its limit on 6.1"
+    );
+}
+
+/// The newest Debian kernel (trixie-backports): kTLS with TLS 1.3 KeyUpdate, both the peer's
+/// and the proxy's own, without ending a connection.
+#[test]
+fn ktls_carries_the_mtls_pair_and_updates_keys_in_a_newer_kernel() {
+    let console = boot("trixie-backports");
+    assert_carried_by_the_kernel(&console);
+    assert!(
+        !console.contains("KTLS-CHECKED this kernel refused updated keys"),
+        "a peer's KeyUpdate was refused by a kernel that rekeys"
+    );
+    assert!(
+        console.contains("KTLS-CHECKED own key update: kernel, ") && console.contains(" rekeys"),
+        "the sender's keys were not updated in the kernel"
     );
 }

@@ -13,10 +13,15 @@
 //! alert `close_notify` is the end of the stream, any other alert an error; post-handshake
 //! messages are handled as in userspace ([`AfterHandshake`]). A KeyUpdate
 //! installs the next keys in the kernel, which takes them only where it can rekey a live
-//! socket (recent kernels; Linux 6.1, the VM test's, cannot); a kernel that refuses ends the
-//! connection with that error.
+//! socket ([`can_rekey`]: Linux 6.14 and later; 6.1, say, cannot); a kernel that refuses ends
+//! the connection with that error.
+//!
+//! The sender updates its own keys before the cipher's confidentiality limit (2^24 records
+//! for AES-GCM), as the userspace layer does. The kernel numbers the records it seals;
+//! `SentRecords` keeps an upper bound of them without a system call per send, and reads
+//! the kernel's exact count only when the bound nears the limit.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::Shutdown;
 use std::ops::Range;
@@ -32,26 +37,66 @@ use crate::usertls::{
     MAX_FRAGMENT,
 };
 
-/// Whether this kernel offers kTLS (the `tls` TCP upper-layer protocol). Probed once.
-pub fn supported() -> bool {
-    static SUPPORTED: OnceLock<bool> = OnceLock::new();
-    *SUPPORTED.get_or_init(|| match probe() {
-        Ok(()) => {
-            tracing::info!("kernel TLS is available: mTLS records are handed to the kernel");
-            true
+/// What this kernel's TLS can do, probed once per process.
+#[derive(Debug, Clone, Copy)]
+struct KernelAbilities {
+    /// It has kTLS (the `tls` TCP upper-layer protocol).
+    tls: bool,
+    /// It takes new keys on a live kTLS socket (TLS 1.3 KeyUpdate).
+    rekey: bool,
+}
+
+fn abilities() -> KernelAbilities {
+    static ABILITIES: OnceLock<KernelAbilities> = OnceLock::new();
+    *ABILITIES.get_or_init(|| match probe() {
+        Ok(rekey) => {
+            if let Err(error) = &rekey {
+                tracing::info!(%error, "kernel TLS is available: mTLS records are handed to the kernel; it cannot update a live connection's keys, so a kTLS connection ends when its peer updates its keys or its own near their limit");
+            } else {
+                tracing::info!(
+                    "kernel TLS is available, key updates included: mTLS records are handed to the kernel"
+                );
+            }
+            KernelAbilities {
+                tls: true,
+                rekey: rekey.is_ok(),
+            }
         }
         Err(error) => {
             tracing::info!(%error, "kernel TLS is unavailable (no `tls` module?): mTLS records stay in userspace");
-            false
+            KernelAbilities {
+                tls: false,
+                rekey: false,
+            }
         }
     })
 }
 
-/// Attaches the TLS ULP to a throwaway loopback connection.
-fn probe() -> io::Result<()> {
+/// Whether this kernel offers kTLS (the `tls` TCP upper-layer protocol). Probed once.
+pub fn supported() -> bool {
+    abilities().tls
+}
+
+/// Whether this kernel takes new keys on a live kTLS socket, as a TLS 1.3 KeyUpdate needs
+/// (Linux 6.14 and later). Probed once.
+pub fn can_rekey() -> bool {
+    abilities().rekey
+}
+
+/// On a throwaway loopback connection: attaches the TLS ULP (the error: no kTLS), then
+/// installs sending keys twice (the inner error: no rekeying).
+fn probe() -> io::Result<io::Result<()>> {
     let listener = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))?;
     let client = std::net::TcpStream::connect(listener.local_addr()?)?;
-    crate::sys::attach_tls_ulp(std::os::fd::AsFd::as_fd(&client))
+    let socket = std::os::fd::AsFd::as_fd(&client);
+    crate::sys::attach_tls_ulp(socket)?;
+    let rekey = build(Cipher::Aes128Gcm, &[0; 16], &[0; 12], 0)
+        .ok_or_else(|| io::Error::other("probe keys"))
+        .and_then(|keys| {
+            crate::sys::install_ktls_keys(socket, libc::TLS_TX, &keys)?;
+            crate::sys::install_ktls_keys(socket, libc::TLS_TX, &keys)
+        });
+    Ok(rekey)
 }
 
 /// The kernel's key structure for one direction, from rustls' secrets and the next record
@@ -127,17 +172,79 @@ pub struct KernelTls<S> {
     pending: RefCell<Vec<u8>>,
     /// The session after the handshake; borrowed only between awaits.
     after: RefCell<AfterHandshake>,
+    /// The records sealed under the current sending keys (the writer's alone).
+    sent: Cell<SentRecords>,
+}
+
+/// What the sender knows of the records the kernel has sealed under the current keys, to
+/// update them before the cipher's confidentiality limit. Counting them exactly would cost
+/// a system call per send, so this keeps an upper bound (a record holds at least one byte,
+/// so a send of n bytes seals at most n records) and reads the kernel's exact count only
+/// when the bound could reach the limit: for AES-GCM's 2^24 records, once per 2 MiB sent at
+/// most, since keys are updated at 7/8 of the limit.
+#[derive(Debug, Clone, Copy)]
+struct SentRecords {
+    /// Records one key may protect.
+    limit: u64,
+    /// Records sealed at the last exact reading.
+    known: u64,
+    /// Records sealed since then, at most.
+    unchecked: u64,
+}
+
+impl SentRecords {
+    fn new(limit: u64) -> SentRecords {
+        SentRecords {
+            limit,
+            known: 0,
+            unchecked: 0,
+        }
+    }
+
+    /// How many of `len` bytes one send may take: all of them unless the limit is smaller
+    /// than twice that (test limits only).
+    fn share(&self, len: usize) -> u64 {
+        (len as u64).min(self.limit / 2).max(1)
+    }
+
+    /// Whether a send of `share` bytes might take the keys past their limit, one record
+    /// kept for the KeyUpdate: then the exact count is needed.
+    fn might_reach_limit(&self, share: u64) -> bool {
+        self.known
+            .saturating_add(self.unchecked)
+            .saturating_add(share)
+            .saturating_add(1)
+            >= self.limit
+    }
+
+    /// With the exact count in `known`: whether the keys must be updated before sending
+    /// `share` bytes (they are at 7/8 of their limit, or the send might pass it).
+    fn must_update(&self, share: u64) -> bool {
+        self.known >= self.limit - self.limit / 8 || self.might_reach_limit(share)
+    }
 }
 
 impl<S: Stream> KernelTls<S> {
     /// Wraps a socket whose keys are installed, with the plaintext of records that arrived
-    /// with the end of the handshake.
-    pub(crate) fn new(inner: S, pending: Vec<u8>, after: AfterHandshake) -> KernelTls<S> {
+    /// with the end of the handshake; `limit` is the records one sending key may protect.
+    pub(crate) fn new(
+        inner: S,
+        pending: Vec<u8>,
+        after: AfterHandshake,
+        limit: u64,
+    ) -> KernelTls<S> {
         KernelTls {
             inner,
             pending: RefCell::new(pending),
             after: RefCell::new(after),
+            sent: Cell::new(SentRecords::new(limit)),
         }
+    }
+
+    fn socket(&self) -> io::Result<std::os::fd::BorrowedFd<'_>> {
+        self.inner
+            .kernel_tls_socket()
+            .ok_or_else(|| io::Error::other("not a kernel-TLS socket"))
     }
 
     /// Installs the next keys of one direction (sequence numbers start again at zero).
@@ -151,11 +258,7 @@ impl<S: Stream> KernelTls<S> {
         let keys = keys(0, &secrets).ok_or_else(|| {
             io::Error::other("the updated TLS keys are not of the session's cipher")
         })?;
-        let socket = self
-            .inner
-            .kernel_tls_socket()
-            .ok_or_else(|| io::Error::other("not a kernel-TLS socket"))?;
-        crate::sys::install_ktls_keys(socket, direction, &keys).map_err(|error| {
+        crate::sys::install_ktls_keys(self.socket()?, direction, &keys).map_err(|error| {
             io::Error::new(
                 error.kind(),
                 format!("the kernel cannot take updated TLS keys (a KeyUpdate; this kernel cannot rekey a live TLS socket): {error}"),
@@ -172,18 +275,51 @@ impl<S: Stream> KernelTls<S> {
         Ok(())
     }
 
-    /// Sends the KeyUpdate the peer asked for, if it did, and moves to the next keys. It is
-    /// owed until both are done, so a write abandoned or failed in between sends nothing
-    /// under the old keys as if it were paid.
+    /// Sends the KeyUpdate the peer asked for, if it did.
     async fn pay_key_update(&self) -> io::Result<()> {
         if self.after.borrow().owes_key_update() {
-            self.inner
-                .write_tls_record(HANDSHAKE, &KEY_UPDATE_MESSAGE)
-                .await?;
-            self.install_next_keys(libc::TLS_TX)?;
-            self.after.borrow_mut().paid_key_update();
+            self.update_keys().await?;
         }
         Ok(())
+    }
+
+    /// Sends a KeyUpdate and moves the kernel to the next sending keys. A KeyUpdate the peer
+    /// asked for stays owed until both are done, so a write abandoned or failed in between
+    /// sends nothing under the old keys as if it were paid.
+    async fn update_keys(&self) -> io::Result<()> {
+        if !can_rekey() {
+            return Err(io::Error::other(
+                "the TLS sending keys near their confidentiality limit and this kernel cannot update a kTLS connection's keys: the connection ends",
+            ));
+        }
+        self.inner
+            .write_tls_record(HANDSHAKE, &KEY_UPDATE_MESSAGE)
+            .await?;
+        self.install_next_keys(libc::TLS_TX)?;
+        self.after.borrow_mut().paid_key_update();
+        self.sent.set(SentRecords::new(self.sent.get().limit));
+        Ok(())
+    }
+
+    /// Makes room under the current sending keys for a send of up to `len` bytes, updating
+    /// them first if the send might take them past their limit, and returns how many of the
+    /// bytes may go in this send.
+    async fn room_to_send(&self, len: usize) -> io::Result<usize> {
+        let mut sent = self.sent.get();
+        let share = sent.share(len);
+        if sent.might_reach_limit(share) {
+            sent.known = crate::sys::ktls_sequence(self.socket()?, libc::TLS_TX)?;
+            sent.unchecked = 0;
+            self.sent.set(sent);
+            if sent.must_update(share) {
+                self.update_keys().await?;
+                sent = self.sent.get();
+            }
+        }
+        sent.unchecked += share;
+        self.sent.set(sent);
+        // `share` is at most `len`.
+        Ok(share as usize)
     }
 }
 
@@ -244,11 +380,25 @@ impl<S: Stream> Stream for KernelTls<S> {
         }
     }
 
-    async fn write_all(&self, buf: Vec<u8>, range: Range<usize>) -> BufResult<()> {
+    async fn write_all(&self, mut buf: Vec<u8>, range: Range<usize>) -> BufResult<()> {
         if let Err(error) = self.pay_key_update().await {
             return (Err(error), buf);
         }
-        self.inner.write_all(buf, range).await
+        let mut start = range.start;
+        // One send unless the limit is tiny.
+        while start < range.end {
+            let n = match self.room_to_send(range.end - start).await {
+                Ok(n) => n,
+                Err(error) => return (Err(error), buf),
+            };
+            let (written, back) = self.inner.write_all(buf, start..start + n).await;
+            buf = back;
+            if let Err(error) = written {
+                return (Err(error), buf);
+            }
+            start += n;
+        }
+        (Ok(()), buf)
     }
 
     fn shutdown(&self, how: Shutdown) -> io::Result<()> {
@@ -257,6 +407,7 @@ impl<S: Stream> Stream for KernelTls<S> {
 
     async fn close_write(&self) -> io::Result<()> {
         self.pay_key_update().await?;
+        self.room_to_send(1).await?;
         self.inner.write_tls_record(ALERT, &CLOSE_NOTIFY).await?;
         self.inner.shutdown(Shutdown::Write)
     }
@@ -295,6 +446,7 @@ impl<S: Stream> Stream for KernelTls<S> {
         len: usize,
     ) -> io::Result<usize> {
         self.pay_key_update().await?;
+        let len = self.room_to_send(len).await?;
         self.inner.splice_from_pipe(pipe, len).await
     }
 }
@@ -343,6 +495,58 @@ mod tests {
         assert!(
             matches!(keys(5, &secrets), Some(KtlsKeys::Aes256Gcm(info)) if info.key == [3; 32])
         );
+    }
+
+    #[test]
+    fn the_sender_reads_the_kernels_count_only_near_the_limit() {
+        let mut sent = SentRecords::new(1 << 24);
+        // 16 KiB sends: the bound (a record per byte) reaches the limit after 1023 of them.
+        for _ in 0..1023 {
+            let share = sent.share(16 * 1024);
+            assert_eq!(share, 16 * 1024);
+            assert!(!sent.might_reach_limit(share));
+            sent.unchecked += share;
+        }
+        assert!(sent.might_reach_limit(16 * 1024));
+        // The kernel says 1023 records: far from the limit, the bound starts again.
+        sent.known = 1023;
+        sent.unchecked = 0;
+        assert!(!sent.must_update(16 * 1024));
+        // At 7/8 of the limit the keys are updated, whatever the send.
+        sent.known = (1 << 24) - (1 << 21);
+        assert!(sent.must_update(1));
+        assert!(
+            !SentRecords {
+                known: (1 << 24) - (1 << 21) - 1,
+                ..sent
+            }
+            .must_update(1)
+        );
+    }
+
+    #[test]
+    fn a_send_never_takes_the_keys_past_their_limit() {
+        // A tiny limit (tests lower it): a send may take half of it at most, and one record
+        // is always kept for the KeyUpdate.
+        let sent = SentRecords::new(64);
+        assert_eq!(sent.share(1000), 32);
+        assert_eq!(sent.share(0), 1, "a close_notify is a record");
+        let sent = SentRecords {
+            known: 30,
+            unchecked: 0,
+            ..sent
+        };
+        assert!(sent.might_reach_limit(33));
+        assert!(sent.must_update(33), "30 + 33 + the KeyUpdate reach 64");
+        assert!(!sent.must_update(32));
+        // No limit to speak of (ChaCha20-Poly1305): never a reading.
+        let sent = SentRecords {
+            known: u64::MAX - 1,
+            unchecked: u64::MAX,
+            ..SentRecords::new(u64::MAX)
+        };
+        assert!(sent.might_reach_limit(1), "saturates rather than wraps");
+        assert!(!SentRecords::new(u64::MAX).might_reach_limit(1 << 40));
     }
 
     #[test]

@@ -345,6 +345,78 @@ pub fn install_ktls_keys(
     }
 }
 
+/// How many records a kTLS socket has sealed (or opened) under the current keys of one
+/// direction: the sequence number of its next record, which the kernel reports with the
+/// keys (`getsockopt(SOL_TLS, TLS_TX/TLS_RX)`).
+pub fn ktls_sequence(fd: std::os::fd::BorrowedFd<'_>, direction: libc::c_int) -> io::Result<u64> {
+    use std::mem::{offset_of, size_of};
+    // The kernel takes either the common header alone or exactly the cipher's structure: ask
+    // for the header to learn the cipher, then for the structure.
+    let mut info = [0u8; 64];
+    ktls_crypto_info(
+        fd,
+        direction,
+        &mut info[..size_of::<libc::tls_crypto_info>()],
+    )?;
+    // `struct tls_crypto_info`: version, then cipher type (native byte order).
+    let cipher = u16::from_ne_bytes([info[2], info[3]]);
+    let (len, at) = match cipher {
+        libc::TLS_CIPHER_AES_GCM_128 => (
+            size_of::<libc::tls12_crypto_info_aes_gcm_128>(),
+            offset_of!(libc::tls12_crypto_info_aes_gcm_128, rec_seq),
+        ),
+        libc::TLS_CIPHER_AES_GCM_256 => (
+            size_of::<libc::tls12_crypto_info_aes_gcm_256>(),
+            offset_of!(libc::tls12_crypto_info_aes_gcm_256, rec_seq),
+        ),
+        libc::TLS_CIPHER_CHACHA20_POLY1305 => (
+            size_of::<libc::tls12_crypto_info_chacha20_poly1305>(),
+            offset_of!(libc::tls12_crypto_info_chacha20_poly1305, rec_seq),
+        ),
+        other => return Err(io::Error::other(format!("unknown kTLS cipher {other}"))),
+    };
+    let info = info
+        .get_mut(..len)
+        .ok_or_else(|| io::Error::other("kTLS keys larger than expected"))?;
+    ktls_crypto_info(fd, direction, info)?;
+    info.get(at..at + 8)
+        .and_then(|bytes| bytes.try_into().ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| io::Error::other("the kernel reported short kTLS keys"))
+}
+
+/// Reads a kTLS socket's crypto info of one direction into `info`, which must be exactly the
+/// size the kernel writes.
+#[allow(unsafe_code)]
+fn ktls_crypto_info(
+    fd: std::os::fd::BorrowedFd<'_>,
+    direction: libc::c_int,
+    info: &mut [u8],
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let mut len = info.len() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `info`, which is borrowed mutably for
+    // the call, and sets `len` to how many it wrote; the fd is borrowed, so open.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_TLS,
+            direction,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if len as usize != info.len() {
+        return Err(io::Error::other(
+            "the kernel reported kTLS keys of an unexpected size",
+        ));
+    }
+    Ok(())
+}
+
 /// Receives from a kTLS socket into `buf`'s spare capacity: one record's plaintext (or part
 /// of it) and the record's content type (23 application data, 21 alert, 22 handshake).
 /// Non-blocking; `WouldBlock` when nothing is ready.

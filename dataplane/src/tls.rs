@@ -846,7 +846,8 @@ impl<S: Stream> Handshake<S> {
                 Ok(()) => match crate::sys::install_ktls_keys(socket, libc::TLS_TX, &tx) {
                     Ok(()) => {
                         crate::sys::install_ktls_keys(socket, libc::TLS_RX, &rx)?;
-                        let kernel = crate::ktls::KernelTls::new(inner, leftover.pending, after);
+                        let kernel =
+                            crate::ktls::KernelTls::new(inner, leftover.pending, after, limit);
                         return Ok(MaybeTls::Kernel(Box::new(kernel)));
                     }
                     Err(error) => {
