@@ -104,7 +104,7 @@ pub(crate) async fn connect(
 }
 
 /// Generates a key, has the CA certify it, and returns the identity built from the answer.
-/// `mark` is set on the connection (see [`connect`]).
+/// `mark` is set on the connection (see `connect`).
 pub async fn certify(ca: &CaClient, mark: Option<u32>) -> Result<Identity, CertifyError> {
     let root = read("CA root", &ca.root)?;
     let token = read("token", &ca.token_file)?;

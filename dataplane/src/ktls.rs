@@ -11,7 +11,7 @@
 //!
 //! After the hand-off, records other than application data surface as control records: an
 //! alert `close_notify` is the end of the stream, any other alert an error; post-handshake
-//! messages are handled as in userspace ([`AfterHandshake`]). A KeyUpdate
+//! messages are handled as in userspace (`usertls::AfterHandshake`). A KeyUpdate
 //! installs the next keys in the kernel, which takes them only where it can rekey a live
 //! socket ([`can_rekey`]: Linux 6.14 and later; 6.1, say, cannot); a kernel that refuses ends
 //! the connection with that error.

@@ -707,7 +707,7 @@ impl KeySchedule {
     }
 }
 
-/// A TLS 1.3 handshake over a [`Stream`] ([`HandshakeState`] and the IO it needs);
+/// A TLS 1.3 handshake over a [`Stream`] (`HandshakeState` and the IO it needs);
 /// [`Handshake::into_record_layer`] then gives the connection its record layer: the
 /// kernel's, or Tern's own in userspace.
 pub struct Handshake<S> {

@@ -9,7 +9,7 @@
 //! per record.
 //!
 //! After the handshake a connection carries application data, alerts and the post-handshake
-//! messages of TLS 1.3 ([`AfterHandshake`], shared with [`crate::ktls`]): a KeyUpdate moves
+//! messages of TLS 1.3 (`AfterHandshake`, shared with [`crate::ktls`]): a KeyUpdate moves
 //! the receiving side to the next keys of the session's key schedule (rustls' kernel
 //! connection computes them), and one that asks for an answer has this side update its own
 //! sending keys before its next write; a session ticket goes to rustls. `close_notify` is the
@@ -440,7 +440,7 @@ struct Receiving {
     closed: bool,
 }
 
-/// A TLS connection whose record layer is [`Opener`] and [`Sealer`]: a [`Stream`] of
+/// A TLS connection whose record layer is `Opener` and `Sealer`: a [`Stream`] of
 /// plaintext over a [`Stream`] of records.
 pub struct UserTls<S> {
     inner: S,

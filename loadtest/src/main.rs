@@ -41,7 +41,7 @@ struct CompareArgs {
     /// The scenario file (see loadtest/scenarios/).
     #[arg(long)]
     scenario: PathBuf,
-    /// Where to write .hgrm, JSON and charts [default: target/tern-load/<scenario name>].
+    /// Where to write .hgrm, JSON and charts (default: target/tern-load/SCENARIO, the scenario's name).
     #[arg(long)]
     out: Option<PathBuf>,
     /// The tern-proxy binary [default: beside tern-load].

@@ -10,7 +10,7 @@
 //! next. One send per burst instead of one per frame means fewer syscalls and, more to the
 //! point, fewer wake-ups of the peer. A flush returns at once; a write error is reported by
 //! the next write, flush or shutdown, and a shutdown first waits for the sender. Writes wait
-//! while [`WRITE_LIMIT`] bytes are unsent. No future is dropped while it runs, so no io_uring
+//! while `WRITE_LIMIT` bytes are unsent. No future is dropped while it runs, so no io_uring
 //! operation is abandoned; buffers are reused from burst to burst.
 
 use std::cell::RefCell;
