@@ -660,13 +660,14 @@ fn tern_listener(
     to: &str,
     tls: &str,
 ) -> String {
-    if protocol.proxied_as() == Protocol::Tcp {
-        format!("{{ name: {name}, address: {address}, protocol: tcp, cluster: {to}{tls} }}")
+    let mode = protocol.proxy_mode();
+    // An L4 listener names its cluster; an L7 one routes every request to it.
+    let target = if protocol.proxied_as() == Protocol::Tcp {
+        format!("cluster: {to}")
     } else {
-        format!(
-            "{{ name: {name}, address: {address}, protocol: http, routes: [{{ cluster: {to} }}]{tls} }}"
-        )
-    }
+        format!("routes: [{{ cluster: {to} }}]")
+    };
+    format!("{{ name: {name}, address: {address}, protocol: {mode}, {target}{tls} }}")
 }
 
 /// CPU seconds and resident memory of a process and its children (nginx's worker).
