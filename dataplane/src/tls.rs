@@ -783,12 +783,7 @@ impl<S: Stream> Handshake<S> {
         if self.state.outgoing.is_empty() {
             return Ok(());
         }
-        let out = std::mem::take(&mut self.state.outgoing);
-        let len = out.len();
-        let (written, mut back) = self.inner.write_all(out, 0..len).await;
-        back.clear();
-        self.state.outgoing = back;
-        written
+        crate::io::write_out(&self.inner, &mut self.state.outgoing, HANDSHAKE_READ).await
     }
 
     /// Shuts the socket down (a peer refused after the handshake).

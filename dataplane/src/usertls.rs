@@ -476,13 +476,7 @@ impl<S: Stream> UserTls<S> {
 
     /// Writes what the sealer holds, then empties it.
     async fn send(&self, sealer: &mut Sealer) -> io::Result<()> {
-        let out = std::mem::take(&mut sealer.out);
-        let len = out.len();
-        let (written, mut back) = self.inner.write_all(out, 0..len).await;
-        back.clear();
-        crate::io::fit(&mut back, len, FIRST_READ);
-        sealer.out = back;
-        written
+        crate::io::write_out(&self.inner, &mut sealer.out, FIRST_READ).await
     }
 
     /// Seals `data` as records of `content_type`, after the KeyUpdate the peer asked for.

@@ -195,6 +195,22 @@ pub(crate) fn fit(buf: &mut Vec<u8>, used: usize, floor: usize) {
     }
 }
 
+/// Writes all of `buf` to `stream` and leaves it empty, keeping its memory for the next use
+/// (a burst's beyond `floor` given back as [`fit`] does): one buffer serves every write.
+pub(crate) async fn write_out<S: Stream>(
+    stream: &S,
+    buf: &mut Vec<u8>,
+    floor: usize,
+) -> io::Result<()> {
+    let out = std::mem::take(buf);
+    let len = out.len();
+    let (written, mut back) = stream.write_all(out, 0..len).await;
+    back.clear();
+    fit(&mut back, len, floor);
+    *buf = back;
+    written
+}
+
 /// Grows `buf` when it has no spare capacity, so a read always has room.
 pub(crate) fn ensure_spare(buf: &mut Vec<u8>) {
     if buf.len() == buf.capacity() {
