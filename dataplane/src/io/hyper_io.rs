@@ -4,10 +4,11 @@
 //! A read in flight is a boxed future holding its buffer; bytes beyond what hyper asked for
 //! wait in that buffer for the next call. Writes are coalesced: hyper's HTTP/2 writes each
 //! frame as the connection task gets to it (a response's HEADERS, DATA and trailers in
-//! separate polls), so bytes are accepted into a buffer and a sender task, started by the
-//! first write of a burst, yields once (every task ready on this worker runs first, and may
-//! add frames) and then sends everything in one write; what arrives meanwhile goes in the
-//! next. One send per burst instead of one per frame means fewer syscalls and, more to the
+//! separate polls), so bytes are accepted into a buffer and the connection's sender task
+//! (started by the first write, idle between bursts, no task spawned per burst), woken by
+//! the first write of a burst, yields once (every task ready on this worker runs first, and
+//! may add frames) and then sends everything in one write; what arrives meanwhile goes in
+//! the next. One send per burst instead of one per frame means fewer syscalls and, more to the
 //! point, fewer wake-ups of the peer. A flush returns at once; a write error is reported by
 //! the next write, flush or shutdown, and a shutdown first waits for the sender. Writes wait
 //! while `WRITE_LIMIT` bytes are unsent. No future is dropped while it runs, so no io_uring
@@ -37,12 +38,31 @@ struct Sending {
     pending: Vec<u8>,
     /// A buffer to swap in for the next burst.
     spare: Vec<u8>,
-    /// A sender task is scheduled or writing.
-    active: bool,
+    /// The sender task was started (it lives as long as the adapter).
+    started: bool,
+    /// The sender holds a burst it is writing.
+    writing: bool,
+    /// The sender, idle, waiting for bytes.
+    idle: Option<std::task::Waker>,
+    /// The adapter is gone: the sender ends once nothing is left to write.
+    dropped: bool,
     /// The error a write met: every later call reports it, and nothing more is sent.
     failed: Option<(io::ErrorKind, String)>,
     /// A write or shutdown waiting for the sender.
     waiting: Option<std::task::Waker>,
+}
+
+impl Sending {
+    /// Whether bytes accepted are still to be written.
+    fn busy(&self) -> bool {
+        self.writing || !self.pending.is_empty()
+    }
+
+    fn wake_waiting(&mut self) {
+        if let Some(waker) = self.waiting.take() {
+            waker.wake();
+        }
+    }
 }
 
 /// A [`Stream`] as `hyper::rt::Read + hyper::rt::Write`.
@@ -78,25 +98,36 @@ impl<S: Stream> HyperIo<S> {
     }
 }
 
-/// Sends what the adapter accepts, burst by burst, until nothing is left.
+/// Sends what the adapter accepts, burst by burst, for as long as the adapter lives.
 async fn send<S: Stream>(stream: Rc<S>, sending: Rc<RefCell<Sending>>) {
     loop {
+        // Idle until a burst starts, or the adapter goes with nothing left to write.
+        let burst = std::future::poll_fn(|cx| {
+            let mut state = sending.borrow_mut();
+            if !state.pending.is_empty() {
+                state.idle = None;
+                return Poll::Ready(true);
+            }
+            if state.dropped {
+                return Poll::Ready(false);
+            }
+            if !state.idle.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                state.idle = Some(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+        .await;
+        if !burst {
+            return;
+        }
         // Let every task ready on this worker run first: they may add frames.
         tokio::task::yield_now().await;
         let buf = {
             let mut state = sending.borrow_mut();
-            if state.pending.is_empty() {
-                state.active = false;
-                if let Some(waker) = state.waiting.take() {
-                    waker.wake();
-                }
-                return;
-            }
             let spare = std::mem::take(&mut state.spare);
             let buf = std::mem::replace(&mut state.pending, spare);
-            if let Some(waker) = state.waiting.take() {
-                waker.wake();
-            }
+            state.writing = true;
+            state.wake_waiting();
             buf
         };
         let len = buf.len();
@@ -105,14 +136,16 @@ async fn send<S: Stream>(stream: Rc<S>, sending: Rc<RefCell<Sending>>) {
         buf.clear();
         super::fit(&mut buf, len, READ_BUFFER);
         state.spare = buf;
+        state.writing = false;
         if let Err(error) = written {
             state.failed = Some((error.kind(), error.to_string()));
             state.pending.clear();
-            state.active = false;
-            if let Some(waker) = state.waiting.take() {
-                waker.wake();
-            }
+            state.wake_waiting();
             return;
+        }
+        if !state.busy() {
+            // A shutdown may be waiting for the last burst to go.
+            state.wake_waiting();
         }
     }
 }
@@ -167,9 +200,11 @@ impl<S: Stream> hyper::rt::Write for HyperIo<S> {
             return Poll::Pending;
         }
         state.pending.extend_from_slice(data);
-        if !state.active {
-            state.active = true;
+        if !state.started {
+            state.started = true;
             tokio::task::spawn_local(send(this.stream.clone(), this.sending.clone()));
+        } else if let Some(sender) = state.idle.take() {
+            sender.wake();
         }
         Poll::Ready(Ok(data.len()))
     }
@@ -182,7 +217,7 @@ impl<S: Stream> hyper::rt::Write for HyperIo<S> {
         let this = self.get_mut();
         {
             let mut state = this.sending.borrow_mut();
-            if state.active {
+            if state.busy() {
                 state.waiting = Some(cx.waker().clone());
                 return Poll::Pending;
             }
@@ -205,13 +240,19 @@ impl<S: Stream> Drop for HyperIo<S> {
         // the socket open: shut the socket so it completes and the socket closes. Bytes the
         // sender has yet to write still go: then only reading is shut, and the socket closes
         // when the sender lets go of it.
+        let mut state = self.sending.borrow_mut();
         if self.reading.is_some() {
-            let how = if self.sending.borrow().active {
+            let how = if state.busy() {
                 std::net::Shutdown::Read
             } else {
                 std::net::Shutdown::Both
             };
             let _ = self.stream.shutdown(how);
+        }
+        // The sender ends after what it has left.
+        state.dropped = true;
+        if let Some(sender) = state.idle.take() {
+            sender.wake();
         }
     }
 }
@@ -307,6 +348,32 @@ mod tests {
             tokio::task::yield_now().await;
             tokio::task::yield_now().await;
             assert_eq!(recorder.writes.borrow().len(), 2);
+        });
+    }
+
+    #[test]
+    fn the_sender_idles_between_bursts_and_ends_after_the_adapter_with_its_last_bytes() {
+        run(async {
+            let recorder = Rc::new(Recorder::default());
+            let mut io = HyperIo::new(recorder.clone());
+            for _ in 0..3 {
+                assert!(matches!(write(&mut io, b"burst"), Poll::Ready(Ok(5))));
+                for _ in 0..3 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            assert_eq!(recorder.writes.borrow().len(), 3, "a write per burst");
+            assert_eq!(Rc::strong_count(&recorder), 2, "the stream is held");
+
+            // Bytes accepted before the adapter goes still go; then the sender lets go of
+            // the stream.
+            assert!(matches!(write(&mut io, b"last"), Poll::Ready(Ok(4))));
+            drop(io);
+            for _ in 0..3 {
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(recorder.writes.borrow().last().unwrap(), b"last");
+            assert_eq!(Rc::strong_count(&recorder), 1, "the sender ended");
         });
     }
 
