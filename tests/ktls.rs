@@ -387,12 +387,10 @@ fn session_tickets_after_the_hand_off_are_taken() {
     println!("KTLS-CHECKED session tickets: {mode}");
 }
 
-/// rustls' AES-128-GCM with a confidentiality limit of `limit` records per key, so a test
-/// reaches the limit in a few hundred records rather than 2^24.
-fn suite_with_limit(limit: u64) -> rustls::SupportedCipherSuite {
-    let rustls::SupportedCipherSuite::Tls13(suite) =
-        rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256
-    else {
+/// `suite` with a confidentiality limit of `limit` records per key, so a test reaches the
+/// limit in a few dozen records rather than 2^24.
+fn with_limit(suite: rustls::SupportedCipherSuite, limit: u64) -> rustls::SupportedCipherSuite {
+    let rustls::SupportedCipherSuite::Tls13(suite) = suite else {
         unreachable!("a TLS 1.3 suite")
     };
     let worn: &'static rustls::Tls13CipherSuite = Box::leak(Box::new(rustls::Tls13CipherSuite {
@@ -407,23 +405,28 @@ fn suite_with_limit(limit: u64) -> rustls::SupportedCipherSuite {
     rustls::SupportedCipherSuite::Tls13(worn)
 }
 
-/// The sending side of Tern's record layer updates its own keys before they protect more
-/// records than its cipher allows. Tern's side here is the server of a connection whose
-/// suite allows 64 records per key, echoing 1000 messages (a record each) to a rustls peer;
-/// the peer must follow every KeyUpdate for the bytes to cross. In userspace and in a kernel
-/// that rekeys, all of them cross, and the kernel counts its rekeys; a kernel that cannot
-/// rekey ends the connection before the limit (never past it), with an error that says why.
-#[test]
-fn the_sender_updates_its_keys_before_their_limit() {
-    const LIMIT: u64 = 64;
-    const MESSAGES: usize = 1000;
+/// What came of echoing messages through Tern's record layer with worn-out keys.
+struct Worn {
+    /// Messages that came back.
+    echoed: usize,
+    /// Why the peer stopped early, if it did.
+    failure: Option<std::io::Error>,
+    /// Tern's side: its record layer (`kernel` or `userspace`), or its error.
+    tern: std::io::Result<&'static str>,
+    /// The lengths of the records Tern's side sent.
+    records: Vec<usize>,
+}
+
+/// Tern's side is the server of a connection of `suite` lowered to `limit` records per key,
+/// echoing `messages` messages (a record each) from a rustls peer.
+fn echo_with_worn_keys(suite: rustls::SupportedCipherSuite, limit: u64, messages: usize) -> Worn {
     let dir = TempDir::new("ktls-limit");
     let ca = TestCa::new("tern ktls root");
     let a_id = ca.write_identity(&dir.0, "a", A, &[&ca], false);
     let b_id = ca.write_identity(&dir.0, "b", B, &[&ca], false);
 
     let mut provider = rustls::crypto::ring::default_provider();
-    provider.cipher_suites = vec![suite_with_limit(LIMIT)];
+    provider.cipher_suites = vec![with_limit(suite, limit)];
     let chain = rustls::pki_types::CertificateDer::pem_file_iter(&b_id.cert)
         .unwrap()
         .collect::<Result<Vec<_>, _>>()
@@ -444,7 +447,7 @@ fn the_sender_updates_its_keys_before_their_limit() {
     let addr = listener.local_addr().unwrap();
     // Tern's side: a handshake, the record layer the proxy would give the connection, and
     // an echo of what it reads.
-    let tern = std::thread::spawn(move || -> Result<&'static str, std::io::Error> {
+    let tern = std::thread::spawn(move || -> std::io::Result<&'static str> {
         Epoll::block_on(async move {
             let listener = Epoll::listener(listener)?;
             let (stream, _) = listener.accept().await?;
@@ -475,7 +478,6 @@ fn the_sender_updates_its_keys_before_their_limit() {
         })?
     });
 
-    let before = tls_stat();
     let identity = dataplane::tls::Identity::load(&shared::config::IdentityFiles {
         cert: a_id.cert.clone(),
         key: a_id.key.clone(),
@@ -496,7 +498,7 @@ fn the_sender_updates_its_keys_before_their_limit() {
     .unwrap();
     let mut echoed = 0;
     let mut failure = None;
-    for i in 0..MESSAGES {
+    for i in 0..messages {
         match echo(&mut tls, &mut socket, format!("message {i:04}").as_bytes()) {
             Ok(()) => echoed += 1,
             Err(error) => {
@@ -509,44 +511,102 @@ fn the_sender_updates_its_keys_before_their_limit() {
         tls.send_close_notify();
         tls.write_tls(&mut socket).unwrap();
     }
-    let tern = tern.join().unwrap();
-    let after = tls_stat();
-    // A KeyUpdate (5 bytes, type and tag) is the only 22-byte record Tern's side sends here.
-    let key_updates = record_lengths(&socket.read)
-        .filter(|&length| length == 5 + 1 + 16)
-        .count();
-
-    let kernel = dataplane::ktls::supported();
-    if kernel && !dataplane::ktls::can_rekey() {
-        // Ended when the next send might have passed the limit (a 12-byte message bounds
-        // 12 records, one kept for a KeyUpdate): not after, and not long before.
-        let error = tern.expect_err("a kernel that cannot rekey ends the connection");
-        assert!(error.to_string().contains("cannot update"), "{error}");
-        assert!(failure.is_some(), "the peer saw the end");
-        assert!(
-            (48..=LIMIT as usize - 13).contains(&echoed),
-            "{echoed} echoed"
-        );
-        assert_eq!(key_updates, 0, "no KeyUpdate the kernel could not follow");
-        println!("KTLS-CHECKED own key update: kernel, refused by this kernel: {error}");
-        return;
+    Worn {
+        echoed,
+        failure,
+        tern: tern.join().unwrap(),
+        records: record_lengths(&socket.read).collect(),
     }
-    assert!(failure.is_none(), "{echoed} echoed: {failure:?}; {tern:?}");
-    assert_eq!(echoed, MESSAGES);
-    let mode = tern.unwrap();
-    assert_eq!(mode, tls_mode());
-    // A KeyUpdate per 64 records at least (userspace updates at the limit, kTLS at 7/8).
-    assert!(
-        key_updates >= MESSAGES / LIMIT as usize,
-        "{key_updates} KeyUpdates"
-    );
-    if kernel {
-        // The kernel took a new key at least once per 64 records.
-        let rekeys = stat(&after, "TlsTxRekeyOk") - stat(&before, "TlsTxRekeyOk");
-        assert!(rekeys as usize >= MESSAGES / LIMIT as usize, "{after:?}");
+}
+
+/// The sending side of Tern's record layer updates its own keys before they protect more
+/// records than its cipher allows: for each suite, Tern's side of a connection whose keys
+/// may protect 64 records echoes 1000 messages (a record each) to a rustls peer, which must
+/// follow every KeyUpdate for the bytes to cross. In userspace and in a kernel that rekeys,
+/// all of them cross, no key protects more than 64 records (KeyUpdates counted on the
+/// wire), and the kernel counts its rekeys; a kernel that cannot rekey ends the connection
+/// at the limit, never past it, with an error that says why.
+#[test]
+fn the_sender_updates_its_keys_before_their_limit() {
+    use rustls::crypto::ring::cipher_suite as ring;
+    const LIMIT: u64 = 64;
+    const MESSAGES: usize = 1000;
+    // A KeyUpdate (5 bytes, type and tag) is the only 22-byte record Tern's side sends.
+    const KEY_UPDATE: usize = 5 + 1 + 16;
+    let kernel = dataplane::ktls::supported();
+    let mut rekeys = 0;
+    for suite in [
+        ring::TLS13_AES_128_GCM_SHA256,
+        ring::TLS13_AES_256_GCM_SHA384,
+        ring::TLS13_CHACHA20_POLY1305_SHA256,
+    ] {
+        let before = tls_stat();
+        let worn = echo_with_worn_keys(suite, LIMIT, MESSAGES);
+        let after = tls_stat();
+        let name = format!("{:?}", suite.suite());
+        let updates: Vec<usize> = worn
+            .records
+            .iter()
+            .enumerate()
+            .filter(|(_, length)| **length == KEY_UPDATE)
+            .map(|(at, _)| at)
+            .collect();
+
+        if kernel && !dataplane::ktls::can_rekey() {
+            // Ended when the next send might have passed the limit (a 12-byte message
+            // bounds 12 records): not after, and not long before.
+            let error = worn
+                .tern
+                .expect_err("a kernel that cannot rekey ends the connection");
+            assert!(
+                error.to_string().contains("cannot update"),
+                "{name}: {error}"
+            );
+            assert!(worn.failure.is_some(), "{name}: the peer saw the end");
+            assert!(
+                (48..=LIMIT as usize - 13).contains(&worn.echoed),
+                "{name}: {} echoed",
+                worn.echoed
+            );
+            assert!(
+                updates.is_empty(),
+                "{name}: no KeyUpdate the kernel cannot follow"
+            );
+            println!("KTLS-CHECKED own key update {name}: kernel, refused by this kernel: {error}");
+            continue;
+        }
+        assert!(
+            worn.failure.is_none(),
+            "{name}: {} echoed: {:?}; {:?}",
+            worn.echoed,
+            worn.failure,
+            worn.tern
+        );
+        assert_eq!(worn.echoed, MESSAGES, "{name}");
+        assert_eq!(worn.tern.unwrap(), tls_mode(), "{name}");
+        // Between two KeyUpdates, one key: at most 64 records (the second KeyUpdate among
+        // them), and not far fewer (no update sooner than 7/8 of the limit would need).
+        assert!(
+            updates.len() >= MESSAGES / LIMIT as usize,
+            "{name}: {} KeyUpdates",
+            updates.len()
+        );
+        for pair in updates.windows(2) {
+            let records = pair[1] - pair[0];
+            assert!(
+                (LIMIT as usize / 2..=LIMIT as usize).contains(&records),
+                "{name}: a key protected {records} records"
+            );
+        }
+        if kernel {
+            let counted = stat(&after, "TlsTxRekeyOk") - stat(&before, "TlsTxRekeyOk");
+            assert_eq!(counted as usize, updates.len(), "{name}: {after:?}");
+            rekeys += counted;
+        }
+        println!("KTLS-CHECKED own key update {name}: {}", tls_mode());
+    }
+    if kernel && dataplane::ktls::can_rekey() {
         println!("KTLS-CHECKED own key update: kernel, {rekeys} rekeys");
-    } else {
-        println!("KTLS-CHECKED own key update: userspace");
     }
 }
 

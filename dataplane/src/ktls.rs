@@ -180,8 +180,8 @@ pub struct KernelTls<S> {
 /// update them before the cipher's confidentiality limit. Counting them exactly would cost
 /// a system call per send, so this keeps an upper bound (a record holds at least one byte,
 /// so a send of n bytes seals at most n records) and reads the kernel's exact count only
-/// when the bound could reach the limit: for AES-GCM's 2^24 records, once per 2 MiB sent at
-/// most, since keys are updated at 7/8 of the limit.
+/// when the bound could reach the limit: for AES-GCM's 2^24 records, about once per 2 MiB
+/// sent, since keys are updated at 7/8 of the limit (where the kernel can rekey).
 #[derive(Debug, Clone, Copy)]
 struct SentRecords {
     /// Records one key may protect.
@@ -193,10 +193,11 @@ struct SentRecords {
 }
 
 impl SentRecords {
-    fn new(limit: u64) -> SentRecords {
+    /// The count for keys that have sealed `sequence` records already.
+    fn new(limit: u64, sequence: u64) -> SentRecords {
         SentRecords {
             limit,
-            known: 0,
+            known: sequence,
             unchecked: 0,
         }
     }
@@ -204,7 +205,7 @@ impl SentRecords {
     /// How many of `len` bytes one send may take: all of them unless the limit is smaller
     /// than twice that (test limits only).
     fn share(&self, len: usize) -> u64 {
-        (len as u64).min(self.limit / 2).max(1)
+        (len as u64).min(self.limit / 2)
     }
 
     /// Whether a send of `share` bytes might take the keys past their limit, one record
@@ -217,27 +218,29 @@ impl SentRecords {
             >= self.limit
     }
 
-    /// With the exact count in `known`: whether the keys must be updated before sending
+    /// With the exact count in `known`: whether the keys should be updated before sending
     /// `share` bytes (they are at 7/8 of their limit, or the send might pass it).
-    fn must_update(&self, share: u64) -> bool {
+    fn should_update(&self, share: u64) -> bool {
         self.known >= self.limit - self.limit / 8 || self.might_reach_limit(share)
     }
 }
 
 impl<S: Stream> KernelTls<S> {
     /// Wraps a socket whose keys are installed, with the plaintext of records that arrived
-    /// with the end of the handshake; `limit` is the records one sending key may protect.
+    /// with the end of the handshake; `limit` is the records one sending key may protect,
+    /// `sequence` how many the current one has (the kernel continues from there).
     pub(crate) fn new(
         inner: S,
         pending: Vec<u8>,
         after: AfterHandshake,
         limit: u64,
+        sequence: u64,
     ) -> KernelTls<S> {
         KernelTls {
             inner,
             pending: RefCell::new(pending),
             after: RefCell::new(after),
-            sent: Cell::new(SentRecords::new(limit)),
+            sent: Cell::new(SentRecords::new(limit, sequence)),
         }
     }
 
@@ -288,22 +291,21 @@ impl<S: Stream> KernelTls<S> {
     /// sends nothing under the old keys as if it were paid.
     async fn update_keys(&self) -> io::Result<()> {
         if !can_rekey() {
-            return Err(io::Error::other(
-                "the TLS sending keys near their confidentiality limit and this kernel cannot update a kTLS connection's keys: the connection ends",
-            ));
+            return Err(cannot_rekey());
         }
         self.inner
             .write_tls_record(HANDSHAKE, &KEY_UPDATE_MESSAGE)
             .await?;
         self.install_next_keys(libc::TLS_TX)?;
         self.after.borrow_mut().paid_key_update();
-        self.sent.set(SentRecords::new(self.sent.get().limit));
+        self.sent.set(SentRecords::new(self.sent.get().limit, 0));
         Ok(())
     }
 
     /// Makes room under the current sending keys for a send of up to `len` bytes, updating
     /// them first if the send might take them past their limit, and returns how many of the
-    /// bytes may go in this send.
+    /// bytes may go in this send (at most `len`). Where the kernel cannot update keys, they
+    /// serve up to their limit, and then the connection ends with an error.
     async fn room_to_send(&self, len: usize) -> io::Result<usize> {
         let mut sent = self.sent.get();
         let share = sent.share(len);
@@ -311,16 +313,25 @@ impl<S: Stream> KernelTls<S> {
             sent.known = crate::sys::ktls_sequence(self.socket()?, libc::TLS_TX)?;
             sent.unchecked = 0;
             self.sent.set(sent);
-            if sent.must_update(share) {
+            if can_rekey() && sent.should_update(share) {
                 self.update_keys().await?;
                 sent = self.sent.get();
+            } else if sent.might_reach_limit(share) {
+                return Err(cannot_rekey());
             }
         }
-        sent.unchecked += share;
+        sent.unchecked = sent.unchecked.saturating_add(share);
         self.sent.set(sent);
         // `share` is at most `len`.
         Ok(share as usize)
     }
+}
+
+/// Why a kTLS connection ends where the kernel cannot rekey.
+fn cannot_rekey() -> io::Error {
+    io::Error::other(
+        "this connection's TLS sending keys must be updated (they near their confidentiality limit, or the peer asked) and this kernel cannot update a kTLS connection's keys (Linux 6.14 and later can): the connection ends",
+    )
 }
 
 impl<S: Stream> Stream for KernelTls<S> {
@@ -499,7 +510,7 @@ mod tests {
 
     #[test]
     fn the_sender_reads_the_kernels_count_only_near_the_limit() {
-        let mut sent = SentRecords::new(1 << 24);
+        let mut sent = SentRecords::new(1 << 24, 0);
         // 16 KiB sends: the bound (a record per byte) reaches the limit after 1023 of them.
         for _ in 0..1023 {
             let share = sent.share(16 * 1024);
@@ -511,16 +522,16 @@ mod tests {
         // The kernel says 1023 records: far from the limit, the bound starts again.
         sent.known = 1023;
         sent.unchecked = 0;
-        assert!(!sent.must_update(16 * 1024));
+        assert!(!sent.should_update(16 * 1024));
         // At 7/8 of the limit the keys are updated, whatever the send.
         sent.known = (1 << 24) - (1 << 21);
-        assert!(sent.must_update(1));
+        assert!(sent.should_update(1));
         assert!(
             !SentRecords {
                 known: (1 << 24) - (1 << 21) - 1,
                 ..sent
             }
-            .must_update(1)
+            .should_update(1)
         );
     }
 
@@ -528,25 +539,27 @@ mod tests {
     fn a_send_never_takes_the_keys_past_their_limit() {
         // A tiny limit (tests lower it): a send may take half of it at most, and one record
         // is always kept for the KeyUpdate.
-        let sent = SentRecords::new(64);
+        let sent = SentRecords::new(64, 0);
         assert_eq!(sent.share(1000), 32);
-        assert_eq!(sent.share(0), 1, "a close_notify is a record");
+        assert_eq!(sent.share(12), 12);
         let sent = SentRecords {
             known: 30,
             unchecked: 0,
             ..sent
         };
         assert!(sent.might_reach_limit(33));
-        assert!(sent.must_update(33), "30 + 33 + the KeyUpdate reach 64");
-        assert!(!sent.must_update(32));
+        assert!(sent.should_update(33), "30 + 33 + the KeyUpdate reach 64");
+        assert!(!sent.should_update(32));
+        // Records sealed before the hand-off count.
+        assert!(SentRecords::new(64, 40).might_reach_limit(23));
         // No limit to speak of (ChaCha20-Poly1305): never a reading.
         let sent = SentRecords {
             known: u64::MAX - 1,
             unchecked: u64::MAX,
-            ..SentRecords::new(u64::MAX)
+            ..SentRecords::new(u64::MAX, 0)
         };
         assert!(sent.might_reach_limit(1), "saturates rather than wraps");
-        assert!(!SentRecords::new(u64::MAX).might_reach_limit(1 << 40));
+        assert!(!SentRecords::new(u64::MAX, 0).might_reach_limit(1 << 40));
     }
 
     #[test]

@@ -841,8 +841,13 @@ impl<S: Stream> Handshake<S> {
                 Ok(()) => match crate::sys::install_ktls_keys(socket, libc::TLS_TX, &tx) {
                     Ok(()) => {
                         crate::sys::install_ktls_keys(socket, libc::TLS_RX, &rx)?;
-                        let kernel =
-                            crate::ktls::KernelTls::new(inner, leftover.pending, after, limit);
+                        let kernel = crate::ktls::KernelTls::new(
+                            inner,
+                            leftover.pending,
+                            after,
+                            limit,
+                            secrets.tx.0,
+                        );
                         return Ok(MaybeTls::Kernel(Box::new(kernel)));
                     }
                     Err(error) => {

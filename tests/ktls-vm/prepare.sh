@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepares what tests/ktls_vm.rs needs to test kernel TLS for real on a machine whose own
-# kernel has none: qemu (TCG), a static busybox, cpio and xz from Debian, and two Debian
+# kernel has none: qemu (TCG), a static busybox, cpio, xz and zstd from Debian, and two Debian
 # cloud kernels, which ship the `tls` module, each under target/ktls-vm/kernels/<suite>/ as
 # `vmlinuz` and `lib/modules/<version>/` (modules decompressed):
 #   bookworm          Debian 12's kernel (6.1): kTLS, but no rekeying of a live socket;
@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
 
-packages=(qemu-system-x86 busybox-static cpio xz-utils)
+packages=(qemu-system-x86 busybox-static cpio xz-utils zstd)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -43,40 +43,61 @@ kernel_packages() {
   apt-cache $options depends "$image" | awk '/Depends: linux-(binary|modules)-/ {print $2}'
 }
 
+fail() {
+  echo "ktls-vm: $*" >&2
+  exit 1
+}
+
+work=
+trap '[ -z "$work" ] || rm -rf "$work"' EXIT
+
+# Downloads the packages named in $names into $work; fails unless every one arrived.
+download() {
+  rm -f "$work"/*.deb
+  # shellcheck disable=SC2086 # the options and names are lists of words
+  (cd "$work" && apt-get $options download $names 2>&1 | grep -v '^W: Download is performed unsandboxed' || true)
+  [ "$(find "$work" -maxdepth 1 -name '*.deb' | wc -l)" -eq "$(echo "$names" | wc -w)" ]
+}
+
 fetch_kernel() {
   local suite=$1 dest=$root/target/ktls-vm/kernels/$1
   if [ -f "$dest/vmlinuz" ] && ls "$dest"/lib/modules/*/kernel/net/tls/tls.ko >/dev/null 2>&1; then
     return
   fi
-  local options
   options=$(apt_for "$suite")
-  local names
+  work=$(mktemp -d)
   names=$(kernel_packages "$options")
-  if [ -z "$names" ]; then
+  # No lists yet, or stale ones naming a kernel the archive no longer has: update, retry.
+  if [ -z "$names" ] || ! download; then
+    # shellcheck disable=SC2086
     apt-get $options update -qq
     names=$(kernel_packages "$options")
+    [ -n "$names" ] || fail "no cloud kernel in $suite"
+    download || fail "could not download $names"
   fi
-  [ -n "$names" ] || { echo "ktls-vm: no cloud kernel in $suite" >&2; exit 1; }
-  local work
-  work=$(mktemp -d)
-  # shellcheck disable=SC2086 # the options and names are lists of words
-  (cd "$work" && apt-get $options download $names 2>&1 | grep -v '^W: Download is performed unsandboxed' || true)
   mkdir -p "$work/x"
   for deb in "$work"/*.deb; do
     dpkg-deb -x "$deb" "$work/x"
   done
-  local modules
+  local modules vmlinuz
   modules=$(find "$work/x/lib/modules" "$work/x/usr/lib/modules" -mindepth 1 -maxdepth 1 -type d 2>/dev/null | head -n1 || true)
-  [ -n "$modules" ] || { echo "ktls-vm: no modules in $names" >&2; exit 1; }
-  rm -rf "$dest"
-  mkdir -p "$dest/lib/modules"
-  local vmlinuz
+  [ -n "$modules" ] || fail "no modules in $names"
   vmlinuz=$(find "$work/x/boot" "$modules" -maxdepth 1 -name 'vmlinuz*' 2>/dev/null | head -n1 || true)
-  [ -n "$vmlinuz" ] || { echo "ktls-vm: no vmlinuz in $names" >&2; exit 1; }
-  cp "$vmlinuz" "$dest/vmlinuz"
-  mv "$modules" "$dest/lib/modules/"
-  find "$dest/lib/modules" -name '*.ko.xz' -exec xz -d {} +
+  [ -n "$vmlinuz" ] || fail "no vmlinuz in $names"
+  # Assembled beside the destination and moved in whole: an interrupted run leaves nothing
+  # that looks ready.
+  local stage=$dest.new
+  rm -rf "$stage"
+  mkdir -p "$stage/lib/modules"
+  cp "$vmlinuz" "$stage/vmlinuz"
+  mv "$modules" "$stage/lib/modules/"
+  find "$stage/lib/modules" -name '*.ko.xz' -exec xz -d {} +
+  find "$stage/lib/modules" -name '*.ko.zst' -exec zstd -q -d --rm {} +
+  ls "$stage"/lib/modules/*/kernel/net/tls/tls.ko >/dev/null 2>&1 || fail "no tls.ko in $names"
+  rm -rf "$dest"
+  mv "$stage" "$dest"
   rm -rf "$work"
+  work=
 }
 
 for suite in bookworm trixie-backports; do
