@@ -93,7 +93,12 @@ fn probe() -> io::Result<io::Result<()>> {
     let rekey = build(Cipher::Aes128Gcm, &[0; 16], &[0; 12], 0)
         .ok_or_else(|| io::Error::other("probe keys"))
         .and_then(|keys| {
-            crate::sys::install_ktls_keys(socket, libc::TLS_TX, &keys)?;
+            crate::sys::install_ktls_keys(socket, libc::TLS_TX, &keys).map_err(|error| {
+                io::Error::new(
+                    error.kind(),
+                    format!("AES-128-GCM keys refused, so rekeying was not tried: {error}"),
+                )
+            })?;
             crate::sys::install_ktls_keys(socket, libc::TLS_TX, &keys)
         });
     Ok(rekey)
