@@ -264,16 +264,21 @@ fn inbound_and_mesh_client(
     let b_id = ca.write_identity(&dir.0, "b", B, &[&ca], false);
     let echo = Echo::start();
     let b = inbound(&b_id, &echo);
-    let identity = dataplane::tls::Identity::load(&shared::config::IdentityFiles {
+    let config = mesh_client_config(&a_id);
+    (dir, echo, b, config)
+}
+
+/// A rustls client config for the mesh peer `A` (its identity in `a_id`) that expects `B`,
+/// speaking opaque TCP.
+fn mesh_client_config(a_id: &tests::pki::IdentityPaths) -> std::sync::Arc<rustls::ClientConfig> {
+    dataplane::tls::Identity::load(&shared::config::IdentityFiles {
         cert: a_id.cert.clone(),
         key: a_id.key.clone(),
         trust_bundle: a_id.trust_bundle.clone(),
     })
-    .unwrap();
-    let config = identity
-        .client_config(B.parse().unwrap(), dataplane::tls::ALPN_TCP, None)
-        .unwrap();
-    (dir, echo, b, config)
+    .unwrap()
+    .client_config(B.parse().unwrap(), dataplane::tls::ALPN_TCP, None)
+    .unwrap()
 }
 
 /// Sends `message` over `tls` and reads it back from the echo behind the proxy.
@@ -478,15 +483,7 @@ fn echo_with_worn_keys(suite: rustls::SupportedCipherSuite, limit: u64, messages
         })?
     });
 
-    let identity = dataplane::tls::Identity::load(&shared::config::IdentityFiles {
-        cert: a_id.cert.clone(),
-        key: a_id.key.clone(),
-        trust_bundle: a_id.trust_bundle.clone(),
-    })
-    .unwrap();
-    let config = identity
-        .client_config(B.parse().unwrap(), dataplane::tls::ALPN_TCP, None)
-        .unwrap();
+    let config = mesh_client_config(&a_id);
     let mut socket = Tap {
         socket: client::connect(addr),
         read: Vec::new(),
