@@ -95,6 +95,23 @@ fn stat(stats: &[(String, u64)], name: &str) -> u64 {
     stats.iter().find(|(n, _)| n == name).map_or(0, |(_, v)| *v)
 }
 
+/// The mTLS connections the inbound proxy's `metrics` count on its listener `in` in `mode`
+/// (`kernel` or `userspace`).
+fn inbound_tls(metrics: &str, mode: &str) -> f64 {
+    metric(
+        metrics,
+        &format!("tern_listener_tls_connections_total{{listener=\"in\",mode=\"{mode}\"}}"),
+    )
+}
+
+/// The mTLS connections the outbound proxy's `metrics` count to its cluster `b` in `mode`.
+fn outbound_tls(metrics: &str, mode: &str) -> f64 {
+    metric(
+        metrics,
+        &format!("tern_upstream_tls_connections_total{{cluster=\"b\",mode=\"{mode}\"}}"),
+    )
+}
+
 fn moves_bytes_exactly(suite: &str) {
     let kernel = dataplane::ktls::supported();
     if std::env::var_os("TERN_EXPECT_KTLS").is_some() {
@@ -131,17 +148,11 @@ fn moves_bytes_exactly(suite: &str) {
         "tern_listener_active_connections{listener=\"in\"}",
         0.0,
     );
-    let series = |mode: &str| {
-        format!("tern_listener_tls_connections_total{{listener=\"in\",mode=\"{mode}\"}}")
-    };
-    assert_eq!(metric(&inbound, &series(used)), 2.0, "{inbound}");
-    assert_eq!(metric(&inbound, &series(unused)), 0.0);
+    assert_eq!(inbound_tls(&inbound, used), 2.0, "{inbound}");
+    assert_eq!(inbound_tls(&inbound, unused), 0.0);
     let outbound = admin_get(&p.a, "/metrics");
-    let series = |mode: &str| {
-        format!("tern_upstream_tls_connections_total{{cluster=\"b\",mode=\"{mode}\"}}")
-    };
-    assert_eq!(metric(&outbound, &series(used)), 2.0, "{outbound}");
-    assert_eq!(metric(&outbound, &series(unused)), 0.0);
+    assert_eq!(outbound_tls(&outbound, used), 2.0, "{outbound}");
+    assert_eq!(outbound_tls(&outbound, unused), 0.0);
 
     // With kTLS both sockets of each proxy carry plain bytes, so bulk directions splice;
     // with userspace TLS they cannot.
@@ -233,14 +244,7 @@ fn data_that_arrives_with_the_handshake_and_close_notify_survive_the_hand_off() 
     assert!(rest.is_empty());
     let mode = tls_mode();
     let inbound = admin_get(&b, "/metrics");
-    assert_eq!(
-        metric(
-            &inbound,
-            &format!("tern_listener_tls_connections_total{{listener=\"in\",mode=\"{mode}\"}}")
-        ),
-        1.0,
-        "{inbound}"
-    );
+    assert_eq!(inbound_tls(&inbound, mode), 1.0, "{inbound}");
     println!("KTLS-CHECKED early data and close_notify: {mode}");
 }
 
@@ -381,14 +385,7 @@ fn session_tickets_after_the_hand_off_are_taken() {
     assert_eq!(&server.join().unwrap(), b"hello");
     let mode = tls_mode();
     let outbound = admin_get(&a, "/metrics");
-    assert_eq!(
-        metric(
-            &outbound,
-            &format!("tern_upstream_tls_connections_total{{cluster=\"b\",mode=\"{mode}\"}}")
-        ),
-        1.0,
-        "{outbound}"
-    );
+    assert_eq!(outbound_tls(&outbound, mode), 1.0, "{outbound}");
     println!("KTLS-CHECKED session tickets: {mode}");
 }
 

@@ -178,9 +178,11 @@ fn boot(suite: &str) -> String {
         .next()
         .unwrap();
 
-    let test = build_guest_test();
+    // Built once for both kernels.
+    static TEST: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let test = TEST.get_or_init(build_guest_test);
     let dir = tests::pki::TempDir::new("ktls-vm");
-    let initramfs = build_initramfs(&kernel, &version, &test, &dir.0);
+    let initramfs = build_initramfs(&kernel, &version, test, &dir.0);
 
     let mut qemu = Command::new("qemu-system-x86_64")
         .args(["-accel", "tcg", "-cpu", "max", "-m", "1536", "-smp", "2"])

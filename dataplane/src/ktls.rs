@@ -51,7 +51,7 @@ fn abilities() -> KernelAbilities {
     *ABILITIES.get_or_init(|| match probe() {
         Ok(rekey) => {
             if let Err(error) = &rekey {
-                tracing::info!(%error, "kernel TLS is available: mTLS records are handed to the kernel; it cannot update a live connection's keys, so a kTLS connection ends when its peer updates its keys or its own near their limit");
+                tracing::info!(%error, "kernel TLS is available: mTLS records are handed to the kernel; it cannot update a live connection's keys, so a kTLS connection ends when its peer updates its keys or its own reach their limit");
             } else {
                 tracing::info!(
                     "kernel TLS is available, key updates included: mTLS records are handed to the kernel"
