@@ -220,6 +220,15 @@ fn intercepted_pods_talk_mtls_by_service_address() {
     for pod in [&a, &b, &c] {
         wait_ready(pod);
     }
+    // Before any traffic, each sidecar has said whether the kernel takes its mTLS records.
+    for pod in [&a, &b, &c] {
+        let log = node.log(&pod.name);
+        assert!(
+            log.contains("kernel TLS is available") || log.contains("kernel TLS is unavailable"),
+            "{}'s sidecar did not probe kTLS at start-up:\n{log}",
+            pod.name
+        );
+    }
 
     // Opaque TCP (a detected port) to b's Service address: intercepted, carried over mTLS
     // to b's sidecar, which hands it to b's application from b itself.
