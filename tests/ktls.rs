@@ -335,6 +335,50 @@ fn a_peer_that_updates_its_keys_is_followed() {
     println!("KTLS-CHECKED key update: {}", tls_mode());
 }
 
+/// A record that does not decrypt, after the hand-off (forged, or corrupted on the way: bad
+/// input on an established mTLS connection), ends that connection promptly; the proxy goes
+/// on serving the next one. Where the kernel holds the keys, its own counter saw the bad
+/// record.
+#[test]
+fn a_record_that_does_not_decrypt_ends_only_its_connection() {
+    let (_dir, _echo, b, config) = inbound_and_mesh_client("ktls-forged");
+    let server = rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    let connect = || {
+        let socket = client::connect(b.listener_addr("in").unwrap());
+        let tls = rustls::ClientConnection::new(config.clone(), server.clone()).unwrap();
+        (socket, tls)
+    };
+    let (mut socket, mut tls) = connect();
+    echo(&mut tls, &mut socket, b"before").unwrap();
+    let before = tls_stat();
+
+    // A well-formed application-data header over 32 bytes that are nobody's ciphertext.
+    let mut forged = vec![0x17, 3, 3, 0, 32];
+    forged.extend([0x5a; 32]);
+    socket.write_all(&forged).unwrap();
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut rest = Vec::new();
+    match socket.read_to_end(&mut rest) {
+        // Closed, perhaps after an alert.
+        Ok(_) => {}
+        Err(error) => assert_eq!(
+            error.kind(),
+            std::io::ErrorKind::ConnectionReset,
+            "the connection was not ended: {error}"
+        ),
+    }
+    if dataplane::ktls::supported() {
+        let grown = stat(&tls_stat(), "TlsDecryptError") - stat(&before, "TlsDecryptError");
+        assert_eq!(grown, 1, "the kernel saw the bad record");
+    }
+
+    let (mut socket, mut tls) = connect();
+    echo(&mut tls, &mut socket, b"next").unwrap();
+    println!("KTLS-CHECKED bad record: {}", tls_mode());
+}
+
 /// A server that sends TLS 1.3 session tickets after the handshake (Tern's sidecars do not,
 /// any other TLS 1.3 server may) does not break the client side: the tickets arrive after
 /// the hand-off, as control records where the kernel holds the keys, and go to rustls; the
