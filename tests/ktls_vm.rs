@@ -8,7 +8,7 @@
 //! keys on a live socket, and the newest Debian kernel (trixie-backports), which can, so TLS
 //! 1.3 KeyUpdate is checked both where it ends a connection and where it carries on.
 //!
-//! Needs `tests/ktls-vm/prepare.sh` to have run once (qemu, busybox, cpio, xz and the kernel
+//! Needs `tests/ktls-vm/prepare.sh` to have run once (qemu, busybox, cpio, xz, zstd and the kernel
 //! packages; CI runs it).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
