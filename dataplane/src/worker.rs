@@ -91,9 +91,8 @@ pub struct Worker<B: Backend> {
     pub h2: proxy::http2::Pool,
     /// Where unclaimed intercepted destinations go, to be asked about.
     destinations: mpsc::Sender<SocketAddr>,
-    /// Destinations asked about that got no answer in time, until when not to wait for one
-    /// again (the outbound policy applies at once meanwhile).
-    unanswered: RefCell<HashMap<SocketAddr, tokio::time::Instant>>,
+    /// Destinations asked about that got no answer in time.
+    unanswered: RefCell<Unanswered>,
     /// Woken whenever a new snapshot goes live.
     applied: Notify,
     stats: Registry,
@@ -334,6 +333,29 @@ const UNANSWERED_FOR: Duration = Duration::from_secs(30);
 /// Most unanswered destinations a worker remembers.
 const MAX_UNANSWERED: usize = 4096;
 
+/// Destinations asked about that got no answer in time, each with when it may be waited for
+/// again: until then a connection to it gets the outbound policy at once. At most
+/// [`MAX_UNANSWERED`]; when full, expired entries go, and if none has, the newest is not kept.
+#[derive(Default)]
+struct Unanswered(HashMap<SocketAddr, tokio::time::Instant>);
+
+impl Unanswered {
+    /// Whether `to` went unanswered within [`UNANSWERED_FOR`] of `now`.
+    fn lately(&self, to: SocketAddr, now: tokio::time::Instant) -> bool {
+        self.0.get(&to).is_some_and(|until| *until > now)
+    }
+
+    /// `to` got no answer by `at`.
+    fn remember(&mut self, to: SocketAddr, at: tokio::time::Instant) {
+        if self.0.len() >= MAX_UNANSWERED {
+            self.0.retain(|_, until| *until > at);
+        }
+        if self.0.len() < MAX_UNANSWERED {
+            self.0.insert(to, at + UNANSWERED_FOR);
+        }
+    }
+}
+
 /// The listener claiming `to` in `view`, if any.
 fn claim(view: &View, direction: Intercept, to: SocketAddr) -> Option<usize> {
     view.snapshot
@@ -359,12 +381,7 @@ async fn discover<B: Backend>(
         return None;
     }
     let now = tokio::time::Instant::now();
-    if worker
-        .unanswered
-        .borrow()
-        .get(&to)
-        .is_some_and(|until| *until > now)
-    {
+    if worker.unanswered.borrow().lately(to, now) {
         return None;
     }
     // A full queue means the discovery client is behind (or tern-control away): this
@@ -390,13 +407,7 @@ async fn discover<B: Backend>(
         }
         if tokio::time::timeout_at(deadline, applied).await.is_err() {
             tracing::debug!(%to, "no word from tern-control about this destination in time");
-            let mut unanswered = worker.unanswered.borrow_mut();
-            if unanswered.len() >= MAX_UNANSWERED {
-                unanswered.retain(|_, until| *until > deadline);
-            }
-            if unanswered.len() < MAX_UNANSWERED {
-                unanswered.insert(to, deadline + UNANSWERED_FOR);
-            }
+            worker.unanswered.borrow_mut().remember(to, deadline);
             return None;
         }
     }
@@ -671,4 +682,47 @@ pub fn run<B: Backend>(spawn: Spawn) -> std::io::Result<()> {
         }
         tracing::debug!(worker = id, "worker stopped");
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn destination(port: u16) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn an_unanswered_destination_is_not_waited_for_again_for_30_seconds() {
+        let mut unanswered = Unanswered::default();
+        let at = tokio::time::Instant::now();
+        assert!(!unanswered.lately(destination(80), at));
+        unanswered.remember(destination(80), at);
+        assert!(unanswered.lately(destination(80), at));
+        assert!(unanswered.lately(destination(80), at + Duration::from_secs(29)));
+        assert!(!unanswered.lately(destination(80), at + UNANSWERED_FOR));
+        assert!(
+            !unanswered.lately(destination(81), at),
+            "other destinations are still asked about"
+        );
+    }
+
+    #[test]
+    fn the_memory_is_bounded_and_makes_room_from_what_expired() {
+        let mut unanswered = Unanswered::default();
+        let start = tokio::time::Instant::now();
+        for port in 0..MAX_UNANSWERED as u16 {
+            unanswered.remember(destination(port), start);
+        }
+        // Full, and nothing expired yet: the newest is not kept.
+        let soon = start + Duration::from_secs(1);
+        unanswered.remember(destination(u16::MAX), soon);
+        assert!(!unanswered.lately(destination(u16::MAX), soon));
+        assert!(unanswered.lately(destination(0), soon));
+        // Once the old ones expire, they make room.
+        let later = start + UNANSWERED_FOR + Duration::from_secs(1);
+        unanswered.remember(destination(u16::MAX), later);
+        assert!(unanswered.lately(destination(u16::MAX), later));
+        assert_eq!(unanswered.0.len(), 1);
+    }
 }
