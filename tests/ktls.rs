@@ -285,6 +285,17 @@ fn mesh_client_config(a_id: &tests::pki::IdentityPaths) -> std::sync::Arc<rustls
     .unwrap()
 }
 
+/// A TCP connection to the inbound proxy's `in` listener and a rustls client for it.
+fn connect_over_mtls(
+    b: &Proxy,
+    config: &std::sync::Arc<rustls::ClientConfig>,
+) -> (std::net::TcpStream, rustls::ClientConnection) {
+    let socket = client::connect(b.listener_addr("in").unwrap());
+    let server = rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    let tls = rustls::ClientConnection::new(config.clone(), server).unwrap();
+    (socket, tls)
+}
+
 /// Sends `message` over `tls` and reads it back from the echo behind the proxy.
 fn echo(
     tls: &mut rustls::ClientConnection,
@@ -307,12 +318,7 @@ fn echo(
 #[test]
 fn a_peer_that_updates_its_keys_is_followed() {
     let (_dir, _echo, b, config) = inbound_and_mesh_client("ktls-key-update");
-    let server = rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
-    let connect = || {
-        let socket = client::connect(b.listener_addr("in").unwrap());
-        let tls = rustls::ClientConnection::new(config.clone(), server.clone()).unwrap();
-        (socket, tls)
-    };
+    let connect = || connect_over_mtls(&b, &config);
     let (mut socket, mut tls) = connect();
     echo(&mut tls, &mut socket, b"before").unwrap();
 
@@ -342,12 +348,7 @@ fn a_peer_that_updates_its_keys_is_followed() {
 #[test]
 fn a_record_that_does_not_decrypt_ends_only_its_connection() {
     let (_dir, _echo, b, config) = inbound_and_mesh_client("ktls-forged");
-    let server = rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
-    let connect = || {
-        let socket = client::connect(b.listener_addr("in").unwrap());
-        let tls = rustls::ClientConnection::new(config.clone(), server.clone()).unwrap();
-        (socket, tls)
-    };
+    let connect = || connect_over_mtls(&b, &config);
     let (mut socket, mut tls) = connect();
     echo(&mut tls, &mut socket, b"before").unwrap();
     let before = tls_stat();
