@@ -472,7 +472,7 @@ fn echo_with_worn_keys(suite: rustls::SupportedCipherSuite, limit: u64, messages
     let a_id = ca.write_identity(&dir.0, "a", A, &[&ca], false);
     let b_id = ca.write_identity(&dir.0, "b", B, &[&ca], false);
 
-    let mut provider = rustls::crypto::ring::default_provider();
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     provider.cipher_suites = vec![with_limit(suite, limit)];
     let chain = rustls::pki_types::CertificateDer::pem_file_iter(&b_id.cert)
         .unwrap()
@@ -567,7 +567,7 @@ fn echo_with_worn_keys(suite: rustls::SupportedCipherSuite, limit: u64, messages
 /// at the limit, never past it, with an error that says why.
 #[test]
 fn the_sender_updates_its_keys_before_their_limit() {
-    use rustls::crypto::ring::cipher_suite as ring;
+    use rustls::crypto::aws_lc_rs::cipher_suite as suites;
     const LIMIT: u64 = 64;
     const MESSAGES: usize = 1000;
     // A KeyUpdate (5 bytes, type and tag) is the only 22-byte record Tern's side sends.
@@ -575,9 +575,9 @@ fn the_sender_updates_its_keys_before_their_limit() {
     let kernel = dataplane::ktls::supported();
     let mut rekeys = 0;
     for suite in [
-        ring::TLS13_AES_128_GCM_SHA256,
-        ring::TLS13_AES_256_GCM_SHA384,
-        ring::TLS13_CHACHA20_POLY1305_SHA256,
+        suites::TLS13_AES_128_GCM_SHA256,
+        suites::TLS13_AES_256_GCM_SHA384,
+        suites::TLS13_CHACHA20_POLY1305_SHA256,
     ] {
         let before = tls_stat();
         let worn = echo_with_worn_keys(suite, LIMIT, MESSAGES);

@@ -366,7 +366,7 @@ fn permissive_ports_take_mtls_and_plaintext(backend: BackendChoice) {
     // The application's own TLS (a ClientHello offering no mesh ALPN) passes through to it
     // as it is; only a sidecar's (ALPN `tern-…`) is taken for mTLS.
     let hello = {
-        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .unwrap()

@@ -9,13 +9,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use aws_lc_rs::rand::SecureRandom as _;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
-use ring::rand::SecureRandom as _;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer};
 use shared::SpiffeId;
@@ -110,8 +110,8 @@ pub struct Authority {
     /// without self-signed roots.
     intermediates: Vec<CertificateDer<'static>>,
     trust_bundle: Vec<CertificateDer<'static>>,
-    token_key: ring::hmac::Key,
-    random: ring::rand::SystemRandom,
+    token_key: aws_lc_rs::hmac::Key,
+    random: aws_lc_rs::rand::SystemRandom,
     /// When the latest certificate of each identity expires (Unix seconds), for status.
     expiries: std::sync::Mutex<std::collections::HashMap<SpiffeId, i64>>,
 }
@@ -230,7 +230,7 @@ impl Authority {
             intermediates,
             trust_bundle,
             token_key,
-            random: ring::rand::SystemRandom::new(),
+            random: aws_lc_rs::rand::SystemRandom::new(),
             expiries: std::sync::Mutex::default(),
         })
     }
@@ -248,7 +248,7 @@ impl Authority {
     /// The bootstrap token that proves `id` to this CA (local mode). Anyone holding it can
     /// obtain certificates for `id`, so hand it only to that workload.
     pub fn token(&self, id: &SpiffeId) -> String {
-        let tag = ring::hmac::sign(&self.token_key, id.to_string().as_bytes());
+        let tag = aws_lc_rs::hmac::sign(&self.token_key, id.to_string().as_bytes());
         format!(
             "{TOKEN_PREFIX}.{}.{}",
             URL_SAFE_NO_PAD.encode(id.to_string()),
@@ -281,7 +281,7 @@ impl Authority {
         let tag = URL_SAFE_NO_PAD
             .decode(tag)
             .map_err(|_| bad("not a Tern bootstrap token"))?;
-        ring::hmac::verify(&self.token_key, &id, &tag)
+        aws_lc_rs::hmac::verify(&self.token_key, &id, &tag)
             .map_err(|_| bad("the token was not issued by this CA"))?;
         String::from_utf8(id)
             .ok()
@@ -441,12 +441,12 @@ fn generate_root(cert_path: &Path, key_path: &Path, trust_domain: &str) -> Resul
     Ok(())
 }
 
-fn load_token_key(path: &Path) -> Result<ring::hmac::Key, CaError> {
+fn load_token_key(path: &Path) -> Result<aws_lc_rs::hmac::Key, CaError> {
     let secret = match std::fs::read(path) {
         Ok(secret) => secret,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let mut secret = vec![0u8; 32];
-            ring::rand::SystemRandom::new()
+            aws_lc_rs::rand::SystemRandom::new()
                 .fill(&mut secret)
                 .map_err(|_| file_error(path, "no randomness for a token key"))?;
             write_private(path, &secret)?;
@@ -457,7 +457,10 @@ fn load_token_key(path: &Path) -> Result<ring::hmac::Key, CaError> {
     if secret.len() < 32 {
         return Err(file_error(path, "a token key needs at least 32 bytes"));
     }
-    Ok(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret))
+    Ok(aws_lc_rs::hmac::Key::new(
+        aws_lc_rs::hmac::HMAC_SHA256,
+        &secret,
+    ))
 }
 
 #[cfg(test)]

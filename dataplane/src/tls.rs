@@ -273,7 +273,7 @@ impl Identity {
         key: PrivateKeyDer<'static>,
         roots: RootCertStore,
     ) -> Result<Identity, TlsError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let roots = Arc::new(roots);
         let client_verifier =
             WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
@@ -321,15 +321,15 @@ impl Identity {
         let provider = match suites {
             None => self.provider.clone(),
             Some(suites) => {
-                use rustls::crypto::ring::cipher_suite as ring;
+                use rustls::crypto::aws_lc_rs::cipher_suite as suites;
                 use shared::config::CipherSuite as Suite;
                 let mut provider = (*self.provider).clone();
                 provider.cipher_suites = suites
                     .iter()
                     .map(|suite| match suite {
-                        Suite::Aes128GcmSha256 => ring::TLS13_AES_128_GCM_SHA256,
-                        Suite::Aes256GcmSha384 => ring::TLS13_AES_256_GCM_SHA384,
-                        Suite::Chacha20Poly1305Sha256 => ring::TLS13_CHACHA20_POLY1305_SHA256,
+                        Suite::Aes128GcmSha256 => suites::TLS13_AES_128_GCM_SHA256,
+                        Suite::Aes256GcmSha384 => suites::TLS13_AES_256_GCM_SHA384,
+                        Suite::Chacha20Poly1305Sha256 => suites::TLS13_CHACHA20_POLY1305_SHA256,
                     })
                     .collect();
                 Arc::new(provider)
@@ -1017,7 +1017,7 @@ pub(crate) mod in_memory {
             .unwrap()
             .self_signed(&key)
             .unwrap();
-        let mut provider = rustls::crypto::ring::default_provider();
+        let mut provider = rustls::crypto::aws_lc_rs::default_provider();
         provider.cipher_suites = vec![suite];
         let provider = Arc::new(provider);
         let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
@@ -1105,7 +1105,7 @@ mod tests {
 
     /// The first flight of a rustls client offering `alpn`.
     fn client_hello(alpn: &[&[u8]]) -> Vec<u8> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .unwrap()
@@ -1159,7 +1159,7 @@ mod tests {
     fn a_handshake_whose_messages_span_records_completes() {
         use in_memory::*;
         let (client_config, mut server_config) =
-            configs(rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256);
+            configs(rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256);
         // The server's certificate message spans several records.
         server_config.max_fragment_size = Some(64);
         let mut peer = peer_server(server_config);
@@ -1188,7 +1188,7 @@ mod tests {
     fn data_behind_the_clients_finished_is_left_for_the_record_layer() {
         use in_memory::*;
         let (client_config, server_config) =
-            configs(rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256);
+            configs(rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256);
         let mut peer = peer_client(client_config);
         let mut tern = server(server_config);
         tern.incoming.extend(sent_by(&mut peer));
@@ -1217,7 +1217,7 @@ mod tests {
     #[test]
     fn a_failed_handshake_queues_an_alert_for_the_peer() {
         use in_memory::*;
-        let suite = rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256;
+        let suite = rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256;
         let (_, server_config) = configs(suite);
         // A client that trusts another CA.
         let (client_config, _) = configs(suite);

@@ -2,7 +2,7 @@
 //! kernel cannot take its records (no kTLS in this kernel, or the io_uring backend).
 //!
 //! rustls runs the handshake ([`crate::tls::Handshake`]); then the session's keys are taken out
-//! of it, as for kernel TLS, and records are protected here with ring's AEADs. Reads decrypt
+//! of it, as for kernel TLS, and records are protected here with aws-lc-rs' AEADs. Reads decrypt
 //! in place in the buffer the socket was read into, packing the plaintext of many records
 //! together in the same pass; writes encrypt into one reusable buffer that goes to the socket
 //! in one call. Nothing is copied into or out of rustls' own buffers and nothing is allocated
@@ -22,7 +22,7 @@ use std::io;
 use std::net::Shutdown;
 use std::ops::Range;
 
-use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
+use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 use rustls::ConnectionTrafficSecrets;
 
 use crate::io::{BufResult, Stream};
@@ -620,7 +620,7 @@ mod tests {
     use std::io::{Read as _, Write as _};
 
     use rustls::SupportedCipherSuite;
-    use rustls::crypto::ring::cipher_suite;
+    use rustls::crypto::aws_lc_rs::cipher_suite;
 
     use super::*;
     use crate::tls::in_memory::{self, deliver, sent_by};
