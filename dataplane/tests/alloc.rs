@@ -1,5 +1,7 @@
-//! The HTTP/1 parse → route path allocates nothing per request (counted by dhat's heap
-//! profiler in testing mode, which replaces the global allocator in this test binary only).
+//! The hot paths allocate nothing per request: the HTTP/1 parse → route path, and reads
+//! under hyper's HTTP/2. Counted by dhat's heap profiler in testing mode, which replaces the
+//! global allocator in this test binary only and counts every thread's allocations: so the
+//! binary runs one test, which checks each path in turn.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use dataplane::proxy::http1::body::ChunkedDecoder;
@@ -10,6 +12,12 @@ use dataplane::snapshot::{ListenerKind, Snapshot};
 static ALLOCATOR: dhat::Alloc = dhat::Alloc;
 
 #[test]
+fn hot_paths_do_not_allocate() {
+    let _profiler = dhat::Profiler::builder().testing().build();
+    parse_and_route_do_not_allocate();
+    reads_under_hyper_do_not_allocate();
+}
+
 fn parse_and_route_do_not_allocate() {
     let yaml = "listeners:\n  - name: web\n    address: 127.0.0.1:0\n    protocol: http\n    routes:\n      - { host: api.example.com, path_prefix: /v1, cluster: api }\n      - { host: \"*.example.com\", cluster: api }\n      - { cluster: api }\nclusters:\n  - { name: api, endpoints: [127.0.0.1:1] }\n";
     let snapshot = Snapshot::compile(
@@ -30,7 +38,6 @@ fn parse_and_route_do_not_allocate() {
     ];
     let chunked = b"5\r\nhello\r\n0\r\n\r\n";
 
-    let _profiler = dhat::Profiler::builder().testing().build();
     let before = dhat::HeapStats::get();
     let mut routed = 0;
     for _ in 0..1000 {
@@ -49,5 +56,62 @@ fn parse_and_route_do_not_allocate() {
     }
     let after = dhat::HeapStats::get();
     assert_eq!(routed, 3000);
+    dhat::assert_eq!(after.total_blocks, before.total_blocks);
+}
+
+/// A stream that reads `total` bytes in pieces of `piece`, at once.
+struct Source {
+    left: std::cell::Cell<usize>,
+    piece: usize,
+}
+
+impl dataplane::io::Stream for Source {
+    async fn read(&self, mut buf: Vec<u8>) -> dataplane::io::BufResult<usize> {
+        let n = self.left.get().min(self.piece);
+        self.left.set(self.left.get() - n);
+        buf.resize(buf.len() + n, 7);
+        (Ok(n), buf)
+    }
+
+    async fn write_all(
+        &self,
+        buf: Vec<u8>,
+        _range: std::ops::Range<usize>,
+    ) -> dataplane::io::BufResult<()> {
+        (Ok(()), buf)
+    }
+
+    fn shutdown(&self, _how: std::net::Shutdown) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn reads_under_hyper_do_not_allocate() {
+    use std::task::{Context, Poll, Waker};
+
+    let mut io = std::pin::pin!(dataplane::io::hyper_io::HyperIo::new(Source {
+        left: std::cell::Cell::new(4_000_000),
+        piece: 1000,
+    }));
+    let mut storage = [0u8; 600];
+    let mut read = || {
+        let mut buf = hyper::rt::ReadBuf::new(&mut storage);
+        let mut cx = Context::from_waker(Waker::noop());
+        match hyper::rt::Read::poll_read(io.as_mut(), &mut cx, buf.unfilled()) {
+            Poll::Ready(result) => result.map(|()| buf.filled().len()).unwrap(),
+            Poll::Pending => panic!("the source never waits"),
+        }
+    };
+    // The first read takes the connection's read buffer.
+    assert_eq!(read(), 600);
+
+    let before = dhat::HeapStats::get();
+    let mut total = 600;
+    for _ in 0..5000 {
+        total += read();
+    }
+    let after = dhat::HeapStats::get();
+    // Each 1000-byte read goes to hyper as 600 bytes, then the 400 left in the buffer.
+    assert_eq!(total, 600 + 2500 * 1000, "every byte handed over");
     dhat::assert_eq!(after.total_blocks, before.total_blocks);
 }

@@ -1,8 +1,10 @@
 //! hyper's IO traits over the owned-buffer [`Stream`], so hyper's HTTP/2 (server and client)
 //! runs on either backend and over mTLS unchanged.
 //!
-//! A read in flight is a boxed future holding its buffer; bytes beyond what hyper asked for
-//! wait in that buffer for the next call. Writes are coalesced: hyper's HTTP/2 writes each
+//! Reads go through one receive future per connection, boxed once and polled only from
+//! `poll_read` (so on hyper's own task, with no wake-up of its own): it reads into the
+//! connection's buffer whenever hyper wants bytes and none are left, so no read allocates;
+//! bytes beyond what hyper asked for wait in that buffer for the next call. Writes are coalesced: hyper's HTTP/2 writes each
 //! frame as the connection task gets to it (a response's HEADERS, DATA and trailers in
 //! separate polls), so bytes are accepted into a buffer and the connection's sender task
 //! (started by the first write, idle between bursts, no task spawned per burst), woken by
@@ -19,11 +21,9 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
 use super::{BufResult, Stream};
-
-type Op<T> = Pin<Box<dyn Future<Output = BufResult<T>>>>;
 
 /// Room for one read.
 const READ_BUFFER: usize = 16 * 1024;
@@ -65,10 +65,25 @@ impl Sending {
     }
 }
 
+/// The read side, shared by the adapter and its receive future.
+#[derive(Default)]
+struct Receiving {
+    /// hyper wants bytes and none are left: the receive future is to read.
+    wanted: bool,
+    /// A read is in flight.
+    reading: bool,
+    /// The buffer for the next read, handed back by the adapter once drained.
+    buf: Vec<u8>,
+    /// The last read's outcome and buffer, for the adapter to take.
+    done: Option<BufResult<usize>>,
+}
+
 /// A [`Stream`] as `hyper::rt::Read + hyper::rt::Write`.
 pub struct HyperIo<S: Stream> {
     stream: Rc<S>,
-    reading: Option<Op<usize>>,
+    receiving: Rc<RefCell<Receiving>>,
+    /// [`receive`], polled only from `poll_read`.
+    receiver: Pin<Box<dyn Future<Output = ()>>>,
     /// Bytes read and not yet handed to hyper: `read_buf[read_pos..]`.
     read_buf: Vec<u8>,
     read_pos: usize,
@@ -79,9 +94,12 @@ pub struct HyperIo<S: Stream> {
 impl<S: Stream> HyperIo<S> {
     /// Wraps a stream.
     pub fn new(stream: S) -> HyperIo<S> {
+        let stream = Rc::new(stream);
+        let receiving = Rc::<RefCell<Receiving>>::default();
         HyperIo {
-            stream: Rc::new(stream),
-            reading: None,
+            receiver: Box::pin(receive(stream.clone(), receiving.clone())),
+            stream,
+            receiving,
             read_buf: Vec::new(),
             read_pos: 0,
             sending: Rc::default(),
@@ -95,6 +113,34 @@ impl<S: Stream> HyperIo<S> {
             Some((kind, message)) => Err(io::Error::new(*kind, message.clone())),
             None => Ok(()),
         }
+    }
+}
+
+/// Reads whenever the adapter wants bytes, for as long as the adapter lives. Only
+/// `poll_read` polls it, and it sets `wanted` before it does, so waiting for `wanted` needs
+/// no waker; a read in flight registers hyper's task like any IO.
+async fn receive<S: Stream>(stream: Rc<S>, receiving: Rc<RefCell<Receiving>>) {
+    loop {
+        std::future::poll_fn(|_| {
+            if receiving.borrow().wanted {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+        let mut buf = {
+            let mut state = receiving.borrow_mut();
+            state.wanted = false;
+            state.reading = true;
+            std::mem::take(&mut state.buf)
+        };
+        buf.clear();
+        buf.reserve(READ_BUFFER);
+        let done = stream.read(buf).await;
+        let mut state = receiving.borrow_mut();
+        state.reading = false;
+        state.done = Some(done);
     }
 }
 
@@ -158,18 +204,18 @@ impl<S: Stream> hyper::rt::Read for HyperIo<S> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.read_pos >= this.read_buf.len() {
-            if this.reading.is_none() {
-                let mut buf = std::mem::take(&mut this.read_buf);
-                buf.clear();
-                buf.reserve(READ_BUFFER);
-                let stream = this.stream.clone();
-                this.reading = Some(Box::pin(async move { stream.read(buf).await }));
+            {
+                let mut state = this.receiving.borrow_mut();
+                if !state.reading && state.done.is_none() {
+                    state.buf = std::mem::take(&mut this.read_buf);
+                    state.wanted = true;
+                }
             }
-            let Some(op) = this.reading.as_mut() else {
-                return Poll::Ready(Ok(()));
+            // It never ends: it reads, or waits to be wanted again.
+            let _ = this.receiver.as_mut().poll(cx);
+            let Some((result, buf)) = this.receiving.borrow_mut().done.take() else {
+                return Poll::Pending;
             };
-            let (result, buf) = ready!(op.as_mut().poll(cx));
-            this.reading = None;
             this.read_buf = buf;
             this.read_pos = 0;
             if let Err(error) = result {
@@ -241,7 +287,7 @@ impl<S: Stream> Drop for HyperIo<S> {
         // sender has yet to write still go: then only reading is shut, and the socket closes
         // when the sender lets go of it.
         let mut state = self.sending.borrow_mut();
-        if self.reading.is_some() {
+        if self.receiving.borrow().reading {
             let how = if state.busy() {
                 std::net::Shutdown::Read
             } else {
@@ -374,6 +420,86 @@ mod tests {
             }
             assert_eq!(recorder.writes.borrow().last().unwrap(), b"last");
             assert_eq!(Rc::strong_count(&recorder), 1, "the sender ended");
+        });
+    }
+
+    /// A stream whose reads take chunks pushed by the test, waiting while there are none.
+    #[derive(Clone, Default)]
+    struct Chunks(Rc<ChunksState>);
+
+    #[derive(Default)]
+    struct ChunksState {
+        queue: RefCell<std::collections::VecDeque<Vec<u8>>>,
+        ended: Cell<bool>,
+        pushed: tokio::sync::Notify,
+        reads: Cell<usize>,
+    }
+
+    impl Chunks {
+        fn push(&self, chunk: &[u8]) {
+            self.0.queue.borrow_mut().push_back(chunk.to_vec());
+            self.0.pushed.notify_one();
+        }
+    }
+
+    impl Stream for Chunks {
+        async fn read(&self, mut buf: Vec<u8>) -> BufResult<usize> {
+            self.0.reads.set(self.0.reads.get() + 1);
+            loop {
+                if let Some(chunk) = self.0.queue.borrow_mut().pop_front() {
+                    buf.extend_from_slice(&chunk);
+                    return (Ok(chunk.len()), buf);
+                }
+                if self.0.ended.get() {
+                    return (Ok(0), buf);
+                }
+                self.0.pushed.notified().await;
+            }
+        }
+
+        async fn write_all(&self, buf: Vec<u8>, _range: Range<usize>) -> BufResult<()> {
+            (Ok(()), buf)
+        }
+
+        fn shutdown(&self, _how: Shutdown) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// What one `poll_read` with room for `room` bytes puts, once it is ready.
+    async fn read_up_to(io: &mut HyperIo<Chunks>, room: usize) -> io::Result<Vec<u8>> {
+        let mut storage = vec![0u8; room];
+        let mut buf = hyper::rt::ReadBuf::new(&mut storage);
+        std::future::poll_fn(|cx| {
+            hyper::rt::Read::poll_read(Pin::new(&mut *io), cx, buf.unfilled())
+        })
+        .await?;
+        Ok(buf.filled().to_vec())
+    }
+
+    #[test]
+    fn reads_hand_hyper_every_byte_in_order_and_wait_for_more_without_losing_any() {
+        run(async {
+            let chunks = Chunks::default();
+            let mut io = HyperIo::new(chunks.clone());
+            chunks.push(b"hello ");
+            chunks.push(b"wide world");
+            let mut got = Vec::new();
+            while got.len() < 16 {
+                got.extend(read_up_to(&mut io, 4).await.unwrap());
+            }
+            assert_eq!(got, b"hello wide world");
+            assert_eq!(chunks.0.reads.get(), 2, "a read per chunk, bytes left wait");
+
+            // Nothing there: the read waits, and the bytes pushed later wake it.
+            let later = chunks.clone();
+            tokio::task::spawn_local(async move {
+                tokio::task::yield_now().await;
+                later.push(b"later");
+                later.0.ended.set(true);
+            });
+            assert_eq!(read_up_to(&mut io, 64).await.unwrap(), b"later");
+            assert_eq!(read_up_to(&mut io, 64).await.unwrap(), b"", "end of stream");
         });
     }
 
