@@ -110,6 +110,9 @@ struct State {
     issued: Option<Arc<Identity>>,
     /// The latest listeners and clusters from `tern-control` that went live.
     pushed: Option<Pushed>,
+    /// Intercepted IPv6 listeners left unbound because this host has no IPv6: each is
+    /// reported once, not at every apply.
+    unbound_ipv6: Vec<Arc<str>>,
 }
 
 /// Config updates from `tern-control`, by outcome (for `/metrics`).
@@ -174,6 +177,7 @@ impl Control {
                 desired: None,
                 issued: None,
                 pushed: None,
+                unbound_ipv6: Vec::new(),
             }),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
@@ -390,6 +394,7 @@ impl Control {
 
         // Keep sockets whose name and configured address did not change; bind the rest.
         let mut bound = Vec::with_capacity(snapshot.listeners.len());
+        let mut unbound_ipv6 = Vec::new();
         let mut sockets: Vec<Vec<(usize, std::net::TcpListener)>> =
             self.workers.iter().map(|_| Vec::new()).collect();
         for (index, plan) in snapshot.listeners.iter().enumerate() {
@@ -400,7 +405,10 @@ impl Control {
                 && plan.configured.is_ipv6()
                 && !sys::ipv6_available()
             {
-                tracing::warn!(listener = %plan.name, "IPv6 is disabled here: no IPv6 interception socket");
+                if !state.unbound_ipv6.contains(&plan.name) {
+                    tracing::warn!(listener = %plan.name, "IPv6 is disabled here: no IPv6 interception socket");
+                }
+                unbound_ipv6.push(plan.name.clone());
                 continue;
             }
             let kept = state
@@ -463,6 +471,7 @@ impl Control {
         }
         state.snapshot = Some(snapshot);
         state.bound = bound;
+        state.unbound_ipv6 = unbound_ipv6;
         self.ready.store(true, Ordering::Release);
         Ok(version)
     }
