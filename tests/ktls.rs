@@ -1,6 +1,6 @@
-//! Kernel TLS through a sidecar pair: an outbound proxy originates mTLS to an inbound proxy
-//! (epoll backend, which drives kTLS sockets), for each TLS 1.3 cipher suite, moving bulk
-//! data both ways at once and many small messages, byte-exact.
+//! Kernel TLS through a sidecar pair: an outbound proxy originates mTLS to an inbound proxy,
+//! for each TLS 1.3 cipher suite (and on both IO backends), moving bulk data both ways at
+//! once and many small messages, byte-exact.
 //!
 //! The same tests run on any kernel. Where the kernel has kTLS, every mTLS connection must be
 //! handed to it, and `/proc/net/tls_stat` must show the kernel carrying the records; where it
@@ -21,19 +21,19 @@ use rustls::pki_types::pem::PemObject;
 use tests::client;
 use tests::pki::{TempDir, TestCa};
 use tests::upstream::Echo;
-use tests::{BackendChoice, Proxy, admin_get, metric, start_proxy, wait_for_metric};
+use tests::{BackendChoice, Proxy, admin_get, both_backends, metric, start_proxy, wait_for_metric};
 
 const A: &str = "spiffe://tern.test/ns/shop/sa/frontend";
 const B: &str = "spiffe://tern.test/ns/shop/sa/backend";
 
-/// Bulk size: 100 MB each way for one suite where the kernel does the crypto (the VM
-/// harness, whose emulated CPU is slow) and 16 MB for the others; 8 MiB where this debug
+/// Bulk size: 100 MB each way for one suite on epoll where the kernel does the crypto (the
+/// VM harness, whose emulated CPU is slow) and 16 MB for the others; 8 MiB where this debug
 /// build's userspace crypto does, which proves the same fallback path.
-fn bulk_bytes(suite: &str) -> usize {
-    match (dataplane::ktls::supported(), suite) {
-        (true, "TLS13_AES_128_GCM_SHA256") => 100 * 1000 * 1000,
-        (true, _) => 16 * 1000 * 1000,
-        (false, _) => 8 * 1024 * 1024,
+fn bulk_bytes(suite: &str, backend: BackendChoice) -> usize {
+    match (dataplane::ktls::supported(), suite, backend) {
+        (true, "TLS13_AES_128_GCM_SHA256", BackendChoice::Epoll) => 100 * 1000 * 1000,
+        (true, _, _) => 16 * 1000 * 1000,
+        (false, _, _) => 8 * 1024 * 1024,
     }
 }
 
@@ -45,31 +45,31 @@ struct Pair {
 }
 
 /// The inbound sidecar: strict mTLS on `in`, delivering to `echo`.
-fn inbound(identity: &tests::pki::IdentityPaths, echo: &Echo) -> Proxy {
+fn inbound(identity: &tests::pki::IdentityPaths, echo: &Echo, backend: BackendChoice) -> Proxy {
     start_proxy(
         &format!(
             "{}listeners:\n  - {{ name: in, address: 127.0.0.1:0, protocol: tcp, cluster: app, tls: {{ mode: strict }} }}\nclusters:\n  - {{ name: app, endpoints: [{}] }}\n",
             identity.yaml(),
             echo.addr
         ),
-        BackendChoice::Epoll,
+        backend,
     )
 }
 
-fn pair(suite: &str) -> Pair {
+fn pair(suite: &str, backend: BackendChoice) -> Pair {
     let dir = TempDir::new("ktls");
     let ca = TestCa::new("tern ktls root");
     let a_id = ca.write_identity(&dir.0, "a", A, &[&ca], false);
     let b_id = ca.write_identity(&dir.0, "b", B, &[&ca], false);
     let echo = Echo::start();
-    let b = inbound(&b_id, &echo);
+    let b = inbound(&b_id, &echo, backend);
     let a = start_proxy(
         &format!(
             "{}listeners:\n  - {{ name: out, address: 127.0.0.1:0, protocol: tcp, cluster: b }}\nclusters:\n  - {{ name: b, endpoints: [{}], tls: {{ identity: \"{B}\", cipher_suites: [{suite}] }} }}\n",
             a_id.yaml(),
             b.listener_addr("in").unwrap()
         ),
-        BackendChoice::Epoll,
+        backend,
     );
     Pair {
         _dir: dir,
@@ -112,7 +112,7 @@ fn outbound_tls(metrics: &str, mode: &str) -> f64 {
     )
 }
 
-fn moves_bytes_exactly(suite: &str) {
+fn moves_bytes_exactly(suite: &str, backend: BackendChoice) {
     let kernel = dataplane::ktls::supported();
     if std::env::var_os("TERN_EXPECT_KTLS").is_some() {
         assert!(
@@ -121,11 +121,11 @@ fn moves_bytes_exactly(suite: &str) {
         );
     }
     let before = tls_stat();
-    let p = pair(suite);
+    let p = pair(suite, backend);
     let out = p.a.listener_addr("out").unwrap();
 
     // Bulk, both directions at once: the echo returns every byte while more are sent.
-    client::assert_bulk_echo(out, bulk_bytes(suite));
+    client::assert_bulk_echo(out, bulk_bytes(suite, backend));
 
     // Many small messages on one connection: each is its own record.
     let mut stream = client::connect(out);
@@ -154,15 +154,15 @@ fn moves_bytes_exactly(suite: &str) {
     assert_eq!(outbound_tls(&outbound, used), 2.0, "{outbound}");
     assert_eq!(outbound_tls(&outbound, unused), 0.0);
 
-    // With kTLS both sockets of each proxy carry plain bytes, so bulk directions splice;
-    // with userspace TLS they cannot.
+    // With kTLS both sockets of each proxy carry plain bytes, so bulk directions splice
+    // (on epoll: tokio-uring has no splice); with userspace TLS they cannot.
     let spliced = |proxy: &Proxy, listener: &str| {
         metric(
             &admin_get(proxy, "/metrics"),
             &format!("tern_listener_spliced_directions_total{{listener=\"{listener}\"}}"),
         )
     };
-    if kernel {
+    if kernel && backend == BackendChoice::Epoll {
         assert!(
             spliced(&p.a, "out") >= 1.0,
             "the outbound proxy did not splice"
@@ -186,25 +186,32 @@ fn moves_bytes_exactly(suite: &str) {
             stat(&after, "TlsDecryptError"),
             stat(&before, "TlsDecryptError")
         );
-        println!("KTLS-CHECKED {suite}: kernel");
+        println!("KTLS-CHECKED {suite} {backend:?}: kernel");
     } else {
-        println!("KTLS-CHECKED {suite}: userspace fallback");
+        println!("KTLS-CHECKED {suite} {backend:?}: userspace fallback");
     }
 }
 
 #[test]
 fn aes_128_gcm() {
-    moves_bytes_exactly("TLS13_AES_128_GCM_SHA256");
+    moves_bytes_exactly("TLS13_AES_128_GCM_SHA256", BackendChoice::Epoll);
 }
 
 #[test]
 fn aes_256_gcm() {
-    moves_bytes_exactly("TLS13_AES_256_GCM_SHA384");
+    moves_bytes_exactly("TLS13_AES_256_GCM_SHA384", BackendChoice::Epoll);
 }
 
 #[test]
 fn chacha20_poly1305() {
-    moves_bytes_exactly("TLS13_CHACHA20_POLY1305_SHA256");
+    moves_bytes_exactly("TLS13_CHACHA20_POLY1305_SHA256", BackendChoice::Epoll);
+}
+
+/// The io_uring backend hands mTLS connections to the kernel too (one suite: the record
+/// layer is the kernel's whatever the suite).
+#[test]
+fn aes_128_gcm_on_io_uring() {
+    moves_bytes_exactly("TLS13_AES_128_GCM_SHA256", BackendChoice::IoUring);
 }
 
 /// A userspace rustls client that sends its first bytes in the same write as its handshake
@@ -214,7 +221,7 @@ fn chacha20_poly1305() {
 /// as a clean `close_notify` (the kernel side sends it as an alert record).
 #[test]
 fn data_that_arrives_with_the_handshake_and_close_notify_survive_the_hand_off() {
-    let (_dir, _echo, b, config) = inbound_and_mesh_client("ktls-early");
+    let (_dir, _echo, b, config) = inbound_and_mesh_client("ktls-early", BackendChoice::Epoll);
     let mut socket = client::connect(b.listener_addr("in").unwrap());
     let server = rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
     let mut tls = rustls::ClientConnection::new(config, server).unwrap();
@@ -261,13 +268,14 @@ fn tls_mode() -> &'static str {
 /// a mesh peer (`A`) that expects it, speaking opaque TCP.
 fn inbound_and_mesh_client(
     name: &str,
+    backend: BackendChoice,
 ) -> (TempDir, Echo, Proxy, std::sync::Arc<rustls::ClientConfig>) {
     let dir = TempDir::new(name);
     let ca = TestCa::new("tern ktls root");
     let a_id = ca.write_identity(&dir.0, "a", A, &[&ca], false);
     let b_id = ca.write_identity(&dir.0, "b", B, &[&ca], false);
     let echo = Echo::start();
-    let b = inbound(&b_id, &echo);
+    let b = inbound(&b_id, &echo, backend);
     let config = mesh_client_config(&a_id);
     (dir, echo, b, config)
 }
@@ -315,9 +323,8 @@ fn echo(
 /// the kernel holds the keys, the proxy installs the next ones in it; a kernel that cannot
 /// rekey a live socket (Linux 6.1, the VM's) refuses them and that connection ends, while
 /// the bytes before the update have arrived and the proxy serves the next connection.
-#[test]
-fn a_peer_that_updates_its_keys_is_followed() {
-    let (_dir, _echo, b, config) = inbound_and_mesh_client("ktls-key-update");
+fn a_peer_that_updates_its_keys_is_followed(backend: BackendChoice) {
+    let (_dir, _echo, b, config) = inbound_and_mesh_client("ktls-key-update", backend);
     let connect = || connect_over_mtls(&b, &config);
     let (mut socket, mut tls) = connect();
     echo(&mut tls, &mut socket, b"before").unwrap();
@@ -338,16 +345,15 @@ fn a_peer_that_updates_its_keys_is_followed() {
     // The proxy serves the next connection.
     let (mut socket, mut tls) = connect();
     echo(&mut tls, &mut socket, b"next").unwrap();
-    println!("KTLS-CHECKED key update: {}", tls_mode());
+    println!("KTLS-CHECKED key update {backend:?}: {}", tls_mode());
 }
 
 /// A record that does not decrypt, after the hand-off (forged, or corrupted on the way: bad
 /// input on an established mTLS connection), ends that connection promptly; the proxy goes
 /// on serving the next one. Where the kernel holds the keys, its own counter saw the bad
 /// record.
-#[test]
-fn a_record_that_does_not_decrypt_ends_only_its_connection() {
-    let (_dir, _echo, b, config) = inbound_and_mesh_client("ktls-forged");
+fn a_record_that_does_not_decrypt_ends_only_its_connection(backend: BackendChoice) {
+    let (_dir, _echo, b, config) = inbound_and_mesh_client("ktls-forged", backend);
     let connect = || connect_over_mtls(&b, &config);
     let (mut socket, mut tls) = connect();
     echo(&mut tls, &mut socket, b"before").unwrap();
@@ -377,15 +383,14 @@ fn a_record_that_does_not_decrypt_ends_only_its_connection() {
 
     let (mut socket, mut tls) = connect();
     echo(&mut tls, &mut socket, b"next").unwrap();
-    println!("KTLS-CHECKED bad record: {}", tls_mode());
+    println!("KTLS-CHECKED bad record {backend:?}: {}", tls_mode());
 }
 
 /// A server that sends TLS 1.3 session tickets after the handshake (Tern's sidecars do not,
 /// any other TLS 1.3 server may) does not break the client side: the tickets arrive after
 /// the hand-off, as control records where the kernel holds the keys, and go to rustls; the
 /// bytes after them still cross both ways.
-#[test]
-fn session_tickets_after_the_hand_off_are_taken() {
+fn session_tickets_after_the_hand_off_are_taken(backend: BackendChoice) {
     let dir = TempDir::new("ktls-tickets");
     let ca = TestCa::new("tern ktls root");
     let a_id = ca.write_identity(&dir.0, "a", A, &[&ca], false);
@@ -420,7 +425,7 @@ fn session_tickets_after_the_hand_off_are_taken() {
             "{}listeners:\n  - {{ name: out, address: 127.0.0.1:0, protocol: tcp, cluster: b }}\nclusters:\n  - {{ name: b, endpoints: [{server_addr}], tls: {{ identity: \"{B}\" }} }}\n",
             a_id.yaml(),
         ),
-        BackendChoice::Epoll,
+        backend,
     );
     let mut app = client::connect(a.listener_addr("out").unwrap());
     app.write_all(b"hello").unwrap();
@@ -431,8 +436,14 @@ fn session_tickets_after_the_hand_off_are_taken() {
     let mode = tls_mode();
     let outbound = admin_get(&a, "/metrics");
     assert_eq!(outbound_tls(&outbound, mode), 1.0, "{outbound}");
-    println!("KTLS-CHECKED session tickets: {mode}");
+    println!("KTLS-CHECKED session tickets {backend:?}: {mode}");
 }
+
+both_backends!(
+    a_peer_that_updates_its_keys_is_followed,
+    a_record_that_does_not_decrypt_ends_only_its_connection,
+    session_tickets_after_the_hand_off_are_taken,
+);
 
 /// `suite` with a confidentiality limit of `limit` records per key, so a test reaches the
 /// limit in a few dozen records rather than 2^24.

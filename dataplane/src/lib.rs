@@ -127,11 +127,9 @@ impl Proxy {
     /// certificate).
     pub fn start(config: Config, source: &str, options: Options) -> Result<Proxy, StartError> {
         let backend = options.backend.resolve().map_err(StartError::Backend)?;
-        if backend == io::BackendKind::Epoll {
-            // kTLS (the backend that drives it) is probed now, so the log says at start-up
-            // what mTLS connections will do, and no connection waits for the probe.
-            ktls::supported();
-        }
+        // kTLS is probed now, so the log says at start-up what mTLS connections will do,
+        // and no connection waits for the probe.
+        ktls::supported();
         let count = options.workers.unwrap_or_else(sys::default_workers).max(1);
         let cpus = if options.pin_workers {
             exclusive_cpus(sys::allowed_cpus().unwrap_or_default(), count)

@@ -202,6 +202,17 @@ pub async fn wait_readable(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
     }
 }
 
+/// Waits until `fd` has room to send, through tokio's reactor (as [`wait_readable`]).
+#[allow(unsafe_code)]
+pub async fn wait_writable(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: as in `wait_readable`: `fd` is borrowed for as long as this future lives, and
+    // the `AsyncFd` is dropped before it completes.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::WRITABLE)
+    }?;
+    registered.writable().await.map(drop)
+}
+
 /// Opens a TCP connection through tokio (both backends run a tokio reactor), with
 /// `TCP_NODELAY` and, if given, the socket mark the interception rules leave alone.
 pub async fn connect_marked(

@@ -109,7 +109,7 @@ pub trait Stream: Sized + 'static {
     }
 
     /// The socket, where this backend can drive kernel TLS on it; `None` keeps TLS in
-    /// userspace (tokio-uring exposes no `recvmsg` with control messages on TCP).
+    /// userspace.
     fn kernel_tls_socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         None
     }

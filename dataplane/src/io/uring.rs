@@ -69,6 +69,52 @@ impl Stream for UringStream {
     fn original_destination(&self) -> io::Result<SocketAddr> {
         crate::sys::original_destination(crate::sys::borrow_fd(&self.0))
     }
+
+    fn kernel_tls_socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        Some(crate::sys::borrow_fd(&self.0))
+    }
+
+    /// Application data comes through a ring read, as on a plain socket. When the next
+    /// record is of another type (an alert, a KeyUpdate, a session ticket) the kernel fails
+    /// that read with `EIO` and keeps the record, which only a `recvmsg` with room for its
+    /// type can take (tokio-uring has none for TCP): one non-blocking `recvmsg` takes it.
+    async fn read_tls_record(&self, mut buf: Vec<u8>) -> BufResult<(usize, u8)> {
+        super::ensure_spare(&mut buf);
+        let start = buf.len();
+        let (result, slice) = self.0.read(buf.slice(start..)).await;
+        let mut buf = slice.into_inner();
+        let result = match result {
+            Ok(n) => Ok((n, crate::usertls::APPLICATION_DATA)),
+            Err(error) if error.raw_os_error() == Some(libc::EIO) => {
+                crate::sys::recv_tls_record(crate::sys::borrow_fd(&self.0), &mut buf).map_err(
+                    // No record after all: the read's error stands.
+                    |e| {
+                        if e.kind() == io::ErrorKind::WouldBlock {
+                            error
+                        } else {
+                            e
+                        }
+                    },
+                )
+            }
+            Err(error) => Err(error),
+        };
+        (result, buf)
+    }
+
+    async fn write_tls_record(&self, record_type: u8, data: &[u8]) -> io::Result<()> {
+        let fd = crate::sys::borrow_fd(&self.0);
+        loop {
+            match crate::sys::send_tls_record(fd, record_type, data) {
+                Ok(sent) if sent == data.len() => return Ok(()),
+                Ok(_) => return Err(io::ErrorKind::WriteZero.into()),
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    crate::sys::wait_writable(fd).await?;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
 }
 
 impl Listener for UringListener {
