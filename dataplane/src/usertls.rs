@@ -1,5 +1,5 @@
 //! Tern's userspace TLS 1.3 record layer: what a connection runs after the handshake when the
-//! kernel cannot take its records (no kTLS in this kernel, or the io_uring backend).
+//! kernel cannot take its records (no kTLS in this kernel, or a cipher it refuses).
 //!
 //! rustls runs the handshake ([`crate::tls::Handshake`]); then the session's keys are taken out
 //! of it, as for kernel TLS, and records are protected here with aws-lc-rs' AEADs. Reads decrypt
