@@ -26,7 +26,7 @@ use crate::tls::{Identity, Validity};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time allowed for one `Certify` call.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// First retry delay after a failure; doubles up to [`MAX_BACKOFF`].
+/// First retry delay after a failure; doubles up to `MAX_BACKOFF`.
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 /// Longest delay between retries.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);

@@ -50,8 +50,9 @@ pub struct Options {
     /// [`exclusive_cpus`]).
     pub pin_workers: bool,
     /// The scheduler time slice each worker asks for ([`sys::set_thread_slice`]); `None`
-    /// keeps the kernel's. Shorter than the default (0.7–3 ms, by CPU count), a worker woken
-    /// by a packet runs before a busy neighbour's slice ends.
+    /// (the default) keeps the kernel's. Shorter than the kernel's (0.7–3 ms, by CPU count),
+    /// a worker woken by a packet may preempt a busy neighbour sooner; measured, that made a
+    /// single hop slower and a pair no faster (docs/benchmarks.md), so it is opt-in.
     pub worker_slice: Option<Duration>,
     /// Admin server address.
     pub admin: SocketAddr,
@@ -65,16 +66,12 @@ impl Default for Options {
             workers: None,
             backend: BackendChoice::default(),
             pin_workers: true,
-            worker_slice: Some(DEFAULT_WORKER_SLICE),
+            worker_slice: None,
             admin: SocketAddr::from(([127, 0, 0, 1], 15000)),
             drain_deadline: Duration::from_secs(30),
         }
     }
 }
-
-/// The default [`Options::worker_slice`]: short enough to take most of the wake-up latency
-/// gain, long enough not to cost bulk throughput (docs/benchmarks.md).
-pub const DEFAULT_WORKER_SLICE: Duration = Duration::from_micros(300);
 
 /// The CPUs to pin `workers` workers to: the allowed ones when there are no more of them
 /// than workers (an exclusive cpuset, as Kubernetes' static CPU manager gives a Guaranteed

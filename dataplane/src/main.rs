@@ -34,8 +34,8 @@ struct Args {
     #[arg(long)]
     no_pin: bool,
     /// The scheduler time slice each worker asks for (Linux 6.12+; older kernels ignore it)
-    /// [default: 300us]. Shorter than the kernel's default, a worker woken by traffic runs
-    /// before a busy neighbour's slice ends; `0` keeps the kernel's.
+    /// [default: the kernel's]. Shorter than the kernel's, a worker woken by traffic may
+    /// preempt a busy neighbour sooner; `0` keeps the kernel's.
     #[arg(long, env = "TERN_WORKER_SLICE", value_parser = humantime::parse_duration)]
     worker_slice: Option<Duration>,
     /// How long a drain waits for in-flight requests.
@@ -210,10 +210,7 @@ fn main() -> anyhow::Result<()> {
         workers: args.workers,
         backend: args.io_backend,
         pin_workers: !args.no_pin,
-        worker_slice: match args.worker_slice {
-            None => Options::default().worker_slice,
-            Some(slice) => (!slice.is_zero()).then_some(slice),
-        },
+        worker_slice: args.worker_slice.filter(|slice| !slice.is_zero()),
         admin: args.admin,
         drain_deadline: args.drain_deadline,
     };

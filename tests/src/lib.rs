@@ -27,7 +27,7 @@ pub fn options(backend: BackendChoice) -> dataplane::Options {
         workers: Some(2),
         backend,
         pin_workers: false,
-        worker_slice: Some(dataplane::DEFAULT_WORKER_SLICE),
+        worker_slice: None,
         admin: "127.0.0.1:0".parse().unwrap(),
         drain_deadline: Duration::from_secs(5),
     }

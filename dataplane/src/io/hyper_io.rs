@@ -82,7 +82,7 @@ struct Receiving {
 pub struct HyperIo<S: Stream> {
     stream: Rc<S>,
     receiving: Rc<RefCell<Receiving>>,
-    /// [`receive`], polled only from `poll_read`.
+    /// `receive`, polled only from `poll_read`.
     receiver: Pin<Box<dyn Future<Output = ()>>>,
     /// Bytes read and not yet handed to hyper: `read_buf[read_pos..]`.
     read_buf: Vec<u8>,
