@@ -3,10 +3,10 @@
 //!
 //! rustls runs the handshake ([`crate::tls::Handshake`]); then the session's keys are taken out
 //! of it, as for kernel TLS, and records are protected here with aws-lc-rs' AEADs. Reads decrypt
-//! in place in the buffer the socket was read into, packing the plaintext of many records
-//! together in the same pass; writes encrypt into one reusable buffer that goes to the socket
-//! in one call. Nothing is copied into or out of rustls' own buffers and nothing is allocated
-//! per record.
+//! in place in the buffer the socket was read into, each record's plaintext moved up behind
+//! the one before; writes encrypt the caller's plaintext straight into one reusable buffer
+//! that goes to the socket in one call. Nothing is copied into or out of rustls' own buffers
+//! and nothing is allocated per record.
 //!
 //! After the handshake a connection carries application data, alerts and the post-handshake
 //! messages of TLS 1.3 (`AfterHandshake`, shared with [`crate::ktls`]): a KeyUpdate moves
@@ -315,9 +315,13 @@ pub(crate) struct Sealer {
     keys: Keys,
     /// The confidentiality limit: records one key may protect.
     limit: u64,
+    /// Records sealed since the last send, in `out[..sealed]`. The rest of `out` is
+    /// initialized memory kept for the next records, so sealing encrypts the caller's
+    /// plaintext straight into it rather than copying it in first.
     out: Vec<u8>,
-    /// A seal failed: records built since the last send were dropped, a KeyUpdate among
-    /// them perhaps, so nothing more may be sent.
+    sealed: usize,
+    /// Records were lost (a seal failed, or a send was abandoned mid-way), a KeyUpdate
+    /// among them perhaps, so nothing more may be sent.
     failed: bool,
 }
 
@@ -331,8 +335,15 @@ impl Sealer {
             keys,
             limit,
             out: Vec::new(),
+            sealed: 0,
             failed: false,
         })
+    }
+
+    /// The records sealed since the last send.
+    #[cfg(test)]
+    fn records(&self) -> &[u8] {
+        &self.out[..self.sealed]
     }
 
     /// Appends `data` to the outgoing buffer as one record of `content_type` (at most
@@ -363,8 +374,10 @@ impl Sealer {
         debug_assert!(data.len() <= MAX_FRAGMENT);
         let length = data.len() + 1 + TAG;
         let nonce = self.keys.next_nonce();
-        let start = self.out.len();
-        self.out.reserve(HEADER + length);
+        let end = self.sealed + HEADER + length;
+        if self.out.len() < end {
+            self.out.resize(end, 0);
+        }
         let header = [
             APPLICATION_DATA,
             3,
@@ -372,15 +385,22 @@ impl Sealer {
             (length >> 8) as u8,
             (length & 0xff) as u8,
         ];
-        self.out.extend_from_slice(&header);
-        self.out.extend_from_slice(data);
-        self.out.push(content_type);
-        let tag = self
-            .keys
+        let (header_out, body) = self.out[self.sealed..end].split_at_mut(HEADER);
+        header_out.copy_from_slice(&header);
+        // The inner content type is the one byte of plaintext after the data.
+        let (ciphertext, type_and_tag) = body.split_at_mut(data.len());
+        self.keys
             .key
-            .seal_in_place_separate_tag(nonce, Aad::from(header), &mut self.out[start + HEADER..])
+            .seal_out_of_place_scatter(
+                nonce,
+                Aad::from(header),
+                data,
+                ciphertext,
+                &[content_type],
+                type_and_tag,
+            )
             .map_err(|_| io::Error::other("TLS record could not be sealed"))?;
-        self.out.extend_from_slice(tag.as_ref());
+        self.sealed = end;
         Ok(())
     }
 }
@@ -474,16 +494,28 @@ impl<S: Stream> UserTls<S> {
         }
     }
 
-    /// Writes what the sealer holds, then empties it.
+    /// Writes the records the sealer holds, then empties it, keeping its memory (a burst's
+    /// beyond `FIRST_READ` given back as [`crate::io::fit`] does). Abandoned mid-way, the
+    /// records are lost and the sealer stays failed.
     async fn send(&self, sealer: &mut Sealer) -> io::Result<()> {
-        crate::io::write_out(&self.inner, &mut sealer.out, FIRST_READ).await
+        let out = std::mem::take(&mut sealer.out);
+        let len = std::mem::take(&mut sealer.sealed);
+        let failed = std::mem::replace(&mut sealer.failed, true);
+        let (written, mut back) = self.inner.write_all(out, 0..len).await;
+        if back.len() > FIRST_READ && len.saturating_mul(8) < back.len() {
+            back.truncate(len.saturating_mul(2).max(FIRST_READ));
+            back.shrink_to_fit();
+        }
+        sealer.out = back;
+        sealer.failed = failed;
+        written
     }
 
     /// Seals `data` as records of `content_type`, after the KeyUpdate the peer asked for.
     fn seal(&self, sealer: &mut Sealer, content_type: u8, data: &[u8]) -> io::Result<()> {
         if sealer.failed {
             return Err(io::Error::other(
-                "an earlier TLS record could not be sealed; nothing more is sent",
+                "an earlier TLS record could not be sealed or sent; nothing more is sent",
             ));
         }
         let after = &mut *self.after.borrow_mut();
@@ -498,7 +530,7 @@ impl<S: Stream> UserTls<S> {
             Ok(())
         })();
         if sealed.is_err() {
-            sealer.out.clear();
+            sealer.sealed = 0;
             sealer.failed = true;
         }
         sealed
@@ -743,7 +775,7 @@ mod tests {
                     .unwrap();
             }
             s.sealer.seal(ALERT, &CLOSE_NOTIFY, &mut s.after).unwrap();
-            let wire = std::mem::take(&mut s.sealer.out);
+            let wire = s.sealer.records().to_vec();
             let mut received = Vec::new();
             let mut at = 0;
             // One record at a time, as a socket reader would hand them over.
@@ -782,7 +814,8 @@ mod tests {
         let mut opener = Opener::new(0, &secrets).unwrap();
         sealer.seal(APPLICATION_DATA, b"x", &mut s.after).unwrap();
         sealer.seal(ALERT, &[2, 40], &mut s.after).unwrap();
-        let error = opener.open(&mut sealer.out, &mut s.after).unwrap_err();
+        let mut wire = sealer.records().to_vec();
+        let error = opener.open(&mut wire, &mut s.after).unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::ConnectionAborted, "{error}");
     }
 
@@ -805,6 +838,8 @@ mod tests {
     struct Wire {
         incoming: RefCell<Vec<u8>>,
         outgoing: RefCell<Vec<u8>>,
+        /// Writes never finish.
+        stalled: std::cell::Cell<bool>,
     }
 
     impl Stream for std::rc::Rc<Wire> {
@@ -815,12 +850,97 @@ mod tests {
             (Ok(n), buf)
         }
         async fn write_all(&self, buf: Vec<u8>, range: Range<usize>) -> BufResult<()> {
+            if self.stalled.get() {
+                std::future::pending::<()>().await;
+            }
             self.outgoing.borrow_mut().extend_from_slice(&buf[range]);
             (Ok(()), buf)
         }
         fn shutdown(&self, _how: Shutdown) -> io::Result<()> {
             Ok(())
         }
+    }
+
+    /// Tern's side of `s` as a [`UserTls`] over an in-memory socket.
+    fn over_wire(
+        s: Session,
+    ) -> (
+        UserTls<std::rc::Rc<Wire>>,
+        std::rc::Rc<Wire>,
+        rustls::Connection,
+    ) {
+        let socket = std::rc::Rc::new(Wire::default());
+        let mut opener = s.opener;
+        let mut after = s.after;
+        let leftover = Leftover::open(&mut opener, &mut after, s.leftover).unwrap();
+        let tls = UserTls::new(socket.clone(), opener, s.sealer, after, leftover);
+        (tls, socket, s.peer)
+    }
+
+    #[test]
+    fn writes_reach_the_peer_in_order_and_a_burst_gives_its_buffer_back() {
+        for suite in SUITES {
+            let (tls, socket, mut peer) = over_wire(Session::server(suite));
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            let burst = pattern(300 * 1024);
+            let (written, _) = runtime.block_on(tls.write_all(burst.clone(), 0..burst.len()));
+            written.unwrap();
+            let after_burst = tls.sending.try_lock().unwrap().out.len();
+            assert!(
+                after_burst >= WRITE_BATCH,
+                "{suite:?}: the burst's records were built in one buffer"
+            );
+            for small in [&b"small"[..], b"and smaller"] {
+                let (written, _) = runtime.block_on(tls.write_all(small.to_vec(), 0..small.len()));
+                written.unwrap();
+            }
+            let kept = tls.sending.try_lock().unwrap().out.len();
+            assert!(
+                kept <= 2 * FIRST_READ,
+                "{suite:?}: {kept} bytes kept after small writes"
+            );
+
+            let wire = std::mem::take(&mut *socket.outgoing.borrow_mut());
+            let mut received = Vec::new();
+            let mut at = 0;
+            while at < wire.len() {
+                let length = usize::from(u16::from_be_bytes([wire[at + 3], wire[at + 4]]));
+                deliver(&mut peer, &wire[at..at + HEADER + length]);
+                peer.reader().read_to_end(&mut received).unwrap_or_default();
+                at += HEADER + length;
+            }
+            assert_eq!(received.len(), burst.len() + 16, "{suite:?}");
+            assert!(received[..burst.len()] == burst[..], "{suite:?}");
+            assert_eq!(&received[burst.len()..], b"smalland smaller", "{suite:?}");
+        }
+    }
+
+    #[test]
+    fn a_write_abandoned_mid_send_stops_the_sender() {
+        let (tls, socket, _peer) = over_wire(Session::server(SUITES[0]));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        socket.stalled.set(true);
+        runtime.block_on(async {
+            tokio::select! {
+                biased;
+                _ = tls.write_all(b"lost".to_vec(), 0..4) => panic!("a stalled write finished"),
+                _ = tokio::task::yield_now() => {}
+            }
+        });
+        socket.stalled.set(false);
+        // The abandoned records took sequence numbers the peer never saw: what follows
+        // could not be opened, so it is not sent.
+        let (written, _) = runtime.block_on(tls.write_all(b"next".to_vec(), 0..4));
+        let error = written.unwrap_err();
+        assert!(
+            error.to_string().contains("nothing more is sent"),
+            "{error}"
+        );
+        assert!(socket.outgoing.borrow().is_empty());
     }
 
     #[test]
@@ -873,7 +993,7 @@ mod tests {
                 .seal(APPLICATION_DATA, record, &mut s.after)
                 .unwrap();
         }
-        let wire = std::mem::take(&mut s.sealer.out);
+        let wire = s.sealer.records().to_vec();
         let records = {
             let (mut count, mut at) = (0, 0);
             while at < wire.len() {
