@@ -829,8 +829,8 @@ pub fn render(info: &Info<'_>, report: &WorkerReport) -> String {
     out
 }
 
-/// Escapes a label value (backslash, quote, newline).
-/// One counter of mTLS connections by record-layer mode (kernel: kTLS; userspace: rustls),
+/// One counter of mTLS connections by record-layer mode (kernel: kTLS; userspace: Tern's
+/// own record layer, `usertls`),
 /// a series per `label` value and mode.
 fn render_tls_modes<'a>(
     out: &mut String,
@@ -841,7 +841,7 @@ fn render_tls_modes<'a>(
 ) {
     let _ = writeln!(
         out,
-        "# HELP {name} {help}, by where the record layer runs (kernel: kTLS; userspace: rustls).\n# TYPE {name} counter"
+        "# HELP {name} {help}, by where the record layer runs (kernel: kTLS; userspace: Tern's record layer).\n# TYPE {name} counter"
     );
     for (value, modes) in rows {
         for mode in TlsMode::ALL {
@@ -856,6 +856,7 @@ fn render_tls_modes<'a>(
     }
 }
 
+/// Escapes a label value (backslash, quote, newline).
 fn escape(value: &str) -> std::borrow::Cow<'_, str> {
     if value.contains(['\\', '"', '\n']) {
         value

@@ -202,15 +202,30 @@ pub async fn wait_readable(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
     }
 }
 
-/// Waits until `fd` has room to send, through tokio's reactor (as [`wait_readable`]).
+/// Runs the non-blocking send `send` on `fd` until it does not fail with `WouldBlock`,
+/// waiting in between until `fd` has room, through tokio's reactor (as [`wait_readable`]):
+/// one registration for all the waits, made only if the first try would block.
 #[allow(unsafe_code)]
-pub async fn wait_writable(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+pub async fn send_when_writable<T>(
+    fd: std::os::fd::BorrowedFd<'_>,
+    mut send: impl FnMut() -> io::Result<T>,
+) -> io::Result<T> {
+    match send() {
+        Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+        done => return done,
+    }
     // SAFETY: as in `wait_readable`: `fd` is borrowed for as long as this future lives, and
     // the `AsyncFd` is dropped before it completes.
     let registered = unsafe {
         tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::WRITABLE)
     }?;
-    registered.writable().await.map(drop)
+    loop {
+        let mut ready = registered.writable().await?;
+        match send() {
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => ready.clear_ready(),
+            done => return done,
+        }
+    }
 }
 
 /// Opens a TCP connection through tokio (both backends run a tokio reactor), with

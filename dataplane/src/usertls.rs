@@ -1,5 +1,7 @@
 //! Tern's userspace TLS 1.3 record layer: what a connection runs after the handshake when the
-//! kernel cannot take its records (no kTLS in this kernel, or a cipher it refuses).
+//! kernel cannot take its records (no kTLS in this kernel, a cipher it refuses, a stream
+//! with no socket of its own) or may not (a record half-read at the hand-off, keys already
+//! updated, the peer already closed: `Leftover::kernel_may_take_over`).
 //!
 //! rustls runs the handshake ([`crate::tls::Handshake`]); then the session's keys are taken out
 //! of it, as for kernel TLS, and records are protected here with aws-lc-rs' AEADs. Reads decrypt
@@ -362,6 +364,18 @@ impl Sealer {
         self.seal_record(content_type, data)
     }
 
+    /// Grows the buffer, once, to hold the records of `len` more bytes of plaintext and two
+    /// KeyUpdates; sealing a batch then neither reallocates nor copies what it sealed.
+    fn make_room(&mut self, len: usize) {
+        let per_record = HEADER + 1 + TAG;
+        let records = len.div_ceil(MAX_FRAGMENT);
+        let wanted =
+            self.sealed + len + records * per_record + 2 * (per_record + KEY_UPDATE_MESSAGE.len());
+        if self.out.len() < wanted {
+            self.out.resize(wanted, 0);
+        }
+    }
+
     /// Sends a KeyUpdate (one that asks nothing of the peer) and moves to the next keys.
     fn update_keys(&mut self, after: &mut AfterHandshake) -> io::Result<()> {
         let next = Keys::next(after.next_tx())?;
@@ -507,7 +521,8 @@ impl<S: Stream> UserTls<S> {
             back.shrink_to_fit();
         }
         sealer.out = back;
-        sealer.failed = failed;
+        // A failed write may have taken part of the records, a KeyUpdate among them.
+        sealer.failed = failed || written.is_err();
         written
     }
 
@@ -518,6 +533,7 @@ impl<S: Stream> UserTls<S> {
                 "an earlier TLS record could not be sealed or sent; nothing more is sent",
             ));
         }
+        sealer.make_room(data.len());
         let after = &mut *self.after.borrow_mut();
         let sealed = (|| {
             if after.owes_key_update() {
@@ -840,6 +856,8 @@ mod tests {
         outgoing: RefCell<Vec<u8>>,
         /// Writes never finish.
         stalled: std::cell::Cell<bool>,
+        /// Writes fail.
+        broken: std::cell::Cell<bool>,
     }
 
     impl Stream for std::rc::Rc<Wire> {
@@ -852,6 +870,9 @@ mod tests {
         async fn write_all(&self, buf: Vec<u8>, range: Range<usize>) -> BufResult<()> {
             if self.stalled.get() {
                 std::future::pending::<()>().await;
+            }
+            if self.broken.get() {
+                return (Err(io::ErrorKind::BrokenPipe.into()), buf);
             }
             self.outgoing.borrow_mut().extend_from_slice(&buf[range]);
             (Ok(()), buf)
@@ -918,29 +939,38 @@ mod tests {
     }
 
     #[test]
-    fn a_write_abandoned_mid_send_stops_the_sender() {
-        let (tls, socket, _peer) = over_wire(Session::server(SUITES[0]));
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        socket.stalled.set(true);
-        runtime.block_on(async {
-            tokio::select! {
-                biased;
-                _ = tls.write_all(b"lost".to_vec(), 0..4) => panic!("a stalled write finished"),
-                _ = tokio::task::yield_now() => {}
+    fn a_write_abandoned_or_failed_mid_send_stops_the_sender() {
+        for abandoned in [true, false] {
+            let (tls, socket, _peer) = over_wire(Session::server(SUITES[0]));
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            if abandoned {
+                socket.stalled.set(true);
+                runtime.block_on(async {
+                    tokio::select! {
+                        biased;
+                        _ = tls.write_all(b"lost".to_vec(), 0..4) => panic!("a stalled write finished"),
+                        _ = tokio::task::yield_now() => {}
+                    }
+                });
+                socket.stalled.set(false);
+            } else {
+                socket.broken.set(true);
+                let (written, _) = runtime.block_on(tls.write_all(b"lost".to_vec(), 0..4));
+                assert!(written.is_err());
+                socket.broken.set(false);
             }
-        });
-        socket.stalled.set(false);
-        // The abandoned records took sequence numbers the peer never saw: what follows
-        // could not be opened, so it is not sent.
-        let (written, _) = runtime.block_on(tls.write_all(b"next".to_vec(), 0..4));
-        let error = written.unwrap_err();
-        assert!(
-            error.to_string().contains("nothing more is sent"),
-            "{error}"
-        );
-        assert!(socket.outgoing.borrow().is_empty());
+            // The lost records took sequence numbers the peer never saw: what follows could
+            // not be opened, so it is not sent.
+            let (written, _) = runtime.block_on(tls.write_all(b"next".to_vec(), 0..4));
+            let error = written.unwrap_err();
+            assert!(
+                error.to_string().contains("nothing more is sent"),
+                "{abandoned}: {error}"
+            );
+            assert!(socket.outgoing.borrow().is_empty(), "{abandoned}");
+        }
     }
 
     #[test]

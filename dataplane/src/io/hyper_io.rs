@@ -13,8 +13,10 @@
 //! the next. One send per burst instead of one per frame means fewer syscalls and, more to the
 //! point, fewer wake-ups of the peer. A flush returns at once; a write error is reported by
 //! the next write, flush or shutdown, and a shutdown first waits for the sender. Writes wait
-//! while `WRITE_LIMIT` bytes are unsent. No future is dropped while it runs, so no io_uring
-//! operation is abandoned; buffers are reused from burst to burst.
+//! while `WRITE_LIMIT` bytes are unsent. Buffers are reused from burst to burst. The only
+//! future dropped while it runs is a read still waiting when the adapter itself is dropped,
+//! when nothing more is wanted from the socket; the drop shuts the socket for reading so
+//! that io_uring read completes and the socket can close.
 
 use std::cell::RefCell;
 use std::future::Future;

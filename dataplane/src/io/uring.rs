@@ -87,13 +87,17 @@ impl Stream for UringStream {
             Ok(n) => Ok((n, crate::usertls::APPLICATION_DATA)),
             Err(error) if error.raw_os_error() == Some(libc::EIO) => {
                 crate::sys::recv_tls_record(crate::sys::borrow_fd(&self.0), &mut buf).map_err(
-                    // No record after all: the read's error stands.
                     |e| {
-                        if e.kind() == io::ErrorKind::WouldBlock {
-                            error
+                        // No record after all: the read's error stands.
+                        let (kind, cause) = if e.kind() == io::ErrorKind::WouldBlock {
+                            (error.kind(), error)
                         } else {
-                            e
-                        }
+                            (e.kind(), e)
+                        };
+                        io::Error::new(
+                            kind,
+                            format!("kernel TLS read on io_uring (a record that is not application data): {cause}"),
+                        )
                     },
                 )
             }
@@ -104,15 +108,26 @@ impl Stream for UringStream {
 
     async fn write_tls_record(&self, record_type: u8, data: &[u8]) -> io::Result<()> {
         let fd = crate::sys::borrow_fd(&self.0);
-        loop {
-            match crate::sys::send_tls_record(fd, record_type, data) {
-                Ok(sent) if sent == data.len() => return Ok(()),
-                Ok(_) => return Err(io::ErrorKind::WriteZero.into()),
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                    crate::sys::wait_writable(fd).await?;
-                }
-                Err(error) => return Err(error),
-            }
+        let sent = crate::sys::send_when_writable(fd, || {
+            crate::sys::send_tls_record(fd, record_type, data)
+        })
+        .await
+        .map_err(|error| {
+            io::Error::new(
+                error.kind(),
+                format!("sending a kernel TLS record of type {record_type} on io_uring: {error}"),
+            )
+        })?;
+        if sent == data.len() {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                format!(
+                    "kernel TLS took {sent} of a {}-byte record of type {record_type} on io_uring",
+                    data.len()
+                ),
+            ))
         }
     }
 }
