@@ -517,7 +517,8 @@ fn echo_with_worn_keys(
     let tern = std::thread::spawn(move || -> std::io::Result<&'static str> {
         match backend {
             BackendChoice::IoUring => Uring::block_on(echo_once::<Uring>(listener, server))?,
-            _ => Epoll::block_on(echo_once::<Epoll>(listener, server))?,
+            BackendChoice::Epoll => Epoll::block_on(echo_once::<Epoll>(listener, server))?,
+            BackendChoice::Auto => unreachable!("the tests name their backend"),
         }
     });
 

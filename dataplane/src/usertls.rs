@@ -322,7 +322,7 @@ pub(crate) struct Sealer {
     /// plaintext straight into it rather than copying it in first.
     out: Vec<u8>,
     sealed: usize,
-    /// Records were lost (a seal failed, or a send was abandoned mid-way), a KeyUpdate
+    /// Records were lost (a seal failed, or a send failed or was abandoned mid-way), a KeyUpdate
     /// among them perhaps, so nothing more may be sent.
     failed: bool,
 }
@@ -509,20 +509,22 @@ impl<S: Stream> UserTls<S> {
     }
 
     /// Writes the records the sealer holds, then empties it, keeping its memory (a burst's
-    /// beyond `FIRST_READ` given back as [`crate::io::fit`] does). Abandoned mid-way, the
-    /// records are lost and the sealer stays failed.
+    /// beyond `FIRST_READ` given back as [`crate::io::fit`] does). Abandoned or failed
+    /// mid-way, the records (a KeyUpdate among them, perhaps) are lost and the sealer stays
+    /// failed.
     async fn send(&self, sealer: &mut Sealer) -> io::Result<()> {
+        // Only records sealed by a sealer that had not failed are sent (`seal` checks).
+        debug_assert!(!sealer.failed);
         let out = std::mem::take(&mut sealer.out);
         let len = std::mem::take(&mut sealer.sealed);
-        let failed = std::mem::replace(&mut sealer.failed, true);
+        sealer.failed = true;
         let (written, mut back) = self.inner.write_all(out, 0..len).await;
-        if back.len() > FIRST_READ && len.saturating_mul(8) < back.len() {
-            back.truncate(len.saturating_mul(2).max(FIRST_READ));
+        if let Some(fitted) = crate::io::fitted_size(back.len(), len, FIRST_READ) {
+            back.truncate(fitted);
             back.shrink_to_fit();
         }
         sealer.out = back;
-        // A failed write may have taken part of the records, a KeyUpdate among them.
-        sealer.failed = failed || written.is_err();
+        sealer.failed = written.is_err();
         written
     }
 

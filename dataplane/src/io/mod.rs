@@ -190,9 +190,15 @@ pub trait Backend: 'static {
 /// that, never below `floor`. Buffers grow when reads fill them; this keeps a connection
 /// that once moved bulk from holding its largest buffer for the rest of its life.
 pub(crate) fn fit(buf: &mut Vec<u8>, used: usize, floor: usize) {
-    if buf.capacity() > floor && used.saturating_mul(8) < buf.capacity() {
-        buf.shrink_to(used.saturating_mul(2).max(floor).max(buf.len()));
+    if let Some(fitted) = fitted_size(buf.capacity(), used, floor) {
+        buf.shrink_to(fitted.max(buf.len()));
     }
+}
+
+/// What a buffer of `size` bytes, of which traffic used `used`, shrinks to by [`fit`]'s
+/// rule, if it shrinks: for buffers whose size is not their capacity.
+pub(crate) fn fitted_size(size: usize, used: usize, floor: usize) -> Option<usize> {
+    (size > floor && used.saturating_mul(8) < size).then(|| used.saturating_mul(2).max(floor))
 }
 
 /// Writes all of `buf` to `stream` and leaves it empty, keeping its memory for the next use

@@ -89,13 +89,13 @@ impl Stream for UringStream {
                 crate::sys::recv_tls_record(crate::sys::borrow_fd(&self.0), &mut buf).map_err(
                     |e| {
                         // No record after all: the read's error stands.
-                        let (kind, cause) = if e.kind() == io::ErrorKind::WouldBlock {
-                            (error.kind(), error)
+                        let cause = if e.kind() == io::ErrorKind::WouldBlock {
+                            error
                         } else {
-                            (e.kind(), e)
+                            e
                         };
                         io::Error::new(
-                            kind,
+                            cause.kind(),
                             format!("kernel TLS read on io_uring (a record that is not application data): {cause}"),
                         )
                     },
