@@ -17,7 +17,7 @@ fn scenario(protocol: Protocol) -> Scenario {
         connections: vec![2],
         duration: Duration::from_secs(1),
         warmup: Duration::from_millis(200),
-        rounds: 1,
+        rounds: 2,
         request_size: 64,
         response_size: 512,
         targets: vec![TargetKind::Direct, TargetKind::Tern, TargetKind::TernMtls],
@@ -53,16 +53,23 @@ fn compares_direct_a_hop_and_an_mtls_pair_in_one_run() {
                 result.errors
             );
             assert_eq!(
-                result.latency_us.count, 200,
+                result.latency_us.count, 400,
                 "{protocol:?} {}",
                 result.target
             );
             if result.target != "direct" {
                 assert!(result.added_us.contains_key("p99"));
+                assert_eq!(result.added_us_by_round.len(), 2, "{}", result.target);
                 assert!(result.vcpu_per_1000_rps.is_some_and(|v| v > 0.0));
                 assert!(result.rss_idle_mb.is_some_and(|mb| mb > 1.0));
             }
         }
+        // Two rounds: Tern's added latency is set beside that round's direct, round by round.
+        let text = std::fs::read_to_string(out.0.join("report.txt")).unwrap();
+        assert!(
+            text.contains("added over direct") && !text.contains("ratio by round"),
+            "no peer ran, so there is no ratio to give by round:\n{text}"
+        );
         for file in [
             "report.json",
             "report.txt",

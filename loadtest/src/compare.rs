@@ -151,6 +151,73 @@ fn bulk_mbps(scenario: &Scenario, latency: &Summary) -> f64 {
     }
 }
 
+/// `target`'s latency less `direct`'s at each percentile, µs.
+fn added_over(target: &Summary, direct: &Summary) -> BTreeMap<String, i64> {
+    PERCENTILES
+        .iter()
+        .map(|(_, name)| {
+            let added = target.get(name) as i64 - direct.get(name) as i64;
+            ((*name).to_owned(), added)
+        })
+        .collect()
+}
+
+/// The rows to compare, like for like, as (Tern, peer): single hops with single hops, mTLS
+/// pairs with mTLS pairs.
+fn like_for_like(rows: &[TargetResult]) -> Vec<(&TargetResult, &TargetResult)> {
+    const PAIRS: [(&str, &[&str]); 3] = [
+        ("tern", &["haproxy", "nginx"]),
+        ("tern-uring", &["haproxy", "nginx"]),
+        ("tern-mtls", &["haproxy-mtls", "nginx-mtls"]),
+    ];
+    let mut pairs = Vec::new();
+    for (ours, theirs) in PAIRS {
+        for tern in rows.iter().filter(|r| r.target == ours) {
+            for peer in rows.iter().filter(|r| theirs.contains(&r.target.as_str())) {
+                pairs.push((tern, peer));
+            }
+        }
+    }
+    pairs
+}
+
+/// Tern's added latency over the peer's; none when the peer added nothing (the noise floor
+/// was above it), where a ratio says nothing.
+fn ratio(tern: i64, peer: i64) -> Option<f64> {
+    (peer > 0).then(|| tern as f64 / peer as f64)
+}
+
+fn ratio_text(ratio: Option<f64>) -> String {
+    ratio.map_or_else(|| "-".to_owned(), |r| format!("{r:.2}"))
+}
+
+/// The ratio of Tern's added latency to the peer's at `percentile`, round by round, each
+/// round against the direct traffic measured next to it.
+fn ratios_by_round(tern: &TargetResult, peer: &TargetResult, percentile: &str) -> Vec<Option<f64>> {
+    tern.added_us_by_round
+        .iter()
+        .zip(&peer.added_us_by_round)
+        .map(|(t, p)| {
+            ratio(
+                t.get(percentile).copied().unwrap_or(0),
+                p.get(percentile).copied().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+/// The median of the ratios there are (the mean of the middle two for an even count).
+fn median(ratios: &[Option<f64>]) -> Option<f64> {
+    let mut known: Vec<f64> = ratios.iter().flatten().copied().collect();
+    known.sort_by(f64::total_cmp);
+    let mid = known.len() / 2;
+    match known.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(known[mid]),
+        _ => Some((known[mid - 1] + known[mid]) / 2.0),
+    }
+}
+
 /// A started target.
 struct Target {
     kind: TargetKind,
@@ -728,6 +795,8 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
 #[derive(Debug, Clone)]
 struct Measured {
     outcome: Outcome,
+    /// Each round's latency alone, in round order.
+    rounds: Vec<Summary>,
     cpu_seconds: f64,
     measured_seconds: f64,
     rss_idle: u64,
@@ -745,6 +814,9 @@ pub struct TargetResult {
     pub latency_us: Summary,
     /// Added over direct at each percentile, µs.
     pub added_us: BTreeMap<String, i64>,
+    /// Added over the same round's direct, round by round, at each percentile, µs (empty
+    /// for direct, or with no direct target).
+    pub added_us_by_round: Vec<BTreeMap<String, i64>>,
     /// Achieved rate (mean over rounds).
     pub achieved_rate: f64,
     /// Failed requests by kind.
@@ -893,6 +965,7 @@ pub fn run(scenario: &Scenario, programs: &Programs, out: &Path) -> anyhow::Resu
                 (connections, target.kind),
                 Measured {
                     outcome: Outcome::empty(scenario.rate),
+                    rounds: Vec::new(),
                     cpu_seconds: 0.0,
                     measured_seconds: 0.0,
                     rss_idle,
@@ -935,6 +1008,7 @@ pub fn run(scenario: &Scenario, programs: &Programs, out: &Path) -> anyhow::Resu
                     m.rss_peak = m.rss_peak.max(after.rss_bytes);
                 }
                 m.measured_seconds += wall;
+                m.rounds.push(Summary::of(&outcome.latency));
                 m.outcome.merge(outcome);
             }
         }
@@ -943,9 +1017,9 @@ pub fn run(scenario: &Scenario, programs: &Programs, out: &Path) -> anyhow::Resu
     let mut results = Vec::new();
     let mut text = String::new();
     for &connections in &scenario.connections {
-        let direct = measured
-            .get(&(connections, TargetKind::Direct))
-            .map(|m| Summary::of(&m.outcome.latency));
+        let direct_measured = measured.get(&(connections, TargetKind::Direct));
+        let direct = direct_measured.map(|m| Summary::of(&m.outcome.latency));
+        let direct_rounds = direct_measured.map(|m| &m.rounds);
         let _ = writeln!(
             text,
             "\n{} at {:.0}/s, {connections} connections, {} B responses; {} rounds of {:?} per target, interleaved",
@@ -970,17 +1044,16 @@ pub fn run(scenario: &Scenario, programs: &Programs, out: &Path) -> anyhow::Resu
                 achieved,
                 report::errors_text(&m.outcome.errors)
             );
-            let added: BTreeMap<String, i64> = match &direct {
-                Some(d) if target.kind != TargetKind::Direct => PERCENTILES
-                    .iter()
-                    .map(|(_, name)| {
-                        (
-                            (*name).to_owned(),
-                            summary.get(name) as i64 - d.get(name) as i64,
-                        )
-                    })
-                    .collect(),
-                _ => BTreeMap::new(),
+            let (added, added_by_round) = match (&direct, direct_rounds) {
+                (Some(d), Some(d_rounds)) if target.kind != TargetKind::Direct => (
+                    added_over(&summary, d),
+                    m.rounds
+                        .iter()
+                        .zip(d_rounds)
+                        .map(|(round, d_round)| added_over(round, d_round))
+                        .collect(),
+                ),
+                _ => (BTreeMap::new(), Vec::new()),
             };
             let busy_seconds = m.measured_seconds;
             let vcpu = (!target.processes.is_empty() && busy_seconds > 0.0)
@@ -991,6 +1064,7 @@ pub fn run(scenario: &Scenario, programs: &Programs, out: &Path) -> anyhow::Resu
                 connections,
                 latency_us: summary,
                 added_us: added,
+                added_us_by_round: added_by_round,
                 achieved_rate: achieved,
                 errors: m.outcome.errors.clone(),
                 vcpu_per_1000_rps: vcpu,
@@ -1011,34 +1085,41 @@ pub fn run(scenario: &Scenario, programs: &Programs, out: &Path) -> anyhow::Resu
                 }
                 let _ = writeln!(text, "{line}");
             }
-            // Ratios of Tern's added latency to each peer's, same run, like for like: single
-            // hops with single hops, mTLS pairs with mTLS pairs.
-            let pairs: [(&str, &[&str]); 3] = [
-                ("tern", &["haproxy", "nginx"]),
-                ("tern-uring", &["haproxy", "nginx"]),
-                ("tern-mtls", &["haproxy-mtls", "nginx-mtls"]),
-            ];
-            for (ours, theirs) in pairs {
-                let peers = rows.iter().filter(|r| theirs.contains(&r.target.as_str()));
-                for (tern, peer) in rows
-                    .iter()
-                    .filter(|r| r.target == ours)
-                    .flat_map(|t| peers.clone().map(move |p| (t, p)))
-                {
-                    let mut line = format!("{:<22}", format!("{} / {}", tern.target, peer.target));
-                    for (_, name) in PERCENTILES {
-                        let (t, p) = (
-                            tern.added_us.get(name).copied().unwrap_or(0),
-                            peer.added_us.get(name).copied().unwrap_or(0),
+            let pairs = like_for_like(&rows);
+            for (tern, peer) in &pairs {
+                let mut line = format!("{:<22}", format!("{} / {}", tern.target, peer.target));
+                for (_, name) in PERCENTILES {
+                    let ratio = ratio(
+                        tern.added_us.get(name).copied().unwrap_or(0),
+                        peer.added_us.get(name).copied().unwrap_or(0),
+                    );
+                    let _ = write!(line, "{:>9}", ratio_text(ratio));
+                }
+                let _ = writeln!(text, "{line}");
+            }
+            if scenario.rounds > 1 && !pairs.is_empty() {
+                let _ = write!(
+                    text,
+                    "\nratio by round (added over that round's direct){}",
+                    " ".repeat(4)
+                );
+                for round in 1..=scenario.rounds {
+                    let _ = write!(text, "{:>9}", format!("round {round}"));
+                }
+                let _ = writeln!(text, "{:>9}", "median");
+                for (tern, peer) in &pairs {
+                    for name in ["p50", "p90", "p99"] {
+                        let by_round = ratios_by_round(tern, peer, name);
+                        let mut line = format!(
+                            "{:<52}",
+                            format!("{} / {} {name}", tern.target, peer.target)
                         );
-                        let cell = if p > 0 {
-                            format!("{:.2}", t as f64 / p as f64)
-                        } else {
-                            "-".into()
-                        };
-                        let _ = write!(line, "{cell:>9}");
+                        for ratio in &by_round {
+                            let _ = write!(line, "{:>9}", ratio_text(*ratio));
+                        }
+                        let _ = writeln!(line, "{:>9}", ratio_text(median(&by_round)));
+                        text.push_str(&line);
                     }
-                    let _ = writeln!(text, "{line}");
                 }
             }
         }
@@ -1127,4 +1208,72 @@ pub fn run(scenario: &Scenario, programs: &Programs, out: &Path) -> anyhow::Resu
     )?;
     std::fs::write(out.join("report.txt"), text)?;
     Ok(comparison)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(target: &str, p50_by_round: &[i64]) -> TargetResult {
+        TargetResult {
+            target: target.to_owned(),
+            connections: 1,
+            latency_us: Summary::of(&Histogram::new(3).unwrap()),
+            added_us: BTreeMap::new(),
+            added_us_by_round: p50_by_round
+                .iter()
+                .map(|&p50| BTreeMap::from([("p50".to_owned(), p50)]))
+                .collect(),
+            achieved_rate: 0.0,
+            errors: BTreeMap::new(),
+            vcpu_per_1000_rps: None,
+            rss_idle_mb: None,
+            rss_load_mb: None,
+        }
+    }
+
+    #[test]
+    fn each_round_is_compared_with_the_same_round_of_the_peer() {
+        let tern = result("tern-mtls", &[100, 300, 50]);
+        let peer = result("haproxy-mtls", &[200, 0, 100]);
+        // A round where the peer added nothing has no ratio, and the median skips it.
+        let by_round = ratios_by_round(&tern, &peer, "p50");
+        assert_eq!(by_round, [Some(0.5), None, Some(0.5)]);
+        assert_eq!(median(&by_round), Some(0.5));
+        assert_eq!(ratios_by_round(&tern, &peer, "p99"), [None, None, None]);
+    }
+
+    #[test]
+    fn the_median_takes_the_middle_or_the_mean_of_the_middle_two() {
+        assert_eq!(median(&[Some(3.0), Some(1.0), Some(2.0)]), Some(2.0));
+        assert_eq!(
+            median(&[Some(4.0), None, Some(1.0), Some(2.0), Some(3.0)]),
+            Some(2.5)
+        );
+        assert_eq!(median(&[None, None]), None);
+    }
+
+    #[test]
+    fn tern_is_paired_like_for_like() {
+        let rows = [
+            result("direct", &[]),
+            result("tern", &[]),
+            result("tern-mtls", &[]),
+            result("haproxy", &[]),
+            result("haproxy-mtls", &[]),
+            result("nginx-mtls", &[]),
+        ];
+        let pairs: Vec<(&str, &str)> = like_for_like(&rows)
+            .into_iter()
+            .map(|(t, p)| (t.target.as_str(), p.target.as_str()))
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                ("tern", "haproxy"),
+                ("tern-mtls", "haproxy-mtls"),
+                ("tern-mtls", "nginx-mtls")
+            ]
+        );
+    }
 }
