@@ -238,6 +238,24 @@ fn an_untrusted_ca_is_refused_both_ways(backend: BackendChoice) {
     refused_by_inbound(&a2, &b2);
 }
 
+fn a_client_from_another_trust_domain_is_refused(backend: BackendChoice) {
+    let dir = TempDir::new("mtls-domain");
+    let ca = TestCa::new("root");
+    // A's certificate chains to the root B trusts, but names a workload of another mesh.
+    let a_id = ca.write_identity(
+        &dir.0,
+        "a",
+        "spiffe://elsewhere.test/ns/shop/sa/frontend",
+        &[&ca],
+        false,
+    );
+    let b_id = ca.write_identity(&dir.0, "b", B, &[&ca], false);
+    let (echo, http) = (Echo::start(), Http::start("app"));
+    let b = inbound(backend, &b_id, echo.addr, http.addr);
+    let a = outbound(backend, &a_id, &b, B);
+    refused_by_inbound(&a, &b);
+}
+
 fn an_expired_certificate_is_refused(backend: BackendChoice) {
     let dir = TempDir::new("mtls-expired");
     let ca = TestCa::new("root");
@@ -426,6 +444,7 @@ both_backends!(
     http_requests_cross_the_tunnel_on_pooled_connections,
     the_wrong_identity_is_refused,
     an_untrusted_ca_is_refused_both_ways,
+    a_client_from_another_trust_domain_is_refused,
     an_expired_certificate_is_refused,
     plaintext_garbage_and_stalled_handshakes_are_refused,
     config_without_identity_files_is_refused,

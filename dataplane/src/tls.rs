@@ -22,6 +22,7 @@ use rustls::kernel::KernelConnection;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::unbuffered::{
     ConnectionState, EncodeError, UnbufferedConnectionCommon, UnbufferedStatus,
 };
@@ -275,10 +276,14 @@ impl Identity {
     ) -> Result<Identity, TlsError> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let roots = Arc::new(roots);
-        let client_verifier =
+        let chain_verifier =
             WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
                 .build()
                 .map_err(|e| TlsError::Config(rustls::Error::General(e.to_string())))?;
+        let client_verifier = Arc::new(MeshClientVerifier {
+            chain: chain_verifier,
+            trust_domain: id.trust_domain().to_owned(),
+        });
         let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(client_verifier)
@@ -373,17 +378,12 @@ impl ServerCertVerifier for SpiffeVerifier {
             now,
             self.algorithms.all,
         )?;
-        let id = spiffe_id_of(end_entity).map_err(|e| {
-            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
-                Arc::new(io::Error::other(e)),
-            )))
-        })?;
+        let id = spiffe_id_of(end_entity).map_err(invalid_certificate)?;
         if id != self.expected {
-            return Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::Other(rustls::OtherError(Arc::new(io::Error::other(
-                    format!("peer is {id}, expected {}", self.expected),
-                )))),
-            ));
+            return Err(invalid_certificate(format!(
+                "peer is {id}, expected {}",
+                self.expected
+            )));
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -408,6 +408,75 @@ impl ServerCertVerifier for SpiffeVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
+    }
+}
+
+/// An invalid-certificate error carrying `message`.
+fn invalid_certificate(message: String) -> rustls::Error {
+    rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+        Arc::new(io::Error::other(message)),
+    )))
+}
+
+/// Checks a client's chain against the trust bundle (webpki, as rustls does), then that the
+/// client is a workload of this mesh: its certificate carries exactly one SPIFFE ID, in this
+/// proxy's trust domain. A certificate that merely chains to a root in the bundle — one an
+/// operator's own root issued for something else, say — is not a peer sidecar's.
+#[derive(Debug)]
+struct MeshClientVerifier {
+    chain: Arc<dyn ClientCertVerifier>,
+    trust_domain: String,
+}
+
+impl ClientCertVerifier for MeshClientVerifier {
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.chain.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .chain
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let id = spiffe_id_of(end_entity)
+            .map_err(|e| invalid_certificate(format!("peer has no SPIFFE ID: {e}")))?;
+        if id.trust_domain() != self.trust_domain {
+            return Err(invalid_certificate(format!(
+                "peer {id} is not in trust domain {}",
+                self.trust_domain
+            )));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.chain.supported_verify_schemes()
     }
 }
 
@@ -1117,6 +1186,79 @@ mod tests {
         let mut out = Vec::new();
         client.write_tls(&mut out).unwrap();
         out
+    }
+
+    /// A client verifier for trust domain `tern.test` with its root, and a client certificate
+    /// that root signs with `sans`.
+    fn client_verifier_and_cert(
+        sans: Vec<rcgen::SanType>,
+    ) -> (MeshClientVerifier, CertificateDer<'static>) {
+        let mut root = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        root.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let root_key = rcgen::KeyPair::generate().unwrap();
+        let root_cert = root.self_signed(&root_key).unwrap();
+        let issuer = rcgen::Issuer::new(root, root_key);
+        let mut leaf = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        leaf.subject_alt_names = sans;
+        leaf.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf_cert = leaf.signed_by(&leaf_key, &issuer).unwrap();
+        let mut roots = RootCertStore::empty();
+        roots.add(root_cert.der().clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let chain = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .unwrap();
+        let verifier = MeshClientVerifier {
+            chain,
+            trust_domain: "tern.test".to_owned(),
+        };
+        (verifier, leaf_cert.der().clone())
+    }
+
+    #[test]
+    fn a_client_must_be_a_workload_of_this_trust_domain() {
+        let uri = |u: &str| rcgen::SanType::URI(u.try_into().unwrap());
+        let verify = |sans| {
+            let (verifier, cert) = client_verifier_and_cert(sans);
+            verifier
+                .verify_client_cert(&cert, &[], UnixTime::now())
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            verify(vec![uri("spiffe://tern.test/ns/shop/sa/web")]),
+            Ok(())
+        );
+        // Each of these chains to the trusted root all the same.
+        let refused = [
+            (
+                vec![uri("spiffe://elsewhere.test/ns/shop/sa/web")],
+                "not in trust domain tern.test",
+            ),
+            (
+                vec![rcgen::SanType::DnsName("web.example".try_into().unwrap())],
+                "no SPIFFE ID",
+            ),
+            (
+                vec![
+                    uri("spiffe://tern.test/ns/shop/sa/web"),
+                    uri("spiffe://tern.test/ns/shop/sa/admin"),
+                ],
+                "exactly one URI SAN",
+            ),
+            (
+                vec![uri("https://tern.test/ns/shop/sa/web")],
+                "no SPIFFE ID",
+            ),
+        ];
+        for (sans, why) in refused {
+            let error = verify(sans).unwrap_err();
+            assert!(error.contains(why), "{error}");
+        }
     }
 
     #[test]
