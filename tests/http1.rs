@@ -194,6 +194,24 @@ fn websocket_upgrade_becomes_a_byte_pump(backend: BackendChoice) {
     }
 }
 
+fn a_switch_of_protocols_nobody_asked_for_is_502_and_ends_that_connection(backend: BackendChoice) {
+    let f = Fixture::start(backend);
+    // The upstream answers /ws with 101 whatever the request says; this one asks no upgrade.
+    let mut conn = Conn::open(f.addr());
+    conn.send(b"GET /ws HTTP/1.1\r\nHost: api.local\r\n\r\n");
+    let response = conn.response(false);
+    assert_eq!(
+        (response.status, response.header("x-tern-response-flag")),
+        (502, Some("UPE"))
+    );
+    // The switched connection was not pooled: the next request gets a connection of its own
+    // and an HTTP answer, not a tunnel.
+    let opened = f.api.connections.load(Ordering::SeqCst);
+    conn.send(b"GET /after HTTP/1.1\r\nHost: api.local\r\n\r\n");
+    assert_eq!(conn.response(false).text(), "api /after");
+    assert_eq!(f.api.connections.load(Ordering::SeqCst), opened + 1);
+}
+
 fn upstream_down_is_503(backend: BackendChoice) {
     let f = Fixture::start(backend);
     let response = f.get("down.local", "/");
@@ -300,6 +318,22 @@ fn bad_requests_get_the_right_status_and_a_close(backend: BackendChoice) {
         b"POST /echo HTTP/1.1\r\nHost: api.local\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
         400,
     );
+    // Heads an upstream could frame or route differently from the proxy.
+    refused(
+        &f,
+        b"POST /echo HTTP/1.1\r\nHost: api.local\r\nX: y\nContent-Length: 5\r\n\r\nhello",
+        400,
+    );
+    refused(
+        &f,
+        b"POST /echo HTTP/1.1\r\nHost: api.local\r\nContent-Length: ,\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+    );
+    refused(
+        &f,
+        b"GET http://api.local/admin HTTP/1.1\r\nHost: web.local\r\n\r\n",
+        400,
+    );
     refused(
         &f,
         format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(600)).as_bytes(),
@@ -339,7 +373,7 @@ fn bad_requests_get_the_right_status_and_a_close(backend: BackendChoice) {
     let metrics = wait_for_metric(
         &f.proxy,
         "tern_errors_total{listener=\"web\",flag=\"DPE\"}",
-        5.0,
+        8.0,
     );
     assert_eq!(
         metric(&metrics, "tern_errors_total{listener=\"web\",flag=\"DLE\"}"),
@@ -511,6 +545,7 @@ both_backends!(
     streams_chunked_and_large_bodies,
     expect_continue_is_passed_through,
     websocket_upgrade_becomes_a_byte_pump,
+    a_switch_of_protocols_nobody_asked_for_is_502_and_ends_that_connection,
     upstream_down_is_503,
     upstream_that_hangs_is_504_after_the_timeout,
     no_route_is_404,

@@ -3,8 +3,10 @@
 //!
 //! Parsing borrows the connection's buffer and records offsets, so it allocates nothing.
 //! Ambiguous framing is refused rather than guessed (both `Content-Length` and
-//! `Transfer-Encoding`, conflicting lengths, a request coding that does not end in
-//! `chunked`): those are the inputs request smuggling is made of.
+//! `Transfer-Encoding`, conflicting or empty lengths, a request coding that does not end in
+//! `chunked`), and so is what a recipient could read differently from the proxy, since heads
+//! go on as they came (a line ending in a bare LF, a `Host` other than an absolute-form
+//! target's authority): those are the inputs request smuggling is made of.
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
@@ -93,8 +95,18 @@ pub enum Method {
     Head,
     /// `CONNECT`.
     Connect,
-    /// Anything else.
+    /// `GET`, `PUT`, `DELETE`, `OPTIONS`, `TRACE`: idempotent (RFC 9110 §9.2.2), so a request
+    /// a stale pooled connection lost may be sent again.
+    Idempotent,
+    /// Anything else (`POST`, `PATCH`, extensions): never sent twice.
     Other,
+}
+
+impl Method {
+    /// Whether the request may be sent again when its connection failed before any answer.
+    pub fn idempotent(self) -> bool {
+        matches!(self, Method::Head | Method::Idempotent)
+    }
 }
 
 /// A parsed request head; ranges index the buffer it was parsed from.
@@ -175,6 +187,9 @@ fn read_fields(buf: &[u8], headers: &[httparse::Header<'_>]) -> Result<Fields, H
             }
             f.host = Some(offset(buf, value));
         } else if name.eq_ignore_ascii_case(b"content-length") {
+            if tokens(value).next().is_none() {
+                return Err(HeadError::Malformed("invalid Content-Length"));
+            }
             for token in tokens(value) {
                 let length =
                     parse_length(token).ok_or(HeadError::Malformed("invalid Content-Length"))?;
@@ -217,6 +232,19 @@ fn parse_length(digits: &[u8]) -> Option<u64> {
     })
 }
 
+/// Refuses a head with a line that ends in a bare LF. httparse takes one as a line end, as
+/// RFC 9112 §2.2 allows, but heads go on as they came, and a recipient that does not (one
+/// that reads the LF as part of a field value, say) would frame the message differently:
+/// a request smuggling vector. Every line of a head Tern forwards ends in CRLF.
+fn check_line_ends(head: &[u8]) -> Result<(), HeadError> {
+    let bare =
+        head.first() == Some(&b'\n') || head.windows(2).any(|w| w[1] == b'\n' && w[0] != b'\r');
+    if bare {
+        return Err(HeadError::Malformed("line ending in a bare LF"));
+    }
+    Ok(())
+}
+
 /// Checks the limits a head still being received has already broken.
 fn check_partial(buf: &[u8], limits: &Limits, request: bool) -> Result<(), HeadError> {
     if request && buf.len() > limits.max_line && !buf[..limits.max_line].contains(&b'\n') {
@@ -254,13 +282,22 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>,
             return Err(map_error(error));
         }
     };
-    let line_end = buf.iter().position(|&b| b == b'\n').unwrap_or(len);
+    // The request line, after the empty lines a server ignores before it.
+    let line_start = buf[..len]
+        .iter()
+        .position(|&b| b != b'\r' && b != b'\n')
+        .unwrap_or(len);
+    let line_end = buf[line_start..len]
+        .iter()
+        .position(|&b| b == b'\n')
+        .unwrap_or(len);
     if line_end > limits.max_line {
         return Err(HeadError::LineTooLong);
     }
     if len > limits.max_head {
         return Err(HeadError::TooLarge);
     }
+    check_line_ends(&buf[..len])?;
     let (Some(method), Some(target), Some(minor)) = (request.method, request.path, request.version)
     else {
         return Err(HeadError::Malformed("incomplete request line"));
@@ -269,6 +306,7 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>,
     let method = match method {
         "HEAD" => Method::Head,
         "CONNECT" => Method::Connect,
+        "GET" | "PUT" | "DELETE" | "OPTIONS" | "TRACE" => Method::Idempotent,
         _ => Method::Other,
     };
 
@@ -293,6 +331,15 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>,
         return Err(HeadError::Malformed("invalid request target"));
     };
     let host = match (authority, fields.host) {
+        // RFC 9112 §3.2.2: a client sends the target's authority as Host; the head goes on as
+        // it came, so an upstream routing on Host must not see another host than Tern did.
+        (Some(authority), Some(host))
+            if !buf[authority.clone()].eq_ignore_ascii_case(&buf[host.clone()]) =>
+        {
+            return Err(HeadError::Malformed(
+                "Host differs from the request target's authority",
+            ));
+        }
         (Some(authority), _) => authority,
         (None, Some(host)) => host,
         (None, None) if minor == 0 => len..len,
@@ -356,6 +403,7 @@ pub fn parse_response(
     if len > limits.max_head {
         return Err(HeadError::TooLarge);
     }
+    check_line_ends(&buf[..len])?;
     let (Some(status), Some(minor)) = (response.code, response.version) else {
         return Err(HeadError::Malformed("incomplete status line"));
     };

@@ -199,9 +199,10 @@ impl<B: Backend> Conn<'_, B> {
                     .await;
             };
             upstream_stats.request();
-            // A pooled connection the upstream already closed fails here; a request with no
-            // body is safe to send again on a fresh connection, once.
-            let may_retry = reused && !retried && !has_body;
+            // A pooled connection the upstream already closed fails here; an idempotent
+            // request with no body is safe to send again on a fresh connection, once (the
+            // upstream may have acted on it before closing: RFC 9110 §9.2.2).
+            let may_retry = reused && !retried && !has_body && head.method.idempotent();
             if has_body && !head.expect_continue {
                 // The head and the start of the body go out in one write.
                 if let Err(next) = self.request_body(head, &up, cluster, started).await {
@@ -344,6 +345,12 @@ impl<B: Backend> Conn<'_, B> {
                     tracing::debug!(%error, "malformed upstream response");
                     return Err(UpstreamFailure::Protocol);
                 }
+                Ok(Some(response)) if response.status == 101 && !head.upgrade => {
+                    // The connection switched protocols for a request that did not ask to: it
+                    // must not serve another request, nor reach the client.
+                    tracing::debug!("upstream switched protocols unasked");
+                    return Err(UpstreamFailure::Protocol);
+                }
                 Ok(Some(response))
                     if (100..200).contains(&response.status) && response.status != 101 =>
                 {
@@ -402,8 +409,7 @@ impl<B: Backend> Conn<'_, B> {
         let close = !head.keep_alive
             || self.worker.draining()
             || response.framing == Framing::UntilClose
-            || body_unsent
-            || response.status == 101;
+            || body_unsent;
         let mut pending = std::mem::take(&mut self.upbuf);
         // Normally the head goes out as received, in one write with the body's start; when
         // the proxy closes a connection the client wanted kept, the head says so.

@@ -29,10 +29,76 @@ fn reads_host_path_and_framing() {
 
 #[test]
 fn absolute_form_takes_its_authority() {
-    let text = "GET http://svc.local:8080/p?q HTTP/1.1\r\nHost: other\r\n\r\n";
+    let text = "GET http://svc.local:8080/p?q HTTP/1.1\r\nHost: SVC.local:8080\r\n\r\n";
     let head = complete(text);
     assert_eq!(&text[head.host.clone()], "svc.local:8080");
     assert_eq!(&text[head.path.clone()], "/p?q");
+    assert_eq!(head.method, Method::Idempotent);
+    // The upstream, which sees the head as it came, must not route on another host.
+    assert_eq!(
+        request("GET http://public.local/admin HTTP/1.1\r\nHost: internal.local\r\n\r\n"),
+        Err(HeadError::Malformed(
+            "Host differs from the request target's authority"
+        ))
+    );
+}
+
+#[test]
+fn a_line_ending_in_a_bare_lf_is_refused_in_either_head() {
+    let bare = Err(HeadError::Malformed("line ending in a bare LF"));
+    // The proxy would see Content-Length; an upstream that ends lines only at CRLF would not.
+    assert_eq!(
+        request("POST / HTTP/1.1\r\nHost: a\r\nX: y\nContent-Length: 5\r\n\r\nhello"),
+        bare
+    );
+    assert_eq!(request("GET / HTTP/1.1\nHost: a\n\n"), bare);
+    assert_eq!(
+        parse_response(
+            b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok",
+            &LIMITS,
+            Method::Other
+        ),
+        bare.map(|_: Option<RequestHead>| None)
+    );
+    // Empty lines before the request line are ignored (RFC 9112 §2.2), and do not count
+    // toward the request line's length.
+    let head = complete("\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(head.len, 29);
+    let long = format!(
+        "\r\n\r\nGET /{} HTTP/1.1\r\nHost: a\r\n\r\n",
+        "x".repeat(200)
+    );
+    assert_eq!(request(&long), Err(HeadError::LineTooLong));
+}
+
+#[test]
+fn an_empty_content_length_is_refused() {
+    for value in ["", ",", " , "] {
+        assert_eq!(
+            request(&format!(
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length:{value}\r\nTransfer-Encoding: chunked\r\n\r\n"
+            )),
+            Err(HeadError::Malformed("invalid Content-Length")),
+            "{value:?}"
+        );
+    }
+}
+
+#[test]
+fn only_idempotent_methods_may_be_sent_twice() {
+    for (method, idempotent) in [
+        ("GET", true),
+        ("HEAD", true),
+        ("PUT", true),
+        ("DELETE", true),
+        ("OPTIONS", true),
+        ("POST", false),
+        ("PATCH", false),
+        ("PURGE", false),
+    ] {
+        let head = complete(&format!("{method} / HTTP/1.1\r\nHost: a\r\n\r\n"));
+        assert_eq!(head.method.idempotent(), idempotent, "{method}");
+    }
 }
 
 #[test]
