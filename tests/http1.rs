@@ -212,6 +212,30 @@ fn a_switch_of_protocols_nobody_asked_for_is_502_and_ends_that_connection(backen
     assert_eq!(f.api.connections.load(Ordering::SeqCst), opened + 1);
 }
 
+fn an_h2c_upgrade_is_declined_and_the_request_served_as_http1(backend: BackendChoice) {
+    let f = Fixture::start(backend);
+    let mut conn = Conn::open(f.addr());
+    // As curl --http2 and Java's HttpClient ask on a cleartext URL.
+    let offer = "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA";
+    conn.send(format!("GET /first HTTP/1.1\r\nHost: api.local\r\n{offer}\r\n\r\n").as_bytes());
+    let response = conn.response(false);
+    assert_eq!(
+        (response.status, response.text()),
+        (200, "api /first".to_owned())
+    );
+    assert_eq!(
+        response.header("x-upgrade"),
+        None,
+        "the upstream saw the offer"
+    );
+    // The connection is still HTTP/1.1, routed request by request.
+    conn.send(b"GET /second HTTP/1.1\r\nHost: other\r\n\r\n");
+    assert_eq!(conn.response(false).text(), "web /second");
+    // Other upgrades still reach the upstream.
+    conn.send(b"GET /third HTTP/1.1\r\nHost: api.local\r\nUpgrade: websocket\r\n\r\n");
+    assert_eq!(conn.response(false).header("x-upgrade"), Some("websocket"));
+}
+
 fn upstream_down_is_503(backend: BackendChoice) {
     let f = Fixture::start(backend);
     let response = f.get("down.local", "/");
@@ -546,6 +570,7 @@ both_backends!(
     expect_continue_is_passed_through,
     websocket_upgrade_becomes_a_byte_pump,
     a_switch_of_protocols_nobody_asked_for_is_502_and_ends_that_connection,
+    an_h2c_upgrade_is_declined_and_the_request_served_as_http1,
     upstream_down_is_503,
     upstream_that_hangs_is_504_after_the_timeout,
     no_route_is_404,

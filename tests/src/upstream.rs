@@ -112,6 +112,8 @@ async fn handle(
         .and_then(|h| h.to_str().ok())
         .unwrap_or("")
         .to_owned();
+    // What the request offered to upgrade to, told back on ordinary answers.
+    let upgrade = request.headers().get("upgrade").cloned();
     let response = if path == "/echo" {
         Response::new(full(whole_body(request).await))
     } else if path == "/grpc" {
@@ -164,6 +166,9 @@ async fn handle(
             "x-host",
             host.parse().unwrap_or_else(|_| "?".parse().unwrap()),
         );
+        if let Some(upgrade) = upgrade {
+            response.headers_mut().insert("x-upgrade", upgrade);
+        }
         response
     };
     Ok(response)

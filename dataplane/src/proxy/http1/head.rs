@@ -126,6 +126,9 @@ pub struct RequestHead {
     pub keep_alive: bool,
     /// `Connection: upgrade` with an `Upgrade` header.
     pub upgrade: bool,
+    /// The upgrade offered is to HTTP/2 (`h2c`), which the proxy declines: after the switch
+    /// every request would go where this one went, past the routes.
+    pub h2c_upgrade: bool,
     /// `Expect: 100-continue`.
     pub expect_continue: bool,
 }
@@ -156,6 +159,7 @@ struct Fields {
     keep_alive: bool,
     upgrade_token: bool,
     upgrade_header: bool,
+    upgrade_h2c: bool,
     expect_continue: bool,
 }
 
@@ -211,6 +215,7 @@ fn read_fields(buf: &[u8], headers: &[httparse::Header<'_>]) -> Result<Fields, H
             }
         } else if name.eq_ignore_ascii_case(b"upgrade") {
             f.upgrade_header = true;
+            f.upgrade_h2c |= tokens(value).any(|t| t.eq_ignore_ascii_case(b"h2c"));
         } else if name.eq_ignore_ascii_case(b"expect") {
             f.expect_continue = value.eq_ignore_ascii_case(b"100-continue");
         }
@@ -371,6 +376,7 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>,
             !fields.close
         },
         upgrade: fields.upgrade_header && fields.upgrade_token,
+        h2c_upgrade: fields.upgrade_h2c,
         expect_continue: fields.expect_continue && minor == 1,
     }))
 }
@@ -439,21 +445,41 @@ pub fn parse_response(
     }))
 }
 
-/// Rewrites a response head to end the connection: drops its `Connection` fields and adds
-/// `connection: close`. Used when the proxy closes a connection the upstream would keep.
-pub fn with_connection_close(head: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(head.len() + 19);
-    let body = head.strip_suffix(b"\r\n\r\n").unwrap_or(head);
-    for (i, line) in body.split(|&b| b == b'\n').enumerate() {
+/// A head (every line ending in CRLF, as parsing made sure) without the fields named in
+/// `dropped` (lowercase), with `added` (whole lines) at the end of its fields.
+fn rewritten(head: &[u8], dropped: &[&[u8]], added: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(head.len() + added.len());
+    let fields = head.strip_suffix(b"\r\n\r\n").unwrap_or(head);
+    for (i, line) in fields.split(|&b| b == b'\n').enumerate() {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let is_connection = line.len() > 11 && line[..11].eq_ignore_ascii_case(b"connection:");
-        if i == 0 || !is_connection {
+        let name = line.split(|&b| b == b':').next().unwrap_or_default();
+        let drop = i > 0 && dropped.iter().any(|d| name.eq_ignore_ascii_case(d));
+        if !drop {
             out.extend_from_slice(line);
             out.extend_from_slice(b"\r\n");
         }
     }
-    out.extend_from_slice(b"connection: close\r\n\r\n");
+    out.extend_from_slice(added);
+    out.extend_from_slice(b"\r\n");
     out
+}
+
+/// Rewrites a response head to end the connection: drops its `Connection` fields and adds
+/// `connection: close`. Used when the proxy closes a connection the upstream would keep.
+pub fn with_connection_close(head: &[u8]) -> Vec<u8> {
+    rewritten(head, &[b"connection"], b"connection: close\r\n")
+}
+
+/// Rewrites a request head offering an upgrade to `h2c` into the plain HTTP/1.1 request it
+/// also is (RFC 9113 left the upgrade out; Envoy drops it too): without its `Upgrade`,
+/// `HTTP2-Settings` and `Connection` fields, keeping only a `close`.
+pub fn without_h2c_upgrade(head: &[u8], keep_alive: bool) -> Vec<u8> {
+    let added: &[u8] = if keep_alive {
+        b""
+    } else {
+        b"connection: close\r\n"
+    };
+    rewritten(head, &[b"connection", b"upgrade", b"http2-settings"], added)
 }
 
 #[cfg(test)]

@@ -96,6 +96,14 @@ pub async fn serve<B: Backend>(
         };
         let started = Instant::now();
         conn.stats.request();
+        let head = if head.h2c_upgrade {
+            match conn.decline_h2c_upgrade(&head) {
+                Some(plain) => plain,
+                None => break,
+            }
+        } else {
+            head
+        };
         let route = routes.route(
             &conn.inbuf[head.host.clone()],
             &conn.inbuf[head.path.clone()],
@@ -167,6 +175,22 @@ impl<B: Backend> Conn<'_, B> {
                     self.stats.error(Flag::DownstreamReset);
                     return Err(NoRequest::Closed);
                 }
+            }
+        }
+    }
+
+    /// Turns a request offering an upgrade to h2c into the plain HTTP/1.1 request it also is,
+    /// in place at the front of `inbuf`: the switch would carry every later request to where
+    /// this one went, past the routes. None: the rewritten head no longer parses (cannot
+    /// happen for a head that parsed; the connection closes).
+    fn decline_h2c_upgrade(&mut self, head: &RequestHead) -> Option<RequestHead> {
+        let plain = head::without_h2c_upgrade(&self.inbuf[..head.len], head.keep_alive);
+        self.inbuf.splice(..head.len, plain);
+        match head::parse_request(&self.inbuf, &self.limits) {
+            Ok(Some(plain)) if !plain.upgrade => Some(plain),
+            _ => {
+                tracing::debug!("a request declining h2c no longer parses");
+                None
             }
         }
     }

@@ -229,3 +229,28 @@ fn rewrites_connection_to_close() {
     let reparsed = response(std::str::from_utf8(&out).unwrap(), Method::Other);
     assert!(reparsed.says_close);
 }
+
+#[test]
+fn an_h2c_upgrade_is_declined_by_rewriting_the_request_into_plain_http1() {
+    let text = "GET /x HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\nAccept: */*\r\n\r\n";
+    let head = complete(text);
+    assert!(head.upgrade && head.h2c_upgrade);
+    let plain = without_h2c_upgrade(&text.as_bytes()[..head.len], head.keep_alive);
+    assert_eq!(
+        String::from_utf8(plain).unwrap(),
+        "GET /x HTTP/1.1\r\nHost: a\r\nAccept: */*\r\n\r\n"
+    );
+    // A close the client asked for stays.
+    let closing =
+        "GET /x HTTP/1.1\r\nHost: a\r\nConnection: close, Upgrade\r\nUpgrade: h2c\r\n\r\n";
+    let head = complete(closing);
+    let plain = without_h2c_upgrade(closing.as_bytes(), head.keep_alive);
+    assert_eq!(
+        String::from_utf8(plain).unwrap(),
+        "GET /x HTTP/1.1\r\nHost: a\r\nconnection: close\r\n\r\n"
+    );
+    // Other upgrades are the client's to make.
+    let ws =
+        complete("GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n");
+    assert!(ws.upgrade && !ws.h2c_upgrade);
+}
