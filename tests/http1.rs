@@ -236,6 +236,46 @@ fn an_h2c_upgrade_is_declined_and_the_request_served_as_http1(backend: BackendCh
     assert_eq!(conn.response(false).header("x-upgrade"), Some("websocket"));
 }
 
+fn a_response_the_upstream_breaks_off_ends_in_a_reset(backend: BackendChoice) {
+    // An upstream whose response is delimited by its close, and which resets mid-body.
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in upstream.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut request = [0u8; 1024];
+            let _ = std::io::Read::read(&mut stream, &mut request);
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\n\r\npartial body");
+            std::thread::sleep(Duration::from_millis(100));
+            socket2::SockRef::from(&stream)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+        }
+    });
+    let yaml = format!(
+        "listeners:\n  - {{ name: web, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: app }}] }}\nclusters:\n  - {{ name: app, endpoints: [{upstream_addr}] }}\n"
+    );
+    let proxy = start_proxy(&yaml, backend);
+    let mut stream = client::connect(proxy.listener_addr("web").unwrap());
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    // A clean end would pass the truncated body off as the whole response.
+    let mut got = Vec::new();
+    let ended = std::io::Read::read_to_end(&mut stream, &mut got);
+    assert_eq!(
+        ended.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "after {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    wait_for_metric(
+        &proxy,
+        "tern_errors_total{listener=\"web\",flag=\"UC\"}",
+        1.0,
+    );
+}
+
 fn upstream_down_is_503(backend: BackendChoice) {
     let f = Fixture::start(backend);
     let response = f.get("down.local", "/");
@@ -571,6 +611,7 @@ both_backends!(
     websocket_upgrade_becomes_a_byte_pump,
     a_switch_of_protocols_nobody_asked_for_is_502_and_ends_that_connection,
     an_h2c_upgrade_is_declined_and_the_request_served_as_http1,
+    a_response_the_upstream_breaks_off_ends_in_a_reset,
     upstream_down_is_503,
     upstream_that_hangs_is_504_after_the_timeout,
     no_route_is_404,

@@ -421,6 +421,10 @@ impl<S: Stream> Stream for KernelTls<S> {
         self.inner.shutdown(how)
     }
 
+    fn reset_on_drop(&self) {
+        self.inner.reset_on_drop();
+    }
+
     async fn close_write(&self) -> io::Result<()> {
         self.pay_key_update().await?;
         self.room_to_send(1).await?;

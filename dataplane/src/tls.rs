@@ -1028,6 +1028,14 @@ impl<S: Stream> Stream for MaybeTls<S> {
         }
     }
 
+    fn reset_on_drop(&self) {
+        match self {
+            MaybeTls::Plain(s) | MaybeTls::Sniffed(s, _) => s.reset_on_drop(),
+            MaybeTls::User(s) => s.reset_on_drop(),
+            MaybeTls::Kernel(s) => s.reset_on_drop(),
+        }
+    }
+
     async fn close_write(&self) -> io::Result<()> {
         match self {
             MaybeTls::Plain(s) | MaybeTls::Sniffed(s, _) => s.close_write().await,

@@ -657,6 +657,10 @@ impl<S: Stream> Stream for UserTls<S> {
         self.inner.shutdown(how)
     }
 
+    fn reset_on_drop(&self) {
+        self.inner.reset_on_drop();
+    }
+
     async fn close_write(&self) -> io::Result<()> {
         let mut sealer = self.sending.lock().await;
         self.seal(&mut sealer, ALERT, &CLOSE_NOTIFY)?;

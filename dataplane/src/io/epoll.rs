@@ -71,6 +71,10 @@ impl Stream for EpollStream {
         socket2::SockRef::from(&self.0).shutdown(how)
     }
 
+    fn reset_on_drop(&self) {
+        let _ = socket2::SockRef::from(&self.0).set_linger(Some(std::time::Duration::ZERO));
+    }
+
     async fn readable(&self) -> io::Result<()> {
         // tokio's readiness can be stale after a read that did not drain the socket; a peek
         // confirms it (and clears it when there is nothing).

@@ -91,6 +91,11 @@ pub trait Stream: Sized + 'static {
     /// task has pending, which is how an idle connection is closed promptly.
     fn shutdown(&self, how: Shutdown) -> io::Result<()>;
 
+    /// Makes the connection end in a reset rather than a clean close when it is dropped
+    /// (`SO_LINGER` 0), so the peer cannot take what it received for the whole message.
+    /// Best effort.
+    fn reset_on_drop(&self) {}
+
     /// Waits until a read would not block (bytes, end of stream or an error are there),
     /// consuming nothing, so it may be abandoned (a timeout) without losing bytes; `read`
     /// right after returns at once. Plain sockets only.

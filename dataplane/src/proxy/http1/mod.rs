@@ -35,6 +35,10 @@ const HEAD_BUFFER: usize = 4096;
 enum Next {
     KeepAlive,
     Close,
+    /// The response broke off where the client cannot tell (a body delimited by the close):
+    /// end the connection in a reset, with no `close_notify`, so the client does not take
+    /// what it got for the whole.
+    Reset,
 }
 
 /// Why no request head could be read.
@@ -83,15 +87,15 @@ pub async fn serve<B: Backend>(
         upbuf: Vec::new(),
         scratch: Vec::new(),
     };
-    loop {
+    let ended = loop {
         let head = match conn.read_request_head().await {
             Ok(head) => head,
-            Err(NoRequest::Closed) => break,
+            Err(NoRequest::Closed) => break Next::Close,
             Err(NoRequest::Reject(status, flag)) => {
                 tracing::debug!(%peer, status, flag = flag.code(), "request refused");
                 conn.stats.request();
                 conn.reply(status, flag, true, Instant::now()).await;
-                break;
+                break Next::Close;
             }
         };
         let started = Instant::now();
@@ -99,7 +103,7 @@ pub async fn serve<B: Backend>(
         let head = if head.h2c_upgrade {
             match conn.decline_h2c_upgrade(&head) {
                 Some(plain) => plain,
-                None => break,
+                None => break Next::Close,
             }
         } else {
             head
@@ -116,9 +120,14 @@ pub async fn serve<B: Backend>(
             }
             None => conn.no_route(&head, started).await,
         };
-        if next == Next::Close {
-            break;
+        if next != Next::KeepAlive {
+            break next;
         }
+    };
+    if ended == Next::Reset {
+        // Dropping the connection resets it.
+        conn.down.reset_on_drop();
+        return;
     }
     // Over TLS, say goodbye properly (close_notify) so the peer can tell a close from a
     // truncation; best effort.
@@ -476,11 +485,12 @@ impl<B: Backend> Conn<'_, B> {
                 return Next::Close;
             }
             Err(error) => {
-                // The head is already out: the client can only learn by the close.
+                // The head is already out: the client can only learn by how the connection
+                // ends.
                 tracing::debug!(%error, "upstream response body failed");
                 let _ = up.shutdown(Shutdown::Both);
                 self.stats.error(Flag::UpstreamReset);
-                return Next::Close;
+                return Next::Reset;
             }
         }
         self.stats.response(response.status, started.elapsed());
