@@ -27,6 +27,9 @@ const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// The shortest workload certificate lifetime allowed (short lifetimes are for tests; the
 /// default is 24 h).
 pub const MIN_WORKLOAD_LIFETIME: Duration = Duration::from_secs(5);
+/// The longest workload certificate lifetime allowed (Istio's default ceiling too): workload
+/// certificates are meant to be short-lived and renewed.
+pub const MAX_WORKLOAD_LIFETIME: Duration = Duration::from_secs(90 * 24 * 3600);
 /// The prefix of a bootstrap token, naming its format.
 const TOKEN_PREFIX: &str = "tern1";
 
@@ -114,6 +117,8 @@ pub struct Authority {
     random: aws_lc_rs::rand::SystemRandom,
     /// When the latest certificate of each identity expires (Unix seconds), for status.
     expiries: std::sync::Mutex<std::collections::HashMap<SpiffeId, i64>>,
+    /// When the signing certificate expires: no workload certificate outlives it.
+    signer_not_after: time::OffsetDateTime,
 }
 
 impl std::fmt::Debug for Authority {
@@ -165,6 +170,27 @@ fn is_self_signed(cert: &CertificateDer<'_>) -> bool {
         .is_ok_and(|(_, parsed)| parsed.subject() == parsed.issuer())
 }
 
+/// Whether the request's key is an uncompressed ECDSA P-256 point.
+fn has_p256_key(csr: &[u8]) -> bool {
+    use x509_parser::prelude::FromDer as _;
+    let Ok((_, request)) =
+        x509_parser::certification_request::X509CertificationRequest::from_der(csr)
+    else {
+        return false;
+    };
+    let key = &request.certification_request_info.subject_pki;
+    let curve = key
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok());
+    let point = key.subject_public_key.data.as_ref();
+    key.algorithm.algorithm == x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY
+        && curve == Some(x509_parser::oid_registry::OID_EC_P256)
+        && point.len() == 65
+        && point[0] == 4
+}
+
 /// An `OffsetDateTime` `offset` from now (negative: in the past).
 fn from_now(offset: Duration, past: bool) -> time::OffsetDateTime {
     let now = time::OffsetDateTime::now_utc();
@@ -182,9 +208,10 @@ impl Authority {
                 options.trust_domain
             )));
         }
-        if options.workload_lifetime < MIN_WORKLOAD_LIFETIME {
+        if !(MIN_WORKLOAD_LIFETIME..=MAX_WORKLOAD_LIFETIME).contains(&options.workload_lifetime) {
             return Err(CaError::Options(format!(
-                "the workload certificate lifetime must be at least {MIN_WORKLOAD_LIFETIME:?}"
+                "the workload certificate lifetime must be from {MIN_WORKLOAD_LIFETIME:?} to {} days",
+                MAX_WORKLOAD_LIFETIME.as_secs() / 86_400
             )));
         }
         std::fs::create_dir_all(&options.state_dir)
@@ -210,6 +237,9 @@ impl Authority {
             KeyPair::from_pem(&read_to_string(&key_path)?).map_err(|e| file_error(&key_path, e))?;
         let issuer =
             Issuer::from_ca_cert_der(&chain[0], key).map_err(|e| file_error(&cert_path, e))?;
+        let signer_not_after = x509_parser::parse_x509_certificate(&chain[0])
+            .map(|(_, signer)| signer.validity().not_after.to_datetime())
+            .map_err(|e| file_error(&cert_path, e))?;
         let (roots, intermediates): (Vec<_>, Vec<_>) =
             chain.into_iter().partition(|c| is_self_signed(c));
         let mut trust_bundle = roots;
@@ -232,6 +262,7 @@ impl Authority {
             token_key,
             random: aws_lc_rs::rand::SystemRandom::new(),
             expiries: std::sync::Mutex::default(),
+            signer_not_after,
         })
     }
 
@@ -298,7 +329,9 @@ impl Authority {
             &CertificateSigningRequestDer::from(csr.to_vec()),
         )
         .map_err(|e| invalid(format!("not a valid signed PKCS#10 request: {e}")))?;
-        if request.public_key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
+        // rcgen names the algorithm after the request's signature (ecdsa-with-SHA256 for
+        // any curve), so the key's own curve is checked too.
+        if request.public_key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 || !has_p256_key(csr) {
             return Err(invalid("the key must be ECDSA P-256".into()));
         }
         let mut uris = request
@@ -345,7 +378,12 @@ impl Authority {
                 .map_err(|e| invalid(format!("URI SAN: {e}")))?,
         )];
         params.not_before = from_now(CLOCK_SKEW, true);
-        params.not_after = from_now(self.workload_lifetime, false);
+        params.not_after = from_now(self.workload_lifetime, false).min(self.signer_not_after);
+        if params.not_after <= time::OffsetDateTime::now_utc() {
+            return Err(CertifyError::Internal(
+                "the CA's signing certificate has expired".into(),
+            ));
+        }
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];

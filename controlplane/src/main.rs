@@ -63,7 +63,8 @@ struct CaArgs {
     /// The mesh's trust domain.
     #[arg(long, env = "TERN_TRUST_DOMAIN", default_value = "cluster.local")]
     trust_domain: String,
-    /// Lifetime of workload certificates.
+    /// Lifetime of workload certificates (5 s to 90 days; never past the signing certificate's
+    /// own expiry).
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     workload_lifetime: Duration,
     /// Sign with this certificate (PEM, signing certificate first, then any chain) instead of

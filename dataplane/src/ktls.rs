@@ -377,10 +377,11 @@ impl<S: Stream> Stream for KernelTls<S> {
             buf.truncate(start);
             let error = match record_type {
                 // close_notify: a clean end of stream.
-                ALERT if record.get(1) == Some(&0) => return (Ok(0), buf),
+                ALERT if record.len() == 2 && record[1] == 0 => return (Ok(0), buf),
+                // An alert is two bytes, level and description; no more of it is logged.
                 ALERT => io::Error::new(
                     io::ErrorKind::ConnectionAborted,
-                    format!("peer sent TLS alert {record:?}"),
+                    format!("peer sent TLS alert {:?}", &record[..record.len().min(2)]),
                 ),
                 // Nothing for the caller: read the next record.
                 HANDSHAKE => match self.post_handshake(&record) {

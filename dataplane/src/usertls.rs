@@ -296,7 +296,8 @@ impl Opener {
                 ALERT => {
                     return Err(io::Error::new(
                         io::ErrorKind::ConnectionAborted,
-                        format!("peer sent TLS alert {:?}", &inner[..last]),
+                        // An alert is two bytes, level and description; no more is logged.
+                        format!("peer sent TLS alert {:?}", &inner[..last.min(2)]),
                     ));
                 }
                 HANDSHAKE => {

@@ -240,14 +240,17 @@ fn bad_options_are_refused_with_a_reason() {
     let mut opts = options(&dir.0);
     opts.trust_domain = String::new();
     assert!(Authority::open(&opts).is_err());
-    let mut opts = options(&dir.0);
-    opts.workload_lifetime = Duration::from_secs(4);
-    assert!(
-        Authority::open(&opts)
-            .unwrap_err()
-            .to_string()
-            .contains("lifetime")
-    );
+    for lifetime in [Duration::from_secs(4), Duration::from_secs(100 * 24 * 3600)] {
+        let mut opts = options(&dir.0);
+        opts.workload_lifetime = lifetime;
+        assert!(
+            Authority::open(&opts)
+                .unwrap_err()
+                .to_string()
+                .contains("lifetime"),
+            "{lifetime:?}"
+        );
+    }
     let mut opts = options(&dir.0);
     opts.ca_cert = Some(dir.0.join("missing.crt"));
     opts.ca_key = Some(dir.0.join("missing.key"));
@@ -256,5 +259,69 @@ fn bad_options_are_refused_with_a_reason() {
             .unwrap_err()
             .to_string()
             .contains("missing.crt")
+    );
+}
+
+#[test]
+fn the_key_itself_must_be_p256_whatever_the_signature_says() {
+    let p256 = KeyPair::generate().unwrap();
+    let p384 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+    assert!(has_p256_key(&csr(&[WEB], &p256)));
+    assert!(!has_p256_key(&csr(&[WEB], &p384)));
+    assert!(!has_p256_key(b"not a CSR"));
+}
+
+/// An operator's intermediate, valid for `lifetime` from now (negative: expired), signed by a
+/// root, with the CA opened on it.
+fn ca_on_intermediate(dir: &Dir, lifetime: time::Duration) -> Authority {
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let root_key = KeyPair::generate().unwrap();
+    let mut root = CertificateParams::new(Vec::<String>::new()).unwrap();
+    root.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    root.distinguished_name.push(DnType::CommonName, "org root");
+    let root_cert = root.self_signed(&root_key).unwrap();
+    let root_issuer = Issuer::new(root, root_key);
+    let inter_key = KeyPair::generate().unwrap();
+    let mut inter = CertificateParams::new(Vec::<String>::new()).unwrap();
+    inter.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    inter
+        .distinguished_name
+        .push(DnType::CommonName, "mesh intermediate");
+    let now = time::OffsetDateTime::now_utc();
+    inter.not_before = now - time::Duration::days(30);
+    inter.not_after = now + lifetime;
+    let inter_cert = inter.signed_by(&inter_key, &root_issuer).unwrap();
+    std::fs::write(dir.0.join("inter.crt"), inter_cert.pem()).unwrap();
+    std::fs::write(dir.0.join("inter.key"), inter_key.serialize_pem()).unwrap();
+    std::fs::write(dir.0.join("root.crt"), root_cert.pem()).unwrap();
+    let mut opts = options(&dir.0.join("state"));
+    opts.workload_lifetime = Duration::from_secs(24 * 3600);
+    opts.ca_cert = Some(dir.0.join("inter.crt"));
+    opts.ca_key = Some(dir.0.join("inter.key"));
+    opts.extra_roots = Some(dir.0.join("root.crt"));
+    Authority::open(&opts).unwrap()
+}
+
+#[test]
+fn no_workload_certificate_outlives_the_signing_certificate() {
+    let dir = Dir::new("signer-expiry");
+    let ca = ca_on_intermediate(&dir, time::Duration::hours(2));
+    let key = KeyPair::generate().unwrap();
+    let token = ca.token(&WEB.parse().unwrap());
+    let issued = ca.certify(&csr(&[WEB], &key), &token).unwrap();
+    let (_, leaf) = x509_parser::parse_x509_certificate(&issued.chain[0]).unwrap();
+    let (_, signer) = x509_parser::parse_x509_certificate(&issued.chain[1]).unwrap();
+    assert_eq!(
+        leaf.validity().not_after,
+        signer.validity().not_after,
+        "24 h asked for, 2 h left on the signer"
+    );
+
+    let dir = Dir::new("signer-expired");
+    let ca = ca_on_intermediate(&dir, -time::Duration::hours(1));
+    let refused = ca.certify(&csr(&[WEB], &key), &ca.token(&WEB.parse().unwrap()));
+    assert!(
+        matches!(&refused, Err(CertifyError::Internal(why)) if why.contains("expired")),
+        "{refused:?}"
     );
 }
