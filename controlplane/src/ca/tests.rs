@@ -185,10 +185,11 @@ fn malformed_requests_are_invalid_arguments() {
     ));
 }
 
-#[test]
-fn an_operator_intermediate_signs_and_its_root_and_extra_roots_form_the_bundle() {
-    let dir = Dir::new("intermediate");
-    std::fs::create_dir_all(&dir.0).unwrap();
+/// An organisation's root, and a mesh intermediate it signs that expires `lifetime` from
+/// now (negative: expired) with its key.
+fn root_and_intermediate(
+    lifetime: time::Duration,
+) -> (rcgen::Certificate, rcgen::Certificate, KeyPair) {
     let root_key = KeyPair::generate().unwrap();
     let mut root = CertificateParams::new(Vec::<String>::new()).unwrap();
     root.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -201,7 +202,18 @@ fn an_operator_intermediate_signs_and_its_root_and_extra_roots_form_the_bundle()
     inter
         .distinguished_name
         .push(DnType::CommonName, "mesh intermediate");
+    let now = time::OffsetDateTime::now_utc();
+    inter.not_before = now - time::Duration::days(30);
+    inter.not_after = now + lifetime;
     let inter_cert = inter.signed_by(&inter_key, &root_issuer).unwrap();
+    (root_cert, inter_cert, inter_key)
+}
+
+#[test]
+fn an_operator_intermediate_signs_and_its_root_and_extra_roots_form_the_bundle() {
+    let dir = Dir::new("intermediate");
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let (root_cert, inter_cert, inter_key) = root_and_intermediate(time::Duration::days(365));
     let old_root = rcgen::generate_simple_self_signed(vec!["old".into()]).unwrap();
     std::fs::write(dir.0.join("inter.crt"), inter_cert.pem()).unwrap();
     std::fs::write(dir.0.join("inter.key"), inter_key.serialize_pem()).unwrap();
@@ -271,26 +283,11 @@ fn the_key_itself_must_be_p256_whatever_the_signature_says() {
     assert!(!has_p256_key(b"not a CSR"));
 }
 
-/// An operator's intermediate, valid for `lifetime` from now (negative: expired), signed by a
-/// root, with the CA opened on it.
+/// A CA opened on an operator's intermediate that expires `lifetime` from now (negative:
+/// expired).
 fn ca_on_intermediate(dir: &Dir, lifetime: time::Duration) -> Authority {
     std::fs::create_dir_all(&dir.0).unwrap();
-    let root_key = KeyPair::generate().unwrap();
-    let mut root = CertificateParams::new(Vec::<String>::new()).unwrap();
-    root.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    root.distinguished_name.push(DnType::CommonName, "org root");
-    let root_cert = root.self_signed(&root_key).unwrap();
-    let root_issuer = Issuer::new(root, root_key);
-    let inter_key = KeyPair::generate().unwrap();
-    let mut inter = CertificateParams::new(Vec::<String>::new()).unwrap();
-    inter.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    inter
-        .distinguished_name
-        .push(DnType::CommonName, "mesh intermediate");
-    let now = time::OffsetDateTime::now_utc();
-    inter.not_before = now - time::Duration::days(30);
-    inter.not_after = now + lifetime;
-    let inter_cert = inter.signed_by(&inter_key, &root_issuer).unwrap();
+    let (root_cert, inter_cert, inter_key) = root_and_intermediate(lifetime);
     std::fs::write(dir.0.join("inter.crt"), inter_cert.pem()).unwrap();
     std::fs::write(dir.0.join("inter.key"), inter_key.serialize_pem()).unwrap();
     std::fs::write(dir.0.join("root.crt"), root_cert.pem()).unwrap();
