@@ -236,8 +236,9 @@ fn an_h2c_upgrade_is_declined_and_the_request_served_as_http1(backend: BackendCh
     assert_eq!(conn.response(false).header("x-upgrade"), Some("websocket"));
 }
 
-fn a_response_the_upstream_breaks_off_ends_in_a_reset(backend: BackendChoice) {
-    // An upstream whose response is delimited by its close, and which resets mid-body.
+/// An upstream that answers every request with `reply`, then (with `reset`) resets the
+/// connection; and a proxy routing everything to it.
+fn scripted_upstream(backend: BackendChoice, reply: &'static [u8], reset: bool) -> Proxy {
     let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let upstream_addr = upstream.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -245,17 +246,24 @@ fn a_response_the_upstream_breaks_off_ends_in_a_reset(backend: BackendChoice) {
             let Ok(mut stream) = stream else { return };
             let mut request = [0u8; 1024];
             let _ = std::io::Read::read(&mut stream, &mut request);
-            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\n\r\npartial body");
-            std::thread::sleep(Duration::from_millis(100));
-            socket2::SockRef::from(&stream)
-                .set_linger(Some(Duration::ZERO))
-                .unwrap();
+            let _ = stream.write_all(reply);
+            if reset {
+                std::thread::sleep(Duration::from_millis(100));
+                socket2::SockRef::from(&stream)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
+            }
         }
     });
     let yaml = format!(
         "listeners:\n  - {{ name: web, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: app }}] }}\nclusters:\n  - {{ name: app, endpoints: [{upstream_addr}] }}\n"
     );
-    let proxy = start_proxy(&yaml, backend);
+    start_proxy(&yaml, backend)
+}
+
+fn a_response_the_upstream_breaks_off_ends_in_a_reset(backend: BackendChoice) {
+    // A response delimited by the upstream's close, which resets mid-body.
+    let proxy = scripted_upstream(backend, b"HTTP/1.1 200 OK\r\n\r\npartial body", true);
     let mut stream = client::connect(proxy.listener_addr("web").unwrap());
     stream
         .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -274,6 +282,22 @@ fn a_response_the_upstream_breaks_off_ends_in_a_reset(backend: BackendChoice) {
         "tern_errors_total{listener=\"web\",flag=\"UC\"}",
         1.0,
     );
+}
+
+fn interim_responses_reach_http11_clients_only(backend: BackendChoice) {
+    let proxy = scripted_upstream(
+        backend,
+        b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        false,
+    );
+    let mut conn = Conn::open(proxy.listener_addr("web").unwrap());
+    conn.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(conn.response(false).status, 103);
+    assert_eq!(conn.response(false).text(), "ok");
+    let mut conn = Conn::open(proxy.listener_addr("web").unwrap());
+    conn.send(b"GET / HTTP/1.0\r\n\r\n");
+    let response = conn.response(false);
+    assert_eq!((response.status, response.text()), (200, "ok".to_owned()));
 }
 
 fn upstream_down_is_503(backend: BackendChoice) {
@@ -612,6 +636,7 @@ both_backends!(
     a_switch_of_protocols_nobody_asked_for_is_502_and_ends_that_connection,
     an_h2c_upgrade_is_declined_and_the_request_served_as_http1,
     a_response_the_upstream_breaks_off_ends_in_a_reset,
+    interim_responses_reach_http11_clients_only,
     upstream_down_is_503,
     upstream_that_hangs_is_504_after_the_timeout,
     no_route_is_404,

@@ -131,6 +131,8 @@ pub struct RequestHead {
     pub h2c_upgrade: bool,
     /// `Expect: 100-continue`.
     pub expect_continue: bool,
+    /// An HTTP/1.0 request: no interim (1xx) response may reach its client.
+    pub http10: bool,
 }
 
 /// A parsed response head.
@@ -378,6 +380,7 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>,
         upgrade: fields.upgrade_header && fields.upgrade_token,
         h2c_upgrade: fields.upgrade_h2c,
         expect_continue: fields.expect_continue && minor == 1,
+        http10: minor == 0,
     }))
 }
 

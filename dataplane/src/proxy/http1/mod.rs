@@ -387,6 +387,11 @@ impl<B: Backend> Conn<'_, B> {
                 Ok(Some(response))
                     if (100..200).contains(&response.status) && response.status != 101 =>
                 {
+                    if head.http10 {
+                        // An HTTP/1.0 client cannot take one (RFC 9110 §15.2): drop it.
+                        self.upbuf.drain(..response.len);
+                        continue;
+                    }
                     // Interim response: pass it on, then wait for the next.
                     let upbuf = std::mem::take(&mut self.upbuf);
                     let (written, mut upbuf) = self.down.write_all(upbuf, 0..response.len).await;
