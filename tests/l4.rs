@@ -119,6 +119,36 @@ fn upstream_down_closes_the_connection(backend: BackendChoice) {
     );
 }
 
+fn a_reset_on_one_side_reaches_the_other_as_a_reset(backend: BackendChoice) {
+    // An upstream that answers part of a response, then resets the connection.
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    std::thread::spawn(move || {
+        if let Ok((mut stream, _)) = upstream.accept() {
+            let mut request = Vec::new();
+            let _ = stream.read_to_end(&mut request);
+            let _ = stream.write_all(b"partial");
+            std::thread::sleep(Duration::from_millis(100));
+            socket2::SockRef::from(&stream)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+        }
+    });
+    let proxy = start_proxy(&tcp_config(upstream_addr, "30s"), backend);
+    let mut stream = client::connect(proxy.listener_addr("raw").unwrap());
+    // A protocol that sends its request, then reads the answer to the end.
+    stream.write_all(b"request").unwrap();
+    stream.shutdown(Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    let ended = stream.read_to_end(&mut got);
+    assert_eq!(
+        ended.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "a clean end would pass {:?} off as the whole answer",
+        String::from_utf8_lossy(&got)
+    );
+}
+
 fn idle_connections_are_closed(backend: BackendChoice) {
     let proxy = start_proxy(&tcp_config(black_hole(), "300ms"), backend);
     let mut stream = client::connect(proxy.listener_addr("raw").unwrap());
@@ -143,5 +173,6 @@ both_backends!(
     half_close_keeps_the_other_direction_open,
     many_small_exchanges_on_many_connections,
     upstream_down_closes_the_connection,
+    a_reset_on_one_side_reaches_the_other_as_a_reset,
     idle_connections_are_closed,
 );

@@ -422,8 +422,8 @@ impl<S: Stream> Stream for KernelTls<S> {
         self.inner.shutdown(how)
     }
 
-    fn reset_on_drop(&self) {
-        self.inner.reset_on_drop();
+    fn abort(&self) {
+        self.inner.abort();
     }
 
     async fn close_write(&self) -> io::Result<()> {

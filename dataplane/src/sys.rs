@@ -1,6 +1,6 @@
 //! What the proxy asks of the operating system: the CPUs it may use, thread pinning,
-//! `SO_REUSEPORT` listening sockets, the original destination of an intercepted connection
-//! and the socket mark of the proxy's own connections.
+//! `SO_REUSEPORT` listening sockets, the original destination of an intercepted connection,
+//! the socket mark of the proxy's own connections, and aborting a connection with a reset.
 //!
 //! The only `unsafe` in the data plane lives here, each block with the reason it is sound.
 
@@ -161,6 +161,15 @@ pub fn borrow_fd<T: std::os::fd::AsRawFd>(owner: &T) -> std::os::fd::BorrowedFd<
     // SAFETY: the descriptor belongs to `owner`, which stays alive (and so keeps it open) for
     // as long as the returned borrow, whose lifetime is tied to `owner`'s.
     unsafe { std::os::fd::BorrowedFd::borrow_raw(owner.as_raw_fd()) }
+}
+
+/// Ends a TCP connection at once with a reset: `connect(AF_UNSPEC)` disconnects it (connect(2)),
+/// sending RST and failing whatever reads and writes are pending, io_uring's included. A
+/// kernel-TLS socket refuses the disconnect; it resets when closed instead (`SO_LINGER` 0).
+pub fn abort(socket: std::os::fd::BorrowedFd<'_>) {
+    if rustix::net::connect_unspec(socket).is_err() {
+        let _ = socket2::SockRef::from(&socket).set_linger(Some(std::time::Duration::ZERO));
+    }
 }
 
 /// Whether this network namespace has IPv6 (a kernel booted with `ipv6.disable=1`, or a

@@ -1028,11 +1028,11 @@ impl<S: Stream> Stream for MaybeTls<S> {
         }
     }
 
-    fn reset_on_drop(&self) {
+    fn abort(&self) {
         match self {
-            MaybeTls::Plain(s) | MaybeTls::Sniffed(s, _) => s.reset_on_drop(),
-            MaybeTls::User(s) => s.reset_on_drop(),
-            MaybeTls::Kernel(s) => s.reset_on_drop(),
+            MaybeTls::Plain(s) | MaybeTls::Sniffed(s, _) => s.abort(),
+            MaybeTls::User(s) => s.abort(),
+            MaybeTls::Kernel(s) => s.abort(),
         }
     }
 

@@ -658,8 +658,8 @@ impl<S: Stream> Stream for UserTls<S> {
         self.inner.shutdown(how)
     }
 
-    fn reset_on_drop(&self) {
-        self.inner.reset_on_drop();
+    fn abort(&self) {
+        self.inner.abort();
     }
 
     async fn close_write(&self) -> io::Result<()> {

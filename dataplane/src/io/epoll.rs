@@ -71,8 +71,8 @@ impl Stream for EpollStream {
         socket2::SockRef::from(&self.0).shutdown(how)
     }
 
-    fn reset_on_drop(&self) {
-        let _ = socket2::SockRef::from(&self.0).set_linger(Some(std::time::Duration::ZERO));
+    fn abort(&self) {
+        crate::sys::abort(std::os::fd::AsFd::as_fd(&self.0));
     }
 
     async fn readable(&self) -> io::Result<()> {

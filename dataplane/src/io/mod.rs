@@ -91,10 +91,10 @@ pub trait Stream: Sized + 'static {
     /// task has pending, which is how an idle connection is closed promptly.
     fn shutdown(&self, how: Shutdown) -> io::Result<()>;
 
-    /// Makes the connection end in a reset rather than a clean close when it is dropped
-    /// (`SO_LINGER` 0), so the peer cannot take what it received for the whole message.
+    /// Ends the connection now with a reset ([`crate::sys::abort`]), so the peer cannot
+    /// take what it received for the whole message; reads and writes pending on it fail.
     /// Best effort.
-    fn reset_on_drop(&self) {}
+    fn abort(&self) {}
 
     /// Waits until a read would not block (bytes, end of stream or an error are there),
     /// consuming nothing, so it may be abandoned (a timeout) without losing bytes; `read`

@@ -62,9 +62,8 @@ impl Stream for UringStream {
         self.0.shutdown(how)
     }
 
-    fn reset_on_drop(&self) {
-        let socket = crate::sys::borrow_fd(&self.0);
-        let _ = socket2::SockRef::from(&socket).set_linger(Some(std::time::Duration::ZERO));
+    fn abort(&self) {
+        crate::sys::abort(crate::sys::borrow_fd(&self.0));
     }
 
     async fn readable(&self) -> io::Result<()> {

@@ -8,7 +8,7 @@
 //! bytes stay in the kernel.
 //!
 //! Half-close is passed on (end of stream from one side becomes `shutdown(Write)` on the
-//! other, and the other direction keeps flowing); an error on either side closes both; a
+//! other, and the other direction keeps flowing); an error on either side resets both; a
 //! connection with no bytes either way for the cluster's idle timeout is closed.
 
 use std::cell::Cell;
@@ -109,14 +109,13 @@ pub async fn pump<A: Stream, B: Stream>(
 ) -> Pumped {
     let last_activity = Cell::new(Instant::now());
     let copies = async {
-        let (ab, ba) = tokio::join!(
+        // The first direction to fail ends the other too (it has reset both sides).
+        match tokio::try_join!(
             copy(a, b, to_b, &last_activity, on_a, on_splice),
             copy(b, a, to_a, &last_activity, on_b, on_splice)
-        );
-        if ab.is_ok() && ba.is_ok() {
-            Pumped::Finished
-        } else {
-            Pumped::Failed
+        ) {
+            Ok(_) => Pumped::Finished,
+            Err(_) => Pumped::Failed,
         }
     };
     let watchdog = async {
@@ -194,9 +193,11 @@ async fn copy<S: Stream, D: Stream>(
     }
     .await;
     if result.is_err() {
-        // Unblock the other direction too.
-        let _ = src.shutdown(Shutdown::Both);
-        let _ = dst.shutdown(Shutdown::Both);
+        // A reset (or a failed write) on one side reaches the other as a reset, not as a
+        // clean end (a FIN) it could take for the whole stream. Aborting also fails what the
+        // other direction has pending on either socket, which `try_join` then drops.
+        src.abort();
+        dst.abort();
     }
     result
 }

@@ -125,8 +125,7 @@ pub async fn serve<B: Backend>(
         }
     };
     if ended == Next::Reset {
-        // Dropping the connection resets it.
-        conn.down.reset_on_drop();
+        conn.down.abort();
         return;
     }
     // Over TLS, say goodbye properly (close_notify) so the peer can tell a close from a
