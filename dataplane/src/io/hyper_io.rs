@@ -16,7 +16,9 @@
 //! while `WRITE_LIMIT` bytes are unsent. Buffers are reused from burst to burst. The only
 //! future dropped while it runs is a read still waiting when the adapter itself is dropped,
 //! when nothing more is wanted from the socket; the drop shuts the socket for reading so
-//! that io_uring read completes and the socket can close.
+//! that io_uring read completes and the socket can close. (And a last write that a peer
+//! which stopped reading has kept waiting `LAST_WRITE_LIMIT` after the adapter went: the
+//! connection is aborted, which fails it.)
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -33,6 +35,11 @@ const READ_BUFFER: usize = 16 * 1024;
 /// Unsent bytes above which writes wait for the sender.
 const WRITE_LIMIT: usize = 256 * 1024;
 
+/// How long the sender may go on writing its last bytes after the adapter is gone (hyper
+/// has given up on the connection) before the connection is aborted: a peer that stops
+/// reading must not hold the socket and its buffers for ever.
+const LAST_WRITE_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The write side, shared by the adapter and its sender task.
 #[derive(Default)]
 struct Sending {
@@ -46,8 +53,11 @@ struct Sending {
     writing: bool,
     /// The sender, idle, waiting for bytes.
     idle: Option<std::task::Waker>,
-    /// The adapter is gone: the sender ends once nothing is left to write.
+    /// The adapter is gone: the sender ends once nothing is left to write, or aborts the
+    /// connection if that takes longer than `LAST_WRITE_LIMIT`.
     dropped: bool,
+    /// The sender, writing, to be told the adapter is gone.
+    writing_waker: Option<std::task::Waker>,
     /// The error a write met: every later call reports it, and nothing more is sent.
     failed: Option<(io::ErrorKind, String)>,
     /// A write or shutdown waiting for the sender.
@@ -179,7 +189,20 @@ async fn send<S: Stream>(stream: Rc<S>, sending: Rc<RefCell<Sending>>) {
             buf
         };
         let len = buf.len();
-        let (written, mut buf) = stream.write_all(buf, 0..len).await;
+        let (written, mut buf) = tokio::select! {
+            biased;
+            written = stream.write_all(buf, 0..len) => written,
+            () = abandoned(&sending) => {
+                // The write is dropped with its buffer; the abort fails it on either backend.
+                tracing::debug!("peer took no bytes after the connection ended; aborting it");
+                stream.abort();
+                let mut state = sending.borrow_mut();
+                state.writing = false;
+                state.failed = Some((io::ErrorKind::TimedOut, "peer stopped reading".into()));
+                state.pending.clear();
+                return;
+            }
+        };
         let mut state = sending.borrow_mut();
         buf.clear();
         super::fit(&mut buf, len, READ_BUFFER);
@@ -196,6 +219,26 @@ async fn send<S: Stream>(stream: Rc<S>, sending: Rc<RefCell<Sending>>) {
             state.wake_waiting();
         }
     }
+}
+
+/// Waits until the adapter is gone, then `LAST_WRITE_LIMIT` more.
+async fn abandoned(sending: &RefCell<Sending>) {
+    std::future::poll_fn(|cx| {
+        let mut state = sending.borrow_mut();
+        if state.dropped {
+            return Poll::Ready(());
+        }
+        if !state
+            .writing_waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            state.writing_waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    })
+    .await;
+    tokio::time::sleep(LAST_WRITE_LIMIT).await;
 }
 
 impl<S: Stream> hyper::rt::Read for HyperIo<S> {
@@ -297,9 +340,12 @@ impl<S: Stream> Drop for HyperIo<S> {
             };
             let _ = self.stream.shutdown(how);
         }
-        // The sender ends after what it has left.
+        // The sender ends after what it has left, within `LAST_WRITE_LIMIT`.
         state.dropped = true;
         if let Some(sender) = state.idle.take() {
+            sender.wake();
+        }
+        if let Some(sender) = state.writing_waker.take() {
             sender.wake();
         }
     }
@@ -370,6 +416,7 @@ mod tests {
 
     fn run(test: impl Future<Output = ()>) {
         let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
             .build()
             .unwrap();
         tokio::task::LocalSet::new().block_on(&runtime, test);
@@ -422,6 +469,61 @@ mod tests {
             }
             assert_eq!(recorder.writes.borrow().last().unwrap(), b"last");
             assert_eq!(Rc::strong_count(&recorder), 1, "the sender ended");
+        });
+    }
+
+    /// A stream whose peer takes nothing: writes wait for ever, until the stream is aborted.
+    #[derive(Default)]
+    struct Stalled {
+        aborted: Cell<bool>,
+    }
+
+    impl Stream for Rc<Stalled> {
+        async fn read(&self, buf: Vec<u8>) -> BufResult<usize> {
+            std::future::pending::<()>().await;
+            (Ok(0), buf)
+        }
+        async fn write_all(&self, buf: Vec<u8>, _range: Range<usize>) -> BufResult<()> {
+            std::future::pending::<()>().await;
+            (Ok(()), buf)
+        }
+        fn shutdown(&self, _how: Shutdown) -> io::Result<()> {
+            Ok(())
+        }
+        fn abort(&self) {
+            self.aborted.set(true);
+        }
+    }
+
+    #[test]
+    fn a_last_write_the_peer_never_takes_ends_in_an_abort() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        tokio::task::LocalSet::new().block_on(&runtime, async {
+            let stalled = Rc::new(Stalled::default());
+            let mut io = HyperIo::<Rc<Stalled>>::new(stalled.clone());
+            let waker = std::task::Waker::noop();
+            let written = Pin::new(&mut io).poll_write(&mut Context::from_waker(waker), b"GOAWAY");
+            assert!(matches!(written, Poll::Ready(Ok(6))));
+            for _ in 0..3 {
+                tokio::task::yield_now().await;
+            }
+            // While hyper holds the connection, a slow peer is hyper's to time out.
+            tokio::time::sleep(LAST_WRITE_LIMIT * 2).await;
+            assert!(!stalled.aborted.get());
+            drop(io);
+            tokio::time::sleep(LAST_WRITE_LIMIT - std::time::Duration::from_secs(1)).await;
+            assert!(!stalled.aborted.get(), "the last bytes get their time");
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            assert!(stalled.aborted.get());
+            assert_eq!(
+                Rc::strong_count(&stalled),
+                1,
+                "the sender let go of the socket"
+            );
         });
     }
 
