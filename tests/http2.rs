@@ -171,7 +171,37 @@ fn a_long_lived_connection_follows_config_changes(backend: BackendChoice) {
     assert_eq!(open(&a), 1, "the connection to a, still configured, stays");
 }
 
+fn a_tunnel_or_a_host_other_than_the_authority_is_refused(backend: BackendChoice) {
+    let a = Http::start("a");
+    let b = Http::start("b");
+    let proxy = start_proxy(&routed_config(a.addr, b.addr), backend);
+    let client = H2::connect(proxy.listener_addr("web").unwrap());
+    let connect = hyper::Request::builder()
+        .method("CONNECT")
+        .uri("grpc.example:443")
+        .body(http_body_util::Full::new(Bytes::new()))
+        .unwrap();
+    let answer = client.request(connect);
+    assert_eq!(answer.status, 405);
+    assert_eq!(answer.headers["x-tern-response-flag"], "DPE");
+    // Routed as `svc`, it would reach an upstream told `grpc.example` by its Host field.
+    let mismatched = hyper::Request::builder()
+        .uri("http://svc/a/1")
+        .header("host", "grpc.example")
+        .body(http_body_util::Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(client.request(mismatched).status, 400);
+    // The same host in both is fine, and the connection still serves.
+    let agreeing = hyper::Request::builder()
+        .uri("http://svc/a/2")
+        .header("host", "SVC")
+        .body(http_body_util::Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(client.request(agreeing).text(), "a /a/2");
+}
+
 both_backends!(
+    a_tunnel_or_a_host_other_than_the_authority_is_refused,
     streams_are_routed_each_on_its_own,
     an_mtls_pair_carries_http2_inside,
     a_long_lived_connection_follows_config_changes,

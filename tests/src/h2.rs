@@ -62,12 +62,17 @@ impl H2 {
 
     /// Sends one request and reads the whole answer.
     pub fn send(&self, method: &str, authority: &str, path: &str, body: Bytes) -> Answer {
-        let mut sender = self.sender.clone();
         let request = hyper::Request::builder()
             .method(method)
             .uri(format!("http://{authority}{path}"))
             .body(Full::new(body))
             .unwrap();
+        self.request(request)
+    }
+
+    /// Sends a request as it is and reads the whole answer.
+    pub fn request(&self, request: hyper::Request<Full<Bytes>>) -> Answer {
+        let mut sender = self.sender.clone();
         self.runtime.block_on(async move {
             let response = tokio::time::timeout(
                 std::time::Duration::from_secs(20),

@@ -146,6 +146,14 @@ async fn forward<B: Backend>(
     if request.uri().authority().is_none() && !with_host_authority(&mut request) {
         return local(stats, started, 400, Flag::DownstreamProtocolError);
     }
+    if request.method() == hyper::Method::CONNECT {
+        // A tunnel, which hyper hands to its upgrade API: the proxy does not carry one, and
+        // says so rather than passing on the upstream's 200 and then resetting the stream.
+        return local(stats, started, 405, Flag::DownstreamProtocolError);
+    }
+    if !host_agrees(&request) {
+        return local(stats, started, 400, Flag::DownstreamProtocolError);
+    }
     let host = request
         .uri()
         .authority()
@@ -198,6 +206,21 @@ async fn forward<B: Backend>(
         }
     }
     local(stats, started, 502, Flag::UpstreamReset)
+}
+
+/// Whether a `Host` field, if the request has one beside its authority, names the same host
+/// (RFC 9113 §8.3.1): the upstream sees both, and must not route on another host than the
+/// proxy did.
+fn host_agrees(request: &Request<Incoming>) -> bool {
+    match (
+        request.uri().authority(),
+        request.headers().get(hyper::header::HOST),
+    ) {
+        (Some(authority), Some(host)) => host
+            .as_bytes()
+            .eq_ignore_ascii_case(authority.as_str().as_bytes()),
+        _ => true,
+    }
 }
 
 /// Gives a request that names its host only in `Host` (allowed in HTTP/2) the authority the
