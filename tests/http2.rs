@@ -200,7 +200,37 @@ fn a_tunnel_or_a_host_other_than_the_authority_is_refused(backend: BackendChoice
     assert_eq!(client.request(agreeing).text(), "a /a/2");
 }
 
+fn clients_that_stop_reading_do_not_stall_others_on_the_same_upstream(backend: BackendChoice) {
+    let a = Http::start("a");
+    let b = Http::start("b");
+    // One worker, so every stream to `a` shares its one upstream connection.
+    let config = shared::Config::from_yaml(&routed_config(a.addr, b.addr), "test.yaml").unwrap();
+    let options = dataplane::Options {
+        workers: Some(1),
+        ..tests::options(backend)
+    };
+    let proxy = dataplane::Proxy::start(config, "test.yaml", options).unwrap();
+    let addr = proxy.listener_addr("web").unwrap();
+    // Six clients ask for 4 MiB each and read none of it: past what each client's own
+    // windows take, each stream holds what the proxy lets the upstream send it, on the one
+    // upstream connection they share.
+    let stalled: Vec<_> = (0..6)
+        .map(|_| {
+            let client = H2::connect(addr);
+            let response = client.get_unread("svc", "/a/bytes/4194304");
+            (client, response)
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Another client's stream to the same upstream still gets through.
+    let answer = H2::connect(addr).get("svc", "/a/after");
+    assert_eq!(answer.text(), "a /a/after");
+    assert_eq!(a.connections.load(std::sync::atomic::Ordering::SeqCst), 1);
+    drop(stalled);
+}
+
 both_backends!(
+    clients_that_stop_reading_do_not_stall_others_on_the_same_upstream,
     a_tunnel_or_a_host_other_than_the_authority_is_refused,
     streams_are_routed_each_on_its_own,
     an_mtls_pair_carries_http2_inside,

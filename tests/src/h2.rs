@@ -73,14 +73,8 @@ impl H2 {
     /// Sends a request as it is and reads the whole answer.
     pub fn request(&self, request: hyper::Request<Full<Bytes>>) -> Answer {
         let mut sender = self.sender.clone();
-        self.runtime.block_on(async move {
-            let response = tokio::time::timeout(
-                std::time::Duration::from_secs(20),
-                sender.send_request(request),
-            )
-            .await
-            .expect("an answer in time")
-            .expect("a response");
+        let exchange = async move {
+            let response = sender.send_request(request).await.expect("a response");
             let status = response.status().as_u16();
             let headers = response.headers().clone();
             let collected = response.into_body().collect().await.expect("a body");
@@ -91,7 +85,29 @@ impl H2 {
                 body: collected.to_bytes(),
                 trailers,
             }
+        };
+        self.runtime.block_on(async move {
+            tokio::time::timeout(std::time::Duration::from_secs(20), exchange)
+                .await
+                .expect("the whole answer in time")
         })
+    }
+
+    /// Sends a GET and returns its response with the body unread: the stream stays open, its
+    /// window filling, while the response is held.
+    pub fn get_unread(
+        &self,
+        authority: &str,
+        path: &str,
+    ) -> hyper::Response<hyper::body::Incoming> {
+        let mut sender = self.sender.clone();
+        let request = hyper::Request::builder()
+            .uri(format!("http://{authority}{path}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        self.runtime
+            .block_on(sender.send_request(request))
+            .expect("a response")
     }
 
     /// A GET.

@@ -114,7 +114,9 @@ async fn handle(
         .to_owned();
     // What the request offered to upgrade to, told back on ordinary answers.
     let upgrade = request.headers().get("upgrade").cloned();
-    let response = if path == "/echo" {
+    let response = if let Some((_, size)) = path.split_once("/bytes/") {
+        Response::new(full(vec![b'x'; size.parse().unwrap_or(0)]))
+    } else if path == "/echo" {
         Response::new(full(whole_body(request).await))
     } else if path == "/grpc" {
         // gRPC's shape: the body echoed, then trailers carrying the status.
