@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tests::client::{self, Conn};
-use tests::upstream::{Http, black_hole, dead_address};
+use tests::upstream::{self, Http, black_hole, dead_address};
 use tests::{BackendChoice, Proxy, both_backends, metric, start_proxy, wait_for_metric};
 
 /// Two upstream services, one proxy routing to them by host and path.
@@ -236,25 +236,10 @@ fn an_h2c_upgrade_is_declined_and_the_request_served_as_http1(backend: BackendCh
     assert_eq!(conn.response(false).header("x-upgrade"), Some("websocket"));
 }
 
-/// An upstream that answers every request with `reply`, then (with `reset`) resets the
-/// connection; and a proxy routing everything to it.
+/// A proxy routing everything to an upstream that answers every request with `reply`, then
+/// (with `reset`) resets the connection ([`upstream::scripted`]).
 fn scripted_upstream(backend: BackendChoice, reply: &'static [u8], reset: bool) -> Proxy {
-    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let upstream_addr = upstream.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in upstream.incoming() {
-            let Ok(mut stream) = stream else { return };
-            let mut request = [0u8; 1024];
-            let _ = std::io::Read::read(&mut stream, &mut request);
-            let _ = stream.write_all(reply);
-            if reset {
-                std::thread::sleep(Duration::from_millis(100));
-                socket2::SockRef::from(&stream)
-                    .set_linger(Some(Duration::ZERO))
-                    .unwrap();
-            }
-        }
-    });
+    let upstream_addr = upstream::scripted(reply, reset);
     let yaml = format!(
         "listeners:\n  - {{ name: web, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: app }}] }}\nclusters:\n  - {{ name: app, endpoints: [{upstream_addr}] }}\n"
     );

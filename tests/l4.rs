@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
-use tests::upstream::{Echo, black_hole, dead_address};
+use tests::upstream::{self, Echo, black_hole, dead_address};
 use tests::{BackendChoice, both_backends, client, metric, start_proxy, wait_for_metric};
 
 fn tcp_config(endpoint: std::net::SocketAddr, idle: &str) -> String {
@@ -121,19 +121,7 @@ fn upstream_down_closes_the_connection(backend: BackendChoice) {
 
 fn a_reset_on_one_side_reaches_the_other_as_a_reset(backend: BackendChoice) {
     // An upstream that answers part of a response, then resets the connection.
-    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let upstream_addr = upstream.local_addr().unwrap();
-    std::thread::spawn(move || {
-        if let Ok((mut stream, _)) = upstream.accept() {
-            let mut request = Vec::new();
-            let _ = stream.read_to_end(&mut request);
-            let _ = stream.write_all(b"partial");
-            std::thread::sleep(Duration::from_millis(100));
-            socket2::SockRef::from(&stream)
-                .set_linger(Some(Duration::ZERO))
-                .unwrap();
-        }
-    });
+    let upstream_addr = upstream::scripted(b"partial", true);
     let proxy = start_proxy(&tcp_config(upstream_addr, "30s"), backend);
     let mut stream = client::connect(proxy.listener_addr("raw").unwrap());
     // A protocol that sends its request, then reads the answer to the end.

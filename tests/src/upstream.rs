@@ -247,6 +247,28 @@ impl Http {
     }
 }
 
+/// A server that answers each connection's first read with `reply`, then (with `reset`)
+/// resets the connection, a moment later, instead of closing it.
+pub fn scripted(reply: &'static [u8], reset: bool) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut request = [0u8; 1024];
+            let _ = stream.read(&mut request);
+            let _ = stream.write_all(reply);
+            if reset {
+                thread::sleep(Duration::from_millis(100));
+                socket2::SockRef::from(&stream)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
+            }
+        }
+    });
+    addr
+}
+
 /// An address nothing listens on (bound, then closed).
 pub fn dead_address() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();

@@ -193,14 +193,12 @@ async fn send<S: Stream>(stream: Rc<S>, sending: Rc<RefCell<Sending>>) {
             biased;
             written = stream.write_all(buf, 0..len) => written,
             () = abandoned(&sending) => {
-                // The write is dropped with its buffer; the abort fails it on either backend.
+                // The write is dropped with its buffer; the abort fails it on either backend,
+                // and the sender ends as after any failed write.
                 tracing::debug!("peer took no bytes after the connection ended; aborting it");
                 stream.abort();
-                let mut state = sending.borrow_mut();
-                state.writing = false;
-                state.failed = Some((io::ErrorKind::TimedOut, "peer stopped reading".into()));
-                state.pending.clear();
-                return;
+                let stopped = io::Error::new(io::ErrorKind::TimedOut, "peer stopped reading");
+                (Err(stopped), Vec::new())
             }
         };
         let mut state = sending.borrow_mut();
