@@ -1,10 +1,12 @@
 //! HTTP/1.1: one downstream connection, its requests in order, each routed by host and path
 //! to a cluster and carried over a pooled upstream connection.
 //!
-//! Heads are forwarded as received (no rewriting on the normal path); bodies stream through a
-//! bounded buffer; pipelined requests are answered strictly one after another; `Upgrade`
-//! (WebSocket) turns the connection into an opaque byte pump after the `101`. Failures the
-//! proxy answers itself carry an `x-tern-response-flag` header and count under that flag.
+//! Heads are forwarded as received (no rewriting on the normal path; an offer to upgrade to
+//! h2c is declined by dropping its fields); bodies stream through a bounded buffer; pipelined
+//! requests are answered strictly one after another; `Upgrade` (WebSocket) turns the
+//! connection into an opaque byte pump after the `101` it asked for. Failures the proxy
+//! answers itself carry an `x-tern-response-flag` header and count under that flag; a
+//! response that breaks off after its head went out ends the client's connection in a reset.
 
 pub mod body;
 pub mod head;
