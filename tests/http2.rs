@@ -7,9 +7,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use bytes::Bytes;
+use std::sync::atomic::Ordering;
 use tests::h2::H2;
 use tests::pki::{TempDir, TestCa};
-use tests::upstream::{Http, dead_address};
+
+use tests::upstream::{Http, MAX_CONCURRENT_STREAMS, dead_address};
 use tests::{BackendChoice, both_backends, metric, start_proxy, wait_for_metric};
 
 fn routed_config(a: std::net::SocketAddr, b: std::net::SocketAddr) -> String {
@@ -229,7 +231,49 @@ fn clients_that_stop_reading_do_not_stall_others_on_the_same_upstream(backend: B
     drop(stalled);
 }
 
+fn streams_past_the_upstreams_limit_go_on_another_connection(backend: BackendChoice) {
+    let a = Http::start("a");
+    let b = Http::start("b");
+    // One worker, so every stream to `a` looks for a place on the same pooled connections.
+    // The streams held open get a long route timeout (so none ends while the test runs); the
+    // last request a short one, so that queued behind the upstream's stream limit it fails
+    // fast rather than waiting out the default.
+    let config = routed_config(a.addr, b.addr).replace(
+        "{ path_prefix: /a, cluster: a }",
+        "{ path_prefix: /a/hang, cluster: a, timeout: 60s }\n      - { path_prefix: /a, cluster: a, timeout: 2s }",
+    );
+    let config = shared::Config::from_yaml(&config, "test.yaml").unwrap();
+    let options = dataplane::Options {
+        workers: Some(1),
+        ..tests::options(backend)
+    };
+    let proxy = dataplane::Proxy::start(config, "test.yaml", options).unwrap();
+    let addr = proxy.listener_addr("web").unwrap();
+    // As many streams as the upstream allows on one connection, each left open (long-lived
+    // gRPC streams, say).
+    let holder = H2::connect(addr);
+    for i in 0..MAX_CONCURRENT_STREAMS {
+        holder.start_get("svc", &format!("/a/hang/{i}"));
+    }
+    wait_for(|| a.requests.load(Ordering::SeqCst) == MAX_CONCURRENT_STREAMS as usize);
+    // One more stream to the same upstream is answered, on a second connection.
+    let answer = H2::connect(addr).get("svc", "/a/after");
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(answer.text(), "a /a/after");
+    assert_eq!(a.connections.load(Ordering::SeqCst), 2);
+    drop(holder);
+}
+
+fn wait_for(condition: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !condition() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 both_backends!(
+    streams_past_the_upstreams_limit_go_on_another_connection,
     clients_that_stop_reading_do_not_stall_others_on_the_same_upstream,
     a_tunnel_or_a_host_other_than_the_authority_is_refused,
     streams_are_routed_each_on_its_own,

@@ -110,6 +110,19 @@ impl H2 {
             .expect("a response")
     }
 
+    /// Starts a GET and leaves it running: its stream stays open until it is answered or
+    /// this connection is dropped.
+    pub fn start_get(&self, authority: &str, path: &str) {
+        let mut sender = self.sender.clone();
+        let request = hyper::Request::builder()
+            .uri(format!("http://{authority}{path}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        self.runtime.spawn(async move {
+            let _ = sender.send_request(request).await;
+        });
+    }
+
     /// A GET.
     pub fn get(&self, authority: &str, path: &str) -> Answer {
         self.send("GET", authority, path, Bytes::new())

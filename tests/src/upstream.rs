@@ -3,7 +3,7 @@
 //!
 //! HTTP paths: `/echo` answers with the request body; `/grpc` too, then trailers
 //! (`grpc-status: 0`, `x-served-by: <name>`); `/chunked` streams a chunked body;
-//! `/hang` never answers; `/slow/<ms>` answers after a delay; `/ws` upgrades and then echoes
+//! `/hang` (or a path with `/hang/` in it) never answers; `/slow/<ms>` answers after a delay; `/ws` upgrades and then echoes
 //! raw bytes; anything else answers `<name> <path>` with the request's Host in `x-host`.
 
 use std::convert::Infallible;
@@ -19,6 +19,9 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
+
+/// The most HTTP/2 streams [`Http`] lets a client have open at once on one connection.
+pub const MAX_CONCURRENT_STREAMS: u32 = 100;
 
 /// A TCP echo server: echoes until end of stream, then half-closes.
 pub struct Echo {
@@ -138,7 +141,7 @@ async fn handle(
             )
             .boxed(),
         )
-    } else if path == "/hang" {
+    } else if path == "/hang" || path.contains("/hang/") {
         std::future::pending::<()>().await;
         unreachable!()
     } else if let Some(ms) = path.strip_prefix("/slow/") {
@@ -227,12 +230,17 @@ impl Http {
                         reqs.fetch_add(1, Ordering::SeqCst);
                         handle(name, request)
                     });
-                    // HTTP/1.1 or HTTP/2 (prior knowledge), told by the preface.
-                    let _ = hyper_util::server::conn::auto::Builder::new(
+                    // HTTP/1.1 or HTTP/2 (prior knowledge), told by the preface; HTTP/2
+                    // allows 100 streams at once, RFC 9113's recommended least.
+                    let mut builder = hyper_util::server::conn::auto::Builder::new(
                         hyper_util::rt::TokioExecutor::new(),
-                    )
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                    .await;
+                    );
+                    builder
+                        .http2()
+                        .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
+                    let _ = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .await;
                     now_open.fetch_sub(1, Ordering::SeqCst);
                 });
             }

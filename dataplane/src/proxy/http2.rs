@@ -4,12 +4,12 @@
 //!
 //! hyper runs both ends, over the owned-buffer streams ([`crate::io::hyper_io`]), so flow
 //! control, trailers (gRPC's status), stream resets and keep-alive pings are its; this module
-//! routes, picks the upstream connection (one per endpoint per worker, shared by all
-//! streams), bounds everything up to the response head with the route's timeout, sends a
+//! routes, picks the upstream connection (per endpoint per worker, shared by up to 100
+//! streams, then another), bounds everything up to the response head with the route's timeout, sends a
 //! request the upstream refused unseen (GOAWAY) once more on a new connection, and answers
 //! failures itself with `x-tern-response-flag`, as HTTP/1.1 does.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -30,21 +30,93 @@ use crate::snapshot::{ListenerKind, RouteTable};
 use crate::tls::MaybeTls;
 use crate::worker::{View, Worker};
 
-/// What the proxy answers with: the upstream's body, or its own short text.
-pub type Body = Either<Incoming, Full<Bytes>>;
+/// What the proxy answers with: the upstream's body (holding its stream's place on the
+/// upstream connection until it ends), or its own short text.
+pub type Body = Either<Counted, Full<Bytes>>;
 
-/// An upstream connection, or the one being made: streams that arrive while it is being
-/// made wait for it rather than each opening their own.
-type Shared = Rc<tokio::sync::OnceCell<SendRequest<Incoming>>>;
+/// How many streams the proxy opens on one upstream connection before it opens another to
+/// the same endpoint. A server caps the streams a client may have open at once
+/// (`SETTINGS_MAX_CONCURRENT_STREAMS`), and hyper queues a request past the cap until a
+/// stream ends; with long-lived gRPC streams holding every place, the queued request would
+/// wait for its route's timeout. hyper does not say what the server's cap is, so the proxy
+/// keeps to the lowest value RFC 9113 §6.5.2 recommends servers allow.
+const STREAMS_PER_CONNECTION: usize = 100;
+
+/// How long a connection beyond an endpoint's first may sit with no stream before the pool
+/// closes it (when the next request to that endpoint looks for a place).
+const EXTRA_CONNECTION_IDLE: Duration = Duration::from_secs(60);
+
+/// An upstream connection, or the one being made (streams that arrive while it is being
+/// made wait for it rather than each opening their own), and how many streams have a place
+/// on it.
+#[derive(Debug)]
+struct Connection {
+    sender: tokio::sync::OnceCell<SendRequest<Incoming>>,
+    streams: Cell<usize>,
+    /// When its last stream ended.
+    idle_since: Cell<Instant>,
+}
+
+type Shared = Rc<Connection>;
+
+/// A stream's place on an upstream connection, given back when dropped: with the response
+/// body ([`Counted`]) when there is one, else when the exchange fails.
+#[derive(Debug)]
+struct Place(Shared);
+
+impl Place {
+    fn on(connection: &Shared) -> Place {
+        connection.streams.set(connection.streams.get() + 1);
+        Place(connection.clone())
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let streams = self.0.streams.get().saturating_sub(1);
+        self.0.streams.set(streams);
+        if streams == 0 {
+            self.0.idle_since.set(Instant::now());
+        }
+    }
+}
+
+/// An upstream response body that keeps its stream's place on the connection until it has
+/// been read to its end or dropped (the client went away: hyper resets the stream).
+#[derive(Debug)]
+pub struct Counted {
+    body: Incoming,
+    _place: Place,
+}
+
+impl hyper::body::Body for Counted {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
 
 /// A pool entry's key: the cluster and the endpoint.
 type Key = (Arc<str>, SocketAddr);
 
-/// One worker's upstream HTTP/2 connections, by cluster and endpoint; each carries every
-/// stream to that endpoint.
+/// One worker's upstream HTTP/2 connections, by cluster and endpoint: the first carries
+/// every stream to that endpoint up to [`STREAMS_PER_CONNECTION`], then the next.
 #[derive(Default)]
 pub struct Pool {
-    connections: RefCell<HashMap<Key, Shared>>,
+    connections: RefCell<HashMap<Key, Vec<Shared>>>,
 }
 
 impl Pool {
@@ -59,19 +131,57 @@ impl Pool {
         });
     }
 
-    /// Forgets `key`'s connection if it is still `shared` (a newer one may have replaced it).
-    fn forget(&self, key: &Key, shared: &Shared) {
-        let mut connections = self.connections.borrow_mut();
-        if connections.get(key).is_some_and(|c| Rc::ptr_eq(c, shared)) {
-            connections.remove(key);
-        }
-    }
-}
-
-impl Pool {
     /// Closes every connection (their drivers end when the last sender is dropped).
     pub fn clear(&self) {
         self.connections.borrow_mut().clear();
+    }
+
+    /// A place for one stream on `key`'s first connection with room, or on a new one (made
+    /// by whoever awaits it first). Connections beyond the first that have been idle for
+    /// [`EXTRA_CONNECTION_IDLE`] are closed on the way.
+    fn place(&self, key: &Key) -> Place {
+        let mut connections = self.connections.borrow_mut();
+        let list = connections.entry(key.clone()).or_default();
+        if list.len() > 1 {
+            let mut index = 0;
+            list.retain(|c| {
+                index += 1;
+                index == 1
+                    || c.streams.get() > 0
+                    || c.idle_since.get().elapsed() < EXTRA_CONNECTION_IDLE
+            });
+        }
+        if let Some(roomy) = list
+            .iter()
+            .find(|c| c.streams.get() < STREAMS_PER_CONNECTION)
+        {
+            return Place::on(roomy);
+        }
+        let new = Rc::new(Connection {
+            sender: tokio::sync::OnceCell::new(),
+            streams: Cell::new(0),
+            idle_since: Cell::new(Instant::now()),
+        });
+        list.push(new.clone());
+        Place::on(&new)
+    }
+
+    /// Forgets `connection` (it failed or closed): the next stream that needs a place makes
+    /// a new one.
+    fn forget(&self, key: &Key, connection: &Shared) {
+        let mut connections = self.connections.borrow_mut();
+        if let Some(list) = connections.get_mut(key) {
+            list.retain(|c| !Rc::ptr_eq(c, connection));
+            if list.is_empty() {
+                connections.remove(key);
+            }
+        }
+    }
+
+    /// How many connections the pool holds to `key` (tests).
+    #[cfg(test)]
+    fn count(&self, key: &Key) -> usize {
+        self.connections.borrow().get(key).map_or(0, Vec::len)
     }
 }
 
@@ -184,7 +294,7 @@ async fn forward<B: Backend>(
     for _ in 0..2 {
         let upstream =
             tokio::time::timeout_at(deadline, upstream::<B>(worker, view, chosen.cluster));
-        let (mut sender, key, shared) = match upstream.await {
+        let (mut sender, key, place) = match upstream.await {
             Ok(Some(found)) => found,
             Ok(None) => return local(stats, started, 503, Flag::UpstreamConnectFailure),
             Err(_) => {
@@ -202,10 +312,15 @@ async fn forward<B: Backend>(
                 let status = response.status().as_u16();
                 cluster.response(status);
                 stats.response(status, started.elapsed());
-                return response.map(Either::Left);
+                return response.map(|body| {
+                    Either::Left(Counted {
+                        body,
+                        _place: place,
+                    })
+                });
             }
             Ok(Err(mut failed)) => {
-                worker.h2.forget(&key, &shared);
+                worker.h2.forget(&key, &place.0);
                 tracing::debug!(cluster = %view.snapshot.clusters[chosen.cluster].name, error = %failed.error(), "HTTP/2 upstream failed");
                 match failed.take_message() {
                     Some(unsent) => request = unsent,
@@ -282,26 +397,22 @@ fn local(
     response
 }
 
-/// A ready connection to the next endpoint of `cluster` (the worker's, or a new one), with
-/// its pool key and entry, to forget it by if it fails.
+/// A ready connection to the next endpoint of `cluster` (one of the worker's, or a new one),
+/// with its pool key and the stream's place on it.
 async fn upstream<B: Backend>(
     worker: &Rc<Worker<B>>,
     view: &View,
     cluster: usize,
-) -> Option<(SendRequest<Incoming>, Key, Shared)> {
+) -> Option<(SendRequest<Incoming>, Key, Place)> {
     let plan = view.snapshot.clusters.get(cluster)?;
     for _ in 0..plan.endpoints.len().min(super::CONNECT_ATTEMPTS) {
         let addr = view.next_endpoint(cluster)?;
         let key = (plan.name.clone(), addr);
-        let shared = worker
-            .h2
-            .connections
-            .borrow_mut()
-            .entry(key.clone())
-            .or_default()
-            .clone();
-        let pooled = shared.initialized();
-        let made = shared
+        let place = worker.h2.place(&key);
+        let pooled = place.0.sender.initialized();
+        let made = place
+            .0
+            .sender
             .get_or_try_init(|| connect::<B>(view, cluster, addr))
             .await;
         match made {
@@ -311,13 +422,13 @@ async fn upstream<B: Backend>(
                     if pooled {
                         view.clusters[cluster].reused();
                     }
-                    return Some((sender, key, shared));
+                    return Some((sender, key, place));
                 }
                 // It closed (the upstream went away or said GOAWAY): the next request makes
                 // a new one.
-                worker.h2.forget(&key, &shared);
+                worker.h2.forget(&key, &place.0);
             }
-            Err(()) => worker.h2.forget(&key, &shared),
+            Err(()) => worker.h2.forget(&key, &place.0),
         }
     }
     None
@@ -355,5 +466,74 @@ async fn connect<B: Backend>(
             tracing::debug!(cluster = %name, %addr, %error, "HTTP/2 handshake with upstream failed");
             Err(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> Key {
+        (Arc::from("c"), SocketAddr::from(([127, 0, 0, 1], 8080)))
+    }
+
+    #[test]
+    fn a_full_connection_sends_the_next_stream_to_another() {
+        let pool = Pool::default();
+        let places: Vec<Place> = (0..STREAMS_PER_CONNECTION)
+            .map(|_| pool.place(&key()))
+            .collect();
+        assert!(places.iter().all(|p| Rc::ptr_eq(&p.0, &places[0].0)));
+        assert_eq!(pool.count(&key()), 1);
+
+        let overflow = pool.place(&key());
+        assert!(!Rc::ptr_eq(&overflow.0, &places[0].0));
+        assert_eq!(pool.count(&key()), 2);
+
+        // A stream that ends gives its place back: the first connection has room again.
+        drop(places.into_iter().next());
+        let next = pool.place(&key());
+        assert!(!Rc::ptr_eq(&next.0, &overflow.0));
+        assert_eq!(pool.count(&key()), 2);
+    }
+
+    #[test]
+    fn an_extra_connection_left_idle_is_closed_and_the_first_kept() {
+        let pool = Pool::default();
+        let first: Vec<Place> = (0..STREAMS_PER_CONNECTION)
+            .map(|_| pool.place(&key()))
+            .collect();
+        let extra = pool.place(&key());
+        let extra_connection = extra.0.clone();
+        drop(extra);
+        drop(first);
+        // Idle, but not for long: kept.
+        drop(pool.place(&key()));
+        assert_eq!(pool.count(&key()), 2);
+        // Idle for longer than the limit, both of them: the extra one goes.
+        for connection in &pool.connections.borrow()[&key()] {
+            let long_ago = Instant::now().checked_sub(EXTRA_CONNECTION_IDLE * 2);
+            connection
+                .idle_since
+                .set(long_ago.unwrap_or_else(Instant::now));
+        }
+        let place = pool.place(&key());
+        assert_eq!(pool.count(&key()), 1);
+        assert!(!Rc::ptr_eq(&place.0, &extra_connection));
+    }
+
+    #[test]
+    fn a_forgotten_connection_leaves_the_others() {
+        let pool = Pool::default();
+        let first: Vec<Place> = (0..STREAMS_PER_CONNECTION)
+            .map(|_| pool.place(&key()))
+            .collect();
+        let second = pool.place(&key());
+        pool.forget(&key(), &first[0].0);
+        assert_eq!(pool.count(&key()), 1);
+        assert!(Rc::ptr_eq(&pool.place(&key()).0, &second.0));
+        pool.forget(&key(), &second.0);
+        assert_eq!(pool.count(&key()), 0);
+        assert!(!pool.connections.borrow().contains_key(&key()));
     }
 }
