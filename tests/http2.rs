@@ -264,6 +264,29 @@ fn streams_past_the_upstreams_limit_go_on_another_connection(backend: BackendCho
     drop(holder);
 }
 
+fn a_restarted_upstream_is_reached_past_its_dead_pooled_connection(backend: BackendChoice) {
+    let a = Http::start("a");
+    let address = a.addr;
+    let b = Http::start("b");
+    let config = shared::Config::from_yaml(&routed_config(a.addr, b.addr), "test.yaml").unwrap();
+    let options = dataplane::Options {
+        workers: Some(1),
+        ..tests::options(backend)
+    };
+    let proxy = dataplane::Proxy::start(config, "test.yaml", options).unwrap();
+    let client = H2::connect(proxy.listener_addr("web").unwrap());
+    assert_eq!(client.get("svc", "/a/first").text(), "a /a/first");
+    // The upstream restarts on the same address: the pooled connection is dead.
+    drop(a);
+    let a = Http::on(std::net::TcpListener::bind(address).unwrap(), "a");
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    // The one endpoint is not given up for the dead connection: a new one is made.
+    let answer = client.get("svc", "/a/again");
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(answer.text(), "a /a/again");
+    assert_eq!(a.connections.load(Ordering::SeqCst), 1);
+}
+
 fn wait_for(condition: impl Fn() -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !condition() {
@@ -273,6 +296,7 @@ fn wait_for(condition: impl Fn() -> bool) {
 }
 
 both_backends!(
+    a_restarted_upstream_is_reached_past_its_dead_pooled_connection,
     streams_past_the_upstreams_limit_go_on_another_connection,
     clients_that_stop_reading_do_not_stall_others_on_the_same_upstream,
     a_tunnel_or_a_host_other_than_the_authority_is_refused,

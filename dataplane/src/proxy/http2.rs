@@ -5,9 +5,9 @@
 //! hyper runs both ends, over the owned-buffer streams ([`crate::io::hyper_io`]), so flow
 //! control, trailers (gRPC's status), stream resets and keep-alive pings are its; this module
 //! routes, picks the upstream connection (per endpoint per worker, shared by up to 100
-//! streams, then another), bounds everything up to the response head with the route's timeout, sends a
-//! request the upstream refused unseen (GOAWAY) once more on a new connection, and answers
-//! failures itself with `x-tern-response-flag`, as HTTP/1.1 does.
+//! streams, then another), bounds everything up to the response head with the route's
+//! timeout, sends a request the upstream refused unseen (GOAWAY) once more on another
+//! connection, and answers failures itself with `x-tern-response-flag`, as HTTP/1.1 does.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -290,7 +290,7 @@ async fn forward<B: Backend>(
     let cluster = &view.clusters[chosen.cluster];
     let deadline = tokio::time::Instant::now() + chosen.timeout;
     // A request the upstream never saw (its connection was closing: GOAWAY) goes once more,
-    // on a new connection.
+    // on another connection (the closing one is forgotten).
     for _ in 0..2 {
         let upstream =
             tokio::time::timeout_at(deadline, upstream::<B>(worker, view, chosen.cluster));
@@ -405,7 +405,8 @@ async fn upstream<B: Backend>(
     cluster: usize,
 ) -> Option<(SendRequest<Incoming>, Key, Place)> {
     let plan = view.snapshot.clusters.get(cluster)?;
-    for _ in 0..plan.endpoints.len().min(super::CONNECT_ATTEMPTS) {
+    let mut attempts = 0;
+    while attempts < plan.endpoints.len().min(super::CONNECT_ATTEMPTS) {
         let addr = view.next_endpoint(cluster)?;
         let key = (plan.name.clone(), addr);
         let place = worker.h2.place(&key);
@@ -427,9 +428,15 @@ async fn upstream<B: Backend>(
                 // It closed (the upstream went away or said GOAWAY): the next request makes
                 // a new one.
                 worker.h2.forget(&key, &place.0);
+                if pooled {
+                    // One that died while pooled is no attempt at the endpoint; each is
+                    // forgotten, so this ends.
+                    continue;
+                }
             }
             Err(()) => worker.h2.forget(&key, &place.0),
         }
+        attempts += 1;
     }
     None
 }
