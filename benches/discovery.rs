@@ -129,7 +129,10 @@ fn main() {
     })
     .expect("opening the CA's state");
     let id = "spiffe://bench.test/ns/default/sa/client";
-    let token = authority.token(&id.parse().expect("an ID"));
+    let token = authority.token(
+        &id.parse().expect("an ID"),
+        controlplane::DEFAULT_TOKEN_VALIDITY,
+    );
     let root = std::fs::read_to_string(state.join("ca.crt")).expect("the root");
     let idle_rss = rss_kib(server.0.id());
     let manifest_bytes = all.len() + route(1).len();

@@ -1,5 +1,7 @@
 //! Proxies that get their identity from `tern-control`'s CA: certification over gRPC with a
-//! bootstrap token, mTLS between two such proxies, refusal of a token for another identity,
+//! bootstrap token, mTLS between two such proxies, refusal of a token for another identity
+//! and of an expired one, renewal by certificate after the token expired (and by token when
+//! the CA no longer trusts the certificate),
 //! a CA that is down at start-up, rotation that drops no connection, and a CA outage at
 //! renewal that leaves traffic flowing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -177,6 +179,44 @@ fn rotation_drops_no_connection_and_a_ca_outage_at_renewal_is_survived() {
 }
 
 #[test]
+fn a_running_proxy_renews_with_its_certificate_once_its_token_expired() {
+    // Certificates live 6 s (renewal after 3–4.2 s); the token proves `b` for 2 s.
+    let control = TestControlPlane::start(Duration::from_secs(6));
+    let token = control.write_token_valid_for("b", "b", Duration::from_secs(2));
+    let echo = Echo::start();
+    let yaml = format!(
+        "{}listeners:\n  - {{ name: in, address: 127.0.0.1:0, protocol: tcp, cluster: app }}\nclusters:\n  - {{ name: app, endpoints: [{}] }}\n",
+        control.identity_yaml_with("b", &token),
+        echo.addr
+    );
+    let b = start_proxy(&yaml, BackendChoice::Epoll);
+    wait_ready(&b, Duration::from_secs(10));
+    let first = certificate(&b).0;
+    // The token expires, and goes: renewals need only the certificate.
+    std::thread::sleep(Duration::from_millis(2100));
+    std::fs::remove_file(&token).unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "two renewals after the token expired",
+        || metric_of(&b, CERTIFY_OK) >= 3.0 && certificate(&b).0 > first,
+    );
+    assert_eq!(metric_of(&b, CERTIFY_ERROR), 0.0);
+
+    // A proxy that starts with the expired token is refused.
+    let expired = control.write_token_valid_for("late", "b", Duration::from_secs(1));
+    std::thread::sleep(Duration::from_millis(2100));
+    let late = start_proxy(
+        &yaml.replace(&token.display().to_string(), &expired.display().to_string()),
+        BackendChoice::Epoll,
+    );
+    eventually(Duration::from_secs(10), "a refusal", || {
+        metric_of(&late, CERTIFY_ERROR) >= 1.0
+    });
+    assert_eq!(admin_status(&late, "/ready").0, 503);
+    assert_eq!(metric_of(&late, CERTIFY_OK), 0.0);
+}
+
+#[test]
 fn a_root_rotation_keeps_old_and_new_certificates_talking() {
     let mut control = TestControlPlane::start(Duration::from_secs(3600));
     let roots = tests::pki::TempDir::new("roots");
@@ -218,6 +258,48 @@ fn a_root_rotation_keeps_old_and_new_certificates_talking() {
     eventually(Duration::from_secs(5), "the refused upstream", || {
         metric_of(&c, "tern_upstream_connect_failures_total{cluster=\"b\"}") >= 1.0
     });
+}
+
+#[test]
+fn a_certificate_the_ca_no_longer_trusts_falls_back_to_the_token() {
+    // Certificates live 6 s (renewal after 3–4.2 s).
+    let mut control = TestControlPlane::start(Duration::from_secs(6));
+    let roots = tests::pki::TempDir::new("roots");
+    let old = tests::pki::TestCa::new("old mesh root").write_root(&roots.0, "old");
+    let new = tests::pki::TestCa::new("new mesh root").write_root(&roots.0, "new");
+    // The proxy knows the CA's server by either root.
+    let both = roots.0.join("both.crt");
+    let pems = [&old.0, &new.0].map(|path| std::fs::read_to_string(path).unwrap());
+    std::fs::write(&both, pems.concat()).unwrap();
+    control.ca.ca_cert = Some(old.0.clone());
+    control.ca.ca_key = Some(old.1.clone());
+    control.restart();
+    let echo = Echo::start();
+    let yaml = format!(
+        "{}listeners:\n  - {{ name: in, address: 127.0.0.1:0, protocol: tcp, cluster: app }}\nclusters:\n  - {{ name: app, endpoints: [{}] }}\n",
+        control
+            .identity_yaml("b", "b")
+            .replace(&old.0.display().to_string(), &both.display().to_string()),
+        echo.addr
+    );
+    let b = start_proxy(&yaml, BackendChoice::Epoll);
+    wait_ready(&b, Duration::from_secs(10));
+
+    // The CA moves to the new root and drops the old one (no rotation window): at renewal it
+    // refuses the old certificate, and the proxy proves itself with its token instead.
+    control.ca.ca_cert = Some(new.0.clone());
+    control.ca.ca_key = Some(new.1.clone());
+    control.restart();
+    eventually(
+        Duration::from_secs(15),
+        "a renewal under the new root",
+        || metric_of(&b, CERTIFY_OK) >= 2.0,
+    );
+    assert_eq!(
+        metric_of(&b, CERTIFY_ERROR),
+        0.0,
+        "the fallback is part of the same attempt"
+    );
 }
 
 #[test]

@@ -400,6 +400,14 @@ fn traffic_flows_while_the_control_plane_is_down_and_proxies_resync_when_it_retu
         "a proxy with a config stays ready without its control plane"
     );
 
+    // The proxies' tokens go (as expired ones would): they prove who they are with their
+    // certificates when the control plane comes back.
+    for entry in std::fs::read_dir(&mesh.control.dir.0).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "token") {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
     // Changed while the control plane was down; it reads it when it comes back.
     mesh.write(
         "route.yaml",

@@ -1,7 +1,8 @@
 //! The mesh certificate authority: its signing key and certificate (generated on first start
 //! and kept in the state directory, or provided by the operator), the trust bundle it hands
-//! out, the per-workload bootstrap tokens it accepts in local mode, and the signing of
-//! workload certificates from CSRs.
+//! out, the credentials it accepts (a per-workload bootstrap token with an expiry, in local
+//! mode, for a workload's first certificate; the workload's current certificate for each
+//! renewal after it), and the signing of workload certificates from CSRs.
 //!
 //! Everything here is synchronous and does no network IO; [`crate::identity`] puts it behind
 //! gRPC.
@@ -30,8 +31,28 @@ pub const MIN_WORKLOAD_LIFETIME: Duration = Duration::from_secs(5);
 /// The longest workload certificate lifetime allowed (Istio's default ceiling too): workload
 /// certificates are meant to be short-lived and renewed.
 pub const MAX_WORKLOAD_LIFETIME: Duration = Duration::from_secs(90 * 24 * 3600);
-/// The prefix of a bootstrap token, naming its format.
-const TOKEN_PREFIX: &str = "tern1";
+/// The prefix of a bootstrap token, naming its format: `tern2.<id>.<expiry>.<tag>`, the
+/// SPIFFE ID in unpadded URL-safe base64, the expiry in Unix seconds, and the tag an
+/// HMAC-SHA256 of what precedes it under the CA's token key.
+const TOKEN_PREFIX: &str = "tern2";
+/// The prefix of the first token format, which had no expiry.
+const OLD_TOKEN_PREFIX: &str = "tern1";
+/// How long a bootstrap token is valid unless its issuer says otherwise: long enough to
+/// start a workload, short enough that a leaked one soon stops minting certificates. A
+/// running workload renews with its certificate and no longer needs it.
+pub const DEFAULT_TOKEN_VALIDITY: Duration = Duration::from_secs(24 * 3600);
+
+/// What proves a certification request's identity.
+#[derive(Debug, Clone, Copy)]
+pub enum Credential<'a> {
+    /// A bootstrap token (local mode): how a workload gets its first certificate.
+    Token(&'a str),
+    /// The leaf certificate the client presented in the TLS handshake, which the server
+    /// verified against this CA's trust bundle: how a workload renews. Any root of the bundle
+    /// will do (the mesh's proxies trust them all for mTLS anyway), so that during a root
+    /// rotation a workload on the old root renews onto the new one.
+    Certificate(&'a CertificateDer<'a>),
+}
 
 /// Where the CA keeps its state, and what it was given.
 #[derive(Debug, Clone)]
@@ -77,7 +98,7 @@ pub enum CertifyError {
     /// The request is malformed.
     #[error("invalid request: {0}")]
     Invalid(String),
-    /// The credential is not a valid token of this CA.
+    /// The credential is not a valid token of this CA, or not a certificate of its mesh.
     #[error("invalid credential: {0}")]
     Unauthenticated(String),
     /// The credential is valid but proves another identity.
@@ -192,6 +213,13 @@ fn has_p256_key(csr: &[u8]) -> bool {
 }
 
 /// An `OffsetDateTime` `offset` from now (negative: in the past).
+/// Seconds since the Unix epoch (0 for a clock set before it).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 fn from_now(offset: Duration, past: bool) -> time::OffsetDateTime {
     let now = time::OffsetDateTime::now_utc();
     let offset = time::Duration::try_from(offset).unwrap_or(time::Duration::MAX);
@@ -276,15 +304,17 @@ impl Authority {
         &self.trust_bundle
     }
 
-    /// The bootstrap token that proves `id` to this CA (local mode). Anyone holding it can
-    /// obtain certificates for `id`, so hand it only to that workload.
-    pub fn token(&self, id: &SpiffeId) -> String {
-        let tag = aws_lc_rs::hmac::sign(&self.token_key, id.to_string().as_bytes());
-        format!(
-            "{TOKEN_PREFIX}.{}.{}",
-            URL_SAFE_NO_PAD.encode(id.to_string()),
-            URL_SAFE_NO_PAD.encode(tag.as_ref())
-        )
+    /// A bootstrap token that proves `id` to this CA (local mode) for `valid_for` from now.
+    /// Anyone holding it can obtain certificates for `id` until then, so hand it only to
+    /// that workload.
+    pub fn token(&self, id: &SpiffeId, valid_for: Duration) -> String {
+        let expires = unix_now().saturating_add(valid_for.as_secs());
+        let signed = format!(
+            "{TOKEN_PREFIX}.{}.{expires}",
+            URL_SAFE_NO_PAD.encode(id.to_string())
+        );
+        let tag = aws_lc_rs::hmac::sign(&self.token_key, signed.as_bytes());
+        format!("{signed}.{}", URL_SAFE_NO_PAD.encode(tag.as_ref()))
     }
 
     /// When the latest certificate issued for `id` expires (Unix seconds), if this CA issued
@@ -300,30 +330,75 @@ impl Authority {
     /// Checks a bootstrap token and returns the identity it proves.
     pub fn verify_token(&self, token: &str) -> Result<SpiffeId, CertifyError> {
         let bad = |why: &str| CertifyError::Unauthenticated(why.to_owned());
-        let mut parts = token.trim().split('.');
-        let (Some(TOKEN_PREFIX), Some(id), Some(tag), None) =
+        let token = token.trim();
+        if token.starts_with(&format!("{OLD_TOKEN_PREFIX}.")) {
+            return Err(bad(
+                "a token of the first format, which never expired, is no longer accepted: issue a new one with `tern-control token`",
+            ));
+        }
+        let Some((signed, tag)) = token.rsplit_once('.') else {
+            return Err(bad("not a Tern bootstrap token"));
+        };
+        let mut parts = signed.split('.');
+        let (Some(TOKEN_PREFIX), Some(id), Some(expires), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err(bad("not a Tern bootstrap token"));
         };
-        let id = URL_SAFE_NO_PAD
-            .decode(id)
-            .map_err(|_| bad("not a Tern bootstrap token"))?;
         let tag = URL_SAFE_NO_PAD
             .decode(tag)
             .map_err(|_| bad("not a Tern bootstrap token"))?;
-        aws_lc_rs::hmac::verify(&self.token_key, &id, &tag)
+        aws_lc_rs::hmac::verify(&self.token_key, signed.as_bytes(), &tag)
             .map_err(|_| bad("the token was not issued by this CA"))?;
-        String::from_utf8(id)
+        // Authentic from here on: what it says was said by this CA.
+        let expires: u64 = expires
+            .parse()
+            .map_err(|_| bad("the token's expiry is not a number"))?;
+        if unix_now() >= expires {
+            return Err(CertifyError::Unauthenticated(format!(
+                "the token expired at {expires} (Unix seconds): issue a new one with `tern-control token`"
+            )));
+        }
+        URL_SAFE_NO_PAD
+            .decode(id)
             .ok()
+            .and_then(|id| String::from_utf8(id).ok())
             .and_then(|id| id.parse().ok())
             .ok_or_else(|| bad("the token names no valid SPIFFE ID"))
+    }
+
+    /// The identity `credential` proves: a token's, or that of the certificate presented,
+    /// which must be an X.509 SVID of this trust domain.
+    pub fn prove(&self, credential: Credential<'_>) -> Result<SpiffeId, CertifyError> {
+        match credential {
+            Credential::Token(token) => self.verify_token(token),
+            Credential::Certificate(leaf) => {
+                let bad = |why: String| {
+                    CertifyError::Unauthenticated(format!("the client certificate: {why}"))
+                };
+                // The handshake checked the validity period, but a resumed TLS session
+                // carries the chain of the handshake it resumes unchecked: check it again.
+                let (_, parsed) = x509_parser::parse_x509_certificate(leaf)
+                    .map_err(|e| bad(format!("unparsable: {e}")))?;
+                if !parsed.validity().is_valid() {
+                    return Err(bad("outside its validity period".into()));
+                }
+                let id = SpiffeId::of_certificate(leaf).map_err(bad)?;
+                if id.trust_domain() != self.trust_domain {
+                    return Err(CertifyError::Unauthenticated(format!(
+                        "the client certificate's {id} is not in trust domain `{}`",
+                        self.trust_domain
+                    )));
+                }
+                Ok(id)
+            }
+        }
     }
 
     /// Signs a workload certificate for the key in `csr`, for the identity `credential`
     /// proves. Only the CSR's public key and its URI SAN are used; subject, lifetime, key
     /// usages and every other extension are the CA's choice.
-    pub fn certify(&self, csr: &[u8], credential: &str) -> Result<Issued, CertifyError> {
+    pub fn certify(&self, csr: &[u8], credential: Credential<'_>) -> Result<Issued, CertifyError> {
         let invalid = |why: String| CertifyError::Invalid(why);
         let request = CertificateSigningRequestParams::from_der(
             &CertificateSigningRequestDer::from(csr.to_vec()),
@@ -356,7 +431,7 @@ impl Authority {
                 self.trust_domain
             )));
         }
-        let proven = self.verify_token(credential)?;
+        let proven = self.prove(credential)?;
         if proven != requested {
             return Err(CertifyError::Denied {
                 proven: proven.to_string(),

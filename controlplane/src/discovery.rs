@@ -1,7 +1,8 @@
 //! The discovery gRPC service (`tern.discovery.v1.Discovery/Watch`) and the registry of
 //! connected proxies.
 //!
-//! Each stream authenticates its Hello with the same credential the CA takes, then gets the
+//! Each stream authenticates its Hello with the same credentials the CA takes (the proxy's
+//! certificate, presented in the handshake, or its token), then gets the
 //! proxy's whole config at once and again each time the catalog changes what this proxy
 //! needs, and only then. Every config carries a version from one counter seeded with the
 //! start time, so versions only grow, across restarts too. Acks and Nacks land in the
@@ -15,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use rustls::pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 use shared::api::discovery::discovery_server::Discovery;
 use shared::api::discovery::watch_request::Kind;
@@ -24,7 +26,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::ca::Authority;
+use crate::ca::{Authority, Credential};
 use crate::catalog::Catalog;
 use crate::translate::{ProxyRequest, translate};
 
@@ -172,10 +174,20 @@ impl DiscoveryService {
         }
     }
 
-    fn authenticate(&self, hello: pb::Hello) -> Result<ProxyRequest, Status> {
+    /// Checks that the Hello's identity is proven: by the certificate the proxy presented
+    /// in the handshake, else by the Hello's token.
+    fn authenticate(
+        &self,
+        hello: pb::Hello,
+        presented: Option<&CertificateDer<'_>>,
+    ) -> Result<ProxyRequest, Status> {
+        let credential = match presented {
+            Some(leaf) => Credential::Certificate(leaf),
+            None => Credential::Token(&hello.credential),
+        };
         let proven = self
             .authority
-            .verify_token(&hello.credential)
+            .prove(credential)
             .map_err(|e| Status::unauthenticated(e.to_string()))?;
         if proven.to_string() != hello.spiffe_id {
             return Err(Status::permission_denied(format!(
@@ -262,6 +274,7 @@ impl Discovery for DiscoveryService {
         request: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<ConfigStream>, Status> {
         let peer = request.remote_addr();
+        let presented = crate::identity::presented_certificate(&request);
         let mut messages = request.into_inner();
         let refuse = |status: Status| {
             self.registry.refused.fetch_add(1, Ordering::Relaxed);
@@ -281,7 +294,9 @@ impl Discovery for DiscoveryService {
             }
         };
         let running = hello.running_version;
-        let proxy = self.authenticate(hello).map_err(refuse)?;
+        let proxy = self
+            .authenticate(hello, presented.as_ref())
+            .map_err(refuse)?;
         let stream = self.registry.next_stream.fetch_add(1, Ordering::Relaxed);
         self.registry.proxies().insert(
             stream,

@@ -25,7 +25,7 @@ use shared::api::discovery::discovery_server::DiscoveryServer;
 use shared::api::identity::identity_server::IdentityServer;
 use tokio::sync::{oneshot, watch};
 
-pub use ca::{Authority, CaOptions};
+pub use ca::{Authority, CaOptions, Credential, DEFAULT_TOKEN_VALIDITY};
 use catalog::Catalog;
 use catalog::source::{Directory, Source};
 use discovery::{DiscoveryService, Registry};
@@ -119,6 +119,11 @@ impl ControlPlane {
 
         let (stop, stopped) = oneshot::channel::<()>();
         let (stopping_tx, stopping) = watch::channel(false);
+        let client_roots: String = authority
+            .trust_bundle()
+            .iter()
+            .map(|root| ca::pem_encode(root))
+            .collect();
         let identity = identity::IdentityService::new(authority.clone());
         let discovery = DiscoveryService::new(
             authority.clone(),
@@ -129,12 +134,21 @@ impl ControlPlane {
         let thread = std::thread::Builder::new()
             .name("tern-control".into())
             .spawn(move || {
-                let served =
-                    runtime.block_on(serve(listener, &cert, &key, identity, discovery, async {
+                let served = runtime.block_on(serve(
+                    listener,
+                    Tls {
+                        cert_pem: &cert,
+                        key_pem: &key,
+                        client_roots_pem: &client_roots,
+                    },
+                    identity,
+                    discovery,
+                    async {
                         let _ = stopped.await;
                         // End the streams, or the graceful shutdown would wait for them.
                         stopping_tx.send_replace(true);
-                    }));
+                    },
+                ));
                 if let Err(error) = served {
                     tracing::error!(%error, "the gRPC server failed");
                 }
@@ -221,17 +235,34 @@ fn publish(catalog: &watch::Sender<Arc<Catalog>>, declared: catalog::Declared) {
     }
 }
 
+/// The server's TLS material, PEM.
+struct Tls<'a> {
+    cert_pem: &'a str,
+    key_pem: &'a str,
+    /// The roots a client certificate must lead to: the mesh's trust bundle.
+    client_roots_pem: &'a str,
+}
+
 /// Serves the identity and discovery APIs over TLS on `listener` until `shutdown` resolves.
+/// A client may present its workload certificate, which then proves its identity in place
+/// of a token (a renewal, or a reconnect after the token expired); one that presents none
+/// proves it with a token.
 async fn serve(
     listener: tokio::net::TcpListener,
-    cert_pem: &str,
-    key_pem: &str,
+    tls: Tls<'_>,
     identity: identity::IdentityService,
     discovery: DiscoveryService,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     let tls = tonic::transport::ServerTlsConfig::new()
-        .identity(tonic::transport::Identity::from_pem(cert_pem, key_pem));
+        .identity(tonic::transport::Identity::from_pem(
+            tls.cert_pem,
+            tls.key_pem,
+        ))
+        .client_ca_root(tonic::transport::Certificate::from_pem(
+            tls.client_roots_pem,
+        ))
+        .client_auth_optional(true);
     tonic::transport::Server::builder()
         .tls_config(tls)?
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))

@@ -45,11 +45,15 @@ enum Command {
     },
     /// Prints the CustomResourceDefinitions of Tern's resources (`| kubectl apply -f -`).
     Crds,
-    /// Prints the bootstrap token that proves SPIFFE_ID to this CA (local mode). Hand it only
-    /// to that workload: whoever holds it can get certificates for the identity.
+    /// Prints a bootstrap token that proves SPIFFE_ID to this CA (local mode). Hand it only
+    /// to that workload: until it expires, whoever holds it can get certificates for the
+    /// identity. A running proxy renews with its certificate and needs it only to start.
     Token {
         /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
         spiffe_id: shared::SpiffeId,
+        /// How long the token proves the identity (a proxy must start within it).
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        valid_for: Duration,
         #[command(flatten)]
         ca: CaArgs,
     },
@@ -105,14 +109,22 @@ fn main() -> anyhow::Result<()> {
             print!("{}", shared::crd::definitions_yaml()?);
             Ok(())
         }
-        Command::Token { spiffe_id, ca } => {
+        Command::Token {
+            spiffe_id,
+            valid_for,
+            ca,
+        } => {
             let authority = Authority::open(&ca.into())?;
             anyhow::ensure!(
                 spiffe_id.trust_domain() == authority.trust_domain(),
                 "{spiffe_id} is not in trust domain `{}`",
                 authority.trust_domain()
             );
-            println!("{}", authority.token(&spiffe_id));
+            anyhow::ensure!(
+                valid_for >= Duration::from_secs(1),
+                "--valid-for must be at least a second"
+            );
+            println!("{}", authority.token(&spiffe_id, valid_for));
             Ok(())
         }
         Command::Serve {

@@ -1,5 +1,5 @@
-//! The `tern-control` binary: `token` is stable across runs for one state directory and
-//! refuses a foreign trust domain; `serve` comes up and exits 0 on SIGTERM; `crds` prints
+//! The `tern-control` binary: `token` mints what the CA of its state directory takes, with
+//! the expiry asked for, and refuses a foreign trust domain; `serve` comes up and exits 0 on SIGTERM; `crds` prints
 //! exactly the committed `deploy/crds/tern.dev.yaml`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -15,30 +15,59 @@ fn state_dir(label: &str) -> std::path::PathBuf {
 }
 
 #[test]
-fn token_is_stable_for_a_state_directory_and_checks_the_trust_domain() {
+fn token_proves_its_identity_to_the_state_directorys_ca_until_it_expires() {
     let dir = state_dir("token");
-    let token = |id: &str| {
+    let token = |id: &str, valid_for: &str| {
         Command::new(BIN)
-            .args(["token", id, "--trust-domain", "mesh.test", "--state-dir"])
+            .args([
+                "token",
+                id,
+                "--trust-domain",
+                "mesh.test",
+                "--valid-for",
+                valid_for,
+            ])
+            .arg("--state-dir")
             .arg(&dir)
             .output()
             .unwrap()
     };
-    let first = token("spiffe://mesh.test/ns/shop/sa/web");
-    assert!(first.status.success(), "{first:?}");
-    let second = token("spiffe://mesh.test/ns/shop/sa/web");
-    assert_eq!(first.stdout, second.stdout, "same key, same token");
-    assert!(String::from_utf8_lossy(&first.stdout).starts_with("tern1."));
-    let other = token("spiffe://mesh.test/ns/shop/sa/db");
-    assert_ne!(first.stdout, other.stdout);
+    let web = "spiffe://mesh.test/ns/shop/sa/web";
+    let minted = token(web, "1h");
+    assert!(minted.status.success(), "{minted:?}");
+    let text = String::from_utf8(minted.stdout).unwrap();
+    assert!(text.starts_with("tern2."), "{text}");
+    // The CA that later runs on this state directory takes it (the token key persisted),
+    // and it expires in an hour.
+    let authority = controlplane::Authority::open(&controlplane::CaOptions {
+        state_dir: dir.clone(),
+        trust_domain: "mesh.test".into(),
+        workload_lifetime: std::time::Duration::from_secs(3600),
+        ca_cert: None,
+        ca_key: None,
+        extra_roots: None,
+    })
+    .unwrap();
+    assert_eq!(authority.verify_token(&text).unwrap().to_string(), web);
+    let expiry: u64 = text.split('.').nth(2).unwrap().parse().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        (now + 3590..=now + 3600).contains(&expiry),
+        "{expiry} vs {now}"
+    );
 
-    let foreign = token("spiffe://elsewhere.test/ns/shop/sa/web");
+    let foreign = token("spiffe://elsewhere.test/ns/shop/sa/web", "1h");
     assert!(!foreign.status.success());
     assert!(
         String::from_utf8_lossy(&foreign.stderr).contains("not in trust domain"),
         "{foreign:?}"
     );
-    let garbage = token("https://example.com");
+    let never = token(web, "0s");
+    assert!(!never.status.success(), "{never:?}");
+    let garbage = token("https://example.com", "1h");
     assert!(!garbage.status.success());
     let _ = std::fs::remove_dir_all(&dir);
 }

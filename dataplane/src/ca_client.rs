@@ -3,6 +3,11 @@
 //! at about 60% of the lifetime (with jitter, so a fleet started together does not renew
 //! together) and retries failures with capped exponential backoff, also jittered.
 //!
+//! The first certificate is proven with the workload's bootstrap token; each renewal with the
+//! current certificate, presented as the TLS client certificate, so a running proxy outlives
+//! its token. Should the CA refuse that (a CA whose trust bundle no longer holds the
+//! certificate's root), the token is tried, when there is one.
+//!
 //! It runs on the admin thread, never on a worker. Each certificate goes to
 //! [`Control::install_certificate`], which re-applies the running config with it: new
 //! connections use the new certificate, open ones keep theirs.
@@ -14,6 +19,7 @@ use std::time::Duration;
 
 use rustls::RootCertStore;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use shared::SpiffeId;
 use shared::api::identity::CertifyRequest;
 use shared::api::identity::identity_client::IdentityClient;
 use shared::config::CaClient;
@@ -30,6 +36,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 /// Longest delay between retries.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A certificate is presented to the control plane only while it has at least this long to
+/// live (one that expired on the way would fail the handshake, and cost a retry).
+const PRESENT_MARGIN: Duration = Duration::from_secs(1);
 
 /// Why a certificate could not be obtained.
 #[derive(Debug, thiserror::Error)]
@@ -72,11 +81,18 @@ pub(crate) fn read(what: &'static str, path: &std::path::Path) -> Result<String,
 }
 
 /// The endpoint of `tern-control` at `ca.address`, over TLS verified against `root` (PEM),
-/// with the connect timeout set.
-pub(crate) fn endpoint(ca: &CaClient, root: String) -> Result<Endpoint, tonic::transport::Error> {
-    let tls = ClientTlsConfig::new()
+/// presenting `certificate` if given, with the connect timeout set.
+pub(crate) fn endpoint(
+    ca: &CaClient,
+    root: String,
+    certificate: Option<tonic::transport::Identity>,
+) -> Result<Endpoint, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(root))
         .domain_name(ca.server_name.clone());
+    if let Some(certificate) = certificate {
+        tls = tls.identity(certificate);
+    }
     Ok(Endpoint::from_shared(format!("https://{}", ca.address))?
         .tls_config(tls)?
         .connect_timeout(CONNECT_TIMEOUT))
@@ -103,42 +119,71 @@ pub(crate) async fn connect(
         .await
 }
 
+/// The certificate this proxy may present to the control plane in place of its token: its
+/// current one from the CA, for the identity `ca` names, while it has [`PRESENT_MARGIN`]
+/// left to live.
+pub(crate) fn presentable(control: &Control, ca: &CaClient) -> Option<tonic::transport::Identity> {
+    let issued = control.issued()?;
+    let left = issued.validity.remaining(std::time::SystemTime::now());
+    if issued.id != ca.spiffe_id || left < PRESENT_MARGIN.as_secs() as i64 {
+        return None;
+    }
+    let (chain, key) = issued.to_pem();
+    Some(tonic::transport::Identity::from_pem(chain, key))
+}
+
 /// Generates a key, has the CA certify it, and returns the identity built from the answer.
-/// `mark` is set on the connection (see `connect`).
-pub async fn certify(ca: &CaClient, mark: Option<u32>) -> Result<Identity, CertifyError> {
+/// With `certificate` (a renewal), that proves the identity, and the token is tried only if
+/// the CA refuses it; without, the token must. `mark` is set on the connection (see
+/// `connect`).
+pub async fn certify(
+    ca: &CaClient,
+    mark: Option<u32>,
+    certificate: Option<tonic::transport::Identity>,
+) -> Result<Identity, CertifyError> {
     let root = read("CA root", &ca.root)?;
-    let token = read("token", &ca.token_file)?;
+    let token = read("token", &ca.token_file);
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
     params.distinguished_name = rcgen::DistinguishedName::new();
     params.subject_alt_names = vec![rcgen::SanType::URI(ca.spiffe_id.to_string().try_into()?)];
     let csr = params.serialize_request(&key)?;
+    let csr = csr.der().to_vec();
 
-    let connect_error = |source| CertifyError::Connect {
-        address: ca.address,
-        source,
+    let answer = match certificate {
+        Some(certificate) => {
+            match request(
+                ca,
+                &root,
+                Some(certificate),
+                String::new(),
+                mark,
+                csr.clone(),
+            )
+            .await
+            {
+                Ok(answer) => answer,
+                // Whatever failed (a refusal of the certificate may surface as a failed
+                // connection, the server's alert racing the client's first bytes), the
+                // token gets its turn.
+                Err(error) => {
+                    let Ok(token) = token else {
+                        return Err(error);
+                    };
+                    tracing::info!(%error, "renewal by certificate refused; trying the bootstrap token");
+                    request(ca, &root, None, token.trim().to_owned(), mark, csr).await?
+                }
+            }
+        }
+        None => request(ca, &root, None, token?.trim().to_owned(), mark, csr).await?,
     };
-    let endpoint = endpoint(ca, root)
-        .map_err(connect_error)?
-        .timeout(REQUEST_TIMEOUT);
-    let channel = connect(endpoint, ca.address, mark)
-        .await
-        .map_err(connect_error)?;
-    let answer = IdentityClient::new(channel)
-        .certify(CertifyRequest {
-            csr: csr.der().to_vec(),
-            credential: token.trim().to_owned(),
-        })
-        .await?
-        .into_inner();
-
     let unusable = |why: String| CertifyError::Answer(why);
     let chain: Vec<CertificateDer<'static>> =
         answer.chain.into_iter().map(CertificateDer::from).collect();
     let leaf = chain
         .first()
         .ok_or_else(|| unusable("no certificate".into()))?;
-    let id = crate::tls::spiffe_id_of(leaf).map_err(unusable)?;
+    let id = SpiffeId::of_certificate(leaf).map_err(unusable)?;
     if id != ca.spiffe_id {
         return Err(unusable(format!("it certifies {id}, not {}", ca.spiffe_id)));
     }
@@ -154,6 +199,34 @@ pub async fn certify(ca: &CaClient, mark: Option<u32>) -> Result<Identity, Certi
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
     // rustls checks that the certificate is for this key.
     Identity::new(id, chain, key, roots).map_err(|e| unusable(e.to_string()))
+}
+
+/// One `Certify` call: proven by `certificate` if given, else by `token`.
+async fn request(
+    ca: &CaClient,
+    root: &str,
+    certificate: Option<tonic::transport::Identity>,
+    token: String,
+    mark: Option<u32>,
+    csr: Vec<u8>,
+) -> Result<shared::api::identity::CertifyResponse, CertifyError> {
+    let connect_error = |source| CertifyError::Connect {
+        address: ca.address,
+        source,
+    };
+    let endpoint = endpoint(ca, root.to_owned(), certificate)
+        .map_err(connect_error)?
+        .timeout(REQUEST_TIMEOUT);
+    let channel = connect(endpoint, ca.address, mark)
+        .await
+        .map_err(connect_error)?;
+    Ok(IdentityClient::new(channel)
+        .certify(CertifyRequest {
+            csr,
+            credential: token,
+        })
+        .await?
+        .into_inner())
 }
 
 /// A random fraction in [0, 1), from the process's randomly keyed hasher (jitter needs no
@@ -198,7 +271,7 @@ pub async fn run(control: Arc<Control>) {
             }
             continue;
         };
-        let delay = match certify(&ca, control.mark()).await {
+        let delay = match certify(&ca, control.mark(), presentable(&control, &ca)).await {
             Ok(identity) => {
                 control.certify.ok.fetch_add(1, Ordering::Relaxed);
                 let validity = identity.validity;

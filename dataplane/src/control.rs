@@ -316,6 +316,11 @@ impl Control {
         self.discovery.subscribe()
     }
 
+    /// The certificate the CA issued last, if any.
+    pub fn issued(&self) -> Option<Arc<Identity>> {
+        self.state().issued.clone()
+    }
+
     /// Installs a certificate from the CA and re-applies the running (or waiting) config
     /// with it. Returns the new version, or `None` when there is no config to apply yet.
     pub fn install_certificate(&self, identity: Identity) -> Result<Option<u64>, ApplyError> {

@@ -6,7 +6,8 @@
 //! go live (an invalid reference, a port in use) is NACKed and the previous one keeps
 //! running. When the stream breaks the proxy serves on with its last good config and
 //! reconnects with jittered, capped backoff; the server sends the current config on every
-//! new stream, so a reconnect resyncs.
+//! new stream, so a reconnect resyncs. The proxy proves who it is with its current
+//! certificate from the CA when it has one, else with its bootstrap token.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -191,12 +192,23 @@ async fn stream_inner(
     destinations: &mut Destinations,
 ) -> Result<(), StreamError> {
     let root = read("CA root", &ca.root)?;
-    let token = read("token", &ca.token_file)?;
+    // The current certificate proves who this proxy is, so a restarted control plane takes
+    // it back after its token expired. After a failed attempt the next goes without it, when
+    // there is a token: a control plane whose bundle no longer holds the certificate's root
+    // refuses the handshake.
+    let token = read("token", &ca.token_file);
+    let certificate = crate::ca_client::presentable(control, ca)
+        .filter(|_| token.is_err() || failures.is_multiple_of(2));
+    let token = match (token, &certificate) {
+        (Ok(token), _) => token,
+        (Err(_), Some(_)) => String::new(),
+        (Err(error), None) => return Err(error.into()),
+    };
     let connect_error = |source| StreamError::Connect {
         address: ca.address,
         source,
     };
-    let endpoint = endpoint(ca, root)
+    let endpoint = endpoint(ca, root, certificate)
         .map_err(connect_error)?
         .http2_keep_alive_interval(std::time::Duration::from_secs(30));
     let channel = crate::ca_client::connect(endpoint, ca.address, control.mark())

@@ -224,30 +224,24 @@ pub fn validity_of(cert: &CertificateDer<'_>) -> Result<Validity, String> {
     })
 }
 
-/// The single SPIFFE ID in a certificate's URI SANs.
-pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, String> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
-        .map_err(|e| format!("unparsable certificate: {e}"))?;
-    let san = parsed
-        .subject_alternative_name()
-        .map_err(|e| format!("invalid subjectAltName: {e}"))?
-        .ok_or("no subjectAltName")?;
-    let mut uris = san
-        .value
-        .general_names
-        .iter()
-        .filter_map(|name| match name {
-            x509_parser::extensions::GeneralName::URI(uri) => Some(*uri),
-            _ => None,
-        });
-    let (Some(uri), None) = (uris.next(), uris.next()) else {
-        return Err("an X.509 SVID carries exactly one URI SAN".into());
-    };
-    uri.parse()
-        .map_err(|e: shared::identity::SpiffeIdError| e.to_string())
-}
-
 impl Identity {
+    /// The certificate chain and the key, PEM (to present as a TLS client certificate
+    /// through tonic, which takes PEM).
+    pub fn to_pem(&self) -> (String, String) {
+        let chain = self
+            .chain
+            .iter()
+            .map(|cert| pem::encode(&pem::Pem::new("CERTIFICATE", cert.to_vec())))
+            .collect();
+        let label = match &self.key {
+            PrivateKeyDer::Pkcs1(_) => "RSA PRIVATE KEY",
+            PrivateKeyDer::Sec1(_) => "EC PRIVATE KEY",
+            _ => "PRIVATE KEY",
+        };
+        let key = pem::encode(&pem::Pem::new(label, self.key.secret_der().to_vec()));
+        (chain, key)
+    }
+
     /// Loads an identity from PEM files and builds its server configuration.
     pub fn load(files: &IdentityFiles) -> Result<Identity, TlsError> {
         let chain = read_pem("certificate", &files.cert, certificates)?;
@@ -263,7 +257,7 @@ impl Identity {
                 message: e.to_string(),
             })?;
         }
-        let id = spiffe_id_of(&chain[0]).map_err(TlsError::Identity)?;
+        let id = SpiffeId::of_certificate(&chain[0]).map_err(TlsError::Identity)?;
         Identity::new(id, chain, key, roots)
     }
 
@@ -378,7 +372,7 @@ impl ServerCertVerifier for SpiffeVerifier {
             now,
             self.algorithms.all,
         )?;
-        let id = spiffe_id_of(end_entity).map_err(invalid_certificate)?;
+        let id = SpiffeId::of_certificate(end_entity).map_err(invalid_certificate)?;
         if id != self.expected {
             return Err(invalid_certificate(format!(
                 "peer is {id}, expected {}",
@@ -446,7 +440,7 @@ impl ClientCertVerifier for MeshClientVerifier {
         let verified = self
             .chain
             .verify_client_cert(end_entity, intermediates, now)?;
-        let id = spiffe_id_of(end_entity)
+        let id = SpiffeId::of_certificate(end_entity)
             .map_err(|e| invalid_certificate(format!("peer has no SPIFFE ID: {e}")))?;
         if id.trust_domain() != self.trust_domain {
             return Err(invalid_certificate(format!(
@@ -585,7 +579,7 @@ impl HandshakeState {
     /// The peer's SPIFFE ID.
     pub(crate) fn peer_id(&self) -> Option<SpiffeId> {
         let certs = self.common().peer_certificates()?;
-        spiffe_id_of(certs.first()?).ok()
+        SpiffeId::of_certificate(certs.first()?).ok()
     }
 
     /// The negotiated ALPN protocol.

@@ -1,7 +1,8 @@
 //! Workload identity: SPIFFE IDs of the form
 //! `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`, as Istio and Linkerd use.
 //!
-//! This module owns parsing and validation only; certificates and TLS live in the planes.
+//! This module owns parsing and validation only (of the ID, and of the one URI SAN that carries
+//! it in an X.509 SVID); issuing certificates and TLS live in the planes.
 
 use std::fmt;
 use std::str::FromStr;
@@ -27,6 +28,28 @@ pub struct SpiffeIdError {
 }
 
 impl SpiffeId {
+    /// The single SPIFFE ID in a certificate's URI SANs (DER), as an X.509 SVID carries it.
+    pub fn of_certificate(der: &[u8]) -> Result<SpiffeId, String> {
+        let (_, parsed) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| format!("unparsable certificate: {e}"))?;
+        let san = parsed
+            .subject_alternative_name()
+            .map_err(|e| format!("invalid subjectAltName: {e}"))?
+            .ok_or("no subjectAltName")?;
+        let mut uris = san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|name| match name {
+                x509_parser::extensions::GeneralName::URI(uri) => Some(*uri),
+                _ => None,
+            });
+        let (Some(uri), None) = (uris.next(), uris.next()) else {
+            return Err("an X.509 SVID carries exactly one URI SAN".into());
+        };
+        uri.parse().map_err(|e: SpiffeIdError| e.to_string())
+    }
+
     /// Builds an ID from its parts, validating each.
     pub fn new(
         trust_domain: &str,

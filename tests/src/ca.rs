@@ -98,11 +98,21 @@ impl TestControlPlane {
         format!("spiffe://{TRUST_DOMAIN}/ns/default/sa/{name}")
     }
 
-    /// Writes `name`'s bootstrap token to a file and returns its path.
+    /// Writes `name`'s bootstrap token (valid for a day) to a file and returns its path.
     pub fn write_token(&self, name: &str, proves: &str) -> std::path::PathBuf {
+        self.write_token_valid_for(name, proves, controlplane::DEFAULT_TOKEN_VALIDITY)
+    }
+
+    /// Writes `name`'s bootstrap token, valid for `valid_for`, to a file and returns its path.
+    pub fn write_token_valid_for(
+        &self,
+        name: &str,
+        proves: &str,
+        valid_for: Duration,
+    ) -> std::path::PathBuf {
         // The CA's state directory is enough to mint a token, running or not.
         let authority = controlplane::Authority::open(&self.options().ca).unwrap();
-        let token = authority.token(&Self::spiffe_id(proves).parse().unwrap());
+        let token = authority.token(&Self::spiffe_id(proves).parse().unwrap(), valid_for);
         let path = self.dir.0.join(format!("{name}.token"));
         std::fs::write(&path, token).unwrap();
         path
@@ -112,7 +122,11 @@ impl TestControlPlane {
     /// The proxy verifies the CA's serving certificate against the CA's current signing
     /// certificate.
     pub fn identity_yaml(&self, name: &str, proves: &str) -> String {
-        let token = self.write_token(name, proves);
+        self.identity_yaml_with(name, &self.write_token(name, proves))
+    }
+
+    /// The `identity:` block for a proxy that is `name`, with the token in `token`.
+    pub fn identity_yaml_with(&self, name: &str, token: &std::path::Path) -> String {
         let root = self
             .ca
             .ca_cert

@@ -4,6 +4,9 @@ use rcgen::{CertificateParams, KeyPair, SanType};
 
 use super::*;
 
+/// A token validity for tests that are not about expiry.
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
 struct Dir(PathBuf);
 
 impl Dir {
@@ -52,7 +55,9 @@ fn a_valid_request_gets_a_short_lived_leaf_for_the_proven_identity_only() {
     let ca = Authority::open(&options(&dir.0)).unwrap();
     let id: SpiffeId = WEB.parse().unwrap();
     let key = KeyPair::generate().unwrap();
-    let issued = ca.certify(&csr(&[WEB], &key), &ca.token(&id)).unwrap();
+    let issued = ca
+        .certify(&csr(&[WEB], &key), Credential::Token(&ca.token(&id, DAY)))
+        .unwrap();
     assert_eq!(issued.id, id);
     assert_eq!(
         issued.chain.len(),
@@ -87,7 +92,7 @@ fn a_valid_request_gets_a_short_lived_leaf_for_the_proven_identity_only() {
 fn the_root_and_token_key_persist_across_restarts() {
     let dir = Dir::new("persist");
     let first = Authority::open(&options(&dir.0)).unwrap();
-    let token = first.token(&WEB.parse().unwrap());
+    let token = first.token(&WEB.parse().unwrap(), DAY);
     let second = Authority::open(&options(&dir.0)).unwrap();
     assert_eq!(first.trust_bundle(), second.trust_bundle());
     assert_eq!(second.verify_token(&token).unwrap().to_string(), WEB);
@@ -111,7 +116,9 @@ fn credentials_are_checked_against_the_requested_identity() {
     let request = csr(&[WEB], &key);
     let db: SpiffeId = "spiffe://mesh.test/ns/shop/sa/db".parse().unwrap();
 
-    let denied = ca.certify(&request, &ca.token(&db)).unwrap_err();
+    let denied = ca
+        .certify(&request, Credential::Token(&ca.token(&db, DAY)))
+        .unwrap_err();
     assert!(
         matches!(&denied, CertifyError::Denied { proven, requested } if proven == &db.to_string() && requested == WEB),
         "{denied:?}"
@@ -126,32 +133,126 @@ fn credentials_are_checked_against_the_requested_identity() {
     ] {
         assert!(
             matches!(
-                ca.certify(&request, garbage),
+                ca.certify(&request, Credential::Token(garbage)),
                 Err(CertifyError::Unauthenticated(_))
             ),
             "{garbage:?}"
         );
     }
     // A token minted by another CA, and one whose identity was edited, are both forged.
-    let foreign = other_ca.token(&WEB.parse().unwrap());
+    let foreign = other_ca.token(&WEB.parse().unwrap(), DAY);
     assert!(matches!(
-        ca.certify(&request, &foreign),
+        ca.certify(&request, Credential::Token(&foreign)),
         Err(CertifyError::Unauthenticated(_))
     ));
-    let db_token = ca.token(&db);
-    let tag = db_token.rsplit('.').next().unwrap();
-    let edited = format!("tern1.{}.{tag}", URL_SAFE_NO_PAD.encode(WEB));
+    // A token whose identity or expiry was edited is forged.
+    let db_token = ca.token(&db, DAY);
+    let parts: Vec<&str> = db_token.split('.').collect();
+    let (expires, tag) = (parts[2], parts[3]);
+    let edited = format!("tern2.{}.{expires}.{tag}", URL_SAFE_NO_PAD.encode(WEB));
     assert!(matches!(
-        ca.certify(&request, &edited),
+        ca.certify(&request, Credential::Token(&edited)),
         Err(CertifyError::Unauthenticated(_))
     ));
+    let web_token = ca.token(&WEB.parse().unwrap(), DAY);
+    let parts: Vec<&str> = web_token.split('.').collect();
+    let later = format!("tern2.{}.{}.{}", parts[1], u64::MAX, parts[3]);
+    assert!(matches!(
+        ca.certify(&request, Credential::Token(&later)),
+        Err(CertifyError::Unauthenticated(_))
+    ));
+    assert!(ca.certify(&request, Credential::Token(&web_token)).is_ok());
+}
+
+#[test]
+fn a_token_proves_its_identity_only_until_it_expires() {
+    let dir = Dir::new("token-expiry");
+    let ca = Authority::open(&options(&dir.0)).unwrap();
+    let web: SpiffeId = WEB.parse().unwrap();
+    let token = ca.token(&web, Duration::from_secs(1));
+    assert_eq!(ca.verify_token(&token), Ok(web.clone()));
+    std::thread::sleep(Duration::from_millis(2100));
+    let expired = ca.verify_token(&token).unwrap_err();
+    assert!(
+        matches!(&expired, CertifyError::Unauthenticated(why) if why.contains("expired")),
+        "{expired}"
+    );
+    // A token of the first format, which never expired, is refused with what to do.
+    let old = format!("tern1.{}.AAAA", URL_SAFE_NO_PAD.encode(WEB));
+    let refused = ca.verify_token(&old).unwrap_err();
+    assert!(
+        refused.to_string().contains("tern-control token"),
+        "{refused}"
+    );
+}
+
+#[test]
+fn a_mesh_certificate_proves_its_identity_for_a_renewal() {
+    let dir = Dir::new("renewal");
+    let ca = Authority::open(&options(&dir.0)).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let web: SpiffeId = WEB.parse().unwrap();
+    let first = ca
+        .certify(&csr(&[WEB], &key), Credential::Token(&ca.token(&web, DAY)))
+        .unwrap();
+    let leaf = &first.chain[0];
+    assert_eq!(ca.prove(Credential::Certificate(leaf)), Ok(web));
+    // The renewal: a new key, proven by the certificate alone.
+    let renewed = ca
+        .certify(
+            &csr(&[WEB], &KeyPair::generate().unwrap()),
+            Credential::Certificate(leaf),
+        )
+        .unwrap();
+    assert_eq!(renewed.id.to_string(), WEB);
+    // It proves its own identity only.
+    let other = "spiffe://mesh.test/ns/shop/sa/db";
+    assert!(matches!(
+        ca.certify(&csr(&[other], &key), Credential::Certificate(leaf)),
+        Err(CertifyError::Denied { .. })
+    ));
+    // An expired certificate proves nothing (a resumed TLS session skips the handshake's
+    // check of it).
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![SanType::URI(WEB.try_into().unwrap())];
+    params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(2);
+    params.not_after = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+    let expired = params.self_signed(&KeyPair::generate().unwrap()).unwrap();
+    let refused = ca
+        .prove(Credential::Certificate(expired.der()))
+        .unwrap_err();
+    assert!(refused.to_string().contains("validity period"), "{refused}");
+    // A certificate of another trust domain, or with no SPIFFE ID, proves nothing.
+    for (sans, label) in [
+        (
+            vec![SanType::URI(
+                "spiffe://elsewhere/ns/shop/sa/web".try_into().unwrap(),
+            )],
+            "another trust domain",
+        ),
+        (
+            vec![SanType::DnsName("web.shop".try_into().unwrap())],
+            "a DNS name",
+        ),
+    ] {
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = sans;
+        let cert = params.self_signed(&KeyPair::generate().unwrap()).unwrap();
+        assert!(
+            matches!(
+                ca.prove(Credential::Certificate(cert.der())),
+                Err(CertifyError::Unauthenticated(_))
+            ),
+            "{label}"
+        );
+    }
 }
 
 #[test]
 fn malformed_requests_are_invalid_arguments() {
     let dir = Dir::new("malformed");
     let ca = Authority::open(&options(&dir.0)).unwrap();
-    let token = ca.token(&WEB.parse().unwrap());
+    let token = ca.token(&WEB.parse().unwrap(), DAY);
     let p256 = KeyPair::generate().unwrap();
     let p384 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
     let cases: Vec<(&str, Vec<u8>)> = vec![
@@ -171,7 +272,10 @@ fn malformed_requests_are_invalid_arguments() {
     ];
     for (what, request) in cases {
         assert!(
-            matches!(ca.certify(&request, &token), Err(CertifyError::Invalid(_))),
+            matches!(
+                ca.certify(&request, Credential::Token(&token)),
+                Err(CertifyError::Invalid(_))
+            ),
             "{what}"
         );
     }
@@ -180,7 +284,7 @@ fn malformed_requests_are_invalid_arguments() {
     let last = forged.len() - 1;
     forged[last] ^= 0x01;
     assert!(matches!(
-        ca.certify(&forged, &token),
+        ca.certify(&forged, Credential::Token(&token)),
         Err(CertifyError::Invalid(_))
     ));
 }
@@ -235,7 +339,10 @@ fn an_operator_intermediate_signs_and_its_root_and_extra_roots_form_the_bundle()
     let ca = Authority::open(&opts).unwrap();
     let key = KeyPair::generate().unwrap();
     let issued = ca
-        .certify(&csr(&[WEB], &key), &ca.token(&WEB.parse().unwrap()))
+        .certify(
+            &csr(&[WEB], &key),
+            Credential::Token(&ca.token(&WEB.parse().unwrap(), DAY)),
+        )
         .unwrap();
     assert_eq!(issued.chain.len(), 2, "leaf and intermediate");
     assert_eq!(issued.chain[1], *inter_cert.der());
@@ -304,8 +411,10 @@ fn no_workload_certificate_outlives_the_signing_certificate() {
     let dir = Dir::new("signer-expiry");
     let ca = ca_on_intermediate(&dir, time::Duration::hours(2));
     let key = KeyPair::generate().unwrap();
-    let token = ca.token(&WEB.parse().unwrap());
-    let issued = ca.certify(&csr(&[WEB], &key), &token).unwrap();
+    let token = ca.token(&WEB.parse().unwrap(), DAY);
+    let issued = ca
+        .certify(&csr(&[WEB], &key), Credential::Token(&token))
+        .unwrap();
     let (_, leaf) = x509_parser::parse_x509_certificate(&issued.chain[0]).unwrap();
     let (_, signer) = x509_parser::parse_x509_certificate(&issued.chain[1]).unwrap();
     assert_eq!(
@@ -316,7 +425,10 @@ fn no_workload_certificate_outlives_the_signing_certificate() {
 
     let dir = Dir::new("signer-expired");
     let ca = ca_on_intermediate(&dir, -time::Duration::hours(1));
-    let refused = ca.certify(&csr(&[WEB], &key), &ca.token(&WEB.parse().unwrap()));
+    let refused = ca.certify(
+        &csr(&[WEB], &key),
+        Credential::Token(&ca.token(&WEB.parse().unwrap(), DAY)),
+    );
     assert!(
         matches!(&refused, Err(CertifyError::Internal(why)) if why.contains("expired")),
         "{refused:?}"
