@@ -28,6 +28,9 @@ fn http_is_routed_and_other_bytes_are_opaque(backend: BackendChoice) {
     assert_eq!(response.text(), "web /web/a");
     let response = client::request(addr, "GET /other HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(response.status, 404);
+    // After an empty line, which a server ignores before a request line.
+    let response = client::request(addr, "\r\nGET /web/b HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(response.text(), "web /web/b");
 
     // Anything else goes to the cluster as it is, the first bytes included, and a message
     // that starts like a method but is not one too.
@@ -44,7 +47,7 @@ fn http_is_routed_and_other_bytes_are_opaque(backend: BackendChoice) {
         "tern_protocol_detections_total{listener=\"detect\",protocol=\"opaque\"}",
         2.0,
     );
-    for (protocol, count) in [("http1", 2.0), ("http2", 1.0), ("tls", 1.0)] {
+    for (protocol, count) in [("http1", 3.0), ("http2", 1.0), ("tls", 1.0)] {
         assert_eq!(
             metric(
                 &metrics,

@@ -38,8 +38,20 @@ pub fn classify(first: &[u8]) -> Option<Detected> {
         _ if H2_PREFACE.starts_with(first) => None,
         // A broken HTTP/2 preface is no HTTP/1.x request either.
         _ if first.starts_with(b"PRI ") => Some(Detected::Opaque),
-        _ => method_shape(first),
+        _ => match after_empty_lines(first) {
+            b"\r" => None,
+            line => method_shape(line),
+        },
     }
+}
+
+/// `first` past the empty lines (CRLF) a server ignores before a request line (RFC 9112
+/// §2.2), as the HTTP/1.1 parser does.
+fn after_empty_lines(mut first: &[u8]) -> &[u8] {
+    while let Some(rest) = first.strip_prefix(b"\r\n") {
+        first = rest;
+    }
+    first
 }
 
 /// HTTP/1.x by the shape of a request line's start: a method of upper-case letters (any
@@ -159,7 +171,7 @@ mod tests {
 
     #[test]
     fn first_bytes_tell_the_protocol() {
-        let cases: [(&[u8], Option<Detected>); 17] = [
+        let cases: [(&[u8], Option<Detected>); 22] = [
             (b"", None),
             (b"G", None),
             (b"GET", None),
@@ -177,6 +189,12 @@ mod tests {
             (b"GETting", Some(Detected::Opaque)),
             (b" GET", Some(Detected::Opaque)),
             (b"\x00\x00\x00\x08\x04\xd2\x16\x2f", Some(Detected::Opaque)),
+            // Empty lines before a request line are ignored, as a server does.
+            (b"\r", None),
+            (b"\r\n\r", None),
+            (b"\r\nGET / HTTP/1.1\r\n", Some(Detected::Http1)),
+            (b"\r\n\r\nPOST /", Some(Detected::Http1)),
+            (b"\r\n\x00", Some(Detected::Opaque)),
         ];
         for (bytes, expected) in cases {
             assert_eq!(
