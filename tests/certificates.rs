@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tests::ca::TestControlPlane;
@@ -41,6 +42,30 @@ fn start_server_side(control: &TestControlPlane, echo: &Echo) -> Proxy {
         echo.addr
     );
     start_proxy(&yaml, BackendChoice::Epoll)
+}
+
+/// Two operator roots, old and new (each its certificate and key file), for rotations.
+struct Roots {
+    dir: tests::pki::TempDir,
+    old: (PathBuf, PathBuf),
+    new: (PathBuf, PathBuf),
+}
+
+impl Roots {
+    fn new() -> Roots {
+        let dir = tests::pki::TempDir::new("roots");
+        let old = tests::pki::TestCa::new("old mesh root").write_root(&dir.0, "old");
+        let new = tests::pki::TestCa::new("new mesh root").write_root(&dir.0, "new");
+        Roots { dir, old, new }
+    }
+}
+
+/// A proxy with `identity` and a plaintext listener in front of `echo`.
+fn in_front_of(echo: &Echo, identity: &str) -> String {
+    format!(
+        "{identity}listeners:\n  - {{ name: in, address: 127.0.0.1:0, protocol: tcp, cluster: app }}\nclusters:\n  - {{ name: app, endpoints: [{}] }}\n",
+        echo.addr
+    )
 }
 
 /// Proxy `a` (its token proving `proves`) originates mTLS to `b` at `inbound`.
@@ -184,11 +209,7 @@ fn a_running_proxy_renews_with_its_certificate_once_its_token_expired() {
     let control = TestControlPlane::start(Duration::from_secs(6));
     let token = control.write_token_valid_for("b", "b", Duration::from_secs(2));
     let echo = Echo::start();
-    let yaml = format!(
-        "{}listeners:\n  - {{ name: in, address: 127.0.0.1:0, protocol: tcp, cluster: app }}\nclusters:\n  - {{ name: app, endpoints: [{}] }}\n",
-        control.identity_yaml_with("b", &token),
-        echo.addr
-    );
+    let yaml = in_front_of(&echo, &control.identity_yaml_with("b", &token));
     let b = start_proxy(&yaml, BackendChoice::Epoll);
     wait_ready(&b, Duration::from_secs(10));
     let first = certificate(&b).0;
@@ -219,9 +240,12 @@ fn a_running_proxy_renews_with_its_certificate_once_its_token_expired() {
 #[test]
 fn a_root_rotation_keeps_old_and_new_certificates_talking() {
     let mut control = TestControlPlane::start(Duration::from_secs(3600));
-    let roots = tests::pki::TempDir::new("roots");
-    let old = tests::pki::TestCa::new("old mesh root").write_root(&roots.0, "old");
-    let new = tests::pki::TestCa::new("new mesh root").write_root(&roots.0, "new");
+    // The directory lives as long as the test.
+    let Roots {
+        dir: _roots,
+        old,
+        new,
+    } = Roots::new();
     let echo = Echo::start();
 
     // Step 1: still signing with the old root, the bundle already carries the new one.
@@ -264,9 +288,11 @@ fn a_root_rotation_keeps_old_and_new_certificates_talking() {
 fn a_certificate_the_ca_no_longer_trusts_falls_back_to_the_token() {
     // Certificates live 6 s (renewal after 3–4.2 s).
     let mut control = TestControlPlane::start(Duration::from_secs(6));
-    let roots = tests::pki::TempDir::new("roots");
-    let old = tests::pki::TestCa::new("old mesh root").write_root(&roots.0, "old");
-    let new = tests::pki::TestCa::new("new mesh root").write_root(&roots.0, "new");
+    let Roots {
+        dir: roots,
+        old,
+        new,
+    } = Roots::new();
     // The proxy knows the CA's server by either root.
     let both = roots.0.join("both.crt");
     let pems = [&old.0, &new.0].map(|path| std::fs::read_to_string(path).unwrap());
@@ -275,13 +301,10 @@ fn a_certificate_the_ca_no_longer_trusts_falls_back_to_the_token() {
     control.ca.ca_key = Some(old.1.clone());
     control.restart();
     let echo = Echo::start();
-    let yaml = format!(
-        "{}listeners:\n  - {{ name: in, address: 127.0.0.1:0, protocol: tcp, cluster: app }}\nclusters:\n  - {{ name: app, endpoints: [{}] }}\n",
-        control
-            .identity_yaml("b", "b")
-            .replace(&old.0.display().to_string(), &both.display().to_string()),
-        echo.addr
-    );
+    let identity = control
+        .identity_yaml("b", "b")
+        .replace(&old.0.display().to_string(), &both.display().to_string());
+    let yaml = in_front_of(&echo, &identity);
     let b = start_proxy(&yaml, BackendChoice::Epoll);
     wait_ready(&b, Duration::from_secs(10));
 

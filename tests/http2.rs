@@ -6,13 +6,14 @@
 //! to endpoints a new config drops are closed).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use bytes::Bytes;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
 use tests::h2::H2;
 use tests::pki::{TempDir, TestCa};
-
 use tests::upstream::{Http, MAX_CONCURRENT_STREAMS, dead_address};
-use tests::{BackendChoice, both_backends, metric, start_proxy, wait_for_metric};
+use tests::{BackendChoice, both_backends, eventually, metric, start_proxy, wait_for_metric};
 
 fn routed_config(a: std::net::SocketAddr, b: std::net::SocketAddr) -> String {
     format!(
@@ -20,6 +21,17 @@ fn routed_config(a: std::net::SocketAddr, b: std::net::SocketAddr) -> String {
          clusters:\n  - {{ name: a, endpoints: [{a}] }}\n  - {{ name: b, endpoints: [{b}] }}\n  - {{ name: dead, endpoints: [{}], connect_timeout: 300ms }}\n",
         dead_address()
     )
+}
+
+/// A proxy with one worker, so every stream to an upstream looks for a place on the same
+/// pooled connections.
+fn one_worker(yaml: &str, backend: BackendChoice) -> tests::Proxy {
+    let config = shared::Config::from_yaml(yaml, "test.yaml").unwrap();
+    let options = dataplane::Options {
+        workers: Some(1),
+        ..tests::options(backend)
+    };
+    dataplane::Proxy::start(config, "test.yaml", options).unwrap()
 }
 
 fn streams_are_routed_each_on_its_own(backend: BackendChoice) {
@@ -206,12 +218,7 @@ fn clients_that_stop_reading_do_not_stall_others_on_the_same_upstream(backend: B
     let a = Http::start("a");
     let b = Http::start("b");
     // One worker, so every stream to `a` shares its one upstream connection.
-    let config = shared::Config::from_yaml(&routed_config(a.addr, b.addr), "test.yaml").unwrap();
-    let options = dataplane::Options {
-        workers: Some(1),
-        ..tests::options(backend)
-    };
-    let proxy = dataplane::Proxy::start(config, "test.yaml", options).unwrap();
+    let proxy = one_worker(&routed_config(a.addr, b.addr), backend);
     let addr = proxy.listener_addr("web").unwrap();
     // Six clients ask for 4 MiB each and read none of it: past what each client's own
     // windows take, each stream holds what the proxy lets the upstream send it, on the one
@@ -242,12 +249,7 @@ fn streams_past_the_upstreams_limit_go_on_another_connection(backend: BackendCho
         "{ path_prefix: /a, cluster: a }",
         "{ path_prefix: /a/hang, cluster: a, timeout: 60s }\n      - { path_prefix: /a, cluster: a, timeout: 2s }",
     );
-    let config = shared::Config::from_yaml(&config, "test.yaml").unwrap();
-    let options = dataplane::Options {
-        workers: Some(1),
-        ..tests::options(backend)
-    };
-    let proxy = dataplane::Proxy::start(config, "test.yaml", options).unwrap();
+    let proxy = one_worker(&config, backend);
     let addr = proxy.listener_addr("web").unwrap();
     // As many streams as the upstream allows on one connection, each left open (long-lived
     // gRPC streams, say).
@@ -255,7 +257,9 @@ fn streams_past_the_upstreams_limit_go_on_another_connection(backend: BackendCho
     for i in 0..MAX_CONCURRENT_STREAMS {
         holder.start_get("svc", &format!("/a/hang/{i}"));
     }
-    wait_for(|| a.requests.load(Ordering::SeqCst) == MAX_CONCURRENT_STREAMS as usize);
+    eventually(Duration::from_secs(10), "the held streams upstream", || {
+        a.requests.load(Ordering::SeqCst) == MAX_CONCURRENT_STREAMS as usize
+    });
     // One more stream to the same upstream is answered, on a second connection.
     let answer = H2::connect(addr).get("svc", "/a/after");
     assert_eq!(answer.status, 200, "{answer:?}");
@@ -268,12 +272,7 @@ fn a_restarted_upstream_is_reached_past_its_dead_pooled_connection(backend: Back
     let a = Http::start("a");
     let address = a.addr;
     let b = Http::start("b");
-    let config = shared::Config::from_yaml(&routed_config(a.addr, b.addr), "test.yaml").unwrap();
-    let options = dataplane::Options {
-        workers: Some(1),
-        ..tests::options(backend)
-    };
-    let proxy = dataplane::Proxy::start(config, "test.yaml", options).unwrap();
+    let proxy = one_worker(&routed_config(a.addr, b.addr), backend);
     let client = H2::connect(proxy.listener_addr("web").unwrap());
     assert_eq!(client.get("svc", "/a/first").text(), "a /a/first");
     // The upstream restarts on the same address: the pooled connection is dead.
@@ -285,14 +284,6 @@ fn a_restarted_upstream_is_reached_past_its_dead_pooled_connection(backend: Back
     assert_eq!(answer.status, 200, "{answer:?}");
     assert_eq!(answer.text(), "a /a/again");
     assert_eq!(a.connections.load(Ordering::SeqCst), 1);
-}
-
-fn wait_for(condition: impl Fn() -> bool) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !condition() {
-        assert!(std::time::Instant::now() < deadline, "timed out waiting");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
 }
 
 both_backends!(

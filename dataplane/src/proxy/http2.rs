@@ -484,12 +484,17 @@ mod tests {
         (Arc::from("c"), SocketAddr::from(([127, 0, 0, 1], 8080)))
     }
 
+    /// A full first connection's worth of places.
+    fn fill(pool: &Pool) -> Vec<Place> {
+        (0..STREAMS_PER_CONNECTION)
+            .map(|_| pool.place(&key()))
+            .collect()
+    }
+
     #[test]
     fn a_full_connection_sends_the_next_stream_to_another() {
         let pool = Pool::default();
-        let places: Vec<Place> = (0..STREAMS_PER_CONNECTION)
-            .map(|_| pool.place(&key()))
-            .collect();
+        let places = fill(&pool);
         assert!(places.iter().all(|p| Rc::ptr_eq(&p.0, &places[0].0)));
         assert_eq!(pool.count(&key()), 1);
 
@@ -507,9 +512,7 @@ mod tests {
     #[test]
     fn an_extra_connection_left_idle_is_closed_and_the_first_kept() {
         let pool = Pool::default();
-        let first: Vec<Place> = (0..STREAMS_PER_CONNECTION)
-            .map(|_| pool.place(&key()))
-            .collect();
+        let first = fill(&pool);
         let extra = pool.place(&key());
         let extra_connection = extra.0.clone();
         drop(extra);
@@ -532,9 +535,7 @@ mod tests {
     #[test]
     fn a_forgotten_connection_leaves_the_others() {
         let pool = Pool::default();
-        let first: Vec<Place> = (0..STREAMS_PER_CONNECTION)
-            .map(|_| pool.place(&key()))
-            .collect();
+        let first = fill(&pool);
         let second = pool.place(&key());
         pool.forget(&key(), &first[0].0);
         assert_eq!(pool.count(&key()), 1);
