@@ -286,7 +286,39 @@ fn a_restarted_upstream_is_reached_past_its_dead_pooled_connection(backend: Back
     assert_eq!(a.connections.load(Ordering::SeqCst), 1);
 }
 
+fn an_upstream_that_goes_quiet_mid_response_is_cut_at_the_idle_timeout(backend: BackendChoice) {
+    let a = Http::start("a");
+    let b = Http::start("b");
+    let quiet = format!(
+        "{{ name: a, endpoints: [{}], idle_timeout: 300ms }}",
+        a.addr
+    );
+    let config = routed_config(a.addr, b.addr)
+        .replace(&format!("{{ name: a, endpoints: [{}] }}", a.addr), &quiet);
+    let proxy = start_proxy(&config, backend);
+    let client = H2::connect(proxy.listener_addr("web").unwrap());
+    // The head and a first chunk arrive; then the upstream sends nothing more, and the
+    // stream is reset rather than held open for ever.
+    let (status, body) = client.get_outcome("svc", "/a/stall");
+    assert_eq!(status, 200);
+    assert!(body.is_err(), "{body:?}");
+    wait_for_metric(
+        &proxy,
+        "tern_errors_total{listener=\"web\",flag=\"IT\"}",
+        1.0,
+    );
+    // A body that keeps coming, each chunk within the timeout, is not cut, however long it
+    // takes in all.
+    let (status, body) = client.get_outcome("svc", "/a/drip");
+    assert_eq!(status, 200);
+    let expected: String = (0..8).map(|i| format!("drip{i};")).collect();
+    assert_eq!(body.unwrap(), expected.as_bytes());
+    // The connection carries on.
+    assert_eq!(client.get("svc", "/a/next").text(), "a /a/next");
+}
+
 both_backends!(
+    an_upstream_that_goes_quiet_mid_response_is_cut_at_the_idle_timeout,
     a_restarted_upstream_is_reached_past_its_dead_pooled_connection,
     streams_past_the_upstreams_limit_go_on_another_connection,
     clients_that_stop_reading_do_not_stall_others_on_the_same_upstream,

@@ -123,6 +123,29 @@ impl H2 {
         });
     }
 
+    /// A GET, and how reading its body ended: the status, and the body or why it failed.
+    pub fn get_outcome(&self, authority: &str, path: &str) -> (u16, Result<Bytes, String>) {
+        let mut sender = self.sender.clone();
+        let request = hyper::Request::builder()
+            .uri(format!("http://{authority}{path}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let exchange = async move {
+            let response = sender.send_request(request).await.expect("a response");
+            let status = response.status().as_u16();
+            let body = response.into_body().collect().await;
+            (
+                status,
+                body.map(|b| b.to_bytes()).map_err(|e| e.to_string()),
+            )
+        };
+        self.runtime.block_on(async move {
+            tokio::time::timeout(std::time::Duration::from_secs(20), exchange)
+                .await
+                .expect("the exchange to end in time")
+        })
+    }
+
     /// A GET.
     pub fn get(&self, authority: &str, path: &str) -> Answer {
         self.send("GET", authority, path, Bytes::new())

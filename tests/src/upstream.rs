@@ -3,7 +3,8 @@
 //!
 //! HTTP paths: `/echo` answers with the request body; `/grpc` too, then trailers
 //! (`grpc-status: 0`, `x-served-by: <name>`); `/chunked` streams a chunked body;
-//! `/hang` (or a path with `/hang/` in it) never answers; `/slow/<ms>` answers after a delay; `/ws` upgrades and then echoes
+//! `/hang` (or a path with `/hang/` in it) never answers; a path ending `/stall` answers a
+//! head and a first chunk, then nothing more; one ending `/drip` eight chunks 100 ms apart; `/slow/<ms>` answers after a delay; `/ws` upgrades and then echoes
 //! raw bytes; anything else answers `<name> <path>` with the request's Host in `x-host`.
 
 use std::convert::Infallible;
@@ -141,6 +142,23 @@ async fn handle(
             )
             .boxed(),
         )
+    } else if path.ends_with("/drip") {
+        // Eight chunks, 100 ms apart.
+        let (chunks, body) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+        tokio::spawn(async move {
+            for i in 0..8 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let chunk = Frame::data(Bytes::from(format!("drip{i};")));
+                if chunks.send(Ok(chunk)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(body);
+        Response::new(http_body_util::StreamBody::new(stream).boxed())
+    } else if path.ends_with("/stall") {
+        // The head and a first chunk, then nothing more, ever.
+        Response::new(Stalled(Some(Bytes::from_static(b"started"))).boxed())
     } else if path == "/hang" || path.contains("/hang/") {
         std::future::pending::<()>().await;
         unreachable!()
@@ -190,6 +208,23 @@ impl hyper::body::Body for FrameList {
         _: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         std::task::Poll::Ready(self.0.next().map(Ok))
+    }
+}
+
+/// A body that yields its one chunk and then never ends.
+struct Stalled(Option<Bytes>);
+
+impl hyper::body::Body for Stalled {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.0.take() {
+            Some(chunk) => std::task::Poll::Ready(Some(Ok(Frame::data(chunk)))),
+            None => std::task::Poll::Pending,
+        }
     }
 }
 

@@ -32,7 +32,7 @@ use crate::worker::{View, Worker};
 
 /// What the proxy answers with: the upstream's body (holding its stream's place on the
 /// upstream connection until it ends), or its own short text.
-pub type Body = Either<Counted, Full<Bytes>>;
+pub type Body = Either<UpstreamBody, Full<Bytes>>;
 
 /// How many streams the proxy opens on one upstream connection before it opens another to
 /// the same endpoint. A server caps the streams a client may have open at once
@@ -60,7 +60,7 @@ struct Connection {
 type Shared = Rc<Connection>;
 
 /// A stream's place on an upstream connection, given back when dropped: with the response
-/// body ([`Counted`]) when there is one, else when the exchange fails.
+/// body ([`UpstreamBody`]) when there is one, else when the exchange fails.
 #[derive(Debug)]
 struct Place(Shared);
 
@@ -81,23 +81,76 @@ impl Drop for Place {
     }
 }
 
-/// An upstream response body that keeps its stream's place on the connection until it has
-/// been read to its end or dropped (the client went away: hyper resets the stream).
-#[derive(Debug)]
-pub struct Counted {
-    body: Incoming,
-    _place: Place,
+pin_project_lite::pin_project! {
+    /// An upstream response body, as the proxy passes it on. It keeps its stream's place on
+    /// the upstream connection until it has been read to its end or dropped (the client went
+    /// away: hyper resets the stream), and it fails once the upstream has sent nothing for
+    /// the cluster's idle timeout, as an HTTP/1.1 response body does (hyper then resets the
+    /// client's stream, and dropping the body the upstream's).
+    pub struct UpstreamBody {
+        body: Incoming,
+        // Fires at `last_frame + idle_timeout`, re-armed lazily: a frame only notes the time.
+        #[pin]
+        idle: tokio::time::Sleep,
+        idle_timeout: Duration,
+        last_frame: tokio::time::Instant,
+        stats: Rc<crate::metrics::ListenerStats>,
+        _place: Place,
+    }
 }
 
-impl hyper::body::Body for Counted {
+impl UpstreamBody {
+    fn new(
+        body: Incoming,
+        place: Place,
+        idle_timeout: Duration,
+        stats: Rc<crate::metrics::ListenerStats>,
+    ) -> UpstreamBody {
+        let now = tokio::time::Instant::now();
+        UpstreamBody {
+            body,
+            idle: tokio::time::sleep_until(now + idle_timeout),
+            idle_timeout,
+            last_frame: now,
+            stats,
+            _place: place,
+        }
+    }
+}
+
+/// Why the proxy cut an upstream response body.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream sent nothing for the cluster's idle timeout")]
+struct IdleUpstream;
+
+impl hyper::body::Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
+        self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
-        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        let mut this = self.project();
+        if let Poll::Ready(frame) = std::pin::Pin::new(&mut *this.body).poll_frame(cx) {
+            *this.last_frame = tokio::time::Instant::now();
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        loop {
+            if this.idle.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let deadline = *this.last_frame + *this.idle_timeout;
+            if deadline <= tokio::time::Instant::now() {
+                this.stats.error(Flag::IdleTimeout);
+                tracing::debug!(
+                    "HTTP/2 upstream response idle past the cluster's idle timeout: stream reset"
+                );
+                return Poll::Ready(Some(Err(IdleUpstream.into())));
+            }
+            this.idle.as_mut().reset(deadline);
+        }
     }
 
     fn is_end_stream(&self) -> bool {
@@ -312,12 +365,10 @@ async fn forward<B: Backend>(
                 let status = response.status().as_u16();
                 cluster.response(status);
                 stats.response(status, started.elapsed());
-                return response.map(|body| {
-                    Either::Left(Counted {
-                        body,
-                        _place: place,
-                    })
-                });
+                let idle_timeout = view.snapshot.clusters[chosen.cluster].idle_timeout;
+                let stats = view.listeners[listener].clone();
+                return response
+                    .map(|body| Either::Left(UpstreamBody::new(body, place, idle_timeout, stats)));
             }
             Ok(Err(mut failed)) => {
                 worker.h2.forget(&key, &place.0);

@@ -482,7 +482,8 @@ pub struct Cluster {
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// An opaque TCP connection with no bytes in either direction for this long is closed;
-    /// an idle pooled HTTP connection older than this is not reused.
+    /// an HTTP/1.1 or HTTP/2 response body the upstream sends nothing of for this long is
+    /// cut; an idle pooled HTTP connection older than this is not reused.
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// Idle HTTP connections kept per endpoint, per worker.
