@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tests::h2::H2;
 use tests::pki::{TempDir, TestCa};
-use tests::upstream::{Http, MAX_CONCURRENT_STREAMS, dead_address};
+use tests::upstream::{Http, MAX_CONCURRENT_STREAMS, dead_address, unresponsive};
 use tests::{BackendChoice, both_backends, eventually, metric, start_proxy, wait_for_metric};
 
 fn routed_config(a: std::net::SocketAddr, b: std::net::SocketAddr) -> String {
@@ -317,7 +317,39 @@ fn an_upstream_that_goes_quiet_mid_response_is_cut_at_the_idle_timeout(backend: 
     assert_eq!(client.get("svc", "/a/next").text(), "a /a/next");
 }
 
+fn streams_waiting_on_a_connection_that_cannot_be_made_go_to_the_next_endpoint(
+    backend: BackendChoice,
+) {
+    let live = Http::start("live");
+    let b = Http::start("b");
+    // One endpoint is down (its SYNs go unanswered) and one is up; the route's timeout is
+    // short. Streams that arrive while the connection to the dead one is being made wait for
+    // it; when it fails they all go on to the live one, rather than each trying the dead one
+    // again in turn (which would leave the last of them past the route's timeout).
+    let config = routed_config(live.addr, b.addr)
+        .replace(
+            &format!("{{ name: a, endpoints: [{}] }}", live.addr),
+            &format!(
+                "{{ name: a, endpoints: [{}, {}], connect_timeout: 400ms }}",
+                unresponsive(),
+                live.addr
+            ),
+        )
+        .replace(
+            "{ path_prefix: /a, cluster: a }",
+            "{ path_prefix: /a, cluster: a, timeout: 2s }",
+        );
+    let proxy = one_worker(&config, backend);
+    let client = H2::connect(proxy.listener_addr("web").unwrap());
+    let paths: Vec<String> = (0..16).map(|i| format!("/a/{i}")).collect();
+    for (path, answer) in paths.iter().zip(client.get_many("svc", &paths)) {
+        assert_eq!(answer.status, 200, "{path}: {answer:?}");
+        assert_eq!(answer.text(), format!("live {path}"));
+    }
+}
+
 both_backends!(
+    streams_waiting_on_a_connection_that_cannot_be_made_go_to_the_next_endpoint,
     an_upstream_that_goes_quiet_mid_response_is_cut_at_the_idle_timeout,
     a_restarted_upstream_is_reached_past_its_dead_pooled_connection,
     streams_past_the_upstreams_limit_go_on_another_connection,

@@ -119,6 +119,39 @@ fn upstream_down_closes_the_connection(backend: BackendChoice) {
     );
 }
 
+fn a_dead_endpoint_is_passed_over_after_it_failed(backend: BackendChoice) {
+    let echo = Echo::start();
+    // One endpoint is down (its SYNs go unanswered), one is up; one worker, so one memory
+    // of which is failing.
+    let yaml = format!(
+        "listeners:\n  - {{ name: raw, address: 127.0.0.1:0, protocol: tcp, cluster: up }}\n\
+         clusters:\n  - {{ name: up, endpoints: [{}, {}], connect_timeout: 300ms }}\n",
+        upstream::unresponsive(),
+        echo.addr
+    );
+    let config = shared::Config::from_yaml(&yaml, "test.yaml").unwrap();
+    let options = dataplane::Options {
+        workers: Some(1),
+        ..tests::options(backend)
+    };
+    let proxy = dataplane::Proxy::start(config, "test.yaml", options).unwrap();
+    let addr = proxy.listener_addr("raw").unwrap();
+    // Every connection reaches the live endpoint; only the first pays for the dead one, which
+    // is passed over after (for a second, longer if it keeps failing).
+    for i in 0..10 {
+        client::assert_echo(addr, format!("connection {i}").as_bytes());
+    }
+    let metrics = tests::admin_get(&proxy, "/metrics");
+    assert_eq!(
+        metric(
+            &metrics,
+            "tern_upstream_connect_failures_total{cluster=\"up\"}"
+        ),
+        1.0,
+        "{metrics}"
+    );
+}
+
 fn a_reset_on_one_side_reaches_the_other_as_a_reset(backend: BackendChoice) {
     // An upstream that answers part of a response, then resets the connection.
     let upstream_addr = upstream::scripted(b"partial", true);
@@ -157,6 +190,7 @@ fn idle_connections_are_closed(backend: BackendChoice) {
 }
 
 both_backends!(
+    a_dead_endpoint_is_passed_over_after_it_failed,
     ten_megabytes_echo_exactly_with_half_close,
     half_close_keeps_the_other_direction_open,
     many_small_exchanges_on_many_connections,

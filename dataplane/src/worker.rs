@@ -54,6 +54,8 @@ pub struct View {
     /// Stats per cluster index.
     pub clusters: Vec<Rc<ClusterStats>>,
     round_robin: Vec<Cell<usize>>,
+    /// Endpoints being passed over after failed attempts (the worker's, shared by its views).
+    pub failing: Rc<proxy::balance::Failing>,
     /// xorshift64 state for weighted route splits (per worker; no cryptographic need).
     random: Cell<u64>,
 }
@@ -70,13 +72,11 @@ impl View {
         (x >> 32) as u32
     }
 
-    /// The next endpoint of a cluster, round robin.
+    /// The next endpoint of a cluster, round robin, passing over failing ones
+    /// ([`proxy::balance`]).
     pub fn next_endpoint(&self, cluster: usize) -> Option<SocketAddr> {
         let endpoints = &self.snapshot.clusters.get(cluster)?.endpoints;
-        let position = self.round_robin.get(cluster)?;
-        let i = position.get();
-        position.set(i.wrapping_add(1));
-        endpoints.get(i % endpoints.len().max(1)).copied()
+        self.failing.next(endpoints, self.round_robin.get(cluster)?)
     }
 }
 
@@ -96,6 +96,8 @@ pub struct Worker<B: Backend> {
     /// Woken whenever a new snapshot goes live.
     applied: Notify,
     stats: Registry,
+    /// Endpoints being passed over after failed attempts, kept across config changes.
+    failing: Rc<proxy::balance::Failing>,
     accepting: RefCell<HashMap<Arc<str>, AcceptLoop>>,
     active: Cell<usize>,
     draining: Cell<bool>,
@@ -144,7 +146,8 @@ impl<B: Backend> Worker<B> {
         destinations: mpsc::Sender<SocketAddr>,
     ) -> Rc<Worker<B>> {
         let stats = Registry::default();
-        let view = Rc::new(make_view(&stats, snapshot));
+        let failing = Rc::default();
+        let view = Rc::new(make_view(&stats, &failing, snapshot));
         Rc::new(Worker {
             id,
             view: RefCell::new(view),
@@ -154,6 +157,7 @@ impl<B: Backend> Worker<B> {
             unanswered: RefCell::default(),
             applied: Notify::new(),
             stats,
+            failing,
             accepting: RefCell::default(),
             active: Cell::new(0),
             draining: Cell::new(false),
@@ -184,7 +188,7 @@ impl<B: Backend> Worker<B> {
         snapshot: Arc<Snapshot>,
         sockets: Vec<(usize, std::net::TcpListener)>,
     ) -> Result<usize, String> {
-        let view = Rc::new(make_view(&self.stats, snapshot.clone()));
+        let view = Rc::new(make_view(&self.stats, &self.failing, snapshot.clone()));
         *self.view.borrow_mut() = view;
         self.h2.retain_endpoints_of(&snapshot);
         self.applied.notify_waiters();
@@ -261,8 +265,13 @@ impl<B: Backend> Worker<B> {
     }
 }
 
-fn make_view(stats: &Registry, snapshot: Arc<Snapshot>) -> View {
+fn make_view(
+    stats: &Registry,
+    failing: &Rc<proxy::balance::Failing>,
+    snapshot: Arc<Snapshot>,
+) -> View {
     View {
+        failing: failing.clone(),
         listeners: snapshot
             .listeners
             .iter()

@@ -318,6 +318,21 @@ pub fn dead_address() -> SocketAddr {
     listener.local_addr().unwrap()
 }
 
+/// An address that never completes a TCP handshake, as a host that is down (its SYNs go
+/// unanswered): a listener that never accepts, its one-place accept queue already taken.
+/// Kept open for the life of the test process.
+pub fn unresponsive() -> SocketAddr {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    socket.listen(0).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    let filler = std::net::TcpStream::connect(addr).unwrap();
+    std::mem::forget((socket, filler));
+    addr
+}
+
 /// A server that accepts and then never reads or writes.
 pub fn black_hole() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();

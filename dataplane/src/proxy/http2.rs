@@ -52,6 +52,9 @@ const EXTRA_CONNECTION_IDLE: Duration = Duration::from_secs(60);
 #[derive(Debug)]
 struct Connection {
     sender: tokio::sync::OnceCell<SendRequest<Incoming>>,
+    /// Making it failed: the streams that were waiting for it go on to the next endpoint
+    /// rather than each trying again in turn.
+    failed: Cell<bool>,
     streams: Cell<usize>,
     /// When its last stream ended.
     idle_since: Cell<Instant>,
@@ -212,6 +215,7 @@ impl Pool {
         }
         let new = Rc::new(Connection {
             sender: tokio::sync::OnceCell::new(),
+            failed: Cell::new(false),
             streams: Cell::new(0),
             idle_since: Cell::new(Instant::now()),
         });
@@ -462,10 +466,17 @@ async fn upstream<B: Backend>(
         let key = (plan.name.clone(), addr);
         let place = worker.h2.place(&key);
         let pooled = place.0.sender.initialized();
-        let made = place
-            .0
+        let connection = &place.0;
+        let made = connection
             .sender
-            .get_or_try_init(|| connect::<B>(view, cluster, addr))
+            .get_or_try_init(|| async {
+                if connection.failed.get() {
+                    return Err(());
+                }
+                let made = connect::<B>(view, cluster, addr).await;
+                connection.failed.set(made.is_err());
+                made
+            })
             .await;
         match made {
             Ok(sender) => {

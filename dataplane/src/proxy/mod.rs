@@ -1,11 +1,13 @@
 //! The proxy logic, written once against the [`crate::io`] interface: opaque TCP
-//! ([`tcp`]), HTTP/1.1 ([`http1`]), HTTP/2 ([`http2`]), protocol detection ([`detect`]), intercepted connections
-//! ([`intercept`]) and the per-worker upstream pool ([`pool`]).
+//! ([`tcp`]), HTTP/1.1 ([`http1`]), HTTP/2 ([`http2`]), protocol detection ([`detect`]),
+//! intercepted connections ([`intercept`]), the per-worker upstream pool ([`pool`]) and the
+//! choice of endpoint ([`balance`]).
 //!
 //! Rule for every read here: a read that is abandoned (timeout, drain) is never retried on
 //! the same socket; the socket is shut down instead. With io_uring an abandoned read stays
 //! queued in the kernel and would swallow bytes meant for the next one.
 
+pub mod balance;
 pub mod detect;
 pub mod http1;
 pub mod http2;
@@ -33,7 +35,7 @@ pub enum Inner {
 /// Most endpoints tried for one connection before giving up.
 pub(crate) const CONNECT_ATTEMPTS: usize = 3;
 
-/// Opens a connection to the next endpoints of `cluster`, round robin, trying up to
+/// Opens a connection to the next endpoints of `cluster` ([`View::next_endpoint`]), trying up to
 /// [`CONNECT_ATTEMPTS`] of them within each one's connect timeout; for an mTLS cluster the
 /// handshake, which proves the endpoint's identity, must finish within it too.
 pub(crate) async fn connect<B: Backend>(
@@ -51,7 +53,8 @@ pub(crate) async fn connect<B: Backend>(
     None
 }
 
-/// One attempt at `addr` for `cluster` (its timeout, its mTLS), counted on the cluster.
+/// One attempt at `addr` for `cluster` (its timeout, its mTLS), counted on the cluster; a
+/// failure passes the endpoint over for a while ([`balance`]).
 pub(crate) async fn connect_to<B: Backend>(
     view: &View,
     cluster: usize,
@@ -97,15 +100,18 @@ pub(crate) async fn connect_to<B: Backend>(
     match tokio::time::timeout(plan.connect_timeout + plan.connect_timeout, attempt).await {
         Ok(Ok(stream)) => {
             stats.connected();
+            view.failing.succeeded(addr);
             Some(stream)
         }
         Ok(Err(error)) => {
             stats.connect_failed();
+            view.failing.failed(addr);
             tracing::debug!(cluster = %plan.name, %addr, %error, "upstream connect failed");
             None
         }
         Err(_) => {
             stats.connect_failed();
+            view.failing.failed(addr);
             tracing::debug!(cluster = %plan.name, %addr, "upstream connect timed out");
             None
         }
