@@ -191,6 +191,8 @@ impl<B: Backend> Worker<B> {
         let view = Rc::new(make_view(&self.stats, &self.failing, snapshot.clone()));
         *self.view.borrow_mut() = view;
         self.h2.retain_endpoints_of(&snapshot);
+        self.failing
+            .retain(|addr| snapshot.clusters.iter().any(|c| c.endpoints.contains(addr)));
         self.applied.notify_waiters();
         let mut accepting = self.accepting.borrow_mut();
         // Stop listeners that are gone, or whose socket is being replaced.

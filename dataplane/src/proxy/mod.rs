@@ -54,7 +54,8 @@ pub(crate) async fn connect<B: Backend>(
 }
 
 /// One attempt at `addr` for `cluster` (its timeout, its mTLS), counted on the cluster; a
-/// failure passes the endpoint over for a while ([`balance`]).
+/// failure passes the endpoint over for a while ([`balance`]) when it is one of the
+/// cluster's (not an intercepted destination passed through).
 pub(crate) async fn connect_to<B: Backend>(
     view: &View,
     cluster: usize,
@@ -105,13 +106,17 @@ pub(crate) async fn connect_to<B: Backend>(
         }
         Ok(Err(error)) => {
             stats.connect_failed();
-            view.failing.failed(addr);
+            if plan.endpoints.contains(&addr) {
+                view.failing.failed(addr);
+            }
             tracing::debug!(cluster = %plan.name, %addr, %error, "upstream connect failed");
             None
         }
         Err(_) => {
             stats.connect_failed();
-            view.failing.failed(addr);
+            if plan.endpoints.contains(&addr) {
+                view.failing.failed(addr);
+            }
             tracing::debug!(cluster = %plan.name, %addr, "upstream connect timed out");
             None
         }
