@@ -150,6 +150,14 @@ fn a_dead_endpoint_is_passed_over_after_it_failed(backend: BackendChoice) {
         1.0,
         "{metrics}"
     );
+    assert_eq!(
+        metric(
+            &metrics,
+            "tern_upstream_endpoint_backoffs_total{cluster=\"up\"}"
+        ),
+        1.0,
+        "{metrics}"
+    );
 }
 
 fn a_reset_on_one_side_reaches_the_other_as_a_reset(backend: BackendChoice) {

@@ -271,6 +271,7 @@ impl ListenerStats {
 pub struct ClusterStats {
     connections: Cell<u64>,
     connect_failures: Cell<u64>,
+    backoffs: Cell<u64>,
     requests: Cell<u64>,
     responses: [Cell<u64>; 5],
     timeouts: Cell<u64>,
@@ -293,6 +294,10 @@ impl ClusterStats {
     /// An upstream connection attempt failed or timed out.
     pub fn connect_failed(&self) {
         bump(&self.connect_failures, 1);
+    }
+    /// An endpoint started (or, after a failed probe, went on) being passed over.
+    pub fn backed_off(&self) {
+        bump(&self.backoffs, 1);
     }
     /// A pooled connection was reused.
     pub fn reused(&self) {
@@ -384,6 +389,7 @@ impl Registry {
                 let report = ClusterReport {
                     connections: s.connections.get(),
                     connect_failures: s.connect_failures.get(),
+                    backoffs: s.backoffs.get(),
                     requests: s.requests.get(),
                     responses: s.responses.each_ref().map(Cell::get),
                     timeouts: s.timeouts.get(),
@@ -447,6 +453,8 @@ pub struct ClusterReport {
     pub connections: u64,
     /// Failed connection attempts.
     pub connect_failures: u64,
+    /// Times an endpoint started, or after a failed probe went on, being passed over.
+    pub backoffs: u64,
     /// Requests sent.
     pub requests: u64,
     /// Upstream responses by status class.
@@ -494,6 +502,7 @@ impl WorkerReport {
             let m = self.clusters.entry(name).or_default();
             m.connections += c.connections;
             m.connect_failures += c.connect_failures;
+            m.backoffs += c.backoffs;
             m.requests += c.requests;
             add(&mut m.responses, &c.responses);
             m.timeouts += c.timeouts;
@@ -774,6 +783,12 @@ pub fn render(info: &Info<'_>, report: &WorkerReport) -> String {
         "tern_upstream_connect_failures_total",
         "Upstream connection attempts that failed or timed out.",
         &|r| r.connect_failures,
+    );
+    cluster_series(
+        &mut out,
+        "tern_upstream_endpoint_backoffs_total",
+        "Times an endpoint that failed to connect started, or after a failed probe went on, being passed over.",
+        &|r| r.backoffs,
     );
     cluster_series(
         &mut out,

@@ -40,8 +40,8 @@ struct Backoff {
 impl Failing {
     /// An attempt at `addr`, an endpoint of a cluster, failed: pass it over for a while. A
     /// failure while it is already being passed over (an attempt that started before) does
-    /// not lengthen the backoff; a failed probe doubles it.
-    pub fn failed(&self, addr: SocketAddr) {
+    /// not lengthen the backoff; a failed probe doubles it. Whether it (re)started a backoff.
+    pub fn failed(&self, addr: SocketAddr) -> bool {
         let now = Instant::now();
         let mut failing = self.0.borrow_mut();
         let backoff = failing.entry(addr).or_insert(Backoff {
@@ -50,12 +50,17 @@ impl Failing {
             probing: true,
         });
         if !backoff.probing {
-            return;
+            return false;
         }
         backoff.until = now + backoff.next;
         backoff.probing = false;
-        tracing::debug!(%addr, passed_over_for = ?backoff.next, "upstream endpoint failing");
+        if backoff.next == FIRST_BACKOFF {
+            tracing::warn!(%addr, "upstream endpoint failed to connect: passing it over, probing it again after backoffs of 1 s up to 10 s");
+        } else {
+            tracing::debug!(%addr, passed_over_for = ?backoff.next, "upstream endpoint still failing");
+        }
         backoff.next = (backoff.next * 2).min(MAX_BACKOFF);
+        true
     }
 
     /// An attempt at `addr` succeeded: it is healthy again.

@@ -106,16 +106,16 @@ pub(crate) async fn connect_to<B: Backend>(
         }
         Ok(Err(error)) => {
             stats.connect_failed();
-            if plan.endpoints.contains(&addr) {
-                view.failing.failed(addr);
+            if plan.endpoints.contains(&addr) && view.failing.failed(addr) {
+                stats.backed_off();
             }
             tracing::debug!(cluster = %plan.name, %addr, %error, "upstream connect failed");
             None
         }
         Err(_) => {
             stats.connect_failed();
-            if plan.endpoints.contains(&addr) {
-                view.failing.failed(addr);
+            if plan.endpoints.contains(&addr) && view.failing.failed(addr) {
+                stats.backed_off();
             }
             tracing::debug!(cluster = %plan.name, %addr, "upstream connect timed out");
             None
