@@ -129,19 +129,12 @@ async fn handle(
         trailers.insert("grpc-status", "0".parse().unwrap());
         trailers.insert("x-served-by", name.parse().unwrap());
         let frames = vec![Frame::data(body), Frame::trailers(trailers)];
-        Response::new(FrameList(frames.into_iter()).boxed())
+        Response::new(FrameList::new(frames).boxed())
     } else if path == "/chunked" {
-        let frames: Vec<Bytes> = (0..5).map(|i| Bytes::from(format!("part{i};"))).collect();
-        Response::new(
-            FrameList(
-                frames
-                    .into_iter()
-                    .map(Frame::data)
-                    .collect::<Vec<_>>()
-                    .into_iter(),
-            )
-            .boxed(),
-        )
+        let frames = (0..5)
+            .map(|i| Frame::data(Bytes::from(format!("part{i};"))))
+            .collect();
+        Response::new(FrameList::new(frames).boxed())
     } else if path.ends_with("/drip") {
         // Eight chunks, 100 ms apart.
         let (chunks, body) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
@@ -158,7 +151,11 @@ async fn handle(
         Response::new(http_body_util::StreamBody::new(stream).boxed())
     } else if path.ends_with("/stall") {
         // The head and a first chunk, then nothing more, ever.
-        Response::new(Stalled(Some(Bytes::from_static(b"started"))).boxed())
+        let frames = FrameList {
+            then_stall: true,
+            ..FrameList::new(vec![Frame::data(Bytes::from_static(b"started"))])
+        };
+        Response::new(frames.boxed())
     } else if path == "/hang" || path.contains("/hang/") {
         std::future::pending::<()>().await;
         unreachable!()
@@ -197,8 +194,21 @@ async fn handle(
     Ok(response)
 }
 
-/// A body of ready frames (data, then trailers), with no length, so hyper chunks it.
-struct FrameList(std::vec::IntoIter<Frame<Bytes>>);
+/// A body of ready frames (data, then trailers), with no length, so hyper chunks it; with
+/// `then_stall`, it never ends after them.
+struct FrameList {
+    frames: std::vec::IntoIter<Frame<Bytes>>,
+    then_stall: bool,
+}
+
+impl FrameList {
+    fn new(frames: Vec<Frame<Bytes>>) -> FrameList {
+        FrameList {
+            frames: frames.into_iter(),
+            then_stall: false,
+        }
+    }
+}
 
 impl hyper::body::Body for FrameList {
     type Data = Bytes;
@@ -207,23 +217,9 @@ impl hyper::body::Body for FrameList {
         mut self: std::pin::Pin<&mut Self>,
         _: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        std::task::Poll::Ready(self.0.next().map(Ok))
-    }
-}
-
-/// A body that yields its one chunk and then never ends.
-struct Stalled(Option<Bytes>);
-
-impl hyper::body::Body for Stalled {
-    type Data = Bytes;
-    type Error = Infallible;
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        match self.0.take() {
-            Some(chunk) => std::task::Poll::Ready(Some(Ok(Frame::data(chunk)))),
-            None => std::task::Poll::Pending,
+        match self.frames.next() {
+            None if self.then_stall => std::task::Poll::Pending,
+            next => std::task::Poll::Ready(next.map(Ok)),
         }
     }
 }
