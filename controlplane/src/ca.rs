@@ -54,6 +54,16 @@ pub enum Credential<'a> {
     Certificate(&'a CertificateDer<'a>),
 }
 
+impl<'a> Credential<'a> {
+    /// The certificate the client presented, if it did; else its token.
+    pub fn presented_or_token(
+        presented: Option<&'a CertificateDer<'a>>,
+        token: &'a str,
+    ) -> Credential<'a> {
+        presented.map_or(Credential::Token(token), Credential::Certificate)
+    }
+}
+
 /// Where the CA keeps its state, and what it was given.
 #[derive(Debug, Clone)]
 pub struct CaOptions {

@@ -181,10 +181,7 @@ impl DiscoveryService {
         hello: pb::Hello,
         presented: Option<&CertificateDer<'_>>,
     ) -> Result<ProxyRequest, Status> {
-        let credential = match presented {
-            Some(leaf) => Credential::Certificate(leaf),
-            None => Credential::Token(&hello.credential),
-        };
+        let credential = Credential::presented_or_token(presented, &hello.credential);
         let proven = self
             .authority
             .prove(credential)

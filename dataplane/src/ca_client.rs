@@ -150,9 +150,9 @@ pub async fn certify(
     let csr = params.serialize_request(&key)?;
     let csr = csr.der().to_vec();
 
-    let answer = match certificate {
-        Some(certificate) => {
-            match request(
+    let by_certificate = match certificate {
+        Some(certificate) => Some(
+            request(
                 ca,
                 &root,
                 Some(certificate),
@@ -160,22 +160,20 @@ pub async fn certify(
                 mark,
                 csr.clone(),
             )
-            .await
-            {
-                Ok(answer) => answer,
-                // Whatever failed (a refusal of the certificate may surface as a failed
-                // connection, the server's alert racing the client's first bytes), the
-                // token gets its turn.
-                Err(error) => {
-                    let Ok(token) = token else {
-                        return Err(error);
-                    };
-                    tracing::info!(%error, "renewal by certificate refused; trying the bootstrap token");
-                    request(ca, &root, None, token.trim().to_owned(), mark, csr).await?
-                }
-            }
+            .await,
+        ),
+        None => None,
+    };
+    let answer = match (by_certificate, token) {
+        (Some(Ok(answer)), _) => answer,
+        (Some(Err(error)), Err(_)) => return Err(error),
+        // Whatever failed (a refusal of the certificate may surface as a failed connection,
+        // the server's alert racing the client's first bytes), the token gets its turn.
+        (Some(Err(error)), Ok(token)) => {
+            tracing::info!(%error, "renewal by certificate refused; trying the bootstrap token");
+            request(ca, &root, None, token.trim().to_owned(), mark, csr).await?
         }
-        None => request(ca, &root, None, token?.trim().to_owned(), mark, csr).await?,
+        (None, token) => request(ca, &root, None, token?.trim().to_owned(), mark, csr).await?,
     };
     let unusable = |why: String| CertifyError::Answer(why);
     let chain: Vec<CertificateDer<'static>> =

@@ -54,7 +54,8 @@ pub struct View {
     /// Stats per cluster index.
     pub clusters: Vec<Rc<ClusterStats>>,
     round_robin: Vec<Cell<usize>>,
-    /// Endpoints being passed over after failed attempts (the worker's, shared by its views).
+    /// Endpoints being passed over after failed attempts (the worker's: each view hands it
+    /// to the next).
     pub failing: Rc<proxy::balance::Failing>,
     /// xorshift64 state for weighted route splits (per worker; no cryptographic need).
     random: Cell<u64>,
@@ -96,8 +97,6 @@ pub struct Worker<B: Backend> {
     /// Woken whenever a new snapshot goes live.
     applied: Notify,
     stats: Registry,
-    /// Endpoints being passed over after failed attempts, kept across config changes.
-    failing: Rc<proxy::balance::Failing>,
     accepting: RefCell<HashMap<Arc<str>, AcceptLoop>>,
     active: Cell<usize>,
     draining: Cell<bool>,
@@ -146,8 +145,7 @@ impl<B: Backend> Worker<B> {
         destinations: mpsc::Sender<SocketAddr>,
     ) -> Rc<Worker<B>> {
         let stats = Registry::default();
-        let failing = Rc::default();
-        let view = Rc::new(make_view(&stats, &failing, snapshot));
+        let view = Rc::new(make_view(&stats, &Rc::default(), snapshot));
         Rc::new(Worker {
             id,
             view: RefCell::new(view),
@@ -157,7 +155,6 @@ impl<B: Backend> Worker<B> {
             unanswered: RefCell::default(),
             applied: Notify::new(),
             stats,
-            failing,
             accepting: RefCell::default(),
             active: Cell::new(0),
             draining: Cell::new(false),
@@ -188,11 +185,11 @@ impl<B: Backend> Worker<B> {
         snapshot: Arc<Snapshot>,
         sockets: Vec<(usize, std::net::TcpListener)>,
     ) -> Result<usize, String> {
-        let view = Rc::new(make_view(&self.stats, &self.failing, snapshot.clone()));
-        *self.view.borrow_mut() = view;
+        // The endpoints being passed over carry over to the new view.
+        let failing = self.view.borrow().failing.clone();
+        failing.retain(|addr| snapshot.clusters.iter().any(|c| c.endpoints.contains(addr)));
+        *self.view.borrow_mut() = Rc::new(make_view(&self.stats, &failing, snapshot.clone()));
         self.h2.retain_endpoints_of(&snapshot);
-        self.failing
-            .retain(|addr| snapshot.clusters.iter().any(|c| c.endpoints.contains(addr)));
         self.applied.notify_waiters();
         let mut accepting = self.accepting.borrow_mut();
         // Stop listeners that are gone, or whose socket is being replaced.

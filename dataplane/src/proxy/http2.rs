@@ -465,8 +465,8 @@ async fn upstream<B: Backend>(
         let addr = view.next_endpoint(cluster)?;
         let key = (plan.name.clone(), addr);
         let place = worker.h2.place(&key);
-        let pooled = place.0.sender.initialized();
         let connection = &place.0;
+        let pooled = connection.sender.initialized();
         let made = connection
             .sender
             .get_or_try_init(|| async {
@@ -489,14 +489,14 @@ async fn upstream<B: Backend>(
                 }
                 // It closed (the upstream went away or said GOAWAY): the next request makes
                 // a new one.
-                worker.h2.forget(&key, &place.0);
+                worker.h2.forget(&key, connection);
                 if pooled {
                     // One that died while pooled is no attempt at the endpoint; each is
                     // forgotten, so this ends.
                     continue;
                 }
             }
-            Err(()) => worker.h2.forget(&key, &place.0),
+            Err(()) => worker.h2.forget(&key, connection),
         }
         attempts += 1;
     }

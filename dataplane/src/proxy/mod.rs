@@ -98,27 +98,20 @@ pub(crate) async fn connect_to<B: Backend>(
             }
         }
     };
-    match tokio::time::timeout(plan.connect_timeout + plan.connect_timeout, attempt).await {
-        Ok(Ok(stream)) => {
-            stats.connected();
-            view.failing.succeeded(addr);
-            Some(stream)
-        }
-        Ok(Err(error)) => {
-            stats.connect_failed();
-            if plan.endpoints.contains(&addr) && view.failing.failed(addr) {
-                stats.backed_off();
+    let error =
+        match tokio::time::timeout(plan.connect_timeout + plan.connect_timeout, attempt).await {
+            Ok(Ok(stream)) => {
+                stats.connected();
+                view.failing.succeeded(addr);
+                return Some(stream);
             }
-            tracing::debug!(cluster = %plan.name, %addr, %error, "upstream connect failed");
-            None
-        }
-        Err(_) => {
-            stats.connect_failed();
-            if plan.endpoints.contains(&addr) && view.failing.failed(addr) {
-                stats.backed_off();
-            }
-            tracing::debug!(cluster = %plan.name, %addr, "upstream connect timed out");
-            None
-        }
+            Ok(Err(error)) => error,
+            Err(_) => std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
+        };
+    stats.connect_failed();
+    if plan.endpoints.contains(&addr) && view.failing.failed(addr) {
+        stats.backed_off();
     }
+    tracing::debug!(cluster = %plan.name, %addr, %error, "upstream connect failed");
+    None
 }
