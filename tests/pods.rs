@@ -210,7 +210,7 @@ fn intercepted_pods_talk_mtls_by_service_address() {
         let mut control = TestControlPlane::start(Duration::from_secs(3600));
         control.address = socket(tests::pods::NODE_V4, CONTROL_PORT);
         control.admin = socket(tests::pods::NODE_V4, CONTROL_ADMIN_PORT);
-        control.manifests = Some(manifests_dir.clone());
+        control.source = controlplane::ConfigSource::Directory(manifests_dir.clone());
         control.restart();
         control
     });

@@ -4,8 +4,8 @@
 //!
 //! Layout: [`ca`] is the mesh certificate authority (keys, tokens, signing; no IO beyond
 //! its state directory) and [`identity`] serves it over gRPC; [`catalog`] holds what the
-//! user declared, read by a [`catalog::source::Source`] (a directory of manifests) and
-//! checked once; [`translate`] turns it into each proxy's config and [`discovery`] streams
+//! user declared, read by a [`catalog::source::Source`] (a directory of manifests, or the
+//! Kubernetes API server) and checked once; [`translate`] turns it into each proxy's config and [`discovery`] streams
 //! that to the proxies and records their ACKs and NACKs; [`admin`] shows it all over HTTP.
 
 pub mod admin;
@@ -19,6 +19,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use shared::api::discovery::discovery_server::DiscoveryServer;
@@ -27,6 +28,7 @@ use tokio::sync::{oneshot, watch};
 
 pub use ca::{Authority, CaOptions, Credential, DEFAULT_TOKEN_VALIDITY};
 use catalog::Catalog;
+use catalog::kubernetes::Cluster;
 use catalog::source::{Directory, Source};
 use discovery::{DiscoveryService, Registry};
 
@@ -45,11 +47,31 @@ pub struct Options {
     pub server_names: Vec<String>,
     /// The CA.
     pub ca: CaOptions,
-    /// A directory of YAML manifests to serve config from; none serves empty configs.
-    pub manifests: Option<PathBuf>,
+    /// Where the config proxies are served comes from.
+    pub source: ConfigSource,
     /// The admin HTTP address (`/status`, `/metrics`); none for no admin endpoint.
     pub admin: Option<SocketAddr>,
 }
+
+/// Where the declared config comes from.
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    /// Nowhere: proxies get empty configs (the CA alone).
+    None,
+    /// A directory of YAML manifests, watched.
+    Directory(PathBuf),
+    /// A Kubernetes API server, listed and watched.
+    Kubernetes {
+        /// How to reach it; none finds it as kubectl does (in-cluster, else `KUBECONFIG` or
+        /// `~/.kube/config`).
+        config: Option<Box<kube::Config>>,
+        /// How long start-up waits for every kind to be listed before it fails.
+        list_timeout: Duration,
+    },
+}
+
+/// How long `tern-control` waits at start-up for the API server to list every kind.
+pub const DEFAULT_LIST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A running control plane; dropping it stops it.
 #[derive(Debug)]
@@ -64,8 +86,9 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    /// Opens the CA, reads the manifests once, binds the gRPC and admin ports and serves on
-    /// a thread of its own; returns once the ports are bound.
+    /// Opens the CA, reads the declared config once (from the Kubernetes API server: every
+    /// kind listed), binds the gRPC and admin ports and serves on a thread of its own;
+    /// returns once the ports are bound.
     pub fn start(options: Options) -> anyhow::Result<ControlPlane> {
         let authority = Arc::new(Authority::open(&options.ca).context("opening the CA")?);
         let (cert, key) = authority
@@ -96,16 +119,36 @@ impl ControlPlane {
 
         let empty = Catalog::empty(authority.trust_domain());
         let (catalog_tx, catalog) = watch::channel(Arc::new(empty));
-        if let Some(dir) = &options.manifests {
-            let mut source = Directory::new(dir);
-            let first = runtime.block_on(source.next());
-            publish(&catalog_tx, first);
-            runtime.spawn(async move {
-                loop {
-                    let declared = source.next().await;
-                    publish(&catalog_tx, declared);
-                }
-            });
+        match &options.source {
+            ConfigSource::None => {}
+            ConfigSource::Directory(dir) => {
+                runtime.block_on(follow(catalog_tx, Directory::new(dir)));
+            }
+            ConfigSource::Kubernetes {
+                config,
+                list_timeout,
+            } => {
+                let source = runtime.block_on(async {
+                    let config = match config {
+                        Some(config) => (**config).clone(),
+                        None => kube::Config::infer().await.context(
+                            "finding the Kubernetes API server (in-cluster, or KUBECONFIG)",
+                        )?,
+                    };
+                    let url = config.cluster_url.clone();
+                    let client = kube::Client::try_from(config)
+                        .with_context(|| format!("making a client for the API server at {url}"))?;
+                    anyhow::Ok(Cluster::watch(client))
+                })?;
+                let listed = runtime.block_on(async {
+                    tokio::time::timeout(*list_timeout, follow(catalog_tx, source)).await
+                });
+                anyhow::ensure!(
+                    listed.is_ok(),
+                    "the API server did not list every kind Tern reads within {} (see the warnings above)",
+                    humantime::format_duration(*list_timeout)
+                );
+            }
         }
         let registry = Arc::new(Registry::default());
         if let Some(listener) = admin_listener {
@@ -154,7 +197,7 @@ impl ControlPlane {
                 }
             })
             .context("starting the server thread")?;
-        tracing::info!(%address, ?admin, trust_domain = authority.trust_domain(), manifests = ?options.manifests, "tern-control serving");
+        tracing::info!(%address, ?admin, trust_domain = authority.trust_domain(), source = ?options.source, "tern-control serving");
         Ok(ControlPlane {
             address,
             admin,
@@ -210,6 +253,17 @@ impl Drop for ControlPlane {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Publishes what `source` declares first, then follows it in a task of its own.
+async fn follow(catalog: watch::Sender<Arc<Catalog>>, mut source: impl Source) {
+    publish(&catalog, source.next().await);
+    tokio::spawn(async move {
+        loop {
+            let declared = source.next().await;
+            publish(&catalog, declared);
+        }
+    });
 }
 
 /// Checks what a source declared and, when that changes anything, publishes the catalog.

@@ -1,5 +1,5 @@
 //! `tern-control`: `serve` runs the control plane (the mesh CA and config distribution over
-//! gRPC, from a directory of manifests); `token` prints the
+//! gRPC, from a directory of manifests or the Kubernetes API server); `token` prints the
 //! bootstrap token a workload presents to prove its identity in local mode; `crds` prints
 //! the CustomResourceDefinitions of Tern's resources.
 
@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args as ClapArgs, Parser, Subcommand};
-use controlplane::{Authority, CaOptions, ControlPlane, Options};
+use controlplane::{Authority, CaOptions, ConfigSource, ControlPlane, Options};
 use tokio::signal::unix::{SignalKind, signal};
 
 /// Tern's control plane.
@@ -35,8 +35,16 @@ enum Command {
         server_names: Vec<String>,
         /// A directory of YAML manifests (Service, EndpointSlice, Pod, HTTPRoute and Tern's
         /// kinds), watched for changes; without one, proxies get empty configs.
-        #[arg(long, env = "TERN_MANIFESTS")]
+        #[arg(long, env = "TERN_MANIFESTS", conflicts_with = "kubernetes")]
         manifests: Option<PathBuf>,
+        /// Reads the config from the Kubernetes API server instead (the same kinds, across
+        /// all namespaces), found as kubectl finds it: in-cluster, else `KUBECONFIG` or
+        /// `~/.kube/config`. Start-up waits until every kind is listed.
+        #[arg(long)]
+        kubernetes: bool,
+        /// How long start-up waits for the API server to list every kind.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        list_timeout: Duration,
         /// The admin HTTP address (`/status` for `ternctl status`, `/metrics`).
         #[arg(long, env = "TERN_CONTROL_ADMIN", default_value = "127.0.0.1:15014")]
         admin: SocketAddr,
@@ -131,9 +139,19 @@ fn main() -> anyhow::Result<()> {
             listen,
             server_names,
             manifests,
+            kubernetes,
+            list_timeout,
             admin,
             ca,
         } => {
+            let source = match (kubernetes, manifests) {
+                (true, _) => ConfigSource::Kubernetes {
+                    config: None,
+                    list_timeout,
+                },
+                (false, Some(dir)) => ConfigSource::Directory(dir),
+                (false, None) => ConfigSource::None,
+            };
             // Signal handlers first, so a SIGTERM right after start-up is a clean stop.
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -149,7 +167,7 @@ fn main() -> anyhow::Result<()> {
                 listen,
                 server_names,
                 ca: ca.into(),
-                manifests,
+                source,
                 admin: Some(admin),
             })?;
             runtime.block_on(async {

@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use controlplane::{CaOptions, ControlPlane, Options};
+use controlplane::{CaOptions, ConfigSource, ControlPlane, Options};
 
 use crate::pki::TempDir;
 
@@ -21,8 +21,8 @@ pub struct TestControlPlane {
     pub address: SocketAddr,
     /// The CA's options; change them and [`Self::restart`] to rotate roots.
     pub ca: CaOptions,
-    /// A manifest directory to serve config from (set before [`Self::restart`]).
-    pub manifests: Option<std::path::PathBuf>,
+    /// Where to serve config from (set before [`Self::restart`]).
+    pub source: ConfigSource,
     /// The admin address (kept across restarts).
     pub admin: SocketAddr,
     running: Option<ControlPlane>,
@@ -44,7 +44,7 @@ impl TestControlPlane {
             dir,
             address: "127.0.0.1:0".parse().unwrap(),
             ca,
-            manifests: None,
+            source: ConfigSource::None,
             admin: "127.0.0.1:0".parse().unwrap(),
             running: None,
         };
@@ -54,8 +54,13 @@ impl TestControlPlane {
 
     /// Starts a CA and config server reading `manifests`.
     pub fn with_manifests(lifetime: Duration, manifests: &std::path::Path) -> TestControlPlane {
+        TestControlPlane::with_source(lifetime, ConfigSource::Directory(manifests.to_owned()))
+    }
+
+    /// Starts a CA and config server reading `source`.
+    pub fn with_source(lifetime: Duration, source: ConfigSource) -> TestControlPlane {
         let mut control = TestControlPlane::start(lifetime);
-        control.manifests = Some(manifests.to_owned());
+        control.source = source;
         control.restart();
         control
     }
@@ -70,7 +75,7 @@ impl TestControlPlane {
             listen: self.address,
             server_names: vec!["tern-control".into()],
             ca: self.ca.clone(),
-            manifests: self.manifests.clone(),
+            source: self.source.clone(),
             admin: Some(self.admin),
         }
     }
@@ -84,13 +89,19 @@ impl TestControlPlane {
 
     /// Starts (again) on the same port with the same root.
     pub fn restart(&mut self) {
+        self.try_restart().expect("control plane starts");
+    }
+
+    /// [`Self::restart`], saying why it could not start.
+    pub fn try_restart(&mut self) -> anyhow::Result<()> {
         self.stop();
-        let running = ControlPlane::start(self.options()).expect("control plane starts");
+        let running = ControlPlane::start(self.options())?;
         self.address = running.address();
         if let Some(admin) = running.admin_address() {
             self.admin = admin;
         }
         self.running = Some(running);
+        Ok(())
     }
 
     /// The SPIFFE ID of a test workload.

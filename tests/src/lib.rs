@@ -1,12 +1,13 @@
 //! The harness Tern's end-to-end tests share: upstream servers (TCP echo, HTTP via hyper),
 //! blocking raw clients that send exact bytes and read exact responses, and a fixture that
 //! starts an in-process proxy on loopback with either IO backend, and an in-process
-//! `tern-control` CA.
+//! `tern-control` CA, and a fake Kubernetes API server.
 //!
 //! Everything binds `127.0.0.1:0` and is torn down on drop; every socket read has a timeout,
 //! so a broken proxy fails a test instead of hanging it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod apiserver;
 pub mod ca;
 pub mod client;
 pub mod h2;

@@ -9,6 +9,7 @@
 //! problem is recorded with the file, the object and the field, and is never pushed.
 
 pub mod gateway;
+pub mod kubernetes;
 pub mod source;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -147,8 +148,26 @@ pub struct Origin {
     pub document: usize,
 }
 
+/// How the origins of objects read from the Kubernetes API begin.
+const API_ORIGIN: &str = "kubernetes/";
+
+impl Origin {
+    /// Where an object read from the Kubernetes API came from:
+    /// `kubernetes/<kind>/<namespace>/<name>` (no namespace for a cluster-scoped kind).
+    pub fn api(kind: &str, namespace: Option<&str>, name: &str) -> Origin {
+        let file = match namespace {
+            Some(namespace) => format!("{API_ORIGIN}{kind}/{namespace}/{name}"),
+            None => format!("{API_ORIGIN}{kind}/{name}"),
+        };
+        Origin { file, document: 0 }
+    }
+}
+
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.file.starts_with(API_ORIGIN) {
+            return f.write_str(&self.file);
+        }
         write!(f, "{} (document {})", self.file, self.document + 1)
     }
 }
@@ -192,6 +211,34 @@ pub struct Declared {
     /// Files that could not be read or parsed as a whole: their objects keep their previous
     /// versions.
     pub broken_files: BTreeSet<String>,
+}
+
+impl Declared {
+    /// Records that what `origin` holds did not parse: the problem, and its origin broken,
+    /// so the objects it held before keep their previous versions.
+    pub fn refuse(
+        &mut self,
+        origin: Origin,
+        object: Option<String>,
+        field: String,
+        message: String,
+    ) {
+        self.broken_files.insert(origin.file.clone());
+        self.problems.push(Problem {
+            origin,
+            object,
+            field,
+            message,
+            kept_previous: true,
+        });
+    }
+
+    /// Adds everything `other` declares.
+    pub fn extend(&mut self, other: &Declared) {
+        self.objects.extend(other.objects.iter().cloned());
+        self.problems.extend(other.problems.iter().cloned());
+        self.broken_files.extend(other.broken_files.iter().cloned());
+    }
 }
 
 /// What the catalog knows of a Pod.

@@ -198,53 +198,55 @@ pub fn parse_file(file: &str, text: &str, declared: &mut Declared) {
             file: file.to_owned(),
             document,
         };
-        let mut problem = |object: Option<String>, field: String, message: String| {
-            declared.problems.push(Problem {
-                origin: origin.clone(),
-                object,
-                field,
-                message,
-                kept_previous: true,
-            });
-            declared.broken_files.insert(file.to_owned());
-        };
         let value = match serde_yaml::Value::deserialize(yaml) {
             Ok(serde_yaml::Value::Null) => continue,
             Ok(value) => value,
             Err(error) => {
                 // A syntax error ends the stream: nothing after it can be trusted.
-                problem(None, String::new(), format!("not valid YAML: {error}"));
+                declared.refuse(
+                    origin,
+                    None,
+                    String::new(),
+                    format!("not valid YAML: {error}"),
+                );
                 return;
             }
         };
-        let text_of = |key: &str| {
-            value
-                .get(key)
-                .and_then(serde_yaml::Value::as_str)
-                .unwrap_or_default()
-                .to_owned()
-        };
-        let (api_version, kind) = (text_of("apiVersion"), text_of("kind"));
-        let name = value
-            .get("metadata")
-            .and_then(|m| m.get("name"))
+        parse_value(origin, value, declared);
+    }
+}
+
+/// Parses one declared object (a YAML document, or an object the API server sent) into
+/// `declared`. One that does not parse marks its origin broken, so what it held before keeps
+/// its previous version.
+pub(super) fn parse_value(origin: Origin, value: serde_yaml::Value, declared: &mut Declared) {
+    let text_of = |key: &str| {
+        value
+            .get(key)
             .and_then(serde_yaml::Value::as_str)
-            .map(|name| format!("{kind} {name}"));
-        match parse_object(&api_version, &kind, value) {
-            Ok(Some(object)) => declared.objects.push((origin, object)),
-            // Another kind (a Deployment beside its Service, say): reported, but the file's
-            // own objects are read as usual.
-            Ok(None) => declared.problems.push(Problem {
-                origin,
-                object: name,
-                field: "kind".into(),
-                message: format!(
-                    "`{api_version}` `{kind}` is not a kind Tern reads (Service, EndpointSlice, Pod, HTTPRoute, GRPCRoute, and tern.dev's Mesh, MTLSPolicy, AuthorizationPolicy, BackendPolicy); ignored"
-                ),
-                kept_previous: false,
-            }),
-            Err((field, message)) => problem(name, field, message),
-        }
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let (api_version, kind) = (text_of("apiVersion"), text_of("kind"));
+    let name = value
+        .get("metadata")
+        .and_then(|m| m.get("name"))
+        .and_then(serde_yaml::Value::as_str)
+        .map(|name| format!("{kind} {name}"));
+    match parse_object(&api_version, &kind, value) {
+        Ok(Some(object)) => declared.objects.push((origin, object)),
+        // Another kind (a Deployment beside its Service, say): reported, but the file's
+        // own objects are read as usual.
+        Ok(None) => declared.problems.push(Problem {
+            origin,
+            object: name,
+            field: "kind".into(),
+            message: format!(
+                "`{api_version}` `{kind}` is not a kind Tern reads (Service, EndpointSlice, Pod, HTTPRoute, GRPCRoute, and tern.dev's Mesh, MTLSPolicy, AuthorizationPolicy, BackendPolicy); ignored"
+            ),
+            kept_previous: false,
+        }),
+        Err((field, message)) => declared.refuse(origin, name, field, message),
     }
 }
 

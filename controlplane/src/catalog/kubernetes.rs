@@ -1,0 +1,275 @@
+//! The Kubernetes source: the kinds a manifest directory holds, listed and then watched from
+//! the API server through kube-rs, one watcher per kind, each object parsed as a manifest
+//! document is ([`super::source::parse_value`]), so both sources refuse and report alike.
+//!
+//! The first [`Source::next`] resolves once every kind has been listed, so proxies are never
+//! served the empty config of a control plane that has not read the cluster yet. A kind the
+//! API server does not serve (Gateway API's or Tern's CRDs not installed: 404) counts as
+//! listed and empty, and keeps being retried, so installing the CRDs later is picked up. A
+//! watch that fails later keeps what it last saw, with a warning, and resumes with backoff
+//! (kube-rs' default: 0.8 s doubling to 30 s). Changes that arrive together become one
+//! update, as the directory's do.
+
+use std::collections::BTreeMap;
+
+use kube::api::{Api, ApiResource, DynamicObject};
+use kube::runtime::WatchStreamExt as _;
+use kube::runtime::watcher::{self, Event};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt as _;
+
+use super::source::{MAX_DEBOUNCE, QUIET, Source, parse_value};
+use super::{Declared, Origin};
+
+/// What is watched: group, version, kind, plural, and whether it is namespaced. The same
+/// kinds a manifest directory may hold (`deploy/kubernetes/tern-control.yaml` grants
+/// `list` and `watch` on each; a test keeps the two in step).
+pub const KINDS: [(&str, &str, &str, &str, bool); 9] = [
+    ("tern.dev", "v1alpha1", "Mesh", "meshes", false),
+    ("", "v1", "Service", "services", true),
+    ("", "v1", "Pod", "pods", true),
+    (
+        "discovery.k8s.io",
+        "v1",
+        "EndpointSlice",
+        "endpointslices",
+        true,
+    ),
+    ("tern.dev", "v1alpha1", "MTLSPolicy", "mtlspolicies", true),
+    (
+        "tern.dev",
+        "v1alpha1",
+        "BackendPolicy",
+        "backendpolicies",
+        true,
+    ),
+    (
+        "tern.dev",
+        "v1alpha1",
+        "AuthorizationPolicy",
+        "authorizationpolicies",
+        true,
+    ),
+    (
+        "gateway.networking.k8s.io",
+        "v1",
+        "HTTPRoute",
+        "httproutes",
+        true,
+    ),
+    (
+        "gateway.networking.k8s.io",
+        "v1",
+        "GRPCRoute",
+        "grpcroutes",
+        true,
+    ),
+];
+
+/// How many watch events may wait to be applied before the watchers wait in turn.
+const EVENT_QUEUE: usize = 1024;
+
+type WatchItem = Result<Event<DynamicObject>, watcher::Error>;
+
+/// One kind's objects, each parsed on arrival.
+#[derive(Default)]
+struct Kind {
+    /// By namespace and name.
+    objects: BTreeMap<(String, String), Declared>,
+    /// A relist in progress (after `Init`): what it has listed so far, which replaces
+    /// `objects` when it is done.
+    relisting: Option<BTreeMap<(String, String), Declared>>,
+    /// Listed at least once (or found not served).
+    listed: bool,
+    /// The API server does not serve it (said once, then quietly retried).
+    absent: bool,
+}
+
+/// Declared objects from a Kubernetes API server.
+pub struct Cluster {
+    events: mpsc::Receiver<(usize, WatchItem)>,
+    kinds: Vec<Kind>,
+    resources: Vec<ApiResource>,
+    listed: bool,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("listed", &self.listed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// Starts a watcher per kind on the current tokio runtime, across all namespaces.
+    pub fn watch(client: kube::Client) -> Cluster {
+        let (sender, events) = mpsc::channel(EVENT_QUEUE);
+        let resources: Vec<ApiResource> = KINDS
+            .iter()
+            .map(|&(group, version, kind, plural, _)| ApiResource {
+                group: group.to_owned(),
+                version: version.to_owned(),
+                api_version: if group.is_empty() {
+                    version.to_owned()
+                } else {
+                    format!("{group}/{version}")
+                },
+                kind: kind.to_owned(),
+                plural: plural.to_owned(),
+            })
+            .collect();
+        for (index, resource) in resources.iter().enumerate() {
+            let api: Api<DynamicObject> = Api::all_with(client.clone(), resource);
+            let sender = sender.clone();
+            tokio::spawn(async move {
+                let mut stream = std::pin::pin!(
+                    watcher::watcher(api, watcher::Config::default()).default_backoff()
+                );
+                while let Some(item) = stream.next().await {
+                    if sender.send((index, item)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        Cluster {
+            events,
+            kinds: KINDS.iter().map(|_| Kind::default()).collect(),
+            resources,
+            listed: false,
+        }
+    }
+
+    /// Applies one watch event; says whether what is declared may have changed.
+    fn apply(&mut self, index: usize, item: WatchItem) -> bool {
+        let resource = &self.resources[index];
+        let kind = &mut self.kinds[index];
+        match item {
+            Ok(Event::Init) => {
+                kind.relisting = Some(BTreeMap::new());
+                false
+            }
+            Ok(Event::InitApply(object)) => {
+                let (key, parsed) = parse(resource, object);
+                kind.relisting.get_or_insert_default().insert(key, parsed);
+                false
+            }
+            Ok(Event::InitDone) => {
+                kind.objects = kind.relisting.take().unwrap_or_default();
+                if kind.absent {
+                    tracing::info!(kind = %resource.kind, "now served by the API server");
+                }
+                kind.listed = true;
+                kind.absent = false;
+                true
+            }
+            Ok(Event::Apply(object)) => {
+                let (key, parsed) = parse(resource, object);
+                kind.objects.insert(key, parsed);
+                true
+            }
+            Ok(Event::Delete(object)) => {
+                let (key, _) = parse(resource, object);
+                kind.objects.remove(&key).is_some()
+            }
+            Err(error) if not_served(&error) => {
+                if !kind.absent {
+                    tracing::warn!(kind = %resource.kind, api_version = %resource.api_version, "not served by the API server (is its CRD installed?): taken as empty, and asked again with backoff");
+                }
+                kind.absent = true;
+                kind.listed = true;
+                kind.relisting = None;
+                let had = !kind.objects.is_empty();
+                kind.objects.clear();
+                had
+            }
+            Err(error) => {
+                tracing::warn!(kind = %resource.kind, %error, listed = kind.listed, "watching the API server failed; what was last seen stays in use, retrying with backoff");
+                false
+            }
+        }
+    }
+
+    /// Everything declared now, kind by kind.
+    fn declared(&self) -> Declared {
+        let mut declared = Declared::default();
+        for kind in &self.kinds {
+            for parsed in kind.objects.values() {
+                declared.extend(parsed);
+            }
+        }
+        declared
+    }
+}
+
+/// Whether the API server does not serve the kind at all (its CRD is not installed).
+fn not_served(error: &watcher::Error) -> bool {
+    match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => status.code == 404,
+        _ => false,
+    }
+}
+
+/// An object as its own [`Declared`], under its namespace and name. Objects in a list come
+/// without `apiVersion` and `kind`: the watched resource supplies them.
+fn parse(resource: &ApiResource, object: DynamicObject) -> ((String, String), Declared) {
+    let namespace = object.metadata.namespace.clone();
+    let name = object.metadata.name.clone().unwrap_or_default();
+    let origin = Origin::api(&resource.kind, namespace.as_deref(), &name);
+    let mut declared = Declared::default();
+    let mut json = match serde_json::to_value(&object) {
+        Ok(json) => json,
+        Err(error) => {
+            declared.refuse(origin, None, String::new(), format!("unreadable: {error}"));
+            return ((namespace.unwrap_or_default(), name), declared);
+        }
+    };
+    if let Some(fields) = json.as_object_mut() {
+        fields.insert("apiVersion".into(), resource.api_version.clone().into());
+        fields.insert("kind".into(), resource.kind.clone().into());
+    }
+    match serde_yaml::to_value(json) {
+        Ok(value) => parse_value(origin, value, &mut declared),
+        Err(error) => declared.refuse(origin, None, String::new(), format!("unreadable: {error}")),
+    }
+    ((namespace.unwrap_or_default(), name), declared)
+}
+
+impl Source for Cluster {
+    async fn next(&mut self) -> Declared {
+        loop {
+            let Some((index, item)) = self.events.recv().await else {
+                // Every watcher ended (the runtime is shutting down): nothing more comes.
+                return std::future::pending().await;
+            };
+            let changed = self.apply(index, item);
+            if !self.listed {
+                if self.kinds.iter().all(|k| k.listed) {
+                    self.listed = true;
+                    tracing::info!("listed every kind from the API server");
+                    break;
+                }
+            } else if changed {
+                break;
+            }
+        }
+        // Changes that come together (a Deployment's rollout, `kubectl apply -f dir/`) make
+        // one update.
+        let deadline = tokio::time::Instant::now() + MAX_DEBOUNCE;
+        loop {
+            let quiet = (tokio::time::Instant::now() + QUIET).min(deadline);
+            match tokio::time::timeout_at(quiet, self.events.recv()).await {
+                Ok(Some((index, item))) => {
+                    self.apply(index, item);
+                }
+                Ok(None) | Err(_) => break,
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+        }
+        self.declared()
+    }
+}

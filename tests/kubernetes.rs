@@ -1,0 +1,253 @@
+//! `tern-control` reading the Kubernetes API server (`--kubernetes`), end to end against a
+//! fake API server ([`tests::apiserver`]): it lists and watches Services, EndpointSlices,
+//! Pods and HTTPRoutes through kube-rs, and proxies it configures carry traffic over mTLS by
+//! what the API server holds, and follow its changes. The fake does not serve GRPCRoute or
+//! Tern's own kinds, as a cluster without those CRDs does not.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use controlplane::ConfigSource;
+use serde_json::Value;
+use tests::apiserver::ApiServer;
+use tests::ca::TestControlPlane;
+use tests::client;
+use tests::manifests::{self, free_port};
+use tests::upstream::Http;
+use tests::{BackendChoice, Proxy, eventually, start_proxy, wait_ready};
+
+const OUTBOUND: &str = "outbound:reviews.default:80";
+const ROUTES: &str = "/apis/gateway.networking.k8s.io/v1/httproutes";
+
+/// The collections the fake serves: (apiVersion, plural).
+const SERVED: [(&str, &str); 4] = [
+    ("v1", "services"),
+    ("v1", "pods"),
+    ("discovery.k8s.io/v1", "endpointslices"),
+    ("gateway.networking.k8s.io/v1", "httproutes"),
+];
+
+fn object(yaml: &str) -> Value {
+    serde_yaml::from_str(yaml).unwrap()
+}
+
+fn kubernetes(api: &ApiServer, list_timeout: Duration) -> ConfigSource {
+    ConfigSource::Kubernetes {
+        config: Some(Box::new(kube::Config::new(api.url.parse().unwrap()))),
+        list_timeout,
+    }
+}
+
+/// `reviews` routes to `reviews-v1` (a Pod with a sidecar) or `reviews-v2` (no sidecar),
+/// all of it held by the API server.
+struct Cluster {
+    api: ApiServer,
+    control: TestControlPlane,
+    _v1: Http,
+    _v2: Http,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let api = ApiServer::start(&SERVED);
+        let (v1, v2) = (Http::start("v1"), Http::start("v2"));
+        let sidecar_port = free_port();
+        for name in ["reviews", "reviews-v1"] {
+            api.apply(
+                "services",
+                object(&manifests::http_service(name, v1.addr.port())),
+            );
+        }
+        api.apply(
+            "services",
+            object(&manifests::http_service("reviews-v2", v2.addr.port())),
+        );
+        for name in ["reviews", "reviews-v1"] {
+            let slice = manifests::endpoints(name, "http", &[(v1.addr, Some("reviews-v1-0"))]);
+            api.apply("endpointslices", object(&slice));
+        }
+        let slice = manifests::endpoints("reviews-v2", "http", &[(v2.addr, None)]);
+        api.apply("endpointslices", object(&slice));
+        let pod = manifests::pod(
+            "reviews-v1-0",
+            "reviews-v1",
+            "reviews",
+            "127.0.0.1",
+            &[(v1.addr.port(), sidecar_port)],
+        );
+        api.apply("pods", object(&pod));
+        api.apply("httproutes", route_to("reviews-v1"));
+        let control = TestControlPlane::with_source(
+            Duration::from_secs(3600),
+            kubernetes(&api, Duration::from_secs(20)),
+        );
+        Cluster {
+            api,
+            control,
+            _v1: v1,
+            _v2: v2,
+        }
+    }
+
+    /// A proxy for Pod `pod` running as `account`, with an outbound listener for `reviews`
+    /// if `client`.
+    fn proxy(&self, pod: &str, account: &str, client: bool) -> Proxy {
+        let outbound = if client {
+            "[{ service: reviews.default, port: 80, listen: 127.0.0.1:0 }]"
+        } else {
+            "[]"
+        };
+        let yaml = format!(
+            "{}discovery:\n  workload: {{ namespace: default, name: {pod} }}\n  outbound: {outbound}\n",
+            self.control.identity_yaml(account, account)
+        );
+        let proxy = start_proxy(&yaml, BackendChoice::Epoll);
+        wait_ready(&proxy, Duration::from_secs(10));
+        proxy
+    }
+
+    fn problems(&self) -> Vec<String> {
+        self.control.running().status().problems
+    }
+}
+
+fn route_to(backend: &str) -> Value {
+    object(&manifests::route("reviews", "reviews", &[(backend, 1)]))
+}
+
+/// The status and body of `GET /` through the client proxy's outbound listener.
+fn get(proxy: &Proxy) -> String {
+    let address = proxy.listener_addr(OUTBOUND).expect("an outbound listener");
+    let response = client::request(
+        address,
+        "GET / HTTP/1.1\r\nHost: reviews\r\nConnection: close\r\n\r\n",
+    );
+    format!("{} {}", response.status, response.text())
+}
+
+#[test]
+fn proxies_carry_traffic_by_what_the_api_server_holds_and_follow_its_changes() {
+    let cluster = Cluster::start();
+    let catalog = cluster.control.running().catalog();
+    assert_eq!(
+        catalog.len(),
+        8,
+        "every object listed: {:?}",
+        catalog.objects().collect::<Vec<_>>()
+    );
+    let origins: Vec<String> = catalog.objects().map(|(_, o)| o.to_string()).collect();
+    assert!(
+        origins.contains(&"kubernetes/HTTPRoute/default/reviews".to_owned()),
+        "{origins:?}"
+    );
+    assert!(cluster.problems().is_empty(), "{:?}", cluster.problems());
+    // The kinds the fake does not serve (no CRD) were asked for, and taken as empty.
+    assert!(
+        cluster
+            .api
+            .requests("/apis/gateway.networking.k8s.io/v1/grpcroutes", "")
+            >= 1
+    );
+    assert!(cluster.api.requests("/apis/tern.dev/v1alpha1/meshes", "") >= 1);
+
+    let _sidecar = cluster.proxy("reviews-v1-0", "reviews", false);
+    let client = cluster.proxy("a-0", "a", true);
+    assert_eq!(get(&client), "200 v1 /");
+
+    // A change the watch brings: the route moves to v2.
+    cluster.api.apply("httproutes", route_to("reviews-v2"));
+    eventually(
+        Duration::from_secs(5),
+        "the route change reaches the proxy",
+        || get(&client) == "200 v2 /",
+    );
+
+    // The API server ends its watches (its timeout, a restart): the source watches again
+    // from the last version it saw, and keeps following.
+    let watches = cluster.api.requests(ROUTES, "watch=");
+    cluster.api.end_watches();
+    eventually(
+        Duration::from_secs(10),
+        "the route watch is opened again",
+        || cluster.api.requests(ROUTES, "watch=") > watches,
+    );
+    cluster.api.apply("httproutes", route_to("reviews-v1"));
+    eventually(
+        Duration::from_secs(5),
+        "the next change reaches the proxy",
+        || get(&client) == "200 v1 /",
+    );
+
+    // The route is deleted: the Service's own endpoints (v1 only, the Pod with a sidecar)
+    // serve, and the catalog no longer holds it.
+    cluster.api.apply("httproutes", route_to("reviews-v2"));
+    eventually(Duration::from_secs(5), "v2 again", || {
+        get(&client) == "200 v2 /"
+    });
+    cluster.api.delete(
+        "gateway.networking.k8s.io/v1",
+        "httproutes",
+        "default",
+        "reviews",
+    );
+    eventually(
+        Duration::from_secs(5),
+        "the deletion reaches the proxy",
+        || get(&client) == "200 v1 /",
+    );
+    assert_eq!(cluster.control.running().catalog().len(), 7);
+}
+
+#[test]
+fn an_object_that_does_not_parse_is_refused_with_its_origin_and_its_previous_version_kept() {
+    let cluster = Cluster::start();
+    let _sidecar = cluster.proxy("reviews-v1-0", "reviews", false);
+    let client = cluster.proxy("a-0", "a", true);
+    assert_eq!(get(&client), "200 v1 /");
+
+    let mut broken = route_to("reviews-v2");
+    broken["spec"]["rules"][0]["backendRefs"][0]["weight"] = Value::from("heavy");
+    cluster.api.apply("httproutes", broken);
+    eventually(Duration::from_secs(5), "the refusal is reported", || {
+        !cluster.problems().is_empty()
+    });
+    let problems = cluster.problems();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].starts_with("kubernetes/HTTPRoute/default/reviews: HTTPRoute reviews: spec.rules[0].backendRefs[0].weight"),
+        "{problems:?}"
+    );
+    assert!(
+        problems[0].ends_with("(its previous version stays in use)"),
+        "{problems:?}"
+    );
+    assert_eq!(
+        get(&client),
+        "200 v1 /",
+        "the previous version still routes"
+    );
+
+    // Mended, it is taken.
+    cluster.api.apply("httproutes", route_to("reviews-v2"));
+    eventually(Duration::from_secs(5), "the mended route routes", || {
+        get(&client) == "200 v2 /"
+    });
+    assert!(cluster.problems().is_empty(), "{:?}", cluster.problems());
+}
+
+#[test]
+fn tern_control_fails_to_start_with_a_clear_error_when_the_api_server_cannot_be_reached() {
+    let mut control = TestControlPlane::start(Duration::from_secs(3600));
+    let nothing = format!("http://127.0.0.1:{}", free_port());
+    control.source = ConfigSource::Kubernetes {
+        config: Some(Box::new(kube::Config::new(nothing.parse().unwrap()))),
+        list_timeout: Duration::from_secs(2),
+    };
+    let error = control.try_restart().expect_err("nothing to list from");
+    assert!(
+        error
+            .to_string()
+            .contains("the API server did not list every kind Tern reads within 2s"),
+        "{error:#}"
+    );
+}

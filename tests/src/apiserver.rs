@@ -1,0 +1,238 @@
+//! A fake Kubernetes API server on loopback, enough for kube-rs' watcher: `list` and `watch`
+//! of the collections it is told to serve, JSON over plain HTTP/1.1, no authentication.
+//! Every other path answers 404 with a `Status`, as the real one does for a kind whose CRD
+//! is not installed. Objects are applied and deleted by the test, and each change reaches
+//! the open watches as an `ADDED`, `MODIFIED` or `DELETED` event with a new
+//! `resourceVersion`.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, StreamBody, combinators::BoxBody};
+use hyper::body::Frame;
+use hyper::{Request, Response};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt as _;
+
+/// One served collection: its path (`/api/v1/services`) and what it holds.
+#[derive(Default)]
+struct Collection {
+    /// By namespace and name.
+    objects: BTreeMap<(String, String), Value>,
+    /// Every change, in order: its resourceVersion and the watch event.
+    log: Vec<(u64, Value)>,
+    watches: Vec<mpsc::UnboundedSender<Bytes>>,
+}
+
+#[derive(Default)]
+struct State {
+    resource_version: u64,
+    collections: BTreeMap<String, Collection>,
+    /// Paths asked for, in order (with their query).
+    requests: Vec<String>,
+}
+
+/// The running fake; dropping it stops it.
+pub struct ApiServer {
+    /// `http://127.0.0.1:<port>`.
+    pub url: String,
+    state: Arc<Mutex<State>>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+/// The path of the collection an object of `api_version` and `plural` lives in.
+fn collection_path(api_version: &str, plural: &str) -> String {
+    if api_version.contains('/') {
+        format!("/apis/{api_version}/{plural}")
+    } else {
+        format!("/api/{api_version}/{plural}")
+    }
+}
+
+impl ApiServer {
+    /// Serves the collections named by (apiVersion, plural), empty.
+    pub fn start(collections: &[(&str, &str)]) -> ApiServer {
+        let state = Arc::new(Mutex::new(State::default()));
+        {
+            let mut state = state.lock().unwrap();
+            for (api_version, plural) in collections {
+                state
+                    .collections
+                    .insert(collection_path(api_version, plural), Collection::default());
+            }
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let address: SocketAddr = listener.local_addr().unwrap();
+        let served = state.clone();
+        runtime.spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let state = served.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request| {
+                        let state = state.clone();
+                        async move { Ok::<_, Infallible>(answer(&state, &request)) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        ApiServer {
+            url: format!("http://{address}"),
+            state,
+            _runtime: runtime,
+        }
+    }
+
+    /// Creates or replaces `object` (a manifest: `apiVersion`, `kind`, `metadata`) in the
+    /// collection `plural`.
+    pub fn apply(&self, plural: &str, mut object: Value) {
+        let mut state = self.state.lock().unwrap();
+        state.resource_version += 1;
+        let version = state.resource_version;
+        object["metadata"]["resourceVersion"] = json!(version.to_string());
+        let key = key_of(&object);
+        let path = collection_path(object["apiVersion"].as_str().unwrap_or_default(), plural);
+        let collection = state
+            .collections
+            .get_mut(&path)
+            .unwrap_or_else(|| panic!("{path} is not served"));
+        let kind = if collection.objects.contains_key(&key) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        collection.objects.insert(key, object.clone());
+        collection.publish(version, json!({"type": kind, "object": object}));
+    }
+
+    /// Deletes the object `namespace/name` from collection `plural` of `api_version`.
+    pub fn delete(&self, api_version: &str, plural: &str, namespace: &str, name: &str) {
+        let mut state = self.state.lock().unwrap();
+        state.resource_version += 1;
+        let version = state.resource_version;
+        let path = collection_path(api_version, plural);
+        let collection = state.collections.get_mut(&path).unwrap();
+        let mut object = collection
+            .objects
+            .remove(&(namespace.to_owned(), name.to_owned()))
+            .unwrap_or_else(|| panic!("no {namespace}/{name} in {path}"));
+        object["metadata"]["resourceVersion"] = json!(version.to_string());
+        collection.publish(version, json!({"type": "DELETED", "object": object}));
+    }
+
+    /// Ends every open watch, as an API server does when its watch timeout passes or it
+    /// restarts: clients must watch again from the last version they saw.
+    pub fn end_watches(&self) {
+        let mut state = self.state.lock().unwrap();
+        for collection in state.collections.values_mut() {
+            collection.watches.clear();
+        }
+    }
+
+    /// How many requests asked for `path` with a query containing `query` (say `watch=`).
+    pub fn requests(&self, path: &str, query: &str) -> usize {
+        let state = self.state.lock().unwrap();
+        state
+            .requests
+            .iter()
+            .filter(|r| {
+                r.split_once('?')
+                    .is_some_and(|(p, q)| p == path && q.contains(query))
+            })
+            .count()
+    }
+}
+
+impl Collection {
+    fn publish(&mut self, version: u64, event: Value) {
+        let line = Bytes::from(format!("{event}\n"));
+        self.watches
+            .retain(|watch| watch.send(line.clone()).is_ok());
+        self.log.push((version, event));
+    }
+}
+
+fn key_of(object: &Value) -> (String, String) {
+    let text = |field: &str| {
+        object["metadata"][field]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    (text("namespace"), text("name"))
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn answer(state: &Mutex<State>, request: &Request<hyper::body::Incoming>) -> Response<Body> {
+    let mut state = state.lock().unwrap();
+    let path = request.uri().path().to_owned();
+    let query = request.uri().query().unwrap_or_default().to_owned();
+    state.requests.push(format!("{path}?{query}"));
+    let version = state.resource_version;
+    let Some(collection) = state.collections.get_mut(&path) else {
+        let status = json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": "the server could not find the requested resource",
+            "reason": "NotFound", "code": 404,
+        });
+        return json_response(404, &status);
+    };
+    let param = |name: &str| {
+        query.split('&').find_map(|pair| {
+            let (key, value) = pair.split_once('=')?;
+            (key == name).then(|| value.to_owned())
+        })
+    };
+    if param("watch").is_some_and(|w| w == "true" || w == "1") {
+        let since: u64 = param("resourceVersion")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let (sender, receiver) = mpsc::unbounded_channel();
+        for (v, event) in &collection.log {
+            if *v > since {
+                let _ = sender.send(Bytes::from(format!("{event}\n")));
+            }
+        }
+        collection.watches.push(sender);
+        let frames = tokio_stream::wrappers::UnboundedReceiverStream::new(receiver)
+            .map(|line| Ok::<_, Infallible>(Frame::data(line)));
+        return Response::builder()
+            .header("content-type", "application/json")
+            .body(StreamBody::new(frames).boxed())
+            .unwrap();
+    }
+    let items: Vec<&Value> = collection.objects.values().collect();
+    json_response(
+        200,
+        &json!({
+            "kind": "List", "apiVersion": "v1",
+            "metadata": {"resourceVersion": version.to_string()},
+            "items": items,
+        }),
+    )
+}
+
+fn json_response(status: u16, body: &Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())).boxed())
+        .unwrap()
+}
