@@ -2,22 +2,31 @@
 //! fake API server ([`tests::apiserver`]): it lists and watches Services, EndpointSlices,
 //! Pods and HTTPRoutes through kube-rs, and proxies it configures carry traffic over mTLS by
 //! what the API server holds, and follow its changes. The fake does not serve GRPCRoute or
-//! Tern's own kinds, as a cluster without those CRDs does not.
+//! Tern's own kinds, as a cluster without those CRDs does not. Workloads prove who they are
+//! with ServiceAccount tokens, which the API server reviews (`TokenReview`), or with
+//! bootstrap tokens.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use controlplane::ConfigSource;
 use serde_json::Value;
-use tests::apiserver::ApiServer;
+use tests::apiserver::{API_SERVER_AUDIENCE, ApiServer};
 use tests::ca::TestControlPlane;
 use tests::client;
 use tests::manifests::{self, free_port};
 use tests::upstream::Http;
-use tests::{BackendChoice, Proxy, eventually, start_proxy, wait_ready};
+use tests::{
+    BackendChoice, Proxy, admin_get, admin_status, eventually, metric, start_proxy, wait_ready,
+};
 
 const OUTBOUND: &str = "outbound:reviews.default:80";
 const ROUTES: &str = "/apis/gateway.networking.k8s.io/v1/httproutes";
+const CERTIFY_OK: &str = "tern_identity_certify_total{result=\"ok\"}";
+const CERTIFY_ERROR: &str = "tern_identity_certify_total{result=\"error\"}";
+/// The ServiceAccount token of `reviews`, minted for tern-control.
+const REVIEWS_TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.reviews-for-tern-control.sig";
 
 /// The collections the fake serves: (apiVersion, plural).
 const SERVED: [(&str, &str); 4] = [
@@ -77,6 +86,7 @@ impl Cluster {
         );
         api.apply("pods", object(&pod));
         api.apply("httproutes", route_to("reviews-v1"));
+        api.grant_token(REVIEWS_TOKEN, "default", "reviews", "tern-control");
         let control = TestControlPlane::with_source(
             Duration::from_secs(3600),
             kubernetes(&api, Duration::from_secs(20)),
@@ -89,9 +99,25 @@ impl Cluster {
         }
     }
 
-    /// A proxy for Pod `pod` running as `account`, with an outbound listener for `reviews`
-    /// if `client`.
+    /// A ready proxy for Pod `pod` running as `account` (proven by a bootstrap token), with
+    /// an outbound listener for `reviews` if `client`.
     fn proxy(&self, pod: &str, account: &str, client: bool) -> Proxy {
+        let token = self.control.write_token(account, account);
+        let proxy = self.proxy_with(pod, account, client, &token);
+        wait_ready(&proxy, Duration::from_secs(10));
+        proxy
+    }
+
+    /// The sidecar of `reviews-v1-0`, proven by its ServiceAccount token, ready.
+    fn reviews_sidecar(&self) -> Proxy {
+        let token = self.token_file("reviews-sa.token", REVIEWS_TOKEN);
+        let sidecar = self.proxy_with("reviews-v1-0", "reviews", false, &token);
+        wait_ready(&sidecar, Duration::from_secs(10));
+        sidecar
+    }
+
+    /// A proxy for Pod `pod` that asks to be `account`, with the token in `token`.
+    fn proxy_with(&self, pod: &str, account: &str, client: bool, token: &Path) -> Proxy {
         let outbound = if client {
             "[{ service: reviews.default, port: 80, listen: 127.0.0.1:0 }]"
         } else {
@@ -99,11 +125,15 @@ impl Cluster {
         };
         let yaml = format!(
             "{}discovery:\n  workload: {{ namespace: default, name: {pod} }}\n  outbound: {outbound}\n",
-            self.control.identity_yaml(account, account)
+            self.control.identity_yaml_with(account, token)
         );
-        let proxy = start_proxy(&yaml, BackendChoice::Epoll);
-        wait_ready(&proxy, Duration::from_secs(10));
-        proxy
+        start_proxy(&yaml, BackendChoice::Epoll)
+    }
+
+    fn token_file(&self, name: &str, token: &str) -> PathBuf {
+        let path = self.control.dir.0.join(name);
+        std::fs::write(&path, token).unwrap();
+        path
     }
 
     fn problems(&self) -> Vec<String> {
@@ -150,7 +180,7 @@ fn proxies_carry_traffic_by_what_the_api_server_holds_and_follow_its_changes() {
     );
     assert!(cluster.api.requests("/apis/tern.dev/v1alpha1/meshes", "") >= 1);
 
-    let _sidecar = cluster.proxy("reviews-v1-0", "reviews", false);
+    let _sidecar = cluster.reviews_sidecar();
     let client = cluster.proxy("a-0", "a", true);
     assert_eq!(get(&client), "200 v1 /");
 
@@ -201,7 +231,7 @@ fn proxies_carry_traffic_by_what_the_api_server_holds_and_follow_its_changes() {
 #[test]
 fn an_object_that_does_not_parse_is_refused_with_its_origin_and_its_previous_version_kept() {
     let cluster = Cluster::start();
-    let _sidecar = cluster.proxy("reviews-v1-0", "reviews", false);
+    let _sidecar = cluster.reviews_sidecar();
     let client = cluster.proxy("a-0", "a", true);
     assert_eq!(get(&client), "200 v1 /");
 
@@ -249,5 +279,50 @@ fn tern_control_fails_to_start_with_a_clear_error_when_the_api_server_cannot_be_
             .to_string()
             .contains("the API server did not list every kind Tern reads within 2s"),
         "{error:#}"
+    );
+}
+
+#[test]
+fn a_serviceaccount_token_proves_its_own_account_for_tern_control_and_nothing_else() {
+    let cluster = Cluster::start();
+    // `a`'s token, and `reviews`' token minted for another audience: neither proves
+    // `reviews`. The proxy keeps asking (it reads its token file at every attempt).
+    cluster
+        .api
+        .grant_token("a-token", "default", "a", "tern-control");
+    cluster.api.grant_token(
+        "reviews-for-kubectl",
+        "default",
+        "reviews",
+        API_SERVER_AUDIENCE,
+    );
+    let token = cluster.token_file("sidecar.token", "a-token");
+    let sidecar = cluster.proxy_with("reviews-v1-0", "reviews", false, &token);
+    let refusals = |at_least: f64| {
+        eventually(Duration::from_secs(10), "refusals", || {
+            metric(&admin_get(&sidecar, "/metrics"), CERTIFY_ERROR) >= at_least
+        });
+    };
+    refusals(1.0);
+    std::fs::write(&token, "reviews-for-kubectl").unwrap();
+    let seen = metric(&admin_get(&sidecar, "/metrics"), CERTIFY_ERROR);
+    refusals(seen + 2.0);
+    std::fs::write(&token, "not a token at all").unwrap();
+    let seen = metric(&admin_get(&sidecar, "/metrics"), CERTIFY_ERROR);
+    refusals(seen + 2.0);
+    assert_eq!(admin_status(&sidecar, "/ready").0, 503);
+    assert_eq!(metric(&admin_get(&sidecar, "/metrics"), CERTIFY_OK), 0.0);
+    let reviews = cluster
+        .api
+        .requests("/apis/authentication.k8s.io/v1/tokenreviews", "");
+    assert!(reviews >= 5, "each attempt was reviewed: {reviews}");
+
+    // Its own token, for tern-control: certified as `reviews`.
+    std::fs::write(&token, REVIEWS_TOKEN).unwrap();
+    wait_ready(&sidecar, Duration::from_secs(10));
+    let dump: Value = serde_json::from_str(&admin_get(&sidecar, "/config_dump")).unwrap();
+    assert_eq!(
+        dump["identity"]["spiffe_id"],
+        TestControlPlane::spiffe_id("reviews").as_str()
     );
 }

@@ -43,7 +43,7 @@ const OLD_TOKEN_PREFIX: &str = "tern1";
 pub const DEFAULT_TOKEN_VALIDITY: Duration = Duration::from_secs(24 * 3600);
 
 /// What proves a certification request's identity.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Credential<'a> {
     /// A bootstrap token (local mode): how a workload gets its first certificate.
     Token(&'a str),
@@ -52,6 +52,10 @@ pub enum Credential<'a> {
     /// will do (the mesh's proxies trust them all for mTLS anyway), so that during a root
     /// rotation a workload on the old root renews onto the new one.
     Certificate(&'a CertificateDer<'a>),
+    /// The identity of a Kubernetes ServiceAccount whose token the API server vouched for
+    /// (a TokenReview, [`crate::identity::TokenReviewer`]): how a workload in a cluster gets
+    /// its first certificate.
+    Reviewed(SpiffeId),
 }
 
 impl<'a> Credential<'a> {
@@ -122,6 +126,10 @@ pub enum CertifyError {
     /// Signing failed (a bug or a broken key, not the caller's fault).
     #[error("signing failed: {0}")]
     Internal(String),
+    /// What the credential proves could not be learnt now (the API server did not answer a
+    /// TokenReview): the caller should try again.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// A signed workload certificate and what the proxy needs with it.
@@ -337,6 +345,17 @@ impl Authority {
             .copied()
     }
 
+    /// Whether `token` is (or claims to be) one of this CA's bootstrap tokens, of either
+    /// format, rather than, say, a Kubernetes ServiceAccount token.
+    pub fn is_bootstrap_token(token: &str) -> bool {
+        let token = token.trim();
+        [TOKEN_PREFIX, OLD_TOKEN_PREFIX].iter().any(|prefix| {
+            token
+                .strip_prefix(prefix)
+                .is_some_and(|rest| rest.starts_with('.'))
+        })
+    }
+
     /// Checks a bootstrap token and returns the identity it proves.
     pub fn verify_token(&self, token: &str) -> Result<SpiffeId, CertifyError> {
         let bad = |why: &str| CertifyError::Unauthenticated(why.to_owned());
@@ -382,6 +401,11 @@ impl Authority {
     pub fn prove(&self, credential: Credential<'_>) -> Result<SpiffeId, CertifyError> {
         match credential {
             Credential::Token(token) => self.verify_token(token),
+            Credential::Reviewed(id) if id.trust_domain() == self.trust_domain => Ok(id),
+            Credential::Reviewed(id) => Err(CertifyError::Unauthenticated(format!(
+                "{id} is not in trust domain `{}`",
+                self.trust_domain
+            ))),
             Credential::Certificate(leaf) => {
                 let bad = |why: String| {
                     CertifyError::Unauthenticated(format!("the client certificate: {why}"))

@@ -26,8 +26,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::ca::{Authority, Credential};
+use crate::ca::{Authority, CertifyError};
 use crate::catalog::Catalog;
+use crate::identity::TokenReviewer;
 use crate::translate::{ProxyRequest, translate};
 
 /// Time allowed for a new stream's Hello.
@@ -151,23 +152,25 @@ impl Registry {
 #[derive(Debug, Clone)]
 pub struct DiscoveryService {
     authority: Arc<Authority>,
+    reviewer: Option<TokenReviewer>,
     catalog: watch::Receiver<Arc<Catalog>>,
     registry: Arc<Registry>,
     stopping: watch::Receiver<bool>,
 }
 
 impl DiscoveryService {
-    /// Serves configs from `catalog` to proxies `authority`'s tokens authenticate; every
-    /// stream ends when `stopping` turns true (so a graceful shutdown does not wait on
-    /// streams that never end by themselves).
+    /// Serves configs from `catalog` to proxies that `authority` (or, for ServiceAccount
+    /// tokens, `reviewer`) authenticates; every stream ends when `stopping` turns true (so a
+    /// graceful shutdown does not wait on streams that never end by themselves).
     pub fn new(
-        authority: Arc<Authority>,
+        (authority, reviewer): (Arc<Authority>, Option<TokenReviewer>),
         catalog: watch::Receiver<Arc<Catalog>>,
         registry: Arc<Registry>,
         stopping: watch::Receiver<bool>,
     ) -> DiscoveryService {
         DiscoveryService {
             authority,
+            reviewer,
             catalog,
             registry,
             stopping,
@@ -175,13 +178,19 @@ impl DiscoveryService {
     }
 
     /// Checks that the Hello's identity is proven: by the certificate the proxy presented
-    /// in the handshake, else by the Hello's token.
-    fn authenticate(
+    /// in the handshake, else by the Hello's token (bootstrap or ServiceAccount).
+    async fn authenticate(
         &self,
         hello: pb::Hello,
         presented: Option<&CertificateDer<'_>>,
     ) -> Result<ProxyRequest, Status> {
-        let credential = Credential::presented_or_token(presented, &hello.credential);
+        let credential =
+            crate::identity::credential(presented, &hello.credential, self.reviewer.as_ref())
+                .await
+                .map_err(|e| match e {
+                    CertifyError::Unavailable(why) => Status::unavailable(why),
+                    e => Status::unauthenticated(e.to_string()),
+                })?;
         let proven = self
             .authority
             .prove(credential)
@@ -293,6 +302,7 @@ impl Discovery for DiscoveryService {
         let running = hello.running_version;
         let proxy = self
             .authenticate(hello, presented.as_ref())
+            .await
             .map_err(refuse)?;
         let stream = self.registry.next_stream.fetch_add(1, Ordering::Relaxed);
         self.registry.proxies().insert(
@@ -331,6 +341,7 @@ async fn serve_stream(
         mut catalog,
         registry,
         mut stopping,
+        ..
     } = service;
     let mut last_sent = None;
     let mut dirty = true;

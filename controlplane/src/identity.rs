@@ -1,26 +1,133 @@
 //! The identity gRPC service: `Certify` over TLS, backed by the [`Authority`], with each
 //! refusal mapped onto the gRPC status a client can act on and logged with its reason. A
 //! client certificate verified in the handshake proves the caller's identity (a renewal);
-//! without one, the request's token must.
+//! without one, the request's token must: a bootstrap token of this CA, or, when
+//! `tern-control` reads a cluster, a Kubernetes ServiceAccount token, which the API server
+//! vouches for ([`TokenReviewer`]).
 
 use std::sync::Arc;
 
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use kube::api::{Api, PostParams};
+use rustls::pki_types::CertificateDer;
+use shared::SpiffeId;
 use shared::api::identity::identity_server::Identity;
 use shared::api::identity::{CertifyRequest, CertifyResponse};
 use tonic::{Request, Response, Status};
 
 use crate::ca::{Authority, CertifyError, Credential};
 
+/// The audience a workload's ServiceAccount token must be minted for (a projected token
+/// volume's `audience`), so that a token meant for another service cannot be replayed here.
+pub const TOKEN_AUDIENCE: &str = "tern-control";
+
+/// Who a Kubernetes ServiceAccount token belongs to, as the API server says (a
+/// `TokenReview`, for [`TOKEN_AUDIENCE`]): `system:serviceaccount:<namespace>:<name>` is
+/// `spiffe://<trust domain>/ns/<namespace>/sa/<name>`.
+#[derive(Clone)]
+pub struct TokenReviewer {
+    client: kube::Client,
+    trust_domain: String,
+}
+
+impl std::fmt::Debug for TokenReviewer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenReviewer")
+            .field("trust_domain", &self.trust_domain)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenReviewer {
+    /// Reviews tokens with the API server `client` reaches, minting identities in
+    /// `trust_domain`.
+    pub fn new(client: kube::Client, trust_domain: &str) -> TokenReviewer {
+        TokenReviewer {
+            client,
+            trust_domain: trust_domain.to_owned(),
+        }
+    }
+
+    /// The identity of the ServiceAccount `token` belongs to.
+    pub async fn review(&self, token: &str) -> Result<SpiffeId, CertifyError> {
+        let refused =
+            |why: String| CertifyError::Unauthenticated(format!("the ServiceAccount token: {why}"));
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: token.trim().to_owned(),
+                audiences: Some(vec![TOKEN_AUDIENCE.to_owned()]),
+            },
+            ..TokenReview::default()
+        };
+        let api: Api<TokenReview> = Api::all(self.client.clone());
+        let reviewed = api
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| {
+                CertifyError::Unavailable(format!(
+                    "the API server did not review the ServiceAccount token: {e}"
+                ))
+            })?;
+        let status = reviewed.status.unwrap_or_default();
+        if status.authenticated != Some(true) {
+            let why = status.error.unwrap_or_else(|| "no reason given".into());
+            return Err(refused(format!(
+                "the API server does not accept it ({why})"
+            )));
+        }
+        // An API server that does not support audiences says which it checked; one that
+        // checked others did not check ours.
+        if let Some(audiences) = &status.audiences
+            && !audiences.iter().any(|a| a == TOKEN_AUDIENCE)
+        {
+            return Err(refused(format!("not for audience `{TOKEN_AUDIENCE}`")));
+        }
+        let user = status.user.and_then(|u| u.username).unwrap_or_default();
+        let Some((namespace, account)) = user
+            .strip_prefix("system:serviceaccount:")
+            .and_then(|rest| rest.split_once(':'))
+        else {
+            return Err(refused(format!("`{user}` is not a ServiceAccount")));
+        };
+        format!("spiffe://{}/ns/{namespace}/sa/{account}", self.trust_domain)
+            .parse()
+            .map_err(|e| refused(format!("ServiceAccount `{user}`: {e}")))
+    }
+}
+
+/// The credential a caller offers: the certificate it presented in the handshake, else its
+/// token. A token that is not a bootstrap token goes to `reviewer`, when there is one.
+pub async fn credential<'a>(
+    presented: Option<&'a CertificateDer<'a>>,
+    token: &'a str,
+    reviewer: Option<&TokenReviewer>,
+) -> Result<Credential<'a>, CertifyError> {
+    match reviewer {
+        Some(reviewer)
+            if presented.is_none()
+                && !token.trim().is_empty()
+                && !Authority::is_bootstrap_token(token) =>
+        {
+            Ok(Credential::Reviewed(reviewer.review(token).await?))
+        }
+        _ => Ok(Credential::presented_or_token(presented, token)),
+    }
+}
+
 /// The `tern.identity.v1.Identity` service.
 #[derive(Debug, Clone)]
 pub struct IdentityService {
     authority: Arc<Authority>,
+    reviewer: Option<TokenReviewer>,
 }
 
 impl IdentityService {
-    /// Serves `authority`.
-    pub fn new(authority: Arc<Authority>) -> IdentityService {
-        IdentityService { authority }
+    /// Serves `authority`; ServiceAccount tokens go to `reviewer`, if any.
+    pub fn new(authority: Arc<Authority>, reviewer: Option<TokenReviewer>) -> IdentityService {
+        IdentityService {
+            authority,
+            reviewer,
+        }
     }
 }
 
@@ -33,14 +140,21 @@ impl Identity for IdentityService {
         let peer = request.remote_addr();
         let presented = presented_certificate(&request);
         let request = request.into_inner();
-        let credential = Credential::presented_or_token(presented.as_ref(), &request.credential);
+        let credential = credential(
+            presented.as_ref(),
+            &request.credential,
+            self.reviewer.as_ref(),
+        )
+        .await;
         // Signing is a few hundred microseconds of CPU: fine inline at mesh start-up rates.
-        match self.authority.certify(&request.csr, credential) {
+        match credential.and_then(|credential| self.authority.certify(&request.csr, credential)) {
             Ok(issued) => {
-                let by = if presented.is_some() {
-                    "certificate"
-                } else {
-                    "token"
+                let by = match (&presented, &self.reviewer) {
+                    (Some(_), _) => "certificate",
+                    (None, Some(_)) if !Authority::is_bootstrap_token(&request.credential) => {
+                        "ServiceAccount token"
+                    }
+                    (None, _) => "token",
                 };
                 tracing::info!(?peer, identity = %issued.id, by, "certified");
                 Ok(Response::new(CertifyResponse {
@@ -55,6 +169,7 @@ impl Identity for IdentityService {
                     CertifyError::Unauthenticated(_) => Status::unauthenticated(error.to_string()),
                     CertifyError::Denied { .. } => Status::permission_denied(error.to_string()),
                     CertifyError::Internal(_) => Status::internal(error.to_string()),
+                    CertifyError::Unavailable(_) => Status::unavailable(error.to_string()),
                 })
             }
         }

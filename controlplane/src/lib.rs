@@ -31,6 +31,7 @@ use catalog::Catalog;
 use catalog::kubernetes::Cluster;
 use catalog::source::{Directory, Source};
 use discovery::{DiscoveryService, Registry};
+use identity::TokenReviewer;
 
 /// Largest gRPC message accepted from a proxy: a CSR, a token, a Hello with its
 /// destinations.
@@ -119,6 +120,8 @@ impl ControlPlane {
 
         let empty = Catalog::empty(authority.trust_domain());
         let (catalog_tx, catalog) = watch::channel(Arc::new(empty));
+        // In a cluster, workloads prove who they are with ServiceAccount tokens too.
+        let mut reviewer = None;
         match &options.source {
             ConfigSource::None => {}
             ConfigSource::Directory(dir) => {
@@ -138,6 +141,7 @@ impl ControlPlane {
                     let url = config.cluster_url.clone();
                     let client = kube::Client::try_from(config)
                         .with_context(|| format!("making a client for the API server at {url}"))?;
+                    reviewer = Some(TokenReviewer::new(client.clone(), authority.trust_domain()));
                     anyhow::Ok(Cluster::watch(client))
                 })?;
                 let listed = runtime.block_on(async {
@@ -167,9 +171,9 @@ impl ControlPlane {
             .iter()
             .map(|root| ca::pem_encode(root))
             .collect();
-        let identity = identity::IdentityService::new(authority.clone());
+        let identity = identity::IdentityService::new(authority.clone(), reviewer.clone());
         let discovery = DiscoveryService::new(
-            authority.clone(),
+            (authority.clone(), reviewer),
             catalog.clone(),
             registry.clone(),
             stopping,

@@ -1,5 +1,6 @@
 //! A fake Kubernetes API server on loopback, enough for kube-rs' watcher: `list` and `watch`
-//! of the collections it is told to serve, JSON over plain HTTP/1.1, no authentication.
+//! of the collections it is told to serve, JSON over plain HTTP/1.1, no authentication of
+//! its own; and `TokenReview`s of the ServiceAccount tokens the test grants.
 //! Every other path answers 404 with a `Status`, as the real one does for a kind whose CRD
 //! is not installed. Objects are applied and deleted by the test, and each change reaches
 //! the open watches as an `ADDED`, `MODIFIED` or `DELETED` event with a new
@@ -34,7 +35,13 @@ struct State {
     collections: BTreeMap<String, Collection>,
     /// Paths asked for, in order (with their query).
     requests: Vec<String>,
+    /// ServiceAccount tokens: namespace, account and the audience each was minted for.
+    tokens: BTreeMap<String, (String, String, String)>,
 }
+
+const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+/// The audience of a token a Pod gets by default.
+pub const API_SERVER_AUDIENCE: &str = "https://kubernetes.default.svc";
 
 /// The running fake; dropping it stops it.
 pub struct ApiServer {
@@ -82,10 +89,19 @@ impl ApiServer {
                 };
                 let state = served.clone();
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |request| {
-                        let state = state.clone();
-                        async move { Ok::<_, Infallible>(answer(&state, &request)) }
-                    });
+                    let service = hyper::service::service_fn(
+                        move |request: Request<hyper::body::Incoming>| {
+                            let state = state.clone();
+                            async move {
+                                let (head, body) = request.into_parts();
+                                let body = match body.collect().await {
+                                    Ok(body) => body.to_bytes(),
+                                    Err(_) => Bytes::new(),
+                                };
+                                Ok::<_, Infallible>(answer(&state, &head, &body))
+                            }
+                        },
+                    );
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                         .await;
@@ -136,6 +152,18 @@ impl ApiServer {
         collection.publish(version, json!({"type": "DELETED", "object": object}));
     }
 
+    /// Makes `token` a ServiceAccount token of `namespace/account`, minted for `audience`.
+    pub fn grant_token(&self, token: &str, namespace: &str, account: &str, audience: &str) {
+        self.state.lock().unwrap().tokens.insert(
+            token.to_owned(),
+            (
+                namespace.to_owned(),
+                account.to_owned(),
+                audience.to_owned(),
+            ),
+        );
+    }
+
     /// Ends every open watch, as an API server does when its watch timeout passes or it
     /// restarts: clients must watch again from the last version they saw.
     pub fn end_watches(&self) {
@@ -180,11 +208,14 @@ fn key_of(object: &Value) -> (String, String) {
 
 type Body = BoxBody<Bytes, Infallible>;
 
-fn answer(state: &Mutex<State>, request: &Request<hyper::body::Incoming>) -> Response<Body> {
+fn answer(state: &Mutex<State>, head: &hyper::http::request::Parts, body: &[u8]) -> Response<Body> {
     let mut state = state.lock().unwrap();
-    let path = request.uri().path().to_owned();
-    let query = request.uri().query().unwrap_or_default().to_owned();
+    let path = head.uri.path().to_owned();
+    let query = head.uri.query().unwrap_or_default().to_owned();
     state.requests.push(format!("{path}?{query}"));
+    if head.method == hyper::Method::POST && path == TOKEN_REVIEWS {
+        return review(&state, body);
+    }
     let version = state.resource_version;
     let Some(collection) = state.collections.get_mut(&path) else {
         let status = json!({
@@ -225,6 +256,38 @@ fn answer(state: &Mutex<State>, request: &Request<hyper::body::Incoming>) -> Res
             "kind": "List", "apiVersion": "v1",
             "metadata": {"resourceVersion": version.to_string()},
             "items": items,
+        }),
+    )
+}
+
+/// A TokenReview as the API server answers one: authenticated when the token is granted and
+/// minted for one of the audiences asked about.
+fn review(state: &State, body: &[u8]) -> Response<Body> {
+    let Ok(request) = serde_json::from_slice::<Value>(body) else {
+        return json_response(400, &json!({"kind": "Status", "code": 400}));
+    };
+    let token = request["spec"]["token"].as_str().unwrap_or_default();
+    // Asked about no audience, the API server checks its own.
+    let asked: Vec<&str> = request["spec"]["audiences"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_else(|| vec![API_SERVER_AUDIENCE]);
+    let status = match state.tokens.get(token) {
+        Some((namespace, account, audience)) if asked.contains(&audience.as_str()) => json!({
+            "authenticated": true,
+            "user": {"username": format!("system:serviceaccount:{namespace}:{account}")},
+            "audiences": [audience],
+        }),
+        Some(_) => {
+            json!({"authenticated": false, "error": "token audiences are invalid for the target audiences"})
+        }
+        None => json!({"authenticated": false, "error": "invalid bearer token"}),
+    };
+    json_response(
+        201,
+        &json!({
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+            "metadata": {}, "spec": request["spec"], "status": status,
         }),
     )
 }

@@ -434,3 +434,29 @@ fn no_workload_certificate_outlives_the_signing_certificate() {
         "{refused:?}"
     );
 }
+
+#[test]
+fn bootstrap_tokens_are_told_from_serviceaccount_tokens_and_reviews_stay_in_the_trust_domain() {
+    let dir = Dir::new("reviewed");
+    let authority = Authority::open(&options(&dir.0)).unwrap();
+    let id: SpiffeId = "spiffe://mesh.test/ns/shop/sa/cart".parse().unwrap();
+    let token = authority.token(&id, DAY);
+    assert!(Authority::is_bootstrap_token(&token));
+    assert!(Authority::is_bootstrap_token(&format!(" {token}\n")));
+    assert!(Authority::is_bootstrap_token("tern1.old.format"));
+    for other in ["eyJhbGciOiJSUzI1NiJ9.payload.sig", "ternary.x", "tern2", ""] {
+        assert!(!Authority::is_bootstrap_token(other), "{other}");
+    }
+
+    let key = KeyPair::generate().unwrap();
+    let request = csr(&["spiffe://mesh.test/ns/shop/sa/cart"], &key);
+    let issued = authority
+        .certify(&request, Credential::Reviewed(id.clone()))
+        .unwrap();
+    assert_eq!(issued.id, id);
+    let elsewhere: SpiffeId = "spiffe://other.test/ns/shop/sa/cart".parse().unwrap();
+    assert!(matches!(
+        authority.prove(Credential::Reviewed(elsewhere)),
+        Err(CertifyError::Unauthenticated(_))
+    ));
+}
