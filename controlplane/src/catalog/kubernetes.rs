@@ -21,49 +21,24 @@ use tokio_stream::StreamExt as _;
 use super::source::{MAX_DEBOUNCE, QUIET, Source, parse_value};
 use super::{Declared, Origin};
 
-/// What is watched: group, version, kind, plural, and whether it is namespaced. The same
-/// kinds a manifest directory may hold (`deploy/kubernetes/tern-control.yaml` grants
-/// `list` and `watch` on each; a test keeps the two in step).
-pub const KINDS: [(&str, &str, &str, &str, bool); 9] = [
-    ("tern.dev", "v1alpha1", "Mesh", "meshes", false),
-    ("", "v1", "Service", "services", true),
-    ("", "v1", "Pod", "pods", true),
-    (
-        "discovery.k8s.io",
-        "v1",
-        "EndpointSlice",
-        "endpointslices",
-        true,
-    ),
-    ("tern.dev", "v1alpha1", "MTLSPolicy", "mtlspolicies", true),
-    (
-        "tern.dev",
-        "v1alpha1",
-        "BackendPolicy",
-        "backendpolicies",
-        true,
-    ),
+/// What is watched: group, version, kind and plural. The same kinds a manifest directory
+/// may hold (`deploy/kubernetes/tern-control.yaml` grants `list` and `watch` on each; a
+/// test keeps the two, and Tern's CRDs, in step).
+pub const KINDS: [(&str, &str, &str, &str); 9] = [
+    ("tern.dev", "v1alpha1", "Mesh", "meshes"),
+    ("", "v1", "Service", "services"),
+    ("", "v1", "Pod", "pods"),
+    ("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices"),
+    ("tern.dev", "v1alpha1", "MTLSPolicy", "mtlspolicies"),
+    ("tern.dev", "v1alpha1", "BackendPolicy", "backendpolicies"),
     (
         "tern.dev",
         "v1alpha1",
         "AuthorizationPolicy",
         "authorizationpolicies",
-        true,
     ),
-    (
-        "gateway.networking.k8s.io",
-        "v1",
-        "HTTPRoute",
-        "httproutes",
-        true,
-    ),
-    (
-        "gateway.networking.k8s.io",
-        "v1",
-        "GRPCRoute",
-        "grpcroutes",
-        true,
-    ),
+    ("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes"),
+    ("gateway.networking.k8s.io", "v1", "GRPCRoute", "grpcroutes"),
 ];
 
 /// How many watch events may wait to be applied before the watchers wait in turn.
@@ -107,7 +82,7 @@ impl Cluster {
         let (sender, events) = mpsc::channel(EVENT_QUEUE);
         let resources: Vec<ApiResource> = KINDS
             .iter()
-            .map(|&(group, version, kind, plural, _)| ApiResource {
+            .map(|&(group, version, kind, plural)| ApiResource {
                 group: group.to_owned(),
                 version: version.to_owned(),
                 api_version: if group.is_empty() {
@@ -271,5 +246,69 @@ impl Source for Cluster {
             }
         }
         self.declared()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::KINDS;
+
+    fn documents(path: &str) -> Vec<serde_yaml::Value> {
+        let path = format!("{}/../{path}", env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(&path).unwrap();
+        serde_yaml::Deserializer::from_str(&text)
+            .map(|d| serde::Deserialize::deserialize(d).unwrap())
+            .collect()
+    }
+
+    fn strings(value: &serde_yaml::Value) -> Vec<&str> {
+        value
+            .as_sequence()
+            .map(|s| s.iter().filter_map(serde_yaml::Value::as_str).collect())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn the_deployed_role_grants_what_is_watched_and_tern_crds_name_it_alike() {
+        let manifests = documents("deploy/kubernetes/tern-control.yaml");
+        let role = manifests
+            .iter()
+            .find(|d| d["kind"] == "ClusterRole")
+            .unwrap();
+        let grants = |group: &str, plural: &str, verb: &str| {
+            role["rules"].as_sequence().unwrap().iter().any(|rule| {
+                strings(&rule["apiGroups"]).contains(&group)
+                    && strings(&rule["resources"]).contains(&plural)
+                    && strings(&rule["verbs"]).contains(&verb)
+            })
+        };
+        for (group, _, kind, plural) in KINDS {
+            for verb in ["list", "watch"] {
+                assert!(
+                    grants(group, plural, verb),
+                    "{verb} {kind} ({group}/{plural})"
+                );
+            }
+        }
+        assert!(grants("authentication.k8s.io", "tokenreviews", "create"));
+
+        let crds = documents("deploy/crds/tern.dev.yaml");
+        for (group, version, kind, plural) in KINDS.iter().filter(|k| k.0 == "tern.dev") {
+            let crd = crds
+                .iter()
+                .find(|c| c["spec"]["names"]["kind"] == *kind)
+                .unwrap_or_else(|| panic!("no CRD for {kind}"));
+            assert_eq!(crd["spec"]["group"], *group);
+            assert_eq!(crd["spec"]["names"]["plural"], *plural);
+            let served: Vec<&str> = crd["spec"]["versions"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .filter_map(|v| v["name"].as_str())
+                .collect();
+            assert!(served.contains(version), "{kind}: {served:?}");
+        }
     }
 }
