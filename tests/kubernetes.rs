@@ -298,31 +298,124 @@ fn a_serviceaccount_token_proves_its_own_account_for_tern_control_and_nothing_el
     );
     let token = cluster.token_file("sidecar.token", "a-token");
     let sidecar = cluster.proxy_with("reviews-v1-0", "reviews", false, &token);
-    let refusals = |at_least: f64| {
-        eventually(Duration::from_secs(10), "refusals", || {
-            metric(&admin_get(&sidecar, "/metrics"), CERTIFY_ERROR) >= at_least
+    // Each token is reviewed (the proxy reads its file at every attempt) and refused.
+    let refused = |text: &str| {
+        std::fs::write(&token, text).unwrap();
+        eventually(Duration::from_secs(15), "the token reviewed", || {
+            cluster.api.reviews_of(text) >= 1
         });
     };
-    refusals(1.0);
-    std::fs::write(&token, "reviews-for-kubectl").unwrap();
-    let seen = metric(&admin_get(&sidecar, "/metrics"), CERTIFY_ERROR);
-    refusals(seen + 2.0);
-    std::fs::write(&token, "not a token at all").unwrap();
-    let seen = metric(&admin_get(&sidecar, "/metrics"), CERTIFY_ERROR);
-    refusals(seen + 2.0);
+    refused("a-token");
+    refused("reviews-for-kubectl");
+    refused("not a token at all");
+    // Its own token, but from an authenticator that ignores audiences: the API server did
+    // not say it is for tern-control.
+    cluster.api.omit_audiences(true);
+    refused(REVIEWS_TOKEN);
+    eventually(Duration::from_secs(5), "four refusals", || {
+        metric(&admin_get(&sidecar, "/metrics"), CERTIFY_ERROR) >= 4.0
+    });
     assert_eq!(admin_status(&sidecar, "/ready").0, 503);
     assert_eq!(metric(&admin_get(&sidecar, "/metrics"), CERTIFY_OK), 0.0);
-    let reviews = cluster
-        .api
-        .requests("/apis/authentication.k8s.io/v1/tokenreviews", "");
-    assert!(reviews >= 5, "each attempt was reviewed: {reviews}");
 
-    // Its own token, for tern-control: certified as `reviews`.
-    std::fs::write(&token, REVIEWS_TOKEN).unwrap();
-    wait_ready(&sidecar, Duration::from_secs(10));
+    // Its own token, reviewed for tern-control: certified as `reviews`.
+    cluster.api.omit_audiences(false);
+    wait_ready(&sidecar, Duration::from_secs(20));
     let dump: Value = serde_json::from_str(&admin_get(&sidecar, "/config_dump")).unwrap();
     assert_eq!(
         dump["identity"]["spiffe_id"],
         TestControlPlane::spiffe_id("reviews").as_str()
     );
+}
+
+/// A child process killed when the test ends, passed or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_binary_finds_the_api_server_through_kubeconfig_and_ternctl_reports_from_it() {
+    let api = ApiServer::start(&SERVED);
+    api.apply("services", object(&manifests::http_service("cart", 8080)));
+    let mut broken = route_to("cart");
+    broken["metadata"]["name"] = Value::from("cart");
+    broken["spec"]["rules"][0]["backendRefs"][0]["name"] = Value::from("nowhere");
+    api.apply("httproutes", broken);
+    let dir = tests::pki::TempDir::new("kubeconfig");
+    let kubeconfig = dir.0.join("config");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{ name: fake, cluster: {{ server: \"{}\" }} }}]\nusers: [{{ name: nobody, user: {{}} }}]\ncontexts: [{{ name: fake, context: {{ cluster: fake, user: nobody }} }}]\ncurrent-context: fake\n",
+            api.url
+        ),
+    )
+    .unwrap();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let mut child = KillOnDrop(
+        std::process::Command::new(tests::binary("tern-control"))
+            .args([
+                "serve",
+                "--kubernetes",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                &admin,
+            ])
+            .arg("--state-dir")
+            .arg(dir.0.join("state"))
+            .env("KUBECONFIG", &kubeconfig)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = std::io::BufReader::new(child.0.stderr.take().unwrap());
+    let mut lines = std::io::BufRead::lines(stderr);
+    assert!(
+        lines
+            .by_ref()
+            .map_while(Result::ok)
+            .any(|line| line.contains("tern-control serving")),
+        "never served"
+    );
+    let status = std::process::Command::new(tests::binary("ternctl"))
+        .args(["status", "--admin", &admin])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{status:?}");
+    assert!(
+        text.contains("config generation 1: 1 objects in use, 1 refused"),
+        "{text}"
+    );
+    assert!(
+        text.contains("kubernetes/HTTPRoute/default/cart: HTTPRoute default/cart"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_kind_the_api_server_does_not_serve_is_asked_for_again_less_and_less_often() {
+    let api = ApiServer::start(&SERVED);
+    let started = std::time::Instant::now();
+    let _control = TestControlPlane::with_source(
+        Duration::from_secs(3600),
+        kubernetes(&api, Duration::from_secs(20)),
+    );
+    let meshes = "/apis/tern.dev/v1alpha1/meshes";
+    eventually(Duration::from_secs(10), "Mesh asked for again", || {
+        api.requests(meshes, "") >= 3
+    });
+    std::thread::sleep(Duration::from_secs(7).saturating_sub(started.elapsed()));
+    // Retries 0.8 s, 1.6 s, 3.2 s apart: at 0, 0.8, 2.4 and 5.6 s. A fixed 0.8 s would
+    // have asked eight times or more by now.
+    let asked = api.requests(meshes, "");
+    assert!((3..=5).contains(&asked), "asked {asked} times in 7 s");
 }

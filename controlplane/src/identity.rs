@@ -28,7 +28,14 @@ pub const TOKEN_AUDIENCE: &str = "tern-control";
 pub struct TokenReviewer {
     client: kube::Client,
     trust_domain: String,
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
+
+/// How long a TokenReview may take before the request is answered `UNAVAILABLE`.
+const REVIEW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Most TokenReviews in flight at once; beyond, requests are answered `UNAVAILABLE` (the
+/// proxy retries with backoff).
+const MAX_REVIEWS_IN_FLIGHT: usize = 32;
 
 impl std::fmt::Debug for TokenReviewer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -45,6 +52,7 @@ impl TokenReviewer {
         TokenReviewer {
             client,
             trust_domain: trust_domain.to_owned(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_REVIEWS_IN_FLIGHT)),
         }
     }
 
@@ -59,15 +67,22 @@ impl TokenReviewer {
             },
             ..TokenReview::default()
         };
+        let unavailable = |why: String| {
+            CertifyError::Unavailable(format!(
+                "the API server did not review the ServiceAccount token: {why}"
+            ))
+        };
+        // Anyone who reaches the port may ask: bound what they can make the API server do.
+        let _permit = self
+            .in_flight
+            .try_acquire()
+            .map_err(|_| unavailable("too many reviews in flight".into()))?;
         let api: Api<TokenReview> = Api::all(self.client.clone());
-        let reviewed = api
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(|e| {
-                CertifyError::Unavailable(format!(
-                    "the API server did not review the ServiceAccount token: {e}"
-                ))
-            })?;
+        let reviewed =
+            tokio::time::timeout(REVIEW_TIMEOUT, api.create(&PostParams::default(), &review))
+                .await
+                .map_err(|_| unavailable(format!("no answer within {REVIEW_TIMEOUT:?}")))?
+                .map_err(|e| unavailable(e.to_string()))?;
         let status = reviewed.status.unwrap_or_default();
         if status.authenticated != Some(true) {
             let why = status.error.unwrap_or_else(|| "no reason given".into());
@@ -75,10 +90,12 @@ impl TokenReviewer {
                 "the API server does not accept it ({why})"
             )));
         }
-        // An API server that does not support audiences says which it checked; one that
-        // checked others did not check ours.
-        if let Some(audiences) = &status.audiences
-            && !audiences.iter().any(|a| a == TOKEN_AUDIENCE)
+        // The API server says which audiences it checked; none means its own (an
+        // authenticator that ignores audiences), which is not ours.
+        if !status
+            .audiences
+            .as_ref()
+            .is_some_and(|audiences| audiences.iter().any(|a| a == TOKEN_AUDIENCE))
         {
             return Err(refused(format!("not for audience `{TOKEN_AUDIENCE}`")));
         }

@@ -152,7 +152,9 @@ fn main() -> anyhow::Result<()> {
                 (false, Some(dir)) => ConfigSource::Directory(dir),
                 (false, None) => ConfigSource::None,
             };
-            // Signal handlers first, so a SIGTERM right after start-up is a clean stop.
+            // Signal handlers first, so a SIGTERM right after start-up is a clean stop, and
+            // start-up on a thread of its own, so one during it (waiting for the API server
+            // to list everything, say) stops at once.
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -163,13 +165,35 @@ fn main() -> anyhow::Result<()> {
                     signal(SignalKind::interrupt())?,
                 )
             };
-            let control = ControlPlane::start(Options {
+            let options = Options {
                 listen,
                 server_names,
                 ca: ca.into(),
                 source,
                 admin: Some(admin),
-            })?;
+            };
+            let (started, starting) = tokio::sync::oneshot::channel();
+            std::thread::Builder::new()
+                .name("tern-control-start".into())
+                .spawn(move || {
+                    let _ = started.send(ControlPlane::start(options));
+                })
+                .context("starting the start-up thread")?;
+            let control = runtime.block_on(async {
+                tokio::select! {
+                    started = starting => Some(started),
+                    _ = terminate.recv() => None,
+                    _ = interrupt.recv() => None,
+                }
+            });
+            let control = match control {
+                Some(Ok(started)) => started?,
+                Some(Err(_)) => anyhow::bail!("start-up ended without a word"),
+                None => {
+                    tracing::info!("stopped while starting");
+                    return Ok(());
+                }
+            };
             runtime.block_on(async {
                 tokio::select! {
                     _ = terminate.recv() => {}

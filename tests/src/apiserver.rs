@@ -37,6 +37,11 @@ struct State {
     requests: Vec<String>,
     /// ServiceAccount tokens: namespace, account and the audience each was minted for.
     tokens: BTreeMap<String, (String, String, String)>,
+    /// Tokens reviewed, in order.
+    reviewed: Vec<String>,
+    /// Answer reviews without saying which audiences were checked, as an authenticator that
+    /// ignores audiences does.
+    omit_audiences: bool,
 }
 
 const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
@@ -164,6 +169,18 @@ impl ApiServer {
         );
     }
 
+    /// How many times `token` was reviewed.
+    pub fn reviews_of(&self, token: &str) -> usize {
+        let state = self.state.lock().unwrap();
+        state.reviewed.iter().filter(|t| *t == token).count()
+    }
+
+    /// Answers reviews as an authenticator that ignores audiences (`omit`) or as the API
+    /// server does.
+    pub fn omit_audiences(&self, omit: bool) {
+        self.state.lock().unwrap().omit_audiences = omit;
+    }
+
     /// Ends every open watch, as an API server does when its watch timeout passes or it
     /// restarts: clients must watch again from the last version they saw.
     pub fn end_watches(&self) {
@@ -214,7 +231,7 @@ fn answer(state: &Mutex<State>, head: &hyper::http::request::Parts, body: &[u8])
     let query = head.uri.query().unwrap_or_default().to_owned();
     state.requests.push(format!("{path}?{query}"));
     if head.method == hyper::Method::POST && path == TOKEN_REVIEWS {
-        return review(&state, body);
+        return review(&mut state, body);
     }
     let version = state.resource_version;
     let Some(collection) = state.collections.get_mut(&path) else {
@@ -262,17 +279,22 @@ fn answer(state: &Mutex<State>, head: &hyper::http::request::Parts, body: &[u8])
 
 /// A TokenReview as the API server answers one: authenticated when the token is granted and
 /// minted for one of the audiences asked about.
-fn review(state: &State, body: &[u8]) -> Response<Body> {
+fn review(state: &mut State, body: &[u8]) -> Response<Body> {
     let Ok(request) = serde_json::from_slice::<Value>(body) else {
         return json_response(400, &json!({"kind": "Status", "code": 400}));
     };
     let token = request["spec"]["token"].as_str().unwrap_or_default();
+    state.reviewed.push(token.to_owned());
     // Asked about no audience, the API server checks its own.
     let asked: Vec<&str> = request["spec"]["audiences"]
         .as_array()
         .map(|a| a.iter().filter_map(Value::as_str).collect())
         .unwrap_or_else(|| vec![API_SERVER_AUDIENCE]);
     let status = match state.tokens.get(token) {
+        Some((namespace, account, _)) if state.omit_audiences => json!({
+            "authenticated": true,
+            "user": {"username": format!("system:serviceaccount:{namespace}:{account}")},
+        }),
         Some((namespace, account, audience)) if asked.contains(&audience.as_str()) => json!({
             "authenticated": true,
             "user": {"username": format!("system:serviceaccount:{namespace}:{account}")},

@@ -4,16 +4,20 @@
 //!
 //! The first [`Source::next`] resolves once every kind has been listed, so proxies are never
 //! served the empty config of a control plane that has not read the cluster yet. A kind the
-//! API server does not serve (Gateway API's or Tern's CRDs not installed: 404) counts as
-//! listed and empty, and keeps being retried, so installing the CRDs later is picked up. A
-//! watch that fails later keeps what it last saw, with a warning, and resumes with backoff
-//! (kube-rs' default: 0.8 s doubling to 30 s). Changes that arrive together become one
-//! update, as the directory's do.
+//! API server does not serve at start (Gateway API's or Tern's CRDs not installed: 404)
+//! counts as listed and empty, and keeps being retried, so installing the CRDs later is
+//! picked up. A watch or list that fails later, a 404 included (a CRD version no longer
+//! served during an upgrade), keeps what it last saw, with a warning; objects go only when
+//! the API server says they were deleted or a relist no longer holds them. Failures are
+//! retried after 0.8 s, doubling to 30 s, until the watch makes progress again (kube-rs'
+//! own backoff resets on the `Init` that starts every relist attempt, so it never grows for
+//! a list that keeps failing). Changes that arrive together become one update, as the
+//! directory's do.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use kube::api::{Api, ApiResource, DynamicObject};
-use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt as _;
@@ -43,6 +47,10 @@ pub const KINDS: [(&str, &str, &str, &str); 9] = [
 
 /// How many watch events may wait to be applied before the watchers wait in turn.
 const EVENT_QUEUE: usize = 1024;
+/// The wait after a watch or list fails, doubled on each failure in a row up to
+/// [`MAX_RETRY`].
+const FIRST_RETRY: Duration = Duration::from_millis(800);
+const MAX_RETRY: Duration = Duration::from_secs(30);
 
 type WatchItem = Result<Event<DynamicObject>, watcher::Error>;
 
@@ -56,8 +64,8 @@ struct Kind {
     relisting: Option<BTreeMap<(String, String), Declared>>,
     /// Listed at least once (or found not served).
     listed: bool,
-    /// The API server does not serve it (said once, then quietly retried).
-    absent: bool,
+    /// Listing or watching it failed, and that was said: quiet retries until it lists again.
+    failing: bool,
 }
 
 /// Declared objects from a Kubernetes API server.
@@ -80,37 +88,40 @@ impl Cluster {
     /// Starts a watcher per kind on the current tokio runtime, across all namespaces.
     pub fn watch(client: kube::Client) -> Cluster {
         let (sender, events) = mpsc::channel(EVENT_QUEUE);
-        let resources: Vec<ApiResource> = KINDS
-            .iter()
-            .map(|&(group, version, kind, plural)| ApiResource {
-                group: group.to_owned(),
-                version: version.to_owned(),
-                api_version: if group.is_empty() {
-                    version.to_owned()
-                } else {
-                    format!("{group}/{version}")
-                },
-                kind: kind.to_owned(),
-                plural: plural.to_owned(),
-            })
-            .collect();
+        let resources = resources();
         for (index, resource) in resources.iter().enumerate() {
             let api: Api<DynamicObject> = Api::all_with(client.clone(), resource);
             let sender = sender.clone();
             tokio::spawn(async move {
-                let mut stream = std::pin::pin!(
-                    watcher::watcher(api, watcher::Config::default()).default_backoff()
-                );
+                let mut stream = std::pin::pin!(watcher::watcher(api, watcher::Config::default()));
+                let mut retry = FIRST_RETRY;
                 while let Some(item) = stream.next().await {
+                    let failed = item.is_err();
+                    if matches!(
+                        item,
+                        Ok(Event::InitDone | Event::Apply(_) | Event::Delete(_))
+                    ) {
+                        retry = FIRST_RETRY;
+                    }
                     if sender.send((index, item)).await.is_err() {
                         return;
+                    }
+                    if failed {
+                        // The watcher tries again when next polled.
+                        tokio::time::sleep(retry).await;
+                        retry = (retry * 2).min(MAX_RETRY);
                     }
                 }
             });
         }
+        Cluster::fed_by(events, resources)
+    }
+
+    /// A source applying the events `events` brings, for `resources` (in [`KINDS`] order).
+    fn fed_by(events: mpsc::Receiver<(usize, WatchItem)>, resources: Vec<ApiResource>) -> Cluster {
         Cluster {
             events,
-            kinds: KINDS.iter().map(|_| Kind::default()).collect(),
+            kinds: resources.iter().map(|_| Kind::default()).collect(),
             resources,
             listed: false,
         }
@@ -132,11 +143,11 @@ impl Cluster {
             }
             Ok(Event::InitDone) => {
                 kind.objects = kind.relisting.take().unwrap_or_default();
-                if kind.absent {
-                    tracing::info!(kind = %resource.kind, "now served by the API server");
+                if kind.failing {
+                    tracing::info!(kind = %resource.kind, "listed from the API server again");
                 }
                 kind.listed = true;
-                kind.absent = false;
+                kind.failing = false;
                 true
             }
             Ok(Event::Apply(object)) => {
@@ -148,19 +159,19 @@ impl Cluster {
                 let (key, _) = parse(resource, object);
                 kind.objects.remove(&key).is_some()
             }
-            Err(error) if not_served(&error) => {
-                if !kind.absent {
-                    tracing::warn!(kind = %resource.kind, api_version = %resource.api_version, "not served by the API server (is its CRD installed?): taken as empty, and asked again with backoff");
-                }
-                kind.absent = true;
+            Err(error) if not_served(&error) && !kind.listed => {
+                tracing::warn!(kind = %resource.kind, api_version = %resource.api_version, "not served by the API server (is its CRD installed?): taken as empty, and asked again with backoff");
+                kind.failing = true;
                 kind.listed = true;
                 kind.relisting = None;
-                let had = !kind.objects.is_empty();
-                kind.objects.clear();
-                had
+                false
             }
             Err(error) => {
-                tracing::warn!(kind = %resource.kind, %error, listed = kind.listed, "watching the API server failed; what was last seen stays in use, retrying with backoff");
+                if !kind.failing {
+                    tracing::warn!(kind = %resource.kind, api_version = %resource.api_version, %error, "watching the API server failed; what was last seen stays in use, retrying with backoff");
+                }
+                kind.failing = true;
+                kind.relisting = None;
                 false
             }
         }
@@ -176,6 +187,24 @@ impl Cluster {
         }
         declared
     }
+}
+
+/// The watched [`KINDS`] as kube-rs names them.
+fn resources() -> Vec<ApiResource> {
+    KINDS
+        .iter()
+        .map(|&(group, version, kind, plural)| ApiResource {
+            group: group.to_owned(),
+            version: version.to_owned(),
+            api_version: if group.is_empty() {
+                version.to_owned()
+            } else {
+                format!("{group}/{version}")
+            },
+            kind: kind.to_owned(),
+            plural: plural.to_owned(),
+        })
+        .collect()
 }
 
 /// Whether the API server does not serve the kind at all (its CRD is not installed).
@@ -253,7 +282,98 @@ impl Source for Cluster {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use super::KINDS;
+    use kube::api::DynamicObject;
+    use kube::runtime::watcher::{self, Event};
+    use serde_json::json;
+    use tokio::sync::mpsc;
+
+    use super::{Cluster, KINDS, Source as _, WatchItem, resources};
+
+    const SERVICES: usize = 1;
+    const GRPC_ROUTES: usize = 8;
+
+    fn service(name: &str) -> DynamicObject {
+        DynamicObject::new(name, &resources()[SERVICES])
+            .within("shop")
+            .data(json!({"spec": {"ports": [{"name": "http", "port": 80}]}}))
+    }
+
+    fn not_found() -> WatchItem {
+        let status = kube::core::Status::failure("the server could not find it", "NotFound")
+            .with_code(404)
+            .boxed();
+        Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
+    }
+
+    fn names(cluster: &Cluster) -> Vec<String> {
+        let declared = cluster.declared();
+        assert!(declared.problems.is_empty(), "{:?}", declared.problems);
+        declared
+            .objects
+            .iter()
+            .map(|(_, object)| object.key().to_string())
+            .collect()
+    }
+
+    fn relist(cluster: &mut Cluster, kind: usize, objects: &[&str]) -> bool {
+        cluster.apply(kind, Ok(Event::Init));
+        for name in objects {
+            cluster.apply(kind, Ok(Event::InitApply(service(name))));
+        }
+        cluster.apply(kind, Ok(Event::InitDone))
+    }
+
+    #[test]
+    fn a_relist_replaces_what_was_listed_and_failures_keep_it() {
+        let (_events, receiver) = mpsc::channel(1);
+        let mut cluster = Cluster::fed_by(receiver, resources());
+        assert!(relist(&mut cluster, SERVICES, &["a", "b"]));
+        assert_eq!(names(&cluster), ["Service shop/a", "Service shop/b"]);
+        // A relist (after 410 Gone, say) that no longer holds `a`: it goes.
+        relist(&mut cluster, SERVICES, &["b"]);
+        assert_eq!(names(&cluster), ["Service shop/b"]);
+        // A relist that fails half way changes nothing.
+        cluster.apply(SERVICES, Ok(Event::Init));
+        cluster.apply(SERVICES, Ok(Event::InitApply(service("c"))));
+        assert!(!cluster.apply(SERVICES, not_found()));
+        assert_eq!(names(&cluster), ["Service shop/b"]);
+        // Nor does a failure after that, a 404 included (a version no longer served).
+        assert!(!cluster.apply(SERVICES, not_found()));
+        assert_eq!(names(&cluster), ["Service shop/b"]);
+        assert!(cluster.apply(SERVICES, Ok(Event::Apply(service("c")))));
+        assert!(cluster.apply(SERVICES, Ok(Event::Delete(service("b")))));
+        assert!(!cluster.apply(SERVICES, Ok(Event::Delete(service("b")))));
+        assert_eq!(names(&cluster), ["Service shop/c"]);
+    }
+
+    #[test]
+    fn the_first_update_waits_until_every_kind_is_listed_or_not_served() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (events, receiver) = mpsc::channel(64);
+            let mut cluster = Cluster::fed_by(receiver, resources());
+            for kind in 0..KINDS.len() {
+                if kind == GRPC_ROUTES {
+                    continue;
+                }
+                events.send((kind, Ok(Event::Init))).await.unwrap();
+                if kind == SERVICES {
+                    let item = Ok(Event::InitApply(service("a")));
+                    events.send((kind, item)).await.unwrap();
+                }
+                events.send((kind, Ok(Event::InitDone))).await.unwrap();
+            }
+            let early = tokio::time::timeout(std::time::Duration::from_millis(300), cluster.next());
+            assert!(early.await.is_err(), "resolved before GRPCRoute was listed");
+            // GRPCRoute's CRD is not installed: listed, empty.
+            events.send((GRPC_ROUTES, not_found())).await.unwrap();
+            let first = cluster.next().await;
+            assert_eq!(first.objects.len(), 1);
+        });
+    }
 
     fn documents(path: &str) -> Vec<serde_yaml::Value> {
         let path = format!("{}/../{path}", env!("CARGO_MANIFEST_DIR"));
