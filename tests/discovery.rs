@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use tests::ca::TestControlPlane;
+use tests::ca::{TestControlPlane, discovery_yaml};
 use tests::client;
 use tests::manifests::{self, free_port};
 use tests::pki::TempDir;
@@ -88,15 +88,8 @@ impl Mesh {
     /// A proxy for Pod `pod`, running as `account`, with an outbound listener for `reviews`
     /// if `client`.
     fn proxy(&self, pod: &str, account: &str, client: bool) -> Proxy {
-        let outbound = if client {
-            "[{ service: reviews.default, port: 80, listen: 127.0.0.1:0 }]"
-        } else {
-            "[]"
-        };
-        let yaml = format!(
-            "{}discovery:\n  workload: {{ namespace: default, name: {pod} }}\n  outbound: {outbound}\n",
-            self.control.identity_yaml(account, account)
-        );
+        let identity = self.control.identity_yaml(account, account);
+        let yaml = discovery_yaml(&identity, pod, client.then_some("reviews.default"));
         start_proxy(&yaml, BackendChoice::Epoll)
     }
 

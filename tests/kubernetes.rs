@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use controlplane::ConfigSource;
 use serde_json::Value;
-use tests::apiserver::{API_SERVER_AUDIENCE, ApiServer};
-use tests::ca::TestControlPlane;
+use tests::apiserver::{API_SERVER_AUDIENCE, ApiServer, write_kubeconfig};
+use tests::ca::{TestControlPlane, discovery_yaml};
 use tests::client;
 use tests::manifests::{self, free_port};
 use tests::upstream::Http;
@@ -118,15 +118,8 @@ impl Cluster {
 
     /// A proxy for Pod `pod` that asks to be `account`, with the token in `token`.
     fn proxy_with(&self, pod: &str, account: &str, client: bool, token: &Path) -> Proxy {
-        let outbound = if client {
-            "[{ service: reviews.default, port: 80, listen: 127.0.0.1:0 }]"
-        } else {
-            "[]"
-        };
-        let yaml = format!(
-            "{}discovery:\n  workload: {{ namespace: default, name: {pod} }}\n  outbound: {outbound}\n",
-            self.control.identity_yaml_with(account, token)
-        );
+        let identity = self.control.identity_yaml_with(account, token);
+        let yaml = discovery_yaml(&identity, pod, client.then_some("reviews.default"));
         start_proxy(&yaml, BackendChoice::Epoll)
     }
 
@@ -338,6 +331,39 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// `tern-control serve --kubernetes` finding the API server at `url` through `KUBECONFIG`,
+/// and its log lines.
+fn serve_kubernetes(
+    dir: &Path,
+    url: &str,
+    admin: &str,
+) -> (KillOnDrop, impl Iterator<Item = String>) {
+    let kubeconfig = dir.join("kubeconfig");
+    write_kubeconfig(&kubeconfig, url);
+    let mut child = KillOnDrop(
+        std::process::Command::new(tests::binary("tern-control"))
+            .args([
+                "serve",
+                "--kubernetes",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                admin,
+            ])
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .env("KUBECONFIG", &kubeconfig)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = std::io::BufReader::new(child.0.stderr.take().unwrap());
+    let lines = std::io::BufRead::lines(stderr).map_while(Result::ok);
+    (child, lines)
+}
+
 #[test]
 fn the_binary_finds_the_api_server_through_kubeconfig_and_ternctl_reports_from_it() {
     let api = ApiServer::start(&SERVED);
@@ -347,42 +373,10 @@ fn the_binary_finds_the_api_server_through_kubeconfig_and_ternctl_reports_from_i
     broken["spec"]["rules"][0]["backendRefs"][0]["name"] = Value::from("nowhere");
     api.apply("httproutes", broken);
     let dir = tests::pki::TempDir::new("kubeconfig");
-    let kubeconfig = dir.0.join("config");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{ name: fake, cluster: {{ server: \"{}\" }} }}]\nusers: [{{ name: nobody, user: {{}} }}]\ncontexts: [{{ name: fake, context: {{ cluster: fake, user: nobody }} }}]\ncurrent-context: fake\n",
-            api.url
-        ),
-    )
-    .unwrap();
     let admin = format!("127.0.0.1:{}", free_port());
-    let mut child = KillOnDrop(
-        std::process::Command::new(tests::binary("tern-control"))
-            .args([
-                "serve",
-                "--kubernetes",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin",
-                &admin,
-            ])
-            .arg("--state-dir")
-            .arg(dir.0.join("state"))
-            .env("KUBECONFIG", &kubeconfig)
-            .env_remove("KUBERNETES_SERVICE_HOST")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let stderr = std::io::BufReader::new(child.0.stderr.take().unwrap());
-    let mut lines = std::io::BufRead::lines(stderr);
+    let (_child, mut lines) = serve_kubernetes(&dir.0, &api.url, &admin);
     assert!(
-        lines
-            .by_ref()
-            .map_while(Result::ok)
-            .any(|line| line.contains("tern-control serving")),
+        lines.any(|line| line.contains("tern-control serving")),
         "never served"
     );
     let status = std::process::Command::new(tests::binary("ternctl"))
@@ -398,6 +392,27 @@ fn the_binary_finds_the_api_server_through_kubeconfig_and_ternctl_reports_from_i
     assert!(
         text.contains("kubernetes/HTTPRoute/default/cart: HTTPRoute default/cart"),
         "{text}"
+    );
+}
+
+#[test]
+fn sigterm_stops_tern_control_while_it_waits_for_the_api_server() {
+    let dir = tests::pki::TempDir::new("list-wait");
+    // Nothing answers there: start-up waits to list, up to a minute.
+    let nothing = format!("http://127.0.0.1:{}", free_port());
+    let (mut child, mut lines) = serve_kubernetes(&dir.0, &nothing, "127.0.0.1:0");
+    assert!(
+        lines.any(|line| line.contains("watching the API server failed")),
+        "never tried the API server"
+    );
+    let asked = std::time::Instant::now();
+    let pid = rustix::process::Pid::from_raw(child.0.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let status = child.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(30),
+        "it stopped only when start-up gave up"
     );
 }
 

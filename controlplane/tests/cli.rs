@@ -123,61 +123,6 @@ fn the_committed_crds_are_the_ones_the_types_generate() {
     );
 }
 
-#[test]
-fn sigterm_stops_serve_while_it_waits_for_the_api_server() {
-    let dir = state_dir("list-wait");
-    std::fs::create_dir_all(&dir).unwrap();
-    // An API server address nothing answers on: start-up waits to list (up to 60 s).
-    let nothing = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = nothing.local_addr().unwrap().port();
-    drop(nothing);
-    let kubeconfig = dir.join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{ name: c, cluster: {{ server: \"http://127.0.0.1:{port}\" }} }}]\nusers: [{{ name: u, user: {{}} }}]\ncontexts: [{{ name: c, context: {{ cluster: c, user: u }} }}]\ncurrent-context: c\n"
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--kubernetes",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--state-dir",
-        ])
-        .arg(dir.join("state"))
-        .env("KUBECONFIG", &kubeconfig)
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let waiting = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .find(|line| line.contains("watching the API server failed"));
-    assert!(waiting.is_some(), "never tried the API server");
-    let asked = std::time::Instant::now();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = child.wait().unwrap();
-    assert!(status.success(), "{status:?}");
-    assert!(
-        asked.elapsed() < std::time::Duration::from_secs(30),
-        "stopped only when start-up gave up"
-    );
-    let _ = std::fs::remove_dir_all(&dir);
-}
-
 const TERNCTL: &str = env!("CARGO_BIN_EXE_ternctl");
 
 /// A child process killed when the test ends, passed or not.

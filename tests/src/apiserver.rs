@@ -56,6 +56,18 @@ pub struct ApiServer {
     _runtime: tokio::runtime::Runtime,
 }
 
+/// Writes a kubeconfig whose one context reaches the API server at `url` (no credentials)
+/// to `path`, as `KUBECONFIG` names it.
+pub fn write_kubeconfig(path: &std::path::Path, url: &str) {
+    std::fs::write(
+        path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{ name: fake, cluster: {{ server: \"{url}\" }} }}]\nusers: [{{ name: nobody, user: {{}} }}]\ncontexts: [{{ name: fake, context: {{ cluster: fake, user: nobody }} }}]\ncurrent-context: fake\n"
+        ),
+    )
+    .unwrap();
+}
+
 /// The path of the collection an object of `api_version` and `plural` lives in.
 fn collection_path(api_version: &str, plural: &str) -> String {
     if api_version.contains('/') {

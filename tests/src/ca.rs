@@ -153,6 +153,19 @@ impl TestControlPlane {
     }
 }
 
+/// A proxy's config for Pod `pod` (namespace `default`) that gets the rest from
+/// `tern-control`: `identity` (an `identity:` block), and with `outbound_to`
+/// (`service.namespace`) a listener on loopback for that Service's port 80.
+pub fn discovery_yaml(identity: &str, pod: &str, outbound_to: Option<&str>) -> String {
+    let outbound = match outbound_to {
+        Some(service) => format!("[{{ service: {service}, port: 80, listen: 127.0.0.1:0 }}]"),
+        None => "[]".to_owned(),
+    };
+    format!(
+        "{identity}discovery:\n  workload: {{ namespace: default, name: {pod} }}\n  outbound: {outbound}\n"
+    )
+}
+
 impl Drop for TestControlPlane {
     fn drop(&mut self) {
         self.stop();
