@@ -180,17 +180,34 @@ fn read_to_string(path: &Path) -> Result<String, CaError> {
     std::fs::read_to_string(path).map_err(|e| file_error(path, e))
 }
 
-/// Writes a file only its owner may read.
+/// Writes a new file only its owner may read: see [`write_new`].
 fn write_private(path: &Path, contents: &[u8]) -> Result<(), CaError> {
+    write_new(path, contents, 0o600)
+}
+
+/// Writes a new file with permissions `mode`, whole or not at all: the bytes go to a
+/// temporary file, reach the disk, and only then take the name (a process killed half way
+/// leaves no short file behind, and an existing file is never overwritten).
+fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
-    std::fs::OpenOptions::new()
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(format!(".{}.tmp", std::process::id()));
+    let temporary = std::path::PathBuf::from(temporary);
+    // Left by a process of the same pid killed half way (in a container, pid 1 each time).
+    let _ = std::fs::remove_file(&temporary);
+    let written = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .and_then(|mut file| file.write_all(contents))
-        .map_err(|e| file_error(path, e))
+        .mode(mode)
+        .open(&temporary)
+        .and_then(|mut file| {
+            file.write_all(contents)?;
+            file.sync_all()
+        })
+        .and_then(|()| std::fs::hard_link(&temporary, path));
+    let _ = std::fs::remove_file(&temporary);
+    written.map_err(|e| file_error(path, e))
 }
 
 fn pem_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaError> {
@@ -267,6 +284,12 @@ impl Authority {
             (None, None) => {
                 let cert = options.state_dir.join("ca.crt");
                 let key = options.state_dir.join("ca.key");
+                if key.exists() && !cert.exists() {
+                    // The key is written first: a first start killed before the
+                    // certificate left a root nothing was ever signed with.
+                    tracing::warn!(key = %key.display(), "a root key without its certificate (an interrupted first start): generating a new root");
+                    std::fs::remove_file(&key).map_err(|e| file_error(&key, e))?;
+                }
                 if !cert.exists() && !key.exists() {
                     generate_root(&cert, &key, &options.trust_domain)?;
                 }
@@ -582,8 +605,9 @@ fn generate_root(cert_path: &Path, key_path: &Path, trust_domain: &str) -> Resul
     params.not_before = from_now(CLOCK_SKEW, true);
     params.not_after = from_now(ROOT_LIFETIME, false);
     let root = params.self_signed(&key)?;
+    // The key first: a certificate never exists without its key.
     write_private(key_path, key.serialize_pem().as_bytes())?;
-    std::fs::write(cert_path, root.pem()).map_err(|e| file_error(cert_path, e))?;
+    write_new(cert_path, root.pem().as_bytes(), 0o644)?;
     tracing::info!(root = %cert_path.display(), "generated a new mesh root");
     Ok(())
 }

@@ -63,8 +63,8 @@ pub enum ConfigSource {
     Directory(PathBuf),
     /// A Kubernetes API server, listed and watched.
     Kubernetes {
-        /// How to reach it; none finds it as kubectl does (in-cluster, else `KUBECONFIG` or
-        /// `~/.kube/config`).
+        /// How to reach it; none finds it as kube-rs does (`KUBECONFIG` or `~/.kube/config`,
+        /// else in-cluster).
         config: Option<Box<kube::Config>>,
         /// How long start-up waits for every kind to be listed before it fails.
         list_timeout: Duration,
@@ -135,7 +135,7 @@ impl ControlPlane {
                     let config = match config {
                         Some(config) => (**config).clone(),
                         None => kube::Config::infer().await.context(
-                            "finding the Kubernetes API server (in-cluster, or KUBECONFIG)",
+                            "finding the Kubernetes API server (KUBECONFIG, ~/.kube/config, or in-cluster)",
                         )?,
                     };
                     let url = config.cluster_url.clone();

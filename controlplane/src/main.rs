@@ -38,8 +38,8 @@ enum Command {
         #[arg(long, env = "TERN_MANIFESTS", conflicts_with = "kubernetes")]
         manifests: Option<PathBuf>,
         /// Reads the config from the Kubernetes API server instead (the same kinds, across
-        /// all namespaces), found as kubectl finds it: in-cluster, else `KUBECONFIG` or
-        /// `~/.kube/config`. Start-up waits until every kind is listed.
+        /// all namespaces), found as kube-rs finds it: `KUBECONFIG` or `~/.kube/config`, else
+        /// in-cluster. Start-up waits until every kind is listed.
         #[arg(long)]
         kubernetes: bool,
         /// How long start-up waits for the API server to list every kind.

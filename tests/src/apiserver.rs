@@ -26,6 +26,8 @@ struct Collection {
     objects: BTreeMap<(String, String), Value>,
     /// Every change, in order: its resourceVersion and the watch event.
     log: Vec<(u64, Value)>,
+    /// History before this resourceVersion is gone: a watch from before it gets 410.
+    compacted: u64,
     watches: Vec<mpsc::UnboundedSender<Bytes>>,
 }
 
@@ -193,6 +195,25 @@ impl ApiServer {
         self.state.lock().unwrap().omit_audiences = omit;
     }
 
+    /// Deletes the object `namespace/name` from collection `plural` of `api_version` with no
+    /// watch seeing it, and drops the history before it, as an API server's compaction does:
+    /// open watches end, and a watch resumed from before the deletion is told 410 Gone, so
+    /// the client must list again to learn of it.
+    pub fn delete_unseen(&self, api_version: &str, plural: &str, namespace: &str, name: &str) {
+        let mut state = self.state.lock().unwrap();
+        state.resource_version += 1;
+        let version = state.resource_version;
+        let path = collection_path(api_version, plural);
+        let collection = state.collections.get_mut(&path).unwrap();
+        collection
+            .objects
+            .remove(&(namespace.to_owned(), name.to_owned()))
+            .unwrap_or_else(|| panic!("no {namespace}/{name} in {path}"));
+        collection.log.clear();
+        collection.compacted = version;
+        collection.watches.clear();
+    }
+
     /// Ends every open watch, as an API server does when its watch timeout passes or it
     /// restarts: clients must watch again from the last version they saw.
     pub fn end_watches(&self) {
@@ -265,6 +286,20 @@ fn answer(state: &Mutex<State>, head: &hyper::http::request::Parts, body: &[u8])
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         let (sender, receiver) = mpsc::unbounded_channel();
+        if since < collection.compacted {
+            let gone = json!({"type": "ERROR", "object": {
+                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": "too old resource version", "reason": "Expired", "code": 410,
+            }});
+            let _ = sender.send(Bytes::from(format!("{gone}\n")));
+            drop(sender);
+            let frames = tokio_stream::wrappers::UnboundedReceiverStream::new(receiver)
+                .map(|line| Ok::<_, Infallible>(Frame::data(line)));
+            return Response::builder()
+                .header("content-type", "application/json")
+                .body(StreamBody::new(frames).boxed())
+                .unwrap();
+        }
         for (v, event) in &collection.log {
             if *v > since {
                 let _ = sender.send(Bytes::from(format!("{event}\n")));

@@ -460,3 +460,25 @@ fn bootstrap_tokens_are_told_from_serviceaccount_tokens_and_reviews_stay_in_the_
         Err(CertifyError::Unauthenticated(_))
     ));
 }
+
+#[test]
+fn a_first_start_killed_between_the_root_key_and_its_certificate_starts_afresh() {
+    let dir = Dir::new("half-root");
+    std::fs::create_dir_all(&dir.0).unwrap();
+    // What a start killed after writing the key, before the certificate, leaves.
+    std::fs::write(dir.0.join("ca.key"), "-----BEGIN PRIVATE KEY-----\n").unwrap();
+    let authority = Authority::open(&options(&dir.0)).unwrap();
+    assert!(dir.0.join("ca.crt").exists());
+    let again = Authority::open(&options(&dir.0)).unwrap();
+    assert_eq!(
+        authority.trust_bundle(),
+        again.trust_bundle(),
+        "the new root is kept"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| name.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

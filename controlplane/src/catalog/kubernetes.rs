@@ -68,12 +68,25 @@ struct Kind {
     failing: bool,
 }
 
+impl Kind {
+    /// The watch made progress: a failure said before is over.
+    fn recovered(&mut self, resource: &ApiResource) {
+        if self.failing {
+            tracing::info!(kind = %resource.kind, "watching the API server again");
+            self.failing = false;
+        }
+    }
+}
+
 /// Declared objects from a Kubernetes API server.
 pub struct Cluster {
     events: mpsc::Receiver<(usize, WatchItem)>,
     kinds: Vec<Kind>,
     resources: Vec<ApiResource>,
     listed: bool,
+    /// Changes applied and not yet returned by [`Source::next`] (which may be dropped
+    /// while it gathers them).
+    pending: bool,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -124,6 +137,7 @@ impl Cluster {
             kinds: resources.iter().map(|_| Kind::default()).collect(),
             resources,
             listed: false,
+            pending: false,
         }
     }
 
@@ -143,19 +157,18 @@ impl Cluster {
             }
             Ok(Event::InitDone) => {
                 kind.objects = kind.relisting.take().unwrap_or_default();
-                if kind.failing {
-                    tracing::info!(kind = %resource.kind, "listed from the API server again");
-                }
+                kind.recovered(resource);
                 kind.listed = true;
-                kind.failing = false;
                 true
             }
             Ok(Event::Apply(object)) => {
+                kind.recovered(resource);
                 let (key, parsed) = parse(resource, object);
                 kind.objects.insert(key, parsed);
                 true
             }
             Ok(Event::Delete(object)) => {
+                kind.recovered(resource);
                 let (key, _) = parse(resource, object);
                 kind.objects.remove(&key).is_some()
             }
@@ -243,7 +256,7 @@ fn parse(resource: &ApiResource, object: DynamicObject) -> ((String, String), De
 
 impl Source for Cluster {
     async fn next(&mut self) -> Declared {
-        loop {
+        while !self.pending {
             let Some((index, item)) = self.events.recv().await else {
                 // Every watcher ended (the runtime is shutting down): nothing more comes.
                 return std::future::pending().await;
@@ -252,11 +265,11 @@ impl Source for Cluster {
             if !self.listed {
                 if self.kinds.iter().all(|k| k.listed) {
                     self.listed = true;
+                    self.pending = true;
                     tracing::info!("listed every kind from the API server");
-                    break;
                 }
             } else if changed {
-                break;
+                self.pending = true;
             }
         }
         // Changes that come together (a Deployment's rollout, `kubectl apply -f dir/`) make
@@ -274,6 +287,7 @@ impl Source for Cluster {
                 break;
             }
         }
+        self.pending = false;
         self.declared()
     }
 }
@@ -368,10 +382,14 @@ mod tests {
             }
             let early = tokio::time::timeout(std::time::Duration::from_millis(300), cluster.next());
             assert!(early.await.is_err(), "resolved before GRPCRoute was listed");
-            // GRPCRoute's CRD is not installed: listed, empty.
+            // GRPCRoute's CRD is not installed: listed, empty. The update is gathered even
+            // by a call given up while it waits for more changes to come with it.
             events.send((GRPC_ROUTES, not_found())).await.unwrap();
-            let first = cluster.next().await;
-            assert_eq!(first.objects.len(), 1);
+            let given_up =
+                tokio::time::timeout(std::time::Duration::from_millis(10), cluster.next());
+            assert!(given_up.await.is_err());
+            let first = tokio::time::timeout(std::time::Duration::from_secs(5), cluster.next());
+            assert_eq!(first.await.unwrap().objects.len(), 1);
         });
     }
 
