@@ -346,3 +346,24 @@ fn a_config_that_cannot_go_live_with_its_certificate_is_retried_soon() {
     wait_ready(&a, Duration::from_secs(10));
     assert_eq!(a.listener_addr("out").unwrap().port(), port);
 }
+
+#[test]
+fn a_ca_named_by_dns_is_reached_at_what_the_name_resolves_to() {
+    // In a cluster the CA is a Service's name (`tern-control.tern-system.svc:15012`);
+    // `localhost` resolves to ::1 and 127.0.0.1, and the CA listens on the second only.
+    let control = TestControlPlane::start(Duration::from_secs(3600));
+    let echo = Echo::start();
+    let identity = control.identity_yaml("a", "a").replace(
+        &format!("address: {}", control.address),
+        &format!("address: localhost:{}", control.address.port()),
+    );
+    assert!(identity.contains("address: localhost:"), "{identity}");
+    let a = start_proxy(&in_front_of(&echo, &identity), BackendChoice::Epoll);
+    wait_ready(&a, Duration::from_secs(10));
+    assert_eq!(certificate(&a).1, TestControlPlane::spiffe_id("a"));
+    let dump = admin_get(&a, "/config_dump");
+    assert!(
+        dump.contains("localhost:"),
+        "the configured name is shown: {dump}"
+    );
+}

@@ -22,7 +22,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use shared::SpiffeId;
 use shared::api::identity::CertifyRequest;
 use shared::api::identity::identity_client::IdentityClient;
-use shared::config::CaClient;
+use shared::config::{CaClient, HostPort};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::control::{ApplyError, Control};
@@ -57,7 +57,7 @@ pub enum CertifyError {
     #[error("connecting to the CA at {address}: {source}")]
     Connect {
         /// The CA's address.
-        address: std::net::SocketAddr,
+        address: HostPort,
         /// The transport error.
         source: tonic::transport::Error,
     },
@@ -102,20 +102,22 @@ pub(crate) fn endpoint(
 /// interception rules leave the proxy's own connection alone.
 pub(crate) async fn connect(
     endpoint: Endpoint,
-    address: std::net::SocketAddr,
+    address: &HostPort,
     mark: Option<u32>,
 ) -> Result<Channel, tonic::transport::Error> {
     if mark.is_none() {
         return endpoint.connect().await;
     }
+    let address = address.clone();
     endpoint
-        .connect_with_connector(tower::service_fn(
-            move |_: tonic::codegen::http::Uri| async move {
-                crate::sys::connect_marked(address, mark)
+        .connect_with_connector(tower::service_fn(move |_: tonic::codegen::http::Uri| {
+            let address = address.clone();
+            async move {
+                crate::sys::connect_named(&address, mark)
                     .await
                     .map(hyper_util::rt::TokioIo::new)
-            },
-        ))
+            }
+        }))
         .await
 }
 
@@ -209,13 +211,13 @@ async fn request(
     csr: Vec<u8>,
 ) -> Result<shared::api::identity::CertifyResponse, CertifyError> {
     let connect_error = |source| CertifyError::Connect {
-        address: ca.address,
+        address: ca.address.clone(),
         source,
     };
     let endpoint = endpoint(ca, root.to_owned(), certificate)
         .map_err(connect_error)?
         .timeout(REQUEST_TIMEOUT);
-    let channel = connect(endpoint, ca.address, mark)
+    let channel = connect(endpoint, &ca.address, mark)
         .await
         .map_err(connect_error)?;
     Ok(IdentityClient::new(channel)

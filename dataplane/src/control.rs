@@ -72,11 +72,11 @@ pub enum ApplyError {
     /// The config takes its identity from the CA and no certificate has arrived yet; it is
     /// kept and applied as soon as one does.
     #[error("waiting for a certificate from the CA at {0}")]
-    AwaitingCertificate(SocketAddr),
+    AwaitingCertificate(shared::config::HostPort),
     /// The config takes listeners and clusters from `tern-control` and none have arrived
     /// yet; it is kept and applied as soon as they do.
     #[error("waiting for a config from tern-control at {0}")]
-    AwaitingConfig(SocketAddr),
+    AwaitingConfig(shared::config::HostPort),
 }
 
 impl ApplyError {
@@ -363,13 +363,13 @@ impl Control {
             }
             Some(IdentitySource::Ca(ca)) => match &state.issued {
                 Some(issued) if issued.id == ca.spiffe_id => Some(issued.clone()),
-                _ => return Err(ApplyError::AwaitingCertificate(ca.address)),
+                _ => return Err(ApplyError::AwaitingCertificate(ca.address.clone())),
             },
         };
         let (config, source) = match (&config.discovery, &config.identity, &state.pushed) {
             (None, _, _) => (config, source.to_owned()),
             (Some(_), Some(IdentitySource::Ca(ca)), None) => {
-                return Err(ApplyError::AwaitingConfig(ca.address));
+                return Err(ApplyError::AwaitingConfig(ca.address.clone()));
             }
             (Some(_), Some(IdentitySource::Ca(ca)), Some(pushed)) => {
                 let origin = format!(

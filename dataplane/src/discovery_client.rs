@@ -35,7 +35,7 @@ pub enum StreamError {
     #[error("connecting to tern-control at {address}: {source}")]
     Connect {
         /// Its address.
-        address: std::net::SocketAddr,
+        address: shared::config::HostPort,
         /// The transport error.
         source: tonic::transport::Error,
     },
@@ -205,13 +205,13 @@ async fn stream_inner(
         (Err(error), None) => return Err(error.into()),
     };
     let connect_error = |source| StreamError::Connect {
-        address: ca.address,
+        address: ca.address.clone(),
         source,
     };
     let endpoint = endpoint(ca, root, certificate)
         .map_err(connect_error)?
         .http2_keep_alive_interval(std::time::Duration::from_secs(30));
-    let channel = crate::ca_client::connect(endpoint, ca.address, control.mark())
+    let channel = crate::ca_client::connect(endpoint, &ca.address, control.mark())
         .await
         .map_err(connect_error)?;
     let (answers, outgoing) = mpsc::channel(4);

@@ -255,6 +255,25 @@ pub async fn connect_marked(
     socket.connect(addr).await
 }
 
+/// [`connect_marked`] to a host by name: each address it resolves to in turn (say ::1, then
+/// 127.0.0.1 for `localhost`), until one answers.
+pub async fn connect_named(
+    address: &shared::config::HostPort,
+    mark: Option<u32>,
+) -> io::Result<tokio::net::TcpStream> {
+    let mut last = io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("{} resolves to no address", address.host),
+    );
+    for addr in tokio::net::lookup_host((address.host.as_str(), address.port)).await? {
+        match connect_marked(addr, mark).await {
+            Ok(stream) => return Ok(stream),
+            Err(error) => last = error,
+        }
+    }
+    Err(last)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

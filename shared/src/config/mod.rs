@@ -205,12 +205,88 @@ impl From<IdentitySource> for IdentityFields {
     }
 }
 
+/// A host (a DNS name or an IP address) and a port, as `host:port` (`[v6]:port` for an IPv6
+/// address): how a proxy names `tern-control`, which in a cluster is a Service's DNS name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct HostPort {
+    /// The DNS name or IP address (without brackets).
+    pub host: String,
+    /// The port.
+    pub port: u16,
+}
+
+impl std::fmt::Display for HostPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl std::str::FromStr for HostPort {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<HostPort, String> {
+        let bad = || format!("`{text}` is not host:port");
+        let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
+        let host = match host.strip_prefix('[') {
+            Some(v6) => v6.strip_suffix(']').ok_or_else(bad)?,
+            None if host.contains(':') => {
+                return Err(format!(
+                    "`{text}`: an IPv6 address goes in brackets, `[addr]:port`"
+                ));
+            }
+            None => host,
+        };
+        let port = port.parse().map_err(|_| bad())?;
+        if host.is_empty()
+            || !host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':'))
+        {
+            return Err(bad());
+        }
+        Ok(HostPort {
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+impl TryFrom<String> for HostPort {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<HostPort, String> {
+        text.parse()
+    }
+}
+
+impl From<HostPort> for String {
+    fn from(address: HostPort) -> String {
+        address.to_string()
+    }
+}
+
+impl From<SocketAddr> for HostPort {
+    fn from(address: SocketAddr) -> HostPort {
+        HostPort {
+            host: address.ip().to_string(),
+            port: address.port(),
+        }
+    }
+}
+
 /// How to get certificates from `tern-control`'s CA.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CaClient {
-    /// The CA's gRPC address, e.g. `127.0.0.1:15012`; always spoken to over TLS.
-    pub address: SocketAddr,
+    /// The CA's gRPC address, e.g. `127.0.0.1:15012` or, in a cluster,
+    /// `tern-control.tern-system.svc:15012` (resolved at each connection); always spoken to
+    /// over TLS.
+    pub address: HostPort,
     /// The name the CA's serving certificate carries (`tern-control` unless changed).
     #[serde(default = "default_ca_server_name")]
     pub server_name: String,
@@ -600,6 +676,14 @@ pub enum ConfigError {
         /// The parser's message, with line and column.
         source: serde_yaml::Error,
     },
+    /// The file names an environment variable that is not set.
+    #[error("{origin}: `${{{name}}}` is not set in the environment")]
+    Unset {
+        /// Where the text came from.
+        origin: String,
+        /// The variable.
+        name: String,
+    },
     /// The model parsed but a field is wrong.
     #[error("{origin}: {field}: {message}")]
     Invalid {
@@ -612,14 +696,47 @@ pub enum ConfigError {
     },
 }
 
+/// `text` with each `${NAME}` (letters, digits, `_`) replaced by `lookup(NAME)`; any other
+/// `$` is kept as it is. Err: the first name `lookup` does not know.
+pub fn expand_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        let after = &rest[start + 2..];
+        let name_len = after
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(after.len());
+        if name_len == 0 || !after[name_len..].starts_with('}') {
+            out.push_str(&rest[..start + 2]);
+            rest = after;
+            continue;
+        }
+        let name = &after[..name_len];
+        out.push_str(&rest[..start]);
+        out.push_str(&lookup(name).ok_or_else(|| name.to_owned())?);
+        rest = &after[name_len + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
 impl Config {
-    /// Reads, parses and validates a YAML file.
+    /// Reads a YAML file, puts in the environment variables it names (`${POD_NAME}`: so one
+    /// file serves every Pod, as a ConfigMap the sidecar injector writes does), then parses
+    /// and validates it.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let origin = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
+            path: origin.clone(),
             source,
         })?;
-        Config::from_yaml(&text, &path.display().to_string())
+        let text = expand_env(&text, |name| std::env::var(name).ok()).map_err(|name| {
+            ConfigError::Unset {
+                origin: origin.clone(),
+                name,
+            }
+        })?;
+        Config::from_yaml(&text, &origin)
     }
 
     /// Parses and validates YAML text; `origin` names it in errors.

@@ -281,3 +281,72 @@ fn interception_and_claiming_listeners_are_checked() {
         assert_eq!(invalid(&yaml).0, field, "{yaml}");
     }
 }
+
+#[test]
+fn environment_variables_named_in_a_file_are_put_in_and_an_unset_one_is_an_error() {
+    let env = |name: &str| match name {
+        "POD_NAME" => Some("web-0".to_owned()),
+        "POD_NAMESPACE" => Some("shop".to_owned()),
+        _ => None,
+    };
+    assert_eq!(
+        expand_env(
+            "name: ${POD_NAME}.${POD_NAMESPACE} cost: $5 ${} ${a-b} $${POD_NAME}",
+            env
+        ),
+        Ok("name: web-0.shop cost: $5 ${} ${a-b} $web-0".to_owned())
+    );
+    assert_eq!(
+        expand_env("x: ${SERVICE_ACCOUNT}", env),
+        Err("SERVICE_ACCOUNT".to_owned())
+    );
+    assert_eq!(
+        expand_env("x: ${POD_NAME", env),
+        Ok("x: ${POD_NAME".to_owned())
+    );
+
+    let dir = std::env::temp_dir().join(format!("tern-env-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("proxy.yaml");
+    std::fs::write(
+        &path,
+        "listeners: []\nclusters: []\nadmin_note: ${TERN_TEST_SURELY_UNSET}\n",
+    )
+    .unwrap();
+    let error = Config::from_file(&path).unwrap_err().to_string();
+    assert!(
+        error.ends_with("`${TERN_TEST_SURELY_UNSET}` is not set in the environment"),
+        "{error}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_ca_address_is_a_host_or_an_address_and_a_port() {
+    for (text, host, port, shown) in [
+        (
+            "tern-control.tern-system.svc:15012",
+            "tern-control.tern-system.svc",
+            15012,
+            None,
+        ),
+        ("127.0.0.1:15012", "127.0.0.1", 15012, None),
+        ("[fd00::1]:15012", "fd00::1", 15012, None),
+        ("localhost:1", "localhost", 1, None),
+    ] {
+        let parsed: HostPort = text.parse().unwrap();
+        assert_eq!((parsed.host.as_str(), parsed.port), (host, port));
+        assert_eq!(parsed.to_string(), shown.unwrap_or(text));
+    }
+    for bad in [
+        "tern-control",
+        "fd00::1:15012",
+        "host:port",
+        "host:70000",
+        ":15012",
+        "a b:1",
+        "[fd00::1:1",
+    ] {
+        assert!(bad.parse::<HostPort>().is_err(), "{bad}");
+    }
+}
