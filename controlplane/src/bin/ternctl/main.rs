@@ -1,9 +1,11 @@
 //! `ternctl`: the operator's view of a running mesh. `status` reads `tern-control`'s admin
 //! endpoint and prints the config it serves, what it refused, and every connected proxy with
 //! the version it runs, its last NACK and its certificate's expiry. `demo` runs a whole mesh
-//! on this machine and measures it ([`demo`]).
+//! on this machine and measures it ([`demo`]). `inject` adds the sidecar to Kubernetes
+//! manifests ([`inject`]).
 
 mod demo;
+mod inject;
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
@@ -36,6 +38,10 @@ enum Command {
     /// machine allows), sends load through it and straight to the server, and prints both
     /// latency reports; then takes it all down (also on Ctrl-C).
     Demo(demo::DemoArgs),
+    /// Adds Tern's sidecar to the Pods of Kubernetes manifests (a Pod, Deployment,
+    /// StatefulSet, DaemonSet, ReplicaSet, Job or CronJob) and writes them, with the
+    /// sidecars' ConfigMap, for `kubectl apply -f -`.
+    Inject(inject::InjectArgs),
 }
 
 /// One GET over HTTP/1.1 with `Connection: close`; returns the body of a 200.
@@ -87,6 +93,7 @@ fn main() -> anyhow::Result<()> {
             Err(error) if error.is::<demo::Interrupted>() => std::process::exit(130),
             result => result,
         },
+        Command::Inject(args) => inject::run(&args),
         Command::Status { admin, json } => {
             let body = get(admin, "/status")?;
             if json {

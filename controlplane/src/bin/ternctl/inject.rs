@@ -1,0 +1,444 @@
+//! `ternctl inject`: adds Tern's sidecar to the Pods of Kubernetes manifests, as `linkerd
+//! inject` and `istioctl kube-inject` do, for `kubectl apply`.
+//!
+//! Each Pod template (a Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet, Job or CronJob)
+//! gets two init containers ahead of its own: `tern-init` (`tern-proxy init`: the Pod's
+//! interception rules, with `NET_ADMIN`) and `tern-proxy`, a native sidecar (an init
+//! container with `restartPolicy: Always`, Kubernetes 1.29+) whose startup probe holds the
+//! Pod's other containers until the proxy is ready, and which the kubelet stops once they
+//! have ended, so a Job completes. The proxy runs as UID 1337 (which the rules leave alone),
+//! proves its identity with the Pod's ServiceAccount token projected for `tern-control`, and
+//! reads one config per namespace, ConfigMap `tern-proxy` (also written), made per Pod by
+//! the downward API's variables. Templates annotated `tern.dev/inject: disabled`, on the
+//! host network, or already injected are left as they are; other documents pass through.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use serde_yaml::{Mapping, Value};
+use shared::config::HostPort;
+
+/// What `ternctl inject` is told.
+#[derive(Debug, clap::Args)]
+pub struct InjectArgs {
+    /// Manifests to inject (`-`: standard input).
+    #[arg(default_value = "-")]
+    pub file: PathBuf,
+    /// The mesh root (PEM) the proxies check `tern-control` against: the `tls.crt` of
+    /// Secret `tern-ca`.
+    #[arg(long)]
+    pub root: PathBuf,
+    /// `tern-control`'s gRPC address; its host is also the name its certificate must carry.
+    #[arg(long, default_value = "tern-control.tern-system.svc:15012")]
+    pub control: HostPort,
+    /// The image holding `tern-proxy`.
+    #[arg(long, default_value = "tern-proxy:dev")]
+    pub proxy_image: String,
+    /// The mesh's trust domain (`tern-control`'s `--trust-domain`).
+    #[arg(long, default_value = "cluster.local")]
+    pub trust_domain: String,
+}
+
+/// The annotation that opts a Pod template out.
+const INJECT: &str = "tern.dev/inject";
+/// The annotation that marks a Pod template injected (so injecting again changes nothing).
+const INJECTED: &str = "tern.dev/injected";
+/// The UID the proxy runs as, whose connections `tern-proxy init`'s rules leave alone.
+const PROXY_UID: u64 = 1337;
+/// Where the sidecar finds its ConfigMap and its token.
+const CONFIG_DIR: &str = "/etc/tern";
+const TOKEN_DIR: &str = "/var/run/secrets/tern";
+
+/// Reads the manifests, injects them, and prints the result.
+pub fn run(args: &InjectArgs) -> anyhow::Result<()> {
+    let text = if args.file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading standard input")?
+    } else {
+        std::fs::read_to_string(&args.file)
+            .with_context(|| format!("reading {}", args.file.display()))?
+    };
+    let root = std::fs::read_to_string(&args.root)
+        .with_context(|| format!("reading the mesh root {}", args.root.display()))?;
+    anyhow::ensure!(
+        root.contains("-----BEGIN CERTIFICATE-----"),
+        "{} holds no PEM certificate",
+        args.root.display()
+    );
+    print!("{}", inject(&text, args, &root)?);
+    Ok(())
+}
+
+/// `text` (YAML documents) with its Pod templates injected, preceded by the ConfigMap of
+/// each namespace a template was injected in.
+pub fn inject(text: &str, args: &InjectArgs, root: &str) -> anyhow::Result<String> {
+    let mut documents = Vec::new();
+    let mut namespaces = BTreeSet::new();
+    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let mut value = <Value as serde::Deserialize>::deserialize(document)
+            .with_context(|| format!("document {} is not YAML", index + 1))?;
+        if value.is_null() {
+            continue;
+        }
+        let namespace = value["metadata"]["namespace"].as_str().map(str::to_owned);
+        if let Some(template) = pod_template(&mut value)
+            && inject_pod(template, &args.proxy_image)
+        {
+            namespaces.insert(namespace);
+        }
+        documents.push(value);
+    }
+    let mut out = String::new();
+    let config_maps = namespaces
+        .iter()
+        .map(|namespace| config_map(namespace.as_deref(), args, root));
+    for value in config_maps.chain(documents) {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&value).context("writing YAML")?);
+    }
+    Ok(out)
+}
+
+/// The Pod template of a workload (`metadata` and `spec`), if it has one.
+fn pod_template(value: &mut Value) -> Option<&mut Value> {
+    let kind = value["kind"].as_str()?.to_owned();
+    match kind.as_str() {
+        "Pod" => Some(value),
+        "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job" => {
+            value.get_mut("spec")?.get_mut("template")
+        }
+        "CronJob" => value
+            .get_mut("spec")?
+            .get_mut("jobTemplate")?
+            .get_mut("spec")?
+            .get_mut("template"),
+        _ => None,
+    }
+}
+
+/// Adds the sidecar (running `image`) to a Pod template; false if it was left alone.
+fn inject_pod(template: &mut Value, image: &str) -> bool {
+    let annotations = &template["metadata"]["annotations"];
+    if annotations[INJECT].as_str() == Some("disabled")
+        || !annotations[INJECTED].is_null()
+        || template["spec"]["hostNetwork"].as_bool() == Some(true)
+    {
+        return false;
+    }
+    let Some(pod) = template.as_mapping_mut() else {
+        return false;
+    };
+    let metadata = entry(pod, "metadata");
+    let annotations = entry(metadata, "annotations");
+    annotations.insert("tern.dev/interception".into(), "enabled".into());
+    annotations.insert(INJECTED.into(), "true".into());
+    let spec = entry(pod, "spec");
+    let init = sequence(spec, "initContainers");
+    let mut added = [init_container(), sidecar_container()];
+    for container in &mut added {
+        container["image"] = image.into();
+    }
+    init.splice(0..0, added);
+    sequence(spec, "volumes").extend(volumes());
+    true
+}
+
+/// The mapping at `key` of `map`, made if missing (or not a mapping).
+fn entry<'a>(map: &'a mut Mapping, key: &str) -> &'a mut Mapping {
+    let value = map
+        .entry(key.into())
+        .or_insert_with(|| Value::Mapping(Mapping::new()));
+    if !value.is_mapping() {
+        *value = Value::Mapping(Mapping::new());
+    }
+    value.as_mapping_mut().unwrap_or_else(|| unreachable!())
+}
+
+/// The sequence at `key` of `map`, made if missing (or not a sequence).
+fn sequence<'a>(map: &'a mut Mapping, key: &str) -> &'a mut Vec<Value> {
+    let value = map
+        .entry(key.into())
+        .or_insert_with(|| Value::Sequence(Vec::new()));
+    if !value.is_sequence() {
+        *value = Value::Sequence(Vec::new());
+    }
+    value.as_sequence_mut().unwrap_or_else(|| unreachable!())
+}
+
+fn yaml(text: &str) -> Value {
+    serde_yaml::from_str(text).unwrap_or_else(|e| unreachable!("fixed YAML: {e}"))
+}
+
+fn init_container() -> Value {
+    yaml(
+        "name: tern-init
+args: [init]
+securityContext:
+  runAsUser: 0
+  runAsNonRoot: false
+  capabilities: { add: [NET_ADMIN, NET_RAW], drop: [ALL] }
+",
+    )
+}
+
+fn sidecar_container() -> Value {
+    yaml(&format!(
+        "name: tern-proxy
+restartPolicy: Always
+args: [--config, {CONFIG_DIR}/proxy.yaml]
+env:
+  - {{ name: POD_NAME, valueFrom: {{ fieldRef: {{ fieldPath: metadata.name }} }} }}
+  - {{ name: POD_NAMESPACE, valueFrom: {{ fieldRef: {{ fieldPath: metadata.namespace }} }} }}
+  - {{ name: SERVICE_ACCOUNT, valueFrom: {{ fieldRef: {{ fieldPath: spec.serviceAccountName }} }} }}
+startupProbe:
+  exec: {{ command: [tern-proxy, wait-ready, --timeout, 1s] }}
+  periodSeconds: 1
+  failureThreshold: 120
+securityContext:
+  runAsUser: {PROXY_UID}
+  runAsGroup: {PROXY_UID}
+  runAsNonRoot: true
+  allowPrivilegeEscalation: false
+  readOnlyRootFilesystem: true
+  capabilities: {{ drop: [ALL] }}
+volumeMounts:
+  - {{ name: tern-config, mountPath: {CONFIG_DIR}, readOnly: true }}
+  - {{ name: tern-token, mountPath: {TOKEN_DIR}, readOnly: true }}
+"
+    ))
+}
+
+fn volumes() -> Vec<Value> {
+    vec![
+        yaml("name: tern-config\nconfigMap: { name: tern-proxy }\n"),
+        yaml(&format!(
+            "name: tern-token\nprojected:\n  sources:\n    - serviceAccountToken: {{ audience: {}, expirationSeconds: 3600, path: token }}\n",
+            controlplane::identity::TOKEN_AUDIENCE
+        )),
+    ]
+}
+
+/// The sidecar's config: the same for every Pod of the namespace, made per Pod by the
+/// variables the sidecar container sets.
+pub fn proxy_config(args: &InjectArgs) -> String {
+    format!(
+        "identity:
+  ca:
+    address: {control}
+    server_name: {host}
+    root: {CONFIG_DIR}/ca.crt
+    spiffe_id: spiffe://{trust_domain}/ns/${{POD_NAMESPACE}}/sa/${{SERVICE_ACCOUNT}}
+    token_file: {TOKEN_DIR}/token
+discovery:
+  workload: {{ namespace: \"${{POD_NAMESPACE}}\", name: \"${{POD_NAME}}\" }}
+interception: {{}}
+",
+        control = args.control,
+        host = args.control.host,
+        trust_domain = args.trust_domain,
+    )
+}
+
+fn config_map(namespace: Option<&str>, args: &InjectArgs, root: &str) -> Value {
+    let mut map = yaml("apiVersion: v1\nkind: ConfigMap\nmetadata: { name: tern-proxy }\n");
+    if let Some(namespace) = namespace {
+        map["metadata"]["namespace"] = namespace.into();
+    }
+    map["data"] = yaml("{}");
+    map["data"]["proxy.yaml"] = proxy_config(args).into();
+    map["data"]["ca.crt"] = root.into();
+    map
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn args() -> InjectArgs {
+        InjectArgs {
+            file: "-".into(),
+            root: "ca.crt".into(),
+            control: "tern-control.tern-system.svc:15012".parse().unwrap(),
+            proxy_image: "registry.example/tern-proxy:1".into(),
+            trust_domain: "mesh.example".into(),
+        }
+    }
+
+    const ROOT: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+
+    const MANIFESTS: &str = "
+apiVersion: apps/v1
+kind: Deployment
+metadata: { name: web, namespace: shop }
+spec:
+  template:
+    metadata: { labels: { app: web } }
+    spec:
+      serviceAccountName: web
+      initContainers: [{ name: migrate, image: web:1 }]
+      containers: [{ name: web, image: web:1 }]
+      volumes: [{ name: data, emptyDir: {} }]
+---
+apiVersion: v1
+kind: Service
+metadata: { name: web, namespace: shop }
+spec: { ports: [{ port: 80 }] }
+---
+apiVersion: batch/v1
+kind: CronJob
+metadata: { name: report, namespace: batch }
+spec:
+  schedule: '@daily'
+  jobTemplate:
+    spec:
+      template:
+        spec: { containers: [{ name: report, image: report:1 }], restartPolicy: Never }
+---
+apiVersion: v1
+kind: Pod
+metadata: { name: node-agent, namespace: shop }
+spec: { hostNetwork: true, containers: [{ name: agent, image: agent:1 }] }
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: { name: legacy, namespace: shop }
+spec:
+  template:
+    metadata: { annotations: { tern.dev/inject: disabled } }
+    spec: { containers: [{ name: legacy, image: legacy:1 }] }
+";
+
+    fn documents(text: &str) -> Vec<Value> {
+        serde_yaml::Deserializer::from_str(text)
+            .map(|d| <Value as serde::Deserialize>::deserialize(d).unwrap())
+            .filter(|v| !v.is_null())
+            .collect()
+    }
+
+    fn names(containers: &Value) -> Vec<&str> {
+        containers
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn workloads_get_the_sidecar_ahead_of_their_own_init_containers_and_the_rest_passes() {
+        let input = documents(MANIFESTS);
+        let out = documents(&inject(MANIFESTS, &args(), ROOT).unwrap());
+        // A ConfigMap for each namespace injected in, first; then every document in order.
+        assert_eq!(out.len(), 2 + input.len());
+        let maps: Vec<&str> = out[..2]
+            .iter()
+            .map(|m| m["metadata"]["namespace"].as_str().unwrap())
+            .collect();
+        assert_eq!(maps, ["batch", "shop"]);
+        assert!(out[..2].iter().all(|m| m["data"]["ca.crt"] == ROOT));
+
+        let web = &out[2]["spec"]["template"];
+        assert_eq!(
+            web["metadata"]["annotations"]["tern.dev/interception"],
+            "enabled"
+        );
+        assert_eq!(web["metadata"]["labels"]["app"], "web");
+        let spec = &web["spec"];
+        assert_eq!(
+            names(&spec["initContainers"]),
+            ["tern-init", "tern-proxy", "migrate"]
+        );
+        assert_eq!(names(&spec["containers"]), ["web"]);
+        assert_eq!(
+            spec["containers"],
+            input[0]["spec"]["template"]["spec"]["containers"]
+        );
+        let (init, sidecar) = (&spec["initContainers"][0], &spec["initContainers"][1]);
+        assert_eq!(init["image"], "registry.example/tern-proxy:1");
+        assert_eq!(init["args"][0], "init");
+        assert_eq!(sidecar["restartPolicy"], "Always");
+        assert_eq!(sidecar["securityContext"]["runAsUser"], PROXY_UID);
+        assert_eq!(
+            names(&spec["volumes"]),
+            ["data", "tern-config", "tern-token"]
+        );
+        assert_eq!(
+            spec["volumes"][2]["projected"]["sources"][0]["serviceAccountToken"]["audience"],
+            "tern-control"
+        );
+
+        // Passed through as they were: a Service, a Pod on the host network, an opt-out.
+        assert_eq!(out[3], input[1]);
+        assert_eq!(out[5], input[3]);
+        assert_eq!(out[6], input[4]);
+        let report = &out[4]["spec"]["jobTemplate"]["spec"]["template"]["spec"];
+        assert_eq!(
+            names(&report["initContainers"]),
+            ["tern-init", "tern-proxy"]
+        );
+    }
+
+    #[test]
+    fn injecting_twice_changes_nothing() {
+        let once = inject(MANIFESTS, &args(), ROOT).unwrap();
+        assert_eq!(inject(&once, &args(), ROOT).unwrap(), once);
+    }
+
+    #[test]
+    fn the_sidecar_config_is_a_valid_proxy_config_once_the_pod_variables_are_in() {
+        let out = documents(&inject(MANIFESTS, &args(), ROOT).unwrap());
+        let sidecar = &out[2]["spec"]["template"]["spec"]["initContainers"][1];
+        let set: Vec<&str> = sidecar["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|e| e["name"].as_str().unwrap())
+            .collect();
+        let text = out[1]["data"]["proxy.yaml"].as_str().unwrap();
+        let values = |name: &str| {
+            set.contains(&name).then(|| {
+                match name {
+                    "POD_NAME" => "web-7d9f",
+                    "POD_NAMESPACE" => "shop",
+                    _ => "web",
+                }
+                .to_owned()
+            })
+        };
+        let expanded = shared::config::expand_env(text, values)
+            .unwrap_or_else(|name| panic!("the sidecar does not set {name}"));
+        let config = shared::Config::from_yaml(&expanded, "proxy.yaml").unwrap();
+        let shared::config::IdentitySource::Ca(ca) = config.identity.unwrap() else {
+            panic!("not a CA identity");
+        };
+        assert_eq!(ca.address.to_string(), "tern-control.tern-system.svc:15012");
+        assert_eq!(ca.server_name, "tern-control.tern-system.svc");
+        assert_eq!(
+            ca.spiffe_id.to_string(),
+            "spiffe://mesh.example/ns/shop/sa/web"
+        );
+        assert_eq!(
+            ca.token_file,
+            std::path::Path::new("/var/run/secrets/tern/token")
+        );
+        let discovery = config.discovery.unwrap();
+        assert_eq!(
+            (
+                discovery.workload.namespace.as_str(),
+                discovery.workload.name.as_str()
+            ),
+            ("shop", "web-7d9f")
+        );
+        assert!(config.interception.is_some());
+        // The mounts the config names are the ones the sidecar has.
+        let mounts: Vec<&str> = sidecar["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|m| m["mountPath"].as_str().unwrap())
+            .collect();
+        assert_eq!(mounts, [CONFIG_DIR, TOKEN_DIR]);
+    }
+}
