@@ -456,3 +456,115 @@ fn a_kind_the_api_server_does_not_serve_is_asked_for_again_less_and_less_often()
     let asked = api.requests(meshes, "");
     assert!((3..=5).contains(&asked), "asked {asked} times in 7 s");
 }
+
+#[test]
+fn a_sidecar_started_as_ternctl_inject_writes_it_is_certified_configured_and_ready() {
+    let cluster = Cluster::start();
+    let dir = tests::pki::TempDir::new("injected");
+    let root = cluster.control.dir.0.join("state/ca.crt");
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata: { name: web-0, namespace: default, labels: { app: web } }\nspec: { serviceAccountName: web, containers: [{ name: web, image: web:1, ports: [{ containerPort: 8080 }] }] }\n";
+    let mut inject = std::process::Command::new(tests::binary("ternctl"))
+        .args([
+            "inject",
+            "--trust-domain",
+            tests::ca::TRUST_DOMAIN,
+            "--control",
+        ])
+        .arg(cluster.control.address.to_string())
+        .arg("--root")
+        .arg(&root)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut inject.stdin.take().unwrap(), pod.as_bytes()).unwrap();
+    let output = inject.wait_with_output().unwrap();
+    assert!(output.status.success(), "{output:?}");
+    // Documents start at `---` lines (a block scalar's lines are indented).
+    let text = format!("\n{}", std::str::from_utf8(&output.stdout).unwrap());
+    let documents: Vec<Value> = text
+        .split("\n---\n")
+        .filter(|d| !d.trim().is_empty())
+        .map(|d| serde_yaml::from_str(d).unwrap())
+        .collect();
+    assert_eq!(documents.len(), 2);
+    let (config_map, mut injected) = (documents[0].clone(), documents[1].clone());
+
+    // What the API server and the kubelet would do: hold the Pod (running, at an address),
+    // mount the ConfigMap and the projected token, set the downward API's variables.
+    injected["status"] = serde_json::json!({ "podIP": "127.0.0.1" });
+    cluster.api.apply("pods", injected.clone());
+    cluster
+        .api
+        .grant_token("web-token", "default", "web", "tern-control");
+    let mounted = dir.0.join("etc-tern");
+    std::fs::create_dir_all(&mounted).unwrap();
+    let config = config_map["data"]["proxy.yaml"]
+        .as_str()
+        .unwrap()
+        .replace("/etc/tern", &mounted.display().to_string())
+        .replace("/var/run/secrets/tern", &mounted.display().to_string())
+        // The test CA's serving certificate is for `tern-control`, not for its address.
+        .replace("server_name: 127.0.0.1", "server_name: tern-control");
+    std::fs::write(mounted.join("proxy.yaml"), config).unwrap();
+    std::fs::write(
+        mounted.join("ca.crt"),
+        config_map["data"]["ca.crt"].as_str().unwrap(),
+    )
+    .unwrap();
+    std::fs::write(mounted.join("token"), "web-token").unwrap();
+    let sidecar = &injected["spec"]["initContainers"][1];
+    assert_eq!(sidecar["name"], "tern-proxy");
+    let strings = |value: &Value| -> Vec<String> {
+        value
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                a.as_str()
+                    .unwrap()
+                    .replace("/etc/tern", &mounted.display().to_string())
+            })
+            .collect()
+    };
+    let admin = format!("127.0.0.1:{}", free_port());
+    let mut command = std::process::Command::new(tests::binary("tern-proxy"));
+    command
+        .args(strings(&sidecar["args"]))
+        .env("TERN_ADMIN", &admin)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    for variable in sidecar["env"].as_array().unwrap() {
+        let field = variable["valueFrom"]["fieldRef"]["fieldPath"]
+            .as_str()
+            .unwrap();
+        let value = match field {
+            "metadata.name" => &injected["metadata"]["name"],
+            "metadata.namespace" => &injected["metadata"]["namespace"],
+            "spec.serviceAccountName" => &injected["spec"]["serviceAccountName"],
+            other => panic!("a field the test does not set: {other}"),
+        };
+        command.env(variable["name"].as_str().unwrap(), value.as_str().unwrap());
+    }
+    let _running = KillOnDrop(command.spawn().unwrap());
+
+    // The startup probe, as the kubelet runs it.
+    let probe = strings(&sidecar["startupProbe"]["exec"]["command"]);
+    assert_eq!(probe[0], "tern-proxy");
+    eventually(Duration::from_secs(20), "the startup probe to pass", || {
+        std::process::Command::new(tests::binary("tern-proxy"))
+            .args(&probe[1..])
+            .env("TERN_ADMIN", &admin)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    });
+    assert!(
+        cluster.api.reviews_of("web-token") >= 1,
+        "certified by its ServiceAccount token"
+    );
+    let status = cluster.control.running().status();
+    let connected: Vec<&str> = status.proxies.iter().map(|p| p.workload.as_str()).collect();
+    assert!(connected.contains(&"default/web-0"), "{connected:?}");
+}
