@@ -488,7 +488,7 @@ fn a_sidecar_started_as_ternctl_inject_writes_it_is_certified_configured_and_rea
         .map(|d| serde_yaml::from_str(d).unwrap())
         .collect();
     assert_eq!(documents.len(), 2);
-    let (config_map, mut injected) = (documents[0].clone(), documents[1].clone());
+    let (mut injected, config_map) = (documents[0].clone(), documents[1].clone());
 
     // What the API server and the kubelet would do: hold the Pod (running, at an address),
     // mount the ConfigMap and the projected token, set the downward API's variables.
@@ -505,7 +505,8 @@ fn a_sidecar_started_as_ternctl_inject_writes_it_is_certified_configured_and_rea
         .replace("/etc/tern", &mounted.display().to_string())
         .replace("/var/run/secrets/tern", &mounted.display().to_string())
         // The test CA's serving certificate is for `tern-control`, not for its address.
-        .replace("server_name: 127.0.0.1", "server_name: tern-control");
+        .replace(r#"server_name: "127.0.0.1""#, "server_name: tern-control");
+    assert!(config.contains("server_name: tern-control"), "{config}");
     std::fs::write(mounted.join("proxy.yaml"), config).unwrap();
     std::fs::write(
         mounted.join("ca.crt"),
@@ -515,6 +516,7 @@ fn a_sidecar_started_as_ternctl_inject_writes_it_is_certified_configured_and_rea
     std::fs::write(mounted.join("token"), "web-token").unwrap();
     let sidecar = &injected["spec"]["initContainers"][1];
     assert_eq!(sidecar["name"], "tern-proxy");
+    assert_eq!(sidecar["command"], serde_json::json!(["tern-proxy"]));
     let strings = |value: &Value| -> Vec<String> {
         value
             .as_array()

@@ -53,8 +53,9 @@ enum Command {
     /// does.
     Init(InitArgs),
     /// Waits until the proxy at --admin is ready (certificate held, config applied) and
-    /// exits 0, or exits 1 after --timeout: a Kubernetes postStart hook on the sidecar holds
-    /// the application's containers until then, as Istio's holdApplicationUntilProxyStarts.
+    /// exits 0, or exits 1 after --timeout: as a native sidecar's startup probe (or a plain
+    /// sidecar's postStart hook) it holds the application's containers until then, as
+    /// Istio's holdApplicationUntilProxyStarts.
     WaitReady {
         /// The proxy's admin server.
         #[arg(long, env = "TERN_ADMIN", default_value = "127.0.0.1:15000")]

@@ -241,8 +241,9 @@ impl std::str::FromStr for HostPort {
             }
             None => host,
         };
-        let port = port.parse().map_err(|_| bad())?;
-        if host.is_empty()
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        if port == 0
+            || host.is_empty()
             || !host
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':'))
@@ -696,11 +697,27 @@ pub enum ConfigError {
     },
 }
 
-/// `text` with each `${NAME}` (letters, digits, `_`) replaced by `lookup(NAME)`; any other
-/// `$` is kept as it is. Err: the first name `lookup` does not know.
+/// `text` with each `${NAME}` (letters, digits, `_`) replaced by `lookup(NAME)`, except on
+/// comment lines (`#` first); any other `$` is kept as it is. Err: the first name `lookup`
+/// does not know.
 pub fn expand_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {
     let mut out = String::with_capacity(text.len());
-    let mut rest = text;
+    for line in text.split_inclusive('\n') {
+        if line.trim_start().starts_with('#') {
+            out.push_str(line);
+        } else {
+            expand_line(line, &lookup, &mut out)?;
+        }
+    }
+    Ok(out)
+}
+
+fn expand_line(
+    line: &str,
+    lookup: &impl Fn(&str) -> Option<String>,
+    out: &mut String,
+) -> Result<(), String> {
+    let mut rest = line;
     while let Some(start) = rest.find("${") {
         let after = &rest[start + 2..];
         let name_len = after
@@ -717,7 +734,7 @@ pub fn expand_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result
         rest = &after[name_len + 1..];
     }
     out.push_str(rest);
-    Ok(out)
+    Ok(())
 }
 
 impl Config {

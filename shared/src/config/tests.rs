@@ -343,6 +343,7 @@ fn a_ca_address_is_a_host_or_an_address_and_a_port() {
         "fd00::1:15012",
         "host:port",
         "host:70000",
+        "host:0",
         ":15012",
         "a b:1",
         "[fd00::1:1",

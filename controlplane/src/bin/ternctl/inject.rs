@@ -69,8 +69,11 @@ pub fn run(args: &InjectArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `text` (YAML documents) with its Pod templates injected, preceded by the ConfigMap of
-/// each namespace a template was injected in.
+/// `text` (YAML documents) with its Pod templates injected, followed by the ConfigMap of
+/// each namespace a template was injected in (after any Namespace the input creates; the
+/// kubelet waits for a volume's ConfigMap). Each document is written as JSON, which kubectl
+/// reads as it is: written back as YAML, a string such as `"yes"` would come out plain, and
+/// kubectl's YAML 1.1 would read it as a boolean.
 pub fn inject(text: &str, args: &InjectArgs, root: &str) -> anyhow::Result<String> {
     let mut documents = Vec::new();
     let mut namespaces = BTreeSet::new();
@@ -80,6 +83,7 @@ pub fn inject(text: &str, args: &InjectArgs, root: &str) -> anyhow::Result<Strin
         if value.is_null() {
             continue;
         }
+        file_modes_as_yaml_1_1(&mut value);
         let namespace = value["metadata"]["namespace"].as_str().map(str::to_owned);
         if let Some(template) = pod_template(&mut value)
             && inject_pod(template, &args.proxy_image)
@@ -92,11 +96,41 @@ pub fn inject(text: &str, args: &InjectArgs, root: &str) -> anyhow::Result<Strin
     let config_maps = namespaces
         .iter()
         .map(|namespace| config_map(namespace.as_deref(), args, root));
-    for value in config_maps.chain(documents) {
+    for value in documents.into_iter().chain(config_maps) {
         out.push_str("---\n");
-        out.push_str(&serde_yaml::to_string(&value).context("writing YAML")?);
+        out.push_str(&serde_json::to_string_pretty(&value).context("writing JSON")?);
+        out.push('\n');
     }
     Ok(out)
+}
+
+/// File modes (`defaultMode`, `mode`) written in octal, `0644`: kubectl's YAML 1.1 reads
+/// them as octal numbers, YAML 1.2 (this parser) as strings; they are made the numbers
+/// kubectl would have sent.
+fn file_modes_as_yaml_1_1(value: &mut Value) {
+    match value {
+        Value::Mapping(map) => {
+            for (key, item) in map.iter_mut() {
+                let octal = match (key.as_str(), item.as_str()) {
+                    (Some("defaultMode" | "mode"), Some(text))
+                        if text.len() > 1
+                            && text.starts_with('0')
+                            && text.bytes().all(|b| (b'0'..=b'7').contains(&b)) =>
+                    {
+                        u64::from_str_radix(text, 8).ok()
+                    }
+                    _ => None,
+                };
+                match octal {
+                    Some(mode) => *item = mode.into(),
+                    None => file_modes_as_yaml_1_1(item),
+                }
+            }
+        }
+        Value::Sequence(items) => items.iter_mut().for_each(file_modes_as_yaml_1_1),
+        Value::Tagged(tagged) => file_modes_as_yaml_1_1(&mut tagged.value),
+        _ => {}
+    }
 }
 
 /// The Pod template of a workload (`metadata` and `spec`), if it has one.
@@ -172,6 +206,7 @@ fn yaml(text: &str) -> Value {
 fn init_container() -> Value {
     yaml(
         "name: tern-init
+command: [tern-proxy]
 args: [init]
 securityContext:
   runAsUser: 0
@@ -185,6 +220,7 @@ fn sidecar_container() -> Value {
     yaml(&format!(
         "name: tern-proxy
 restartPolicy: Always
+command: [tern-proxy]
 args: [--config, {CONFIG_DIR}/proxy.yaml]
 env:
   - {{ name: POD_NAME, valueFrom: {{ fieldRef: {{ fieldPath: metadata.name }} }} }}
@@ -224,18 +260,21 @@ pub fn proxy_config(args: &InjectArgs) -> String {
     format!(
         "identity:
   ca:
-    address: {control}
-    server_name: {host}
+    address: {control:?}
+    server_name: {host:?}
     root: {CONFIG_DIR}/ca.crt
-    spiffe_id: spiffe://{trust_domain}/ns/${{POD_NAMESPACE}}/sa/${{SERVICE_ACCOUNT}}
+    spiffe_id: {spiffe_id:?}
     token_file: {TOKEN_DIR}/token
 discovery:
   workload: {{ namespace: \"${{POD_NAMESPACE}}\", name: \"${{POD_NAME}}\" }}
 interception: {{}}
 ",
-        control = args.control,
+        control = args.control.to_string(),
         host = args.control.host,
-        trust_domain = args.trust_domain,
+        spiffe_id = format!(
+            "spiffe://{}/ns/${{POD_NAMESPACE}}/sa/${{SERVICE_ACCOUNT}}",
+            args.trust_domain
+        ),
     )
 }
 
@@ -278,8 +317,10 @@ spec:
     spec:
       serviceAccountName: web
       initContainers: [{ name: migrate, image: web:1 }]
-      containers: [{ name: web, image: web:1 }]
-      volumes: [{ name: data, emptyDir: {} }]
+      containers: [{ name: web, image: web:1, env: [{ name: VERBOSE, value: 'yes' }] }]
+      volumes:
+        - { name: data, emptyDir: {} }
+        - { name: settings, configMap: { name: web, defaultMode: 0644, items: [{ key: a, path: a, mode: 0600 }] } }
 ---
 apiVersion: v1
 kind: Service
@@ -330,16 +371,16 @@ spec:
     fn workloads_get_the_sidecar_ahead_of_their_own_init_containers_and_the_rest_passes() {
         let input = documents(MANIFESTS);
         let out = documents(&inject(MANIFESTS, &args(), ROOT).unwrap());
-        // A ConfigMap for each namespace injected in, first; then every document in order.
-        assert_eq!(out.len(), 2 + input.len());
-        let maps: Vec<&str> = out[..2]
+        // Every document in order, then a ConfigMap for each namespace injected in.
+        assert_eq!(out.len(), input.len() + 2);
+        let maps: Vec<&str> = out[5..]
             .iter()
             .map(|m| m["metadata"]["namespace"].as_str().unwrap())
             .collect();
         assert_eq!(maps, ["batch", "shop"]);
-        assert!(out[..2].iter().all(|m| m["data"]["ca.crt"] == ROOT));
+        assert!(out[5..].iter().all(|m| m["data"]["ca.crt"] == ROOT));
 
-        let web = &out[2]["spec"]["template"];
+        let web = &out[0]["spec"]["template"];
         assert_eq!(
             web["metadata"]["annotations"]["tern.dev/interception"],
             "enabled"
@@ -355,6 +396,11 @@ spec:
             spec["containers"],
             input[0]["spec"]["template"]["spec"]["containers"]
         );
+        // What kubectl's YAML 1.1 would have read: octal file modes, and "yes" a string.
+        assert_eq!(spec["volumes"][1]["configMap"]["defaultMode"], 0o644);
+        assert_eq!(spec["volumes"][1]["configMap"]["items"][0]["mode"], 0o600);
+        let text = inject(MANIFESTS, &args(), ROOT).unwrap();
+        assert!(text.contains(r#""value": "yes""#), "{text}");
         let (init, sidecar) = (&spec["initContainers"][0], &spec["initContainers"][1]);
         assert_eq!(init["image"], "registry.example/tern-proxy:1");
         assert_eq!(init["args"][0], "init");
@@ -362,18 +408,18 @@ spec:
         assert_eq!(sidecar["securityContext"]["runAsUser"], PROXY_UID);
         assert_eq!(
             names(&spec["volumes"]),
-            ["data", "tern-config", "tern-token"]
+            ["data", "settings", "tern-config", "tern-token"]
         );
         assert_eq!(
-            spec["volumes"][2]["projected"]["sources"][0]["serviceAccountToken"]["audience"],
+            spec["volumes"][3]["projected"]["sources"][0]["serviceAccountToken"]["audience"],
             "tern-control"
         );
 
         // Passed through as they were: a Service, a Pod on the host network, an opt-out.
-        assert_eq!(out[3], input[1]);
-        assert_eq!(out[5], input[3]);
-        assert_eq!(out[6], input[4]);
-        let report = &out[4]["spec"]["jobTemplate"]["spec"]["template"]["spec"];
+        assert_eq!(out[1], input[1]);
+        assert_eq!(out[3], input[3]);
+        assert_eq!(out[4], input[4]);
+        let report = &out[2]["spec"]["jobTemplate"]["spec"]["template"]["spec"];
         assert_eq!(
             names(&report["initContainers"]),
             ["tern-init", "tern-proxy"]
@@ -388,15 +434,17 @@ spec:
 
     #[test]
     fn the_sidecar_config_is_a_valid_proxy_config_once_the_pod_variables_are_in() {
-        let out = documents(&inject(MANIFESTS, &args(), ROOT).unwrap());
-        let sidecar = &out[2]["spec"]["template"]["spec"]["initContainers"][1];
+        let mut args = args();
+        args.control = "[fd00::15]:15012".parse().unwrap();
+        let out = documents(&inject(MANIFESTS, &args, ROOT).unwrap());
+        let sidecar = &out[0]["spec"]["template"]["spec"]["initContainers"][1];
         let set: Vec<&str> = sidecar["env"]
             .as_sequence()
             .unwrap()
             .iter()
             .map(|e| e["name"].as_str().unwrap())
             .collect();
-        let text = out[1]["data"]["proxy.yaml"].as_str().unwrap();
+        let text = out[6]["data"]["proxy.yaml"].as_str().unwrap();
         let values = |name: &str| {
             set.contains(&name).then(|| {
                 match name {
@@ -413,8 +461,8 @@ spec:
         let shared::config::IdentitySource::Ca(ca) = config.identity.unwrap() else {
             panic!("not a CA identity");
         };
-        assert_eq!(ca.address.to_string(), "tern-control.tern-system.svc:15012");
-        assert_eq!(ca.server_name, "tern-control.tern-system.svc");
+        assert_eq!(ca.address.to_string(), "[fd00::15]:15012");
+        assert_eq!(ca.server_name, "fd00::15");
         assert_eq!(
             ca.spiffe_id.to_string(),
             "spiffe://mesh.example/ns/shop/sa/web"
