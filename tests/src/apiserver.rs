@@ -158,17 +158,7 @@ impl ApiServer {
 
     /// Deletes the object `namespace/name` from collection `plural` of `api_version`.
     pub fn delete(&self, api_version: &str, plural: &str, namespace: &str, name: &str) {
-        let mut state = self.state.lock().unwrap();
-        state.resource_version += 1;
-        let version = state.resource_version;
-        let path = collection_path(api_version, plural);
-        let collection = state.collections.get_mut(&path).unwrap();
-        let mut object = collection
-            .objects
-            .remove(&(namespace.to_owned(), name.to_owned()))
-            .unwrap_or_else(|| panic!("no {namespace}/{name} in {path}"));
-        object["metadata"]["resourceVersion"] = json!(version.to_string());
-        collection.publish(version, json!({"type": "DELETED", "object": object}));
+        self.remove(api_version, plural, namespace, name, true);
     }
 
     /// Makes `token` a ServiceAccount token of `namespace/account`, minted for `audience`.
@@ -200,18 +190,28 @@ impl ApiServer {
     /// open watches end, and a watch resumed from before the deletion is told 410 Gone, so
     /// the client must list again to learn of it.
     pub fn delete_unseen(&self, api_version: &str, plural: &str, namespace: &str, name: &str) {
+        self.remove(api_version, plural, namespace, name, false);
+    }
+
+    /// Removes an object: told to open watches (`seen`) or compacted away.
+    fn remove(&self, api_version: &str, plural: &str, namespace: &str, name: &str, seen: bool) {
         let mut state = self.state.lock().unwrap();
         state.resource_version += 1;
         let version = state.resource_version;
         let path = collection_path(api_version, plural);
         let collection = state.collections.get_mut(&path).unwrap();
-        collection
+        let mut object = collection
             .objects
             .remove(&(namespace.to_owned(), name.to_owned()))
             .unwrap_or_else(|| panic!("no {namespace}/{name} in {path}"));
-        collection.log.clear();
-        collection.compacted = version;
-        collection.watches.clear();
+        if seen {
+            object["metadata"]["resourceVersion"] = json!(version.to_string());
+            collection.publish(version, json!({"type": "DELETED", "object": object}));
+        } else {
+            collection.log.clear();
+            collection.compacted = version;
+            collection.watches.clear();
+        }
     }
 
     /// Ends every open watch, as an API server does when its watch timeout passes or it
@@ -292,13 +292,7 @@ fn answer(state: &Mutex<State>, head: &hyper::http::request::Parts, body: &[u8])
                 "message": "too old resource version", "reason": "Expired", "code": 410,
             }});
             let _ = sender.send(Bytes::from(format!("{gone}\n")));
-            drop(sender);
-            let frames = tokio_stream::wrappers::UnboundedReceiverStream::new(receiver)
-                .map(|line| Ok::<_, Infallible>(Frame::data(line)));
-            return Response::builder()
-                .header("content-type", "application/json")
-                .body(StreamBody::new(frames).boxed())
-                .unwrap();
+            return watch_response(receiver);
         }
         for (v, event) in &collection.log {
             if *v > since {
@@ -306,12 +300,7 @@ fn answer(state: &Mutex<State>, head: &hyper::http::request::Parts, body: &[u8])
             }
         }
         collection.watches.push(sender);
-        let frames = tokio_stream::wrappers::UnboundedReceiverStream::new(receiver)
-            .map(|line| Ok::<_, Infallible>(Frame::data(line)));
-        return Response::builder()
-            .header("content-type", "application/json")
-            .body(StreamBody::new(frames).boxed())
-            .unwrap();
+        return watch_response(receiver);
     }
     let items: Vec<&Value> = collection.objects.values().collect();
     json_response(
@@ -359,6 +348,16 @@ fn review(state: &mut State, body: &[u8]) -> Response<Body> {
             "metadata": {}, "spec": request["spec"], "status": status,
         }),
     )
+}
+
+/// A watch: the event lines `receiver` brings, until its senders are gone.
+fn watch_response(receiver: mpsc::UnboundedReceiver<Bytes>) -> Response<Body> {
+    let frames = tokio_stream::wrappers::UnboundedReceiverStream::new(receiver)
+        .map(|line| Ok::<_, Infallible>(Frame::data(line)));
+    Response::builder()
+        .header("content-type", "application/json")
+        .body(StreamBody::new(frames).boxed())
+        .unwrap()
 }
 
 fn json_response(status: u16, body: &Value) -> Response<Body> {
