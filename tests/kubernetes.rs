@@ -40,9 +40,9 @@ fn object(yaml: &str) -> Value {
     serde_yaml::from_str(yaml).unwrap()
 }
 
-fn kubernetes(api: &ApiServer, list_timeout: Duration) -> ConfigSource {
+fn kubernetes(url: &str, list_timeout: Duration) -> ConfigSource {
     ConfigSource::Kubernetes {
-        config: Some(Box::new(kube::Config::new(api.url.parse().unwrap()))),
+        config: Some(Box::new(kube::Config::new(url.parse().unwrap()))),
         list_timeout,
     }
 }
@@ -89,7 +89,7 @@ impl Cluster {
         api.grant_token(REVIEWS_TOKEN, "default", "reviews", "tern-control");
         let control = TestControlPlane::with_source(
             Duration::from_secs(3600),
-            kubernetes(&api, Duration::from_secs(20)),
+            kubernetes(&api.url, Duration::from_secs(20)),
         );
         Cluster {
             api,
@@ -282,10 +282,7 @@ fn an_object_that_does_not_parse_is_refused_with_its_origin_and_its_previous_ver
 fn tern_control_fails_to_start_with_a_clear_error_when_the_api_server_cannot_be_reached() {
     let mut control = TestControlPlane::start(Duration::from_secs(3600));
     let nothing = format!("http://127.0.0.1:{}", free_port());
-    control.source = ConfigSource::Kubernetes {
-        config: Some(Box::new(kube::Config::new(nothing.parse().unwrap()))),
-        list_timeout: Duration::from_secs(2),
-    };
+    control.source = kubernetes(&nothing, Duration::from_secs(2));
     let error = control.try_restart().expect_err("nothing to list from");
     assert!(
         error
@@ -444,7 +441,7 @@ fn a_kind_the_api_server_does_not_serve_is_asked_for_again_less_and_less_often()
     let started = std::time::Instant::now();
     let _control = TestControlPlane::with_source(
         Duration::from_secs(3600),
-        kubernetes(&api, Duration::from_secs(20)),
+        kubernetes(&api.url, Duration::from_secs(20)),
     );
     let meshes = "/apis/tern.dev/v1alpha1/meshes";
     eventually(Duration::from_secs(10), "Mesh asked for again", || {

@@ -59,6 +59,15 @@ pub enum Credential<'a> {
 }
 
 impl<'a> Credential<'a> {
+    /// What proves the request, for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Credential::Token(_) => "token",
+            Credential::Certificate(_) => "certificate",
+            Credential::Reviewed(_) => "ServiceAccount token",
+        }
+    }
+
     /// The certificate the client presented, if it did; else its token.
     pub fn presented_or_token(
         presented: Option<&'a CertificateDer<'a>>,
@@ -284,13 +293,13 @@ impl Authority {
             (None, None) => {
                 let cert = options.state_dir.join("ca.crt");
                 let key = options.state_dir.join("ca.key");
-                if key.exists() && !cert.exists() {
-                    // The key is written first: a first start killed before the
-                    // certificate left a root nothing was ever signed with.
-                    tracing::warn!(key = %key.display(), "a root key without its certificate (an interrupted first start): generating a new root");
-                    std::fs::remove_file(&key).map_err(|e| file_error(&key, e))?;
-                }
-                if !cert.exists() && !key.exists() {
+                if !cert.exists() {
+                    if key.exists() {
+                        // The key is written first: a first start killed before the
+                        // certificate left a root nothing was ever signed with.
+                        tracing::warn!(key = %key.display(), "a root key without its certificate (an interrupted first start): generating a new root");
+                        std::fs::remove_file(&key).map_err(|e| file_error(&key, e))?;
+                    }
                     generate_root(&cert, &key, &options.trust_domain)?;
                 }
                 (cert, key)

@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::ca::{Authority, CertifyError};
+use crate::ca::Authority;
 use crate::catalog::Catalog;
 use crate::identity::TokenReviewer;
 use crate::translate::{ProxyRequest, translate};
@@ -163,7 +163,8 @@ impl DiscoveryService {
     /// tokens, `reviewer`) authenticates; every stream ends when `stopping` turns true (so a
     /// graceful shutdown does not wait on streams that never end by themselves).
     pub fn new(
-        (authority, reviewer): (Arc<Authority>, Option<TokenReviewer>),
+        authority: Arc<Authority>,
+        reviewer: Option<TokenReviewer>,
         catalog: watch::Receiver<Arc<Catalog>>,
         registry: Arc<Registry>,
         stopping: watch::Receiver<bool>,
@@ -187,10 +188,7 @@ impl DiscoveryService {
         let credential =
             crate::identity::credential(presented, &hello.credential, self.reviewer.as_ref())
                 .await
-                .map_err(|e| match e {
-                    CertifyError::Unavailable(why) => Status::unavailable(why),
-                    e => Status::unauthenticated(e.to_string()),
-                })?;
+                .map_err(|e| crate::identity::status(&e))?;
         let proven = self
             .authority
             .prove(credential)

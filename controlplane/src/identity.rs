@@ -163,16 +163,10 @@ impl Identity for IdentityService {
             self.reviewer.as_ref(),
         )
         .await;
+        let by = credential.as_ref().map_or("", Credential::name);
         // Signing is a few hundred microseconds of CPU: fine inline at mesh start-up rates.
         match credential.and_then(|credential| self.authority.certify(&request.csr, credential)) {
             Ok(issued) => {
-                let by = match (&presented, &self.reviewer) {
-                    (Some(_), _) => "certificate",
-                    (None, Some(_)) if !Authority::is_bootstrap_token(&request.credential) => {
-                        "ServiceAccount token"
-                    }
-                    (None, _) => "token",
-                };
                 tracing::info!(?peer, identity = %issued.id, by, "certified");
                 Ok(Response::new(CertifyResponse {
                     chain: issued.chain.iter().map(|c| c.to_vec()).collect(),
@@ -181,15 +175,21 @@ impl Identity for IdentityService {
             }
             Err(error) => {
                 tracing::warn!(?peer, %error, "certification refused");
-                Err(match error {
-                    CertifyError::Invalid(_) => Status::invalid_argument(error.to_string()),
-                    CertifyError::Unauthenticated(_) => Status::unauthenticated(error.to_string()),
-                    CertifyError::Denied { .. } => Status::permission_denied(error.to_string()),
-                    CertifyError::Internal(_) => Status::internal(error.to_string()),
-                    CertifyError::Unavailable(_) => Status::unavailable(error.to_string()),
-                })
+                Err(status(&error))
             }
         }
+    }
+}
+
+/// The gRPC status a client can act on for a refusal.
+pub fn status(error: &CertifyError) -> Status {
+    let message = error.to_string();
+    match error {
+        CertifyError::Invalid(_) => Status::invalid_argument(message),
+        CertifyError::Unauthenticated(_) => Status::unauthenticated(message),
+        CertifyError::Denied { .. } => Status::permission_denied(message),
+        CertifyError::Internal(_) => Status::internal(message),
+        CertifyError::Unavailable(_) => Status::unavailable(message),
     }
 }
 

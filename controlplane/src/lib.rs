@@ -121,17 +121,17 @@ impl ControlPlane {
         let empty = Catalog::empty(authority.trust_domain());
         let (catalog_tx, catalog) = watch::channel(Arc::new(empty));
         // In a cluster, workloads prove who they are with ServiceAccount tokens too.
-        let mut reviewer = None;
-        match &options.source {
-            ConfigSource::None => {}
+        let reviewer = match &options.source {
+            ConfigSource::None => None,
             ConfigSource::Directory(dir) => {
                 runtime.block_on(follow(catalog_tx, Directory::new(dir)));
+                None
             }
             ConfigSource::Kubernetes {
                 config,
                 list_timeout,
             } => {
-                let source = runtime.block_on(async {
+                let (client, source) = runtime.block_on(async {
                     let config = match config {
                         Some(config) => (**config).clone(),
                         None => kube::Config::infer().await.context(
@@ -141,8 +141,8 @@ impl ControlPlane {
                     let url = config.cluster_url.clone();
                     let client = kube::Client::try_from(config)
                         .with_context(|| format!("making a client for the API server at {url}"))?;
-                    reviewer = Some(TokenReviewer::new(client.clone(), authority.trust_domain()));
-                    anyhow::Ok(Cluster::watch(client))
+                    // The watchers start on this runtime.
+                    anyhow::Ok((client.clone(), Cluster::watch(client)))
                 })?;
                 let listed = runtime.block_on(async {
                     tokio::time::timeout(*list_timeout, follow(catalog_tx, source)).await
@@ -152,8 +152,9 @@ impl ControlPlane {
                     "the API server did not list every kind Tern reads within {} (see the warnings above)",
                     humantime::format_duration(*list_timeout)
                 );
+                Some(TokenReviewer::new(client, authority.trust_domain()))
             }
-        }
+        };
         let registry = Arc::new(Registry::default());
         if let Some(listener) = admin_listener {
             runtime.spawn(admin::serve(
@@ -173,7 +174,8 @@ impl ControlPlane {
             .collect();
         let identity = identity::IdentityService::new(authority.clone(), reviewer.clone());
         let discovery = DiscoveryService::new(
-            (authority.clone(), reviewer),
+            authority.clone(),
+            reviewer,
             catalog.clone(),
             registry.clone(),
             stopping,

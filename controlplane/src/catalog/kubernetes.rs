@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use kube::api::{Api, ApiResource, DynamicObject};
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, TypeMeta};
 use kube::runtime::watcher::{self, Event};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt as _;
@@ -54,9 +54,9 @@ const MAX_RETRY: Duration = Duration::from_secs(30);
 
 type WatchItem = Result<Event<DynamicObject>, watcher::Error>;
 
-/// One kind's objects, each parsed on arrival.
-#[derive(Default)]
+/// One watched kind and its objects, each parsed on arrival.
 struct Kind {
+    resource: ApiResource,
     /// By namespace and name.
     objects: BTreeMap<(String, String), Declared>,
     /// A relist in progress (after `Init`): what it has listed so far, which replaces
@@ -69,10 +69,20 @@ struct Kind {
 }
 
 impl Kind {
+    fn new(resource: ApiResource) -> Kind {
+        Kind {
+            resource,
+            objects: BTreeMap::new(),
+            relisting: None,
+            listed: false,
+            failing: false,
+        }
+    }
+
     /// The watch made progress: a failure said before is over.
-    fn recovered(&mut self, resource: &ApiResource) {
+    fn recovered(&mut self) {
         if self.failing {
-            tracing::info!(kind = %resource.kind, "watching the API server again");
+            tracing::info!(kind = %self.resource.kind, "watching the API server again");
             self.failing = false;
         }
     }
@@ -82,7 +92,6 @@ impl Kind {
 pub struct Cluster {
     events: mpsc::Receiver<(usize, WatchItem)>,
     kinds: Vec<Kind>,
-    resources: Vec<ApiResource>,
     listed: bool,
     /// Changes applied and not yet returned by [`Source::next`] (which may be dropped
     /// while it gathers them).
@@ -134,8 +143,7 @@ impl Cluster {
     fn fed_by(events: mpsc::Receiver<(usize, WatchItem)>, resources: Vec<ApiResource>) -> Cluster {
         Cluster {
             events,
-            kinds: resources.iter().map(|_| Kind::default()).collect(),
-            resources,
+            kinds: resources.into_iter().map(Kind::new).collect(),
             listed: false,
             pending: false,
         }
@@ -143,34 +151,35 @@ impl Cluster {
 
     /// Applies one watch event; says whether what is declared may have changed.
     fn apply(&mut self, index: usize, item: WatchItem) -> bool {
-        let resource = &self.resources[index];
         let kind = &mut self.kinds[index];
+        let resource = &kind.resource;
         match item {
             Ok(Event::Init) => {
                 kind.relisting = Some(BTreeMap::new());
                 false
             }
             Ok(Event::InitApply(object)) => {
-                let (key, parsed) = parse(resource, object);
+                let key = key(&object);
+                let parsed = parse(resource, object);
                 kind.relisting.get_or_insert_default().insert(key, parsed);
                 false
             }
             Ok(Event::InitDone) => {
                 kind.objects = kind.relisting.take().unwrap_or_default();
-                kind.recovered(resource);
+                kind.recovered();
                 kind.listed = true;
                 true
             }
             Ok(Event::Apply(object)) => {
-                kind.recovered(resource);
-                let (key, parsed) = parse(resource, object);
+                let key = key(&object);
+                let parsed = parse(resource, object);
                 kind.objects.insert(key, parsed);
+                kind.recovered();
                 true
             }
             Ok(Event::Delete(object)) => {
-                kind.recovered(resource);
-                let (key, _) = parse(resource, object);
-                kind.objects.remove(&key).is_some()
+                kind.recovered();
+                kind.objects.remove(&key(&object)).is_some()
             }
             Err(error) if not_served(&error) && !kind.listed => {
                 tracing::warn!(kind = %resource.kind, api_version = %resource.api_version, "not served by the API server (is its CRD installed?): taken as empty, and asked again with backoff");
@@ -206,16 +215,8 @@ impl Cluster {
 fn resources() -> Vec<ApiResource> {
     KINDS
         .iter()
-        .map(|&(group, version, kind, plural)| ApiResource {
-            group: group.to_owned(),
-            version: version.to_owned(),
-            api_version: if group.is_empty() {
-                version.to_owned()
-            } else {
-                format!("{group}/{version}")
-            },
-            kind: kind.to_owned(),
-            plural: plural.to_owned(),
+        .map(|&(group, version, kind, plural)| {
+            ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
         })
         .collect()
 }
@@ -229,29 +230,31 @@ fn not_served(error: &watcher::Error) -> bool {
     }
 }
 
-/// An object as its own [`Declared`], under its namespace and name. Objects in a list come
-/// without `apiVersion` and `kind`: the watched resource supplies them.
-fn parse(resource: &ApiResource, object: DynamicObject) -> ((String, String), Declared) {
-    let namespace = object.metadata.namespace.clone();
-    let name = object.metadata.name.clone().unwrap_or_default();
-    let origin = Origin::api(&resource.kind, namespace.as_deref(), &name);
+/// An object's namespace and name.
+fn key(object: &DynamicObject) -> (String, String) {
+    let metadata = &object.metadata;
+    (
+        metadata.namespace.clone().unwrap_or_default(),
+        metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+/// An object as its own [`Declared`]. Objects in a list come without `apiVersion` and
+/// `kind`: the watched resource supplies them.
+fn parse(resource: &ApiResource, mut object: DynamicObject) -> Declared {
+    let metadata = &object.metadata;
+    let name = metadata.name.as_deref().unwrap_or_default();
+    let origin = Origin::api(&resource.kind, metadata.namespace.as_deref(), name);
     let mut declared = Declared::default();
-    let mut json = match serde_json::to_value(&object) {
-        Ok(json) => json,
-        Err(error) => {
-            declared.refuse(origin, None, String::new(), format!("unreadable: {error}"));
-            return ((namespace.unwrap_or_default(), name), declared);
-        }
-    };
-    if let Some(fields) = json.as_object_mut() {
-        fields.insert("apiVersion".into(), resource.api_version.clone().into());
-        fields.insert("kind".into(), resource.kind.clone().into());
-    }
-    match serde_yaml::to_value(json) {
+    object.types = Some(TypeMeta {
+        api_version: resource.api_version.clone(),
+        kind: resource.kind.clone(),
+    });
+    match serde_yaml::to_value(&object) {
         Ok(value) => parse_value(origin, value, &mut declared),
         Err(error) => declared.refuse(origin, None, String::new(), format!("unreadable: {error}")),
     }
-    ((namespace.unwrap_or_default(), name), declared)
+    declared
 }
 
 impl Source for Cluster {

@@ -271,15 +271,6 @@ impl From<HostPort> for String {
     }
 }
 
-impl From<SocketAddr> for HostPort {
-    fn from(address: SocketAddr) -> HostPort {
-        HostPort {
-            host: address.ip().to_string(),
-            port: address.port(),
-        }
-    }
-}
-
 /// How to get certificates from `tern-control`'s CA.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

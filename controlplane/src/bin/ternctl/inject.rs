@@ -168,11 +168,7 @@ fn inject_pod(template: &mut Value, image: &str) -> bool {
     annotations.insert(INJECTED.into(), "true".into());
     let spec = entry(pod, "spec");
     let init = sequence(spec, "initContainers");
-    let mut added = [init_container(), sidecar_container()];
-    for container in &mut added {
-        container["image"] = image.into();
-    }
-    init.splice(0..0, added);
+    init.splice(0..0, [init_container(image), sidecar_container(image)]);
     sequence(spec, "volumes").extend(volumes());
     true
 }
@@ -203,22 +199,24 @@ fn yaml(text: &str) -> Value {
     serde_yaml::from_str(text).unwrap_or_else(|e| unreachable!("fixed YAML: {e}"))
 }
 
-fn init_container() -> Value {
-    yaml(
+fn init_container(image: &str) -> Value {
+    yaml(&format!(
         "name: tern-init
+image: {image:?}
 command: [tern-proxy]
 args: [init]
 securityContext:
   runAsUser: 0
   runAsNonRoot: false
-  capabilities: { add: [NET_ADMIN, NET_RAW], drop: [ALL] }
-",
-    )
+  capabilities: {{ add: [NET_ADMIN, NET_RAW], drop: [ALL] }}
+"
+    ))
 }
 
-fn sidecar_container() -> Value {
+fn sidecar_container(image: &str) -> Value {
     yaml(&format!(
         "name: tern-proxy
+image: {image:?}
 restartPolicy: Always
 command: [tern-proxy]
 args: [--config, {CONFIG_DIR}/proxy.yaml]
