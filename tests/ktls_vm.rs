@@ -80,6 +80,10 @@ fn build_guest_test() -> PathBuf {
         .env("CARGO_TARGET_DIR", workspace().join("target/ktls-vm/build"))
         // With an explicit --target, RUSTFLAGS reach only target code, not build scripts.
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        // A second build of the whole workspace: nobody debugs it, so it keeps no debug
+        // info and no incremental state, which would double its size on disk.
+        .env("CARGO_PROFILE_DEV_DEBUG", "false")
+        .env("CARGO_INCREMENTAL", "0")
         .stderr(Stdio::inherit())
         .output()
         .unwrap();
