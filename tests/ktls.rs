@@ -10,6 +10,9 @@
 //! Tern's userspace record layer and still move the bytes exactly. `TERN_EXPECT_KTLS=1` (set by the VM
 //! harness, `tests/ktls_vm.rs`, which boots a kernel that has it) makes the absence of kTLS
 //! a failure rather than a fallback.
+//!
+//! One more test needs a kernel this machine does not boot: interception on a kernel without
+//! IPv6 (the VM harness boots Debian 12's with `ipv6.disable=1`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{Read, Write};
@@ -714,4 +717,51 @@ fn record_lengths(mut bytes: &[u8]) -> impl Iterator<Item = usize> + '_ {
         bytes = rest.get(length..)?;
         Some(length)
     })
+}
+
+/// Some clusters boot their nodes without IPv6 (`ipv6.disable=1`), where `[::]` cannot be
+/// bound at all: an intercepting proxy must then bind its IPv4 interception sockets, leave
+/// the IPv6 ones and serve, not fail to start. Where the kernel has IPv6 it binds both. The
+/// VM harness boots Debian 12's kernel without IPv6 and the newer one with it, and checks
+/// which of the two this test saw in each.
+#[test]
+fn interception_binds_ipv6_only_where_the_kernel_has_it() {
+    // Interception ports are fixed ones (the rules name them): two free ones.
+    let free = || {
+        std::net::TcpListener::bind("0.0.0.0:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let proxy = start_proxy(
+        &format!(
+            "interception: {{ outbound_port: {}, inbound_port: {}, inbound_tls: {{ mode: disable }} }}\n",
+            free(),
+            free()
+        ),
+        BackendChoice::Epoll,
+    );
+    tests::wait_ready(&proxy, Duration::from_secs(10));
+    // Without IPv6 in the kernel there are no IPv6 sockets at all.
+    let kernel_has_ipv6 =
+        socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).is_ok();
+    for direction in ["outbound", "inbound"] {
+        let v4 = proxy
+            .listener_addr(&format!("intercept-{direction}"))
+            .unwrap_or_else(|| panic!("the IPv4 {direction} interception socket is bound"));
+        assert!(v4.is_ipv4(), "{v4}");
+        std::net::TcpStream::connect(v4).unwrap();
+        let v6 = proxy.listener_addr(&format!("intercept-{direction}-v6"));
+        assert_eq!(
+            v6.is_some(),
+            kernel_has_ipv6,
+            "{direction}: IPv6 interception socket {v6:?}, kernel has IPv6: {kernel_has_ipv6}"
+        );
+    }
+    if kernel_has_ipv6 {
+        println!("KTLS-CHECKED interception: IPv4 and IPv6");
+    } else {
+        println!("KTLS-CHECKED interception: IPv4 only, this kernel has no IPv6");
+    }
 }

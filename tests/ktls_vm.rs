@@ -6,7 +6,9 @@
 //!
 //! Two kernels, because kTLS differs where it matters: Debian 12's 6.1, which cannot take new
 //! keys on a live socket, and the newest Debian kernel (trixie-backports), which can, so TLS
-//! 1.3 KeyUpdate is checked both where it ends a connection and where it carries on.
+//! 1.3 KeyUpdate is checked both where it ends a connection and where it carries on. Debian
+//! 12's boots without IPv6 (`ipv6.disable=1`, as some clusters' nodes do), which also checks
+//! that an intercepting proxy serves IPv4 there.
 //!
 //! Needs `tests/ktls-vm/prepare.sh` to have run once (qemu, busybox, cpio, xz, zstd and the kernel
 //! packages; CI runs it).
@@ -161,8 +163,9 @@ fn build_initramfs(kernel: &Path, version: &str, test: &Path, dir: &Path) -> Pat
     image
 }
 
-/// Boots the kernel prepared for `suite` with the guest test and returns its console.
-fn boot(suite: &str) -> String {
+/// Boots the kernel prepared for `suite`, with `cmdline` added to its command line, with the
+/// guest test, and returns its console.
+fn boot(suite: &str, cmdline: &str) -> String {
     // One guest at a time: each takes both emulated CPUs' worth of host time.
     static ONE_GUEST: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guest = ONE_GUEST
@@ -194,7 +197,8 @@ fn boot(suite: &str) -> String {
         .arg(&vmlinuz)
         .arg("-initrd")
         .arg(&initramfs)
-        .args(["-append", "console=ttyS0 quiet panic=-1"])
+        .arg("-append")
+        .arg(format!("console=ttyS0 quiet panic=-1 {cmdline}"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -271,7 +275,7 @@ fn assert_carried_by_the_kernel(console: &str) {
         }
     }
     assert!(
-        console.contains("test result: ok. 13 passed"),
+        console.contains("test result: ok. 14 passed"),
         "guest tests failed"
     );
     assert!(
@@ -282,10 +286,15 @@ fn assert_carried_by_the_kernel(console: &str) {
 
 /// Debian 12's kernel (6.1): kTLS, but it cannot take new keys on a live socket, so a
 /// KeyUpdate either way ends that connection, cleanly and before any key passes its limit.
+/// Booted without IPv6, where interception must go on with IPv4 alone.
 #[test]
 fn ktls_carries_the_mtls_pair_in_debian_12s_kernel() {
-    let console = boot("bookworm");
+    let console = boot("bookworm", "ipv6.disable=1");
     assert_carried_by_the_kernel(&console);
+    assert!(
+        console.contains("KTLS-CHECKED interception: IPv4 only, this kernel has no IPv6"),
+        "interception without IPv6 was not checked"
+    );
     assert!(
         console.contains("KTLS-CHECKED this kernel refused updated keys"),
         "a peer's KeyUpdate was not refused by 6.1"
@@ -306,8 +315,12 @@ fn ktls_carries_the_mtls_pair_in_debian_12s_kernel() {
 /// and the proxy's own, without ending a connection.
 #[test]
 fn ktls_carries_the_mtls_pair_and_updates_keys_in_a_newer_kernel() {
-    let console = boot("trixie-backports");
+    let console = boot("trixie-backports", "");
     assert_carried_by_the_kernel(&console);
+    assert!(
+        console.contains("KTLS-CHECKED interception: IPv4 and IPv6"),
+        "interception with IPv6 was not checked"
+    );
     assert!(
         !console.contains("KTLS-CHECKED this kernel refused updated keys"),
         "a peer's KeyUpdate was refused by a kernel that rekeys"
