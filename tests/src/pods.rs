@@ -60,6 +60,15 @@ fn run(program: &str, args: &[&str]) {
 pub struct Netns(pub String);
 
 impl Netns {
+    /// Adds the namespace `name`, loopback up, replacing one a killed run left behind.
+    fn create(name: String) -> Netns {
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        run("ip", &["netns", "add", &name]);
+        let netns = Netns(name);
+        netns.ip(&["link", "set", "lo", "up"]);
+        netns
+    }
+
     fn ip(&self, args: &[&str]) {
         let mut full = vec!["-n", self.0.as_str()];
         full.extend_from_slice(args);
@@ -151,11 +160,8 @@ pub struct Node {
 impl Node {
     /// Builds the node namespace and its bridge.
     pub fn new(label: &str) -> Node {
-        let netns = Netns(format!("tern-{label}-{}", std::process::id()));
-        let _ = Command::new("ip").args(["netns", "del", &netns.0]).output();
-        run("ip", &["netns", "add", &netns.0]);
         let node = Node {
-            netns,
+            netns: Netns::create(format!("tern-{label}-{}", std::process::id())),
             dir: TempDir::new(label),
             pods: RefCell::default(),
             children: RefCell::default(),
@@ -163,8 +169,7 @@ impl Node {
         let v4 = format!("{NODE_V4}/24");
         let v6 = format!("{NODE_V6}/64");
         for args in [
-            &["link", "set", "lo", "up"][..],
-            &["link", "add", "br0", "type", "bridge"],
+            &["link", "add", "br0", "type", "bridge"][..],
             &["addr", "add", &v4, "dev", "br0"],
             &["addr", "add", &v6, "dev", "br0", "nodad"],
             &["link", "set", "br0", "up"],
@@ -179,20 +184,15 @@ impl Node {
         let host = 10 + n;
         let pod = Pod {
             name: name.to_owned(),
-            netns: Netns(format!("{}-{name}", self.netns.0)),
+            netns: Netns::create(format!("{}-{name}", self.netns.0)),
             v4: Ipv4Addr::new(198, 18, 0, host),
             v6: Ipv6Addr::new(0xfd00, 0x7e57, 0, 0, 0, 0, 0, u16::from(host)),
         };
-        let _ = Command::new("ip")
-            .args(["netns", "del", &pod.netns.0])
-            .output();
-        run("ip", &["netns", "add", &pod.netns.0]);
         self.pods.borrow_mut().push(pod.clone());
         let peer = format!("veth{host}");
         let (v4, v6) = (format!("{}/24", pod.v4), format!("{}/64", pod.v6));
         let (gw4, gw6) = (NODE_V4.to_string(), NODE_V6.to_string());
         for args in [
-            &["link", "set", "lo", "up"][..],
             &[
                 "link",
                 "add",
@@ -204,7 +204,7 @@ impl Node {
                 &peer,
                 "netns",
                 &self.netns.0,
-            ],
+            ][..],
             &["addr", "add", &v4, "dev", "eth0"],
             &["addr", "add", &v6, "dev", "eth0", "nodad"],
             &["link", "set", "eth0", "up"],
