@@ -269,6 +269,38 @@ fn a_response_the_upstream_breaks_off_ends_in_a_reset(backend: BackendChoice) {
     );
 }
 
+/// HTTP/1.0 has no chunked encoding (RFC 9112 §7.1), and a server must not send it one; an
+/// upstream that does anyway has its response reach the HTTP/1.0 client as the data alone,
+/// ended by the close (even for a client that asked to keep the connection). An HTTP/1.1
+/// client gets the chunks as sent.
+fn a_chunked_response_reaches_an_http10_client_as_its_data_alone(backend: BackendChoice) {
+    let proxy = scripted_upstream(
+        backend,
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Kept: 1\r\n\r\n5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nX-Trailer: 1\r\n\r\n",
+        false,
+    );
+    let addr = proxy.listener_addr("web").unwrap();
+    for request in [
+        &b"GET / HTTP/1.0\r\n\r\n"[..],
+        b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+    ] {
+        let mut conn = Conn::open(addr);
+        conn.send(request);
+        // With neither a length nor chunked, the client reads the body to the close.
+        let response = conn.response(false);
+        assert_eq!(response.status, 200);
+        assert_eq!(response.header("transfer-encoding"), None);
+        assert_eq!(response.header("connection"), Some("close"));
+        assert_eq!(response.header("x-kept"), Some("1"));
+        assert_eq!(response.text(), "hello, world");
+    }
+    let mut conn = Conn::open(addr);
+    conn.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    let response = conn.response(false);
+    assert_eq!(response.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(response.text(), "hello, world");
+}
+
 fn interim_responses_reach_http11_clients_only(backend: BackendChoice) {
     let proxy = scripted_upstream(
         backend,
@@ -622,6 +654,7 @@ both_backends!(
     an_h2c_upgrade_is_declined_and_the_request_served_as_http1,
     a_response_the_upstream_breaks_off_ends_in_a_reset,
     interim_responses_reach_http11_clients_only,
+    a_chunked_response_reaches_an_http10_client_as_its_data_alone,
     upstream_down_is_503,
     upstream_that_hangs_is_504_after_the_timeout,
     no_route_is_404,

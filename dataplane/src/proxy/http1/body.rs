@@ -1,7 +1,8 @@
 //! Streaming message bodies from one socket to another without buffering them whole:
 //! `Content-Length`, chunked (decoded only to find its end; the bytes go through
-//! unchanged, trailers included) and read-until-close. A sender idle past the given timeout
-//! fails the body.
+//! unchanged, trailers included, except to an HTTP/1.0 client, which cannot read chunked and
+//! gets the data alone) and read-until-close. A sender idle past the given timeout fails the
+//! body.
 
 use std::io;
 
@@ -77,11 +78,37 @@ impl ChunkedDecoder {
     /// Consumes bytes of the body from `input`; returns how many belong to it. Fewer than
     /// `input.len()` only when the body ended inside `input`.
     pub fn feed(&mut self, input: &[u8]) -> Result<usize, BodyError> {
+        self.step(input, false).map(|(used, _)| used)
+    }
+
+    /// Consumes bytes of the body from `buf` as [`Self::feed`] does, and moves the chunks'
+    /// data to the front of `buf`, without their framing and trailers. Returns how many bytes
+    /// belong to the body and how many of data are now at the front.
+    pub fn dechunk(&mut self, buf: &mut [u8]) -> Result<(usize, usize), BodyError> {
+        let (mut used, mut data) = (0, 0);
+        loop {
+            let (n, run) = self.step(&buf[used..], true)?;
+            let Some(run) = run else {
+                return Ok((used + n, data));
+            };
+            buf.copy_within(used + run.start..used + run.end, data);
+            data += run.len();
+            used += n;
+        }
+    }
+
+    /// Consumes bytes of `input` until its end or the body's, or, when `stop_after_data`,
+    /// until the end of a run of chunk data, which it returns.
+    fn step(
+        &mut self,
+        input: &[u8],
+        stop_after_data: bool,
+    ) -> Result<(usize, Option<std::ops::Range<usize>>), BodyError> {
         let mut i = 0;
         while i < input.len() {
             let b = input[i];
             match self.state {
-                State::Done => return Ok(i),
+                State::Done => return Ok((i, None)),
                 State::Data => {
                     let take = usize::try_from(self.remaining)
                         .unwrap_or(usize::MAX)
@@ -90,6 +117,9 @@ impl ChunkedDecoder {
                     i += take;
                     if self.remaining == 0 {
                         self.state = State::DataCr;
+                    }
+                    if stop_after_data {
+                        return Ok((i, Some(i - take..i)));
                     }
                     continue;
                 }
@@ -173,12 +203,12 @@ impl ChunkedDecoder {
                         return Err(BodyError::Chunked("expected LF at end of body"));
                     }
                     self.state = State::Done;
-                    return Ok(i + 1);
+                    return Ok((i + 1, None));
                 }
             }
             i += 1;
         }
-        Ok(i)
+        Ok((i, None))
     }
 }
 
@@ -195,36 +225,58 @@ pub struct Forwarded {
 enum Progress {
     Length(u64),
     Chunked(ChunkedDecoder),
+    /// Chunked, passed on as its data alone.
+    Dechunked(ChunkedDecoder),
     UntilClose,
 }
 
+/// What of a piece of the sender's bytes goes to the receiver.
+struct Taken {
+    /// Bytes of the piece that belong to the body.
+    used: usize,
+    /// Bytes at the piece's start to pass on (`used`, or fewer once de-chunked).
+    out: usize,
+    /// The body ended inside the piece.
+    done: bool,
+}
+
 impl Progress {
-    /// How many bytes of `data` belong to the body, and whether the body ends there.
-    fn take(&mut self, data: &[u8]) -> Result<(usize, bool), BodyError> {
-        match self {
+    /// How much of `data` belongs to the body and goes on; de-chunking moves the data to
+    /// the front of `data`.
+    fn take(&mut self, data: &mut [u8]) -> Result<Taken, BodyError> {
+        let (used, out, done) = match self {
             Progress::Length(left) => {
                 let n = usize::try_from(*left).unwrap_or(usize::MAX).min(data.len());
                 *left -= n as u64;
-                Ok((n, *left == 0))
+                (n, n, *left == 0)
             }
             Progress::Chunked(decoder) => {
                 let n = decoder.feed(data)?;
-                Ok((n, decoder.is_done()))
+                (n, n, decoder.is_done())
             }
-            Progress::UntilClose => Ok((data.len(), false)),
-        }
+            Progress::Dechunked(decoder) => {
+                let (n, out) = decoder.dechunk(data)?;
+                (n, out, decoder.is_done())
+            }
+            Progress::UntilClose => (data.len(), data.len(), false),
+        };
+        Ok(Taken { used, out, done })
     }
 }
 
 /// Forwards one message from `src` to `dst`: the first `head` bytes of `pending` (a message
-/// head already read, or 0), then the body. The head and whatever part of the body is already
-/// in `pending` go out in one write. `pending` holds bytes already read from `src`; on return
-/// it holds whatever followed the body (a pipelined request, say). `scratch` is a reusable
-/// buffer. A sender that sends nothing for `idle` fails the body. Returns what moved.
+/// head already read, or 0), then the body; a chunked body as its data alone when
+/// `dechunk` (the head must then say how it ends: by the close). The head and whatever part
+/// of the body is already in `pending` go out in one write. `pending` holds bytes already
+/// read from `src`; on return it holds whatever followed the body (a pipelined request,
+/// say). `scratch` is a reusable buffer. A sender that sends nothing for `idle` fails the
+/// body. Returns what moved.
+#[allow(clippy::too_many_arguments)]
 pub async fn forward<S: Stream, D: Stream>(
     src: &S,
     dst: &D,
     framing: Framing,
+    dechunk: bool,
     head: usize,
     pending: &mut Vec<u8>,
     scratch: &mut Vec<u8>,
@@ -234,24 +286,31 @@ pub async fn forward<S: Stream, D: Stream>(
     let mut progress = match framing {
         Framing::Empty => None,
         Framing::Length(n) => Some(Progress::Length(n)),
+        Framing::Chunked if dechunk => Some(Progress::Dechunked(ChunkedDecoder::default())),
         Framing::Chunked => Some(Progress::Chunked(ChunkedDecoder::default())),
         Framing::UntilClose => Some(Progress::UntilClose),
     };
-    let (n, done) = match &mut progress {
-        None => (0, true),
-        Some(progress) => progress.take(&pending[head..])?,
+    let taken = match &mut progress {
+        None => Taken {
+            used: 0,
+            out: 0,
+            done: true,
+        },
+        Some(progress) => progress.take(&mut pending[head..])?,
     };
-    if head + n > 0 {
-        let (written, back) = dst.write_all(std::mem::take(pending), 0..head + n).await;
+    if head + taken.out > 0 {
+        let (written, back) = dst
+            .write_all(std::mem::take(pending), 0..head + taken.out)
+            .await;
         *pending = back;
         written.map_err(BodyError::Write)?;
-        pending.drain(..head + n);
     }
+    pending.drain(..head + taken.used);
     let mut moved = Forwarded {
-        body: n as u64,
+        body: taken.out as u64,
         read: 0,
     };
-    let Some(mut progress) = progress.filter(|_| !done) else {
+    let Some(mut progress) = progress.filter(|_| !taken.done) else {
         return Ok(moved);
     };
     if scratch.capacity() < BODY_BUFFER {
@@ -274,15 +333,15 @@ pub async fn forward<S: Stream, D: Stream>(
                 _ => Err(BodyError::Truncated),
             };
         }
-        let (n, done) = progress.take(&scratch[..got])?;
-        if n > 0 {
-            let (written, back) = dst.write_all(std::mem::take(scratch), 0..n).await;
+        let taken = progress.take(&mut scratch[..got])?;
+        if taken.out > 0 {
+            let (written, back) = dst.write_all(std::mem::take(scratch), 0..taken.out).await;
             *scratch = back;
             written.map_err(BodyError::Write)?;
-            moved.body += n as u64;
+            moved.body += taken.out as u64;
         }
-        if done {
-            pending.extend_from_slice(&scratch[n..got]);
+        if taken.done {
+            pending.extend_from_slice(&scratch[taken.used..got]);
             return Ok(moved);
         }
     }
@@ -316,6 +375,36 @@ mod tests {
                 "piece {piece}"
             );
         }
+    }
+
+    #[test]
+    fn dechunking_keeps_the_data_alone_in_any_split() {
+        let body = b"5\r\nhello\r\n1a;name=value\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nx-trailer: 1\r\n\r\nGET / HTTP/1.1\r\n";
+        let end = body.len() - b"GET / HTTP/1.1\r\n".len();
+        for piece in 1..body.len() {
+            let mut decoder = ChunkedDecoder::default();
+            let (mut used, mut data) = (0, Vec::new());
+            for part in body.chunks(piece) {
+                let mut part = part.to_vec();
+                let (n, out) = decoder.dechunk(&mut part).unwrap();
+                used += n;
+                data.extend_from_slice(&part[..out]);
+                if decoder.is_done() {
+                    // What followed the body is left where it was.
+                    assert_eq!(&part[n..], &body[used..used + part.len() - n]);
+                    break;
+                }
+            }
+            assert!(decoder.is_done(), "piece {piece}");
+            assert_eq!(used, end, "piece {piece}");
+            assert_eq!(
+                String::from_utf8(data).unwrap(),
+                "helloabcdefghijklmnopqrstuvwxyz",
+                "piece {piece}"
+            );
+        }
+        let mut bad = b"3\r\nabcX\r\n".to_vec();
+        assert!(ChunkedDecoder::default().dechunk(&mut bad).is_err());
     }
 
     #[test]

@@ -473,6 +473,42 @@ pub fn with_connection_close(head: &[u8]) -> Vec<u8> {
     rewritten(head, &[b"connection"], b"connection: close\r\n")
 }
 
+/// Rewrites a chunked response head for an HTTP/1.0 client, which gets the body's data
+/// alone and its end by the close: `chunked` leaves `Transfer-Encoding` (and the field
+/// goes when nothing is left), the `Connection` fields go, and `connection: close` is added.
+pub fn dechunked(head: &[u8]) -> Vec<u8> {
+    let mut codings = Vec::new();
+    let fields = head.strip_suffix(b"\r\n\r\n").unwrap_or(head);
+    for line in fields.split(|&b| b == b'\n').skip(1) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some((name, value)) = split_field(line) else {
+            continue;
+        };
+        if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            codings.extend(
+                value
+                    .split(|&b| b == b',')
+                    .map(<[u8]>::trim_ascii)
+                    .filter(|c| !c.is_empty() && !c.eq_ignore_ascii_case(b"chunked")),
+            );
+        }
+    }
+    let mut added = Vec::new();
+    if !codings.is_empty() {
+        added.extend_from_slice(b"transfer-encoding: ");
+        added.extend_from_slice(&codings.join(&b", "[..]));
+        added.extend_from_slice(b"\r\n");
+    }
+    added.extend_from_slice(b"connection: close\r\n");
+    rewritten(head, &[b"connection", b"transfer-encoding"], &added)
+}
+
+/// A header line's name and value (trimmed).
+fn split_field(line: &[u8]) -> Option<(&[u8], &[u8])> {
+    let colon = line.iter().position(|&b| b == b':')?;
+    Some((&line[..colon], line[colon + 1..].trim_ascii()))
+}
+
 /// Rewrites a request head offering an upgrade to `h2c` into the plain HTTP/1.1 request it
 /// also is (RFC 9113 left the upgrade out; Envoy drops it too): without its `Upgrade`,
 /// `HTTP2-Settings` and `Connection` fields, keeping only a `close`.

@@ -307,6 +307,7 @@ impl<B: Backend> Conn<'_, B> {
             &self.down,
             up,
             head.framing,
+            false,
             head_len,
             &mut self.inbuf,
             &mut self.scratch,
@@ -445,16 +446,26 @@ impl<B: Backend> Conn<'_, B> {
         if response.status == 101 && head.upgrade {
             return self.upgrade(up, response, cluster, started).await;
         }
+        // An HTTP/1.0 client cannot read chunked (RFC 9112 §7.1): it gets the data alone,
+        // delimited by the close.
+        let dechunk = head.http10 && response.framing == Framing::Chunked;
         let close = !head.keep_alive
             || self.worker.draining()
             || response.framing == Framing::UntilClose
-            || body_unsent;
+            || body_unsent
+            || dechunk;
         let mut pending = std::mem::take(&mut self.upbuf);
         // Normally the head goes out as received, in one write with the body's start; when
         // the proxy closes a connection the client wanted kept, the head says so.
         let mut head_len = response.len;
-        if close && !response.says_close && head.keep_alive {
-            let rewritten = head::with_connection_close(&pending[..response.len]);
+        let rewritten = if dechunk {
+            Some(head::dechunked(&pending[..response.len]))
+        } else if close && !response.says_close && head.keep_alive {
+            Some(head::with_connection_close(&pending[..response.len]))
+        } else {
+            None
+        };
+        if let Some(rewritten) = rewritten {
             let len = rewritten.len();
             let (written, _) = self.down.write_all(rewritten, 0..len).await;
             if written.is_err() {
@@ -471,6 +482,7 @@ impl<B: Backend> Conn<'_, B> {
             &up,
             &self.down,
             response.framing,
+            dechunk,
             head_len,
             &mut pending,
             &mut self.scratch,

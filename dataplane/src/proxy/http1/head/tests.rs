@@ -231,6 +231,24 @@ fn rewrites_connection_to_close() {
 }
 
 #[test]
+fn a_chunked_response_for_an_http10_client_loses_chunked_and_says_close() {
+    let head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\nX-A: 1\r\n\r\n";
+    let out = dechunked(head);
+    assert_eq!(
+        out,
+        b"HTTP/1.1 200 OK\r\nX-A: 1\r\nconnection: close\r\n\r\n"
+    );
+    let reparsed = response(std::str::from_utf8(&out).unwrap(), Method::Other);
+    assert_eq!(reparsed.framing, Framing::UntilClose);
+    // Other codings stay, without chunked.
+    let head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, Chunked\r\n\r\n";
+    assert_eq!(
+        dechunked(head),
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\nconnection: close\r\n\r\n"
+    );
+}
+
+#[test]
 fn an_h2c_upgrade_is_declined_by_rewriting_the_request_into_plain_http1() {
     let text = "GET /x HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\nAccept: */*\r\n\r\n";
     let head = complete(text);
