@@ -726,19 +726,14 @@ fn record_lengths(mut bytes: &[u8]) -> impl Iterator<Item = usize> + '_ {
 /// which of the two this test saw in each.
 #[test]
 fn interception_binds_ipv6_only_where_the_kernel_has_it() {
-    // Interception ports are fixed ones (the rules name them): two free ones.
-    let free = || {
-        std::net::TcpListener::bind("0.0.0.0:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
+    // Interception ports are fixed ones (the rules name them): two free ones, held together
+    // so that they differ.
+    let held = [(); 2].map(|()| std::net::TcpListener::bind("0.0.0.0:0").unwrap());
+    let [outbound, inbound] = held.each_ref().map(|l| l.local_addr().unwrap().port());
+    drop(held);
     let proxy = start_proxy(
         &format!(
-            "interception: {{ outbound_port: {}, inbound_port: {}, inbound_tls: {{ mode: disable }} }}\n",
-            free(),
-            free()
+            "interception: {{ outbound_port: {outbound}, inbound_port: {inbound}, inbound_tls: {{ mode: disable }} }}\n"
         ),
         BackendChoice::Epoll,
     );
@@ -751,7 +746,14 @@ fn interception_binds_ipv6_only_where_the_kernel_has_it() {
             .listener_addr(&format!("intercept-{direction}"))
             .unwrap_or_else(|| panic!("the IPv4 {direction} interception socket is bound"));
         assert!(v4.is_ipv4(), "{v4}");
-        std::net::TcpStream::connect(v4).unwrap();
+        // A worker takes the connection: made straight to the interception port (not
+        // redirected), it has no destination of its own and is refused as such.
+        let _connection = std::net::TcpStream::connect(v4).unwrap();
+        wait_for_metric(
+            &proxy,
+            &format!("tern_errors_total{{listener=\"intercept-{direction}\",flag=\"NR\"}}"),
+            1.0,
+        );
         let v6 = proxy.listener_addr(&format!("intercept-{direction}-v6"));
         assert_eq!(
             v6.is_some(),

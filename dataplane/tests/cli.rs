@@ -1,4 +1,5 @@
-//! The `tern-proxy` binary: start-up errors, SIGHUP reload, SIGTERM drain and exit code.
+//! The `tern-proxy` binary: start-up errors, SIGHUP reload, SIGTERM drain and exit code, and
+//! `init --dry-run`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{Read, Write};
@@ -358,4 +359,42 @@ fn wait_ready_holds_until_the_proxy_is_ready_and_gives_up_after_its_timeout() {
     let _ = proxy.kill();
     let _ = proxy.wait();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn dry_run_prints_the_rules_without_applying_them() {
+    let output = Command::new(env!("CARGO_BIN_EXE_tern-proxy"))
+        .args([
+            "init",
+            "--dry-run",
+            "--exclude-outbound-ports",
+            "5432,6379",
+            "--exclude-outbound-cidrs",
+            "10.96.0.0/12",
+        ])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let rules = String::from_utf8(output.stdout).unwrap();
+    assert!(rules.contains("tcp dport { 5432, 6379 } return"), "{rules}");
+    assert!(
+        rules.contains("ip daddr { 10.96.0.0/12 } return"),
+        "{rules}"
+    );
+    assert!(rules.contains("redirect to :15001"), "{rules}");
+
+    let bad = Command::new(env!("CARGO_BIN_EXE_tern-proxy"))
+        .args([
+            "init",
+            "--dry-run",
+            "--exclude-outbound-cidrs",
+            "10.96.0.0/99",
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("exclude-outbound-cidrs"),
+        "{bad:?}"
+    );
 }
