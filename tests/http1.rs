@@ -3,7 +3,8 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tests::client::{self, Conn};
@@ -269,36 +270,112 @@ fn a_response_the_upstream_breaks_off_ends_in_a_reset(backend: BackendChoice) {
     );
 }
 
+/// An upstream that answers every request on a connection with `pieces`, written one at a
+/// time with a pause between, so the proxy reads the response in several parts; counts the
+/// connections it accepted.
+fn piecewise_upstream(pieces: &'static [&'static [u8]]) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            counter.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                loop {
+                    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match std::io::Read::read(&mut stream, &mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => request.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    request.clear();
+                    for piece in pieces {
+                        if stream.write_all(piece).is_err() {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(15));
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
 /// HTTP/1.0 has no chunked encoding (RFC 9112 §7.1), and a server must not send it one; an
 /// upstream that does anyway has its response reach the HTTP/1.0 client as the data alone,
-/// ended by the close (even for a client that asked to keep the connection). An HTTP/1.1
-/// client gets the chunks as sent.
+/// ended by the close (even for a client that asked to keep the connection), read in pieces
+/// split anywhere; the upstream connection, whose response ended cleanly, serves the next
+/// request. An HTTP/1.1 client gets the chunks as sent.
 fn a_chunked_response_reaches_an_http10_client_as_its_data_alone(backend: BackendChoice) {
-    let proxy = scripted_upstream(
-        backend,
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Kept: 1\r\n\r\n5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nX-Trailer: 1\r\n\r\n",
-        false,
+    let (upstream, accepted) = piecewise_upstream(&[
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Kept: 1\r\n\r\n5\r\nhel",
+        b"lo\r\n7;ex",
+        b"t=1\r\n, wor",
+        b"ld\r\n0\r\nX-Trai",
+        b"ler: 1\r\n\r",
+        b"\n",
+    ]);
+    let yaml = format!(
+        "listeners:\n  - {{ name: web, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: app }}] }}\nclusters:\n  - {{ name: app, endpoints: [{upstream}] }}\n"
     );
+    // One worker, so every client connection finds the same pool.
+    let config = shared::Config::from_yaml(&yaml, "test.yaml").unwrap();
+    let options = dataplane::Options {
+        workers: Some(1),
+        ..tests::options(backend)
+    };
+    let proxy = Proxy::start(config, "test.yaml", options).unwrap();
     let addr = proxy.listener_addr("web").unwrap();
+    let mut delivered = 0;
     for request in [
         &b"GET / HTTP/1.0\r\n\r\n"[..],
         b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
     ] {
-        let mut conn = Conn::open(addr);
-        conn.send(request);
-        // With neither a length nor chunked, the client reads the body to the close.
-        let response = conn.response(false);
-        assert_eq!(response.status, 200);
-        assert_eq!(response.header("transfer-encoding"), None);
-        assert_eq!(response.header("connection"), Some("close"));
-        assert_eq!(response.header("x-kept"), Some("1"));
-        assert_eq!(response.text(), "hello, world");
+        let mut stream = client::connect(addr);
+        stream.write_all(request).unwrap();
+        // Neither a length nor chunked: the body ends with the connection.
+        let mut response = Vec::new();
+        std::io::Read::read_to_end(&mut stream, &mut response).unwrap();
+        delivered += response.len();
+        let text = String::from_utf8(response).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        let head = head.to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
+        assert!(!head.contains("transfer-encoding"), "{head}");
+        assert!(head.contains("\r\nconnection: close"), "{head}");
+        assert!(head.contains("\r\nx-kept: 1"), "{head}");
+        assert_eq!(body, "hello, world");
     }
     let mut conn = Conn::open(addr);
     conn.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
     let response = conn.response(false);
     assert_eq!(response.header("transfer-encoding"), Some("chunked"));
     assert_eq!(response.text(), "hello, world");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "one upstream connection"
+    );
+    drop(conn);
+    // What the clients got, counted: the rewritten heads and the data, then the chunked
+    // response as sent.
+    let chunked: usize = [
+        &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Kept: 1\r\n\r\n"[..],
+        b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nX-Trailer: 1\r\n\r\n",
+    ]
+    .iter()
+    .map(|part| part.len())
+    .sum();
+    wait_for_metric(
+        &proxy,
+        "tern_listener_sent_bytes_total{listener=\"web\"}",
+        (delivered + chunked) as f64,
+    );
 }
 
 fn interim_responses_reach_http11_clients_only(backend: BackendChoice) {

@@ -474,10 +474,11 @@ pub fn with_connection_close(head: &[u8]) -> Vec<u8> {
 }
 
 /// Rewrites a chunked response head for an HTTP/1.0 client, which gets the body's data
-/// alone and its end by the close: `chunked` leaves `Transfer-Encoding` (and the field
-/// goes when nothing is left), the `Connection` fields go, and `connection: close` is added.
+/// alone and its end by the close: the final `chunked` leaves `Transfer-Encoding` (and the
+/// field goes when nothing is left; other codings stay, as they do in a response delimited
+/// by the close), the `Connection` fields go, and `connection: close` is added.
 pub fn dechunked(head: &[u8]) -> Vec<u8> {
-    let mut codings = Vec::new();
+    let mut codings: Vec<&[u8]> = Vec::new();
     let fields = head.strip_suffix(b"\r\n\r\n").unwrap_or(head);
     for line in fields.split(|&b| b == b'\n').skip(1) {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -489,9 +490,16 @@ pub fn dechunked(head: &[u8]) -> Vec<u8> {
                 value
                     .split(|&b| b == b',')
                     .map(<[u8]>::trim_ascii)
-                    .filter(|c| !c.is_empty() && !c.eq_ignore_ascii_case(b"chunked")),
+                    .filter(|c| !c.is_empty()),
             );
         }
+    }
+    // Parsing made the last coding `chunked`, or this would not be a chunked response.
+    if codings
+        .last()
+        .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
+    {
+        codings.pop();
     }
     let mut added = Vec::new();
     if !codings.is_empty() {

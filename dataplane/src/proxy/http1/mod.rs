@@ -456,7 +456,8 @@ impl<B: Backend> Conn<'_, B> {
             || dechunk;
         let mut pending = std::mem::take(&mut self.upbuf);
         // Normally the head goes out as received, in one write with the body's start; when
-        // the proxy closes a connection the client wanted kept, the head says so.
+        // the proxy closes a connection the client wanted kept, the head says so, and a head
+        // for an HTTP/1.0 client loses `chunked`.
         let mut head_len = response.len;
         let rewritten = if dechunk {
             Some(head::dechunked(&pending[..response.len]))
