@@ -353,6 +353,11 @@ impl<S: Stream> Stream for KernelTls<S> {
             }
         }
         let start = buf.len();
+        // A control record (an alert, a KeyUpdate, a ticket) longer than the room it is read
+        // into would come in parts, each looking whole: room for the largest one.
+        if buf.capacity() - buf.len() < MAX_FRAGMENT {
+            buf.reserve(MAX_FRAGMENT);
+        }
         loop {
             let (read, back) = self.inner.read_tls_record(buf).await;
             buf = back;
@@ -362,7 +367,7 @@ impl<S: Stream> Stream for KernelTls<S> {
             };
             if record_type == APPLICATION_DATA {
                 if n > 0 {
-                    self.after.borrow_mut().data();
+                    self.after.borrow_mut().data(n);
                     return (Ok(n), buf);
                 }
                 // End of stream without close_notify: a truncation attack or a crash.
@@ -457,6 +462,12 @@ impl<S: Stream> Stream for KernelTls<S> {
                 }
                 Ok(n)
             }
+            // The kernel splices application data up to the TCP end of stream, which is a
+            // clean end only after close_notify (which comes as a control record, above).
+            Ok(0) => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "peer closed without TLS close_notify",
+            )),
             result => result,
         }
     }

@@ -138,9 +138,12 @@ impl AfterHandshake {
         }
     }
 
-    /// The peer sent application data.
-    pub(crate) fn data(&mut self) {
-        self.run = 0;
+    /// The peer sent a record of `len` bytes of application data. Only data ends a run of
+    /// post-handshake records: empty records, which TLS allows, do not.
+    pub(crate) fn data(&mut self, len: usize) {
+        if len > 0 {
+            self.run = 0;
+        }
     }
 
     /// Whether the peer asked for a KeyUpdate this side has not sent yet.
@@ -279,14 +282,15 @@ impl Opener {
             let Some(last) = inner.iter().rposition(|&b| b != 0) else {
                 return Err(invalid("TLS record with no content type"));
             };
-            if last > MAX_FRAGMENT {
+            // The content, its type and the padding together: at most 2^14 + 1 (RFC 8446 §5.4).
+            if inner.len() > MAX_FRAGMENT + 1 {
                 return Err(invalid("TLS record plaintext longer than 2^14 bytes"));
             }
             opened.consumed = end;
             match inner[last] {
                 APPLICATION_DATA => {
                     opened.plaintext += last;
-                    after.data();
+                    after.data(last);
                 }
                 // close_notify (description 0), at whatever level.
                 ALERT if last == 2 && inner[1] == 0 => {
@@ -815,6 +819,43 @@ mod tests {
         }
     }
 
+    /// A record sealed with `keys` as the peer would, its inner plaintext as given (content,
+    /// type, padding).
+    fn record_sealed_with(keys: &mut Keys, inner: &[u8]) -> Vec<u8> {
+        let length = u16::try_from(inner.len() + TAG).unwrap().to_be_bytes();
+        let header = [APPLICATION_DATA, 3, 3, length[0], length[1]];
+        let mut body = inner.to_vec();
+        let nonce = keys.next_nonce();
+        keys.key
+            .seal_in_place_append_tag(nonce, Aad::from(header), &mut body)
+            .unwrap();
+        [&header[..], &body].concat()
+    }
+
+    #[test]
+    fn padding_is_taken_off_and_counts_towards_the_plaintext_limit() {
+        let (client, server) = in_memory::configs(SUITES[0]);
+        let session = in_memory::handshake(
+            in_memory::server(server),
+            &mut in_memory::peer_client(client),
+        );
+        let (sequence, secrets) = session.secrets.rx;
+        let mut opener = Opener::new(sequence, &secrets).unwrap();
+        let mut peer = Keys::new(sequence, &secrets).unwrap();
+        let mut after = AfterHandshake::new(session.schedule);
+        let mut padded = b"hi".to_vec();
+        padded.push(APPLICATION_DATA);
+        padded.resize(2 + 1 + 100, 0);
+        let mut wire = record_sealed_with(&mut peer, &padded);
+        let opened = opener.open(&mut wire, &mut after).unwrap();
+        assert_eq!(&wire[..opened.plaintext], b"hi");
+        // Content, type and padding over 2^14 + 1 bytes, however little of it is content.
+        padded.resize(MAX_FRAGMENT + 2, 0);
+        let mut wire = record_sealed_with(&mut peer, &padded);
+        let error = opener.open(&mut wire, &mut after).unwrap_err();
+        assert!(error.to_string().contains("longer than 2^14"), "{error}");
+    }
+
     #[test]
     fn a_tampered_record_is_refused() {
         let mut s = Session::server(SUITES[0]);
@@ -1088,12 +1129,16 @@ mod tests {
         assert!(after.owes_key_update());
         after.paid_key_update();
         assert!(!after.owes_key_update());
-        // A peer that sends KeyUpdates without end is refused, one with data between is not.
-        after.data();
+        // A peer that sends KeyUpdates without end is refused, one with data between is not,
+        // and empty data records between do not count as data.
+        after.data(1);
         for _ in 0..MAX_POST_HANDSHAKE_RUN {
             assert!(after.record(&KEY_UPDATE_MESSAGE).unwrap());
+            after.data(0);
         }
         let error = after.record(&KEY_UPDATE_MESSAGE).unwrap_err();
         assert!(error.to_string().contains("too many"), "{error}");
+        after.data(1);
+        assert!(after.record(&KEY_UPDATE_MESSAGE).unwrap());
     }
 }
