@@ -459,7 +459,12 @@ fn a_sidecar_started_as_ternctl_inject_writes_it_is_certified_configured_and_rea
     let cluster = Cluster::start();
     let dir = tests::pki::TempDir::new("injected");
     let root = cluster.control.dir.0.join("state/ca.crt");
-    let pod = "apiVersion: v1\nkind: Pod\nmetadata: { name: web-0, namespace: default, labels: { app: web } }\nspec: { serviceAccountName: web, containers: [{ name: web, image: web:1, ports: [{ containerPort: 8080 }] }] }\n";
+    // The application, with a readiness probe the injector moves to the sidecar.
+    let app = Http::start("web");
+    let pod = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{ name: web-0, namespace: default, labels: {{ app: web }} }}\nspec: {{ serviceAccountName: web, containers: [{{ name: web, image: web:1, ports: [{{ name: http, containerPort: {} }}], readinessProbe: {{ httpGet: {{ path: /ready, port: http }} }} }}] }}\n",
+        app.addr.port()
+    );
     let mut inject = std::process::Command::new(tests::binary("ternctl"))
         .args([
             "inject",
@@ -514,6 +519,8 @@ fn a_sidecar_started_as_ternctl_inject_writes_it_is_certified_configured_and_rea
     let sidecar = &injected["spec"]["initContainers"][1];
     assert_eq!(sidecar["name"], "tern-proxy");
     assert_eq!(sidecar["command"], serde_json::json!(["tern-proxy"]));
+    // The probe port, 15020 in the Pod, is a free one here.
+    let probe_address = format!("127.0.0.1:{}", free_port());
     let strings = |value: &Value| -> Vec<String> {
         value
             .as_array()
@@ -523,6 +530,7 @@ fn a_sidecar_started_as_ternctl_inject_writes_it_is_certified_configured_and_rea
                 a.as_str()
                     .unwrap()
                     .replace("/etc/tern", &mounted.display().to_string())
+                    .replace("0.0.0.0:15020", &probe_address)
             })
             .collect()
     };
@@ -534,6 +542,10 @@ fn a_sidecar_started_as_ternctl_inject_writes_it_is_certified_configured_and_rea
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
     for variable in sidecar["env"].as_array().unwrap() {
+        if let Some(value) = variable["value"].as_str() {
+            command.env(variable["name"].as_str().unwrap(), value);
+            continue;
+        }
         let field = variable["valueFrom"]["fieldRef"]["fieldPath"]
             .as_str()
             .unwrap();
@@ -566,4 +578,19 @@ fn a_sidecar_started_as_ternctl_inject_writes_it_is_certified_configured_and_rea
     let status = cluster.control.running().status();
     let connected: Vec<&str> = status.proxies.iter().map(|p| p.workload.as_str()).collect();
     assert!(connected.contains(&"default/web-0"), "{connected:?}");
+
+    // The readiness probe, as the kubelet makes it now: through the sidecar, to the app.
+    let probe = &injected["spec"]["containers"][0]["readinessProbe"]["httpGet"];
+    assert_eq!(probe["port"], 15020);
+    let path = probe["path"].as_str().unwrap();
+    let before = app.requests.load(std::sync::atomic::Ordering::SeqCst);
+    let response = client::request(
+        probe_address.parse().unwrap(),
+        &format!("GET {path} HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n"),
+    );
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(
+        app.requests.load(std::sync::atomic::Ordering::SeqCst),
+        before + 1
+    );
 }

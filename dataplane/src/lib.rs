@@ -19,6 +19,7 @@ pub mod intercept;
 pub mod io;
 pub mod ktls;
 pub mod metrics;
+pub mod probes;
 pub mod proxy;
 pub mod snapshot;
 pub mod sys;

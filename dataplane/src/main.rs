@@ -44,6 +44,14 @@ struct Args {
     /// Log filter (tracing `EnvFilter` syntax, e.g. `info` or `dataplane=debug`).
     #[arg(long, env = "TERN_LOG", default_value = "info")]
     log: String,
+    /// Where to serve the application's probes (`--app-probes`), for the kubelet: a port
+    /// `tern-proxy init` leaves alone (`ternctl inject` uses 15020).
+    #[arg(long, env = "TERN_PROBE_ADDRESS", requires = "app_probes")]
+    probe_address: Option<SocketAddr>,
+    /// The application's probes, rewritten to this proxy by `ternctl inject` (JSON: paths
+    /// under /app-health/ mapped to Kubernetes probes).
+    #[arg(long, env = "TERN_APP_PROBES", requires = "probe_address")]
+    app_probes: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -215,6 +223,13 @@ fn main() -> anyhow::Result<()> {
         admin: args.admin,
         drain_deadline: args.drain_deadline,
     };
+    if let (Some(address), Some(probes)) = (args.probe_address, &args.app_probes) {
+        let probes = dataplane::probes::parse(probes)?;
+        let listener = std::net::TcpListener::bind(address)
+            .with_context(|| format!("binding the probe server to {address}"))?;
+        tracing::info!(%address, probes = probes.len(), "serving the application's probes");
+        dataplane::probes::spawn(listener, probes).context("starting the probe server")?;
+    }
     let proxy = Proxy::start(config, &config_path.display().to_string(), options)?;
     tracing::info!(listeners = ?proxy.control().addresses(), "ready");
 

@@ -398,3 +398,113 @@ fn dry_run_prints_the_rules_without_applying_them() {
         "{bad:?}"
     );
 }
+
+/// A server that answers every request with `status` (or, with `None`, accepts and never
+/// answers).
+fn answering(status: Option<u16>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for mut stream in listener.incoming().flatten() {
+            let Some(status) = status else {
+                held.push(stream);
+                continue;
+            };
+            let mut request = [0u8; 1024];
+            let _ = stream.read(&mut request);
+            let _ = stream.write_all(
+                format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            );
+        }
+    });
+    addr
+}
+
+/// The kubelet's probes of the application, rewritten by `ternctl inject` to the sidecar's
+/// probe port, are made by the proxy against the application on loopback: 200 when the
+/// application's answer is 200–399 or its port takes a connection, 503 saying why when not
+/// (an error status, nothing listening, no answer within the probe's timeout), 404 for a
+/// path no probe has.
+#[test]
+fn the_applications_probes_are_made_by_the_proxy() {
+    let dir = std::env::temp_dir().join(format!("tern-cli-probes-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("proxy.yaml");
+    std::fs::write(&config, "listeners: []\n").unwrap();
+    let (ok, failing, silent, dead) = (
+        answering(Some(204)),
+        answering(Some(500)),
+        answering(None),
+        free_port(),
+    );
+    let probes = format!(
+        r#"{{"/app-health/app/readyz": {{"httpGet": {{"port": {}, "path": "/healthz", "httpHeaders": [{{"name": "x-probe", "value": "1"}}]}}}},
+            "/app-health/app/livez": {{"tcpSocket": {{"port": {}}}}},
+            "/app-health/bad/readyz": {{"httpGet": {{"port": {}}}}},
+            "/app-health/silent/readyz": {{"httpGet": {{"port": {}}}, "timeoutSeconds": 1}},
+            "/app-health/dead/livez": {{"tcpSocket": {{"port": {}}}}}}}"#,
+        ok.port(),
+        ok.port(),
+        failing.port(),
+        silent.port(),
+        dead.port()
+    );
+    let probe_address = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_tern-proxy"))
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "--admin",
+            "127.0.0.1:0",
+        ])
+        .args(["--probe-address", &probe_address.to_string()])
+        .env("TERN_APP_PROBES", &probes)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _running = Running {
+        child,
+        admin: probe_address,
+    };
+    wait_until("the probe server", || {
+        get(probe_address, "/app-health/app/livez").is_some()
+    });
+    assert_eq!(
+        get(probe_address, "/app-health/app/readyz"),
+        Some((200, "ok\n".to_owned()))
+    );
+    assert_eq!(get(probe_address, "/app-health/app/livez").unwrap().0, 200);
+    for (path, why) in [
+        ("/app-health/bad/readyz", "answered 500"),
+        ("/app-health/silent/readyz", "no answer within"),
+        ("/app-health/dead/livez", "connecting to"),
+    ] {
+        let (status, body) = get(probe_address, path).unwrap();
+        assert_eq!(status, 503, "{path}: {body}");
+        assert!(body.contains(why), "{path}: {body}");
+    }
+    assert_eq!(
+        get(probe_address, "/app-health/other/readyz").unwrap().0,
+        404
+    );
+
+    // Bad probes stop start-up with the reason.
+    let output = Command::new(env!("CARGO_BIN_EXE_tern-proxy"))
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "--admin",
+            "127.0.0.1:0",
+        ])
+        .args(["--probe-address", "127.0.0.1:0"])
+        .env("TERN_APP_PROBES", r#"{"/app-health/x": {}}"#)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("exactly one of httpGet"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

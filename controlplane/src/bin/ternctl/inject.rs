@@ -11,6 +11,12 @@
 //! reads one config per namespace, ConfigMap `tern-proxy` (also written), made per Pod by
 //! the downward API's variables. Templates annotated `tern.dev/inject: disabled`, on the
 //! host network, or already injected are left as they are; other documents pass through.
+//!
+//! The kubelet's HTTP and TCP probes of the Pod's containers are rewritten to the sidecar's
+//! probe port, which the interception rules leave alone, and the sidecar makes each original
+//! probe against the application on loopback (`dataplane::probes`), as Istio does: the
+//! kubelet's plaintext would not pass a STRICT inbound port. `grpc`, `exec` and HTTPS
+//! probes are left as they are.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -46,6 +52,9 @@ const INJECT: &str = "tern.dev/inject";
 const INJECTED: &str = "tern.dev/injected";
 /// The UID the proxy runs as, whose connections `tern-proxy init`'s rules leave alone.
 const PROXY_UID: u64 = 1337;
+/// Where the sidecar serves the application's probes for the kubelet (Istio's port for the
+/// same); `tern-init` leaves it out of interception.
+const PROBE_PORT: u16 = 15020;
 /// Where the sidecar finds its ConfigMap and its token.
 const CONFIG_DIR: &str = "/etc/tern";
 const TOKEN_DIR: &str = "/var/run/secrets/tern";
@@ -167,10 +176,90 @@ fn inject_pod(template: &mut Value, image: &str) -> bool {
     annotations.insert("tern.dev/interception".into(), "enabled".into());
     annotations.insert(INJECTED.into(), "true".into());
     let spec = entry(pod, "spec");
+    let probes = rewrite_probes(sequence(spec, "containers"));
     let init = sequence(spec, "initContainers");
-    init.splice(0..0, [init_container(image), sidecar_container(image)]);
+    init.splice(
+        0..0,
+        [init_container(image), sidecar_container(image, &probes)],
+    );
     sequence(spec, "volumes").extend(volumes());
     true
+}
+
+/// Rewrites the containers' HTTP and TCP probes to the sidecar's probe port; returns the
+/// originals by their new path, as the sidecar reads them (`TERN_APP_PROBES`).
+fn rewrite_probes(containers: &mut [Value]) -> serde_json::Map<String, serde_json::Value> {
+    let mut originals = serde_json::Map::new();
+    for container in containers {
+        let name = container["name"].as_str().unwrap_or_default().to_owned();
+        let ports = container["ports"].clone();
+        for (field, short) in [
+            ("livenessProbe", "livez"),
+            ("readinessProbe", "readyz"),
+            ("startupProbe", "startupz"),
+        ] {
+            let Some(probe) = container.get_mut(field).and_then(Value::as_mapping_mut) else {
+                continue;
+            };
+            let Some(original) = original_probe(probe, &ports) else {
+                continue;
+            };
+            let path = format!("/app-health/{name}/{short}");
+            probe.remove("tcpSocket");
+            probe.insert(
+                "httpGet".into(),
+                yaml(&format!("{{ path: {path:?}, port: {PROBE_PORT} }}")),
+            );
+            originals.insert(path, original);
+        }
+    }
+    originals
+}
+
+/// What the sidecar makes for `probe` (an HTTP GET or a TCP connection to a port the
+/// container names or numbers), or `None` to leave it alone (`grpc`, `exec`, HTTPS, a port
+/// it cannot resolve).
+fn original_probe(probe: &Mapping, ports: &Value) -> Option<serde_json::Value> {
+    let port_of = |port: &Value| -> Option<u64> {
+        match port {
+            Value::Number(number) => number.as_u64(),
+            Value::String(text) => text.parse().ok().or_else(|| {
+                ports.as_sequence()?.iter().find_map(|p| {
+                    (p["name"].as_str() == Some(text)).then(|| p["containerPort"].as_u64())?
+                })
+            }),
+            _ => None,
+        }
+        .filter(|port| (1..=65535).contains(port))
+    };
+    let mut original = serde_json::Map::new();
+    if let Some(get) = probe.get("httpGet") {
+        if get["scheme"]
+            .as_str()
+            .is_some_and(|s| !s.eq_ignore_ascii_case("http"))
+        {
+            return None;
+        }
+        let mut http_get = serde_json::json!({
+            "port": port_of(&get["port"])?,
+            "path": get["path"].as_str().unwrap_or("/"),
+        });
+        if let Some(headers) = get["httpHeaders"].as_sequence() {
+            http_get["httpHeaders"] = serde_json::to_value(headers).ok()?;
+        }
+        original.insert("httpGet".into(), http_get);
+    } else if let Some(tcp) = probe.get("tcpSocket") {
+        original.insert(
+            "tcpSocket".into(),
+            serde_json::json!({ "port": port_of(&tcp["port"])? }),
+        );
+    } else {
+        return None;
+    }
+    if let Some(timeout) = probe.get("timeoutSeconds").and_then(Value::as_u64) {
+        original.insert("timeoutSeconds".into(), timeout.into());
+    }
+    Some(original.into())
 }
 
 /// The mapping at `key` of `map`, made if missing (or not a mapping).
@@ -204,7 +293,7 @@ fn init_container(image: &str) -> Value {
         "name: tern-init
 image: {image:?}
 command: [tern-proxy]
-args: [init]
+args: [init, --exclude-inbound-ports, \"{PROBE_PORT}\"]
 securityContext:
   runAsUser: 0
   runAsNonRoot: false
@@ -213,8 +302,8 @@ securityContext:
     ))
 }
 
-fn sidecar_container(image: &str) -> Value {
-    yaml(&format!(
+fn sidecar_container(image: &str, probes: &serde_json::Map<String, serde_json::Value>) -> Value {
+    let mut container = yaml(&format!(
         "name: tern-proxy
 image: {image:?}
 restartPolicy: Always
@@ -239,7 +328,25 @@ volumeMounts:
   - {{ name: tern-config, mountPath: {CONFIG_DIR}, readOnly: true }}
   - {{ name: tern-token, mountPath: {TOKEN_DIR}, readOnly: true }}
 "
-    ))
+    ));
+    if !probes.is_empty() {
+        let probes = serde_json::Value::Object(probes.clone()).to_string();
+        container["args"]
+            .as_sequence_mut()
+            .unwrap_or_else(|| unreachable!("fixed YAML"))
+            .extend([
+                "--probe-address".into(),
+                format!("0.0.0.0:{PROBE_PORT}").into(),
+            ]);
+        let mut variable = Mapping::new();
+        variable.insert("name".into(), "TERN_APP_PROBES".into());
+        variable.insert("value".into(), probes.into());
+        container["env"]
+            .as_sequence_mut()
+            .unwrap_or_else(|| unreachable!("fixed YAML"))
+            .push(variable.into());
+    }
+    container
 }
 
 fn volumes() -> Vec<Value> {
@@ -421,6 +528,91 @@ spec:
         assert_eq!(
             names(&report["initContainers"]),
             ["tern-init", "tern-proxy"]
+        );
+    }
+
+    #[test]
+    fn http_and_tcp_probes_go_through_the_sidecar_and_the_rest_stay() {
+        let manifest = "
+apiVersion: v1
+kind: Pod
+metadata: { name: api, namespace: shop }
+spec:
+  containers:
+    - name: api
+      image: api:1
+      ports: [{ name: http, containerPort: 8080 }]
+      readinessProbe:
+        httpGet: { path: /ready, port: http, httpHeaders: [{ name: x-probe, value: '1' }] }
+        timeoutSeconds: 3
+        periodSeconds: 5
+      livenessProbe: { tcpSocket: { port: 8080 } }
+      startupProbe: { exec: { command: [true] } }
+    - name: tls
+      image: tls:1
+      readinessProbe: { httpGet: { path: /, port: 8443, scheme: HTTPS } }
+      livenessProbe: { grpc: { port: 9090 } }
+";
+        let out = documents(&inject(manifest, &args(), ROOT).unwrap());
+        let spec = &out[0]["spec"];
+        let api = &spec["containers"][0];
+        assert_eq!(
+            api["readinessProbe"],
+            yaml(
+                "{ httpGet: { path: /app-health/api/readyz, port: 15020 }, timeoutSeconds: 3, periodSeconds: 5 }"
+            )
+        );
+        assert_eq!(
+            api["livenessProbe"],
+            yaml("{ httpGet: { path: /app-health/api/livez, port: 15020 } }")
+        );
+        assert_eq!(api["startupProbe"], yaml("{ exec: { command: [true] } }"));
+        let tls = &spec["containers"][1];
+        assert_eq!(
+            tls["readinessProbe"]["httpGet"]["port"].as_u64(),
+            Some(8443)
+        );
+        assert!(tls["livenessProbe"]["grpc"].is_mapping());
+
+        // The sidecar serves them, from what the containers said, on a port init leaves alone.
+        let init = &spec["initContainers"];
+        assert_eq!(
+            init[0]["args"],
+            yaml("[init, --exclude-inbound-ports, '15020']")
+        );
+        let sidecar = &init[1];
+        let sidecar_args = sidecar["args"].as_sequence().unwrap();
+        assert_eq!(
+            sidecar_args[sidecar_args.len() - 2..],
+            [yaml("--probe-address"), yaml("0.0.0.0:15020")]
+        );
+        let probes = sidecar["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "TERN_APP_PROBES")
+            .unwrap()["value"]
+            .as_str()
+            .unwrap();
+        let probes: serde_json::Value = serde_json::from_str(probes).unwrap();
+        assert_eq!(
+            probes,
+            serde_json::json!({
+                "/app-health/api/readyz": {
+                    "httpGet": { "port": 8080, "path": "/ready", "httpHeaders": [{ "name": "x-probe", "value": "1" }] },
+                    "timeoutSeconds": 3
+                },
+                "/app-health/api/livez": { "tcpSocket": { "port": 8080 } }
+            })
+        );
+        // Without probes to make, the sidecar serves none.
+        let out = documents(&inject(MANIFESTS, &args(), ROOT).unwrap());
+        let sidecar = &out[0]["spec"]["template"]["spec"]["initContainers"][1];
+        assert!(
+            !sidecar["args"]
+                .as_sequence()
+                .unwrap()
+                .contains(&yaml("--probe-address"))
         );
     }
 

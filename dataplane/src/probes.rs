@@ -1,0 +1,258 @@
+//! The application's probes, made by the sidecar: under STRICT mTLS the kubelet's plaintext
+//! HTTP and TCP probes could not reach the application through the inbound proxy, so `ternctl
+//! inject` rewrites them to `GET /app-health/<container>/<probe>` on this server's port (which
+//! the interception rules leave alone), and the original probe is made here, from inside the
+//! Pod, against the application on loopback: as Istio's agent does. A probe succeeds as the
+//! kubelet's would (HTTP 200–399, or a TCP connection) and answers 200; else 503, saying why.
+//!
+//! The probes come as JSON (`TERN_APP_PROBES`, written by `ternctl inject`): paths mapped to
+//! the Kubernetes probe each stands for, with its `httpGet` or `tcpSocket` (numeric port) and
+//! `timeoutSeconds`.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{Empty, Full};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+
+/// The path prefix of rewritten probes.
+pub const PREFIX: &str = "/app-health/";
+
+/// One Kubernetes probe, as the Pod spec states it (the fields Tern makes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AppProbe {
+    /// An HTTP GET.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_get: Option<HttpGet>,
+    /// A TCP connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_socket: Option<TcpSocket>,
+    /// How long the probe may take (Kubernetes' default: 1 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<u64>,
+}
+
+/// A probe's HTTP GET.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpGet {
+    /// The application's port.
+    pub port: u16,
+    /// The path (with its query).
+    #[serde(default = "root")]
+    pub path: String,
+    /// Headers to send.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub http_headers: Vec<Header>,
+}
+
+/// A header of a probe's request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    /// Its name.
+    pub name: String,
+    /// Its value.
+    pub value: String,
+}
+
+/// A probe's TCP connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpSocket {
+    /// The application's port.
+    pub port: u16,
+}
+
+fn root() -> String {
+    "/".to_owned()
+}
+
+/// The probes, by path.
+pub type AppProbes = BTreeMap<String, AppProbe>;
+
+/// Why the probes could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbesError {
+    /// Not JSON of the expected shape.
+    #[error("the application probes (TERN_APP_PROBES) are not valid: {0}")]
+    Json(#[from] serde_json::Error),
+    /// A probe that is neither `httpGet` nor `tcpSocket`, or both.
+    #[error("application probe {0}: exactly one of httpGet and tcpSocket is needed")]
+    Kind(String),
+    /// A path outside [`PREFIX`].
+    #[error("application probe {0}: its path must start with {PREFIX}")]
+    Path(String),
+}
+
+/// Reads the probes from their JSON.
+pub fn parse(json: &str) -> Result<AppProbes, ProbesError> {
+    let probes: AppProbes = serde_json::from_str(json)?;
+    for (path, probe) in &probes {
+        if !path.starts_with(PREFIX) {
+            return Err(ProbesError::Path(path.clone()));
+        }
+        if probe.http_get.is_some() == probe.tcp_socket.is_some() {
+            return Err(ProbesError::Kind(path.clone()));
+        }
+    }
+    Ok(probes)
+}
+
+/// Serves the probes on `listener` from a thread of its own, for the life of the process.
+pub fn spawn(
+    listener: std::net::TcpListener,
+    probes: AppProbes,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    listener.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("tern-probes".into())
+        .spawn(move || {
+            let probes = Arc::new(probes);
+            let served: std::io::Result<()> = runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                loop {
+                    let (stream, _) = match listener.accept().await {
+                        Ok(accepted) => accepted,
+                        Err(error) => {
+                            tracing::warn!(%error, "probe server accept failed");
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            continue;
+                        }
+                    };
+                    let probes = probes.clone();
+                    tokio::spawn(async move {
+                        let service = hyper::service::service_fn(move |request: Request<_>| {
+                            let probes = probes.clone();
+                            async move {
+                                Ok::<_, Infallible>(answer(&probes, request.uri().path()).await)
+                            }
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    });
+                }
+            });
+            if let Err(error) = served {
+                tracing::error!(%error, "probe server failed");
+            }
+        })
+}
+
+/// The answer to a probe of `path`.
+async fn answer(probes: &AppProbes, path: &str) -> Response<Full<Bytes>> {
+    let (status, body) = match probes.get(path) {
+        None => (StatusCode::NOT_FOUND, format!("no probe at {path}\n")),
+        Some(probe) => match run(probe).await {
+            Ok(()) => (StatusCode::OK, "ok\n".to_owned()),
+            Err(why) => {
+                tracing::debug!(path, %why, "application probe failed");
+                (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n"))
+            }
+        },
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+}
+
+/// Makes one probe against the application on loopback.
+async fn run(probe: &AppProbe) -> Result<(), String> {
+    let timeout = Duration::from_secs(probe.timeout_seconds.unwrap_or(1).max(1));
+    let attempt = async {
+        if let Some(tcp) = &probe.tcp_socket {
+            connect(tcp.port).await.map(drop)
+        } else if let Some(get) = &probe.http_get {
+            http_get(get).await
+        } else {
+            Err("neither httpGet nor tcpSocket".to_owned())
+        }
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
+}
+
+async fn connect(port: u16) -> Result<tokio::net::TcpStream, String> {
+    let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    tokio::net::TcpStream::connect(address)
+        .await
+        .map_err(|error| format!("connecting to {address}: {error}"))
+}
+
+async fn http_get(get: &HttpGet) -> Result<(), String> {
+    let stream = connect(get.port).await?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|error| format!("HTTP to port {}: {error}", get.port))?;
+    tokio::spawn(connection);
+    let mut request = Request::get(&get.path)
+        .header("host", format!("127.0.0.1:{}", get.port))
+        .header("user-agent", "kube-probe/tern");
+    for header in &get.http_headers {
+        request = request.header(&header.name, &header.value);
+    }
+    let request = request
+        .body(Empty::<Bytes>::new())
+        .map_err(|error| format!("probe request for {}: {error}", get.path))?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|error| format!("GET {} on port {}: {error}", get.path, get.port))?;
+    let status = response.status().as_u16();
+    if (200..400).contains(&status) {
+        Ok(())
+    } else {
+        Err(format!(
+            "GET {} on port {} answered {status}",
+            get.path, get.port
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probes_are_read_and_checked() {
+        let probes = parse(
+            r#"{"/app-health/app/readyz": {"httpGet": {"port": 8080, "path": "/healthz"}, "timeoutSeconds": 3},
+                "/app-health/app/livez": {"tcpSocket": {"port": 8080}}}"#,
+        )
+        .unwrap();
+        assert_eq!(probes.len(), 2);
+        assert_eq!(
+            probes["/app-health/app/readyz"]
+                .http_get
+                .as_ref()
+                .unwrap()
+                .path,
+            "/healthz"
+        );
+        for (bad, expected) in [
+            (r#"{"/app-health/x": {}}"#, "exactly one"),
+            (
+                r#"{"/app-health/x": {"tcpSocket": {"port": 1}, "httpGet": {"port": 1}}}"#,
+                "exactly one",
+            ),
+            (r#"{"/x": {"tcpSocket": {"port": 1}}}"#, "must start with"),
+            (
+                r#"{"/app-health/x": {"tcpSocket": {"port": "http"}}}"#,
+                "not valid",
+            ),
+        ] {
+            let error = parse(bad).unwrap_err().to_string();
+            assert!(error.contains(expected), "{bad}: {error}");
+        }
+    }
+}
