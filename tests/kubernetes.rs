@@ -530,20 +530,17 @@ fn a_sidecar_started_as_ternctl_inject_writes_it_is_certified_configured_and_rea
                 a.as_str()
                     .unwrap()
                     .replace("/etc/tern", &mounted.display().to_string())
-                    .replace("0.0.0.0:15020", &probe_address)
+                    .replace("[::]:15020", &probe_address)
             })
             .collect()
     };
     let admin = format!("127.0.0.1:{}", free_port());
-    let mut command = std::process::Command::new(tests::binary("tern-proxy"));
-    command
-        .args(strings(&sidecar["args"]))
-        .env("TERN_ADMIN", &admin)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
+    // The container's environment, as the kubelet sets it (`$$` is a `$`).
+    let mut environment = vec![("TERN_ADMIN".to_owned(), admin.clone())];
     for variable in sidecar["env"].as_array().unwrap() {
+        let name = variable["name"].as_str().unwrap().to_owned();
         if let Some(value) = variable["value"].as_str() {
-            command.env(variable["name"].as_str().unwrap(), value);
+            environment.push((name, value.replace("$$", "$")));
             continue;
         }
         let field = variable["valueFrom"]["fieldRef"]["fieldPath"]
@@ -555,17 +552,25 @@ fn a_sidecar_started_as_ternctl_inject_writes_it_is_certified_configured_and_rea
             "spec.serviceAccountName" => &injected["spec"]["serviceAccountName"],
             other => panic!("a field the test does not set: {other}"),
         };
-        command.env(variable["name"].as_str().unwrap(), value.as_str().unwrap());
+        environment.push((name, value.as_str().unwrap().to_owned()));
     }
-    let _running = KillOnDrop(command.spawn().unwrap());
+    let _running = KillOnDrop(
+        std::process::Command::new(tests::binary("tern-proxy"))
+            .args(strings(&sidecar["args"]))
+            .envs(environment.iter().map(|(k, v)| (k, v)))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
 
-    // The startup probe, as the kubelet runs it.
+    // The startup probe, as the kubelet runs it: in the container, with its environment.
     let probe = strings(&sidecar["startupProbe"]["exec"]["command"]);
     assert_eq!(probe[0], "tern-proxy");
     eventually(Duration::from_secs(20), "the startup probe to pass", || {
         std::process::Command::new(tests::binary("tern-proxy"))
             .args(&probe[1..])
-            .env("TERN_ADMIN", &admin)
+            .envs(environment.iter().map(|(k, v)| (k, v)))
             .stderr(std::process::Stdio::null())
             .status()
             .unwrap()

@@ -339,6 +339,23 @@ fn cannot_rekey() -> io::Error {
     )
 }
 
+impl<S: Stream> KernelTls<S> {
+    /// Reads the next record the ordinary way into the empty `pipe`, for a splice that could
+    /// not take it: 0 for close_notify, an error for a truncation, else its data (not
+    /// expected, but never lost).
+    async fn read_into(&self, pipe: std::os::fd::BorrowedFd<'_>) -> io::Result<usize> {
+        let (read, buf) = self.read(Vec::with_capacity(MAX_FRAGMENT)).await;
+        let n = read?;
+        if n > 0 {
+            let written = rustix::io::write(pipe, &buf[..n])?;
+            if written < n {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+        }
+        Ok(n)
+    }
+}
+
 impl<S: Stream> Stream for KernelTls<S> {
     async fn read(&self, mut buf: Vec<u8>) -> BufResult<usize> {
         {
@@ -449,25 +466,11 @@ impl<S: Stream> Stream for KernelTls<S> {
     ) -> io::Result<usize> {
         match self.inner.splice_to_pipe(pipe, len).await {
             // The kernel splices only application data; the next record is a control record
-            // (close_notify, say): read it the ordinary way.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                let (read, buf) = self.read(Vec::with_capacity(MAX_FRAGMENT)).await;
-                let n = read?;
-                if n > 0 {
-                    // Not expected, but never lose bytes: the empty pipe takes a record.
-                    let written = rustix::io::write(pipe, &buf[..n])?;
-                    if written < n {
-                        return Err(io::ErrorKind::WriteZero.into());
-                    }
-                }
-                Ok(n)
-            }
-            // The kernel splices application data up to the TCP end of stream, which is a
-            // clean end only after close_notify (which comes as a control record, above).
-            Ok(0) => Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "peer closed without TLS close_notify",
-            )),
+            // (close_notify, say): read it the ordinary way. Nothing spliced is the TCP end of
+            // stream (or an empty record): also read the ordinary way, which tells
+            // close_notify, a truncation and data apart.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.read_into(pipe).await,
+            Ok(0) => self.read_into(pipe).await,
             result => result,
         }
     }

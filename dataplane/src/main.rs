@@ -45,12 +45,13 @@ struct Args {
     #[arg(long, env = "TERN_LOG", default_value = "info")]
     log: String,
     /// Where to serve the application's probes (`--app-probes`), for the kubelet: a port
-    /// `tern-proxy init` leaves alone (`ternctl inject` uses 15020).
-    #[arg(long, env = "TERN_PROBE_ADDRESS", requires = "app_probes")]
+    /// `tern-proxy init` leaves alone (`ternctl inject` uses 15020). `[::]` falls back to
+    /// `0.0.0.0` where the kernel has no IPv6.
+    #[arg(long, env = "TERN_PROBE_ADDRESS")]
     probe_address: Option<SocketAddr>,
     /// The application's probes, rewritten to this proxy by `ternctl inject` (JSON: paths
     /// under /app-health/ mapped to Kubernetes probes).
-    #[arg(long, env = "TERN_APP_PROBES", requires = "probe_address")]
+    #[arg(long, env = "TERN_APP_PROBES")]
     app_probes: Option<String>,
 }
 
@@ -223,12 +224,18 @@ fn main() -> anyhow::Result<()> {
         admin: args.admin,
         drain_deadline: args.drain_deadline,
     };
-    if let (Some(address), Some(probes)) = (args.probe_address, &args.app_probes) {
-        let probes = dataplane::probes::parse(probes)?;
-        let listener = std::net::TcpListener::bind(address)
-            .with_context(|| format!("binding the probe server to {address}"))?;
-        tracing::info!(%address, probes = probes.len(), "serving the application's probes");
-        dataplane::probes::spawn(listener, probes).context("starting the probe server")?;
+    // Checked here, not by clap: `wait-ready`, run in the same container, sees the same
+    // variables and must not be refused for them.
+    match (args.probe_address, &args.app_probes) {
+        (Some(address), Some(probes)) => {
+            let probes = dataplane::probes::parse(probes)?;
+            let listener = dataplane::probes::bind(address)
+                .with_context(|| format!("binding the probe server to {address}"))?;
+            tracing::info!(%address, probes = probes.len(), "serving the application's probes");
+            dataplane::probes::spawn(listener, probes).context("starting the probe server")?;
+        }
+        (None, None) => {}
+        _ => anyhow::bail!("--probe-address and --app-probes go together"),
     }
     let proxy = Proxy::start(config, &config_path.display().to_string(), options)?;
     tracing::info!(listeners = ?proxy.control().addresses(), "ready");

@@ -58,7 +58,8 @@ pub struct HttpGet {
 pub struct Header {
     /// Its name.
     pub name: String,
-    /// Its value.
+    /// Its value (Kubernetes allows none: empty).
+    #[serde(default)]
     pub value: String,
 }
 
@@ -104,6 +105,27 @@ pub fn parse(json: &str) -> Result<AppProbes, ProbesError> {
     Ok(probes)
 }
 
+/// Most probe connections served at once: the port is outside interception, open to the
+/// Pod's network, so what it takes is bounded.
+const MAX_CONNECTIONS: usize = 64;
+/// Longest a probe connection is kept (a kubelet sends one request and closes).
+const CONNECTION_LIMIT: Duration = Duration::from_secs(60);
+
+/// Binds the probe server's socket at `address`; `[::]` falls back to `0.0.0.0` where the
+/// kernel has no IPv6.
+pub fn bind(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    match std::net::TcpListener::bind(address) {
+        Err(error)
+            if address.ip().is_ipv6()
+                && address.ip().is_unspecified()
+                && error.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
+        {
+            std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, address.port()))
+        }
+        bound => bound,
+    }
+}
+
 /// Serves the probes on `listener` from a thread of its own, for the life of the process.
 pub fn spawn(
     listener: std::net::TcpListener,
@@ -117,9 +139,13 @@ pub fn spawn(
         .name("tern-probes".into())
         .spawn(move || {
             let probes = Arc::new(probes);
+            let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
             let served: std::io::Result<()> = runtime.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener)?;
                 loop {
+                    let Ok(slot) = slots.clone().acquire_owned().await else {
+                        return Ok(());
+                    };
                     let (stream, _) = match listener.accept().await {
                         Ok(accepted) => accepted,
                         Err(error) => {
@@ -130,15 +156,19 @@ pub fn spawn(
                     };
                     let probes = probes.clone();
                     tokio::spawn(async move {
+                        let _slot = slot;
                         let service = hyper::service::service_fn(move |request: Request<_>| {
                             let probes = probes.clone();
                             async move {
                                 Ok::<_, Infallible>(answer(&probes, request.uri().path()).await)
                             }
                         });
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(stream), service)
-                            .await;
+                        let connection = hyper::server::conn::http1::Builder::new()
+                            .timer(hyper_util::rt::TokioTimer::new())
+                            .header_read_timeout(Duration::from_secs(5))
+                            .keep_alive(false)
+                            .serve_connection(TokioIo::new(stream), service);
+                        let _ = tokio::time::timeout(CONNECTION_LIMIT, connection).await;
                     });
                 }
             });
@@ -182,28 +212,52 @@ async fn run(probe: &AppProbe) -> Result<(), String> {
         .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
 }
 
+/// A connection to the application's `port` on loopback: IPv4, else IPv6 (an application
+/// may listen on either alone).
 async fn connect(port: u16) -> Result<tokio::net::TcpStream, String> {
-    let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    tokio::net::TcpStream::connect(address)
-        .await
-        .map_err(|error| format!("connecting to {address}: {error}"))
+    let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    match tokio::net::TcpStream::connect(v4).await {
+        Ok(stream) => Ok(stream),
+        Err(error) => {
+            let v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port));
+            tokio::net::TcpStream::connect(v6)
+                .await
+                .map_err(|_| format!("connecting to {v4}: {error}"))
+        }
+    }
 }
 
 async fn http_get(get: &HttpGet) -> Result<(), String> {
+    // The probe's own headers, then the kubelet's defaults for those it does not set.
+    let mut headers = hyper::HeaderMap::new();
+    for header in &get.http_headers {
+        let name = hyper::header::HeaderName::from_bytes(header.name.as_bytes());
+        let value = hyper::header::HeaderValue::from_str(&header.value);
+        let (Ok(name), Ok(value)) = (name, value) else {
+            return Err(format!("probe header {:?} is not valid", header.name));
+        };
+        headers.append(name, value);
+    }
+    for (name, value) in [
+        (hyper::header::HOST, format!("127.0.0.1:{}", get.port)),
+        (hyper::header::USER_AGENT, "kube-probe/tern".to_owned()),
+        (hyper::header::ACCEPT, "*/*".to_owned()),
+    ] {
+        if !headers.contains_key(&name)
+            && let Ok(value) = hyper::header::HeaderValue::from_str(&value)
+        {
+            headers.insert(name, value);
+        }
+    }
+    let mut request = Request::get(&get.path)
+        .body(Empty::<Bytes>::new())
+        .map_err(|error| format!("probe request for {}: {error}", get.path))?;
+    *request.headers_mut() = headers;
     let stream = connect(get.port).await?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|error| format!("HTTP to port {}: {error}", get.port))?;
     tokio::spawn(connection);
-    let mut request = Request::get(&get.path)
-        .header("host", format!("127.0.0.1:{}", get.port))
-        .header("user-agent", "kube-probe/tern");
-    for header in &get.http_headers {
-        request = request.header(&header.name, &header.value);
-    }
-    let request = request
-        .body(Empty::<Bytes>::new())
-        .map_err(|error| format!("probe request for {}: {error}", get.path))?;
     let response = sender
         .send_request(request)
         .await

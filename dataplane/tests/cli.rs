@@ -506,5 +506,19 @@ fn the_applications_probes_are_made_by_the_proxy() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("exactly one of httpGet"), "{stderr}");
+    // Probes without an address (or the other way round) are refused too.
+    let output = Command::new(env!("CARGO_BIN_EXE_tern-proxy"))
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "--admin",
+            "127.0.0.1:0",
+        ])
+        .args(["--probe-address", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("go together"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }

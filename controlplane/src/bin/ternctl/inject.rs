@@ -180,7 +180,10 @@ fn inject_pod(template: &mut Value, image: &str) -> bool {
     let init = sequence(spec, "initContainers");
     init.splice(
         0..0,
-        [init_container(image), sidecar_container(image, &probes)],
+        [
+            init_container(image, !probes.is_empty()),
+            sidecar_container(image, &probes),
+        ],
     );
     sequence(spec, "volumes").extend(volumes());
     true
@@ -217,8 +220,8 @@ fn rewrite_probes(containers: &mut [Value]) -> serde_json::Map<String, serde_jso
 }
 
 /// What the sidecar makes for `probe` (an HTTP GET or a TCP connection to a port the
-/// container names or numbers), or `None` to leave it alone (`grpc`, `exec`, HTTPS, a port
-/// it cannot resolve).
+/// container names or numbers), or `None` to leave it alone (`grpc`, `exec`, HTTPS, another
+/// `host`, a port it cannot resolve).
 fn original_probe(probe: &Mapping, ports: &Value) -> Option<serde_json::Value> {
     let port_of = |port: &Value| -> Option<u64> {
         match port {
@@ -233,22 +236,30 @@ fn original_probe(probe: &Mapping, ports: &Value) -> Option<serde_json::Value> {
         .filter(|port| (1..=65535).contains(port))
     };
     let mut original = serde_json::Map::new();
+    let elsewhere = |action: &Value| action["host"].as_str().is_some_and(|h| !h.is_empty());
     if let Some(get) = probe.get("httpGet") {
         if get["scheme"]
             .as_str()
             .is_some_and(|s| !s.eq_ignore_ascii_case("http"))
+            || elsewhere(get)
         {
             return None;
         }
-        let mut http_get = serde_json::json!({
-            "port": port_of(&get["port"])?,
-            "path": get["path"].as_str().unwrap_or("/"),
-        });
+        // As the kubelet reads a path: `/` when empty, rooted when not.
+        let path = get["path"].as_str().unwrap_or_default();
+        let path = if path.starts_with('/') {
+            path.to_owned()
+        } else {
+            format!("/{path}")
+        };
+        let mut http_get = serde_json::json!({ "port": port_of(&get["port"])?, "path": path });
         if let Some(headers) = get["httpHeaders"].as_sequence() {
             http_get["httpHeaders"] = serde_json::to_value(headers).ok()?;
         }
         original.insert("httpGet".into(), http_get);
-    } else if let Some(tcp) = probe.get("tcpSocket") {
+    } else if let Some(tcp) = probe.get("tcpSocket")
+        && !elsewhere(tcp)
+    {
         original.insert(
             "tcpSocket".into(),
             serde_json::json!({ "port": port_of(&tcp["port"])? }),
@@ -288,12 +299,18 @@ fn yaml(text: &str) -> Value {
     serde_yaml::from_str(text).unwrap_or_else(|e| unreachable!("fixed YAML: {e}"))
 }
 
-fn init_container(image: &str) -> Value {
+/// `tern-init`; with `probes`, the sidecar's probe port is left out of interception.
+fn init_container(image: &str, probes: bool) -> Value {
+    let args = if probes {
+        format!("[init, --exclude-inbound-ports, \"{PROBE_PORT}\"]")
+    } else {
+        "[init]".to_owned()
+    };
     yaml(&format!(
         "name: tern-init
 image: {image:?}
 command: [tern-proxy]
-args: [init, --exclude-inbound-ports, \"{PROBE_PORT}\"]
+args: {args}
 securityContext:
   runAsUser: 0
   runAsNonRoot: false
@@ -330,13 +347,16 @@ volumeMounts:
 "
     ));
     if !probes.is_empty() {
-        let probes = serde_json::Value::Object(probes.clone()).to_string();
+        // The kubelet expands `$(VAR)` in a variable's value; `$$` is a `$`.
+        let probes = serde_json::Value::Object(probes.clone())
+            .to_string()
+            .replace('$', "$$");
         container["args"]
             .as_sequence_mut()
             .unwrap_or_else(|| unreachable!("fixed YAML"))
             .extend([
                 "--probe-address".into(),
-                format!("0.0.0.0:{PROBE_PORT}").into(),
+                format!("[::]:{PROBE_PORT}").into(),
             ]);
         let mut variable = Mapping::new();
         variable.insert("name".into(), "TERN_APP_PROBES".into());
@@ -552,6 +572,10 @@ spec:
       image: tls:1
       readinessProbe: { httpGet: { path: /, port: 8443, scheme: HTTPS } }
       livenessProbe: { grpc: { port: 9090 } }
+      startupProbe: { httpGet: { host: 10.0.0.9, port: 80 } }
+    - name: plain
+      image: plain:1
+      readinessProbe: { httpGet: { path: 'ready?$(x)', port: '81' } }
 ";
         let out = documents(&inject(manifest, &args(), ROOT).unwrap());
         let spec = &out[0]["spec"];
@@ -573,6 +597,8 @@ spec:
             Some(8443)
         );
         assert!(tls["livenessProbe"]["grpc"].is_mapping());
+        // A probe of another host is the kubelet's to make.
+        assert_eq!(tls["startupProbe"]["httpGet"]["host"], "10.0.0.9");
 
         // The sidecar serves them, from what the containers said, on a port init leaves alone.
         let init = &spec["initContainers"];
@@ -584,7 +610,7 @@ spec:
         let sidecar_args = sidecar["args"].as_sequence().unwrap();
         assert_eq!(
             sidecar_args[sidecar_args.len() - 2..],
-            [yaml("--probe-address"), yaml("0.0.0.0:15020")]
+            [yaml("--probe-address"), yaml("'[::]:15020'")]
         );
         let probes = sidecar["env"]
             .as_sequence()
@@ -594,7 +620,9 @@ spec:
             .unwrap()["value"]
             .as_str()
             .unwrap();
-        let probes: serde_json::Value = serde_json::from_str(probes).unwrap();
+        // Written as the kubelet reads it: `$$` for each `$`, which it does not expand.
+        assert!(probes.contains("?$$(x)"), "{probes}");
+        let probes: serde_json::Value = serde_json::from_str(&probes.replace("$$", "$")).unwrap();
         assert_eq!(
             probes,
             serde_json::json!({
@@ -602,11 +630,16 @@ spec:
                     "httpGet": { "port": 8080, "path": "/ready", "httpHeaders": [{ "name": "x-probe", "value": "1" }] },
                     "timeoutSeconds": 3
                 },
-                "/app-health/api/livez": { "tcpSocket": { "port": 8080 } }
+                "/app-health/api/livez": { "tcpSocket": { "port": 8080 } },
+                "/app-health/plain/readyz": { "httpGet": { "port": 81, "path": "/ready?$(x)" } }
             })
         );
-        // Without probes to make, the sidecar serves none.
+        // Without probes to make, the sidecar serves none and its port is intercepted.
         let out = documents(&inject(MANIFESTS, &args(), ROOT).unwrap());
+        assert_eq!(
+            out[0]["spec"]["template"]["spec"]["initContainers"][0]["args"],
+            yaml("[init]")
+        );
         let sidecar = &out[0]["spec"]["template"]["spec"]["initContainers"][1];
         assert!(
             !sidecar["args"]
