@@ -1,11 +1,12 @@
 //! `ternctl inject`: adds Tern's sidecar to the Pods of Kubernetes manifests, as `linkerd
 //! inject` and `istioctl kube-inject` do, for `kubectl apply`.
 //!
-//! Each Pod template (a Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet, Job or CronJob)
-//! gets two init containers ahead of its own: `tern-init` (`tern-proxy init`: the Pod's
-//! interception rules, with `NET_ADMIN`) and `tern-proxy`, a native sidecar (an init
-//! container with `restartPolicy: Always`, Kubernetes 1.29+) whose startup probe holds the
-//! Pod's other containers until the proxy is ready, and which the kubelet stops once they
+//! Each Pod template (a Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet, Job or CronJob,
+//! alone or among the items of a `List`) gets two init containers ahead of its own:
+//! `tern-init` (`tern-proxy init`: the Pod's interception rules, with `NET_ADMIN`) and
+//! `tern-proxy`, a native sidecar (an init container with `restartPolicy: Always`,
+//! Kubernetes 1.29+) whose startup probe holds the Pod's other containers until the proxy
+//! is ready, and which the kubelet stops once they
 //! have ended, so a Job completes. The proxy runs as UID 1337 (which the rules leave alone),
 //! proves its identity with the Pod's ServiceAccount token projected for `tern-control`, and
 //! reads one config per namespace, ConfigMap `tern-proxy` (also written), made per Pod by
@@ -93,12 +94,7 @@ pub fn inject(text: &str, args: &InjectArgs, root: &str) -> anyhow::Result<Strin
             continue;
         }
         file_modes_as_yaml_1_1(&mut value);
-        let namespace = value["metadata"]["namespace"].as_str().map(str::to_owned);
-        if let Some(template) = pod_template(&mut value)
-            && inject_pod(template, &args.proxy_image)
-        {
-            namespaces.insert(namespace);
-        }
+        inject_object(&mut value, &args.proxy_image, &mut namespaces);
         documents.push(value);
     }
     let mut out = String::new();
@@ -139,6 +135,25 @@ fn file_modes_as_yaml_1_1(value: &mut Value) {
         Value::Sequence(items) => items.iter_mut().for_each(file_modes_as_yaml_1_1),
         Value::Tagged(tagged) => file_modes_as_yaml_1_1(&mut tagged.value),
         _ => {}
+    }
+}
+
+/// Injects the Pod template of `value`, or of each item of a `List` (as `kubectl get -o yaml`
+/// writes several objects), noting the namespaces injected in.
+fn inject_object(value: &mut Value, image: &str, namespaces: &mut BTreeSet<Option<String>>) {
+    if value["kind"].as_str() == Some("List") {
+        if let Some(items) = value.get_mut("items").and_then(Value::as_sequence_mut) {
+            for item in items {
+                inject_object(item, image, namespaces);
+            }
+        }
+        return;
+    }
+    let namespace = value["metadata"]["namespace"].as_str().map(str::to_owned);
+    if let Some(template) = pod_template(value)
+        && inject_pod(template, image)
+    {
+        namespaces.insert(namespace);
     }
 }
 
@@ -647,6 +662,26 @@ spec:
                 .unwrap()
                 .contains(&yaml("--probe-address"))
         );
+    }
+
+    #[test]
+    fn the_items_of_a_list_are_injected_as_documents_are() {
+        let list = format!(
+            "apiVersion: v1\nkind: List\nitems:\n{}",
+            MANIFESTS
+                .split("\n---\n")
+                .map(|document| format!(
+                    "  - {}\n",
+                    serde_json::to_string(&yaml(document)).unwrap()
+                ))
+                .collect::<String>()
+        );
+        let listed = documents(&inject(&list, &args(), ROOT).unwrap());
+        let separate = documents(&inject(MANIFESTS, &args(), ROOT).unwrap());
+        // The list, then the same ConfigMaps; its items as the documents came out.
+        assert_eq!(listed.len(), 3);
+        assert_eq!(listed[0]["items"].as_sequence().unwrap()[..], separate[..5]);
+        assert_eq!(listed[1..], separate[5..]);
     }
 
     #[test]
