@@ -29,11 +29,17 @@ const CERTIFY_ERROR: &str = "tern_identity_certify_total{result=\"error\"}";
 const REVIEWS_TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.reviews-for-tern-control.sig";
 
 /// The collections the fake serves: (apiVersion, plural).
-const SERVED: [(&str, &str); 4] = [
+/// What the fake API server serves: everything Tern reads but GRPCRoute (Gateway API's CRDs
+/// may be missing in part).
+const SERVED: [(&str, &str); 8] = [
     ("v1", "services"),
     ("v1", "pods"),
     ("discovery.k8s.io/v1", "endpointslices"),
     ("gateway.networking.k8s.io/v1", "httproutes"),
+    ("tern.dev/v1alpha1", "meshes"),
+    ("tern.dev/v1alpha1", "mtlspolicies"),
+    ("tern.dev/v1alpha1", "backendpolicies"),
+    ("tern.dev/v1alpha1", "authorizationpolicies"),
 ];
 
 fn object(yaml: &str) -> Value {
@@ -443,15 +449,35 @@ fn a_kind_the_api_server_does_not_serve_is_asked_for_again_less_and_less_often()
         Duration::from_secs(3600),
         kubernetes(&api.url, Duration::from_secs(20)),
     );
-    let meshes = "/apis/tern.dev/v1alpha1/meshes";
-    eventually(Duration::from_secs(10), "Mesh asked for again", || {
-        api.requests(meshes, "") >= 3
+    let routes = "/apis/gateway.networking.k8s.io/v1/grpcroutes";
+    eventually(Duration::from_secs(10), "GRPCRoute asked for again", || {
+        api.requests(routes, "") >= 3
     });
     std::thread::sleep(Duration::from_secs(7).saturating_sub(started.elapsed()));
     // Retries 0.8 s, 1.6 s, 3.2 s apart: at 0, 0.8, 2.4 and 5.6 s. A fixed 0.8 s would
     // have asked eight times or more by now.
-    let asked = api.requests(meshes, "");
+    let asked = api.requests(routes, "");
     assert!((3..=5).contains(&asked), "asked {asked} times in 7 s");
+}
+
+/// Tern's own kinds must be listed: an API server that answers 404 for AuthorizationPolicy
+/// (its CRD not installed, or not ready yet after a restart) does not get a mesh started
+/// without its policies; tern-control says what is missing and does not start.
+#[test]
+fn tern_control_does_not_start_without_its_own_kinds() {
+    let api = ApiServer::start(&SERVED[..7]);
+    let mut control = TestControlPlane::start(Duration::from_secs(3600));
+    control.source = kubernetes(&api.url, Duration::from_secs(3));
+    let error = control
+        .try_restart()
+        .expect_err("AuthorizationPolicy is not served");
+    assert!(
+        error
+            .to_string()
+            .contains("the API server did not list every kind Tern reads within 3s"),
+        "{error:#}"
+    );
+    assert!(api.requests("/apis/tern.dev/v1alpha1/authorizationpolicies", "") >= 2);
 }
 
 #[test]

@@ -3,10 +3,11 @@
 //! document is ([`super::source::parse_value`]), so both sources refuse and report alike.
 //!
 //! The first [`Source::next`] resolves once every kind has been listed, so proxies are never
-//! served the empty config of a control plane that has not read the cluster yet. A kind the
-//! API server does not serve at start (Gateway API's or Tern's CRDs not installed: 404)
-//! counts as listed and empty, and keeps being retried, so installing the CRDs later is
-//! picked up. A watch or list that fails later, a 404 included (a CRD version no longer
+//! served the empty config of a control plane that has not read the cluster yet. A Gateway
+//! API kind the API server does not serve at start (its CRDs not installed: 404) counts as
+//! listed and empty, and keeps being retried, so installing the CRDs later is picked up;
+//! Tern's own kinds and the core ones must be listed (fail closed: a 404 for
+//! AuthorizationPolicy must not start a mesh without policies). A watch or list that fails later, a 404 included (a CRD version no longer
 //! served during an upgrade), keeps what it last saw, with a warning; objects go only when
 //! the API server says they were deleted or a relist no longer holds them. Failures are
 //! retried after 0.8 s, doubling to 30 s, until the watch makes progress again (kube-rs'
@@ -181,7 +182,7 @@ impl Cluster {
                 kind.recovered();
                 kind.objects.remove(&key(&object)).is_some()
             }
-            Err(error) if not_served(&error) && !kind.listed => {
+            Err(error) if not_served(&error) && !kind.listed && optional(resource) => {
                 tracing::warn!(kind = %resource.kind, api_version = %resource.api_version, "not served by the API server (is its CRD installed?): taken as empty, and asked again with backoff");
                 kind.failing = true;
                 kind.listed = true;
@@ -189,7 +190,9 @@ impl Cluster {
                 false
             }
             Err(error) => {
-                if !kind.failing {
+                if !kind.failing && not_served(&error) && !kind.listed {
+                    tracing::warn!(kind = %resource.kind, api_version = %resource.api_version, "not served by the API server: Tern's CRDs must be installed (deploy/crds/tern.dev.yaml); nothing is served until this kind is listed");
+                } else if !kind.failing {
                     tracing::warn!(kind = %resource.kind, api_version = %resource.api_version, %error, "watching the API server failed; what was last seen stays in use, retrying with backoff");
                 }
                 kind.failing = true;
@@ -219,6 +222,14 @@ fn resources() -> Vec<ApiResource> {
             ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
         })
         .collect()
+}
+
+/// Whether a kind may be missing from the cluster and taken as empty: Gateway API's, whose
+/// CRDs a cluster may not have. Tern's own kinds (policies among them) and the core kinds
+/// must be listed, so that an API server answering 404 for a moment (a restart, before its
+/// CRD handlers are ready) cannot start the mesh with no policies.
+fn optional(resource: &ApiResource) -> bool {
+    resource.group == "gateway.networking.k8s.io"
 }
 
 /// Whether the API server does not serve the kind at all (its CRD is not installed).
@@ -393,6 +404,37 @@ mod tests {
             assert!(given_up.await.is_err());
             let first = tokio::time::timeout(std::time::Duration::from_secs(5), cluster.next());
             assert_eq!(first.await.unwrap().objects.len(), 1);
+        });
+    }
+
+    #[test]
+    fn a_tern_kind_not_served_keeps_the_first_update_waiting() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (events, receiver) = mpsc::channel(64);
+            let mut cluster = Cluster::fed_by(receiver, resources());
+            let policies = KINDS
+                .iter()
+                .position(|k| k.2 == "AuthorizationPolicy")
+                .unwrap();
+            for kind in 0..KINDS.len() {
+                if kind == policies || kind == GRPC_ROUTES {
+                    events.send((kind, not_found())).await.unwrap();
+                    continue;
+                }
+                events.send((kind, Ok(Event::Init))).await.unwrap();
+                events.send((kind, Ok(Event::InitDone))).await.unwrap();
+            }
+            let early = tokio::time::timeout(std::time::Duration::from_millis(300), cluster.next());
+            assert!(early.await.is_err(), "resolved without AuthorizationPolicy");
+            // Listed once its CRD is served.
+            events.send((policies, Ok(Event::Init))).await.unwrap();
+            events.send((policies, Ok(Event::InitDone))).await.unwrap();
+            let first = tokio::time::timeout(std::time::Duration::from_secs(5), cluster.next());
+            assert!(first.await.is_ok());
         });
     }
 
