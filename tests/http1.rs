@@ -3,8 +3,7 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tests::client::{self, Conn};
@@ -270,49 +269,13 @@ fn a_response_the_upstream_breaks_off_ends_in_a_reset(backend: BackendChoice) {
     );
 }
 
-/// An upstream that answers every request on a connection with `pieces`, written one at a
-/// time with a pause between, so the proxy reads the response in several parts; counts the
-/// connections it accepted.
-fn piecewise_upstream(pieces: &'static [&'static [u8]]) -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = accepted.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { return };
-            counter.fetch_add(1, Ordering::SeqCst);
-            std::thread::spawn(move || {
-                let mut request = Vec::new();
-                let mut buf = [0u8; 1024];
-                loop {
-                    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match std::io::Read::read(&mut stream, &mut buf) {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => request.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    request.clear();
-                    for piece in pieces {
-                        if stream.write_all(piece).is_err() {
-                            return;
-                        }
-                        std::thread::sleep(Duration::from_millis(15));
-                    }
-                }
-            });
-        }
-    });
-    (addr, accepted)
-}
-
 /// HTTP/1.0 has no chunked encoding (RFC 9112 §7.1), and a server must not send it one; an
 /// upstream that does anyway has its response reach the HTTP/1.0 client as the data alone,
 /// ended by the close (even for a client that asked to keep the connection), read in pieces
 /// split anywhere; the upstream connection, whose response ended cleanly, serves the next
 /// request. An HTTP/1.1 client gets the chunks as sent.
 fn a_chunked_response_reaches_an_http10_client_as_its_data_alone(backend: BackendChoice) {
-    let (upstream, accepted) = piecewise_upstream(&[
+    let (upstream, accepted) = upstream::piecewise(&[
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Kept: 1\r\n\r\n5\r\nhel",
         b"lo\r\n7;ex",
         b"t=1\r\n, wor",

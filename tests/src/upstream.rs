@@ -308,6 +308,42 @@ pub fn scripted(reply: &'static [u8], reset: bool) -> SocketAddr {
     addr
 }
 
+/// An upstream that answers every request on a connection with `pieces`, written one at a
+/// time with a pause between, so the proxy reads the response in several parts; counts the
+/// connections it accepted.
+pub fn piecewise(pieces: &'static [&'static [u8]]) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            counter.fetch_add(1, Ordering::SeqCst);
+            thread::spawn(move || {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                loop {
+                    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => request.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    request.clear();
+                    for piece in pieces {
+                        if stream.write_all(piece).is_err() {
+                            return;
+                        }
+                        thread::sleep(Duration::from_millis(15));
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
 /// An address nothing listens on (bound, then closed).
 pub fn dead_address() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
