@@ -142,6 +142,20 @@ fn terminate(child: &mut Child) -> String {
     stderr
 }
 
+/// Runs `tern-proxy` with `args` and `env`, which it must refuse; returns what it said.
+fn refused(args: &[&str], env: &[(&str, &str)]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_tern-proxy"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        !output.status.success(),
+        "{args:?} was not refused: {output:?}"
+    );
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(5);
     while !check() {
@@ -205,12 +219,10 @@ fn a_bad_config_file_stops_start_up_with_the_field_named() {
         "listeners:\n  - { name: web, address: 127.0.0.1:0, protocol: tcp, cluster: ghost }\n",
     )
     .unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_tern-proxy"))
-        .args(["--config", path.to_str().unwrap(), "--admin", "127.0.0.1:0"])
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = refused(
+        &["--config", path.to_str().unwrap(), "--admin", "127.0.0.1:0"],
+        &[],
+    );
     assert!(
         stderr.contains("listeners[0].cluster") && stderr.contains("ghost"),
         "{stderr}"
@@ -308,21 +320,17 @@ fn the_example_config_is_valid() {
 fn wait_ready_holds_until_the_proxy_is_ready_and_gives_up_after_its_timeout() {
     // Nothing listens: it gives up, says why, and exits non-zero.
     let nobody = free_port();
-    let output = Command::new(env!("CARGO_BIN_EXE_tern-proxy"))
-        .args([
+    let stderr = refused(
+        &[
             "wait-ready",
             "--admin",
             &nobody.to_string(),
             "--timeout",
             "300ms",
-        ])
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    assert!(
-        String::from_utf8_lossy(&output.stderr).contains("was not ready within"),
-        "{output:?}"
+        ],
+        &[],
     );
+    assert!(stderr.contains("was not ready within"), "{stderr}");
 
     // Started while the proxy is still coming up, it returns once the proxy is ready.
     let dir = std::env::temp_dir().join(format!("tern-wait-ready-{}", std::process::id()));
@@ -383,20 +391,16 @@ fn dry_run_prints_the_rules_without_applying_them() {
     );
     assert!(rules.contains("redirect to :15001"), "{rules}");
 
-    let bad = Command::new(env!("CARGO_BIN_EXE_tern-proxy"))
-        .args([
+    let stderr = refused(
+        &[
             "init",
             "--dry-run",
             "--exclude-outbound-cidrs",
             "10.96.0.0/99",
-        ])
-        .output()
-        .unwrap();
-    assert!(!bad.status.success());
-    assert!(
-        String::from_utf8_lossy(&bad.stderr).contains("exclude-outbound-cidrs"),
-        "{bad:?}"
+        ],
+        &[],
     );
+    assert!(stderr.contains("exclude-outbound-cidrs"), "{stderr}");
 }
 
 /// A server that answers every request with `status` (or, with `None`, accepts and never
@@ -491,34 +495,21 @@ fn the_applications_probes_are_made_by_the_proxy() {
         404
     );
 
-    // Bad probes stop start-up with the reason.
-    let output = Command::new(env!("CARGO_BIN_EXE_tern-proxy"))
-        .args([
-            "--config",
-            config.to_str().unwrap(),
-            "--admin",
-            "127.0.0.1:0",
-        ])
-        .args(["--probe-address", "127.0.0.1:0"])
-        .env("TERN_APP_PROBES", r#"{"/app-health/x": {}}"#)
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    // Bad probes stop start-up with the reason, and so do probes without an address (or
+    // the other way round).
+    let base = [
+        "--config",
+        config.to_str().unwrap(),
+        "--admin",
+        "127.0.0.1:0",
+    ];
+    let with_address = [&base[..], &["--probe-address", "127.0.0.1:0"]].concat();
+    let stderr = refused(
+        &with_address,
+        &[("TERN_APP_PROBES", r#"{"/app-health/x": {}}"#)],
+    );
     assert!(stderr.contains("exactly one of httpGet"), "{stderr}");
-    // Probes without an address (or the other way round) are refused too.
-    let output = Command::new(env!("CARGO_BIN_EXE_tern-proxy"))
-        .args([
-            "--config",
-            config.to_str().unwrap(),
-            "--admin",
-            "127.0.0.1:0",
-        ])
-        .args(["--probe-address", "127.0.0.1:0"])
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = refused(&with_address, &[]);
     assert!(stderr.contains("go together"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
