@@ -326,6 +326,12 @@ mod tests {
             .data(json!({"spec": {"ports": [{"name": "http", "port": 80}]}}))
     }
 
+    /// A cluster and the sender of the events it applies.
+    fn fed() -> (mpsc::Sender<(usize, WatchItem)>, Cluster) {
+        let (events, receiver) = mpsc::channel(64);
+        (events, Cluster::fed_by(receiver, resources()))
+    }
+
     fn not_found() -> WatchItem {
         let status = kube::core::Status::failure("the server could not find it", "NotFound")
             .with_code(404)
@@ -353,8 +359,7 @@ mod tests {
 
     #[test]
     fn a_relist_replaces_what_was_listed_and_failures_keep_it() {
-        let (_events, receiver) = mpsc::channel(1);
-        let mut cluster = Cluster::fed_by(receiver, resources());
+        let (_events, mut cluster) = fed();
         assert!(relist(&mut cluster, SERVICES, &["a", "b"]));
         assert_eq!(names(&cluster), ["Service shop/a", "Service shop/b"]);
         // A relist (after 410 Gone, say) that no longer holds `a`: it goes.
@@ -374,68 +379,53 @@ mod tests {
         assert_eq!(names(&cluster), ["Service shop/c"]);
     }
 
-    #[test]
-    fn the_first_update_waits_until_every_kind_is_listed_or_not_served() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let (events, receiver) = mpsc::channel(64);
-            let mut cluster = Cluster::fed_by(receiver, resources());
-            for kind in 0..KINDS.len() {
-                if kind == GRPC_ROUTES {
-                    continue;
-                }
-                events.send((kind, Ok(Event::Init))).await.unwrap();
-                if kind == SERVICES {
-                    let item = Ok(Event::InitApply(service("a")));
-                    events.send((kind, item)).await.unwrap();
-                }
-                events.send((kind, Ok(Event::InitDone))).await.unwrap();
+    #[tokio::test]
+    async fn the_first_update_waits_until_every_kind_is_listed_or_not_served() {
+        let (events, mut cluster) = fed();
+        for kind in 0..KINDS.len() {
+            if kind == GRPC_ROUTES {
+                continue;
             }
-            let early = tokio::time::timeout(std::time::Duration::from_millis(300), cluster.next());
-            assert!(early.await.is_err(), "resolved before GRPCRoute was listed");
-            // GRPCRoute's CRD is not installed: listed, empty. The update is gathered even
-            // by a call given up while it waits for more changes to come with it.
-            events.send((GRPC_ROUTES, not_found())).await.unwrap();
-            let given_up =
-                tokio::time::timeout(std::time::Duration::from_millis(10), cluster.next());
-            assert!(given_up.await.is_err());
-            let first = tokio::time::timeout(std::time::Duration::from_secs(5), cluster.next());
-            assert_eq!(first.await.unwrap().objects.len(), 1);
-        });
+            events.send((kind, Ok(Event::Init))).await.unwrap();
+            if kind == SERVICES {
+                let item = Ok(Event::InitApply(service("a")));
+                events.send((kind, item)).await.unwrap();
+            }
+            events.send((kind, Ok(Event::InitDone))).await.unwrap();
+        }
+        let early = tokio::time::timeout(std::time::Duration::from_millis(300), cluster.next());
+        assert!(early.await.is_err(), "resolved before GRPCRoute was listed");
+        // GRPCRoute's CRD is not installed: listed, empty. The update is gathered even
+        // by a call given up while it waits for more changes to come with it.
+        events.send((GRPC_ROUTES, not_found())).await.unwrap();
+        let given_up = tokio::time::timeout(std::time::Duration::from_millis(10), cluster.next());
+        assert!(given_up.await.is_err());
+        let first = tokio::time::timeout(std::time::Duration::from_secs(5), cluster.next());
+        assert_eq!(first.await.unwrap().objects.len(), 1);
     }
 
-    #[test]
-    fn a_tern_kind_not_served_keeps_the_first_update_waiting() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
+    #[tokio::test]
+    async fn a_tern_kind_not_served_keeps_the_first_update_waiting() {
+        let (events, mut cluster) = fed();
+        let policies = KINDS
+            .iter()
+            .position(|k| k.2 == "AuthorizationPolicy")
             .unwrap();
-        runtime.block_on(async {
-            let (events, receiver) = mpsc::channel(64);
-            let mut cluster = Cluster::fed_by(receiver, resources());
-            let policies = KINDS
-                .iter()
-                .position(|k| k.2 == "AuthorizationPolicy")
-                .unwrap();
-            for kind in 0..KINDS.len() {
-                if kind == policies || kind == GRPC_ROUTES {
-                    events.send((kind, not_found())).await.unwrap();
-                    continue;
-                }
-                events.send((kind, Ok(Event::Init))).await.unwrap();
-                events.send((kind, Ok(Event::InitDone))).await.unwrap();
+        for kind in 0..KINDS.len() {
+            if kind == policies || kind == GRPC_ROUTES {
+                events.send((kind, not_found())).await.unwrap();
+                continue;
             }
-            let early = tokio::time::timeout(std::time::Duration::from_millis(300), cluster.next());
-            assert!(early.await.is_err(), "resolved without AuthorizationPolicy");
-            // Listed once its CRD is served.
-            events.send((policies, Ok(Event::Init))).await.unwrap();
-            events.send((policies, Ok(Event::InitDone))).await.unwrap();
-            let first = tokio::time::timeout(std::time::Duration::from_secs(5), cluster.next());
-            assert!(first.await.is_ok());
-        });
+            events.send((kind, Ok(Event::Init))).await.unwrap();
+            events.send((kind, Ok(Event::InitDone))).await.unwrap();
+        }
+        let early = tokio::time::timeout(std::time::Duration::from_millis(300), cluster.next());
+        assert!(early.await.is_err(), "resolved without AuthorizationPolicy");
+        // Listed once its CRD is served.
+        events.send((policies, Ok(Event::Init))).await.unwrap();
+        events.send((policies, Ok(Event::InitDone))).await.unwrap();
+        let first = tokio::time::timeout(std::time::Duration::from_secs(5), cluster.next());
+        assert!(first.await.is_ok());
     }
 
     fn documents(path: &str) -> Vec<serde_yaml::Value> {
