@@ -57,6 +57,8 @@ fn kubernetes(url: &str, list_timeout: Duration) -> ConfigSource {
 /// all of it held by the API server.
 struct Cluster {
     api: ApiServer,
+    /// The Pod `reviews-v1-0`, as applied.
+    pod: Value,
     control: TestControlPlane,
     _v1: Http,
     _v2: Http,
@@ -90,7 +92,8 @@ impl Cluster {
             "127.0.0.1",
             &[(v1.addr.port(), sidecar_port)],
         );
-        api.apply("pods", object(&pod));
+        let pod = object(&pod);
+        api.apply("pods", pod.clone());
         api.apply("httproutes", route_to("reviews-v1"));
         api.grant_token(REVIEWS_TOKEN, "default", "reviews", "tern-control");
         let control = TestControlPlane::with_source(
@@ -99,6 +102,7 @@ impl Cluster {
         );
         Cluster {
             api,
+            pod,
             control,
             _v1: v1,
             _v2: v2,
@@ -245,6 +249,36 @@ fn a_deletion_missed_while_the_history_was_compacted_is_learnt_by_listing_again(
     let relists = cluster.api.requests(ROUTES, "") - cluster.api.requests(ROUTES, "watch=");
     assert!(relists > lists, "learnt by a list: {lists} then {relists}");
     assert!(cluster.problems().is_empty(), "{:?}", cluster.problems());
+}
+
+#[test]
+fn status_churn_changes_no_config_and_a_label_does() {
+    let cluster = Cluster::start();
+    let generation = || cluster.control.running().catalog().generation;
+    let first = generation();
+    let pod = |app: &str, ready: &str| {
+        let mut pod = cluster.pod.clone();
+        pod["metadata"]["labels"]["app"] = Value::from(app);
+        pod["metadata"]["managedFields"] =
+            serde_json::json!([{"manager": "kubelet", "operation": "Update"}]);
+        pod["status"]["conditions"] = serde_json::json!([{"type": "Ready", "status": ready}]);
+        pod
+    };
+    // The kubelet's status updates, each a new resourceVersion, spaced so that each would be
+    // an update of its own.
+    for ready in ["False", "True", "False"] {
+        cluster.api.apply("pods", pod("reviews-v1", ready));
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    // Then a label, which Tern reads, on the same watch and so applied after them.
+    cluster.api.apply("pods", pod("reviews-v1-canary", "False"));
+    eventually(
+        Duration::from_secs(5),
+        "the label makes a new config",
+        || generation() > first,
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(generation(), first + 1, "only the label changed the config");
 }
 
 #[test]

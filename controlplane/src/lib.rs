@@ -138,6 +138,7 @@ impl ControlPlane {
                             "finding the Kubernetes API server (KUBECONFIG, ~/.kube/config, or in-cluster)",
                         )?,
                     };
+                    let config = catalog::kubernetes::with_read_timeout(config);
                     let url = config.cluster_url.clone();
                     let client = kube::Client::try_from(config)
                         .with_context(|| format!("making a client for the API server at {url}"))?;

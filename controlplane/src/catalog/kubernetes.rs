@@ -14,11 +14,17 @@
 //! own backoff resets on the `Init` that starts every relist attempt, so it never grows for
 //! a list that keeps failing). Changes that arrive together become one update, as the
 //! directory's do.
+//!
+//! Objects are kept as far as Tern reads them ([`trim`]): no `managedFields`, no status but a
+//! Pod's IP, no annotations but Tern's own. An event that changes nothing of that (a Pod's
+//! conditions, a resourceVersion, a Gateway controller writing an HTTPRoute's status) makes
+//! no update, so a busy cluster's status churn costs the control plane a parse and a
+//! comparison, not a new catalog translated for every proxy.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, TypeMeta};
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ObjectMeta, TypeMeta};
 use kube::runtime::watcher::{self, Event};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt as _;
@@ -45,6 +51,22 @@ pub const KINDS: [(&str, &str, &str, &str); 9] = [
     ("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes"),
     ("gateway.networking.k8s.io", "v1", "GRPCRoute", "grpcroutes"),
 ];
+
+/// The longest a request to the API server waits for a byte of its answer (unless the
+/// `kube::Config` given sets a timeout of its own): a list on a connection that died half-open fails after this
+/// and is retried, where it would have left its kind frozen. kube-rs ends a watch that stays
+/// quiet this long itself (the server ends one after 290 s).
+pub const READ_TIMEOUT: Duration = Duration::from_secs(295);
+
+/// `config` as `tern-control` uses it: with [`READ_TIMEOUT`] where it sets no read timeout,
+/// counted from when each request is sent (not from when its pooled connection went idle).
+pub fn with_read_timeout(mut config: kube::Config) -> kube::Config {
+    if config.read_timeout.is_none() {
+        config.read_timeout = Some(READ_TIMEOUT);
+        config.reset_reader_on_write = true;
+    }
+    config
+}
 
 /// How many watch events may wait to be applied before the watchers wait in turn.
 const EVENT_QUEUE: usize = 1024;
@@ -166,17 +188,18 @@ impl Cluster {
                 false
             }
             Ok(Event::InitDone) => {
-                kind.objects = kind.relisting.take().unwrap_or_default();
+                let listed = kind.relisting.take().unwrap_or_default();
+                let changed = listed != kind.objects;
+                kind.objects = listed;
                 kind.recovered();
                 kind.listed = true;
-                true
+                changed
             }
             Ok(Event::Apply(object)) => {
                 let key = key(&object);
                 let parsed = parse(resource, object);
-                kind.objects.insert(key, parsed);
                 kind.recovered();
-                true
+                kind.objects.insert(key, parsed.clone()) != Some(parsed)
             }
             Ok(Event::Delete(object)) => {
                 kind.recovered();
@@ -250,9 +273,10 @@ fn key(object: &DynamicObject) -> (String, String) {
     )
 }
 
-/// An object as its own [`Declared`]. Objects in a list come without `apiVersion` and
-/// `kind`: the watched resource supplies them.
-fn parse(resource: &ApiResource, mut object: DynamicObject) -> Declared {
+/// An object as its own [`Declared`], [`trim`]med. Objects in a list come without
+/// `apiVersion` and `kind`: the watched resource supplies them.
+fn parse(resource: &ApiResource, object: DynamicObject) -> Declared {
+    let mut object = trim(resource, object);
     let metadata = &object.metadata;
     let name = metadata.name.as_deref().unwrap_or_default();
     let origin = Origin::api(&resource.kind, metadata.namespace.as_deref(), name);
@@ -267,6 +291,63 @@ fn parse(resource: &ApiResource, mut object: DynamicObject) -> Declared {
     }
     declared
 }
+
+/// An object with only what Tern reads of it: its name, namespace and labels, Tern's own
+/// annotations (`tern.dev/…`), its spec (of a Pod, the service account and the containers'
+/// ports), and no status but a Pod's IP. Whatever else the API server sends (`managedFields`,
+/// `resourceVersion`, `kubectl`'s last applied configuration, conditions) would cost memory
+/// and make every status change look like a change of config.
+fn trim(resource: &ApiResource, object: DynamicObject) -> DynamicObject {
+    let DynamicObject {
+        types,
+        metadata,
+        mut data,
+    } = object;
+    let metadata = ObjectMeta {
+        name: metadata.name,
+        namespace: metadata.namespace,
+        labels: metadata.labels,
+        annotations: metadata.annotations.and_then(|annotations| {
+            let tern: BTreeMap<String, String> = annotations
+                .into_iter()
+                .filter(|(key, _)| key.starts_with(TERN_ANNOTATIONS))
+                .collect();
+            (!tern.is_empty()).then_some(tern)
+        }),
+        ..ObjectMeta::default()
+    };
+    if let Some(fields) = data.as_object_mut() {
+        let status = fields.remove("status");
+        if resource.kind == "Pod" {
+            let spec = fields.remove("spec").unwrap_or_default();
+            let containers: Vec<serde_json::Value> = spec["containers"]
+                .as_array()
+                .map(|containers| {
+                    containers
+                        .iter()
+                        .map(|c| serde_json::json!({"name": c["name"], "ports": c["ports"]}))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let mut kept = serde_json::json!({"containers": containers});
+            if let Some(account) = spec.get("serviceAccountName") {
+                kept["serviceAccountName"] = account.clone();
+            }
+            fields.insert("spec".into(), kept);
+            if let Some(ip) = status.as_ref().and_then(|s| s.get("podIP")) {
+                fields.insert("status".into(), serde_json::json!({"podIP": ip}));
+            }
+        }
+    }
+    DynamicObject {
+        types,
+        metadata,
+        data,
+    }
+}
+
+/// The prefix of the annotations Tern reads (a Pod's `tern.dev/inbound-ports`, say).
+const TERN_ANNOTATIONS: &str = "tern.dev/";
 
 impl Source for Cluster {
     async fn next(&mut self) -> Declared {
@@ -315,9 +396,11 @@ mod tests {
     use serde_json::json;
     use tokio::sync::mpsc;
 
+    use super::super::Object;
     use super::{Cluster, KINDS, Source as _, WatchItem, resources};
 
     const SERVICES: usize = 1;
+    const PODS: usize = 2;
     const GRPC_ROUTES: usize = 8;
 
     fn service(name: &str) -> DynamicObject {
@@ -377,6 +460,98 @@ mod tests {
         assert!(cluster.apply(SERVICES, Ok(Event::Delete(service("b")))));
         assert!(!cluster.apply(SERVICES, Ok(Event::Delete(service("b")))));
         assert_eq!(names(&cluster), ["Service shop/c"]);
+    }
+
+    /// Pod `shop/p` at resourceVersion `version` with `labels` and `status`, its metadata as
+    /// the API server writes it.
+    fn pod(version: u32, labels: serde_json::Value, status: serde_json::Value) -> DynamicObject {
+        let mut pod: DynamicObject = serde_json::from_value(json!({
+            "metadata": {
+                "name": "p", "namespace": "shop", "labels": labels,
+                "uid": "6f1c", "resourceVersion": version.to_string(),
+                "annotations": {
+                    "kubectl.kubernetes.io/last-applied-configuration": status.to_string(),
+                    "tern.dev/inbound-ports": "8080=15080",
+                },
+                "managedFields": [{"manager": "kubelet", "operation": "Update", "time": "2026-12-07T03:00:00Z"}],
+            },
+            "spec": {
+                "serviceAccountName": "shop", "nodeName": "node-1",
+                "containers": [{"name": "app", "image": "shop:1", "ports": [{"name": "http", "containerPort": 8080}]}],
+            },
+            "status": status,
+        }))
+        .unwrap();
+        pod.types = None;
+        pod
+    }
+
+    #[test]
+    fn only_a_change_of_what_tern_reads_makes_an_update() {
+        let (_events, mut cluster) = fed();
+        let ready = |ready: &str| json!({"podIP": "10.0.0.2", "phase": "Running", "conditions": [{"type": "Ready", "status": ready}]});
+        let labels = json!({"app": "shop"});
+        cluster.apply(PODS, Ok(Event::Init));
+        cluster.apply(
+            PODS,
+            Ok(Event::InitApply(pod(1, labels.clone(), ready("False")))),
+        );
+        assert!(cluster.apply(PODS, Ok(Event::InitDone)));
+
+        // The kubelet's status churn, with a new resourceVersion: nothing Tern reads.
+        let churn = pod(2, labels.clone(), ready("True"));
+        assert!(!cluster.apply(PODS, Ok(Event::Apply(churn.clone()))));
+        // Nor does a relist (after 410 Gone, say) that finds the same.
+        cluster.apply(PODS, Ok(Event::Init));
+        cluster.apply(PODS, Ok(Event::InitApply(churn)));
+        assert!(!cluster.apply(PODS, Ok(Event::InitDone)));
+
+        // A label, the IP and Tern's annotations are read.
+        let relabelled = pod(3, json!({"app": "shop", "version": "2"}), ready("True"));
+        assert!(cluster.apply(PODS, Ok(Event::Apply(relabelled.clone()))));
+        let moved = json!({"podIP": "10.0.0.3", "conditions": []});
+        assert!(cluster.apply(PODS, Ok(Event::Apply(pod(4, labels.clone(), moved)))));
+        let mut remapped = pod(5, labels, ready("True"));
+        remapped
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert("tern.dev/inbound-ports".into(), "8080=15081".into());
+        assert!(cluster.apply(PODS, Ok(Event::Apply(remapped))));
+
+        // What is kept of the Pod.
+        let declared = cluster.declared();
+        let [(_, Object::Pod(kept))] = declared.objects.as_slice() else {
+            panic!("{:?}", declared.objects);
+        };
+        let kept = serde_json::to_value(kept).unwrap();
+        assert_eq!(
+            kept,
+            json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "p", "namespace": "shop", "labels": {"app": "shop"}, "annotations": {"tern.dev/inbound-ports": "8080=15081"}},
+                "spec": {"serviceAccountName": "shop", "containers": [{"name": "app", "ports": [{"name": "http", "containerPort": 8080}]}]},
+                "status": {"podIP": "10.0.0.2"},
+            })
+        );
+    }
+
+    #[test]
+    fn requests_wait_for_an_answer_for_at_most_the_read_timeout() {
+        let api_server = || kube::Config::new("https://10.96.0.1".parse().unwrap());
+        let config = super::with_read_timeout(api_server());
+        assert_eq!(config.read_timeout, Some(super::READ_TIMEOUT));
+        assert!(config.reset_reader_on_write);
+        // A timeout of the user's own stays.
+        let mut own = api_server();
+        own.read_timeout = Some(std::time::Duration::from_secs(20));
+        let config = super::with_read_timeout(own);
+        assert_eq!(
+            config.read_timeout,
+            Some(std::time::Duration::from_secs(20))
+        );
+        assert!(!config.reset_reader_on_write);
     }
 
     #[tokio::test]
