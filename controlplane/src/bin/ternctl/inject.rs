@@ -13,11 +13,11 @@
 //! the downward API's variables. Templates annotated `tern.dev/inject: disabled`, on the
 //! host network, or already injected are left as they are; other documents pass through.
 //!
-//! The kubelet's HTTP and TCP probes of the Pod's containers are rewritten to the sidecar's
-//! probe port, which the interception rules leave alone, and the sidecar makes each original
-//! probe against the application on loopback (`dataplane::probes`), as Istio does: the
-//! kubelet's plaintext would not pass a STRICT inbound port. `grpc`, `exec` and HTTPS
-//! probes are left as they are.
+//! The kubelet's HTTP and TCP probes of the Pod's containers (its native sidecars among
+//! them) are rewritten to the sidecar's probe port, which the interception rules leave
+//! alone, and the sidecar makes each original probe against the application on loopback
+//! (`dataplane::probes`), as Istio does: the kubelet's plaintext would not pass a STRICT
+//! inbound port. `grpc`, `exec` and HTTPS probes are left as they are.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -93,7 +93,7 @@ pub fn inject(text: &str, args: &InjectArgs, root: &str) -> anyhow::Result<Strin
         if value.is_null() {
             continue;
         }
-        file_modes_as_yaml_1_1(&mut value);
+        file_modes_as_yaml_1_1(&mut value, false);
         inject_object(&mut value, &args.proxy_image, &mut namespaces);
         documents.push(value);
     }
@@ -109,16 +109,18 @@ pub fn inject(text: &str, args: &InjectArgs, root: &str) -> anyhow::Result<Strin
     Ok(out)
 }
 
-/// File modes (`defaultMode`, `mode`) written in octal, `0644`: kubectl's YAML 1.1 reads
-/// them as octal numbers, YAML 1.2 (this parser) as strings; they are made the numbers
-/// kubectl would have sent.
-fn file_modes_as_yaml_1_1(value: &mut Value) {
+/// File modes (`defaultMode`, `mode`) of Pod volumes written in octal, `0644`: kubectl's
+/// YAML 1.1 reads them as octal numbers, YAML 1.2 (this parser) as strings; they are made the
+/// numbers kubectl would have sent. Only under a `volumes` key: elsewhere (a ConfigMap's
+/// `data`, say) a key named `mode` holds whatever its owner put there, a string perhaps.
+fn file_modes_as_yaml_1_1(value: &mut Value, in_volumes: bool) {
     match value {
         Value::Mapping(map) => {
             for (key, item) in map.iter_mut() {
                 let octal = match (key.as_str(), item.as_str()) {
                     (Some("defaultMode" | "mode"), Some(text))
-                        if text.len() > 1
+                        if in_volumes
+                            && text.len() > 1
                             && text.starts_with('0')
                             && text.bytes().all(|b| (b'0'..=b'7').contains(&b)) =>
                     {
@@ -128,12 +130,16 @@ fn file_modes_as_yaml_1_1(value: &mut Value) {
                 };
                 match octal {
                     Some(mode) => *item = mode.into(),
-                    None => file_modes_as_yaml_1_1(item),
+                    None => {
+                        file_modes_as_yaml_1_1(item, in_volumes || key.as_str() == Some("volumes"));
+                    }
                 }
             }
         }
-        Value::Sequence(items) => items.iter_mut().for_each(file_modes_as_yaml_1_1),
-        Value::Tagged(tagged) => file_modes_as_yaml_1_1(&mut tagged.value),
+        Value::Sequence(items) => items
+            .iter_mut()
+            .for_each(|item| file_modes_as_yaml_1_1(item, in_volumes)),
+        Value::Tagged(tagged) => file_modes_as_yaml_1_1(&mut tagged.value, in_volumes),
         _ => {}
     }
 }
@@ -191,8 +197,13 @@ fn inject_pod(template: &mut Value, image: &str) -> bool {
     annotations.insert("tern.dev/interception".into(), "enabled".into());
     annotations.insert(INJECTED.into(), "true".into());
     let spec = entry(pod, "spec");
-    let probes = rewrite_probes(sequence(spec, "containers"));
+    let mut probes = rewrite_probes(sequence(spec, "containers").iter_mut());
+    // The Pod's own native sidecars (init containers that keep running) are probed too.
     let init = sequence(spec, "initContainers");
+    probes.extend(rewrite_probes(
+        init.iter_mut()
+            .filter(|c| c["restartPolicy"].as_str() == Some("Always")),
+    ));
     init.splice(
         0..0,
         [
@@ -205,8 +216,11 @@ fn inject_pod(template: &mut Value, image: &str) -> bool {
 }
 
 /// Rewrites the containers' HTTP and TCP probes to the sidecar's probe port; returns the
-/// originals by their new path, as the sidecar reads them (`TERN_APP_PROBES`).
-fn rewrite_probes(containers: &mut [Value]) -> serde_json::Map<String, serde_json::Value> {
+/// originals by their new path (container names are unique in a Pod, init containers
+/// included), as the sidecar reads them (`TERN_APP_PROBES`).
+fn rewrite_probes<'a>(
+    containers: impl Iterator<Item = &'a mut Value>,
+) -> serde_json::Map<String, serde_json::Value> {
     let mut originals = serde_json::Map::new();
     for container in containers {
         let name = container["name"].as_str().unwrap_or_default().to_owned();
@@ -508,6 +522,32 @@ spec:
     }
 
     #[test]
+    fn only_the_file_modes_of_volumes_are_read_as_octal() {
+        let manifests = "
+apiVersion: v1
+kind: ConfigMap
+metadata: { name: settings, namespace: shop }
+data: { mode: '0600', defaultMode: '0644' }
+---
+apiVersion: v1
+kind: Pod
+metadata: { name: web, namespace: shop }
+spec:
+  containers: [{ name: web, image: web:1, env: [{ name: mode, value: '0755' }] }]
+  volumes:
+    - { name: token, projected: { defaultMode: 0440, sources: [{ secret: { name: s, items: [{ key: k, path: k, mode: 0400 }] } }] } }
+";
+        let out = documents(&inject(manifests, &args(), ROOT).unwrap());
+        assert_eq!(out[0]["data"]["mode"], "0600");
+        assert_eq!(out[0]["data"]["defaultMode"], "0644");
+        let spec = &out[1]["spec"];
+        assert_eq!(spec["containers"][0]["env"][0]["value"], "0755");
+        let projected = &spec["volumes"][0]["projected"];
+        assert_eq!(projected["defaultMode"], 0o440);
+        assert_eq!(projected["sources"][0]["secret"]["items"][0]["mode"], 0o400);
+    }
+
+    #[test]
     fn workloads_get_the_sidecar_ahead_of_their_own_init_containers_and_the_rest_passes() {
         let input = documents(MANIFESTS);
         let out = documents(&inject(MANIFESTS, &args(), ROOT).unwrap());
@@ -573,6 +613,12 @@ apiVersion: v1
 kind: Pod
 metadata: { name: api, namespace: shop }
 spec:
+  initContainers:
+    - { name: setup, image: setup:1 }
+    - name: log-shipper
+      image: shipper:1
+      restartPolicy: Always
+      startupProbe: { httpGet: { path: /started, port: 9000 } }
   containers:
     - name: api
       image: api:1
@@ -618,6 +664,14 @@ spec:
         // The sidecar serves them, from what the containers said, on a port init leaves alone.
         let init = &spec["initContainers"];
         assert_eq!(
+            names(init),
+            ["tern-init", "tern-proxy", "setup", "log-shipper"]
+        );
+        assert_eq!(
+            init[3]["startupProbe"],
+            yaml("{ httpGet: { path: /app-health/log-shipper/startupz, port: 15020 } }")
+        );
+        assert_eq!(
             init[0]["args"],
             yaml("[init, --exclude-inbound-ports, '15020']")
         );
@@ -646,7 +700,8 @@ spec:
                     "timeoutSeconds": 3
                 },
                 "/app-health/api/livez": { "tcpSocket": { "port": 8080 } },
-                "/app-health/plain/readyz": { "httpGet": { "port": 81, "path": "/ready?$(x)" } }
+                "/app-health/plain/readyz": { "httpGet": { "port": 81, "path": "/ready?$(x)" } },
+                "/app-health/log-shipper/startupz": { "httpGet": { "port": 9000, "path": "/started" } }
             })
         );
         // Without probes to make, the sidecar serves none and its port is intercepted.
