@@ -15,7 +15,9 @@
 //! the receiving side to the next keys of the session's key schedule (rustls' kernel
 //! connection computes them), and one that asks for an answer has this side update its own
 //! sending keys before its next write; a session ticket goes to rustls. `close_notify` is the
-//! end of the stream; any other alert ends the connection with an error. A sender updates its
+//! end of the stream; any other alert ends the connection with an error. A record this layer
+//! refuses is answered with the fatal alert that says why ([`Refused`]), if it can be sent
+//! within 100 ms, and nothing is sent after it. A sender updates its
 //! own keys before its AEAD's confidentiality limit (2^24 records for AES-GCM), so a
 //! connection may live and carry data for as long as it is wanted.
 
@@ -60,8 +62,41 @@ const KEY_UPDATE: u8 = 24;
 /// tickets is refused rather than served key derivations without end.
 const MAX_POST_HANDSHAKE_RUN: u32 = 32;
 
-fn invalid(message: &'static str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, message)
+/// Alert descriptions this side ends a connection with (RFC 8446 §6).
+const UNEXPECTED_MESSAGE: u8 = 10;
+const BAD_RECORD_MAC: u8 = 20;
+const RECORD_OVERFLOW: u8 = 22;
+const ILLEGAL_PARAMETER: u8 = 47;
+const DECODE_ERROR: u8 = 50;
+/// How long a refused peer's alert may wait for room in the socket: it is a courtesy, and
+/// a peer that reads nothing must not hold the connection open.
+const ALERT_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// A record the peer sent and this side refuses, with the alert that tells the peer why.
+#[derive(Debug)]
+pub(crate) struct Refused {
+    pub alert: u8,
+    message: &'static str,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.message)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+fn refused(alert: u8, message: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, Refused { alert, message })
+}
+
+/// The alert that answers `error`, if it is a refusal of what the peer sent.
+pub(crate) fn alert_for(error: &io::Error) -> Option<u8> {
+    error
+        .get_ref()?
+        .downcast_ref::<Refused>()
+        .map(|refused| refused.alert)
 }
 
 /// The KeyUpdate this side sends: type, 24-bit length, `request_update` = `update_not_requested`
@@ -97,12 +132,13 @@ impl AfterHandshake {
     pub(crate) fn record(&mut self, mut messages: &[u8]) -> io::Result<bool> {
         self.run += 1;
         if self.run > MAX_POST_HANDSHAKE_RUN {
-            return Err(invalid(
+            return Err(refused(
+                UNEXPECTED_MESSAGE,
                 "too many TLS post-handshake messages without application data",
             ));
         }
         if messages.is_empty() {
-            return Err(invalid("empty TLS handshake record"));
+            return Err(refused(UNEXPECTED_MESSAGE, "empty TLS handshake record"));
         }
         while let [kind, a, b, c, rest @ ..] = messages {
             let length = u32::from_be_bytes([0, *a, *b, *c]) as usize;
@@ -117,15 +153,19 @@ impl AfterHandshake {
                         [0] => {}
                         // It asks for ours in return, before our next write.
                         [1] => self.owed = true,
-                        _ => return Err(invalid("malformed TLS KeyUpdate")),
+                        _ => return Err(refused(ILLEGAL_PARAMETER, "malformed TLS KeyUpdate")),
                     }
                     if !messages.is_empty() {
-                        return Err(invalid("TLS KeyUpdate not at the end of its record"));
+                        return Err(refused(
+                            UNEXPECTED_MESSAGE,
+                            "TLS KeyUpdate not at the end of its record",
+                        ));
                     }
                     return Ok(true);
                 }
                 _ => {
-                    return Err(invalid(
+                    return Err(refused(
+                        UNEXPECTED_MESSAGE,
                         "unexpected TLS handshake message after the handshake",
                     ));
                 }
@@ -134,7 +174,10 @@ impl AfterHandshake {
         if messages.is_empty() {
             Ok(false)
         } else {
-            Err(invalid("TLS post-handshake message split across records"))
+            Err(refused(
+                DECODE_ERROR,
+                "TLS post-handshake message split across records",
+            ))
         }
     }
 
@@ -252,13 +295,24 @@ impl Opener {
             keys_updated: false,
         };
         while let Some(header) = buf.get(opened.consumed..opened.consumed + HEADER) {
-            let header: [u8; HEADER] = header.try_into().map_err(|_| invalid("short header"))?;
+            let header: [u8; HEADER] = header
+                .try_into()
+                .map_err(|_| refused(DECODE_ERROR, "short header"))?;
             let length = usize::from(u16::from_be_bytes([header[3], header[4]]));
-            if header[0] != APPLICATION_DATA || header[1] != 3 || length > MAX_CIPHERTEXT {
-                return Err(invalid("not a TLS 1.3 application data record"));
+            if header[0] != APPLICATION_DATA || header[1] != 3 {
+                return Err(refused(
+                    UNEXPECTED_MESSAGE,
+                    "not a TLS 1.3 application data record",
+                ));
+            }
+            if length > MAX_CIPHERTEXT {
+                return Err(refused(
+                    RECORD_OVERFLOW,
+                    "TLS record longer than 2^14 + 256",
+                ));
             }
             if length < TAG + 1 {
-                return Err(invalid("TLS record shorter than its tag"));
+                return Err(refused(BAD_RECORD_MAC, "TLS record shorter than its tag"));
             }
             let at = opened.consumed;
             let end = at + HEADER + length;
@@ -277,14 +331,20 @@ impl Opener {
                     &mut buf[plaintext..end],
                     at + HEADER - plaintext..,
                 )
-                .map_err(|_| invalid("TLS record failed authentication"))?;
+                .map_err(|_| refused(BAD_RECORD_MAC, "TLS record failed authentication"))?;
             // The inner content type is the last non-zero byte; zeros after it are padding.
             let Some(last) = inner.iter().rposition(|&b| b != 0) else {
-                return Err(invalid("TLS record with no content type"));
+                return Err(refused(
+                    UNEXPECTED_MESSAGE,
+                    "TLS record with no content type",
+                ));
             };
             // The content, its type and the padding together: at most 2^14 + 1 (RFC 8446 §5.4).
             if inner.len() > MAX_FRAGMENT + 1 {
-                return Err(invalid("TLS record plaintext longer than 2^14 bytes"));
+                return Err(refused(
+                    RECORD_OVERFLOW,
+                    "TLS record plaintext longer than 2^14 bytes",
+                ));
             }
             opened.consumed = end;
             match inner[last] {
@@ -310,7 +370,7 @@ impl Opener {
                         opened.keys_updated = true;
                     }
                 }
-                _ => return Err(invalid("unexpected TLS content type")),
+                _ => return Err(refused(UNEXPECTED_MESSAGE, "unexpected TLS content type")),
             }
         }
         Ok(opened)
@@ -533,6 +593,24 @@ impl<S: Stream> UserTls<S> {
         written
     }
 
+    /// Tells the peer why its record is refused (RFC 8446 §6.2: a fatal alert), if a write in
+    /// progress ends and the socket takes the alert within [`ALERT_WAIT`]; nothing is sent
+    /// after it.
+    async fn refuse(&self, error: &io::Error) {
+        let Some(description) = alert_for(error) else {
+            return;
+        };
+        let alert = async {
+            let mut sealer = self.sending.lock().await;
+            if self.seal(&mut sealer, ALERT, &[2, description]).is_ok() {
+                let _ = self.send(&mut sealer).await;
+            }
+            // Nothing follows a fatal alert, sent or not.
+            sealer.failed = true;
+        };
+        let _ = tokio::time::timeout(ALERT_WAIT, alert).await;
+    }
+
     /// Seals `data` as records of `content_type`, after the KeyUpdate the peer asked for.
     fn seal(&self, sealer: &mut Sealer, content_type: u8, data: &[u8]) -> io::Result<()> {
         if sealer.failed {
@@ -617,24 +695,30 @@ impl<S: Stream> Stream for UserTls<S> {
                     return (Err(error), buf);
                 }
             }
-            let mut receiving = self.receiving.borrow_mut();
-            receiving.partial.clear();
-            let opened = receiving
-                .opener
-                .open(&mut buf[start..], &mut self.after.borrow_mut());
+            let opened = {
+                let mut receiving = self.receiving.borrow_mut();
+                receiving.partial.clear();
+                let opened = receiving
+                    .opener
+                    .open(&mut buf[start..], &mut self.after.borrow_mut());
+                if let Ok(opened) = &opened {
+                    receiving.closed = opened.closed;
+                    if !opened.closed {
+                        receiving
+                            .partial
+                            .extend_from_slice(&buf[start + opened.consumed..]);
+                    }
+                }
+                opened
+            };
             let opened = match opened {
                 Ok(opened) => opened,
                 Err(error) => {
                     buf.truncate(start);
+                    self.refuse(&error).await;
                     return (Err(error), buf);
                 }
             };
-            receiving.closed = opened.closed;
-            if !opened.closed {
-                receiving
-                    .partial
-                    .extend_from_slice(&buf[start + opened.consumed..]);
-            }
             buf.truncate(start + opened.plaintext);
             if opened.plaintext > 0 || opened.closed {
                 return (Ok(opened.plaintext), buf);
@@ -1019,6 +1103,54 @@ mod tests {
             );
             assert!(socket.outgoing.borrow().is_empty(), "{abandoned}");
         }
+    }
+
+    #[test]
+    fn a_refused_record_is_answered_with_the_alert_that_says_why_and_nothing_after() {
+        let tampered = |peer: &mut rustls::Connection| {
+            let mut wire = peer_records(peer, b"hello");
+            let last = wire.len() - 1;
+            wire[last] ^= 1;
+            wire
+        };
+        let oversized = |_: &mut rustls::Connection| vec![APPLICATION_DATA, 3, 3, 0xff, 0xff];
+        let plaintext = |_: &mut rustls::Connection| b"GET / HTTP/1.1\r\n".to_vec();
+        type Wire = fn(&mut rustls::Connection) -> Vec<u8>;
+        let cases: [(Wire, rustls::AlertDescription); 3] = [
+            (tampered, rustls::AlertDescription::BadRecordMac),
+            (oversized, rustls::AlertDescription::RecordOverflow),
+            (plaintext, rustls::AlertDescription::UnexpectedMessage),
+        ];
+        for (sent, alert) in cases {
+            let (tls, socket, mut peer) = over_wire(Session::server(SUITES[0]));
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap();
+            *socket.incoming.borrow_mut() = sent(&mut peer);
+            let (read, _) = runtime.block_on(tls.read(Vec::new()));
+            assert_eq!(read.unwrap_err().kind(), io::ErrorKind::InvalidData);
+            let wire = std::mem::take(&mut *socket.outgoing.borrow_mut());
+            peer.read_tls(&mut &wire[..]).unwrap();
+            assert_eq!(
+                peer.process_new_packets().unwrap_err(),
+                rustls::Error::AlertReceived(alert)
+            );
+            // Nothing is sent after a fatal alert.
+            let (written, _) = runtime.block_on(tls.write_all(b"more".to_vec(), 0..4));
+            assert!(written.is_err());
+            assert!(socket.outgoing.borrow().is_empty());
+        }
+        // A peer that reads nothing does not hold the refusal up.
+        let (tls, socket, mut peer) = over_wire(Session::server(SUITES[0]));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        socket.stalled.set(true);
+        *socket.incoming.borrow_mut() = tampered(&mut peer);
+        let (read, _) = runtime.block_on(tls.read(Vec::new()));
+        assert!(read.is_err());
     }
 
     #[test]
