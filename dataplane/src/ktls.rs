@@ -34,7 +34,7 @@ use crate::sys::KtlsKeys;
 
 use crate::usertls::{
     ALERT, APPLICATION_DATA, AfterHandshake, CLOSE_NOTIFY, HANDSHAKE, KEY_UPDATE_MESSAGE,
-    MAX_FRAGMENT,
+    MAX_FRAGMENT, peer_alert,
 };
 
 /// What this kernel's TLS can do, probed once per process.
@@ -400,11 +400,7 @@ impl<S: Stream> Stream for KernelTls<S> {
             let error = match record_type {
                 // close_notify: a clean end of stream.
                 ALERT if record.len() == 2 && record[1] == 0 => return (Ok(0), buf),
-                // An alert is two bytes, level and description; no more of it is logged.
-                ALERT => io::Error::new(
-                    io::ErrorKind::ConnectionAborted,
-                    format!("peer sent TLS alert {:?}", &record[..record.len().min(2)]),
-                ),
+                ALERT => peer_alert(&record),
                 // Nothing for the caller: read the next record.
                 HANDSHAKE => match self.post_handshake(&record) {
                     Ok(()) => continue,

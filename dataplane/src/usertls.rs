@@ -91,6 +91,23 @@ fn refused(alert: u8, message: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, Refused { alert, message })
 }
 
+/// The error of an alert record from the peer (`record`, its plaintext): its description by
+/// name, as the peer's log would have it; no more of the record is logged.
+pub(crate) fn peer_alert(record: &[u8]) -> io::Error {
+    let said = match record {
+        [level, description] => format!(
+            "{:?}{}",
+            rustls::AlertDescription::from(*description),
+            if *level == 1 { " (warning)" } else { "" }
+        ),
+        _ => format!("malformed ({} bytes)", record.len()),
+    };
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        format!("peer sent TLS alert {said}"),
+    )
+}
+
 /// The alert that answers `error`, if it is a refusal of what the peer sent.
 pub(crate) fn alert_for(error: &io::Error) -> Option<u8> {
     error
@@ -358,11 +375,7 @@ impl Opener {
                     return Ok(opened);
                 }
                 ALERT => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::ConnectionAborted,
-                        // An alert is two bytes, level and description; no more is logged.
-                        format!("peer sent TLS alert {:?}", &inner[..last.min(2)]),
-                    ));
+                    return Err(peer_alert(&inner[..last]));
                 }
                 HANDSHAKE => {
                     if after.record(&inner[..last])? {
@@ -965,6 +978,7 @@ mod tests {
         let mut wire = sealer.records().to_vec();
         let error = opener.open(&mut wire, &mut s.after).unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::ConnectionAborted, "{error}");
+        assert_eq!(error.to_string(), "peer sent TLS alert HandshakeFailure");
     }
 
     #[test]
