@@ -82,6 +82,29 @@ fn streams_are_routed_each_on_its_own(backend: BackendChoice) {
     let dead = client.get("svc", "/dead");
     assert_eq!(dead.status, 503);
     assert_eq!(dead.headers["x-tern-response-flag"], "UF");
+    // To a gRPC call, in gRPC's terms: a trailers-only answer with the call's status.
+    let call = |authority: &str, path: &str| {
+        client.request(
+            hyper::Request::post(format!("http://{authority}{path}"))
+                .header("content-type", "application/grpc+proto")
+                .header("te", "trailers")
+                .body(http_body_util::Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+                .unwrap(),
+        )
+    };
+    for (authority, path, status, flag) in [
+        ("svc", "/dead", "14", "UF"),
+        ("other.example", "/nowhere", "12", "NR"),
+    ] {
+        let answer = call(authority, path);
+        assert_eq!(answer.status, 200, "{path}");
+        assert_eq!(answer.headers["content-type"], "application/grpc");
+        assert_eq!(answer.headers["grpc-status"], status, "{path}");
+        let message = answer.headers["grpc-message"].to_str().unwrap();
+        assert!(message.contains(&format!("({flag})")), "{message}");
+        assert_eq!(answer.headers["x-tern-response-flag"], flag);
+        assert!(answer.body.is_empty() && answer.trailers.is_none());
+    }
 
     let metrics = wait_for_metric(
         &proxy,
@@ -89,12 +112,12 @@ fn streams_are_routed_each_on_its_own(backend: BackendChoice) {
         1.0,
     );
     assert!(
-        metric(&metrics, "tern_requests_total{listener=\"web\"}") >= 68.0,
+        metric(&metrics, "tern_requests_total{listener=\"web\"}") >= 70.0,
         "{metrics}"
     );
     assert_eq!(
         metric(&metrics, "tern_errors_total{listener=\"web\",flag=\"NR\"}"),
-        1.0
+        2.0
     );
     // HTTP/1.1 still works on the same listener.
     let response = tests::client::request(

@@ -7,7 +7,8 @@
 //! routes, picks the upstream connection (per endpoint per worker, shared by up to 100
 //! streams, then another), bounds everything up to the response head with the route's
 //! timeout, sends a request the upstream refused unseen (GOAWAY) once more on another
-//! connection, and answers failures itself with `x-tern-response-flag`, as HTTP/1.1 does.
+//! connection, and answers failures itself with `x-tern-response-flag`, as HTTP/1.1 does (to
+//! a gRPC call in gRPC's terms: `grpc-status` and `grpc-message`).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -313,22 +314,24 @@ async fn forward<B: Backend>(
     let started = Instant::now();
     let stats = &view.listeners[listener];
     stats.request();
+    let grpc = is_grpc(request.headers());
+    let refuse = |status: u16, flag: Flag| local(stats, started, status, flag, grpc);
     let routes: &RouteTable = match &view.snapshot.listeners[listener].kind {
         ListenerKind::Http(routes) | ListenerKind::Detect { routes, .. } => routes,
         ListenerKind::Tcp { .. } | ListenerKind::Intercepted(_) => {
-            return local(stats, started, 404, Flag::NoRoute);
+            return refuse(404, Flag::NoRoute);
         }
     };
     if request.uri().authority().is_none() && !with_host_authority(&mut request) {
-        return local(stats, started, 400, Flag::DownstreamProtocolError);
+        return refuse(400, Flag::DownstreamProtocolError);
     }
     if request.method() == hyper::Method::CONNECT {
         // A tunnel, which hyper hands to its upgrade API: the proxy does not carry one, and
         // says so rather than passing on the upstream's 200 and then resetting the stream.
-        return local(stats, started, 405, Flag::DownstreamProtocolError);
+        return refuse(405, Flag::DownstreamProtocolError);
     }
     if !host_agrees(&request) {
-        return local(stats, started, 400, Flag::DownstreamProtocolError);
+        return refuse(400, Flag::DownstreamProtocolError);
     }
     let host = request
         .uri()
@@ -341,7 +344,7 @@ async fn forward<B: Backend>(
         .map_or("/", |p| p.as_str())
         .as_bytes();
     let Some(route) = routes.route(host, path, request.headers()) else {
-        return local(stats, started, 404, Flag::NoRoute);
+        return refuse(404, Flag::NoRoute);
     };
     let chosen = route.choose(view.roll());
     let cluster = &view.clusters[chosen.cluster];
@@ -353,17 +356,17 @@ async fn forward<B: Backend>(
             tokio::time::timeout_at(deadline, upstream::<B>(worker, view, chosen.cluster));
         let (mut sender, key, place) = match upstream.await {
             Ok(Some(found)) => found,
-            Ok(None) => return local(stats, started, 503, Flag::UpstreamConnectFailure),
+            Ok(None) => return refuse(503, Flag::UpstreamConnectFailure),
             Err(_) => {
                 cluster.timeout();
-                return local(stats, started, 504, Flag::UpstreamTimeout);
+                return refuse(504, Flag::UpstreamTimeout);
             }
         };
         cluster.request();
         match tokio::time::timeout_at(deadline, sender.try_send_request(request)).await {
             Err(_) => {
                 cluster.timeout();
-                return local(stats, started, 504, Flag::UpstreamTimeout);
+                return refuse(504, Flag::UpstreamTimeout);
             }
             Ok(Ok(response)) => {
                 let status = response.status().as_u16();
@@ -379,12 +382,12 @@ async fn forward<B: Backend>(
                 tracing::debug!(cluster = %view.snapshot.clusters[chosen.cluster].name, error = %failed.error(), "HTTP/2 upstream failed");
                 match failed.take_message() {
                     Some(unsent) => request = unsent,
-                    None => return local(stats, started, 502, Flag::UpstreamReset),
+                    None => return refuse(502, Flag::UpstreamReset),
                 }
             }
         }
     }
-    local(stats, started, 502, Flag::UpstreamReset)
+    refuse(502, Flag::UpstreamReset)
 }
 
 /// Whether a `Host` field, if the request has one beside its authority, names the same host
@@ -430,26 +433,67 @@ fn with_host_authority(request: &mut Request<Incoming>) -> bool {
     }
 }
 
-/// A response the proxy makes itself.
+/// A response the proxy makes itself: `status`, with its flag in `x-tern-response-flag`; to a
+/// gRPC call (`grpc`), HTTP 200 with the call's outcome in `grpc-status` and `grpc-message`,
+/// which is where gRPC clients look (a bare HTTP error reaches them only as "unexpected HTTP
+/// status"), as Envoy and Linkerd answer.
 fn local(
     stats: &crate::metrics::ListenerStats,
     started: Instant,
     status: u16,
     flag: Flag,
+    grpc: bool,
 ) -> Response<Body> {
     stats.error(flag);
     stats.response(status, started.elapsed());
-    let mut response = Response::new(Either::Right(Full::new(Bytes::from(format!(
-        "{status} ({})\n",
-        flag.code()
-    )))));
-    *response.status_mut() =
-        hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::BAD_GATEWAY);
+    let text = format!("{status} ({})", flag.code());
+    let mut response = if grpc {
+        // gRPC's trailers-only answer: the call's status in the head, which ends the stream.
+        let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
+        let headers = response.headers_mut();
+        headers.insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert("grpc-status", grpc_status(flag).into());
+        if let Ok(message) = hyper::header::HeaderValue::from_str(&format!("tern-proxy: {text}")) {
+            headers.insert("grpc-message", message);
+        }
+        response
+    } else {
+        let mut response = Response::new(Either::Right(Full::new(Bytes::from(text + "\n"))));
+        *response.status_mut() =
+            hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::BAD_GATEWAY);
+        response
+    };
     response.headers_mut().insert(
         "x-tern-response-flag",
         hyper::header::HeaderValue::from_static(flag.code()),
     );
     response
+}
+
+/// Whether a request with `headers` is a gRPC call (`application/grpc`, `application/grpc+proto`, …; not
+/// gRPC-Web, whose status travels in the body).
+fn is_grpc(headers: &hyper::HeaderMap) -> bool {
+    headers
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("application/grpc"))
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(['+', ';']))
+}
+
+/// The gRPC status code of a call the proxy answers itself: as gRPC maps the HTTP status it
+/// stands for (404 UNIMPLEMENTED, 5xx UNAVAILABLE, 400 INTERNAL), but a route timeout is
+/// DEADLINE_EXCEEDED, since the upstream may have acted on the call (UNAVAILABLE tells a
+/// client it may safely try again).
+fn grpc_status(flag: Flag) -> u16 {
+    match flag {
+        Flag::NoRoute => 12,
+        Flag::UpstreamTimeout => 4,
+        Flag::UpstreamConnectFailure | Flag::UpstreamReset | Flag::UpstreamProtocolError => 14,
+        _ => 13,
+    }
 }
 
 /// A ready connection to the next endpoint of `cluster` (one of the worker's, or a new one),
@@ -541,6 +585,30 @@ async fn connect<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_calls_are_known_by_their_content_type() {
+        let with = |content_type: &str| {
+            let mut headers = hyper::HeaderMap::new();
+            headers.insert(hyper::header::CONTENT_TYPE, content_type.parse().unwrap());
+            is_grpc(&headers)
+        };
+        for grpc in [
+            "application/grpc",
+            "application/grpc+proto",
+            "application/grpc;v=1",
+        ] {
+            assert!(with(grpc), "{grpc}");
+        }
+        for other in [
+            "application/grpc-web",
+            "application/grpc-web+proto",
+            "text/plain",
+        ] {
+            assert!(!with(other), "{other}");
+        }
+        assert!(!is_grpc(&hyper::HeaderMap::new()));
+    }
 
     fn key() -> Key {
         (Arc::from("c"), SocketAddr::from(([127, 0, 0, 1], 8080)))
