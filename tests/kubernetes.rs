@@ -66,6 +66,11 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> Cluster {
+        Cluster::certifying_for(Duration::from_secs(3600))
+    }
+
+    /// A cluster whose control plane's certificates last `lifetime`.
+    fn certifying_for(lifetime: Duration) -> Cluster {
         let api = ApiServer::start(&SERVED);
         let (v1, v2) = (Http::start("v1"), Http::start("v2"));
         let sidecar_port = free_port();
@@ -96,10 +101,8 @@ impl Cluster {
         api.apply("pods", pod.clone());
         api.apply("httproutes", route_to("reviews-v1"));
         api.grant_token(REVIEWS_TOKEN, "default", "reviews", "tern-control");
-        let control = TestControlPlane::with_source(
-            Duration::from_secs(3600),
-            kubernetes(&api.url, Duration::from_secs(20)),
-        );
+        let control =
+            TestControlPlane::with_source(lifetime, kubernetes(&api.url, Duration::from_secs(20)));
         Cluster {
             api,
             pod,
@@ -379,6 +382,44 @@ fn a_serviceaccount_token_proves_its_own_account_for_tern_control_and_nothing_el
         dump["identity"]["spiffe_id"],
         TestControlPlane::spiffe_id("reviews").as_str()
     );
+}
+
+#[test]
+fn renewals_ask_the_api_server_again_and_outlive_only_its_outages() {
+    // Certificates of 6 s: the sidecar renews every 3–4 s.
+    let cluster = Cluster::certifying_for(Duration::from_secs(6));
+    let sidecar = cluster.reviews_sidecar();
+    let metrics = || admin_get(&sidecar, "/metrics");
+    let renewed_after = |count: f64, why: &str| {
+        eventually(Duration::from_secs(15), why, || {
+            metric(&metrics(), CERTIFY_OK) > count
+        });
+    };
+    // A renewal proves itself with the certificate and has its token reviewed again.
+    renewed_after(1.0, "a renewal");
+    assert!(cluster.api.reviews_of(REVIEWS_TOKEN) >= 2);
+
+    // The API server cannot review tokens: the certificate alone proves the renewal.
+    cluster.api.reviews_unavailable(true);
+    let reviews = cluster.api.reviews_of(REVIEWS_TOKEN);
+    let renewed = metric(&metrics(), CERTIFY_OK);
+    renewed_after(renewed, "a renewal while the API server is down");
+    assert!(
+        cluster.api.reviews_of(REVIEWS_TOKEN) > reviews,
+        "it was asked"
+    );
+
+    // The ServiceAccount is deleted: the API server no longer vouches for its token, and
+    // the certificate it was issued no longer renews.
+    cluster.api.reviews_unavailable(false);
+    cluster.api.revoke_token(REVIEWS_TOKEN);
+    let errors = metric(&metrics(), CERTIFY_ERROR);
+    eventually(Duration::from_secs(15), "a renewal refused", || {
+        metric(&metrics(), CERTIFY_ERROR) > errors
+    });
+    let renewed = metric(&metrics(), CERTIFY_OK);
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(metric(&metrics(), CERTIFY_OK), renewed, "no renewal since");
 }
 
 /// A child process killed when the test ends, passed or not.

@@ -3,7 +3,8 @@
 //! client certificate verified in the handshake proves the caller's identity (a renewal);
 //! without one, the request's token must: a bootstrap token of this CA, or, when
 //! `tern-control` reads a cluster, a Kubernetes ServiceAccount token, which the API server
-//! vouches for ([`TokenReviewer`]).
+//! vouches for ([`TokenReviewer`]). A ServiceAccount token beside a certificate is reviewed
+//! too, and the API server's refusal stands ([`credential`]).
 
 use std::sync::Arc;
 
@@ -113,19 +114,26 @@ impl TokenReviewer {
 }
 
 /// The credential a caller offers: the certificate it presented in the handshake, else its
-/// token. A token that is not a bootstrap token goes to `reviewer`, when there is one.
+/// token. A token that is not a bootstrap token goes to `reviewer`, when there is one, even
+/// beside a certificate (a renewal): what the API server says of it then decides, so a
+/// ServiceAccount deleted (or a Pod, for its bound token) stops its workloads' renewals, as
+/// in Istio, where every request carries the token. Only when the API server cannot be
+/// asked does the certificate prove the identity alone, so renewals outlive its outages.
 pub async fn credential<'a>(
     presented: Option<&'a CertificateDer<'a>>,
     token: &'a str,
     reviewer: Option<&TokenReviewer>,
 ) -> Result<Credential<'a>, CertifyError> {
     match reviewer {
-        Some(reviewer)
-            if presented.is_none()
-                && !token.trim().is_empty()
-                && !Authority::is_bootstrap_token(token) =>
-        {
-            Ok(Credential::Reviewed(reviewer.review(token).await?))
+        Some(reviewer) if !token.trim().is_empty() && !Authority::is_bootstrap_token(token) => {
+            match (reviewer.review(token).await, presented) {
+                (Ok(id), _) => Ok(Credential::Reviewed(id)),
+                (Err(CertifyError::Unavailable(why)), Some(presented)) => {
+                    tracing::warn!(%why, "renewing by the client certificate alone");
+                    Ok(Credential::Certificate(presented))
+                }
+                (Err(error), _) => Err(error),
+            }
         }
         _ => Ok(Credential::presented_or_token(presented, token)),
     }

@@ -5,8 +5,11 @@
 //!
 //! The first certificate is proven with the workload's bootstrap token; each renewal with the
 //! current certificate, presented as the TLS client certificate, so a running proxy outlives
-//! its token. Should the CA refuse that (a CA whose trust bundle no longer holds the
-//! certificate's root), the token is tried, when there is one.
+//! its token. The token goes along too: in a cluster it is the Pod's ServiceAccount token,
+//! which `tern-control` asks the API server about again, so a deleted ServiceAccount stops
+//! renewals (a bootstrap token beside a certificate is not looked at). Should the CA refuse
+//! the renewal (a CA whose trust bundle no longer holds the certificate's root), the token
+//! alone is tried, when there is one.
 //!
 //! It runs on the admin thread, never on a worker. Each certificate goes to
 //! [`Control::install_certificate`], which re-applies the running config with it: new
@@ -135,8 +138,8 @@ pub(crate) fn presentable(control: &Control, ca: &CaClient) -> Option<tonic::tra
 }
 
 /// Generates a key, has the CA certify it, and returns the identity built from the answer.
-/// With `certificate` (a renewal), that proves the identity, and the token is tried only if
-/// the CA refuses it; without, the token must. `mark` is set on the connection (see
+/// With `certificate` (a renewal), that proves the identity, with the token beside it, and
+/// the token alone is tried if the CA refuses them; without, the token must. `mark` is set on the connection (see
 /// `connect`).
 pub async fn certify(
     ca: &CaClient,
@@ -158,7 +161,11 @@ pub async fn certify(
                 ca,
                 &root,
                 Some(certificate),
-                String::new(),
+                token
+                    .as_deref()
+                    .map(str::trim)
+                    .unwrap_or_default()
+                    .to_owned(),
                 mark,
                 csr.clone(),
             )

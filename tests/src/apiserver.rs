@@ -44,6 +44,9 @@ struct State {
     /// Answer reviews without saying which audiences were checked, as an authenticator that
     /// ignores audiences does.
     omit_audiences: bool,
+    /// Answer reviews 500, as an API server whose storage is down does (not 503, which
+    /// kube-rs retries for seconds).
+    reviews_unavailable: bool,
 }
 
 const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
@@ -171,6 +174,17 @@ impl ApiServer {
                 audience.to_owned(),
             ),
         );
+    }
+
+    /// Takes `token` back, as deleting its ServiceAccount (or its Pod, for a bound token)
+    /// does: reviews of it are no longer authenticated.
+    pub fn revoke_token(&self, token: &str) {
+        self.state.lock().unwrap().tokens.remove(token);
+    }
+
+    /// Answers reviews 500 (`unavailable`) or as the API server does.
+    pub fn reviews_unavailable(&self, unavailable: bool) {
+        self.state.lock().unwrap().reviews_unavailable = unavailable;
     }
 
     /// How many times `token` was reviewed.
@@ -321,6 +335,9 @@ fn review(state: &mut State, body: &[u8]) -> Response<Body> {
     };
     let token = request["spec"]["token"].as_str().unwrap_or_default();
     state.reviewed.push(token.to_owned());
+    if state.reviews_unavailable {
+        return json_response(500, &json!({"kind": "Status", "code": 500}));
+    }
     // Asked about no audience, the API server checks its own.
     let asked: Vec<&str> = request["spec"]["audiences"]
         .as_array()
