@@ -17,7 +17,7 @@ use tests::{BackendChoice, both_backends, eventually, metric, start_proxy, wait_
 
 fn routed_config(a: std::net::SocketAddr, b: std::net::SocketAddr) -> String {
     format!(
-        "listeners:\n  - name: web\n    address: 127.0.0.1:0\n    protocol: http\n    routes:\n      - {{ path_prefix: /a, cluster: a }}\n      - {{ path_prefix: /b, cluster: b }}\n      - {{ path_prefix: /echo, cluster: a }}\n      - {{ path_prefix: /dead, cluster: dead }}\n      - {{ host: grpc.example, cluster: a }}\n\
+        "listeners:\n  - name: web\n    address: 127.0.0.1:0\n    protocol: http\n    routes:\n      - {{ path_prefix: /hang, cluster: a, timeout: 300ms }}\n      - {{ path_prefix: /a, cluster: a }}\n      - {{ path_prefix: /b, cluster: b }}\n      - {{ path_prefix: /echo, cluster: a }}\n      - {{ path_prefix: /dead, cluster: dead }}\n      - {{ host: grpc.example, cluster: a }}\n\
          clusters:\n  - {{ name: a, endpoints: [{a}] }}\n  - {{ name: b, endpoints: [{b}] }}\n  - {{ name: dead, endpoints: [{}], connect_timeout: 300ms }}\n",
         dead_address()
     )
@@ -95,6 +95,7 @@ fn streams_are_routed_each_on_its_own(backend: BackendChoice) {
     for (authority, path, status, flag) in [
         ("svc", "/dead", "14", "UF"),
         ("other.example", "/nowhere", "12", "NR"),
+        ("svc", "/hang", "4", "UT"),
     ] {
         let answer = call(authority, path);
         assert_eq!(answer.status, 200, "{path}");
@@ -112,7 +113,7 @@ fn streams_are_routed_each_on_its_own(backend: BackendChoice) {
         1.0,
     );
     assert!(
-        metric(&metrics, "tern_requests_total{listener=\"web\"}") >= 70.0,
+        metric(&metrics, "tern_requests_total{listener=\"web\"}") >= 71.0,
         "{metrics}"
     );
     assert_eq!(
