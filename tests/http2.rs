@@ -104,6 +104,7 @@ fn streams_are_routed_each_on_its_own(backend: BackendChoice) {
         let message = answer.headers["grpc-message"].to_str().unwrap();
         assert!(message.contains(&format!("({flag})")), "{message}");
         assert_eq!(answer.headers["x-tern-response-flag"], flag);
+        assert!(answer.head_only, "{path}: trailers-only");
         assert!(answer.body.is_empty() && answer.trailers.is_none());
     }
 

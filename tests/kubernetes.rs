@@ -409,9 +409,25 @@ fn renewals_ask_the_api_server_again_and_outlive_only_its_outages() {
         "it was asked"
     );
 
+    // A certificate the token earned renews only with the token beside it (its key in
+    // other hands, without the token, renews nothing).
+    cluster.api.reviews_unavailable(false);
+    let token = cluster.control.dir.0.join("reviews-sa.token");
+    std::fs::remove_file(&token).unwrap();
+    let errors = metric(&metrics(), CERTIFY_ERROR);
+    eventually(
+        Duration::from_secs(15),
+        "a renewal without the token refused",
+        || metric(&metrics(), CERTIFY_ERROR) > errors,
+    );
+    std::fs::write(&token, REVIEWS_TOKEN).unwrap();
+    renewed_after(
+        metric(&metrics(), CERTIFY_OK),
+        "a renewal with the token back",
+    );
+
     // The ServiceAccount is deleted: the API server no longer vouches for its token, and
     // the certificate it was issued no longer renews.
-    cluster.api.reviews_unavailable(false);
     cluster.api.revoke_token(REVIEWS_TOKEN);
     let errors = metric(&metrics(), CERTIFY_ERROR);
     eventually(Duration::from_secs(15), "a renewal refused", || {

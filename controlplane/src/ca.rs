@@ -77,6 +77,22 @@ impl<'a> Credential<'a> {
     }
 }
 
+/// The subject's organizational unit of a workload certificate a Kubernetes ServiceAccount
+/// token earned (`OU=kubernetes-serviceaccount`, which `openssl x509 -subject` shows): such
+/// a certificate renews only with a ServiceAccount token beside it
+/// ([`crate::identity::renewal_credential`]).
+pub const CLUSTER_PROVEN: &str = "kubernetes-serviceaccount";
+
+/// Whether `leaf` is a certificate a ServiceAccount token earned ([`CLUSTER_PROVEN`]).
+pub fn cluster_proven(leaf: &CertificateDer<'_>) -> bool {
+    x509_parser::parse_x509_certificate(leaf).is_ok_and(|(_, parsed)| {
+        parsed
+            .subject()
+            .iter_organizational_unit()
+            .any(|unit| unit.as_str() == Ok(CLUSTER_PROVEN))
+    })
+}
+
 /// Where the CA keeps its state, and what it was given.
 #[derive(Debug, Clone)]
 pub struct CaOptions {
@@ -497,6 +513,13 @@ impl Authority {
                 self.trust_domain
             )));
         }
+        // What the cluster's word earned carries its mark on, through renewals by the
+        // certificate alone (while the API server is out of reach).
+        let cluster_proven = match &credential {
+            Credential::Reviewed(_) => true,
+            Credential::Certificate(leaf) => cluster_proven(leaf),
+            Credential::Token(_) => false,
+        };
         let proven = self.prove(credential)?;
         if proven != requested {
             return Err(CertifyError::Denied {
@@ -512,6 +535,11 @@ impl Authority {
         serial[0] &= 0x7f; // a positive INTEGER
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
+        if cluster_proven {
+            params
+                .distinguished_name
+                .push(DnType::OrganizationalUnitName, CLUSTER_PROVEN);
+        }
         params.subject_alt_names = vec![SanType::URI(
             requested
                 .to_string()

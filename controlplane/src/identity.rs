@@ -3,8 +3,9 @@
 //! client certificate verified in the handshake proves the caller's identity (a renewal);
 //! without one, the request's token must: a bootstrap token of this CA, or, when
 //! `tern-control` reads a cluster, a Kubernetes ServiceAccount token, which the API server
-//! vouches for ([`TokenReviewer`]). A ServiceAccount token beside a certificate is reviewed
-//! too, and the API server's refusal stands ([`credential`]).
+//! vouches for ([`TokenReviewer`]). In a cluster a renewal's ServiceAccount token is reviewed
+//! again, and a certificate a ServiceAccount token earned renews only with one
+//! ([`renewal_credential`]).
 
 use std::sync::Arc;
 
@@ -59,8 +60,15 @@ impl TokenReviewer {
 
     /// The identity of the ServiceAccount `token` belongs to.
     pub async fn review(&self, token: &str) -> Result<SpiffeId, CertifyError> {
-        let refused =
-            |why: String| CertifyError::Unauthenticated(format!("the ServiceAccount token: {why}"));
+        self.ask(token).await.map_err(|failure| failure.error)
+    }
+
+    /// [`Self::review`], saying too whether a failure is the API server's being out of reach.
+    async fn ask(&self, token: &str) -> Result<SpiffeId, ReviewFailure> {
+        let refused = |why: String| ReviewFailure {
+            error: CertifyError::Unauthenticated(format!("the ServiceAccount token: {why}")),
+            unreachable: false,
+        };
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: token.trim().to_owned(),
@@ -68,22 +76,32 @@ impl TokenReviewer {
             },
             ..TokenReview::default()
         };
-        let unavailable = |why: String| {
-            CertifyError::Unavailable(format!(
+        let unavailable = |why: String, unreachable: bool| ReviewFailure {
+            error: CertifyError::Unavailable(format!(
                 "the API server did not review the ServiceAccount token: {why}"
-            ))
+            )),
+            unreachable,
         };
         // Anyone who reaches the port may ask: bound what they can make the API server do.
+        // (That bound is this side's, not the API server's being down.)
         let _permit = self
             .in_flight
             .try_acquire()
-            .map_err(|_| unavailable("too many reviews in flight".into()))?;
+            .map_err(|_| unavailable("too many reviews in flight".into(), false))?;
         let api: Api<TokenReview> = Api::all(self.client.clone());
         let reviewed =
             tokio::time::timeout(REVIEW_TIMEOUT, api.create(&PostParams::default(), &review))
                 .await
-                .map_err(|_| unavailable(format!("no answer within {REVIEW_TIMEOUT:?}")))?
-                .map_err(|e| unavailable(e.to_string()))?;
+                .map_err(|_| unavailable(format!("no answer within {REVIEW_TIMEOUT:?}"), true))?
+                .map_err(|e| {
+                    // A 4xx (tern-control not allowed to create TokenReviews, say) is an
+                    // answer; a 5xx, 429 or no connection is the API server out of reach.
+                    let unreachable = match &e {
+                        kube::Error::Api(status) => status.code >= 500 || status.code == 429,
+                        _ => true,
+                    };
+                    unavailable(e.to_string(), unreachable)
+                })?;
         let status = reviewed.status.unwrap_or_default();
         if status.authenticated != Some(true) {
             let why = status.error.unwrap_or_else(|| "no reason given".into());
@@ -113,29 +131,65 @@ impl TokenReviewer {
     }
 }
 
+/// Why a review gave no identity, and whether that is the API server's being out of reach.
+struct ReviewFailure {
+    error: CertifyError,
+    unreachable: bool,
+}
+
+/// Whether `token` is one for the API server to review: not empty, not a bootstrap token.
+fn is_serviceaccount_token(token: &str) -> bool {
+    !token.trim().is_empty() && !Authority::is_bootstrap_token(token)
+}
+
 /// The credential a caller offers: the certificate it presented in the handshake, else its
-/// token. A token that is not a bootstrap token goes to `reviewer`, when there is one, even
-/// beside a certificate (a renewal): what the API server says of it then decides, so a
-/// ServiceAccount deleted (or a Pod, for its bound token) stops its workloads' renewals, as
-/// in Istio, where every request carries the token. Only when the API server cannot be
-/// asked does the certificate prove the identity alone, so renewals outlive its outages.
+/// token. A token that is not a bootstrap token goes to `reviewer`, when there is one.
 pub async fn credential<'a>(
     presented: Option<&'a CertificateDer<'a>>,
     token: &'a str,
     reviewer: Option<&TokenReviewer>,
 ) -> Result<Credential<'a>, CertifyError> {
     match reviewer {
-        Some(reviewer) if !token.trim().is_empty() && !Authority::is_bootstrap_token(token) => {
-            match (reviewer.review(token).await, presented) {
-                (Ok(id), _) => Ok(Credential::Reviewed(id)),
-                (Err(CertifyError::Unavailable(why)), Some(presented)) => {
-                    tracing::warn!(%why, "renewing by the client certificate alone");
-                    Ok(Credential::Certificate(presented))
-                }
-                (Err(error), _) => Err(error),
-            }
+        Some(reviewer) if presented.is_none() && is_serviceaccount_token(token) => {
+            Ok(Credential::Reviewed(reviewer.review(token).await?))
         }
         _ => Ok(Credential::presented_or_token(presented, token)),
+    }
+}
+
+/// The credential of a `Certify` request. As [`credential`], but in a cluster a certificate
+/// that a ServiceAccount token earned ([`crate::ca::cluster_proven`]) renews only with a
+/// ServiceAccount token beside it, which the API server reviews again: its refusal stands,
+/// so deleting a ServiceAccount (or a Pod, whose bound token goes with it) stops the renewals
+/// of the certificates issued for it, even with the key in other hands, as in Istio, where
+/// every request carries the token. Only when the API server is out of reach (no answer, a
+/// 5xx or 429) does the certificate prove the identity alone, so renewals outlive its
+/// outages. A ServiceAccount token beside any other certificate is reviewed too.
+pub async fn renewal_credential<'a>(
+    presented: Option<&'a CertificateDer<'a>>,
+    token: &'a str,
+    reviewer: Option<&TokenReviewer>,
+) -> Result<Credential<'a>, CertifyError> {
+    let (Some(leaf), Some(reviewer)) = (presented, reviewer) else {
+        return credential(presented, token, reviewer).await;
+    };
+    let proven_by_cluster = crate::ca::cluster_proven(leaf);
+    if !is_serviceaccount_token(token) {
+        if proven_by_cluster {
+            return Err(CertifyError::Unauthenticated(
+                "a certificate a ServiceAccount token earned renews only with that token beside it"
+                    .into(),
+            ));
+        }
+        return Ok(Credential::Certificate(leaf));
+    }
+    match reviewer.ask(token).await {
+        Ok(id) => Ok(Credential::Reviewed(id)),
+        Err(failure) if failure.unreachable => {
+            tracing::warn!(why = %failure.error, "renewing by the client certificate alone");
+            Ok(Credential::Certificate(leaf))
+        }
+        Err(failure) => Err(failure.error),
     }
 }
 
@@ -165,7 +219,7 @@ impl Identity for IdentityService {
         let peer = request.remote_addr();
         let presented = presented_certificate(&request);
         let request = request.into_inner();
-        let credential = credential(
+        let credential = renewal_credential(
             presented.as_ref(),
             &request.credential,
             self.reviewer.as_ref(),

@@ -5,11 +5,11 @@
 //!
 //! The first certificate is proven with the workload's bootstrap token; each renewal with the
 //! current certificate, presented as the TLS client certificate, so a running proxy outlives
-//! its token. The token goes along too: in a cluster it is the Pod's ServiceAccount token,
-//! which `tern-control` asks the API server about again, so a deleted ServiceAccount stops
-//! renewals (a bootstrap token beside a certificate is not looked at). Should the CA refuse
-//! the renewal (a CA whose trust bundle no longer holds the certificate's root), the token
-//! alone is tried, when there is one.
+//! a bootstrap token. The token goes along too: in a cluster it is the Pod's ServiceAccount
+//! token (which the kubelet keeps fresh), and `tern-control` asks the API server about it
+//! again, so a deleted ServiceAccount stops renewals (a bootstrap token beside a certificate
+//! is not looked at). Should the CA refuse the renewal (a CA whose trust bundle no longer
+//! holds the certificate's root), the token alone is tried, when there is one.
 //!
 //! It runs on the admin thread, never on a worker. Each certificate goes to
 //! [`Control::install_certificate`], which re-applies the running config with it: new
@@ -179,7 +179,7 @@ pub async fn certify(
         // Whatever failed (a refusal of the certificate may surface as a failed connection,
         // the server's alert racing the client's first bytes), the token gets its turn.
         (Some(Err(error)), Ok(token)) => {
-            tracing::info!(%error, "renewal by certificate refused; trying the bootstrap token");
+            tracing::info!(%error, "renewal by certificate refused; trying the token alone");
             request(ca, &root, None, token.trim().to_owned(), mark, csr).await?
         }
         (None, token) => request(ca, &root, None, token?.trim().to_owned(), mark, csr).await?,

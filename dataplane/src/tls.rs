@@ -762,8 +762,8 @@ impl KeySchedule {
     pub(crate) fn ticket(&mut self, body: &[u8]) -> io::Result<()> {
         match self {
             KeySchedule::Client(conn) => conn.handle_new_session_ticket(body).map_err(tls_error),
-            KeySchedule::Server(_) => Err(io::Error::new(
-                io::ErrorKind::InvalidData,
+            KeySchedule::Server(_) => Err(crate::usertls::refused(
+                crate::usertls::UNEXPECTED_MESSAGE,
                 "a TLS client sent a session ticket",
             )),
         }

@@ -63,7 +63,7 @@ const KEY_UPDATE: u8 = 24;
 const MAX_POST_HANDSHAKE_RUN: u32 = 32;
 
 /// Alert descriptions this side ends a connection with (RFC 8446 §6).
-const UNEXPECTED_MESSAGE: u8 = 10;
+pub(crate) const UNEXPECTED_MESSAGE: u8 = 10;
 const BAD_RECORD_MAC: u8 = 20;
 const RECORD_OVERFLOW: u8 = 22;
 const ILLEGAL_PARAMETER: u8 = 47;
@@ -87,7 +87,7 @@ impl std::fmt::Display for Refused {
 
 impl std::error::Error for Refused {}
 
-fn refused(alert: u8, message: &'static str) -> io::Error {
+pub(crate) fn refused(alert: u8, message: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, Refused { alert, message })
 }
 
@@ -170,7 +170,13 @@ impl AfterHandshake {
                         [0] => {}
                         // It asks for ours in return, before our next write.
                         [1] => self.owed = true,
-                        _ => return Err(refused(ILLEGAL_PARAMETER, "malformed TLS KeyUpdate")),
+                        [_] => {
+                            return Err(refused(
+                                ILLEGAL_PARAMETER,
+                                "TLS KeyUpdate asks neither yes nor no",
+                            ));
+                        }
+                        _ => return Err(refused(DECODE_ERROR, "malformed TLS KeyUpdate")),
                     }
                     if !messages.is_empty() {
                         return Err(refused(
@@ -191,6 +197,7 @@ impl AfterHandshake {
         if messages.is_empty() {
             Ok(false)
         } else {
+            // TLS allows it; this layer does not take it (no implementation splits them).
             Err(refused(
                 DECODE_ERROR,
                 "TLS post-handshake message split across records",
@@ -316,6 +323,14 @@ impl Opener {
                 .try_into()
                 .map_err(|_| refused(DECODE_ERROR, "short header"))?;
             let length = usize::from(u16::from_be_bytes([header[3], header[4]]));
+            if header[0] == ALERT {
+                // An alert in the clear (a peer that failed before it had keys): not
+                // answered with one.
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "peer sent an unencrypted TLS alert",
+                ));
+            }
             if header[0] != APPLICATION_DATA || header[1] != 3 {
                 return Err(refused(
                     UNEXPECTED_MESSAGE,
@@ -374,9 +389,8 @@ impl Opener {
                     opened.closed = true;
                     return Ok(opened);
                 }
-                ALERT => {
-                    return Err(peer_alert(&inner[..last]));
-                }
+                ALERT if last == 2 => return Err(peer_alert(&inner[..last])),
+                ALERT => return Err(refused(DECODE_ERROR, "malformed TLS alert")),
                 HANDSHAKE => {
                     if after.record(&inner[..last])? {
                         self.keys = Keys::next(after.next_rx())?;
@@ -621,7 +635,12 @@ impl<S: Stream> UserTls<S> {
             // Nothing follows a fatal alert, sent or not.
             sealer.failed = true;
         };
-        let _ = tokio::time::timeout(ALERT_WAIT, alert).await;
+        if tokio::time::timeout(ALERT_WAIT, alert).await.is_err() {
+            // A write in progress or the alert itself is stuck (the peer reads nothing):
+            // end the connection now, so nothing more goes out and an abandoned write
+            // (io_uring keeps the socket while one is in flight) holds nothing open.
+            self.inner.abort();
+        }
     }
 
     /// Seals `data` as records of `content_type`, after the KeyUpdate the peer asked for.
@@ -1249,25 +1268,41 @@ mod tests {
     fn post_handshake_messages_out_of_place_are_refused() {
         let server = || AfterHandshake::new(Session::server(SUITES[0]).after.schedule);
         let ticket = [NEW_SESSION_TICKET, 0, 0, 4, 0, 0, 0, 1];
-        let cases: [(&[u8], &str); 6] = [
-            (&ticket, "client sent a session ticket"),
-            (&[KEY_UPDATE, 0, 0, 1, 7], "malformed"),
+        // Each refused with the alert RFC 8446 names for it (§4.6.3, §5.1, §6.2).
+        let cases: [(&[u8], &str, u8); 7] = [
+            (&ticket, "client sent a session ticket", UNEXPECTED_MESSAGE),
+            (
+                &[KEY_UPDATE, 0, 0, 1, 7],
+                "neither yes nor no",
+                ILLEGAL_PARAMETER,
+            ),
+            (&[KEY_UPDATE, 0, 0, 2, 0, 0], "malformed", DECODE_ERROR),
             (
                 &[KEY_UPDATE, 0, 0, 1, 0, KEY_UPDATE, 0, 0, 1, 0],
                 "end of its record",
+                UNEXPECTED_MESSAGE,
             ),
-            (&[KEY_UPDATE, 0, 0, 2, 0], "split across records"),
-            (&[KEY_UPDATE, 0], "split across records"),
+            (
+                &[KEY_UPDATE, 0, 0, 2, 0],
+                "split across records",
+                DECODE_ERROR,
+            ),
+            (&[KEY_UPDATE, 0], "split across records", DECODE_ERROR),
             // A CertificateRequest: post-handshake authentication is not offered.
-            (&[13, 0, 0, 0], "unexpected TLS handshake message"),
+            (
+                &[13, 0, 0, 0],
+                "unexpected TLS handshake message",
+                UNEXPECTED_MESSAGE,
+            ),
         ];
         let mut after = server();
-        for (messages, expected) in cases {
+        for (messages, expected, alert) in cases {
             let error = after.record(messages).unwrap_err();
             assert!(
                 error.to_string().contains(expected),
                 "{messages:?}: {error}"
             );
+            assert_eq!(alert_for(&error), Some(alert), "{messages:?}");
         }
         // A KeyUpdate that asks for ours is owed until paid.
         let mut after = server();

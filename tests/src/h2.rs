@@ -25,6 +25,9 @@ pub struct Answer {
     pub body: Bytes,
     /// Trailers, if any.
     pub trailers: Option<hyper::HeaderMap>,
+    /// The stream ended with the head (one HEADERS frame with END_STREAM: gRPC's
+    /// trailers-only answer).
+    pub head_only: bool,
 }
 
 impl Answer {
@@ -77,6 +80,7 @@ impl H2 {
             let response = sender.send_request(request).await.expect("a response");
             let status = response.status().as_u16();
             let headers = response.headers().clone();
+            let head_only = hyper::body::Body::is_end_stream(response.body());
             let collected = response.into_body().collect().await.expect("a body");
             let trailers = collected.trailers().cloned();
             Answer {
@@ -84,6 +88,7 @@ impl H2 {
                 headers,
                 body: collected.to_bytes(),
                 trailers,
+                head_only,
             }
         };
         self.runtime.block_on(async move {

@@ -454,6 +454,21 @@ fn bootstrap_tokens_are_told_from_serviceaccount_tokens_and_reviews_stay_in_the_
         .certify(&request, Credential::Reviewed(id.clone()))
         .unwrap();
     assert_eq!(issued.id, id);
+    // The cluster's word marks the certificate, and a renewal by that certificate alone
+    // (the API server out of reach) keeps the mark; a bootstrap token's does not carry it.
+    assert!(super::cluster_proven(&issued.chain[0]));
+    let renewed = authority
+        .certify(&request, Credential::Certificate(&issued.chain[0]))
+        .unwrap();
+    assert!(super::cluster_proven(&renewed.chain[0]));
+    let bootstrapped = authority
+        .certify(&request, Credential::Token(&token))
+        .unwrap();
+    assert!(!super::cluster_proven(&bootstrapped.chain[0]));
+    let renewed = authority
+        .certify(&request, Credential::Certificate(&bootstrapped.chain[0]))
+        .unwrap();
+    assert!(!super::cluster_proven(&renewed.chain[0]));
     let elsewhere: SpiffeId = "spiffe://other.test/ns/shop/sa/cart".parse().unwrap();
     assert!(matches!(
         authority.prove(Credential::Reviewed(elsewhere)),

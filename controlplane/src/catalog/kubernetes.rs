@@ -506,12 +506,18 @@ mod tests {
         cluster.apply(PODS, Ok(Event::InitApply(churn)));
         assert!(!cluster.apply(PODS, Ok(Event::InitDone)));
 
-        // A label, the IP and Tern's annotations are read.
-        let relabelled = pod(3, json!({"app": "shop", "version": "2"}), ready("True"));
-        assert!(cluster.apply(PODS, Ok(Event::Apply(relabelled.clone()))));
+        // A label, the IP and Tern's annotations are read: each change alone is an update.
+        let labels = json!({"app": "shop", "version": "2"});
+        assert!(cluster.apply(
+            PODS,
+            Ok(Event::Apply(pod(3, labels.clone(), ready("True"))))
+        ));
         let moved = json!({"podIP": "10.0.0.3", "conditions": []});
-        assert!(cluster.apply(PODS, Ok(Event::Apply(pod(4, labels.clone(), moved)))));
-        let mut remapped = pod(5, labels, ready("True"));
+        assert!(cluster.apply(
+            PODS,
+            Ok(Event::Apply(pod(4, labels.clone(), moved.clone())))
+        ));
+        let mut remapped = pod(5, labels, moved);
         remapped
             .metadata
             .annotations
@@ -530,9 +536,9 @@ mod tests {
             kept,
             json!({
                 "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": "p", "namespace": "shop", "labels": {"app": "shop"}, "annotations": {"tern.dev/inbound-ports": "8080=15081"}},
+                "metadata": {"name": "p", "namespace": "shop", "labels": {"app": "shop", "version": "2"}, "annotations": {"tern.dev/inbound-ports": "8080=15081"}},
                 "spec": {"serviceAccountName": "shop", "containers": [{"name": "app", "ports": [{"name": "http", "containerPort": 8080}]}]},
-                "status": {"podIP": "10.0.0.2"},
+                "status": {"podIP": "10.0.0.3"},
             })
         );
     }

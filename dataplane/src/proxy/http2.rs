@@ -314,7 +314,8 @@ async fn forward<B: Backend>(
     let started = Instant::now();
     let stats = &view.listeners[listener];
     stats.request();
-    let grpc = is_grpc(request.headers());
+    // gRPC calls are POSTs (a CONNECT answered 200 would open a tunnel).
+    let grpc = request.method() == hyper::Method::POST && is_grpc(request.headers());
     let refuse = |status: u16, flag: Flag| local(stats, started, status, flag, grpc);
     let routes: &RouteTable = match &view.snapshot.listeners[listener].kind {
         ListenerKind::Http(routes) | ListenerKind::Detect { routes, .. } => routes,
@@ -484,9 +485,9 @@ fn is_grpc(headers: &hyper::HeaderMap) -> bool {
 }
 
 /// The gRPC status code of a call the proxy answers itself: as gRPC maps the HTTP status it
-/// stands for (404 UNIMPLEMENTED, 5xx UNAVAILABLE, 400 INTERNAL), but a route timeout is
-/// DEADLINE_EXCEEDED, since the upstream may have acted on the call (UNAVAILABLE tells a
-/// client it may safely try again).
+/// stands for (404 UNIMPLEMENTED, 502 and 503 UNAVAILABLE, 400 INTERNAL), but the route
+/// timeout is DEADLINE_EXCEEDED, the code of a call that ran out of time, as a server's own
+/// deadline would end it.
 fn grpc_status(flag: Flag) -> u16 {
     match flag {
         Flag::NoRoute => 12,

@@ -93,7 +93,7 @@ pub fn inject(text: &str, args: &InjectArgs, root: &str) -> anyhow::Result<Strin
         if value.is_null() {
             continue;
         }
-        file_modes_as_yaml_1_1(&mut value, false);
+        file_modes_as_yaml_1_1(&mut value, &mut Vec::new());
         inject_object(&mut value, &args.proxy_image, &mut namespaces);
         documents.push(value);
     }
@@ -109,17 +109,34 @@ pub fn inject(text: &str, args: &InjectArgs, root: &str) -> anyhow::Result<Strin
     Ok(out)
 }
 
-/// File modes (`defaultMode`, `mode`) of Pod volumes written in octal, `0644`: kubectl's
-/// YAML 1.1 reads them as octal numbers, YAML 1.2 (this parser) as strings; they are made the
-/// numbers kubectl would have sent. Only under a `volumes` key: elsewhere (a ConfigMap's
-/// `data`, say) a key named `mode` holds whatever its owner put there, a string perhaps.
-fn file_modes_as_yaml_1_1(value: &mut Value, in_volumes: bool) {
+/// File modes of Pod volumes written in octal, `0644`: kubectl's YAML 1.1 reads them as
+/// octal numbers, YAML 1.2 (this parser) as strings; they are made the numbers kubectl would
+/// have sent. Only where the Pod API has file modes: `defaultMode` of a `secret`,
+/// `configMap`, `projected` or `downwardAPI` volume, and `mode` of its `items`, under
+/// `volumes`. Elsewhere a key named `mode` holds whatever its owner put there (a ConfigMap's
+/// `data`, a CSI driver's `volumeAttributes`), a string perhaps.
+fn file_modes_as_yaml_1_1(value: &mut Value, path: &mut Vec<String>) {
+    const SOURCES: [&str; 4] = ["secret", "configMap", "projected", "downwardAPI"];
     match value {
         Value::Mapping(map) => {
             for (key, item) in map.iter_mut() {
-                let octal = match (key.as_str(), item.as_str()) {
-                    (Some("defaultMode" | "mode"), Some(text))
+                let Some(key) = key.as_str() else {
+                    continue;
+                };
+                let in_volumes = path.iter().any(|k| k == "volumes");
+                let parent = path.last().map(String::as_str);
+                let grandparent = path.len().checked_sub(2).map(|i| path[i].as_str());
+                let is_mode = match key {
+                    "defaultMode" => parent.is_some_and(|p| SOURCES.contains(&p)),
+                    "mode" => {
+                        parent == Some("items") && grandparent.is_some_and(|g| SOURCES.contains(&g))
+                    }
+                    _ => false,
+                };
+                let octal = match item.as_str() {
+                    Some(text)
                         if in_volumes
+                            && is_mode
                             && text.len() > 1
                             && text.starts_with('0')
                             && text.bytes().all(|b| (b'0'..=b'7').contains(&b)) =>
@@ -131,15 +148,17 @@ fn file_modes_as_yaml_1_1(value: &mut Value, in_volumes: bool) {
                 match octal {
                     Some(mode) => *item = mode.into(),
                     None => {
-                        file_modes_as_yaml_1_1(item, in_volumes || key.as_str() == Some("volumes"));
+                        path.push(key.to_owned());
+                        file_modes_as_yaml_1_1(item, path);
+                        path.pop();
                     }
                 }
             }
         }
         Value::Sequence(items) => items
             .iter_mut()
-            .for_each(|item| file_modes_as_yaml_1_1(item, in_volumes)),
-        Value::Tagged(tagged) => file_modes_as_yaml_1_1(&mut tagged.value, in_volumes),
+            .for_each(|item| file_modes_as_yaml_1_1(item, path)),
+        Value::Tagged(tagged) => file_modes_as_yaml_1_1(&mut tagged.value, path),
         _ => {}
     }
 }
@@ -533,15 +552,19 @@ apiVersion: v1
 kind: Pod
 metadata: { name: web, namespace: shop }
 spec:
-  containers: [{ name: web, image: web:1, env: [{ name: mode, value: '0755' }] }]
+  containers: [{ name: web, image: web:1 }]
   volumes:
     - { name: token, projected: { defaultMode: 0440, sources: [{ secret: { name: s, items: [{ key: k, path: k, mode: 0400 }] } }] } }
+    - { name: store, csi: { driver: store.example, volumeAttributes: { mode: '0700' } } }
 ";
         let out = documents(&inject(manifests, &args(), ROOT).unwrap());
         assert_eq!(out[0]["data"]["mode"], "0600");
         assert_eq!(out[0]["data"]["defaultMode"], "0644");
         let spec = &out[1]["spec"];
-        assert_eq!(spec["containers"][0]["env"][0]["value"], "0755");
+        assert_eq!(
+            spec["volumes"][1]["csi"]["volumeAttributes"]["mode"],
+            "0700"
+        );
         let projected = &spec["volumes"][0]["projected"];
         assert_eq!(projected["defaultMode"], 0o440);
         assert_eq!(projected["sources"][0]["secret"]["items"][0]["mode"], 0o400);
