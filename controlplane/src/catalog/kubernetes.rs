@@ -10,10 +10,11 @@
 //! AuthorizationPolicy must not start a mesh without policies). A watch or list that fails later, a 404 included (a CRD version no longer
 //! served during an upgrade), keeps what it last saw, with a warning; objects go only when
 //! the API server says they were deleted or a relist no longer holds them. Failures are
-//! retried after 0.8 s, doubling to 30 s, until the watch makes progress again (kube-rs'
-//! own backoff resets on the `Init` that starts every relist attempt, so it never grows for
-//! a list that keeps failing). Changes that arrive together become one update, as the
-//! directory's do.
+//! retried after 0.8 s, doubling to 30 s while they keep coming, back to 0.8 s after a quiet
+//! minute ([`Backoff`]; kube-rs' own backoff resets on the `Init` that starts every relist
+//! attempt, so it never grows for a list that keeps failing, and a list that works does not
+//! reset this one, so a watch that fails after every list is not relisted every 0.8 s).
+//! Changes that arrive together become one update, as the directory's do.
 //!
 //! Objects are kept as far as Tern reads them ([`trim`]): no `managedFields`, no status but a
 //! Pod's IP, no annotations but Tern's own. An event that changes nothing of that (a Pod's
@@ -70,12 +71,36 @@ pub fn with_read_timeout(mut config: kube::Config) -> kube::Config {
 
 /// How many watch events may wait to be applied before the watchers wait in turn.
 const EVENT_QUEUE: usize = 1024;
-/// The wait after a watch or list fails, doubled on each failure in a row up to
-/// [`MAX_RETRY`].
+/// The wait after a watch or list fails, doubled on each failure that follows within a
+/// minute or so, up to [`MAX_RETRY`] ([`Backoff`]).
 const FIRST_RETRY: Duration = Duration::from_millis(800);
 const MAX_RETRY: Duration = Duration::from_secs(30);
 
 type WatchItem = Result<Event<DynamicObject>, watcher::Error>;
+
+/// The waits between a watcher's failures: [`FIRST_RETRY`], doubling up to [`MAX_RETRY`]
+/// while failures keep coming, and back to the first after a quiet spell. Not reset by a
+/// list that succeeds: an API server that lists and then fails every watch (410 Gone again
+/// and again) is asked less and less often, not relisted every 0.8 s.
+#[derive(Debug, Default)]
+struct Backoff {
+    /// The last wait, and when it was asked for.
+    last: Option<(Duration, tokio::time::Instant)>,
+}
+
+impl Backoff {
+    /// How long to wait after a failure at `now`.
+    fn after_failure(&mut self, now: tokio::time::Instant) -> Duration {
+        let wait = match self.last {
+            Some((wait, at)) if now.duration_since(at) < 2 * MAX_RETRY + wait => {
+                (wait * 2).min(MAX_RETRY)
+            }
+            _ => FIRST_RETRY,
+        };
+        self.last = Some((wait, now));
+        wait
+    }
+}
 
 /// One watched kind and its objects, each parsed on arrival.
 struct Kind {
@@ -139,22 +164,16 @@ impl Cluster {
             let sender = sender.clone();
             tokio::spawn(async move {
                 let mut stream = std::pin::pin!(watcher::watcher(api, watcher::Config::default()));
-                let mut retry = FIRST_RETRY;
+                let mut backoff = Backoff::default();
                 while let Some(item) = stream.next().await {
                     let failed = item.is_err();
-                    if matches!(
-                        item,
-                        Ok(Event::InitDone | Event::Apply(_) | Event::Delete(_))
-                    ) {
-                        retry = FIRST_RETRY;
-                    }
                     if sender.send((index, item)).await.is_err() {
                         return;
                     }
                     if failed {
                         // The watcher tries again when next polled.
-                        tokio::time::sleep(retry).await;
-                        retry = (retry * 2).min(MAX_RETRY);
+                        tokio::time::sleep(backoff.after_failure(tokio::time::Instant::now()))
+                            .await;
                     }
                 }
             });
@@ -541,6 +560,24 @@ mod tests {
                 "status": {"podIP": "10.0.0.3"},
             })
         );
+    }
+
+    #[test]
+    fn failures_in_a_row_wait_longer_and_a_quiet_spell_starts_again() {
+        use std::time::Duration;
+        let mut backoff = super::Backoff::default();
+        let mut now = tokio::time::Instant::now();
+        let mut waits = Vec::new();
+        // A list that works and a watch that fails at once (410 Gone), again and again.
+        for _ in 0..8 {
+            let wait = backoff.after_failure(now);
+            waits.push(wait.as_millis());
+            now += wait + Duration::from_millis(50);
+        }
+        assert_eq!(waits, [800, 1600, 3200, 6400, 12800, 25600, 30000, 30000]);
+        // A failure long after the last: the first wait again.
+        now += Duration::from_secs(600);
+        assert_eq!(backoff.after_failure(now), super::FIRST_RETRY);
     }
 
     #[test]
