@@ -36,6 +36,20 @@ fn http_is_routed_and_other_bytes_are_opaque(backend: BackendChoice) {
     // that starts like a method but is not one too.
     client::assert_echo(addr, b"\x00\x01binary protocol");
     client::assert_echo(addr, b"GETting warmer");
+    // Empty lines without end are not buffered until the detection timeout: past a few
+    // KiB they are opaque, and reach the cluster at once.
+    let flood = b"\r\n".repeat(32 * 1024);
+    let mut stream = client::connect(addr);
+    stream.write_all(&flood).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_millis(2500)))
+        .unwrap();
+    let mut echoed = vec![0; flood.len()];
+    stream
+        .read_exact(&mut echoed)
+        .expect("echoed before the 5 s detection timeout");
+    assert!(echoed == flood);
+    drop(stream);
     // The HTTP/2 preface: routed as HTTP/2.
     let h2 = tests::h2::H2::connect(addr);
     assert_eq!(h2.get("x", "/web/h2").text(), "web /web/h2");
@@ -45,7 +59,7 @@ fn http_is_routed_and_other_bytes_are_opaque(backend: BackendChoice) {
     let metrics = wait_for_metric(
         &proxy,
         "tern_protocol_detections_total{listener=\"detect\",protocol=\"opaque\"}",
-        2.0,
+        3.0,
     );
     for (protocol, count) in [("http1", 3.0), ("http2", 1.0), ("tls", 1.0)] {
         assert_eq!(

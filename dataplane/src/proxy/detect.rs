@@ -25,6 +25,11 @@ const MAX_METHOD: usize = 20;
 
 /// Room for the first read; more than any prefix detection needs.
 const FIRST_READ: usize = 2048;
+/// The most a client's first bytes may hold before they are taken as opaque: past the
+/// longest prefix detection needs, and a bound on empty lines before a request line (RFC
+/// 9112 §2.2 asks a server to ignore at least one), so a client sending them without end is
+/// not buffered for the whole detection timeout.
+const MAX_SNIFF: usize = 4096;
 
 /// What `first` (the client's first bytes) are, or `None` while they could still become
 /// more than one thing.
@@ -116,10 +121,11 @@ pub async fn read_first<S: Stream, T>(
 pub async fn sniff<S: Stream>(down: &S, timeout: Duration) -> (Detected, Vec<u8>) {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut first = Vec::with_capacity(FIRST_READ);
-    let outcome = match read_first(down, &mut first, deadline, usize::MAX, classify).await {
+    let outcome = match read_first(down, &mut first, deadline, MAX_SNIFF, classify).await {
         FirstBytes::Told(outcome) => outcome,
         FirstBytes::TimedOut => Detected::Timeout,
-        // The copy that follows meets the error again and reports it.
+        // The copy that follows meets the error again and reports it; bytes past the cap
+        // that have said nothing are no protocol detection knows.
         FirstBytes::Ended => Detected::Opaque,
     };
     (outcome, first)
