@@ -269,6 +269,40 @@ fn a_response_the_upstream_breaks_off_ends_in_a_reset(backend: BackendChoice) {
     );
 }
 
+/// A request that asked to close (`Connection: close`) binds the upstream to close after
+/// its response (RFC 9112 §9.6), even one that does not say so: that connection is not
+/// parked, so the next client's POST (never retried) does not meet it closed.
+fn a_connection_the_request_asked_to_close_is_not_parked(backend: BackendChoice) {
+    // Closes after each response without saying so.
+    let upstream_addr =
+        upstream::scripted(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false);
+    let yaml = format!(
+        "listeners:\n  - {{ name: web, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: app }}] }}\nclusters:\n  - {{ name: app, endpoints: [{upstream_addr}] }}\n"
+    );
+    // One worker, so both clients find the same pool.
+    let config = shared::Config::from_yaml(&yaml, "test.yaml").unwrap();
+    let options = dataplane::Options {
+        workers: Some(1),
+        ..tests::options(backend)
+    };
+    let proxy = Proxy::start(config, "test.yaml", options).unwrap();
+    let addr = proxy.listener_addr("web").unwrap();
+    let first = client::request(
+        addr,
+        "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(first.status, 200);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let post = client::request(
+        addr,
+        "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx",
+    );
+    assert_eq!(
+        (post.status, post.header("x-tern-response-flag")),
+        (200, None)
+    );
+}
+
 /// HTTP/1.0 has no chunked encoding (RFC 9112 §7.1), and a server must not send it one; an
 /// upstream that does anyway has its response reach the HTTP/1.0 client as the data alone,
 /// ended by the close (even for a client that asked to keep the connection), read in pieces
@@ -695,6 +729,7 @@ both_backends!(
     a_response_the_upstream_breaks_off_ends_in_a_reset,
     interim_responses_reach_http11_clients_only,
     a_chunked_response_reaches_an_http10_client_as_its_data_alone,
+    a_connection_the_request_asked_to_close_is_not_parked,
     upstream_down_is_503,
     upstream_that_hangs_is_504_after_the_timeout,
     no_route_is_404,

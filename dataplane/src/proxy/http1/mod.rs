@@ -513,7 +513,15 @@ impl<B: Backend> Conn<'_, B> {
             }
         }
         self.stats.response(response.status, started.elapsed());
-        if response.keep_alive && !leftover && !body_unsent && !self.worker.draining() {
+        // The request went upstream as it came: one that asked to close (`Connection:
+        // close`, HTTP/1.0 without keep-alive) leaves the upstream bound to close, whether or
+        // not its response says so (RFC 9112 §9.6), so its connection is not parked.
+        if response.keep_alive
+            && head.keep_alive
+            && !leftover
+            && !body_unsent
+            && !self.worker.draining()
+        {
             let plan = &self.view.snapshot.clusters[cluster];
             self.worker.pool.put(addr, up, plan.max_idle_per_endpoint);
         } else {
