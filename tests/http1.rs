@@ -306,8 +306,8 @@ fn a_connection_the_request_asked_to_close_is_not_parked(backend: BackendChoice)
 /// HTTP/1.0 has no chunked encoding (RFC 9112 §7.1), and a server must not send it one; an
 /// upstream that does anyway has its response reach the HTTP/1.0 client as the data alone,
 /// ended by the close (even for a client that asked to keep the connection), read in pieces
-/// split anywhere; the upstream connection, whose response ended cleanly, serves the next
-/// request. An HTTP/1.1 client gets the chunks as sent.
+/// split anywhere; an upstream connection whose response ended cleanly, for a request
+/// that kept it alive, serves the next request. An HTTP/1.1 client gets the chunks as sent.
 fn a_chunked_response_reaches_an_http10_client_as_its_data_alone(backend: BackendChoice) {
     let (upstream, accepted) = upstream::piecewise(&[
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Kept: 1\r\n\r\n5\r\nhel",
@@ -353,10 +353,12 @@ fn a_chunked_response_reaches_an_http10_client_as_its_data_alone(backend: Backen
     let response = conn.response(false);
     assert_eq!(response.header("transfer-encoding"), Some("chunked"));
     assert_eq!(response.text(), "hello, world");
+    // The first request (HTTP/1.0, no keep-alive) left its upstream connection bound to
+    // close; the second's, kept alive, served the third.
     assert_eq!(
         accepted.load(Ordering::SeqCst),
-        1,
-        "one upstream connection"
+        2,
+        "two upstream connections"
     );
     drop(conn);
     // What the clients got, counted: the rewritten heads and the data, then the chunked
