@@ -554,3 +554,19 @@ fn a_nacked_config_is_offered_again_and_lands_once_its_cause_passes() {
             .is_some_and(|entry| entry.applied_version == entry.sent_version)
     });
 }
+
+#[test]
+fn a_control_plane_with_no_manifests_serves_one_stream_per_proxy_that_stays() {
+    // `tern-control serve` with no --manifests and no --kubernetes: empty configs.
+    let control = TestControlPlane::start(Duration::from_secs(3600));
+    let yaml = discovery_yaml(&control.identity_yaml("a", "a"), "a-0", None);
+    let proxy = start_proxy(&yaml, BackendChoice::Epoll);
+    wait_ready(&proxy, Duration::from_secs(10));
+    // Its one config, acknowledged once, on a stream that stays up (it was ended after
+    // every push, and the proxy came back for the same config again and again).
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(metric_of(&proxy, ACKS), 1.0);
+    assert_eq!(metric_of(&proxy, "tern_discovery_connected"), 1.0);
+    let proxies = control.running().status().proxies;
+    assert_eq!(proxies.len(), 1, "{proxies:?}");
+}

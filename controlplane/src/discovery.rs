@@ -9,7 +9,7 @@
 //! [`Registry`], which the admin endpoint and `ternctl status` read; the last Nack stays
 //! visible after its proxy left.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -227,6 +227,12 @@ impl ProxyRequest {
     fn with(mut self, wire: Vec<pb::Outbound>) -> Result<ProxyRequest, Status> {
         let full =
             || Status::resource_exhausted(format!("more than {MAX_SUBSCRIPTIONS} destinations"));
+        // Repeats count too, so one message costs at most the limit's worth of work.
+        if wire.len() > MAX_SUBSCRIPTIONS {
+            return Err(full());
+        }
+        let mut destinations: HashSet<SocketAddr> = self.destinations.iter().copied().collect();
+        let mut outbound: HashSet<Outbound> = self.outbound.iter().cloned().collect();
         for (i, o) in wire.into_iter().enumerate() {
             let bad = |why: String| Status::invalid_argument(format!("outbound[{i}]: {why}"));
             if !o.address.is_empty() {
@@ -234,7 +240,7 @@ impl ProxyRequest {
                     .address
                     .parse()
                     .map_err(|_| bad(format!("`{}` is not an ip:port", o.address)))?;
-                if !self.destinations.contains(&address) {
+                if destinations.insert(address) {
                     self.destinations.push(address);
                 }
                 if self.outbound.len() + self.destinations.len() > MAX_SUBSCRIPTIONS {
@@ -256,7 +262,7 @@ impl ProxyRequest {
                     .map_err(|_| bad(format!("`{}` is not an ip:port", o.listen)))?,
                 service: o.service,
             };
-            if !self.outbound.contains(&explicit) {
+            if outbound.insert(explicit.clone()) {
                 self.outbound.push(explicit);
             }
             if self.outbound.len() + self.destinations.len() > MAX_SUBSCRIPTIONS {
@@ -343,6 +349,7 @@ async fn serve_stream(
     } = service;
     let mut last_sent = None;
     let mut dirty = true;
+    let mut catalog_open = true;
     // After a NACK the same config is offered again, with backoff: the cause may pass (a
     // port still held by its previous owner).
     let mut retry: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
@@ -384,12 +391,12 @@ async fn serve_stream(
                 retry = None;
                 dirty = true;
             }
-            changed = catalog.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-                dirty = true;
-            }
+            changed = catalog.changed(), if catalog_open => match changed {
+                Ok(()) => dirty = true,
+                // No source feeds it (`tern-control` started without one): nothing will
+                // change, and the stream goes on with what it has.
+                Err(_) => catalog_open = false,
+            },
             message = messages.message() => match message {
                 Ok(Some(WatchRequest { kind: Some(Kind::Ack(ack)) })) => {
                     registry.acks.fetch_add(1, Ordering::Relaxed);
@@ -430,13 +437,15 @@ async fn serve_stream(
                             dirty = true;
                         }
                         Err(status) => {
-                            let _ = configs.send(Err(status)).await;
+                            // Not awaited: a client that stops reading must not hold the
+                            // stream (and a shutdown) up.
+                            let _ = configs.try_send(Err(status));
                             break;
                         }
                     }
                 }
                 Ok(Some(_)) => {
-                    let _ = configs.send(Err(Status::invalid_argument("a second Hello, or an empty message"))).await;
+                    let _ = configs.try_send(Err(Status::invalid_argument("a second Hello, or an empty message")));
                     break;
                 }
                 Ok(None) | Err(_) => break,
@@ -448,4 +457,43 @@ async fn serve_stream(
     }
     registry.proxies().remove(&stream);
     tracing::info!(identity = %proxy.identity, "proxy disconnected");
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn request() -> ProxyRequest {
+        ProxyRequest {
+            identity: "spiffe://mesh.test/ns/shop/sa/web".parse().unwrap(),
+            namespace: "shop".into(),
+            workload: "web-0".into(),
+            outbound: Vec::new(),
+            destinations: Vec::new(),
+        }
+    }
+
+    fn address(address: &str) -> pb::Outbound {
+        pb::Outbound {
+            address: address.into(),
+            ..pb::Outbound::default()
+        }
+    }
+
+    #[test]
+    fn subscriptions_are_kept_once_and_counted_as_sent() {
+        let twice = vec![
+            address("10.0.0.1:80"),
+            address("10.0.0.1:80"),
+            address("10.0.0.2:80"),
+        ];
+        let request = request().with(twice).unwrap();
+        assert_eq!(request.destinations.len(), 2);
+        // A message of repeats past the limit is refused before any of it is looked at.
+        let repeats = vec![address("10.0.0.1:80"); MAX_SUBSCRIPTIONS + 1];
+        let refused = request.with(repeats).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    }
 }

@@ -145,7 +145,7 @@ pub struct WorkloadRef {
 }
 
 /// A destination Service port and where this proxy listens for traffic to it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Outbound {
     /// `<name>.<namespace>`.
