@@ -37,6 +37,7 @@ use shared::config::{
 };
 use shared::crd::{MtlsMode, OutboundTraffic};
 
+use crate::catalog::gateway::HttpRoute;
 use crate::catalog::{Catalog, Workload, service_port};
 
 /// Who a proxy is and what it wants.
@@ -160,6 +161,7 @@ pub fn translate(catalog: &Catalog, request: &ProxyRequest) -> Translated {
             namespace,
             service,
             port,
+            caller: &request.namespace,
         };
         let listener = destination.listener(
             catalog,
@@ -197,11 +199,12 @@ pub fn translate(catalog: &Catalog, request: &ProxyRequest) -> Translated {
     out
 }
 
-/// One Service port as a destination.
+/// One Service port as a destination, for a proxy in namespace `caller`.
 struct Destination<'a> {
     namespace: &'a str,
     service: &'a Service,
     port: &'a ServicePort,
+    caller: &'a str,
 }
 
 impl Destination<'_> {
@@ -223,9 +226,8 @@ impl Destination<'_> {
             Protocol::Tcp => Vec::new(),
             Protocol::Http | Protocol::Detect => routes(
                 catalog,
-                self.namespace,
-                service_name,
-                number,
+                (self.namespace, service_name, number),
+                self.caller,
                 clusters,
                 notes,
             ),
@@ -286,6 +288,7 @@ fn intercepted_outbound(
             namespace,
             service,
             port,
+            caller: &request.namespace,
         };
         let listener = destination.listener(
             catalog,
@@ -422,25 +425,44 @@ fn app_protocol(catalog: &Catalog, workload: &Workload, app: u16) -> Protocol {
     }
 }
 
+/// The routes of Service port `namespace/service:port` for a caller in namespace `caller`,
+/// as GAMMA scopes them: a route in the Service's own namespace (a producer route) applies to
+/// every caller; a route in another namespace (a consumer route) only to callers in its own
+/// namespace, where it replaces the producer routes. So no namespace can take or break
+/// another's traffic to a Service by attaching a route to it.
 fn routes(
     catalog: &Catalog,
-    namespace: &str,
-    service: &str,
-    port: u16,
+    (namespace, service, port): (&str, &str, u16),
+    caller: &str,
     clusters: &mut BTreeMap<String, Cluster>,
     notes: &mut Vec<String>,
 ) -> Vec<Route> {
+    let attached_from = |route_ns: &str| -> Vec<&HttpRoute> {
+        catalog
+            .routes
+            .iter()
+            .filter(|route| {
+                route.metadata.namespace.as_deref().unwrap_or("default") == route_ns
+                    && route.spec.parent_refs.iter().any(|p| {
+                        p.namespace.as_deref().unwrap_or(route_ns) == namespace
+                            && p.name == service
+                            && p.port.is_none_or(|p| p == port)
+                    })
+            })
+            .collect()
+    };
+    let consumer = if caller == namespace {
+        Vec::new()
+    } else {
+        attached_from(caller)
+    };
+    let (route_ns, attached) = if consumer.is_empty() {
+        (namespace, attached_from(namespace))
+    } else {
+        (caller, consumer)
+    };
     let mut routes = Vec::new();
-    for route in &catalog.routes {
-        let route_ns = route.metadata.namespace.as_deref().unwrap_or("default");
-        let attached = route.spec.parent_refs.iter().any(|p| {
-            p.namespace.as_deref().unwrap_or(route_ns) == namespace
-                && p.name == service
-                && p.port.is_none_or(|p| p == port)
-        });
-        if !attached {
-            continue;
-        }
+    for route in attached {
         let hosts = route.spec.hosts();
         for rule in &route.spec.rules {
             let mut backends = Vec::new();

@@ -825,10 +825,14 @@ fn cluster_ips(service: &Service) -> Vec<IpAddr> {
     ips
 }
 
-/// What a route rule claims: a Service port (0 for all), a host and a path prefix.
+/// What a route rule claims: a Service port (0 for all), a host and a path prefix, for the
+/// callers the route applies to (GAMMA: every caller for a route in the Service's namespace,
+/// only its own namespace's for a route elsewhere).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct Claim {
     service: (String, String),
+    /// The callers' namespace of a consumer route; empty for a producer route (all callers).
+    callers: String,
     port: u16,
     host: String,
     prefix: String,
@@ -839,6 +843,7 @@ struct Claim {
 impl Claim {
     fn overlaps(&self, other: &Claim) -> bool {
         self.service == other.service
+            && self.callers == other.callers
             && (self.port == other.port || self.port == 0 || other.port == 0)
             && self.host == other.host
             && self.prefix == other.prefix
@@ -856,8 +861,13 @@ impl Claim {
             .iter()
             .map(|header| format!(" with {}: {}", header.name, header.value))
             .collect();
+        let callers = if self.callers.is_empty() {
+            String::new()
+        } else {
+            format!(" (for callers in namespace {})", self.callers)
+        };
         format!(
-            "{}{}{headers} for Service {}/{}{port}",
+            "{}{}{headers} for Service {}/{}{port}{callers}",
             self.host, self.prefix, self.service.0, self.service.1
         )
     }
@@ -872,6 +882,11 @@ fn route_claims(route: &HttpRoute, namespace: &str) -> Vec<(usize, Claim)> {
             parent.namespace.as_deref().unwrap_or(namespace).to_owned(),
             parent.name.clone(),
         );
+        let callers = if service.0 == namespace {
+            String::new()
+        } else {
+            namespace.to_owned()
+        };
         for (i, rule) in route.spec.rules.iter().enumerate() {
             for host in &hosts {
                 for (prefix, headers) in rule.matched() {
@@ -879,6 +894,7 @@ fn route_claims(route: &HttpRoute, namespace: &str) -> Vec<(usize, Claim)> {
                         i,
                         Claim {
                             service: service.clone(),
+                            callers: callers.clone(),
                             port: parent.port.unwrap_or(0),
                             host: host.clone(),
                             prefix,

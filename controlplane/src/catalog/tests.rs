@@ -412,6 +412,38 @@ fn a_proxy_gets_its_inbound_ports_and_only_the_destinations_it_asked_for() {
 }
 
 #[test]
+fn a_route_from_another_namespace_applies_to_that_namespaces_callers_only() {
+    // shop's own route (a producer route) sends cart's callers to cart-v2; a route that
+    // namespace `evil` attaches to shop's cart (a consumer route) claims the same path.
+    let producer = route(
+        "v2",
+        "  rules: [{ backendRefs: [{ name: cart-v2, port: 80 }] }]\n",
+    );
+    let consumer = "apiVersion: v1\nkind: Service\nmetadata: { name: sink, namespace: evil }\nspec: { ports: [{ name: http, port: 80 }] }\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: { name: grab, namespace: evil }\nspec:\n  parentRefs: [{ kind: Service, name: cart, namespace: shop, port: 80 }]\n  rules: [{ backendRefs: [{ name: sink, port: 80 }] }]\n";
+    let catalog = build(&[
+        ("base.yaml", BASE),
+        ("v2.yaml", &producer),
+        ("evil.yaml", consumer),
+    ]);
+    assert!(catalog.problems.is_empty(), "{:#?}", catalog.problems);
+    let backend_for = |namespace: &str| {
+        let mut asking = request("client-0", "client", &[("cart.shop", 80)]);
+        asking.namespace = namespace.into();
+        asking.identity = format!("spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/client")
+            .parse()
+            .unwrap();
+        let translated = translate(&catalog, &asking);
+        let routes = &translated.config.listeners[0].routes;
+        assert_eq!(routes.len(), 1, "{namespace}: {routes:?}");
+        routes[0].backends[0].cluster.clone()
+    };
+    // Callers in shop and anywhere else follow shop's route; only evil's own follow evil's.
+    assert_eq!(backend_for("shop"), "outbound:cart-v2.shop:80");
+    assert_eq!(backend_for("other"), "outbound:cart-v2.shop:80");
+    assert_eq!(backend_for("evil"), "outbound:sink.evil:80");
+}
+
+#[test]
 fn the_example_manifests_in_deploy_local_are_accepted() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local");
     let catalog = Catalog::build(source::load(&dir), &Catalog::empty("cluster.local"));
