@@ -173,6 +173,16 @@ fn expect_continue_is_passed_through(backend: BackendChoice) {
     assert_eq!(interim.status, 100);
     conn.send(b"abc");
     assert_eq!(conn.response(false).text(), "abc");
+    // An upload slower than the route's timeout (400 ms) is not cut by it: the timeout
+    // bounds the wait for the response once the body is out.
+    conn.send(b"POST /echo HTTP/1.1\r\nHost: web.local\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n");
+    assert_eq!(conn.response(false).status, 100);
+    for byte in [b"a", b"b", b"c"] {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        conn.send(byte);
+    }
+    let response = conn.response(false);
+    assert_eq!((response.status, response.text()), (200, "abc".to_owned()));
 }
 
 fn websocket_upgrade_becomes_a_byte_pump(backend: BackendChoice) {
@@ -300,6 +310,70 @@ fn a_connection_the_request_asked_to_close_is_not_parked(backend: BackendChoice)
     assert_eq!(
         (post.status, post.header("x-tern-response-flag")),
         (200, None)
+    );
+}
+
+/// An upstream that sends more than its response held (a body after a HEAD response, in a
+/// later segment) leaves bytes on its parked connection: that connection is closed rather
+/// than reused, so the bytes are not read as the next client's response.
+fn a_parked_connection_with_bytes_to_read_is_not_reused(backend: BackendChoice) {
+    let (upstream, accepted) =
+        upstream::piecewise(&[b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", b"hello"]);
+    let yaml = format!(
+        "listeners:\n  - {{ name: web, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: app }}] }}\nclusters:\n  - {{ name: app, endpoints: [{upstream}] }}\n"
+    );
+    // One worker, so both requests find the same pool.
+    let config = shared::Config::from_yaml(&yaml, "test.yaml").unwrap();
+    let options = dataplane::Options {
+        workers: Some(1),
+        ..tests::options(backend)
+    };
+    let proxy = Proxy::start(config, "test.yaml", options).unwrap();
+    let mut conn = Conn::open(proxy.listener_addr("web").unwrap());
+    conn.send(b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(conn.response(true).status, 200);
+    // The body the HEAD response should not have had reaches the parked connection.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    conn.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    let response = conn.response(false);
+    assert_eq!(
+        (response.status, response.text()),
+        (200, "hello".to_owned())
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "a fresh connection");
+}
+
+/// A client that stops reading a large response does not hold the proxy (its buffers, the
+/// upstream connection) for ever: once it has taken nothing for the cluster's idle timeout,
+/// its connection is aborted.
+fn a_client_that_stops_reading_is_cut_at_the_idle_timeout(backend: BackendChoice) {
+    let api = Http::start("api");
+    let yaml = format!(
+        "listeners:\n  - {{ name: web, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: api }}] }}\nclusters:\n  - {{ name: api, endpoints: [{}], idle_timeout: 300ms }}\n",
+        api.addr
+    );
+    let proxy = start_proxy(&yaml, backend);
+    let size = 64 * 1024 * 1024;
+    let mut stream = client::connect(proxy.listener_addr("web").unwrap());
+    stream
+        .write_all(
+            format!("GET /bytes/{size} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+    // Read nothing for well past the idle timeout, then everything there is.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let mut got = Vec::new();
+    let ended = std::io::Read::read_to_end(&mut stream, &mut got);
+    assert!(
+        ended.is_err() && got.len() < size,
+        "the whole response came after the client stalled: {ended:?}, {} bytes",
+        got.len()
+    );
+    wait_for_metric(
+        &proxy,
+        "tern_errors_total{listener=\"web\",flag=\"DC\"}",
+        1.0,
     );
 }
 
@@ -483,6 +557,13 @@ fn bad_requests_get_the_right_status_and_a_close(backend: BackendChoice) {
         "http:\n  max_header_bytes: 4096\n  max_request_line: 512\n  max_headers: 20\n",
     );
     refused(&f, b"GARBAGE\r\n\r\n", 400);
+    // A tunnel, which the proxy does not carry: a 2xx from the upstream would make the
+    // connection one.
+    refused(
+        &f,
+        b"CONNECT api.local:443 HTTP/1.1\r\nHost: api.local:443\r\n\r\n",
+        405,
+    );
     refused(
         &f,
         b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03garbage-tls-hello\r\n\r\n",
@@ -554,7 +635,7 @@ fn bad_requests_get_the_right_status_and_a_close(backend: BackendChoice) {
     let metrics = wait_for_metric(
         &f.proxy,
         "tern_errors_total{listener=\"web\",flag=\"DPE\"}",
-        8.0,
+        9.0,
     );
     assert_eq!(
         metric(&metrics, "tern_errors_total{listener=\"web\",flag=\"DLE\"}"),
@@ -732,6 +813,8 @@ both_backends!(
     interim_responses_reach_http11_clients_only,
     a_chunked_response_reaches_an_http10_client_as_its_data_alone,
     a_connection_the_request_asked_to_close_is_not_parked,
+    a_parked_connection_with_bytes_to_read_is_not_reused,
+    a_client_that_stops_reading_is_cut_at_the_idle_timeout,
     upstream_down_is_503,
     upstream_that_hangs_is_504_after_the_timeout,
     no_route_is_404,

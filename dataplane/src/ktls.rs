@@ -436,6 +436,10 @@ impl<S: Stream> Stream for KernelTls<S> {
         (Ok(()), buf)
     }
 
+    fn has_input(&self) -> bool {
+        !self.pending.borrow().is_empty() || self.inner.has_input()
+    }
+
     fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         self.inner.shutdown(how)
     }

@@ -1014,6 +1014,15 @@ impl<S: Stream> Stream for MaybeTls<S> {
         }
     }
 
+    fn has_input(&self) -> bool {
+        match self {
+            MaybeTls::Plain(s) => s.has_input(),
+            MaybeTls::Sniffed(s, first) => !first.borrow().is_empty() || s.has_input(),
+            MaybeTls::User(s) => s.has_input(),
+            MaybeTls::Kernel(s) => s.has_input(),
+        }
+    }
+
     fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         match self {
             MaybeTls::Plain(s) | MaybeTls::Sniffed(s, _) => s.shutdown(how),

@@ -774,6 +774,14 @@ impl<S: Stream> Stream for UserTls<S> {
         (Ok(()), buf)
     }
 
+    fn has_input(&self) -> bool {
+        let receiving = self.receiving.borrow();
+        !receiving.pending.is_empty()
+            || !receiving.partial.is_empty()
+            || receiving.closed
+            || self.inner.has_input()
+    }
+
     fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         self.inner.shutdown(how)
     }

@@ -129,6 +129,10 @@ impl Stream for EpollStream {
             .await
     }
 
+    fn has_input(&self) -> bool {
+        crate::sys::read_ready(std::os::fd::AsFd::as_fd(&self.0)).unwrap_or(true)
+    }
+
     fn kernel_tls_socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         Some(std::os::fd::AsFd::as_fd(&self.0))
     }

@@ -103,6 +103,14 @@ pub trait Stream: Sized + 'static {
         Err(io::ErrorKind::Unsupported.into())
     }
 
+    /// Whether something is there to read right now (bytes, the end of the stream, an
+    /// error), looked at without taking it. An idle pooled connection with input is one its
+    /// upstream closed, or sent more than its last response held. `false` where it cannot
+    /// tell.
+    fn has_input(&self) -> bool {
+        false
+    }
+
     /// The original destination of an intercepted connection (`SO_ORIGINAL_DST`).
     fn original_destination(&self) -> io::Result<SocketAddr> {
         Err(io::ErrorKind::Unsupported.into())

@@ -74,6 +74,10 @@ impl Stream for UringStream {
         crate::sys::original_destination(crate::sys::borrow_fd(&self.0))
     }
 
+    fn has_input(&self) -> bool {
+        crate::sys::read_ready(crate::sys::borrow_fd(&self.0)).unwrap_or(true)
+    }
+
     fn kernel_tls_socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         Some(crate::sys::borrow_fd(&self.0))
     }

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::io::Backend;
+use crate::io::{Backend, Stream as _};
 use crate::tls::MaybeTls;
 
 /// Connections parked for one endpoint, oldest first, with when they were parked.
@@ -29,7 +29,10 @@ impl<B: Backend> Default for Pool<B> {
 }
 
 impl<B: Backend> Pool<B> {
-    /// Takes the most recently parked connection to `addr` that is younger than `max_idle`.
+    /// Takes the most recently parked connection to `addr` that is younger than `max_idle`
+    /// and has nothing to read: an idle connection with input is one its upstream closed, or
+    /// one that sent more than its last response held (a body after a HEAD response, say),
+    /// which would be read as the next request's response. Such connections are closed.
     pub fn take(&self, addr: SocketAddr, max_idle: Duration) -> Option<MaybeTls<B::Stream>> {
         let mut idle = self.idle.borrow_mut();
         let parked = idle.get_mut(&addr)?;
@@ -41,7 +44,12 @@ impl<B: Backend> Pool<B> {
         {
             parked.drain(..=last_expired);
         }
-        parked.pop().map(|(stream, _)| stream)
+        while let Some((stream, _)) = parked.pop() {
+            if !stream.has_input() {
+                return Some(stream);
+            }
+        }
+        None
     }
 
     /// Parks a connection that finished an exchange cleanly, unless `addr` already has

@@ -270,7 +270,7 @@ impl Progress {
 /// of the body is already in `pending` go out in one write. `pending` holds bytes already
 /// read from `src`; on return it holds whatever followed the body (a pipelined request,
 /// say). `scratch` is a reusable buffer. A sender that sends nothing for `idle` fails the
-/// body. Returns what moved.
+/// body, and so does a receiver that takes nothing for `idle`. Returns what moved.
 #[allow(clippy::too_many_arguments)]
 pub async fn forward<S: Stream, D: Stream>(
     src: &S,
@@ -299,11 +299,7 @@ pub async fn forward<S: Stream, D: Stream>(
         Some(progress) => progress.take(&mut pending[head..])?,
     };
     if head + taken.out > 0 {
-        let (written, back) = dst
-            .write_all(std::mem::take(pending), 0..head + taken.out)
-            .await;
-        *pending = back;
-        written.map_err(BodyError::Write)?;
+        *pending = write(dst, std::mem::take(pending), head + taken.out, idle).await?;
     }
     pending.drain(..head + taken.used);
     let mut moved = Forwarded {
@@ -335,14 +331,35 @@ pub async fn forward<S: Stream, D: Stream>(
         }
         let taken = progress.take(&mut scratch[..got])?;
         if taken.out > 0 {
-            let (written, back) = dst.write_all(std::mem::take(scratch), 0..taken.out).await;
-            *scratch = back;
-            written.map_err(BodyError::Write)?;
+            *scratch = write(dst, std::mem::take(scratch), taken.out, idle).await?;
             moved.body += taken.out as u64;
         }
         if taken.done {
             pending.extend_from_slice(&scratch[taken.used..got]);
             return Ok(moved);
+        }
+    }
+}
+
+/// Writes the first `len` bytes of `buf` to `dst` and gives `buf` back. A receiver that
+/// takes none of them for `idle` (it stopped reading) fails the write, and its connection is
+/// aborted: nothing more can reach it in order, and an abandoned write (io_uring keeps the
+/// socket while one is in flight) must not hold it open.
+async fn write<D: Stream>(
+    dst: &D,
+    buf: Vec<u8>,
+    len: usize,
+    idle: std::time::Duration,
+) -> Result<Vec<u8>, BodyError> {
+    match tokio::time::timeout(idle, dst.write_all(buf, 0..len)).await {
+        Ok((Ok(()), buf)) => Ok(buf),
+        Ok((Err(error), _)) => Err(BodyError::Write(error)),
+        Err(_) => {
+            dst.abort();
+            Err(BodyError::Write(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the receiver took nothing for the idle timeout",
+            )))
         }
     }
 }

@@ -67,6 +67,10 @@ pub enum HeadError {
     /// Not valid HTTP/1.x, or ambiguous.
     #[error("malformed: {0}")]
     Malformed(&'static str),
+    /// `CONNECT`: a tunnel, which the proxy does not carry (a 2xx from the upstream would
+    /// turn the connection into one, RFC 9110 §9.3.6).
+    #[error("CONNECT: the proxy carries no tunnel")]
+    Tunnel,
 }
 
 impl HeadError {
@@ -76,13 +80,14 @@ impl HeadError {
             HeadError::TooLarge | HeadError::TooManyHeaders => 431,
             HeadError::LineTooLong => 414,
             HeadError::Malformed(_) => 400,
+            HeadError::Tunnel => 405,
         }
     }
 
     /// The metric flag for a bad request head.
     pub fn flag(self) -> Flag {
         match self {
-            HeadError::Malformed(_) => Flag::DownstreamProtocolError,
+            HeadError::Malformed(_) | HeadError::Tunnel => Flag::DownstreamProtocolError,
             _ => Flag::DownstreamLimit,
         }
     }
@@ -330,10 +335,7 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>,
             offset(buf, &rest[slash..]),
         )
     } else if method == Method::Connect {
-        (
-            Some(offset(buf, target_bytes)),
-            offset(buf, &target_bytes[target_bytes.len()..]),
-        )
+        return Err(HeadError::Tunnel);
     } else {
         return Err(HeadError::Malformed("invalid request target"));
     };

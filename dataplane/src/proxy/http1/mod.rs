@@ -364,7 +364,7 @@ impl<B: Backend> Conn<'_, B> {
         route: Chosen,
         body_done: &mut bool,
     ) -> Result<ResponseHead, UpstreamFailure> {
-        let deadline = tokio::time::Instant::now() + route.timeout;
+        let mut deadline = tokio::time::Instant::now() + route.timeout;
         self.upbuf.clear();
         if self.upbuf.capacity() < HEAD_BUFFER {
             self.upbuf.reserve(HEAD_BUFFER);
@@ -407,6 +407,10 @@ impl<B: Backend> Conn<'_, B> {
                             return Err(UpstreamFailure::DownstreamGone);
                         }
                         *body_done = true;
+                        // The route timeout bounds the wait for the response, not the
+                        // upload (its pace is `body_timeout`'s): it starts again once the
+                        // body is out, as it does for a body sent without `Expect`.
+                        deadline = tokio::time::Instant::now() + route.timeout;
                     }
                     continue;
                 }
