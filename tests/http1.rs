@@ -283,9 +283,27 @@ fn a_response_the_upstream_breaks_off_ends_in_a_reset(backend: BackendChoice) {
 /// its response (RFC 9112 §9.6), even one that does not say so: that connection is not
 /// parked, so the next client's POST (never retried) does not meet it closed.
 fn a_connection_the_request_asked_to_close_is_not_parked(backend: BackendChoice) {
-    // Closes after each response without saying so.
-    let upstream_addr =
-        upstream::scripted(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false);
+    // Answers one request a connection, without saying it closes, and closes a moment later
+    // (so the proxy cannot see the close when the next request comes).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream_addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match std::io::Read::read(&mut stream, &mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            });
+        }
+    });
     let yaml = format!(
         "listeners:\n  - {{ name: web, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: app }}] }}\nclusters:\n  - {{ name: app, endpoints: [{upstream_addr}] }}\n"
     );
@@ -302,7 +320,6 @@ fn a_connection_the_request_asked_to_close_is_not_parked(backend: BackendChoice)
         "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     );
     assert_eq!(first.status, 200);
-    std::thread::sleep(std::time::Duration::from_millis(100));
     let post = client::request(
         addr,
         "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx",
@@ -559,11 +576,13 @@ fn bad_requests_get_the_right_status_and_a_close(backend: BackendChoice) {
     refused(&f, b"GARBAGE\r\n\r\n", 400);
     // A tunnel, which the proxy does not carry: a 2xx from the upstream would make the
     // connection one.
-    refused(
-        &f,
-        b"CONNECT api.local:443 HTTP/1.1\r\nHost: api.local:443\r\n\r\n",
-        405,
-    );
+    for connect in [
+        &b"CONNECT api.local:443 HTTP/1.1\r\nHost: api.local:443\r\n\r\n"[..],
+        b"CONNECT /x HTTP/1.1\r\nHost: api.local\r\n\r\n",
+        b"CONNECT http://api.local/ HTTP/1.1\r\nHost: api.local\r\n\r\n",
+    ] {
+        refused(&f, connect, 501);
+    }
     refused(
         &f,
         b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03garbage-tls-hello\r\n\r\n",
@@ -635,7 +654,7 @@ fn bad_requests_get_the_right_status_and_a_close(backend: BackendChoice) {
     let metrics = wait_for_metric(
         &f.proxy,
         "tern_errors_total{listener=\"web\",flag=\"DPE\"}",
-        9.0,
+        11.0,
     );
     assert_eq!(
         metric(&metrics, "tern_errors_total{listener=\"web\",flag=\"DLE\"}"),
@@ -663,6 +682,14 @@ fn slowloris_gets_408_while_others_are_served(backend: BackendChoice) {
     assert_eq!(response.status, 408);
     assert!(started.elapsed() >= Duration::from_millis(380));
     assert!(slow.closed());
+
+    // The start of a next head, sent with a request: the header timeout runs for it at
+    // once, not the keep-alive timeout (60 s) first.
+    let mut slow = Conn::open(f.addr());
+    slow.send(b"GET /first HTTP/1.1\r\nHost: other\r\n\r\nGET /sec");
+    assert_eq!(slow.response(false).text(), "web /first");
+    assert_eq!(slow.response(false).status, 408);
+    assert!(slow.closed());
 }
 
 fn a_body_that_stalls_gets_408(backend: BackendChoice) {
@@ -680,6 +707,18 @@ fn a_body_that_stalls_gets_408(backend: BackendChoice) {
         started.elapsed() >= Duration::from_millis(280),
         "after {:?}",
         started.elapsed()
+    );
+    assert!(slow.closed());
+
+    // The same after `100 Continue`: the client's body stalls, and it is told so.
+    let mut slow = Conn::open(f.addr());
+    slow.send(b"POST /echo HTTP/1.1\r\nHost: api.local\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n");
+    assert_eq!(slow.response(false).status, 100);
+    slow.send(b"abc");
+    let response = slow.response(false);
+    assert_eq!(
+        (response.status, response.header("x-tern-response-flag")),
+        (408, Some("DT"))
     );
     assert!(slow.closed());
 }

@@ -221,7 +221,7 @@ fn a_tunnel_or_a_host_other_than_the_authority_is_refused(backend: BackendChoice
         .body(http_body_util::Full::new(Bytes::new()))
         .unwrap();
     let answer = client.request(connect);
-    assert_eq!(answer.status, 405);
+    assert_eq!(answer.status, 501);
     assert_eq!(answer.headers["x-tern-response-flag"], "DPE");
     // Routed as `svc`, it would reach an upstream told `grpc.example` by its Host field.
     let mismatched = hyper::Request::builder()

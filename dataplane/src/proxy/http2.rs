@@ -329,7 +329,7 @@ async fn forward<B: Backend>(
     if request.method() == hyper::Method::CONNECT {
         // A tunnel, which hyper hands to its upgrade API: the proxy does not carry one, and
         // says so rather than passing on the upstream's 200 and then resetting the stream.
-        return refuse(405, Flag::DownstreamProtocolError);
+        return refuse(501, Flag::DownstreamProtocolError);
     }
     if !host_agrees(&request) {
         return refuse(400, Flag::DownstreamProtocolError);

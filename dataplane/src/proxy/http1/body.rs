@@ -270,7 +270,8 @@ impl Progress {
 /// of the body is already in `pending` go out in one write. `pending` holds bytes already
 /// read from `src`; on return it holds whatever followed the body (a pipelined request,
 /// say). `scratch` is a reusable buffer. A sender that sends nothing for `idle` fails the
-/// body, and so does a receiver that takes nothing for `idle`. Returns what moved.
+/// body, and so does a receiver that does not take a write within `idle`. Returns what
+/// moved.
 #[allow(clippy::too_many_arguments)]
 pub async fn forward<S: Stream, D: Stream>(
     src: &S,
@@ -341,10 +342,11 @@ pub async fn forward<S: Stream, D: Stream>(
     }
 }
 
-/// Writes the first `len` bytes of `buf` to `dst` and gives `buf` back. A receiver that
-/// takes none of them for `idle` (it stopped reading) fails the write, and its connection is
-/// aborted: nothing more can reach it in order, and an abandoned write (io_uring keeps the
-/// socket while one is in flight) must not hold it open.
+/// Writes the first `len` bytes of `buf` to `dst` and gives `buf` back. A receiver that has
+/// not taken them all within `idle` (it stopped reading: a write is one read's worth, 16 KiB,
+/// or a head and what came with it) fails the write, and its connection is aborted: nothing
+/// more can reach it in order, and an abandoned write (io_uring keeps the socket while one is
+/// in flight) must not hold it open.
 async fn write<D: Stream>(
     dst: &D,
     buf: Vec<u8>,

@@ -80,7 +80,7 @@ impl HeadError {
             HeadError::TooLarge | HeadError::TooManyHeaders => 431,
             HeadError::LineTooLong => 414,
             HeadError::Malformed(_) => 400,
-            HeadError::Tunnel => 405,
+            HeadError::Tunnel => 501,
         }
     }
 
@@ -321,6 +321,9 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>,
         "GET" | "PUT" | "DELETE" | "OPTIONS" | "TRACE" => Method::Idempotent,
         _ => Method::Other,
     };
+    if method == Method::Connect {
+        return Err(HeadError::Tunnel);
+    }
 
     let target_bytes = target.as_bytes();
     let (authority, path) = if target_bytes.starts_with(b"/") || target_bytes == b"*" {
@@ -334,8 +337,6 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>,
             Some(offset(buf, &rest[..slash])),
             offset(buf, &rest[slash..]),
         )
-    } else if method == Method::Connect {
-        return Err(HeadError::Tunnel);
     } else {
         return Err(HeadError::Malformed("invalid request target"));
     };
@@ -441,11 +442,14 @@ pub fn parse_response(
     } else {
         fields.close
     };
+    // HTTP/1.0 has no Transfer-Encoding: an HTTP/1.0 response with one has faulty framing,
+    // and its connection closes after it (RFC 9112 §6.1).
+    let faulty = minor == 0 && fields.transfer_encoding;
     Ok(Some(ResponseHead {
         len,
         status,
         framing,
-        keep_alive: !says_close && framing != Framing::UntilClose,
+        keep_alive: !says_close && !faulty && framing != Framing::UntilClose,
         says_close,
     }))
 }

@@ -139,7 +139,10 @@ pub async fn serve<B: Backend>(
 impl<B: Backend> Conn<'_, B> {
     /// Reads until `inbuf` starts with a whole request head.
     async fn read_request_head(&mut self) -> Result<RequestHead, NoRequest> {
-        let mut deadline = None;
+        // A head already begun (it came with the previous request) has the header timeout
+        // running from now, not the keep-alive timeout.
+        let mut deadline = (!self.inbuf.is_empty())
+            .then(|| tokio::time::Instant::now() + self.settings.header_timeout);
         loop {
             if !self.inbuf.is_empty() {
                 match head::parse_request(&self.inbuf, &self.limits) {
@@ -403,8 +406,17 @@ impl<B: Backend> Conn<'_, B> {
                         return Err(UpstreamFailure::DownstreamGone);
                     }
                     if response.status == 100 && !*body_done {
-                        if self.send_body(head, 0, up, route.cluster).await.is_err() {
-                            return Err(UpstreamFailure::DownstreamGone);
+                        match self.send_body(head, 0, up, route.cluster).await {
+                            Ok(()) => {}
+                            // The upstream stopped taking it, or failed.
+                            Err(BodyError::Write(_)) => return Err(UpstreamFailure::Reset),
+                            Err(BodyError::Idle) => return Err(UpstreamFailure::DownstreamIdle),
+                            Err(BodyError::Chunked(_)) => {
+                                return Err(UpstreamFailure::DownstreamMalformed);
+                            }
+                            Err(BodyError::Read(_) | BodyError::Truncated) => {
+                                return Err(UpstreamFailure::DownstreamGone);
+                            }
                         }
                         *body_done = true;
                         // The route timeout bounds the wait for the response, not the
@@ -503,9 +515,11 @@ impl<B: Backend> Conn<'_, B> {
                 upstream_stats.received(moved.read);
             }
             Err(BodyError::Write(_)) => {
+                // The client went away or stopped reading (its connection aborted): nothing
+                // more can reach it, a `close_notify` included.
                 let _ = up.shutdown(Shutdown::Both);
                 self.stats.error(Flag::DownstreamReset);
-                return Next::Close;
+                return Next::Reset;
             }
             Err(error) => {
                 // The head is already out: the client can only learn by how the connection
@@ -610,6 +624,10 @@ enum UpstreamFailure {
     Protocol,
     /// The client went away while an interim response or body was passed on.
     DownstreamGone,
+    /// The client's body (sent after `100 Continue`) went idle for `body_timeout`.
+    DownstreamIdle,
+    /// The client's body (sent after `100 Continue`) had invalid chunked framing.
+    DownstreamMalformed,
 }
 
 impl UpstreamFailure {
@@ -619,6 +637,8 @@ impl UpstreamFailure {
             UpstreamFailure::Timeout => (504, Flag::UpstreamTimeout),
             UpstreamFailure::Protocol => (502, Flag::UpstreamProtocolError),
             UpstreamFailure::DownstreamGone => (400, Flag::DownstreamReset),
+            UpstreamFailure::DownstreamIdle => (408, Flag::DownstreamTimeout),
+            UpstreamFailure::DownstreamMalformed => (400, Flag::DownstreamProtocolError),
         }
     }
 }
@@ -628,6 +648,7 @@ fn reason(status: u16) -> &'static str {
         400 => "Bad Request",
         404 => "Not Found",
         408 => "Request Timeout",
+        501 => "Not Implemented",
         414 => "URI Too Long",
         431 => "Request Header Fields Too Large",
         502 => "Bad Gateway",

@@ -215,6 +215,12 @@ fn response_framing() {
         Method::Other,
     );
     assert!(!r.keep_alive && r.says_close);
+    // Transfer-Encoding from an HTTP/1.0 sender: faulty framing, the connection goes after.
+    let r = response(
+        "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n",
+        Method::Other,
+    );
+    assert_eq!((r.framing, r.keep_alive), (Framing::Chunked, false));
     assert!(parse_response(b"garbage\r\n\r\n", &LIMITS, Method::Other).is_err());
 }
 
