@@ -39,6 +39,8 @@ const NACK_RETRY: Duration = Duration::from_secs(1);
 const MAX_NACK_RETRY: Duration = Duration::from_secs(60);
 /// Most destinations one proxy may subscribe to.
 const MAX_SUBSCRIPTIONS: usize = 4096;
+/// How long an error that ends a stream may wait behind the configs queued before it.
+const ERROR_SEND: Duration = Duration::from_secs(1);
 
 fn unix_now() -> u64 {
     SystemTime::now()
@@ -437,15 +439,16 @@ async fn serve_stream(
                             dirty = true;
                         }
                         Err(status) => {
-                            // Not awaited: a client that stops reading must not hold the
-                            // stream (and a shutdown) up.
-                            let _ = configs.try_send(Err(status));
+                            // Bounded: a client that stops reading must not hold the stream
+                            // (and a shutdown) up.
+                            let _ = tokio::time::timeout(ERROR_SEND, configs.send(Err(status))).await;
                             break;
                         }
                     }
                 }
                 Ok(Some(_)) => {
-                    let _ = configs.try_send(Err(Status::invalid_argument("a second Hello, or an empty message")));
+                    let error = Err(Status::invalid_argument("a second Hello, or an empty message"));
+                    let _ = tokio::time::timeout(ERROR_SEND, configs.send(error)).await;
                     break;
                 }
                 Ok(None) | Err(_) => break,

@@ -10,8 +10,8 @@
 //! AuthorizationPolicy must not start a mesh without policies). A watch or list that fails later, a 404 included (a CRD version no longer
 //! served during an upgrade), keeps what it last saw, with a warning; objects go only when
 //! the API server says they were deleted or a relist no longer holds them. Failures are
-//! retried after 0.8 s, doubling to 30 s while they keep coming, back to 0.8 s after a quiet
-//! minute ([`Backoff`]; kube-rs' own backoff resets on the `Init` that starts every relist
+//! retried after 0.8 s, doubling to 30 s while they keep coming, back to 0.8 s once a watch
+//! lasts 30 s ([`Backoff`]; kube-rs' own backoff resets on the `Init` that starts every relist
 //! attempt, so it never grows for a list that keeps failing, and a list that works does not
 //! reset this one, so a watch that fails after every list is not relisted every 0.8 s).
 //! Changes that arrive together become one update, as the directory's do.
@@ -79,9 +79,11 @@ const MAX_RETRY: Duration = Duration::from_secs(30);
 type WatchItem = Result<Event<DynamicObject>, watcher::Error>;
 
 /// The waits between a watcher's failures: [`FIRST_RETRY`], doubling up to [`MAX_RETRY`]
-/// while failures keep coming, and back to the first after a quiet spell. Not reset by a
-/// list that succeeds: an API server that lists and then fails every watch (410 Gone again
-/// and again) is asked less and less often, not relisted every 0.8 s.
+/// while each failure comes within [`MAX_RETRY`] of the retry before, and back to the first
+/// once the watch has lasted longer (a load balancer cutting long connections every minute
+/// costs 0.8 s each time). Not reset by a list that succeeds: an API server that lists and
+/// then fails every watch at once (410 Gone again and again) is asked less and less often,
+/// not relisted every 0.8 s.
 #[derive(Debug, Default)]
 struct Backoff {
     /// The last wait, and when it was asked for.
@@ -92,7 +94,7 @@ impl Backoff {
     /// How long to wait after a failure at `now`.
     fn after_failure(&mut self, now: tokio::time::Instant) -> Duration {
         let wait = match self.last {
-            Some((wait, at)) if now.duration_since(at) < 2 * MAX_RETRY + wait => {
+            Some((wait, at)) if now.duration_since(at) < wait + MAX_RETRY => {
                 (wait * 2).min(MAX_RETRY)
             }
             _ => FIRST_RETRY,
@@ -575,9 +577,12 @@ mod tests {
             now += wait + Duration::from_millis(50);
         }
         assert_eq!(waits, [800, 1600, 3200, 6400, 12800, 25600, 30000, 30000]);
-        // A failure long after the last: the first wait again.
-        now += Duration::from_secs(600);
+        // A watch that lasted 40 s after its retry (a load balancer's cut): the first wait.
+        now += Duration::from_secs(40);
         assert_eq!(backoff.after_failure(now), super::FIRST_RETRY);
+        // One that failed 20 s after its retry: the next wait up.
+        now += Duration::from_millis(800) + Duration::from_secs(20);
+        assert_eq!(backoff.after_failure(now), 2 * super::FIRST_RETRY);
     }
 
     #[test]
