@@ -570,3 +570,26 @@ fn a_control_plane_with_no_manifests_serves_one_stream_per_proxy_that_stays() {
     let proxies = control.running().status().proxies;
     assert_eq!(proxies.len(), 1, "{proxies:?}");
 }
+
+#[test]
+fn a_stream_ends_when_what_proved_it_expires_and_the_proxy_proves_itself_again() {
+    // Certificates of 6 s: a stream (first proven by the token, then by a certificate)
+    // lasts 6 s at most.
+    let control = TestControlPlane::start(Duration::from_secs(6));
+    let yaml = discovery_yaml(&control.identity_yaml("a", "a"), "a-0", None);
+    let proxy = start_proxy(&yaml, BackendChoice::Epoll);
+    wait_ready(&proxy, Duration::from_secs(10));
+    let connected_at = || {
+        let proxies = control.running().status().proxies;
+        proxies.first().map(|p| p.connected_at)
+    };
+    let first = connected_at().expect("connected");
+    eventually(Duration::from_secs(15), "a new stream", || {
+        connected_at().is_some_and(|at| at > first + 2)
+    });
+    // The proxy came back at once and runs on.
+    eventually(Duration::from_secs(5), "connected again", || {
+        metric_of(&proxy, "tern_discovery_connected") == 1.0
+    });
+    assert_eq!(admin_status(&proxy, "/ready").0, 200);
+}

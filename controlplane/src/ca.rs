@@ -93,6 +93,13 @@ pub fn cluster_proven(leaf: &CertificateDer<'_>) -> bool {
     })
 }
 
+/// When `leaf` stops being valid (Unix seconds), if it parses.
+pub fn not_after(leaf: &CertificateDer<'_>) -> Option<i64> {
+    x509_parser::parse_x509_certificate(leaf)
+        .ok()
+        .map(|(_, parsed)| parsed.validity().not_after.timestamp())
+}
+
 /// Where the CA keeps its state, and what it was given.
 #[derive(Debug, Clone)]
 pub struct CaOptions {
@@ -381,6 +388,11 @@ impl Authority {
         );
         let tag = aws_lc_rs::hmac::sign(&self.token_key, signed.as_bytes());
         format!("{signed}.{}", URL_SAFE_NO_PAD.encode(tag.as_ref()))
+    }
+
+    /// How long the workload certificates this CA signs last.
+    pub fn workload_lifetime(&self) -> Duration {
+        self.workload_lifetime
     }
 
     /// When the latest certificate issued for `id` expires (Unix seconds), if this CA issued

@@ -327,17 +327,33 @@ impl Discovery for DiscoveryService {
             },
         );
         tracing::info!(?peer, identity = %proxy.identity, workload = %proxy.workload_name(), running, "proxy connected");
+        // A stream lasts as long as what proved it: the certificate, and at most a
+        // certificate's lifetime (a token). Then the proxy proves itself again, with its
+        // renewed certificate, or, its renewal refused, cannot.
+        let longest = unix_now().saturating_add(self.authority.workload_lifetime().as_secs());
+        let proven_until = presented
+            .as_ref()
+            .and_then(crate::ca::not_after)
+            .map_or(longest, |at| u64::try_from(at).unwrap_or(0).min(longest));
         let (configs, stream_out) = mpsc::channel(2);
-        tokio::spawn(serve_stream(self.clone(), stream, proxy, messages, configs));
+        tokio::spawn(serve_stream(
+            self.clone(),
+            (stream, proven_until),
+            proxy,
+            messages,
+            configs,
+        ));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(stream_out),
         )))
     }
 }
 
+/// Serves stream `stream` until the client goes, the control plane stops, or what proved
+/// it expires (`proven_until`, Unix seconds).
 async fn serve_stream(
     service: DiscoveryService,
-    stream: u64,
+    (stream, proven_until): (u64, u64),
     mut proxy: ProxyRequest,
     mut messages: Streaming<WatchRequest>,
     configs: mpsc::Sender<Result<ProxyConfig, Status>>,
@@ -356,6 +372,8 @@ async fn serve_stream(
     // port still held by its previous owner).
     let mut retry: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     let mut nacks_in_a_row = 0u32;
+    let left = Duration::from_secs(proven_until.saturating_sub(unix_now()));
+    let mut expiry = std::pin::pin!(tokio::time::sleep(left));
     loop {
         if *stopping.borrow_and_update() {
             break;
@@ -454,6 +472,14 @@ async fn serve_stream(
                 Ok(None) | Err(_) => break,
             },
             () = configs.closed() => break,
+            () = &mut expiry => {
+                tracing::info!(identity = %proxy.identity, "what proved the stream expired: the proxy is to prove itself again");
+                let expired = Err(Status::unauthenticated(
+                    "what proved this stream (a certificate, a token) expired: reconnect with the current one",
+                ));
+                let _ = tokio::time::timeout(ERROR_SEND, configs.send(expired)).await;
+                break;
+            }
             // It only ever turns true.
             _ = stopping.changed() => break,
         }

@@ -75,6 +75,15 @@ pub async fn run(control: Arc<Control>) {
             }
         };
         control.updates.connected.store(false, Ordering::Relaxed);
+        // A stream that carried configs and ended because what proved it expired (the
+        // certificate it was opened with; tern-control ends it then): routine, so the proxy
+        // comes straight back, with its current certificate.
+        if failures == 0
+            && matches!(&ended, StreamError::Status(s) if s.code() == tonic::Code::Unauthenticated)
+        {
+            tracing::info!(reason = %ended, "config stream from tern-control renewed");
+            continue;
+        }
         let delay = backoff(failures, random_fraction());
         failures = failures.saturating_add(1);
         tracing::warn!(error = %ended, retry_in = ?delay, version = ?control.pushed_version(), "no config stream from tern-control; serving on with the last config");

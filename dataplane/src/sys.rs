@@ -168,11 +168,9 @@ pub fn borrow_fd<T: std::os::fd::AsRawFd>(owner: &T) -> std::os::fd::BorrowedFd<
 /// kernel-TLS socket refuses the disconnect; it resets when closed instead (`SO_LINGER` 0).
 pub fn abort(socket: std::os::fd::BorrowedFd<'_>) {
     if rustix::net::connect_unspec(socket).is_err() {
-        // A kernel-TLS socket refuses the disconnect: reset on close, and end both
-        // directions now, so a write still in flight (io_uring) fails rather than waits.
-        let socket = socket2::SockRef::from(&socket);
-        let _ = socket.set_linger(Some(std::time::Duration::ZERO));
-        let _ = socket.shutdown(std::net::Shutdown::Both);
+        // A kernel-TLS socket refuses the disconnect: reset on close. (A shutdown here would
+        // send a FIN first, and the peer would see an orderly end.)
+        let _ = socket2::SockRef::from(&socket).set_linger(Some(std::time::Duration::ZERO));
     }
 }
 
