@@ -593,3 +593,23 @@ fn a_stream_ends_when_what_proved_it_expires_and_the_proxy_proves_itself_again()
     });
     assert_eq!(admin_status(&proxy, "/ready").0, 200);
 }
+
+#[test]
+fn a_proxy_whose_streams_are_refused_backs_off() {
+    let control = TestControlPlane::start(Duration::from_secs(3600));
+    // A token this CA did not issue: each stream is refused (UNAUTHENTICATED) at its open.
+    let token = control.dir.0.join("forged.token");
+    std::fs::write(&token, "tern2.YQ.9999999999.Zm9yZ2Vk").unwrap();
+    let yaml = discovery_yaml(&control.identity_yaml_with("a", &token), "a-0", None);
+    let _proxy = start_proxy(&yaml, BackendChoice::Epoll);
+    let refused = || {
+        let admin = control.running().admin_address().unwrap();
+        let metrics = client::request(admin, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").text();
+        metric(&metrics, "tern_control_streams_refused_total")
+    };
+    eventually(Duration::from_secs(5), "a refusal", || refused() >= 1.0);
+    std::thread::sleep(Duration::from_secs(2));
+    // With backoff (0.25 s, doubling) a handful in two seconds, not a loop.
+    let count = refused();
+    assert!(count <= 8.0, "{count} streams refused");
+}

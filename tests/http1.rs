@@ -249,11 +249,7 @@ fn an_h2c_upgrade_is_declined_and_the_request_served_as_http1(backend: BackendCh
 /// A proxy routing everything to an upstream that answers every request with `reply`, then
 /// (with `reset`) resets the connection ([`upstream::scripted`]).
 fn scripted_upstream(backend: BackendChoice, reply: &'static [u8], reset: bool) -> Proxy {
-    let upstream_addr = upstream::scripted(reply, reset);
-    let yaml = format!(
-        "listeners:\n  - {{ name: web, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: app }}] }}\nclusters:\n  - {{ name: app, endpoints: [{upstream_addr}] }}\n"
-    );
-    start_proxy(&yaml, backend)
+    one_worker_to(upstream::scripted(reply, reset), backend)
 }
 
 fn a_response_the_upstream_breaks_off_ends_in_a_reset(backend: BackendChoice) {
@@ -277,6 +273,20 @@ fn a_response_the_upstream_breaks_off_ends_in_a_reset(backend: BackendChoice) {
         "tern_errors_total{listener=\"web\",flag=\"UC\"}",
         1.0,
     );
+}
+
+/// A proxy with one worker (so every client connection finds the same pool of upstream
+/// connections) routing everything to `upstream`.
+fn one_worker_to(upstream: SocketAddr, backend: BackendChoice) -> Proxy {
+    let yaml = format!(
+        "listeners:\n  - {{ name: web, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: app }}] }}\nclusters:\n  - {{ name: app, endpoints: [{upstream}] }}\n"
+    );
+    let config = shared::Config::from_yaml(&yaml, "test.yaml").unwrap();
+    let options = dataplane::Options {
+        workers: Some(1),
+        ..tests::options(backend)
+    };
+    Proxy::start(config, "test.yaml", options).unwrap()
 }
 
 /// A request that asked to close (`Connection: close`) binds the upstream to close after
@@ -304,16 +314,7 @@ fn a_connection_the_request_asked_to_close_is_not_parked(backend: BackendChoice)
             });
         }
     });
-    let yaml = format!(
-        "listeners:\n  - {{ name: web, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: app }}] }}\nclusters:\n  - {{ name: app, endpoints: [{upstream_addr}] }}\n"
-    );
-    // One worker, so both clients find the same pool.
-    let config = shared::Config::from_yaml(&yaml, "test.yaml").unwrap();
-    let options = dataplane::Options {
-        workers: Some(1),
-        ..tests::options(backend)
-    };
-    let proxy = Proxy::start(config, "test.yaml", options).unwrap();
+    let proxy = one_worker_to(upstream_addr, backend);
     let addr = proxy.listener_addr("web").unwrap();
     let first = client::request(
         addr,
@@ -336,16 +337,7 @@ fn a_connection_the_request_asked_to_close_is_not_parked(backend: BackendChoice)
 fn a_parked_connection_with_bytes_to_read_is_not_reused(backend: BackendChoice) {
     let (upstream, accepted) =
         upstream::piecewise(&[b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", b"hello"]);
-    let yaml = format!(
-        "listeners:\n  - {{ name: web, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: app }}] }}\nclusters:\n  - {{ name: app, endpoints: [{upstream}] }}\n"
-    );
-    // One worker, so both requests find the same pool.
-    let config = shared::Config::from_yaml(&yaml, "test.yaml").unwrap();
-    let options = dataplane::Options {
-        workers: Some(1),
-        ..tests::options(backend)
-    };
-    let proxy = Proxy::start(config, "test.yaml", options).unwrap();
+    let proxy = one_worker_to(upstream, backend);
     let mut conn = Conn::open(proxy.listener_addr("web").unwrap());
     conn.send(b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(conn.response(true).status, 200);
@@ -408,16 +400,7 @@ fn a_chunked_response_reaches_an_http10_client_as_its_data_alone(backend: Backen
         b"ler: 1\r\n\r",
         b"\n",
     ]);
-    let yaml = format!(
-        "listeners:\n  - {{ name: web, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: app }}] }}\nclusters:\n  - {{ name: app, endpoints: [{upstream}] }}\n"
-    );
-    // One worker, so every client connection finds the same pool.
-    let config = shared::Config::from_yaml(&yaml, "test.yaml").unwrap();
-    let options = dataplane::Options {
-        workers: Some(1),
-        ..tests::options(backend)
-    };
-    let proxy = Proxy::start(config, "test.yaml", options).unwrap();
+    let proxy = one_worker_to(upstream, backend);
     let addr = proxy.listener_addr("web").unwrap();
     let mut delivered = 0;
     for request in [

@@ -47,6 +47,10 @@ pub enum StreamError {
     Ended,
 }
 
+/// How long a stream must have lasted, carrying configs, for its end at the expiry of what
+/// proved it to be routine (reconnected at once rather than after backoff).
+const RENEWED_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Keeps this proxy's config streaming from `tern-control` for as long as its config asks
 /// for it; a change of settings starts a new stream at once.
 pub async fn run(control: Arc<Control>) {
@@ -63,8 +67,10 @@ pub async fn run(control: Arc<Control>) {
             }
             continue;
         };
+        let opened = tokio::time::Instant::now();
+        let mut carried = false;
         let ended = tokio::select! {
-            ended = stream(&control, &ca, &discovery, &mut failures, &mut destinations) => ended,
+            ended = stream(&control, &ca, &discovery, (&mut failures, &mut carried), &mut destinations) => ended,
             changed = settings.changed() => {
                 control.updates.connected.store(false, Ordering::Relaxed);
                 if changed.is_err() {
@@ -75,10 +81,12 @@ pub async fn run(control: Arc<Control>) {
             }
         };
         control.updates.connected.store(false, Ordering::Relaxed);
-        // A stream that carried configs and ended because what proved it expired (the
-        // certificate it was opened with; tern-control ends it then): routine, so the proxy
-        // comes straight back, with its current certificate.
-        if failures == 0
+        // A stream that carried configs for a while and ended because what proved it
+        // expired (the certificate it was opened with; tern-control ends it then): routine,
+        // so the proxy comes straight back, with its current certificate. Any other end, a
+        // refusal at open included, backs off.
+        if carried
+            && opened.elapsed() >= RENEWED_AFTER
             && matches!(&ended, StreamError::Status(s) if s.code() == tonic::Code::Unauthenticated)
         {
             tracing::info!(reason = %ended, "config stream from tern-control renewed");
@@ -180,14 +188,15 @@ fn by_address<'a>(
 }
 
 /// One stream: connect, say hello, then apply configs until it ends.
+/// One config stream, until it ends; `carried` is set once it brings a config.
 async fn stream(
     control: &Control,
     ca: &CaClient,
     discovery: &Discovery,
-    failures: &mut u32,
+    (failures, carried): (&mut u32, &mut bool),
     destinations: &mut Destinations,
 ) -> StreamError {
-    match stream_inner(control, ca, discovery, failures, destinations).await {
+    match stream_inner(control, ca, discovery, (failures, carried), destinations).await {
         Ok(()) => StreamError::Ended,
         Err(error) => error,
     }
@@ -197,7 +206,7 @@ async fn stream_inner(
     control: &Control,
     ca: &CaClient,
     discovery: &Discovery,
-    failures: &mut u32,
+    (failures, carried): (&mut u32, &mut bool),
     destinations: &mut Destinations,
 ) -> Result<(), StreamError> {
     let root = read("CA root", &ca.root)?;
@@ -252,6 +261,7 @@ async fn stream_inner(
             }
         };
         *failures = 0;
+        *carried = true;
         let version = config.version;
         let outcome = match Pushed::try_from(config) {
             Ok(pushed) => match control.install_pushed(pushed) {

@@ -11,7 +11,7 @@
 //! served during an upgrade), keeps what it last saw, with a warning; objects go only when
 //! the API server says they were deleted or a relist no longer holds them. Failures are
 //! retried after 0.8 s, doubling to 30 s while they keep coming, back to 0.8 s once a watch
-//! lasts 30 s ([`Backoff`]; kube-rs' own backoff resets on the `Init` that starts every relist
+//! lasts 30 s from its retry or its list ([`Backoff`]; kube-rs' own backoff resets on the `Init` that starts every relist
 //! attempt, so it never grows for a list that keeps failing, and a list that works does not
 //! reset this one, so a watch that fails after every list is not relisted every 0.8 s).
 //! Changes that arrive together become one update, as the directory's do.
@@ -79,27 +79,40 @@ const MAX_RETRY: Duration = Duration::from_secs(30);
 type WatchItem = Result<Event<DynamicObject>, watcher::Error>;
 
 /// The waits between a watcher's failures: [`FIRST_RETRY`], doubling up to [`MAX_RETRY`]
-/// while each failure comes within [`MAX_RETRY`] of the retry before, and back to the first
-/// once the watch has lasted longer (a load balancer cutting long connections every minute
-/// costs 0.8 s each time). Not reset by a list that succeeds: an API server that lists and
-/// then fails every watch at once (410 Gone again and again) is asked less and less often,
-/// not relisted every 0.8 s.
+/// while each failure comes within [`MAX_RETRY`] of the watch's start (the retry, or the end
+/// of the list the retry needed, whichever is later), and back to the first once a watch has
+/// lasted longer (a load balancer cutting long connections every minute costs 0.8 s each
+/// time). A list that succeeds does not reset it: an API server that lists and then fails
+/// every watch at once (410 Gone again and again) is asked less and less often, however
+/// long its lists take, not relisted every 0.8 s.
 #[derive(Debug, Default)]
 struct Backoff {
-    /// The last wait, and when it was asked for.
+    /// The last wait, and when the retry after it began.
     last: Option<(Duration, tokio::time::Instant)>,
+    /// When the last list ended.
+    listed: Option<tokio::time::Instant>,
 }
 
 impl Backoff {
+    /// A list ended at `now`: a watch starts.
+    fn listed(&mut self, now: tokio::time::Instant) {
+        self.listed = Some(now);
+    }
+
     /// How long to wait after a failure at `now`.
     fn after_failure(&mut self, now: tokio::time::Instant) -> Duration {
         let wait = match self.last {
-            Some((wait, at)) if now.duration_since(at) < wait + MAX_RETRY => {
-                (wait * 2).min(MAX_RETRY)
+            Some((wait, retried)) => {
+                let started = self.listed.map_or(retried, |listed| listed.max(retried));
+                if now.duration_since(started) < MAX_RETRY {
+                    (wait * 2).min(MAX_RETRY)
+                } else {
+                    FIRST_RETRY
+                }
             }
-            _ => FIRST_RETRY,
+            None => FIRST_RETRY,
         };
-        self.last = Some((wait, now));
+        self.last = Some((wait, now + wait));
         wait
     }
 }
@@ -169,6 +182,9 @@ impl Cluster {
                 let mut backoff = Backoff::default();
                 while let Some(item) = stream.next().await {
                     let failed = item.is_err();
+                    if matches!(item, Ok(Event::InitDone)) {
+                        backoff.listed(tokio::time::Instant::now());
+                    }
                     if sender.send((index, item)).await.is_err() {
                         return;
                     }
@@ -583,6 +599,11 @@ mod tests {
         // One that failed 20 s after its retry: the next wait up.
         now += Duration::from_millis(800) + Duration::from_secs(20);
         assert_eq!(backoff.after_failure(now), 2 * super::FIRST_RETRY);
+        // A relist that took 45 s, and a watch that failed at once after it: up again.
+        now += Duration::from_millis(1600) + Duration::from_secs(45);
+        backoff.listed(now);
+        now += Duration::from_millis(100);
+        assert_eq!(backoff.after_failure(now), 4 * super::FIRST_RETRY);
     }
 
     #[test]

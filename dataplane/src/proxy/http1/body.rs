@@ -346,7 +346,8 @@ pub async fn forward<S: Stream, D: Stream>(
 /// not taken them all within `idle` (it stopped reading: a write is one read's worth, 16 KiB,
 /// or a head and what came with it) fails the write, and its connection is aborted: nothing
 /// more can reach it in order, and an abandoned write (io_uring keeps the socket while one is
-/// in flight) must not hold it open.
+/// in flight) must not hold it open. (One case stays: on io_uring a kernel-TLS socket, which
+/// refuses the disconnect, is reset only once that write ends.)
 async fn write<D: Stream>(
     dst: &D,
     buf: Vec<u8>,

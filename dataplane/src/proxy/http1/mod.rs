@@ -140,9 +140,11 @@ impl<B: Backend> Conn<'_, B> {
     /// Reads until `inbuf` starts with a whole request head.
     async fn read_request_head(&mut self) -> Result<RequestHead, NoRequest> {
         // A head already begun (it came with the previous request) has the header timeout
-        // running from now, not the keep-alive timeout.
-        let mut deadline = (!self.inbuf.is_empty())
-            .then(|| tokio::time::Instant::now() + self.settings.header_timeout);
+        // running from now, not the keep-alive timeout; empty lines (a CRLF some clients send
+        // after a body, RFC 9112 §2.2) begin none.
+        let begun = self.inbuf.iter().any(|&b| b != b'\r' && b != b'\n');
+        let mut deadline =
+            begun.then(|| tokio::time::Instant::now() + self.settings.header_timeout);
         loop {
             if !self.inbuf.is_empty() {
                 match head::parse_request(&self.inbuf, &self.limits) {
