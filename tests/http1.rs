@@ -293,27 +293,9 @@ fn one_worker_to(upstream: SocketAddr, backend: BackendChoice) -> Proxy {
 /// its response (RFC 9112 §9.6), even one that does not say so: that connection is not
 /// parked, so the next client's POST (never retried) does not meet it closed.
 fn a_connection_the_request_asked_to_close_is_not_parked(backend: BackendChoice) {
-    // Answers one request a connection, without saying it closes, and closes a moment later
-    // (so the proxy cannot see the close when the next request comes).
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let upstream_addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { return };
-            std::thread::spawn(move || {
-                let mut request = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match std::io::Read::read(&mut stream, &mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => request.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
-                std::thread::sleep(std::time::Duration::from_millis(500));
-            });
-        }
-    });
+    // Closes each connection a moment after its one response, without saying so (so the
+    // proxy cannot see the close when the next request comes).
+    let upstream_addr = upstream::closing_late(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
     let proxy = one_worker_to(upstream_addr, backend);
     let addr = proxy.listener_addr("web").unwrap();
     let first = client::request(

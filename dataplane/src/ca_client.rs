@@ -147,7 +147,7 @@ pub async fn certify(
     certificate: Option<tonic::transport::Identity>,
 ) -> Result<Identity, CertifyError> {
     let root = read("CA root", &ca.root)?;
-    let token = read("token", &ca.token_file);
+    let token = read("token", &ca.token_file).map(|token| token.trim().to_owned());
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
     params.distinguished_name = rcgen::DistinguishedName::new();
@@ -161,11 +161,7 @@ pub async fn certify(
                 ca,
                 &root,
                 Some(certificate),
-                token
-                    .as_deref()
-                    .map(str::trim)
-                    .unwrap_or_default()
-                    .to_owned(),
+                token.as_ref().cloned().unwrap_or_default(),
                 mark,
                 csr.clone(),
             )
@@ -180,9 +176,9 @@ pub async fn certify(
         // the server's alert racing the client's first bytes), the token gets its turn.
         (Some(Err(error)), Ok(token)) => {
             tracing::info!(%error, "renewal by certificate refused; trying the token alone");
-            request(ca, &root, None, token.trim().to_owned(), mark, csr).await?
+            request(ca, &root, None, token, mark, csr).await?
         }
-        (None, token) => request(ca, &root, None, token?.trim().to_owned(), mark, csr).await?,
+        (None, token) => request(ca, &root, None, token?, mark, csr).await?,
     };
     let unusable = |why: String| CertifyError::Answer(why);
     let chain: Vec<CertificateDer<'static>> =

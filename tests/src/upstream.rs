@@ -286,6 +286,32 @@ impl Http {
     }
 }
 
+/// A server that answers each connection's first request (its whole head) with `reply`,
+/// reads nothing more, and closes the connection half a second later, without having said
+/// it would.
+pub fn closing_late(reply: &'static [u8]) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            thread::spawn(move || {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream.write_all(reply);
+                thread::sleep(Duration::from_millis(500));
+            });
+        }
+    });
+    addr
+}
+
 /// A server that answers each connection's first read with `reply`, then (with `reset`)
 /// resets the connection, a moment later, instead of closing it.
 pub fn scripted(reply: &'static [u8], reset: bool) -> SocketAddr {
