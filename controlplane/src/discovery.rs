@@ -7,7 +7,8 @@
 //! needs, and only then. Every config carries a version from one counter seeded with the
 //! start time, so versions only grow, across restarts too. Acks and Nacks land in the
 //! [`Registry`], which the admin endpoint and `ternctl status` read; the last Nack stays
-//! visible after its proxy left.
+//! visible after its proxy left. A stream lasts as long as what proved it (the certificate's
+//! validity; a token, one certificate lifetime at most), then ends `UNAUTHENTICATED`.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;

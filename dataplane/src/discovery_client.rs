@@ -7,7 +7,8 @@
 //! running. When the stream breaks the proxy serves on with its last good config and
 //! reconnects with jittered, capped backoff; the server sends the current config on every
 //! new stream, so a reconnect resyncs. The proxy proves who it is with its current
-//! certificate from the CA when it has one, else with its bootstrap token.
+//! certificate from the CA when it has one, else with its bootstrap token; a stream that
+//! tern-control ends when what proved it expires is reopened at once.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

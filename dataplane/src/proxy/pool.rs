@@ -1,8 +1,9 @@
 //! A worker's pool of idle upstream HTTP/1.1 connections, keyed by endpoint address.
 //!
 //! Most recently used first, so a busy worker keeps a few warm connections and lets the
-//! rest age out. Connections idle longer than their cluster's idle timeout are dropped when
-//! found. Never shared across workers.
+//! rest age out. Connections idle longer than their cluster's idle timeout, or with bytes to
+//! read (closed, or sent more than their last response held), are dropped when found. Never
+//! shared across workers.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
