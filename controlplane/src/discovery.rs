@@ -223,6 +223,31 @@ impl DiscoveryService {
 }
 
 impl ProxyRequest {
+    /// Drops intercepted destinations the proxy asked about before and no longer wants
+    /// answered (it keeps its set bounded); refuses a bad address, or more than
+    /// [`MAX_SUBSCRIPTIONS`] of them in one message.
+    fn without(mut self, forget: Vec<String>) -> Result<ProxyRequest, Status> {
+        if forget.is_empty() {
+            return Ok(self);
+        }
+        if forget.len() > MAX_SUBSCRIPTIONS {
+            return Err(Status::resource_exhausted(format!(
+                "more than {MAX_SUBSCRIPTIONS} destinations to forget"
+            )));
+        }
+        let forget = forget
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                a.parse::<SocketAddr>().map_err(|_| {
+                    Status::invalid_argument(format!("forget[{i}]: `{a}` is not an ip:port"))
+                })
+            })
+            .collect::<Result<HashSet<_>, _>>()?;
+        self.destinations.retain(|d| !forget.contains(d));
+        Ok(self)
+    }
+
     /// Adds what the proxy asks for: explicit destinations (a Service port and where to
     /// listen) and intercepted ones (an address its application dialed); refuses a bad one,
     /// or more than [`MAX_SUBSCRIPTIONS`] in all (checked as they are added, so an oversized
@@ -452,7 +477,7 @@ async fn serve_stream(
                     registry.update(stream, |s| s.last_nack = Some(nack));
                 }
                 Ok(Some(WatchRequest { kind: Some(Kind::Subscribe(subscribe)) })) => {
-                    match proxy.clone().with(subscribe.outbound) {
+                    match proxy.clone().without(subscribe.forget).and_then(|fewer| fewer.with(subscribe.outbound)) {
                         Ok(more) => {
                             proxy = more;
                             dirty = true;
@@ -525,5 +550,35 @@ mod tests {
         let repeats = vec![address("10.0.0.1:80"); MAX_SUBSCRIPTIONS + 1];
         let refused = request.with(repeats).unwrap_err();
         assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    }
+
+    #[test]
+    fn a_full_proxy_makes_room_by_forgetting() {
+        let all: Vec<_> = (0..MAX_SUBSCRIPTIONS)
+            .map(|i| address(&format!("10.1.{}.{}:80", i / 256, i % 256)))
+            .collect();
+        let full = request().with(all).unwrap();
+        let more = || vec![address("10.9.9.9:443")];
+        let refused = full.clone().with(more()).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        let made_room = full
+            .clone()
+            .without(vec!["10.1.0.0:80".into(), "10.1.0.1:80".into()])
+            .unwrap();
+        assert_eq!(made_room.destinations.len(), MAX_SUBSCRIPTIONS - 2);
+        assert!(
+            !made_room
+                .destinations
+                .contains(&"10.1.0.0:80".parse().unwrap())
+        );
+        let renewed = made_room.with(more()).unwrap();
+        assert!(
+            renewed
+                .destinations
+                .contains(&"10.9.9.9:443".parse().unwrap())
+        );
+        let bad = full.without(vec!["not-an-address".into()]).unwrap_err();
+        assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+        assert!(bad.message().contains("forget[0]"), "{}", bad.message());
     }
 }

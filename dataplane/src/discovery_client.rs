@@ -10,6 +10,8 @@
 //! certificate from the CA when it has one, else with its bootstrap token; a stream that
 //! tern-control ends when what proved it expires is reopened at once.
 
+use std::collections::{HashSet, VecDeque};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -57,10 +59,7 @@ const RENEWED_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 pub async fn run(control: Arc<Control>) {
     let mut settings = control.discovery();
     let mut failures = 0u32;
-    let mut destinations = Destinations {
-        from_workers: control.take_destinations(),
-        asked: std::collections::BTreeSet::new(),
-    };
+    let mut destinations = Destinations::new(control.take_destinations());
     loop {
         let Some((ca, discovery)) = settings.borrow_and_update().clone() else {
             if settings.changed().await.is_err() {
@@ -113,7 +112,7 @@ fn hello(
     discovery: &Discovery,
     token: &str,
     running: u64,
-    asked: &std::collections::BTreeSet<std::net::SocketAddr>,
+    asked: &VecDeque<SocketAddr>,
 ) -> WatchRequest {
     WatchRequest {
         kind: Some(Kind::Hello(pb::Hello {
@@ -138,47 +137,114 @@ fn hello(
 }
 
 /// Intercepted destinations no listener claimed: the workers' channel, and every address
-/// asked about so far (said again in each new stream's Hello).
+/// asked about and still wanted (said again in each new stream's Hello).
 struct Destinations {
-    from_workers: Option<mpsc::Receiver<std::net::SocketAddr>>,
-    asked: std::collections::BTreeSet<std::net::SocketAddr>,
+    from_workers: Option<mpsc::Receiver<SocketAddr>>,
+    /// Asked about, oldest first.
+    asked: VecDeque<SocketAddr>,
+    /// The same addresses, to look up.
+    asked_set: HashSet<SocketAddr>,
+    /// Those `tern-control` answered are outside the mesh (in the latest config applied):
+    /// forgotten first when the set is full.
+    outside: HashSet<SocketAddr>,
 }
 
 /// Most destinations one proxy subscribes to, explicit and intercepted together
-/// (tern-control refuses more); past it, new intercepted destinations are not asked about
-/// (their connections get the outbound policy after one wait, then at once).
+/// (tern-control refuses more). Past it, each new intercepted destination takes the place
+/// of the oldest one asked about, the oldest outside the mesh first: an application that
+/// dials many addresses over its life (an object store's rotating addresses) keeps getting
+/// answers for new ones, and a forgotten one is asked about again when dialed again.
 const MAX_SUBSCRIPTIONS: usize = 4096;
 
+/// What to tell `tern-control` about intercepted destinations.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Asking {
+    /// New ones, to answer.
+    new: Vec<SocketAddr>,
+    /// Ones asked about before, to drop (making room).
+    forget: Vec<SocketAddr>,
+}
+
 impl Destinations {
-    /// The next addresses not asked about yet (waits for at least one; never, without a
-    /// channel).
-    async fn next_new(&mut self, explicit: usize) -> Vec<std::net::SocketAddr> {
+    fn new(from_workers: Option<mpsc::Receiver<SocketAddr>>) -> Destinations {
+        Destinations {
+            from_workers,
+            asked: VecDeque::new(),
+            asked_set: HashSet::new(),
+            outside: HashSet::new(),
+        }
+    }
+
+    /// The next addresses not asked about yet, and those they replace (waits for at least
+    /// one; never, without a channel).
+    async fn next_new(&mut self, explicit: usize) -> Asking {
         let limit = MAX_SUBSCRIPTIONS.saturating_sub(explicit);
-        let Some(receiver) = self.from_workers.as_mut() else {
-            return std::future::pending().await;
-        };
         loop {
+            let Some(receiver) = self.from_workers.as_mut() else {
+                return std::future::pending().await;
+            };
             let Some(first) = receiver.recv().await else {
                 return std::future::pending().await;
             };
-            let mut new = Vec::new();
-            for address in
-                std::iter::once(first).chain(std::iter::from_fn(|| receiver.try_recv().ok()))
-            {
-                if self.asked.len() < limit && self.asked.insert(address) {
-                    new.push(address);
-                }
-            }
-            if !new.is_empty() {
-                return new;
+            let mut arrived = vec![first];
+            arrived.extend(std::iter::from_fn(|| receiver.try_recv().ok()));
+            let asking = self.ask(arrived, limit);
+            if !asking.new.is_empty() {
+                return asking;
             }
         }
     }
+
+    /// Takes `arrived` into the set, at most `limit` in all, making room as
+    /// [`MAX_SUBSCRIPTIONS`] says.
+    fn ask(&mut self, arrived: Vec<SocketAddr>, limit: usize) -> Asking {
+        let mut asking = Asking::default();
+        if limit == 0 {
+            return asking;
+        }
+        for address in arrived {
+            if self.asked_set.contains(&address) {
+                continue;
+            }
+            if self.asked.len() >= limit {
+                let oldest_outside = self.asked.iter().position(|a| self.outside.contains(a));
+                let Some(gone) = self.asked.remove(oldest_outside.unwrap_or(0)) else {
+                    continue;
+                };
+                self.asked_set.remove(&gone);
+                self.outside.remove(&gone);
+                // One of this batch's own: never sent, so there is nothing to forget.
+                match asking.new.iter().position(|a| *a == gone) {
+                    Some(i) => {
+                        asking.new.swap_remove(i);
+                    }
+                    None => asking.forget.push(gone),
+                }
+            }
+            self.asked.push_back(address);
+            self.asked_set.insert(address);
+            asking.new.push(address);
+        }
+        if !asking.forget.is_empty() {
+            tracing::debug!(
+                forgotten = asking.forget.len(),
+                "asked about as many intercepted destinations as tern-control keeps: the oldest make room"
+            );
+        }
+        asking
+    }
+
+    /// `tern-control`'s latest answer on which addresses are outside the mesh.
+    fn answered_outside(&mut self, outside: &[SocketAddr]) {
+        self.outside = outside
+            .iter()
+            .filter(|a| self.asked_set.contains(a))
+            .copied()
+            .collect();
+    }
 }
 
-fn by_address<'a>(
-    addresses: impl IntoIterator<Item = &'a std::net::SocketAddr>,
-) -> Vec<pb::Outbound> {
+fn by_address<'a>(addresses: impl IntoIterator<Item = &'a SocketAddr>) -> Vec<pb::Outbound> {
     addresses
         .into_iter()
         .map(|a| pb::Outbound {
@@ -252,9 +318,12 @@ async fn stream_inner(
                 Some(config) => config,
                 None => break,
             },
-            new = destinations.next_new(discovery.outbound.len()) => {
-                tracing::debug!(destinations = ?new, "asking tern-control about intercepted destinations");
-                let subscribe = Kind::Subscribe(pb::Subscribe { outbound: by_address(&new) });
+            asking = destinations.next_new(discovery.outbound.len()) => {
+                tracing::debug!(destinations = ?asking.new, "asking tern-control about intercepted destinations");
+                let subscribe = Kind::Subscribe(pb::Subscribe {
+                    outbound: by_address(&asking.new),
+                    forget: asking.forget.iter().map(SocketAddr::to_string).collect(),
+                });
                 if answers.send(WatchRequest { kind: Some(subscribe) }).await.is_err() {
                     break;
                 }
@@ -265,11 +334,14 @@ async fn stream_inner(
         *carried = true;
         let version = config.version;
         let outcome = match Pushed::try_from(config) {
-            Ok(pushed) => match control.install_pushed(pushed) {
-                Ok(_) => Ok(()),
-                Err(ApplyError::Draining) => return Ok(()),
-                Err(error) => Err(error.to_string()),
-            },
+            Ok(pushed) => {
+                destinations.answered_outside(&pushed.outside_mesh);
+                match control.install_pushed(pushed) {
+                    Ok(_) => Ok(()),
+                    Err(ApplyError::Draining) => return Ok(()),
+                    Err(error) => Err(error.to_string()),
+                }
+            }
             Err(error) => Err(format!("the config does not decode: {error}")),
         };
         let answer = match outcome {
@@ -293,4 +365,58 @@ async fn stream_inner(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addresses(range: std::ops::Range<u8>) -> Vec<SocketAddr> {
+        range
+            .map(|i| SocketAddr::from(([10, 0, 0, i], 80)))
+            .collect()
+    }
+
+    #[test]
+    fn past_the_limit_new_destinations_replace_the_oldest_outside_the_mesh_first() {
+        let mut destinations = Destinations::new(None);
+        let first = destinations.ask(addresses(0..4), 4);
+        assert_eq!(first.new, addresses(0..4));
+        assert!(first.forget.is_empty());
+        // Asked again: nothing new.
+        assert_eq!(destinations.ask(addresses(1..3), 4), Asking::default());
+        // 10.0.0.2 and 10.0.0.3 are outside the mesh: they make room first, oldest first,
+        // before the older 10.0.0.0 and 10.0.0.1 (Services).
+        destinations.answered_outside(&addresses(2..4));
+        let next = destinations.ask(addresses(4..6), 4);
+        assert_eq!(next.new, addresses(4..6));
+        assert_eq!(next.forget, addresses(2..4));
+        // No outside answer left: the oldest goes.
+        let last = destinations.ask(addresses(6..7), 4);
+        assert_eq!(last.forget, addresses(0..1));
+        let kept: Vec<_> = destinations.asked.iter().copied().collect();
+        assert_eq!(kept, [addresses(1..2), addresses(4..7)].concat());
+        // A forgotten address is asked about again when dialed again.
+        assert_eq!(destinations.ask(addresses(0..1), 4).new, addresses(0..1));
+    }
+
+    #[test]
+    fn a_batch_larger_than_the_room_forgets_nothing_it_never_sent() {
+        let mut destinations = Destinations::new(None);
+        let asking = destinations.ask(addresses(0..5), 2);
+        assert!(asking.forget.is_empty());
+        assert_eq!(asking.new.len(), 2);
+        assert_eq!(destinations.asked.len(), 2);
+        assert!(
+            asking
+                .new
+                .iter()
+                .all(|a| destinations.asked_set.contains(a))
+        );
+        // With no room at all, nothing is asked.
+        assert_eq!(
+            Destinations::new(None).ask(addresses(0..1), 0),
+            Asking::default()
+        );
+    }
 }
