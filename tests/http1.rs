@@ -278,8 +278,18 @@ fn a_response_the_upstream_breaks_off_ends_in_a_reset(backend: BackendChoice) {
 /// A proxy with one worker (so every client connection finds the same pool of upstream
 /// connections) routing everything to `upstream`.
 fn one_worker_to(upstream: SocketAddr, backend: BackendChoice) -> Proxy {
+    one_worker_balancing(&[upstream], backend)
+}
+
+/// A proxy with one worker whose one route goes to a cluster of `endpoints`.
+fn one_worker_balancing(endpoints: &[SocketAddr], backend: BackendChoice) -> Proxy {
+    let endpoints = endpoints
+        .iter()
+        .map(SocketAddr::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
     let yaml = format!(
-        "listeners:\n  - {{ name: web, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: app }}] }}\nclusters:\n  - {{ name: app, endpoints: [{upstream}] }}\n"
+        "listeners:\n  - {{ name: web, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: app }}] }}\nclusters:\n  - {{ name: app, endpoints: [{endpoints}] }}\n"
     );
     let config = shared::Config::from_yaml(&yaml, "test.yaml").unwrap();
     let options = dataplane::Options {
@@ -287,6 +297,79 @@ fn one_worker_to(upstream: SocketAddr, backend: BackendChoice) -> Proxy {
         ..tests::options(backend)
     };
     Proxy::start(config, "test.yaml", options).unwrap()
+}
+
+/// Round robin takes each endpoint in turn and the pool reuses each one's connection: a
+/// request that finds no parked connection to the endpoint it drew connects to that one,
+/// not to the next (which skipped every other endpoint and, with two, never reused one).
+fn round_robin_reaches_every_endpoint_and_reuses_their_connections(backend: BackendChoice) {
+    let upstreams = [
+        Http::start("a"),
+        Http::start("b"),
+        Http::start("c"),
+        Http::start("d"),
+    ];
+    let addrs: Vec<_> = upstreams.iter().map(|u| u.addr).collect();
+    let proxy = one_worker_balancing(&addrs, backend);
+    let addr = proxy.listener_addr("web").unwrap();
+    for _ in 0..12 {
+        assert_eq!(
+            client::request(addr, "GET / HTTP/1.1\r\nHost: x\r\n\r\n").status,
+            200
+        );
+    }
+    for upstream in &upstreams {
+        assert_eq!(
+            upstream.requests.load(Ordering::SeqCst),
+            3,
+            "an even share each"
+        );
+        assert_eq!(
+            upstream.connections.load(Ordering::SeqCst),
+            1,
+            "one connection each, reused"
+        );
+    }
+}
+
+/// A keep-alive client's next request runs under the config that is live then: a route
+/// change reaches it, and an endpoint the config no longer has (a rollout's old Pod) gets
+/// none of its requests and keeps no parked connection. Before, a connection ran under the
+/// config it was accepted with for as long as it lasted.
+fn a_keep_alive_connection_follows_config_changes(backend: BackendChoice) {
+    let a = Http::start("a");
+    let b = Http::start("b");
+    let yaml = |to: &str, b_endpoints: &str| {
+        format!(
+            "listeners:\n  - {{ name: web, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: {to} }}] }}\nclusters:\n  - {{ name: a, endpoints: [{}] }}\n  - {{ name: b, endpoints: [{b_endpoints}] }}\n",
+            a.addr
+        )
+    };
+    let proxy = start_proxy(&yaml("a", &b.addr.to_string()), backend);
+    let mut client = Conn::open(proxy.listener_addr("web").unwrap());
+    let mut get = |path: &str| {
+        client.send(format!("GET {path} HTTP/1.1\r\nHost: svc\r\n\r\n").as_bytes());
+        client.response(false).text()
+    };
+    assert_eq!(get("/1"), "a /1");
+    let reload = |yaml: String, version: &str| {
+        let config = shared::Config::from_yaml(&yaml, version).unwrap();
+        proxy.reload(config, version).unwrap();
+    };
+    reload(yaml("b", &b.addr.to_string()), "v2");
+    assert_eq!(get("/2"), "b /2");
+    let open = |upstream: &Http| upstream.open.load(Ordering::SeqCst);
+    assert_eq!(open(&b), 1, "one parked connection to b");
+    // b's Pod replaced by a: its parked connection closes at the apply, and the next
+    // request goes to the new endpoint.
+    reload(yaml("b", &a.addr.to_string()), "v3");
+    tests::eventually(
+        Duration::from_secs(5),
+        "the connection to b to close",
+        || open(&b) == 0,
+    );
+    assert_eq!(get("/3"), "a /3");
+    assert_eq!(b.requests.load(Ordering::SeqCst), 1);
 }
 
 /// A request that asked to close (`Connection: close`) binds the upstream to close after
@@ -817,6 +900,8 @@ both_backends!(
     interim_responses_reach_http11_clients_only,
     a_chunked_response_reaches_an_http10_client_as_its_data_alone,
     a_connection_the_request_asked_to_close_is_not_parked,
+    round_robin_reaches_every_endpoint_and_reuses_their_connections,
+    a_keep_alive_connection_follows_config_changes,
     a_parked_connection_with_bytes_to_read_is_not_reused,
     a_client_that_stops_reading_is_cut_at_the_idle_timeout,
     upstream_down_is_503,

@@ -148,6 +148,16 @@ pub enum ListenerKind {
     Intercepted(Intercept),
 }
 
+impl ListenerKind {
+    /// The HTTP routes of an `http` or `detect` listener.
+    pub fn routes(&self) -> Option<&RouteTable> {
+        match self {
+            ListenerKind::Http(routes) | ListenerKind::Detect { routes, .. } => Some(routes),
+            ListenerKind::Tcp { .. } | ListenerKind::Intercepted(_) => None,
+        }
+    }
+}
+
 /// One cluster as the workers run it.
 #[derive(Debug)]
 pub struct ClusterPlan {

@@ -189,6 +189,7 @@ impl<B: Backend> Worker<B> {
         let failing = self.view.borrow().failing.clone();
         failing.retain(|addr| snapshot.clusters.iter().any(|c| c.endpoints.contains(addr)));
         *self.view.borrow_mut() = Rc::new(make_view(&self.stats, &failing, snapshot.clone()));
+        self.pool.retain_endpoints_of(&snapshot);
         self.h2.retain_endpoints_of(&snapshot);
         self.applied.notify_waiters();
         let mut accepting = self.accepting.borrow_mut();
@@ -281,7 +282,14 @@ fn make_view(
             .iter()
             .map(|c| stats.cluster(&c.name))
             .collect(),
-        round_robin: snapshot.clusters.iter().map(|_| Cell::new(0)).collect(),
+        // Each cluster's rotation starts at a random endpoint, so the workers (and the
+        // proxies) do not all start at the first after every config change (a rollout makes
+        // many), sending it a burst.
+        round_robin: snapshot
+            .clusters
+            .iter()
+            .map(|_| Cell::new(random_seed() as usize))
+            .collect(),
         // xorshift must not start at 0.
         random: Cell::new(random_seed() | 1),
         snapshot,
@@ -492,21 +500,11 @@ async fn serve<B: Backend>(
         ListenerKind::Tcp { cluster } => {
             proxy::tcp::serve(worker, view, index, *cluster, down, Vec::new()).await;
         }
-        ListenerKind::Http(routes) => {
-            proxy::detect::serve(worker, view, index, None, routes, down, peer, inner).await;
+        ListenerKind::Http(_) => {
+            proxy::detect::serve(worker, view, index, None, down, peer, inner).await;
         }
-        ListenerKind::Detect { cluster, routes } => {
-            proxy::detect::serve(
-                worker,
-                view,
-                index,
-                Some(*cluster),
-                routes,
-                down,
-                peer,
-                inner,
-            )
-            .await;
+        ListenerKind::Detect { cluster, .. } => {
+            proxy::detect::serve(worker, view, index, Some(*cluster), down, peer, inner).await;
         }
         ListenerKind::Intercepted(direction) => {
             if let Some(original) = original {

@@ -13,7 +13,6 @@ use std::time::Duration;
 use super::Inner;
 use crate::io::{Backend, Stream};
 use crate::metrics::Detected;
-use crate::snapshot::RouteTable;
 use crate::tls::MaybeTls;
 use crate::worker::{View, Worker};
 
@@ -131,17 +130,15 @@ pub async fn sniff<S: Stream>(down: &S, timeout: Duration) -> (Detected, Vec<u8>
     (outcome, first)
 }
 
-/// Serves an HTTP or `detect` listener's connection: HTTP/1.1 and HTTP/2 by `routes`;
+/// Serves an HTTP or `detect` listener's connection: HTTP/1.1 and HTTP/2 by its routes;
 /// anything else as opaque TCP to `cluster` (a `detect` listener), or to the HTTP/1.1 parser,
 /// which refuses it (an `http` listener, `cluster` `None`). Under mTLS the peer's ALPN
 /// (`inner`) already says which; plaintext is told by its first bytes.
-#[allow(clippy::too_many_arguments)]
 pub async fn serve<B: Backend>(
     worker: &Rc<Worker<B>>,
     view: &Rc<View>,
     listener: usize,
     cluster: Option<usize>,
-    routes: &RouteTable,
     down: MaybeTls<B::Stream>,
     peer: SocketAddr,
     inner: Option<Inner>,
@@ -163,7 +160,7 @@ pub async fn serve<B: Backend>(
         }
         (Detected::Http1, _) | (_, None) => {
             let down = down.replaying(first);
-            super::http1::serve(worker, view, listener, routes, down, peer).await;
+            super::http1::serve(worker, view, listener, down, peer).await;
         }
         (_, Some(cluster)) => {
             super::tcp::serve(worker, view, listener, cluster, down.unsniffed(), first).await;

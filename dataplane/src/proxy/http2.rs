@@ -27,7 +27,7 @@ use hyper::{Request, Response};
 use crate::io::Backend;
 use crate::io::hyper_io::{HyperIo, LocalExec};
 use crate::metrics::Flag;
-use crate::snapshot::{ListenerKind, RouteTable};
+
 use crate::tls::MaybeTls;
 use crate::worker::{View, Worker};
 
@@ -317,11 +317,8 @@ async fn forward<B: Backend>(
     // gRPC calls are POSTs (a CONNECT answered 200 would open a tunnel).
     let grpc = request.method() == hyper::Method::POST && is_grpc(request.headers());
     let refuse = |status: u16, flag: Flag| local(stats, started, status, flag, grpc);
-    let routes: &RouteTable = match &view.snapshot.listeners[listener].kind {
-        ListenerKind::Http(routes) | ListenerKind::Detect { routes, .. } => routes,
-        ListenerKind::Tcp { .. } | ListenerKind::Intercepted(_) => {
-            return refuse(404, Flag::NoRoute);
-        }
+    let Some(routes) = view.snapshot.listeners[listener].kind.routes() else {
+        return refuse(404, Flag::NoRoute);
     };
     if request.uri().authority().is_none() && !with_host_authority(&mut request) {
         return refuse(400, Flag::DownstreamProtocolError);

@@ -43,9 +43,24 @@ pub(crate) async fn connect<B: Backend>(
     cluster: usize,
     inner: Inner,
 ) -> Option<(MaybeTls<B::Stream>, SocketAddr)> {
+    let first = view.next_endpoint(cluster)?;
+    connect_from::<B>(view, cluster, first, inner).await
+}
+
+/// As [`connect`], with `first` the endpoint round robin already picked (a caller that
+/// looked for a pooled connection to it first): picking again would skip it.
+pub(crate) async fn connect_from<B: Backend>(
+    view: &View,
+    cluster: usize,
+    first: SocketAddr,
+    inner: Inner,
+) -> Option<(MaybeTls<B::Stream>, SocketAddr)> {
     let plan = view.snapshot.clusters.get(cluster)?;
-    for _ in 0..plan.endpoints.len().min(CONNECT_ATTEMPTS) {
-        let addr = view.next_endpoint(cluster)?;
+    let mut addr = first;
+    for attempt in 0..plan.endpoints.len().min(CONNECT_ATTEMPTS) {
+        if attempt > 0 {
+            addr = view.next_endpoint(cluster)?;
+        }
         if let Some(stream) = connect_to::<B>(view, cluster, addr, inner).await {
             return Some((stream, addr));
         }

@@ -1,24 +1,28 @@
-//! A worker's pool of idle upstream HTTP/1.1 connections, keyed by endpoint address.
+//! A worker's pool of idle upstream HTTP/1.1 connections, keyed by endpoint address and the
+//! cluster that made them (two clusters may reach one address with different TLS).
 //!
 //! Most recently used first, so a busy worker keeps a few warm connections and lets the
 //! rest age out. Connections idle longer than their cluster's idle timeout, or with bytes to
-//! read (closed, or sent more than their last response held), are dropped when found. Never
-//! shared across workers.
+//! read (closed, or sent more than their last response held), are dropped when found; those
+//! to endpoints a new config no longer has, when it goes live. Never shared across workers.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
 use crate::io::{Backend, Stream as _};
+use crate::snapshot::{ClusterPlan, Snapshot};
 use crate::tls::MaybeTls;
 
 /// Connections parked for one endpoint, oldest first, with when they were parked.
 type Parked<S> = Vec<(S, Instant)>;
 
-/// Idle upstream connections of one worker.
+/// Idle upstream connections of one worker: by address, then by cluster name (looked up by
+/// `&str`, so a lookup clones no shared name).
 pub struct Pool<B: Backend> {
-    idle: RefCell<HashMap<SocketAddr, Parked<MaybeTls<B::Stream>>>>,
+    idle: RefCell<HashMap<SocketAddr, HashMap<Arc<str>, Parked<MaybeTls<B::Stream>>>>>,
 }
 
 impl<B: Backend> Default for Pool<B> {
@@ -30,18 +34,19 @@ impl<B: Backend> Default for Pool<B> {
 }
 
 impl<B: Backend> Pool<B> {
-    /// Takes the most recently parked connection to `addr` that is younger than `max_idle`
-    /// and has nothing to read: an idle connection with input is one its upstream closed, or
-    /// one that sent more than its last response held (a body after a HEAD response, say),
-    /// which would be read as the next request's response. Such connections are closed.
-    pub fn take(&self, addr: SocketAddr, max_idle: Duration) -> Option<MaybeTls<B::Stream>> {
+    /// Takes the most recently parked connection of `cluster` to `addr` that is younger than
+    /// the cluster's idle timeout and has nothing to read: an idle connection with input is
+    /// one its upstream closed, or one that sent more than its last response held (a body
+    /// after a HEAD response, say), which would be read as the next request's response. Such
+    /// connections are closed.
+    pub fn take(&self, cluster: &ClusterPlan, addr: SocketAddr) -> Option<MaybeTls<B::Stream>> {
         let mut idle = self.idle.borrow_mut();
-        let parked = idle.get_mut(&addr)?;
+        let parked = idle.get_mut(&addr)?.get_mut(&*cluster.name)?;
         let now = Instant::now();
         // Everything below the newest expired entry is older still.
         if let Some(last_expired) = parked
             .iter()
-            .rposition(|(_, since)| now.duration_since(*since) > max_idle)
+            .rposition(|(_, since)| now.duration_since(*since) > cluster.idle_timeout)
         {
             parked.drain(..=last_expired);
         }
@@ -53,14 +58,32 @@ impl<B: Backend> Pool<B> {
         None
     }
 
-    /// Parks a connection that finished an exchange cleanly, unless `addr` already has
-    /// `max_per_endpoint` parked (then it closes).
-    pub fn put(&self, addr: SocketAddr, stream: MaybeTls<B::Stream>, max_per_endpoint: usize) {
+    /// Parks a connection of `cluster` to `addr` that finished an exchange cleanly, unless
+    /// the cluster already has `max_idle_per_endpoint` parked there (then it closes).
+    pub fn put(&self, cluster: &ClusterPlan, addr: SocketAddr, stream: MaybeTls<B::Stream>) {
         let mut idle = self.idle.borrow_mut();
-        let parked = idle.entry(addr).or_default();
-        if parked.len() < max_per_endpoint {
+        let by_cluster = idle.entry(addr).or_default();
+        let parked = match by_cluster.get_mut(&*cluster.name) {
+            Some(parked) => parked,
+            None => by_cluster.entry(cluster.name.clone()).or_default(),
+        };
+        if parked.len() < cluster.max_idle_per_endpoint {
             parked.push((stream, Instant::now()));
         }
+    }
+
+    /// Closes the parked connections to endpoints `snapshot` no longer gives their cluster
+    /// (a rollout's old Pods), which would otherwise stay open until they age out.
+    pub fn retain_endpoints_of(&self, snapshot: &Snapshot) {
+        self.idle.borrow_mut().retain(|addr, by_cluster| {
+            by_cluster.retain(|name, _| {
+                snapshot
+                    .clusters
+                    .iter()
+                    .any(|c| c.name == *name && c.endpoints.contains(addr))
+            });
+            !by_cluster.is_empty()
+        });
     }
 
     /// Closes every parked connection.

@@ -22,7 +22,7 @@ use self::head::{Framing, Limits, RequestHead, ResponseHead};
 use super::tcp::pump_counted;
 use crate::io::{Backend, Stream};
 use crate::metrics::{Flag, ListenerStats};
-use crate::snapshot::{Chosen, RouteTable};
+use crate::snapshot::Chosen;
 use crate::tls::MaybeTls;
 use crate::worker::{View, Worker};
 
@@ -54,9 +54,12 @@ enum NoRequest {
 /// One downstream connection's state.
 struct Conn<'a, B: Backend> {
     worker: &'a Rc<Worker<B>>,
-    view: &'a View,
-    stats: &'a ListenerStats,
-    settings: &'a HttpSettings,
+    /// The config the next request runs under ([`Conn::follow_config`]).
+    view: Rc<View>,
+    /// The listener's index in `view`.
+    listener: usize,
+    stats: Rc<ListenerStats>,
+    settings: HttpSettings,
     limits: Limits,
     down: MaybeTls<B::Stream>,
     /// Bytes read from the client not yet forwarded: the current head, then the body's start
@@ -68,22 +71,24 @@ struct Conn<'a, B: Backend> {
     scratch: Vec<u8>,
 }
 
-/// Serves HTTP/1.1 on one accepted connection until it closes.
+/// Serves HTTP/1.1 on one accepted connection (on an `http` or `detect` listener) until it
+/// closes. Each request runs under the worker's current config, so a keep-alive client
+/// follows route and endpoint changes (a rollout's new Pods) as an HTTP/2 one does.
 pub async fn serve<B: Backend>(
     worker: &Rc<Worker<B>>,
-    view: &View,
+    view: &Rc<View>,
     listener: usize,
-    routes: &RouteTable,
     down: MaybeTls<B::Stream>,
     peer: SocketAddr,
 ) {
-    let settings = &view.snapshot.config.http;
+    let settings = view.snapshot.config.http.clone();
     let mut conn = Conn {
         worker,
-        view,
-        stats: &view.listeners[listener],
+        view: view.clone(),
+        listener,
+        stats: view.listeners[listener].clone(),
+        limits: Limits::from(&settings),
         settings,
-        limits: Limits::from(settings),
         down,
         inbuf: Vec::with_capacity(HEAD_BUFFER),
         upbuf: Vec::new(),
@@ -101,6 +106,7 @@ pub async fn serve<B: Backend>(
             }
         };
         let started = Instant::now();
+        conn.follow_config();
         conn.stats.request();
         let head = if head.h2c_upgrade {
             match conn.decline_h2c_upgrade(&head) {
@@ -110,16 +116,20 @@ pub async fn serve<B: Backend>(
         } else {
             head
         };
-        let route = routes.route(
-            &conn.inbuf[head.host.clone()],
-            &conn.inbuf[head.path.clone()],
-            &crate::snapshot::RawHead(&conn.inbuf[..head.len]),
-        );
+        let view = conn.view.clone();
+        let route = view.snapshot.listeners[conn.listener]
+            .kind
+            .routes()
+            .and_then(|routes| {
+                routes.route(
+                    &conn.inbuf[head.host.clone()],
+                    &conn.inbuf[head.path.clone()],
+                    &crate::snapshot::RawHead(&conn.inbuf[..head.len]),
+                )
+            })
+            .map(|route| route.choose(view.roll()));
         let next = match route {
-            Some(route) => {
-                let chosen = route.choose(conn.view.roll());
-                conn.exchange(&head, chosen, started).await
-            }
+            Some(chosen) => conn.exchange(&head, chosen, started).await,
             None => conn.no_route(&head, started).await,
         };
         if next != Next::KeepAlive {
@@ -137,6 +147,29 @@ pub async fn serve<B: Backend>(
 }
 
 impl<B: Backend> Conn<'_, B> {
+    /// Moves to the worker's current config, where it still has this listener (by name,
+    /// with routes); else the connection goes on under the config it has.
+    fn follow_config(&mut self) {
+        let current = self.worker.view();
+        if Rc::ptr_eq(&current, &self.view) {
+            return;
+        }
+        let name = &self.view.snapshot.listeners[self.listener].name;
+        let Some(index) = current.snapshot.listener_index(name) else {
+            return;
+        };
+        if current.snapshot.listeners[index].kind.routes().is_none() {
+            return;
+        }
+        self.stats = current.listeners[index].clone();
+        if self.settings != current.snapshot.config.http {
+            self.settings = current.snapshot.config.http.clone();
+            self.limits = Limits::from(&self.settings);
+        }
+        self.listener = index;
+        self.view = current;
+    }
+
     /// Reads until `inbuf` starts with a whole request head.
     async fn read_request_head(&mut self) -> Result<RequestHead, NoRequest> {
         // A head already begun (it came with the previous request) has the header timeout
@@ -224,7 +257,7 @@ impl<B: Backend> Conn<'_, B> {
     /// without is kept for a retry until the response head arrives.
     async fn exchange(&mut self, head: &RequestHead, route: Chosen, started: Instant) -> Next {
         let cluster = route.cluster;
-        let upstream_stats = &self.view.clusters[cluster];
+        let upstream_stats = self.view.clusters[cluster].clone();
         let has_body = head.framing != Framing::Empty;
         let mut body_done = !has_body;
         let mut retried = false;
@@ -541,9 +574,13 @@ impl<B: Backend> Conn<'_, B> {
             && !leftover
             && !body_unsent
             && !self.worker.draining()
+            // A config that went live meanwhile may have dropped the endpoint; the pool
+            // holds only the current config's.
+            && Rc::ptr_eq(&self.worker.view(), &self.view)
         {
-            let plan = &self.view.snapshot.clusters[cluster];
-            self.worker.pool.put(addr, up, plan.max_idle_per_endpoint);
+            self.worker
+                .pool
+                .put(&self.view.snapshot.clusters[cluster], addr, up);
         } else {
             let _ = up.shutdown(Shutdown::Both);
         }
@@ -569,7 +606,7 @@ impl<B: Backend> Conn<'_, B> {
         upbuf.drain(..response.len);
         let to_up = std::mem::take(&mut self.inbuf);
         let idle = self.view.snapshot.clusters[cluster].idle_timeout;
-        let stats = self.stats;
+        let stats = &*self.stats;
         let upstream = &self.view.clusters[cluster];
         pump_counted(&self.down, &up, to_up, upbuf, idle, stats, upstream).await;
         Next::Close
@@ -584,14 +621,11 @@ impl<B: Backend> Conn<'_, B> {
         let plan = self.view.snapshot.clusters.get(cluster)?;
         // Round robin picks the endpoint; the pool only saves the handshake.
         let addr = self.view.next_endpoint(cluster)?;
-        if let Some(stream) = pooled
-            .then(|| self.worker.pool.take(addr, plan.idle_timeout))
-            .flatten()
-        {
+        if let Some(stream) = pooled.then(|| self.worker.pool.take(plan, addr)).flatten() {
             self.view.clusters[cluster].reused();
             return Some((stream, addr, true));
         }
-        super::connect::<B>(self.view, cluster, super::Inner::Http1)
+        super::connect_from::<B>(&self.view, cluster, addr, super::Inner::Http1)
             .await
             .map(|(stream, addr)| (stream, addr, false))
     }
