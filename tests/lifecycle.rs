@@ -22,7 +22,7 @@ fn get(addr: std::net::SocketAddr, path: &str) -> client::Response {
     client::request(addr, &format!("GET {path} HTTP/1.1\r\nHost: any\r\n\r\n"))
 }
 
-fn reload_applies_to_new_connections_and_keeps_listeners(backend: BackendChoice) {
+fn reload_applies_to_new_requests_and_keeps_listeners(backend: BackendChoice) {
     let a = Http::start("a");
     let b = Http::start("b");
     let clusters = [("a", a.addr), ("b", b.addr)];
@@ -42,9 +42,9 @@ fn reload_applies_to_new_connections_and_keeps_listeners(backend: BackendChoice)
     // Same listener, same port, new routes for new connections.
     assert_eq!(proxy.listener_addr("web"), Some(addr));
     assert_eq!(get(addr, "/x").text(), "b /x");
-    // The open connection finishes on the snapshot it started with.
+    // The open keep-alive connection's next request follows the new routes too.
     old.send(b"GET /old2 HTTP/1.1\r\nHost: any\r\n\r\n");
-    assert_eq!(old.response(false).text(), "a /old2");
+    assert_eq!(old.response(false).text(), "b /old2");
     // The new listener works.
     assert!(proxy.listener_addr("raw").is_some());
 
@@ -198,7 +198,7 @@ fn drain_finishes_in_flight_requests(backend: BackendChoice) {
 }
 
 both_backends!(
-    reload_applies_to_new_connections_and_keeps_listeners,
+    reload_applies_to_new_requests_and_keeps_listeners,
     a_bad_config_is_refused_and_the_old_one_stays,
     ready_live_and_shutdown,
     drain_finishes_in_flight_requests,

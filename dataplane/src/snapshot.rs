@@ -2,8 +2,9 @@
 //! cluster plans and per-listener route tables, addressed by index, immutable and versioned.
 //!
 //! A `Snapshot` is built once per config change on the control thread and shared read-only
-//! by every worker (`Arc`); a connection keeps the snapshot it was accepted under until it
-//! ends. Routing here does not allocate.
+//! by every worker (`Arc`); an opaque TCP connection keeps the snapshot it was accepted under
+//! until it ends, an HTTP one moves to the live snapshot between requests. Routing here does
+//! not allocate.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};

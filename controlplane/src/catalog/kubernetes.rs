@@ -329,7 +329,7 @@ fn parse(resource: &ApiResource, object: DynamicObject) -> Declared {
     declared
 }
 
-/// An object with only what Tern reads of it: its name, namespace and labels, Tern's own
+/// An object with only what Tern reads of it: its name, namespace, creation time and labels, Tern's own
 /// annotations (`tern.dev/…`), its spec (of a Pod, the service account and the containers'
 /// ports), and no status but a Pod's IP. Whatever else the API server sends (`managedFields`,
 /// `resourceVersion`, `kubectl`'s last applied configuration, conditions) would cost memory
@@ -343,6 +343,8 @@ fn trim(resource: &ApiResource, object: DynamicObject) -> DynamicObject {
     let metadata = ObjectMeta {
         name: metadata.name,
         namespace: metadata.namespace,
+        // Settles route conflicts (oldest first); it never changes.
+        creation_timestamp: metadata.creation_timestamp,
         labels: metadata.labels,
         annotations: metadata.annotations.and_then(|annotations| {
             let tern: BTreeMap<String, String> = annotations

@@ -389,14 +389,20 @@ impl Catalog {
         for kind in KIND_ORDER {
             let mut keys: Vec<Key> = by_key.keys().filter(|k| k.kind == kind).cloned().collect();
             // What was accepted before and is unchanged goes first: a newcomer that
-            // conflicts with it (a route claiming the same path) is the one refused.
-            keys.sort_by_key(|k| {
+            // conflicts with it (a route claiming the same path) is the one refused. Then
+            // the oldest (`creationTimestamp`), then by namespace and name, as Gateway API
+            // settles conflicts: so a restarted `tern-control`, to which everything is new,
+            // gives a contested path to the route that held it, not to the first by name.
+            keys.sort_by_cached_key(|k| {
                 let unchanged = previous
                     .accepted
                     .get(k)
                     .zip(by_key.get(k))
                     .is_some_and(|((_, old), (_, new))| old == new);
-                !unchanged
+                let created = by_key
+                    .get(k)
+                    .and_then(|(_, object)| object.metadata().creation_timestamp.clone());
+                (!unchanged, created, k.clone())
             });
             for key in keys {
                 let Some((origin, object)) = by_key.remove(&key) else {

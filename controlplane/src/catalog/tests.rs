@@ -505,6 +505,27 @@ fn a_new_route_cannot_take_the_path_of_one_already_in_use() {
 }
 
 #[test]
+fn after_a_restart_the_oldest_route_keeps_a_contested_path() {
+    let created = |name: &str, at: &str, to: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{ name: {name}, namespace: shop, creationTimestamp: \"{at}\" }}\nspec:\n  parentRefs: [{{ kind: Service, name: cart, port: 80 }}]\n  rules: [{{ backendRefs: [{{ name: {to}, port: 80 }}] }}]\n"
+        )
+    };
+    // A tern-control that starts anew sees both at once: the older keeps the path, though
+    // the newer sorts first by name.
+    let older = created("zz-older", "2026-11-01T00:00:00Z", "cart");
+    let newer = created("aa-newer", "2026-12-01T00:00:00Z", "cart-v2");
+    let catalog = build(&[("base.yaml", BASE), ("z.yaml", &older), ("a.yaml", &newer)]);
+    let shown = problem(&catalog);
+    assert!(
+        shown.contains(
+            "HTTPRoute shop/aa-newer: spec.rules[0].matches: conflicts with HTTPRoute shop/zz-older"
+        ),
+        "{shown}"
+    );
+}
+
+#[test]
 fn other_kinds_in_a_file_are_reported_and_do_not_freeze_it() {
     let deployment = "apiVersion: apps/v1\nkind: Deployment\nmetadata: { name: cart, namespace: shop }\nspec: {}\n---\n";
     let first = build(&[("app.yaml", &format!("{deployment}{BASE}"))]);

@@ -166,25 +166,30 @@ impl hyper::body::Body for UpstreamBody {
     }
 }
 
-/// A pool entry's key: the cluster and the endpoint.
-type Key = (Arc<str>, SocketAddr);
+/// A pool entry's key: the cluster's name and the endpoint.
+type Key<'a> = (&'a Arc<str>, SocketAddr);
 
-/// One worker's upstream HTTP/2 connections, by cluster and endpoint: the first carries
-/// every stream to that endpoint up to [`STREAMS_PER_CONNECTION`], then the next.
+/// One worker's upstream HTTP/2 connections, by endpoint and cluster: the first carries
+/// every stream to that endpoint up to [`STREAMS_PER_CONNECTION`], then the next. Looked up
+/// by `&str`, so a request clones no name shared with the other workers (its count is an
+/// atomic on a line every core would write).
 #[derive(Default)]
 pub struct Pool {
-    connections: RefCell<HashMap<Key, Vec<Shared>>>,
+    connections: RefCell<HashMap<SocketAddr, HashMap<Arc<str>, Vec<Shared>>>>,
 }
 
 impl Pool {
     /// Closes the connections to endpoints `snapshot` no longer has in that cluster (a
     /// scaled-down Service), so they do not linger until their keep-alive fails.
     pub fn retain_endpoints_of(&self, snapshot: &crate::snapshot::Snapshot) {
-        self.connections.borrow_mut().retain(|(cluster, addr), _| {
-            snapshot
-                .clusters
-                .iter()
-                .any(|c| c.name == *cluster && c.endpoints.contains(addr))
+        self.connections.borrow_mut().retain(|addr, by_cluster| {
+            by_cluster.retain(|name, _| {
+                snapshot
+                    .clusters
+                    .iter()
+                    .any(|c| c.name == *name && c.endpoints.contains(addr))
+            });
+            !by_cluster.is_empty()
         });
     }
 
@@ -196,9 +201,13 @@ impl Pool {
     /// A place for one stream on `key`'s first connection with room, or on a new one (made
     /// by whoever awaits it first). Connections beyond the first that have been idle for
     /// [`EXTRA_CONNECTION_IDLE`] are closed on the way.
-    fn place(&self, key: &Key) -> Place {
+    fn place(&self, (cluster, addr): Key<'_>) -> Place {
         let mut connections = self.connections.borrow_mut();
-        let list = connections.entry(key.clone()).or_default();
+        let by_cluster = connections.entry(addr).or_default();
+        let list = match by_cluster.get_mut(&**cluster) {
+            Some(list) => list,
+            None => by_cluster.entry(cluster.clone()).or_default(),
+        };
         if list.len() > 1 {
             let mut index = 0;
             list.retain(|c| {
@@ -226,20 +235,30 @@ impl Pool {
 
     /// Forgets `connection` (it failed or closed): the next stream that needs a place makes
     /// a new one.
-    fn forget(&self, key: &Key, connection: &Shared) {
+    fn forget(&self, (cluster, addr): Key<'_>, connection: &Shared) {
         let mut connections = self.connections.borrow_mut();
-        if let Some(list) = connections.get_mut(key) {
+        let Some(by_cluster) = connections.get_mut(&addr) else {
+            return;
+        };
+        if let Some(list) = by_cluster.get_mut(&**cluster) {
             list.retain(|c| !Rc::ptr_eq(c, connection));
             if list.is_empty() {
-                connections.remove(key);
+                by_cluster.remove(&**cluster);
             }
+        }
+        if by_cluster.is_empty() {
+            connections.remove(&addr);
         }
     }
 
     /// How many connections the pool holds to `key` (tests).
     #[cfg(test)]
-    fn count(&self, key: &Key) -> usize {
-        self.connections.borrow().get(key).map_or(0, Vec::len)
+    fn count(&self, (cluster, addr): Key<'_>) -> usize {
+        self.connections
+            .borrow()
+            .get(&addr)
+            .and_then(|by_cluster| by_cluster.get(&**cluster))
+            .map_or(0, Vec::len)
     }
 }
 
@@ -376,7 +395,7 @@ async fn forward<B: Backend>(
                     .map(|body| Either::Left(UpstreamBody::new(body, place, idle_timeout, stats)));
             }
             Ok(Err(mut failed)) => {
-                worker.h2.forget(&key, &place.0);
+                worker.h2.forget(key, &place.0);
                 tracing::debug!(cluster = %view.snapshot.clusters[chosen.cluster].name, error = %failed.error(), "HTTP/2 upstream failed");
                 match failed.take_message() {
                     Some(unsent) => request = unsent,
@@ -496,17 +515,17 @@ fn grpc_status(flag: Flag) -> u16 {
 
 /// A ready connection to the next endpoint of `cluster` (one of the worker's, or a new one),
 /// with its pool key and the stream's place on it.
-async fn upstream<B: Backend>(
+async fn upstream<'v, B: Backend>(
     worker: &Rc<Worker<B>>,
-    view: &View,
+    view: &'v View,
     cluster: usize,
-) -> Option<(SendRequest<Incoming>, Key, Place)> {
+) -> Option<(SendRequest<Incoming>, Key<'v>, Place)> {
     let plan = view.snapshot.clusters.get(cluster)?;
     let mut attempts = 0;
     while attempts < plan.endpoints.len().min(super::CONNECT_ATTEMPTS) {
         let addr = view.next_endpoint(cluster)?;
-        let key = (plan.name.clone(), addr);
-        let place = worker.h2.place(&key);
+        let key = (&plan.name, addr);
+        let place = worker.h2.place(key);
         let connection = &place.0;
         let pooled = connection.sender.initialized();
         let made = connection
@@ -531,14 +550,14 @@ async fn upstream<B: Backend>(
                 }
                 // It closed (the upstream went away or said GOAWAY): the next request makes
                 // a new one.
-                worker.h2.forget(&key, connection);
+                worker.h2.forget(key, connection);
                 if pooled {
                     // One that died while pooled is no attempt at the endpoint; each is
                     // forgotten, so this ends.
                     continue;
                 }
             }
-            Err(()) => worker.h2.forget(&key, connection),
+            Err(()) => worker.h2.forget(key, connection),
         }
         attempts += 1;
     }
@@ -608,14 +627,16 @@ mod tests {
         assert!(!is_grpc(&hyper::HeaderMap::new()));
     }
 
-    fn key() -> Key {
-        (Arc::from("c"), SocketAddr::from(([127, 0, 0, 1], 8080)))
+    static CLUSTER: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from("c"));
+
+    fn key() -> Key<'static> {
+        (&CLUSTER, SocketAddr::from(([127, 0, 0, 1], 8080)))
     }
 
     /// A full first connection's worth of places.
     fn fill(pool: &Pool) -> Vec<Place> {
         (0..STREAMS_PER_CONNECTION)
-            .map(|_| pool.place(&key()))
+            .map(|_| pool.place(key()))
             .collect()
     }
 
@@ -624,39 +645,39 @@ mod tests {
         let pool = Pool::default();
         let places = fill(&pool);
         assert!(places.iter().all(|p| Rc::ptr_eq(&p.0, &places[0].0)));
-        assert_eq!(pool.count(&key()), 1);
+        assert_eq!(pool.count(key()), 1);
 
-        let overflow = pool.place(&key());
+        let overflow = pool.place(key());
         assert!(!Rc::ptr_eq(&overflow.0, &places[0].0));
-        assert_eq!(pool.count(&key()), 2);
+        assert_eq!(pool.count(key()), 2);
 
         // A stream that ends gives its place back: the first connection has room again.
         drop(places.into_iter().next());
-        let next = pool.place(&key());
+        let next = pool.place(key());
         assert!(!Rc::ptr_eq(&next.0, &overflow.0));
-        assert_eq!(pool.count(&key()), 2);
+        assert_eq!(pool.count(key()), 2);
     }
 
     #[test]
     fn an_extra_connection_left_idle_is_closed_and_the_first_kept() {
         let pool = Pool::default();
         let first = fill(&pool);
-        let extra = pool.place(&key());
+        let extra = pool.place(key());
         let extra_connection = extra.0.clone();
         drop(extra);
         drop(first);
         // Idle, but not for long: kept.
-        drop(pool.place(&key()));
-        assert_eq!(pool.count(&key()), 2);
+        drop(pool.place(key()));
+        assert_eq!(pool.count(key()), 2);
         // Idle for longer than the limit, both of them: the extra one goes.
-        for connection in &pool.connections.borrow()[&key()] {
+        for connection in &pool.connections.borrow()[&key().1][&**CLUSTER] {
             let long_ago = Instant::now().checked_sub(EXTRA_CONNECTION_IDLE * 2);
             connection
                 .idle_since
                 .set(long_ago.unwrap_or_else(Instant::now));
         }
-        let place = pool.place(&key());
-        assert_eq!(pool.count(&key()), 1);
+        let place = pool.place(key());
+        assert_eq!(pool.count(key()), 1);
         assert!(!Rc::ptr_eq(&place.0, &extra_connection));
     }
 
@@ -664,12 +685,12 @@ mod tests {
     fn a_forgotten_connection_leaves_the_others() {
         let pool = Pool::default();
         let first = fill(&pool);
-        let second = pool.place(&key());
-        pool.forget(&key(), &first[0].0);
-        assert_eq!(pool.count(&key()), 1);
-        assert!(Rc::ptr_eq(&pool.place(&key()).0, &second.0));
-        pool.forget(&key(), &second.0);
-        assert_eq!(pool.count(&key()), 0);
-        assert!(!pool.connections.borrow().contains_key(&key()));
+        let second = pool.place(key());
+        pool.forget(key(), &first[0].0);
+        assert_eq!(pool.count(key()), 1);
+        assert!(Rc::ptr_eq(&pool.place(key()).0, &second.0));
+        pool.forget(key(), &second.0);
+        assert_eq!(pool.count(key()), 0);
+        assert!(!pool.connections.borrow().contains_key(key()));
     }
 }
