@@ -358,6 +358,8 @@ fn a_keep_alive_connection_follows_config_changes(backend: BackendChoice) {
     };
     reload(yaml("b", &b.addr.to_string()), "v2");
     assert_eq!(get("/2"), "b /2");
+    assert_eq!(get("/2b"), "b /2b");
+    assert_eq!(b.connections.load(Ordering::SeqCst), 1, "parked and reused");
     let open = |upstream: &Http| upstream.open.load(Ordering::SeqCst);
     assert_eq!(open(&b), 1, "one parked connection to b");
     // b's Pod replaced by a: its parked connection closes at the apply, and the next
@@ -369,7 +371,7 @@ fn a_keep_alive_connection_follows_config_changes(backend: BackendChoice) {
         || open(&b) == 0,
     );
     assert_eq!(get("/3"), "a /3");
-    assert_eq!(b.requests.load(Ordering::SeqCst), 1);
+    assert_eq!(b.requests.load(Ordering::SeqCst), 2);
 }
 
 /// A request that asked to close (`Connection: close`) binds the upstream to close after

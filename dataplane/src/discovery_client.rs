@@ -207,12 +207,9 @@ impl Destinations {
                 continue;
             }
             if self.asked.len() >= limit {
-                let oldest_outside = self.asked.iter().position(|a| self.outside.contains(a));
-                let Some(gone) = self.asked.remove(oldest_outside.unwrap_or(0)) else {
+                let Some(gone) = self.evict() else {
                     continue;
                 };
-                self.asked_set.remove(&gone);
-                self.outside.remove(&gone);
                 // One of this batch's own: never sent, so there is nothing to forget.
                 match asking.new.iter().position(|a| *a == gone) {
                     Some(i) => {
@@ -232,6 +229,21 @@ impl Destinations {
             );
         }
         asking
+    }
+
+    /// Drops the oldest address asked about, the oldest outside the mesh first.
+    fn evict(&mut self) -> Option<SocketAddr> {
+        let oldest_outside = self.asked.iter().position(|a| self.outside.contains(a));
+        let gone = self.asked.remove(oldest_outside.unwrap_or(0))?;
+        self.asked_set.remove(&gone);
+        self.outside.remove(&gone);
+        Some(gone)
+    }
+
+    /// Keeps at most `limit` addresses (a new stream's Hello says them all; with more
+    /// explicit destinations than before, fewer fit), as [`Destinations::ask`] makes room.
+    fn fit(&mut self, limit: usize) {
+        while self.asked.len() > limit && self.evict().is_some() {}
     }
 
     /// `tern-control`'s latest answer on which addresses are outside the mesh.
@@ -301,6 +313,7 @@ async fn stream_inner(
         .map_err(connect_error)?;
     let (answers, outgoing) = mpsc::channel(4);
     let running = control.pushed_version().unwrap_or(0);
+    destinations.fit(MAX_SUBSCRIPTIONS.saturating_sub(discovery.outbound.len()));
     // The receiver is alive: it is moved into the call below.
     let _ = answers
         .send(hello(ca, discovery, &token, running, &destinations.asked))
@@ -398,6 +411,12 @@ mod tests {
         assert_eq!(kept, [addresses(1..2), addresses(4..7)].concat());
         // A forgotten address is asked about again when dialed again.
         assert_eq!(destinations.ask(addresses(0..1), 4).new, addresses(0..1));
+        // Less room (more explicit destinations): a new stream's Hello says only what fits,
+        // the oldest outside the mesh going first.
+        destinations.answered_outside(&addresses(5..6));
+        destinations.fit(2);
+        let kept: Vec<_> = destinations.asked.iter().copied().collect();
+        assert_eq!(kept, [addresses(6..7), addresses(0..1)].concat());
     }
 
     #[test]

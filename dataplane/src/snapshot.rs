@@ -28,6 +28,8 @@ pub struct Snapshot {
     listener_names: HashMap<Arc<str>, usize>,
     /// Clusters, in config order; plans refer to them by index.
     pub clusters: Vec<ClusterPlan>,
+    /// Cluster name → index in `clusters`.
+    cluster_names: HashMap<Arc<str>, usize>,
     /// This proxy's workload identity and its certificate's validity, when the config uses
     /// mTLS.
     pub identity: Option<(shared::SpiffeId, crate::tls::Validity)>,
@@ -414,6 +416,11 @@ impl Snapshot {
             .enumerate()
             .map(|(index, plan)| (plan.name.clone(), index))
             .collect();
+        let cluster_names = clusters
+            .iter()
+            .enumerate()
+            .map(|(index, plan)| (plan.name.clone(), index))
+            .collect();
         Ok(Snapshot {
             version,
             source,
@@ -421,6 +428,7 @@ impl Snapshot {
             listeners,
             listener_names,
             clusters,
+            cluster_names,
             identity,
             intercept,
         })
@@ -434,6 +442,21 @@ impl Snapshot {
     /// Finds a listener by name.
     pub fn listener_index(&self, name: &str) -> Option<usize> {
         self.listener_names.get(name).copied()
+    }
+
+    /// Finds a cluster by name.
+    pub fn cluster_named(&self, name: &str) -> Option<&ClusterPlan> {
+        self.cluster_names.get(name).map(|&i| &self.clusters[i])
+    }
+}
+
+impl ClusterPlan {
+    /// Whether upstream connections made for this cluster to `addr` may carry requests for
+    /// `next` (the same cluster in a newer config): it still lists `addr`, and asks the same
+    /// identity of it (or none).
+    pub fn carries_over(&self, next: &ClusterPlan, addr: SocketAddr) -> bool {
+        next.endpoints.contains(&addr)
+            && self.tls.as_ref().map(|t| &t.identity) == next.tls.as_ref().map(|t| &t.identity)
     }
 }
 
@@ -588,6 +611,76 @@ mod tests {
     fn snapshot(yaml: &str) -> Snapshot {
         let config = Config::from_yaml(yaml, "test").unwrap();
         Snapshot::compile(config, None, 1, "test".into()).unwrap()
+    }
+
+    /// A workload identity in trust domain `tern.test`, from a root of its own.
+    fn identity() -> crate::tls::Identity {
+        let id = "spiffe://tern.test/ns/shop/sa/web";
+        let mut root = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        root.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let root_key = rcgen::KeyPair::generate().unwrap();
+        let root_cert = root.self_signed(&root_key).unwrap();
+        let issuer = rcgen::Issuer::new(root, root_key);
+        let mut leaf = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        leaf.subject_alt_names = vec![rcgen::SanType::URI(id.try_into().unwrap())];
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf_cert = leaf.signed_by(&leaf_key, &issuer).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(root_cert.der().clone()).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der()).unwrap();
+        crate::tls::Identity::new(
+            id.parse().unwrap(),
+            vec![leaf_cert.der().clone()],
+            key,
+            roots,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn upstream_connections_carry_over_while_the_endpoint_and_identity_stay() {
+        let identity = identity();
+        let with = |cluster: &str| {
+            let yaml = format!(
+                "identity: {{ files: {{ cert: c.pem, key: k.pem, trust_bundle: b.pem }} }}\nlisteners:\n  - {{ name: web, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: c }}] }}\nclusters:\n  - {cluster}\n"
+            );
+            let config = Config::from_yaml(&yaml, "test").unwrap();
+            Snapshot::compile(config, Some(&identity), 1, "test".into()).unwrap()
+        };
+        let plain = with("{ name: c, endpoints: [127.0.0.1:1, 127.0.0.1:2] }");
+        let fewer = with("{ name: c, endpoints: [127.0.0.1:1] }");
+        let mtls = |id: &str| {
+            with(&format!(
+                "{{ name: c, endpoints: [127.0.0.1:1], tls: {{ identity: \"spiffe://tern.test/ns/shop/sa/{id}\" }} }}"
+            ))
+        };
+        let (cart, other) = (mtls("cart"), mtls("other"));
+        fn cluster(s: &Snapshot) -> &ClusterPlan {
+            s.cluster_named("c").unwrap()
+        }
+        let (one, two) = (
+            SocketAddr::from(([127, 0, 0, 1], 1)),
+            SocketAddr::from(([127, 0, 0, 1], 2)),
+        );
+        assert!(cluster(&plain).carries_over(cluster(&fewer), one));
+        assert!(
+            !cluster(&plain).carries_over(cluster(&fewer), two),
+            "endpoint gone"
+        );
+        assert!(
+            !cluster(&plain).carries_over(cluster(&cart), one),
+            "now mTLS"
+        );
+        assert!(
+            !cluster(&cart).carries_over(cluster(&fewer), one),
+            "now plaintext"
+        );
+        assert!(cluster(&cart).carries_over(cluster(&mtls("cart")), one));
+        assert!(
+            !cluster(&cart).carries_over(cluster(&other), one),
+            "another identity"
+        );
+        assert!(plain.cluster_named("nope").is_none());
     }
 
     const ROUTES: &str = r#"

@@ -186,11 +186,13 @@ impl<B: Backend> Worker<B> {
         sockets: Vec<(usize, std::net::TcpListener)>,
     ) -> Result<usize, String> {
         // The endpoints being passed over carry over to the new view.
-        let failing = self.view.borrow().failing.clone();
+        let current = self.view();
+        let failing = current.failing.clone();
         failing.retain(|addr| snapshot.clusters.iter().any(|c| c.endpoints.contains(addr)));
         *self.view.borrow_mut() = Rc::new(make_view(&self.stats, &failing, snapshot.clone()));
-        self.pool.retain_endpoints_of(&snapshot);
-        self.h2.retain_endpoints_of(&snapshot);
+        self.pool.retain_for(&current.snapshot, &snapshot);
+        self.h2.retain_for(&current.snapshot, &snapshot);
+        drop(current);
         self.applied.notify_waiters();
         let mut accepting = self.accepting.borrow_mut();
         // Stop listeners that are gone, or whose socket is being replaced.

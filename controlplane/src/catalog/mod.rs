@@ -392,7 +392,8 @@ impl Catalog {
             // conflicts with it (a route claiming the same path) is the one refused. Then
             // the oldest (`creationTimestamp`), then by namespace and name, as Gateway API
             // settles conflicts: so a restarted `tern-control`, to which everything is new,
-            // gives a contested path to the route that held it, not to the first by name.
+            // settles a contested path by age, not by name. (Objects from files carry no
+            // timestamp: name order alone.)
             keys.sort_by_cached_key(|k| {
                 let unchanged = previous
                     .accepted

@@ -169,26 +169,28 @@ impl hyper::body::Body for UpstreamBody {
 /// A pool entry's key: the cluster's name and the endpoint.
 type Key<'a> = (&'a Arc<str>, SocketAddr);
 
+/// An endpoint's connections, by cluster name.
+type ByCluster = HashMap<Arc<str>, Vec<Shared>>;
+
 /// One worker's upstream HTTP/2 connections, by endpoint and cluster: the first carries
 /// every stream to that endpoint up to [`STREAMS_PER_CONNECTION`], then the next. Looked up
 /// by `&str`, so a request clones no name shared with the other workers (its count is an
 /// atomic on a line every core would write).
 #[derive(Default)]
 pub struct Pool {
-    connections: RefCell<HashMap<SocketAddr, HashMap<Arc<str>, Vec<Shared>>>>,
+    connections: RefCell<HashMap<SocketAddr, ByCluster>>,
 }
 
 impl Pool {
-    /// Closes the connections to endpoints `snapshot` no longer has in that cluster (a
-    /// scaled-down Service), so they do not linger until their keep-alive fails.
-    pub fn retain_endpoints_of(&self, snapshot: &crate::snapshot::Snapshot) {
+    /// Closes the connections `next`, the config replacing `current`, has no use for (as
+    /// [`super::pool::Pool::retain_for`]), so they do not linger until their keep-alive fails.
+    pub fn retain_for(
+        &self,
+        current: &crate::snapshot::Snapshot,
+        next: &crate::snapshot::Snapshot,
+    ) {
         self.connections.borrow_mut().retain(|addr, by_cluster| {
-            by_cluster.retain(|name, _| {
-                snapshot
-                    .clusters
-                    .iter()
-                    .any(|c| c.name == *name && c.endpoints.contains(addr))
-            });
+            by_cluster.retain(|name, _| super::pool::carried_over(current, next, name, *addr));
             !by_cluster.is_empty()
         });
     }
@@ -691,6 +693,6 @@ mod tests {
         assert!(Rc::ptr_eq(&pool.place(key()).0, &second.0));
         pool.forget(key(), &second.0);
         assert_eq!(pool.count(key()), 0);
-        assert!(!pool.connections.borrow().contains_key(key()));
+        assert!(!pool.connections.borrow().contains_key(&key().1));
     }
 }

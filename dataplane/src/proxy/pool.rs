@@ -19,10 +19,13 @@ use crate::tls::MaybeTls;
 /// Connections parked for one endpoint, oldest first, with when they were parked.
 type Parked<S> = Vec<(S, Instant)>;
 
+/// An endpoint's parked connections, by the cluster that made them.
+type ByCluster<S> = HashMap<Arc<str>, Parked<S>>;
+
 /// Idle upstream connections of one worker: by address, then by cluster name (looked up by
 /// `&str`, so a lookup clones no shared name).
 pub struct Pool<B: Backend> {
-    idle: RefCell<HashMap<SocketAddr, HashMap<Arc<str>, Parked<MaybeTls<B::Stream>>>>>,
+    idle: RefCell<HashMap<SocketAddr, ByCluster<MaybeTls<B::Stream>>>>,
 }
 
 impl<B: Backend> Default for Pool<B> {
@@ -72,16 +75,12 @@ impl<B: Backend> Pool<B> {
         }
     }
 
-    /// Closes the parked connections to endpoints `snapshot` no longer gives their cluster
-    /// (a rollout's old Pods), which would otherwise stay open until they age out.
-    pub fn retain_endpoints_of(&self, snapshot: &Snapshot) {
+    /// Closes the parked connections that `next`, the config replacing `current`, no longer
+    /// has a use for: to endpoints it no longer gives their cluster (a rollout's old Pods),
+    /// or of a cluster that now asks another identity (or none, or one) of its endpoints.
+    pub fn retain_for(&self, current: &Snapshot, next: &Snapshot) {
         self.idle.borrow_mut().retain(|addr, by_cluster| {
-            by_cluster.retain(|name, _| {
-                snapshot
-                    .clusters
-                    .iter()
-                    .any(|c| c.name == *name && c.endpoints.contains(addr))
-            });
+            by_cluster.retain(|name, _| carried_over(current, next, name, *addr));
             !by_cluster.is_empty()
         });
     }
@@ -90,4 +89,17 @@ impl<B: Backend> Pool<B> {
     pub fn clear(&self) {
         self.idle.borrow_mut().clear();
     }
+}
+
+/// Whether connections of cluster `name` to `addr` made under `current` serve `next`.
+pub(crate) fn carried_over(
+    current: &Snapshot,
+    next: &Snapshot,
+    name: &str,
+    addr: SocketAddr,
+) -> bool {
+    current
+        .cluster_named(name)
+        .zip(next.cluster_named(name))
+        .is_some_and(|(was, is)| was.carries_over(is, addr))
 }

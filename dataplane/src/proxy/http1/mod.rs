@@ -170,6 +170,18 @@ impl<B: Backend> Conn<'_, B> {
         self.view = current;
     }
 
+    /// Whether a connection of `cluster` to `addr` made under this connection's config
+    /// serves the live one, which the pool holds connections for: a config that went live
+    /// meanwhile may have dropped the endpoint or changed what the cluster asks of it.
+    fn parks_under_live_config(&self, cluster: usize, addr: SocketAddr) -> bool {
+        let live = self.worker.view();
+        if Rc::ptr_eq(&live, &self.view) {
+            return true;
+        }
+        let name = &self.view.snapshot.clusters[cluster].name;
+        super::pool::carried_over(&self.view.snapshot, &live.snapshot, name, addr)
+    }
+
     /// Reads until `inbuf` starts with a whole request head.
     async fn read_request_head(&mut self) -> Result<RequestHead, NoRequest> {
         // A head already begun (it came with the previous request) has the header timeout
@@ -574,9 +586,7 @@ impl<B: Backend> Conn<'_, B> {
             && !leftover
             && !body_unsent
             && !self.worker.draining()
-            // A config that went live meanwhile may have dropped the endpoint; the pool
-            // holds only the current config's.
-            && Rc::ptr_eq(&self.worker.view(), &self.view)
+            && self.parks_under_live_config(cluster, addr)
         {
             self.worker
                 .pool
