@@ -1,13 +1,15 @@
 //! The application's probes, made by the sidecar: under STRICT mTLS the kubelet's plaintext
-//! HTTP and TCP probes could not reach the application through the inbound proxy, so `ternctl
-//! inject` rewrites them to `GET /app-health/<container>/<probe>` on this server's port (which
-//! the interception rules leave alone), and the original probe is made here, from inside the
-//! Pod, against the application on loopback: as Istio's agent does. A probe succeeds as the
-//! kubelet's would (HTTP 200–399, or a TCP connection) and answers 200; else 503, saying why.
+//! HTTP, TCP and gRPC probes could not reach the application through the inbound proxy, so
+//! `ternctl inject` rewrites them to `GET /app-health/<container>/<probe>` on this server's
+//! port (which the interception rules leave alone), and the original probe is made here, from
+//! inside the Pod, against the application on loopback: as Istio's agent does. A probe
+//! succeeds as the kubelet's would (HTTP 200–399, over TLS for `scheme: HTTPS` without
+//! checking the certificate, a TCP connection, or a gRPC health check answering `SERVING`)
+//! and answers 200; else 503, saying why.
 //!
 //! The probes come as JSON (`TERN_APP_PROBES`, written by `ternctl inject`): paths mapped to
-//! the Kubernetes probe each stands for, with its `httpGet` or `tcpSocket` (numeric port) and
-//! `timeoutSeconds`.
+//! the Kubernetes probe each stands for, with its `httpGet`, `tcpSocket` or `grpc` (numeric
+//! port) and `timeoutSeconds`.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -34,6 +36,9 @@ pub struct AppProbe {
     /// A TCP connection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tcp_socket: Option<TcpSocket>,
+    /// A gRPC health check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<Grpc>,
     /// How long the probe may take (Kubernetes' default: 1 s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_seconds: Option<u64>,
@@ -51,6 +56,26 @@ pub struct HttpGet {
     /// Headers to send.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub http_headers: Vec<Header>,
+    /// `HTTP` or `HTTPS`.
+    #[serde(default, skip_serializing_if = "Scheme::is_http")]
+    pub scheme: Scheme,
+}
+
+/// How a probe's GET reaches the application.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Scheme {
+    /// Plaintext.
+    #[default]
+    Http,
+    /// TLS, with the certificate not checked: the kubelet does not check it either.
+    Https,
+}
+
+impl Scheme {
+    fn is_http(&self) -> bool {
+        *self == Scheme::Http
+    }
 }
 
 /// A header of a probe's request.
@@ -70,6 +95,16 @@ pub struct TcpSocket {
     pub port: u16,
 }
 
+/// A probe's gRPC health check (`grpc.health.v1.Health/Check`), as the kubelet makes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grpc {
+    /// The application's port.
+    pub port: u16,
+    /// The service asked about (empty: the server as a whole).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub service: String,
+}
+
 fn root() -> String {
     "/".to_owned()
 }
@@ -83,8 +118,8 @@ pub enum ProbesError {
     /// Not JSON of the expected shape.
     #[error("the application probes (TERN_APP_PROBES) are not valid: {0}")]
     Json(#[from] serde_json::Error),
-    /// A probe that is neither `httpGet` nor `tcpSocket`, or both.
-    #[error("application probe {0}: exactly one of httpGet and tcpSocket is needed")]
+    /// A probe with none or more than one of `httpGet`, `tcpSocket` and `grpc`.
+    #[error("application probe {0}: exactly one of httpGet, tcpSocket and grpc is needed")]
     Kind(String),
     /// A path outside [`PREFIX`].
     #[error("application probe {0}: its path must start with {PREFIX}")]
@@ -98,7 +133,12 @@ pub fn parse(json: &str) -> Result<AppProbes, ProbesError> {
         if !path.starts_with(PREFIX) {
             return Err(ProbesError::Path(path.clone()));
         }
-        if probe.http_get.is_some() == probe.tcp_socket.is_some() {
+        let kinds = [
+            probe.http_get.is_some(),
+            probe.tcp_socket.is_some(),
+            probe.grpc.is_some(),
+        ];
+        if kinds.iter().filter(|kind| **kind).count() != 1 {
             return Err(ProbesError::Kind(path.clone()));
         }
     }
@@ -203,8 +243,10 @@ async fn run(probe: &AppProbe) -> Result<(), String> {
             connect(tcp.port).await.map(drop)
         } else if let Some(get) = &probe.http_get {
             http_get(get).await
+        } else if let Some(grpc) = &probe.grpc {
+            grpc_health(grpc).await
         } else {
-            Err("neither httpGet nor tcpSocket".to_owned())
+            Err("no httpGet, tcpSocket or grpc".to_owned())
         }
     };
     tokio::time::timeout(timeout, attempt)
@@ -254,14 +296,19 @@ async fn http_get(get: &HttpGet) -> Result<(), String> {
         .map_err(|error| format!("probe request for {}: {error}", get.path))?;
     *request.headers_mut() = headers;
     let stream = connect(get.port).await?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|error| format!("HTTP to port {}: {error}", get.port))?;
-    tokio::spawn(connection);
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|error| format!("GET {} on port {}: {error}", get.path, get.port))?;
+    let response = match get.scheme {
+        Scheme::Http => send(stream, request, get).await?,
+        Scheme::Https => {
+            let tls = tokio_rustls::TlsConnector::from(any_certificate()?)
+                .connect(
+                    rustls::pki_types::ServerName::IpAddress(Ipv4Addr::LOCALHOST.into()),
+                    stream,
+                )
+                .await
+                .map_err(|error| format!("TLS to port {}: {error}", get.port))?;
+            send(tls, request, get).await?
+        }
+    };
     let status = response.status().as_u16();
     if (200..400).contains(&status) {
         Ok(())
@@ -273,6 +320,152 @@ async fn http_get(get: &HttpGet) -> Result<(), String> {
     }
 }
 
+/// Sends a probe's request on `stream` (HTTP/1.1) and returns the response.
+async fn send<S>(
+    stream: S,
+    request: Request<Empty<Bytes>>,
+    get: &HttpGet,
+) -> Result<Response<hyper::body::Incoming>, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|error| format!("HTTP to port {}: {error}", get.port))?;
+    tokio::spawn(connection);
+    sender
+        .send_request(request)
+        .await
+        .map_err(|error| format!("GET {} on port {}: {error}", get.path, get.port))
+}
+
+/// A TLS 1.3 client that takes any certificate the application shows, as the kubelet's
+/// HTTPS probe does (`InsecureSkipVerify`): the probe asks whether the application answers,
+/// not who it is, and it never leaves the Pod.
+fn any_certificate() -> Result<Arc<rustls::ClientConfig>, String> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|error| format!("TLS client: {error}"))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// Takes any server certificate; still checks the handshake's signatures, so the TLS
+/// session itself is sound.
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A gRPC health check of the application, over HTTP/2 in cleartext on loopback: it passes
+/// when the answer is `SERVING`, as the kubelet's does.
+async fn grpc_health(grpc: &Grpc) -> Result<(), String> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let stream = connect(grpc.port).await?;
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .map_err(|error| format!("HTTP/2 to port {}: {error}", grpc.port))?;
+    tokio::spawn(connection);
+    let origin = hyper::Uri::from_maybe_shared(format!("http://127.0.0.1:{}", grpc.port))
+        .map_err(|error| format!("gRPC to port {}: {error}", grpc.port))?;
+    let mut client = HealthClient::with_origin(Http2Sender(sender), origin);
+    let request = tonic::Request::new(HealthCheckRequest {
+        service: grpc.service.clone(),
+    });
+    let answer = client.check(request).await.map_err(|status| {
+        format!(
+            "gRPC health check on port {} answered {:?}: {}",
+            grpc.port,
+            status.code(),
+            status.message()
+        )
+    })?;
+    let status = answer.into_inner().status();
+    if status == ServingStatus::Serving {
+        Ok(())
+    } else {
+        Err(format!(
+            "gRPC health check on port {} (service {:?}) answered {}",
+            grpc.port,
+            grpc.service,
+            status.as_str_name()
+        ))
+    }
+}
+
+/// A hyper HTTP/2 connection as the service a tonic client calls.
+#[derive(Clone)]
+struct Http2Sender(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
+
+impl tower::Service<hyper::Request<tonic::body::Body>> for Http2Sender {
+    type Response = hyper::Response<hyper::body::Incoming>;
+    type Error = hyper::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: hyper::Request<tonic::body::Body>) -> Self::Future {
+        Box::pin(self.0.send_request(request))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,10 +474,18 @@ mod tests {
     fn probes_are_read_and_checked() {
         let probes = parse(
             r#"{"/app-health/app/readyz": {"httpGet": {"port": 8080, "path": "/healthz"}, "timeoutSeconds": 3},
-                "/app-health/app/livez": {"tcpSocket": {"port": 8080}}}"#,
+                "/app-health/app/livez": {"tcpSocket": {"port": 8080}},
+                "/app-health/app/startupz": {"grpc": {"port": 9090}}}"#,
         )
         .unwrap();
-        assert_eq!(probes.len(), 2);
+        assert_eq!(probes.len(), 3);
+        assert_eq!(
+            probes["/app-health/app/startupz"].grpc,
+            Some(Grpc {
+                port: 9090,
+                service: String::new()
+            })
+        );
         assert_eq!(
             probes["/app-health/app/readyz"]
                 .http_get
@@ -297,6 +498,10 @@ mod tests {
             (r#"{"/app-health/x": {}}"#, "exactly one"),
             (
                 r#"{"/app-health/x": {"tcpSocket": {"port": 1}, "httpGet": {"port": 1}}}"#,
+                "exactly one",
+            ),
+            (
+                r#"{"/app-health/x": {"grpc": {"port": 1}, "tcpSocket": {"port": 1}}}"#,
                 "exactly one",
             ),
             (r#"{"/x": {"tcpSocket": {"port": 1}}}"#, "must start with"),

@@ -426,10 +426,83 @@ fn answering(status: Option<u16>) -> SocketAddr {
     addr
 }
 
+/// An HTTPS server, with a self-signed certificate for a name nobody asks for, answering
+/// every request with `status`.
+fn https_answering(status: u16) -> SocketAddr {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["app.invalid".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+        )
+        .unwrap();
+    let config = std::sync::Arc::new(config);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let connection = rustls::ServerConnection::new(config.clone()).unwrap();
+            let mut tls = rustls::StreamOwned::new(connection, stream);
+            let mut request = [0u8; 1024];
+            if tls.read(&mut request).is_ok() {
+                let _ = tls.write_all(
+                    format!(
+                        "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    )
+                    .as_bytes(),
+                );
+                tls.conn.send_close_notify();
+                let _ = tls.flush();
+            }
+        }
+    });
+    addr
+}
+
+/// A gRPC server with the standard health service: the server as a whole and `shop.Cart`
+/// are `SERVING`, `shop.Down` is `NOT_SERVING`.
+fn grpc_health() -> SocketAddr {
+    use tonic_health::ServingStatus;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let (reporter, service) = tonic_health::server::health_reporter();
+            reporter
+                .set_service_status("shop.Cart", ServingStatus::Serving)
+                .await;
+            reporter
+                .set_service_status("shop.Down", ServingStatus::NotServing)
+                .await;
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+                .await
+                .unwrap();
+        });
+    });
+    addr
+}
+
 /// The kubelet's probes of the application, rewritten by `ternctl inject` to the sidecar's
 /// probe port, are made by the proxy against the application on loopback: 200 when the
-/// application's answer is 200–399 or its port takes a connection, 503 saying why when not
-/// (an error status, nothing listening, no answer within the probe's timeout), 404 for a
+/// application's answer is 200–399, its port takes a connection or its gRPC health service
+/// says `SERVING`, 503 saying why when not (an error status, nothing listening, no answer
+/// within the probe's timeout, a service not serving or unknown, no gRPC at all), 404 for a
 /// path no probe has.
 #[test]
 fn the_applications_probes_are_made_by_the_proxy() {
@@ -437,23 +510,35 @@ fn the_applications_probes_are_made_by_the_proxy() {
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("proxy.yaml");
     std::fs::write(&config, "listeners: []\n").unwrap();
-    let (ok, failing, silent, dead) = (
+    let (ok, failing, silent, dead, grpc) = (
         answering(Some(204)),
         answering(Some(500)),
         answering(None),
         free_port(),
+        grpc_health().port(),
     );
+    let (tls_ok, tls_failing) = (https_answering(200).port(), https_answering(503).port());
     let probes = format!(
         r#"{{"/app-health/app/readyz": {{"httpGet": {{"port": {}, "path": "/healthz", "httpHeaders": [{{"name": "x-probe", "value": "1"}}]}}}},
             "/app-health/app/livez": {{"tcpSocket": {{"port": {}}}}},
             "/app-health/bad/readyz": {{"httpGet": {{"port": {}}}}},
             "/app-health/silent/readyz": {{"httpGet": {{"port": {}}}, "timeoutSeconds": 1}},
-            "/app-health/dead/livez": {{"tcpSocket": {{"port": {}}}}}}}"#,
+            "/app-health/dead/livez": {{"tcpSocket": {{"port": {}}}}},
+            "/app-health/grpc/livez": {{"grpc": {{"port": {grpc}}}}},
+            "/app-health/grpc/readyz": {{"grpc": {{"port": {grpc}, "service": "shop.Cart"}}}},
+            "/app-health/grpc-down/readyz": {{"grpc": {{"port": {grpc}, "service": "shop.Down"}}}},
+            "/app-health/grpc-unknown/readyz": {{"grpc": {{"port": {grpc}, "service": "shop.Gone"}}}},
+            "/app-health/grpc-http1/readyz": {{"grpc": {{"port": {}}}}},
+            "/app-health/tls/readyz": {{"httpGet": {{"port": {tls_ok}, "scheme": "HTTPS"}}}},
+            "/app-health/tls-bad/readyz": {{"httpGet": {{"port": {tls_failing}, "scheme": "HTTPS"}}}},
+            "/app-health/tls-plain/readyz": {{"httpGet": {{"port": {}, "scheme": "HTTPS"}}}}}}"#,
         ok.port(),
         ok.port(),
         failing.port(),
         silent.port(),
-        dead.port()
+        dead.port(),
+        ok.port(),
+        ok.port(),
     );
     let probe_address = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_tern-proxy"))
@@ -481,10 +566,26 @@ fn the_applications_probes_are_made_by_the_proxy() {
         Some((200, "ok\n".to_owned()))
     );
     assert_eq!(get(probe_address, "/app-health/app/livez").unwrap().0, 200);
+    for path in [
+        "/app-health/grpc/livez",
+        "/app-health/grpc/readyz",
+        "/app-health/tls/readyz",
+    ] {
+        assert_eq!(
+            get(probe_address, path),
+            Some((200, "ok\n".to_owned())),
+            "{path}"
+        );
+    }
     for (path, why) in [
         ("/app-health/bad/readyz", "answered 500"),
         ("/app-health/silent/readyz", "no answer within"),
         ("/app-health/dead/livez", "connecting to"),
+        ("/app-health/grpc-down/readyz", "answered NOT_SERVING"),
+        ("/app-health/grpc-unknown/readyz", "answered NotFound"),
+        ("/app-health/grpc-http1/readyz", "port"),
+        ("/app-health/tls-bad/readyz", "answered 503"),
+        ("/app-health/tls-plain/readyz", "TLS to port"),
     ] {
         let (status, body) = get(probe_address, path).unwrap();
         assert_eq!(status, 503, "{path}: {body}");
@@ -508,7 +609,10 @@ fn the_applications_probes_are_made_by_the_proxy() {
         &with_address,
         &[("TERN_APP_PROBES", r#"{"/app-health/x": {}}"#)],
     );
-    assert!(stderr.contains("exactly one of httpGet"), "{stderr}");
+    assert!(
+        stderr.contains("exactly one of httpGet, tcpSocket and grpc"),
+        "{stderr}"
+    );
     let stderr = refused(&with_address, &[]);
     assert!(stderr.contains("go together"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);

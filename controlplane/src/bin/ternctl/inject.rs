@@ -17,7 +17,8 @@
 //! them) are rewritten to the sidecar's probe port, which the interception rules leave
 //! alone, and the sidecar makes each original probe against the application on loopback
 //! (`dataplane::probes`), as Istio does: the kubelet's plaintext would not pass a STRICT
-//! inbound port. `grpc`, `exec` and HTTPS probes are left as they are.
+//! inbound port. HTTPS and gRPC probes are made the same way (`dataplane::probes`); `exec`
+//! probes are left as they are.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -234,7 +235,7 @@ fn inject_pod(template: &mut Value, image: &str) -> bool {
     true
 }
 
-/// Rewrites the containers' HTTP and TCP probes to the sidecar's probe port; returns the
+/// Rewrites the containers' HTTP, TCP and gRPC probes to the sidecar's probe port; returns the
 /// originals by their new path (container names are unique in a Pod, init containers
 /// included), as the sidecar reads them (`TERN_APP_PROBES`).
 fn rewrite_probes<'a>(
@@ -257,6 +258,7 @@ fn rewrite_probes<'a>(
             };
             let path = format!("/app-health/{name}/{short}");
             probe.remove("tcpSocket");
+            probe.remove("grpc");
             probe.insert(
                 "httpGet".into(),
                 yaml(&format!("{{ path: {path:?}, port: {PROBE_PORT} }}")),
@@ -267,9 +269,9 @@ fn rewrite_probes<'a>(
     originals
 }
 
-/// What the sidecar makes for `probe` (an HTTP GET or a TCP connection to a port the
-/// container names or numbers), or `None` to leave it alone (`grpc`, `exec`, HTTPS, another
-/// `host`, a port it cannot resolve).
+/// What the sidecar makes for `probe` (an HTTP or HTTPS GET, a TCP connection or a gRPC
+/// health check to a port the container names or numbers), or `None` to leave it alone
+/// (`exec`, another `host`, a port it cannot resolve).
 fn original_probe(probe: &Mapping, ports: &Value) -> Option<serde_json::Value> {
     let port_of = |port: &Value| -> Option<u64> {
         match port {
@@ -286,11 +288,13 @@ fn original_probe(probe: &Mapping, ports: &Value) -> Option<serde_json::Value> {
     let mut original = serde_json::Map::new();
     let elsewhere = |action: &Value| action["host"].as_str().is_some_and(|h| !h.is_empty());
     if let Some(get) = probe.get("httpGet") {
-        if get["scheme"]
-            .as_str()
-            .is_some_and(|s| !s.eq_ignore_ascii_case("http"))
-            || elsewhere(get)
-        {
+        let https = match get["scheme"].as_str() {
+            None => false,
+            Some(scheme) if scheme.eq_ignore_ascii_case("http") => false,
+            Some(scheme) if scheme.eq_ignore_ascii_case("https") => true,
+            Some(_) => return None,
+        };
+        if elsewhere(get) {
             return None;
         }
         // As the kubelet reads a path: `/` when empty, rooted when not.
@@ -304,6 +308,9 @@ fn original_probe(probe: &Mapping, ports: &Value) -> Option<serde_json::Value> {
         if let Some(headers) = get["httpHeaders"].as_sequence() {
             http_get["httpHeaders"] = serde_json::to_value(headers).ok()?;
         }
+        if https {
+            http_get["scheme"] = "HTTPS".into();
+        }
         original.insert("httpGet".into(), http_get);
     } else if let Some(tcp) = probe.get("tcpSocket")
         && !elsewhere(tcp)
@@ -312,6 +319,12 @@ fn original_probe(probe: &Mapping, ports: &Value) -> Option<serde_json::Value> {
             "tcpSocket".into(),
             serde_json::json!({ "port": port_of(&tcp["port"])? }),
         );
+    } else if let Some(grpc) = probe.get("grpc") {
+        let mut check = serde_json::json!({ "port": port_of(&grpc["port"])? });
+        if let Some(service) = grpc["service"].as_str().filter(|s| !s.is_empty()) {
+            check["service"] = service.into();
+        }
+        original.insert("grpc".into(), check);
     } else {
         return None;
     }
@@ -655,7 +668,7 @@ spec:
     - name: tls
       image: tls:1
       readinessProbe: { httpGet: { path: /, port: 8443, scheme: HTTPS } }
-      livenessProbe: { grpc: { port: 9090 } }
+      livenessProbe: { grpc: { port: 9090, service: health } }
       startupProbe: { httpGet: { host: 10.0.0.9, port: 80 } }
     - name: plain
       image: plain:1
@@ -677,10 +690,13 @@ spec:
         assert_eq!(api["startupProbe"], yaml("{ exec: { command: [true] } }"));
         let tls = &spec["containers"][1];
         assert_eq!(
-            tls["readinessProbe"]["httpGet"]["port"].as_u64(),
-            Some(8443)
+            tls["readinessProbe"],
+            yaml("{ httpGet: { path: /app-health/tls/readyz, port: 15020 } }")
         );
-        assert!(tls["livenessProbe"]["grpc"].is_mapping());
+        assert_eq!(
+            tls["livenessProbe"],
+            yaml("{ httpGet: { path: /app-health/tls/livez, port: 15020 } }")
+        );
         // A probe of another host is the kubelet's to make.
         assert_eq!(tls["startupProbe"]["httpGet"]["host"], "10.0.0.9");
 
@@ -723,6 +739,8 @@ spec:
                     "timeoutSeconds": 3
                 },
                 "/app-health/api/livez": { "tcpSocket": { "port": 8080 } },
+                "/app-health/tls/livez": { "grpc": { "port": 9090, "service": "health" } },
+                "/app-health/tls/readyz": { "httpGet": { "port": 8443, "path": "/", "scheme": "HTTPS" } },
                 "/app-health/plain/readyz": { "httpGet": { "port": 81, "path": "/ready?$(x)" } },
                 "/app-health/log-shipper/startupz": { "httpGet": { "port": 9000, "path": "/started" } }
             })
