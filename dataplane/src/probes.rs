@@ -3,9 +3,10 @@
 //! `ternctl inject` rewrites them to `GET /app-health/<container>/<probe>` on this server's
 //! port (which the interception rules leave alone), and the original probe is made here, from
 //! inside the Pod, against the application on loopback: as Istio's agent does. A probe
-//! succeeds as the kubelet's would (HTTP 200–399, over TLS for `scheme: HTTPS` without
-//! checking the certificate, a TCP connection, or a gRPC health check answering `SERVING`)
-//! and answers 200; else 503, saying why.
+//! succeeds as the kubelet's would (HTTP 200–399 after following redirects to the
+//! application itself, over TLS for `scheme: HTTPS` without checking the certificate, a TCP
+//! connection, or a gRPC health check answering `SERVING`) and answers 200; else 503, saying
+//! why.
 //!
 //! The probes come as JSON (`TERN_APP_PROBES`, written by `ternctl inject`): paths mapped to
 //! the Kubernetes probe each stands for, with its `httpGet`, `tcpSocket` or `grpc` (numeric
@@ -244,7 +245,7 @@ async fn run(probe: &AppProbe) -> Result<(), String> {
         } else if let Some(get) = &probe.http_get {
             http_get(get).await
         } else if let Some(grpc) = &probe.grpc {
-            grpc_health(grpc).await
+            grpc_health(grpc, timeout).await
         } else {
             Err("no httpGet, tcpSocket or grpc".to_owned())
         }
@@ -269,6 +270,9 @@ async fn connect(port: u16) -> Result<tokio::net::TcpStream, String> {
     }
 }
 
+/// Most redirects a probe follows, as the kubelet's client.
+const MAX_REDIRECTS: usize = 10;
+
 async fn http_get(get: &HttpGet) -> Result<(), String> {
     // The probe's own headers, then the kubelet's defaults for those it does not set.
     let mut headers = hyper::HeaderMap::new();
@@ -291,13 +295,75 @@ async fn http_get(get: &HttpGet) -> Result<(), String> {
             headers.insert(name, value);
         }
     }
-    let mut request = Request::get(&get.path)
-        .body(Empty::<Bytes>::new())
-        .map_err(|error| format!("probe request for {}: {error}", get.path))?;
-    *request.headers_mut() = headers;
+    // Redirects to the application itself are followed and the last answer judged; one to
+    // elsewhere passes as it is (the kubelet's rules).
+    let mut path = get.path.clone();
+    for _ in 0..=MAX_REDIRECTS {
+        let mut request = Request::get(&path)
+            .body(Empty::<Bytes>::new())
+            .map_err(|error| format!("probe request for {path}: {error}"))?;
+        *request.headers_mut() = headers.clone();
+        let response = get_once(get, request).await?;
+        let status = response.status().as_u16();
+        if !(200..400).contains(&status) {
+            return Err(format!("GET {path} on port {} answered {status}", get.port));
+        }
+        let location = response
+            .headers()
+            .get(hyper::header::LOCATION)
+            .and_then(|l| l.to_str().ok());
+        match location.filter(|_| response.status().is_redirection()) {
+            Some(location) => match same_application(get, &path, location) {
+                Some(next) => path = next,
+                None => return Ok(()),
+            },
+            None => return Ok(()),
+        }
+    }
+    Err(format!(
+        "GET {} on port {}: more than {MAX_REDIRECTS} redirects",
+        get.path, get.port
+    ))
+}
+
+/// Where a redirect from `from` to `location` leads on the application the probe is for
+/// (its path), or `None` when it leads elsewhere (another host, port or scheme).
+fn same_application(get: &HttpGet, from: &str, location: &str) -> Option<String> {
+    if location.starts_with("//") {
+        return None;
+    }
+    if location.starts_with('/') {
+        return Some(location.to_owned());
+    }
+    if !location.contains("://") {
+        // Relative to the current path's folder.
+        let folder = from.split('?').next().unwrap_or("/");
+        let folder = &folder[..folder.rfind('/').map_or(0, |i| i + 1)];
+        return Some(format!("/{}{location}", folder.trim_start_matches('/')));
+    }
+    let uri = location.parse::<hyper::Uri>().ok()?;
+    let scheme = match get.scheme {
+        Scheme::Http => "http",
+        Scheme::Https => "https",
+    };
+    let local = uri
+        .host()
+        .is_some_and(|host| ["127.0.0.1", "localhost", "[::1]"].contains(&host));
+    (uri.scheme_str()
+        .is_some_and(|s| s.eq_ignore_ascii_case(scheme))
+        && local
+        && uri.port_u16() == Some(get.port))
+    .then(|| uri.path_and_query().map_or("/", |p| p.as_str()).to_owned())
+}
+
+/// One GET of the probe's, on a new connection (the kubelet keeps none).
+async fn get_once(
+    get: &HttpGet,
+    request: Request<Empty<Bytes>>,
+) -> Result<Response<hyper::body::Incoming>, String> {
     let stream = connect(get.port).await?;
-    let response = match get.scheme {
-        Scheme::Http => send(stream, request, get).await?,
+    match get.scheme {
+        Scheme::Http => send(stream, request, get).await,
         Scheme::Https => {
             let tls = tokio_rustls::TlsConnector::from(any_certificate()?)
                 .connect(
@@ -306,17 +372,8 @@ async fn http_get(get: &HttpGet) -> Result<(), String> {
                 )
                 .await
                 .map_err(|error| format!("TLS to port {}: {error}", get.port))?;
-            send(tls, request, get).await?
+            send(tls, request, get).await
         }
-    };
-    let status = response.status().as_u16();
-    if (200..400).contains(&status) {
-        Ok(())
-    } else {
-        Err(format!(
-            "GET {} on port {} answered {status}",
-            get.path, get.port
-        ))
     }
 }
 
@@ -333,19 +390,21 @@ where
         .await
         .map_err(|error| format!("HTTP to port {}: {error}", get.port))?;
     tokio::spawn(connection);
+    let path = request.uri().to_string();
     sender
         .send_request(request)
         .await
-        .map_err(|error| format!("GET {} on port {}: {error}", get.path, get.port))
+        .map_err(|error| format!("GET {path} on port {}: {error}", get.port))
 }
 
-/// A TLS 1.3 client that takes any certificate the application shows, as the kubelet's
-/// HTTPS probe does (`InsecureSkipVerify`): the probe asks whether the application answers,
-/// not who it is, and it never leaves the Pod.
+/// A TLS 1.3 or 1.2 client that takes any certificate the application shows, as the
+/// kubelet's HTTPS probe does (`InsecureSkipVerify`): the probe asks whether the application
+/// answers, not who it is, and it never leaves the Pod. (Unlike Go's, it cannot read an
+/// X.509 v1 certificate.)
 fn any_certificate() -> Result<Arc<rustls::ClientConfig>, String> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
+        .with_safe_default_protocol_versions()
         .map_err(|error| format!("TLS client: {error}"))?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
@@ -405,7 +464,7 @@ impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
 
 /// A gRPC health check of the application, over HTTP/2 in cleartext on loopback: it passes
 /// when the answer is `SERVING`, as the kubelet's does.
-async fn grpc_health(grpc: &Grpc) -> Result<(), String> {
+async fn grpc_health(grpc: &Grpc, timeout: Duration) -> Result<(), String> {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     let stream = connect(grpc.port).await?;
@@ -419,9 +478,15 @@ async fn grpc_health(grpc: &Grpc) -> Result<(), String> {
     let origin = hyper::Uri::from_maybe_shared(format!("http://127.0.0.1:{}", grpc.port))
         .map_err(|error| format!("gRPC to port {}: {error}", grpc.port))?;
     let mut client = HealthClient::with_origin(Http2Sender(sender), origin);
-    let request = tonic::Request::new(HealthCheckRequest {
+    let mut request = tonic::Request::new(HealthCheckRequest {
         service: grpc.service.clone(),
     });
+    // As the kubelet's client: its deadline, and who is asking.
+    request.set_timeout(timeout);
+    request.metadata_mut().insert(
+        "user-agent",
+        tonic::metadata::MetadataValue::from_static("kube-probe/tern"),
+    );
     let answer = client.check(request).await.map_err(|status| {
         format!(
             "gRPC health check on port {} answered {:?}: {}",
@@ -469,6 +534,29 @@ impl tower::Service<hyper::Request<tonic::body::Body>> for Http2Sender {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redirects_are_followed_only_to_the_application_itself() {
+        let get = HttpGet {
+            port: 8080,
+            path: "/a/b?x=1".into(),
+            http_headers: Vec::new(),
+            scheme: Scheme::Http,
+        };
+        let next = |location: &str| same_application(&get, "/a/b?x=1", location);
+        assert_eq!(next("/healthz?full"), Some("/healthz?full".into()));
+        assert_eq!(next("c"), Some("/a/c".into()));
+        assert_eq!(next("http://127.0.0.1:8080/ok"), Some("/ok".into()));
+        assert_eq!(next("http://localhost:8080"), Some("/".into()));
+        for elsewhere in [
+            "http://example.com/",
+            "https://127.0.0.1:8080/ok",
+            "http://127.0.0.1:9090/ok",
+            "//example.com/ok",
+        ] {
+            assert_eq!(next(elsewhere), None, "{elsewhere}");
+        }
+    }
 
     #[test]
     fn probes_are_read_and_checked() {

@@ -616,25 +616,9 @@ mod tests {
     /// A workload identity in trust domain `tern.test`, from a root of its own.
     fn identity() -> crate::tls::Identity {
         let id = "spiffe://tern.test/ns/shop/sa/web";
-        let mut root = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        root.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let root_key = rcgen::KeyPair::generate().unwrap();
-        let root_cert = root.self_signed(&root_key).unwrap();
-        let issuer = rcgen::Issuer::new(root, root_key);
-        let mut leaf = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        leaf.subject_alt_names = vec![rcgen::SanType::URI(id.try_into().unwrap())];
-        let leaf_key = rcgen::KeyPair::generate().unwrap();
-        let leaf_cert = leaf.signed_by(&leaf_key, &issuer).unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(root_cert.der().clone()).unwrap();
-        let key = rustls::pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der()).unwrap();
-        crate::tls::Identity::new(
-            id.parse().unwrap(),
-            vec![leaf_cert.der().clone()],
-            key,
-            roots,
-        )
-        .unwrap()
+        let san = rcgen::SanType::URI(id.try_into().unwrap());
+        let (roots, cert, key) = crate::tls::in_memory::signed_by_new_root(vec![san]);
+        crate::tls::Identity::new(id.parse().unwrap(), vec![cert], key, roots).unwrap()
     }
 
     #[test]

@@ -1087,6 +1087,34 @@ impl<S: Stream> Stream for MaybeTls<S> {
 pub(crate) mod in_memory {
     use super::*;
 
+    /// A root of its own and a certificate it signs with `sans` (for server and client
+    /// use): the roots to trust, the certificate and its key.
+    pub(crate) fn signed_by_new_root(
+        sans: Vec<rcgen::SanType>,
+    ) -> (
+        RootCertStore,
+        CertificateDer<'static>,
+        PrivateKeyDer<'static>,
+    ) {
+        let mut root = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        root.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let root_key = rcgen::KeyPair::generate().unwrap();
+        let root_cert = root.self_signed(&root_key).unwrap();
+        let issuer = rcgen::Issuer::new(root, root_key);
+        let mut leaf = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        leaf.subject_alt_names = sans;
+        leaf.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf_cert = leaf.signed_by(&leaf_key, &issuer).unwrap();
+        let mut roots = RootCertStore::empty();
+        roots.add(root_cert.der().clone()).unwrap();
+        let key = PrivateKeyDer::try_from(leaf_key.serialize_der()).unwrap();
+        (roots, leaf_cert.der().clone(), key)
+    }
+
     /// A client and server configuration for `peer.example` (self-signed, no client
     /// certificate) offering only `suite`.
     pub(crate) fn configs(
@@ -1204,21 +1232,7 @@ mod tests {
     fn client_verifier_and_cert(
         sans: Vec<rcgen::SanType>,
     ) -> (MeshClientVerifier, CertificateDer<'static>) {
-        let mut root = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        root.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let root_key = rcgen::KeyPair::generate().unwrap();
-        let root_cert = root.self_signed(&root_key).unwrap();
-        let issuer = rcgen::Issuer::new(root, root_key);
-        let mut leaf = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        leaf.subject_alt_names = sans;
-        leaf.extended_key_usages = vec![
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let leaf_key = rcgen::KeyPair::generate().unwrap();
-        let leaf_cert = leaf.signed_by(&leaf_key, &issuer).unwrap();
-        let mut roots = RootCertStore::empty();
-        roots.add(root_cert.der().clone()).unwrap();
+        let (roots, leaf_cert, _) = super::in_memory::signed_by_new_root(sans);
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let chain = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
             .build()
@@ -1227,7 +1241,7 @@ mod tests {
             chain,
             trust_domain: "tern.test".to_owned(),
         };
-        (verifier, leaf_cert.der().clone())
+        (verifier, leaf_cert)
     }
 
     #[test]

@@ -426,6 +426,33 @@ fn answering(status: Option<u16>) -> SocketAddr {
     addr
 }
 
+/// An application that redirects: `/start` to `/broken` (which answers 500), `/away` to
+/// another host, `/loop` to itself; anything else answers 204.
+fn redirecting() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let mut request = [0u8; 1024];
+            let n = stream.read(&mut request).unwrap_or(0);
+            let request = String::from_utf8_lossy(&request[..n]);
+            let path = request.split(' ').nth(1).unwrap_or("/");
+            let head = match path {
+                "/start" => "302 Found\r\nLocation: /broken".to_owned(),
+                "/broken" => "500 Broken".to_owned(),
+                "/away" => "302 Found\r\nLocation: http://example.invalid/".to_owned(),
+                "/loop" => "302 Found\r\nLocation: /loop".to_owned(),
+                _ => "204 No Content".to_owned(),
+            };
+            let _ = stream.write_all(
+                format!("HTTP/1.1 {head}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            );
+        }
+    });
+    addr
+}
+
 /// An HTTPS server, with a self-signed certificate for a name nobody asks for, answering
 /// every request with `status`.
 fn https_answering(status: u16) -> SocketAddr {
@@ -518,6 +545,7 @@ fn the_applications_probes_are_made_by_the_proxy() {
         grpc_health().port(),
     );
     let (tls_ok, tls_failing) = (https_answering(200).port(), https_answering(503).port());
+    let redirects = redirecting().port();
     let probes = format!(
         r#"{{"/app-health/app/readyz": {{"httpGet": {{"port": {}, "path": "/healthz", "httpHeaders": [{{"name": "x-probe", "value": "1"}}]}}}},
             "/app-health/app/livez": {{"tcpSocket": {{"port": {}}}}},
@@ -531,7 +559,10 @@ fn the_applications_probes_are_made_by_the_proxy() {
             "/app-health/grpc-http1/readyz": {{"grpc": {{"port": {}}}}},
             "/app-health/tls/readyz": {{"httpGet": {{"port": {tls_ok}, "scheme": "HTTPS"}}}},
             "/app-health/tls-bad/readyz": {{"httpGet": {{"port": {tls_failing}, "scheme": "HTTPS"}}}},
-            "/app-health/tls-plain/readyz": {{"httpGet": {{"port": {}, "scheme": "HTTPS"}}}}}}"#,
+            "/app-health/tls-plain/readyz": {{"httpGet": {{"port": {}, "scheme": "HTTPS"}}}},
+            "/app-health/moved/readyz": {{"httpGet": {{"port": {redirects}, "path": "/start"}}}},
+            "/app-health/away/readyz": {{"httpGet": {{"port": {redirects}, "path": "/away"}}}},
+            "/app-health/loop/readyz": {{"httpGet": {{"port": {redirects}, "path": "/loop"}}}}}}"#,
         ok.port(),
         ok.port(),
         failing.port(),
@@ -570,6 +601,7 @@ fn the_applications_probes_are_made_by_the_proxy() {
         "/app-health/grpc/livez",
         "/app-health/grpc/readyz",
         "/app-health/tls/readyz",
+        "/app-health/away/readyz",
     ] {
         assert_eq!(
             get(probe_address, path),
@@ -586,6 +618,8 @@ fn the_applications_probes_are_made_by_the_proxy() {
         ("/app-health/grpc-http1/readyz", "port"),
         ("/app-health/tls-bad/readyz", "answered 503"),
         ("/app-health/tls-plain/readyz", "TLS to port"),
+        ("/app-health/moved/readyz", "GET /broken on port"),
+        ("/app-health/loop/readyz", "more than 10 redirects"),
     ] {
         let (status, body) = get(probe_address, path).unwrap();
         assert_eq!(status, 503, "{path}: {body}");

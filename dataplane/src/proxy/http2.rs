@@ -61,6 +61,17 @@ struct Connection {
     idle_since: Cell<Instant>,
 }
 
+impl Connection {
+    fn new() -> Connection {
+        Connection {
+            sender: tokio::sync::OnceCell::new(),
+            failed: Cell::new(false),
+            streams: Cell::new(0),
+            idle_since: Cell::new(Instant::now()),
+        }
+    }
+}
+
 type Shared = Rc<Connection>;
 
 /// A stream's place on an upstream connection, given back when dropped: with the response
@@ -225,12 +236,7 @@ impl Pool {
         {
             return Place::on(roomy);
         }
-        let new = Rc::new(Connection {
-            sender: tokio::sync::OnceCell::new(),
-            failed: Cell::new(false),
-            streams: Cell::new(0),
-            idle_since: Cell::new(Instant::now()),
-        });
+        let new = Rc::new(Connection::new());
         list.push(new.clone());
         Place::on(&new)
     }
@@ -527,7 +533,17 @@ async fn upstream<'v, B: Backend>(
     while attempts < plan.endpoints.len().min(super::CONNECT_ATTEMPTS) {
         let addr = view.next_endpoint(cluster)?;
         let key = (&plan.name, addr);
-        let place = worker.h2.place(key);
+        // The pool holds connections for the live config. A request that runs under an
+        // older one (a config went live since it arrived) uses the pool only where the
+        // cluster still reaches this endpoint as it did; else its connection is its own.
+        let live = worker.view();
+        let place = if std::ptr::eq(&*live, view)
+            || super::pool::carried_over(&view.snapshot, &live.snapshot, &plan.name, addr)
+        {
+            worker.h2.place(key)
+        } else {
+            Place::on(&Rc::new(Connection::new()))
+        };
         let connection = &place.0;
         let pooled = connection.sender.initialized();
         let made = connection
