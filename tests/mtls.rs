@@ -22,10 +22,20 @@ fn inbound(
     tcp_app: SocketAddr,
     http_app: SocketAddr,
 ) -> Proxy {
+    inbound_with(backend, identity, (tcp_app, http_app), "")
+}
+
+/// [`inbound`], with `more` (`, field: value`) in both listeners.
+fn inbound_with(
+    backend: BackendChoice,
+    identity: &IdentityPaths,
+    (tcp_app, http_app): (SocketAddr, SocketAddr),
+    more: &str,
+) -> Proxy {
     let yaml = format!(
         "{}listeners:\n\
-         \x20 - {{ name: in-tcp, address: 127.0.0.1:0, protocol: tcp, cluster: tcp-app, tls: {{ mode: strict, handshake_timeout: 400ms }} }}\n\
-         \x20 - {{ name: in-http, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: http-app }}], tls: {{ mode: strict }} }}\n\
+         \x20 - {{ name: in-tcp, address: 127.0.0.1:0, protocol: tcp, cluster: tcp-app, tls: {{ mode: strict, handshake_timeout: 400ms }}{more} }}\n\
+         \x20 - {{ name: in-http, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: http-app }}], tls: {{ mode: strict }}{more} }}\n\
          clusters:\n\
          \x20 - {{ name: tcp-app, endpoints: [{tcp_app}] }}\n\
          \x20 - {{ name: http-app, endpoints: [{http_app}] }}\n",
@@ -252,6 +262,42 @@ fn a_client_from_another_trust_domain_is_refused(backend: BackendChoice) {
     refused_by_inbound(&a, &b);
 }
 
+/// A listener's authorization lets in only the peers it names: A's traffic flows both ways,
+/// while another workload of the mesh, with a good certificate, has its connections closed
+/// once its handshake is done (a client behind it sees a close, or a 502) and counted under
+/// `RBAC`.
+fn an_authorization_lets_in_only_the_peers_it_names(backend: BackendChoice) {
+    let dir = TempDir::new("mtls-authz");
+    let ca = TestCa::new("root");
+    let a_id = ca.write_identity(&dir.0, "a", A, &[&ca], false);
+    let intruder = "spiffe://tern.test/ns/shop/sa/intruder";
+    let c_id = ca.write_identity(&dir.0, "c", intruder, &[&ca], false);
+    let ops = "spiffe://tern.test/ns/ops/sa/debugger";
+    let d_id = ca.write_identity(&dir.0, "d", ops, &[&ca], false);
+    let b_id = ca.write_identity(&dir.0, "b", B, &[&ca], false);
+    let (echo, http) = (Echo::start(), Http::start("app"));
+    let allow = format!(", authorization: {{ identities: [\"{A}\"], namespaces: [ops] }}");
+    let b = inbound_with(backend, &b_id, (echo.addr, http.addr), &allow);
+    for (caller, id) in [("frontend", &a_id), ("ops", &d_id)] {
+        let a = outbound(backend, id, &b, B);
+        client::assert_echo(a.listener_addr("out-tcp").unwrap(), b"let in");
+        let response = client::request(
+            a.listener_addr("out-http").unwrap(),
+            "GET / HTTP/1.1\r\nHost: b\r\n\r\n",
+        );
+        assert_eq!(response.status, 200, "{caller}");
+    }
+    let c = outbound(backend, &c_id, &b, B);
+    a_cannot_reach_b(&c, (502, "UC"));
+    for listener in ["in-tcp", "in-http"] {
+        wait_for_metric(
+            &b,
+            &format!("tern_errors_total{{listener=\"{listener}\",flag=\"RBAC\"}}"),
+            1.0,
+        );
+    }
+}
+
 fn an_expired_certificate_is_refused(backend: BackendChoice) {
     let dir = TempDir::new("mtls-expired");
     let ca = TestCa::new("root");
@@ -442,6 +488,7 @@ both_backends!(
     an_untrusted_ca_is_refused_both_ways,
     a_client_from_another_trust_domain_is_refused,
     an_expired_certificate_is_refused,
+    an_authorization_lets_in_only_the_peers_it_names,
     plaintext_garbage_and_stalled_handshakes_are_refused,
     config_without_identity_files_is_refused,
     a_pooled_connection_the_peer_closed_is_replaced,

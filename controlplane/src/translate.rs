@@ -6,7 +6,8 @@
 //!   the Mesh) gives that port, and forwarding to the application on the Pod's IP.
 //!   An intercepted Pod (annotation `tern.dev/interception: enabled`) gets one per port a
 //!   Service targets instead, claiming the connections `tern-proxy init` redirects to that
-//!   port (`intercept: inbound`).
+//!   port (`intercept: inbound`). A port that a Service port an AuthorizationPolicy targets
+//!   targets lets in only the callers the policies name (their mTLS identity).
 //! - Outbound: one listener per destination the proxy subscribed to, on the address it
 //!   asked for; an intercepted Pod's proxy subscribes by the addresses its application dials,
 //!   on first use, and gets a listener claiming each that is a Service's (`intercept:
@@ -24,7 +25,7 @@
 //!   identity (`spiffe://<trust domain>/ns/<namespace>/sa/<service account>`); others are
 //!   reached directly, in plaintext.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
 use k8s_openapi::api::core::v1::{Service, ServicePort};
@@ -32,8 +33,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 use shared::SpiffeId;
 use shared::config::{
-    Backend, Cluster, ClusterTls, Config, Intercept, Interception, Listener, ListenerTls,
-    OutboundPolicy, Protocol, Route, TlsMode,
+    Authorization, Backend, Cluster, ClusterTls, Config, Intercept, Interception, Listener,
+    ListenerTls, OutboundPolicy, Protocol, Route, TlsMode,
 };
 use shared::crd::{MtlsMode, OutboundTraffic};
 
@@ -244,6 +245,7 @@ impl Destination<'_> {
             },
             tls: None,
             intercept,
+            authorization: None,
         };
         let uses_own = listener.cluster.is_some()
             || listener
@@ -359,6 +361,7 @@ fn inbound(catalog: &Catalog, request: &ProxyRequest, out: &mut Translated) {
             },
             tls: Some(ListenerTls::new(mode)),
             intercept,
+            authorization: authorization(catalog, workload, app),
         });
         out.config
             .clusters
@@ -374,35 +377,70 @@ fn tls_mode(mode: MtlsMode) -> TlsMode {
     }
 }
 
-/// The Service ports that select `workload`, with the application port each targets.
+/// The Service ports that select `workload`, with the application port each targets and the
+/// Service's name.
 fn targeted_ports<'a>(
     catalog: &'a Catalog,
     workload: &'a Workload,
-) -> impl Iterator<Item = (u16, &'a ServicePort)> + 'a {
+) -> impl Iterator<Item = (u16, &'a ServicePort, &'a str)> + 'a {
     catalog
         .services
         .iter()
         .filter(|((namespace, _), _)| *namespace == workload.namespace)
-        .filter_map(|(_, service)| service.spec.as_ref())
-        .filter(|spec| {
+        .filter_map(|((_, name), service)| Some((name.as_str(), service.spec.as_ref()?)))
+        .filter(|(_, spec)| {
             spec.selector
                 .as_ref()
                 .is_some_and(|s| s.iter().all(|(k, v)| workload.labels.get(k) == Some(v)))
         })
-        .flat_map(|spec| spec.ports.iter().flatten())
-        .filter_map(|port| {
+        .flat_map(|(name, spec)| spec.ports.iter().flatten().map(move |port| (name, port)))
+        .filter_map(|(name, port)| {
             let target = match &port.target_port {
                 None => u16::try_from(port.port).ok(),
                 Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
                 Some(IntOrString::String(name)) => workload.named_ports.get(name).copied(),
             }?;
-            Some((target, port))
+            Some((target, port, name))
         })
+}
+
+/// Who may connect to application port `app` of `workload`: the sources of every
+/// AuthorizationPolicy targeting a Service port that targets it (any one lets a caller in);
+/// anyone when none does. A Pod port serves every Service that targets it, and its sidecar
+/// cannot tell which one a caller dialed, so a policy on one of them guards the port for all.
+fn authorization(catalog: &Catalog, workload: &Workload, app: u16) -> Option<Authorization> {
+    let guarded: BTreeSet<(&str, u16)> = targeted_ports(catalog, workload)
+        .filter(|(target, _, _)| *target == app)
+        .filter_map(|(_, port, service)| Some((service, u16::try_from(port.port).ok()?)))
+        .collect();
+    let mut allowed: Option<(BTreeSet<String>, BTreeSet<String>)> = None;
+    for policy in &catalog.authorization {
+        let namespace = policy.metadata.namespace.as_deref().unwrap_or("default");
+        let target = &policy.spec.target_ref;
+        let applies = namespace == workload.namespace
+            && guarded.iter().any(|(service, port)| {
+                *service == target.name && target.port.is_none_or(|p| p == *port)
+            });
+        if !applies {
+            continue;
+        }
+        let (identities, namespaces) = allowed.get_or_insert_default();
+        for source in &policy.spec.from {
+            identities.extend(source.identities.iter().cloned());
+            namespaces.extend(source.namespaces.iter().cloned());
+        }
+    }
+    allowed.map(|(identities, namespaces)| Authorization {
+        identities: identities.into_iter().collect(),
+        namespaces: namespaces.into_iter().collect(),
+    })
 }
 
 /// The application ports Services target on `workload`, in order.
 fn app_ports(catalog: &Catalog, workload: &Workload) -> Vec<u16> {
-    let mut ports: Vec<u16> = targeted_ports(catalog, workload).map(|(p, _)| p).collect();
+    let mut ports: Vec<u16> = targeted_ports(catalog, workload)
+        .map(|(p, _, _)| p)
+        .collect();
     ports.sort_unstable();
     ports.dedup();
     ports
@@ -413,8 +451,8 @@ fn app_ports(catalog: &Catalog, workload: &Workload) -> Vec<u16> {
 /// opaque `tcp` when no Service targets it.
 fn app_protocol(catalog: &Catalog, workload: &Workload, app: u16) -> Protocol {
     let mut protocols = targeted_ports(catalog, workload)
-        .filter(|(target, _)| *target == app)
-        .map(|(_, port)| port_protocol(port));
+        .filter(|(target, _, _)| *target == app)
+        .map(|(_, port, _)| port_protocol(port));
     let Some(first) = protocols.next() else {
         return Protocol::Tcp;
     };

@@ -49,11 +49,14 @@ pub enum Flag {
     /// A peer failed the mTLS handshake: plaintext on an mTLS port, an untrusted or expired
     /// certificate, the wrong identity, or no handshake in time.
     TlsHandshake,
+    /// The listener's authorization does not let the peer's identity (or its lack of one)
+    /// in: the connection is closed.
+    Unauthorized,
 }
 
 impl Flag {
     /// Every flag, in label order.
-    pub const ALL: [Flag; 11] = [
+    pub const ALL: [Flag; 12] = [
         Flag::NoRoute,
         Flag::UpstreamConnectFailure,
         Flag::UpstreamTimeout,
@@ -65,6 +68,7 @@ impl Flag {
         Flag::DownstreamReset,
         Flag::IdleTimeout,
         Flag::TlsHandshake,
+        Flag::Unauthorized,
     ];
 
     /// The short code.
@@ -81,6 +85,7 @@ impl Flag {
             Flag::DownstreamReset => "DC",
             Flag::IdleTimeout => "IT",
             Flag::TlsHandshake => "TLS",
+            Flag::Unauthorized => "RBAC",
         }
     }
 }

@@ -88,8 +88,31 @@ pub struct ListenerPlan {
     pub kind: ListenerKind,
     /// mTLS termination, if configured.
     pub tls: Option<ListenerTls>,
+    /// Who may connect; anyone when `None`.
+    pub authorization: Option<AuthorizationPlan>,
     /// Whether it has sockets of its own; an intercepted destination has none.
     pub bound: bool,
+}
+
+/// Who may connect to a listener ([`config::Authorization`], parsed once): peers whose mTLS
+/// identity matches a pattern, or is a workload of a listed namespace in this proxy's trust
+/// domain.
+#[derive(Debug)]
+pub struct AuthorizationPlan {
+    identities: Vec<shared::identity::IdentityPattern>,
+    namespaces: Vec<String>,
+    trust_domain: Option<String>,
+}
+
+impl AuthorizationPlan {
+    /// Whether a peer with `identity` (none: no mTLS) may connect.
+    pub fn allows(&self, identity: Option<&shared::SpiffeId>) -> bool {
+        identity.is_some_and(|peer| {
+            self.identities.iter().any(|p| p.matches(peer))
+                || (self.trust_domain.as_deref() == Some(peer.trust_domain())
+                    && self.namespaces.iter().any(|n| n == peer.namespace()))
+        })
+    }
 }
 
 /// How a listener terminates mTLS.
@@ -359,11 +382,18 @@ impl Snapshot {
             if let Some(direction) = l.intercept {
                 intercepted[direction as usize].insert(l.address, listeners.len());
             }
+            let authorization = l.authorization.as_ref().map(|a| AuthorizationPlan {
+                // Validation parsed every pattern.
+                identities: a.identities.iter().filter_map(|p| p.parse().ok()).collect(),
+                namespaces: a.namespaces.clone(),
+                trust_domain: identity.map(|i| i.id.trust_domain().to_owned()),
+            });
             listeners.push(ListenerPlan {
                 name: l.name.as_str().into(),
                 configured: l.address,
                 kind,
                 tls: l.tls.as_ref().and_then(server_tls),
+                authorization,
                 bound: l.intercept.is_none(),
             });
         }
@@ -396,6 +426,7 @@ impl Snapshot {
                         configured: SocketAddr::new(ip, port),
                         kind: ListenerKind::Intercepted(direction),
                         tls,
+                        authorization: None,
                         bound: true,
                     });
                 }

@@ -518,8 +518,9 @@ async fn serve<B: Backend>(
 
 /// Runs the server side of mTLS on a listener that requires it: the peer must present a
 /// certificate from the trust bundle and ask for what the listener speaks (ALPN; a `detect`
-/// listener or an interception socket takes either). Returns the stream and, under mTLS,
-/// what the peer said is inside.
+/// listener or an interception socket takes either), and the listener's authorization must
+/// let its identity in (a plaintext peer has none). Returns the stream and, under mTLS, what
+/// the peer said is inside.
 async fn terminate_tls<B: Backend>(
     plan: &ListenerPlan,
     stats: &ListenerStats,
@@ -527,7 +528,25 @@ async fn terminate_tls<B: Backend>(
     peer: SocketAddr,
     detect_timeout: Duration,
 ) -> Option<(MaybeTls<B::Stream>, Option<proxy::Inner>)> {
+    // A peer the listener's authorization does not let in is counted, logged and closed.
+    let authorized = |identity: Option<&shared::SpiffeId>| {
+        let Some(authorization) = &plan.authorization else {
+            return true;
+        };
+        let allowed = authorization.allows(identity);
+        if !allowed {
+            stats.error(Flag::Unauthorized);
+            let identity =
+                identity.map_or_else(|| "none (plaintext)".to_owned(), ToString::to_string);
+            tracing::warn!(listener = %plan.name, %peer, %identity, "connection refused: the listener's authorization does not let this peer in");
+        }
+        allowed
+    };
     let Some(tls) = &plan.tls else {
+        if !authorized(None) {
+            let _ = stream.shutdown(Shutdown::Both);
+            return None;
+        }
         return Some((MaybeTls::Plain(stream), None));
     };
     let refuse = |why: &dyn std::fmt::Display| {
@@ -546,6 +565,10 @@ async fn terminate_tls<B: Backend>(
             FirstBytes::TimedOut => {
                 stats.detected(crate::metrics::Detected::Timeout);
                 tracing::debug!(listener = %plan.name, %peer, "silent client on a permissive port: plaintext");
+                if !authorized(None) {
+                    let _ = stream.shutdown(Shutdown::Both);
+                    return None;
+                }
                 return Some((MaybeTls::Plain(stream), Some(proxy::Inner::Tcp)));
             }
             FirstBytes::Ended => {
@@ -563,6 +586,10 @@ async fn terminate_tls<B: Backend>(
         let hello = read_first(&stream, &mut first, deadline, MAX_FIRST_RECORD, whole).await;
         if hello != FirstBytes::Told(crate::tls::Hello::Mesh) {
             tracing::debug!(listener = %plan.name, %peer, "plaintext (or the application's own TLS) on a permissive port");
+            if !authorized(None) {
+                let _ = stream.shutdown(Shutdown::Both);
+                return None;
+            }
             return Some((
                 MaybeTls::Sniffed(stream, std::cell::RefCell::new(first)),
                 None,
@@ -602,9 +629,14 @@ async fn terminate_tls<B: Backend>(
         let _ = stream.shutdown(Shutdown::Both);
         return None;
     }
-    let identity = stream.peer_id().map(|id| id.to_string());
+    let peer_id = stream.peer_id();
+    let identity = peer_id.as_ref().map(ToString::to_string);
     if let Some(identity) = &identity {
         stats.peer(identity);
+    }
+    if !authorized(peer_id.as_ref()) {
+        let _ = stream.shutdown(Shutdown::Both);
+        return None;
     }
     let stream = match stream.into_record_layer() {
         Ok(stream) => stream,

@@ -155,9 +155,72 @@ impl<'de> Deserialize<'de> for SpiffeId {
     }
 }
 
+/// A workload SPIFFE ID, or every service account of one namespace
+/// (`spiffe://<trust-domain>/ns/<namespace>/sa/*`): whom an authorization lets in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityPattern {
+    id: SpiffeId,
+    any_account: bool,
+}
+
+impl IdentityPattern {
+    /// Whether `id` is one the pattern names.
+    pub fn matches(&self, id: &SpiffeId) -> bool {
+        self.id.trust_domain == id.trust_domain
+            && self.id.namespace == id.namespace
+            && (self.any_account || self.id.service_account == id.service_account)
+    }
+}
+
+impl FromStr for IdentityPattern {
+    type Err = SpiffeIdError;
+
+    fn from_str(input: &str) -> Result<IdentityPattern, SpiffeIdError> {
+        match input.strip_suffix("/sa/*") {
+            Some(namespace) => {
+                let id: SpiffeId =
+                    format!("{namespace}/sa/any")
+                        .parse()
+                        .map_err(|_| SpiffeIdError {
+                            input: input.to_owned(),
+                            reason: "a pattern is a SPIFFE ID, or one whose service account is `*`",
+                        })?;
+                Ok(IdentityPattern {
+                    id,
+                    any_account: true,
+                })
+            }
+            None => Ok(IdentityPattern {
+                id: input.parse()?,
+                any_account: false,
+            }),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pattern_names_one_identity_or_a_namespaces_every_one() {
+        let id = |s: &str| s.parse::<SpiffeId>().unwrap();
+        let one: IdentityPattern = "spiffe://td/ns/shop/sa/web".parse().unwrap();
+        let all: IdentityPattern = "spiffe://td/ns/shop/sa/*".parse().unwrap();
+        assert!(one.matches(&id("spiffe://td/ns/shop/sa/web")));
+        assert!(!one.matches(&id("spiffe://td/ns/shop/sa/cart")));
+        assert!(all.matches(&id("spiffe://td/ns/shop/sa/cart")));
+        assert!(!all.matches(&id("spiffe://td/ns/other/sa/web")));
+        assert!(!all.matches(&id("spiffe://elsewhere/ns/shop/sa/web")));
+        for bad in [
+            "spiffe://td/ns/*/sa/web",
+            "spiffe://td/ns/shop/sa/w*",
+            "spiffe://td/ns/shop",
+            "*",
+        ] {
+            assert!(bad.parse::<IdentityPattern>().is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn parses_and_prints_workload_ids() {

@@ -530,10 +530,7 @@ impl Catalog {
                 self.check_target(&key.namespace, &policy.spec.target_ref)?;
                 for (i, source) in policy.spec.from.iter().enumerate() {
                     for (j, id) in source.identities.iter().enumerate() {
-                        let pattern = id
-                            .strip_suffix("/sa/*")
-                            .map_or(id.clone(), |ns| format!("{ns}/sa/any"));
-                        if pattern.parse::<shared::SpiffeId>().is_err() {
+                        if id.parse::<shared::identity::IdentityPattern>().is_err() {
                             return fail(
                                 format!("spec.from[{i}].identities[{j}]"),
                                 format!(

@@ -412,6 +412,70 @@ fn a_proxy_gets_its_inbound_ports_and_only_the_destinations_it_asked_for() {
 }
 
 #[test]
+fn an_authorization_policy_guards_the_pod_ports_its_service_targets() {
+    let policy = |name: &str, target: &str, from: &str| {
+        format!(
+            "apiVersion: tern.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{ name: {name}, namespace: shop }}\nspec:\n  targetRef: {target}\n  from: {from}\n"
+        )
+    };
+    let inbound_authorization = |catalog: &Catalog| {
+        let cart = translate(catalog, &request("cart-0", "cart", &[]));
+        assert_validates(&cart.config);
+        cart.config.listeners[0].authorization.clone()
+    };
+    // No policy: anyone.
+    assert_eq!(inbound_authorization(&build(&[("base.yaml", BASE)])), None);
+    // Two policies on cart's port 80: either one's sources let a caller in to 8080.
+    let web = policy(
+        "web",
+        "{ kind: Service, name: cart, port: 80 }",
+        "[{ identities: [\"spiffe://mesh.test/ns/shop/sa/web\"] }]",
+    );
+    let ops = policy(
+        "ops",
+        "{ kind: Service, name: cart }",
+        "[{ namespaces: [ops] }, { identities: [\"spiffe://mesh.test/ns/batch/sa/*\"] }]",
+    );
+    let catalog = build(&[("base.yaml", BASE), ("web.yaml", &web), ("ops.yaml", &ops)]);
+    let authorization = inbound_authorization(&catalog).expect("guarded");
+    assert_eq!(
+        authorization.identities,
+        [
+            "spiffe://mesh.test/ns/batch/sa/*",
+            "spiffe://mesh.test/ns/shop/sa/web"
+        ]
+    );
+    assert_eq!(authorization.namespaces, ["ops"]);
+    // A policy on a port of another Service that targets another Pod port, or on a Service
+    // that does not select the Pod, guards nothing here.
+    let admin = "apiVersion: v1\nkind: Service\nmetadata: { name: admin, namespace: shop }\nspec:\n  selector: { app: cart }\n  ports: [{ name: http, port: 80, targetPort: 8080 }, { name: admin, port: 9090, targetPort: 9091 }]\n";
+    let elsewhere = [
+        policy("port", "{ kind: Service, name: admin, port: 9090 }", "[]"),
+        policy("db", "{ kind: Service, name: db }", "[]"),
+    ];
+    let catalog = build(&[
+        ("base.yaml", BASE),
+        ("admin.yaml", admin),
+        ("a.yaml", &elsewhere[0]),
+        ("b.yaml", &elsewhere[1]),
+    ]);
+    assert!(catalog.problems.is_empty(), "{:?}", catalog.problems);
+    assert_eq!(inbound_authorization(&catalog), None);
+    // The same Service's port that targets 8080 guards it, for every Service's callers:
+    // with no source, nobody.
+    let port_80 = policy("http", "{ kind: Service, name: admin, port: 80 }", "[]");
+    let catalog = build(&[
+        ("base.yaml", BASE),
+        ("admin.yaml", admin),
+        ("c.yaml", &port_80),
+    ]);
+    assert_eq!(
+        inbound_authorization(&catalog),
+        Some(shared::config::Authorization::default())
+    );
+}
+
+#[test]
 fn a_route_from_another_namespace_applies_to_that_namespaces_callers_only() {
     // shop's own route (a producer route) sends cart's callers to cart-v2; a route that
     // namespace `evil` attaches to shop's cart (a consumer route) claims the same path.

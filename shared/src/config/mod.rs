@@ -393,6 +393,25 @@ pub struct Listener {
     /// destination is `address`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub intercept: Option<Intercept>,
+    /// Who may connect (an AuthorizationPolicy's sources); anyone when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization: Option<Authorization>,
+}
+
+/// The peers a listener lets in, by the identity their mTLS certificate proves: one of
+/// `identities` (an identity pattern: a SPIFFE ID, or `spiffe://<td>/ns/<ns>/sa/*` for every
+/// service account of a namespace), or any workload of one of `namespaces`. A connection with
+/// no identity (plaintext on a permissive port) is let in by none; with both lists empty,
+/// nobody is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Authorization {
+    /// Identity patterns let in.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identities: Vec<String>,
+    /// Namespaces whose every workload is let in.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
 }
 
 /// An HTTP route: a host and path prefix that select a cluster, or split requests between
@@ -813,6 +832,22 @@ impl Config {
                     at("name"),
                     &format!("`{INTERCEPT_PREFIX}` names are the proxy's own"),
                 );
+            }
+            if let Some(authorization) = &listener.authorization {
+                for (j, pattern) in authorization.identities.iter().enumerate() {
+                    if let Err(error) = pattern.parse::<crate::identity::IdentityPattern>() {
+                        return fail(
+                            at(&format!("authorization.identities[{j}]")),
+                            &error.to_string(),
+                        );
+                    }
+                }
+                if let Some(j) = authorization.namespaces.iter().position(String::is_empty) {
+                    return fail(
+                        at(&format!("authorization.namespaces[{j}]")),
+                        "must not be empty",
+                    );
+                }
             }
             if let Some(direction) = listener.intercept {
                 if self.interception.is_none() {

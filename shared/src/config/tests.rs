@@ -115,6 +115,39 @@ fn refuses_inconsistent_listeners_and_clusters() {
 }
 
 #[test]
+fn an_authorization_names_identity_patterns_and_namespaces() {
+    let with = |authorization: &str| {
+        GOOD.replace(
+            "protocol: tcp\n    cluster: web",
+            &format!("protocol: tcp\n    cluster: web\n    authorization: {authorization}"),
+        )
+    };
+    let good = with(
+        "{ identities: [\"spiffe://td/ns/shop/sa/web\", \"spiffe://td/ns/ops/sa/*\"], namespaces: [shop] }",
+    );
+    let config = Config::from_yaml(&good, "good.yaml").unwrap();
+    let authorization = config.listeners[1].authorization.as_ref().unwrap();
+    assert_eq!(authorization.identities.len(), 2);
+    assert_eq!(authorization.namespaces, ["shop"]);
+    for (authorization, field) in [
+        (
+            "{ identities: [\"spiffe://td/ns/*/sa/web\"] }",
+            "listeners[1].authorization.identities[0]",
+        ),
+        (
+            "{ identities: [\"spiffe://td/ns/shop/sa/web\", \"web\"] }",
+            "listeners[1].authorization.identities[1]",
+        ),
+        (
+            "{ namespaces: [\"\"] }",
+            "listeners[1].authorization.namespaces[0]",
+        ),
+    ] {
+        assert_eq!(invalid(&with(authorization)).0, field, "{authorization}");
+    }
+}
+
+#[test]
 fn refuses_unknown_fields_and_bad_syntax_with_a_location() {
     let err =
         Config::from_yaml(&GOOD.replace("protocol: tcp", "protocl: tcp"), "typo.yaml").unwrap_err();

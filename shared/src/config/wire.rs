@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use crate::api::discovery as pb;
 use crate::config::{
-    Backend, CipherSuite, Cluster, ClusterTls, Config, Intercept, Listener, ListenerTls,
-    OutboundPolicy, Protocol, Route, TlsMode,
+    Authorization, Backend, CipherSuite, Cluster, ClusterTls, Config, Intercept, Listener,
+    ListenerTls, OutboundPolicy, Protocol, Route, TlsMode,
 };
 
 /// Listeners and clusters from `tern-control`, at a version.
@@ -139,6 +139,10 @@ fn encode_listener(l: &Listener) -> pb::Listener {
             Some(Intercept::Outbound) => pb::Intercept::Outbound,
             Some(Intercept::Inbound) => pb::Intercept::Inbound,
         } as i32,
+        authorization: l.authorization.as_ref().map(|a| pb::Authorization {
+            identities: a.identities.clone(),
+            namespaces: a.namespaces.clone(),
+        }),
     }
 }
 
@@ -278,6 +282,10 @@ fn decode_listener(i: usize, l: pb::Listener) -> Result<Listener, WireError> {
         routes,
         tls,
         intercept,
+        authorization: l.authorization.map(|a| Authorization {
+            identities: a.identities,
+            namespaces: a.namespaces,
+        }),
     })
 }
 
@@ -375,6 +383,7 @@ listeners:
     routes: [{ cluster: app }]
     tls: { mode: strict }
     intercept: inbound
+    authorization: { identities: ["spiffe://cluster.local/ns/shop/sa/web", "spiffe://cluster.local/ns/ops/sa/*"], namespaces: [shop] }
 interception: { outbound_policy: registry_only, mark: 1337, outside_mesh: ["192.0.2.7:443"] }
 clusters:
   - name: cart
