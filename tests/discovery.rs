@@ -211,6 +211,43 @@ fn a_route_change_in_the_manifests_moves_two_proxies_traffic_within_a_second() {
     assert_eq!(metric_of(&a1, ACKS), 3.0);
 }
 
+/// An AuthorizationPolicy written beside the manifests reaches the sidecar of the Pod its
+/// Service targets: the callers it names keep their traffic, any other meshed caller is
+/// refused (its own sidecar answers 502), and removing the policy lets everyone in again.
+#[test]
+fn an_authorization_policy_lets_in_only_the_callers_it_names() {
+    let mesh = Mesh::start();
+    let sidecar = mesh.proxy("reviews-v1-0", "reviews", false);
+    let a = mesh.proxy("a-1", "a", true);
+    let b = mesh.proxy("b-1", "b", true);
+    for proxy in [&sidecar, &a, &b] {
+        wait_ready(proxy, Duration::from_secs(10));
+    }
+    assert_eq!(get(&b, "/open"), "200 v1 /open");
+    let policy = format!(
+        "apiVersion: tern.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{ name: only-a, namespace: default }}\nspec:\n  targetRef: {{ kind: Service, name: reviews-v1 }}\n  from: [{{ identities: [\"{}\"] }}]\n",
+        TestControlPlane::spiffe_id("a")
+    );
+    mesh.write("policy.yaml", &policy);
+    eventually(Duration::from_secs(5), "b to be refused", || {
+        get(&b, "/closed").starts_with("502")
+    });
+    assert_eq!(get(&a, "/still"), "200 v1 /still");
+    assert!(
+        metric_of(
+            &sidecar,
+            &format!(
+                "tern_errors_total{{listener=\"inbound:{}\",flag=\"RBAC\"}}",
+                mesh.v1.addr.port()
+            )
+        ) >= 1.0
+    );
+    std::fs::remove_file(mesh.dir.0.join("policy.yaml")).unwrap();
+    eventually(Duration::from_secs(5), "b to be let in again", || {
+        get(&b, "/again") == "200 v1 /again"
+    });
+}
+
 #[test]
 fn invalid_manifests_are_refused_with_the_field_named_and_nothing_is_pushed() {
     let mesh = Mesh::start();
