@@ -232,6 +232,12 @@ fn an_authorization_policy_lets_in_only_the_callers_it_names() {
     eventually(Duration::from_secs(5), "b to be refused", || {
         get(&b, "/closed").starts_with("502")
     });
+    // Every time, on either of b's workers: no connection opened before the policy still
+    // gets through.
+    for i in 0..8 {
+        let answer = get(&b, &format!("/closed/{i}"));
+        assert!(answer.starts_with("502"), "{answer}");
+    }
     assert_eq!(get(&a, "/still"), "200 v1 /still");
     assert!(
         metric_of(

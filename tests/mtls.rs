@@ -298,6 +298,64 @@ fn an_authorization_lets_in_only_the_peers_it_names(backend: BackendChoice) {
     }
 }
 
+/// A new authorization reaches connections already open: one whose peer it no longer lets
+/// in is closed (counted under `RBAC`), whatever it carries.
+fn an_authorization_closes_open_connections_it_no_longer_allows(backend: BackendChoice) {
+    let dir = TempDir::new("mtls-revoke");
+    let ca = TestCa::new("root");
+    let a_id = ca.write_identity(&dir.0, "a", A, &[&ca], false);
+    let b_id = ca.write_identity(&dir.0, "b", B, &[&ca], false);
+    let (echo, http) = (Echo::start(), Http::start("app"));
+    let b = inbound(backend, &b_id, echo.addr, http.addr);
+    let a = outbound(backend, &a_id, &b, B);
+    let mut open = client::connect(a.listener_addr("out-tcp").unwrap());
+    open.write_all(b"before").unwrap();
+    let mut reply = [0u8; 6];
+    open.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"before");
+    // Only another workload may connect now: the tunnel closes, and the client behind A
+    // sees its connection end.
+    let yaml = |more: &str| {
+        format!(
+            "{}listeners:\n\
+             \x20 - {{ name: in-tcp, address: 127.0.0.1:0, protocol: tcp, cluster: tcp-app, tls: {{ mode: strict, handshake_timeout: 400ms }}{more} }}\n\
+             \x20 - {{ name: in-http, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: http-app }}], tls: {{ mode: strict }} }}\n\
+             clusters:\n\
+             \x20 - {{ name: tcp-app, endpoints: [{}] }}\n\
+             \x20 - {{ name: http-app, endpoints: [{}] }}\n",
+            b_id.yaml(),
+            echo.addr,
+            http.addr
+        )
+    };
+    let narrowed =
+        yaml(", authorization: { identities: [\"spiffe://tern.test/ns/shop/sa/other\"] }");
+    b.reload(shared::Config::from_yaml(&narrowed, "v2").unwrap(), "v2")
+        .unwrap();
+    // It ends (A passes the tunnel's end on as a reset) rather than waiting for the
+    // client's 10 s timeout.
+    let mut rest = Vec::new();
+    match open.read_to_end(&mut rest) {
+        Ok(_) => assert!(rest.is_empty(), "{rest:?}"),
+        Err(error) => assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset),
+    }
+    wait_for_metric(
+        &b,
+        "tern_errors_total{listener=\"in-tcp\",flag=\"RBAC\"}",
+        1.0,
+    );
+    // A config that changes no authorization leaves open connections alone.
+    let mut kept = client::connect(a.listener_addr("out-http").unwrap());
+    kept.write_all(b"GET / HTTP/1.1\r\nHost: b\r\n\r\n")
+        .unwrap();
+    let mut conn = Conn::new(kept);
+    assert_eq!(conn.response(false).status, 200);
+    b.reload(shared::Config::from_yaml(&narrowed, "v3").unwrap(), "v3")
+        .unwrap();
+    conn.send(b"GET / HTTP/1.1\r\nHost: b\r\n\r\n");
+    assert_eq!(conn.response(false).status, 200);
+}
+
 fn an_expired_certificate_is_refused(backend: BackendChoice) {
     let dir = TempDir::new("mtls-expired");
     let ca = TestCa::new("root");
@@ -489,6 +547,7 @@ both_backends!(
     a_client_from_another_trust_domain_is_refused,
     an_expired_certificate_is_refused,
     an_authorization_lets_in_only_the_peers_it_names,
+    an_authorization_closes_open_connections_it_no_longer_allows,
     plaintext_garbage_and_stalled_handshakes_are_refused,
     config_without_identity_files_is_refused,
     a_pooled_connection_the_peer_closed_is_replaced,

@@ -444,6 +444,10 @@ impl<S: Stream> Stream for KernelTls<S> {
         self.inner.shutdown(how)
     }
 
+    fn duplicate(&self) -> Option<std::os::fd::OwnedFd> {
+        self.inner.duplicate()
+    }
+
     fn abort(&self) {
         self.inner.abort();
     }

@@ -97,7 +97,7 @@ pub struct ListenerPlan {
 /// Who may connect to a listener ([`config::Authorization`], parsed once): peers whose mTLS
 /// identity matches a pattern, or is a workload of a listed namespace in this proxy's trust
 /// domain.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct AuthorizationPlan {
     identities: Vec<shared::identity::IdentityPattern>,
     namespaces: Vec<String>,

@@ -1014,6 +1014,14 @@ impl<S: Stream> Stream for MaybeTls<S> {
         }
     }
 
+    fn duplicate(&self) -> Option<std::os::fd::OwnedFd> {
+        match self {
+            MaybeTls::Plain(s) | MaybeTls::Sniffed(s, _) => s.duplicate(),
+            MaybeTls::User(s) => s.duplicate(),
+            MaybeTls::Kernel(s) => s.duplicate(),
+        }
+    }
+
     fn has_input(&self) -> bool {
         match self {
             MaybeTls::Plain(s) => s.has_input(),

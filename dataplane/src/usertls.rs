@@ -786,6 +786,10 @@ impl<S: Stream> Stream for UserTls<S> {
         self.inner.shutdown(how)
     }
 
+    fn duplicate(&self) -> Option<std::os::fd::OwnedFd> {
+        self.inner.duplicate()
+    }
+
     fn abort(&self) {
         self.inner.abort();
     }

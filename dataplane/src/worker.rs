@@ -96,6 +96,9 @@ pub struct Worker<B: Backend> {
     unanswered: RefCell<Unanswered>,
     /// Woken whenever a new snapshot goes live.
     applied: Notify,
+    /// Woken when a new snapshot changes a listener's authorization: open connections check
+    /// their peer again ([`revoked`]).
+    reauthorize: Notify,
     stats: Registry,
     accepting: RefCell<HashMap<Arc<str>, AcceptLoop>>,
     active: Cell<usize>,
@@ -154,6 +157,7 @@ impl<B: Backend> Worker<B> {
             destinations,
             unanswered: RefCell::default(),
             applied: Notify::new(),
+            reauthorize: Notify::new(),
             stats,
             accepting: RefCell::default(),
             active: Cell::new(0),
@@ -192,8 +196,17 @@ impl<B: Backend> Worker<B> {
         *self.view.borrow_mut() = Rc::new(make_view(&self.stats, &failing, snapshot.clone()));
         self.pool.retain_for(&current.snapshot, &snapshot);
         self.h2.retain_for(&current.snapshot, &snapshot);
+        let reauthorize = snapshot.listeners.iter().any(|l| {
+            current
+                .snapshot
+                .listener_index(&l.name)
+                .is_some_and(|i| current.snapshot.listeners[i].authorization != l.authorization)
+        });
         drop(current);
         self.applied.notify_waiters();
+        if reauthorize {
+            self.reauthorize.notify_waiters();
+        }
         let mut accepting = self.accepting.borrow_mut();
         // Stop listeners that are gone, or whose socket is being replaced.
         let replaced: Vec<Arc<str>> = accepting
@@ -493,26 +506,71 @@ async fn serve<B: Backend>(
     });
     let plan = &view.snapshot.listeners[index];
     let detect_timeout = view.snapshot.config.detect_timeout;
-    let Some((down, inner)) =
+    let Some((down, inner, identity)) =
         terminate_tls::<B>(plan, &view.listeners[index], stream, peer, detect_timeout).await
     else {
         return;
     };
-    match &plan.kind {
-        ListenerKind::Tcp { cluster } => {
-            proxy::tcp::serve(worker, view, index, *cluster, down, Vec::new()).await;
-        }
-        ListenerKind::Http(_) => {
-            proxy::detect::serve(worker, view, index, None, down, peer, inner).await;
-        }
-        ListenerKind::Detect { cluster, .. } => {
-            proxy::detect::serve(worker, view, index, Some(*cluster), down, peer, inner).await;
-        }
-        ListenerKind::Intercepted(direction) => {
-            if let Some(original) = original {
-                proxy::intercept::passthrough::<B>(view, index, *direction, original, down).await;
+    // A connection to a listener that terminates mTLS is closed when a new config's
+    // authorization no longer lets its peer in, whatever it carries.
+    let watch = plan.tls.as_ref().and_then(|_| down.duplicate());
+    let serving = async {
+        match &plan.kind {
+            ListenerKind::Tcp { cluster } => {
+                proxy::tcp::serve(worker, view, index, *cluster, down, Vec::new()).await;
+            }
+            ListenerKind::Http(_) => {
+                proxy::detect::serve(worker, view, index, None, down, peer, inner).await;
+            }
+            ListenerKind::Detect { cluster, .. } => {
+                proxy::detect::serve(worker, view, index, Some(*cluster), down, peer, inner).await;
+            }
+            ListenerKind::Intercepted(direction) => {
+                if let Some(original) = original {
+                    proxy::intercept::passthrough::<B>(view, index, *direction, original, down)
+                        .await;
+                }
             }
         }
+    };
+    let Some(socket) = watch else {
+        return serving.await;
+    };
+    let mut serving = std::pin::pin!(serving);
+    tokio::select! {
+        biased;
+        () = revoked(worker, &plan.name, identity.as_ref()) => {
+            view.listeners[index].error(Flag::Unauthorized);
+            let identity = identity.as_ref().map_or_else(|| "none (plaintext)".to_owned(), ToString::to_string);
+            tracing::warn!(listener = %plan.name, %peer, %identity, "open connection closed: the listener's new authorization does not let this peer in");
+            // Its reads and writes fail from now on, and it winds down as after any error.
+            let _ = socket2::SockRef::from(&socket).shutdown(Shutdown::Both);
+            serving.await;
+        }
+        () = serving.as_mut() => {}
+    }
+}
+
+/// Resolves once the live config's listener `name` does not let a peer with `identity` in
+/// (a policy added or narrowed); never while it does, nor once the listener is gone (its
+/// connections run on as they were).
+async fn revoked<B: Backend>(worker: &Worker<B>, name: &str, identity: Option<&shared::SpiffeId>) {
+    loop {
+        let changed = worker.reauthorize.notified();
+        let mut changed = std::pin::pin!(changed);
+        changed.as_mut().enable();
+        let view = worker.view();
+        let refused = view.snapshot.listener_index(name).is_some_and(|i| {
+            view.snapshot.listeners[i]
+                .authorization
+                .as_ref()
+                .is_some_and(|a| !a.allows(identity))
+        });
+        if refused {
+            return;
+        }
+        drop(view);
+        changed.await;
     }
 }
 
@@ -520,14 +578,18 @@ async fn serve<B: Backend>(
 /// certificate from the trust bundle and ask for what the listener speaks (ALPN; a `detect`
 /// listener or an interception socket takes either), and the listener's authorization must
 /// let its identity in (a plaintext peer has none). Returns the stream and, under mTLS, what
-/// the peer said is inside.
+/// the peer said is inside and who it is.
 async fn terminate_tls<B: Backend>(
     plan: &ListenerPlan,
     stats: &ListenerStats,
     stream: B::Stream,
     peer: SocketAddr,
     detect_timeout: Duration,
-) -> Option<(MaybeTls<B::Stream>, Option<proxy::Inner>)> {
+) -> Option<(
+    MaybeTls<B::Stream>,
+    Option<proxy::Inner>,
+    Option<shared::SpiffeId>,
+)> {
     // A peer the listener's authorization does not let in is counted, logged and closed.
     let authorized = |identity: Option<&shared::SpiffeId>| {
         let Some(authorization) = &plan.authorization else {
@@ -547,7 +609,7 @@ async fn terminate_tls<B: Backend>(
             let _ = stream.shutdown(Shutdown::Both);
             return None;
         }
-        return Some((MaybeTls::Plain(stream), None));
+        return Some((MaybeTls::Plain(stream), None, None));
     };
     let refuse = |why: &dyn std::fmt::Display| {
         stats.error(Flag::TlsHandshake);
@@ -569,7 +631,7 @@ async fn terminate_tls<B: Backend>(
                     let _ = stream.shutdown(Shutdown::Both);
                     return None;
                 }
-                return Some((MaybeTls::Plain(stream), Some(proxy::Inner::Tcp)));
+                return Some((MaybeTls::Plain(stream), Some(proxy::Inner::Tcp), None));
             }
             FirstBytes::Ended => {
                 tracing::debug!(listener = %plan.name, %peer, "connection ended before its first byte");
@@ -592,6 +654,7 @@ async fn terminate_tls<B: Backend>(
             }
             return Some((
                 MaybeTls::Sniffed(stream, std::cell::RefCell::new(first)),
+                None,
                 None,
             ));
         }
@@ -651,7 +714,7 @@ async fn terminate_tls<B: Backend>(
         stats.tls_mode(mode);
     }
     tracing::debug!(listener = %plan.name, %peer, identity = identity.as_deref().unwrap_or("?"), mode = ?stream.tls_mode(), "mTLS accepted");
-    Some((stream, inner))
+    Some((stream, inner, peer_id))
 }
 
 /// Everything a worker thread needs to start.

@@ -139,7 +139,7 @@ pub struct TargetRef {
 
 /// Callers an AuthorizationPolicy lets in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Source {
     /// SPIFFE IDs; `*` may stand for the whole service-account part
     /// (`spiffe://cluster.local/ns/shop/sa/*`).
@@ -163,7 +163,9 @@ pub struct Source {
     derive = "PartialEq",
     printcolumn = r#"{"name":"Target","type":"string","jsonPath":".spec.targetRef.name"}"#
 )]
-#[serde(rename_all = "camelCase")]
+// Unknown fields are refused: a policy written for another mesh (Istio's `action: DENY`, say)
+// must not be read as an allow-list.
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationPolicySpec {
     /// The Service it protects.
     pub target_ref: TargetRef,

@@ -528,7 +528,30 @@ impl Catalog {
             }
             Object::AuthorizationPolicy(policy) => {
                 self.check_target(&key.namespace, &policy.spec.target_ref)?;
+                // Its Pods are the ones the Service selects: without a selector, there is
+                // no telling which Pods' ports to guard.
+                let selects = self
+                    .service(&key.namespace, &policy.spec.target_ref.name)
+                    .and_then(|s| s.spec.as_ref()?.selector.as_ref())
+                    .is_some_and(|selector| !selector.is_empty());
+                if !selects {
+                    return fail(
+                        "spec.targetRef.name",
+                        format!(
+                            "Service {}/{} selects no Pods (no selector), so no Pod port can be guarded",
+                            key.namespace, policy.spec.target_ref.name
+                        ),
+                    );
+                }
                 for (i, source) in policy.spec.from.iter().enumerate() {
+                    for (j, namespace) in source.namespaces.iter().enumerate() {
+                        if !is_dns_label(namespace) {
+                            return fail(
+                                format!("spec.from[{i}].namespaces[{j}]"),
+                                format!("`{namespace}` is not a namespace name"),
+                            );
+                        }
+                    }
                     for (j, id) in source.identities.iter().enumerate() {
                         if id.parse::<shared::identity::IdentityPattern>().is_err() {
                             return fail(
@@ -1196,6 +1219,16 @@ pub fn selects(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> b
         }
     });
     labels_match && expressions_match
+}
+
+/// Whether `name` is a DNS label (RFC 1123), as a namespace's name is.
+fn is_dns_label(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
 }
 
 #[cfg(test)]

@@ -449,13 +449,15 @@ fn an_authorization_policy_guards_the_pod_ports_its_service_targets() {
     // A policy on a port of another Service that targets another Pod port, or on a Service
     // that does not select the Pod, guards nothing here.
     let admin = "apiVersion: v1\nkind: Service\nmetadata: { name: admin, namespace: shop }\nspec:\n  selector: { app: cart }\n  ports: [{ name: http, port: 80, targetPort: 8080 }, { name: admin, port: 9090, targetPort: 9091 }]\n";
+    let other = "apiVersion: v1\nkind: Service\nmetadata: { name: other, namespace: shop }\nspec:\n  selector: { app: other }\n  ports: [{ name: http, port: 80, targetPort: 8080 }]\n";
     let elsewhere = [
         policy("port", "{ kind: Service, name: admin, port: 9090 }", "[]"),
-        policy("db", "{ kind: Service, name: db }", "[]"),
+        policy("other", "{ kind: Service, name: other }", "[]"),
     ];
     let catalog = build(&[
         ("base.yaml", BASE),
         ("admin.yaml", admin),
+        ("other.yaml", other),
         ("a.yaml", &elsewhere[0]),
         ("b.yaml", &elsewhere[1]),
     ]);
@@ -473,6 +475,36 @@ fn an_authorization_policy_guards_the_pod_ports_its_service_targets() {
         inbound_authorization(&catalog),
         Some(shared::config::Authorization::default())
     );
+
+    // Refused: a Service that selects no Pods (its Pods cannot be told), a namespace that
+    // is no namespace's name, and a field Tern does not know (another mesh's `action: DENY`
+    // must not be read as an allow-list).
+    for (text, expected) in [
+        (
+            policy("no-selector", "{ kind: Service, name: db }", "[]"),
+            "spec.targetRef.name: Service shop/db selects no Pods",
+        ),
+        (
+            policy(
+                "bad-ns",
+                "{ kind: Service, name: cart }",
+                "[{ namespaces: [\"\"] }]",
+            ),
+            "spec.from[0].namespaces[0]",
+        ),
+        (
+            policy(
+                "deny",
+                "{ kind: Service, name: cart }",
+                "[]\n  action: DENY",
+            ),
+            "unknown field `action`",
+        ),
+    ] {
+        let catalog = build(&[("base.yaml", BASE), ("p.yaml", &text)]);
+        let shown = problem(&catalog);
+        assert!(shown.contains(expected), "{shown}");
+    }
 }
 
 #[test]

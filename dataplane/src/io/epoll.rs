@@ -75,6 +75,10 @@ impl Stream for EpollStream {
         crate::sys::abort(std::os::fd::AsFd::as_fd(&self.0));
     }
 
+    fn duplicate(&self) -> Option<std::os::fd::OwnedFd> {
+        std::os::fd::AsFd::as_fd(&self.0).try_clone_to_owned().ok()
+    }
+
     async fn readable(&self) -> io::Result<()> {
         // tokio's readiness can be stale after a read that did not drain the socket; a peek
         // confirms it (and clears it when there is nothing).

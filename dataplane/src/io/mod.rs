@@ -91,6 +91,13 @@ pub trait Stream: Sized + 'static {
     /// task has pending, which is how an idle connection is closed promptly.
     fn shutdown(&self, how: Shutdown) -> io::Result<()>;
 
+    /// Another handle on the socket (`dup`), by which it can be shut down while this one is
+    /// in use elsewhere (a connection whose peer a new authorization refuses); `None` where
+    /// there is none.
+    fn duplicate(&self) -> Option<std::os::fd::OwnedFd> {
+        None
+    }
+
     /// Ends the connection now with a reset ([`crate::sys::abort`]), so the peer cannot
     /// take what it received for the whole message; reads and writes pending on it fail.
     /// Best effort.

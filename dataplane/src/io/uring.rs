@@ -66,6 +66,10 @@ impl Stream for UringStream {
         crate::sys::abort(crate::sys::borrow_fd(&self.0));
     }
 
+    fn duplicate(&self) -> Option<std::os::fd::OwnedFd> {
+        crate::sys::borrow_fd(&self.0).try_clone_to_owned().ok()
+    }
+
     async fn readable(&self) -> io::Result<()> {
         crate::sys::wait_readable(crate::sys::borrow_fd(&self.0)).await
     }
