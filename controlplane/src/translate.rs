@@ -34,7 +34,7 @@ use serde::Serialize;
 use shared::SpiffeId;
 use shared::config::{
     Authorization, Backend, Cluster, ClusterTls, Config, Intercept, Interception, Listener,
-    ListenerTls, OutboundPolicy, Protocol, Route, TlsMode,
+    ListenerTls, OutboundPolicy, Protocol, Retries, RetryOn, Route, TlsMode,
 };
 use shared::crd::{MtlsMode, OutboundTraffic};
 
@@ -629,18 +629,49 @@ fn service_cluster(
     } else {
         cluster.endpoints = plain;
     }
-    if let Some(limit) = catalog
+    let policy = catalog
         .backend_policies
         .iter()
         .filter(|p| p.metadata.namespace.as_deref().unwrap_or("default") == namespace)
         .find(|p| {
             p.spec.target_ref.name == name && p.spec.target_ref.port.is_none_or(|p| p == number)
-        })
-        .and_then(|p| p.spec.connection_limits.as_ref()?.max_idle_per_endpoint)
+        });
+    if let Some(limit) =
+        policy.and_then(|p| p.spec.connection_limits.as_ref()?.max_idle_per_endpoint)
     {
         cluster.max_idle_per_endpoint = limit as usize;
+    }
+    if let Some(retries) = policy.and_then(|p| p.spec.retries.as_ref()) {
+        cluster.retries = Some(proxy_retries(retries));
     }
     cluster.endpoints.sort();
     cluster.endpoints.dedup();
     cluster
+}
+
+/// A BackendPolicy's retries as the proxy runs them. `ConnectFailure` needs nothing: a
+/// failed connect is always tried on up to three endpoints. The catalog checked the
+/// per-try timeout.
+fn proxy_retries(retries: &shared::crd::Retries) -> Retries {
+    let on = retries
+        .on
+        .iter()
+        .filter_map(|on| match on {
+            shared::crd::RetryOn::ConnectFailure => None,
+            shared::crd::RetryOn::Reset => Some(RetryOn::Reset),
+            shared::crd::RetryOn::GatewayError => Some(RetryOn::GatewayError),
+            shared::crd::RetryOn::Unavailable => Some(RetryOn::Unavailable),
+        })
+        .collect();
+    let budget = retries.budget.as_ref();
+    Retries {
+        attempts: retries.attempts.min(shared::config::MAX_RETRIES),
+        on,
+        per_try_timeout: retries
+            .per_try_timeout
+            .as_deref()
+            .and_then(|t| crate::catalog::duration("spec.retries.perTryTimeout", t).ok()),
+        budget_percent: budget.map_or(20, |b| b.percent),
+        min_per_second: budget.map_or(10, |b| b.min_per_second),
+    }
 }

@@ -271,9 +271,14 @@ impl ListenerStats {
     }
 }
 
-/// Counters of one cluster on one worker.
+/// Counters of one cluster on one worker, and its retry budget there (which, like the
+/// counts, outlives a config change).
 #[derive(Debug, Default)]
 pub struct ClusterStats {
+    /// What retries of requests to the cluster may spend on this worker.
+    pub retry_budget: crate::proxy::retry::Budget,
+    retries: Cell<u64>,
+    retries_refused: Cell<u64>,
     connections: Cell<u64>,
     connect_failures: Cell<u64>,
     backoffs: Cell<u64>,
@@ -324,6 +329,14 @@ impl ClusterStats {
     /// The upstream did not answer in time.
     pub fn timeout(&self) {
         bump(&self.timeouts, 1);
+    }
+    /// A failed request was sent again.
+    pub fn retried(&self) {
+        bump(&self.retries, 1);
+    }
+    /// A failed request asked for a retry the budget had no room for.
+    pub fn retry_refused(&self) {
+        bump(&self.retries_refused, 1);
     }
     /// Bytes written to the upstream.
     pub fn sent(&self, bytes: u64) {
@@ -398,6 +411,8 @@ impl Registry {
                     requests: s.requests.get(),
                     responses: s.responses.each_ref().map(Cell::get),
                     timeouts: s.timeouts.get(),
+                    retries: s.retries.get(),
+                    retries_refused: s.retries_refused.get(),
                     bytes_sent: s.bytes_sent.get(),
                     bytes_received: s.bytes_received.get(),
                     pool_reuses: s.pool_reuses.get(),
@@ -466,6 +481,10 @@ pub struct ClusterReport {
     pub responses: [u64; 5],
     /// Requests that timed out.
     pub timeouts: u64,
+    /// Retries sent.
+    pub retries: u64,
+    /// Retries the budget refused.
+    pub retries_refused: u64,
     /// Bytes written to upstreams.
     pub bytes_sent: u64,
     /// Bytes read from upstreams.
@@ -511,6 +530,8 @@ impl WorkerReport {
             m.requests += c.requests;
             add(&mut m.responses, &c.responses);
             m.timeouts += c.timeouts;
+            m.retries += c.retries;
+            m.retries_refused += c.retries_refused;
             m.bytes_sent += c.bytes_sent;
             m.bytes_received += c.bytes_received;
             m.pool_reuses += c.pool_reuses;
@@ -806,6 +827,18 @@ pub fn render(info: &Info<'_>, report: &WorkerReport) -> String {
         "tern_upstream_timeouts_total",
         "HTTP requests whose upstream did not answer in time.",
         &|r| r.timeouts,
+    );
+    cluster_series(
+        &mut out,
+        "tern_upstream_retries_total",
+        "HTTP requests sent again after a failure their cluster's retry policy names.",
+        &|r| r.retries,
+    );
+    cluster_series(
+        &mut out,
+        "tern_upstream_retries_refused_total",
+        "Retries not sent because the cluster's retry budget had no room.",
+        &|r| r.retries_refused,
     );
     cluster_series(
         &mut out,

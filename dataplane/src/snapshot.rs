@@ -199,6 +199,8 @@ pub struct ClusterPlan {
     pub max_idle_per_endpoint: usize,
     /// mTLS origination, if configured.
     pub tls: Option<ClusterTls>,
+    /// Retries of HTTP requests ([`crate::proxy::retry`]), if configured.
+    pub retries: Option<config::Retries>,
 }
 
 /// The cluster that intercepted connections no listener claims pass through on.
@@ -321,6 +323,7 @@ impl Snapshot {
                 idle_timeout: c.idle_timeout,
                 max_idle_per_endpoint: c.max_idle_per_endpoint,
                 tls,
+                retries: c.retries.clone(),
             });
         }
         let passthrough = config.interception.as_ref().map(|_| {
@@ -333,6 +336,7 @@ impl Snapshot {
                 idle_timeout: defaults.idle_timeout,
                 max_idle_per_endpoint: 0,
                 tls: None,
+                retries: None,
             });
             clusters.len() - 1
         });

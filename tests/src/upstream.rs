@@ -118,7 +118,33 @@ async fn handle(
         .to_owned();
     // What the request offered to upgrade to, told back on ordinary answers.
     let upgrade = request.headers().get("upgrade").cloned();
-    let response = if let Some((_, size)) = path.split_once("/bytes/") {
+    let response = if let Some(flaky) = path.strip_prefix("/flaky/") {
+        // `/flaky/{server}/{how}`: the server named `server` fails as `how` says (an HTTP
+        // status, `unavailable`: gRPC's trailers-only UNAVAILABLE, `hang`: no answer); the
+        // others echo the body, naming themselves.
+        let (server, how) = flaky.split_once('/').unwrap_or((flaky, "503"));
+        if server != name {
+            let mut response = Response::new(full(whole_body(request).await));
+            response
+                .headers_mut()
+                .insert("x-served-by", name.parse().unwrap());
+            response
+        } else if how == "hang" {
+            std::future::pending::<()>().await;
+            unreachable!()
+        } else if how == "unavailable" {
+            let mut response = Response::new(full(""));
+            let headers = response.headers_mut();
+            headers.insert("content-type", "application/grpc".parse().unwrap());
+            headers.insert("grpc-status", "14".parse().unwrap());
+            response
+        } else {
+            let mut response = Response::new(full(format!("{name} failed")));
+            *response.status_mut() =
+                hyper::StatusCode::from_u16(how.parse().unwrap_or(503)).unwrap();
+            response
+        }
+    } else if let Some((_, size)) = path.split_once("/bytes/") {
         Response::new(full(vec![b'x'; size.parse().unwrap_or(0)]))
     } else if path == "/echo" {
         Response::new(full(whole_body(request).await))

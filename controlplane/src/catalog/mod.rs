@@ -503,6 +503,12 @@ impl Catalog {
             Object::BackendPolicy(policy) => {
                 self.check_target(&key.namespace, &policy.spec.target_ref)?;
                 if let Some(retries) = &policy.spec.retries {
+                    if retries.attempts > shared::config::MAX_RETRIES {
+                        return fail(
+                            "spec.retries.attempts",
+                            format!("at most {}", shared::config::MAX_RETRIES),
+                        );
+                    }
                     if let Some(timeout) = &retries.per_try_timeout {
                         duration("spec.retries.perTryTimeout", timeout)?;
                     }

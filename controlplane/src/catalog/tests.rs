@@ -1,7 +1,7 @@
 use super::source::parse_file;
 use super::*;
 use crate::translate::{ProxyRequest, translate};
-use shared::config::{Outbound, Protocol, TlsMode};
+use shared::config::{Outbound, Protocol, RetryOn, TlsMode};
 
 const TRUST_DOMAIN: &str = "mesh.test";
 
@@ -412,6 +412,43 @@ fn a_proxy_gets_its_inbound_ports_and_only_the_destinations_it_asked_for() {
 }
 
 #[test]
+fn a_backend_policy_gives_its_service_port_retries() {
+    let policy = "apiVersion: tern.dev/v1alpha1\nkind: BackendPolicy\nmetadata: { name: cart, namespace: shop }\nspec:\n  targetRef: { kind: Service, name: cart, port: 80 }\n  retries: { attempts: 2, on: [ConnectFailure, GatewayError, Unavailable], perTryTimeout: 250ms, budget: { percent: 30, minPerSecond: 4 } }\n";
+    let catalog = build(&[("base.yaml", BASE), ("policy.yaml", policy)]);
+    let web = translate(
+        &catalog,
+        &request("web-0", "web", &[("cart.shop", 80), ("db.shop", 5432)]),
+    );
+    let cluster = |name: &str| web.config.clusters.iter().find(|c| c.name == name).unwrap();
+    let retries = cluster("outbound:cart.shop:80")
+        .retries
+        .clone()
+        .expect("retries");
+    assert_eq!(retries.attempts, 2);
+    // A failed connect is always tried elsewhere: nothing to ask of the proxy.
+    assert_eq!(retries.on, [RetryOn::GatewayError, RetryOn::Unavailable]);
+    assert_eq!(
+        retries.per_try_timeout,
+        Some(std::time::Duration::from_millis(250))
+    );
+    assert_eq!((retries.budget_percent, retries.min_per_second), (30, 4));
+    assert!(cluster("outbound:db.shop:5432").retries.is_none());
+    assert_validates(&web.config);
+
+    // Without a budget, the default one.
+    let unbudgeted = policy.replace(", budget: { percent: 30, minPerSecond: 4 }", "");
+    let catalog = build(&[("base.yaml", BASE), ("policy.yaml", &unbudgeted)]);
+    let web = translate(&catalog, &request("web-0", "web", &[("cart.shop", 80)]));
+    let cart = web
+        .config
+        .clusters
+        .iter()
+        .find(|c| c.name == "outbound:cart.shop:80");
+    let retries = cart.and_then(|c| c.retries.clone()).expect("retries");
+    assert_eq!((retries.budget_percent, retries.min_per_second), (20, 10));
+}
+
+#[test]
 fn an_authorization_policy_guards_the_pod_ports_its_service_targets() {
     let policy = |name: &str, target: &str, from: &str| {
         format!(
@@ -654,6 +691,14 @@ fn values_a_proxy_would_refuse_are_refused_at_the_source() {
         (
             "apiVersion: v1\nkind: Pod\nmetadata: { name: p, namespace: shop, annotations: { tern.dev/inbound-ports: \"8080=15080,9090=15080\" } }\nspec: { containers: [] }\nstatus: { podIP: 10.0.0.2 }\n".into(),
             "sidecar port 15080 is used twice",
+        ),
+        (
+            "apiVersion: tern.dev/v1alpha1\nkind: BackendPolicy\nmetadata: { name: b, namespace: shop }\nspec: { targetRef: { kind: Service, name: cart }, retries: { attempts: 6, on: [Reset] } }\n".into(),
+            "spec.retries.attempts: at most 5",
+        ),
+        (
+            "apiVersion: tern.dev/v1alpha1\nkind: BackendPolicy\nmetadata: { name: b, namespace: shop }\nspec: { targetRef: { kind: Service, name: cart }, retries: { attempts: 1, on: [Reset], perTryTimeout: 0s } }\n".into(),
+            "spec.retries.perTryTimeout: must be at least 1ms",
         ),
     ];
     for (text, expected) in cases {

@@ -7,7 +7,8 @@
 //! routes, picks the upstream connection (per endpoint per worker, shared by up to 100
 //! streams, then another), bounds everything up to the response head with the route's
 //! timeout, sends a request the upstream refused unseen (GOAWAY) once more on another
-//! connection, and answers failures itself with `x-tern-response-flag`, as HTTP/1.1 does (to
+//! connection, retries what its cluster's retry policy names ([`super::retry`]), and answers
+//! failures itself with `x-tern-response-flag`, as HTTP/1.1 does (to
 //! a gRPC call in gRPC's terms: `grpc-status` and `grpc-message`).
 
 use std::cell::{Cell, RefCell};
@@ -24,6 +25,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper::{Request, Response};
 
+use super::retry::{Attempts, Failure, Outgoing, Resend};
 use crate::io::Backend;
 use crate::io::hyper_io::{HyperIo, LocalExec};
 use crate::metrics::Flag;
@@ -52,7 +54,7 @@ const EXTRA_CONNECTION_IDLE: Duration = Duration::from_secs(60);
 /// on it.
 #[derive(Debug)]
 struct Connection {
-    sender: tokio::sync::OnceCell<SendRequest<Incoming>>,
+    sender: tokio::sync::OnceCell<SendRequest<Outgoing>>,
     /// Making it failed: the streams that were waiting for it go on to the next endpoint
     /// rather than each trying again in turn.
     failed: Cell<bool>,
@@ -373,46 +375,87 @@ async fn forward<B: Backend>(
     };
     let chosen = route.choose(view.roll());
     let cluster = &view.clusters[chosen.cluster];
-    let deadline = tokio::time::Instant::now() + chosen.timeout;
-    // A request the upstream never saw (its connection was closing: GOAWAY) goes once more,
-    // on another connection (the closing one is forgotten).
-    for _ in 0..2 {
+    let retries = view.snapshot.clusters[chosen.cluster].retries.as_ref();
+    let mut attempts = Attempts::start(retries, chosen.timeout, cluster);
+    // A request that may go again keeps a copy of its head and records its body.
+    let (mut request, resend) = Resend::split(request, attempts.retryable());
+    let mut unsent_resent = false;
+    loop {
+        let deadline = attempts.deadline();
         let upstream =
             tokio::time::timeout_at(deadline, upstream::<B>(worker, view, chosen.cluster));
-        let (mut sender, key, place) = match upstream.await {
-            Ok(Some(found)) => found,
+        let sent = match upstream.await {
+            Ok(Some((mut sender, key, place))) => {
+                cluster.request();
+                let sent = tokio::time::timeout_at(deadline, sender.try_send_request(request));
+                (sent.await, key, place)
+            }
             Ok(None) => return refuse(503, Flag::UpstreamConnectFailure),
             Err(_) => {
                 cluster.timeout();
-                return refuse(504, Flag::UpstreamTimeout);
+                match Resend::again(resend.as_ref(), &mut attempts, Failure::PerTryTimeout) {
+                    Some(next) => {
+                        request = next;
+                        continue;
+                    }
+                    None => return refuse(504, Flag::UpstreamTimeout),
+                }
             }
         };
-        cluster.request();
-        match tokio::time::timeout_at(deadline, sender.try_send_request(request)).await {
-            Err(_) => {
-                cluster.timeout();
-                return refuse(504, Flag::UpstreamTimeout);
-            }
-            Ok(Ok(response)) => {
+        let (failure, status, flag) = match sent {
+            (Ok(Ok(response)), _, place) => {
                 let status = response.status().as_u16();
                 cluster.response(status);
+                let failure = match status {
+                    502..=504 => Some(Failure::Status(status)),
+                    _ if grpc && grpc_unavailable(response.headers()) => Some(Failure::Unavailable),
+                    _ => None,
+                };
+                if let Some(next) =
+                    failure.and_then(|f| Resend::again(resend.as_ref(), &mut attempts, f))
+                {
+                    // The failed answer goes no further: dropping it resets its stream.
+                    request = next;
+                    continue;
+                }
                 stats.response(status, started.elapsed());
                 let idle_timeout = view.snapshot.clusters[chosen.cluster].idle_timeout;
                 let stats = view.listeners[listener].clone();
                 return response
                     .map(|body| Either::Left(UpstreamBody::new(body, place, idle_timeout, stats)));
             }
-            Ok(Err(mut failed)) => {
+            (Ok(Err(mut failed)), key, place) => {
                 worker.h2.forget(key, &place.0);
                 tracing::debug!(cluster = %view.snapshot.clusters[chosen.cluster].name, error = %failed.error(), "HTTP/2 upstream failed");
-                match failed.take_message() {
-                    Some(unsent) => request = unsent,
-                    None => return refuse(502, Flag::UpstreamReset),
+                // A request the upstream never saw (its connection was closing: GOAWAY) goes
+                // once more, on another connection (the closing one is forgotten), retries
+                // or not.
+                if let Some(unsent) = failed.take_message()
+                    && !unsent_resent
+                {
+                    unsent_resent = true;
+                    request = unsent;
+                    continue;
                 }
+                (Failure::Reset, 502, Flag::UpstreamReset)
             }
+            (Err(_), _, _) => {
+                cluster.timeout();
+                (Failure::PerTryTimeout, 504, Flag::UpstreamTimeout)
+            }
+        };
+        match Resend::again(resend.as_ref(), &mut attempts, failure) {
+            Some(next) => request = next,
+            None => return refuse(status, flag),
         }
     }
-    refuse(502, Flag::UpstreamReset)
+}
+
+/// Whether a gRPC response says `UNAVAILABLE` in its head (a trailers-only answer).
+fn grpc_unavailable(headers: &hyper::HeaderMap) -> bool {
+    headers
+        .get("grpc-status")
+        .is_some_and(|status| status.as_bytes() == b"14")
 }
 
 /// Whether a `Host` field, if the request has one beside its authority, names the same host
@@ -527,7 +570,7 @@ async fn upstream<'v, B: Backend>(
     worker: &Rc<Worker<B>>,
     view: &'v View,
     cluster: usize,
-) -> Option<(SendRequest<Incoming>, Key<'v>, Place)> {
+) -> Option<(SendRequest<Outgoing>, Key<'v>, Place)> {
     let plan = view.snapshot.clusters.get(cluster)?;
     let mut attempts = 0;
     while attempts < plan.endpoints.len().min(super::CONNECT_ATTEMPTS) {
@@ -587,7 +630,7 @@ async fn connect<B: Backend>(
     view: &View,
     cluster: usize,
     addr: SocketAddr,
-) -> Result<SendRequest<Incoming>, ()> {
+) -> Result<SendRequest<Outgoing>, ()> {
     let name = view.snapshot.clusters[cluster].name.clone();
     let stream = super::connect_to::<B>(view, cluster, addr, super::Inner::Http2)
         .await
@@ -599,7 +642,7 @@ async fn connect<B: Backend>(
         .keep_alive_while_idle(true)
         .initial_stream_window_size(UPSTREAM_STREAM_WINDOW)
         .initial_connection_window_size(UPSTREAM_CONNECTION_WINDOW)
-        .handshake::<_, Incoming>(HyperIo::new(stream))
+        .handshake::<_, Outgoing>(HyperIo::new(stream))
         .await
     {
         Ok((sender, connection)) => {

@@ -13,6 +13,7 @@ pub mod http1;
 pub mod http2;
 pub mod intercept;
 pub mod pool;
+pub mod retry;
 pub mod tcp;
 
 use std::net::SocketAddr;

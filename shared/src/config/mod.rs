@@ -526,6 +526,7 @@ impl Cluster {
             idle_timeout: default_idle_timeout(),
             max_idle_per_endpoint: default_max_idle_per_endpoint(),
             tls: None,
+            retries: None,
         }
     }
 }
@@ -579,7 +580,62 @@ pub struct Cluster {
     /// Originate mTLS to the endpoints.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ClusterTls>,
+    /// Retries of HTTP requests that failed in a way worth another try.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<Retries>,
 }
+
+/// Retries of HTTP requests to a cluster (a BackendPolicy's `retries`), each on the next
+/// endpoint. Only a request that can go again as it is, and is safe to repeat, is retried:
+/// one without a body and with an idempotent method (`GET`, `HEAD`, `PUT`, `DELETE`,
+/// `OPTIONS`, `TRACE`). The route's timeout bounds every attempt together. A failed connect
+/// is always tried on up to three endpoints, with or without this.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retries {
+    /// Attempts after the first (at most 5).
+    pub attempts: u32,
+    /// Which failures are retried.
+    pub on: Vec<RetryOn>,
+    /// Time allowed for each attempt's response head; one that runs out is retried as a
+    /// `gateway_error`. The route's timeout alone when absent.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub per_try_timeout: Option<Duration>,
+    /// Retries allowed, per worker, as a percentage of requests (on top of
+    /// `min_per_second`): a budget, so that retries cannot multiply an overload.
+    #[serde(default = "default_budget_percent")]
+    pub budget_percent: u32,
+    /// Retries allowed per second, per worker, whatever the traffic.
+    #[serde(default = "default_budget_min_per_second")]
+    pub min_per_second: u32,
+}
+
+/// A failure worth another try.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RetryOn {
+    /// The upstream closed or reset the connection before a response.
+    Reset,
+    /// A 502, 503 or 504 response, or no response head within the per-try timeout.
+    GatewayError,
+    /// A gRPC `UNAVAILABLE` answer (`grpc-status: 14` in a trailers-only response).
+    Unavailable,
+}
+
+fn default_budget_percent() -> u32 {
+    20
+}
+
+fn default_budget_min_per_second() -> u32 {
+    10
+}
+
+/// Most retries of one request.
+pub const MAX_RETRIES: u32 = 5;
 
 /// Limits on what an HTTP client may send, and how long it may take.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -811,6 +867,17 @@ impl Config {
                 && tls.cipher_suites.as_ref().is_some_and(Vec::is_empty)
             {
                 return fail(at("tls.cipher_suites"), "must name at least one suite");
+            }
+            if let Some(retries) = &cluster.retries {
+                if retries.attempts > MAX_RETRIES {
+                    return fail(at("retries.attempts"), &format!("at most {MAX_RETRIES}"));
+                }
+                if retries.per_try_timeout.is_some_and(|t| t.is_zero()) {
+                    return fail(at("retries.per_try_timeout"), "must be greater than zero");
+                }
+                if retries.budget_percent > 100 {
+                    return fail(at("retries.budget_percent"), "must be 0 to 100");
+                }
             }
         }
 

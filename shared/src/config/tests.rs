@@ -108,6 +108,27 @@ fn refuses_inconsistent_listeners_and_clusters() {
             GOOD.replace("connect_timeout: 2s", "connect_timeout: 0s"),
             "clusters[0].connect_timeout",
         ),
+        (
+            GOOD.replace(
+                "connect_timeout: 2s",
+                "connect_timeout: 2s\n    retries: { attempts: 6, on: [reset] }",
+            ),
+            "clusters[0].retries.attempts",
+        ),
+        (
+            GOOD.replace(
+                "connect_timeout: 2s",
+                "connect_timeout: 2s\n    retries: { attempts: 1, on: [reset], per_try_timeout: 0s }",
+            ),
+            "clusters[0].retries.per_try_timeout",
+        ),
+        (
+            GOOD.replace(
+                "connect_timeout: 2s",
+                "connect_timeout: 2s\n    retries: { attempts: 1, on: [reset], budget_percent: 101 }",
+            ),
+            "clusters[0].retries.budget_percent",
+        ),
     ];
     for (yaml, expected) in cases {
         assert_eq!(invalid(&yaml).0, expected);

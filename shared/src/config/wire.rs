@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::api::discovery as pb;
 use crate::config::{
     Authorization, Backend, CipherSuite, Cluster, ClusterTls, Config, Intercept, Listener,
-    ListenerTls, OutboundPolicy, Protocol, Route, TlsMode,
+    ListenerTls, OutboundPolicy, Protocol, Retries, RetryOn, Route, TlsMode,
 };
 
 /// Listeners and clusters from `tern-control`, at a version.
@@ -148,6 +148,21 @@ fn encode_listener(l: &Listener) -> pb::Listener {
 
 fn encode_cluster(c: &Cluster) -> pb::Cluster {
     pb::Cluster {
+        retries: c.retries.as_ref().map(|r| pb::Retries {
+            attempts: r.attempts,
+            on: r
+                .on
+                .iter()
+                .map(|on| match on {
+                    RetryOn::Reset => pb::RetryOn::Reset,
+                    RetryOn::GatewayError => pb::RetryOn::GatewayError,
+                    RetryOn::Unavailable => pb::RetryOn::Unavailable,
+                } as i32)
+                .collect(),
+            per_try_timeout_ms: r.per_try_timeout.map_or(0, millis),
+            budget_percent: r.budget_percent,
+            min_per_second: r.min_per_second,
+        }),
         name: c.name.clone(),
         endpoints: c.endpoints.iter().map(ToString::to_string).collect(),
         connect_timeout_ms: millis(c.connect_timeout),
@@ -322,6 +337,30 @@ fn decode_cluster(i: usize, c: pb::Cluster) -> Result<Cluster, WireError> {
             })
         }
     };
+    let retries = match c.retries {
+        None => None,
+        Some(r) => Some(Retries {
+            attempts: r.attempts,
+            on: r
+                .on
+                .iter()
+                .enumerate()
+                .map(|(j, &on)| match pb::RetryOn::try_from(on) {
+                    Ok(pb::RetryOn::Reset) => Ok(RetryOn::Reset),
+                    Ok(pb::RetryOn::GatewayError) => Ok(RetryOn::GatewayError),
+                    Ok(pb::RetryOn::Unavailable) => Ok(RetryOn::Unavailable),
+                    Ok(pb::RetryOn::Unspecified) | Err(_) => Err(wrong(
+                        at(&format!("retries.on[{j}]")),
+                        format!("unknown failure {on}"),
+                    )),
+                })
+                .collect::<Result<_, _>>()?,
+            per_try_timeout: (r.per_try_timeout_ms > 0)
+                .then(|| Duration::from_millis(r.per_try_timeout_ms)),
+            budget_percent: r.budget_percent,
+            min_per_second: r.min_per_second,
+        }),
+    };
     Ok(Cluster {
         name: c.name,
         endpoints,
@@ -329,6 +368,7 @@ fn decode_cluster(i: usize, c: pb::Cluster) -> Result<Cluster, WireError> {
         idle_timeout: Duration::from_millis(c.idle_timeout_ms),
         max_idle_per_endpoint: c.max_idle_per_endpoint as usize,
         tls,
+        retries,
     })
 }
 
@@ -392,6 +432,7 @@ clusters:
   - name: cart-v2
     endpoints: []
     connect_timeout: 250ms
+    retries: { attempts: 2, on: [reset, gateway_error, unavailable], per_try_timeout: 300ms, budget_percent: 25, min_per_second: 3 }
   - name: app
     endpoints: [127.0.0.1:8080]
 identity:

@@ -19,6 +19,7 @@ use shared::config::HttpSettings;
 
 use self::body::BodyError;
 use self::head::{Framing, Limits, RequestHead, ResponseHead};
+use super::retry::{Attempts, Failure};
 use super::tcp::pump_counted;
 use crate::io::{Backend, Stream};
 use crate::metrics::{Flag, ListenerStats};
@@ -266,17 +267,26 @@ impl<B: Backend> Conn<'_, B> {
     ///
     /// The request head stays at the front of `inbuf` until it cannot be needed again: a
     /// request with a body is drained as soon as its head is out (it is never retried); one
-    /// without is kept for a retry until the response head arrives.
+    /// without is kept for a retry until the response head arrives. Such a request goes again
+    /// when its pooled connection turns out stale (idempotent methods only, once, on a new
+    /// connection) and when its cluster's retry policy names the failure (each time to the
+    /// next endpoint, within the route's timeout and the budget).
     async fn exchange(&mut self, head: &RequestHead, route: Chosen, started: Instant) -> Next {
         let cluster = route.cluster;
-        let upstream_stats = self.view.clusters[cluster].clone();
+        let view = self.view.clone();
+        let upstream_stats = &*view.clusters[cluster];
         let has_body = head.framing != Framing::Empty;
         let mut body_done = !has_body;
-        let mut retried = false;
+        let retries = view.snapshot.clusters[cluster]
+            .retries
+            .as_ref()
+            .filter(|_| !has_body);
+        let mut attempts = Attempts::start(retries, route.timeout, upstream_stats);
+        let mut stale_retried = false;
         let (up, addr, response) = loop {
-            // A retry connects afresh: connections parked as long as the stale one probably
-            // went stale with it.
-            let Some((up, addr, reused)) = self.checkout(cluster, !retried).await else {
+            // A retry after a stale connection connects afresh: connections parked as long as
+            // the stale one probably went stale with it.
+            let Some((up, addr, reused)) = self.checkout(cluster, !stale_retried).await else {
                 self.inbuf.drain(..head.len);
                 return self
                     .reply(503, Flag::UpstreamConnectFailure, has_body, started)
@@ -286,7 +296,7 @@ impl<B: Backend> Conn<'_, B> {
             // A pooled connection the upstream already closed fails here; an idempotent
             // request with no body is safe to send again on a fresh connection, once (the
             // upstream may have acted on it before closing: RFC 9110 §9.2.2).
-            let may_retry = reused && !retried && !has_body && head.method.idempotent();
+            let stale_resend = reused && !stale_retried && !has_body && head.method.idempotent();
             if has_body && !head.expect_continue {
                 // The head and the start of the body go out in one write.
                 if let Err(next) = self.request_body(head, &up, cluster, started).await {
@@ -299,8 +309,11 @@ impl<B: Backend> Conn<'_, B> {
                 self.inbuf = inbuf;
                 if written.is_err() {
                     let _ = up.shutdown(Shutdown::Both);
-                    if may_retry {
-                        retried = true;
+                    if stale_resend {
+                        stale_retried = true;
+                        continue;
+                    }
+                    if attempts.again(Failure::Reset) {
                         continue;
                     }
                     self.inbuf.drain(..head.len);
@@ -314,22 +327,40 @@ impl<B: Backend> Conn<'_, B> {
                     self.inbuf.drain(..head.len);
                 }
             }
+            let deadline = attempts.deadline();
             match self
-                .read_response_head(&up, head, route, &mut body_done)
+                .read_response_head(&up, head, route, deadline, &mut body_done)
                 .await
             {
-                Ok(response) => break (up, addr, response),
-                Err(UpstreamFailure::Closed) if may_retry => {
+                Ok(response) => {
+                    if attempts.again(Failure::Status(response.status)) {
+                        // The failed answer goes no further; its connection closes rather than
+                        // wait for a body nobody reads.
+                        upstream_stats.response(response.status);
+                        let _ = up.shutdown(Shutdown::Both);
+                        continue;
+                    }
+                    break (up, addr, response);
+                }
+                Err(UpstreamFailure::Closed) if stale_resend => {
                     let _ = up.shutdown(Shutdown::Both);
-                    retried = true;
+                    stale_retried = true;
                 }
                 Err(failure) => {
                     let _ = up.shutdown(Shutdown::Both);
-                    if !has_body {
-                        self.inbuf.drain(..head.len);
-                    }
                     if failure == UpstreamFailure::Timeout {
                         upstream_stats.timeout();
+                    }
+                    let retry_as = match failure {
+                        UpstreamFailure::Closed | UpstreamFailure::Reset => Some(Failure::Reset),
+                        UpstreamFailure::Timeout => Some(Failure::PerTryTimeout),
+                        _ => None,
+                    };
+                    if retry_as.is_some_and(|failure| attempts.again(failure)) {
+                        continue;
+                    }
+                    if !has_body {
+                        self.inbuf.drain(..head.len);
                     }
                     let (status, flag) = failure.reply();
                     return self.reply(status, flag, !body_done, started).await;
@@ -405,16 +436,16 @@ impl<B: Backend> Conn<'_, B> {
         }
     }
 
-    /// Reads the final response head into `upbuf`, passing interim (1xx) responses on, and
-    /// sending an expect-continue body once the upstream asks for it.
+    /// Reads the final response head into `upbuf` by `deadline`, passing interim (1xx)
+    /// responses on, and sending an expect-continue body once the upstream asks for it.
     async fn read_response_head(
         &mut self,
         up: &MaybeTls<B::Stream>,
         head: &RequestHead,
         route: Chosen,
+        mut deadline: tokio::time::Instant,
         body_done: &mut bool,
     ) -> Result<ResponseHead, UpstreamFailure> {
-        let mut deadline = tokio::time::Instant::now() + route.timeout;
         self.upbuf.clear();
         if self.upbuf.capacity() < HEAD_BUFFER {
             self.upbuf.reserve(HEAD_BUFFER);

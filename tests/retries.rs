@@ -1,0 +1,212 @@
+//! A cluster's retry policy (a BackendPolicy's `retries`) through one proxy hop, on both IO
+//! backends and both HTTP versions: a failure the policy names goes to the next endpoint and
+//! the client sees the answer, a gRPC call's body is sent again whole, a request with an
+//! HTTP/1.1 body is not retried, a per-try timeout gives a hanging endpoint up in time, and an
+//! empty budget lets the failure through and counts it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use tests::client::Conn;
+use tests::h2::H2;
+use tests::upstream::{self, Http};
+use tests::{BackendChoice, Proxy, both_backends, metric, wait_for_metric};
+
+/// One worker (its round robin alternates between the two endpoints, so a failing one gets
+/// every other first attempt), routing by host to clusters of the endpoints `a` and `b`:
+/// `retry.local` retries gateway errors, resets and gRPC UNAVAILABLE; `plain.local` does not
+/// retry; `stingy.local` retries with an empty budget; `resets.local` reaches an endpoint
+/// that resets every connection, and `b`.
+fn proxy(a: SocketAddr, b: SocketAddr, resets: SocketAddr, backend: BackendChoice) -> Proxy {
+    let yaml = format!(
+        r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    protocol: http
+    routes:
+      - {{ host: retry.local, cluster: retry, timeout: 3s }}
+      - {{ host: plain.local, cluster: plain }}
+      - {{ host: stingy.local, cluster: stingy }}
+      - {{ host: resets.local, cluster: resets }}
+clusters:
+  - name: retry
+    endpoints: [{a}, {b}]
+    retries: {{ attempts: 2, on: [gateway_error, reset, unavailable], per_try_timeout: 300ms }}
+  - {{ name: plain, endpoints: [{a}, {b}] }}
+  - name: stingy
+    endpoints: [{a}, {b}]
+    retries: {{ attempts: 2, on: [gateway_error], budget_percent: 0, min_per_second: 0 }}
+  - name: resets
+    endpoints: [{resets}, {b}]
+    retries: {{ attempts: 1, on: [reset] }}
+"#
+    );
+    let config = shared::Config::from_yaml(&yaml, "test.yaml").unwrap();
+    let options = dataplane::Options {
+        workers: Some(1),
+        ..tests::options(backend)
+    };
+    Proxy::start(config, "test.yaml", options).unwrap()
+}
+
+fn statuses(conn: &mut Conn, request: &str, times: usize) -> Vec<u16> {
+    (0..times)
+        .map(|_| {
+            conn.send(request.as_bytes());
+            conn.response(false).status
+        })
+        .collect()
+}
+
+fn http1_failures_the_policy_names_go_to_the_next_endpoint(backend: BackendChoice) {
+    let a = Http::start("a");
+    let b = Http::start("b");
+    let proxy = proxy(a.addr, b.addr, upstream::scripted(b"", true), backend);
+    let web = proxy.listener_addr("web").unwrap();
+    let mut conn = Conn::open(web);
+
+    // Without retries, every other request meets `a`'s 503.
+    let plain = statuses(
+        &mut conn,
+        "GET /flaky/a/503 HTTP/1.1\r\nHost: plain.local\r\n\r\n",
+        6,
+    );
+    assert_eq!(plain.iter().filter(|&&s| s == 503).count(), 3, "{plain:?}");
+
+    // With them, `b` answers every one. (Each retry draws the next endpoint, so how many
+    // first attempts meet `a` depends on where round robin starts: every one is retried.)
+    let met_a = a.requests.load(Ordering::SeqCst);
+    for _ in 0..6 {
+        conn.send(b"GET /flaky/a/503 HTTP/1.1\r\nHost: retry.local\r\n\r\n");
+        let response = conn.response(false);
+        assert_eq!(response.status, 200);
+        assert_eq!(response.header("x-served-by"), Some("b"));
+    }
+    // An endpoint that never answers is given up after the per-try timeout.
+    let hang = statuses(
+        &mut conn,
+        "GET /flaky/a/hang HTTP/1.1\r\nHost: retry.local\r\n\r\n",
+        4,
+    );
+    assert_eq!(hang, [200; 4]);
+    let met_a = a.requests.load(Ordering::SeqCst) - met_a;
+    assert!(met_a >= 9, "{met_a}");
+    // A connection reset before any answer.
+    let reset = statuses(&mut conn, "GET / HTTP/1.1\r\nHost: resets.local\r\n\r\n", 4);
+    assert_eq!(reset, [200; 4]);
+
+    // A request with a body went out as it streamed in: it is not retried.
+    let post = statuses(
+        &mut conn,
+        "POST /flaky/a/503 HTTP/1.1\r\nHost: retry.local\r\ncontent-length: 2\r\n\r\nhi",
+        4,
+    );
+    assert_eq!(post.iter().filter(|&&s| s == 503).count(), 2, "{post:?}");
+
+    // An empty budget: the failure comes through, and the refused retry is counted.
+    let stingy = statuses(
+        &mut conn,
+        "GET /flaky/a/503 HTTP/1.1\r\nHost: stingy.local\r\n\r\n",
+        4,
+    );
+    assert_eq!(
+        stingy.iter().filter(|&&s| s == 503).count(),
+        2,
+        "{stingy:?}"
+    );
+
+    let metrics = wait_for_metric(
+        &proxy,
+        "tern_upstream_retries_refused_total{cluster=\"stingy\"}",
+        2.0,
+    );
+    assert_eq!(
+        metric(&metrics, "tern_upstream_retries_total{cluster=\"retry\"}"),
+        met_a as f64,
+        "{metrics}"
+    );
+    // Three or four of the four requests met the resetting endpoint first.
+    let resets = metric(&metrics, "tern_upstream_retries_total{cluster=\"resets\"}");
+    assert!((3.0..=4.0).contains(&resets), "{metrics}");
+    assert_eq!(
+        metric(&metrics, "tern_upstream_retries_total{cluster=\"plain\"}"),
+        0.0
+    );
+}
+
+fn grpc_call(
+    authority: &str,
+    path: &str,
+    message: &'static [u8],
+) -> hyper::Request<http_body_util::Full<Bytes>> {
+    hyper::Request::post(format!("http://{authority}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(Bytes::from_static(message)))
+        .unwrap()
+}
+
+fn http2_failures_the_policy_names_go_again_with_their_body(backend: BackendChoice) {
+    let a = Http::start("a");
+    let b = Http::start("b");
+    let proxy = proxy(a.addr, b.addr, upstream::dead_address(), backend);
+    let client = H2::connect(proxy.listener_addr("web").unwrap());
+    const MESSAGE: &[u8] = b"\0\0\0\0\x05hello";
+
+    // Without retries, every other call meets `a`'s UNAVAILABLE.
+    let plain: Vec<_> = (0..6)
+        .map(|_| client.request(grpc_call("plain.local", "/flaky/a/unavailable", MESSAGE)))
+        .collect();
+    let unavailable = plain
+        .iter()
+        .filter(|answer| answer.headers.get("grpc-status").is_some_and(|s| s == "14"))
+        .count();
+    assert_eq!(unavailable, 3);
+
+    // With them, `b` answers every call, having received its whole message.
+    let met_a = a.requests.load(Ordering::SeqCst);
+    for _ in 0..6 {
+        let answer = client.request(grpc_call("retry.local", "/flaky/a/unavailable", MESSAGE));
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.headers["x-served-by"], "b");
+        assert_eq!(answer.body.as_ref(), MESSAGE);
+    }
+    // Gateway errors and an endpoint that never answers.
+    for path in ["/flaky/a/503", "/flaky/a/hang"] {
+        for _ in 0..4 {
+            let answer = client.send("POST", "retry.local", path, Bytes::from_static(b"body"));
+            assert_eq!(answer.status, 200, "{path}");
+            assert_eq!(answer.body.as_ref(), b"body");
+        }
+    }
+    let met_a = a.requests.load(Ordering::SeqCst) - met_a;
+    assert!(met_a >= 13, "{met_a}");
+    // An empty budget lets the failures through.
+    let stingy: Vec<_> = (0..4)
+        .map(|_| client.get("stingy.local", "/flaky/a/503").status)
+        .collect();
+    assert_eq!(
+        stingy.iter().filter(|&&s| s == 503).count(),
+        2,
+        "{stingy:?}"
+    );
+
+    let metrics = wait_for_metric(
+        &proxy,
+        "tern_upstream_retries_refused_total{cluster=\"stingy\"}",
+        2.0,
+    );
+    assert_eq!(
+        metric(&metrics, "tern_upstream_retries_total{cluster=\"retry\"}"),
+        met_a as f64,
+        "{metrics}"
+    );
+}
+
+both_backends!(
+    http1_failures_the_policy_names_go_to_the_next_endpoint,
+    http2_failures_the_policy_names_go_again_with_their_body,
+);
