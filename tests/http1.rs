@@ -183,6 +183,14 @@ fn expect_continue_is_passed_through(backend: BackendChoice) {
     }
     let response = conn.response(false);
     assert_eq!((response.status, response.text()), (200, "abc".to_owned()));
+    // Nor is one without `Expect`.
+    conn.send(b"POST /echo HTTP/1.1\r\nHost: web.local\r\nContent-Length: 3\r\n\r\n");
+    for byte in [b"a", b"b", b"c"] {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        conn.send(byte);
+    }
+    let response = conn.response(false);
+    assert_eq!((response.status, response.text()), (200, "abc".to_owned()));
 }
 
 fn websocket_upgrade_becomes_a_byte_pump(backend: BackendChoice) {

@@ -831,7 +831,7 @@ pub fn render(info: &Info<'_>, report: &WorkerReport) -> String {
     cluster_series(
         &mut out,
         "tern_upstream_retries_total",
-        "HTTP requests sent again after a failure their cluster's retry policy names.",
+        "HTTP requests tried again, on the next endpoint, after a failure their cluster's retry policy names.",
         &|r| r.retries,
     );
     cluster_series(

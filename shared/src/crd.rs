@@ -203,8 +203,12 @@ pub struct RetryBudget {
     /// Retries allowed as a percentage of recent requests.
     pub percent: u32,
     /// Retries allowed per second regardless of traffic.
-    #[serde(default)]
+    #[serde(default = "default_min_retries_per_second")]
     pub min_per_second: u32,
+}
+
+fn default_min_retries_per_second() -> u32 {
+    10
 }
 
 /// Retries of failed requests.
@@ -319,7 +323,7 @@ mod tests {
         assert_eq!(policy.spec.target_ref.port, Some(9080));
         assert_eq!(policy.spec.load_balancing, LoadBalancing::LeastRequest);
         let retries = policy.spec.retries.unwrap();
-        assert_eq!(retries.budget.unwrap().min_per_second, 0);
+        assert_eq!(retries.budget.unwrap().min_per_second, 10);
         assert_eq!(
             policy.spec.outlier_detection.unwrap().max_ejected_percent,
             50

@@ -414,7 +414,8 @@ async fn forward<B: Backend>(
                 if let Some(next) =
                     failure.and_then(|f| Resend::again(resend.as_ref(), &mut attempts, f))
                 {
-                    // The failed answer goes no further: dropping it resets its stream.
+                    // The failed answer goes no further: dropping it lets its stream go (a
+                    // request body still arriving fails for it, so hyper resets the stream).
                     request = next;
                     continue;
                 }

@@ -11,7 +11,7 @@
 use std::cell::{Cell, RefCell};
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -119,22 +119,30 @@ impl<'a> Attempts<'a> {
 const WINDOW: Duration = Duration::from_secs(10);
 
 /// One worker's retry budget for one cluster: retries may add `budget_percent` of the
-/// requests of the current or last [`WINDOW`] (whichever saw more) plus `min_per_second`.
+/// requests of the current or last [`WINDOW`] (whichever saw more), and beyond that
+/// `min_per_second` in any one second.
 #[derive(Debug)]
 pub struct Budget {
     window_start: Cell<Instant>,
     requests: Cell<u64>,
     previous_requests: Cell<u64>,
-    retries: Cell<u64>,
+    /// Retries taken from the share in this window.
+    shared: Cell<u64>,
+    second_start: Cell<Instant>,
+    /// Retries taken from the floor in this second.
+    floor: Cell<u32>,
 }
 
 impl Default for Budget {
     fn default() -> Budget {
+        let now = Instant::now();
         Budget {
-            window_start: Cell::new(Instant::now()),
+            window_start: Cell::new(now),
             requests: Cell::new(0),
             previous_requests: Cell::new(0),
-            retries: Cell::new(0),
+            shared: Cell::new(0),
+            second_start: Cell::new(now),
+            floor: Cell::new(0),
         }
     }
 }
@@ -154,13 +162,19 @@ impl Budget {
     fn withdraw_at(&self, retries: &Retries, now: Instant) -> bool {
         self.roll(now);
         let requests = self.requests.get().max(self.previous_requests.get());
-        let allowed = requests * u64::from(retries.budget_percent) / 100
-            + u64::from(retries.min_per_second) * WINDOW.as_secs();
-        if self.retries.get() >= allowed {
-            return false;
+        if self.shared.get() < requests * u64::from(retries.budget_percent) / 100 {
+            self.shared.set(self.shared.get() + 1);
+            return true;
         }
-        self.retries.set(self.retries.get() + 1);
-        true
+        if now.saturating_duration_since(self.second_start.get()) >= Duration::from_secs(1) {
+            self.second_start.set(now);
+            self.floor.set(0);
+        }
+        if self.floor.get() < retries.min_per_second {
+            self.floor.set(self.floor.get() + 1);
+            return true;
+        }
+        false
     }
 
     /// Starts a new window when the current one is over (a window with no traffic leaves
@@ -177,7 +191,7 @@ impl Budget {
         };
         self.previous_requests.set(previous);
         self.requests.set(0);
-        self.retries.set(0);
+        self.shared.set(0);
         self.window_start.set(now);
     }
 }
@@ -239,6 +253,10 @@ struct Recording<S> {
     lost: bool,
     /// The newest attempt's number: only it reads on from `source`.
     newest: u32,
+    /// The waker of the attempt waiting on `source`, woken when a newer attempt takes over
+    /// (`source` keeps only the last waker given it): the older one then fails, and hyper
+    /// resets its stream rather than leave it open, holding a place on its connection.
+    reader: Option<Waker>,
 }
 
 /// Records a request body as its first attempt sends it, and gives each later attempt a
@@ -256,6 +274,7 @@ impl<S> Recorder<S> {
             ended: false,
             lost: false,
             newest: 0,
+            reader: None,
         }));
         let first = Replay {
             recording: recording.clone(),
@@ -278,6 +297,9 @@ impl<S> Recorder<S> {
             return None;
         }
         recording.newest += 1;
+        if let Some(reader) = recording.reader.take() {
+            reader.wake();
+        }
         Some(Replay {
             recording: self.0.clone(),
             attempt: recording.newest,
@@ -389,7 +411,10 @@ where
         }
         let recording = &mut *recording;
         let frame = match Pin::new(&mut recording.source).poll_frame(cx) {
-            Poll::Pending => return Poll::Pending,
+            Poll::Pending => {
+                recording.reader = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
             Poll::Ready(None) => {
                 recording.ended = true;
                 return Poll::Ready(None);
@@ -478,35 +503,79 @@ mod tests {
 
     #[test]
     fn the_budget_allows_a_share_of_requests_on_top_of_a_floor() {
-        let policy = retries(&[RetryOn::Reset]);
+        let policy = Retries {
+            min_per_second: 2,
+            ..retries(&[RetryOn::Reset])
+        };
         let budget = Budget::default();
         let start = budget.window_start.get();
-        // No traffic yet: the floor alone, 1 a second over the window.
-        let floor = WINDOW.as_secs();
-        for _ in 0..floor {
-            assert!(budget.withdraw_at(&policy, start));
-        }
-        assert!(!budget.withdraw_at(&policy, start));
-        // 100 requests make room for 20 more.
+        let take = |at: Instant| {
+            (0..1000)
+                .take_while(|_| budget.withdraw_at(&policy, at))
+                .count()
+        };
+        // No traffic yet: the floor alone, for this second.
+        assert_eq!(take(start), 2);
+        assert_eq!(take(start + Duration::from_millis(999)), 0);
+        assert_eq!(take(start + Duration::from_secs(1)), 2);
+        // 100 requests make room for 20 more (20%).
         for _ in 0..100 {
             budget.request();
         }
-        for _ in 0..20 {
-            assert!(budget.withdraw_at(&policy, start));
-        }
-        assert!(!budget.withdraw_at(&policy, start));
-        // The next window starts with the floor and the last window's share.
+        assert_eq!(take(start + Duration::from_secs(1)), 20);
+        // The next window starts with the last window's share, and the floor.
         let next = start + WINDOW;
-        for _ in 0..floor + 20 {
-            assert!(budget.withdraw_at(&policy, next));
-        }
-        assert!(!budget.withdraw_at(&policy, next));
+        assert_eq!(take(next), 22);
         // After a whole window with no traffic, the floor alone.
-        let later = next + WINDOW * 3;
-        for _ in 0..floor {
-            assert!(budget.withdraw_at(&policy, later));
+        assert_eq!(take(next + WINDOW * 3), 2);
+    }
+
+    /// A waker that counts its wakes.
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Count {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
-        assert!(!budget.withdraw_at(&policy, later));
+    }
+
+    #[tokio::test]
+    async fn an_attempt_waiting_on_the_client_fails_once_a_newer_one_takes_over() {
+        // The client sends one frame, then nothing yet: the body is still arriving.
+        let (frames, source) =
+            tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(4);
+        frames
+            .send(Ok(Frame::data(Bytes::from_static(b"a"))))
+            .await
+            .unwrap();
+        let source = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(source));
+        let (recorder, mut first) = Recorder::new(source);
+        let count = std::sync::Arc::new(Count(std::sync::atomic::AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(matches!(
+            Pin::new(&mut first).poll_frame(&mut cx),
+            Poll::Ready(Some(Ok(_)))
+        ));
+        assert!(Pin::new(&mut first).poll_frame(&mut cx).is_pending());
+
+        let second = recorder.again().unwrap();
+        assert_eq!(
+            count.0.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "woken"
+        );
+        assert!(matches!(
+            Pin::new(&mut first).poll_frame(&mut cx),
+            Poll::Ready(Some(Err(_)))
+        ));
+        // The newer attempt sends what was recorded, then the rest as it comes.
+        frames
+            .send(Ok(Frame::data(Bytes::from_static(b"b"))))
+            .await
+            .unwrap();
+        drop(frames);
+        assert_eq!(read(second).await.0, b"ab".to_vec());
     }
 
     type Chunks = StreamBody<
@@ -519,7 +588,11 @@ mod tests {
         ))
     }
 
-    async fn read(body: Replay<Chunks>) -> (Vec<u8>, Option<hyper::HeaderMap>) {
+    async fn read<S>(body: Replay<S>) -> (Vec<u8>, Option<hyper::HeaderMap>)
+    where
+        S: Body<Data = Bytes> + Unpin,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let collected = body.collect().await.map_err(|e| e.to_string()).unwrap();
         let trailers = collected.trailers().cloned();
         (collected.to_bytes().to_vec(), trailers)

@@ -586,10 +586,11 @@ pub struct Cluster {
 }
 
 /// Retries of HTTP requests to a cluster (a BackendPolicy's `retries`), each on the next
-/// endpoint. Only a request that can go again as it is, and is safe to repeat, is retried:
-/// one without a body and with an idempotent method (`GET`, `HEAD`, `PUT`, `DELETE`,
-/// `OPTIONS`, `TRACE`). The route's timeout bounds every attempt together. A failed connect
-/// is always tried on up to three endpoints, with or without this.
+/// endpoint, whatever the method (naming a failure says the service can take a request
+/// twice). Only a request the proxy can send again is retried: over HTTP/1.1 one without a
+/// body, over HTTP/2 one whose body is at most 64 KiB (recorded as it goes). The route's
+/// timeout bounds every attempt together. A failed connect is always tried on up to three
+/// endpoints, with or without this.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Retries {
@@ -605,8 +606,8 @@ pub struct Retries {
         skip_serializing_if = "Option::is_none"
     )]
     pub per_try_timeout: Option<Duration>,
-    /// Retries allowed, per worker, as a percentage of requests (on top of
-    /// `min_per_second`): a budget, so that retries cannot multiply an overload.
+    /// Retries allowed, per worker, as a percentage of the requests of the last 10 s (on
+    /// top of `min_per_second`): a budget, so that retries cannot multiply an overload.
     #[serde(default = "default_budget_percent")]
     pub budget_percent: u32,
     /// Retries allowed per second, per worker, whatever the traffic.

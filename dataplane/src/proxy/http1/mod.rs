@@ -327,7 +327,13 @@ impl<B: Backend> Conn<'_, B> {
                     self.inbuf.drain(..head.len);
                 }
             }
-            let deadline = attempts.deadline();
+            // A request that may go again has the route's timeout over every attempt; one that
+            // cannot (a body, its upload paced by `body_timeout`) has it from when it is out.
+            let deadline = if attempts.retryable() {
+                attempts.deadline()
+            } else {
+                tokio::time::Instant::now() + route.timeout
+            };
             match self
                 .read_response_head(&up, head, route, deadline, &mut body_done)
                 .await
