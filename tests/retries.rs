@@ -1,8 +1,9 @@
-//! A cluster's retry policy (a BackendPolicy's `retries`) through one proxy hop, on both IO
-//! backends and both HTTP versions: a failure the policy names goes to the next endpoint and
-//! the client sees the answer, a gRPC call's body is sent again whole, a request with an
-//! HTTP/1.1 body is not retried, a per-try timeout gives a hanging endpoint up in time, and an
-//! empty budget lets the failure through and counts it.
+//! A cluster's retry policy and outlier detection (a BackendPolicy's) through one proxy hop,
+//! on both IO backends and both HTTP versions: a failure the policy names goes to the next
+//! endpoint and the client sees the answer, a gRPC call's body is sent again whole, a request
+//! with an HTTP/1.1 body is not retried, a per-try timeout gives a hanging endpoint up in
+//! time, an empty budget lets the failure through and counts it, and an endpoint whose
+//! requests fail in a row is ejected.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
@@ -204,7 +205,74 @@ fn http2_failures_the_policy_names_go_again_with_their_body(backend: BackendChoi
     assert_counted(&proxy, &stingy, met_a);
 }
 
+/// A proxy with one worker whose `h1.local` and `h2.local` go to clusters of two endpoints
+/// each, ejecting one after two failed requests in a row.
+fn ejecting(h1: [SocketAddr; 2], h2: [SocketAddr; 2], backend: BackendChoice) -> Proxy {
+    let [a, b] = h1;
+    let [c, d] = h2;
+    let yaml = format!(
+        r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    protocol: http
+    routes:
+      - {{ host: h1.local, cluster: h1 }}
+      - {{ host: h2.local, cluster: h2 }}
+clusters:
+  - name: h1
+    endpoints: [{a}, {b}]
+    outlier_detection: {{ consecutive_failures: 2, base_ejection_time: 1h }}
+  - name: h2
+    endpoints: [{c}, {d}]
+    outlier_detection: {{ consecutive_failures: 2, base_ejection_time: 1h }}
+"#
+    );
+    let config = shared::Config::from_yaml(&yaml, "test.yaml").unwrap();
+    let options = dataplane::Options {
+        workers: Some(1),
+        ..tests::options(backend)
+    };
+    Proxy::start(config, "test.yaml", options).unwrap()
+}
+
+fn an_endpoint_whose_requests_keep_failing_is_ejected(backend: BackendChoice) {
+    let (a, b, c, d) = (
+        Http::start("a"),
+        Http::start("b"),
+        Http::start("c"),
+        Http::start("d"),
+    );
+    let proxy = ejecting([a.addr, b.addr], [c.addr, d.addr], backend);
+    let web = proxy.listener_addr("web").unwrap();
+
+    // Round robin alternates: `a` fails twice in a row (its streak not broken by `b`'s
+    // answers), then is passed over.
+    let mut conn = Conn::open(web);
+    let h1 = statuses(
+        &mut conn,
+        "GET /flaky/a/503 HTTP/1.1\r\nHost: h1.local\r\n\r\n",
+        12,
+    );
+    assert_eq!(h1.iter().filter(|&&s| s == 503).count(), 2, "{h1:?}");
+    assert_eq!(a.requests.load(Ordering::SeqCst), 2);
+
+    let client = H2::connect(web);
+    let h2: Vec<_> = (0..12)
+        .map(|_| client.get("h2.local", "/flaky/c/503").status)
+        .collect();
+    assert_eq!(h2.iter().filter(|&&s| s == 503).count(), 2, "{h2:?}");
+    assert_eq!(c.requests.load(Ordering::SeqCst), 2);
+
+    let metrics = wait_for_metric(&proxy, "tern_upstream_ejections_total{cluster=\"h2\"}", 1.0);
+    assert_eq!(
+        metric(&metrics, "tern_upstream_ejections_total{cluster=\"h1\"}"),
+        1.0
+    );
+}
+
 both_backends!(
     http1_failures_the_policy_names_go_to_the_next_endpoint,
     http2_failures_the_policy_names_go_again_with_their_body,
+    an_endpoint_whose_requests_keep_failing_is_ejected,
 );

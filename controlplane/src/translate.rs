@@ -644,6 +644,20 @@ fn service_cluster(
     if let Some(retries) = policy.and_then(|p| p.spec.retries.as_ref()) {
         cluster.retries = Some(proxy_retries(retries));
     }
+    if let Some(outliers) = policy.and_then(|p| p.spec.outlier_detection.as_ref()) {
+        // The catalog checked the duration.
+        let base = crate::catalog::duration(
+            "spec.outlierDetection.baseEjectionTime",
+            &outliers.base_ejection_time,
+        );
+        if let Ok(base_ejection_time) = base {
+            cluster.outlier_detection = Some(shared::config::OutlierDetection {
+                consecutive_failures: outliers.consecutive_failures,
+                base_ejection_time,
+                max_ejected_percent: outliers.max_ejected_percent,
+            });
+        }
+    }
     cluster.endpoints.sort();
     cluster.endpoints.dedup();
     cluster

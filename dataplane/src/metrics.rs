@@ -279,6 +279,7 @@ pub struct ClusterStats {
     pub retry_budget: crate::proxy::retry::Budget,
     retries: Cell<u64>,
     retries_refused: Cell<u64>,
+    ejections: Cell<u64>,
     connections: Cell<u64>,
     connect_failures: Cell<u64>,
     backoffs: Cell<u64>,
@@ -337,6 +338,10 @@ impl ClusterStats {
     /// A failed request asked for a retry the budget had no room for.
     pub fn retry_refused(&self) {
         bump(&self.retries_refused, 1);
+    }
+    /// An endpoint was ejected (outlier detection), or ejected again after a failed probe.
+    pub fn ejected(&self) {
+        bump(&self.ejections, 1);
     }
     /// Bytes written to the upstream.
     pub fn sent(&self, bytes: u64) {
@@ -413,6 +418,7 @@ impl Registry {
                     timeouts: s.timeouts.get(),
                     retries: s.retries.get(),
                     retries_refused: s.retries_refused.get(),
+                    ejections: s.ejections.get(),
                     bytes_sent: s.bytes_sent.get(),
                     bytes_received: s.bytes_received.get(),
                     pool_reuses: s.pool_reuses.get(),
@@ -485,6 +491,8 @@ pub struct ClusterReport {
     pub retries: u64,
     /// Retries the budget refused.
     pub retries_refused: u64,
+    /// Endpoint ejections.
+    pub ejections: u64,
     /// Bytes written to upstreams.
     pub bytes_sent: u64,
     /// Bytes read from upstreams.
@@ -532,6 +540,7 @@ impl WorkerReport {
             m.timeouts += c.timeouts;
             m.retries += c.retries;
             m.retries_refused += c.retries_refused;
+            m.ejections += c.ejections;
             m.bytes_sent += c.bytes_sent;
             m.bytes_received += c.bytes_received;
             m.pool_reuses += c.pool_reuses;
@@ -839,6 +848,12 @@ pub fn render(info: &Info<'_>, report: &WorkerReport) -> String {
         "tern_upstream_retries_refused_total",
         "Retries not sent because the cluster's retry budget had no room.",
         &|r| r.retries_refused,
+    );
+    cluster_series(
+        &mut out,
+        "tern_upstream_ejections_total",
+        "Times a worker ejected an endpoint whose requests failed in a row (outlier detection), or ejected it again after a failed probe.",
+        &|r| r.ejections,
     );
     cluster_series(
         &mut out,

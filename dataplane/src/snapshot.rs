@@ -201,6 +201,8 @@ pub struct ClusterPlan {
     pub tls: Option<ClusterTls>,
     /// Retries of HTTP requests ([`crate::proxy::retry`]), if configured.
     pub retries: Option<config::Retries>,
+    /// Ejection of endpoints whose requests keep failing ([`crate::proxy::balance`]).
+    pub outlier_detection: Option<config::OutlierDetection>,
 }
 
 /// The cluster that intercepted connections no listener claims pass through on.
@@ -324,6 +326,7 @@ impl Snapshot {
                 max_idle_per_endpoint: c.max_idle_per_endpoint,
                 tls,
                 retries: c.retries.clone(),
+                outlier_detection: c.outlier_detection.clone(),
             });
         }
         let passthrough = config.interception.as_ref().map(|_| {
@@ -337,6 +340,7 @@ impl Snapshot {
                 max_idle_per_endpoint: 0,
                 tls: None,
                 retries: None,
+                outlier_detection: None,
             });
             clusters.len() - 1
         });

@@ -73,6 +73,21 @@ impl View {
         (x >> 32) as u32
     }
 
+    /// An HTTP request of `cluster` to `addr` ended: answered (`ok`: not a 5xx) or not (a
+    /// reset, a timeout). Counted toward ejecting the endpoint where the cluster has outlier
+    /// detection ([`proxy::balance::Failing::answered`]).
+    pub fn answered(&self, cluster: usize, addr: SocketAddr, ok: bool) {
+        let Some(plan) = self.snapshot.clusters.get(cluster) else {
+            return;
+        };
+        let Some(policy) = &plan.outlier_detection else {
+            return;
+        };
+        if self.failing.answered(addr, ok, policy, &plan.endpoints) {
+            self.clusters[cluster].ejected();
+        }
+    }
+
     /// The next endpoint of a cluster, round robin, passing over failing ones
     /// ([`proxy::balance`]).
     pub fn next_endpoint(&self, cluster: usize) -> Option<SocketAddr> {

@@ -519,6 +519,12 @@ impl Catalog {
                     }
                 }
                 if let Some(outliers) = &policy.spec.outlier_detection {
+                    if outliers.consecutive_failures == 0 {
+                        return fail(
+                            "spec.outlierDetection.consecutiveFailures",
+                            "must be at least 1",
+                        );
+                    }
                     duration(
                         "spec.outlierDetection.baseEjectionTime",
                         &outliers.base_ejection_time,

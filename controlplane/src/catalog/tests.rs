@@ -412,8 +412,8 @@ fn a_proxy_gets_its_inbound_ports_and_only_the_destinations_it_asked_for() {
 }
 
 #[test]
-fn a_backend_policy_gives_its_service_port_retries() {
-    let policy = "apiVersion: tern.dev/v1alpha1\nkind: BackendPolicy\nmetadata: { name: cart, namespace: shop }\nspec:\n  targetRef: { kind: Service, name: cart, port: 80 }\n  retries: { attempts: 2, on: [ConnectFailure, GatewayError, Unavailable], perTryTimeout: 250ms, budget: { percent: 30, minPerSecond: 4 } }\n";
+fn a_backend_policy_gives_its_service_port_retries_and_outlier_detection() {
+    let policy = "apiVersion: tern.dev/v1alpha1\nkind: BackendPolicy\nmetadata: { name: cart, namespace: shop }\nspec:\n  targetRef: { kind: Service, name: cart, port: 80 }\n  retries: { attempts: 2, on: [ConnectFailure, GatewayError, Unavailable], perTryTimeout: 250ms, budget: { percent: 30, minPerSecond: 4 } }\n  outlierDetection: { consecutiveFailures: 3, baseEjectionTime: 45s }\n";
     let catalog = build(&[("base.yaml", BASE), ("policy.yaml", policy)]);
     let web = translate(
         &catalog,
@@ -432,7 +432,20 @@ fn a_backend_policy_gives_its_service_port_retries() {
         Some(std::time::Duration::from_millis(250))
     );
     assert_eq!((retries.budget_percent, retries.min_per_second), (30, 4));
+    let outliers = cluster("outbound:cart.shop:80")
+        .outlier_detection
+        .clone()
+        .expect("outlier detection");
+    assert_eq!(
+        (
+            outliers.consecutive_failures,
+            outliers.base_ejection_time,
+            outliers.max_ejected_percent
+        ),
+        (3, std::time::Duration::from_secs(45), 50)
+    );
     assert!(cluster("outbound:db.shop:5432").retries.is_none());
+    assert!(cluster("outbound:db.shop:5432").outlier_detection.is_none());
     assert_validates(&web.config);
 
     // Without a budget, the default one.
@@ -699,6 +712,10 @@ fn values_a_proxy_would_refuse_are_refused_at_the_source() {
         (
             "apiVersion: tern.dev/v1alpha1\nkind: BackendPolicy\nmetadata: { name: b, namespace: shop }\nspec: { targetRef: { kind: Service, name: cart }, retries: { attempts: 1, on: [Reset], perTryTimeout: 0s } }\n".into(),
             "spec.retries.perTryTimeout: must be at least 1ms",
+        ),
+        (
+            "apiVersion: tern.dev/v1alpha1\nkind: BackendPolicy\nmetadata: { name: b, namespace: shop }\nspec: { targetRef: { kind: Service, name: cart }, outlierDetection: { consecutiveFailures: 0, baseEjectionTime: 30s } }\n".into(),
+            "spec.outlierDetection.consecutiveFailures: must be at least 1",
         ),
     ];
     for (text, expected) in cases {

@@ -1,6 +1,8 @@
 //! Picking an upstream endpoint: round robin over a cluster's endpoints, passing over those
 //! whose last connection attempt failed until a backoff has passed (per worker, kept across
-//! config changes), as Linkerd's balancer leaves an endpoint it cannot connect to.
+//! config changes), as Linkerd's balancer leaves an endpoint it cannot connect to, and, for a
+//! cluster with outlier detection, those whose HTTP requests failed too many times in a row
+//! (ejected), as Linkerd's failure accrual and Envoy's outlier detection do.
 //!
 //! A dead endpoint (a Pod gone, a node down) would otherwise cost every request that drew
 //! it a connect timeout and one of its attempts. When a backoff ends, one attempt probes the
@@ -13,6 +15,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use shared::config::OutlierDetection;
 use tokio::time::Instant;
 
 /// How long an endpoint is passed over after its first failed attempt; each failed probe
@@ -23,57 +26,157 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// How long the other attempts keep passing an endpoint over while one probes it (a probe
 /// that never reports, its request cancelled, lets another through after this).
 const PROBE_WINDOW: Duration = Duration::from_secs(1);
+/// The longest an ejection lasts, in base ejection times.
+const MAX_EJECTIONS: u32 = 10;
 
-/// Endpoints whose last connection attempt failed, and until when they are passed over.
+/// Endpoints being passed over, per worker: those whose last connection attempt failed, and
+/// those whose requests kept failing (outlier detection, for clusters that ask for it).
 #[derive(Debug, Default)]
-pub struct Failing(RefCell<HashMap<SocketAddr, Backoff>>);
+pub struct Failing {
+    connects: Backoffs,
+    ejected: Backoffs,
+    /// Requests that failed in a row, per endpoint of a cluster with outlier detection.
+    streaks: RefCell<HashMap<SocketAddr, u32>>,
+}
+
+/// Endpoints passed over, and until when.
+#[derive(Debug, Default)]
+struct Backoffs(RefCell<HashMap<SocketAddr, Backoff>>);
 
 #[derive(Debug, Clone, Copy)]
 struct Backoff {
     until: Instant,
     /// The backoff after the probe fails.
     next: Duration,
+    /// The longest it may grow to.
+    max: Duration,
     /// An attempt was let through to probe it since it last failed.
     probing: bool,
 }
 
-impl Failing {
-    /// An attempt at `addr`, an endpoint of a cluster, failed: pass it over for a while. A
-    /// failure while it is already being passed over (an attempt that started before) does
-    /// not lengthen the backoff; a failed probe doubles it. Whether it (re)started a backoff.
-    pub fn failed(&self, addr: SocketAddr) -> bool {
+impl Backoffs {
+    /// `addr` failed: passes it over for `first`, or, when this was its probe, twice as long
+    /// as last time (up to `max`). How long, when it started a backoff: a failure while it
+    /// is already being passed over (an attempt that started before) changes nothing.
+    fn fail(&self, addr: SocketAddr, first: Duration, max: Duration) -> Option<Duration> {
         let now = Instant::now();
-        let mut failing = self.0.borrow_mut();
-        let backoff = failing.entry(addr).or_insert(Backoff {
+        let mut backoffs = self.0.borrow_mut();
+        let backoff = backoffs.entry(addr).or_insert(Backoff {
             until: now,
-            next: FIRST_BACKOFF,
+            next: first,
+            max,
             probing: true,
         });
         if !backoff.probing {
-            return false;
+            return None;
         }
-        backoff.until = now + backoff.next;
+        let passed_over = backoff.next;
+        backoff.until = now + passed_over;
         backoff.probing = false;
-        if backoff.next == FIRST_BACKOFF {
+        backoff.next = (passed_over * 2).min(backoff.max);
+        Some(passed_over)
+    }
+
+    fn contains(&self, addr: &SocketAddr) -> bool {
+        let backoffs = self.0.borrow();
+        !backoffs.is_empty() && backoffs.contains_key(addr)
+    }
+
+    /// Whether `addr` is passed over at `now` (its backoff has not ended, or another
+    /// attempt is probing it).
+    fn passes_over(&self, addr: SocketAddr, now: Instant) -> bool {
+        self.0.borrow().get(&addr).is_some_and(|b| b.until > now)
+    }
+
+    /// An attempt goes to `addr`, whose backoff (if any) has ended: it is the probe.
+    fn probe(&self, addr: SocketAddr, now: Instant) {
+        if let Some(backoff) = self.0.borrow_mut().get_mut(&addr) {
+            backoff.probing = true;
+            backoff.until = now + PROBE_WINDOW;
+        }
+    }
+}
+
+impl Failing {
+    /// An attempt to connect to `addr`, an endpoint of a cluster, failed: pass it over for a
+    /// while ([`Backoffs::fail`], 1 s doubling to 10 s). Whether it (re)started a backoff.
+    pub fn failed(&self, addr: SocketAddr) -> bool {
+        let Some(passed_over) = self.connects.fail(addr, FIRST_BACKOFF, MAX_BACKOFF) else {
+            return false;
+        };
+        if passed_over == FIRST_BACKOFF {
             tracing::warn!(%addr, "upstream endpoint failed to connect: passing it over, probing it again after backoffs of 1 s up to 10 s");
         } else {
-            tracing::debug!(%addr, passed_over_for = ?backoff.next, "upstream endpoint still failing");
+            tracing::debug!(%addr, ?passed_over, "upstream endpoint still failing");
         }
-        backoff.next = (backoff.next * 2).min(MAX_BACKOFF);
         true
     }
 
-    /// An attempt at `addr` succeeded: it is healthy again.
+    /// A connection to `addr` was made: it is no longer passed over for failing to connect.
     pub fn succeeded(&self, addr: SocketAddr) {
-        let mut failing = self.0.borrow_mut();
-        if !failing.is_empty() {
-            failing.remove(&addr);
+        let mut connects = self.connects.0.borrow_mut();
+        if !connects.is_empty() {
+            connects.remove(&addr);
         }
+    }
+
+    /// An HTTP request to `addr`, one of `endpoints` of a cluster with outlier detection
+    /// (`policy`), ended: `ok`, or failed (a 5xx, a reset, a timeout). Whether it ejected the
+    /// endpoint. A failed request that makes `consecutive_failures` in a row ejects it, unless
+    /// more than `max_ejected_percent` of the endpoints would then be out; its probe's
+    /// failure ejects it again for twice as long, its success brings it back. Requests that
+    /// were under way when it was ejected change nothing.
+    pub fn answered(
+        &self,
+        addr: SocketAddr,
+        ok: bool,
+        policy: &OutlierDetection,
+        endpoints: &[SocketAddr],
+    ) -> bool {
+        let base = policy.base_ejection_time;
+        if ok {
+            let mut streaks = self.streaks.borrow_mut();
+            if !streaks.is_empty() {
+                streaks.remove(&addr);
+            }
+            let mut ejected = self.ejected.0.borrow_mut();
+            if ejected.get(&addr).is_some_and(|b| b.probing) {
+                ejected.remove(&addr);
+                tracing::info!(%addr, "ejected upstream endpoint answered its probe: back in rotation");
+            }
+            return false;
+        }
+        if self.ejected.contains(&addr) {
+            let again = self.ejected.fail(addr, base, base * MAX_EJECTIONS);
+            if let Some(passed_over) = again {
+                tracing::debug!(%addr, ?passed_over, "ejected upstream endpoint failed its probe");
+            }
+            return again.is_some();
+        }
+        let mut streaks = self.streaks.borrow_mut();
+        let streak = streaks.entry(addr).or_insert(0);
+        *streak += 1;
+        if *streak < policy.consecutive_failures {
+            return false;
+        }
+        let out = endpoints
+            .iter()
+            .filter(|a| self.ejected.contains(a))
+            .count();
+        if (out + 1) * 100 > policy.max_ejected_percent as usize * endpoints.len() {
+            return false;
+        }
+        streaks.remove(&addr);
+        self.ejected.fail(addr, base, base * MAX_EJECTIONS);
+        tracing::warn!(%addr, failures = policy.consecutive_failures, ejected_for = ?base, "upstream endpoint failed requests in a row: ejected, probed again after the ejection time");
+        true
     }
 
     /// Forgets endpoints for which `keep` is false (those gone from the config).
     pub fn retain(&self, keep: impl Fn(&SocketAddr) -> bool) {
-        self.0.borrow_mut().retain(|addr, _| keep(addr));
+        self.connects.0.borrow_mut().retain(|addr, _| keep(addr));
+        self.ejected.0.borrow_mut().retain(|addr, _| keep(addr));
+        self.streaks.borrow_mut().retain(|addr, _| keep(addr));
     }
 
     /// The next of `endpoints` after the round-robin `position`, passing over failing ones
@@ -84,32 +187,19 @@ impl Failing {
             position.set(i.wrapping_add(1));
             endpoints.get(i % endpoints.len().max(1)).copied()
         };
-        if self.0.borrow().is_empty() {
+        if self.connects.0.borrow().is_empty() && self.ejected.0.borrow().is_empty() {
             return take();
         }
         let now = Instant::now();
         for _ in 0..endpoints.len() {
             let addr = take()?;
-            if self.may_try(addr, now) {
+            if !self.connects.passes_over(addr, now) && !self.ejected.passes_over(addr, now) {
+                self.connects.probe(addr, now);
+                self.ejected.probe(addr, now);
                 return Some(addr);
             }
         }
         take()
-    }
-
-    /// Whether an attempt may go to `addr` at `now`: it is not failing, or its backoff has
-    /// ended and this attempt becomes its probe.
-    fn may_try(&self, addr: SocketAddr, now: Instant) -> bool {
-        let mut failing = self.0.borrow_mut();
-        let Some(backoff) = failing.get_mut(&addr) else {
-            return true;
-        };
-        if backoff.until > now {
-            return false;
-        }
-        backoff.probing = true;
-        backoff.until = now + PROBE_WINDOW;
-        true
     }
 }
 
@@ -195,5 +285,62 @@ mod tests {
         // the second still is.
         failing.retain(|addr| *addr == endpoints[1]);
         assert_eq!(picked(&failing, &endpoints, endpoints[0], 4), 4);
+    }
+    fn outliers(consecutive_failures: u32, max_ejected_percent: u32) -> OutlierDetection {
+        OutlierDetection {
+            consecutive_failures,
+            base_ejection_time: Duration::from_secs(30),
+            max_ejected_percent,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_in_a_row_eject_an_endpoint_until_its_probe_answers() {
+        let endpoints = addrs(3);
+        let bad = endpoints[0];
+        let policy = outliers(3, 50);
+        let failing = Failing::default();
+        // Two failures, then a good answer: the streak starts again.
+        assert!(!failing.answered(bad, false, &policy, &endpoints));
+        assert!(!failing.answered(bad, false, &policy, &endpoints));
+        assert!(!failing.answered(bad, true, &policy, &endpoints));
+        assert!(!failing.answered(bad, false, &policy, &endpoints));
+        assert!(!failing.answered(bad, false, &policy, &endpoints));
+        assert_eq!(picked(&failing, &endpoints, bad, 9), 3);
+        // The third in a row ejects it.
+        assert!(failing.answered(bad, false, &policy, &endpoints));
+        assert_eq!(picked(&failing, &endpoints, bad, 9), 0);
+        // A request under way before the ejection answers well: still ejected.
+        failing.answered(bad, true, &policy, &endpoints);
+        assert_eq!(picked(&failing, &endpoints, bad, 9), 0);
+        // After the ejection time, one probe; it fails: ejected twice as long.
+        tokio::time::advance(policy.base_ejection_time).await;
+        assert_eq!(picked(&failing, &endpoints, bad, 9), 1);
+        assert!(failing.answered(bad, false, &policy, &endpoints));
+        tokio::time::advance(policy.base_ejection_time).await;
+        assert_eq!(picked(&failing, &endpoints, bad, 9), 0);
+        tokio::time::advance(policy.base_ejection_time).await;
+        assert_eq!(picked(&failing, &endpoints, bad, 9), 1);
+        // The next probe answers: back in rotation.
+        assert!(!failing.answered(bad, true, &policy, &endpoints));
+        assert_eq!(picked(&failing, &endpoints, bad, 9), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_more_than_the_maximum_share_of_endpoints_is_ejected() {
+        let endpoints = addrs(4);
+        let policy = outliers(1, 50);
+        let failing = Failing::default();
+        assert!(failing.answered(endpoints[0], false, &policy, &endpoints));
+        assert!(failing.answered(endpoints[1], false, &policy, &endpoints));
+        // A third would leave fewer than half.
+        assert!(!failing.answered(endpoints[2], false, &policy, &endpoints));
+        assert_eq!(picked(&failing, &endpoints, endpoints[2], 8), 4);
+        // A cluster of one never has it ejected at 50%.
+        let one = [endpoints[3]];
+        assert!(!failing.answered(one[0], false, &policy, &one));
+        // Endpoints gone from the config are forgotten.
+        failing.retain(|addr| *addr != endpoints[0]);
+        assert!(failing.answered(endpoints[2], false, &policy, &endpoints));
     }
 }

@@ -403,9 +403,10 @@ async fn forward<B: Backend>(
             }
         };
         let (failure, status, flag) = match sent {
-            (Ok(Ok(response)), _, place) => {
+            (Ok(Ok(response)), key, place) => {
                 let status = response.status().as_u16();
                 cluster.response(status);
+                view.answered(chosen.cluster, key.1, status < 500);
                 let failure = match status {
                     502..=504 => Some(Failure::Status(status)),
                     _ if grpc && grpc_unavailable(response.headers()) => Some(Failure::Unavailable),
@@ -438,10 +439,12 @@ async fn forward<B: Backend>(
                     request = unsent;
                     continue;
                 }
+                view.answered(chosen.cluster, key.1, false);
                 (Failure::Reset, 502, Flag::UpstreamReset)
             }
-            (Err(_), _, _) => {
+            (Err(_), key, _) => {
                 cluster.timeout();
+                view.answered(chosen.cluster, key.1, false);
                 (Failure::PerTryTimeout, 504, Flag::UpstreamTimeout)
             }
         };

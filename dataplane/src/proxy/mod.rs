@@ -1,7 +1,8 @@
 //! The proxy logic, written once against the [`crate::io`] interface: opaque TCP
 //! ([`tcp`]), HTTP/1.1 ([`http1`]), HTTP/2 ([`http2`]), protocol detection ([`detect`]),
-//! intercepted connections ([`intercept`]), the per-worker upstream pool ([`pool`]) and the
-//! choice of endpoint ([`balance`]).
+//! intercepted connections ([`intercept`]), the per-worker upstream pool ([`pool`]), the
+//! choice of endpoint and ejection of failing ones ([`balance`]) and HTTP retries
+//! ([`retry`]).
 //!
 //! Rule for every read here: a read that is abandoned (timeout, drain) is never retried on
 //! the same socket; the socket is shut down instead. With io_uring an abandoned read stays

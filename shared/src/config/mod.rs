@@ -527,6 +527,7 @@ impl Cluster {
             max_idle_per_endpoint: default_max_idle_per_endpoint(),
             tls: None,
             retries: None,
+            outlier_detection: None,
         }
     }
 }
@@ -583,6 +584,32 @@ pub struct Cluster {
     /// Retries of HTTP requests that failed in a way worth another try.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retries: Option<Retries>,
+    /// Passing over endpoints whose HTTP requests keep failing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+/// Ejecting an endpoint whose HTTP requests keep failing (a BackendPolicy's
+/// `outlierDetection`), as Linkerd's failure accrual and Envoy's consecutive-5xx detection do:
+/// after `consecutive_failures` in a row (5xx answers, resets, timeouts), each worker passes
+/// the endpoint over for `base_ejection_time`, then lets one request probe it; a failed probe
+/// doubles the time (up to ten times the base), a good answer brings it back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierDetection {
+    /// Failures in a row that eject an endpoint.
+    pub consecutive_failures: u32,
+    /// How long the first ejection lasts.
+    #[serde(with = "humantime_serde")]
+    pub base_ejection_time: Duration,
+    /// The most of a cluster's endpoints ejected at once, in percent (a cluster of one
+    /// endpoint never has it ejected at 50%).
+    #[serde(default = "default_max_ejected_percent")]
+    pub max_ejected_percent: u32,
+}
+
+fn default_max_ejected_percent() -> u32 {
+    50
 }
 
 /// Retries of HTTP requests to a cluster (a BackendPolicy's `retries`), each on the next
@@ -868,6 +895,26 @@ impl Config {
                 && tls.cipher_suites.as_ref().is_some_and(Vec::is_empty)
             {
                 return fail(at("tls.cipher_suites"), "must name at least one suite");
+            }
+            if let Some(outliers) = &cluster.outlier_detection {
+                if outliers.consecutive_failures == 0 {
+                    return fail(
+                        at("outlier_detection.consecutive_failures"),
+                        "must be at least 1",
+                    );
+                }
+                if outliers.base_ejection_time.is_zero() {
+                    return fail(
+                        at("outlier_detection.base_ejection_time"),
+                        "must be greater than zero",
+                    );
+                }
+                if outliers.max_ejected_percent > 100 {
+                    return fail(
+                        at("outlier_detection.max_ejected_percent"),
+                        "must be 0 to 100",
+                    );
+                }
             }
             if let Some(retries) = &cluster.retries {
                 if retries.attempts > MAX_RETRIES {

@@ -129,6 +129,20 @@ fn refuses_inconsistent_listeners_and_clusters() {
             ),
             "clusters[0].retries.budget_percent",
         ),
+        (
+            GOOD.replace(
+                "connect_timeout: 2s",
+                "connect_timeout: 2s\n    outlier_detection: { consecutive_failures: 0, base_ejection_time: 30s }",
+            ),
+            "clusters[0].outlier_detection.consecutive_failures",
+        ),
+        (
+            GOOD.replace(
+                "connect_timeout: 2s",
+                "connect_timeout: 2s\n    outlier_detection: { consecutive_failures: 1, base_ejection_time: 0s }",
+            ),
+            "clusters[0].outlier_detection.base_ejection_time",
+        ),
     ];
     for (yaml, expected) in cases {
         assert_eq!(invalid(&yaml).0, expected);

@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::api::discovery as pb;
 use crate::config::{
     Authorization, Backend, CipherSuite, Cluster, ClusterTls, Config, Intercept, Listener,
-    ListenerTls, OutboundPolicy, Protocol, Retries, RetryOn, Route, TlsMode,
+    ListenerTls, OutboundPolicy, OutlierDetection, Protocol, Retries, RetryOn, Route, TlsMode,
 };
 
 /// Listeners and clusters from `tern-control`, at a version.
@@ -148,6 +148,11 @@ fn encode_listener(l: &Listener) -> pb::Listener {
 
 fn encode_cluster(c: &Cluster) -> pb::Cluster {
     pb::Cluster {
+        outlier_detection: c.outlier_detection.as_ref().map(|o| pb::OutlierDetection {
+            consecutive_failures: o.consecutive_failures,
+            base_ejection_time_ms: millis(o.base_ejection_time),
+            max_ejected_percent: o.max_ejected_percent,
+        }),
         retries: c.retries.as_ref().map(|r| pb::Retries {
             attempts: r.attempts,
             on: r
@@ -369,6 +374,11 @@ fn decode_cluster(i: usize, c: pb::Cluster) -> Result<Cluster, WireError> {
         max_idle_per_endpoint: c.max_idle_per_endpoint as usize,
         tls,
         retries,
+        outlier_detection: c.outlier_detection.map(|o| OutlierDetection {
+            consecutive_failures: o.consecutive_failures,
+            base_ejection_time: Duration::from_millis(o.base_ejection_time_ms),
+            max_ejected_percent: o.max_ejected_percent,
+        }),
     })
 }
 
@@ -433,6 +443,7 @@ clusters:
     endpoints: []
     connect_timeout: 250ms
     retries: { attempts: 2, on: [reset, gateway_error, unavailable], per_try_timeout: 300ms, budget_percent: 25, min_per_second: 3 }
+    outlier_detection: { consecutive_failures: 3, base_ejection_time: 15s, max_ejected_percent: 40 }
   - name: app
     endpoints: [127.0.0.1:8080]
 identity:

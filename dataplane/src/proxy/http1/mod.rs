@@ -313,6 +313,7 @@ impl<B: Backend> Conn<'_, B> {
                         stale_retried = true;
                         continue;
                     }
+                    view.answered(cluster, addr, false);
                     if attempts.again(Failure::Reset) {
                         continue;
                     }
@@ -339,6 +340,7 @@ impl<B: Backend> Conn<'_, B> {
                 .await
             {
                 Ok(response) => {
+                    view.answered(cluster, addr, response.status < 500);
                     if attempts.again(Failure::Status(response.status)) {
                         // The failed answer goes no further; its connection closes rather than
                         // wait for a body nobody reads.
@@ -362,6 +364,9 @@ impl<B: Backend> Conn<'_, B> {
                         UpstreamFailure::Timeout => Some(Failure::PerTryTimeout),
                         _ => None,
                     };
+                    if retry_as.is_some() || failure == UpstreamFailure::Protocol {
+                        view.answered(cluster, addr, false);
+                    }
                     if retry_as.is_some_and(|failure| attempts.again(failure)) {
                         continue;
                     }
