@@ -73,17 +73,24 @@ impl View {
         (x >> 32) as u32
     }
 
-    /// An HTTP request of `cluster` to `addr` ended: answered (`ok`: not a 5xx) or not (a
-    /// reset, a timeout). Counted toward ejecting the endpoint where the cluster has outlier
-    /// detection ([`proxy::balance::Failing::answered`]).
-    pub fn answered(&self, cluster: usize, addr: SocketAddr, ok: bool) {
+    /// An HTTP request of `cluster` to `addr`, begun at `started`, ended: answered (`ok`: not
+    /// a 5xx) or not (a reset, a timeout). Counted toward ejecting the endpoint where the
+    /// cluster has outlier detection ([`proxy::balance::Failing::answered`]).
+    pub fn answered(
+        &self,
+        cluster: usize,
+        addr: SocketAddr,
+        started: tokio::time::Instant,
+        ok: bool,
+    ) {
         let Some(plan) = self.snapshot.clusters.get(cluster) else {
             return;
         };
         let Some(policy) = &plan.outlier_detection else {
             return;
         };
-        if self.failing.answered(addr, ok, policy, &plan.endpoints) {
+        let outliers = (&plan.name, policy, &plan.endpoints[..]);
+        if self.failing.answered(outliers, addr, started, ok) {
             self.clusters[cluster].ejected();
         }
     }
@@ -91,8 +98,9 @@ impl View {
     /// The next endpoint of a cluster, round robin, passing over failing ones
     /// ([`proxy::balance`]).
     pub fn next_endpoint(&self, cluster: usize) -> Option<SocketAddr> {
-        let endpoints = &self.snapshot.clusters.get(cluster)?.endpoints;
-        self.failing.next(endpoints, self.round_robin.get(cluster)?)
+        let plan = self.snapshot.clusters.get(cluster)?;
+        let position = self.round_robin.get(cluster)?;
+        self.failing.next(&plan.name, &plan.endpoints, position)
     }
 }
 
@@ -207,7 +215,14 @@ impl<B: Backend> Worker<B> {
         // The endpoints being passed over carry over to the new view.
         let current = self.view();
         let failing = current.failing.clone();
-        failing.retain(|addr| snapshot.clusters.iter().any(|c| c.endpoints.contains(addr)));
+        failing.retain(
+            |addr| snapshot.clusters.iter().any(|c| c.endpoints.contains(addr)),
+            |cluster, addr| {
+                snapshot
+                    .cluster_named(cluster)
+                    .is_some_and(|c| c.outlier_detection.is_some() && c.endpoints.contains(addr))
+            },
+        );
         *self.view.borrow_mut() = Rc::new(make_view(&self.stats, &failing, snapshot.clone()));
         self.pool.retain_for(&current.snapshot, &snapshot);
         self.h2.retain_for(&current.snapshot, &snapshot);

@@ -525,10 +525,13 @@ impl Catalog {
                             "must be at least 1",
                         );
                     }
-                    duration(
+                    let base = duration(
                         "spec.outlierDetection.baseEjectionTime",
                         &outliers.base_ejection_time,
                     )?;
+                    if base > shared::config::MAX_BASE_EJECTION_TIME {
+                        return fail("spec.outlierDetection.baseEjectionTime", "at most 24h");
+                    }
                     if outliers.max_ejected_percent > 100 {
                         return fail(
                             "spec.outlierDetection.maxEjectedPercent",

@@ -717,6 +717,10 @@ fn values_a_proxy_would_refuse_are_refused_at_the_source() {
             "apiVersion: tern.dev/v1alpha1\nkind: BackendPolicy\nmetadata: { name: b, namespace: shop }\nspec: { targetRef: { kind: Service, name: cart }, outlierDetection: { consecutiveFailures: 0, baseEjectionTime: 30s } }\n".into(),
             "spec.outlierDetection.consecutiveFailures: must be at least 1",
         ),
+        (
+            "apiVersion: tern.dev/v1alpha1\nkind: BackendPolicy\nmetadata: { name: b, namespace: shop }\nspec: { targetRef: { kind: Service, name: cart }, outlierDetection: { consecutiveFailures: 5, baseEjectionTime: 25h } }\n".into(),
+            "spec.outlierDetection.baseEjectionTime: at most 24h",
+        ),
     ];
     for (text, expected) in cases {
         let catalog = build(&[("base.yaml", BASE), ("new.yaml", &text)]);

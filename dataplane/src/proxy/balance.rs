@@ -13,6 +13,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use shared::config::OutlierDetection;
@@ -29,14 +30,21 @@ const PROBE_WINDOW: Duration = Duration::from_secs(1);
 /// The longest an ejection lasts, in base ejection times.
 const MAX_EJECTIONS: u32 = 10;
 
-/// Endpoints being passed over, per worker: those whose last connection attempt failed, and
-/// those whose requests kept failing (outlier detection, for clusters that ask for it).
+/// Endpoints being passed over, per worker: those whose last connection attempt failed (an
+/// endpoint's, whichever cluster tried it), and, per cluster with outlier detection, those
+/// whose requests kept failing (ejected).
 #[derive(Debug, Default)]
 pub struct Failing {
     connects: Backoffs,
+    /// By cluster name.
+    outliers: RefCell<HashMap<Arc<str>, Outliers>>,
+}
+
+/// One cluster's ejected endpoints, and its endpoints' failed requests in a row.
+#[derive(Debug, Default)]
+struct Outliers {
     ejected: Backoffs,
-    /// Requests that failed in a row, per endpoint of a cluster with outlier detection.
-    streaks: RefCell<HashMap<SocketAddr, u32>>,
+    streaks: HashMap<SocketAddr, u32>,
 }
 
 /// Endpoints passed over, and until when.
@@ -52,6 +60,9 @@ struct Backoff {
     max: Duration,
     /// An attempt was let through to probe it since it last failed.
     probing: bool,
+    /// When the probe was let through: an answer to an attempt that started before is not
+    /// the probe's.
+    probe_started: Instant,
 }
 
 impl Backoffs {
@@ -66,6 +77,7 @@ impl Backoffs {
             next: first,
             max,
             probing: true,
+            probe_started: now,
         });
         if !backoff.probing {
             return None;
@@ -92,6 +104,7 @@ impl Backoffs {
     fn probe(&self, addr: SocketAddr, now: Instant) {
         if let Some(backoff) = self.0.borrow_mut().get_mut(&addr) {
             backoff.probing = true;
+            backoff.probe_started = now;
             backoff.until = now + PROBE_WINDOW;
         }
     }
@@ -120,82 +133,124 @@ impl Failing {
         }
     }
 
-    /// An HTTP request to `addr`, one of `endpoints` of a cluster with outlier detection
-    /// (`policy`), ended: `ok`, or failed (a 5xx, a reset, a timeout). Whether it ejected the
-    /// endpoint. A failed request that makes `consecutive_failures` in a row ejects it, unless
-    /// more than `max_ejected_percent` of the endpoints would then be out; its probe's
+    /// An HTTP request of `cluster` (with outlier detection: `policy`; its endpoints:
+    /// `endpoints`) to `addr`, begun at `started`, ended: `ok`, or failed (a 5xx, a reset, a
+    /// timeout). A failed request that makes `consecutive_failures` in a row ejects the
+    /// endpoint from the cluster, unless more than `max_ejected_percent` of its endpoints
+    /// would then be out (counting those whose probe has not answered yet); the probe's
     /// failure ejects it again for twice as long, its success brings it back. Requests that
-    /// were under way when it was ejected change nothing.
+    /// began before the probe are not the probe. Whether it ejected the endpoint.
     pub fn answered(
         &self,
+        (cluster, policy, endpoints): (&Arc<str>, &OutlierDetection, &[SocketAddr]),
         addr: SocketAddr,
+        started: Instant,
         ok: bool,
-        policy: &OutlierDetection,
-        endpoints: &[SocketAddr],
     ) -> bool {
-        let base = policy.base_ejection_time;
-        if ok {
-            let mut streaks = self.streaks.borrow_mut();
-            if !streaks.is_empty() {
-                streaks.remove(&addr);
+        let mut outliers = self.outliers.borrow_mut();
+        if !outliers.contains_key(&**cluster) {
+            if ok {
+                return false;
             }
-            let mut ejected = self.ejected.0.borrow_mut();
-            if ejected.get(&addr).is_some_and(|b| b.probing) {
-                ejected.remove(&addr);
-                tracing::info!(%addr, "ejected upstream endpoint answered its probe: back in rotation");
-            }
-            return false;
+            outliers.insert(cluster.clone(), Outliers::default());
         }
-        if self.ejected.contains(&addr) {
-            let again = self.ejected.fail(addr, base, base * MAX_EJECTIONS);
+        let Some(outliers) = outliers.get_mut(&**cluster) else {
+            return false;
+        };
+        let base = policy.base_ejection_time;
+        let max = base.saturating_mul(MAX_EJECTIONS);
+        let ejected = outliers.ejected.0.borrow().get(&addr).copied();
+        if let Some(ejection) = ejected {
+            if !ejection.probing || started < ejection.probe_started {
+                return false;
+            }
+            if ok {
+                outliers.ejected.0.borrow_mut().remove(&addr);
+                tracing::info!(%cluster, %addr, "ejected upstream endpoint answered its probe: back in rotation");
+                return false;
+            }
+            let again = outliers.ejected.fail(addr, base, max);
             if let Some(passed_over) = again {
-                tracing::debug!(%addr, ?passed_over, "ejected upstream endpoint failed its probe");
+                tracing::debug!(%cluster, %addr, ?passed_over, "ejected upstream endpoint failed its probe");
             }
             return again.is_some();
         }
-        let mut streaks = self.streaks.borrow_mut();
-        let streak = streaks.entry(addr).or_insert(0);
+        if ok {
+            outliers.streaks.remove(&addr);
+            return false;
+        }
+        let streak = outliers.streaks.entry(addr).or_insert(0);
         *streak += 1;
         if *streak < policy.consecutive_failures {
             return false;
         }
         let out = endpoints
             .iter()
-            .filter(|a| self.ejected.contains(a))
+            .filter(|a| outliers.ejected.contains(a))
             .count();
         if (out + 1) * 100 > policy.max_ejected_percent as usize * endpoints.len() {
             return false;
         }
-        streaks.remove(&addr);
-        self.ejected.fail(addr, base, base * MAX_EJECTIONS);
-        tracing::warn!(%addr, failures = policy.consecutive_failures, ejected_for = ?base, "upstream endpoint failed requests in a row: ejected, probed again after the ejection time");
+        outliers.streaks.remove(&addr);
+        outliers.ejected.fail(addr, base, max);
+        tracing::warn!(%cluster, %addr, failures = policy.consecutive_failures, ejected_for = ?base, "upstream endpoint failed requests in a row: ejected, probed again after the ejection time");
         true
     }
 
-    /// Forgets endpoints for which `keep` is false (those gone from the config).
-    pub fn retain(&self, keep: impl Fn(&SocketAddr) -> bool) {
+    /// Forgets endpoints for which `keep` is false (those gone from the config), and the
+    /// ejections and streaks of clusters for which `keeps_outliers` is false (gone, or no
+    /// longer with outlier detection).
+    pub fn retain(
+        &self,
+        keep: impl Fn(&SocketAddr) -> bool,
+        keeps_outliers: impl Fn(&str, &SocketAddr) -> bool,
+    ) {
         self.connects.0.borrow_mut().retain(|addr, _| keep(addr));
-        self.ejected.0.borrow_mut().retain(|addr, _| keep(addr));
-        self.streaks.borrow_mut().retain(|addr, _| keep(addr));
+        self.outliers.borrow_mut().retain(|cluster, outliers| {
+            outliers
+                .ejected
+                .0
+                .borrow_mut()
+                .retain(|addr, _| keeps_outliers(cluster, addr));
+            outliers
+                .streaks
+                .retain(|addr, _| keeps_outliers(cluster, addr));
+            !outliers.ejected.0.borrow().is_empty() || !outliers.streaks.is_empty()
+        });
     }
 
     /// The next of `endpoints` after the round-robin `position`, passing over failing ones
-    /// while any is not; `None` when there are none.
-    pub fn next(&self, endpoints: &[SocketAddr], position: &Cell<usize>) -> Option<SocketAddr> {
+    /// (those that failed to connect, and those `cluster` ejected) while any is not; `None`
+    /// when there are none.
+    pub fn next(
+        &self,
+        cluster: &str,
+        endpoints: &[SocketAddr],
+        position: &Cell<usize>,
+    ) -> Option<SocketAddr> {
         let take = || {
             let i = position.get();
             position.set(i.wrapping_add(1));
             endpoints.get(i % endpoints.len().max(1)).copied()
         };
-        if self.connects.0.borrow().is_empty() && self.ejected.0.borrow().is_empty() {
+        let outliers = self.outliers.borrow();
+        let ejected = outliers
+            .get(cluster)
+            .map(|o| &o.ejected)
+            .filter(|e| !e.0.borrow().is_empty());
+        if self.connects.0.borrow().is_empty() && ejected.is_none() {
             return take();
         }
         let now = Instant::now();
         for _ in 0..endpoints.len() {
             let addr = take()?;
-            if !self.connects.passes_over(addr, now) && !self.ejected.passes_over(addr, now) {
+            if !self.connects.passes_over(addr, now)
+                && !ejected.is_some_and(|e| e.passes_over(addr, now))
+            {
                 self.connects.probe(addr, now);
-                self.ejected.probe(addr, now);
+                if let Some(ejected) = ejected {
+                    ejected.probe(addr, now);
+                }
                 return Some(addr);
             }
         }
@@ -206,6 +261,8 @@ impl Failing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const CLUSTER: &str = "c";
 
     fn addrs(n: u16) -> Vec<SocketAddr> {
         (0..n)
@@ -222,7 +279,7 @@ mod tests {
     ) -> usize {
         let position = Cell::new(0);
         (0..picks)
-            .filter(|_| failing.next(endpoints, &position) == Some(addr))
+            .filter(|_| failing.next(CLUSTER, endpoints, &position) == Some(addr))
             .count()
     }
 
@@ -278,12 +335,12 @@ mod tests {
         failing.failed(endpoints[0]);
         failing.failed(endpoints[1]);
         let position = Cell::new(0);
-        assert!((0..4).all(|_| failing.next(&endpoints, &position).is_some()));
-        assert_eq!(failing.next(&[], &position), None);
+        assert!((0..4).all(|_| failing.next(CLUSTER, &endpoints, &position).is_some()));
+        assert_eq!(failing.next(CLUSTER, &[], &position), None);
 
         // The first leaves the config (and comes back): it is no longer passed over, while
         // the second still is.
-        failing.retain(|addr| *addr == endpoints[1]);
+        failing.retain(|addr| *addr == endpoints[1], |_, _| true);
         assert_eq!(picked(&failing, &endpoints, endpoints[0], 4), 4);
     }
     fn outliers(consecutive_failures: u32, max_ejected_percent: u32) -> OutlierDetection {
@@ -294,35 +351,56 @@ mod tests {
         }
     }
 
+    /// Reports an answer from `addr` to a request of [`CLUSTER`] begun now.
+    fn answer(
+        failing: &Failing,
+        policy: &OutlierDetection,
+        endpoints: &[SocketAddr],
+        addr: SocketAddr,
+        ok: bool,
+    ) -> bool {
+        let name: Arc<str> = CLUSTER.into();
+        failing.answered((&name, policy, endpoints), addr, Instant::now(), ok)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn failures_in_a_row_eject_an_endpoint_until_its_probe_answers() {
         let endpoints = addrs(3);
         let bad = endpoints[0];
         let policy = outliers(3, 50);
         let failing = Failing::default();
+        let answer = |ok| answer(&failing, &policy, &endpoints, bad, ok);
         // Two failures, then a good answer: the streak starts again.
-        assert!(!failing.answered(bad, false, &policy, &endpoints));
-        assert!(!failing.answered(bad, false, &policy, &endpoints));
-        assert!(!failing.answered(bad, true, &policy, &endpoints));
-        assert!(!failing.answered(bad, false, &policy, &endpoints));
-        assert!(!failing.answered(bad, false, &policy, &endpoints));
+        assert!(!answer(false));
+        assert!(!answer(false));
+        assert!(!answer(true));
+        assert!(!answer(false));
+        assert!(!answer(false));
         assert_eq!(picked(&failing, &endpoints, bad, 9), 3);
-        // The third in a row ejects it.
-        assert!(failing.answered(bad, false, &policy, &endpoints));
+        // A request under way before the ejection.
+        let before = Instant::now();
+        tokio::time::advance(Duration::from_millis(1)).await;
+        // The third failure in a row ejects it.
+        assert!(answer(false));
         assert_eq!(picked(&failing, &endpoints, bad, 9), 0);
-        // A request under way before the ejection answers well: still ejected.
-        failing.answered(bad, true, &policy, &endpoints);
-        assert_eq!(picked(&failing, &endpoints, bad, 9), 0);
-        // After the ejection time, one probe; it fails: ejected twice as long.
+        // Another cluster with the same endpoint still takes it.
+        let position = Cell::new(0);
+        assert!((0..3).any(|_| failing.next("other", &endpoints, &position) == Some(bad)));
+        // After the ejection time, one probe. The request under way before answers well:
+        // it is not the probe, the endpoint stays out.
         tokio::time::advance(policy.base_ejection_time).await;
         assert_eq!(picked(&failing, &endpoints, bad, 9), 1);
-        assert!(failing.answered(bad, false, &policy, &endpoints));
+        let name: Arc<str> = CLUSTER.into();
+        assert!(!failing.answered((&name, &policy, &endpoints), bad, before, true));
+        assert_eq!(picked(&failing, &endpoints, bad, 9), 0);
+        // The probe fails: ejected twice as long.
+        assert!(answer(false));
         tokio::time::advance(policy.base_ejection_time).await;
         assert_eq!(picked(&failing, &endpoints, bad, 9), 0);
         tokio::time::advance(policy.base_ejection_time).await;
         assert_eq!(picked(&failing, &endpoints, bad, 9), 1);
         // The next probe answers: back in rotation.
-        assert!(!failing.answered(bad, true, &policy, &endpoints));
+        assert!(!answer(true));
         assert_eq!(picked(&failing, &endpoints, bad, 9), 3);
     }
 
@@ -331,16 +409,21 @@ mod tests {
         let endpoints = addrs(4);
         let policy = outliers(1, 50);
         let failing = Failing::default();
-        assert!(failing.answered(endpoints[0], false, &policy, &endpoints));
-        assert!(failing.answered(endpoints[1], false, &policy, &endpoints));
+        let fail =
+            |addr, endpoints: &[SocketAddr]| answer(&failing, &policy, endpoints, addr, false);
+        assert!(fail(endpoints[0], &endpoints));
+        assert!(fail(endpoints[1], &endpoints));
         // A third would leave fewer than half.
-        assert!(!failing.answered(endpoints[2], false, &policy, &endpoints));
+        assert!(!fail(endpoints[2], &endpoints));
         assert_eq!(picked(&failing, &endpoints, endpoints[2], 8), 4);
         // A cluster of one never has it ejected at 50%.
         let one = [endpoints[3]];
-        assert!(!failing.answered(one[0], false, &policy, &one));
-        // Endpoints gone from the config are forgotten.
-        failing.retain(|addr| *addr != endpoints[0]);
-        assert!(failing.answered(endpoints[2], false, &policy, &endpoints));
+        assert!(!fail(one[0], &one));
+        // An endpoint gone from the cluster is forgotten: room for another.
+        failing.retain(|_| true, |_, addr| *addr != endpoints[0]);
+        assert!(fail(endpoints[2], &endpoints));
+        // A cluster that no longer has outlier detection forgets its ejections.
+        failing.retain(|_| true, |_, _| false);
+        assert_eq!(picked(&failing, &endpoints, endpoints[1], 8), 2);
     }
 }

@@ -382,6 +382,7 @@ async fn forward<B: Backend>(
     let mut unsent_resent = false;
     loop {
         let deadline = attempts.deadline();
+        let attempt_started = tokio::time::Instant::now();
         let upstream =
             tokio::time::timeout_at(deadline, upstream::<B>(worker, view, chosen.cluster));
         let sent = match upstream.await {
@@ -406,7 +407,7 @@ async fn forward<B: Backend>(
             (Ok(Ok(response)), key, place) => {
                 let status = response.status().as_u16();
                 cluster.response(status);
-                view.answered(chosen.cluster, key.1, status < 500);
+                view.answered(chosen.cluster, key.1, attempt_started, status < 500);
                 let failure = match status {
                     502..=504 => Some(Failure::Status(status)),
                     _ if grpc && grpc_unavailable(response.headers()) => Some(Failure::Unavailable),
@@ -432,19 +433,21 @@ async fn forward<B: Backend>(
                 // A request the upstream never saw (its connection was closing: GOAWAY) goes
                 // once more, on another connection (the closing one is forgotten), retries
                 // or not.
-                if let Some(unsent) = failed.take_message()
-                    && !unsent_resent
-                {
-                    unsent_resent = true;
-                    request = unsent;
-                    continue;
+                let unsent = failed.take_message();
+                if let Some(unsent) = unsent {
+                    if !unsent_resent {
+                        unsent_resent = true;
+                        request = unsent;
+                        continue;
+                    }
+                } else if upstream_failed(failed.error()) {
+                    view.answered(chosen.cluster, key.1, attempt_started, false);
                 }
-                view.answered(chosen.cluster, key.1, false);
                 (Failure::Reset, 502, Flag::UpstreamReset)
             }
             (Err(_), key, _) => {
                 cluster.timeout();
-                view.answered(chosen.cluster, key.1, false);
+                view.answered(chosen.cluster, key.1, attempt_started, false);
                 (Failure::PerTryTimeout, 504, Flag::UpstreamTimeout)
             }
         };
@@ -452,6 +455,16 @@ async fn forward<B: Backend>(
             Some(next) => request = next,
             None => return refuse(status, flag),
         }
+    }
+}
+
+/// Whether a request failed on the upstream's side (it reset the stream, went away, or the
+/// connection failed), not on the client's (its body failed, and the proxy reset the stream).
+fn upstream_failed(error: &hyper::Error) -> bool {
+    use std::error::Error as _;
+    match error.source().and_then(|e| e.downcast_ref::<h2::Error>()) {
+        Some(h2) => h2.is_remote() || h2.is_io() || h2.is_go_away(),
+        None => !error.is_user() && !error.is_body_write_aborted(),
     }
 }
 

@@ -662,6 +662,9 @@ fn default_budget_min_per_second() -> u32 {
     10
 }
 
+/// The longest first ejection of an endpoint (outlier detection).
+pub const MAX_BASE_EJECTION_TIME: Duration = Duration::from_secs(24 * 3600);
+
 /// Most retries of one request.
 pub const MAX_RETRIES: u32 = 5;
 
@@ -903,10 +906,12 @@ impl Config {
                         "must be at least 1",
                     );
                 }
-                if outliers.base_ejection_time.is_zero() {
+                if outliers.base_ejection_time.is_zero()
+                    || outliers.base_ejection_time > MAX_BASE_EJECTION_TIME
+                {
                     return fail(
                         at("outlier_detection.base_ejection_time"),
-                        "must be greater than zero",
+                        "must be greater than zero and at most 24h",
                     );
                 }
                 if outliers.max_ejected_percent > 100 {

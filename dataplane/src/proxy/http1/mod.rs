@@ -286,6 +286,7 @@ impl<B: Backend> Conn<'_, B> {
         let (up, addr, response) = loop {
             // A retry after a stale connection connects afresh: connections parked as long as
             // the stale one probably went stale with it.
+            let attempt_started = tokio::time::Instant::now();
             let Some((up, addr, reused)) = self.checkout(cluster, !stale_retried).await else {
                 self.inbuf.drain(..head.len);
                 return self
@@ -313,7 +314,11 @@ impl<B: Backend> Conn<'_, B> {
                         stale_retried = true;
                         continue;
                     }
-                    view.answered(cluster, addr, false);
+                    // A pooled connection that fails a write went stale: not the endpoint's
+                    // failure.
+                    if !reused {
+                        view.answered(cluster, addr, attempt_started, false);
+                    }
                     if attempts.again(Failure::Reset) {
                         continue;
                     }
@@ -340,7 +345,7 @@ impl<B: Backend> Conn<'_, B> {
                 .await
             {
                 Ok(response) => {
-                    view.answered(cluster, addr, response.status < 500);
+                    view.answered(cluster, addr, attempt_started, response.status < 500);
                     if attempts.again(Failure::Status(response.status)) {
                         // The failed answer goes no further; its connection closes rather than
                         // wait for a body nobody reads.
@@ -364,8 +369,17 @@ impl<B: Backend> Conn<'_, B> {
                         UpstreamFailure::Timeout => Some(Failure::PerTryTimeout),
                         _ => None,
                     };
-                    if retry_as.is_some() || failure == UpstreamFailure::Protocol {
-                        view.answered(cluster, addr, false);
+                    // A pooled connection closed before any answer went stale: not the
+                    // endpoint's failure.
+                    let endpoint_failed = match failure {
+                        UpstreamFailure::Closed => !reused,
+                        UpstreamFailure::Reset
+                        | UpstreamFailure::Timeout
+                        | UpstreamFailure::Protocol => true,
+                        _ => false,
+                    };
+                    if endpoint_failed {
+                        view.answered(cluster, addr, attempt_started, false);
                     }
                     if retry_as.is_some_and(|failure| attempts.again(failure)) {
                         continue;
