@@ -644,6 +644,9 @@ fn service_cluster(
     if let Some(retries) = policy.and_then(|p| p.spec.retries.as_ref()) {
         cluster.retries = Some(proxy_retries(retries));
     }
+    if policy.is_some_and(|p| p.spec.load_balancing == shared::crd::LoadBalancing::LeastRequest) {
+        cluster.balancing = shared::config::Balancing::LeastRequest;
+    }
     if let Some(outliers) = policy.and_then(|p| p.spec.outlier_detection.as_ref()) {
         // The catalog checked the duration.
         let base = crate::catalog::duration(

@@ -203,6 +203,8 @@ pub struct ClusterPlan {
     pub retries: Option<config::Retries>,
     /// Ejection of endpoints whose requests keep failing ([`crate::proxy::balance`]).
     pub outlier_detection: Option<config::OutlierDetection>,
+    /// How its endpoints are picked.
+    pub balancing: config::Balancing,
 }
 
 /// The cluster that intercepted connections no listener claims pass through on.
@@ -327,6 +329,7 @@ impl Snapshot {
                 tls,
                 retries: c.retries.clone(),
                 outlier_detection: c.outlier_detection.clone(),
+                balancing: c.balancing,
             });
         }
         let passthrough = config.interception.as_ref().map(|_| {
@@ -341,6 +344,7 @@ impl Snapshot {
                 tls: None,
                 retries: None,
                 outlier_detection: None,
+                balancing: config::Balancing::RoundRobin,
             });
             clusters.len() - 1
         });

@@ -21,6 +21,7 @@ use crate::proxy;
 use crate::proxy::pool::Pool;
 use crate::snapshot::{ListenerKind, ListenerPlan, Snapshot};
 use crate::tls::{Handshake, MaybeTls};
+use shared::config::Balancing;
 use shared::config::Intercept;
 
 /// What the control side asks of a worker.
@@ -57,6 +58,9 @@ pub struct View {
     /// Endpoints being passed over after failed attempts (the worker's: each view hands it
     /// to the next).
     pub failing: Rc<proxy::balance::Failing>,
+    /// Requests under way per endpoint, for least-request clusters (the worker's: each view
+    /// hands it to the next).
+    load: Rc<proxy::balance::Load>,
     /// xorshift64 state for weighted route splits (per worker; no cryptographic need).
     random: Cell<u64>,
 }
@@ -100,7 +104,22 @@ impl View {
     pub fn next_endpoint(&self, cluster: usize) -> Option<SocketAddr> {
         let plan = self.snapshot.clusters.get(cluster)?;
         let position = self.round_robin.get(cluster)?;
-        self.failing.next(&plan.name, &plan.endpoints, position)
+        match plan.balancing {
+            Balancing::RoundRobin => self.failing.next(&plan.name, &plan.endpoints, position),
+            Balancing::LeastRequest => self.failing.least_of_two(
+                (&plan.name, &plan.endpoints),
+                &self.load,
+                || self.roll(),
+                position,
+            ),
+        }
+    }
+
+    /// Counts a request (or connection) of `cluster` under way to `addr` while the guard
+    /// lives, where the cluster picks the least loaded endpoint.
+    pub fn in_flight(&self, cluster: usize, addr: SocketAddr) -> Option<proxy::balance::InFlight> {
+        let plan = self.snapshot.clusters.get(cluster)?;
+        (plan.balancing == Balancing::LeastRequest).then(|| self.load.start(addr))
     }
 }
 
@@ -171,7 +190,11 @@ impl<B: Backend> Worker<B> {
         destinations: mpsc::Sender<SocketAddr>,
     ) -> Rc<Worker<B>> {
         let stats = Registry::default();
-        let view = Rc::new(make_view(&stats, &Rc::default(), snapshot));
+        let view = Rc::new(make_view(
+            &stats,
+            (&Rc::default(), &Rc::default()),
+            snapshot,
+        ));
         Rc::new(Worker {
             id,
             view: RefCell::new(view),
@@ -223,7 +246,8 @@ impl<B: Backend> Worker<B> {
                     .is_some_and(|c| c.outlier_detection.is_some() && c.endpoints.contains(addr))
             },
         );
-        *self.view.borrow_mut() = Rc::new(make_view(&self.stats, &failing, snapshot.clone()));
+        let carried = (&failing, &current.load);
+        *self.view.borrow_mut() = Rc::new(make_view(&self.stats, carried, snapshot.clone()));
         self.pool.retain_for(&current.snapshot, &snapshot);
         self.h2.retain_for(&current.snapshot, &snapshot);
         let reauthorize = snapshot.listeners.iter().any(|l| {
@@ -312,11 +336,12 @@ impl<B: Backend> Worker<B> {
 
 fn make_view(
     stats: &Registry,
-    failing: &Rc<proxy::balance::Failing>,
+    (failing, load): (&Rc<proxy::balance::Failing>, &Rc<proxy::balance::Load>),
     snapshot: Arc<Snapshot>,
 ) -> View {
     View {
         failing: failing.clone(),
+        load: load.clone(),
         listeners: snapshot
             .listeners
             .iter()

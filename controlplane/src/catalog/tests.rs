@@ -412,8 +412,8 @@ fn a_proxy_gets_its_inbound_ports_and_only_the_destinations_it_asked_for() {
 }
 
 #[test]
-fn a_backend_policy_gives_its_service_port_retries_and_outlier_detection() {
-    let policy = "apiVersion: tern.dev/v1alpha1\nkind: BackendPolicy\nmetadata: { name: cart, namespace: shop }\nspec:\n  targetRef: { kind: Service, name: cart, port: 80 }\n  retries: { attempts: 2, on: [ConnectFailure, GatewayError, Unavailable], perTryTimeout: 250ms, budget: { percent: 30, minPerSecond: 4 } }\n  outlierDetection: { consecutiveFailures: 3, baseEjectionTime: 45s }\n";
+fn a_backend_policy_gives_its_service_port_retries_outlier_detection_and_balancing() {
+    let policy = "apiVersion: tern.dev/v1alpha1\nkind: BackendPolicy\nmetadata: { name: cart, namespace: shop }\nspec:\n  targetRef: { kind: Service, name: cart, port: 80 }\n  retries: { attempts: 2, on: [ConnectFailure, GatewayError, Unavailable], perTryTimeout: 250ms, budget: { percent: 30, minPerSecond: 4 } }\n  outlierDetection: { consecutiveFailures: 3, baseEjectionTime: 45s }\n  loadBalancing: LeastRequest\n";
     let catalog = build(&[("base.yaml", BASE), ("policy.yaml", policy)]);
     let web = translate(
         &catalog,
@@ -446,6 +446,14 @@ fn a_backend_policy_gives_its_service_port_retries_and_outlier_detection() {
     );
     assert!(cluster("outbound:db.shop:5432").retries.is_none());
     assert!(cluster("outbound:db.shop:5432").outlier_detection.is_none());
+    assert_eq!(
+        cluster("outbound:cart.shop:80").balancing,
+        shared::config::Balancing::LeastRequest
+    );
+    assert_eq!(
+        cluster("outbound:db.shop:5432").balancing,
+        shared::config::Balancing::RoundRobin
+    );
     assert_validates(&web.config);
 
     // Without a budget, the default one.

@@ -13,6 +13,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -233,28 +234,116 @@ impl Failing {
             position.set(i.wrapping_add(1));
             endpoints.get(i % endpoints.len().max(1)).copied()
         };
-        let outliers = self.outliers.borrow();
-        let ejected = outliers
-            .get(cluster)
-            .map(|o| &o.ejected)
-            .filter(|e| !e.0.borrow().is_empty());
-        if self.connects.0.borrow().is_empty() && ejected.is_none() {
+        if self.connects.0.borrow().is_empty() && self.outliers.borrow().is_empty() {
             return take();
         }
         let now = Instant::now();
         for _ in 0..endpoints.len() {
             let addr = take()?;
-            if !self.connects.passes_over(addr, now)
-                && !ejected.is_some_and(|e| e.passes_over(addr, now))
-            {
-                self.connects.probe(addr, now);
-                if let Some(ejected) = ejected {
-                    ejected.probe(addr, now);
-                }
+            if !self.passes_over(cluster, addr, now) {
+                self.chose(cluster, addr, now);
                 return Some(addr);
             }
         }
         take()
+    }
+
+    /// Of two of `endpoints` drawn at random (`roll`), the one with fewer requests under way
+    /// (`load`), passing over failing ones; round robin ([`Failing::next`]) when neither
+    /// will do, or there are fewer than two.
+    pub fn least_of_two(
+        &self,
+        (cluster, endpoints): (&str, &[SocketAddr]),
+        load: &Load,
+        mut roll: impl FnMut() -> u32,
+        position: &Cell<usize>,
+    ) -> Option<SocketAddr> {
+        let n = endpoints.len();
+        if n < 2 {
+            return self.next(cluster, endpoints, position);
+        }
+        let first = roll() as usize % n;
+        let mut second = roll() as usize % (n - 1);
+        if second >= first {
+            second += 1;
+        }
+        let now = Instant::now();
+        let usable = |addr: &SocketAddr| {
+            let quiet = self.connects.0.borrow().is_empty() && self.outliers.borrow().is_empty();
+            quiet || !self.passes_over(cluster, *addr, now)
+        };
+        let candidates = [endpoints[first], endpoints[second]];
+        let chosen = candidates
+            .into_iter()
+            .filter(usable)
+            .min_by_key(|addr| load.of(*addr));
+        match chosen {
+            Some(addr) => {
+                self.chose(cluster, addr, now);
+                Some(addr)
+            }
+            None => self.next(cluster, endpoints, position),
+        }
+    }
+
+    /// Whether `addr` is passed over for `cluster` at `now`: it failed to connect, or the
+    /// cluster ejected it.
+    fn passes_over(&self, cluster: &str, addr: SocketAddr, now: Instant) -> bool {
+        self.connects.passes_over(addr, now)
+            || self
+                .outliers
+                .borrow()
+                .get(cluster)
+                .is_some_and(|o| o.ejected.passes_over(addr, now))
+    }
+
+    /// An attempt of `cluster` goes to `addr`: where it was failing, it is the probe.
+    fn chose(&self, cluster: &str, addr: SocketAddr, now: Instant) {
+        self.connects.probe(addr, now);
+        if let Some(outliers) = self.outliers.borrow().get(cluster) {
+            outliers.ejected.probe(addr, now);
+        }
+    }
+}
+
+/// Requests (and opaque TCP connections) under way to each endpoint on one worker, for
+/// clusters that pick the least loaded ([`Failing::least_of_two`]); kept across config
+/// changes.
+#[derive(Debug, Default)]
+pub struct Load(RefCell<HashMap<SocketAddr, u32>>);
+
+impl Load {
+    /// How many are under way to `addr`.
+    pub fn of(&self, addr: SocketAddr) -> u32 {
+        self.0.borrow().get(&addr).copied().unwrap_or(0)
+    }
+
+    /// One more is under way to `addr`, until the guard is dropped.
+    pub fn start(self: &Rc<Self>, addr: SocketAddr) -> InFlight {
+        *self.0.borrow_mut().entry(addr).or_insert(0) += 1;
+        InFlight {
+            load: self.clone(),
+            addr,
+        }
+    }
+}
+
+/// A request (or connection) under way, counted in its endpoint's [`Load`] while it lives.
+#[derive(Debug)]
+pub struct InFlight {
+    load: Rc<Load>,
+    addr: SocketAddr,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut load = self.load.0.borrow_mut();
+        if let Some(count) = load.get_mut(&self.addr) {
+            *count -= 1;
+            if *count == 0 {
+                load.remove(&self.addr);
+            }
+        }
     }
 }
 
@@ -425,5 +514,33 @@ mod tests {
         // A cluster that no longer has outlier detection forgets its ejections.
         failing.retain(|_| true, |_, _| false);
         assert_eq!(picked(&failing, &endpoints, endpoints[1], 8), 2);
+    }
+
+    #[test]
+    fn the_less_loaded_of_two_is_picked_and_a_failing_one_passed_over() {
+        let endpoints = addrs(2);
+        let failing = Failing::default();
+        let load = Rc::new(Load::default());
+        let position = Cell::new(0);
+        let mut rolls = 0u32;
+        let mut pick = || {
+            let roll = || {
+                rolls = rolls.wrapping_add(7);
+                rolls
+            };
+            failing.least_of_two((CLUSTER, &endpoints), &load, roll, &position)
+        };
+        let busy = load.start(endpoints[0]);
+        assert!((0..8).all(|_| pick() == Some(endpoints[1])));
+        // The second under way once, the first twice: still the second.
+        let other = load.start(endpoints[1]);
+        let _second_request = load.start(endpoints[0]);
+        assert!((0..8).all(|_| pick() == Some(endpoints[1])));
+        drop((busy, other));
+        assert_eq!(load.of(endpoints[0]), 1);
+        assert_eq!(load.of(endpoints[1]), 0);
+        // A failing endpoint is passed over however idle it is.
+        failing.failed(endpoints[1]);
+        assert!((0..8).all(|_| pick() == Some(endpoints[0])));
     }
 }

@@ -25,6 +25,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper::{Request, Response};
 
+use super::balance::InFlight;
 use super::retry::{Attempts, Failure, Outgoing, Resend};
 use crate::io::Backend;
 use crate::io::hyper_io::{HyperIo, LocalExec};
@@ -100,7 +101,8 @@ impl Drop for Place {
 
 pin_project_lite::pin_project! {
     /// An upstream response body, as the proxy passes it on. It keeps its stream's place on
-    /// the upstream connection until it has been read to its end or dropped (the client went
+    /// the upstream connection (and counts in its endpoint's load, for a least-request
+    /// cluster) until it has been read to its end or dropped (the client went
     /// away: hyper resets the stream), and it fails once the upstream has sent nothing for
     /// the cluster's idle timeout, as an HTTP/1.1 response body does (hyper then resets the
     /// client's stream, and dropping the body the upstream's).
@@ -112,14 +114,14 @@ pin_project_lite::pin_project! {
         idle_timeout: Duration,
         last_frame: tokio::time::Instant,
         stats: Rc<crate::metrics::ListenerStats>,
-        _place: Place,
+        _held: (Place, Option<InFlight>),
     }
 }
 
 impl UpstreamBody {
     fn new(
         body: Incoming,
-        place: Place,
+        held: (Place, Option<InFlight>),
         idle_timeout: Duration,
         stats: Rc<crate::metrics::ListenerStats>,
     ) -> UpstreamBody {
@@ -130,7 +132,7 @@ impl UpstreamBody {
             idle_timeout,
             last_frame: now,
             stats,
-            _place: place,
+            _held: held,
         }
     }
 }
@@ -388,8 +390,9 @@ async fn forward<B: Backend>(
         let sent = match upstream.await {
             Ok(Some((mut sender, key, place))) => {
                 cluster.request();
+                let in_flight = view.in_flight(chosen.cluster, key.1);
                 let sent = tokio::time::timeout_at(deadline, sender.try_send_request(request));
-                (sent.await, key, place)
+                (sent.await, key, (place, in_flight))
             }
             Ok(None) => return refuse(503, Flag::UpstreamConnectFailure),
             Err(_) => {
@@ -404,7 +407,7 @@ async fn forward<B: Backend>(
             }
         };
         let (failure, status, flag) = match sent {
-            (Ok(Ok(response)), key, place) => {
+            (Ok(Ok(response)), key, held) => {
                 let status = response.status().as_u16();
                 cluster.response(status);
                 view.answered(chosen.cluster, key.1, attempt_started, status < 500);
@@ -425,9 +428,9 @@ async fn forward<B: Backend>(
                 let idle_timeout = view.snapshot.clusters[chosen.cluster].idle_timeout;
                 let stats = view.listeners[listener].clone();
                 return response
-                    .map(|body| Either::Left(UpstreamBody::new(body, place, idle_timeout, stats)));
+                    .map(|body| Either::Left(UpstreamBody::new(body, held, idle_timeout, stats)));
             }
-            (Ok(Err(mut failed)), key, place) => {
+            (Ok(Err(mut failed)), key, (place, _)) => {
                 worker.h2.forget(key, &place.0);
                 tracing::debug!(cluster = %view.snapshot.clusters[chosen.cluster].name, error = %failed.error(), "HTTP/2 upstream failed");
                 // A request the upstream never saw (its connection was closing: GOAWAY) goes

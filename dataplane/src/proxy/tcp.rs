@@ -43,11 +43,12 @@ pub async fn serve<B: Backend, D: Stream>(
     first: Vec<u8>,
 ) {
     let stats = &view.listeners[listener];
-    let Some((up, _)) = super::connect::<B>(view, cluster, super::Inner::Tcp).await else {
+    let Some((up, addr)) = super::connect::<B>(view, cluster, super::Inner::Tcp).await else {
         stats.error(Flag::UpstreamConnectFailure);
         let _ = down.shutdown(Shutdown::Both);
         return;
     };
+    let _in_flight = view.in_flight(cluster, addr);
     let idle = view.snapshot.clusters[cluster].idle_timeout;
     let upstream = &view.clusters[cluster];
     let outcome = pump_counted(&down, &up, first, Vec::new(), idle, stats, upstream).await;

@@ -528,6 +528,7 @@ impl Cluster {
             tls: None,
             retries: None,
             outlier_detection: None,
+            balancing: Balancing::RoundRobin,
         }
     }
 }
@@ -587,6 +588,26 @@ pub struct Cluster {
     /// Passing over endpoints whose HTTP requests keep failing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier_detection: Option<OutlierDetection>,
+    /// How each worker picks the endpoint of a request or connection.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub balancing: Balancing,
+}
+
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
+}
+
+/// How a cluster's endpoints are picked (a BackendPolicy's `loadBalancing`), by each worker,
+/// among those not passed over.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balancing {
+    /// In turn, from a random start.
+    #[default]
+    RoundRobin,
+    /// The one with fewer requests (or opaque TCP connections) under way of two picked at
+    /// random, as Envoy's `LEAST_REQUEST` and Linkerd's power of two choices.
+    LeastRequest,
 }
 
 /// Ejecting an endpoint whose HTTP requests keep failing (a BackendPolicy's

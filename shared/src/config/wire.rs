@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use crate::api::discovery as pb;
 use crate::config::{
-    Authorization, Backend, CipherSuite, Cluster, ClusterTls, Config, Intercept, Listener,
-    ListenerTls, OutboundPolicy, OutlierDetection, Protocol, Retries, RetryOn, Route, TlsMode,
+    Authorization, Backend, Balancing, CipherSuite, Cluster, ClusterTls, Config, Intercept,
+    Listener, ListenerTls, OutboundPolicy, OutlierDetection, Protocol, Retries, RetryOn, Route,
+    TlsMode,
 };
 
 /// Listeners and clusters from `tern-control`, at a version.
@@ -148,6 +149,10 @@ fn encode_listener(l: &Listener) -> pb::Listener {
 
 fn encode_cluster(c: &Cluster) -> pb::Cluster {
     pb::Cluster {
+        balancing: match c.balancing {
+            Balancing::RoundRobin => pb::Balancing::RoundRobin,
+            Balancing::LeastRequest => pb::Balancing::LeastRequest,
+        } as i32,
         outlier_detection: c.outlier_detection.as_ref().map(|o| pb::OutlierDetection {
             consecutive_failures: o.consecutive_failures,
             base_ejection_time_ms: millis(o.base_ejection_time),
@@ -374,6 +379,16 @@ fn decode_cluster(i: usize, c: pb::Cluster) -> Result<Cluster, WireError> {
         max_idle_per_endpoint: c.max_idle_per_endpoint as usize,
         tls,
         retries,
+        balancing: match pb::Balancing::try_from(c.balancing) {
+            Ok(pb::Balancing::RoundRobin) => Balancing::RoundRobin,
+            Ok(pb::Balancing::LeastRequest) => Balancing::LeastRequest,
+            Err(_) => {
+                return Err(wrong(
+                    at("balancing"),
+                    format!("unknown balancing {}", c.balancing),
+                ));
+            }
+        },
         outlier_detection: c.outlier_detection.map(|o| OutlierDetection {
             consecutive_failures: o.consecutive_failures,
             base_ejection_time: Duration::from_millis(o.base_ejection_time_ms),
@@ -444,6 +459,7 @@ clusters:
     connect_timeout: 250ms
     retries: { attempts: 2, on: [reset, gateway_error, unavailable], per_try_timeout: 300ms, budget_percent: 25, min_per_second: 3 }
     outlier_detection: { consecutive_failures: 3, base_ejection_time: 15s, max_ejected_percent: 40 }
+    balancing: least_request
   - name: app
     endpoints: [127.0.0.1:8080]
 identity:

@@ -283,7 +283,7 @@ impl<B: Backend> Conn<'_, B> {
             .filter(|_| !has_body);
         let mut attempts = Attempts::start(retries, route.timeout, upstream_stats);
         let mut stale_retried = false;
-        let (up, addr, response) = loop {
+        let (up, addr, response, _in_flight) = loop {
             // A retry after a stale connection connects afresh: connections parked as long as
             // the stale one probably went stale with it.
             let attempt_started = tokio::time::Instant::now();
@@ -294,6 +294,7 @@ impl<B: Backend> Conn<'_, B> {
                     .await;
             };
             upstream_stats.request();
+            let in_flight = view.in_flight(cluster, addr);
             // A pooled connection the upstream already closed fails here; an idempotent
             // request with no body is safe to send again on a fresh connection, once (the
             // upstream may have acted on it before closing: RFC 9110 §9.2.2).
@@ -353,7 +354,7 @@ impl<B: Backend> Conn<'_, B> {
                         let _ = up.shutdown(Shutdown::Both);
                         continue;
                     }
-                    break (up, addr, response);
+                    break (up, addr, response, in_flight);
                 }
                 Err(UpstreamFailure::Closed) if stale_resend => {
                     let _ = up.shutdown(Shutdown::Both);

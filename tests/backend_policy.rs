@@ -2,8 +2,9 @@
 //! on both IO backends and both HTTP versions: a failure the policy names goes to the next
 //! endpoint and the client sees the answer, a gRPC call's body is sent again whole, a request
 //! with an HTTP/1.1 body is not retried, a per-try timeout gives a hanging endpoint up in
-//! time, an empty budget lets the failure through and counts it, and an endpoint whose
-//! requests fail in a row is ejected.
+//! time, an empty budget lets the failure through and counts it, an endpoint whose requests
+//! fail in a row is ejected, and least-request balancing keeps new requests off an endpoint
+//! busy with one.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
@@ -271,8 +272,56 @@ fn an_endpoint_whose_requests_keep_failing_is_ejected(backend: BackendChoice) {
     );
 }
 
+fn least_request_sends_new_requests_to_the_idle_endpoint(backend: BackendChoice) {
+    let (a, b) = (Http::start("a"), Http::start("b"));
+    let yaml = format!(
+        "listeners:\n  - {{ name: web, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: least, timeout: 30s }}] }}\nclusters:\n  - {{ name: least, endpoints: [{}, {}], balancing: least_request }}\n",
+        a.addr, b.addr
+    );
+    let config = shared::Config::from_yaml(&yaml, "test.yaml").unwrap();
+    let options = dataplane::Options {
+        workers: Some(1),
+        ..tests::options(backend)
+    };
+    let proxy = Proxy::start(config, "test.yaml", options).unwrap();
+    let web = proxy.listener_addr("web").unwrap();
+
+    // Each request hangs at `a` and is answered at once by `b`. Two idle endpoints are
+    // equals (either is picked); once one request hangs at `a`, every later one goes to `b`
+    // (round robin would send `a` every other one).
+    let mut held = Vec::new();
+    let mut send = || {
+        let mut conn = Conn::open(web);
+        conn.send(b"GET /flaky/a/hang HTTP/1.1\r\nHost: x\r\n\r\n");
+        held.push(conn);
+        std::thread::sleep(std::time::Duration::from_millis(150));
+    };
+    let mut before_a = 0;
+    while a.requests.load(Ordering::SeqCst) == 0 {
+        assert!(before_a < 40, "no request reached `a`");
+        send();
+        before_a += 1;
+    }
+    for _ in 0..5 {
+        send();
+    }
+    assert_eq!(a.requests.load(Ordering::SeqCst), 1);
+    assert_eq!(b.requests.load(Ordering::SeqCst), before_a - 1 + 5);
+
+    // HTTP/2 streams count as well: `a` holds one, the new ones go to `b`.
+    let client = H2::connect(web);
+    for _ in 0..4 {
+        client.start_get("x", "/flaky/a/hang");
+        std::thread::sleep(std::time::Duration::from_millis(150));
+    }
+    assert_eq!(a.requests.load(Ordering::SeqCst), 1);
+    assert_eq!(b.requests.load(Ordering::SeqCst), before_a - 1 + 9);
+    drop(held);
+}
+
 both_backends!(
     http1_failures_the_policy_names_go_to_the_next_endpoint,
     http2_failures_the_policy_names_go_again_with_their_body,
     an_endpoint_whose_requests_keep_failing_is_ejected,
+    least_request_sends_new_requests_to_the_idle_endpoint,
 );
