@@ -9,12 +9,13 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tests::client::Conn;
 use tests::h2::H2;
 use tests::upstream::{self, Http};
-use tests::{BackendChoice, Proxy, both_backends, metric, wait_for_metric};
+use tests::{BackendChoice, Proxy, both_backends, eventually, metric, wait_for_metric};
 
 /// One worker (its round robin alternates between the two endpoints, so a failing one gets
 /// every other first attempt), routing by host to clusters of the endpoints `a` and `b`:
@@ -272,7 +273,12 @@ fn an_endpoint_whose_requests_keep_failing_is_ejected(backend: BackendChoice) {
     );
 }
 
-fn least_request_sends_new_requests_to_the_idle_endpoint(backend: BackendChoice) {
+/// Sends requests that hang at `a` and are answered at once by `b`, through a proxy whose
+/// one cluster of `a` and `b` picks the less loaded of two (`send` makes one request on a
+/// connection it keeps open), and checks that once one hangs at `a` every later one goes to
+/// `b`: two idle endpoints are equals (either is picked), and round robin would send `a`
+/// every other one.
+fn assert_least_request(backend: BackendChoice, mut send: impl FnMut(SocketAddr)) {
     let (a, b) = (Http::start("a"), Http::start("b"));
     let yaml = format!(
         "listeners:\n  - {{ name: web, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: least, timeout: 30s }}] }}\nclusters:\n  - {{ name: least, endpoints: [{}, {}], balancing: least_request }}\n",
@@ -285,38 +291,47 @@ fn least_request_sends_new_requests_to_the_idle_endpoint(backend: BackendChoice)
     };
     let proxy = Proxy::start(config, "test.yaml", options).unwrap();
     let web = proxy.listener_addr("web").unwrap();
+    let reached = || a.requests.load(Ordering::SeqCst) + b.requests.load(Ordering::SeqCst);
+    let mut sent = 0;
+    let mut send_one = || {
+        send(web);
+        sent += 1;
+        eventually(
+            Duration::from_secs(5),
+            "the request reaches an upstream",
+            || reached() == sent,
+        );
+        // `b` answers at once; its answer leaves the proxy, and its request stops counting,
+        // microseconds later.
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    while a.requests.load(Ordering::SeqCst) == 0 {
+        assert!(
+            b.requests.load(Ordering::SeqCst) < 40,
+            "no request reached `a`"
+        );
+        send_one();
+    }
+    for _ in 0..5 {
+        send_one();
+    }
+    assert_eq!(a.requests.load(Ordering::SeqCst), 1);
+}
 
-    // Each request hangs at `a` and is answered at once by `b`. Two idle endpoints are
-    // equals (either is picked); once one request hangs at `a`, every later one goes to `b`
-    // (round robin would send `a` every other one).
+fn least_request_sends_new_requests_to_the_idle_endpoint(backend: BackendChoice) {
     let mut held = Vec::new();
-    let mut send = || {
+    assert_least_request(backend, |web| {
         let mut conn = Conn::open(web);
         conn.send(b"GET /flaky/a/hang HTTP/1.1\r\nHost: x\r\n\r\n");
         held.push(conn);
-        std::thread::sleep(std::time::Duration::from_millis(150));
-    };
-    let mut before_a = 0;
-    while a.requests.load(Ordering::SeqCst) == 0 {
-        assert!(before_a < 40, "no request reached `a`");
-        send();
-        before_a += 1;
-    }
-    for _ in 0..5 {
-        send();
-    }
-    assert_eq!(a.requests.load(Ordering::SeqCst), 1);
-    assert_eq!(b.requests.load(Ordering::SeqCst), before_a - 1 + 5);
-
-    // HTTP/2 streams count as well: `a` holds one, the new ones go to `b`.
-    let client = H2::connect(web);
-    for _ in 0..4 {
-        client.start_get("x", "/flaky/a/hang");
-        std::thread::sleep(std::time::Duration::from_millis(150));
-    }
-    assert_eq!(a.requests.load(Ordering::SeqCst), 1);
-    assert_eq!(b.requests.load(Ordering::SeqCst), before_a - 1 + 9);
-    drop(held);
+    });
+    // HTTP/2 streams, each held while it waits for its answer.
+    let mut client = None;
+    assert_least_request(backend, |web| {
+        client
+            .get_or_insert_with(|| H2::connect(web))
+            .start_get("x", "/flaky/a/hang");
+    });
 }
 
 both_backends!(

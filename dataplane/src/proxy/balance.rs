@@ -148,14 +148,14 @@ impl Failing {
         started: Instant,
         ok: bool,
     ) -> bool {
-        let mut outliers = self.outliers.borrow_mut();
-        if !outliers.contains_key(&**cluster) {
+        let mut all = self.outliers.borrow_mut();
+        if !all.contains_key(&**cluster) {
             if ok {
                 return false;
             }
-            outliers.insert(cluster.clone(), Outliers::default());
+            all.insert(cluster.clone(), Outliers::default());
         }
-        let Some(outliers) = outliers.get_mut(&**cluster) else {
+        let Some(outliers) = all.get_mut(&**cluster) else {
             return false;
         };
         let base = policy.base_ejection_time;
@@ -178,6 +178,11 @@ impl Failing {
         }
         if ok {
             outliers.streaks.remove(&addr);
+            let idle = outliers.streaks.is_empty() && outliers.ejected.0.borrow().is_empty();
+            if idle {
+                // Nothing left to remember: picks for every cluster take the fast path again.
+                all.remove(&**cluster);
+            }
             return false;
         }
         let streak = outliers.streaks.entry(addr).or_insert(0);
@@ -234,14 +239,16 @@ impl Failing {
             position.set(i.wrapping_add(1));
             endpoints.get(i % endpoints.len().max(1)).copied()
         };
-        if self.connects.0.borrow().is_empty() && self.outliers.borrow().is_empty() {
+        let outliers = self.outliers.borrow();
+        let ejected = self.ejected_by(&outliers, cluster);
+        if self.connects.0.borrow().is_empty() && ejected.is_none() {
             return take();
         }
         let now = Instant::now();
         for _ in 0..endpoints.len() {
             let addr = take()?;
-            if !self.passes_over(cluster, addr, now) {
-                self.chose(cluster, addr, now);
+            if !self.passes_over(ejected, addr, now) {
+                self.chose(ejected, addr, now);
                 return Some(addr);
             }
         }
@@ -267,41 +274,52 @@ impl Failing {
         if second >= first {
             second += 1;
         }
+        let outliers = self.outliers.borrow();
+        let ejected = self.ejected_by(&outliers, cluster);
+        let quiet = self.connects.0.borrow().is_empty() && ejected.is_none();
         let now = Instant::now();
-        let usable = |addr: &SocketAddr| {
-            let quiet = self.connects.0.borrow().is_empty() && self.outliers.borrow().is_empty();
-            quiet || !self.passes_over(cluster, *addr, now)
-        };
-        let candidates = [endpoints[first], endpoints[second]];
-        let chosen = candidates
+        let chosen = [endpoints[first], endpoints[second]]
             .into_iter()
-            .filter(usable)
+            .filter(|addr| quiet || !self.passes_over(ejected, *addr, now))
             .min_by_key(|addr| load.of(*addr));
         match chosen {
             Some(addr) => {
-                self.chose(cluster, addr, now);
+                if !quiet {
+                    self.chose(ejected, addr, now);
+                }
                 Some(addr)
             }
             None => self.next(cluster, endpoints, position),
         }
     }
 
-    /// Whether `addr` is passed over for `cluster` at `now`: it failed to connect, or the
-    /// cluster ejected it.
-    fn passes_over(&self, cluster: &str, addr: SocketAddr, now: Instant) -> bool {
-        self.connects.passes_over(addr, now)
-            || self
-                .outliers
-                .borrow()
-                .get(cluster)
-                .is_some_and(|o| o.ejected.passes_over(addr, now))
+    /// The endpoints `cluster` has ejected, if any (without hashing its name when no
+    /// cluster has).
+    fn ejected_by<'a>(
+        &self,
+        outliers: &'a HashMap<Arc<str>, Outliers>,
+        cluster: &str,
+    ) -> Option<&'a Backoffs> {
+        if outliers.is_empty() {
+            return None;
+        }
+        outliers
+            .get(cluster)
+            .map(|o| &o.ejected)
+            .filter(|e| !e.0.borrow().is_empty())
     }
 
-    /// An attempt of `cluster` goes to `addr`: where it was failing, it is the probe.
-    fn chose(&self, cluster: &str, addr: SocketAddr, now: Instant) {
+    /// Whether `addr` is passed over at `now`: it failed to connect, or its cluster ejected
+    /// it (`ejected`).
+    fn passes_over(&self, ejected: Option<&Backoffs>, addr: SocketAddr, now: Instant) -> bool {
+        self.connects.passes_over(addr, now) || ejected.is_some_and(|e| e.passes_over(addr, now))
+    }
+
+    /// An attempt goes to `addr`: where it was failing, it is the probe.
+    fn chose(&self, ejected: Option<&Backoffs>, addr: SocketAddr, now: Instant) {
         self.connects.probe(addr, now);
-        if let Some(outliers) = self.outliers.borrow().get(cluster) {
-            outliers.ejected.probe(addr, now);
+        if let Some(ejected) = ejected {
+            ejected.probe(addr, now);
         }
     }
 }
@@ -522,11 +540,13 @@ mod tests {
         let failing = Failing::default();
         let load = Rc::new(Load::default());
         let position = Cell::new(0);
-        let mut rolls = 0u32;
+        // Draws that put the first endpoint first, then the second, and so on.
+        let rolls = [0u32, 0, 1, 0];
+        let mut drawn = 0;
         let mut pick = || {
             let roll = || {
-                rolls = rolls.wrapping_add(7);
-                rolls
+                drawn += 1;
+                rolls[(drawn - 1) % rolls.len()]
             };
             failing.least_of_two((CLUSTER, &endpoints), &load, roll, &position)
         };
