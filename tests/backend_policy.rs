@@ -15,7 +15,9 @@ use bytes::Bytes;
 use tests::client::Conn;
 use tests::h2::H2;
 use tests::upstream::{self, Http};
-use tests::{BackendChoice, Proxy, both_backends, eventually, metric, wait_for_metric};
+use tests::{
+    BackendChoice, Proxy, both_backends, eventually, metric, start_one_worker, wait_for_metric,
+};
 
 /// One worker (its round robin alternates between the two endpoints, so a failing one gets
 /// every other first attempt), routing by host to clusters of the endpoints `a` and `b`:
@@ -47,12 +49,7 @@ clusters:
     retries: {{ attempts: 1, on: [reset] }}
 "#
     );
-    let config = shared::Config::from_yaml(&yaml, "test.yaml").unwrap();
-    let options = dataplane::Options {
-        workers: Some(1),
-        ..tests::options(backend)
-    };
-    Proxy::start(config, "test.yaml", options).unwrap()
+    start_one_worker(&yaml, backend)
 }
 
 fn statuses(conn: &mut Conn, request: &str, times: usize) -> Vec<u16> {
@@ -230,12 +227,7 @@ clusters:
     outlier_detection: {{ consecutive_failures: 2, base_ejection_time: 1h }}
 "#
     );
-    let config = shared::Config::from_yaml(&yaml, "test.yaml").unwrap();
-    let options = dataplane::Options {
-        workers: Some(1),
-        ..tests::options(backend)
-    };
-    Proxy::start(config, "test.yaml", options).unwrap()
+    start_one_worker(&yaml, backend)
 }
 
 fn an_endpoint_whose_requests_keep_failing_is_ejected(backend: BackendChoice) {
@@ -284,12 +276,7 @@ fn assert_least_request(backend: BackendChoice, mut send: impl FnMut(SocketAddr)
         "listeners:\n  - {{ name: web, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: least, timeout: 30s }}] }}\nclusters:\n  - {{ name: least, endpoints: [{}, {}], balancing: least_request }}\n",
         a.addr, b.addr
     );
-    let config = shared::Config::from_yaml(&yaml, "test.yaml").unwrap();
-    let options = dataplane::Options {
-        workers: Some(1),
-        ..tests::options(backend)
-    };
-    let proxy = Proxy::start(config, "test.yaml", options).unwrap();
+    let proxy = start_one_worker(&yaml, backend);
     let web = proxy.listener_addr("web").unwrap();
     let reached = || a.requests.load(Ordering::SeqCst) + b.requests.load(Ordering::SeqCst);
     let mut sent = 0;

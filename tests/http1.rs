@@ -299,12 +299,7 @@ fn one_worker_balancing(endpoints: &[SocketAddr], backend: BackendChoice) -> Pro
     let yaml = format!(
         "listeners:\n  - {{ name: web, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: app }}] }}\nclusters:\n  - {{ name: app, endpoints: [{endpoints}] }}\n"
     );
-    let config = shared::Config::from_yaml(&yaml, "test.yaml").unwrap();
-    let options = dataplane::Options {
-        workers: Some(1),
-        ..tests::options(backend)
-    };
-    Proxy::start(config, "test.yaml", options).unwrap()
+    tests::start_one_worker(&yaml, backend)
 }
 
 /// Round robin takes each endpoint in turn and the pool reuses each one's connection: a

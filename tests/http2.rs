@@ -23,17 +23,6 @@ fn routed_config(a: std::net::SocketAddr, b: std::net::SocketAddr) -> String {
     )
 }
 
-/// A proxy with one worker, so every stream to an upstream looks for a place on the same
-/// pooled connections.
-fn one_worker(yaml: &str, backend: BackendChoice) -> tests::Proxy {
-    let config = shared::Config::from_yaml(yaml, "test.yaml").unwrap();
-    let options = dataplane::Options {
-        workers: Some(1),
-        ..tests::options(backend)
-    };
-    dataplane::Proxy::start(config, "test.yaml", options).unwrap()
-}
-
 fn streams_are_routed_each_on_its_own(backend: BackendChoice) {
     let a = Http::start("a");
     let b = Http::start("b");
@@ -243,7 +232,7 @@ fn clients_that_stop_reading_do_not_stall_others_on_the_same_upstream(backend: B
     let a = Http::start("a");
     let b = Http::start("b");
     // One worker, so every stream to `a` shares its one upstream connection.
-    let proxy = one_worker(&routed_config(a.addr, b.addr), backend);
+    let proxy = tests::start_one_worker(&routed_config(a.addr, b.addr), backend);
     let addr = proxy.listener_addr("web").unwrap();
     // Six clients ask for 4 MiB each and read none of it: past what each client's own
     // windows take, each stream holds what the proxy lets the upstream send it, on the one
@@ -274,7 +263,7 @@ fn streams_past_the_upstreams_limit_go_on_another_connection(backend: BackendCho
         "{ path_prefix: /a, cluster: a }",
         "{ path_prefix: /a/hang, cluster: a, timeout: 60s }\n      - { path_prefix: /a, cluster: a, timeout: 2s }",
     );
-    let proxy = one_worker(&config, backend);
+    let proxy = tests::start_one_worker(&config, backend);
     let addr = proxy.listener_addr("web").unwrap();
     // As many streams as the upstream allows on one connection, each left open (long-lived
     // gRPC streams, say).
@@ -297,7 +286,7 @@ fn a_restarted_upstream_is_reached_past_its_dead_pooled_connection(backend: Back
     let a = Http::start("a");
     let address = a.addr;
     let b = Http::start("b");
-    let proxy = one_worker(&routed_config(a.addr, b.addr), backend);
+    let proxy = tests::start_one_worker(&routed_config(a.addr, b.addr), backend);
     let client = H2::connect(proxy.listener_addr("web").unwrap());
     assert_eq!(client.get("svc", "/a/first").text(), "a /a/first");
     // The upstream restarts on the same address: the pooled connection is dead.
@@ -364,7 +353,7 @@ fn streams_waiting_on_a_connection_that_cannot_be_made_go_to_the_next_endpoint(
             "{ path_prefix: /a, cluster: a }",
             "{ path_prefix: /a, cluster: a, timeout: 2s }",
         );
-    let proxy = one_worker(&config, backend);
+    let proxy = tests::start_one_worker(&config, backend);
     let client = H2::connect(proxy.listener_addr("web").unwrap());
     let paths: Vec<String> = (0..16).map(|i| format!("/a/{i}")).collect();
     for (path, answer) in paths.iter().zip(client.get_many("svc", &paths)) {

@@ -40,6 +40,17 @@ pub fn start_proxy(yaml: &str, backend: BackendChoice) -> Proxy {
     Proxy::start(config, "test.yaml", options(backend)).expect("proxy starts")
 }
 
+/// Starts a proxy with [`options`] but one worker: every request goes through the same
+/// round robin, balancer and pool, so tests can tell which endpoint each one reaches.
+pub fn start_one_worker(yaml: &str, backend: BackendChoice) -> Proxy {
+    let config = shared::Config::from_yaml(yaml, "test.yaml").expect("valid test config");
+    let options = dataplane::Options {
+        workers: Some(1),
+        ..options(backend)
+    };
+    Proxy::start(config, "test.yaml", options).expect("proxy starts")
+}
+
 /// GETs a path from the proxy's admin server and returns the body.
 pub fn admin_get(proxy: &Proxy, path: &str) -> String {
     let response = client::request(
