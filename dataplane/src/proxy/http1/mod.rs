@@ -365,24 +365,13 @@ impl<B: Backend> Conn<'_, B> {
                     if failure == UpstreamFailure::Timeout {
                         upstream_stats.timeout();
                     }
-                    let retry_as = match failure {
-                        UpstreamFailure::Closed | UpstreamFailure::Reset => Some(Failure::Reset),
-                        UpstreamFailure::Timeout => Some(Failure::PerTryTimeout),
-                        _ => None,
-                    };
-                    // A pooled connection closed before any answer went stale: not the
-                    // endpoint's failure.
-                    let endpoint_failed = match failure {
-                        UpstreamFailure::Closed => !reused,
-                        UpstreamFailure::Reset
-                        | UpstreamFailure::Timeout
-                        | UpstreamFailure::Protocol => true,
-                        _ => false,
-                    };
-                    if endpoint_failed {
+                    if failure.blames_endpoint(reused) {
                         view.answered(cluster, addr, attempt_started, false);
                     }
-                    if retry_as.is_some_and(|failure| attempts.again(failure)) {
+                    if failure
+                        .retry_as()
+                        .is_some_and(|failure| attempts.again(failure))
+                    {
                         continue;
                     }
                     if !has_body {
@@ -734,6 +723,27 @@ enum UpstreamFailure {
 }
 
 impl UpstreamFailure {
+    /// The failure as a retry policy names it, where one can.
+    fn retry_as(self) -> Option<Failure> {
+        match self {
+            UpstreamFailure::Closed | UpstreamFailure::Reset => Some(Failure::Reset),
+            UpstreamFailure::Timeout => Some(Failure::PerTryTimeout),
+            _ => None,
+        }
+    }
+
+    /// Whether it counts against the endpoint (outlier detection): not the client's doing,
+    /// nor a `reused` pooled connection found closed (it went stale while parked).
+    fn blames_endpoint(self, reused: bool) -> bool {
+        match self {
+            UpstreamFailure::Closed => !reused,
+            UpstreamFailure::Reset | UpstreamFailure::Timeout | UpstreamFailure::Protocol => true,
+            UpstreamFailure::DownstreamGone
+            | UpstreamFailure::DownstreamIdle
+            | UpstreamFailure::DownstreamMalformed => false,
+        }
+    }
+
     fn reply(self) -> (u16, Flag) {
         match self {
             UpstreamFailure::Closed | UpstreamFailure::Reset => (502, Flag::UpstreamReset),
