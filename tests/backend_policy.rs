@@ -1,10 +1,12 @@
-//! A cluster's retry policy and outlier detection (a BackendPolicy's) through one proxy hop,
-//! on both IO backends and both HTTP versions: a failure the policy names goes to the next
-//! endpoint and the client sees the answer, a gRPC call's body is sent again whole, a request
-//! with an HTTP/1.1 body is not retried, a per-try timeout gives a hanging endpoint up in
-//! time, an empty budget lets the failure through and counts it, an endpoint whose requests
-//! fail in a row is ejected, and least-request balancing keeps new requests off an endpoint
-//! busy with one.
+//! A cluster's retry policy, outlier detection, balancing and connection limit (a
+//! BackendPolicy's) through one proxy hop, on both IO backends and both HTTP versions: a
+//! failure the policy names goes to the next endpoint and the client sees the answer, a gRPC
+//! call's body is sent again whole, a request with an HTTP/1.1 body is not retried, a
+//! per-try timeout gives a hanging endpoint up in time, an empty budget lets the failure
+//! through and counts it, an endpoint whose requests fail in a row is ejected,
+//! least-request balancing keeps new requests off an endpoint busy with one, and a
+//! connection limit holds the upstream connections of every protocol to its cap, requests
+//! waiting for room or overflowing (503 `UO`) past its queue.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
@@ -321,7 +323,165 @@ fn least_request_sends_new_requests_to_the_idle_endpoint(backend: BackendChoice)
     });
 }
 
+/// One worker, whose cluster `capped` of three endpoints (its round robin takes them in
+/// turn) may have one upstream connection open and one request waiting for room, and whose
+/// cluster `tcp` of an echo server one connection and none waiting.
+fn capped(upstreams: [&Http; 3], echo: SocketAddr, backend: BackendChoice) -> Proxy {
+    let [a, b, c] = upstreams.map(|u| u.addr);
+    let yaml = format!(
+        r#"
+listeners:
+  - {{ name: web, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: capped, timeout: 30s }}] }}
+  - {{ name: tcp, address: 127.0.0.1:0, protocol: tcp, cluster: tcp }}
+clusters:
+  - name: capped
+    endpoints: [{a}, {b}, {c}]
+    connect_timeout: 5s
+    connection_limit: {{ max_connections: 1, max_pending: 1 }}
+  - name: tcp
+    endpoints: [{echo}]
+    connection_limit: {{ max_connections: 1, max_pending: 0 }}
+"#
+    );
+    start_one_worker(&yaml, backend)
+}
+
+/// What the proxy answered, and its flag if it answered itself.
+type Answered = (u16, Option<String>);
+
+/// Sends a request that the upstreams answer after 1.5 s (`slow`), and while it holds the
+/// one connection, one that must wait for room and then one more, and returns what the
+/// last one got; checks that the first two are answered.
+fn while_one_is_slow(
+    upstreams: [&Http; 3],
+    slow: &(dyn Fn() -> u16 + Sync),
+    send: &(dyn Fn() -> Answered + Sync),
+) -> Answered {
+    let reached = || -> usize {
+        upstreams
+            .iter()
+            .map(|u| u.requests.load(Ordering::SeqCst))
+            .sum()
+    };
+    let before = reached();
+    std::thread::scope(|scope| {
+        let slow = scope.spawn(slow);
+        eventually(
+            Duration::from_secs(5),
+            "the slow request is upstream",
+            || reached() > before,
+        );
+        let waiting = scope.spawn(send);
+        std::thread::sleep(Duration::from_millis(300));
+        let last = send();
+        assert_eq!(slow.join().unwrap(), 200);
+        assert_eq!(waiting.join().unwrap(), (200, None));
+        last
+    })
+}
+
+/// Upstream connections: made so far, and open now once the proxy's closes have reached
+/// the upstreams (which are then at most one).
+fn connections(upstreams: [&Http; 3]) -> usize {
+    let open = || -> usize {
+        upstreams
+            .iter()
+            .map(|u| u.open.load(Ordering::SeqCst))
+            .sum()
+    };
+    eventually(
+        Duration::from_secs(5),
+        "one upstream connection open at most",
+        || open() <= 1,
+    );
+    upstreams
+        .iter()
+        .map(|u| u.connections.load(Ordering::SeqCst))
+        .sum()
+}
+
+fn a_capped_cluster_keeps_to_its_connections(backend: BackendChoice) {
+    let (a, b, c) = (Http::start("a"), Http::start("b"), Http::start("c"));
+    let upstreams = [&a, &b, &c];
+    let echo = upstream::Echo::start();
+    let proxy = capped(upstreams, echo.addr, backend);
+    let web = proxy.listener_addr("web").unwrap();
+    let http1 = |path: &str| {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        let response = tests::client::request(web, &request);
+        let flag = response.header("x-tern-response-flag").map(str::to_owned);
+        (response.status, flag)
+    };
+    let h2 = H2::connect(web);
+    let http2 = |path: &str| {
+        let answer = h2.get("x", path);
+        let flag = answer.headers.get("x-tern-response-flag");
+        let flag = flag.map(|f| f.to_str().unwrap().to_owned());
+        (answer.status, flag)
+    };
+
+    // At the cap, a request to another endpoint goes over the connection there is rather
+    // than wait or open another.
+    let mut conn = Conn::open(web);
+    assert_eq!(
+        statuses(&mut conn, "GET / HTTP/1.1\r\nHost: x\r\n\r\n", 6),
+        [200; 6]
+    );
+    assert_eq!(connections(upstreams), 1);
+    // While a slow request holds it, the next request waits for it (and takes it over once
+    // the slow one is answered), and the one after that finds the queue full.
+    let last = while_one_is_slow(upstreams, &|| http1("/slow/1500").0, &|| http1("/"));
+    assert_eq!(last, (503, Some("UO".to_owned())));
+    assert_eq!(connections(upstreams), 1);
+
+    // HTTP/2: the first request closes the idle HTTP/1.1 connection to make room for its
+    // own, which every later stream shares, whatever its endpoint.
+    for _ in 0..6 {
+        assert_eq!(http2("/"), (200, None));
+    }
+    assert_eq!(connections(upstreams), 2);
+    // A slow HTTP/1.1 request takes the room (closing the idle HTTP/2 connection); HTTP/2
+    // streams wait for it then.
+    let last = while_one_is_slow(upstreams, &|| http1("/slow/1500").0, &|| http2("/"));
+    assert_eq!(last, (503, Some("UO".to_owned())));
+    assert_eq!(connections(upstreams), 4);
+    // And the other way round: an HTTP/1.1 request waits for a slow stream's connection,
+    // which closes for it once the stream ends.
+    let last = while_one_is_slow(upstreams, &|| http2("/slow/1500").0, &|| http1("/"));
+    assert_eq!(last, (503, Some("UO".to_owned())));
+    assert_eq!(connections(upstreams), 5);
+    wait_for_metric(
+        &proxy,
+        "tern_upstream_overflows_total{cluster=\"capped\"}",
+        3.0,
+    );
+
+    // Opaque TCP: the second connection is closed at once, and once the first closes a
+    // third goes through.
+    let tcp = proxy.listener_addr("tcp").unwrap();
+    let mut first = Conn::open(tcp);
+    first.echo(b"first");
+    let mut second = Conn::open(tcp);
+    assert!(second.closed());
+    drop(first);
+    wait_for_metric(
+        &proxy,
+        "tern_upstream_overflows_total{cluster=\"tcp\"}",
+        1.0,
+    );
+    eventually(
+        Duration::from_secs(5),
+        "the first connection's slot comes back",
+        || {
+            let mut third = Conn::open(tcp);
+            third.send(b"third");
+            !third.closed()
+        },
+    );
+}
+
 both_backends!(
+    a_capped_cluster_keeps_to_its_connections,
     http1_failures_the_policy_names_go_to_the_next_endpoint,
     http2_failures_the_policy_names_go_again_with_their_body,
     an_endpoint_whose_requests_keep_failing_is_ejected,

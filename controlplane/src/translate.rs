@@ -641,6 +641,15 @@ fn service_cluster(
     {
         cluster.max_idle_per_endpoint = limit as usize;
     }
+    if let Some(limits) = policy.and_then(|p| p.spec.connection_limits.as_ref())
+        && let Some(max_connections) = limits.max_connections
+    {
+        let mut limit = shared::config::ConnectionLimit::new(max_connections);
+        if let Some(pending) = limits.max_pending_requests {
+            limit.max_pending = pending;
+        }
+        cluster.connection_limit = Some(limit);
+    }
     if let Some(retries) = policy.and_then(|p| p.spec.retries.as_ref()) {
         cluster.retries = Some(proxy_retries(retries));
     }

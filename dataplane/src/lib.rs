@@ -162,6 +162,7 @@ impl Proxy {
         for (id, commands) in receivers.into_iter().enumerate() {
             let spawn = worker::Spawn {
                 id,
+                workers: count,
                 cpu: (!cpus.is_empty()).then(|| cpus[id % cpus.len()]),
                 slice: options.worker_slice,
                 snapshot: first.clone(),

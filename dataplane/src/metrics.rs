@@ -30,6 +30,9 @@ pub enum Flag {
     NoRoute,
     /// No connection to any upstream endpoint could be made: 503.
     UpstreamConnectFailure,
+    /// No upstream connection was free under the cluster's connection limit, and no more
+    /// requests could wait for one (or none came free in time): 503.
+    UpstreamOverflow,
     /// The upstream did not answer within the route timeout: 504.
     UpstreamTimeout,
     /// The upstream closed or reset the connection mid-exchange: 502.
@@ -56,9 +59,10 @@ pub enum Flag {
 
 impl Flag {
     /// Every flag, in label order.
-    pub const ALL: [Flag; 12] = [
+    pub const ALL: [Flag; 13] = [
         Flag::NoRoute,
         Flag::UpstreamConnectFailure,
+        Flag::UpstreamOverflow,
         Flag::UpstreamTimeout,
         Flag::UpstreamReset,
         Flag::UpstreamProtocolError,
@@ -76,6 +80,7 @@ impl Flag {
         match self {
             Flag::NoRoute => "NR",
             Flag::UpstreamConnectFailure => "UF",
+            Flag::UpstreamOverflow => "UO",
             Flag::UpstreamTimeout => "UT",
             Flag::UpstreamReset => "UC",
             Flag::UpstreamProtocolError => "UPE",
@@ -280,6 +285,7 @@ pub struct ClusterStats {
     retries: Cell<u64>,
     retries_refused: Cell<u64>,
     ejections: Cell<u64>,
+    overflows: Cell<u64>,
     connections: Cell<u64>,
     connect_failures: Cell<u64>,
     backoffs: Cell<u64>,
@@ -342,6 +348,10 @@ impl ClusterStats {
     /// An endpoint was ejected (outlier detection), or ejected again after a failed probe.
     pub fn ejected(&self) {
         bump(&self.ejections, 1);
+    }
+    /// A request or connection found no upstream connection free under the cluster's limit.
+    pub fn overflowed(&self) {
+        bump(&self.overflows, 1);
     }
     /// Bytes written to the upstream.
     pub fn sent(&self, bytes: u64) {
@@ -419,6 +429,7 @@ impl Registry {
                     retries: s.retries.get(),
                     retries_refused: s.retries_refused.get(),
                     ejections: s.ejections.get(),
+                    overflows: s.overflows.get(),
                     bytes_sent: s.bytes_sent.get(),
                     bytes_received: s.bytes_received.get(),
                     pool_reuses: s.pool_reuses.get(),
@@ -493,6 +504,8 @@ pub struct ClusterReport {
     pub retries_refused: u64,
     /// Endpoint ejections.
     pub ejections: u64,
+    /// Requests or connections refused under the connection limit.
+    pub overflows: u64,
     /// Bytes written to upstreams.
     pub bytes_sent: u64,
     /// Bytes read from upstreams.
@@ -541,6 +554,7 @@ impl WorkerReport {
             m.retries += c.retries;
             m.retries_refused += c.retries_refused;
             m.ejections += c.ejections;
+            m.overflows += c.overflows;
             m.bytes_sent += c.bytes_sent;
             m.bytes_received += c.bytes_received;
             m.pool_reuses += c.pool_reuses;
@@ -854,6 +868,12 @@ pub fn render(info: &Info<'_>, report: &WorkerReport) -> String {
         "tern_upstream_ejections_total",
         "Times a worker ejected an endpoint whose requests failed in a row (outlier detection), or ejected it again after a failed probe.",
         &|r| r.ejections,
+    );
+    cluster_series(
+        &mut out,
+        "tern_upstream_overflows_total",
+        "Requests and opaque TCP connections refused because no upstream connection was free under the cluster's connection limit.",
+        &|r| r.overflows,
     );
     cluster_series(
         &mut out,

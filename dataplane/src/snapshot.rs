@@ -205,6 +205,8 @@ pub struct ClusterPlan {
     pub outlier_detection: Option<config::OutlierDetection>,
     /// How its endpoints are picked.
     pub balancing: config::Balancing,
+    /// The cap on its upstream connections ([`crate::proxy::limit`]), if configured.
+    pub connection_limit: Option<config::ConnectionLimit>,
 }
 
 /// The cluster that intercepted connections no listener claims pass through on.
@@ -330,6 +332,7 @@ impl Snapshot {
                 retries: c.retries.clone(),
                 outlier_detection: c.outlier_detection.clone(),
                 balancing: c.balancing,
+                connection_limit: c.connection_limit,
             });
         }
         let passthrough = config.interception.as_ref().map(|_| {
@@ -345,6 +348,7 @@ impl Snapshot {
                 retries: None,
                 outlier_detection: None,
                 balancing: config::Balancing::RoundRobin,
+                connection_limit: None,
             });
             clusters.len() - 1
         });
@@ -495,11 +499,13 @@ impl Snapshot {
 
 impl ClusterPlan {
     /// Whether upstream connections made for this cluster to `addr` may carry requests for
-    /// `next` (the same cluster in a newer config): it still lists `addr`, and asks the same
-    /// identity of it (or none).
+    /// `next` (the same cluster in a newer config): it still lists `addr`, asks the same
+    /// identity of it (or none), and counted its connections if `next` caps them (those
+    /// made uncounted hold no slot).
     pub fn carries_over(&self, next: &ClusterPlan, addr: SocketAddr) -> bool {
         next.endpoints.contains(&addr)
             && self.tls.as_ref().map(|t| &t.identity) == next.tls.as_ref().map(|t| &t.identity)
+            && (self.connection_limit.is_some() || next.connection_limit.is_none())
     }
 }
 
@@ -665,7 +671,7 @@ mod tests {
     }
 
     #[test]
-    fn upstream_connections_carry_over_while_the_endpoint_and_identity_stay() {
+    fn upstream_connections_carry_over_while_the_endpoint_identity_and_counting_stay() {
         let identity = identity();
         let with = |cluster: &str| {
             let yaml = format!(
@@ -707,6 +713,14 @@ mod tests {
             !cluster(&cart).carries_over(cluster(&other), one),
             "another identity"
         );
+        let capped =
+            with("{ name: c, endpoints: [127.0.0.1:1], connection_limit: { max_connections: 4 } }");
+        assert!(
+            !cluster(&plain).carries_over(cluster(&capped), one),
+            "now capped: connections made uncounted hold no slot"
+        );
+        assert!(cluster(&capped).carries_over(cluster(&capped), one));
+        assert!(cluster(&capped).carries_over(cluster(&fewer), one));
         assert!(plain.cluster_named("nope").is_none());
     }
 

@@ -128,6 +128,9 @@ pub struct Worker<B: Backend> {
     /// Worker index, for logs.
     pub id: usize,
     view: RefCell<Rc<View>>,
+    /// Open upstream connections of capped clusters, and who waits for room (each worker
+    /// enforces its share of a cluster's limit).
+    limits: proxy::limit::Limits,
     /// Per-worker upstream HTTP connection pool.
     pub pool: Pool<B>,
     /// Per-worker upstream HTTP/2 connections.
@@ -166,6 +169,15 @@ impl AcceptLoop {
     }
 }
 
+/// Room for a new upstream connection ([`Worker::upstream_room`]).
+#[derive(Debug)]
+pub enum Room<T> {
+    /// Make one, holding this slot under the cluster's limit (none: the cluster has none).
+    Slot(Option<proxy::limit::Slot>),
+    /// Use this connection the caller's `reuse` found instead.
+    Reuse(T),
+}
+
 /// Counts a connection for the whole of its life.
 pub struct ConnectionGuard<B: Backend> {
     worker: Rc<Worker<B>>,
@@ -185,7 +197,7 @@ impl<B: Backend> Drop for ConnectionGuard<B> {
 
 impl<B: Backend> Worker<B> {
     fn new(
-        id: usize,
+        (id, workers): (usize, usize),
         snapshot: Arc<Snapshot>,
         destinations: mpsc::Sender<SocketAddr>,
     ) -> Rc<Worker<B>> {
@@ -198,6 +210,7 @@ impl<B: Backend> Worker<B> {
         Rc::new(Worker {
             id,
             view: RefCell::new(view),
+            limits: proxy::limit::Limits::new(id, workers),
             pool: Pool::default(),
             h2: proxy::http2::Pool::default(),
             destinations,
@@ -221,6 +234,68 @@ impl<B: Backend> Worker<B> {
     /// Whether a drain has begun: connections finish what is in flight, then close.
     pub fn draining(&self) -> bool {
         self.draining.get()
+    }
+
+    /// Room for a new upstream connection of `cluster`: where the cluster caps them
+    /// ([`proxy::limit`]), a free slot; else, when nobody waits ahead, a connection `reuse`
+    /// finds (one of the cluster's, to any endpoint: the caller's to pool with) or a slot
+    /// freed by closing one of the cluster's idle pooled connections; else, in turn and up
+    /// to the cluster's connect timeout, the first of those to come. An overflow is counted
+    /// on the cluster.
+    pub async fn upstream_room<T>(
+        &self,
+        view: &View,
+        cluster: usize,
+        mut reuse: impl FnMut() -> Option<T>,
+    ) -> Result<Room<T>, proxy::limit::Overflow> {
+        let Some(plan) = view.snapshot.clusters.get(cluster) else {
+            return Ok(Room::Slot(None));
+        };
+        let Some(limit) = plan.connection_limit else {
+            return Ok(Room::Slot(None));
+        };
+        let counts = self.limits.cluster(&plan.name, limit);
+        if let Some(slot) = counts.free_slot() {
+            return Ok(Room::Slot(Some(slot)));
+        }
+        let evict = || self.pool.evict_idle(&plan.name) || self.h2.evict_idle(&plan.name);
+        if !counts.has_waiters() {
+            if let Some(found) = reuse() {
+                return Ok(Room::Reuse(found));
+            }
+            if evict()
+                && let Some(slot) = counts.free_slot()
+            {
+                return Ok(Room::Slot(Some(slot)));
+            }
+        }
+        let overflow = |stats: &ClusterStats| {
+            stats.overflowed();
+            tracing::debug!(cluster = %plan.name, "no room for an upstream connection under the cluster's limit");
+            proxy::limit::Overflow
+        };
+        let waiting = counts
+            .queue()
+            .map_err(|_| overflow(&view.clusters[cluster]))?;
+        let turn = async {
+            loop {
+                waiting.changed().await;
+                if let Some(found) = reuse() {
+                    return Room::Reuse(found);
+                }
+                if let Some(slot) = waiting.slot() {
+                    return Room::Slot(Some(slot));
+                }
+                if evict()
+                    && let Some(slot) = waiting.slot()
+                {
+                    return Room::Slot(Some(slot));
+                }
+            }
+        };
+        tokio::time::timeout(plan.connect_timeout, turn)
+            .await
+            .map_err(|_| overflow(&view.clusters[cluster]))
     }
 
     /// Resolves when a drain begins (immediately if one has).
@@ -250,6 +325,8 @@ impl<B: Backend> Worker<B> {
         *self.view.borrow_mut() = Rc::new(make_view(&self.stats, carried, snapshot.clone()));
         self.pool.retain_for(&current.snapshot, &snapshot);
         self.h2.retain_for(&current.snapshot, &snapshot);
+        self.limits
+            .apply(|name| snapshot.cluster_named(name)?.connection_limit);
         let reauthorize = snapshot.listeners.iter().any(|l| {
             current
                 .snapshot
@@ -776,6 +853,8 @@ async fn terminate_tls<B: Backend>(
 pub struct Spawn {
     /// Worker index.
     pub id: usize,
+    /// How many workers the proxy runs.
+    pub workers: usize,
     /// CPU to pin to, if any.
     pub cpu: Option<usize>,
     /// The scheduler time slice to ask for ([`crate::Options::worker_slice`]).
@@ -792,6 +871,7 @@ pub struct Spawn {
 pub fn run<B: Backend>(spawn: Spawn) -> std::io::Result<()> {
     let Spawn {
         id,
+        workers,
         cpu,
         slice,
         snapshot,
@@ -810,7 +890,7 @@ pub fn run<B: Backend>(spawn: Spawn) -> std::io::Result<()> {
         }
     }
     B::block_on(async move {
-        let worker = Worker::<B>::new(id, snapshot, destinations);
+        let worker = Worker::<B>::new((id, workers), snapshot, destinations);
         tracing::debug!(
             worker = id,
             backend = B::KIND.as_str(),

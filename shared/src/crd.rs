@@ -252,7 +252,8 @@ pub struct ConnectionLimits {
     /// Connections per client proxy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<u32>,
-    /// Requests waiting for a connection per client proxy; more fail fast (503).
+    /// Requests (or opaque TCP connections) waiting for a connection per client proxy; more
+    /// fail fast (503). Needs `maxConnections`; 1024 when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_pending_requests: Option<u32>,
     /// Idle connections kept per endpoint.

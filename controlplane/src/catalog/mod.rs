@@ -539,6 +539,23 @@ impl Catalog {
                         );
                     }
                 }
+                if let Some(limits) = &policy.spec.connection_limits {
+                    match (limits.max_connections, limits.max_pending_requests) {
+                        (Some(0), _) => {
+                            return fail(
+                                "spec.connectionLimits.maxConnections",
+                                "must be at least 1",
+                            );
+                        }
+                        (None, Some(_)) => {
+                            return fail(
+                                "spec.connectionLimits.maxPendingRequests",
+                                "needs maxConnections: requests wait only for connections that are capped",
+                            );
+                        }
+                        _ => {}
+                    }
+                }
                 self.backend_policies.push((**policy).clone());
             }
             Object::AuthorizationPolicy(policy) => {

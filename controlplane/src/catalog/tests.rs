@@ -412,8 +412,8 @@ fn a_proxy_gets_its_inbound_ports_and_only_the_destinations_it_asked_for() {
 }
 
 #[test]
-fn a_backend_policy_gives_its_service_port_retries_outlier_detection_and_balancing() {
-    let policy = "apiVersion: tern.dev/v1alpha1\nkind: BackendPolicy\nmetadata: { name: cart, namespace: shop }\nspec:\n  targetRef: { kind: Service, name: cart, port: 80 }\n  retries: { attempts: 2, on: [ConnectFailure, GatewayError, Unavailable], perTryTimeout: 250ms, budget: { percent: 30, minPerSecond: 4 } }\n  outlierDetection: { consecutiveFailures: 3, baseEjectionTime: 45s }\n  loadBalancing: LeastRequest\n";
+fn a_backend_policy_gives_its_service_port_retries_outlier_detection_balancing_and_limits() {
+    let policy = "apiVersion: tern.dev/v1alpha1\nkind: BackendPolicy\nmetadata: { name: cart, namespace: shop }\nspec:\n  targetRef: { kind: Service, name: cart, port: 80 }\n  retries: { attempts: 2, on: [ConnectFailure, GatewayError, Unavailable], perTryTimeout: 250ms, budget: { percent: 30, minPerSecond: 4 } }\n  outlierDetection: { consecutiveFailures: 3, baseEjectionTime: 45s }\n  loadBalancing: LeastRequest\n  connectionLimits: { maxConnections: 40, maxPendingRequests: 0 }\n";
     let catalog = build(&[("base.yaml", BASE), ("policy.yaml", policy)]);
     let web = translate(
         &catalog,
@@ -444,6 +444,14 @@ fn a_backend_policy_gives_its_service_port_retries_outlier_detection_and_balanci
         ),
         (3, std::time::Duration::from_secs(45), 50)
     );
+    assert_eq!(
+        cluster("outbound:cart.shop:80").connection_limit,
+        Some(shared::config::ConnectionLimit {
+            max_connections: 40,
+            max_pending: 0
+        })
+    );
+    assert!(cluster("outbound:db.shop:5432").connection_limit.is_none());
     assert!(cluster("outbound:db.shop:5432").retries.is_none());
     assert!(cluster("outbound:db.shop:5432").outlier_detection.is_none());
     assert_eq!(
@@ -728,6 +736,14 @@ fn values_a_proxy_would_refuse_are_refused_at_the_source() {
         (
             "apiVersion: tern.dev/v1alpha1\nkind: BackendPolicy\nmetadata: { name: b, namespace: shop }\nspec: { targetRef: { kind: Service, name: cart }, outlierDetection: { consecutiveFailures: 5, baseEjectionTime: 25h } }\n".into(),
             "spec.outlierDetection.baseEjectionTime: at most 24h",
+        ),
+        (
+            "apiVersion: tern.dev/v1alpha1\nkind: BackendPolicy\nmetadata: { name: b, namespace: shop }\nspec: { targetRef: { kind: Service, name: cart }, connectionLimits: { maxConnections: 0 } }\n".into(),
+            "spec.connectionLimits.maxConnections: must be at least 1",
+        ),
+        (
+            "apiVersion: tern.dev/v1alpha1\nkind: BackendPolicy\nmetadata: { name: b, namespace: shop }\nspec: { targetRef: { kind: Service, name: cart }, connectionLimits: { maxPendingRequests: 10 } }\n".into(),
+            "spec.connectionLimits.maxPendingRequests: needs maxConnections",
         ),
     ];
     for (text, expected) in cases {

@@ -26,13 +26,14 @@ use hyper::client::conn::http2::SendRequest;
 use hyper::{Request, Response};
 
 use super::balance::InFlight;
+use super::limit::Slot;
 use super::retry::{Attempts, Failure, Outgoing, Resend};
 use crate::io::Backend;
 use crate::io::hyper_io::{HyperIo, LocalExec};
 use crate::metrics::Flag;
 
 use crate::tls::MaybeTls;
-use crate::worker::{View, Worker};
+use crate::worker::{Room, View, Worker};
 
 /// What the proxy answers with: the upstream's body (holding its stream's place on the
 /// upstream connection until it ends), or its own short text.
@@ -62,15 +63,19 @@ struct Connection {
     streams: Cell<usize>,
     /// When its last stream ended.
     idle_since: Cell<Instant>,
+    /// Its place under the cluster's connection limit, if the cluster has one: given back
+    /// when the pool and its last stream let it go.
+    slot: Option<Slot>,
 }
 
 impl Connection {
-    fn new() -> Connection {
+    fn new(slot: Option<Slot>) -> Connection {
         Connection {
             sender: tokio::sync::OnceCell::new(),
             failed: Cell::new(false),
             streams: Cell::new(0),
             idle_since: Cell::new(Instant::now()),
+            slot,
         }
     }
 }
@@ -95,6 +100,11 @@ impl Drop for Place {
         self.0.streams.set(streams);
         if streams == 0 {
             self.0.idle_since.set(Instant::now());
+            // Someone waits for room under the cluster's connection limit: it may close
+            // this one now ([`Pool::evict_idle`]).
+            if let Some(slot) = self.0.slot.as_ref().filter(|slot| slot.wanted()) {
+                slot.offer();
+            }
         }
     }
 }
@@ -215,16 +225,12 @@ impl Pool {
         self.connections.borrow_mut().clear();
     }
 
-    /// A place for one stream on `key`'s first connection with room, or on a new one (made
-    /// by whoever awaits it first). Connections beyond the first that have been idle for
-    /// [`EXTRA_CONNECTION_IDLE`] are closed on the way.
-    fn place(&self, (cluster, addr): Key<'_>) -> Place {
+    /// A place for one stream on `key`'s first connection with room, if it has one.
+    /// Connections beyond the first that have been idle for [`EXTRA_CONNECTION_IDLE`] are
+    /// closed on the way.
+    fn place_with_room(&self, (cluster, addr): Key<'_>) -> Option<Place> {
         let mut connections = self.connections.borrow_mut();
-        let by_cluster = connections.entry(addr).or_default();
-        let list = match by_cluster.get_mut(&**cluster) {
-            Some(list) => list,
-            None => by_cluster.entry(cluster.clone()).or_default(),
-        };
+        let list = connections.get_mut(&addr)?.get_mut(&**cluster)?;
         if list.len() > 1 {
             let mut index = 0;
             list.retain(|c| {
@@ -234,15 +240,57 @@ impl Pool {
                     || c.idle_since.get().elapsed() < EXTRA_CONNECTION_IDLE
             });
         }
-        if let Some(roomy) = list
-            .iter()
+        list.iter()
             .find(|c| c.streams.get() < STREAMS_PER_CONNECTION)
-        {
-            return Place::on(roomy);
-        }
-        let new = Rc::new(Connection::new());
+            .map(Place::on)
+    }
+
+    /// A place for one stream on a new connection to `key` (made by whoever awaits it
+    /// first), holding `slot` under the cluster's connection limit.
+    fn place_new(&self, (cluster, addr): Key<'_>, slot: Option<Slot>) -> Place {
+        let mut connections = self.connections.borrow_mut();
+        let by_cluster = connections.entry(addr).or_default();
+        let list = match by_cluster.get_mut(&**cluster) {
+            Some(list) => list,
+            None => by_cluster.entry(cluster.clone()).or_default(),
+        };
+        let new = Rc::new(Connection::new(slot));
         list.push(new.clone());
         Place::on(&new)
+    }
+
+    /// A place on the made connection of cluster `name` (to any endpoint) with the fewest
+    /// streams, past [`STREAMS_PER_CONNECTION`] if need be (the upstream's own cap then
+    /// queues it), and that connection's endpoint: for a stream at the cluster's connection
+    /// limit, which would rather go elsewhere than wait.
+    fn least_busy(&self, name: &str) -> Option<(Place, SocketAddr)> {
+        let connections = self.connections.borrow();
+        connections
+            .iter()
+            .filter_map(|(addr, by_cluster)| Some((addr, by_cluster.get(name)?)))
+            .flat_map(|(addr, list)| list.iter().map(move |c| (addr, c)))
+            .filter(|(_, c)| c.sender.initialized() && !c.failed.get())
+            .min_by_key(|(_, c)| c.streams.get())
+            .map(|(addr, c)| (Place::on(c), *addr))
+    }
+
+    /// Closes one of cluster `name`'s connections that carries no stream (to any endpoint),
+    /// giving its slot back; false when it has none.
+    pub fn evict_idle(&self, name: &str) -> bool {
+        let mut connections = self.connections.borrow_mut();
+        for by_cluster in connections.values_mut() {
+            let Some(list) = by_cluster.get_mut(name) else {
+                continue;
+            };
+            if let Some(idle) = list
+                .iter()
+                .position(|c| c.streams.get() == 0 && c.sender.initialized())
+            {
+                list.remove(idle);
+                return true;
+            }
+        }
+        false
     }
 
     /// Forgets `connection` (it failed or closed): the next stream that needs a place makes
@@ -261,6 +309,13 @@ impl Pool {
         if by_cluster.is_empty() {
             connections.remove(&addr);
         }
+    }
+
+    /// A place on `key`'s first connection with room, or on a new one (tests).
+    #[cfg(test)]
+    fn place(&self, key: Key<'_>) -> Place {
+        self.place_with_room(key)
+            .unwrap_or_else(|| self.place_new(key, None))
     }
 
     /// How many connections the pool holds to `key` (tests).
@@ -388,13 +443,13 @@ async fn forward<B: Backend>(
         let upstream =
             tokio::time::timeout_at(deadline, upstream::<B>(worker, view, chosen.cluster));
         let sent = match upstream.await {
-            Ok(Some((mut sender, key, place))) => {
+            Ok(Ok((mut sender, key, place))) => {
                 cluster.request();
                 let in_flight = view.in_flight(chosen.cluster, key.1);
                 let sent = tokio::time::timeout_at(deadline, sender.try_send_request(request));
                 (sent.await, key, (place, in_flight))
             }
-            Ok(None) => return refuse(503, Flag::UpstreamConnectFailure),
+            Ok(Err(flag)) => return refuse(503, flag),
             Err(_) => {
                 cluster.timeout();
                 match Resend::again(resend.as_ref(), &mut attempts, Failure::PerTryTimeout) {
@@ -579,34 +634,31 @@ fn grpc_status(flag: Flag) -> u16 {
     match flag {
         Flag::NoRoute => 12,
         Flag::UpstreamTimeout => 4,
-        Flag::UpstreamConnectFailure | Flag::UpstreamReset | Flag::UpstreamProtocolError => 14,
+        Flag::UpstreamConnectFailure
+        | Flag::UpstreamOverflow
+        | Flag::UpstreamReset
+        | Flag::UpstreamProtocolError => 14,
         _ => 13,
     }
 }
 
 /// A ready connection to the next endpoint of `cluster` (one of the worker's, or a new one),
-/// with its pool key and the stream's place on it.
+/// with its pool key and the stream's place on it; or why there is none: no connection could
+/// be made, or none may be under the cluster's connection limit.
 async fn upstream<'v, B: Backend>(
     worker: &Rc<Worker<B>>,
     view: &'v View,
     cluster: usize,
-) -> Option<(SendRequest<Outgoing>, Key<'v>, Place)> {
-    let plan = view.snapshot.clusters.get(cluster)?;
+) -> Result<(SendRequest<Outgoing>, Key<'v>, Place), Flag> {
+    let Some(plan) = view.snapshot.clusters.get(cluster) else {
+        return Err(Flag::UpstreamConnectFailure);
+    };
     let mut attempts = 0;
     while attempts < plan.endpoints.len().min(super::CONNECT_ATTEMPTS) {
-        let addr = view.next_endpoint(cluster)?;
-        let key = (&plan.name, addr);
-        // The pool holds connections for the live config. A request that runs under an
-        // older one (a config went live since it arrived) uses the pool only where the
-        // cluster still reaches this endpoint as it did; else its connection is its own.
-        let live = worker.view();
-        let place = if std::ptr::eq(&*live, view)
-            || super::pool::carried_over(&view.snapshot, &live.snapshot, &plan.name, addr)
-        {
-            worker.h2.place(key)
-        } else {
-            Place::on(&Rc::new(Connection::new()))
+        let Some(addr) = view.next_endpoint(cluster) else {
+            break;
         };
+        let (place, key) = place::<B>(worker, view, cluster, (&plan.name, addr)).await?;
         let connection = &place.0;
         let pooled = connection.sender.initialized();
         let made = connection
@@ -615,7 +667,7 @@ async fn upstream<'v, B: Backend>(
                 if connection.failed.get() {
                     return Err(());
                 }
-                let made = connect::<B>(view, cluster, addr).await;
+                let made = connect::<B>(view, cluster, key.1).await;
                 connection.failed.set(made.is_err());
                 made
             })
@@ -627,7 +679,7 @@ async fn upstream<'v, B: Backend>(
                     if pooled {
                         view.clusters[cluster].reused();
                     }
-                    return Some((sender, key, place));
+                    return Ok((sender, key, place));
                 }
                 // It closed (the upstream went away or said GOAWAY): the next request makes
                 // a new one.
@@ -642,7 +694,41 @@ async fn upstream<'v, B: Backend>(
         }
         attempts += 1;
     }
-    None
+    Err(Flag::UpstreamConnectFailure)
+}
+
+/// A place for a stream of `cluster` to `key`'s endpoint, and the key of the connection it
+/// is on: a pooled connection's with room, else a new one's within the cluster's connection
+/// limit ([`Worker::upstream_room`]; at the limit, the least busy connection the cluster
+/// has, to any endpoint, serves instead).
+///
+/// The pool holds connections for the live config. A request that runs under an older one
+/// (a config went live since it arrived) uses the pool only where the cluster still reaches
+/// this endpoint as it did; else its connection is its own.
+async fn place<'v, B: Backend>(
+    worker: &Rc<Worker<B>>,
+    view: &'v View,
+    cluster: usize,
+    key: Key<'v>,
+) -> Result<(Place, Key<'v>), Flag> {
+    let live = worker.view();
+    let pooled = std::ptr::eq(&*live, view)
+        || super::pool::carried_over(&view.snapshot, &live.snapshot, key.0, key.1);
+    drop(live);
+    if pooled && let Some(place) = worker.h2.place_with_room(key) {
+        return Ok((place, key));
+    }
+    let reuse = || pooled.then(|| worker.h2.least_busy(key.0)).flatten();
+    match worker.upstream_room(view, cluster, reuse).await {
+        Ok(Room::Reuse((place, addr))) => Ok((place, (key.0, addr))),
+        Ok(Room::Slot(slot)) if pooled => {
+            // Another stream may have made one while this one waited for room.
+            let place = worker.h2.place_with_room(key);
+            Ok((place.unwrap_or_else(|| worker.h2.place_new(key, slot)), key))
+        }
+        Ok(Room::Slot(slot)) => Ok((Place::on(&Rc::new(Connection::new(slot))), key)),
+        Err(_) => Err(Flag::UpstreamOverflow),
+    }
 }
 
 /// A new HTTP/2 connection to `addr` for `cluster`, its driver running on this worker.

@@ -1,8 +1,8 @@
 //! The proxy logic, written once against the [`crate::io`] interface: opaque TCP
 //! ([`tcp`]), HTTP/1.1 ([`http1`]), HTTP/2 ([`http2`]), protocol detection ([`detect`]),
 //! intercepted connections ([`intercept`]), the per-worker upstream pool ([`pool`]), the
-//! choice of endpoint and ejection of failing ones ([`balance`]) and HTTP retries
-//! ([`retry`]).
+//! choice of endpoint and ejection of failing ones ([`balance`]), caps on upstream
+//! connections ([`limit`]) and HTTP retries ([`retry`]).
 //!
 //! Rule for every read here: a read that is abandoned (timeout, drain) is never retried on
 //! the same socket; the socket is shut down instead. With io_uring an abandoned read stays
@@ -13,6 +13,7 @@ pub mod detect;
 pub mod http1;
 pub mod http2;
 pub mod intercept;
+pub mod limit;
 pub mod pool;
 pub mod retry;
 pub mod tcp;

@@ -4,7 +4,10 @@
 //! Most recently used first, so a busy worker keeps a few warm connections and lets the
 //! rest age out. Connections idle longer than their cluster's idle timeout, or with bytes to
 //! read (closed, or sent more than their last response held), are dropped when found; those
-//! to endpoints a new config no longer has, when it goes live. Never shared across workers.
+//! to endpoints a new config no longer has, when it goes live. A connection of a capped
+//! cluster is parked with its [`Slot`]: at the cap, a request may take one to any endpoint
+//! ([`Pool::take_any`]) or close one to make room ([`Pool::evict_idle`]). Never shared
+//! across workers.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -12,12 +15,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::limit::Slot;
 use crate::io::{Backend, Stream as _};
 use crate::snapshot::{ClusterPlan, Snapshot};
 use crate::tls::MaybeTls;
 
-/// Connections parked for one endpoint, oldest first, with when they were parked.
-type Parked<S> = Vec<(S, Instant)>;
+/// Connections parked for one endpoint, oldest first, with their slots under the cluster's
+/// connection limit and when they were parked.
+type Parked<S> = Vec<(S, Option<Slot>, Instant)>;
 
 /// An endpoint's parked connections, by the cluster that made them.
 type ByCluster<S> = HashMap<Arc<str>, Parked<S>>;
@@ -42,28 +47,39 @@ impl<B: Backend> Pool<B> {
     /// one its upstream closed, or one that sent more than its last response held (a body
     /// after a HEAD response, say), which would be read as the next request's response. Such
     /// connections are closed.
-    pub fn take(&self, cluster: &ClusterPlan, addr: SocketAddr) -> Option<MaybeTls<B::Stream>> {
+    pub fn take(
+        &self,
+        cluster: &ClusterPlan,
+        addr: SocketAddr,
+    ) -> Option<(MaybeTls<B::Stream>, Option<Slot>)> {
         let mut idle = self.idle.borrow_mut();
         let parked = idle.get_mut(&addr)?.get_mut(&*cluster.name)?;
         let now = Instant::now();
         // Everything below the newest expired entry is older still.
         if let Some(last_expired) = parked
             .iter()
-            .rposition(|(_, since)| now.duration_since(*since) > cluster.idle_timeout)
+            .rposition(|(_, _, since)| now.duration_since(*since) > cluster.idle_timeout)
         {
             parked.drain(..=last_expired);
         }
-        while let Some((stream, _)) = parked.pop() {
+        while let Some((stream, slot, _)) = parked.pop() {
             if !stream.has_input() {
-                return Some(stream);
+                return Some((stream, slot));
             }
         }
         None
     }
 
     /// Parks a connection of `cluster` to `addr` that finished an exchange cleanly, unless
-    /// the cluster already has `max_idle_per_endpoint` parked there (then it closes).
-    pub fn put(&self, cluster: &ClusterPlan, addr: SocketAddr, stream: MaybeTls<B::Stream>) {
+    /// the cluster already has `max_idle_per_endpoint` parked there (then it closes). If
+    /// requests wait for room under the cluster's connection limit, the first is told.
+    pub fn put(
+        &self,
+        cluster: &ClusterPlan,
+        addr: SocketAddr,
+        stream: MaybeTls<B::Stream>,
+        slot: Option<Slot>,
+    ) {
         let mut idle = self.idle.borrow_mut();
         let by_cluster = idle.entry(addr).or_default();
         let parked = match by_cluster.get_mut(&*cluster.name) {
@@ -71,7 +87,11 @@ impl<B: Backend> Pool<B> {
             None => by_cluster.entry(cluster.name.clone()).or_default(),
         };
         if parked.len() < cluster.max_idle_per_endpoint {
-            parked.push((stream, Instant::now()));
+            let wanted = slot.as_ref().filter(|slot| slot.wanted());
+            if let Some(slot) = wanted {
+                slot.offer();
+            }
+            parked.push((stream, slot, Instant::now()));
         }
     }
 
@@ -83,6 +103,50 @@ impl<B: Backend> Pool<B> {
             by_cluster.retain(|name, _| carried_over(current, next, name, *addr));
             !by_cluster.is_empty()
         });
+    }
+
+    /// Takes a parked connection of `cluster` to any of its endpoints (as [`Pool::take`]
+    /// would), with its endpoint: for a request at the cluster's connection limit, which
+    /// would rather go elsewhere than wait.
+    pub fn take_any(
+        &self,
+        cluster: &ClusterPlan,
+    ) -> Option<(MaybeTls<B::Stream>, Option<Slot>, SocketAddr)> {
+        let parked_at: Vec<SocketAddr> = self
+            .idle
+            .borrow()
+            .iter()
+            .filter(|(_, by_cluster)| {
+                by_cluster
+                    .get(&*cluster.name)
+                    .is_some_and(|p| !p.is_empty())
+            })
+            .map(|(addr, _)| *addr)
+            .collect();
+        parked_at.into_iter().find_map(|addr| {
+            let (stream, slot) = self.take(cluster, addr)?;
+            Some((stream, slot, addr))
+        })
+    }
+
+    /// Closes the longest parked connection of cluster `name` (to any endpoint), giving its
+    /// slot back; false when it has none.
+    pub fn evict_idle(&self, name: &str) -> bool {
+        let mut idle = self.idle.borrow_mut();
+        let oldest = idle
+            .iter()
+            .filter_map(|(addr, by_cluster)| {
+                let parked = by_cluster.get(name)?;
+                Some((*addr, parked.first()?.2))
+            })
+            .min_by_key(|(_, since)| *since);
+        let Some((addr, _)) = oldest else {
+            return false;
+        };
+        if let Some(parked) = idle.get_mut(&addr).and_then(|c| c.get_mut(name)) {
+            parked.remove(0);
+        }
+        true
     }
 
     /// Closes every parked connection.

@@ -1,7 +1,7 @@
-//! Opaque TCP: each accepted connection is joined to one upstream connection and bytes are
-//! copied both ways, unparsed, through one bounded buffer per direction. A buffer starts at
-//! 16 KiB, doubles while reads fill it (up to 256 KiB), and gives the memory back when its
-//! direction goes quiet.
+//! Opaque TCP: each accepted connection is joined to one upstream connection (within its
+//! cluster's connection limit) and bytes are copied both ways, unparsed, through one bounded
+//! buffer per direction. A buffer starts at 16 KiB, doubles while reads fill it (up to
+//! 256 KiB), and gives the memory back when its direction goes quiet.
 //!
 //! A direction that turns out to be bulk (a read fills a 64 KiB buffer) and whose two sockets
 //! carry plain bytes (plain TCP, or kernel TLS) moves to `splice` through a pipe, so its
@@ -21,7 +21,7 @@ use rustix::pipe::PipeFlags;
 
 use crate::io::{Backend, Stream};
 use crate::metrics::{ClusterStats, Flag, ListenerStats};
-use crate::worker::{View, Worker};
+use crate::worker::{Room, View, Worker};
 
 /// Initial buffer size of each direction.
 const COPY_BUFFER: usize = 16 * 1024;
@@ -35,7 +35,7 @@ const SPLICE_AFTER: usize = 64 * 1024;
 
 /// Serves one opaque TCP connection; `first` holds bytes already read from the client.
 pub async fn serve<B: Backend, D: Stream>(
-    _worker: &Rc<Worker<B>>,
+    worker: &Rc<Worker<B>>,
     view: &View,
     listener: usize,
     cluster: usize,
@@ -43,6 +43,13 @@ pub async fn serve<B: Backend, D: Stream>(
     first: Vec<u8>,
 ) {
     let stats = &view.listeners[listener];
+    // Held while the upstream connection is open.
+    let room = worker.upstream_room(view, cluster, || None::<std::convert::Infallible>);
+    let Ok(Room::Slot(_slot)) = room.await else {
+        stats.error(Flag::UpstreamOverflow);
+        let _ = down.shutdown(Shutdown::Both);
+        return;
+    };
     let Some((up, addr)) = super::connect::<B>(view, cluster, super::Inner::Tcp).await else {
         stats.error(Flag::UpstreamConnectFailure);
         let _ = down.shutdown(Shutdown::Both);

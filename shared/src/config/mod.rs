@@ -529,6 +529,7 @@ impl Cluster {
             retries: None,
             outlier_detection: None,
             balancing: Balancing::RoundRobin,
+            connection_limit: None,
         }
     }
 }
@@ -591,6 +592,47 @@ pub struct Cluster {
     /// How each worker picks the endpoint of a request or connection.
     #[serde(default, skip_serializing_if = "is_default")]
     pub balancing: Balancing,
+    /// A cap on the upstream connections the proxy keeps open to the cluster; none when
+    /// absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_limit: Option<ConnectionLimit>,
+}
+
+/// A cap on a cluster's upstream connections (a BackendPolicy's `connectionLimits`, as
+/// Envoy's circuit breakers and Istio's `connectionPool` do), so that a client cannot open
+/// an unbounded number of them to a struggling service. Every connection counts, in use or
+/// pooled: opaque TCP, HTTP/1.1, HTTP/2.
+///
+/// Each worker holds its share of `max_connections` (the proxy's total split evenly, at
+/// least one a worker) and of `max_pending` (split the same way, possibly none). A request
+/// or connection that needs a new upstream connection while its worker's share is all open
+/// goes over one the cluster has to another endpoint (HTTP), or closes an idle pooled one to
+/// make room; else it waits in turn, up to the cluster's connect timeout, for one to go idle
+/// or close. Beyond `max_pending` waiting, or past that wait, it fails: a 503 flagged `UO`
+/// (upstream overflow), or an opaque TCP connection closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionLimit {
+    /// Upstream connections open at once, for the whole proxy (at least 1).
+    pub max_connections: u32,
+    /// Requests or connections waiting for one, for the whole proxy.
+    #[serde(default = "default_max_pending")]
+    pub max_pending: u32,
+}
+
+impl ConnectionLimit {
+    /// `max_connections` with the default `max_pending`.
+    pub fn new(max_connections: u32) -> ConnectionLimit {
+        ConnectionLimit {
+            max_connections,
+            max_pending: default_max_pending(),
+        }
+    }
+}
+
+/// Envoy's default for its `max_pending_requests`.
+fn default_max_pending() -> u32 {
+    1024
 }
 
 fn is_default<T: Default + PartialEq>(value: &T) -> bool {
@@ -941,6 +983,12 @@ impl Config {
                         "must be 0 to 100",
                     );
                 }
+            }
+            if cluster
+                .connection_limit
+                .is_some_and(|limit| limit.max_connections == 0)
+            {
+                return fail(at("connection_limit.max_connections"), "must be at least 1");
             }
             if let Some(retries) = &cluster.retries {
                 if retries.attempts > MAX_RETRIES {

@@ -143,6 +143,13 @@ fn refuses_inconsistent_listeners_and_clusters() {
             ),
             "clusters[0].outlier_detection.base_ejection_time",
         ),
+        (
+            GOOD.replace(
+                "connect_timeout: 2s",
+                "connect_timeout: 2s\n    connection_limit: { max_connections: 0 }",
+            ),
+            "clusters[0].connection_limit.max_connections",
+        ),
     ];
     for (yaml, expected) in cases {
         assert_eq!(invalid(&yaml).0, expected);

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use crate::api::discovery as pb;
 use crate::config::{
-    Authorization, Backend, Balancing, CipherSuite, Cluster, ClusterTls, Config, Intercept,
-    Listener, ListenerTls, OutboundPolicy, OutlierDetection, Protocol, Retries, RetryOn, Route,
-    TlsMode,
+    Authorization, Backend, Balancing, CipherSuite, Cluster, ClusterTls, Config, ConnectionLimit,
+    Intercept, Listener, ListenerTls, OutboundPolicy, OutlierDetection, Protocol, Retries, RetryOn,
+    Route, TlsMode,
 };
 
 /// Listeners and clusters from `tern-control`, at a version.
@@ -172,6 +172,10 @@ fn encode_cluster(c: &Cluster) -> pb::Cluster {
             per_try_timeout_ms: r.per_try_timeout.map_or(0, millis),
             budget_percent: r.budget_percent,
             min_per_second: r.min_per_second,
+        }),
+        connection_limit: c.connection_limit.map(|l| pb::ConnectionLimit {
+            max_connections: l.max_connections,
+            max_pending: l.max_pending,
         }),
         name: c.name.clone(),
         endpoints: c.endpoints.iter().map(ToString::to_string).collect(),
@@ -394,6 +398,10 @@ fn decode_cluster(i: usize, c: pb::Cluster) -> Result<Cluster, WireError> {
             base_ejection_time: Duration::from_millis(o.base_ejection_time_ms),
             max_ejected_percent: o.max_ejected_percent,
         }),
+        connection_limit: c.connection_limit.map(|l| ConnectionLimit {
+            max_connections: l.max_connections,
+            max_pending: l.max_pending,
+        }),
     })
 }
 
@@ -460,6 +468,7 @@ clusters:
     retries: { attempts: 2, on: [reset, gateway_error, unavailable], per_try_timeout: 300ms, budget_percent: 25, min_per_second: 3 }
     outlier_detection: { consecutive_failures: 3, base_ejection_time: 15s, max_ejected_percent: 40 }
     balancing: least_request
+    connection_limit: { max_connections: 8, max_pending: 0 }
   - name: app
     endpoints: [127.0.0.1:8080]
 identity:

@@ -19,13 +19,14 @@ use shared::config::HttpSettings;
 
 use self::body::BodyError;
 use self::head::{Framing, Limits, RequestHead, ResponseHead};
+use super::limit::Slot;
 use super::retry::{Attempts, Failure};
 use super::tcp::pump_counted;
 use crate::io::{Backend, Stream};
 use crate::metrics::{Flag, ListenerStats};
 use crate::snapshot::Chosen;
 use crate::tls::MaybeTls;
-use crate::worker::{View, Worker};
+use crate::worker::{Room, View, Worker};
 
 /// How long a closing connection may take to send its TLS close_notify.
 const CLOSE_NOTIFY_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
@@ -283,15 +284,20 @@ impl<B: Backend> Conn<'_, B> {
             .filter(|_| !has_body);
         let mut attempts = Attempts::start(retries, route.timeout, upstream_stats);
         let mut stale_retried = false;
+        // The current attempt's place under the cluster's connection limit, kept for the
+        // next attempt when one fails.
+        let mut slot = None;
         let (up, addr, response, _in_flight) = loop {
             // A retry after a stale connection connects afresh: connections parked as long as
             // the stale one probably went stale with it.
             let attempt_started = tokio::time::Instant::now();
-            let Some((up, addr, reused)) = self.checkout(cluster, !stale_retried).await else {
-                self.inbuf.drain(..head.len);
-                return self
-                    .reply(503, Flag::UpstreamConnectFailure, has_body, started)
-                    .await;
+            let checked_out = self.checkout(cluster, !stale_retried, &mut slot).await;
+            let (up, addr, reused) = match checked_out {
+                Ok(checked_out) => checked_out,
+                Err(flag) => {
+                    self.inbuf.drain(..head.len);
+                    return self.reply(503, flag, has_body, started).await;
+                }
             };
             upstream_stats.request();
             let in_flight = view.in_flight(cluster, addr);
@@ -385,7 +391,7 @@ impl<B: Backend> Conn<'_, B> {
         if !has_body {
             self.inbuf.drain(..head.len);
         }
-        self.respond(head, route, (up, addr), response, !body_done, started)
+        self.respond(head, route, (up, addr, slot), response, !body_done, started)
             .await
     }
 
@@ -543,7 +549,7 @@ impl<B: Backend> Conn<'_, B> {
         &mut self,
         head: &RequestHead,
         route: Chosen,
-        (up, addr): (MaybeTls<B::Stream>, SocketAddr),
+        (up, addr, slot): (MaybeTls<B::Stream>, SocketAddr, Option<Slot>),
         response: ResponseHead,
         body_unsent: bool,
         started: Instant,
@@ -636,7 +642,7 @@ impl<B: Backend> Conn<'_, B> {
         {
             self.worker
                 .pool
-                .put(&self.view.snapshot.clusters[cluster], addr, up);
+                .put(&self.view.snapshot.clusters[cluster], addr, up, slot);
         } else {
             let _ = up.shutdown(Shutdown::Both);
         }
@@ -668,22 +674,43 @@ impl<B: Backend> Conn<'_, B> {
         Next::Close
     }
 
-    /// A pooled connection to the cluster's next endpoint (when `pooled`), or a new one.
+    /// A pooled connection to the cluster's next endpoint (when `pooled`), or a new one
+    /// within the cluster's connection limit (at the limit, a pooled one to any of its
+    /// endpoints may serve instead: [`Worker::upstream_room`]), with whether it was pooled;
+    /// or the flag of why there is none. `slot` ends holding the connection's place under
+    /// the limit; one it already holds (a failed attempt's) serves a new connection.
     async fn checkout(
         &self,
         cluster: usize,
         pooled: bool,
-    ) -> Option<(MaybeTls<B::Stream>, SocketAddr, bool)> {
-        let plan = self.view.snapshot.clusters.get(cluster)?;
+        slot: &mut Option<Slot>,
+    ) -> Result<(MaybeTls<B::Stream>, SocketAddr, bool), Flag> {
+        let failed = Flag::UpstreamConnectFailure;
+        let plan = self.view.snapshot.clusters.get(cluster).ok_or(failed)?;
         // Round robin picks the endpoint; the pool only saves the handshake.
-        let addr = self.view.next_endpoint(cluster)?;
-        if let Some(stream) = pooled.then(|| self.worker.pool.take(plan, addr)).flatten() {
-            self.view.clusters[cluster].reused();
-            return Some((stream, addr, true));
+        let addr = self.view.next_endpoint(cluster).ok_or(failed)?;
+        let mut parked = pooled
+            .then(|| self.worker.pool.take(plan, addr))
+            .flatten()
+            .map(|(stream, parked_slot)| (stream, parked_slot, addr));
+        if parked.is_none() && slot.is_none() {
+            let reuse = || pooled.then(|| self.worker.pool.take_any(plan)).flatten();
+            match self.worker.upstream_room(&self.view, cluster, reuse).await {
+                Ok(Room::Slot(room)) => *slot = room,
+                Ok(Room::Reuse(any)) => parked = Some(any),
+                Err(_) => return Err(Flag::UpstreamOverflow),
+            }
         }
-        super::connect_from::<B>(&self.view, cluster, addr, super::Inner::Http1)
-            .await
-            .map(|(stream, addr)| (stream, addr, false))
+        if let Some((stream, parked_slot, addr)) = parked {
+            self.view.clusters[cluster].reused();
+            *slot = parked_slot;
+            return Ok((stream, addr, true));
+        }
+        let (stream, addr) =
+            super::connect_from::<B>(&self.view, cluster, addr, super::Inner::Http1)
+                .await
+                .ok_or(failed)?;
+        Ok((stream, addr, false))
     }
 
     /// Sends a response the proxy makes itself, counts it, and says what comes next.
