@@ -353,7 +353,7 @@ type Answered = (u16, Option<String>);
 /// one connection, one that must wait for room and then one more, and returns what the
 /// last one got; checks that the first two are answered.
 fn while_one_is_slow(
-    upstreams: [&Http; 3],
+    (proxy, upstreams): (&Proxy, [&Http; 3]),
     slow: &(dyn Fn() -> u16 + Sync),
     send: &(dyn Fn() -> Answered + Sync),
 ) -> Answered {
@@ -372,7 +372,7 @@ fn while_one_is_slow(
             || reached() > before,
         );
         let waiting = scope.spawn(send);
-        std::thread::sleep(Duration::from_millis(300));
+        wait_for_metric(proxy, "tern_upstream_pending{cluster=\"capped\"}", 1.0);
         let last = send();
         assert_eq!(slow.join().unwrap(), 200);
         assert_eq!(waiting.join().unwrap(), (200, None));
@@ -430,7 +430,9 @@ fn a_capped_cluster_keeps_to_its_connections(backend: BackendChoice) {
     assert_eq!(connections(upstreams), 1);
     // While a slow request holds it, the next request waits for it (and takes it over once
     // the slow one is answered), and the one after that finds the queue full.
-    let last = while_one_is_slow(upstreams, &|| http1("/slow/1500").0, &|| http1("/"));
+    let last = while_one_is_slow((&proxy, upstreams), &|| http1("/slow/1500").0, &|| {
+        http1("/")
+    });
     assert_eq!(last, (503, Some("UO".to_owned())));
     assert_eq!(connections(upstreams), 1);
 
@@ -442,12 +444,16 @@ fn a_capped_cluster_keeps_to_its_connections(backend: BackendChoice) {
     assert_eq!(connections(upstreams), 2);
     // A slow HTTP/1.1 request takes the room (closing the idle HTTP/2 connection); HTTP/2
     // streams wait for it then.
-    let last = while_one_is_slow(upstreams, &|| http1("/slow/1500").0, &|| http2("/"));
+    let last = while_one_is_slow((&proxy, upstreams), &|| http1("/slow/1500").0, &|| {
+        http2("/")
+    });
     assert_eq!(last, (503, Some("UO".to_owned())));
     assert_eq!(connections(upstreams), 4);
     // And the other way round: an HTTP/1.1 request waits for a slow stream's connection,
     // which closes for it once the stream ends.
-    let last = while_one_is_slow(upstreams, &|| http2("/slow/1500").0, &|| http1("/"));
+    let last = while_one_is_slow((&proxy, upstreams), &|| http2("/slow/1500").0, &|| {
+        http1("/")
+    });
     assert_eq!(last, (503, Some("UO".to_owned())));
     assert_eq!(connections(upstreams), 5);
     wait_for_metric(

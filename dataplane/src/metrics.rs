@@ -105,6 +105,17 @@ fn bump(cell: &Cell<u64>, by: u64) {
     cell.set(cell.get().wrapping_add(by));
 }
 
+/// One request or connection waiting for room under its cluster's limit
+/// ([`ClusterStats::pending`]).
+#[derive(Debug)]
+pub struct Pending<'a>(&'a ClusterStats);
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.0.pending.set(self.0.pending.get().saturating_sub(1));
+    }
+}
+
 /// Counters of one listener on one worker.
 #[derive(Debug)]
 pub struct ListenerStats {
@@ -286,6 +297,7 @@ pub struct ClusterStats {
     retries_refused: Cell<u64>,
     ejections: Cell<u64>,
     overflows: Cell<u64>,
+    pending: Cell<u64>,
     connections: Cell<u64>,
     connect_failures: Cell<u64>,
     backoffs: Cell<u64>,
@@ -352,6 +364,12 @@ impl ClusterStats {
     /// A request or connection found no upstream connection free under the cluster's limit.
     pub fn overflowed(&self) {
         bump(&self.overflows, 1);
+    }
+    /// Counts a request or connection waiting for room under the cluster's limit while the
+    /// guard lives.
+    pub fn pending(&self) -> Pending<'_> {
+        bump(&self.pending, 1);
+        Pending(self)
     }
     /// Bytes written to the upstream.
     pub fn sent(&self, bytes: u64) {
@@ -430,6 +448,7 @@ impl Registry {
                     retries_refused: s.retries_refused.get(),
                     ejections: s.ejections.get(),
                     overflows: s.overflows.get(),
+                    pending: s.pending.get(),
                     bytes_sent: s.bytes_sent.get(),
                     bytes_received: s.bytes_received.get(),
                     pool_reuses: s.pool_reuses.get(),
@@ -506,6 +525,8 @@ pub struct ClusterReport {
     pub ejections: u64,
     /// Requests or connections refused under the connection limit.
     pub overflows: u64,
+    /// Requests or connections waiting for room under the connection limit now.
+    pub pending: u64,
     /// Bytes written to upstreams.
     pub bytes_sent: u64,
     /// Bytes read from upstreams.
@@ -555,6 +576,7 @@ impl WorkerReport {
             m.retries_refused += c.retries_refused;
             m.ejections += c.ejections;
             m.overflows += c.overflows;
+            m.pending += c.pending;
             m.bytes_sent += c.bytes_sent;
             m.bytes_received += c.bytes_received;
             m.pool_reuses += c.pool_reuses;
@@ -875,6 +897,18 @@ pub fn render(info: &Info<'_>, report: &WorkerReport) -> String {
         "Requests and opaque TCP connections refused because no upstream connection was free under the cluster's connection limit.",
         &|r| r.overflows,
     );
+    let _ = writeln!(
+        out,
+        "# HELP tern_upstream_pending Requests and opaque TCP connections waiting now for room under the cluster's connection limit.\n# TYPE tern_upstream_pending gauge"
+    );
+    for (c, r) in cs {
+        let _ = writeln!(
+            out,
+            "tern_upstream_pending{{cluster=\"{}\"}} {}",
+            escape(c),
+            r.pending
+        );
+    }
     cluster_series(
         &mut out,
         "tern_upstream_pool_reuses_total",

@@ -236,22 +236,47 @@ impl<B: Backend> Worker<B> {
         self.draining.get()
     }
 
-    /// Room for a new upstream connection of `cluster`: where the cluster caps them
-    /// ([`proxy::limit`]), a free slot; else, when nobody waits ahead, a connection `reuse`
-    /// finds (one of the cluster's, to any endpoint: the caller's to pool with) or a slot
-    /// freed by closing one of the cluster's idle pooled connections; else, in turn and up
-    /// to the cluster's connect timeout, the first of those to come. An overflow is counted
-    /// on the cluster.
+    /// Whether requests wait for room under `cluster`'s connection limit: a newcomer does
+    /// not take a pooled connection (offered to the first of them) ahead of them.
+    pub fn waiting_for_room(&self, view: &View, cluster: usize) -> bool {
+        view.snapshot
+            .clusters
+            .get(cluster)
+            .filter(|plan| plan.connection_limit.is_some())
+            .is_some_and(|plan| self.limits.has_waiters(&plan.name))
+    }
+
+    /// Room for a new upstream connection of `cluster`, where the live config caps the
+    /// cluster's connections ([`proxy::limit`]): a free slot; else a connection `reuse`
+    /// finds (one of the cluster's, to any endpoint, for the caller to use instead) or a
+    /// slot freed by closing one of the cluster's idle pooled connections; else, in turn and
+    /// up to the cluster's connect timeout, the first of those to come. While others wait,
+    /// a newcomer queues behind them, unless what `reuse` finds is `shared` (an HTTP/2
+    /// connection's streams), which takes nothing from them. An overflow is counted on the
+    /// cluster.
     pub async fn upstream_room<T>(
         &self,
         view: &View,
         cluster: usize,
-        mut reuse: impl FnMut() -> Option<T>,
+        (mut reuse, shared): (impl FnMut() -> Option<T>, bool),
     ) -> Result<Room<T>, proxy::limit::Overflow> {
         let Some(plan) = view.snapshot.clusters.get(cluster) else {
             return Ok(Room::Slot(None));
         };
-        let Some(limit) = plan.connection_limit else {
+        if plan.connection_limit.is_none() {
+            return Ok(Room::Slot(None));
+        }
+        // A request still under an older config counts under the live one's cap, if any.
+        let live = self.view();
+        let limit = if std::ptr::eq(&*live, view) {
+            plan.connection_limit
+        } else {
+            live.snapshot
+                .cluster_named(&plan.name)
+                .and_then(|c| c.connection_limit)
+        };
+        drop(live);
+        let Some(limit) = limit else {
             return Ok(Room::Slot(None));
         };
         let counts = self.limits.cluster(&plan.name, limit);
@@ -259,24 +284,26 @@ impl<B: Backend> Worker<B> {
             return Ok(Room::Slot(Some(slot)));
         }
         let evict = || self.pool.evict_idle(&plan.name) || self.h2.evict_idle(&plan.name);
+        if (shared || !counts.has_waiters())
+            && let Some(found) = reuse()
+        {
+            return Ok(Room::Reuse(found));
+        }
         if !counts.has_waiters() {
-            if let Some(found) = reuse() {
-                return Ok(Room::Reuse(found));
-            }
-            if evict()
-                && let Some(slot) = counts.free_slot()
-            {
+            evict();
+            // Also catches slots that `reuse` freed, closing expired connections.
+            if let Some(slot) = counts.free_slot() {
                 return Ok(Room::Slot(Some(slot)));
             }
         }
-        let overflow = |stats: &ClusterStats| {
+        let stats = &view.clusters[cluster];
+        let overflow = || {
             stats.overflowed();
             tracing::debug!(cluster = %plan.name, "no room for an upstream connection under the cluster's limit");
             proxy::limit::Overflow
         };
-        let waiting = counts
-            .queue()
-            .map_err(|_| overflow(&view.clusters[cluster]))?;
+        let waiting = counts.queue().map_err(|_| overflow())?;
+        let pending = stats.pending();
         let turn = async {
             loop {
                 waiting.changed().await;
@@ -286,16 +313,17 @@ impl<B: Backend> Worker<B> {
                 if let Some(slot) = waiting.slot() {
                     return Room::Slot(Some(slot));
                 }
-                if evict()
-                    && let Some(slot) = waiting.slot()
-                {
+                evict();
+                if let Some(slot) = waiting.slot() {
                     return Room::Slot(Some(slot));
                 }
             }
         };
-        tokio::time::timeout(plan.connect_timeout, turn)
-            .await
-            .map_err(|_| overflow(&view.clusters[cluster]))
+        let room = tokio::time::timeout(plan.connect_timeout, turn).await;
+        drop((pending, waiting));
+        // The wake-up this waiter had may have been meant for what it did not take.
+        counts.pass_on();
+        room.map_err(|_| overflow())
     }
 
     /// Resolves when a drain begins (immediately if one has).

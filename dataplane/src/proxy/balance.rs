@@ -225,6 +225,14 @@ impl Failing {
         });
     }
 
+    /// Whether `addr` is passed over now for `cluster`: it failed to connect, or the cluster
+    /// ejected it.
+    pub fn passed_over(&self, cluster: &str, addr: SocketAddr) -> bool {
+        let outliers = self.outliers.borrow();
+        let ejected = self.ejected_by(&outliers, cluster);
+        self.passes_over(ejected, addr, Instant::now())
+    }
+
     /// The next of `endpoints` after the round-robin `position`, passing over failing ones
     /// (those that failed to connect, and those `cluster` ejected) while any is not; `None`
     /// when there are none.

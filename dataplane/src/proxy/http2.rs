@@ -259,17 +259,23 @@ impl Pool {
         Place::on(&new)
     }
 
-    /// A place on the made connection of cluster `name` (to any endpoint) with the fewest
-    /// streams, past [`STREAMS_PER_CONNECTION`] if need be (the upstream's own cap then
-    /// queues it), and that connection's endpoint: for a stream at the cluster's connection
-    /// limit, which would rather go elsewhere than wait.
-    fn least_busy(&self, name: &str) -> Option<(Place, SocketAddr)> {
+    /// A place on the connection of cluster `name` to any of its `usable` endpoints with the
+    /// fewest streams (made or being made, not closed), past [`STREAMS_PER_CONNECTION`] if
+    /// need be (the upstream's own cap then queues it), and that connection's endpoint: for
+    /// a stream at the cluster's connection limit, which would rather go elsewhere than
+    /// wait.
+    fn least_busy(
+        &self,
+        name: &str,
+        usable: impl Fn(SocketAddr) -> bool,
+    ) -> Option<(Place, SocketAddr)> {
         let connections = self.connections.borrow();
         connections
             .iter()
+            .filter(|(addr, _)| usable(**addr))
             .filter_map(|(addr, by_cluster)| Some((addr, by_cluster.get(name)?)))
             .flat_map(|(addr, list)| list.iter().map(move |c| (addr, c)))
-            .filter(|(_, c)| c.sender.initialized() && !c.failed.get())
+            .filter(|(_, c)| !c.failed.get() && !c.sender.get().is_some_and(|s| s.is_closed()))
             .min_by_key(|(_, c)| c.streams.get())
             .map(|(addr, c)| (Place::on(c), *addr))
     }
@@ -718,8 +724,13 @@ async fn place<'v, B: Backend>(
     if pooled && let Some(place) = worker.h2.place_with_room(key) {
         return Ok((place, key));
     }
-    let reuse = || pooled.then(|| worker.h2.least_busy(key.0)).flatten();
-    match worker.upstream_room(view, cluster, reuse).await {
+    let usable = |addr| !view.failing.passed_over(key.0, addr);
+    let reuse = || {
+        pooled
+            .then(|| worker.h2.least_busy(key.0, usable))
+            .flatten()
+    };
+    match worker.upstream_room(view, cluster, (reuse, true)).await {
         Ok(Room::Reuse((place, addr))) => Ok((place, (key.0, addr))),
         Ok(Room::Slot(slot)) if pooled => {
             // Another stream may have made one while this one waited for room.

@@ -122,6 +122,14 @@ impl Counts {
         self.0.waiting.get() > 0
     }
 
+    /// Wakes the longest waiter, if any: one that got what it needed some other way than a
+    /// wake-up meant it (a slot given back, a connection gone idle), passes that wake-up on.
+    pub fn pass_on(&self) {
+        if self.has_waiters() {
+            self.0.changed.notify_one();
+        }
+    }
+
     /// Joins the queue, unless this worker's share of `max_pending` already waits.
     pub fn queue(&self) -> Result<Waiting, Overflow> {
         let waiting = self.0.waiting.get();
@@ -143,25 +151,31 @@ impl Limits {
         }
     }
 
-    /// The counts of cluster `name`, capped at this worker's share of `limit`.
+    /// The counts of cluster `name`, capped at this worker's share of `limit` (the live
+    /// config's: the caps change only with [`Limits::apply`] once counting has begun).
     pub fn cluster(&self, name: &Arc<str>, limit: ConnectionLimit) -> Counts {
         let mut clusters = self.clusters.borrow_mut();
-        let counts = match clusters.get(&**name) {
-            Some(counts) => counts.clone(),
-            None => {
-                let state = Rc::new(State {
-                    open: Cell::new(0),
-                    waiting: Cell::new(0),
-                    cap: Cell::new(0),
-                    max_waiting: Cell::new(0),
-                    changed: Notify::new(),
-                });
-                clusters.insert(name.clone(), Counts(state.clone()));
-                Counts(state)
-            }
-        };
-        self.set_caps(&counts.0, limit);
-        counts
+        if let Some(counts) = clusters.get(&**name) {
+            return counts.clone();
+        }
+        let state = Rc::new(State {
+            open: Cell::new(0),
+            waiting: Cell::new(0),
+            cap: Cell::new(0),
+            max_waiting: Cell::new(0),
+            changed: Notify::new(),
+        });
+        self.set_caps(&state, limit);
+        clusters.insert(name.clone(), Counts(state.clone()));
+        Counts(state)
+    }
+
+    /// Whether anyone waits for room in cluster `name` on this worker.
+    pub fn has_waiters(&self, name: &str) -> bool {
+        self.clusters
+            .borrow()
+            .get(name)
+            .is_some_and(Counts::has_waiters)
     }
 
     fn set_caps(&self, state: &State, limit: ConnectionLimit) {
@@ -275,8 +289,10 @@ mod tests {
             let _held = counts.free_slot().unwrap();
             assert!(counts.free_slot().is_none());
             assert_eq!(counts.queue().err(), Some(Overflow));
-            // Two connections each, and one waiter on this worker.
-            let counts = limits.cluster(&name, limit(4, 2));
+            // Only a new config changes the caps: two connections each, one waiter here.
+            limits.cluster(&name, limit(40, 2));
+            assert!(counts.free_slot().is_none());
+            limits.apply(|_| Some(limit(4, 2)));
             let _held_too = counts.free_slot().unwrap();
             let waiter = tokio::task::spawn_local(wait_for_slot(counts.clone()));
             tokio::task::yield_now().await;

@@ -105,25 +105,26 @@ impl<B: Backend> Pool<B> {
         });
     }
 
-    /// Takes a parked connection of `cluster` to any of its endpoints (as [`Pool::take`]
-    /// would), with its endpoint: for a request at the cluster's connection limit, which
-    /// would rather go elsewhere than wait.
+    /// Takes the most recently parked connection of `cluster` to any of its `usable`
+    /// endpoints (as [`Pool::take`] would), with its endpoint: for a request at the
+    /// cluster's connection limit, which would rather go elsewhere than wait.
     pub fn take_any(
         &self,
         cluster: &ClusterPlan,
+        usable: impl Fn(SocketAddr) -> bool,
     ) -> Option<(MaybeTls<B::Stream>, Option<Slot>, SocketAddr)> {
-        let parked_at: Vec<SocketAddr> = self
+        let mut parked_at: Vec<(Instant, SocketAddr)> = self
             .idle
             .borrow()
             .iter()
-            .filter(|(_, by_cluster)| {
-                by_cluster
-                    .get(&*cluster.name)
-                    .is_some_and(|p| !p.is_empty())
+            .filter(|(addr, _)| usable(**addr))
+            .filter_map(|(addr, by_cluster)| {
+                let newest = by_cluster.get(&*cluster.name)?.last()?.2;
+                Some((newest, *addr))
             })
-            .map(|(addr, _)| *addr)
             .collect();
-        parked_at.into_iter().find_map(|addr| {
+        parked_at.sort_unstable_by_key(|(parked, _)| std::cmp::Reverse(*parked));
+        parked_at.into_iter().find_map(|(_, addr)| {
             let (stream, slot) = self.take(cluster, addr)?;
             Some((stream, slot, addr))
         })

@@ -44,7 +44,8 @@ pub async fn serve<B: Backend, D: Stream>(
 ) {
     let stats = &view.listeners[listener];
     // Held while the upstream connection is open.
-    let room = worker.upstream_room(view, cluster, || None::<std::convert::Infallible>);
+    let nothing_to_reuse = || None::<std::convert::Infallible>;
+    let room = worker.upstream_room(view, cluster, (nothing_to_reuse, false));
     let Ok(Room::Slot(_slot)) = room.await else {
         stats.error(Flag::UpstreamOverflow);
         let _ = down.shutdown(Shutdown::Both);

@@ -689,13 +689,23 @@ impl<B: Backend> Conn<'_, B> {
         let plan = self.view.snapshot.clusters.get(cluster).ok_or(failed)?;
         // Round robin picks the endpoint; the pool only saves the handshake.
         let addr = self.view.next_endpoint(cluster).ok_or(failed)?;
-        let mut parked = pooled
+        // A pooled connection goes first to those waiting for room, if any.
+        let mut parked = (pooled && !self.worker.waiting_for_room(&self.view, cluster))
             .then(|| self.worker.pool.take(plan, addr))
             .flatten()
             .map(|(stream, parked_slot)| (stream, parked_slot, addr));
         if parked.is_none() && slot.is_none() {
-            let reuse = || pooled.then(|| self.worker.pool.take_any(plan)).flatten();
-            match self.worker.upstream_room(&self.view, cluster, reuse).await {
+            let usable = |addr| !self.view.failing.passed_over(&plan.name, addr);
+            let reuse = || {
+                pooled
+                    .then(|| self.worker.pool.take_any(plan, usable))
+                    .flatten()
+            };
+            match self
+                .worker
+                .upstream_room(&self.view, cluster, (reuse, false))
+                .await
+            {
                 Ok(Room::Slot(room)) => *slot = room,
                 Ok(Room::Reuse(any)) => parked = Some(any),
                 Err(_) => return Err(Flag::UpstreamOverflow),
