@@ -1,9 +1,9 @@
 //! A cluster's retry policy, outlier detection, balancing and connection limit (a
 //! BackendPolicy's) through one proxy hop, on both IO backends and both HTTP versions: a
 //! failure the policy names goes to the next endpoint and the client sees the answer, a gRPC
-//! call's body is sent again whole, a request with an HTTP/1.1 body is not retried, a
-//! per-try timeout gives a hanging endpoint up in time, an empty budget lets the failure
-//! through and counts it, an endpoint whose requests fail in a row is ejected,
+//! call's body is sent again whole, as is an HTTP/1.1 body of known length (a chunked one
+//! goes once), a per-try timeout gives a hanging endpoint up in time, an empty budget lets
+//! the failure through and counts it, an endpoint whose requests fail in a row is ejected,
 //! least-request balancing keeps new requests off an endpoint busy with one, and a
 //! connection limit holds the upstream connections of every protocol to its cap, requests
 //! waiting for room or overflowing (503 `UO`) past its queue.
@@ -116,19 +116,32 @@ fn http1_failures_the_policy_names_go_to_the_next_endpoint(backend: BackendChoic
         2,
     );
     assert_eq!(hang, [200; 2]);
+    // A body of known length within 64 KiB is read whole first, and goes again with its
+    // request.
+    for _ in 0..4 {
+        conn.send(
+            b"POST /flaky/a/503 HTTP/1.1\r\nHost: retry.local\r\ncontent-length: 2\r\n\r\nhi",
+        );
+        let response = conn.response(false);
+        assert_eq!((response.status, response.text()), (200, "hi".to_owned()));
+    }
     let met_a = a.requests.load(Ordering::SeqCst) - met_a;
-    assert!(met_a >= 7, "{met_a}");
+    assert!(met_a >= 8, "{met_a}");
     // A connection reset before any answer.
     let reset = statuses(&mut conn, "GET / HTTP/1.1\r\nHost: resets.local\r\n\r\n", 4);
     assert_eq!(reset, [200; 4]);
 
-    // A request with a body went out as it streamed in: it is not retried.
-    let post = statuses(
+    // A chunked body goes upstream as it streams in: its request is not retried.
+    let chunked = statuses(
         &mut conn,
-        "POST /flaky/a/503 HTTP/1.1\r\nHost: retry.local\r\ncontent-length: 2\r\n\r\nhi",
+        "POST /flaky/a/503 HTTP/1.1\r\nHost: retry.local\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
         4,
     );
-    assert_eq!(post.iter().filter(|&&s| s == 503).count(), 2, "{post:?}");
+    assert_eq!(
+        chunked.iter().filter(|&&s| s == 503).count(),
+        2,
+        "{chunked:?}"
+    );
 
     // An empty budget: the failure comes through, and the refused retry is counted.
     let stingy = statuses(
@@ -144,6 +157,26 @@ fn http1_failures_the_policy_names_go_to_the_next_endpoint(backend: BackendChoic
         metric(&metrics, "tern_upstream_retries_total{cluster=\"plain\"}"),
         0.0
     );
+}
+
+/// A body a retry policy keeps is read whole before its request goes: one that stalls
+/// gets 408 within `body_timeout`, and nothing reaches the upstream.
+fn a_body_kept_for_retries_that_stalls_goes_nowhere(backend: BackendChoice) {
+    let a = Http::start("a");
+    let yaml = format!(
+        "listeners:\n  - {{ name: web, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: retry }}] }}\nclusters:\n  - {{ name: retry, endpoints: [{}], retries: {{ attempts: 1, on: [reset] }} }}\nhttp: {{ body_timeout: 300ms }}\n",
+        a.addr
+    );
+    let proxy = start_one_worker(&yaml, backend);
+    let mut conn = Conn::open(proxy.listener_addr("web").unwrap());
+    conn.send(b"POST / HTTP/1.1\r\nHost: x\r\ncontent-length: 10\r\n\r\nhi");
+    let response = conn.response(false);
+    assert_eq!(
+        (response.status, response.header("x-tern-response-flag")),
+        (408, Some("DT"))
+    );
+    assert!(conn.closed());
+    assert_eq!(a.requests.load(Ordering::SeqCst), 0);
 }
 
 fn grpc_call(
@@ -487,6 +520,7 @@ fn a_capped_cluster_keeps_to_its_connections(backend: BackendChoice) {
 }
 
 both_backends!(
+    a_body_kept_for_retries_that_stalls_goes_nowhere,
     a_capped_cluster_keeps_to_its_connections,
     http1_failures_the_policy_names_go_to_the_next_endpoint,
     http2_failures_the_policy_names_go_again_with_their_body,

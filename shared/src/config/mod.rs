@@ -678,7 +678,8 @@ fn default_max_ejected_percent() -> u32 {
 /// Retries of HTTP requests to a cluster (a BackendPolicy's `retries`), each on the next
 /// endpoint, whatever the method (naming a failure says the service can take a request
 /// twice). Only a request the proxy can send again is retried: over HTTP/1.1 one without a
-/// body, over HTTP/2 one whose body is at most 64 KiB (recorded as it goes). The route's
+/// body or with a `Content-Length` one of at most 64 KiB (read whole before it goes), over
+/// HTTP/2 one whose body is at most 64 KiB (recorded as it goes). The route's
 /// timeout bounds every attempt together. A failed connect is always tried on up to three
 /// endpoints, with or without this.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -20,7 +20,7 @@ use shared::config::HttpSettings;
 use self::body::BodyError;
 use self::head::{Framing, Limits, RequestHead, ResponseHead};
 use super::limit::Slot;
-use super::retry::{Attempts, Failure};
+use super::retry::{Attempts, Failure, REPLAY_LIMIT};
 use super::tcp::pump_counted;
 use crate::io::{Backend, Stream};
 use crate::metrics::{Flag, ListenerStats};
@@ -266,22 +266,37 @@ impl<B: Backend> Conn<'_, B> {
 
     /// Carries one request to `route`'s cluster and its response back.
     ///
-    /// The request head stays at the front of `inbuf` until it cannot be needed again: a
-    /// request with a body is drained as soon as its head is out (it is never retried); one
-    /// without is kept for a retry until the response head arrives. Such a request goes again
-    /// when its pooled connection turns out stale (idempotent methods only, once, on a new
-    /// connection) and when its cluster's retry policy names the failure (each time to the
-    /// next endpoint, within the route's timeout and the budget).
+    /// A request is kept whole at the front of `inbuf` until its response head arrives, so
+    /// that it can go again, when it has no body, or when its cluster may retry it and its
+    /// body's length is known and at most [`REPLAY_LIMIT`] (the body is then read whole
+    /// before the request goes). Any other body streams upstream as it arrives, and its
+    /// request goes once: its head is drained as soon as it is out. A request kept whole goes
+    /// again when its pooled connection turns out stale (idempotent methods only, once, on a
+    /// new connection) and when its cluster's retry policy names the failure (each time to
+    /// the next endpoint, within the route's timeout and the budget).
     async fn exchange(&mut self, head: &RequestHead, route: Chosen, started: Instant) -> Next {
         let cluster = route.cluster;
         let view = self.view.clone();
         let upstream_stats = &*view.clusters[cluster];
-        let has_body = head.framing != Framing::Empty;
-        let mut body_done = !has_body;
-        let retries = view.snapshot.clusters[cluster]
-            .retries
-            .as_ref()
-            .filter(|_| !has_body);
+        let policy = view.snapshot.clusters[cluster].retries.as_ref();
+        // How many bytes of `inbuf` the request is, when it is kept whole.
+        let whole = match head.framing {
+            Framing::Empty => Some(head.len),
+            Framing::Length(body)
+                if policy.is_some() && !head.expect_continue && body <= REPLAY_LIMIT as u64 =>
+            {
+                let whole = head.len + body as usize;
+                if let Err(next) = self.read_whole(whole, started).await {
+                    return next;
+                }
+                Some(whole)
+            }
+            _ => None,
+        };
+        // Whether the client's connection still holds body bytes the proxy has not read.
+        let streams_body = whole.is_none();
+        let mut body_done = !streams_body;
+        let retries = policy.filter(|_| !streams_body);
         let mut attempts = Attempts::start(retries, route.timeout, upstream_stats);
         let mut stale_retried = false;
         // The current attempt's place under the cluster's connection limit, kept for the
@@ -295,25 +310,28 @@ impl<B: Backend> Conn<'_, B> {
             let (up, addr, reused) = match checked_out {
                 Ok(checked_out) => checked_out,
                 Err(flag) => {
-                    self.inbuf.drain(..head.len);
-                    return self.reply(503, flag, has_body, started).await;
+                    self.inbuf.drain(..whole.unwrap_or(head.len));
+                    return self.reply(503, flag, streams_body, started).await;
                 }
             };
             upstream_stats.request();
             let in_flight = view.in_flight(cluster, addr);
             // A pooled connection the upstream already closed fails here; an idempotent
-            // request with no body is safe to send again on a fresh connection, once (the
+            // request kept whole is safe to send again on a fresh connection, once (the
             // upstream may have acted on it before closing: RFC 9110 §9.2.2).
-            let stale_resend = reused && !stale_retried && !has_body && head.method.idempotent();
-            if has_body && !head.expect_continue {
+            let stale_resend =
+                reused && !stale_retried && !streams_body && head.method.idempotent();
+            if streams_body && !head.expect_continue {
                 // The head and the start of the body go out in one write.
                 if let Err(next) = self.request_body(head, &up, cluster, started).await {
                     return next;
                 }
                 body_done = true;
             } else {
+                // The whole request, or the head of one that expects `100 Continue`.
+                let len = whole.unwrap_or(head.len);
                 let inbuf = std::mem::take(&mut self.inbuf);
-                let (written, inbuf) = up.write_all(inbuf, 0..head.len).await;
+                let (written, inbuf) = up.write_all(inbuf, 0..len).await;
                 self.inbuf = inbuf;
                 if written.is_err() {
                     let _ = up.shutdown(Shutdown::Both);
@@ -329,13 +347,13 @@ impl<B: Backend> Conn<'_, B> {
                     if attempts.again(Failure::Reset) {
                         continue;
                     }
-                    self.inbuf.drain(..head.len);
+                    self.inbuf.drain(..len);
                     return self
-                        .reply(502, Flag::UpstreamReset, has_body, started)
+                        .reply(502, Flag::UpstreamReset, streams_body, started)
                         .await;
                 }
-                upstream_stats.sent(head.len as u64);
-                if has_body {
+                upstream_stats.sent(len as u64);
+                if streams_body {
                     // Expect: 100-continue; the body follows the upstream's 100.
                     self.inbuf.drain(..head.len);
                 }
@@ -380,19 +398,49 @@ impl<B: Backend> Conn<'_, B> {
                     {
                         continue;
                     }
-                    if !has_body {
-                        self.inbuf.drain(..head.len);
+                    if let Some(len) = whole {
+                        self.inbuf.drain(..len);
                     }
                     let (status, flag) = failure.reply();
                     return self.reply(status, flag, !body_done, started).await;
                 }
             }
         };
-        if !has_body {
-            self.inbuf.drain(..head.len);
+        if let Some(len) = whole {
+            self.inbuf.drain(..len);
+            if len > head.len {
+                // A body read whole grew the buffer: give back what a head does not need.
+                self.inbuf.shrink_to(HEAD_BUFFER);
+            }
         }
         self.respond(head, route, (up, addr, slot), response, !body_done, started)
             .await
+    }
+
+    /// Reads until the first `len` bytes of `inbuf` hold the request head and its whole
+    /// body, each read within `body_timeout`; on failure answers or closes and says what
+    /// comes next.
+    async fn read_whole(&mut self, len: usize, started: Instant) -> Result<(), Next> {
+        self.inbuf.reserve(len.saturating_sub(self.inbuf.len()));
+        while self.inbuf.len() < len {
+            let buf = std::mem::take(&mut self.inbuf);
+            let read = tokio::time::timeout(self.settings.body_timeout, self.down.read(buf));
+            let Ok((read, buf)) = read.await else {
+                // The abandoned read took the buffer; the connection closes.
+                return Err(self
+                    .reply(408, Flag::DownstreamTimeout, true, started)
+                    .await);
+            };
+            self.inbuf = buf;
+            match read {
+                Ok(n) if n > 0 => self.stats.received(n as u64),
+                _ => {
+                    self.stats.error(Flag::DownstreamReset);
+                    return Err(Next::Close);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Streams the request body upstream, after the first `head_len` bytes of `inbuf` (the
