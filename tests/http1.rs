@@ -542,21 +542,28 @@ fn upstream_down_is_503(backend: BackendChoice) {
     let response = f.get("down.local", "/");
     assert_eq!(response.status, 503);
     assert_eq!(response.header("x-tern-response-flag"), Some("UF"));
+    // A client that asked to close gets the answer, then the close.
+    let mut conn = Conn::open(f.addr());
+    conn.send(b"GET / HTTP/1.1\r\nHost: down.local\r\nConnection: close\r\n\r\n");
+    let response = conn.response(false);
+    assert_eq!(response.status, 503);
+    assert_eq!(response.header("connection"), Some("close"));
+    assert!(conn.closed());
     let metrics = wait_for_metric(
         &f.proxy,
         "tern_responses_total{listener=\"web\",class=\"5xx\"}",
-        1.0,
+        2.0,
     );
     assert_eq!(
         metric(&metrics, "tern_errors_total{listener=\"web\",flag=\"UF\"}"),
-        1.0
+        2.0
     );
     assert_eq!(
         metric(
             &metrics,
             "tern_responses_total{listener=\"web\",class=\"5xx\"}"
         ),
-        1.0
+        2.0
     );
 }
 

@@ -239,11 +239,24 @@ impl<B: Backend> Worker<B> {
     /// Whether requests wait for room under `cluster`'s connection limit: a newcomer does
     /// not take a pooled connection (offered to the first of them) ahead of them.
     pub fn waiting_for_room(&self, view: &View, cluster: usize) -> bool {
-        view.snapshot
-            .clusters
-            .get(cluster)
-            .filter(|plan| plan.connection_limit.is_some())
-            .is_some_and(|plan| self.limits.has_waiters(&plan.name))
+        self.live_limit(view, cluster)
+            .is_some_and(|(name, _)| self.limits.has_waiters(name))
+    }
+
+    /// The name and connection limit of `view`'s `cluster` in the live config, if it caps
+    /// the cluster there: a request still under an older config counts under the live cap.
+    fn live_limit<'v>(
+        &self,
+        view: &'v View,
+        cluster: usize,
+    ) -> Option<(&'v Arc<str>, shared::config::ConnectionLimit)> {
+        let plan = view.snapshot.clusters.get(cluster)?;
+        let live = self.view.borrow();
+        if std::ptr::eq(&**live, view) {
+            return Some((&plan.name, plan.connection_limit?));
+        }
+        let limit = live.snapshot.cluster_named(&plan.name)?.connection_limit?;
+        Some((&plan.name, limit))
     }
 
     /// Room for a new upstream connection of `cluster`, where the live config caps the
@@ -260,30 +273,15 @@ impl<B: Backend> Worker<B> {
         cluster: usize,
         (mut reuse, shared): (impl FnMut() -> Option<T>, bool),
     ) -> Result<Room<T>, proxy::limit::Overflow> {
-        let Some(plan) = view.snapshot.clusters.get(cluster) else {
+        let Some((name, limit)) = self.live_limit(view, cluster) else {
             return Ok(Room::Slot(None));
         };
-        if plan.connection_limit.is_none() {
-            return Ok(Room::Slot(None));
-        }
-        // A request still under an older config counts under the live one's cap, if any.
-        let live = self.view();
-        let limit = if std::ptr::eq(&*live, view) {
-            plan.connection_limit
-        } else {
-            live.snapshot
-                .cluster_named(&plan.name)
-                .and_then(|c| c.connection_limit)
-        };
-        drop(live);
-        let Some(limit) = limit else {
-            return Ok(Room::Slot(None));
-        };
-        let counts = self.limits.cluster(&plan.name, limit);
+        let connect_timeout = view.snapshot.clusters[cluster].connect_timeout;
+        let counts = self.limits.cluster(name, limit);
         if let Some(slot) = counts.free_slot() {
             return Ok(Room::Slot(Some(slot)));
         }
-        let evict = || self.pool.evict_idle(&plan.name) || self.h2.evict_idle(&plan.name);
+        let evict = || self.pool.evict_idle(name) || self.h2.evict_idle(name);
         if (shared || !counts.has_waiters())
             && let Some(found) = reuse()
         {
@@ -299,7 +297,7 @@ impl<B: Backend> Worker<B> {
         let stats = &view.clusters[cluster];
         let overflow = || {
             stats.overflowed();
-            tracing::debug!(cluster = %plan.name, "no room for an upstream connection under the cluster's limit");
+            tracing::debug!(cluster = %name, "no room for an upstream connection under the cluster's limit");
             proxy::limit::Overflow
         };
         let waiting = counts.queue().map_err(|_| overflow())?;
@@ -319,7 +317,7 @@ impl<B: Backend> Worker<B> {
                 }
             }
         };
-        let room = tokio::time::timeout(plan.connect_timeout, turn).await;
+        let room = tokio::time::timeout(connect_timeout, turn).await;
         drop((pending, waiting));
         // The wake-up this waiter had may have been meant for what it did not take.
         counts.pass_on();

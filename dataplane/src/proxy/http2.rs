@@ -288,10 +288,7 @@ impl Pool {
             let Some(list) = by_cluster.get_mut(name) else {
                 continue;
             };
-            if let Some(idle) = list
-                .iter()
-                .position(|c| c.streams.get() == 0 && c.sender.initialized())
-            {
+            if let Some(idle) = list.iter().position(|c| c.streams.get() == 0) {
                 list.remove(idle);
                 return true;
             }

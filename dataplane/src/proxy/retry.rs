@@ -196,8 +196,9 @@ impl Budget {
     }
 }
 
-/// Most request body an HTTP/2 request keeps for sending again (Linkerd keeps 64 KiB too):
-/// a larger body goes once, and is not retried.
+/// Most request body a request keeps for sending again (Linkerd keeps 64 KiB too): a
+/// larger body goes once, and is not retried. HTTP/2 records it as it goes; HTTP/1.1 reads
+/// one of known length whole before the request goes.
 pub const REPLAY_LIMIT: usize = 64 * 1024;
 
 /// An HTTP/2 request body as it goes upstream: passed straight on, or recorded as it goes

@@ -2,8 +2,9 @@
 //! to a cluster and carried over a pooled upstream connection.
 //!
 //! Heads are forwarded as received (no rewriting on the normal path; an offer to upgrade to
-//! h2c is declined by dropping its fields); bodies stream through a bounded buffer; pipelined
-//! requests are answered strictly one after another; `Upgrade` (WebSocket) turns the
+//! h2c is declined by dropping its fields); bodies stream through a bounded buffer, but for
+//! a request its cluster may retry, one of known length up to 64 KiB is read whole first and
+//! kept for another attempt; pipelined requests are answered strictly one after another; `Upgrade` (WebSocket) turns the
 //! connection into an opaque byte pump after the `101` it asked for. Failures the proxy
 //! answers itself carry an `x-tern-response-flag` header and count under that flag; a
 //! response that breaks off after its head went out ends the client's connection in a reset.
@@ -295,6 +296,8 @@ impl<B: Backend> Conn<'_, B> {
         };
         // Whether the client's connection still holds body bytes the proxy has not read.
         let streams_body = whole.is_none();
+        // Whether an answer of the proxy's own ends the client's connection.
+        let must_close = streams_body || !head.keep_alive;
         let mut body_done = !streams_body;
         let retries = policy.filter(|_| !streams_body);
         let mut attempts = Attempts::start(retries, route.timeout, upstream_stats);
@@ -310,8 +313,8 @@ impl<B: Backend> Conn<'_, B> {
             let (up, addr, reused) = match checked_out {
                 Ok(checked_out) => checked_out,
                 Err(flag) => {
-                    self.inbuf.drain(..whole.unwrap_or(head.len));
-                    return self.reply(503, flag, streams_body, started).await;
+                    self.release(whole.unwrap_or(head.len), head.len);
+                    return self.reply(503, flag, must_close, started).await;
                 }
             };
             upstream_stats.request();
@@ -347,9 +350,9 @@ impl<B: Backend> Conn<'_, B> {
                     if attempts.again(Failure::Reset) {
                         continue;
                     }
-                    self.inbuf.drain(..len);
+                    self.release(len, head.len);
                     return self
-                        .reply(502, Flag::UpstreamReset, streams_body, started)
+                        .reply(502, Flag::UpstreamReset, must_close, started)
                         .await;
                 }
                 upstream_stats.sent(len as u64);
@@ -399,22 +402,29 @@ impl<B: Backend> Conn<'_, B> {
                         continue;
                     }
                     if let Some(len) = whole {
-                        self.inbuf.drain(..len);
+                        self.release(len, head.len);
                     }
                     let (status, flag) = failure.reply();
-                    return self.reply(status, flag, !body_done, started).await;
+                    let close = !body_done || !head.keep_alive;
+                    return self.reply(status, flag, close, started).await;
                 }
             }
         };
         if let Some(len) = whole {
-            self.inbuf.drain(..len);
-            if len > head.len {
-                // A body read whole grew the buffer: give back what a head does not need.
-                self.inbuf.shrink_to(HEAD_BUFFER);
-            }
+            self.release(len, head.len);
         }
         self.respond(head, route, (up, addr, slot), response, !body_done, started)
             .await
+    }
+
+    /// Lets go of the first `len` bytes of `inbuf`, a request done with (its head of
+    /// `head_len` bytes, and what of its body was kept), giving back the room a body read
+    /// whole took.
+    fn release(&mut self, len: usize, head_len: usize) {
+        self.inbuf.drain(..len);
+        if len > head_len {
+            self.inbuf.shrink_to(HEAD_BUFFER);
+        }
     }
 
     /// Reads until the first `len` bytes of `inbuf` hold the request head and its whole
