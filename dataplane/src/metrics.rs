@@ -10,7 +10,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
@@ -101,6 +101,40 @@ fn new_histogram() -> Histogram<u64> {
         .unwrap_or_else(|_| Histogram::new(LATENCY_SIGFIG).unwrap_or_else(|_| unreachable!()))
 }
 
+/// How often one kind of warning that a peer can cause once per connection (a refused
+/// peer, a failed handshake) is logged for one listener or cluster on one worker; the
+/// metrics count every one.
+pub const WARN_EVERY: Duration = Duration::from_secs(1);
+
+/// Paces one kind of warning to a line per [`WARN_EVERY`], so that a client retrying in a
+/// loop, or a scanner, cannot flood the log.
+#[derive(Debug, Default)]
+pub struct Pace {
+    last: Cell<Option<Instant>>,
+    held_back: Cell<u64>,
+}
+
+impl Pace {
+    /// Whether to log a line now: `Some(lines held back since the last one)`, or `None`
+    /// (this one is held back).
+    pub fn admit(&self) -> Option<u64> {
+        self.admit_at(Instant::now())
+    }
+
+    fn admit_at(&self, now: Instant) -> Option<u64> {
+        if self
+            .last
+            .get()
+            .is_some_and(|last| now.saturating_duration_since(last) < WARN_EVERY)
+        {
+            bump(&self.held_back, 1);
+            return None;
+        }
+        self.last.set(Some(now));
+        Some(self.held_back.replace(0))
+    }
+}
+
 fn bump(cell: &Cell<u64>, by: u64) {
     cell.set(cell.get().wrapping_add(by));
 }
@@ -124,6 +158,8 @@ pub struct ListenerStats {
     requests: Cell<u64>,
     responses: [Cell<u64>; 5],
     errors: [Cell<u64>; Flag::ALL.len()],
+    /// The warning lines of each flag's errors.
+    warnings: [Pace; Flag::ALL.len()],
     bytes_received: Cell<u64>,
     bytes_sent: Cell<u64>,
     latency: RefCell<Histogram<u64>>,
@@ -204,6 +240,7 @@ impl ListenerStats {
             requests: Cell::new(0),
             responses: Default::default(),
             errors: Default::default(),
+            warnings: Default::default(),
             bytes_received: Cell::new(0),
             bytes_sent: Cell::new(0),
             latency: RefCell::new(new_histogram()),
@@ -276,6 +313,13 @@ impl ListenerStats {
         bump(&self.errors[flag as usize], 1);
     }
 
+    /// Counts an error under `flag` that is worth a warning line, and says whether to log
+    /// it now ([`Pace::admit`]).
+    pub fn error_to_log(&self, flag: Flag) -> Option<u64> {
+        self.error(flag);
+        self.warnings[flag as usize].admit()
+    }
+
     /// Bytes read from clients.
     pub fn received(&self, bytes: u64) {
         bump(&self.bytes_received, bytes);
@@ -308,6 +352,8 @@ pub struct ClusterStats {
     bytes_received: Cell<u64>,
     pool_reuses: Cell<u64>,
     tls_modes: [Cell<u64>; 2],
+    /// The warning lines of failed mTLS handshakes with its endpoints.
+    pub handshake_warnings: Pace,
 }
 
 impl ClusterStats {
@@ -994,6 +1040,32 @@ fn escape(value: &str) -> std::borrow::Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_warning_is_logged_once_a_second_with_the_count_held_back() {
+        let pace = Pace::default();
+        let start = Instant::now();
+        let at = |millis| start + Duration::from_millis(millis);
+        assert_eq!(pace.admit_at(at(0)), Some(0));
+        assert_eq!(pace.admit_at(at(10)), None);
+        assert_eq!(pace.admit_at(at(999)), None);
+        assert_eq!(pace.admit_at(at(1000)), Some(2));
+        assert_eq!(pace.admit_at(at(1500)), None);
+        assert_eq!(pace.admit_at(at(5000)), Some(1));
+        assert_eq!(pace.admit_at(at(6000)), Some(0));
+    }
+
+    #[test]
+    fn every_error_counts_though_its_warning_is_paced() {
+        let stats = ListenerStats::new();
+        let logged = (0..5)
+            .filter_map(|_| stats.error_to_log(Flag::TlsHandshake))
+            .count();
+        assert_eq!(logged, 1);
+        assert_eq!(stats.errors[Flag::TlsHandshake as usize].get(), 5);
+        // Each flag is paced on its own.
+        assert_eq!(stats.error_to_log(Flag::Unauthorized), Some(0));
+    }
 
     #[test]
     fn merges_workers_and_renders_exact_quantiles() {

@@ -478,6 +478,7 @@ fn random_seed() -> u64 {
 }
 
 async fn accept_loop<B: Backend>(worker: Rc<Worker<B>>, name: Arc<str>, listener: B::Listener) {
+    let failures = crate::metrics::Pace::default();
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -486,7 +487,9 @@ async fn accept_loop<B: Backend>(worker: Rc<Worker<B>>, name: Arc<str>, listener
                     return;
                 }
                 // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(worker = worker.id, listener = %name, %error, "accept failed");
+                if let Some(held_back) = failures.admit() {
+                    tracing::warn!(worker = worker.id, listener = %name, %error, held_back, "accept failed");
+                }
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
@@ -631,8 +634,9 @@ async fn serve<B: Backend>(
             // loop back to it.
             Ok(to) if to.port() != plan.configured.port() => to,
             Ok(_) | Err(_) => {
-                view.listeners[accepted].error(Flag::NoRoute);
-                tracing::warn!(listener = %plan.name, %peer, "connection without an intercepted destination refused");
+                if let Some(held_back) = view.listeners[accepted].error_to_log(Flag::NoRoute) {
+                    tracing::warn!(listener = %plan.name, %peer, held_back, "connection without an intercepted destination refused");
+                }
                 let _ = stream.shutdown(Shutdown::Both);
                 return;
             }
@@ -698,9 +702,10 @@ async fn serve<B: Backend>(
     tokio::select! {
         biased;
         () = revoked(worker, &plan.name, identity.as_ref()) => {
-            view.listeners[index].error(Flag::Unauthorized);
-            let identity = identity.as_ref().map_or_else(|| "none (plaintext)".to_owned(), ToString::to_string);
-            tracing::warn!(listener = %plan.name, %peer, %identity, "open connection closed: the listener's new authorization does not let this peer in");
+            if let Some(held_back) = view.listeners[index].error_to_log(Flag::Unauthorized) {
+                let identity = identity.as_ref().map_or_else(|| "none (plaintext)".to_owned(), ToString::to_string);
+                tracing::warn!(listener = %plan.name, %peer, %identity, held_back, "open connection closed: the listener's new authorization does not let this peer in");
+            }
             // Its reads and writes fail from now on, and it winds down as after any error.
             let _ = socket2::SockRef::from(&socket).shutdown(Shutdown::Both);
             serving.await;
@@ -754,11 +759,10 @@ async fn terminate_tls<B: Backend>(
             return true;
         };
         let allowed = authorization.allows(identity);
-        if !allowed {
-            stats.error(Flag::Unauthorized);
+        if !allowed && let Some(held_back) = stats.error_to_log(Flag::Unauthorized) {
             let identity =
                 identity.map_or_else(|| "none (plaintext)".to_owned(), ToString::to_string);
-            tracing::warn!(listener = %plan.name, %peer, %identity, "connection refused: the listener's authorization does not let this peer in");
+            tracing::warn!(listener = %plan.name, %peer, %identity, held_back, "connection refused: the listener's authorization does not let this peer in");
         }
         allowed
     };
@@ -770,8 +774,9 @@ async fn terminate_tls<B: Backend>(
         return Some((MaybeTls::Plain(stream), None, None));
     };
     let refuse = |why: &dyn std::fmt::Display| {
-        stats.error(Flag::TlsHandshake);
-        tracing::warn!(listener = %plan.name, %peer, %why, "mTLS refused");
+        if let Some(held_back) = stats.error_to_log(Flag::TlsHandshake) {
+            tracing::warn!(listener = %plan.name, %peer, %why, held_back, "mTLS refused");
+        }
     };
     let mut first = Vec::new();
     if tls.permissive {

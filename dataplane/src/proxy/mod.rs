@@ -111,7 +111,9 @@ pub(crate) async fn connect_to<B: Backend>(
                 Ok(stream)
             }
             Err(error) => {
-                tracing::warn!(cluster = %plan.name, %addr, expected = %tls.identity, %error, "mTLS handshake with upstream failed");
+                if let Some(held_back) = stats.handshake_warnings.admit() {
+                    tracing::warn!(cluster = %plan.name, %addr, expected = %tls.identity, %error, held_back, "mTLS handshake with upstream failed");
+                }
                 Err(error)
             }
         }
