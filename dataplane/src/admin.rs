@@ -31,6 +31,7 @@ pub fn run(
         tokio::task::spawn_local(watch_certificate(control.clone()));
         tokio::task::spawn_local(crate::ca_client::run(control.clone()));
         tokio::task::spawn_local(crate::discovery_client::run(control.clone()));
+        let accept_failures = crate::metrics::Pace::default();
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
@@ -39,7 +40,9 @@ pub fn run(
             let (stream, _) = match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
-                    tracing::warn!(%error, "admin accept failed");
+                    if let Some(held_back) = accept_failures.admit() {
+                        tracing::warn!(%error, held_back, "admin accept failed");
+                    }
                     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                     continue;
                 }

@@ -5,6 +5,9 @@
 //! admin thread asks every worker for a [`WorkerReport`] at scrape time, merges them by
 //! name, and renders the text format; latency quantiles come from the merged histogram, so
 //! p99.9 is exact to the histogram's three significant digits, not a bucket guess.
+//!
+//! Warnings a peer can cause once per connection are paced here too ([`Pace`]): the
+//! counters count every one, the log gets a line a second.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -104,7 +107,7 @@ fn new_histogram() -> Histogram<u64> {
 /// How often one kind of warning that a peer can cause once per connection (a refused
 /// peer, a failed handshake) is logged for one listener or cluster on one worker; the
 /// metrics count every one.
-pub const WARN_EVERY: Duration = Duration::from_secs(1);
+const WARN_EVERY: Duration = Duration::from_secs(1);
 
 /// Paces one kind of warning to a line per [`WARN_EVERY`], so that a client retrying in a
 /// loop, or a scanner, cannot flood the log.
@@ -160,6 +163,9 @@ pub struct ListenerStats {
     errors: [Cell<u64>; Flag::ALL.len()],
     /// The warning lines of each flag's errors.
     warnings: [Pace; Flag::ALL.len()],
+    /// The warning lines of open connections closed when a new authorization shut their
+    /// peer out (a config change, not a peer, causes them; counted as `Unauthorized`).
+    revocations: Pace,
     bytes_received: Cell<u64>,
     bytes_sent: Cell<u64>,
     latency: RefCell<Histogram<u64>>,
@@ -241,6 +247,7 @@ impl ListenerStats {
             responses: Default::default(),
             errors: Default::default(),
             warnings: Default::default(),
+            revocations: Pace::default(),
             bytes_received: Cell::new(0),
             bytes_sent: Cell::new(0),
             latency: RefCell::new(new_histogram()),
@@ -320,6 +327,13 @@ impl ListenerStats {
         self.warnings[flag as usize].admit()
     }
 
+    /// Counts an open connection closed because a new authorization shuts its peer out,
+    /// and says whether to log it now.
+    pub fn revoked_to_log(&self) -> Option<u64> {
+        self.error(Flag::Unauthorized);
+        self.revocations.admit()
+    }
+
     /// Bytes read from clients.
     pub fn received(&self, bytes: u64) {
         bump(&self.bytes_received, bytes);
@@ -353,7 +367,7 @@ pub struct ClusterStats {
     pool_reuses: Cell<u64>,
     tls_modes: [Cell<u64>; 2],
     /// The warning lines of failed mTLS handshakes with its endpoints.
-    pub handshake_warnings: Pace,
+    handshake_warnings: Pace,
 }
 
 impl ClusterStats {
@@ -406,6 +420,11 @@ impl ClusterStats {
     /// An endpoint was ejected (outlier detection), or ejected again after a failed probe.
     pub fn ejected(&self) {
         bump(&self.ejections, 1);
+    }
+    /// Whether to log a failed mTLS handshake with one of its endpoints now
+    /// ([`Pace::admit`]); the failure counts as a failed connect.
+    pub fn handshake_warning(&self) -> Option<u64> {
+        self.handshake_warnings.admit()
     }
     /// A request or connection found no upstream connection free under the cluster's limit.
     pub fn overflowed(&self) {

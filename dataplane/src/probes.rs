@@ -183,6 +183,7 @@ pub fn spawn(
             let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
             let served: std::io::Result<()> = runtime.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener)?;
+                let accept_failures = crate::metrics::Pace::default();
                 loop {
                     let Ok(slot) = slots.clone().acquire_owned().await else {
                         return Ok(());
@@ -190,7 +191,9 @@ pub fn spawn(
                     let (stream, _) = match listener.accept().await {
                         Ok(accepted) => accepted,
                         Err(error) => {
-                            tracing::warn!(%error, "probe server accept failed");
+                            if let Some(held_back) = accept_failures.admit() {
+                                tracing::warn!(%error, held_back, "probe server accept failed");
+                            }
                             tokio::time::sleep(Duration::from_millis(10)).await;
                             continue;
                         }

@@ -1,5 +1,6 @@
 //! One worker: a thread pinned to a core, running one IO backend's runtime, owning its
-//! listener sockets, connections, upstream pool and statistics.
+//! listener sockets, connections, upstream pools, statistics, and its share of each
+//! cluster's connection limit (what a request at the limit does: [`Worker::upstream_room`]).
 //!
 //! A worker talks to the rest of the process only through [`Command`]s on its channel: a
 //! new config snapshot (with the sockets of new listeners), a scrape, or a drain. A
@@ -169,6 +170,18 @@ impl AcceptLoop {
     }
 }
 
+/// Whether a connection found for a request at its cluster's connection limit is taken
+/// from those waiting for room ([`Worker::upstream_room`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sharing {
+    /// It serves one request at a time (a pooled HTTP/1.1 connection): a newcomer leaves
+    /// it to those already waiting.
+    Exclusive,
+    /// It carries many at once (an HTTP/2 connection): a newcomer takes a place on it even
+    /// while others wait, taking nothing from them.
+    Shared,
+}
+
 /// Room for a new upstream connection ([`Worker::upstream_room`]).
 #[derive(Debug)]
 pub enum Room<T> {
@@ -264,14 +277,14 @@ impl<B: Backend> Worker<B> {
     /// finds (one of the cluster's, to any endpoint, for the caller to use instead) or a
     /// slot freed by closing one of the cluster's idle pooled connections; else, in turn and
     /// up to the cluster's connect timeout, the first of those to come. While others wait,
-    /// a newcomer queues behind them, unless what `reuse` finds is `shared` (an HTTP/2
-    /// connection's streams), which takes nothing from them. An overflow is counted on the
-    /// cluster.
+    /// a newcomer queues behind them, unless what `reuse` finds is [`Sharing::Shared`]. An
+    /// overflow is counted on the cluster.
     pub async fn upstream_room<T>(
         &self,
         view: &View,
         cluster: usize,
-        (mut reuse, shared): (impl FnMut() -> Option<T>, bool),
+        mut reuse: impl FnMut() -> Option<T>,
+        sharing: Sharing,
     ) -> Result<Room<T>, proxy::limit::Overflow> {
         let Some((name, limit)) = self.live_limit(view, cluster) else {
             return Ok(Room::Slot(None));
@@ -282,7 +295,7 @@ impl<B: Backend> Worker<B> {
             return Ok(Room::Slot(Some(slot)));
         }
         let evict = || self.pool.evict_idle(name) || self.h2.evict_idle(name);
-        if (shared || !counts.has_waiters())
+        if (sharing == Sharing::Shared || !counts.has_waiters())
             && let Some(found) = reuse()
         {
             return Ok(Room::Reuse(found));
@@ -702,7 +715,7 @@ async fn serve<B: Backend>(
     tokio::select! {
         biased;
         () = revoked(worker, &plan.name, identity.as_ref()) => {
-            if let Some(held_back) = view.listeners[index].error_to_log(Flag::Unauthorized) {
+            if let Some(held_back) = view.listeners[index].revoked_to_log() {
                 let identity = identity.as_ref().map_or_else(|| "none (plaintext)".to_owned(), ToString::to_string);
                 tracing::warn!(listener = %plan.name, %peer, %identity, held_back, "open connection closed: the listener's new authorization does not let this peer in");
             }

@@ -249,11 +249,14 @@ fn default_max_ejected_percent() -> u32 {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ConnectionLimits {
-    /// Connections per client proxy.
+    /// Upstream connections per client proxy, in use or pooled, opaque TCP, HTTP/1.1 and
+    /// HTTP/2 alike (at least one per proxy worker).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub max_connections: Option<u32>,
-    /// Requests (or opaque TCP connections) waiting for a connection per client proxy; more
-    /// fail fast (503). Needs `maxConnections`; 1024 when absent.
+    /// Requests (or opaque TCP connections) waiting for room per client proxy; more, or any
+    /// not served within the connect timeout, get 503 `UO` (an opaque TCP connection is
+    /// closed). Needs `maxConnections`; 1024 when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_pending_requests: Option<u32>,
     /// Idle connections kept per endpoint.

@@ -5,7 +5,8 @@
 //! hyper runs both ends, over the owned-buffer streams ([`crate::io::hyper_io`]), so flow
 //! control, trailers (gRPC's status), stream resets and keep-alive pings are its; this module
 //! routes, picks the upstream connection (per endpoint per worker, shared by up to 100
-//! streams, then another), bounds everything up to the response head with the route's
+//! streams, then another; at its cluster's connection limit, the least busy to any usable
+//! endpoint), bounds everything up to the response head with the route's
 //! timeout, sends a request the upstream refused unseen (GOAWAY) once more on another
 //! connection, retries what its cluster's retry policy names ([`super::retry`]), and answers
 //! failures itself with `x-tern-response-flag`, as HTTP/1.1 does (to
@@ -33,7 +34,7 @@ use crate::io::hyper_io::{HyperIo, LocalExec};
 use crate::metrics::Flag;
 
 use crate::tls::MaybeTls;
-use crate::worker::{Room, View, Worker};
+use crate::worker::{Room, Sharing, View, Worker};
 
 /// What the proxy answers with: the upstream's body (holding its stream's place on the
 /// upstream connection until it ends), or its own short text.
@@ -727,7 +728,10 @@ async fn place<'v, B: Backend>(
             .then(|| worker.h2.least_busy(key.0, usable))
             .flatten()
     };
-    match worker.upstream_room(view, cluster, (reuse, true)).await {
+    match worker
+        .upstream_room(view, cluster, reuse, Sharing::Shared)
+        .await
+    {
         Ok(Room::Reuse((place, addr))) => Ok((place, (key.0, addr))),
         Ok(Room::Slot(slot)) if pooled => {
             // Another stream may have made one while this one waited for room.

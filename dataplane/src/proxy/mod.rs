@@ -111,7 +111,7 @@ pub(crate) async fn connect_to<B: Backend>(
                 Ok(stream)
             }
             Err(error) => {
-                if let Some(held_back) = stats.handshake_warnings.admit() {
+                if let Some(held_back) = stats.handshake_warning() {
                     tracing::warn!(cluster = %plan.name, %addr, expected = %tls.identity, %error, held_back, "mTLS handshake with upstream failed");
                 }
                 Err(error)

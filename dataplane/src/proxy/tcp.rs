@@ -21,7 +21,7 @@ use rustix::pipe::PipeFlags;
 
 use crate::io::{Backend, Stream};
 use crate::metrics::{ClusterStats, Flag, ListenerStats};
-use crate::worker::{Room, View, Worker};
+use crate::worker::{Room, Sharing, View, Worker};
 
 /// Initial buffer size of each direction.
 const COPY_BUFFER: usize = 16 * 1024;
@@ -43,9 +43,9 @@ pub async fn serve<B: Backend, D: Stream>(
     first: Vec<u8>,
 ) {
     let stats = &view.listeners[listener];
-    // Held while the upstream connection is open.
     let nothing_to_reuse = || None::<std::convert::Infallible>;
-    let room = worker.upstream_room(view, cluster, (nothing_to_reuse, false));
+    let room = worker.upstream_room(view, cluster, nothing_to_reuse, Sharing::Exclusive);
+    // Held while the upstream connection is open.
     let Ok(Room::Slot(_slot)) = room.await else {
         stats.error(Flag::UpstreamOverflow);
         let _ = down.shutdown(Shutdown::Both);

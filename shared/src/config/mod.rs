@@ -613,7 +613,8 @@ pub struct Cluster {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConnectionLimit {
-    /// Upstream connections open at once, for the whole proxy (at least 1).
+    /// Upstream connections open at once, for the whole proxy (at least 1; each worker has at
+    /// least one, so with fewer than the workers, as many as the workers).
     pub max_connections: u32,
     /// Requests or connections waiting for one, for the whole proxy.
     #[serde(default = "default_max_pending")]

@@ -4,8 +4,9 @@
 //! Heads are forwarded as received (no rewriting on the normal path; an offer to upgrade to
 //! h2c is declined by dropping its fields); bodies stream through a bounded buffer, but for
 //! a request its cluster may retry, one of known length up to 64 KiB is read whole first and
-//! kept for another attempt; pipelined requests are answered strictly one after another; `Upgrade` (WebSocket) turns the
-//! connection into an opaque byte pump after the `101` it asked for. Failures the proxy
+//! kept for another attempt; pipelined requests are answered strictly one after another;
+//! `Upgrade` (WebSocket) turns the connection into an opaque byte pump after the `101` it
+//! asked for. Failures the proxy
 //! answers itself carry an `x-tern-response-flag` header and count under that flag; a
 //! response that breaks off after its head went out ends the client's connection in a reset.
 
@@ -27,7 +28,7 @@ use crate::io::{Backend, Stream};
 use crate::metrics::{Flag, ListenerStats};
 use crate::snapshot::Chosen;
 use crate::tls::MaybeTls;
-use crate::worker::{Room, View, Worker};
+use crate::worker::{Room, Sharing, View, Worker};
 
 /// How long a closing connection may take to send its TLS close_notify.
 const CLOSE_NOTIFY_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
@@ -759,11 +760,10 @@ impl<B: Backend> Conn<'_, B> {
                     .then(|| self.worker.pool.take_any(plan, usable))
                     .flatten()
             };
-            match self
+            let room = self
                 .worker
-                .upstream_room(&self.view, cluster, (reuse, false))
-                .await
-            {
+                .upstream_room(&self.view, cluster, reuse, Sharing::Exclusive);
+            match room.await {
                 Ok(Room::Slot(room)) => *slot = room,
                 Ok(Room::Reuse(any)) => parked = Some(any),
                 Err(_) => return Err(Flag::UpstreamOverflow),
