@@ -125,6 +125,12 @@ fn http1_failures_the_policy_names_go_to_the_next_endpoint(backend: BackendChoic
         let response = conn.response(false);
         assert_eq!((response.status, response.text()), (200, "hi".to_owned()));
     }
+    // Read whole, it leaves a request pipelined behind it intact.
+    conn.send(b"POST /flaky/a/503 HTTP/1.1\r\nHost: retry.local\r\ncontent-length: 7\r\n\r\nfirst\r\nPOST /flaky/a/503 HTTP/1.1\r\nHost: retry.local\r\ncontent-length: 6\r\n\r\nsecond");
+    for body in ["first\r\n", "second"] {
+        let response = conn.response(false);
+        assert_eq!((response.status, response.text()), (200, body.to_owned()));
+    }
     let met_a = a.requests.load(Ordering::SeqCst) - met_a;
     assert!(met_a >= 8, "{met_a}");
     // A connection reset before any answer.
@@ -160,7 +166,8 @@ fn http1_failures_the_policy_names_go_to_the_next_endpoint(backend: BackendChoic
 }
 
 /// A body a retry policy keeps is read whole before its request goes: one that stalls
-/// gets 408 within `body_timeout`, and nothing reaches the upstream.
+/// gets 408 within `body_timeout`, one cut short is closed unanswered, and nothing reaches
+/// the upstream.
 fn a_body_kept_for_retries_that_stalls_goes_nowhere(backend: BackendChoice) {
     let a = Http::start("a");
     let yaml = format!(
@@ -175,6 +182,11 @@ fn a_body_kept_for_retries_that_stalls_goes_nowhere(backend: BackendChoice) {
         (response.status, response.header("x-tern-response-flag")),
         (408, Some("DT"))
     );
+    assert!(conn.closed());
+    // One that ends short of its length is closed, unanswered.
+    let mut conn = Conn::open(proxy.listener_addr("web").unwrap());
+    conn.send(b"POST / HTTP/1.1\r\nHost: x\r\ncontent-length: 10\r\n\r\nhi");
+    conn.stream.shutdown(std::net::Shutdown::Write).unwrap();
     assert!(conn.closed());
     assert_eq!(a.requests.load(Ordering::SeqCst), 0);
 }
