@@ -901,12 +901,19 @@ pub fn render(info: &Info<'_>, report: &WorkerReport) -> String {
     }
 
     let cs = &report.clusters;
+    let cluster_family = |out: &mut String,
+                          name: &str,
+                          kind: &str,
+                          help: &str,
+                          value: &dyn Fn(&ClusterReport) -> u64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (c, r) in cs {
+            let _ = writeln!(out, "{name}{{cluster=\"{}\"}} {}", escape(c), value(r));
+        }
+    };
     let cluster_series =
         |out: &mut String, name: &str, help: &str, value: &dyn Fn(&ClusterReport) -> u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            for (c, r) in cs {
-                let _ = writeln!(out, "{name}{{cluster=\"{}\"}} {}", escape(c), value(r));
-            }
+            cluster_family(out, name, "counter", help, value);
         };
     cluster_series(
         &mut out,
@@ -962,18 +969,13 @@ pub fn render(info: &Info<'_>, report: &WorkerReport) -> String {
         "Requests and opaque TCP connections refused because no upstream connection was free under the cluster's connection limit.",
         &|r| r.overflows,
     );
-    let _ = writeln!(
-        out,
-        "# HELP tern_upstream_pending Requests and opaque TCP connections waiting now for room under the cluster's connection limit.\n# TYPE tern_upstream_pending gauge"
+    cluster_family(
+        &mut out,
+        "tern_upstream_pending",
+        "gauge",
+        "Requests and opaque TCP connections waiting now for room under the cluster's connection limit.",
+        &|r| r.pending,
     );
-    for (c, r) in cs {
-        let _ = writeln!(
-            out,
-            "tern_upstream_pending{{cluster=\"{}\"}} {}",
-            escape(c),
-            r.pending
-        );
-    }
     cluster_series(
         &mut out,
         "tern_upstream_pool_reuses_total",

@@ -249,6 +249,22 @@ impl<B: Backend> Worker<B> {
         self.draining.get()
     }
 
+    /// Whether connections of `view`'s `cluster` to `addr` belong in this worker's pools,
+    /// which hold connections for the live config: always under it; under an older one only
+    /// where the live config still reaches `addr` for the cluster as it did (a config that
+    /// went live meanwhile may have dropped the endpoint or changed what the cluster asks of
+    /// it).
+    pub fn pools(&self, view: &View, cluster: usize, addr: SocketAddr) -> bool {
+        let live = self.view.borrow();
+        if std::ptr::eq(&**live, view) {
+            return true;
+        }
+        let Some(plan) = view.snapshot.clusters.get(cluster) else {
+            return false;
+        };
+        proxy::pool::carried_over(&view.snapshot, &live.snapshot, &plan.name, addr)
+    }
+
     /// Whether requests wait for room under `cluster`'s connection limit: a newcomer does
     /// not take a pooled connection (offered to the first of them) ahead of them.
     pub fn waiting_for_room(&self, view: &View, cluster: usize) -> bool {
@@ -321,12 +337,12 @@ impl<B: Backend> Worker<B> {
                 if let Some(found) = reuse() {
                     return Room::Reuse(found);
                 }
-                if let Some(slot) = waiting.slot() {
-                    return Room::Slot(Some(slot));
-                }
-                evict();
-                if let Some(slot) = waiting.slot() {
-                    return Room::Slot(Some(slot));
+                let slot = waiting.slot().or_else(|| {
+                    evict();
+                    waiting.slot()
+                });
+                if slot.is_some() {
+                    return Room::Slot(slot);
                 }
             }
         };

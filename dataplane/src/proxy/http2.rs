@@ -101,9 +101,9 @@ impl Drop for Place {
         self.0.streams.set(streams);
         if streams == 0 {
             self.0.idle_since.set(Instant::now());
-            // Someone waits for room under the cluster's connection limit: it may close
+            // Whoever waits for room under the cluster's connection limit may reuse or close
             // this one now ([`Pool::evict_idle`]).
-            if let Some(slot) = self.0.slot.as_ref().filter(|slot| slot.wanted()) {
+            if let Some(slot) = &self.0.slot {
                 slot.offer();
             }
         }
@@ -715,10 +715,7 @@ async fn place<'v, B: Backend>(
     cluster: usize,
     key: Key<'v>,
 ) -> Result<(Place, Key<'v>), Flag> {
-    let live = worker.view();
-    let pooled = std::ptr::eq(&*live, view)
-        || super::pool::carried_over(&view.snapshot, &live.snapshot, key.0, key.1);
-    drop(live);
+    let pooled = worker.pools(view, cluster, key.1);
     if pooled && let Some(place) = worker.h2.place_with_room(key) {
         return Ok((place, key));
     }

@@ -46,17 +46,20 @@ struct State {
 #[derive(Debug)]
 pub struct Slot(Rc<State>);
 
-impl Slot {
-    /// Whether anyone waits for room in its cluster on this worker: then a connection that
-    /// goes idle tells one of them ([`Slot::offer`]), who may reuse or close it.
-    pub fn wanted(&self) -> bool {
-        self.0.waiting.get() > 0
+impl State {
+    /// Wakes the longest waiter, if anyone waits, to look for room again.
+    fn wake_first(&self) {
+        if self.waiting.get() > 0 {
+            self.changed.notify_one();
+        }
     }
+}
 
-    /// Wakes the longest waiter to look for room again: the connection holding this slot
-    /// has gone idle.
+impl Slot {
+    /// Tells the longest waiter for room in its cluster on this worker, if any, that the
+    /// connection holding this slot has gone idle: it may reuse or close it.
     pub fn offer(&self) {
-        self.0.changed.notify_one();
+        self.0.wake_first();
     }
 }
 
@@ -125,9 +128,7 @@ impl Counts {
     /// Wakes the longest waiter, if any: one that got what it needed some other way than a
     /// wake-up meant it (a slot given back, a connection gone idle), passes that wake-up on.
     pub fn pass_on(&self) {
-        if self.has_waiters() {
-            self.0.changed.notify_one();
-        }
+        self.0.wake_first();
     }
 
     /// Joins the queue, unless this worker's share of `max_pending` already waits.

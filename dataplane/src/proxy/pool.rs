@@ -87,8 +87,7 @@ impl<B: Backend> Pool<B> {
             None => by_cluster.entry(cluster.name.clone()).or_default(),
         };
         if parked.len() < cluster.max_idle_per_endpoint {
-            let wanted = slot.as_ref().filter(|slot| slot.wanted());
-            if let Some(slot) = wanted {
+            if let Some(slot) = &slot {
                 slot.offer();
             }
             parked.push((stream, slot, Instant::now()));

@@ -6,9 +6,9 @@
 //! a request its cluster may retry, one of known length up to 64 KiB is read whole first and
 //! kept for another attempt; pipelined requests are answered strictly one after another;
 //! `Upgrade` (WebSocket) turns the connection into an opaque byte pump after the `101` it
-//! asked for. Failures the proxy
-//! answers itself carry an `x-tern-response-flag` header and count under that flag; a
-//! response that breaks off after its head went out ends the client's connection in a reset.
+//! asked for. Failures the proxy answers itself carry an `x-tern-response-flag` header and
+//! count under that flag; a response that breaks off after its head went out ends the
+//! client's connection in a reset.
 
 pub mod body;
 pub mod head;
@@ -172,18 +172,6 @@ impl<B: Backend> Conn<'_, B> {
         }
         self.listener = index;
         self.view = current;
-    }
-
-    /// Whether a connection of `cluster` to `addr` made under this connection's config
-    /// serves the live one, which the pool holds connections for: a config that went live
-    /// meanwhile may have dropped the endpoint or changed what the cluster asks of it.
-    fn parks_under_live_config(&self, cluster: usize, addr: SocketAddr) -> bool {
-        let live = self.worker.view();
-        if Rc::ptr_eq(&live, &self.view) {
-            return true;
-        }
-        let name = &self.view.snapshot.clusters[cluster].name;
-        super::pool::carried_over(&self.view.snapshot, &live.snapshot, name, addr)
     }
 
     /// Reads until `inbuf` starts with a whole request head.
@@ -697,7 +685,7 @@ impl<B: Backend> Conn<'_, B> {
             && !leftover
             && !body_unsent
             && !self.worker.draining()
-            && self.parks_under_live_config(cluster, addr)
+            && self.worker.pools(&self.view, cluster, addr)
         {
             self.worker
                 .pool
