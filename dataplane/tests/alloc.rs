@@ -1,7 +1,9 @@
 //! The hot paths allocate nothing per request: the HTTP/1 parse → route path, and reads
 //! under hyper's HTTP/2. Counted by dhat's heap profiler in testing mode, which replaces the
 //! global allocator in this test binary only and counts every thread's allocations: so the
-//! binary runs one test, which checks each path in turn.
+//! binary runs one test, which checks each path in turn. The test harness's own thread may
+//! still allocate once while a busy machine delays it, so each path has three tries to
+//! allocate nothing; a path that allocates per request fails every one.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use dataplane::proxy::http1::body::ChunkedDecoder;
@@ -38,25 +40,37 @@ fn parse_and_route_do_not_allocate() {
     ];
     let chunked = b"5\r\nhello\r\n0\r\n\r\n";
 
-    let before = dhat::HeapStats::get();
-    let mut routed = 0;
-    for _ in 0..1000 {
-        for request in requests {
-            let head = parse_request(request, &limits).unwrap().unwrap();
-            routed += routes
-                .route(
-                    &request[head.host.clone()],
-                    &request[head.path.clone()],
-                    &dataplane::snapshot::RawHead(&request[..head.len]),
-                )
-                .map_or(0, |r| r.choose(7).cluster + 1);
+    let allocated = allocations_in_three_tries(|| {
+        let mut routed = 0;
+        for _ in 0..1000 {
+            for request in requests {
+                let head = parse_request(request, &limits).unwrap().unwrap();
+                routed += routes
+                    .route(
+                        &request[head.host.clone()],
+                        &request[head.path.clone()],
+                        &dataplane::snapshot::RawHead(&request[..head.len]),
+                    )
+                    .map_or(0, |r| r.choose(7).cluster + 1);
+            }
+            let mut decoder = ChunkedDecoder::default();
+            assert_eq!(decoder.feed(chunked).unwrap(), chunked.len());
         }
-        let mut decoder = ChunkedDecoder::default();
-        assert_eq!(decoder.feed(chunked).unwrap(), chunked.len());
-    }
-    let after = dhat::HeapStats::get();
-    assert_eq!(routed, 3000);
-    dhat::assert_eq!(after.total_blocks, before.total_blocks);
+        assert_eq!(routed, 3000);
+    });
+    dhat::assert_eq!(allocated, 0);
+}
+
+/// The fewest heap blocks `run` allocated in three runs.
+fn allocations_in_three_tries(mut run: impl FnMut()) -> u64 {
+    (0..3)
+        .map(|_| {
+            let before = dhat::HeapStats::get();
+            run();
+            dhat::HeapStats::get().total_blocks - before.total_blocks
+        })
+        .min()
+        .unwrap_or(u64::MAX)
 }
 
 /// A stream that reads `total` bytes in pieces of `piece`, at once.
@@ -105,13 +119,13 @@ fn reads_under_hyper_do_not_allocate() {
     // The first read takes the connection's read buffer.
     assert_eq!(read(), 600);
 
-    let before = dhat::HeapStats::get();
     let mut total = 600;
-    for _ in 0..5000 {
-        total += read();
-    }
-    let after = dhat::HeapStats::get();
+    let allocated = allocations_in_three_tries(|| {
+        for _ in 0..1000 {
+            total += read();
+        }
+    });
     // Each 1000-byte read goes to hyper as 600 bytes, then the 400 left in the buffer.
-    assert_eq!(total, 600 + 2500 * 1000, "every byte handed over");
-    dhat::assert_eq!(after.total_blocks, before.total_blocks);
+    assert_eq!(total, 600 + 3 * 500 * 1000, "every byte handed over");
+    dhat::assert_eq!(allocated, 0);
 }

@@ -15,6 +15,16 @@ fn free_port() -> SocketAddr {
         .unwrap()
 }
 
+/// A port that refuses connections and stays so for as long as the socket returned lives:
+/// bound, so nothing else started meanwhile takes it, but not listening.
+fn refusing() -> socket2::Socket {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    socket
+}
+
 /// A minimal upstream answering every request with `name`.
 fn upstream(name: &'static str) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -541,7 +551,7 @@ fn the_applications_probes_are_made_by_the_proxy() {
         answering(Some(204)),
         answering(Some(500)),
         answering(None),
-        free_port(),
+        refusing(),
         grpc_health().port(),
     );
     let (tls_ok, tls_failing) = (https_answering(200).port(), https_answering(503).port());
@@ -567,7 +577,7 @@ fn the_applications_probes_are_made_by_the_proxy() {
         ok.port(),
         failing.port(),
         silent.port(),
-        dead.port(),
+        dead.local_addr().unwrap().as_socket().unwrap().port(),
         ok.port(),
         ok.port(),
     );
