@@ -75,6 +75,60 @@ fn http_is_routed_and_other_bytes_are_opaque(backend: BackendChoice) {
     }
 }
 
+/// A listener's authorization turns away a plaintext client (it proves no identity) by what
+/// it speaks: each HTTP request is answered 403 on a connection that stays open (a small
+/// body read and dropped, an upgrade not made), opaque bytes have their connection closed;
+/// nothing reaches the upstreams, and each refusal counts under `RBAC`. A config without the
+/// authorization serves the connections already open.
+fn an_authorization_turns_plaintext_away_by_what_it_speaks(backend: BackendChoice) {
+    let echo = Echo::start();
+    let web = Http::start("web");
+    let open = config(echo.addr, web.addr, "5s");
+    let guarded = open.replace(
+        "routes: [",
+        "authorization: { identities: [\"spiffe://tern.test/ns/shop/sa/web\"] }\n    routes: [",
+    );
+    let proxy = start_proxy(&guarded, backend);
+    let addr = proxy.listener_addr("detect").unwrap();
+    let mut conn = client::Conn::open(addr);
+    for request in [
+        "GET /web/a HTTP/1.1\r\nHost: x\r\n\r\n",
+        "POST /web/a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+        "GET /web/ws HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+    ] {
+        conn.send(request.as_bytes());
+        let response = conn.response(false);
+        assert_eq!(
+            (response.status, response.header("x-tern-response-flag")),
+            (403, Some("RBAC")),
+            "{request}"
+        );
+    }
+    let h2 = tests::h2::H2::connect(addr);
+    let answer = h2.get("x", "/web/h2");
+    assert_eq!(answer.status, 403);
+    assert_eq!(answer.headers["x-tern-response-flag"], "RBAC");
+    let mut stream = client::connect(addr);
+    stream.write_all(b"\x00\x01binary protocol").unwrap();
+    assert_eq!(
+        client::read_some(&mut stream, &mut [0u8; 8]).unwrap_or(0),
+        0
+    );
+    wait_for_metric(
+        &proxy,
+        "tern_errors_total{listener=\"detect\",flag=\"RBAC\"}",
+        5.0,
+    );
+    assert_eq!(web.requests.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+    proxy
+        .reload(shared::Config::from_yaml(&open, "open").unwrap(), "open")
+        .unwrap();
+    conn.send(b"GET /web/a HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(conn.response(false).text(), "web /web/a");
+    assert_eq!(h2.get("x", "/web/h2").text(), "web /web/h2");
+}
+
 fn a_silent_client_becomes_opaque_after_the_timeout_without_losing_bytes(backend: BackendChoice) {
     // A server that speaks first: it greets, then echoes.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -114,6 +168,7 @@ fn a_silent_client_becomes_opaque_after_the_timeout_without_losing_bytes(backend
 }
 
 both_backends!(
+    an_authorization_turns_plaintext_away_by_what_it_speaks,
     http_is_routed_and_other_bytes_are_opaque,
     a_silent_client_becomes_opaque_after_the_timeout_without_losing_bytes,
 );

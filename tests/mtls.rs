@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use tests::client::{self, Conn};
+use tests::h2::H2;
 use tests::pki::{IdentityPaths, TempDir, TestCa};
 use tests::upstream::{Echo, Http};
 use tests::{BackendChoice, Proxy, both_backends, metric, start_proxy, wait_for_metric};
@@ -29,10 +30,19 @@ fn inbound(
 fn inbound_with(
     backend: BackendChoice,
     identity: &IdentityPaths,
-    (tcp_app, http_app): (SocketAddr, SocketAddr),
+    apps: (SocketAddr, SocketAddr),
     more: &str,
 ) -> Proxy {
-    let yaml = format!(
+    start_proxy(&inbound_yaml(identity, apps, more), backend)
+}
+
+/// [`inbound_with`]'s config.
+fn inbound_yaml(
+    identity: &IdentityPaths,
+    (tcp_app, http_app): (SocketAddr, SocketAddr),
+    more: &str,
+) -> String {
+    format!(
         "{}listeners:\n\
          \x20 - {{ name: in-tcp, address: 127.0.0.1:0, protocol: tcp, cluster: tcp-app, tls: {{ mode: strict, handshake_timeout: 400ms }}{more} }}\n\
          \x20 - {{ name: in-http, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: http-app }}], tls: {{ mode: strict }}{more} }}\n\
@@ -40,8 +50,7 @@ fn inbound_with(
          \x20 - {{ name: tcp-app, endpoints: [{tcp_app}] }}\n\
          \x20 - {{ name: http-app, endpoints: [{http_app}] }}\n",
         identity.yaml()
-    );
-    start_proxy(&yaml, backend)
+    )
 }
 
 /// The outbound sidecar: plaintext from the app, mTLS to the inbound sidecar expecting `peer`.
@@ -263,9 +272,10 @@ fn a_client_from_another_trust_domain_is_refused(backend: BackendChoice) {
 }
 
 /// A listener's authorization lets in only the peers it names: A's traffic flows both ways,
-/// while another workload of the mesh, with a good certificate, has its connections closed
-/// once its handshake is done (a client behind it sees a close, or a 502) and counted under
-/// `RBAC`.
+/// while another workload of the mesh, with a good certificate, is turned away once its
+/// handshake is done: its opaque TCP connection is closed, its HTTP requests are answered 403
+/// (a gRPC call PERMISSION_DENIED) on a connection that stays open, each counted under
+/// `RBAC`. A new config that lets it in serves it on the connection it has.
 fn an_authorization_lets_in_only_the_peers_it_names(backend: BackendChoice) {
     let dir = TempDir::new("mtls-authz");
     let ca = TestCa::new("root");
@@ -276,8 +286,11 @@ fn an_authorization_lets_in_only_the_peers_it_names(backend: BackendChoice) {
     let d_id = ca.write_identity(&dir.0, "d", ops, &[&ca], false);
     let b_id = ca.write_identity(&dir.0, "b", B, &[&ca], false);
     let (echo, http) = (Echo::start(), Http::start("app"));
-    let allow = format!(", authorization: {{ identities: [\"{A}\"], namespaces: [ops] }}");
-    let b = inbound_with(backend, &b_id, (echo.addr, http.addr), &allow);
+    let apps = (echo.addr, http.addr);
+    let allow = |more: &str| {
+        format!(", authorization: {{ identities: [\"{A}\"{more}], namespaces: [ops] }}")
+    };
+    let b = inbound_with(backend, &b_id, apps, &allow(""));
     for (caller, id) in [("frontend", &a_id), ("ops", &d_id)] {
         let a = outbound(backend, id, &b, B);
         client::assert_echo(a.listener_addr("out-tcp").unwrap(), b"let in");
@@ -288,14 +301,64 @@ fn an_authorization_lets_in_only_the_peers_it_names(backend: BackendChoice) {
         assert_eq!(response.status, 200, "{caller}");
     }
     let c = outbound(backend, &c_id, &b, B);
-    a_cannot_reach_b(&c, (502, "UC"));
-    for listener in ["in-tcp", "in-http"] {
-        wait_for_metric(
-            &b,
-            &format!("tern_errors_total{{listener=\"{listener}\",flag=\"RBAC\"}}"),
-            1.0,
+    let mut stream = client::connect(c.listener_addr("out-tcp").unwrap());
+    let _ = stream.write_all(b"ping");
+    assert_eq!(
+        client::read_some(&mut stream, &mut [0u8; 8]).unwrap_or(0),
+        0
+    );
+    let connections = "tern_listener_connections_total{listener=\"in-http\"}";
+    let before = metric(&tests::admin_get(&b, "/metrics"), connections);
+    let mut conn = Conn::open(c.listener_addr("out-http").unwrap());
+    for _ in 0..2 {
+        conn.send(b"GET / HTTP/1.1\r\nHost: b\r\n\r\n");
+        let response = conn.response(false);
+        assert_eq!(
+            (response.status, response.header("x-tern-response-flag")),
+            (403, Some("RBAC"))
         );
     }
+    let call = H2::connect(c.listener_addr("out-http").unwrap()).request(
+        hyper::Request::post("http://b/shop.Backend/Get")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                b"\0\0\0\0\0",
+            )))
+            .unwrap(),
+    );
+    assert_eq!(call.status, 200);
+    assert_eq!(call.headers["grpc-status"], "7");
+    assert_eq!(call.headers["x-tern-response-flag"], "RBAC");
+    wait_for_metric(
+        &b,
+        "tern_errors_total{listener=\"in-tcp\",flag=\"RBAC\"}",
+        1.0,
+    );
+    let metrics = wait_for_metric(
+        &b,
+        "tern_errors_total{listener=\"in-http\",flag=\"RBAC\"}",
+        3.0,
+    );
+    // b kept the connection the two HTTP/1.1 requests came on (the gRPC call came on another).
+    assert_eq!(metric(&metrics, connections), before + 2.0);
+    let widened = inbound_yaml(&b_id, apps, &allow(&format!(", \"{intruder}\"")));
+    b.reload(shared::Config::from_yaml(&widened, "v2").unwrap(), "v2")
+        .unwrap();
+    conn.send(b"GET / HTTP/1.1\r\nHost: b\r\n\r\n");
+    assert_eq!(conn.response(false).status, 200);
+    let metrics = tests::admin_get(&b, "/metrics");
+    assert_eq!(metric(&metrics, connections), before + 2.0);
+    // Turned away again: the connections it has been let in on since (the HTTP/1.1 one and
+    // the HTTP/2 one c keeps in its pool) are closed, as any other would be.
+    let narrowed = inbound_yaml(&b_id, apps, &allow(""));
+    b.reload(shared::Config::from_yaml(&narrowed, "v3").unwrap(), "v3")
+        .unwrap();
+    wait_for_metric(
+        &b,
+        "tern_errors_total{listener=\"in-http\",flag=\"RBAC\"}",
+        5.0,
+    );
 }
 
 /// A new authorization reaches connections already open: one whose peer it no longer lets

@@ -56,7 +56,7 @@ pub enum Flag {
     /// certificate, the wrong identity, or no handshake in time.
     TlsHandshake,
     /// The listener's authorization does not let the peer's identity (or its lack of one)
-    /// in: the connection is closed.
+    /// in: an HTTP request is answered 403, any other connection closed.
     Unauthorized,
 }
 
@@ -324,6 +324,11 @@ impl ListenerStats {
     /// it now ([`Pace::admit`]).
     pub fn error_to_log(&self, flag: Flag) -> Option<u64> {
         self.error(flag);
+        self.to_log(flag)
+    }
+
+    /// Says whether to log an error under `flag` now, one counted elsewhere.
+    pub fn to_log(&self, flag: Flag) -> Option<u64> {
         self.warnings[flag as usize].admit()
     }
 

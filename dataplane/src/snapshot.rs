@@ -88,13 +88,13 @@ pub struct ListenerPlan {
     pub kind: ListenerKind,
     /// mTLS termination, if configured.
     pub tls: Option<ListenerTls>,
-    /// Who may connect; anyone when `None`.
+    /// Who is served; anyone when `None`.
     pub authorization: Option<AuthorizationPlan>,
     /// Whether it has sockets of its own; an intercepted destination has none.
     pub bound: bool,
 }
 
-/// Who may connect to a listener ([`config::Authorization`], parsed once): peers whose mTLS
+/// Who a listener serves ([`config::Authorization`], parsed once): peers whose mTLS
 /// identity matches a pattern, or is a workload of a listed namespace in this proxy's trust
 /// domain.
 #[derive(Debug, PartialEq, Eq)]
@@ -105,7 +105,7 @@ pub struct AuthorizationPlan {
 }
 
 impl AuthorizationPlan {
-    /// Whether a peer with `identity` (none: no mTLS) may connect.
+    /// Whether a peer with `identity` (none: no mTLS) is served.
     pub fn allows(&self, identity: Option<&shared::SpiffeId>) -> bool {
         identity.is_some_and(|peer| {
             self.identities.iter().any(|p| p.matches(peer))

@@ -696,14 +696,16 @@ async fn serve<B: Backend>(
         Claimed(stats)
     });
     let plan = &view.snapshot.listeners[index];
+    let stats = &view.listeners[index];
     let detect_timeout = view.snapshot.config.detect_timeout;
-    let Some((down, inner, identity)) =
-        terminate_tls::<B>(plan, &view.listeners[index], stream, peer, detect_timeout).await
+    let Some((down, inner, caller, admitted)) =
+        terminate_tls::<B>(plan, stats, stream, peer, detect_timeout).await
     else {
         return;
     };
+    let caller = Rc::new(caller);
     // A connection to a listener that terminates mTLS is closed when a new config's
-    // authorization no longer lets its peer in, whatever it carries.
+    // authorization turns away a peer it let in, whatever it carries.
     let watch = plan.tls.as_ref().and_then(|_| down.duplicate());
     let serving = async {
         match &plan.kind {
@@ -711,10 +713,12 @@ async fn serve<B: Backend>(
                 proxy::tcp::serve(worker, view, index, *cluster, down, Vec::new()).await;
             }
             ListenerKind::Http(_) => {
-                proxy::detect::serve(worker, view, index, None, down, peer, inner).await;
+                proxy::detect::serve(worker, view, index, None, down, caller.clone(), inner).await;
             }
             ListenerKind::Detect { cluster, .. } => {
-                proxy::detect::serve(worker, view, index, Some(*cluster), down, peer, inner).await;
+                let cluster = Some(*cluster);
+                proxy::detect::serve(worker, view, index, cluster, down, caller.clone(), inner)
+                    .await;
             }
             ListenerKind::Intercepted(direction) => {
                 if let Some(original) = original {
@@ -728,11 +732,12 @@ async fn serve<B: Backend>(
         return serving.await;
     };
     let mut serving = std::pin::pin!(serving);
+    let identity = caller.identity.as_ref();
     tokio::select! {
         biased;
-        () = revoked(worker, &plan.name, identity.as_ref()) => {
-            if let Some(held_back) = view.listeners[index].revoked_to_log() {
-                let identity = identity.as_ref().map_or_else(|| "none (plaintext)".to_owned(), ToString::to_string);
+        () = revoked(worker, &plan.name, identity, admitted) => {
+            if let Some(held_back) = stats.revoked_to_log() {
+                let identity = identity.map_or_else(|| "none (plaintext)".to_owned(), ToString::to_string);
                 tracing::warn!(listener = %plan.name, %peer, %identity, held_back, "open connection closed: the listener's new authorization does not let this peer in");
             }
             // Its reads and writes fail from now on, and it winds down as after any error.
@@ -743,10 +748,16 @@ async fn serve<B: Backend>(
     }
 }
 
-/// Resolves once the live config's listener `name` does not let a peer with `identity` in
-/// (a policy added or narrowed); never while it does, nor once the listener is gone (its
-/// connections run on as they were).
-async fn revoked<B: Backend>(worker: &Worker<B>, name: &str, identity: Option<&shared::SpiffeId>) {
+/// Resolves once the live config's listener `name` turns away a peer with `identity` that it
+/// let in (when it connected, `admitted`, or under a config since): a policy added or
+/// narrowed. Never while it lets it in, nor once the listener is gone (its connections run on
+/// as they were).
+async fn revoked<B: Backend>(
+    worker: &Worker<B>,
+    name: &str,
+    identity: Option<&shared::SpiffeId>,
+    mut admitted: bool,
+) {
     loop {
         let changed = worker.reauthorize.notified();
         let mut changed = std::pin::pin!(changed);
@@ -758,9 +769,10 @@ async fn revoked<B: Backend>(worker: &Worker<B>, name: &str, identity: Option<&s
                 .as_ref()
                 .is_some_and(|a| !a.allows(identity))
         });
-        if refused {
+        if refused && admitted {
             return;
         }
+        admitted |= !refused;
         drop(view);
         changed.await;
     }
@@ -768,9 +780,11 @@ async fn revoked<B: Backend>(worker: &Worker<B>, name: &str, identity: Option<&s
 
 /// Runs the server side of mTLS on a listener that requires it: the peer must present a
 /// certificate from the trust bundle and ask for what the listener speaks (ALPN; a `detect`
-/// listener or an interception socket takes either), and the listener's authorization must
-/// let its identity in (a plaintext peer has none). Returns the stream and, under mTLS, what
-/// the peer said is inside and who it is.
+/// listener or an interception socket takes either). Returns the stream, what the peer said
+/// is inside (under mTLS), who the peer is, and whether the listener's authorization lets it
+/// in. HTTP is let in or turned away request by request; a peer turned away whose connection
+/// cannot carry HTTP is closed here, before anything more is spent on it (on a `detect`
+/// listener, [`proxy::detect`] closes what turns out not to be HTTP).
 async fn terminate_tls<B: Backend>(
     plan: &ListenerPlan,
     stats: &ListenerStats,
@@ -780,27 +794,37 @@ async fn terminate_tls<B: Backend>(
 ) -> Option<(
     MaybeTls<B::Stream>,
     Option<proxy::Inner>,
-    Option<shared::SpiffeId>,
+    proxy::Caller,
+    bool,
 )> {
-    // A peer the listener's authorization does not let in is counted, logged and closed.
-    let authorized = |identity: Option<&shared::SpiffeId>| {
-        let Some(authorization) = &plan.authorization else {
-            return true;
+    // Whether the listener's authorization lets `caller` in; `None` (counted and logged) when
+    // it turns away a connection carrying `inner` that cannot be HTTP.
+    let let_in = |caller: &proxy::Caller, inner: Option<proxy::Inner>| {
+        let admitted = caller.admitted(plan);
+        let may_be_http = match plan.kind {
+            ListenerKind::Http(_) => true,
+            ListenerKind::Detect { .. } => inner != Some(proxy::Inner::Tcp),
+            ListenerKind::Tcp { .. } | ListenerKind::Intercepted(_) => false,
         };
-        let allowed = authorization.allows(identity);
-        if !allowed && let Some(held_back) = stats.error_to_log(Flag::Unauthorized) {
-            let identity =
-                identity.map_or_else(|| "none (plaintext)".to_owned(), ToString::to_string);
-            tracing::warn!(listener = %plan.name, %peer, %identity, held_back, "connection refused: the listener's authorization does not let this peer in");
-        }
-        allowed
-    };
-    let Some(tls) = &plan.tls else {
-        if !authorized(None) {
-            let _ = stream.shutdown(Shutdown::Both);
+        if !admitted && !may_be_http {
+            caller.turned_away(plan, stats, false);
             return None;
         }
-        return Some((MaybeTls::Plain(stream), None, None));
+        Some(admitted)
+    };
+    let plaintext = |down: MaybeTls<B::Stream>, inner: Option<proxy::Inner>| {
+        let caller = proxy::Caller {
+            addr: peer,
+            identity: None,
+        };
+        let Some(admitted) = let_in(&caller, inner) else {
+            let _ = down.shutdown(Shutdown::Both);
+            return None;
+        };
+        Some((down, inner, caller, admitted))
+    };
+    let Some(tls) = &plan.tls else {
+        return plaintext(MaybeTls::Plain(stream), None);
     };
     let refuse = |why: &dyn std::fmt::Display| {
         if let Some(held_back) = stats.error_to_log(Flag::TlsHandshake) {
@@ -819,11 +843,7 @@ async fn terminate_tls<B: Backend>(
             FirstBytes::TimedOut => {
                 stats.detected(crate::metrics::Detected::Timeout);
                 tracing::debug!(listener = %plan.name, %peer, "silent client on a permissive port: plaintext");
-                if !authorized(None) {
-                    let _ = stream.shutdown(Shutdown::Both);
-                    return None;
-                }
-                return Some((MaybeTls::Plain(stream), Some(proxy::Inner::Tcp), None));
+                return plaintext(MaybeTls::Plain(stream), Some(proxy::Inner::Tcp));
             }
             FirstBytes::Ended => {
                 tracing::debug!(listener = %plan.name, %peer, "connection ended before its first byte");
@@ -840,15 +860,8 @@ async fn terminate_tls<B: Backend>(
         let hello = read_first(&stream, &mut first, deadline, MAX_FIRST_RECORD, whole).await;
         if hello != FirstBytes::Told(crate::tls::Hello::Mesh) {
             tracing::debug!(listener = %plan.name, %peer, "plaintext (or the application's own TLS) on a permissive port");
-            if !authorized(None) {
-                let _ = stream.shutdown(Shutdown::Both);
-                return None;
-            }
-            return Some((
-                MaybeTls::Sniffed(stream, std::cell::RefCell::new(first)),
-                None,
-                None,
-            ));
+            let sniffed = MaybeTls::Sniffed(stream, std::cell::RefCell::new(first));
+            return plaintext(sniffed, None);
         }
     }
     let accepted = match Handshake::server(stream, tls.config.clone(), first) {
@@ -884,15 +897,18 @@ async fn terminate_tls<B: Backend>(
         let _ = stream.shutdown(Shutdown::Both);
         return None;
     }
-    let peer_id = stream.peer_id();
-    let identity = peer_id.as_ref().map(ToString::to_string);
+    let caller = proxy::Caller {
+        addr: peer,
+        identity: stream.peer_id(),
+    };
+    let identity = caller.identity.as_ref().map(ToString::to_string);
     if let Some(identity) = &identity {
         stats.peer(identity);
     }
-    if !authorized(peer_id.as_ref()) {
+    let Some(admitted) = let_in(&caller, inner) else {
         let _ = stream.shutdown(Shutdown::Both);
         return None;
-    }
+    };
     let stream = match stream.into_record_layer() {
         Ok(stream) => stream,
         Err(error) => {
@@ -906,7 +922,7 @@ async fn terminate_tls<B: Backend>(
         stats.tls_mode(mode);
     }
     tracing::debug!(listener = %plan.name, %peer, identity = identity.as_deref().unwrap_or("?"), mode = ?stream.tls_mode(), "mTLS accepted");
-    Some((stream, inner, peer_id))
+    Some((stream, inner, caller, admitted))
 }
 
 /// Everything a worker thread needs to start.

@@ -6,11 +6,10 @@
 //! timeout once per connection and still works (as opaque TCP). Such ports are best declared
 //! `tcp`, as the control plane does for well-known ones, so they never wait.
 
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
 
-use super::Inner;
+use super::{Caller, Inner};
 use crate::io::{Backend, Stream};
 use crate::metrics::Detected;
 use crate::tls::MaybeTls;
@@ -133,16 +132,19 @@ pub async fn sniff<S: Stream>(down: &S, timeout: Duration) -> (Detected, Vec<u8>
 /// Serves an HTTP or `detect` listener's connection: HTTP/1.1 and HTTP/2 by its routes;
 /// anything else as opaque TCP to `cluster` (a `detect` listener), or to the HTTP/1.1 parser,
 /// which refuses it (an `http` listener, `cluster` `None`). Under mTLS the peer's ALPN
-/// (`inner`) already says which; plaintext is told by its first bytes.
+/// (`inner`) already says which; plaintext is told by its first bytes. Opaque TCP from a
+/// `caller` the listener's authorization turns away is closed; HTTP is answered request by
+/// request.
 pub async fn serve<B: Backend>(
     worker: &Rc<Worker<B>>,
     view: &Rc<View>,
     listener: usize,
     cluster: Option<usize>,
     down: MaybeTls<B::Stream>,
-    peer: SocketAddr,
+    caller: Rc<Caller>,
     inner: Option<Inner>,
 ) {
+    let peer = caller.addr;
     let (outcome, first) = match inner {
         Some(Inner::Http1) => (Detected::Http1, Vec::new()),
         Some(Inner::Http2) => (Detected::Http2, Vec::new()),
@@ -156,11 +158,19 @@ pub async fn serve<B: Backend>(
     };
     match (outcome, cluster) {
         (Detected::Http2, _) => {
-            super::http2::serve(worker, view, listener, down.replaying(first), peer).await;
+            super::http2::serve(worker, view, listener, down.replaying(first), caller).await;
         }
         (Detected::Http1, _) | (_, None) => {
             let down = down.replaying(first);
-            super::http1::serve(worker, view, listener, down, peer).await;
+            super::http1::serve(worker, view, listener, down, caller).await;
+        }
+        (_, Some(_)) if !caller.admitted(&view.snapshot.listeners[listener]) => {
+            caller.turned_away(
+                &view.snapshot.listeners[listener],
+                &view.listeners[listener],
+                false,
+            );
+            let _ = down.shutdown(std::net::Shutdown::Both);
         }
         (_, Some(cluster)) => {
             super::tcp::serve(worker, view, listener, cluster, down.unsniffed(), first).await;

@@ -26,6 +26,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper::{Request, Response};
 
+use super::Caller;
 use super::balance::InFlight;
 use super::limit::Slot;
 use super::retry::{Attempts, Failure, Outgoing, Resend};
@@ -356,19 +357,24 @@ pub async fn serve<B: Backend>(
     view: &Rc<View>,
     listener: usize,
     down: MaybeTls<B::Stream>,
-    peer: SocketAddr,
+    caller: Rc<Caller>,
 ) {
+    let peer = caller.addr;
     let service = {
         let (worker, accepted) = (worker.clone(), view.clone());
         let name = view.snapshot.listeners[listener].name.clone();
         hyper::service::service_fn(move |request: Request<Incoming>| {
             let worker = worker.clone();
+            let caller = caller.clone();
             let current = worker.view();
             let (view, listener) = match current.snapshot.listener_index(&name) {
                 Some(index) => (current, index),
                 None => (accepted.clone(), listener),
             };
-            async move { Ok::<_, Infallible>(forward(&worker, &view, listener, request).await) }
+            async move {
+                let response = forward(&worker, &view, listener, &caller, request).await;
+                Ok::<_, Infallible>(response)
+            }
         })
     };
     let connection = hyper::server::conn::http2::Builder::new(LocalExec)
@@ -392,13 +398,15 @@ pub async fn serve<B: Backend>(
     }
 }
 
-/// Routes and forwards one request; answers it itself when that fails. The route's timeout
-/// bounds everything up to the response head: finding or making the upstream connection
-/// and the upstream's answer.
+/// Routes and forwards one request from `caller`; answers it itself when that fails, or when
+/// the listener's authorization does not let `caller` in. The route's timeout bounds
+/// everything up to the response head: finding or making the upstream connection and the
+/// upstream's answer.
 async fn forward<B: Backend>(
     worker: &Rc<Worker<B>>,
     view: &View,
     listener: usize,
+    caller: &Caller,
     mut request: Request<Incoming>,
 ) -> Response<Body> {
     let started = Instant::now();
@@ -407,6 +415,11 @@ async fn forward<B: Backend>(
     // gRPC calls are POSTs (a CONNECT answered 200 would open a tunnel).
     let grpc = request.method() == hyper::Method::POST && is_grpc(request.headers());
     let refuse = |status: u16, flag: Flag| local(stats, started, status, flag, grpc);
+    let plan = &view.snapshot.listeners[listener];
+    if !caller.admitted(plan) {
+        caller.turned_away(plan, stats, true);
+        return refuse(403, Flag::Unauthorized);
+    }
     let Some(routes) = view.snapshot.listeners[listener].kind.routes() else {
         return refuse(404, Flag::NoRoute);
     };
@@ -631,12 +644,13 @@ fn is_grpc(headers: &hyper::HeaderMap) -> bool {
 }
 
 /// The gRPC status code of a call the proxy answers itself: as gRPC maps the HTTP status it
-/// stands for (404 UNIMPLEMENTED, 502 and 503 UNAVAILABLE, 400 INTERNAL), but the route
-/// timeout is DEADLINE_EXCEEDED, the code of a call that ran out of time, as a server's own
-/// deadline would end it.
+/// stands for (404 UNIMPLEMENTED, 502 and 503 UNAVAILABLE, 400 INTERNAL, 403
+/// PERMISSION_DENIED), but the route timeout is DEADLINE_EXCEEDED, the code of a call that ran
+/// out of time, as a server's own deadline would end it.
 fn grpc_status(flag: Flag) -> u16 {
     match flag {
         Flag::NoRoute => 12,
+        Flag::Unauthorized => 7,
         Flag::UpstreamTimeout => 4,
         Flag::UpstreamConnectFailure
         | Flag::UpstreamOverflow

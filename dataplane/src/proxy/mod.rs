@@ -2,7 +2,8 @@
 //! ([`tcp`]), HTTP/1.1 ([`http1`]), HTTP/2 ([`http2`]), protocol detection ([`detect`]),
 //! intercepted connections ([`intercept`]), the per-worker upstream pool ([`pool`]), the
 //! choice of endpoint and ejection of failing ones ([`balance`]), caps on upstream
-//! connections ([`limit`]) and HTTP retries ([`retry`]).
+//! connections ([`limit`]) and HTTP retries ([`retry`]); and who a downstream connection's
+//! peer is to its listener's authorization ([`Caller`]).
 //!
 //! Rule for every read here: a read that is abandoned (timeout, drain) is never retried on
 //! the same socket; the socket is shut down instead. With io_uring an abandoned read stays
@@ -21,6 +22,8 @@ pub mod tcp;
 use std::net::SocketAddr;
 
 use crate::io::Backend;
+use crate::metrics::{Flag, ListenerStats};
+use crate::snapshot::ListenerPlan;
 use crate::tls::{Handshake, MaybeTls};
 use crate::worker::View;
 
@@ -33,6 +36,48 @@ pub enum Inner {
     Http1,
     /// HTTP/2.
     Http2,
+}
+
+/// Who is at the other end of a downstream connection, as its listener's authorization sees
+/// them. Opaque TCP is let in or turned away once, when it connects; HTTP request by request
+/// under the live config, so a caller turned away is answered (403, or gRPC's
+/// PERMISSION_DENIED) rather than cut off, and one let in later is served on the connection it
+/// has.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// The SPIFFE ID its mTLS certificate proved; none over plaintext.
+    pub identity: Option<shared::SpiffeId>,
+}
+
+impl Caller {
+    /// Whether `listener`'s authorization lets this caller in.
+    pub fn admitted(&self, listener: &ListenerPlan) -> bool {
+        listener
+            .authorization
+            .as_ref()
+            .is_none_or(|a| a.allows(self.identity.as_ref()))
+    }
+
+    /// Logs that `listener`'s authorization turned this caller's connection (or, for
+    /// `request`, one of its requests) away, at most once a second per listener (the caller
+    /// counts it: a connection under `RBAC` here, a request where its answer is counted).
+    pub fn turned_away(&self, listener: &ListenerPlan, stats: &ListenerStats, request: bool) {
+        let held_back = if request {
+            stats.to_log(Flag::Unauthorized)
+        } else {
+            stats.error_to_log(Flag::Unauthorized)
+        };
+        if let Some(held_back) = held_back {
+            let what = if request { "request" } else { "connection" };
+            let identity = self
+                .identity
+                .as_ref()
+                .map_or_else(|| "none (plaintext)".to_owned(), ToString::to_string);
+            tracing::warn!(listener = %listener.name, peer = %self.addr, %identity, held_back, "{what} refused: the listener's authorization does not let this peer in");
+        }
+    }
 }
 
 /// Most endpoints tried for one connection before giving up.

@@ -393,7 +393,7 @@ pub struct Listener {
     /// destination is `address`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub intercept: Option<Intercept>,
-    /// Who may connect (an AuthorizationPolicy's sources); anyone when absent.
+    /// Who is served (an AuthorizationPolicy's sources); anyone when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authorization: Option<Authorization>,
 }

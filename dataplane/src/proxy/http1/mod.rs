@@ -21,6 +21,7 @@ use shared::config::HttpSettings;
 
 use self::body::BodyError;
 use self::head::{Framing, Limits, RequestHead, ResponseHead};
+use super::Caller;
 use super::limit::Slot;
 use super::retry::{Attempts, Failure, REPLAY_LIMIT};
 use super::tcp::pump_counted;
@@ -63,6 +64,9 @@ struct Conn<'a, B: Backend> {
     /// The listener's index in `view`.
     listener: usize,
     stats: Rc<ListenerStats>,
+    /// Who the client is, and whether the listener's authorization lets it in under `view`.
+    caller: Rc<Caller>,
+    admitted: bool,
     settings: HttpSettings,
     limits: Limits,
     down: MaybeTls<B::Stream>,
@@ -83,14 +87,17 @@ pub async fn serve<B: Backend>(
     view: &Rc<View>,
     listener: usize,
     down: MaybeTls<B::Stream>,
-    peer: SocketAddr,
+    caller: Rc<Caller>,
 ) {
     let settings = view.snapshot.config.http.clone();
+    let peer = caller.addr;
     let mut conn = Conn {
         worker,
         view: view.clone(),
         listener,
         stats: view.listeners[listener].clone(),
+        admitted: caller.admitted(&view.snapshot.listeners[listener]),
+        caller,
         limits: Limits::from(&settings),
         settings,
         down,
@@ -120,21 +127,10 @@ pub async fn serve<B: Backend>(
         } else {
             head
         };
-        let view = conn.view.clone();
-        let route = view.snapshot.listeners[conn.listener]
-            .kind
-            .routes()
-            .and_then(|routes| {
-                routes.route(
-                    &conn.inbuf[head.host.clone()],
-                    &conn.inbuf[head.path.clone()],
-                    &crate::snapshot::RawHead(&conn.inbuf[..head.len]),
-                )
-            })
-            .map(|route| route.choose(view.roll()));
-        let next = match route {
-            Some(chosen) => conn.exchange(&head, chosen, started).await,
-            None => conn.no_route(&head, started).await,
+        let next = if conn.admitted {
+            conn.route(&head, started).await
+        } else {
+            conn.turned_away(&head, started).await
         };
         if next != Next::KeepAlive {
             break next;
@@ -166,6 +162,7 @@ impl<B: Backend> Conn<'_, B> {
             return;
         }
         self.stats = current.listeners[index].clone();
+        self.admitted = self.caller.admitted(&current.snapshot.listeners[index]);
         if self.settings != current.snapshot.config.http {
             self.settings = current.snapshot.config.http.clone();
             self.limits = Limits::from(&self.settings);
@@ -247,11 +244,59 @@ impl<B: Backend> Conn<'_, B> {
         }
     }
 
-    /// Answers a request no route matched.
-    async fn no_route(&mut self, head: &RequestHead, started: Instant) -> Next {
-        let keep = head.keep_alive && head.framing == Framing::Empty;
-        self.inbuf.drain(..head.len);
-        self.reply(404, Flag::NoRoute, !keep, started).await
+    /// Routes a request by host and path and carries it, or answers it: no route matched.
+    async fn route(&mut self, head: &RequestHead, started: Instant) -> Next {
+        let view = self.view.clone();
+        let route = view.snapshot.listeners[self.listener]
+            .kind
+            .routes()
+            .and_then(|routes| {
+                routes.route(
+                    &self.inbuf[head.host.clone()],
+                    &self.inbuf[head.path.clone()],
+                    &crate::snapshot::RawHead(&self.inbuf[..head.len]),
+                )
+            })
+            .map(|route| route.choose(view.roll()));
+        match route {
+            Some(chosen) => self.exchange(head, chosen, started).await,
+            None => self.refuse(head, 404, Flag::NoRoute, started).await,
+        }
+    }
+
+    /// Answers a request from a client the listener's authorization does not let in.
+    async fn turned_away(&mut self, head: &RequestHead, started: Instant) -> Next {
+        let listener = &self.view.snapshot.listeners[self.listener];
+        self.caller.turned_away(listener, &self.stats, true);
+        self.refuse(head, 403, Flag::Unauthorized, started).await
+    }
+
+    /// Answers a request without passing it on. A body of known length up to
+    /// [`REPLAY_LIMIT`] (not held back by `Expect: 100-continue`) is read and dropped, so the
+    /// connection goes on; after any other body it closes.
+    async fn refuse(
+        &mut self,
+        head: &RequestHead,
+        status: u16,
+        flag: Flag,
+        started: Instant,
+    ) -> Next {
+        let len = match head.framing {
+            Framing::Empty => head.len,
+            Framing::Length(body) if !head.expect_continue && body <= REPLAY_LIMIT as u64 => {
+                let len = head.len + body as usize;
+                if let Err(next) = self.read_whole(len, started).await {
+                    return next;
+                }
+                len
+            }
+            _ => {
+                self.inbuf.drain(..head.len);
+                return self.reply(status, flag, true, started).await;
+            }
+        };
+        self.release(len, head.len);
+        self.reply(status, flag, !head.keep_alive, started).await
     }
 
     /// Carries one request to `route`'s cluster and its response back.
@@ -842,6 +887,7 @@ impl UpstreamFailure {
 fn reason(status: u16) -> &'static str {
     match status {
         400 => "Bad Request",
+        403 => "Forbidden",
         404 => "Not Found",
         408 => "Request Timeout",
         501 => "Not Implemented",
