@@ -252,6 +252,17 @@ fn an_authorization_policy_lets_in_only_the_callers_it_names() {
     eventually(Duration::from_secs(5), "b to be let in again", || {
         get(&b, "/again") == "200 v1 /again"
     });
+    // A policy with `to` lets b make the requests it names only.
+    let some = format!("{policy}  to: [{{ methods: [GET], paths: [\"/open/*\"] }}]\n").replace(
+        &TestControlPlane::spiffe_id("a"),
+        &TestControlPlane::spiffe_id("b"),
+    );
+    mesh.write("policy.yaml", &some);
+    eventually(Duration::from_secs(5), "b to be refused elsewhere", || {
+        get(&b, "/closed").starts_with("403")
+    });
+    assert_eq!(get(&b, "/open/door"), "200 v1 /open/door");
+    assert_eq!(get(&a, "/open/door"), "403 Forbidden\n");
 }
 
 #[test]

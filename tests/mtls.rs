@@ -361,6 +361,109 @@ fn an_authorization_lets_in_only_the_peers_it_names(backend: BackendChoice) {
     );
 }
 
+/// A rule lets a caller make some HTTP requests only: the methods and paths it names, over
+/// HTTP/1.1 (origin or absolute form) and HTTP/2, and not a path that could be read as
+/// another; never opaque TCP. A config that lets a peer do less (a rule where it was let in
+/// for everything, or another rule) closes that peer's open connections.
+fn an_authorization_rule_lets_a_caller_make_some_requests(backend: BackendChoice) {
+    let dir = TempDir::new("mtls-rules");
+    let ca = TestCa::new("root");
+    let a_id = ca.write_identity(&dir.0, "a", A, &[&ca], false);
+    let ci = "spiffe://tern.test/ns/shop/sa/ci";
+    let c_id = ca.write_identity(&dir.0, "c", ci, &[&ca], false);
+    let b_id = ca.write_identity(&dir.0, "b", B, &[&ca], false);
+    let (echo, http) = (Echo::start(), Http::start("app"));
+    let apps = (echo.addr, http.addr);
+    let rules = |a: &str, c: &str| {
+        format!(", authorization: {{ {a}rules: [{{ identities: [\"{ci}\"], {c} }}] }}")
+    };
+    let everything_for_a = format!("identities: [\"{A}\"], ");
+    let some_for_c = "methods: [GET, HEAD], paths: [\"/public/*\", /health]";
+    let b = inbound_with(backend, &b_id, apps, &rules(&everything_for_a, some_for_c));
+    let a = outbound(backend, &a_id, &b, B);
+    let mut held = client::connect(a.listener_addr("out-tcp").unwrap());
+    held.write_all(b"everything").unwrap();
+    let mut echoed = [0u8; 10];
+    held.read_exact(&mut echoed).unwrap();
+    let c = outbound(backend, &c_id, &b, B);
+    let mut stream = client::connect(c.listener_addr("out-tcp").unwrap());
+    let _ = stream.write_all(b"ping");
+    assert_eq!(
+        client::read_some(&mut stream, &mut [0u8; 8]).unwrap_or(0),
+        0
+    );
+
+    let mut conn = Conn::open(c.listener_addr("out-http").unwrap());
+    for (request, status) in [
+        ("GET /public/a?x=1", 200),
+        ("HEAD /health", 200),
+        ("GET http://b/public/absolute", 200),
+        ("POST /public/a", 403),
+        ("GET /private", 403),
+        ("GET /health/more", 403),
+        ("GET /public/../private", 403),
+        ("GET /public/%2e%2e/private", 403),
+    ] {
+        conn.send(format!("{request} HTTP/1.1\r\nHost: b\r\nContent-Length: 0\r\n\r\n").as_bytes());
+        let response = conn.response(request.starts_with("HEAD"));
+        assert_eq!(response.status, status, "{request}");
+        if status == 403 {
+            assert_eq!(response.header("x-tern-response-flag"), Some("RBAC"));
+        }
+    }
+    let h2 = H2::connect(c.listener_addr("out-http").unwrap());
+    assert_eq!(h2.get("b", "/public/h2").status, 200);
+    assert_eq!(h2.get("b", "/private/h2").status, 403);
+    let call = h2.request(
+        hyper::Request::post("http://b/shop.Backend/Get")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                b"\0\0\0\0\0",
+            )))
+            .unwrap(),
+    );
+    assert_eq!(call.headers["grpc-status"], "7");
+    let rbac = |listener: &str, count: f64| {
+        let series = format!("tern_errors_total{{listener=\"{listener}\",flag=\"RBAC\"}}");
+        wait_for_metric(&b, &series, count);
+    };
+    rbac("in-tcp", 1.0);
+    rbac("in-http", 7.0);
+
+    // A is let in for GETs only, and c for HEADs only: A's tunnel closes, and so do the two
+    // connections c keeps to b (HTTP/1.1 and HTTP/2).
+    let narrowed = rules("identities: [], namespaces: [], ", "methods: [HEAD]").replace(
+        "rules: [",
+        &format!("rules: [{{ identities: [\"{A}\"], methods: [GET] }}, "),
+    );
+    let yaml = inbound_yaml(&b_id, apps, &narrowed);
+    b.reload(shared::Config::from_yaml(&yaml, "v2").unwrap(), "v2")
+        .unwrap();
+    let mut rest = Vec::new();
+    match held.read_to_end(&mut rest) {
+        Ok(_) => assert!(rest.is_empty(), "{rest:?}"),
+        Err(error) => assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset),
+    }
+    rbac("in-tcp", 2.0);
+    rbac("in-http", 9.0);
+    let response = client::request(
+        a.listener_addr("out-http").unwrap(),
+        "GET /anything HTTP/1.1\r\nHost: b\r\n\r\n",
+    );
+    assert_eq!(response.status, 200);
+    conn.send(b"GET /public/a HTTP/1.1\r\nHost: b\r\n\r\n");
+    assert_eq!(conn.response(false).status, 403);
+    conn.send(b"HEAD /public/a HTTP/1.1\r\nHost: b\r\n\r\n");
+    assert_eq!(conn.response(true).status, 200);
+    // c may first meet its HTTP/2 connection's close; never a 200.
+    tests::eventually(Duration::from_secs(2), "a 403 over HTTP/2", || {
+        let status = h2.get("b", "/public/h2").status;
+        assert_ne!(status, 200);
+        status == 403
+    });
+}
+
 /// A new authorization reaches connections already open: one whose peer it no longer lets
 /// in is closed (counted under `RBAC`), whatever it carries.
 fn an_authorization_closes_open_connections_it_no_longer_allows(backend: BackendChoice) {
@@ -610,6 +713,7 @@ both_backends!(
     a_client_from_another_trust_domain_is_refused,
     an_expired_certificate_is_refused,
     an_authorization_lets_in_only_the_peers_it_names,
+    an_authorization_rule_lets_a_caller_make_some_requests,
     an_authorization_closes_open_connections_it_no_longer_allows,
     plaintext_garbage_and_stalled_handshakes_are_refused,
     config_without_identity_files_is_refused,

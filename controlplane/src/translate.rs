@@ -33,8 +33,9 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 use shared::SpiffeId;
 use shared::config::{
-    Authorization, Backend, Cluster, ClusterTls, Config, Intercept, Interception, Listener,
-    ListenerTls, OutboundPolicy, Protocol, Retries, RetryOn, Route, TlsMode,
+    Authorization, AuthorizationRule, Backend, Cluster, ClusterTls, Config, Intercept,
+    Interception, Listener, ListenerTls, OutboundPolicy, Protocol, Retries, RetryOn, Route,
+    TlsMode,
 };
 use shared::crd::{MtlsMode, OutboundTraffic};
 
@@ -404,16 +405,18 @@ fn targeted_ports<'a>(
         })
 }
 
-/// Who may connect to application port `app` of `workload`: the sources of every
-/// AuthorizationPolicy targeting a Service port that targets it (any one lets a caller in);
-/// anyone when none does. A Pod port serves every Service that targets it, and its sidecar
-/// cannot tell which one a caller dialed, so a policy on one of them guards the port for all.
+/// Who is served on application port `app` of `workload`: the sources of every
+/// AuthorizationPolicy targeting a Service port that targets it (any one lets a caller in),
+/// for everything, or as rules for the requests its `to` names; anyone when none does. A Pod
+/// port serves every Service that targets it, and its sidecar cannot tell which one a caller
+/// dialed, so a policy on one of them guards the port for all.
 fn authorization(catalog: &Catalog, workload: &Workload, app: u16) -> Option<Authorization> {
     let guarded: BTreeSet<(&str, u16)> = targeted_ports(catalog, workload)
         .filter(|(target, _, _)| *target == app)
         .filter_map(|(_, port, service)| Some((service, u16::try_from(port.port).ok()?)))
         .collect();
     let mut allowed: Option<(BTreeSet<String>, BTreeSet<String>)> = None;
+    let mut rules = Vec::new();
     for policy in &catalog.authorization {
         let namespace = policy.metadata.namespace.as_deref().unwrap_or("default");
         let target = &policy.spec.target_ref;
@@ -424,15 +427,31 @@ fn authorization(catalog: &Catalog, workload: &Workload, app: u16) -> Option<Aut
         if !applies {
             continue;
         }
-        let (identities, namespaces) = allowed.get_or_insert_default();
-        for source in &policy.spec.from {
-            identities.extend(source.identities.iter().cloned());
-            namespaces.extend(source.namespaces.iter().cloned());
+        let everything = allowed.get_or_insert_default();
+        let sources = &policy.spec.from;
+        let identities = sources.iter().flat_map(|s| s.identities.iter().cloned());
+        let namespaces = sources.iter().flat_map(|s| s.namespaces.iter().cloned());
+        if policy.spec.to.is_empty() {
+            everything.0.extend(identities);
+            everything.1.extend(namespaces);
+            continue;
         }
+        let identities: Vec<String> = identities.collect::<BTreeSet<_>>().into_iter().collect();
+        let namespaces: Vec<String> = namespaces.collect::<BTreeSet<_>>().into_iter().collect();
+        rules.extend(policy.spec.to.iter().map(|operation| AuthorizationRule {
+            identities: identities.clone(),
+            namespaces: namespaces.clone(),
+            methods: operation.methods.clone(),
+            paths: operation.paths.clone(),
+        }));
     }
+    // In one order whatever the policies are called, so renaming one changes nothing.
+    rules.sort();
+    rules.dedup();
     allowed.map(|(identities, namespaces)| Authorization {
         identities: identities.into_iter().collect(),
         namespaces: namespaces.into_iter().collect(),
+        rules,
     })
 }
 

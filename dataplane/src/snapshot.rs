@@ -96,22 +96,182 @@ pub struct ListenerPlan {
 
 /// Who a listener serves ([`config::Authorization`], parsed once): peers whose mTLS
 /// identity matches a pattern, or is a workload of a listed namespace in this proxy's trust
-/// domain.
+/// domain, for everything; those a rule names, for the HTTP requests it describes.
 #[derive(Debug, PartialEq, Eq)]
 pub struct AuthorizationPlan {
-    identities: Vec<shared::identity::IdentityPattern>,
-    namespaces: Vec<String>,
+    everything: Callers,
+    rules: Vec<RequestRule>,
     trust_domain: Option<String>,
 }
 
+/// What a listener's authorization lets a peer do, from least to most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Access {
+    /// Nothing.
+    Nothing,
+    /// The HTTP requests a rule describes, each to be checked.
+    SomeRequests,
+    /// Anything: opaque TCP, any request.
+    Everything,
+}
+
+/// Peers by identity pattern or namespace.
+#[derive(Debug, PartialEq, Eq)]
+struct Callers {
+    identities: Vec<shared::identity::IdentityPattern>,
+    namespaces: Vec<String>,
+}
+
+impl Callers {
+    fn parse(identities: &[String], namespaces: &[String]) -> Callers {
+        Callers {
+            // Validation parsed every pattern.
+            identities: identities.iter().filter_map(|p| p.parse().ok()).collect(),
+            namespaces: namespaces.to_vec(),
+        }
+    }
+
+    fn name(&self, peer: &shared::SpiffeId, trust_domain: Option<&str>) -> bool {
+        self.identities.iter().any(|p| p.matches(peer))
+            || (trust_domain == Some(peer.trust_domain())
+                && self.namespaces.iter().any(|n| n == peer.namespace()))
+    }
+}
+
+/// Callers let in for the requests with one of `methods` (any when empty) and a path one of
+/// `paths` matches (any when empty).
+#[derive(Debug, PartialEq, Eq)]
+struct RequestRule {
+    callers: Callers,
+    methods: Vec<Box<[u8]>>,
+    paths: Vec<PathPattern>,
+}
+
+/// A path, or a prefix of paths (a pattern ending in `*`).
+#[derive(Debug, PartialEq, Eq)]
+enum PathPattern {
+    Exact(Box<[u8]>),
+    Prefix(Box<[u8]>),
+}
+
+impl PathPattern {
+    fn parse(pattern: &str) -> PathPattern {
+        match pattern.strip_suffix('*') {
+            Some(prefix) => PathPattern::Prefix(prefix.as_bytes().into()),
+            None => PathPattern::Exact(pattern.as_bytes().into()),
+        }
+    }
+
+    fn matches(&self, path: &[u8]) -> bool {
+        match self {
+            PathPattern::Exact(exact) => path == &exact[..],
+            PathPattern::Prefix(prefix) => path.starts_with(prefix),
+        }
+    }
+}
+
 impl AuthorizationPlan {
-    /// Whether a peer with `identity` (none: no mTLS) is served.
-    pub fn allows(&self, identity: Option<&shared::SpiffeId>) -> bool {
-        identity.is_some_and(|peer| {
-            self.identities.iter().any(|p| p.matches(peer))
-                || (self.trust_domain.as_deref() == Some(peer.trust_domain())
-                    && self.namespaces.iter().any(|n| n == peer.namespace()))
+    /// Parses a listener's authorization; namespaces are taken within `trust_domain`.
+    pub fn new(authorization: &config::Authorization, trust_domain: Option<&str>) -> Self {
+        AuthorizationPlan {
+            everything: Callers::parse(&authorization.identities, &authorization.namespaces),
+            rules: authorization
+                .rules
+                .iter()
+                .map(|rule| {
+                    // `*` stands for any method, or any path; as an empty list does.
+                    let any = |list: &[String]| list.iter().any(|item| item == "*");
+                    let methods = match any(&rule.methods) {
+                        true => Vec::new(),
+                        false => rule.methods.iter().map(|m| m.as_bytes().into()).collect(),
+                    };
+                    let paths = match any(&rule.paths) {
+                        true => Vec::new(),
+                        false => rule.paths.iter().map(|p| PathPattern::parse(p)).collect(),
+                    };
+                    RequestRule {
+                        callers: Callers::parse(&rule.identities, &rule.namespaces),
+                        methods,
+                        paths,
+                    }
+                })
+                .collect(),
+            trust_domain: trust_domain.map(str::to_owned),
+        }
+    }
+
+    /// What a peer with `identity` (none: no mTLS) may do.
+    pub fn access(&self, identity: Option<&shared::SpiffeId>) -> Access {
+        let Some(peer) = identity else {
+            return Access::Nothing;
+        };
+        let trust_domain = self.trust_domain.as_deref();
+        if self.everything.name(peer, trust_domain) {
+            Access::Everything
+        } else if self
+            .rules
+            .iter()
+            .any(|r| r.callers.name(peer, trust_domain))
+        {
+            Access::SomeRequests
+        } else {
+            Access::Nothing
+        }
+    }
+
+    /// Whether a rule lets a peer with `identity` make a request with `method` and `target`
+    /// (the path as sent, query included): the check for a peer with
+    /// [`Access::SomeRequests`].
+    pub fn rules_allow(
+        &self,
+        identity: Option<&shared::SpiffeId>,
+        method: &[u8],
+        target: &[u8],
+    ) -> bool {
+        let (Some(peer), path) = (identity, config::plain_path(target)) else {
+            return false;
+        };
+        self.rules_naming(peer).any(|rule| {
+            (rule.methods.is_empty() || rule.methods.iter().any(|m| **m == *method))
+                && (rule.paths.is_empty()
+                    || path.is_some_and(|path| rule.paths.iter().any(|p| p.matches(path))))
         })
+    }
+
+    fn rules_naming<'a>(
+        &'a self,
+        peer: &'a shared::SpiffeId,
+    ) -> impl Iterator<Item = &'a RequestRule> + 'a {
+        let trust_domain = self.trust_domain.as_deref();
+        self.rules
+            .iter()
+            .filter(move |rule| rule.callers.name(peer, trust_domain))
+    }
+
+    /// Whether going from `before` to `after` (`None`: everyone for everything) lets a peer
+    /// with `identity` do less: less access, or, let in for some requests by both, other
+    /// requests (any change of what the rules naming it let it ask for counts).
+    pub fn narrows(
+        before: Option<&AuthorizationPlan>,
+        after: Option<&AuthorizationPlan>,
+        identity: Option<&shared::SpiffeId>,
+    ) -> bool {
+        let access = |plan: Option<&AuthorizationPlan>| {
+            plan.map_or(Access::Everything, |p| p.access(identity))
+        };
+        let (was, is) = (access(before), access(after));
+        if is != was || is != Access::SomeRequests {
+            return is < was;
+        }
+        let (Some(before), Some(after), Some(peer)) = (before, after, identity) else {
+            return false;
+        };
+        !before
+            .rules_naming(peer)
+            .map(|rule| (&rule.methods, &rule.paths))
+            .eq(after
+                .rules_naming(peer)
+                .map(|rule| (&rule.methods, &rule.paths)))
     }
 }
 
@@ -398,12 +558,11 @@ impl Snapshot {
             if let Some(direction) = l.intercept {
                 intercepted[direction as usize].insert(l.address, listeners.len());
             }
-            let authorization = l.authorization.as_ref().map(|a| AuthorizationPlan {
-                // Validation parsed every pattern.
-                identities: a.identities.iter().filter_map(|p| p.parse().ok()).collect(),
-                namespaces: a.namespaces.clone(),
-                trust_domain: identity.map(|i| i.id.trust_domain().to_owned()),
-            });
+            let trust_domain = identity.map(|i| i.id.trust_domain());
+            let authorization = l
+                .authorization
+                .as_ref()
+                .map(|a| AuthorizationPlan::new(a, trust_domain));
             listeners.push(ListenerPlan {
                 name: l.name.as_str().into(),
                 configured: l.address,
@@ -668,6 +827,134 @@ mod tests {
         let san = rcgen::SanType::URI(id.try_into().unwrap());
         let (roots, cert, key) = crate::tls::in_memory::signed_by_new_root(vec![san]);
         crate::tls::Identity::new(id.parse().unwrap(), vec![cert], key, roots).unwrap()
+    }
+
+    #[test]
+    fn an_authorization_lets_callers_in_for_everything_or_the_requests_a_rule_names() {
+        let strings = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let rule = |identities: &[&str], namespaces: &[&str], methods: &[&str], paths: &[&str]| {
+            config::AuthorizationRule {
+                identities: strings(identities),
+                namespaces: strings(namespaces),
+                methods: strings(methods),
+                paths: strings(paths),
+            }
+        };
+        let authorization = config::Authorization {
+            identities: strings(&["spiffe://tern.test/ns/shop/sa/web"]),
+            namespaces: Vec::new(),
+            rules: vec![
+                rule(
+                    &["spiffe://tern.test/ns/shop/sa/ci"],
+                    &[],
+                    &["GET", "HEAD"],
+                    &["/healthz", "/api/*"],
+                ),
+                rule(&[], &["batch"], &["POST"], &[]),
+                rule(&["spiffe://tern.test/ns/shop/sa/docs"], &[], &["*"], &["*"]),
+            ],
+        };
+        let plan = AuthorizationPlan::new(&authorization, Some("tern.test"));
+        let id = |s: &str| s.parse::<shared::SpiffeId>().unwrap();
+        let (web, ci, job, docs, other) = (
+            id("spiffe://tern.test/ns/shop/sa/web"),
+            id("spiffe://tern.test/ns/shop/sa/ci"),
+            id("spiffe://tern.test/ns/batch/sa/job"),
+            id("spiffe://tern.test/ns/shop/sa/docs"),
+            id("spiffe://tern.test/ns/shop/sa/other"),
+        );
+        assert_eq!(plan.access(Some(&web)), Access::Everything);
+        assert_eq!(plan.access(Some(&ci)), Access::SomeRequests);
+        assert_eq!(plan.access(Some(&job)), Access::SomeRequests);
+        assert_eq!(plan.access(Some(&other)), Access::Nothing);
+        assert_eq!(plan.access(None), Access::Nothing);
+        // Another trust domain's namespace of the same name is not `batch`.
+        let foreign = id("spiffe://elsewhere/ns/batch/sa/job");
+        assert_eq!(plan.access(Some(&foreign)), Access::Nothing);
+
+        let allowed =
+            |peer: &shared::SpiffeId, method: &str, path: &str| match plan.access(Some(peer)) {
+                Access::Everything => true,
+                Access::Nothing => false,
+                Access::SomeRequests => {
+                    plan.rules_allow(Some(peer), method.as_bytes(), path.as_bytes())
+                }
+            };
+        let cases: [(&shared::SpiffeId, &str, &str, bool); 22] = [
+            (&web, "DELETE", "/anything/../at/all", true),
+            (&ci, "GET", "/healthz", true),
+            (&ci, "HEAD", "/healthz?verbose=1", true),
+            (&ci, "GET", "/healthz/more", false),
+            (&ci, "GET", "/api/v1/users", true),
+            (&ci, "GET", "/api/", true),
+            (&ci, "GET", "/api", false),
+            (&ci, "POST", "/api/v1/users", false),
+            (&ci, "get", "/healthz", false),
+            // Paths a server could read as another path match no pattern.
+            (&ci, "GET", "/api/../admin", false),
+            (&ci, "GET", "/api/..;/admin", false),
+            (&ci, "GET", "/api/%2e%2E/admin", false),
+            (&ci, "GET", "/api/x%2Fy", false),
+            (&ci, "GET", "/api\\..\\admin", false),
+            (&ci, "GET", "/api/./x", false),
+            (&ci, "GET", "/api/%252e%252e/admin", false),
+            (&ci, "GET", "/api/%c0%ae%c0%ae/admin", false),
+            (&ci, "GET", "/api/%u002e%u002e/admin", false),
+            // A rule with no paths (or `*`) takes any path, those included.
+            (&job, "POST", "/../x", true),
+            (&job, "GET", "/x", false),
+            (&docs, "PUT", "/any/path", true),
+            (&docs, "PATCH", "/any/../path", true),
+        ];
+        for (peer, method, path, expected) in cases {
+            assert_eq!(
+                allowed(peer, method, path),
+                expected,
+                "{peer} {method} {path}"
+            );
+        }
+        assert!(!plan.rules_allow(None, b"GET", b"/healthz"));
+    }
+
+    #[test]
+    fn a_new_authorization_narrows_what_a_peer_may_do_by_access_or_by_its_rules() {
+        let plan = |yaml: &str| {
+            let authorization: config::Authorization =
+                Config::from_yaml(&format!("listeners:\n  - {{ name: l, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: c }}], authorization: {yaml} }}\nclusters: [{{ name: c, endpoints: [127.0.0.1:1] }}]\n"), "t")
+                    .unwrap()
+                    .listeners[0]
+                    .authorization
+                    .clone()
+                    .unwrap();
+            AuthorizationPlan::new(&authorization, Some("tern.test"))
+        };
+        let ci: shared::SpiffeId = "spiffe://tern.test/ns/shop/sa/ci".parse().unwrap();
+        let everything = plan(r#"{ identities: ["spiffe://tern.test/ns/shop/sa/ci"] }"#);
+        let get = plan(
+            r#"{ rules: [{ identities: ["spiffe://tern.test/ns/shop/sa/ci"], methods: [GET] }] }"#,
+        );
+        let get_too = plan(
+            r#"{ namespaces: [ops], rules: [{ identities: ["spiffe://tern.test/ns/shop/sa/ci"], methods: [GET] }, { namespaces: [qa] }] }"#,
+        );
+        let head = plan(
+            r#"{ rules: [{ identities: ["spiffe://tern.test/ns/shop/sa/ci"], methods: [HEAD] }] }"#,
+        );
+        let nothing = plan("{ namespaces: [ops] }");
+        let narrows = |before: Option<&AuthorizationPlan>, after: Option<&AuthorizationPlan>| {
+            AuthorizationPlan::narrows(before, after, Some(&ci))
+        };
+        assert!(narrows(None, Some(&get)));
+        assert!(narrows(Some(&everything), Some(&get)));
+        assert!(narrows(Some(&get), Some(&nothing)));
+        assert!(narrows(Some(&get), Some(&head)));
+        assert!(
+            !narrows(Some(&get), Some(&get_too)),
+            "the same rules for this peer"
+        );
+        assert!(!narrows(Some(&get), Some(&everything)));
+        assert!(!narrows(Some(&nothing), Some(&get)));
+        assert!(!narrows(Some(&everything), None));
+        assert!(!narrows(Some(&nothing), Some(&nothing)));
     }
 
     #[test]

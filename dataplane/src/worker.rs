@@ -20,7 +20,7 @@ use crate::io::{Backend, Listener, Stream};
 use crate::metrics::{ClusterStats, Flag, ListenerStats, Registry, WorkerReport};
 use crate::proxy;
 use crate::proxy::pool::Pool;
-use crate::snapshot::{ListenerKind, ListenerPlan, Snapshot};
+use crate::snapshot::{AuthorizationPlan, ListenerKind, ListenerPlan, Snapshot};
 use crate::tls::{Handshake, MaybeTls};
 use shared::config::Balancing;
 use shared::config::Intercept;
@@ -698,14 +698,14 @@ async fn serve<B: Backend>(
     let plan = &view.snapshot.listeners[index];
     let stats = &view.listeners[index];
     let detect_timeout = view.snapshot.config.detect_timeout;
-    let Some((down, inner, caller, admitted)) =
+    let Some((down, inner, caller)) =
         terminate_tls::<B>(plan, stats, stream, peer, detect_timeout).await
     else {
         return;
     };
     let caller = Rc::new(caller);
     // A connection to a listener that terminates mTLS is closed when a new config's
-    // authorization turns away a peer it let in, whatever it carries.
+    // authorization lets its peer do less than it has been let do, whatever it carries.
     let watch = plan.tls.as_ref().and_then(|_| down.duplicate());
     let serving = async {
         match &plan.kind {
@@ -735,10 +735,10 @@ async fn serve<B: Backend>(
     let identity = caller.identity.as_ref();
     tokio::select! {
         biased;
-        () = revoked(worker, &plan.name, identity, admitted) => {
+        () = revoked(worker, view.clone(), index, identity) => {
             if let Some(held_back) = stats.revoked_to_log() {
                 let identity = identity.map_or_else(|| "none (plaintext)".to_owned(), ToString::to_string);
-                tracing::warn!(listener = %plan.name, %peer, %identity, held_back, "open connection closed: the listener's new authorization does not let this peer in");
+                tracing::warn!(listener = %plan.name, %peer, %identity, held_back, "open connection closed: the listener's new authorization lets this peer do less");
             }
             // Its reads and writes fail from now on, and it winds down as after any error.
             let _ = socket2::SockRef::from(&socket).shutdown(Shutdown::Both);
@@ -748,32 +748,32 @@ async fn serve<B: Backend>(
     }
 }
 
-/// Resolves once the live config's listener `name` turns away a peer with `identity` that it
-/// let in (when it connected, `admitted`, or under a config since): a policy added or
-/// narrowed. Never while it lets it in, nor once the listener is gone (its connections run on
-/// as they were).
+/// Resolves once a new config lets a peer with `identity` do less on listener `index` of
+/// `view` (the one its connection was accepted under; found by name in later ones) than the
+/// config before it did ([`crate::snapshot::AuthorizationPlan::narrows`]): a policy added or
+/// narrowed. Never otherwise, nor while the listener is gone (its connections run on as they
+/// were).
 async fn revoked<B: Backend>(
     worker: &Worker<B>,
-    name: &str,
+    view: Rc<View>,
+    index: usize,
     identity: Option<&shared::SpiffeId>,
-    mut admitted: bool,
 ) {
+    let (mut before, mut index) = (view, index);
     loop {
         let changed = worker.reauthorize.notified();
         let mut changed = std::pin::pin!(changed);
         changed.as_mut().enable();
-        let view = worker.view();
-        let refused = view.snapshot.listener_index(name).is_some_and(|i| {
-            view.snapshot.listeners[i]
-                .authorization
-                .as_ref()
-                .is_some_and(|a| !a.allows(identity))
-        });
-        if refused && admitted {
-            return;
+        let now = worker.view();
+        let name = &before.snapshot.listeners[index].name;
+        if let Some(i) = now.snapshot.listener_index(name) {
+            let was = before.snapshot.listeners[index].authorization.as_ref();
+            let is = now.snapshot.listeners[i].authorization.as_ref();
+            if AuthorizationPlan::narrows(was, is, identity) {
+                return;
+            }
+            (before, index) = (now, i);
         }
-        admitted |= !refused;
-        drop(view);
         changed.await;
     }
 }
@@ -781,9 +781,8 @@ async fn revoked<B: Backend>(
 /// Runs the server side of mTLS on a listener that requires it: the peer must present a
 /// certificate from the trust bundle and ask for what the listener speaks (ALPN; a `detect`
 /// listener or an interception socket takes either). Returns the stream, what the peer said
-/// is inside (under mTLS), who the peer is, and whether the listener's authorization lets it
-/// in. HTTP is let in or turned away request by request; a peer turned away whose connection
-/// cannot carry HTTP is closed here, before anything more is spent on it (on a `detect`
+/// is inside (under mTLS), and who the peer is. HTTP is let in or turned away request by request; a peer not let in for everything
+/// whose connection cannot carry HTTP is closed here, before anything more is spent on it (on a `detect`
 /// listener, [`proxy::detect`] closes what turns out not to be HTTP).
 async fn terminate_tls<B: Backend>(
     plan: &ListenerPlan,
@@ -791,37 +790,31 @@ async fn terminate_tls<B: Backend>(
     stream: B::Stream,
     peer: SocketAddr,
     detect_timeout: Duration,
-) -> Option<(
-    MaybeTls<B::Stream>,
-    Option<proxy::Inner>,
-    proxy::Caller,
-    bool,
-)> {
-    // Whether the listener's authorization lets `caller` in; `None` (counted and logged) when
-    // it turns away a connection carrying `inner` that cannot be HTTP.
+) -> Option<(MaybeTls<B::Stream>, Option<proxy::Inner>, proxy::Caller)> {
+    // Whether the connection goes on: `false` (counted and logged) when the listener's
+    // authorization does not let `caller` in for everything and `inner` cannot be HTTP.
     let let_in = |caller: &proxy::Caller, inner: Option<proxy::Inner>| {
-        let admitted = caller.admitted(plan);
         let may_be_http = match plan.kind {
             ListenerKind::Http(_) => true,
             ListenerKind::Detect { .. } => inner != Some(proxy::Inner::Tcp),
             ListenerKind::Tcp { .. } | ListenerKind::Intercepted(_) => false,
         };
-        if !admitted && !may_be_http {
+        if !may_be_http && !caller.admitted(plan) {
             caller.turned_away(plan, stats, false);
-            return None;
+            return false;
         }
-        Some(admitted)
+        true
     };
     let plaintext = |down: MaybeTls<B::Stream>, inner: Option<proxy::Inner>| {
         let caller = proxy::Caller {
             addr: peer,
             identity: None,
         };
-        let Some(admitted) = let_in(&caller, inner) else {
+        if !let_in(&caller, inner) {
             let _ = down.shutdown(Shutdown::Both);
             return None;
-        };
-        Some((down, inner, caller, admitted))
+        }
+        Some((down, inner, caller))
     };
     let Some(tls) = &plan.tls else {
         return plaintext(MaybeTls::Plain(stream), None);
@@ -905,10 +898,10 @@ async fn terminate_tls<B: Backend>(
     if let Some(identity) = &identity {
         stats.peer(identity);
     }
-    let Some(admitted) = let_in(&caller, inner) else {
+    if !let_in(&caller, inner) {
         let _ = stream.shutdown(Shutdown::Both);
         return None;
-    };
+    }
     let stream = match stream.into_record_layer() {
         Ok(stream) => stream,
         Err(error) => {
@@ -922,7 +915,7 @@ async fn terminate_tls<B: Backend>(
         stats.tls_mode(mode);
     }
     tracing::debug!(listener = %plan.name, %peer, identity = identity.as_deref().unwrap_or("?"), mode = ?stream.tls_mode(), "mTLS accepted");
-    Some((stream, inner, caller, admitted))
+    Some((stream, inner, caller))
 }
 
 /// Everything a worker thread needs to start.

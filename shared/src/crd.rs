@@ -150,8 +150,26 @@ pub struct Source {
     pub namespaces: Vec<String>,
 }
 
-/// Which workload identities may reach a Service. Once any policy targets a Service (port),
-/// callers no policy lets in are refused; requests with no mTLS identity never match.
+/// Requests an AuthorizationPolicy lets its callers make: HTTP requests whose method is one of
+/// `methods` and whose path matches one of `paths` (absent: any).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Operation {
+    /// Request methods, as sent (`GET`, `POST`…; `*`: any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    /// Request paths, without the query: exact (`/healthz`), or a prefix ending in `*`
+    /// (`/api/*`; `*` alone: any). A path a server might read as another (with `..` or
+    /// `/./`, a backslash, or an escaped dot, slash, backslash or `%`) matches no pattern but
+    /// `*`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+}
+
+/// Which workload identities may reach a Service, and (with `to`) for which HTTP requests.
+/// Once any policy targets a Service (port), callers no policy lets in are refused (HTTP
+/// requests answered 403, other connections closed); requests with no mTLS identity never
+/// match.
 #[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "tern.dev",
@@ -171,6 +189,10 @@ pub struct AuthorizationPolicySpec {
     pub target_ref: TargetRef,
     /// Who may call it (any one source suffices).
     pub from: Vec<Source>,
+    /// What they may ask for: HTTP requests matching any one operation. Absent: everything,
+    /// opaque TCP included; present, opaque TCP is not let in by this policy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub to: Vec<Operation>,
 }
 
 /// How a client picks an endpoint.

@@ -595,6 +595,24 @@ impl Catalog {
                         }
                     }
                 }
+                for (i, operation) in policy.spec.to.iter().enumerate() {
+                    for (j, method) in operation.methods.iter().enumerate() {
+                        if let Some(problem) = shared::config::method_problem(method) {
+                            return fail(
+                                format!("spec.to[{i}].methods[{j}]"),
+                                format!("`{method}` {problem}"),
+                            );
+                        }
+                    }
+                    for (j, path) in operation.paths.iter().enumerate() {
+                        if let Some(problem) = shared::config::path_pattern_problem(path) {
+                            return fail(
+                                format!("spec.to[{i}].paths[{j}]"),
+                                format!("`{path}` {problem}"),
+                            );
+                        }
+                    }
+                }
                 self.authorization.push((**policy).clone());
             }
             Object::HttpRoute(route) => {

@@ -512,6 +512,29 @@ fn an_authorization_policy_guards_the_pod_ports_its_service_targets() {
         ]
     );
     assert_eq!(authorization.namespaces, ["ops"]);
+    assert!(authorization.rules.is_empty());
+    // A policy with `to` lets its callers make the requests it names: one rule per operation.
+    let ci = policy(
+        "ci",
+        "{ kind: Service, name: cart }",
+        "[{ identities: [\"spiffe://mesh.test/ns/shop/sa/ci\"] }, { namespaces: [qa] }]\n  to: [{ methods: [GET], paths: [\"/api/*\"] }, { paths: [/healthz] }]",
+    );
+    let catalog = build(&[("base.yaml", BASE), ("web.yaml", &web), ("ci.yaml", &ci)]);
+    let authorization = inbound_authorization(&catalog).expect("guarded");
+    assert_eq!(
+        authorization.identities,
+        ["spiffe://mesh.test/ns/shop/sa/web"]
+    );
+    let rule = |methods: &[&str], paths: &[&str]| shared::config::AuthorizationRule {
+        identities: vec!["spiffe://mesh.test/ns/shop/sa/ci".into()],
+        namespaces: vec!["qa".into()],
+        methods: methods.iter().map(|m| (*m).to_owned()).collect(),
+        paths: paths.iter().map(|p| (*p).to_owned()).collect(),
+    };
+    assert_eq!(
+        authorization.rules,
+        [rule(&[], &["/healthz"]), rule(&["GET"], &["/api/*"])]
+    );
     // A policy on a port of another Service that targets another Pod port, or on a Service
     // that does not select the Pod, guards nothing here.
     let admin = "apiVersion: v1\nkind: Service\nmetadata: { name: admin, namespace: shop }\nspec:\n  selector: { app: cart }\n  ports: [{ name: http, port: 80, targetPort: 8080 }, { name: admin, port: 9090, targetPort: 9091 }]\n";
@@ -565,6 +588,22 @@ fn an_authorization_policy_guards_the_pod_ports_its_service_targets() {
                 "[]\n  action: DENY",
             ),
             "unknown field `action`",
+        ),
+        (
+            policy(
+                "bad-method",
+                "{ kind: Service, name: cart }",
+                "[]\n  to: [{ methods: [GET, \"G T\"] }]",
+            ),
+            "spec.to[0].methods[1]: `G T` is not an HTTP method",
+        ),
+        (
+            policy(
+                "bad-path",
+                "{ kind: Service, name: cart }",
+                "[]\n  to: [{ paths: [/a] }, { paths: [\"/a/*/b\"] }]",
+            ),
+            "spec.to[1].paths[0]: `/a/*/b` must have `*` only at its end",
         ),
     ] {
         let catalog = build(&[("base.yaml", BASE), ("p.yaml", &text)]);

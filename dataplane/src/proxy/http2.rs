@@ -416,7 +416,9 @@ async fn forward<B: Backend>(
     let grpc = request.method() == hyper::Method::POST && is_grpc(request.headers());
     let refuse = |status: u16, flag: Flag| local(stats, started, status, flag, grpc);
     let plan = &view.snapshot.listeners[listener];
-    if !caller.admitted(plan) {
+    let target = request.uri().path_and_query().map_or("/", |p| p.as_str());
+    let method = request.method().as_str().as_bytes();
+    if !caller.may_request(plan, caller.access(plan), method, target.as_bytes()) {
         caller.turned_away(plan, stats, true);
         return refuse(403, Flag::Unauthorized);
     }

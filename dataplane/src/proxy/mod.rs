@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 
 use crate::io::Backend;
 use crate::metrics::{Flag, ListenerStats};
-use crate::snapshot::ListenerPlan;
+use crate::snapshot::{Access, ListenerPlan};
 use crate::tls::{Handshake, MaybeTls};
 use crate::worker::View;
 
@@ -52,12 +52,37 @@ pub struct Caller {
 }
 
 impl Caller {
-    /// Whether `listener`'s authorization lets this caller in.
-    pub fn admitted(&self, listener: &ListenerPlan) -> bool {
+    /// What `listener`'s authorization lets this caller do.
+    pub fn access(&self, listener: &ListenerPlan) -> Access {
         listener
             .authorization
             .as_ref()
-            .is_none_or(|a| a.allows(self.identity.as_ref()))
+            .map_or(Access::Everything, |a| a.access(self.identity.as_ref()))
+    }
+
+    /// Whether `listener`'s authorization lets this caller in for everything (opaque TCP).
+    pub fn admitted(&self, listener: &ListenerPlan) -> bool {
+        self.access(listener) == Access::Everything
+    }
+
+    /// Whether `listener`'s authorization, which gives this caller `access`
+    /// ([`Caller::access`]), lets it make a request with `method` and `target` (its path,
+    /// query included).
+    pub fn may_request(
+        &self,
+        listener: &ListenerPlan,
+        access: Access,
+        method: &[u8],
+        target: &[u8],
+    ) -> bool {
+        match access {
+            Access::Everything => true,
+            Access::Nothing => false,
+            Access::SomeRequests => listener
+                .authorization
+                .as_ref()
+                .is_some_and(|a| a.rules_allow(self.identity.as_ref(), method, target)),
+        }
     }
 
     /// Logs that `listener`'s authorization turned this caller's connection (or, for
@@ -70,12 +95,15 @@ impl Caller {
             stats.error_to_log(Flag::Unauthorized)
         };
         if let Some(held_back) = held_back {
-            let what = if request { "request" } else { "connection" };
             let identity = self
                 .identity
                 .as_ref()
                 .map_or_else(|| "none (plaintext)".to_owned(), ToString::to_string);
-            tracing::warn!(listener = %listener.name, peer = %self.addr, %identity, held_back, "{what} refused: the listener's authorization does not let this peer in");
+            if request {
+                tracing::warn!(listener = %listener.name, peer = %self.addr, %identity, held_back, "request refused: the listener's authorization does not let this peer make it");
+            } else {
+                tracing::warn!(listener = %listener.name, peer = %self.addr, %identity, held_back, "connection refused: the listener's authorization does not let this peer in for everything");
+            }
         }
     }
 }

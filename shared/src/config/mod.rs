@@ -400,9 +400,9 @@ pub struct Listener {
 
 /// The peers a listener lets in, by the identity their mTLS certificate proves: one of
 /// `identities` (an identity pattern: a SPIFFE ID, or `spiffe://<td>/ns/<ns>/sa/*` for every
-/// service account of a namespace), or any workload of one of `namespaces`. A connection with
-/// no identity (plaintext on a permissive port) is let in by none; with both lists empty,
-/// nobody is.
+/// service account of a namespace), or any workload of one of `namespaces`, for everything;
+/// one a rule names, for the HTTP requests the rule describes. A connection with no identity
+/// (plaintext on a permissive port) is let in by none; with every list empty, nobody is.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Authorization {
@@ -412,6 +412,91 @@ pub struct Authorization {
     /// Namespaces whose every workload is let in.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub namespaces: Vec<String>,
+    /// Peers let in for some HTTP requests only (an AuthorizationPolicy with `to`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<AuthorizationRule>,
+}
+
+/// Peers let in for some HTTP requests only: one of `identities` or of a workload of one of
+/// `namespaces`, for a request whose method is one of `methods` and whose path matches one
+/// of `paths` (an empty list: any). Opaque TCP is let in by no rule (a request it allows may
+/// upgrade to a WebSocket, as under Istio). A path a server might read as another
+/// ([`plain_path`]) matches no pattern but `*`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizationRule {
+    /// Identity patterns it names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identities: Vec<String>,
+    /// Namespaces whose every workload it names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
+    /// Request methods, as sent (`GET`, `POST`…; `*`: any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    /// Request paths, without the query: exact (`/healthz`), or a prefix ending in `*`
+    /// (`/api/*`; `*` alone: any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+}
+
+/// Why `method` cannot be a request method to match, if it cannot: it must be an HTTP token
+/// (RFC 9110 §9.1).
+pub fn method_problem(method: &str) -> Option<&'static str> {
+    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if method.is_empty() || !method.bytes().all(token) {
+        return Some("is not an HTTP method");
+    }
+    None
+}
+
+/// Why `path` cannot be a path pattern, if it cannot: an exact path or a prefix ending in
+/// `*`, starting with `/` (or `*` alone), without a query, and plain ([`plain_path`]).
+pub fn path_pattern_problem(path: &str) -> Option<&'static str> {
+    let exact = path.strip_suffix('*').unwrap_or(path);
+    if path != "*" && !exact.starts_with('/') {
+        return Some("must start with `/`");
+    }
+    if exact.contains('*') {
+        return Some("must have `*` only at its end");
+    }
+    if exact.contains(['?', '#']) {
+        return Some("must hold no query or fragment (patterns match the path alone)");
+    }
+    if exact.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+        return Some("must hold no spaces or control characters");
+    }
+    if plain_path(exact.as_bytes()).is_none() {
+        return Some(
+            "would match nothing: requests whose path a server could read as another path are matched by no pattern",
+        );
+    }
+    None
+}
+
+/// A request target's path without its query, when a server cannot read it as another path:
+/// none with a `..` (a segment, or as in `..;`, which some servers read as one) or a `.`
+/// segment, a backslash, or an escape that decodes to a dot, slash, backslash or another
+/// escape (`%2e`, `%2f`, `%5c`, `%25`, `%u…`, overlong `%c0`/`%c1`). Authorization matches
+/// only such paths against path patterns.
+pub fn plain_path(target: &[u8]) -> Option<&[u8]> {
+    let path = target
+        .iter()
+        .position(|&b| b == b'?')
+        .map_or(target, |end| &target[..end]);
+    let escape = |w: &[u8]| {
+        w[0] == b'%'
+            && matches!(
+                [w[1].to_ascii_lowercase(), w[2].to_ascii_lowercase()],
+                [b'2', b'e' | b'f' | b'5'] | [b'5', b'c'] | [b'c', b'0' | b'1'] | [b'u', _]
+            )
+    };
+    let unplain = path.windows(2).any(|w| w == b"..")
+        || path.windows(3).any(|w| w == b"/./" || escape(w))
+        || path.ends_with(b"/.")
+        || path.ends_with(b"%u")
+        || path.contains(&b'\\');
+    (!unplain).then_some(path)
 }
 
 /// An HTTP route: a host and path prefix that select a cluster, or split requests between
@@ -1025,19 +1110,36 @@ impl Config {
                 );
             }
             if let Some(authorization) = &listener.authorization {
-                for (j, pattern) in authorization.identities.iter().enumerate() {
-                    if let Err(error) = pattern.parse::<crate::identity::IdentityPattern>() {
-                        return fail(
-                            at(&format!("authorization.identities[{j}]")),
-                            &error.to_string(),
-                        );
+                let callers = |field: &str, identities: &[String], namespaces: &[String]| {
+                    for (j, pattern) in identities.iter().enumerate() {
+                        if let Err(error) = pattern.parse::<crate::identity::IdentityPattern>() {
+                            return fail(
+                                at(&format!("{field}.identities[{j}]")),
+                                &error.to_string(),
+                            );
+                        }
                     }
-                }
-                if let Some(j) = authorization.namespaces.iter().position(String::is_empty) {
-                    return fail(
-                        at(&format!("authorization.namespaces[{j}]")),
-                        "must not be empty",
-                    );
+                    if let Some(j) = namespaces.iter().position(String::is_empty) {
+                        return fail(at(&format!("{field}.namespaces[{j}]")), "must not be empty");
+                    }
+                    Ok(())
+                };
+                let (identities, namespaces) =
+                    (&authorization.identities, &authorization.namespaces);
+                callers("authorization", identities, namespaces)?;
+                for (k, rule) in authorization.rules.iter().enumerate() {
+                    let field = format!("authorization.rules[{k}]");
+                    callers(&field, &rule.identities, &rule.namespaces)?;
+                    for (j, method) in rule.methods.iter().enumerate() {
+                        if let Some(problem) = method_problem(method) {
+                            return fail(at(&format!("{field}.methods[{j}]")), problem);
+                        }
+                    }
+                    for (j, path) in rule.paths.iter().enumerate() {
+                        if let Some(problem) = path_pattern_problem(path) {
+                            return fail(at(&format!("{field}.paths[{j}]")), problem);
+                        }
+                    }
                 }
             }
             if let Some(direction) = listener.intercept {

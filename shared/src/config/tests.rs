@@ -171,6 +171,14 @@ fn an_authorization_names_identity_patterns_and_namespaces() {
     let authorization = config.listeners[1].authorization.as_ref().unwrap();
     assert_eq!(authorization.identities.len(), 2);
     assert_eq!(authorization.namespaces, ["shop"]);
+    // Rules name callers for some requests: methods, and paths exact or by prefix.
+    let rules = with(
+        "{ rules: [{ identities: [\"spiffe://td/ns/shop/sa/ci\"], methods: [GET, M-SEARCH], paths: [/healthz, \"/api/*\", \"*\"] }] }",
+    );
+    let config = Config::from_yaml(&rules, "rules.yaml").unwrap();
+    let rule = &config.listeners[1].authorization.as_ref().unwrap().rules[0];
+    assert_eq!(rule.methods, ["GET", "M-SEARCH"]);
+    assert_eq!(rule.paths, ["/healthz", "/api/*", "*"]);
     for (authorization, field) in [
         (
             "{ identities: [\"spiffe://td/ns/*/sa/web\"] }",
@@ -183,6 +191,30 @@ fn an_authorization_names_identity_patterns_and_namespaces() {
         (
             "{ namespaces: [\"\"] }",
             "listeners[1].authorization.namespaces[0]",
+        ),
+        (
+            "{ rules: [{ namespaces: [a] }, { identities: [\"web\"] }] }",
+            "listeners[1].authorization.rules[1].identities[0]",
+        ),
+        (
+            "{ rules: [{ namespaces: [a], methods: [GET, \"GE T\"] }] }",
+            "listeners[1].authorization.rules[0].methods[1]",
+        ),
+        (
+            "{ rules: [{ namespaces: [a], paths: [/a, \"/a*b\"] }] }",
+            "listeners[1].authorization.rules[0].paths[1]",
+        ),
+        (
+            "{ rules: [{ namespaces: [a], paths: [api] }] }",
+            "listeners[1].authorization.rules[0].paths[0]",
+        ),
+        (
+            "{ rules: [{ namespaces: [a], paths: [\"/a?b=1\"] }] }",
+            "listeners[1].authorization.rules[0].paths[0]",
+        ),
+        (
+            "{ rules: [{ namespaces: [a], paths: [\"/a/../b\"] }] }",
+            "listeners[1].authorization.rules[0].paths[0]",
         ),
     ] {
         assert_eq!(invalid(&with(authorization)).0, field, "{authorization}");

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use crate::api::discovery as pb;
 use crate::config::{
-    Authorization, Backend, Balancing, CipherSuite, Cluster, ClusterTls, Config, ConnectionLimit,
-    Intercept, Listener, ListenerTls, OutboundPolicy, OutlierDetection, Protocol, Retries, RetryOn,
-    Route, TlsMode,
+    Authorization, AuthorizationRule, Backend, Balancing, CipherSuite, Cluster, ClusterTls, Config,
+    ConnectionLimit, Intercept, Listener, ListenerTls, OutboundPolicy, OutlierDetection, Protocol,
+    Retries, RetryOn, Route, TlsMode,
 };
 
 /// Listeners and clusters from `tern-control`, at a version.
@@ -143,6 +143,16 @@ fn encode_listener(l: &Listener) -> pb::Listener {
         authorization: l.authorization.as_ref().map(|a| pb::Authorization {
             identities: a.identities.clone(),
             namespaces: a.namespaces.clone(),
+            rules: a
+                .rules
+                .iter()
+                .map(|r| pb::AuthorizationRule {
+                    identities: r.identities.clone(),
+                    namespaces: r.namespaces.clone(),
+                    methods: r.methods.clone(),
+                    paths: r.paths.clone(),
+                })
+                .collect(),
         }),
     }
 }
@@ -314,6 +324,16 @@ fn decode_listener(i: usize, l: pb::Listener) -> Result<Listener, WireError> {
         authorization: l.authorization.map(|a| Authorization {
             identities: a.identities,
             namespaces: a.namespaces,
+            rules: a
+                .rules
+                .into_iter()
+                .map(|r| AuthorizationRule {
+                    identities: r.identities,
+                    namespaces: r.namespaces,
+                    methods: r.methods,
+                    paths: r.paths,
+                })
+                .collect(),
         }),
     })
 }
@@ -456,7 +476,7 @@ listeners:
     routes: [{ cluster: app }]
     tls: { mode: strict }
     intercept: inbound
-    authorization: { identities: ["spiffe://cluster.local/ns/shop/sa/web", "spiffe://cluster.local/ns/ops/sa/*"], namespaces: [shop] }
+    authorization: { identities: ["spiffe://cluster.local/ns/shop/sa/web", "spiffe://cluster.local/ns/ops/sa/*"], namespaces: [shop], rules: [{ identities: ["spiffe://cluster.local/ns/shop/sa/ci"], methods: [GET, HEAD], paths: [/healthz, "/api/*"] }, { namespaces: [batch] }] }
 interception: { outbound_policy: registry_only, mark: 1337, outside_mesh: ["192.0.2.7:443"] }
 clusters:
   - name: cart

@@ -121,6 +121,8 @@ pub struct RequestHead {
     pub len: usize,
     /// The method, where it matters.
     pub method: Method,
+    /// The method as sent.
+    pub method_name: Range<usize>,
     /// The authority: `Host`, or the authority of an absolute-form target. May be empty.
     pub host: Range<usize>,
     /// The path (with query) to route on.
@@ -315,6 +317,7 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>,
         return Err(HeadError::Malformed("incomplete request line"));
     };
     let fields = read_fields(buf, request.headers)?;
+    let method_name = offset(buf, method.as_bytes());
     let method = match method {
         "HEAD" => Method::Head,
         "CONNECT" => Method::Connect,
@@ -326,6 +329,12 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>,
     }
 
     let target_bytes = target.as_bytes();
+    // A request target carries no fragment (RFC 9112 §3.2): some servers would end the
+    // authority or the path at a `#`, and others not, each routing and authorizing another
+    // request than the proxy did.
+    if target_bytes.contains(&b'#') {
+        return Err(HeadError::Malformed("a fragment in the request target"));
+    }
     let (authority, path) = if target_bytes.starts_with(b"/") || target_bytes == b"*" {
         (None, offset(buf, target_bytes))
     } else if let Some(rest) = strip_scheme(target_bytes) {
@@ -333,6 +342,14 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>,
             .iter()
             .position(|&b| b == b'/' || b == b'?')
             .unwrap_or(rest.len());
+        // A host and port, nothing a server could read otherwise (user info, a backslash
+        // some take for a slash, escapes).
+        let host_char = |b: &u8| b.is_ascii_alphanumeric() || b"-.:[]".contains(b);
+        if !rest[..slash].iter().all(host_char) {
+            return Err(HeadError::Malformed(
+                "invalid authority in the request target",
+            ));
+        }
         (
             Some(offset(buf, &rest[..slash])),
             offset(buf, &rest[slash..]),
@@ -372,6 +389,7 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<RequestHead>,
     Ok(Some(RequestHead {
         len,
         method,
+        method_name,
         host,
         path,
         framing,

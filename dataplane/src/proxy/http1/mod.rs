@@ -27,7 +27,7 @@ use super::retry::{Attempts, Failure, REPLAY_LIMIT};
 use super::tcp::pump_counted;
 use crate::io::{Backend, Stream};
 use crate::metrics::{Flag, ListenerStats};
-use crate::snapshot::Chosen;
+use crate::snapshot::{Access, Chosen};
 use crate::tls::MaybeTls;
 use crate::worker::{Room, Sharing, View, Worker};
 
@@ -64,9 +64,9 @@ struct Conn<'a, B: Backend> {
     /// The listener's index in `view`.
     listener: usize,
     stats: Rc<ListenerStats>,
-    /// Who the client is, and whether the listener's authorization lets it in under `view`.
+    /// Who the client is, and what the listener's authorization lets it do under `view`.
     caller: Rc<Caller>,
-    admitted: bool,
+    access: Access,
     settings: HttpSettings,
     limits: Limits,
     down: MaybeTls<B::Stream>,
@@ -96,7 +96,7 @@ pub async fn serve<B: Backend>(
         view: view.clone(),
         listener,
         stats: view.listeners[listener].clone(),
-        admitted: caller.admitted(&view.snapshot.listeners[listener]),
+        access: caller.access(&view.snapshot.listeners[listener]),
         caller,
         limits: Limits::from(&settings),
         settings,
@@ -127,7 +127,7 @@ pub async fn serve<B: Backend>(
         } else {
             head
         };
-        let next = if conn.admitted {
+        let next = if conn.admits(&head) {
             conn.route(&head, started).await
         } else {
             conn.turned_away(&head, started).await
@@ -162,7 +162,7 @@ impl<B: Backend> Conn<'_, B> {
             return;
         }
         self.stats = current.listeners[index].clone();
-        self.admitted = self.caller.admitted(&current.snapshot.listeners[index]);
+        self.access = self.caller.access(&current.snapshot.listeners[index]);
         if self.settings != current.snapshot.config.http {
             self.settings = current.snapshot.config.http.clone();
             self.limits = Limits::from(&self.settings);
@@ -242,6 +242,16 @@ impl<B: Backend> Conn<'_, B> {
                 None
             }
         }
+    }
+
+    /// Whether the listener's authorization lets the client make this request.
+    fn admits(&self, head: &RequestHead) -> bool {
+        self.caller.may_request(
+            &self.view.snapshot.listeners[self.listener],
+            self.access,
+            &self.inbuf[head.method_name.clone()],
+            &self.inbuf[head.path.clone()],
+        )
     }
 
     /// Routes a request by host and path and carries it, or answers it: no route matched.

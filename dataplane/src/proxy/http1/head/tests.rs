@@ -31,6 +31,7 @@ fn reads_host_path_and_framing() {
 fn absolute_form_takes_its_authority() {
     let text = "GET http://svc.local:8080/p?q HTTP/1.1\r\nHost: SVC.local:8080\r\n\r\n";
     let head = complete(text);
+    assert_eq!(&text[head.method_name.clone()], "GET");
     assert_eq!(&text[head.host.clone()], "svc.local:8080");
     assert_eq!(&text[head.path.clone()], "/p?q");
     assert_eq!(head.method, Method::Idempotent);
@@ -142,6 +143,13 @@ fn refuses_ambiguous_or_malformed_requests() {
         "GET / HTTP/2.0\r\nHost: a\r\n\r\n",
         "\x16\x03\x01\x02\x00\x01\x00\x01\x03\x03",
         "GET / HTTP/1.1\r\nHo st: a\r\n\r\n",
+        // No fragment, and an absolute-form authority of a host and port only: each of these
+        // reads as another authority or path to some server.
+        "GET /public#/x HTTP/1.1\r\nHost: a\r\n\r\n",
+        "GET http://b#/public/x HTTP/1.1\r\nHost: b#\r\n\r\n",
+        "GET http://b\\admin HTTP/1.1\r\nHost: b\\admin\r\n\r\n",
+        "GET http://user@b/x HTTP/1.1\r\nHost: user@b\r\n\r\n",
+        "GET http://b%2fadmin/x HTTP/1.1\r\n\r\n",
     ];
     for text in bad {
         let error = request(text).expect_err(text);
