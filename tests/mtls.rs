@@ -464,6 +464,94 @@ fn an_authorization_rule_lets_a_caller_make_some_requests(backend: BackendChoice
     });
 }
 
+/// With an access log, the inbound sidecar writes one JSON line per HTTP request (HTTP/1.1
+/// and HTTP/2, answered by the app or by the proxy) and per opaque TCP connection, naming
+/// the caller's SPIFFE ID, the cluster and endpoint, the status and the proxy's flag.
+fn the_access_log_has_a_line_per_request_and_connection(backend: BackendChoice) {
+    let dir = TempDir::new("mtls-access-log");
+    let ca = TestCa::new("root");
+    let a_id = ca.write_identity(&dir.0, "a", A, &[&ca], false);
+    let b_id = ca.write_identity(&dir.0, "b", B, &[&ca], false);
+    let (echo, http) = (Echo::start(), Http::start("app"));
+    let dead = tests::upstream::dead_address();
+    let yaml = inbound_yaml(&b_id, (echo.addr, http.addr), "")
+        .replace(
+            "routes: [{ cluster: http-app }]",
+            "routes: [{ path_prefix: /dead, cluster: dead }, { cluster: http-app }]",
+        )
+        .replace(
+            "clusters:\n",
+            &format!("clusters:\n  - {{ name: dead, endpoints: [{dead}] }}\n"),
+        );
+    let path = dir.0.join("access.log");
+    let options = dataplane::Options {
+        access_log: Some(path.clone()),
+        ..tests::options(backend)
+    };
+    let config = shared::Config::from_yaml(&yaml, "b.yaml").unwrap();
+    let b = Proxy::start(config, "b.yaml", options).unwrap();
+    let a = outbound(backend, &a_id, &b, B);
+    client::assert_echo(a.listener_addr("out-tcp").unwrap(), b"logged");
+    let mut conn = Conn::open(a.listener_addr("out-http").unwrap());
+    conn.send(b"GET /one?x=1 HTTP/1.1\r\nHost: b\r\n\r\n");
+    assert_eq!(conn.response(false).status, 200);
+    conn.send(b"GET /dead HTTP/1.1\r\nHost: b\r\n\r\n");
+    assert_eq!(conn.response(false).status, 503);
+    let h2 = H2::connect(a.listener_addr("out-http").unwrap());
+    assert_eq!(h2.get("b", "/two").status, 200);
+    // The drain writes what the workers hold.
+    b.drain();
+    b.join();
+
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    let by = |protocol: &str, path: &str| {
+        lines
+            .iter()
+            .find(|l| l["protocol"] == protocol && l["path"].as_str().unwrap_or("") == path)
+            .unwrap_or_else(|| panic!("no {protocol} {path} line: {text}"))
+    };
+    let (tcp, one, two) = (
+        by("TCP", ""),
+        by("HTTP/1.1", "/one?x=1"),
+        by("HTTP/2", "/two"),
+    );
+    for line in [tcp, one, two] {
+        assert_eq!(line["peer_identity"], A, "{line}");
+        assert_eq!(line["response_flag"], "-", "{line}");
+        assert!(line["duration_us"].is_u64(), "{line}");
+        assert!(
+            line["start_time"].as_str().unwrap().ends_with('Z'),
+            "{line}"
+        );
+    }
+    assert_eq!(tcp["listener"], "in-tcp");
+    assert_eq!(tcp["cluster"], "tcp-app");
+    assert_eq!(tcp["upstream"], echo.addr.to_string());
+    assert_eq!(
+        (tcp["bytes_received"].as_u64(), tcp["bytes_sent"].as_u64()),
+        (Some(6), Some(6))
+    );
+    assert_eq!(one["method"], "GET");
+    assert_eq!(one["authority"], "b");
+    assert_eq!(one["path"], "/one?x=1");
+    assert_eq!(one["status"], 200);
+    assert_eq!(one["cluster"], "http-app");
+    assert_eq!(one["upstream"], http.addr.to_string());
+    assert_eq!(two["authority"], "b");
+    assert_eq!(two["status"], 200);
+    // An answer of the proxy's own: its flag, the cluster, and no endpoint that answered.
+    let dead = by("HTTP/1.1", "/dead");
+    assert_eq!(dead["status"], 503);
+    assert_eq!(dead["response_flag"], "UF");
+    assert_eq!(dead["cluster"], "dead");
+    assert_eq!(dead["upstream"], serde_json::Value::Null);
+}
+
 /// A new authorization reaches connections already open: one whose peer it no longer lets
 /// in is closed (counted under `RBAC`), whatever it carries.
 fn an_authorization_closes_open_connections_it_no_longer_allows(backend: BackendChoice) {
@@ -714,6 +802,7 @@ both_backends!(
     an_expired_certificate_is_refused,
     an_authorization_lets_in_only_the_peers_it_names,
     an_authorization_rule_lets_a_caller_make_some_requests,
+    the_access_log_has_a_line_per_request_and_connection,
     an_authorization_closes_open_connections_it_no_longer_allows,
     plaintext_garbage_and_stalled_handshakes_are_refused,
     config_without_identity_files_is_refused,

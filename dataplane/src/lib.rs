@@ -11,6 +11,7 @@
 //! [`metrics`] are per-worker and merged at scrape; [`sys`] holds the
 //! OS calls; [`intercept`] writes the pod's nftables rules for `tern-proxy init`.
 
+pub mod access_log;
 pub mod admin;
 pub mod ca_client;
 pub mod control;
@@ -59,6 +60,9 @@ pub struct Options {
     pub admin: SocketAddr,
     /// How long a drain waits for in-flight work.
     pub drain_deadline: Duration,
+    /// Where the access log goes (`-`: standard output); none by default
+    /// ([`access_log`]).
+    pub access_log: Option<std::path::PathBuf>,
 }
 
 impl Default for Options {
@@ -70,6 +74,7 @@ impl Default for Options {
             worker_slice: None,
             admin: SocketAddr::from(([127, 0, 0, 1], 15000)),
             drain_deadline: Duration::from_secs(30),
+            access_log: None,
         }
     }
 }
@@ -104,6 +109,14 @@ pub enum StartError {
     /// A thread could not be started.
     #[error("starting a thread: {0}")]
     Thread(std::io::Error),
+    /// The access log could not be opened.
+    #[error("access log {path}: {source}")]
+    AccessLog {
+        /// Where it was to go.
+        path: std::path::PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// The first config could not be applied.
     #[error(transparent)]
     Apply(#[from] ApplyError),
@@ -128,6 +141,15 @@ impl Proxy {
         // kTLS is probed now, so the log says at start-up what mTLS connections will do,
         // and no connection waits for the probe.
         ktls::supported();
+        let access_log = match &options.access_log {
+            Some(path) => Some(
+                access_log::open(path).map_err(|source| StartError::AccessLog {
+                    path: path.clone(),
+                    source,
+                })?,
+            ),
+            None => None,
+        };
         let count = options.workers.unwrap_or_else(sys::default_workers).max(1);
         let cpus = if options.pin_workers {
             exclusive_cpus(sys::allowed_cpus().unwrap_or_default(), count)
@@ -168,6 +190,7 @@ impl Proxy {
                 snapshot: first.clone(),
                 commands,
                 destinations: control.destination_sender(),
+                access_log: access_log.clone(),
             };
             let worker_control = control.clone();
             let remaining = remaining.clone();

@@ -41,6 +41,10 @@ struct Args {
     /// How long a drain waits for in-flight requests.
     #[arg(long, env = "TERN_DRAIN_DEADLINE", default_value = "30s", value_parser = humantime::parse_duration)]
     drain_deadline: Duration,
+    /// Write an access log here, one JSON line per HTTP request and per opaque TCP
+    /// connection (`-`: standard output) [default: none].
+    #[arg(long, env = "TERN_ACCESS_LOG")]
+    access_log: Option<PathBuf>,
     /// Log filter (tracing `EnvFilter` syntax, e.g. `info` or `dataplane=debug`).
     #[arg(long, env = "TERN_LOG", default_value = "info")]
     log: String,
@@ -223,6 +227,7 @@ fn main() -> anyhow::Result<()> {
         worker_slice: args.worker_slice.filter(|slice| !slice.is_zero()),
         admin: args.admin,
         drain_deadline: args.drain_deadline,
+        access_log: args.access_log,
     };
     // Checked here, not by clap: `wait-ready`, run in the same container, sees the same
     // variables and must not be refused for them.

@@ -530,6 +530,7 @@ impl Registry {
         WorkerReport {
             listeners,
             clusters,
+            access_log_dropped: 0,
         }
     }
 }
@@ -541,6 +542,8 @@ pub struct WorkerReport {
     pub listeners: BTreeMap<Arc<str>, ListenerReport>,
     /// By cluster name.
     pub clusters: BTreeMap<Arc<str>, ClusterReport>,
+    /// Access log lines dropped for want of room where they go.
+    pub access_log_dropped: u64,
 }
 
 /// A listener's statistics.
@@ -610,6 +613,7 @@ pub struct ClusterReport {
 impl WorkerReport {
     /// Adds another worker's report into this one.
     pub fn merge(&mut self, other: WorkerReport) {
+        self.access_log_dropped += other.access_log_dropped;
         for (name, l) in other.listeners {
             match self.listeners.get_mut(&name) {
                 None => {
@@ -712,6 +716,11 @@ pub fn render(info: &Info<'_>, report: &WorkerReport) -> String {
     );
     let _ = writeln!(out, "tern_config_version {}", info.config_version);
     let _ = writeln!(out, "tern_workers_reporting {}", info.workers_reporting);
+    let _ = writeln!(
+        out,
+        "# HELP tern_access_log_dropped_lines_total Access log lines dropped because where they go had no room (a reader behind).\n# TYPE tern_access_log_dropped_lines_total counter\ntern_access_log_dropped_lines_total {}",
+        report.access_log_dropped
+    );
     if let Some((id, seconds)) = &info.identity_expiry {
         let _ = writeln!(
             out,

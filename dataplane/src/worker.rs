@@ -152,6 +152,8 @@ pub struct Worker<B: Backend> {
     /// Woken when draining starts, so idle keep-alive connections close.
     drain_started: Notify,
     all_closed: Notify,
+    /// The worker's access log, if the proxy keeps one.
+    access_log: Option<crate::access_log::AccessLog>,
 }
 
 struct AcceptLoop {
@@ -213,6 +215,7 @@ impl<B: Backend> Worker<B> {
         (id, workers): (usize, usize),
         snapshot: Arc<Snapshot>,
         destinations: mpsc::Sender<SocketAddr>,
+        access_log: Option<Arc<std::fs::File>>,
     ) -> Rc<Worker<B>> {
         let stats = Registry::default();
         let view = Rc::new(make_view(
@@ -236,7 +239,13 @@ impl<B: Backend> Worker<B> {
             draining: Cell::new(false),
             drain_started: Notify::new(),
             all_closed: Notify::new(),
+            access_log: access_log.map(crate::access_log::AccessLog::new),
         })
+    }
+
+    /// The worker's access log, if the proxy keeps one.
+    pub fn access_log(&self) -> Option<&crate::access_log::AccessLog> {
+        self.access_log.as_ref()
     }
 
     /// The worker's current config and statistics handles.
@@ -710,7 +719,8 @@ async fn serve<B: Backend>(
     let serving = async {
         match &plan.kind {
             ListenerKind::Tcp { cluster } => {
-                proxy::tcp::serve(worker, view, index, *cluster, down, Vec::new()).await;
+                let at = (index, *cluster);
+                proxy::tcp::serve(worker, view, at, down, Vec::new(), &caller).await;
             }
             ListenerKind::Http(_) => {
                 proxy::detect::serve(worker, view, index, None, down, caller.clone(), inner).await;
@@ -934,6 +944,8 @@ pub struct Spawn {
     pub commands: mpsc::UnboundedReceiver<Command>,
     /// Where unclaimed intercepted destinations go ([`crate::control::Control`]).
     pub destinations: mpsc::Sender<SocketAddr>,
+    /// Where the access log goes, if the proxy keeps one.
+    pub access_log: Option<Arc<std::fs::File>>,
 }
 
 /// Runs a worker on the current thread until it has drained.
@@ -946,6 +958,7 @@ pub fn run<B: Backend>(spawn: Spawn) -> std::io::Result<()> {
         snapshot,
         mut commands,
         destinations,
+        access_log,
     } = spawn;
     if let Some(cpu) = cpu
         && let Err(error) = crate::sys::pin_current_thread(cpu)
@@ -959,7 +972,20 @@ pub fn run<B: Backend>(spawn: Spawn) -> std::io::Result<()> {
         }
     }
     B::block_on(async move {
-        let worker = Worker::<B>::new((id, workers), snapshot, destinations);
+        let worker = Worker::<B>::new((id, workers), snapshot, destinations, access_log);
+        if worker.access_log.is_some() {
+            let worker = worker.clone();
+            tokio::task::spawn_local(async move {
+                let mut every = tokio::time::interval(crate::access_log::FLUSH_EVERY);
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    every.tick().await;
+                    if let Some(log) = worker.access_log().filter(|log| log.pending()) {
+                        log.flush();
+                    }
+                }
+            });
+        }
         tracing::debug!(
             worker = id,
             backend = B::KIND.as_str(),
@@ -979,10 +1005,15 @@ pub fn run<B: Backend>(spawn: Spawn) -> std::io::Result<()> {
                     let _ = applied.send(result);
                 }
                 Command::Scrape(reply) => {
-                    let _ = reply.send(worker.stats.report());
+                    let mut report = worker.stats.report();
+                    report.access_log_dropped = worker.access_log().map_or(0, |log| log.dropped());
+                    let _ = reply.send(report);
                 }
                 Command::Drain { deadline } => {
                     worker.drain(deadline).await;
+                    if let Some(log) = worker.access_log() {
+                        log.flush();
+                    }
                     break;
                 }
             }

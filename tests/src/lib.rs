@@ -31,6 +31,7 @@ pub fn options(backend: BackendChoice) -> dataplane::Options {
         worker_slice: None,
         admin: "127.0.0.1:0".parse().unwrap(),
         drain_deadline: Duration::from_secs(5),
+        access_log: None,
     }
 }
 

@@ -173,7 +173,8 @@ pub async fn serve<B: Backend>(
             let _ = down.shutdown(std::net::Shutdown::Both);
         }
         (_, Some(cluster)) => {
-            super::tcp::serve(worker, view, listener, cluster, down.unsniffed(), first).await;
+            let at = (listener, cluster);
+            super::tcp::serve(worker, view, at, down.unsniffed(), first, &caller).await;
         }
     }
 }

@@ -30,6 +30,7 @@ use super::Caller;
 use super::balance::InFlight;
 use super::limit::Slot;
 use super::retry::{Attempts, Failure, Outgoing, Resend};
+use crate::access_log::{Entry, request_fields};
 use crate::io::Backend;
 use crate::io::hyper_io::{HyperIo, LocalExec};
 use crate::metrics::Flag;
@@ -372,8 +373,15 @@ pub async fn serve<B: Backend>(
                 None => (accepted.clone(), listener),
             };
             async move {
-                let response = forward(&worker, &view, listener, &caller, request).await;
-                Ok::<_, Infallible>(response)
+                if worker.access_log().is_none() {
+                    let outcome = Cell::new(Outcome::default());
+                    let response = forward(&worker, &view, listener, &caller, request, &outcome);
+                    return Ok::<_, Infallible>(response.await);
+                }
+                let logged = Logged::new(&worker, &view, listener, &caller, &request);
+                let outcome = &logged.outcome;
+                let response = forward(&worker, &view, listener, &caller, request, outcome).await;
+                Ok(response)
             }
         })
     };
@@ -398,23 +406,113 @@ pub async fn serve<B: Backend>(
     }
 }
 
+/// How a request ended, for the access log: the status it counts as (0: none yet), the
+/// proxy's flag, and the cluster (and endpoint) it went to.
+#[derive(Debug, Clone, Copy, Default)]
+struct Outcome {
+    status: u16,
+    flag: Option<Flag>,
+    upstream: Option<(usize, Option<SocketAddr>)>,
+}
+
+/// A request on its way, with an access log: writes its line when dropped, once answered or
+/// when its client gave up on it first (a stream reset, which drops the request's task).
+struct Logged<B: Backend> {
+    worker: Rc<Worker<B>>,
+    view: Rc<View>,
+    listener: usize,
+    caller: Rc<Caller>,
+    fields: Vec<u8>,
+    outcome: Cell<Outcome>,
+    started: Instant,
+}
+
+impl<B: Backend> Logged<B> {
+    fn new(
+        worker: &Rc<Worker<B>>,
+        view: &Rc<View>,
+        listener: usize,
+        caller: &Rc<Caller>,
+        request: &Request<Incoming>,
+    ) -> Self {
+        let uri = request.uri();
+        let authority = uri.authority().map(|a| a.as_str()).or_else(|| {
+            let host = request.headers().get(hyper::header::HOST)?;
+            host.to_str().ok()
+        });
+        let path = uri.path_and_query().map_or("", |p| p.as_str());
+        let mut fields = Vec::with_capacity(128);
+        let method = request.method().as_str().as_bytes();
+        let authority = authority.unwrap_or_default().as_bytes();
+        request_fields(&mut fields, method, authority, path.as_bytes());
+        Logged {
+            worker: worker.clone(),
+            view: view.clone(),
+            listener,
+            caller: caller.clone(),
+            fields,
+            outcome: Cell::new(Outcome::default()),
+            started: Instant::now(),
+        }
+    }
+}
+
+impl<B: Backend> Drop for Logged<B> {
+    fn drop(&mut self) {
+        let Some(log) = self.worker.access_log() else {
+            return;
+        };
+        let Outcome {
+            status,
+            flag,
+            upstream,
+        } = self.outcome.get();
+        let answered = status != 0;
+        let snapshot = &self.view.snapshot;
+        log.record(&Entry {
+            listener: &snapshot.listeners[self.listener].name,
+            caller: &self.caller,
+            protocol: "HTTP/2",
+            request: &self.fields,
+            status: answered.then_some(status),
+            flag: if answered {
+                flag
+            } else {
+                Some(Flag::DownstreamReset)
+            },
+            upstream: upstream.and_then(|(c, addr)| Some((&*snapshot.clusters.get(c)?.name, addr))),
+            bytes: None,
+            duration: self.started.elapsed(),
+        });
+    }
+}
+
 /// Routes and forwards one request from `caller`; answers it itself when that fails, or when
 /// the listener's authorization does not let `caller` in. The route's timeout bounds
 /// everything up to the response head: finding or making the upstream connection and the
-/// upstream's answer.
+/// upstream's answer. `outcome` ends saying how it went.
 async fn forward<B: Backend>(
     worker: &Rc<Worker<B>>,
     view: &View,
     listener: usize,
     caller: &Caller,
     mut request: Request<Incoming>,
+    outcome: &Cell<Outcome>,
 ) -> Response<Body> {
     let started = Instant::now();
     let stats = &view.listeners[listener];
     stats.request();
     // gRPC calls are POSTs (a CONNECT answered 200 would open a tunnel).
     let grpc = request.method() == hyper::Method::POST && is_grpc(request.headers());
-    let refuse = |status: u16, flag: Flag| local(stats, started, status, flag, grpc);
+    let refuse = |status: u16, flag: Flag| {
+        let upstream = outcome.get().upstream;
+        outcome.set(Outcome {
+            status,
+            flag: Some(flag),
+            upstream,
+        });
+        local(stats, started, status, flag, grpc)
+    };
     let plan = &view.snapshot.listeners[listener];
     let target = request.uri().path_and_query().map_or("/", |p| p.as_str());
     let method = request.method().as_str().as_bytes();
@@ -457,12 +555,20 @@ async fn forward<B: Backend>(
     let (mut request, resend) = Resend::split(request, attempts.retryable());
     let mut unsent_resent = false;
     loop {
+        outcome.set(Outcome {
+            upstream: Some((chosen.cluster, None)),
+            ..outcome.get()
+        });
         let deadline = attempts.deadline();
         let attempt_started = tokio::time::Instant::now();
         let upstream =
             tokio::time::timeout_at(deadline, upstream::<B>(worker, view, chosen.cluster));
         let sent = match upstream.await {
             Ok(Ok((mut sender, key, place))) => {
+                outcome.set(Outcome {
+                    upstream: Some((chosen.cluster, Some(key.1))),
+                    ..outcome.get()
+                });
                 cluster.request();
                 let in_flight = view.in_flight(chosen.cluster, key.1);
                 let sent = tokio::time::timeout_at(deadline, sender.try_send_request(request));
@@ -499,6 +605,10 @@ async fn forward<B: Backend>(
                     continue;
                 }
                 stats.response(status, started.elapsed());
+                outcome.set(Outcome {
+                    status,
+                    ..outcome.get()
+                });
                 let idle_timeout = view.snapshot.clusters[chosen.cluster].idle_timeout;
                 let stats = view.listeners[listener].clone();
                 return response

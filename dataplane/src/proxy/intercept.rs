@@ -39,7 +39,7 @@ pub async fn passthrough<B: Backend>(
         return;
     };
     let idle = view.snapshot.clusters[cluster].idle_timeout;
-    let outcome = pump_counted(
+    let (outcome, _, _) = pump_counted(
         &down,
         &up,
         Vec::new(),

@@ -33,36 +33,60 @@ const SHRINK_FLOOR: usize = 4 * COPY_BUFFER;
 /// A read this large marks a bulk direction, which moves to `splice` where it can.
 const SPLICE_AFTER: usize = 64 * 1024;
 
-/// Serves one opaque TCP connection; `first` holds bytes already read from the client.
+/// Serves one opaque TCP connection from `caller`; `first` holds bytes already read from
+/// the client.
 pub async fn serve<B: Backend, D: Stream>(
     worker: &Rc<Worker<B>>,
     view: &View,
-    listener: usize,
-    cluster: usize,
+    (listener, cluster): (usize, usize),
     down: D,
     first: Vec<u8>,
+    caller: &super::Caller,
 ) {
+    let started = Instant::now();
     let stats = &view.listeners[listener];
+    let log = |flag: Option<Flag>, upstream: Option<std::net::SocketAddr>, bytes| {
+        if let Some(log) = worker.access_log() {
+            log.record(&crate::access_log::Entry {
+                listener: &view.snapshot.listeners[listener].name,
+                caller,
+                protocol: "TCP",
+                request: b"",
+                status: None,
+                flag,
+                upstream: Some((&view.snapshot.clusters[cluster].name, upstream)),
+                bytes: Some(bytes),
+                duration: started.elapsed(),
+            });
+        }
+    };
     let nothing_to_reuse = || None::<std::convert::Infallible>;
     let room = worker.upstream_room(view, cluster, nothing_to_reuse, Sharing::Exclusive);
     // Held while the upstream connection is open.
     let Ok(Room::Slot(_slot)) = room.await else {
         stats.error(Flag::UpstreamOverflow);
+        log(Some(Flag::UpstreamOverflow), None, (0, 0));
         let _ = down.shutdown(Shutdown::Both);
         return;
     };
     let Some((up, addr)) = super::connect::<B>(view, cluster, super::Inner::Tcp).await else {
         stats.error(Flag::UpstreamConnectFailure);
+        log(Some(Flag::UpstreamConnectFailure), None, (0, 0));
         let _ = down.shutdown(Shutdown::Both);
         return;
     };
     let _in_flight = view.in_flight(cluster, addr);
     let idle = view.snapshot.clusters[cluster].idle_timeout;
     let upstream = &view.clusters[cluster];
-    let outcome = pump_counted(&down, &up, first, Vec::new(), idle, stats, upstream).await;
-    if outcome == Pumped::IdleTimeout {
-        stats.error(Flag::IdleTimeout);
+    let sniffed = first.len() as u64;
+    let (outcome, received, sent) =
+        pump_counted(&down, &up, first, Vec::new(), idle, stats, upstream).await;
+    let received = received + sniffed;
+    let flag = (outcome == Pumped::IdleTimeout).then_some(Flag::IdleTimeout);
+    if let Some(flag) = flag {
+        stats.error(flag);
     }
+    log(flag, Some(addr), (received, sent));
 }
 
 /// How a [`pump`] ended.
@@ -77,7 +101,8 @@ pub enum Pumped {
 }
 
 /// [`pump`] between a client (`down`) and an upstream (`up`), counting bytes on the
-/// listener's and the cluster's statistics.
+/// listener's and the cluster's statistics; returns how it ended and the bytes read from
+/// the client and from the upstream.
 pub async fn pump_counted<D: Stream, U: Stream>(
     down: &D,
     up: &U,
@@ -86,20 +111,24 @@ pub async fn pump_counted<D: Stream, U: Stream>(
     idle: Duration,
     listener: &ListenerStats,
     cluster: &ClusterStats,
-) -> Pumped {
+) -> (Pumped, u64, u64) {
+    let (received, sent) = (Cell::new(0), Cell::new(0));
     let from_down = |n| {
+        received.set(received.get() + n);
         listener.received(n);
         cluster.sent(n);
     };
     let from_up = |n| {
+        sent.set(sent.get() + n);
         listener.sent(n);
         cluster.received(n);
     };
     let spliced = || listener.spliced();
-    pump(
+    let outcome = pump(
         down, up, to_up, to_down, idle, &from_down, &from_up, &spliced,
     )
-    .await
+    .await;
+    (outcome, received.get(), sent.get())
 }
 
 /// Copies `a → b` and `b → a` until both directions end. `to_b` and `to_a` are bytes already

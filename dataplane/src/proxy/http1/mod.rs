@@ -25,6 +25,7 @@ use super::Caller;
 use super::limit::Slot;
 use super::retry::{Attempts, Failure, REPLAY_LIMIT};
 use super::tcp::pump_counted;
+use crate::access_log::{Entry, request_fields};
 use crate::io::{Backend, Stream};
 use crate::metrics::{Flag, ListenerStats};
 use crate::snapshot::{Access, Chosen};
@@ -77,6 +78,12 @@ struct Conn<'a, B: Backend> {
     upbuf: Vec<u8>,
     /// Body bytes in transit.
     scratch: Vec<u8>,
+    /// With an access log: the current request's fields, the cluster (and endpoint) it
+    /// went to, whether its line is written, and the flag of an error that ended it.
+    logged: Vec<u8>,
+    upstream: Option<(usize, Option<SocketAddr>)>,
+    written: bool,
+    failure: Option<Flag>,
 }
 
 /// Serves HTTP/1.1 on one accepted connection (on an `http` or `detect` listener) until it
@@ -104,8 +111,16 @@ pub async fn serve<B: Backend>(
         inbuf: Vec::with_capacity(HEAD_BUFFER),
         upbuf: Vec::new(),
         scratch: Vec::new(),
+        logged: Vec::new(),
+        upstream: None,
+        written: false,
+        failure: None,
     };
     let ended = loop {
+        conn.logged.clear();
+        conn.upstream = None;
+        conn.written = false;
+        conn.failure = None;
         let head = match conn.read_request_head().await {
             Ok(head) => head,
             Err(NoRequest::Closed) => break Next::Close,
@@ -119,6 +134,16 @@ pub async fn serve<B: Backend>(
         let started = Instant::now();
         conn.follow_config();
         conn.stats.request();
+        if conn.worker.access_log().is_some() {
+            let inbuf = &conn.inbuf;
+            let fields = (&inbuf[head.method_name.clone()], &inbuf[head.host.clone()]);
+            request_fields(
+                &mut conn.logged,
+                fields.0,
+                fields.1,
+                &inbuf[head.path.clone()],
+            );
+        }
         let head = if head.h2c_upgrade {
             match conn.decline_h2c_upgrade(&head) {
                 Some(plain) => plain,
@@ -132,6 +157,15 @@ pub async fn serve<B: Backend>(
         } else {
             conn.turned_away(&head, started).await
         };
+        if !conn.written {
+            // Broken off before an answer was counted (the client or the upstream went away
+            // mid-exchange): logged with what ended it.
+            conn.log(
+                None,
+                Some(conn.failure.unwrap_or(Flag::DownstreamReset)),
+                started,
+            );
+        }
         if next != Next::KeepAlive {
             break next;
         }
@@ -211,7 +245,7 @@ impl<B: Backend> Conn<'_, B> {
             match read {
                 Ok(0) if self.inbuf.is_empty() => return Err(NoRequest::Closed),
                 Ok(0) => {
-                    self.stats.error(Flag::DownstreamReset);
+                    self.error(Flag::DownstreamReset);
                     return Err(NoRequest::Closed);
                 }
                 Ok(n) => {
@@ -221,7 +255,7 @@ impl<B: Backend> Conn<'_, B> {
                     }
                 }
                 Err(_) => {
-                    self.stats.error(Flag::DownstreamReset);
+                    self.error(Flag::DownstreamReset);
                     return Err(NoRequest::Closed);
                 }
             }
@@ -357,10 +391,12 @@ impl<B: Backend> Conn<'_, B> {
             let (up, addr, reused) = match checked_out {
                 Ok(checked_out) => checked_out,
                 Err(flag) => {
+                    self.upstream = Some((cluster, None));
                     self.release(whole.unwrap_or(head.len), head.len);
                     return self.reply(503, flag, must_close, started).await;
                 }
             };
+            self.upstream = Some((cluster, Some(addr)));
             upstream_stats.request();
             let in_flight = view.in_flight(cluster, addr);
             // A pooled connection the upstream already closed fails here; an idempotent
@@ -489,7 +525,7 @@ impl<B: Backend> Conn<'_, B> {
             match read {
                 Ok(n) if n > 0 => self.stats.received(n as u64),
                 _ => {
-                    self.stats.error(Flag::DownstreamReset);
+                    self.error(Flag::DownstreamReset);
                     return Err(Next::Close);
                 }
             }
@@ -553,7 +589,7 @@ impl<B: Backend> Conn<'_, B> {
             }
             Err(BodyError::Read(_) | BodyError::Truncated) => {
                 let _ = up.shutdown(Shutdown::Both);
-                self.stats.error(Flag::DownstreamReset);
+                self.error(Flag::DownstreamReset);
                 Err(Next::Close)
             }
         }
@@ -689,7 +725,7 @@ impl<B: Backend> Conn<'_, B> {
             if written.is_err() {
                 self.upbuf = pending;
                 let _ = up.shutdown(Shutdown::Both);
-                self.stats.error(Flag::DownstreamReset);
+                self.error(Flag::DownstreamReset);
                 return Next::Close;
             }
             self.stats.sent(len as u64);
@@ -719,7 +755,7 @@ impl<B: Backend> Conn<'_, B> {
                 // The client went away or stopped reading (its connection aborted): nothing
                 // more can reach it, a `close_notify` included.
                 let _ = up.shutdown(Shutdown::Both);
-                self.stats.error(Flag::DownstreamReset);
+                self.error(Flag::DownstreamReset);
                 return Next::Reset;
             }
             Err(error) => {
@@ -727,11 +763,11 @@ impl<B: Backend> Conn<'_, B> {
                 // ends.
                 tracing::debug!(%error, "upstream response body failed");
                 let _ = up.shutdown(Shutdown::Both);
-                self.stats.error(Flag::UpstreamReset);
+                self.error(Flag::UpstreamReset);
                 return Next::Reset;
             }
         }
-        self.stats.response(response.status, started.elapsed());
+        self.answered(response.status, None, started);
         // The request went upstream as it came: one that asked to close (`Connection:
         // close`, HTTP/1.0 without keep-alive) leaves the upstream bound to close, whether or
         // not its response says so (RFC 9112 §9.6), so its connection is not parked.
@@ -766,7 +802,7 @@ impl<B: Backend> Conn<'_, B> {
             return Next::Close;
         }
         self.stats.sent(response.len as u64);
-        self.stats.response(101, started.elapsed());
+        self.answered(101, None, started);
         upbuf.drain(..response.len);
         let to_up = std::mem::take(&mut self.inbuf);
         let idle = self.view.snapshot.clusters[cluster].idle_timeout;
@@ -824,6 +860,42 @@ impl<B: Backend> Conn<'_, B> {
         Ok((stream, addr, false))
     }
 
+    /// Counts an error under `flag`, which the access log names if it ends the exchange.
+    fn error(&mut self, flag: Flag) {
+        self.stats.error(flag);
+        self.failure = Some(flag);
+    }
+
+    /// Counts a response (and logs the exchange, with an access log).
+    fn answered(&mut self, status: u16, flag: Option<Flag>, started: Instant) {
+        self.stats.response(status, started.elapsed());
+        self.log(Some(status), flag, started);
+    }
+
+    /// Writes the exchange's access log line, with an access log, once.
+    fn log(&mut self, status: Option<u16>, flag: Option<Flag>, started: Instant) {
+        if std::mem::replace(&mut self.written, true) {
+            return;
+        }
+        let duration = started.elapsed();
+        if let Some(log) = self.worker.access_log() {
+            let snapshot = &self.view.snapshot;
+            log.record(&Entry {
+                listener: &snapshot.listeners[self.listener].name,
+                caller: &self.caller,
+                protocol: "HTTP/1.1",
+                request: &self.logged,
+                status,
+                flag,
+                upstream: self
+                    .upstream
+                    .and_then(|(c, addr)| Some((&*snapshot.clusters.get(c)?.name, addr))),
+                bytes: None,
+                duration,
+            });
+        }
+    }
+
     /// Sends a response the proxy makes itself, counts it, and says what comes next.
     async fn reply(&mut self, status: u16, flag: Flag, close: bool, started: Instant) -> Next {
         self.stats.error(flag);
@@ -831,7 +903,7 @@ impl<B: Backend> Conn<'_, B> {
         let message = reply_bytes(status, flag, close);
         let len = message.len();
         self.stats.sent(len as u64);
-        self.stats.response(status, started.elapsed());
+        self.answered(status, Some(flag), started);
         let (written, _) = self.down.write_all(message, 0..len).await;
         if written.is_err() || close {
             Next::Close
