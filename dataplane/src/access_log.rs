@@ -31,9 +31,11 @@ pub const FLUSH_EVERY: Duration = Duration::from_millis(500);
 /// The most one write carries: what a pipe takes whole (POSIX `PIPE_BUF` on Linux).
 const WRITE_AT_MOST: usize = 4096;
 /// The most a request field (method, authority, path) takes of a line, escaped; a longer
-/// one is cut short and ends in `...`. Three of them and the rest of a line stay under
-/// [`WRITE_AT_MOST`].
-pub const FIELD_AT_MOST: usize = 1024;
+/// one is cut short and ends in `...`. With [`NAME_AT_MOST`] for each name, a line stays
+/// under [`WRITE_AT_MOST`].
+pub const FIELD_AT_MOST: usize = 768;
+/// The most a listener's or cluster's name, or a peer's identity, takes of a line.
+const NAME_AT_MOST: usize = 256;
 /// The most a worker keeps waiting for a reader that is behind; lines past it are dropped.
 const BACKLOG_AT_MOST: usize = 256 * 1024;
 
@@ -82,9 +84,9 @@ pub struct Entry<'a> {
     pub caller: &'a Caller,
     /// `HTTP/1.1`, `HTTP/2` or `TCP`.
     pub protocol: &'static str,
-    /// The request's fields ([`request_fields`]); empty for TCP, or a request that did not
-    /// parse.
-    pub request: &'a [u8],
+    /// The request's fields ([`write_request_fields`]); empty for TCP, or a request that
+    /// did not parse.
+    pub request_fields: &'a [u8],
     /// The response's status; none for TCP.
     pub status: Option<u16>,
     /// Why the proxy answered itself, or the connection ended as it did.
@@ -93,13 +95,14 @@ pub struct Entry<'a> {
     pub upstream: Option<(&'a str, Option<SocketAddr>)>,
     /// Bytes from and to the client (TCP).
     pub bytes: Option<(u64, u64)>,
-    /// From the request's (connection's) start to its end.
+    /// From the request's head to its end (HTTP/1.1: its response's end; HTTP/2: its
+    /// response head), or a TCP connection's whole life.
     pub duration: Duration,
 }
 
 /// Writes a request's fields (method, authority, path) into `out`, ready for an
 /// [`Entry::request`]: done when the request starts, as its bytes may be gone by its end.
-pub fn request_fields(out: &mut Vec<u8>, method: &[u8], authority: &[u8], path: &[u8]) {
+pub fn write_request_fields(out: &mut Vec<u8>, method: &[u8], authority: &[u8], path: &[u8]) {
     out.clear();
     out.extend_from_slice(b",\"method\":");
     json_string(out, method, FIELD_AT_MOST);
@@ -212,18 +215,15 @@ fn format(out: &mut Vec<u8>, entry: &Entry<'_>, now: SystemTime) {
         "{{\"start_time\":\"{}\",\"duration_us\":{micros},\"listener\":",
         humantime::format_rfc3339_micros(start)
     );
-    json_string(out, entry.listener.as_bytes(), usize::MAX);
+    json_string(out, entry.listener.as_bytes(), NAME_AT_MOST);
     let _ = write!(out, ",\"downstream\":\"{}\"", entry.caller.addr);
     out.extend_from_slice(b",\"peer_identity\":");
     match &entry.caller.identity {
-        // A SPIFFE ID holds nothing JSON would escape (checked when it was parsed).
-        Some(identity) => {
-            let _ = write!(out, "\"{identity}\"");
-        }
+        Some(identity) => json_string(out, identity.to_string().as_bytes(), 2 * NAME_AT_MOST),
         None => out.extend_from_slice(b"null"),
     }
     let _ = write!(out, ",\"protocol\":\"{}\"", entry.protocol);
-    out.extend_from_slice(entry.request);
+    out.extend_from_slice(entry.request_fields);
     if let Some(status) = entry.status {
         let _ = write!(out, ",\"status\":{status}");
     }
@@ -232,7 +232,7 @@ fn format(out: &mut Vec<u8>, entry: &Entry<'_>, now: SystemTime) {
     match entry.upstream {
         Some((cluster, addr)) => {
             out.extend_from_slice(b",\"cluster\":");
-            json_string(out, cluster.as_bytes(), usize::MAX);
+            json_string(out, cluster.as_bytes(), NAME_AT_MOST);
             match addr {
                 Some(addr) => {
                     let _ = write!(out, ",\"upstream\":\"{addr}\"");
@@ -287,12 +287,12 @@ mod tests {
     fn a_line_is_one_json_object_whatever_the_request_bytes() {
         let caller = caller(Some("spiffe://tern.test/ns/shop/sa/web"));
         let mut request = Vec::new();
-        request_fields(&mut request, b"GET", b"b", b"/a\"b\\c\n\xff?q=1");
+        write_request_fields(&mut request, b"GET", b"b", b"/a\"b\\c\n\xff?q=1");
         let entry = Entry {
             listener: "in-http",
             caller: &caller,
             protocol: "HTTP/1.1",
-            request: &request,
+            request_fields: &request,
             status: Some(403),
             flag: Some(Flag::Unauthorized),
             upstream: None,
@@ -318,7 +318,7 @@ mod tests {
             listener: "db",
             caller: &plain,
             protocol: "TCP",
-            request: b"",
+            request_fields: b"",
             status: None,
             flag: None,
             upstream: Some(("db", Some("10.0.0.9:5432".parse().unwrap()))),
@@ -345,12 +345,12 @@ mod tests {
         // Every line as long as a line gets: each request field cut short.
         let mut request = Vec::new();
         let long = vec![b'\x01'; 10_000];
-        request_fields(&mut request, &long, &long, &long);
+        write_request_fields(&mut request, &long, &long, &long);
         let entry = Entry {
             listener: "l",
             caller: &caller,
             protocol: "HTTP/1.1",
-            request: &request,
+            request_fields: &request,
             status: Some(200),
             flag: None,
             upstream: None,

@@ -8,8 +8,9 @@
 //! config from `tern-control`; [`snapshot`] is the compiled config workers read; [`tls`]
 //! runs mutual TLS handshakes over the same IO interface, then [`ktls`] hands the record
 //! layer to the kernel where it can and [`usertls`] runs it in userspace where it cannot;
-//! [`metrics`] are per-worker and merged at scrape; [`sys`] holds the
-//! OS calls; [`intercept`] writes the pod's nftables rules for `tern-proxy init`.
+//! [`metrics`] are per-worker and merged at scrape, and the optional [`access_log`] is
+//! written by each worker from its own buffer; [`sys`] holds the OS calls; [`intercept`]
+//! writes the pod's nftables rules for `tern-proxy init`.
 
 pub mod access_log;
 pub mod admin;

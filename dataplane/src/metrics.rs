@@ -6,8 +6,8 @@
 //! name, and renders the text format; latency quantiles come from the merged histogram, so
 //! p99.9 is exact to the histogram's three significant digits, not a bucket guess.
 //!
-//! Warnings a peer can cause once per connection are paced here too ([`Pace`]): the
-//! counters count every one, the log gets a line a second.
+//! Warnings a peer can cause once per connection or request are paced here too ([`Pace`]):
+//! the counters count every one, the log gets a line a second.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;

@@ -5,7 +5,7 @@
 //! A worker talks to the rest of the process only through [`Command`]s on its channel: a
 //! new config snapshot (with the sockets of new listeners), a scrape, or a drain. A
 //! connection never leaves the worker that accepted it, and nothing here is shared with
-//! another worker.
+//! another worker (but the access log's descriptor, which each writes from its own buffer).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -719,8 +719,7 @@ async fn serve<B: Backend>(
     let serving = async {
         match &plan.kind {
             ListenerKind::Tcp { cluster } => {
-                let at = (index, *cluster);
-                proxy::tcp::serve(worker, view, at, down, Vec::new(), &caller).await;
+                proxy::tcp::serve(worker, view, index, *cluster, down, Vec::new(), &caller).await;
             }
             ListenerKind::Http(_) => {
                 proxy::detect::serve(worker, view, index, None, down, caller.clone(), inner).await;
@@ -810,7 +809,7 @@ async fn terminate_tls<B: Backend>(
             ListenerKind::Tcp { .. } | ListenerKind::Intercepted(_) => false,
         };
         if !may_be_http && !caller.admitted(plan) {
-            caller.turned_away(plan, stats, false);
+            caller.refuse_connection(plan, stats);
             return false;
         }
         true
@@ -973,14 +972,14 @@ pub fn run<B: Backend>(spawn: Spawn) -> std::io::Result<()> {
     }
     B::block_on(async move {
         let worker = Worker::<B>::new((id, workers), snapshot, destinations, access_log);
-        if worker.access_log.is_some() {
+        if worker.access_log().is_some() {
             let worker = worker.clone();
             tokio::task::spawn_local(async move {
                 let mut every = tokio::time::interval(crate::access_log::FLUSH_EVERY);
                 every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     every.tick().await;
-                    if let Some(log) = worker.access_log().filter(|log| log.pending()) {
+                    if let Some(log) = worker.access_log() {
                         log.flush();
                     }
                 }

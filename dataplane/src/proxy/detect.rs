@@ -165,16 +165,15 @@ pub async fn serve<B: Backend>(
             super::http1::serve(worker, view, listener, down, caller).await;
         }
         (_, Some(_)) if !caller.admitted(&view.snapshot.listeners[listener]) => {
-            caller.turned_away(
+            caller.refuse_connection(
                 &view.snapshot.listeners[listener],
                 &view.listeners[listener],
-                false,
             );
             let _ = down.shutdown(std::net::Shutdown::Both);
         }
         (_, Some(cluster)) => {
-            let at = (listener, cluster);
-            super::tcp::serve(worker, view, at, down.unsniffed(), first, &caller).await;
+            let down = down.unsniffed();
+            super::tcp::serve(worker, view, listener, cluster, down, first, &caller).await;
         }
     }
 }

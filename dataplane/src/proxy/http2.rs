@@ -9,8 +9,9 @@
 //! endpoint), bounds everything up to the response head with the route's
 //! timeout, sends a request the upstream refused unseen (GOAWAY) once more on another
 //! connection, retries what its cluster's retry policy names ([`super::retry`]), and answers
-//! failures itself with `x-tern-response-flag`, as HTTP/1.1 does (to
-//! a gRPC call in gRPC's terms: `grpc-status` and `grpc-message`).
+//! failures, and requests the listener's authorization refuses (403), itself with
+//! `x-tern-response-flag`, as HTTP/1.1 does (to a gRPC call in gRPC's terms: `grpc-status`
+//! and `grpc-message`). With an access log, each stream writes one line when it ends.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -30,7 +31,7 @@ use super::Caller;
 use super::balance::InFlight;
 use super::limit::Slot;
 use super::retry::{Attempts, Failure, Outgoing, Resend};
-use crate::access_log::{Entry, request_fields};
+use crate::access_log::{Entry, write_request_fields};
 use crate::io::Backend;
 use crate::io::hyper_io::{HyperIo, LocalExec};
 use crate::metrics::Flag;
@@ -422,7 +423,7 @@ struct Logged<B: Backend> {
     view: Rc<View>,
     listener: usize,
     caller: Rc<Caller>,
-    fields: Vec<u8>,
+    request_fields: Vec<u8>,
     outcome: Cell<Outcome>,
     started: Instant,
 }
@@ -441,16 +442,16 @@ impl<B: Backend> Logged<B> {
             host.to_str().ok()
         });
         let path = uri.path_and_query().map_or("", |p| p.as_str());
-        let mut fields = Vec::with_capacity(128);
+        let mut request_fields = Vec::with_capacity(128);
         let method = request.method().as_str().as_bytes();
         let authority = authority.unwrap_or_default().as_bytes();
-        request_fields(&mut fields, method, authority, path.as_bytes());
+        write_request_fields(&mut request_fields, method, authority, path.as_bytes());
         Logged {
             worker: worker.clone(),
             view: view.clone(),
             listener,
             caller: caller.clone(),
-            fields,
+            request_fields,
             outcome: Cell::new(Outcome::default()),
             started: Instant::now(),
         }
@@ -473,14 +474,14 @@ impl<B: Backend> Drop for Logged<B> {
             listener: &snapshot.listeners[self.listener].name,
             caller: &self.caller,
             protocol: "HTTP/2",
-            request: &self.fields,
+            request_fields: &self.request_fields,
             status: answered.then_some(status),
             flag: if answered {
                 flag
             } else {
                 Some(Flag::DownstreamReset)
             },
-            upstream: upstream.and_then(|(c, addr)| Some((&*snapshot.clusters.get(c)?.name, addr))),
+            upstream: upstream.map(|(c, addr)| (&*snapshot.clusters[c].name, addr)),
             bytes: None,
             duration: self.started.elapsed(),
         });
@@ -514,10 +515,10 @@ async fn forward<B: Backend>(
         local(stats, started, status, flag, grpc)
     };
     let plan = &view.snapshot.listeners[listener];
-    let target = request.uri().path_and_query().map_or("/", |p| p.as_str());
+    let target = request.uri().path_and_query().map_or("", |p| p.as_str());
     let method = request.method().as_str().as_bytes();
     if !caller.may_request(plan, caller.access(plan), method, target.as_bytes()) {
-        caller.turned_away(plan, stats, true);
+        caller.log_refused_request(plan, stats);
         return refuse(403, Flag::Unauthorized);
     }
     let Some(routes) = view.snapshot.listeners[listener].kind.routes() else {

@@ -85,26 +85,28 @@ impl Caller {
         }
     }
 
-    /// Logs that `listener`'s authorization turned this caller's connection (or, for
-    /// `request`, one of its requests) away, at most once a second per listener (the caller
-    /// counts it: a connection under `RBAC` here, a request where its answer is counted).
-    pub fn turned_away(&self, listener: &ListenerPlan, stats: &ListenerStats, request: bool) {
-        let held_back = if request {
-            stats.to_log(Flag::Unauthorized)
-        } else {
-            stats.error_to_log(Flag::Unauthorized)
-        };
-        if let Some(held_back) = held_back {
-            let identity = self
-                .identity
-                .as_ref()
-                .map_or_else(|| "none (plaintext)".to_owned(), ToString::to_string);
-            if request {
-                tracing::warn!(listener = %listener.name, peer = %self.addr, %identity, held_back, "request refused: the listener's authorization does not let this peer make it");
-            } else {
-                tracing::warn!(listener = %listener.name, peer = %self.addr, %identity, held_back, "connection refused: the listener's authorization does not let this peer in for everything");
-            }
+    /// Counts and logs (at most once a second per listener) a connection of this caller's
+    /// that `listener`'s authorization turns away.
+    pub fn refuse_connection(&self, listener: &ListenerPlan, stats: &ListenerStats) {
+        if let Some(held_back) = stats.error_to_log(Flag::Unauthorized) {
+            let identity = self.identity_label();
+            tracing::warn!(listener = %listener.name, peer = %self.addr, %identity, held_back, "connection refused: the listener's authorization does not let this peer in for everything");
         }
+    }
+
+    /// Logs (at most once a second per listener) a request of this caller's that
+    /// `listener`'s authorization turns away; its answer counts it.
+    pub fn log_refused_request(&self, listener: &ListenerPlan, stats: &ListenerStats) {
+        if let Some(held_back) = stats.to_log(Flag::Unauthorized) {
+            let identity = self.identity_label();
+            tracing::warn!(listener = %listener.name, peer = %self.addr, %identity, held_back, "request refused: the listener's authorization does not let this peer make it");
+        }
+    }
+
+    fn identity_label(&self) -> String {
+        self.identity
+            .as_ref()
+            .map_or_else(|| "none (plaintext)".to_owned(), ToString::to_string)
     }
 }
 

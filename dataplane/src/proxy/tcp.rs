@@ -38,20 +38,21 @@ const SPLICE_AFTER: usize = 64 * 1024;
 pub async fn serve<B: Backend, D: Stream>(
     worker: &Rc<Worker<B>>,
     view: &View,
-    (listener, cluster): (usize, usize),
+    listener: usize,
+    cluster: usize,
     down: D,
     first: Vec<u8>,
     caller: &super::Caller,
 ) {
-    let started = Instant::now();
+    let started = worker.access_log().map(|_| Instant::now());
     let stats = &view.listeners[listener];
     let log = |flag: Option<Flag>, upstream: Option<std::net::SocketAddr>, bytes| {
-        if let Some(log) = worker.access_log() {
+        if let (Some(log), Some(started)) = (worker.access_log(), started) {
             log.record(&crate::access_log::Entry {
                 listener: &view.snapshot.listeners[listener].name,
                 caller,
                 protocol: "TCP",
-                request: b"",
+                request_fields: b"",
                 status: None,
                 flag,
                 upstream: Some((&view.snapshot.clusters[cluster].name, upstream)),

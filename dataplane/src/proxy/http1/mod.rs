@@ -6,9 +6,10 @@
 //! a request its cluster may retry, one of known length up to 64 KiB is read whole first and
 //! kept for another attempt; pipelined requests are answered strictly one after another;
 //! `Upgrade` (WebSocket) turns the connection into an opaque byte pump after the `101` it
-//! asked for. Failures the proxy answers itself carry an `x-tern-response-flag` header and
+//! asked for. A request the listener's authorization does not let its client make is
+//! answered 403. Failures the proxy answers itself carry an `x-tern-response-flag` header and
 //! count under that flag; a response that breaks off after its head went out ends the
-//! client's connection in a reset.
+//! client's connection in a reset. With an access log, each exchange writes one line.
 
 pub mod body;
 pub mod head;
@@ -25,7 +26,7 @@ use super::Caller;
 use super::limit::Slot;
 use super::retry::{Attempts, Failure, REPLAY_LIMIT};
 use super::tcp::pump_counted;
-use crate::access_log::{Entry, request_fields};
+use crate::access_log::{Entry, write_request_fields};
 use crate::io::{Backend, Stream};
 use crate::metrics::{Flag, ListenerStats};
 use crate::snapshot::{Access, Chosen};
@@ -80,7 +81,7 @@ struct Conn<'a, B: Backend> {
     scratch: Vec<u8>,
     /// With an access log: the current request's fields, the cluster (and endpoint) it
     /// went to, whether its line is written, and the flag of an error that ended it.
-    logged: Vec<u8>,
+    request_fields: Vec<u8>,
     upstream: Option<(usize, Option<SocketAddr>)>,
     written: bool,
     failure: Option<Flag>,
@@ -111,13 +112,13 @@ pub async fn serve<B: Backend>(
         inbuf: Vec::with_capacity(HEAD_BUFFER),
         upbuf: Vec::new(),
         scratch: Vec::new(),
-        logged: Vec::new(),
+        request_fields: Vec::new(),
         upstream: None,
         written: false,
         failure: None,
     };
     let ended = loop {
-        conn.logged.clear();
+        conn.request_fields.clear();
         conn.upstream = None;
         conn.written = false;
         conn.failure = None;
@@ -135,14 +136,13 @@ pub async fn serve<B: Backend>(
         conn.follow_config();
         conn.stats.request();
         if conn.worker.access_log().is_some() {
-            let inbuf = &conn.inbuf;
-            let fields = (&inbuf[head.method_name.clone()], &inbuf[head.host.clone()]);
-            request_fields(
-                &mut conn.logged,
-                fields.0,
-                fields.1,
-                &inbuf[head.path.clone()],
+            let field = |range: &std::ops::Range<usize>| &conn.inbuf[range.clone()];
+            let (method, host, path) = (
+                field(&head.method_name),
+                field(&head.host),
+                field(&head.path),
             );
+            write_request_fields(&mut conn.request_fields, method, host, path);
         }
         let head = if head.h2c_upgrade {
             match conn.decline_h2c_upgrade(&head) {
@@ -155,7 +155,7 @@ pub async fn serve<B: Backend>(
         let next = if conn.admits(&head) {
             conn.route(&head, started).await
         } else {
-            conn.turned_away(&head, started).await
+            conn.forbidden(&head, started).await
         };
         if !conn.written {
             // Broken off before an answer was counted (the client or the upstream went away
@@ -309,9 +309,9 @@ impl<B: Backend> Conn<'_, B> {
     }
 
     /// Answers a request from a client the listener's authorization does not let in.
-    async fn turned_away(&mut self, head: &RequestHead, started: Instant) -> Next {
+    async fn forbidden(&mut self, head: &RequestHead, started: Instant) -> Next {
         let listener = &self.view.snapshot.listeners[self.listener];
-        self.caller.turned_away(listener, &self.stats, true);
+        self.caller.log_refused_request(listener, &self.stats);
         self.refuse(head, 403, Flag::Unauthorized, started).await
     }
 
@@ -877,19 +877,19 @@ impl<B: Backend> Conn<'_, B> {
         if std::mem::replace(&mut self.written, true) {
             return;
         }
-        let duration = started.elapsed();
         if let Some(log) = self.worker.access_log() {
+            let duration = started.elapsed();
             let snapshot = &self.view.snapshot;
             log.record(&Entry {
                 listener: &snapshot.listeners[self.listener].name,
                 caller: &self.caller,
                 protocol: "HTTP/1.1",
-                request: &self.logged,
+                request_fields: &self.request_fields,
                 status,
                 flag,
                 upstream: self
                     .upstream
-                    .and_then(|(c, addr)| Some((&*snapshot.clusters.get(c)?.name, addr))),
+                    .map(|(c, addr)| (&*snapshot.clusters[c].name, addr)),
                 bytes: None,
                 duration,
             });
