@@ -33,7 +33,7 @@ const WRITE_AT_MOST: usize = 4096;
 /// The most a request field (method, authority, path) takes of a line, escaped; a longer
 /// one is cut short and ends in `...`. With [`NAME_AT_MOST`] for each name, a line stays
 /// under [`WRITE_AT_MOST`].
-pub const FIELD_AT_MOST: usize = 768;
+const FIELD_AT_MOST: usize = 768;
 /// The most a listener's or cluster's name, or a peer's identity, takes of a line.
 const NAME_AT_MOST: usize = 256;
 /// The most a worker keeps waiting for a reader that is behind; lines past it are dropped.
@@ -191,11 +191,6 @@ impl AccessLog {
         let lines = buf[keep..].iter().filter(|&&b| b == b'\n').count();
         self.dropped.set(self.dropped.get() + lines as u64);
         buf.truncate(keep);
-    }
-
-    /// Whether anything waits to be written.
-    pub fn pending(&self) -> bool {
-        !self.buf.borrow().is_empty()
     }
 }
 
@@ -362,7 +357,8 @@ mod tests {
             log.record(&entry);
         }
         log.flush();
-        assert!(log.pending(), "a backlog waits for the reader");
+        let pending = |log: &AccessLog| !log.buf.borrow().is_empty();
+        assert!(pending(&log), "a backlog waits for the reader");
         assert!(log.dropped() > 0);
         let mut got = Vec::new();
         let mut chunk = vec![0; 1 << 16];
@@ -370,7 +366,7 @@ mod tests {
             while let Ok(n) = rustix::io::read(&reader, &mut chunk) {
                 got.extend_from_slice(&chunk[..n]);
             }
-            if !log.pending() {
+            if !pending(&log) {
                 break;
             }
             log.flush();
