@@ -129,6 +129,46 @@ fn an_authorization_turns_plaintext_away_by_what_it_speaks(backend: BackendChoic
     assert_eq!(h2.get("x", "/web/h2").text(), "web /web/h2");
 }
 
+/// A rate limit on a `detect` listener counts HTTP requests (plaintext callers share one
+/// cap) and lets opaque connections through uncounted.
+fn a_rate_limit_counts_http_requests_not_opaque_connections(backend: BackendChoice) {
+    let echo = Echo::start();
+    let web = Http::start("web");
+    let limited = config(echo.addr, web.addr, "5s").replace(
+        "routes: [",
+        "rate_limit: { per_identity: 1 }\n    routes: [",
+    );
+    let proxy = start_proxy(&limited, backend);
+    let addr = proxy.listener_addr("detect").unwrap();
+    let started = std::time::Instant::now();
+    let statuses: Vec<u16> = (0..4)
+        .map(|i| {
+            let response =
+                client::request(addr, &format!("GET /web/{i} HTTP/1.1\r\nHost: x\r\n\r\n"));
+            if response.status == 429 {
+                assert_eq!(response.header("x-tern-response-flag"), Some("RL"));
+            }
+            response.status
+        })
+        .collect();
+    // A burst of one, and one more a second.
+    let ok = statuses.iter().filter(|&&s| s == 200).count();
+    let most = 1 + started.elapsed().as_secs() as usize;
+    assert!(ok >= 1 && ok <= most, "{statuses:?}");
+    assert!(
+        statuses.iter().all(|&s| s == 200 || s == 429),
+        "{statuses:?}"
+    );
+    for _ in 0..3 {
+        client::assert_echo(addr, b"\x00\x01binary protocol");
+    }
+    wait_for_metric(
+        &proxy,
+        "tern_errors_total{listener=\"detect\",flag=\"RL\"}",
+        (4 - ok) as f64,
+    );
+}
+
 fn a_silent_client_becomes_opaque_after_the_timeout_without_losing_bytes(backend: BackendChoice) {
     // A server that speaks first: it greets, then echoes.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -169,6 +209,7 @@ fn a_silent_client_becomes_opaque_after_the_timeout_without_losing_bytes(backend
 
 both_backends!(
     an_authorization_turns_plaintext_away_by_what_it_speaks,
+    a_rate_limit_counts_http_requests_not_opaque_connections,
     http_is_routed_and_other_bytes_are_opaque,
     a_silent_client_becomes_opaque_after_the_timeout_without_losing_bytes,
 );

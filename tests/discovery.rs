@@ -265,6 +265,42 @@ fn an_authorization_policy_lets_in_only_the_callers_it_names() {
     assert_eq!(get(&a, "/open/door"), "403 Forbidden\n");
 }
 
+/// A RateLimitPolicy written beside the manifests reaches the sidecar of the Pod its Service
+/// targets: a caller over its cap is answered 429 on any of its connections, a caller an
+/// override names keeps its own, and removing the policy lifts the cap.
+#[test]
+fn a_rate_limit_policy_caps_each_callers_requests() {
+    let mesh = Mesh::start();
+    let sidecar = mesh.proxy("reviews-v1-0", "reviews", false);
+    let a = mesh.proxy("a-1", "a", true);
+    let b = mesh.proxy("b-1", "b", true);
+    for proxy in [&sidecar, &a, &b] {
+        wait_ready(proxy, Duration::from_secs(10));
+    }
+    let policy = format!(
+        "apiVersion: tern.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {{ name: slow, namespace: default }}\nspec:\n  targetRef: {{ kind: Service, name: reviews-v1 }}\n  identity: {{ requestsPerSecond: 1 }}\n  overrides: [{{ requestsPerSecond: 1000, identities: [\"{}\"] }}]\n",
+        TestControlPlane::spiffe_id("a")
+    );
+    mesh.write("limit.yaml", &policy);
+    eventually(Duration::from_secs(5), "b to be limited", || {
+        get(&b, "/busy").starts_with("429")
+    });
+    for i in 0..10 {
+        assert_eq!(get(&a, &format!("/a/{i}")), format!("200 v1 /a/{i}"));
+    }
+    let limited = format!(
+        "tern_errors_total{{listener=\"inbound:{}\",flag=\"RL\"}}",
+        mesh.v1.addr.port()
+    );
+    assert!(metric_of(&sidecar, &limited) >= 1.0);
+    std::fs::remove_file(mesh.dir.0.join("limit.yaml")).unwrap();
+    eventually(
+        Duration::from_secs(5),
+        "b to be served in full again",
+        || (0..5).all(|i| get(&b, &format!("/free/{i}")) == format!("200 v1 /free/{i}")),
+    );
+}
+
 #[test]
 fn invalid_manifests_are_refused_with_the_field_named_and_nothing_is_pushed() {
     let mesh = Mesh::start();
@@ -412,14 +448,15 @@ fn a_proxy_nacks_a_config_it_cannot_apply_and_keeps_its_version() {
             &[(app, mesh.sidecar_port)],
         ),
     );
+    // Every proxy applies it: a1 too, which took the taken port for the sidecar's.
     eventually(Duration::from_secs(5), "the fixed config", || {
-        let entry = mesh
-            .status()
-            .proxies
-            .into_iter()
+        let proxies = mesh.status().proxies;
+        let sidecar = proxies
+            .iter()
             .find(|p| p.workload == "default/reviews-v1-0")
             .unwrap();
-        entry.applied_version == entry.sent_version && entry.applied_version > version
+        sidecar.applied_version > version
+            && proxies.iter().all(|p| p.applied_version == p.sent_version)
     });
     assert_eq!(get(&a1, "/again"), "200 v1 /again");
 }

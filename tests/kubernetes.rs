@@ -31,7 +31,7 @@ const REVIEWS_TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.reviews-for-tern-control.sig";
 /// The collections the fake serves: (apiVersion, plural).
 /// What the fake API server serves: everything Tern reads but GRPCRoute (Gateway API's CRDs
 /// may be missing in part).
-const SERVED: [(&str, &str); 8] = [
+const SERVED: [(&str, &str); 9] = [
     ("v1", "services"),
     ("v1", "pods"),
     ("discovery.k8s.io/v1", "endpointslices"),
@@ -40,6 +40,7 @@ const SERVED: [(&str, &str); 8] = [
     ("tern.dev/v1alpha1", "mtlspolicies"),
     ("tern.dev/v1alpha1", "backendpolicies"),
     ("tern.dev/v1alpha1", "authorizationpolicies"),
+    ("tern.dev/v1alpha1", "ratelimitpolicies"),
 ];
 
 fn object(yaml: &str) -> Value {

@@ -464,6 +464,131 @@ fn an_authorization_rule_lets_a_caller_make_some_requests(backend: BackendChoice
     });
 }
 
+/// Counts the 200s among `statuses`, each a 200 or an over-the-limit answer, and checks that
+/// a cap allowing `burst` at once and `rate` a second let through no fewer than its burst
+/// and no more than it allows in the `elapsed` they took.
+fn within_cap(statuses: &[u16], refused: u16, burst: usize, rate: usize, elapsed: Duration) {
+    let ok = statuses.iter().filter(|&&s| s == 200).count();
+    let most = burst + (elapsed.as_secs_f64() * rate as f64).ceil() as usize;
+    assert!(ok >= burst && ok <= most, "{statuses:?} in {elapsed:?}");
+    assert!(
+        statuses.iter().all(|&s| s == 200 || s == refused),
+        "{statuses:?}"
+    );
+}
+
+/// A rate limit answers 429 (a gRPC call RESOURCE_EXHAUSTED) to the requests over a caller's
+/// own cap (per identity, or its override's) on all its connections, and to those over the
+/// listener's total from any caller; a config push that leaves the limit as it was keeps what
+/// it counted.
+fn a_rate_limit_caps_each_caller_and_all_together(backend: BackendChoice) {
+    let dir = TempDir::new("mtls-rate");
+    let ca = TestCa::new("root");
+    let a_id = ca.write_identity(&dir.0, "a", A, &[&ca], false);
+    let ci = "spiffe://tern.test/ns/shop/sa/ci";
+    let c_id = ca.write_identity(&dir.0, "c", ci, &[&ca], false);
+    let b_id = ca.write_identity(&dir.0, "b", B, &[&ca], false);
+    let (echo, http) = (Echo::start(), Http::start("app"));
+    let apps = (echo.addr, http.addr);
+    // On in-http (a `tcp` listener takes no rate limit).
+    let yaml = |per_identity: u32| {
+        inbound_yaml(&b_id, apps, "").replace(
+            "tls: { mode: strict } }",
+            &format!(
+                "tls: {{ mode: strict }}, rate_limit: {{ per_identity: {per_identity}, overrides: [{{ identities: [\"{ci}\"], requests_per_second: 3 }}] }} }}"
+            ),
+        )
+    };
+    let b = start_proxy(&yaml(2), backend);
+    let a = outbound(backend, &a_id, &b, B);
+    let c = outbound(backend, &c_id, &b, B);
+
+    // A: two a second, over HTTP/1.1 on one connection.
+    let mut conn = Conn::open(a.listener_addr("out-http").unwrap());
+    let a_started = Instant::now();
+    let statuses: Vec<u16> = (0..8)
+        .map(|_| {
+            conn.send(b"GET /x HTTP/1.1\r\nHost: b\r\n\r\n");
+            let response = conn.response(false);
+            if response.status == 429 {
+                assert_eq!(response.header("x-tern-response-flag"), Some("RL"));
+            }
+            response.status
+        })
+        .collect();
+    within_cap(&statuses, 429, 2, 2, a_started.elapsed());
+    let a_refused = statuses.iter().filter(|&&s| s == 429).count();
+
+    // c: its override's three a second, for gRPC calls over HTTP/2.
+    let h2 = H2::connect(c.listener_addr("out-http").unwrap());
+    let started = Instant::now();
+    let statuses: Vec<u16> = (0..8)
+        .map(|_| {
+            let call = h2.request(
+                hyper::Request::post("http://b/shop.Backend/Get")
+                    .header("content-type", "application/grpc")
+                    .header("te", "trailers")
+                    .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                        b"\0\0\0\0\0",
+                    )))
+                    .unwrap(),
+            );
+            assert_eq!(call.status, 200);
+            match call.headers.get("grpc-status") {
+                None => 200,
+                Some(status) => {
+                    assert_eq!(status, "8");
+                    429
+                }
+            }
+        })
+        .collect();
+    within_cap(&statuses, 429, 3, 3, started.elapsed());
+    let c_refused = statuses.iter().filter(|&&s| s == 429).count();
+    let limited = "tern_errors_total{listener=\"in-http\",flag=\"RL\"}";
+    wait_for_metric(&b, limited, (a_refused + c_refused) as f64);
+
+    // A push that leaves the limit as it was keeps A's count, on a new connection too (the
+    // cap has room again 500 ms after A's first request: checked only before).
+    b.reload(shared::Config::from_yaml(&yaml(2), "v2").unwrap(), "v2")
+        .unwrap();
+    let response = client::request(
+        a.listener_addr("out-http").unwrap(),
+        "GET /y HTTP/1.1\r\nHost: b\r\n\r\n",
+    );
+    if a_started.elapsed() < Duration::from_millis(450) {
+        assert_eq!(response.status, 429);
+    }
+    // A new limit starts full.
+    b.reload(shared::Config::from_yaml(&yaml(50), "v3").unwrap(), "v3")
+        .unwrap();
+    conn.send(b"GET /z HTTP/1.1\r\nHost: b\r\n\r\n");
+    assert_eq!(conn.response(false).status, 200);
+
+    // A total caps every caller together: three a second, whatever the connection.
+    let web = start_proxy(
+        &format!(
+            "listeners:\n\
+             \x20 - {{ name: web, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: app }}], rate_limit: {{ total: 3 }} }}\n\
+             clusters:\n\
+             \x20 - {{ name: app, endpoints: [{}] }}\n",
+            http.addr
+        ),
+        backend,
+    );
+    let started = Instant::now();
+    let statuses: Vec<u16> = (0..8)
+        .map(|_| {
+            client::request(
+                web.listener_addr("web").unwrap(),
+                "GET / HTTP/1.1\r\nHost: web\r\n\r\n",
+            )
+            .status
+        })
+        .collect();
+    within_cap(&statuses, 429, 3, 3, started.elapsed());
+}
+
 /// With an access log, the inbound sidecar writes one JSON line per HTTP request (HTTP/1.1
 /// and HTTP/2, answered by the app or by the proxy) and per opaque TCP connection, naming
 /// the caller's SPIFFE ID, the cluster and endpoint, the status and the proxy's flag.
@@ -802,6 +927,7 @@ both_backends!(
     an_expired_certificate_is_refused,
     an_authorization_lets_in_only_the_peers_it_names,
     an_authorization_rule_lets_a_caller_make_some_requests,
+    a_rate_limit_caps_each_caller_and_all_together,
     the_access_log_has_a_line_per_request_and_connection,
     an_authorization_closes_open_connections_it_no_longer_allows,
     plaintext_garbage_and_stalled_handshakes_are_refused,

@@ -29,18 +29,19 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
 use k8s_openapi::api::core::v1::{Service, ServicePort};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 use shared::SpiffeId;
 use shared::config::{
     Authorization, AuthorizationRule, Backend, Cluster, ClusterTls, Config, Intercept,
-    Interception, Listener, ListenerTls, OutboundPolicy, Protocol, Retries, RetryOn, Route,
-    TlsMode,
+    Interception, Listener, ListenerTls, OutboundPolicy, Protocol, RateLimit, Retries, RetryOn,
+    Route, TlsMode,
 };
-use shared::crd::{MtlsMode, OutboundTraffic};
+use shared::crd::{MtlsMode, OutboundTraffic, TargetRef};
 
 use crate::catalog::gateway::HttpRoute;
-use crate::catalog::{Catalog, Workload, service_port};
+use crate::catalog::{Catalog, Workload, rate_limit_of, service_port};
 
 /// Who a proxy is and what it wants.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -247,6 +248,7 @@ impl Destination<'_> {
             tls: None,
             intercept,
             authorization: None,
+            rate_limit: None,
         };
         let uses_own = listener.cluster.is_some()
             || listener
@@ -350,6 +352,17 @@ fn inbound(catalog: &Catalog, request: &ProxyRequest, out: &mut Translated) {
             Some(_) => SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), sidecar),
             None => SocketAddr::new(ip, sidecar),
         };
+        // Rate limits count HTTP requests: an opaque port has none to count.
+        let rate_limit = rate_limit(catalog, workload, app).filter(|_| {
+            let http = protocol != Protocol::Tcp;
+            if !http {
+                out.notes.push(format!(
+                    "a RateLimitPolicy reaches port {app} of Pod {}/{}, which carries opaque TCP: it limits HTTP requests only, so it does nothing there",
+                    workload.namespace, workload.name
+                ));
+            }
+            http
+        });
         out.config.listeners.push(Listener {
             name: name.clone(),
             address,
@@ -363,6 +376,7 @@ fn inbound(catalog: &Catalog, request: &ProxyRequest, out: &mut Translated) {
             tls: Some(ListenerTls::new(mode)),
             intercept,
             authorization: authorization(catalog, workload, app),
+            rate_limit,
         });
         out.config
             .clusters
@@ -411,20 +425,11 @@ fn targeted_ports<'a>(
 /// port serves every Service that targets it, and its sidecar cannot tell which one a caller
 /// dialed, so a policy on one of them guards the port for all.
 fn authorization(catalog: &Catalog, workload: &Workload, app: u16) -> Option<Authorization> {
-    let guarded: BTreeSet<(&str, u16)> = targeted_ports(catalog, workload)
-        .filter(|(target, _, _)| *target == app)
-        .filter_map(|(_, port, service)| Some((service, u16::try_from(port.port).ok()?)))
-        .collect();
+    let guards = guards(catalog, workload, app);
     let mut allowed: Option<(BTreeSet<String>, BTreeSet<String>)> = None;
     let mut rules = Vec::new();
     for policy in &catalog.authorization {
-        let namespace = policy.metadata.namespace.as_deref().unwrap_or("default");
-        let target = &policy.spec.target_ref;
-        let applies = namespace == workload.namespace
-            && guarded.iter().any(|(service, port)| {
-                *service == target.name && target.port.is_none_or(|p| p == *port)
-            });
-        if !applies {
+        if !guards(&policy.metadata, &policy.spec.target_ref) {
             continue;
         }
         let everything = allowed.get_or_insert_default();
@@ -453,6 +458,65 @@ fn authorization(catalog: &Catalog, workload: &Workload, app: u16) -> Option<Aut
         namespaces: namespaces.into_iter().collect(),
         rules,
     })
+}
+
+/// Whether a policy (its metadata and target) guards application port `app` of `workload`:
+/// it is in the workload's namespace and targets a Service port that targets `app`.
+fn guards<'a>(
+    catalog: &'a Catalog,
+    workload: &'a Workload,
+    app: u16,
+) -> impl Fn(&ObjectMeta, &TargetRef) -> bool + 'a {
+    let guarded: BTreeSet<(&str, u16)> = targeted_ports(catalog, workload)
+        .filter(|(target, _, _)| *target == app)
+        .filter_map(|(_, port, service)| Some((service, u16::try_from(port.port).ok()?)))
+        .collect();
+    move |metadata, target| {
+        metadata.namespace.as_deref().unwrap_or("default") == workload.namespace
+            && guarded.iter().any(|(service, port)| {
+                *service == target.name && target.port.is_none_or(|p| p == *port)
+            })
+    }
+}
+
+/// The caps on the HTTP requests application port `app` of `workload` serves: those of every
+/// RateLimitPolicy that guards it (as [`authorization`] finds them): `total` and `identity`
+/// each the lowest any sets, the overrides of all in the order of the policies' names (the
+/// first naming a caller applies), none above the total; none when no policy does.
+fn rate_limit(catalog: &Catalog, workload: &Workload, app: u16) -> Option<RateLimit> {
+    let guards = guards(catalog, workload, app);
+    let mut policies: Vec<_> = catalog
+        .rate_limits
+        .iter()
+        .filter(|policy| guards(&policy.metadata, &policy.spec.target_ref))
+        .collect();
+    policies.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    let lowest = |a: Option<u32>, b: Option<u32>| match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let mut limit = policies
+        .iter()
+        .fold(None, |limit: Option<RateLimit>, policy| {
+            let next = rate_limit_of(&policy.spec);
+            Some(match limit {
+                None => next,
+                Some(mut limit) => {
+                    limit.total = lowest(limit.total, next.total);
+                    limit.per_identity = lowest(limit.per_identity, next.per_identity);
+                    limit.overrides.extend(next.overrides);
+                    limit
+                }
+            })
+        })?;
+    // One policy's callers may not be let above another's total.
+    if let Some(total) = limit.total {
+        limit.per_identity = limit.per_identity.map(|rate| rate.min(total));
+        for o in &mut limit.overrides {
+            o.requests_per_second = o.requests_per_second.min(total);
+        }
+    }
+    Some(limit)
 }
 
 /// The application ports Services target on `workload`, in order.

@@ -272,10 +272,10 @@ mod tests {
     use super::*;
 
     fn caller(identity: Option<&str>) -> Caller {
-        Caller {
-            addr: "10.0.0.1:5555".parse().unwrap(),
-            identity: identity.map(|id| id.parse().unwrap()),
-        }
+        Caller::new(
+            "10.0.0.1:5555".parse().unwrap(),
+            identity.map(|id| id.parse().unwrap()),
+        )
     }
 
     #[test]

@@ -390,12 +390,12 @@ impl Control {
         };
         let source = source.as_str();
         let version = state.snapshot.as_ref().map_or(1, |s| s.version + 1);
-        let snapshot = Arc::new(Snapshot::compile(
-            config,
-            identity.as_deref(),
-            version,
-            source.to_owned(),
-        )?);
+        let mut snapshot =
+            Snapshot::compile(config, identity.as_deref(), version, source.to_owned())?;
+        if let Some(previous) = &state.snapshot {
+            snapshot.keep_rate_limiters(previous);
+        }
+        let snapshot = Arc::new(snapshot);
 
         // Keep sockets whose name and configured address did not change; bind the rest.
         let mut bound = Vec::with_capacity(snapshot.listeners.len());

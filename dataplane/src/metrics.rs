@@ -58,11 +58,13 @@ pub enum Flag {
     /// The listener's authorization does not let the peer's identity (or its lack of one)
     /// in: an HTTP request is answered 403, any other connection closed.
     Unauthorized,
+    /// The listener's rate limit had no room for the request: 429.
+    RateLimited,
 }
 
 impl Flag {
     /// Every flag, in label order.
-    pub const ALL: [Flag; 13] = [
+    pub const ALL: [Flag; 14] = [
         Flag::NoRoute,
         Flag::UpstreamConnectFailure,
         Flag::UpstreamOverflow,
@@ -76,6 +78,7 @@ impl Flag {
         Flag::IdleTimeout,
         Flag::TlsHandshake,
         Flag::Unauthorized,
+        Flag::RateLimited,
     ];
 
     /// The short code.
@@ -94,6 +97,7 @@ impl Flag {
             Flag::IdleTimeout => "IT",
             Flag::TlsHandshake => "TLS",
             Flag::Unauthorized => "RBAC",
+            Flag::RateLimited => "RL",
         }
     }
 }

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use shared::config::{self, Config, Intercept, OutboundPolicy, Protocol};
 
+use crate::proxy::rate_limit::RateLimiter;
+
 /// An immutable, versioned view of the config, ready for the data path.
 #[derive(Debug)]
 pub struct Snapshot {
@@ -90,6 +92,8 @@ pub struct ListenerPlan {
     pub tls: Option<ListenerTls>,
     /// Who is served; anyone when `None`.
     pub authorization: Option<AuthorizationPlan>,
+    /// Caps on the HTTP requests a second it serves, shared by the workers.
+    pub rate_limit: Option<Arc<RateLimiter>>,
     /// Whether it has sockets of its own; an intercepted destination has none.
     pub bound: bool,
 }
@@ -569,6 +573,7 @@ impl Snapshot {
                 kind,
                 tls: l.tls.as_ref().and_then(server_tls),
                 authorization,
+                rate_limit: l.rate_limit.as_ref().map(|r| Arc::new(RateLimiter::new(r))),
                 bound: l.intercept.is_none(),
             });
         }
@@ -602,6 +607,7 @@ impl Snapshot {
                         kind: ListenerKind::Intercepted(direction),
                         tls,
                         authorization: None,
+                        rate_limit: None,
                         bound: true,
                     });
                 }
@@ -638,6 +644,23 @@ impl Snapshot {
             identity,
             intercept,
         })
+    }
+
+    /// Takes over `previous`'s rate limiters where a listener of the same name has the same
+    /// `rate_limit`, so that a config change does not refill them.
+    pub fn keep_rate_limiters(&mut self, previous: &Snapshot) {
+        for plan in &mut self.listeners {
+            let Some(limiter) = &plan.rate_limit else {
+                continue;
+            };
+            let kept = previous
+                .listener_index(&plan.name)
+                .and_then(|index| previous.listeners[index].rate_limit.as_ref())
+                .filter(|old| old.carries_over(limiter.config()));
+            if let Some(old) = kept {
+                plan.rate_limit = Some(old.clone());
+            }
+        }
     }
 
     /// The mark to set on the proxy's own connections, in transparent mode.

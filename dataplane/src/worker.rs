@@ -815,10 +815,7 @@ async fn terminate_tls<B: Backend>(
         true
     };
     let plaintext = |down: MaybeTls<B::Stream>, inner: Option<proxy::Inner>| {
-        let caller = proxy::Caller {
-            addr: peer,
-            identity: None,
-        };
+        let caller = proxy::Caller::new(peer, None);
         if !let_in(&caller, inner) {
             let _ = down.shutdown(Shutdown::Both);
             return None;
@@ -899,10 +896,7 @@ async fn terminate_tls<B: Backend>(
         let _ = stream.shutdown(Shutdown::Both);
         return None;
     }
-    let caller = proxy::Caller {
-        addr: peer,
-        identity: stream.peer_id(),
-    };
+    let caller = proxy::Caller::new(peer, stream.peer_id());
     let identity = caller.identity.as_ref().map(ToString::to_string);
     if let Some(identity) = &identity {
         stats.peer(identity);

@@ -36,7 +36,7 @@ use super::{Declared, Origin};
 /// What is watched: group, version, kind and plural. The same kinds a manifest directory
 /// may hold (`deploy/kubernetes/tern-control.yaml` grants `list` and `watch` on each; a
 /// test keeps the two, and Tern's CRDs, in step).
-pub const KINDS: [(&str, &str, &str, &str); 9] = [
+pub const KINDS: [(&str, &str, &str, &str); 10] = [
     ("tern.dev", "v1alpha1", "Mesh", "meshes"),
     ("", "v1", "Service", "services"),
     ("", "v1", "Pod", "pods"),
@@ -48,6 +48,12 @@ pub const KINDS: [(&str, &str, &str, &str); 9] = [
         "v1alpha1",
         "AuthorizationPolicy",
         "authorizationpolicies",
+    ),
+    (
+        "tern.dev",
+        "v1alpha1",
+        "RateLimitPolicy",
+        "ratelimitpolicies",
     ),
     ("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes"),
     ("gateway.networking.k8s.io", "v1", "GRPCRoute", "grpcroutes"),
@@ -440,7 +446,7 @@ mod tests {
 
     const SERVICES: usize = 1;
     const PODS: usize = 2;
-    const GRPC_ROUTES: usize = 8;
+    const GRPC_ROUTES: usize = 9;
 
     fn service(name: &str) -> DynamicObject {
         DynamicObject::new(name, &resources()[SERVICES])

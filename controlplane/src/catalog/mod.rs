@@ -22,7 +22,9 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
-use shared::crd::{AuthorizationPolicy, BackendPolicy, MTLSPolicy, Mesh, MtlsMode, TargetRef};
+use shared::crd::{
+    AuthorizationPolicy, BackendPolicy, MTLSPolicy, Mesh, MtlsMode, RateLimitPolicy, TargetRef,
+};
 
 pub use gateway::HttpRoute;
 
@@ -55,10 +57,12 @@ pub enum Object {
     AuthorizationPolicy(Box<AuthorizationPolicy>),
     /// `tern.dev/v1alpha1 BackendPolicy`.
     BackendPolicy(Box<BackendPolicy>),
+    /// `tern.dev/v1alpha1 RateLimitPolicy`.
+    RateLimitPolicy(Box<RateLimitPolicy>),
 }
 
 /// Kinds in the order they are checked: each may refer only to kinds before it.
-const KIND_ORDER: [&str; 9] = [
+const KIND_ORDER: [&str; 10] = [
     "Mesh",
     "Service",
     "Pod",
@@ -66,6 +70,7 @@ const KIND_ORDER: [&str; 9] = [
     "MTLSPolicy",
     "BackendPolicy",
     "AuthorizationPolicy",
+    "RateLimitPolicy",
     "HTTPRoute",
     "GRPCRoute",
 ];
@@ -84,6 +89,7 @@ impl Object {
             Object::MtlsPolicy(_) => "MTLSPolicy",
             Object::AuthorizationPolicy(_) => "AuthorizationPolicy",
             Object::BackendPolicy(_) => "BackendPolicy",
+            Object::RateLimitPolicy(_) => "RateLimitPolicy",
         }
     }
 
@@ -97,6 +103,7 @@ impl Object {
             Object::MtlsPolicy(o) => &o.metadata,
             Object::AuthorizationPolicy(o) => &o.metadata,
             Object::BackendPolicy(o) => &o.metadata,
+            Object::RateLimitPolicy(o) => &o.metadata,
         }
     }
 
@@ -297,12 +304,29 @@ pub struct Catalog {
     pub(crate) mtls: Vec<MTLSPolicy>,
     pub(crate) backend_policies: Vec<BackendPolicy>,
     pub(crate) authorization: Vec<AuthorizationPolicy>,
+    pub(crate) rate_limits: Vec<RateLimitPolicy>,
 }
 
 type Check = Result<(), (String, String)>;
 
 fn fail<T>(field: impl Into<String>, message: impl Into<String>) -> Result<T, (String, String)> {
     Err((field.into(), message.into()))
+}
+
+/// A RateLimitPolicy's caps as a proxy's listener holds them.
+pub(crate) fn rate_limit_of(spec: &shared::crd::RateLimitPolicySpec) -> shared::config::RateLimit {
+    shared::config::RateLimit {
+        total: spec.total.as_ref().map(|l| l.requests_per_second),
+        per_identity: spec.identity.as_ref().map(|l| l.requests_per_second),
+        overrides: spec
+            .overrides
+            .iter()
+            .map(|o| shared::config::RateLimitOverride {
+                identities: o.identities.clone(),
+                requests_per_second: o.requests_per_second,
+            })
+            .collect(),
+    }
 }
 
 impl Catalog {
@@ -559,22 +583,7 @@ impl Catalog {
                 self.backend_policies.push((**policy).clone());
             }
             Object::AuthorizationPolicy(policy) => {
-                self.check_target(&key.namespace, &policy.spec.target_ref)?;
-                // Its Pods are the ones the Service selects: without a selector, there is
-                // no telling which Pods' ports to guard.
-                let selects = self
-                    .service(&key.namespace, &policy.spec.target_ref.name)
-                    .and_then(|s| s.spec.as_ref()?.selector.as_ref())
-                    .is_some_and(|selector| !selector.is_empty());
-                if !selects {
-                    return fail(
-                        "spec.targetRef.name",
-                        format!(
-                            "Service {}/{} selects no Pods (no selector), so no Pod port can be guarded",
-                            key.namespace, policy.spec.target_ref.name
-                        ),
-                    );
-                }
+                self.check_pods_target(&key.namespace, &policy.spec.target_ref)?;
                 for (i, source) in policy.spec.from.iter().enumerate() {
                     for (j, namespace) in source.namespaces.iter().enumerate() {
                         if !is_dns_label(namespace) {
@@ -615,6 +624,21 @@ impl Catalog {
                 }
                 self.authorization.push((**policy).clone());
             }
+            Object::RateLimitPolicy(policy) => {
+                self.check_pods_target(&key.namespace, &policy.spec.target_ref)?;
+                if let Some((field, message)) =
+                    shared::config::rate_limit_problem(&rate_limit_of(&policy.spec))
+                {
+                    // The proxy's field names, as the policy spells them.
+                    let field = field
+                        .replace("rate_limit.per_identity", "spec.identity.requestsPerSecond")
+                        .replace("rate_limit.total", "spec.total.requestsPerSecond")
+                        .replace("rate_limit", "spec")
+                        .replace("requests_per_second", "requestsPerSecond");
+                    return fail(field, message);
+                }
+                self.rate_limits.push((**policy).clone());
+            }
             Object::HttpRoute(route) => {
                 self.check_route(&key, route)?;
                 let owner = format!("{}/{}", key.namespace, key.name);
@@ -625,6 +649,26 @@ impl Catalog {
                 );
                 self.routes.push((**route).clone());
             }
+        }
+        Ok(())
+    }
+
+    /// [`Catalog::check_target`], for a policy on the Pods the Service selects: without a
+    /// selector, there is no telling which Pods' ports it guards.
+    fn check_pods_target(&self, namespace: &str, target: &TargetRef) -> Check {
+        self.check_target(namespace, target)?;
+        let selects = self
+            .service(namespace, &target.name)
+            .and_then(|s| s.spec.as_ref()?.selector.as_ref())
+            .is_some_and(|selector| !selector.is_empty());
+        if !selects {
+            return fail(
+                "spec.targetRef.name",
+                format!(
+                    "Service {namespace}/{} selects no Pods (no selector), so no Pod port can be guarded",
+                    target.name
+                ),
+            );
         }
         Ok(())
     }

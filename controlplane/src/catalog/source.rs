@@ -242,7 +242,7 @@ pub(super) fn parse_value(origin: Origin, value: serde_yaml::Value, declared: &m
             object: name,
             field: "kind".into(),
             message: format!(
-                "`{api_version}` `{kind}` is not a kind Tern reads (Service, EndpointSlice, Pod, HTTPRoute, GRPCRoute, and tern.dev's Mesh, MTLSPolicy, AuthorizationPolicy, BackendPolicy); ignored"
+                "`{api_version}` `{kind}` is not a kind Tern reads (Service, EndpointSlice, Pod, HTTPRoute, GRPCRoute, and tern.dev's Mesh, MTLSPolicy, AuthorizationPolicy, BackendPolicy, RateLimitPolicy); ignored"
             ),
             kept_previous: false,
         }),
@@ -283,6 +283,7 @@ fn parse_object(
         ("tern.dev/v1alpha1", "MTLSPolicy") => Object::MtlsPolicy(typed(value)?),
         ("tern.dev/v1alpha1", "AuthorizationPolicy") => Object::AuthorizationPolicy(typed(value)?),
         ("tern.dev/v1alpha1", "BackendPolicy") => Object::BackendPolicy(typed(value)?),
+        ("tern.dev/v1alpha1", "RateLimitPolicy") => Object::RateLimitPolicy(typed(value)?),
         _ => return Ok(None),
     }))
 }

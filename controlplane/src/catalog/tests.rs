@@ -613,6 +613,116 @@ fn an_authorization_policy_guards_the_pod_ports_its_service_targets() {
 }
 
 #[test]
+fn a_rate_limit_policy_caps_the_pod_ports_its_service_targets() {
+    let policy = |name: &str, target: &str, caps: &str| {
+        format!(
+            "apiVersion: tern.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {{ name: {name}, namespace: shop }}\nspec:\n  targetRef: {target}\n{caps}"
+        )
+    };
+    let inbound_rate_limit = |catalog: &Catalog| {
+        let cart = translate(catalog, &request("cart-0", "cart", &[]));
+        assert_validates(&cart.config);
+        cart.config.listeners[0].rate_limit.clone()
+    };
+    assert_eq!(inbound_rate_limit(&build(&[("base.yaml", BASE)])), None);
+    let one = policy(
+        "one",
+        "{ kind: Service, name: cart, port: 80 }",
+        "  total: { requestsPerSecond: 100 }\n  identity: { requestsPerSecond: 20 }\n  overrides: [{ requestsPerSecond: 50, identities: [\"spiffe://mesh.test/ns/ops/sa/*\"] }]\n",
+    );
+    let catalog = build(&[("base.yaml", BASE), ("one.yaml", &one)]);
+    let ops = shared::config::RateLimitOverride {
+        identities: vec!["spiffe://mesh.test/ns/ops/sa/*".into()],
+        requests_per_second: 50,
+    };
+    assert_eq!(
+        inbound_rate_limit(&catalog),
+        Some(shared::config::RateLimit {
+            total: Some(100),
+            per_identity: Some(20),
+            overrides: vec![ops.clone()],
+        })
+    );
+    // Two policies on the port: each cap the lowest, overrides by policy name, none above
+    // the total.
+    let two = policy(
+        "a-two",
+        "{ kind: Service, name: cart }",
+        "  total: { requestsPerSecond: 30 }\n  overrides: [{ requestsPerSecond: 10, identities: [\"spiffe://mesh.test/ns/shop/sa/web\"] }]\n",
+    );
+    let catalog = build(&[("base.yaml", BASE), ("one.yaml", &one), ("two.yaml", &two)]);
+    let web = shared::config::RateLimitOverride {
+        identities: vec!["spiffe://mesh.test/ns/shop/sa/web".into()],
+        requests_per_second: 10,
+    };
+    assert_eq!(
+        inbound_rate_limit(&catalog),
+        Some(shared::config::RateLimit {
+            total: Some(30),
+            per_identity: Some(20),
+            overrides: vec![
+                web,
+                shared::config::RateLimitOverride {
+                    requests_per_second: 30,
+                    ..ops
+                }
+            ],
+        })
+    );
+    // Refused, each field named as the policy spells it.
+    for (text, expected) in [
+        (
+            policy(
+                "no-selector",
+                "{ kind: Service, name: db }",
+                "  total: { requestsPerSecond: 1 }\n",
+            ),
+            "spec.targetRef.name: Service shop/db selects no Pods",
+        ),
+        (
+            policy("none", "{ kind: Service, name: cart }", ""),
+            "spec: sets no cap",
+        ),
+        (
+            policy(
+                "zero",
+                "{ kind: Service, name: cart }",
+                "  identity: { requestsPerSecond: 0 }\n",
+            ),
+            "spec.identity.requestsPerSecond: must be at least 1",
+        ),
+        (
+            policy(
+                "above",
+                "{ kind: Service, name: cart }",
+                "  total: { requestsPerSecond: 5 }\n  overrides: [{ requestsPerSecond: 6, identities: [\"spiffe://mesh.test/ns/a/sa/b\"] }]\n",
+            ),
+            "spec.overrides[0].requestsPerSecond: must not be above `total`",
+        ),
+        (
+            policy(
+                "bad-id",
+                "{ kind: Service, name: cart }",
+                "  overrides: [{ requestsPerSecond: 6, identities: [web] }]\n",
+            ),
+            "spec.overrides[0].identities[0]",
+        ),
+        (
+            policy(
+                "linkerd",
+                "{ kind: Service, name: cart }",
+                "  total: { requestsPerSecond: 5 }\n  overrides: [{ requestsPerSecond: 1, clientRefs: [{ kind: ServiceAccount, name: web }] }]\n",
+            ),
+            "unknown field `clientRefs`",
+        ),
+    ] {
+        let catalog = build(&[("base.yaml", BASE), ("p.yaml", &text)]);
+        let shown = problem(&catalog);
+        assert!(shown.contains(expected), "{shown}");
+    }
+}
+
+#[test]
 fn a_route_from_another_namespace_applies_to_that_namespaces_callers_only() {
     // shop's own route (a producer route) sends cart's callers to cart-v2; a route that
     // namespace `evil` attaches to shop's cart (a consumer route) claims the same path.

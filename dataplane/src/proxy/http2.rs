@@ -521,6 +521,10 @@ async fn forward<B: Backend>(
         caller.log_refused_request(plan, stats);
         return refuse(403, Flag::Unauthorized);
     }
+    if !caller.spend_rate_limit(plan) {
+        caller.log_rate_limited(plan, stats);
+        return refuse(429, Flag::RateLimited);
+    }
     let Some(routes) = view.snapshot.listeners[listener].kind.routes() else {
         return refuse(404, Flag::NoRoute);
     };
@@ -758,12 +762,14 @@ fn is_grpc(headers: &hyper::HeaderMap) -> bool {
 
 /// The gRPC status code of a call the proxy answers itself: as gRPC maps the HTTP status it
 /// stands for (404 UNIMPLEMENTED, 502 and 503 UNAVAILABLE, 400 INTERNAL, 403
-/// PERMISSION_DENIED), but the route timeout is DEADLINE_EXCEEDED, the code of a call that ran
+/// PERMISSION_DENIED), and a rate limit's 429 RESOURCE_EXHAUSTED rather than UNAVAILABLE (which
+/// a client's retries would take for a failing server and send again at once); but the route timeout is DEADLINE_EXCEEDED, the code of a call that ran
 /// out of time, as a server's own deadline would end it.
 fn grpc_status(flag: Flag) -> u16 {
     match flag {
         Flag::NoRoute => 12,
         Flag::Unauthorized => 7,
+        Flag::RateLimited => 8,
         Flag::UpstreamTimeout => 4,
         Flag::UpstreamConnectFailure
         | Flag::UpstreamOverflow

@@ -2,8 +2,9 @@
 //! ([`tcp`]), HTTP/1.1 ([`http1`]), HTTP/2 ([`http2`]), protocol detection ([`detect`]),
 //! intercepted connections ([`intercept`]), the per-worker upstream pool ([`pool`]), the
 //! choice of endpoint and ejection of failing ones ([`balance`]), caps on upstream
-//! connections ([`limit`]) and HTTP retries ([`retry`]); and who a downstream connection's
-//! peer is to its listener's authorization ([`Caller`]).
+//! connections ([`limit`]), HTTP retries ([`retry`]) and caps on the requests a second a
+//! listener serves ([`rate_limit`]); and who a downstream connection's peer is to its
+//! listener's authorization and rate limit ([`Caller`]).
 //!
 //! Rule for every read here: a read that is abandoned (timeout, drain) is never retried on
 //! the same socket; the socket is shut down instead. With io_uring an abandoned read stays
@@ -16,10 +17,14 @@ pub mod http2;
 pub mod intercept;
 pub mod limit;
 pub mod pool;
+pub mod rate_limit;
 pub mod retry;
 pub mod tcp;
 
+use std::cell::RefCell;
 use std::net::SocketAddr;
+
+use rate_limit::CallerCaps;
 
 use crate::io::Backend;
 use crate::metrics::{Flag, ListenerStats};
@@ -43,15 +48,26 @@ pub enum Inner {
 /// under the live config, so a caller turned away is answered (403, or gRPC's
 /// PERMISSION_DENIED) rather than cut off, and one let in later is served on the connection it
 /// has.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Caller {
     /// Its address.
     pub addr: SocketAddr,
     /// The SPIFFE ID its mTLS certificate proved; none over plaintext.
     pub identity: Option<shared::SpiffeId>,
+    /// The rate-limit caps it answers to under the limiter it last met, found once.
+    caps: RefCell<Option<CallerCaps>>,
 }
 
 impl Caller {
+    /// The caller at `addr`, with the identity its certificate proved.
+    pub fn new(addr: SocketAddr, identity: Option<shared::SpiffeId>) -> Caller {
+        Caller {
+            addr,
+            identity,
+            caps: RefCell::new(None),
+        }
+    }
+
     /// What `listener`'s authorization lets this caller do.
     pub fn access(&self, listener: &ListenerPlan) -> Access {
         listener
@@ -100,6 +116,30 @@ impl Caller {
         if let Some(held_back) = stats.to_log(Flag::Unauthorized) {
             let identity = self.identity_label();
             tracing::warn!(listener = %listener.name, peer = %self.addr, %identity, held_back, "request refused: the listener's authorization does not let this peer make it");
+        }
+    }
+
+    /// Spends a request of this caller's from `listener`'s rate limit: false, spending
+    /// nothing, when the limit has no room for it.
+    pub fn spend_rate_limit(&self, listener: &ListenerPlan) -> bool {
+        let Some(limiter) = &listener.rate_limit else {
+            return true;
+        };
+        let mut caps = self.caps.borrow_mut();
+        let caps = match &mut *caps {
+            Some(caps) if caps.under(limiter) => caps,
+            caps => caps.insert(limiter.caps_for(self.identity.as_ref())),
+        };
+        caps.admit()
+    }
+
+    /// Logs (at most once a second per listener) a request of this caller's that
+    /// `listener`'s rate limit turns away; its answer counts it.
+    pub fn log_rate_limited(&self, listener: &ListenerPlan, stats: &ListenerStats) {
+        // At info, not warn: a cap turning requests away is the policy at work, not a fault.
+        if let Some(held_back) = stats.to_log(Flag::RateLimited) {
+            let identity = self.identity_label();
+            tracing::info!(listener = %listener.name, peer = %self.addr, %identity, held_back, "request refused (429): over the listener's rate limit");
         }
     }
 

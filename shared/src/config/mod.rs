@@ -396,6 +396,9 @@ pub struct Listener {
     /// Who is served (an AuthorizationPolicy's sources); anyone when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authorization: Option<Authorization>,
+    /// How many HTTP requests a second it serves (a RateLimitPolicy); no cap when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// The peers a listener lets in, by the identity their mTLS certificate proves: one of
@@ -438,6 +441,91 @@ pub struct AuthorizationRule {
     /// (`/api/*`; `*` alone: any).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<String>,
+}
+
+/// A cap on the HTTP requests a listener serves a second, for the whole proxy (its workers
+/// share it), as Linkerd's HTTPLocalRateLimitPolicy: in all (`total`), and for each caller
+/// (`per_identity`, by the SPIFFE ID its mTLS certificate proves; callers with none, over
+/// plaintext, count as one), except callers an override gives a rate of their own. A
+/// request over a cap is answered 429 (a gRPC call `RESOURCE_EXHAUSTED`) without reaching
+/// the application. Each cap allows a burst of one second's requests. Opaque TCP is not
+/// limited (a `tcp` listener takes no `rate_limit`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// Requests a second from all callers together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<u32>,
+    /// Requests a second from each caller identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_identity: Option<u32>,
+    /// Callers with a rate of their own, in place of `per_identity`: the first override whose
+    /// identity patterns match a caller applies, and its callers share it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overrides: Vec<RateLimitOverride>,
+}
+
+/// Callers, by identity pattern, that share a rate of their own.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitOverride {
+    /// Identity patterns: SPIFFE IDs, or `spiffe://<td>/ns/<ns>/sa/*`.
+    pub identities: Vec<String>,
+    /// Requests a second from them together.
+    pub requests_per_second: u32,
+}
+
+/// The highest rate a rate limit may name (requests a second).
+pub const MAX_REQUESTS_PER_SECOND: u32 = 1_000_000;
+
+/// Why a listener's `rate_limit` cannot be used, if it cannot: the field (under
+/// `rate_limit`) and the reason. Every rate is 1 to [`MAX_REQUESTS_PER_SECOND`], none above
+/// `total`, and some cap is set.
+pub fn rate_limit_problem(limit: &RateLimit) -> Option<(String, String)> {
+    let problem = |field: String, message: String| Some((format!("rate_limit.{field}"), message));
+    let rates = [
+        ("total".to_owned(), limit.total),
+        ("per_identity".to_owned(), limit.per_identity),
+    ]
+    .into_iter()
+    .chain(limit.overrides.iter().enumerate().map(|(k, o)| {
+        (
+            format!("overrides[{k}].requests_per_second"),
+            Some(o.requests_per_second),
+        )
+    }));
+    for (field, rate) in rates {
+        match rate {
+            Some(0) => return problem(field, "must be at least 1 (a request a second)".into()),
+            Some(rate) if rate > MAX_REQUESTS_PER_SECOND => {
+                return problem(field, format!("must be at most {MAX_REQUESTS_PER_SECOND}"));
+            }
+            Some(rate) if limit.total.is_some_and(|total| rate > total) => {
+                return problem(field, "must not be above `total`".into());
+            }
+            _ => {}
+        }
+    }
+    for (k, o) in limit.overrides.iter().enumerate() {
+        if o.identities.is_empty() {
+            return problem(
+                format!("overrides[{k}].identities"),
+                "must name a caller".into(),
+            );
+        }
+        for (j, pattern) in o.identities.iter().enumerate() {
+            if let Err(error) = pattern.parse::<crate::identity::IdentityPattern>() {
+                return problem(format!("overrides[{k}].identities[{j}]"), error.to_string());
+            }
+        }
+    }
+    if limit.total.is_none() && limit.per_identity.is_none() && limit.overrides.is_empty() {
+        return Some((
+            "rate_limit".into(),
+            "sets no cap: give `total`, `per_identity` or `overrides`".into(),
+        ));
+    }
+    None
 }
 
 /// Why `method` cannot be a request method to match, if it cannot: it must be an HTTP token
@@ -1141,6 +1229,15 @@ impl Config {
                         }
                     }
                 }
+            }
+            if let Some(limit) = &listener.rate_limit {
+                if listener.protocol == Protocol::Tcp {
+                    return fail(
+                        at("rate_limit"),
+                        "limits HTTP requests, and a `tcp` listener carries none",
+                    );
+                }
+                rate_limit_problem(limit).map_or(Ok(()), |(f, m)| fail(at(&f), &m))?;
             }
             if let Some(direction) = listener.intercept {
                 if self.interception.is_none() {

@@ -222,6 +222,68 @@ fn an_authorization_names_identity_patterns_and_namespaces() {
 }
 
 #[test]
+fn a_rate_limit_caps_in_all_per_caller_and_per_override() {
+    let with = |limit: &str| {
+        GOOD.replace(
+            "protocol: tcp\n    cluster: web",
+            &format!("protocol: detect\n    cluster: web\n    rate_limit: {limit}"),
+        )
+    };
+    let good = with(
+        "{ total: 100, per_identity: 10, overrides: [{ identities: [\"spiffe://td/ns/ops/sa/*\"], requests_per_second: 100 }] }",
+    );
+    let config = Config::from_yaml(&good, "good.yaml").unwrap();
+    let limit = config.listeners[1].rate_limit.as_ref().unwrap();
+    assert_eq!((limit.total, limit.per_identity), (Some(100), Some(10)));
+    assert_eq!(limit.overrides[0].requests_per_second, 100);
+    Config::from_yaml(&with("{ per_identity: 3 }"), "one.yaml").unwrap();
+    for (limit, field, reason) in [
+        ("{}", "listeners[1].rate_limit", "sets no cap"),
+        (
+            "{ total: 0 }",
+            "listeners[1].rate_limit.total",
+            "at least 1",
+        ),
+        (
+            "{ per_identity: 1000001 }",
+            "listeners[1].rate_limit.per_identity",
+            "at most",
+        ),
+        (
+            "{ total: 10, per_identity: 11 }",
+            "listeners[1].rate_limit.per_identity",
+            "above `total`",
+        ),
+        (
+            "{ total: 10, overrides: [{ identities: [\"spiffe://td/ns/a/sa/b\"], requests_per_second: 20 }] }",
+            "listeners[1].rate_limit.overrides[0].requests_per_second",
+            "above `total`",
+        ),
+        (
+            "{ overrides: [{ identities: [], requests_per_second: 20 }] }",
+            "listeners[1].rate_limit.overrides[0].identities",
+            "must name",
+        ),
+        (
+            "{ overrides: [{ identities: [\"spiffe://td/ns/a/sa/b\", web], requests_per_second: 2 }] }",
+            "listeners[1].rate_limit.overrides[0].identities[1]",
+            "",
+        ),
+    ] {
+        let (at, message) = invalid(&with(limit));
+        assert_eq!(at, field, "{limit}");
+        assert!(message.contains(reason), "{limit}: {message}");
+    }
+    let tcp = GOOD.replace(
+        "protocol: tcp\n    cluster: web",
+        "protocol: tcp\n    cluster: web\n    rate_limit: { total: 1 }",
+    );
+    let (at, message) = invalid(&tcp);
+    assert_eq!(at, "listeners[1].rate_limit");
+    assert!(message.contains("carries none"), "{message}");
+}
+
+#[test]
 fn refuses_unknown_fields_and_bad_syntax_with_a_location() {
     let err =
         Config::from_yaml(&GOOD.replace("protocol: tcp", "protocl: tcp"), "typo.yaml").unwrap_err();

@@ -11,7 +11,7 @@ use crate::api::discovery as pb;
 use crate::config::{
     Authorization, AuthorizationRule, Backend, Balancing, CipherSuite, Cluster, ClusterTls, Config,
     ConnectionLimit, Intercept, Listener, ListenerTls, OutboundPolicy, OutlierDetection, Protocol,
-    Retries, RetryOn, Route, TlsMode,
+    RateLimit, RateLimitOverride, Retries, RetryOn, Route, TlsMode,
 };
 
 /// Listeners and clusters from `tern-control`, at a version.
@@ -151,6 +151,18 @@ fn encode_listener(l: &Listener) -> pb::Listener {
                     namespaces: r.namespaces.clone(),
                     methods: r.methods.clone(),
                     paths: r.paths.clone(),
+                })
+                .collect(),
+        }),
+        rate_limit: l.rate_limit.as_ref().map(|r| pb::RateLimit {
+            total: r.total.unwrap_or(0),
+            per_identity: r.per_identity.unwrap_or(0),
+            overrides: r
+                .overrides
+                .iter()
+                .map(|o| pb::RateLimitOverride {
+                    identities: o.identities.clone(),
+                    requests_per_second: o.requests_per_second,
                 })
                 .collect(),
         }),
@@ -335,6 +347,18 @@ fn decode_listener(i: usize, l: pb::Listener) -> Result<Listener, WireError> {
                 })
                 .collect(),
         }),
+        rate_limit: l.rate_limit.map(|r| RateLimit {
+            total: (r.total > 0).then_some(r.total),
+            per_identity: (r.per_identity > 0).then_some(r.per_identity),
+            overrides: r
+                .overrides
+                .into_iter()
+                .map(|o| RateLimitOverride {
+                    identities: o.identities,
+                    requests_per_second: o.requests_per_second,
+                })
+                .collect(),
+        }),
     })
 }
 
@@ -477,6 +501,12 @@ listeners:
     tls: { mode: strict }
     intercept: inbound
     authorization: { identities: ["spiffe://cluster.local/ns/shop/sa/web", "spiffe://cluster.local/ns/ops/sa/*"], namespaces: [shop], rules: [{ identities: ["spiffe://cluster.local/ns/shop/sa/ci"], methods: [GET, HEAD], paths: [/healthz, "/api/*"] }, { namespaces: [batch] }] }
+    rate_limit: { total: 500, per_identity: 50, overrides: [{ identities: ["spiffe://cluster.local/ns/ops/sa/*"], requests_per_second: 200 }] }
+  - name: inbound-9090
+    address: 127.0.0.1:15090
+    protocol: http
+    routes: [{ cluster: app }]
+    rate_limit: { per_identity: 7 }
 interception: { outbound_policy: registry_only, mark: 1337, outside_mesh: ["192.0.2.7:443"] }
 clusters:
   - name: cart

@@ -152,10 +152,12 @@ pub async fn serve<B: Backend>(
         } else {
             head
         };
-        let next = if conn.admits(&head) {
-            conn.route(&head, started).await
-        } else {
+        let next = if !conn.admits(&head) {
             conn.forbidden(&head, started).await
+        } else if !conn.spend_rate_limit() {
+            conn.rate_limited(&head, started).await
+        } else {
+            conn.route(&head, started).await
         };
         if !conn.written {
             // Broken off before an answer was counted (the client or the upstream went away
@@ -306,6 +308,20 @@ impl<B: Backend> Conn<'_, B> {
             Some(chosen) => self.exchange(head, chosen, started).await,
             None => self.refuse(head, 404, Flag::NoRoute, started).await,
         }
+    }
+
+    /// Spends a request of the client's from the listener's rate limit: false when it has
+    /// no room for it.
+    fn spend_rate_limit(&self) -> bool {
+        self.caller
+            .spend_rate_limit(&self.view.snapshot.listeners[self.listener])
+    }
+
+    /// Answers a request the listener's rate limit has no room for.
+    async fn rate_limited(&mut self, head: &RequestHead, started: Instant) -> Next {
+        let listener = &self.view.snapshot.listeners[self.listener];
+        self.caller.log_rate_limited(listener, &self.stats);
+        self.refuse(head, 429, Flag::RateLimited, started).await
     }
 
     /// Answers a request from a client the listener's authorization does not let in.
@@ -974,6 +990,7 @@ fn reason(status: u16) -> &'static str {
         408 => "Request Timeout",
         501 => "Not Implemented",
         414 => "URI Too Long",
+        429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         502 => "Bad Gateway",
         503 => "Service Unavailable",
