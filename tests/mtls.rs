@@ -590,16 +590,23 @@ fn a_rate_limit_caps_each_caller_and_all_together(backend: BackendChoice) {
 }
 
 /// With an access log, the inbound sidecar writes one JSON line per HTTP request (HTTP/1.1
-/// and HTTP/2, answered by the app or by the proxy) and per opaque TCP connection, naming
-/// the caller's SPIFFE ID, the cluster and endpoint, the status and the proxy's flag.
+/// and HTTP/2, answered by the app or by the proxy) and per opaque TCP connection (let in or
+/// turned away by the authorization), naming the caller's SPIFFE ID, the cluster and
+/// endpoint, the status and the proxy's flag.
 fn the_access_log_has_a_line_per_request_and_connection(backend: BackendChoice) {
     let dir = TempDir::new("mtls-access-log");
     let ca = TestCa::new("root");
     let a_id = ca.write_identity(&dir.0, "a", A, &[&ca], false);
     let b_id = ca.write_identity(&dir.0, "b", B, &[&ca], false);
+    let ci = "spiffe://tern.test/ns/shop/sa/ci";
+    let c_id = ca.write_identity(&dir.0, "c", ci, &[&ca], false);
     let (echo, http) = (Echo::start(), Http::start("app"));
     let dead = tests::upstream::dead_address();
     let yaml = inbound_yaml(&b_id, (echo.addr, http.addr), "")
+        .replace(
+            "handshake_timeout: 400ms }",
+            &format!("handshake_timeout: 400ms }}, authorization: {{ identities: [\"{A}\"] }}"),
+        )
         .replace(
             "routes: [{ cluster: http-app }]",
             "routes: [{ path_prefix: /dead, cluster: dead }, { cluster: http-app }]",
@@ -624,6 +631,19 @@ fn the_access_log_has_a_line_per_request_and_connection(backend: BackendChoice) 
     assert_eq!(conn.response(false).status, 503);
     let h2 = H2::connect(a.listener_addr("out-http").unwrap());
     assert_eq!(h2.get("b", "/two").status, 200);
+    // c's tunnel is turned away.
+    let c = outbound(backend, &c_id, &b, B);
+    let mut stream = client::connect(c.listener_addr("out-tcp").unwrap());
+    let _ = stream.write_all(b"ping");
+    assert_eq!(
+        client::read_some(&mut stream, &mut [0u8; 8]).unwrap_or(0),
+        0
+    );
+    wait_for_metric(
+        &b,
+        "tern_errors_total{listener=\"in-tcp\",flag=\"RBAC\"}",
+        1.0,
+    );
     // The drain writes what the workers hold.
     b.drain();
     b.join();
@@ -633,10 +653,11 @@ fn the_access_log_has_a_line_per_request_and_connection(backend: BackendChoice) 
         .lines()
         .map(|line| serde_json::from_str(line).unwrap())
         .collect();
-    assert_eq!(lines.len(), 4, "{text}");
+    assert_eq!(lines.len(), 5, "{text}");
     let by = |protocol: &str, path: &str| {
         lines
             .iter()
+            .filter(|l| l["peer_identity"] == A)
             .find(|l| l["protocol"] == protocol && l["path"].as_str().unwrap_or("") == path)
             .unwrap_or_else(|| panic!("no {protocol} {path} line: {text}"))
     };
@@ -675,6 +696,14 @@ fn the_access_log_has_a_line_per_request_and_connection(backend: BackendChoice) 
     assert_eq!(dead["response_flag"], "UF");
     assert_eq!(dead["cluster"], "dead");
     assert_eq!(dead["upstream"], serde_json::Value::Null);
+    let refused = lines
+        .iter()
+        .find(|l| l["peer_identity"] == ci)
+        .unwrap_or_else(|| panic!("no line for c: {text}"));
+    assert_eq!(refused["protocol"], "TCP", "{refused}");
+    assert_eq!(refused["listener"], "in-tcp", "{refused}");
+    assert_eq!(refused["response_flag"], "RBAC", "{refused}");
+    assert_eq!(refused["cluster"], serde_json::Value::Null, "{refused}");
 }
 
 /// A new authorization reaches connections already open: one whose peer it no longer lets

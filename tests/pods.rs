@@ -128,6 +128,7 @@ fn start_sidecar(node: &Node, control: &TestControlPlane, pod: &Pod) {
         name = pod.name,
     );
     let path = node.write(&format!("{}.yaml", pod.name), &config);
+    let access_log = access_log(node, pod);
     node.spawn(
         &pod.netns,
         &pod.name,
@@ -142,8 +143,15 @@ fn start_sidecar(node: &Node, control: &TestControlPlane, pod: &Pod) {
             "5s",
             "--log",
             "info,dataplane=debug",
+            "--access-log",
+            access_log.to_str().unwrap(),
         ],
     );
+}
+
+/// Where `pod`'s sidecar writes its access log.
+fn access_log(node: &Node, pod: &Pod) -> std::path::PathBuf {
+    node.dir.0.join(format!("{}-access.log", pod.name))
 }
 
 /// The sidecar admin server inside `pod` (status and body).
@@ -393,5 +401,27 @@ fn intercepted_pods_talk_mtls_by_service_address() {
 
     // SIGTERM drains the sidecar and it exits cleanly.
     assert!(node.terminate("a"), "a's sidecar did not exit 0 on SIGTERM");
+    // Its access log has a line for the connection passed through outside the mesh, and
+    // for the one refused, each naming where it was going.
+    let text = std::fs::read_to_string(access_log(&node, &a)).unwrap();
+    let outside_lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .filter(|line| line["upstream"] == outside.to_string())
+        .collect();
+    let passed = outside_lines
+        .iter()
+        .find(|line| line["response_flag"] == "-")
+        .unwrap_or_else(|| panic!("no passthrough line in {text}"));
+    assert_eq!(passed["cluster"], "intercept-passthrough", "{passed}");
+    assert_eq!(passed["protocol"], "TCP", "{passed}");
+    assert_eq!(passed["bytes_received"], 3, "{passed}");
+    assert_eq!(passed["bytes_sent"], 3, "{passed}");
+    assert!(
+        outside_lines
+            .iter()
+            .any(|line| line["response_flag"] == "NR"),
+        "no registry-only refusal in {text}"
+    );
     drop(control);
 }

@@ -1,5 +1,5 @@
 //! The access log: one JSON line per HTTP request answered and per opaque TCP connection
-//! ended, when `--access-log` names where (a file, or `-` for standard output), as Istio's
+//! ended or turned away (passed through outside the mesh included), when `--access-log` names where (a file, or `-` for standard output), as Istio's
 //! and Linkerd's access logs.
 //!
 //! Each worker formats its lines into a buffer of its own and writes it to the descriptor

@@ -707,8 +707,9 @@ async fn serve<B: Backend>(
     let plan = &view.snapshot.listeners[index];
     let stats = &view.listeners[index];
     let detect_timeout = view.snapshot.config.detect_timeout;
+    let access_log = worker.access_log();
     let Some((down, inner, caller)) =
-        terminate_tls::<B>(plan, stats, stream, peer, detect_timeout).await
+        terminate_tls::<B>(plan, stats, access_log, stream, peer, detect_timeout).await
     else {
         return;
     };
@@ -731,8 +732,8 @@ async fn serve<B: Backend>(
             }
             ListenerKind::Intercepted(direction) => {
                 if let Some(original) = original {
-                    proxy::intercept::passthrough::<B>(view, index, *direction, original, down)
-                        .await;
+                    let to = (*direction, original);
+                    proxy::intercept::passthrough(worker, view, index, to, down, &caller).await;
                 }
             }
         }
@@ -796,6 +797,7 @@ async fn revoked<B: Backend>(
 async fn terminate_tls<B: Backend>(
     plan: &ListenerPlan,
     stats: &ListenerStats,
+    access_log: Option<&crate::access_log::AccessLog>,
     stream: B::Stream,
     peer: SocketAddr,
     detect_timeout: Duration,
@@ -809,7 +811,7 @@ async fn terminate_tls<B: Backend>(
             ListenerKind::Tcp { .. } | ListenerKind::Intercepted(_) => false,
         };
         if !may_be_http && !caller.admitted(plan) {
-            caller.refuse_connection(plan, stats);
+            caller.refuse_connection(plan, stats, access_log, 0);
             return false;
         }
         true

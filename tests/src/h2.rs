@@ -58,6 +58,11 @@ impl H2 {
         H2 { runtime, sender }
     }
 
+    /// Whether the connection has ended (the server sent GOAWAY, or closed it).
+    pub fn is_closed(&self) -> bool {
+        self.sender.is_closed()
+    }
+
     /// Connects to `addr`.
     pub fn connect(addr: SocketAddr) -> H2 {
         H2::over(crate::client::connect(addr))

@@ -396,10 +396,17 @@ pub fn piecewise(pieces: &'static [&'static [u8]]) -> (SocketAddr, Arc<AtomicUsi
     (addr, accepted)
 }
 
-/// An address nothing listens on (bound, then closed).
+/// An address nothing listens on, which refuses connections: a socket bound there and never
+/// listening, kept for the life of the test process so that no server started later (by
+/// another test running beside) can take the port.
 pub fn dead_address() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap()
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    std::mem::forget(socket);
+    addr
 }
 
 /// An address that never completes a TCP handshake, as a host that is down (its SYNs go

@@ -168,6 +168,8 @@ pub async fn serve<B: Backend>(
             caller.refuse_connection(
                 &view.snapshot.listeners[listener],
                 &view.listeners[listener],
+                worker.access_log(),
+                first.len() as u64,
             );
             let _ = down.shutdown(std::net::Shutdown::Both);
         }

@@ -11,7 +11,9 @@
 //! connection, retries what its cluster's retry policy names ([`super::retry`]), and answers
 //! failures, and requests the listener's authorization refuses (403), itself with
 //! `x-tern-response-flag`, as HTTP/1.1 does (to a gRPC call in gRPC's terms: `grpc-status`
-//! and `grpc-message`). With an access log, each stream writes one line when it ends.
+//! and `grpc-message`). With an access log, each stream writes one line when it ends. A
+//! connection with no request under way for `keepalive_timeout` is closed (GOAWAY), as an
+//! idle HTTP/1.1 one is.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -362,10 +364,13 @@ pub async fn serve<B: Backend>(
     caller: Rc<Caller>,
 ) {
     let peer = caller.addr;
+    let activity = Rc::new(Activity::default());
     let service = {
         let (worker, accepted) = (worker.clone(), view.clone());
         let name = view.snapshot.listeners[listener].name.clone();
+        let activity = activity.clone();
         hyper::service::service_fn(move |request: Request<Incoming>| {
+            let busy = Activity::begin(&activity);
             let worker = worker.clone();
             let caller = caller.clone();
             let current = worker.view();
@@ -374,6 +379,7 @@ pub async fn serve<B: Backend>(
                 None => (accepted.clone(), listener),
             };
             async move {
+                let _busy = busy;
                 if worker.access_log().is_none() {
                     let outcome = Cell::new(Outcome::default());
                     let response = forward(&worker, &view, listener, &caller, request, &outcome);
@@ -395,15 +401,72 @@ pub async fn serve<B: Backend>(
         )
         .serve_connection(HyperIo::new(down), service);
     let mut connection = std::pin::pin!(connection);
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        () = worker.drain_started() => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
+    let idle_for = view.snapshot.config.http.keepalive_timeout;
+    let result = loop {
+        // While requests are under way, look again a whole timeout later.
+        let idle_at = match activity.requests.get() {
+            0 => activity.last.get() + idle_for,
+            _ => Instant::now() + idle_for,
+        };
+        tokio::select! {
+            result = connection.as_mut() => break result,
+            () = worker.drain_started() => {
+                connection.as_mut().graceful_shutdown();
+                break connection.await;
+            }
+            () = tokio::time::sleep_until(idle_at.into()) => {
+                if activity.idle_for(idle_for) {
+                    tracing::debug!(listener = %view.snapshot.listeners[listener].name, %peer, "idle HTTP/2 connection closed");
+                    connection.as_mut().graceful_shutdown();
+                    break connection.await;
+                }
+            }
         }
     };
     if let Err(error) = result {
         tracing::debug!(listener = %view.snapshot.listeners[listener].name, %peer, %error, "HTTP/2 connection ended with an error");
+    }
+}
+
+/// What a downstream connection has under way, for its idle timeout (`keepalive_timeout`, as
+/// HTTP/1.1's): requests whose answer is not yet given, and when the last ended (or the
+/// connection began). A
+/// response body still streaming does not count: the GOAWAY that closes an idle connection
+/// lets its streams finish.
+struct Activity {
+    requests: Cell<usize>,
+    last: Cell<Instant>,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity {
+            requests: Cell::new(0),
+            last: Cell::new(Instant::now()),
+        }
+    }
+}
+
+impl Activity {
+    /// A request begins; it ends when the guard is dropped.
+    fn begin(activity: &Rc<Activity>) -> Busy {
+        activity.requests.set(activity.requests.get() + 1);
+        Busy(activity.clone())
+    }
+
+    /// Whether nothing has been under way for `timeout`.
+    fn idle_for(&self, timeout: Duration) -> bool {
+        self.requests.get() == 0 && self.last.get().elapsed() >= timeout
+    }
+}
+
+/// A request under way on a connection ([`Activity::begin`]).
+struct Busy(Rc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.requests.set(self.0.requests.get().saturating_sub(1));
+        self.0.last.set(Instant::now());
     }
 }
 

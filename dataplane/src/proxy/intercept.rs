@@ -1,45 +1,69 @@
 //! Intercepted connections that no listener claims: outbound ones to destinations outside
 //! the mesh (passed through or refused, per the outbound policy) and inbound ones to ports
 //! with no listener of their own (passed to the application on the port they were for).
-//! Either way the bytes go, opaque, to the connection's original destination.
+//! Either way the bytes go, opaque, to the connection's original destination, and the
+//! access log has a line for each.
 
 use std::net::{Shutdown, SocketAddr};
+use std::rc::Rc;
+use std::time::Instant;
 
 use shared::config::{Intercept, OutboundPolicy};
 
+use super::Caller;
 use super::tcp::pump_counted;
 use crate::io::{Backend, Stream};
 use crate::metrics::Flag;
 use crate::tls::MaybeTls;
-use crate::worker::View;
+use crate::worker::{View, Worker};
 
-/// Serves an unclaimed intercepted connection that was on its way to `original`.
+/// Serves an unclaimed intercepted connection from `caller` that was on its way to `to`
+/// (its direction and original destination); with an access log, writes its line.
 pub async fn passthrough<B: Backend>(
+    worker: &Rc<Worker<B>>,
     view: &View,
     listener: usize,
-    direction: Intercept,
-    original: SocketAddr,
+    (direction, original): (Intercept, SocketAddr),
     down: MaybeTls<B::Stream>,
+    caller: &Caller,
 ) {
     let stats = &view.listeners[listener];
     let Some(plan) = &view.snapshot.intercept else {
         let _ = down.shutdown(Shutdown::Both);
         return;
     };
+    let cluster = plan.passthrough;
+    let started = worker.access_log().map(|_| Instant::now());
+    let log = |flag: Option<Flag>, bytes| {
+        if let (Some(log), Some(started)) = (worker.access_log(), started) {
+            log.record(&crate::access_log::Entry {
+                listener: &view.snapshot.listeners[listener].name,
+                caller,
+                protocol: "TCP",
+                request_fields: b"",
+                status: None,
+                flag,
+                upstream: Some((&view.snapshot.clusters[cluster].name, Some(original))),
+                bytes: Some(bytes),
+                duration: started.elapsed(),
+            });
+        }
+    };
     if direction == Intercept::Outbound && plan.policy == OutboundPolicy::RegistryOnly {
         stats.error(Flag::NoRoute);
+        log(Some(Flag::NoRoute), (0, 0));
         tracing::debug!(%original, "outbound connection outside the mesh refused (registry_only)");
         let _ = down.shutdown(Shutdown::Both);
         return;
     }
-    let cluster = plan.passthrough;
     let Some(up) = super::connect_to::<B>(view, cluster, original, super::Inner::Tcp).await else {
         stats.error(Flag::UpstreamConnectFailure);
+        log(Some(Flag::UpstreamConnectFailure), (0, 0));
         let _ = down.shutdown(Shutdown::Both);
         return;
     };
     let idle = view.snapshot.clusters[cluster].idle_timeout;
-    let (outcome, _, _) = pump_counted(
+    let (outcome, received, sent) = pump_counted(
         &down,
         &up,
         Vec::new(),
@@ -49,7 +73,9 @@ pub async fn passthrough<B: Backend>(
         &view.clusters[cluster],
     )
     .await;
-    if outcome == super::tcp::Pumped::IdleTimeout {
-        stats.error(Flag::IdleTimeout);
+    let flag = (outcome == super::tcp::Pumped::IdleTimeout).then_some(Flag::IdleTimeout);
+    if let Some(flag) = flag {
+        stats.error(flag);
     }
+    log(flag, (received, sent));
 }

@@ -26,6 +26,7 @@ use std::net::SocketAddr;
 
 use rate_limit::CallerCaps;
 
+use crate::access_log::AccessLog;
 use crate::io::Backend;
 use crate::metrics::{Flag, ListenerStats};
 use crate::snapshot::{Access, ListenerPlan};
@@ -102,11 +103,32 @@ impl Caller {
     }
 
     /// Counts and logs (at most once a second per listener) a connection of this caller's
-    /// that `listener`'s authorization turns away.
-    pub fn refuse_connection(&self, listener: &ListenerPlan, stats: &ListenerStats) {
+    /// that `listener`'s authorization turns away, `received` bytes into it; with an access
+    /// log, writes its line.
+    pub fn refuse_connection(
+        &self,
+        listener: &ListenerPlan,
+        stats: &ListenerStats,
+        access_log: Option<&AccessLog>,
+        received: u64,
+    ) {
         if let Some(held_back) = stats.error_to_log(Flag::Unauthorized) {
             let identity = self.identity_label();
             tracing::warn!(listener = %listener.name, peer = %self.addr, %identity, held_back, "connection refused: the listener's authorization does not let this peer in for everything");
+        }
+        if let Some(log) = access_log {
+            log.record(&crate::access_log::Entry {
+                listener: &listener.name,
+                caller: self,
+                protocol: "TCP",
+                request_fields: b"",
+                status: None,
+                flag: Some(Flag::Unauthorized),
+                upstream: None,
+                bytes: Some((received, 0)),
+                // Turned away as soon as the proxy knew who and what it was.
+                duration: std::time::Duration::ZERO,
+            });
         }
     }
 

@@ -920,7 +920,8 @@ pub struct HttpSettings {
     /// defence); past it the proxy answers 408 and closes.
     #[serde(with = "humantime_serde")]
     pub header_timeout: Duration,
-    /// A keep-alive connection with no request for this long is closed.
+    /// A keep-alive connection with no request for this long is closed (an HTTP/2 one with
+    /// a GOAWAY, which lets response bodies still streaming finish).
     #[serde(with = "humantime_serde")]
     pub keepalive_timeout: Duration,
     /// A request body that sends nothing for this long gets 408 and a close (slow-body
