@@ -431,6 +431,18 @@ fn an_authorization_rule_lets_a_caller_make_some_requests(backend: BackendChoice
     rbac("in-tcp", 1.0);
     rbac("in-http", 7.0);
 
+    // c may also POST: a change that only widens closes none of its connections.
+    let widened = rules(
+        &everything_for_a,
+        &some_for_c.replace("HEAD]", "HEAD, POST]"),
+    );
+    let yaml = inbound_yaml(&b_id, apps, &widened);
+    b.reload(shared::Config::from_yaml(&yaml, "wider").unwrap(), "wider")
+        .unwrap();
+    conn.send(b"POST /public/a HTTP/1.1\r\nHost: b\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(conn.response(false).status, 200);
+    assert_eq!(h2.get("b", "/public/h2").status, 200);
+
     // A is let in for GETs only, and c for HEADs only: A's tunnel closes, and so do the two
     // connections c keeps to b (HTTP/1.1 and HTTP/2).
     let narrowed = rules("identities: [], namespaces: [], ", "methods: [HEAD]").replace(

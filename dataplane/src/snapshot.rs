@@ -172,6 +172,44 @@ impl PathPattern {
             PathPattern::Prefix(prefix) => path.starts_with(prefix),
         }
     }
+
+    /// Whether this matches every path `other` matches.
+    fn covers(&self, other: &PathPattern) -> bool {
+        match (self, other) {
+            (PathPattern::Exact(a), PathPattern::Exact(b)) => a == b,
+            (PathPattern::Exact(_), PathPattern::Prefix(_)) => false,
+            (PathPattern::Prefix(a), PathPattern::Exact(b) | PathPattern::Prefix(b)) => {
+                b.starts_with(a)
+            }
+        }
+    }
+}
+
+impl RequestRule {
+    /// Whether this rule lets through every request with `method` (`None`: any) and a path
+    /// `path` matches (`None`: any path).
+    fn covers(&self, method: Option<&[u8]>, path: Option<&PathPattern>) -> bool {
+        let methods = self.methods.is_empty()
+            || method.is_some_and(|method| self.methods.iter().any(|m| **m == *method));
+        let paths = self.paths.is_empty()
+            || path.is_some_and(|path| self.paths.iter().any(|p| p.covers(path)));
+        methods && paths
+    }
+
+    /// The (method, path pattern) pairs it lets through, `None` standing for any.
+    fn requests(&self) -> impl Iterator<Item = (Option<&[u8]>, Option<&PathPattern>)> {
+        let methods: Vec<Option<&[u8]>> = match self.methods.is_empty() {
+            true => vec![None],
+            false => self.methods.iter().map(|m| Some(&**m)).collect(),
+        };
+        let paths: Vec<Option<&PathPattern>> = match self.paths.is_empty() {
+            true => vec![None],
+            false => self.paths.iter().map(Some).collect(),
+        };
+        methods
+            .into_iter()
+            .flat_map(move |method| paths.clone().into_iter().map(move |path| (method, path)))
+    }
 }
 
 impl AuthorizationPlan {
@@ -253,8 +291,10 @@ impl AuthorizationPlan {
     }
 
     /// Whether going from `before` to `after` (`None`: everyone for everything) lets a peer
-    /// with `identity` do less: less access, or, let in for some requests by both, other
-    /// requests (any change of what the rules naming it let it ask for counts).
+    /// with `identity` do less: less access, or, let in for some requests by both, a method
+    /// and path pattern of a rule naming it before that no rule naming it after lets through
+    /// whole. A change that only adds (a method, a path, a wider prefix, a rule) is no
+    /// narrowing, so it closes nothing.
     pub fn narrows(
         before: Option<&AuthorizationPlan>,
         after: Option<&AuthorizationPlan>,
@@ -270,12 +310,11 @@ impl AuthorizationPlan {
         let (Some(before), Some(after), Some(peer)) = (before, after, identity) else {
             return false;
         };
-        !before
-            .rules_naming(peer)
-            .map(|rule| (&rule.methods, &rule.paths))
-            .eq(after
-                .rules_naming(peer)
-                .map(|rule| (&rule.methods, &rule.paths)))
+        let after: Vec<&RequestRule> = after.rules_naming(peer).collect();
+        before.rules_naming(peer).any(|rule| {
+            rule.requests()
+                .any(|(method, path)| !after.iter().any(|a| a.covers(method, path)))
+        })
     }
 }
 
@@ -976,6 +1015,52 @@ mod tests {
         );
         assert!(!narrows(Some(&get), Some(&everything)));
         assert!(!narrows(Some(&nothing), Some(&get)));
+        // Rules that let through more, or the same split otherwise, narrow nothing; taking
+        // away a method, a path or some of a prefix does.
+        let ci_rules = |rules: &str| {
+            plan(&format!(
+                r#"{{ rules: [{}] }}"#,
+                rules.replace("CI", r#"identities: ["spiffe://tern.test/ns/shop/sa/ci"]"#)
+            ))
+        };
+        let before = ci_rules("{ CI, methods: [GET, POST], paths: [/a, \"/b/*\"] }");
+        for (after, narrowed) in [
+            (
+                "{ CI, methods: [GET, POST, PUT], paths: [/a, \"/b/*\", /c] }",
+                false,
+            ),
+            ("{ CI, methods: [GET, POST], paths: [/a, \"/*\"] }", false),
+            ("{ CI, paths: [/a, \"/b/*\"] }", false),
+            (
+                "{ CI, methods: [GET], paths: [\"*\"] }, { CI, methods: [POST], paths: [/a, \"/b*\"] }",
+                false,
+            ),
+            ("{ CI, methods: [GET], paths: [/a, \"/b/*\"] }", true),
+            ("{ CI, methods: [GET, POST], paths: [/a] }", true),
+            (
+                "{ CI, methods: [GET, POST], paths: [/a, \"/b/c/*\"] }",
+                true,
+            ),
+            ("{ CI, methods: [GET, POST], paths: [/a, /b/] }", true),
+        ] {
+            assert_eq!(
+                narrows(Some(&before), Some(&ci_rules(after))),
+                narrowed,
+                "{after}"
+            );
+        }
+        let any_path = ci_rules("{ CI, methods: [GET] }");
+        assert!(
+            narrows(
+                Some(&any_path),
+                Some(&ci_rules("{ CI, methods: [GET], paths: [\"/*\"] }"))
+            ),
+            "`/*` lets no unplain path through"
+        );
+        assert!(!narrows(
+            Some(&ci_rules("{ CI, methods: [GET], paths: [\"/*\"] }")),
+            Some(&any_path)
+        ));
         assert!(!narrows(Some(&everything), None));
         assert!(!narrows(Some(&nothing), Some(&nothing)));
     }
