@@ -353,16 +353,13 @@ fn inbound(catalog: &Catalog, request: &ProxyRequest, out: &mut Translated) {
             None => SocketAddr::new(ip, sidecar),
         };
         // Rate limits count HTTP requests: an opaque port has none to count.
-        let rate_limit = rate_limit(catalog, workload, app).filter(|_| {
-            let http = protocol != Protocol::Tcp;
-            if !http {
-                out.notes.push(format!(
-                    "a RateLimitPolicy reaches port {app} of Pod {}/{}, which carries opaque TCP: it limits HTTP requests only, so it does nothing there",
-                    workload.namespace, workload.name
-                ));
-            }
-            http
-        });
+        let mut rate_limit = rate_limit(catalog, workload, app);
+        if protocol == Protocol::Tcp && rate_limit.take().is_some() {
+            out.notes.push(format!(
+                "a RateLimitPolicy reaches port {app} of Pod {}/{}, which carries opaque TCP: it limits HTTP requests only, so it does nothing there",
+                workload.namespace, workload.name
+            ));
+        }
         out.config.listeners.push(Listener {
             name: name.clone(),
             address,

@@ -1,6 +1,6 @@
 //! The access log: one JSON line per HTTP request answered and per opaque TCP connection
-//! ended or turned away (passed through outside the mesh included), when `--access-log` names where (a file, or `-` for standard output), as Istio's
-//! and Linkerd's access logs.
+//! ended or turned away (those passed through outside the mesh too), when `--access-log`
+//! names where (a file, or `-` for standard output), as Istio's and Linkerd's access logs.
 //!
 //! Each worker formats its lines into a buffer of its own and writes it to the descriptor
 //! the workers share: when it holds [`FLUSH_AT`] bytes, and every [`FLUSH_EVERY`]. A line

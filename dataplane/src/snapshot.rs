@@ -1066,6 +1066,26 @@ mod tests {
     }
 
     #[test]
+    fn rate_limiters_carry_over_while_their_listener_and_limit_stay() {
+        let with = |name: &str, total: u32| {
+            snapshot(&format!(
+                "listeners:\n  - {{ name: {name}, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: c }}], rate_limit: {{ total: {total} }} }}\nclusters: [{{ name: c, endpoints: [127.0.0.1:1] }}]\n"
+            ))
+        };
+        let limiter = |snapshot: &Snapshot| snapshot.listeners[0].rate_limit.clone().unwrap();
+        let before = with("web", 5);
+        for (name, total, kept) in [("web", 5, true), ("web", 6, false), ("api", 5, false)] {
+            let mut after = with(name, total);
+            after.keep_rate_limiters(&before);
+            assert_eq!(
+                Arc::ptr_eq(&limiter(&before), &limiter(&after)),
+                kept,
+                "{name} {total}"
+            );
+        }
+    }
+
+    #[test]
     fn upstream_connections_carry_over_while_the_endpoint_identity_and_counting_stay() {
         let identity = identity();
         let with = |cluster: &str| {

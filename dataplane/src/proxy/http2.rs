@@ -370,7 +370,7 @@ pub async fn serve<B: Backend>(
         let name = view.snapshot.listeners[listener].name.clone();
         let activity = activity.clone();
         hyper::service::service_fn(move |request: Request<Incoming>| {
-            let busy = Activity::begin(&activity);
+            let busy = activity.begin();
             let worker = worker.clone();
             let caller = caller.clone();
             let current = worker.view();
@@ -429,10 +429,10 @@ pub async fn serve<B: Backend>(
 }
 
 /// What a downstream connection has under way, for its idle timeout (`keepalive_timeout`, as
-/// HTTP/1.1's): requests whose answer is not yet given, and when the last ended (or the
-/// connection began). A
-/// response body still streaming does not count: the GOAWAY that closes an idle connection
-/// lets its streams finish.
+/// HTTP/1.1's): requests whose answer's head is not yet sent, and when the last was (or the
+/// connection began). A response body still streaming (a long gRPC stream) does not count:
+/// the GOAWAY that closes an idle connection lets its streams finish, and the client opens
+/// another connection for its next request.
 struct Activity {
     requests: Cell<usize>,
     last: Cell<Instant>,
@@ -449,9 +449,9 @@ impl Default for Activity {
 
 impl Activity {
     /// A request begins; it ends when the guard is dropped.
-    fn begin(activity: &Rc<Activity>) -> Busy {
-        activity.requests.set(activity.requests.get() + 1);
-        Busy(activity.clone())
+    fn begin(self: &Rc<Self>) -> Busy {
+        self.requests.set(self.requests.get() + 1);
+        Busy(self.clone())
     }
 
     /// Whether nothing has been under way for `timeout`.
@@ -465,8 +465,12 @@ struct Busy(Rc<Activity>);
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0.requests.set(self.0.requests.get().saturating_sub(1));
-        self.0.last.set(Instant::now());
+        let requests = self.0.requests.get() - 1;
+        self.0.requests.set(requests);
+        // Only the last answer's time matters: one clock read when the connection goes idle.
+        if requests == 0 {
+            self.0.last.set(Instant::now());
+        }
     }
 }
 
@@ -825,9 +829,10 @@ fn is_grpc(headers: &hyper::HeaderMap) -> bool {
 
 /// The gRPC status code of a call the proxy answers itself: as gRPC maps the HTTP status it
 /// stands for (404 UNIMPLEMENTED, 502 and 503 UNAVAILABLE, 400 INTERNAL, 403
-/// PERMISSION_DENIED), and a rate limit's 429 RESOURCE_EXHAUSTED rather than UNAVAILABLE (which
-/// a client's retries would take for a failing server and send again at once); but the route timeout is DEADLINE_EXCEEDED, the code of a call that ran
-/// out of time, as a server's own deadline would end it.
+/// PERMISSION_DENIED); but a rate limit's 429 is RESOURCE_EXHAUSTED, not UNAVAILABLE (which a
+/// client's retries would take for a failing server and send again at once), and the route
+/// timeout DEADLINE_EXCEEDED, the code of a call that ran out of time, as a server's own
+/// deadline would end it.
 fn grpc_status(flag: Flag) -> u16 {
     match flag {
         Flag::NoRoute => 12,

@@ -6,12 +6,11 @@
 
 use std::net::{Shutdown, SocketAddr};
 use std::rc::Rc;
-use std::time::Instant;
 
 use shared::config::{Intercept, OutboundPolicy};
 
 use super::Caller;
-use super::tcp::pump_counted;
+use super::tcp::{Line, pump_counted};
 use crate::io::{Backend, Stream};
 use crate::metrics::Flag;
 use crate::tls::MaybeTls;
@@ -33,32 +32,17 @@ pub async fn passthrough<B: Backend>(
         return;
     };
     let cluster = plan.passthrough;
-    let started = worker.access_log().map(|_| Instant::now());
-    let log = |flag: Option<Flag>, bytes| {
-        if let (Some(log), Some(started)) = (worker.access_log(), started) {
-            log.record(&crate::access_log::Entry {
-                listener: &view.snapshot.listeners[listener].name,
-                caller,
-                protocol: "TCP",
-                request_fields: b"",
-                status: None,
-                flag,
-                upstream: Some((&view.snapshot.clusters[cluster].name, Some(original))),
-                bytes: Some(bytes),
-                duration: started.elapsed(),
-            });
-        }
-    };
+    let line = Line::start(worker.access_log(), view, listener, cluster, caller);
     if direction == Intercept::Outbound && plan.policy == OutboundPolicy::RegistryOnly {
         stats.error(Flag::NoRoute);
-        log(Some(Flag::NoRoute), (0, 0));
+        line.record(Some(Flag::NoRoute), Some(original), (0, 0));
         tracing::debug!(%original, "outbound connection outside the mesh refused (registry_only)");
         let _ = down.shutdown(Shutdown::Both);
         return;
     }
     let Some(up) = super::connect_to::<B>(view, cluster, original, super::Inner::Tcp).await else {
         stats.error(Flag::UpstreamConnectFailure);
-        log(Some(Flag::UpstreamConnectFailure), (0, 0));
+        line.record(Some(Flag::UpstreamConnectFailure), Some(original), (0, 0));
         let _ = down.shutdown(Shutdown::Both);
         return;
     };
@@ -77,5 +61,5 @@ pub async fn passthrough<B: Backend>(
     if let Some(flag) = flag {
         stats.error(flag);
     }
-    log(flag, (received, sent));
+    line.record(flag, Some(original), (received, sent));
 }

@@ -4,8 +4,9 @@
 //! A cap is GCRA (the generic cell rate algorithm, a token bucket kept as one timestamp): the
 //! theoretical arrival time of the next request, in one atomic word that every worker of the
 //! proxy updates with a compare-and-swap, so a cap holds for the whole proxy however
-//! `SO_REUSEPORT` spread the connections. It is the one word workers share on a request's
-//! path, and only on a rate-limited listener. A caller's own cap is found in a map under a
+//! `SO_REUSEPORT` spread the connections. These words (a request touches at most two: the
+//! caller's cap and the total) are all workers share on a request's path, and only on a
+//! rate-limited listener. A caller's own cap is found in a map under a
 //! lock once per connection (and again after a config change that gives the listener a new
 //! limiter), never per request. Limiters outlive config changes that leave their listener's
 //! `rate_limit` as it was ([`RateLimiter::carries_over`]), so a push does not refill them.
@@ -22,8 +23,8 @@ use shared::identity::IdentityPattern;
 /// Nanoseconds in the burst each cap allows: one second's requests.
 const BURST_NANOS: u64 = 1_000_000_000;
 
-/// Callers' caps kept without a connection using them, past which the idle ones are
-/// forgotten (a caller coming back starts with a full burst).
+/// The size of the callers' map (busy callers included) at which the callers no connection
+/// uses are forgotten (a caller coming back starts with a full burst).
 const IDLE_CALLERS_KEPT: usize = 4096;
 
 /// The per-identity caps, and the size at which to forget idle ones next.

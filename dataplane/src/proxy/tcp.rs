@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use rustix::pipe::PipeFlags;
 
+use crate::access_log::AccessLog;
 use crate::io::{Backend, Stream};
 use crate::metrics::{ClusterStats, Flag, ListenerStats};
 use crate::worker::{Room, Sharing, View, Worker};
@@ -44,35 +45,20 @@ pub async fn serve<B: Backend, D: Stream>(
     first: Vec<u8>,
     caller: &super::Caller,
 ) {
-    let started = worker.access_log().map(|_| Instant::now());
     let stats = &view.listeners[listener];
-    let log = |flag: Option<Flag>, upstream: Option<std::net::SocketAddr>, bytes| {
-        if let (Some(log), Some(started)) = (worker.access_log(), started) {
-            log.record(&crate::access_log::Entry {
-                listener: &view.snapshot.listeners[listener].name,
-                caller,
-                protocol: "TCP",
-                request_fields: b"",
-                status: None,
-                flag,
-                upstream: Some((&view.snapshot.clusters[cluster].name, upstream)),
-                bytes: Some(bytes),
-                duration: started.elapsed(),
-            });
-        }
-    };
+    let line = Line::start(worker.access_log(), view, listener, cluster, caller);
     let nothing_to_reuse = || None::<std::convert::Infallible>;
     let room = worker.upstream_room(view, cluster, nothing_to_reuse, Sharing::Exclusive);
     // Held while the upstream connection is open.
     let Ok(Room::Slot(_slot)) = room.await else {
         stats.error(Flag::UpstreamOverflow);
-        log(Some(Flag::UpstreamOverflow), None, (0, 0));
+        line.record(Some(Flag::UpstreamOverflow), None, (0, 0));
         let _ = down.shutdown(Shutdown::Both);
         return;
     };
     let Some((up, addr)) = super::connect::<B>(view, cluster, super::Inner::Tcp).await else {
         stats.error(Flag::UpstreamConnectFailure);
-        log(Some(Flag::UpstreamConnectFailure), None, (0, 0));
+        line.record(Some(Flag::UpstreamConnectFailure), None, (0, 0));
         let _ = down.shutdown(Shutdown::Both);
         return;
     };
@@ -87,7 +73,57 @@ pub async fn serve<B: Backend, D: Stream>(
     if let Some(flag) = flag {
         stats.error(flag);
     }
-    log(flag, Some(addr), (received, sent));
+    line.record(flag, Some(addr), (received, sent));
+}
+
+/// An opaque connection's access log line, begun when the connection is: where it was
+/// taken and where it goes; written once it ends ([`Line::record`]). Nothing with no log.
+pub(crate) struct Line<'a> {
+    log: Option<(&'a AccessLog, Instant)>,
+    listener: &'a str,
+    cluster: &'a str,
+    caller: &'a super::Caller,
+}
+
+impl<'a> Line<'a> {
+    /// A line for `caller`'s connection on `listener` of `view`, to `cluster`.
+    pub(crate) fn start(
+        log: Option<&'a AccessLog>,
+        view: &'a View,
+        listener: usize,
+        cluster: usize,
+        caller: &'a super::Caller,
+    ) -> Line<'a> {
+        Line {
+            log: log.map(|log| (log, Instant::now())),
+            listener: &view.snapshot.listeners[listener].name,
+            cluster: &view.snapshot.clusters[cluster].name,
+            caller,
+        }
+    }
+
+    /// Writes the line: what ended the connection, the endpoint it reached, and the bytes
+    /// from and to the client.
+    pub(crate) fn record(
+        self,
+        flag: Option<Flag>,
+        upstream: Option<std::net::SocketAddr>,
+        bytes: (u64, u64),
+    ) {
+        if let Some((log, started)) = self.log {
+            log.record(&crate::access_log::Entry {
+                listener: self.listener,
+                caller: self.caller,
+                protocol: "TCP",
+                request_fields: b"",
+                status: None,
+                flag,
+                upstream: Some((self.cluster, upstream)),
+                bytes: Some(bytes),
+                duration: started.elapsed(),
+            });
+        }
+    }
 }
 
 /// How a [`pump`] ended.
