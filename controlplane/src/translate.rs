@@ -494,17 +494,12 @@ fn rate_limit(catalog: &Catalog, workload: &Workload, app: u16) -> Option<RateLi
     };
     let mut limit = policies
         .iter()
-        .fold(None, |limit: Option<RateLimit>, policy| {
-            let next = rate_limit_of(&policy.spec);
-            Some(match limit {
-                None => next,
-                Some(mut limit) => {
-                    limit.total = lowest(limit.total, next.total);
-                    limit.per_identity = lowest(limit.per_identity, next.per_identity);
-                    limit.overrides.extend(next.overrides);
-                    limit
-                }
-            })
+        .map(|policy| rate_limit_of(&policy.spec))
+        .reduce(|mut limit, next| {
+            limit.total = lowest(limit.total, next.total);
+            limit.per_identity = lowest(limit.per_identity, next.per_identity);
+            limit.overrides.extend(next.overrides);
+            limit
         })?;
     // One policy's callers may not be let above another's total.
     if let Some(total) = limit.total {
