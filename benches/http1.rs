@@ -57,8 +57,9 @@ fn parse_and_route(c: &mut Criterion) {
             routes
                 .route(
                     &REQUEST[head.host.clone()],
+                    &REQUEST[head.method_name.clone()],
                     &REQUEST[head.path.clone()],
-                    &dataplane::snapshot::RawHead(&REQUEST[..head.len]),
+                    &dataplane::proxy::route::RawHead(&REQUEST[..head.len]),
                 )
                 .unwrap()
                 .choose(7)

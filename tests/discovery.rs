@@ -301,6 +301,66 @@ fn a_rate_limit_policy_caps_each_callers_requests() {
     );
 }
 
+/// An HTTPRoute's method, exact path and query matches and its header modifiers reach a
+/// caller's proxy: the matching request goes to the rule's backend with its headers changed
+/// both ways; the rest take the other rule, unchanged.
+#[test]
+fn a_route_s_matches_and_header_filters_reach_the_callers_proxy() {
+    let mesh = Mesh::start();
+    let sidecar = mesh.proxy("reviews-v1-0", "reviews", false);
+    let a = mesh.proxy("a-1", "a", true);
+    for proxy in [&sidecar, &a] {
+        wait_ready(proxy, Duration::from_secs(10));
+    }
+    mesh.write(
+        "route.yaml",
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: { name: reviews, namespace: default }\nspec:\n  \
+         parentRefs: [{ kind: Service, group: \"\", name: reviews, port: 80 }]\n  rules:\n    \
+         - matches: [{ path: { type: Exact, value: /headers }, method: GET, queryParams: [{ name: v, value: \"2\" }] }]\n      \
+         filters:\n        \
+         - { type: RequestHeaderModifier, requestHeaderModifier: { set: [{ name: x-env, value: prod }], remove: [x-debug] } }\n        \
+         - { type: ResponseHeaderModifier, responseHeaderModifier: { remove: [x-upstream-debug] } }\n      \
+         backendRefs: [{ name: reviews-v2, port: 80 }]\n    \
+         - backendRefs: [{ name: reviews-v1, port: 80 }]\n",
+    );
+    let address = a.listener_addr(OUTBOUND).expect("an outbound listener");
+    let send = |method: &str, target: &str| {
+        client::request(
+            address,
+            &format!(
+                "{method} {target} HTTP/1.1\r\nHost: reviews\r\nX-Debug: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            ),
+        )
+    };
+    eventually(
+        Duration::from_secs(5),
+        "the route to reach the proxy",
+        || send("GET", "/headers?v=2").text().starts_with("v2\n"),
+    );
+    let matched = send("GET", "/headers?v=2");
+    let seen = matched.text();
+    assert!(
+        seen.contains("x-env: prod\n") && !seen.contains("x-debug"),
+        "{seen}"
+    );
+    assert_eq!(matched.header("x-upstream-debug"), None);
+    assert_eq!(matched.header("server"), Some("v2"));
+    for (method, target) in [
+        ("GET", "/headers?v=3"),
+        ("POST", "/headers?v=2"),
+        ("GET", "/headers/x?v=2"),
+    ] {
+        let other = send(method, target);
+        let seen = other.text();
+        assert!(seen.starts_with("v1\n"), "{method} {target}: {seen}");
+        assert!(
+            seen.contains("x-debug: 1\n") && !seen.contains("x-env"),
+            "{seen}"
+        );
+        assert_eq!(other.header("x-upstream-debug"), Some("1"));
+    }
+}
+
 #[test]
 fn invalid_manifests_are_refused_with_the_field_named_and_nothing_is_pushed() {
     let mesh = Mesh::start();

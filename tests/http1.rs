@@ -899,8 +899,102 @@ fn metrics_count_what_was_sent(backend: BackendChoice) {
     );
 }
 
+/// A route's matches on method, query and an exact path, and its header edits both ways,
+/// between pipelined requests whose heads and bodies must come through whole.
+fn routes_match_method_query_and_exact_path_and_edit_headers(backend: BackendChoice) {
+    let a = Http::start("a");
+    let b = Http::start("b");
+    let yaml = format!(
+        r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    protocol: http
+    routes:
+      - {{ path_exact: /headers, method: POST, cluster: b }}
+      - {{ path_prefix: /headers, query: [{{ name: v, value: "2 b" }}], cluster: b }}
+      - path_prefix: /
+        cluster: a
+        request_headers: {{ set: [{{ name: x-env, value: prod }}], add: [{{ name: x-tag, value: mesh }}], remove: [x-debug] }}
+        response_headers: {{ set: [{{ name: server, value: tern }}], add: [{{ name: cache-control, value: no-store }}], remove: [x-upstream-debug] }}
+clusters:
+  - {{ name: a, endpoints: [{a}] }}
+  - {{ name: b, endpoints: [{b}] }}
+http: {{ max_header_bytes: 300, max_request_line: 200 }}
+"#,
+        a = a.addr,
+        b = b.addr,
+    );
+    let proxy = start_proxy(&yaml, backend);
+    let mut conn = Conn::open(proxy.listener_addr("web").unwrap());
+    let values = |response: &client::Response, name: &str| -> Vec<String> {
+        response
+            .headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+            .collect()
+    };
+
+    conn.send(b"GET /headers HTTP/1.1\r\nHost: x\r\nX-Env: dev\r\nX-Env: test\r\nx-tag: client\r\nX-Debug: 1\r\n\r\n");
+    let edited = conn.response(false);
+    assert_eq!(edited.status, 200);
+    let seen = edited.text();
+    assert!(seen.starts_with("a\n"), "{seen}");
+    assert!(seen.contains("x-env: prod\n"), "{seen}");
+    assert!(!seen.contains("dev") && !seen.contains("test"), "{seen}");
+    assert!(seen.contains("x-tag: client\nx-tag: mesh\n"), "{seen}");
+    assert!(!seen.contains("x-debug"), "{seen}");
+    assert!(seen.contains("host: x\n"), "{seen}");
+    assert_eq!(values(&edited, "server"), ["tern"]);
+    assert_eq!(values(&edited, "cache-control"), ["private", "no-store"]);
+    assert!(values(&edited, "x-upstream-debug").is_empty());
+
+    // Pipelined: an edited request with a body, then one routed by its query, unedited.
+    conn.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nX-Debug: 1\r\nContent-Length: 5\r\n\r\nhelloGET /headers?v=2%20b HTTP/1.1\r\nHost: x\r\n\r\n");
+    let echoed = conn.response(false);
+    assert_eq!(echoed.text(), "hello");
+    assert_eq!(values(&echoed, "server"), ["tern"]);
+    let by_query = conn.response(false).text();
+    assert!(by_query.starts_with("b\n"), "{by_query}");
+    assert!(!by_query.contains("x-env"), "{by_query}");
+
+    let served_by = |conn: &mut Conn, request: &str| {
+        conn.send(request.as_bytes());
+        conn.response(false)
+            .text()
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let to = |method: &str, target: &str| {
+        format!("{method} {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    };
+    assert_eq!(served_by(&mut conn, &to("POST", "/headers")), "b");
+    assert_eq!(served_by(&mut conn, &to("POST", "/headers?v=1")), "b");
+    assert_eq!(served_by(&mut conn, &to("post", "/headers")), "a");
+    assert_eq!(served_by(&mut conn, &to("POST", "/headers/x")), "a");
+    assert_eq!(served_by(&mut conn, &to("GET", "/headers?v=2")), "a");
+    assert_eq!(served_by(&mut conn, &to("GET", "/headers?w=1&v=2+b")), "a");
+
+    // A head the edits would take past the limit is answered 431, and the connection goes
+    // on; the same head unedited (to b) is served.
+    let padded = |target: &str| {
+        let head = format!("GET {target} HTTP/1.1\r\nHost: x\r\nX-Pad: \r\n\r\n");
+        let pad = "p".repeat(290 - head.len());
+        head.replace("X-Pad: ", &format!("X-Pad: {pad}"))
+    };
+    conn.send(padded("/headers").as_bytes());
+    let too_large = conn.response(false);
+    assert_eq!(too_large.status, 431);
+    assert_eq!(too_large.header("x-tern-response-flag"), Some("DLE"));
+    assert_eq!(served_by(&mut conn, &padded("/headers?v=2%20b")), "b");
+}
+
 both_backends!(
     routes_by_host_and_path,
+    routes_match_method_query_and_exact_path_and_edit_headers,
     keep_alive_reuses_both_connections,
     pipelined_requests_are_answered_in_order,
     streams_chunked_and_large_bodies,

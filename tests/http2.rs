@@ -395,6 +395,62 @@ fn streams_waiting_on_a_connection_that_cannot_be_made_go_to_the_next_endpoint(
     }
 }
 
+/// A route's matches on method, query and an exact path pick streams' routes one by one,
+/// and its header edits change each stream's request and response.
+fn routes_match_method_query_and_exact_path_and_edit_headers(backend: BackendChoice) {
+    let a = Http::start("a");
+    let b = Http::start("b");
+    let yaml = format!(
+        "listeners:\n  - name: web\n    address: 127.0.0.1:0\n    protocol: http\n    routes:\n      \
+         - {{ path_exact: /headers, method: PUT, cluster: b }}\n      \
+         - {{ path_prefix: /headers, query: [{{ name: v, value: \"2\" }}], cluster: b }}\n      \
+         - {{ path_prefix: /, cluster: a, \
+         request_headers: {{ set: [{{ name: x-env, value: prod }}], add: [{{ name: x-tag, value: mesh }}], remove: [x-debug] }}, \
+         response_headers: {{ set: [{{ name: server, value: tern }}], add: [{{ name: cache-control, value: no-store }}], remove: [x-upstream-debug] }} }}\n\
+         clusters:\n  - {{ name: a, endpoints: [{}] }}\n  - {{ name: b, endpoints: [{}] }}\n",
+        a.addr, b.addr
+    );
+    let proxy = start_proxy(&yaml, backend);
+    let client = H2::connect(proxy.listener_addr("web").unwrap());
+    let request = hyper::Request::get("http://svc/headers")
+        .header("x-env", "dev")
+        .header("x-tag", "client")
+        .header("x-debug", "1")
+        .body(http_body_util::Full::new(Bytes::new()))
+        .unwrap();
+    let edited = client.request(request);
+    assert_eq!(edited.status, 200);
+    let seen = edited.text();
+    assert!(seen.starts_with("a\n"), "{seen}");
+    assert!(
+        seen.contains("x-env: prod\n") && !seen.contains("dev"),
+        "{seen}"
+    );
+    assert!(seen.contains("x-tag: client\nx-tag: mesh\n"), "{seen}");
+    assert!(!seen.contains("x-debug"), "{seen}");
+    let values = |name: &str| -> Vec<&str> {
+        edited
+            .headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect()
+    };
+    assert_eq!(values("server"), ["tern"]);
+    assert_eq!(values("cache-control"), ["private", "no-store"]);
+    assert!(values("x-upstream-debug").is_empty());
+
+    let served_by = |method: &str, path: &str| {
+        let answer = client.send(method, "svc", path, Bytes::new());
+        answer.text().lines().next().unwrap_or_default().to_owned()
+    };
+    assert_eq!(served_by("PUT", "/headers"), "b");
+    assert_eq!(served_by("PUT", "/headers/x"), "a");
+    assert_eq!(served_by("GET", "/headers?v=2"), "b");
+    assert_eq!(served_by("GET", "/headers?v=3"), "a");
+    assert_eq!(served_by("GET", "/headers"), "a");
+}
+
 both_backends!(
     an_idle_connection_is_closed_after_the_keepalive_timeout,
     streams_waiting_on_a_connection_that_cannot_be_made_go_to_the_next_endpoint,
@@ -404,6 +460,7 @@ both_backends!(
     clients_that_stop_reading_do_not_stall_others_on_the_same_upstream,
     a_tunnel_or_a_host_other_than_the_authority_is_refused,
     streams_are_routed_each_on_its_own,
+    routes_match_method_query_and_exact_path_and_edit_headers,
     an_mtls_pair_carries_http2_inside,
     a_long_lived_connection_follows_config_changes,
 );

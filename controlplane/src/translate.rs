@@ -604,18 +604,21 @@ fn routes(
                 .as_ref()
                 .and_then(|t| t.request.as_deref())
                 .and_then(|t| humantime::parse_duration(t).ok());
+            let (request_headers, response_headers) = rule.header_modifiers();
             let matched = rule.matched();
             for host in &hosts {
-                for (prefix, headers) in &matched {
-                    let mut plan = Route::to_cluster("");
-                    plan.host = host.clone();
-                    plan.path_prefix = prefix.clone();
-                    plan.headers = headers.clone();
-                    plan.backends = backends.clone();
-                    if let Some(timeout) = timeout {
-                        plan.timeout = timeout;
-                    }
-                    routes.push(plan);
+                for m in &matched {
+                    routes.push(Route {
+                        host: host.clone(),
+                        path: m.path.clone(),
+                        method: m.method.clone(),
+                        headers: m.headers.clone(),
+                        query: m.query.clone(),
+                        backends: backends.clone(),
+                        timeout: timeout.unwrap_or(shared::config::DEFAULT_ROUTE_TIMEOUT),
+                        request_headers: request_headers.clone(),
+                        response_headers: response_headers.clone(),
+                    });
                 }
             }
         }

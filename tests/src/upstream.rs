@@ -148,6 +148,19 @@ async fn handle(
         Response::new(full(vec![b'x'; size.parse().unwrap_or(0)]))
     } else if path == "/echo" {
         Response::new(full(whole_body(request).await))
+    } else if path == "/headers" || path.starts_with("/headers/") {
+        // The request's headers as received, one `name: value` line each, in order; the
+        // answer carries `server`, `cache-control` and `x-upstream-debug` of its own.
+        let mut seen = format!("{name}\n");
+        for (field, value) in request.headers() {
+            seen.push_str(&format!("{field}: {}\n", value.to_str().unwrap_or("?")));
+        }
+        let mut response = Response::new(full(seen));
+        let headers = response.headers_mut();
+        headers.insert("server", name.parse().unwrap());
+        headers.insert("cache-control", "private".parse().unwrap());
+        headers.insert("x-upstream-debug", "1".parse().unwrap());
+        response
     } else if path == "/grpc" {
         // gRPC's shape: the body echoed, then trailers carrying the status.
         let body = whole_body(request).await;

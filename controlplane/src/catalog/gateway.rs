@@ -1,7 +1,8 @@
 //! Gateway API's `HTTPRoute` and `GRPCRoute` (`gateway.networking.k8s.io/v1`), the part of
-//! them Tern routes with, attached to a Service as GAMMA defines. Fields Tern does not carry out yet (header,
-//! query and method matches, filters, regular expressions) are parsed so that using them is
-//! a clear error rather than silently ignored; unknown fields are refused.
+//! them Tern routes with, attached to a Service as GAMMA defines: path (prefix or exact),
+//! method, header and query matches, and the header modifier filters. Fields Tern does not
+//! carry out yet (regular expressions, the other filters, a rule's retry) are parsed so that
+//! using them is a clear error rather than silently ignored; unknown fields are refused.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
@@ -88,9 +89,9 @@ pub struct Rule {
     /// Request timeouts.
     #[serde(default)]
     pub timeouts: Option<Timeouts>,
-    /// Not supported yet.
+    /// What to do to matched requests on the way (header modifiers).
     #[serde(default)]
-    pub filters: Option<Vec<serde_json::Value>>,
+    pub filters: Option<Vec<Filter>>,
     /// Not supported yet.
     #[serde(default)]
     pub retry: Option<serde_json::Value>,
@@ -109,25 +110,70 @@ pub struct Match {
     /// Headers the request must carry (all of them).
     #[serde(default)]
     pub headers: Option<Vec<HeaderMatch>>,
-    /// Not supported yet.
+    /// Query parameters the request must carry (all of them).
     #[serde(default)]
-    pub query_params: Option<Vec<serde_json::Value>>,
-    /// Not supported yet.
+    pub query_params: Option<Vec<HeaderMatch>>,
+    /// The method.
     #[serde(default)]
     pub method: Option<String>,
 }
 
-/// A header match.
+/// A header or query parameter match (`HTTPHeaderMatch`, `HTTPQueryParamMatch`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HeaderMatch {
     /// `Exact` (the default); `RegularExpression` is not supported yet.
     #[serde(default = "default_exact", rename = "type")]
     pub kind: String,
-    /// The header's name (case-insensitive).
+    /// The header's name (case-insensitive) or the parameter's (case-sensitive).
     pub name: String,
     /// The value it must have.
     pub value: String,
+}
+
+/// A rule's filter (`HTTPRouteFilter`, `GRPCRouteFilter`): its `type` names the field that
+/// says what it does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Filter {
+    /// `RequestHeaderModifier`, `ResponseHeaderModifier`; the others are not supported yet.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// For `RequestHeaderModifier` (`HTTPHeaderFilter`: `set`, `add`, `remove`, the shape
+    /// the proxy's routes take).
+    #[serde(default)]
+    pub request_header_modifier: Option<shared::config::HeaderModifier>,
+    /// For `ResponseHeaderModifier`.
+    #[serde(default)]
+    pub response_header_modifier: Option<shared::config::HeaderModifier>,
+    /// Not supported yet.
+    #[serde(default)]
+    pub request_redirect: Option<serde_json::Value>,
+    /// Not supported yet.
+    #[serde(default)]
+    pub url_rewrite: Option<serde_json::Value>,
+    /// Not supported yet.
+    #[serde(default)]
+    pub request_mirror: Option<serde_json::Value>,
+    /// Not supported yet.
+    #[serde(default)]
+    pub cors: Option<serde_json::Value>,
+    /// Not supported.
+    #[serde(default)]
+    pub extension_ref: Option<serde_json::Value>,
+}
+
+/// What one of a rule's matches asks of a request, as the proxy's routes say it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Matched {
+    /// The path, prefix or exact.
+    pub path: shared::config::PathMatch,
+    /// The method.
+    pub method: Option<String>,
+    /// Header matches: lower-case names, sorted.
+    pub headers: Vec<shared::config::Header>,
+    /// Query parameter matches, sorted.
+    pub query: Vec<shared::config::QueryMatch>,
 }
 
 fn default_exact() -> String {
@@ -138,7 +184,7 @@ fn default_exact() -> String {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PathMatch {
-    /// `PathPrefix` (the default); `Exact` and `RegularExpression` are not supported yet.
+    /// `PathPrefix` (the default) or `Exact`; `RegularExpression` is not supported yet.
     #[serde(default = "default_path_type", rename = "type")]
     pub kind: String,
     /// The path; `/` by default.
@@ -207,30 +253,74 @@ impl HttpRouteSpec {
 }
 
 impl Rule {
-    /// What this rule matches, one entry per match: the path prefix (`/` when a match has
-    /// no path) and the headers, name (lower case) and value, sorted; every request when it
-    /// has no matches.
-    pub fn matched(&self) -> Vec<(String, Vec<shared::config::HeaderMatch>)> {
+    /// What this rule matches, one entry per match (a match with no path has the prefix
+    /// `/`); every request when it has no matches.
+    pub fn matched(&self) -> Vec<Matched> {
         if self.matches.is_empty() {
-            return vec![("/".to_owned(), Vec::new())];
+            return vec![Matched {
+                path: shared::config::PathMatch::Prefix("/".to_owned()),
+                method: None,
+                headers: Vec::new(),
+                query: Vec::new(),
+            }];
         }
         self.matches
             .iter()
             .map(|m| {
-                let prefix = m.path.as_ref().map_or("/".to_owned(), |p| p.value.clone());
-                let mut headers: Vec<shared::config::HeaderMatch> = m
+                let path = match &m.path {
+                    Some(p) if p.kind == "Exact" => {
+                        shared::config::PathMatch::Exact(p.value.clone())
+                    }
+                    Some(p) => shared::config::PathMatch::Prefix(p.value.clone()),
+                    None => shared::config::PathMatch::Prefix("/".to_owned()),
+                };
+                let mut headers: Vec<shared::config::Header> = m
                     .headers
                     .iter()
                     .flatten()
-                    .map(|h| shared::config::HeaderMatch {
+                    .map(|h| shared::config::Header {
                         name: h.name.to_ascii_lowercase(),
                         value: h.value.clone(),
                     })
                     .collect();
                 headers.sort();
-                (prefix, headers)
+                let mut query: Vec<shared::config::QueryMatch> = m
+                    .query_params
+                    .iter()
+                    .flatten()
+                    .map(|q| shared::config::QueryMatch {
+                        name: q.name.clone(),
+                        value: q.value.clone(),
+                    })
+                    .collect();
+                query.sort();
+                Matched {
+                    path,
+                    method: m.method.clone(),
+                    headers,
+                    query,
+                }
             })
             .collect()
+    }
+
+    /// The changes the rule's filters make to requests and to responses (validated: only
+    /// header modifiers, at most one of each).
+    pub fn header_modifiers(
+        &self,
+    ) -> (
+        shared::config::HeaderModifier,
+        shared::config::HeaderModifier,
+    ) {
+        let mut filters = self.filters.iter().flatten();
+        let request = filters
+            .clone()
+            .find_map(|f| f.request_header_modifier.clone())
+            .unwrap_or_default();
+        let response = filters
+            .find_map(|f| f.response_header_modifier.clone())
+            .unwrap_or_default();
+        (request, response)
     }
 }
 
@@ -252,9 +342,9 @@ pub struct GrpcRule {
     /// Where matched calls go, split by weight.
     #[serde(default)]
     pub backend_refs: Vec<BackendRef>,
-    /// Not supported yet.
+    /// What to do to matched calls on the way (header modifiers).
     #[serde(default)]
-    pub filters: Option<Vec<serde_json::Value>>,
+    pub filters: Option<Vec<Filter>>,
     /// Not supported yet.
     #[serde(default)]
     pub session_persistence: Option<serde_json::Value>,
@@ -289,7 +379,8 @@ pub struct MethodMatch {
 
 impl Route<GrpcRule> {
     /// The equivalent `HTTPRoute` (its `kind` stays `GRPCRoute`): each method match becomes a
-    /// path prefix, `/pkg.Service/Method`, or `/pkg.Service` for all of a service's methods.
+    /// path, exactly `/pkg.Service/Method`, or the prefix `/pkg.Service` for all of a
+    /// service's methods.
     /// What has no equivalent is refused with its field.
     pub fn into_http_route(self) -> Result<HttpRoute, (String, String)> {
         let mut rules = Vec::with_capacity(self.spec.rules.len());
@@ -297,8 +388,8 @@ impl Route<GrpcRule> {
             let mut matches = Vec::with_capacity(rule.matches.len());
             for (j, m) in rule.matches.into_iter().enumerate() {
                 let at = |f: &str| format!("spec.rules[{i}].matches[{j}].{f}");
-                let path = match m.method {
-                    None => "/".to_owned(),
+                let (kind, path) = match m.method {
+                    None => ("PathPrefix", "/".to_owned()),
                     Some(method) => {
                         if method.kind != "Exact" {
                             return Err((
@@ -307,15 +398,15 @@ impl Route<GrpcRule> {
                             ));
                         }
                         match (method.service, method.method) {
-                            (Some(service), Some(name)) => format!("/{service}/{name}"),
-                            (Some(service), None) => format!("/{service}"),
+                            (Some(service), Some(name)) => ("Exact", format!("/{service}/{name}")),
+                            (Some(service), None) => ("PathPrefix", format!("/{service}")),
                             (None, Some(_)) => {
                                 return Err((
                                     at("method.service"),
                                     "a method match needs its service".to_owned(),
                                 ));
                             }
-                            (None, None) => "/".to_owned(),
+                            (None, None) => ("PathPrefix", "/".to_owned()),
                         }
                     }
                 };
@@ -324,7 +415,7 @@ impl Route<GrpcRule> {
                 }
                 matches.push(Match {
                     path: Some(PathMatch {
-                        kind: "PathPrefix".to_owned(),
+                        kind: kind.to_owned(),
                         value: path,
                     }),
                     headers: m.headers,

@@ -730,9 +730,7 @@ impl Catalog {
         }
         for (i, rule) in spec.rules.iter().enumerate() {
             let at = |f: &str| format!("spec.rules[{i}].{f}");
-            if rule.filters.as_ref().is_some_and(|f| !f.is_empty()) {
-                return fail(at("filters"), "filters are not supported yet");
-            }
+            check_filters(rule.filters.as_deref().unwrap_or_default(), &at("filters"))?;
             if rule.retry.is_some() {
                 return fail(
                     at("retry"),
@@ -744,50 +742,50 @@ impl Catalog {
             }
             for (j, m) in rule.matches.iter().enumerate() {
                 let at = |f: &str| format!("spec.rules[{i}].matches[{j}].{f}");
-                for (k, header) in m.headers.iter().flatten().enumerate() {
-                    let at = |f: &str| format!("spec.rules[{i}].matches[{j}].headers[{k}].{f}");
-                    if header.kind != "Exact" {
-                        return fail(
-                            at("type"),
-                            format!("`{}` is not supported yet; use Exact", header.kind),
-                        );
-                    }
-                    let plan = shared::config::HeaderMatch {
-                        name: header.name.clone(),
-                        value: header.value.clone(),
-                    };
-                    if let Err(why) = shared::config::check_header_match(&plan) {
-                        return fail(at("name"), why);
+                let lists: [(&str, _, CheckMatch); 2] = [
+                    ("headers", &m.headers, |name, value| {
+                        shared::config::check_header(&shared::config::Header {
+                            name: name.to_owned(),
+                            value: value.to_owned(),
+                        })
+                    }),
+                    ("queryParams", &m.query_params, |name, value| {
+                        shared::config::check_query_match(&shared::config::QueryMatch {
+                            name: name.to_owned(),
+                            value: value.to_owned(),
+                        })
+                    }),
+                ];
+                for (list, matches, check) in lists {
+                    for (k, item) in matches.iter().flatten().enumerate() {
+                        let at = |f: &str| format!("spec.rules[{i}].matches[{j}].{list}[{k}].{f}");
+                        if item.kind != "Exact" {
+                            return fail(
+                                at("type"),
+                                format!("`{}` is not supported yet; use Exact", item.kind),
+                            );
+                        }
+                        if let Err(why) = check(&item.name, &item.value) {
+                            return fail(at("name"), why);
+                        }
                     }
                 }
-                if m.query_params.as_ref().is_some_and(|q| !q.is_empty()) {
-                    return fail(
-                        at("queryParams"),
-                        "query parameter matches are not supported yet",
-                    );
-                }
-                if m.method.is_some() {
-                    return fail(at("method"), "method matches are not supported yet");
+                if let Some(Err(why)) = m.method.as_deref().map(shared::config::check_method) {
+                    return fail(at("method"), why);
                 }
                 if let Some(path) = &m.path {
                     match path.kind.as_str() {
-                        "PathPrefix" => {}
+                        "PathPrefix" | "Exact" => {}
                         "RegularExpression" => {
                             return fail(
                                 at("path.type"),
-                                "RegularExpression is not supported; use PathPrefix",
-                            );
-                        }
-                        "Exact" => {
-                            return fail(
-                                at("path.type"),
-                                "Exact is not supported yet; use PathPrefix",
+                                "RegularExpression is not supported yet; use PathPrefix or Exact",
                             );
                         }
                         other => return fail(at("path.type"), format!("unknown type `{other}`")),
                     }
-                    if !path.value.starts_with('/') {
-                        return fail(at("path.value"), "must start with `/`");
+                    if let Err(why) = shared::config::check_path(&path.value) {
+                        return fail(at("path.value"), why);
                     }
                 }
             }
@@ -800,7 +798,10 @@ impl Catalog {
                     return fail(at("kind"), "only Services are supported as backends");
                 }
                 if backend.filters.as_ref().is_some_and(|f| !f.is_empty()) {
-                    return fail(at("filters"), "filters are not supported yet");
+                    return fail(
+                        at("filters"),
+                        "filters on a backend are not supported yet; put them on the rule",
+                    );
                 }
                 let namespace = backend.namespace.as_deref().unwrap_or(&key.namespace);
                 let Some(service) = self.service(namespace, &backend.name) else {
@@ -946,8 +947,63 @@ fn cluster_ips(service: &Service) -> Vec<IpAddr> {
     ips
 }
 
-/// What a route rule claims: a Service port (0 for all), a host and a path prefix, for the
-/// callers the route applies to (GAMMA: every caller for a route in the Service's namespace,
+/// Checks a header or query parameter match's name and value, as the proxy's config does.
+type CheckMatch = fn(&str, &str) -> Result<(), &'static str>;
+
+/// Checks a rule's filters (`field` names the list): header modifiers, at most one of each
+/// kind, each with its own field set and no other, and changes a proxy can make.
+fn check_filters(filters: &[gateway::Filter], field: &str) -> Check {
+    let mut kinds = BTreeSet::new();
+    for (k, filter) in filters.iter().enumerate() {
+        let at = |f: &str| format!("{field}[{k}].{f}");
+        let (name, modifier) = match filter.kind.as_str() {
+            "RequestHeaderModifier" => (
+                "requestHeaderModifier",
+                filter.request_header_modifier.as_ref(),
+            ),
+            "ResponseHeaderModifier" => (
+                "responseHeaderModifier",
+                filter.response_header_modifier.as_ref(),
+            ),
+            kind @ ("RequestRedirect" | "URLRewrite" | "RequestMirror" | "CORS") => {
+                return fail(at("type"), format!("`{kind}` is not supported yet"));
+            }
+            "ExtensionRef" => return fail(at("type"), "extension filters are not supported"),
+            other => return fail(at("type"), format!("unknown filter type `{other}`")),
+        };
+        let Some(modifier) = modifier else {
+            return fail(at(name), format!("is required for type {}", filter.kind));
+        };
+        let others = [
+            filter.request_header_modifier.is_some(),
+            filter.response_header_modifier.is_some(),
+            filter.request_redirect.is_some(),
+            filter.url_rewrite.is_some(),
+            filter.request_mirror.is_some(),
+            filter.cors.is_some(),
+            filter.extension_ref.is_some(),
+        ];
+        if others.iter().filter(|&&set| set).count() > 1 {
+            return fail(
+                at("type"),
+                format!("a {} filter sets only `{name}`", filter.kind),
+            );
+        }
+        if !kinds.insert(filter.kind.as_str()) {
+            return fail(
+                at("type"),
+                format!("a rule takes one {} filter", filter.kind),
+            );
+        }
+        if let Err((sub, why)) = shared::config::check_header_modifier(modifier) {
+            return fail(at(&format!("{name}.{sub}")), why);
+        }
+    }
+    Ok(())
+}
+
+/// What a route rule claims: a Service port (0 for all), a host and what one of its matches
+/// asks of a request (path, method, headers, query), for the callers the route applies to (GAMMA: every caller for a route in the Service's namespace,
 /// only its own namespace's for a route elsewhere).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct Claim {
@@ -956,9 +1012,8 @@ struct Claim {
     callers: String,
     port: u16,
     host: String,
-    prefix: String,
-    /// Header matches, lower-case names, sorted.
-    headers: Vec<shared::config::HeaderMatch>,
+    /// What the request must look like.
+    matched: gateway::Matched,
 }
 
 impl Claim {
@@ -967,8 +1022,7 @@ impl Claim {
             && self.callers == other.callers
             && (self.port == other.port || self.port == 0 || other.port == 0)
             && self.host == other.host
-            && self.prefix == other.prefix
-            && self.headers == other.headers
+            && self.matched == other.matched
     }
 
     fn describe(&self) -> String {
@@ -977,10 +1031,25 @@ impl Claim {
         } else {
             format!(":{}", self.port)
         };
-        let headers: String = self
+        let matched = &self.matched;
+        let path = match &matched.path {
+            shared::config::PathMatch::Prefix(prefix) => prefix.clone(),
+            shared::config::PathMatch::Exact(exact) => format!("{exact} (exactly)"),
+        };
+        let method = matched
+            .method
+            .as_ref()
+            .map(|m| format!("{m} "))
+            .unwrap_or_default();
+        let headers: String = matched
             .headers
             .iter()
             .map(|header| format!(" with {}: {}", header.name, header.value))
+            .collect();
+        let query: String = matched
+            .query
+            .iter()
+            .map(|q| format!(" with ?{}={}", q.name, q.value))
             .collect();
         let callers = if self.callers.is_empty() {
             String::new()
@@ -988,13 +1057,13 @@ impl Claim {
             format!(" (for callers in namespace {})", self.callers)
         };
         format!(
-            "{}{}{headers} for Service {}/{}{port}{callers}",
-            self.host, self.prefix, self.service.0, self.service.1
+            "{method}{}{path}{headers}{query} for Service {}/{}{port}{callers}",
+            self.host, self.service.0, self.service.1
         )
     }
 }
 
-/// Every (rule index, claim) of a route: each parent Service port × host × path prefix.
+/// Every (rule index, claim) of a route: each parent Service port × host × match.
 fn route_claims(route: &HttpRoute, namespace: &str) -> Vec<(usize, Claim)> {
     let hosts = route.spec.hosts();
     let mut claims = Vec::new();
@@ -1010,7 +1079,7 @@ fn route_claims(route: &HttpRoute, namespace: &str) -> Vec<(usize, Claim)> {
         };
         for (i, rule) in route.spec.rules.iter().enumerate() {
             for host in &hosts {
-                for (prefix, headers) in rule.matched() {
+                for matched in rule.matched() {
                     claims.push((
                         i,
                         Claim {
@@ -1018,8 +1087,7 @@ fn route_claims(route: &HttpRoute, namespace: &str) -> Vec<(usize, Claim)> {
                             callers: callers.clone(),
                             port: parent.port.unwrap_or(0),
                             host: host.clone(),
-                            prefix,
-                            headers,
+                            matched,
                         },
                     ));
                 }

@@ -158,6 +158,46 @@ fn objects_are_checked_against_each_other_and_refusals_name_the_field() {
             "spec.rules[0].matches[0].headers[0].name: the name must be an HTTP header name",
         ),
         (
+            route("r", "  rules: [{ matches: [{ queryParams: [{ type: RegularExpression, name: x, value: \"y.*\" }] }], backendRefs: [{ name: cart, port: 80 }] }]\n"),
+            "spec.rules[0].matches[0].queryParams[0].type: `RegularExpression` is not supported yet",
+        ),
+        (
+            route("r", "  rules: [{ matches: [{ method: \"G T\" }], backendRefs: [{ name: cart, port: 80 }] }]\n"),
+            "spec.rules[0].matches[0].method: must be an HTTP method",
+        ),
+        (
+            route("r", "  rules: [{ matches: [{ path: { type: Exact, value: \"/a?b\" } }], backendRefs: [{ name: cart, port: 80 }] }]\n"),
+            "spec.rules[0].matches[0].path.value: must be a path alone",
+        ),
+        (
+            route("r", "  rules: [{ filters: [{ type: RequestRedirect, requestRedirect: { statusCode: 301 } }], backendRefs: [{ name: cart, port: 80 }] }]\n"),
+            "spec.rules[0].filters[0].type: `RequestRedirect` is not supported yet",
+        ),
+        (
+            route("r", "  rules: [{ filters: [{ type: RequestHeaderModifier }], backendRefs: [{ name: cart, port: 80 }] }]\n"),
+            "spec.rules[0].filters[0].requestHeaderModifier: is required for type RequestHeaderModifier",
+        ),
+        (
+            route("r", "  rules: [{ filters: [{ type: RequestHeaderModifier, requestHeaderModifier: { remove: [a] }, responseHeaderModifier: { remove: [b] } }], backendRefs: [{ name: cart, port: 80 }] }]\n"),
+            "spec.rules[0].filters[0].type: a RequestHeaderModifier filter sets only `requestHeaderModifier`",
+        ),
+        (
+            route("r", "  rules: [{ filters: [{ type: ResponseHeaderModifier, responseHeaderModifier: { remove: [a] } }, { type: ResponseHeaderModifier, responseHeaderModifier: { remove: [b] } }], backendRefs: [{ name: cart, port: 80 }] }]\n"),
+            "spec.rules[0].filters[1].type: a rule takes one ResponseHeaderModifier filter",
+        ),
+        (
+            route("r", "  rules: [{ filters: [{ type: RequestHeaderModifier, requestHeaderModifier: { set: [{ name: Host, value: evil }] } }], backendRefs: [{ name: cart, port: 80 }] }]\n"),
+            "spec.rules[0].filters[0].requestHeaderModifier.set[0]: framing, connection and host headers cannot be changed",
+        ),
+        (
+            route("r", "  rules: [{ filters: [{ type: RequestHeaderModifier, requestHeaderModifier: { add: [{ name: x-a, value: \"a\\nb\" }] } }], backendRefs: [{ name: cart, port: 80 }] }]\n"),
+            "spec.rules[0].filters[0].requestHeaderModifier.add[0]: the value must not hold line breaks",
+        ),
+        (
+            route("r", "  rules: [{ backendRefs: [{ name: cart, port: 80, filters: [{ type: RequestHeaderModifier, requestHeaderModifier: { remove: [a] } }] }] }]\n"),
+            "spec.rules[0].backendRefs[0].filters: filters on a backend are not supported yet",
+        ),
+        (
             route("r", "  rules: [{ timeouts: { request: soon }, backendRefs: [{ name: cart, port: 80 }] }]\n"),
             "spec.rules[0].timeouts.request: `soon` is not a duration",
         ),
@@ -379,7 +419,10 @@ fn a_proxy_gets_its_inbound_ports_and_only_the_destinations_it_asked_for() {
         1,
         "with a route attached, unmatched paths get 404"
     );
-    assert_eq!(routes[0].path_prefix, "/v2");
+    assert_eq!(
+        routes[0].path,
+        shared::config::PathMatch::Prefix("/v2".into())
+    );
     assert_eq!(routes[0].timeout, std::time::Duration::from_millis(750));
     let weights: Vec<u32> = routes[0].backends.iter().map(|b| b.weight).collect();
     assert_eq!(weights, [9, 1]);
@@ -1156,16 +1199,22 @@ spec:
     let client = translate(&catalog, &request("web-0", "web", &[("users.shop", 9090)]));
     let listener = &client.config.listeners[0];
     assert_eq!(listener.protocol, Protocol::Http);
-    let routes: Vec<(&str, &str)> = listener
+    let routes: Vec<_> = listener
         .routes
         .iter()
-        .map(|r| (r.path_prefix.as_str(), r.backends[0].cluster.as_str()))
+        .map(|r| (&r.path, r.backends[0].cluster.as_str()))
         .collect();
     assert_eq!(
         routes,
         [
-            ("/shop.Users/Create", "outbound:users-v2.shop:9090"),
-            ("/shop.Users", "outbound:users.shop:9090"),
+            (
+                &shared::config::PathMatch::Exact("/shop.Users/Create".into()),
+                "outbound:users-v2.shop:9090"
+            ),
+            (
+                &shared::config::PathMatch::Prefix("/shop.Users".into()),
+                "outbound:users.shop:9090"
+            ),
         ]
     );
 
@@ -1193,6 +1242,65 @@ spec:
 }
 
 #[test]
+fn a_rule_s_matches_and_header_filters_reach_its_routes() {
+    let matched = route(
+        "matched",
+        "  rules:\n    - matches:\n        - { path: { type: Exact, value: /cart/checkout }, method: POST, queryParams: [{ name: mode, value: fast }] }\n        - { path: { value: /cart/v2 } }\n      filters:\n        - { type: RequestHeaderModifier, requestHeaderModifier: { set: [{ name: x-env, value: prod }], remove: [x-debug] } }\n        - { type: ResponseHeaderModifier, responseHeaderModifier: { add: [{ name: cache-control, value: no-store }] } }\n      backendRefs: [{ name: cart-v2, port: 80 }]\n    - backendRefs: [{ name: cart, port: 80 }]\n",
+    );
+    let catalog = build(&[("base.yaml", BASE), ("route.yaml", &matched)]);
+    assert!(catalog.problems.is_empty(), "{:#?}", catalog.problems);
+    let web = translate(&catalog, &request("web-0", "web", &[("cart.shop", 80)]));
+    let routes = &web.config.listeners[0].routes;
+    assert_eq!(routes.len(), 3);
+    let checkout = &routes[0];
+    assert_eq!(
+        checkout.path,
+        shared::config::PathMatch::Exact("/cart/checkout".into())
+    );
+    assert_eq!(checkout.method.as_deref(), Some("POST"));
+    assert_eq!(
+        checkout.query,
+        [shared::config::QueryMatch {
+            name: "mode".into(),
+            value: "fast".into()
+        }]
+    );
+    assert_eq!(checkout.request_headers.set[0].name, "x-env");
+    assert_eq!(checkout.request_headers.remove, ["x-debug"]);
+    assert_eq!(checkout.response_headers.add[0].value, "no-store");
+    assert_eq!(checkout.backends[0].cluster, "outbound:cart-v2.shop:80");
+    // Every match of the rule gets its filters; the other rule none.
+    assert_eq!(routes[1].request_headers, checkout.request_headers);
+    assert_eq!(routes[1].method, None);
+    assert!(routes[2].request_headers.is_empty() && routes[2].response_headers.is_empty());
+
+    // A route on the same path with another method does not conflict; the same method does.
+    let get = route(
+        "get",
+        "  rules:\n    - matches: [{ path: { type: Exact, value: /cart/checkout }, method: GET, queryParams: [{ name: mode, value: fast }] }]\n      backendRefs: [{ name: cart, port: 80 }]\n",
+    );
+    let catalog = build(&[
+        ("base.yaml", BASE),
+        ("route.yaml", &matched),
+        ("get.yaml", &get),
+    ]);
+    assert!(catalog.problems.is_empty(), "{:#?}", catalog.problems);
+    let post = get
+        .replace("name: get", "name: post")
+        .replace("GET", "POST");
+    let catalog = build(&[
+        ("base.yaml", BASE),
+        ("route.yaml", &matched),
+        ("post.yaml", &post),
+    ]);
+    assert!(
+        problem(&catalog).contains("POST *") && problem(&catalog).contains("?mode=fast"),
+        "{}",
+        problem(&catalog)
+    );
+}
+
+#[test]
 fn header_matches_narrow_routes_and_count_in_conflicts() {
     let canary = route(
         "canary",
@@ -1205,7 +1313,7 @@ fn header_matches_narrow_routes_and_count_in_conflicts() {
     assert_eq!(routes.len(), 2);
     assert_eq!(
         routes[0].headers,
-        [shared::config::HeaderMatch {
+        [shared::config::Header {
             name: "x-canary".into(),
             value: "yes".into()
         }]

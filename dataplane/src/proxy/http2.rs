@@ -616,9 +616,13 @@ async fn forward<B: Backend>(
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .as_bytes();
-    let Some(route) = routes.route(host, path, request.headers()) else {
+    let method = request.method().as_str().as_bytes();
+    let Some(route) = routes.route(host, method, path, request.headers()) else {
         return refuse(404, Flag::NoRoute);
     };
+    if let Some(edits) = &route.request_headers {
+        edits.apply(request.headers_mut());
+    }
     let chosen = route.choose(view.roll());
     let cluster = &view.clusters[chosen.cluster];
     let retries = view.snapshot.clusters[chosen.cluster].retries.as_ref();
@@ -683,6 +687,10 @@ async fn forward<B: Backend>(
                 });
                 let idle_timeout = view.snapshot.clusters[chosen.cluster].idle_timeout;
                 let stats = view.listeners[listener].clone();
+                let mut response = response;
+                if let Some(edits) = chosen.response_headers {
+                    edits.apply(response.headers_mut());
+                }
                 return response
                     .map(|body| Either::Left(UpstreamBody::new(body, held, idle_timeout, stats)));
             }

@@ -2,9 +2,9 @@
 //! ([`tcp`]), HTTP/1.1 ([`http1`]), HTTP/2 ([`http2`]), protocol detection ([`detect`]),
 //! intercepted connections ([`intercept`]), the per-worker upstream pool ([`pool`]), the
 //! choice of endpoint and ejection of failing ones ([`balance`]), caps on upstream
-//! connections ([`limit`]), HTTP retries ([`retry`]) and caps on the requests a second a
-//! listener serves ([`rate_limit`]); and who a downstream connection's peer is to its
-//! listener's authorization and rate limit ([`Caller`]).
+//! connections ([`limit`]), HTTP routes ([`route`]), HTTP retries ([`retry`]) and caps on
+//! the requests a second a listener serves ([`rate_limit`]); and who a downstream
+//! connection's peer is to its listener's authorization and rate limit ([`Caller`]).
 //!
 //! Rule for every read here: a read that is abandoned (timeout, drain) is never retried on
 //! the same socket; the socket is shut down instead. With io_uring an abandoned read stays
@@ -19,6 +19,7 @@ pub mod limit;
 pub mod pool;
 pub mod rate_limit;
 pub mod retry;
+pub mod route;
 pub mod tcp;
 
 use std::cell::RefCell;

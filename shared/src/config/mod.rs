@@ -587,34 +587,100 @@ pub fn plain_path(target: &[u8]) -> Option<&[u8]> {
     (!unplain).then_some(path)
 }
 
-/// An HTTP route: a host and path prefix that select a cluster, or split requests between
-/// clusters by weight. In YAML, `cluster: x` is short for `backends: [{cluster: x}]`.
+/// An HTTP route: what a request must look like (host, path, method, headers, query) to
+/// go to a cluster, or be split between clusters by weight, and how its headers and its
+/// response's are changed on the way. In YAML, `cluster: x` is short for
+/// `backends: [{cluster: x}]`, and the path is `path_prefix` or `path_exact`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "RouteFields", into = "RouteFields")]
 pub struct Route {
     /// `example.com` (exact, case-insensitive, port ignored), `*.example.com` (any subdomain)
     /// or `*` (any host, the default).
     pub host: String,
-    /// Matches whole path segments, as Gateway API's `PathPrefix` does: `/api` matches `/api`
-    /// and `/api/v1`, not `/apix`. The default `/` matches everything.
-    pub path_prefix: String,
+    /// The path the request must have; every path by default.
+    pub path: PathMatch,
+    /// The method the request must have (case-sensitive, as HTTP methods are); any if none.
+    pub method: Option<String>,
     /// Headers the request must carry, each with exactly this value (names are
     /// case-insensitive); all of them must match.
-    pub headers: Vec<HeaderMatch>,
+    pub headers: Vec<Header>,
+    /// Query parameters the request must carry, each with exactly this value once
+    /// percent-decoded (names are case-sensitive; the first of a repeated name counts); all
+    /// of them must match.
+    pub query: Vec<QueryMatch>,
     /// Where requests go: each request picks one backend, with probability weight / total.
     pub backends: Vec<Backend>,
     /// How long to wait for the upstream's response head; past it the proxy answers 504.
     pub timeout: Duration,
+    /// Changes to the request's headers before it goes upstream.
+    pub request_headers: HeaderModifier,
+    /// Changes to the response's headers before it goes back to the client.
+    pub response_headers: HeaderModifier,
 }
 
-/// A request header and the value it must have.
+/// How a route matches a request's path (without its query).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum PathMatch {
+    /// Whole path segments, as Gateway API's `PathPrefix`: `/api` matches `/api` and
+    /// `/api/v1`, not `/apix`; `/` matches everything.
+    Prefix(String),
+    /// Exactly this path.
+    Exact(String),
+}
+
+impl PathMatch {
+    /// The path or prefix.
+    pub fn value(&self) -> &str {
+        match self {
+            PathMatch::Prefix(path) | PathMatch::Exact(path) => path,
+        }
+    }
+}
+
+/// A header: its name and a value, to match or to write.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct HeaderMatch {
+pub struct Header {
     /// The header's name (case-insensitive).
     pub name: String,
-    /// Its exact value.
+    /// Its value.
     pub value: String,
+}
+
+/// A query parameter and the value it must have.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueryMatch {
+    /// The parameter's name (case-sensitive).
+    pub name: String,
+    /// Its exact value, percent-decoded.
+    pub value: String,
+}
+
+/// Changes to a message's headers, as Gateway API's `RequestHeaderModifier` and
+/// `ResponseHeaderModifier` make them: `remove` first, then `set` (replacing every field of
+/// the name), then `add` (another field beside any the message has). A name appears once
+/// across the three lists. Headers that frame the message or the connection (and `host`)
+/// cannot be changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderModifier {
+    /// Headers to set, replacing any of the same name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub set: Vec<Header>,
+    /// Headers to add beside any of the same name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub add: Vec<Header>,
+    /// Names of headers to remove.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+}
+
+impl HeaderModifier {
+    /// Whether it changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
 }
 
 /// A cluster and its share of a route's requests.
@@ -628,22 +694,33 @@ pub struct Backend {
     pub weight: u32,
 }
 
-/// The YAML shape of [`Route`]: `cluster` or `backends`, not both.
+/// The YAML shape of [`Route`]: `cluster` or `backends`, not both; `path_prefix` or
+/// `path_exact`, not both.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RouteFields {
     #[serde(default = "default_host")]
     host: String,
-    #[serde(default = "default_path_prefix")]
-    path_prefix: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    path_prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    path_exact: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    method: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    headers: Vec<HeaderMatch>,
+    headers: Vec<Header>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    query: Vec<QueryMatch>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     cluster: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     backends: Vec<Backend>,
     #[serde(default = "default_request_timeout", with = "humantime_serde")]
     timeout: Duration,
+    #[serde(default, skip_serializing_if = "HeaderModifier::is_empty")]
+    request_headers: HeaderModifier,
+    #[serde(default, skip_serializing_if = "HeaderModifier::is_empty")]
+    response_headers: HeaderModifier,
 }
 
 impl TryFrom<RouteFields> for Route {
@@ -657,12 +734,23 @@ impl TryFrom<RouteFields> for Route {
             (None, backends) if !backends.is_empty() => backends,
             _ => return Err("a route takes exactly one of `cluster` or `backends`"),
         };
+        let path = match (fields.path_prefix, fields.path_exact) {
+            (prefix, None) => PathMatch::Prefix(prefix.unwrap_or_else(default_path_prefix)),
+            (None, Some(exact)) => PathMatch::Exact(exact),
+            (Some(_), Some(_)) => {
+                return Err("a route takes at most one of `path_prefix` or `path_exact`");
+            }
+        };
         Ok(Route {
             host: fields.host,
-            path_prefix: fields.path_prefix,
+            path,
+            method: fields.method,
             headers: fields.headers,
+            query: fields.query,
             backends,
             timeout: fields.timeout,
+            request_headers: fields.request_headers,
+            response_headers: fields.response_headers,
         })
     }
 }
@@ -678,13 +766,22 @@ impl From<Route> for RouteFields {
         } else {
             (None, route.backends)
         };
+        let (path_prefix, path_exact) = match route.path {
+            PathMatch::Prefix(prefix) => (Some(prefix), None),
+            PathMatch::Exact(exact) => (None, Some(exact)),
+        };
         RouteFields {
             host: route.host,
-            path_prefix: route.path_prefix,
+            path_prefix,
+            path_exact,
+            method: route.method,
             headers: route.headers,
+            query: route.query,
             cluster,
             backends,
             timeout: route.timeout,
+            request_headers: route.request_headers,
+            response_headers: route.response_headers,
         }
     }
 }
@@ -722,13 +819,17 @@ impl Route {
     pub fn to_cluster(cluster: &str) -> Route {
         Route {
             host: default_host(),
-            path_prefix: default_path_prefix(),
+            path: PathMatch::Prefix(default_path_prefix()),
+            method: None,
             headers: Vec::new(),
+            query: Vec::new(),
             backends: vec![Backend {
                 cluster: cluster.to_owned(),
                 weight: 1,
             }],
             timeout: default_request_timeout(),
+            request_headers: HeaderModifier::default(),
+            response_headers: HeaderModifier::default(),
         }
     }
 }
@@ -955,8 +1056,11 @@ fn default_host() -> String {
 fn default_path_prefix() -> String {
     "/".to_owned()
 }
+/// How long a route waits for a response head unless it says otherwise.
+pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
+
 fn default_request_timeout() -> Duration {
-    Duration::from_secs(15)
+    DEFAULT_ROUTE_TIMEOUT
 }
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(1)
@@ -1325,8 +1429,28 @@ impl Config {
                                 "the weights must add up to more than 0 and fit in 32 bits",
                             );
                         }
-                        if !route.path_prefix.starts_with('/') {
-                            return fail(at("path_prefix"), "must start with `/`");
+                        if let Err(why) = check_path(route.path.value()) {
+                            let field = match route.path {
+                                PathMatch::Prefix(_) => "path_prefix",
+                                PathMatch::Exact(_) => "path_exact",
+                            };
+                            return fail(at(field), why);
+                        }
+                        if let Some(Err(why)) = route.method.as_deref().map(check_method) {
+                            return fail(at("method"), why);
+                        }
+                        for (k, query) in route.query.iter().enumerate() {
+                            if let Err(why) = check_query_match(query) {
+                                return fail(at(&format!("query[{k}]")), why);
+                            }
+                        }
+                        for (name, modifier) in [
+                            ("request_headers", &route.request_headers),
+                            ("response_headers", &route.response_headers),
+                        ] {
+                            if let Err((field, why)) = check_header_modifier(modifier) {
+                                return fail(at(&format!("{name}.{field}")), why);
+                            }
                         }
                         if let Err(why) = check_host_pattern(&route.host) {
                             return fail(at("host"), why);
@@ -1335,7 +1459,7 @@ impl Config {
                             return fail(at("timeout"), "must be greater than zero");
                         }
                         for (k, header) in route.headers.iter().enumerate() {
-                            if let Err(why) = check_header_match(header) {
+                            if let Err(why) = check_header(header) {
                                 return fail(at(&format!("headers[{k}]")), why);
                             }
                         }
@@ -1464,18 +1588,124 @@ pub fn service_name(service: &str) -> Option<(&str, &str)> {
         .then_some((name, namespace))
 }
 
-/// Checks a header match: a header name (an HTTP token) and a value without line breaks.
-pub fn check_header_match(header: &HeaderMatch) -> Result<(), &'static str> {
-    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
-    if header.name.is_empty() || !header.name.bytes().all(token) {
+/// Whether `b` may appear in an HTTP token (a header name, a method).
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Checks a header to match or write: a header name (an HTTP token) and a value HTTP/1.1 and
+/// HTTP/2 can both carry (no control characters but tab).
+pub fn check_header(header: &Header) -> Result<(), &'static str> {
+    if header.name.is_empty() || !header.name.bytes().all(is_token_byte) {
         return Err("the name must be an HTTP header name");
     }
     if header
         .value
         .bytes()
-        .any(|b| b == b'\r' || b == b'\n' || b == 0)
+        .any(|b| (b < 0x20 && b != b'\t') || b == 0x7f)
     {
-        return Err("the value must not hold line breaks or NUL");
+        return Err("the value must not hold line breaks or other control characters");
+    }
+    if header.value.trim_matches([' ', '\t']) != header.value {
+        // HTTP trims a field's value (and HTTP/2 refuses one that is not trimmed).
+        return Err("the value must not begin or end with spaces or tabs");
+    }
+    Ok(())
+}
+
+/// Checks a route's path or path prefix: it starts with `/` and holds no query, fragment,
+/// whitespace or control characters.
+pub fn check_path(path: &str) -> Result<(), &'static str> {
+    if !path.starts_with('/') {
+        return Err("must start with `/`");
+    }
+    if path
+        .bytes()
+        .any(|b| b <= b' ' || b == 0x7f || b == b'?' || b == b'#')
+    {
+        return Err("must be a path alone: no query, fragment, whitespace or control characters");
+    }
+    Ok(())
+}
+
+/// Checks a method to match: an HTTP token.
+pub fn check_method(method: &str) -> Result<(), &'static str> {
+    if method.is_empty() || !method.bytes().all(is_token_byte) {
+        return Err("must be an HTTP method (a token such as GET)");
+    }
+    Ok(())
+}
+
+/// Checks a query parameter to match: a name and a value (as decoded) without control
+/// characters.
+pub fn check_query_match(query: &QueryMatch) -> Result<(), &'static str> {
+    if query.name.is_empty() {
+        return Err("the name must not be empty");
+    }
+    if query
+        .name
+        .bytes()
+        .chain(query.value.bytes())
+        .any(|b| b < 0x20 || b == 0x7f)
+    {
+        return Err("the name and value must not hold control characters");
+    }
+    Ok(())
+}
+
+/// Headers a [`HeaderModifier`] may not touch: they frame the message, belong to the
+/// connection or say how it goes on (changing them would set the proxy and the peer at odds
+/// over where a message ends or what comes next), or are the request's authority, which
+/// routing and the upstream must agree on.
+pub const UNMODIFIABLE_HEADERS: [&str; 11] = [
+    "connection",
+    "content-length",
+    "expect",
+    "host",
+    "http2-settings",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Checks a header modifier: valid headers, none that [`UNMODIFIABLE_HEADERS`] lists, no
+/// name (case-insensitive) twice in one list (a name may be in several: remove, then set,
+/// then add). The error names the field within the modifier.
+pub fn check_header_modifier(modifier: &HeaderModifier) -> Result<(), (String, &'static str)> {
+    let mut lists: Vec<(&str, Vec<&str>)> = Vec::new();
+    for (list, headers) in [("set", &modifier.set), ("add", &modifier.add)] {
+        for (i, header) in headers.iter().enumerate() {
+            if let Err(why) = check_header(header) {
+                return Err((format!("{list}[{i}]"), why));
+            }
+        }
+        lists.push((list, headers.iter().map(|h| h.name.as_str()).collect()));
+    }
+    lists.push((
+        "remove",
+        modifier.remove.iter().map(String::as_str).collect(),
+    ));
+    for (list, names) in lists {
+        let mut seen = HashSet::new();
+        for (i, name) in names.into_iter().enumerate() {
+            let field = || format!("{list}[{i}]");
+            if name.is_empty() || !name.bytes().all(is_token_byte) {
+                return Err((field(), "the name must be an HTTP header name"));
+            }
+            let name = name.to_ascii_lowercase();
+            if UNMODIFIABLE_HEADERS.contains(&name.as_str()) {
+                return Err((
+                    field(),
+                    "framing, connection and host headers cannot be changed",
+                ));
+            }
+            if !seen.insert(name) {
+                return Err((field(), "names a header this list names already"));
+            }
+        }
     }
     Ok(())
 }

@@ -31,14 +31,46 @@ fn parses_a_full_config_with_defaults() {
     assert_eq!(route.timeout, Duration::from_millis(250));
     let fallback = &config.listeners[0].routes[1];
     assert_eq!(
-        (fallback.host.as_str(), fallback.path_prefix.as_str()),
-        ("*", "/")
+        (fallback.host.as_str(), &fallback.path),
+        ("*", &PathMatch::Prefix("/".into()))
     );
     assert_eq!(fallback.timeout, default_request_timeout());
     let api = config.cluster("api").unwrap();
     assert_eq!(api.connect_timeout, Duration::from_secs(2));
     assert_eq!(api.endpoints.len(), 2);
     assert_eq!(config.http, HttpSettings::default());
+}
+
+#[test]
+fn a_route_matches_and_modifies_headers_as_declared() {
+    let yaml = GOOD.replace(
+        "path_prefix: /v1",
+        "path_exact: /v1/items\n        method: PUT\n        query: [{ name: dry-run, value: \"true\" }]\n        \
+         request_headers: { set: [{ name: x-env, value: prod }], remove: [x-debug] }\n        \
+         response_headers: { add: [{ name: cache-control, value: no-store }] }",
+    );
+    let config = Config::from_yaml(&yaml, "good.yaml").unwrap();
+    let route = &config.listeners[0].routes[0];
+    assert_eq!(route.path, PathMatch::Exact("/v1/items".into()));
+    assert_eq!(route.method.as_deref(), Some("PUT"));
+    assert_eq!(route.query[0].name, "dry-run");
+    assert_eq!(route.request_headers.set[0].value, "prod");
+    assert_eq!(route.request_headers.remove, ["x-debug"]);
+    assert_eq!(route.response_headers.add[0].name, "cache-control");
+    let yaml = serde_yaml::to_string(&config).unwrap();
+    assert_eq!(Config::from_yaml(&yaml, "again").unwrap(), config);
+
+    let both = GOOD.replace(
+        "path_prefix: /v1",
+        "path_prefix: /v1\n        path_exact: /v1",
+    );
+    let error = Config::from_yaml(&both, "both.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("at most one of `path_prefix` or `path_exact`"),
+        "{error}"
+    );
 }
 
 #[test]
@@ -95,6 +127,68 @@ fn refuses_inconsistent_listeners_and_clusters() {
         (
             GOOD.replace("path_prefix: /v1", "path_prefix: v1"),
             "listeners[0].routes[0].path_prefix",
+        ),
+        (
+            GOOD.replace("path_prefix: /v1", "path_prefix: /v1?x=1"),
+            "listeners[0].routes[0].path_prefix",
+        ),
+        (
+            GOOD.replace("path_prefix: /v1", "path_exact: /v1 /v2"),
+            "listeners[0].routes[0].path_exact",
+        ),
+        (
+            GOOD.replace("path_prefix: /v1", "method: \"G T\""),
+            "listeners[0].routes[0].method",
+        ),
+        (
+            GOOD.replace("path_prefix: /v1", "query: [{ name: \"\", value: x }]"),
+            "listeners[0].routes[0].query[0]",
+        ),
+        (
+            GOOD.replace(
+                "path_prefix: /v1",
+                "request_headers: { set: [{ name: x-a, value: \"a\\r\\nx-b: b\" }] }",
+            ),
+            "listeners[0].routes[0].request_headers.set[0]",
+        ),
+        (
+            GOOD.replace(
+                "path_prefix: /v1",
+                "request_headers: { add: [{ name: x-a, value: a }], remove: [Content-Length] }",
+            ),
+            "listeners[0].routes[0].request_headers.remove[0]",
+        ),
+        (
+            GOOD.replace(
+                "path_prefix: /v1",
+                "response_headers: { set: [{ name: Transfer-Encoding, value: gzip }] }",
+            ),
+            "listeners[0].routes[0].response_headers.set[0]",
+        ),
+        (
+            GOOD.replace(
+                "path_prefix: /v1",
+                "response_headers: { add: [{ name: x-a, value: a }, { name: X-A, value: b }] }",
+            ),
+            "listeners[0].routes[0].response_headers.add[1]",
+        ),
+        (
+            GOOD.replace("path_prefix: /v1", "request_headers: { remove: [Expect] }"),
+            "listeners[0].routes[0].request_headers.remove[0]",
+        ),
+        (
+            GOOD.replace(
+                "path_prefix: /v1",
+                "request_headers: { set: [{ name: x-a, value: \" a\" }] }",
+            ),
+            "listeners[0].routes[0].request_headers.set[0]",
+        ),
+        (
+            GOOD.replace(
+                "path_prefix: /v1",
+                "request_headers: { remove: [\":path\"] }",
+            ),
+            "listeners[0].routes[0].request_headers.remove[0]",
         ),
         (
             GOOD.replace("host: api.example.com", "host: a*.example.com"),

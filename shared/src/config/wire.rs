@@ -10,8 +10,9 @@ use std::time::Duration;
 use crate::api::discovery as pb;
 use crate::config::{
     Authorization, AuthorizationRule, Backend, Balancing, CipherSuite, Cluster, ClusterTls, Config,
-    ConnectionLimit, Intercept, Listener, ListenerTls, OutboundPolicy, OutlierDetection, Protocol,
-    RateLimit, RateLimitOverride, Retries, RetryOn, Route, TlsMode,
+    ConnectionLimit, Header, HeaderModifier, Intercept, Listener, ListenerTls, OutboundPolicy,
+    OutlierDetection, PathMatch, Protocol, QueryMatch, RateLimit, RateLimitOverride, Retries,
+    RetryOn, Route, TlsMode,
 };
 
 /// Listeners and clusters from `tern-control`, at a version.
@@ -111,7 +112,17 @@ fn encode_listener(l: &Listener) -> pb::Listener {
             .iter()
             .map(|r| pb::Route {
                 host: r.host.clone(),
-                path_prefix: r.path_prefix.clone(),
+                path_prefix: match &r.path {
+                    PathMatch::Prefix(prefix) if !uses_new_matches(r) => prefix.clone(),
+                    _ => String::new(),
+                },
+                path: uses_new_matches(r).then(|| pb::PathMatch {
+                    kind: Some(match &r.path {
+                        PathMatch::Prefix(prefix) => pb::path_match::Kind::Prefix(prefix.clone()),
+                        PathMatch::Exact(exact) => pb::path_match::Kind::Exact(exact.clone()),
+                    }),
+                }),
+                method: r.method.clone().unwrap_or_default(),
                 backends: r
                     .backends
                     .iter()
@@ -121,14 +132,17 @@ fn encode_listener(l: &Listener) -> pb::Listener {
                     })
                     .collect(),
                 timeout_ms: millis(r.timeout),
-                headers: r
-                    .headers
+                headers: r.headers.iter().map(encode_header).collect(),
+                query: r
+                    .query
                     .iter()
-                    .map(|h| pb::HeaderMatch {
-                        name: h.name.clone(),
-                        value: h.value.clone(),
+                    .map(|q| pb::Header {
+                        name: q.name.clone(),
+                        value: q.value.clone(),
                     })
                     .collect(),
+                request_headers: encode_modifier(&r.request_headers),
+                response_headers: encode_modifier(&r.response_headers),
             })
             .collect(),
         tls: l.tls.as_ref().map(|t| pb::ListenerTls {
@@ -167,6 +181,47 @@ fn encode_listener(l: &Listener) -> pb::Listener {
                 .collect(),
         }),
     }
+}
+
+/// Whether a route uses a match or an edit a proxy that predates them would skip.
+fn uses_new_matches(r: &Route) -> bool {
+    matches!(r.path, PathMatch::Exact(_))
+        || r.method.is_some()
+        || !r.query.is_empty()
+        || !r.request_headers.is_empty()
+        || !r.response_headers.is_empty()
+}
+
+fn encode_header(h: &Header) -> pb::Header {
+    pb::Header {
+        name: h.name.clone(),
+        value: h.value.clone(),
+    }
+}
+
+fn decode_header(h: pb::Header) -> Header {
+    Header {
+        name: h.name,
+        value: h.value,
+    }
+}
+
+/// None for a modifier that changes nothing, so an older peer sees what it always saw.
+fn encode_modifier(m: &HeaderModifier) -> Option<pb::HeaderModifier> {
+    (!m.is_empty()).then(|| pb::HeaderModifier {
+        set: m.set.iter().map(encode_header).collect(),
+        add: m.add.iter().map(encode_header).collect(),
+        remove: m.remove.clone(),
+    })
+}
+
+fn decode_modifier(m: Option<pb::HeaderModifier>) -> HeaderModifier {
+    m.map(|m| HeaderModifier {
+        set: m.set.into_iter().map(decode_header).collect(),
+        add: m.add.into_iter().map(decode_header).collect(),
+        remove: m.remove,
+    })
+    .unwrap_or_default()
 }
 
 fn encode_cluster(c: &Cluster) -> pb::Cluster {
@@ -281,18 +336,30 @@ fn decode_listener(i: usize, l: pb::Listener) -> Result<Listener, WireError> {
             ));
         }
     };
-    let routes = l
-        .routes
-        .into_iter()
-        .map(|r| Route {
+    let mut routes = Vec::with_capacity(l.routes.len());
+    for (j, r) in l.routes.into_iter().enumerate() {
+        let path = match r.path.map(|p| p.kind) {
+            None => PathMatch::Prefix(r.path_prefix),
+            Some(Some(pb::path_match::Kind::Prefix(prefix))) => PathMatch::Prefix(prefix),
+            Some(Some(pb::path_match::Kind::Exact(exact))) => PathMatch::Exact(exact),
+            Some(None) => {
+                return Err(wrong(
+                    at(&format!("routes[{j}].path")),
+                    "neither a prefix nor an exact path",
+                ));
+            }
+        };
+        routes.push(Route {
             host: r.host,
-            path_prefix: r.path_prefix,
-            headers: r
-                .headers
+            path,
+            method: (!r.method.is_empty()).then_some(r.method),
+            headers: r.headers.into_iter().map(decode_header).collect(),
+            query: r
+                .query
                 .into_iter()
-                .map(|h| crate::config::HeaderMatch {
-                    name: h.name,
-                    value: h.value,
+                .map(|q| QueryMatch {
+                    name: q.name,
+                    value: q.value,
                 })
                 .collect(),
             backends: r
@@ -304,8 +371,10 @@ fn decode_listener(i: usize, l: pb::Listener) -> Result<Listener, WireError> {
                 })
                 .collect(),
             timeout: Duration::from_millis(r.timeout_ms),
-        })
-        .collect();
+            request_headers: decode_modifier(r.request_headers),
+            response_headers: decode_modifier(r.response_headers),
+        });
+    }
     let tls = match l.tls {
         None => None,
         Some(t) => Some(ListenerTls {
@@ -483,6 +552,12 @@ listeners:
         headers: [{ name: x-canary, value: "yes" }]
         backends: [{ cluster: cart-v2, weight: 9 }, { cluster: cart, weight: 1 }]
         timeout: 750ms
+      - path_exact: /v2/checkout
+        method: POST
+        query: [{ name: mode, value: "fast lane" }]
+        request_headers: { set: [{ name: x-env, value: prod }], add: [{ name: x-tag, value: a }], remove: [x-debug] }
+        response_headers: { remove: [server] }
+        cluster: cart
       - cluster: cart
   - name: inbound-8080
     address: 127.0.0.1:15080
@@ -540,6 +615,27 @@ identity:
             ..config.clone()
         };
         assert_eq!(pushed.merge_into(&base).unwrap(), config);
+    }
+
+    #[test]
+    fn a_route_an_older_proxy_would_widen_carries_no_path_prefix() {
+        let config = Config::from_yaml(CONFIG, "wire.yaml").unwrap();
+        let wire = encode(&config, 7);
+        let routes = &wire.listeners[0].routes;
+        // Matched on headers alone: what every proxy has always read.
+        assert_eq!(routes[0].path_prefix, "/v2");
+        assert!(routes[0].path.is_none());
+        // An exact path, a method, a query and header edits: only in `path`, so an older
+        // proxy, finding no prefix, refuses the config instead of routing every request.
+        assert_eq!(routes[1].path_prefix, "");
+        assert_eq!(
+            routes[1].path.as_ref().and_then(|p| p.kind.clone()),
+            Some(pb::path_match::Kind::Exact("/v2/checkout".into()))
+        );
+        let mut with_method = config.listeners[0].routes[2].clone();
+        with_method.method = Some("GET".into());
+        assert!(uses_new_matches(&with_method));
+        assert!(!uses_new_matches(&config.listeners[0].routes[2]));
     }
 
     #[test]

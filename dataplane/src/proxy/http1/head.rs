@@ -6,7 +6,8 @@
 //! `Transfer-Encoding`, conflicting or empty lengths, a request coding that does not end in
 //! `chunked`), and so is what a recipient could read differently from the proxy, since heads
 //! go on as they came (a line ending in a bare LF, a `Host` other than an absolute-form
-//! target's authority): those are the inputs request smuggling is made of.
+//! target's authority): those are the inputs request smuggling is made of. Heads are
+//! rewritten (a route's header edits, a close the proxy adds) only where they must be.
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
@@ -14,6 +15,7 @@ use std::ops::Range;
 use shared::config::HttpSettings;
 
 use crate::metrics::Flag;
+use crate::proxy::route::HeaderEdits;
 
 /// The most header fields any head may have, whatever the config says.
 pub const MAX_HEADERS: usize = shared::config::MAX_HEADERS;
@@ -472,16 +474,15 @@ pub fn parse_response(
     }))
 }
 
-/// A head (every line ending in CRLF, as parsing made sure) without the fields named in
-/// `dropped` (lowercase), with `added` (whole lines) at the end of its fields.
-fn rewritten(head: &[u8], dropped: &[&[u8]], added: &[u8]) -> Vec<u8> {
+/// A head (every line ending in CRLF, as parsing made sure) without the fields whose names
+/// `dropped` picks, with `added` (whole lines) at the end of its fields.
+fn rewritten(head: &[u8], dropped: impl Fn(&[u8]) -> bool, added: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(head.len() + added.len());
     let fields = head.strip_suffix(b"\r\n\r\n").unwrap_or(head);
     for (i, line) in fields.split(|&b| b == b'\n').enumerate() {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         let name = line.split(|&b| b == b':').next().unwrap_or_default();
-        let drop = i > 0 && dropped.iter().any(|d| name.eq_ignore_ascii_case(d));
-        if !drop {
+        if i == 0 || !dropped(name) {
             out.extend_from_slice(line);
             out.extend_from_slice(b"\r\n");
         }
@@ -491,10 +492,21 @@ fn rewritten(head: &[u8], dropped: &[&[u8]], added: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Picks the fields named in `names` (lower case), whatever their case.
+fn named<'a>(names: &'a [&'a [u8]]) -> impl Fn(&[u8]) -> bool + 'a {
+    move |name| names.iter().any(|n| name.eq_ignore_ascii_case(n))
+}
+
+/// A head with a route's header edits made: the fields of the names it drops go, and the
+/// fields it writes are added at the end.
+pub fn edited(head: &[u8], edits: &HeaderEdits) -> Vec<u8> {
+    rewritten(head, |name| edits.drops(name), edits.lines())
+}
+
 /// Rewrites a response head to end the connection: drops its `Connection` fields and adds
 /// `connection: close`. Used when the proxy closes a connection the upstream would keep.
 pub fn with_connection_close(head: &[u8]) -> Vec<u8> {
-    rewritten(head, &[b"connection"], b"connection: close\r\n")
+    rewritten(head, named(&[b"connection"]), b"connection: close\r\n")
 }
 
 /// Rewrites a chunked response head for an HTTP/1.0 client, which gets the body's data
@@ -532,7 +544,7 @@ pub fn dechunked(head: &[u8]) -> Vec<u8> {
         added.extend_from_slice(b"\r\n");
     }
     added.extend_from_slice(b"connection: close\r\n");
-    rewritten(head, &[b"connection", b"transfer-encoding"], &added)
+    rewritten(head, named(&[b"connection", b"transfer-encoding"]), &added)
 }
 
 /// A header line's name and value (trimmed).
@@ -550,7 +562,11 @@ pub fn without_h2c_upgrade(head: &[u8], keep_alive: bool) -> Vec<u8> {
     } else {
         b"connection: close\r\n"
     };
-    rewritten(head, &[b"connection", b"upgrade", b"http2-settings"], added)
+    rewritten(
+        head,
+        named(&[b"connection", b"upgrade", b"http2-settings"]),
+        added,
+    )
 }
 
 #[cfg(test)]

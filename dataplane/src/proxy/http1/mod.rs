@@ -1,8 +1,9 @@
-//! HTTP/1.1: one downstream connection, its requests in order, each routed by host and path
-//! to a cluster and carried over a pooled upstream connection.
+//! HTTP/1.1: one downstream connection, its requests in order, each routed
+//! ([`crate::proxy::route`]) to a cluster and carried over a pooled upstream connection.
 //!
-//! Heads are forwarded as received (no rewriting on the normal path; an offer to upgrade to
-//! h2c is declined by dropping its fields); bodies stream through a bounded buffer, but for
+//! Heads are forwarded as received, unless a route edits their headers, the proxy closes a
+//! connection the upstream would keep, or an offer to upgrade to h2c is declined by dropping
+//! its fields; bodies stream through a bounded buffer, but for
 //! a request its cluster may retry, one of known length up to 64 KiB is read whole first and
 //! kept for another attempt; pipelined requests are answered strictly one after another;
 //! `Upgrade` (WebSocket) turns the connection into an opaque byte pump after the `101` it
@@ -21,7 +22,7 @@ use std::time::Instant;
 use shared::config::HttpSettings;
 
 use self::body::BodyError;
-use self::head::{Framing, Limits, RequestHead, ResponseHead};
+use self::head::{Framing, HeadError, Limits, RequestHead, ResponseHead};
 use super::Caller;
 use super::limit::Slot;
 use super::retry::{Attempts, Failure, REPLAY_LIMIT};
@@ -29,7 +30,8 @@ use super::tcp::pump_counted;
 use crate::access_log::{Entry, write_request_fields};
 use crate::io::{Backend, Stream};
 use crate::metrics::{Flag, ListenerStats};
-use crate::snapshot::{Access, Chosen};
+use crate::proxy::route::{Chosen, RawHead};
+use crate::snapshot::Access;
 use crate::tls::MaybeTls;
 use crate::worker::{Room, Sharing, View, Worker};
 
@@ -270,14 +272,32 @@ impl<B: Backend> Conn<'_, B> {
     /// happen for a head that parsed; the connection closes).
     fn decline_h2c_upgrade(&mut self, head: &RequestHead) -> Option<RequestHead> {
         let plain = head::without_h2c_upgrade(&self.inbuf[..head.len], head.keep_alive);
-        self.inbuf.splice(..head.len, plain);
-        match head::parse_request(&self.inbuf, &self.limits) {
-            Ok(Some(plain)) if !plain.upgrade => Some(plain),
+        match self.replace_head(head, plain) {
+            Ok(plain) if !plain.upgrade => Some(plain),
             _ => {
                 tracing::debug!("a request declining h2c no longer parses");
                 None
             }
         }
+    }
+
+    /// Puts `rewritten` in the place of the request head at the front of `inbuf`, if it
+    /// parses under the listener's limits; else leaves `inbuf` as it was and says why.
+    fn replace_head(
+        &mut self,
+        head: &RequestHead,
+        rewritten: Vec<u8>,
+    ) -> Result<RequestHead, HeadError> {
+        let parsed = match head::parse_request(&rewritten, &self.limits)? {
+            Some(parsed) if parsed.len == rewritten.len() => parsed,
+            _ => {
+                return Err(HeadError::Malformed(
+                    "a rewritten head that is not one head",
+                ));
+            }
+        };
+        self.inbuf.splice(..head.len, rewritten);
+        Ok(parsed)
     }
 
     /// Whether the listener's authorization lets the client make this request.
@@ -290,7 +310,8 @@ impl<B: Backend> Conn<'_, B> {
         )
     }
 
-    /// Routes a request by host and path and carries it, or answers it: no route matched.
+    /// Routes a request and carries it, or answers it: no route matched (404), or the head
+    /// the route's header edits made is too large (431).
     async fn route(&mut self, head: &RequestHead, started: Instant) -> Next {
         let view = self.view.clone();
         let route = view.snapshot.listeners[self.listener]
@@ -299,14 +320,26 @@ impl<B: Backend> Conn<'_, B> {
             .and_then(|routes| {
                 routes.route(
                     &self.inbuf[head.host.clone()],
+                    &self.inbuf[head.method_name.clone()],
                     &self.inbuf[head.path.clone()],
-                    &crate::snapshot::RawHead(&self.inbuf[..head.len]),
+                    &RawHead(&self.inbuf[..head.len]),
                 )
-            })
-            .map(|route| route.choose(view.roll()));
-        match route {
-            Some(chosen) => self.exchange(head, chosen, started).await,
-            None => self.refuse(head, 404, Flag::NoRoute, started).await,
+            });
+        let Some(route) = route else {
+            return self.refuse(head, 404, Flag::NoRoute, started).await;
+        };
+        let chosen = route.choose(view.roll());
+        let Some(edits) = &route.request_headers else {
+            return self.exchange(head, chosen, started).await;
+        };
+        match self.replace_head(head, head::edited(&self.inbuf[..head.len], edits)) {
+            Ok(edited) => self.exchange(&edited, chosen, started).await,
+            Err(error) => {
+                // The route's edits took the head past the listener's limits.
+                tracing::debug!(%error, "a request head with its route's header edits");
+                self.refuse(head, error.status(), error.flag(), started)
+                    .await
+            }
         }
     }
 
@@ -369,7 +402,7 @@ impl<B: Backend> Conn<'_, B> {
     /// again when its pooled connection turns out stale (idempotent methods only, once, on a
     /// new connection) and when its cluster's retry policy names the failure (each time to
     /// the next endpoint, within the route's timeout and the budget).
-    async fn exchange(&mut self, head: &RequestHead, route: Chosen, started: Instant) -> Next {
+    async fn exchange(&mut self, head: &RequestHead, route: Chosen<'_>, started: Instant) -> Next {
         let cluster = route.cluster;
         let view = self.view.clone();
         let upstream_stats = &*view.clusters[cluster];
@@ -617,7 +650,7 @@ impl<B: Backend> Conn<'_, B> {
         &mut self,
         up: &MaybeTls<B::Stream>,
         head: &RequestHead,
-        route: Chosen,
+        route: Chosen<'_>,
         mut deadline: tokio::time::Instant,
         body_done: &mut bool,
     ) -> Result<ResponseHead, UpstreamFailure> {
@@ -702,7 +735,7 @@ impl<B: Backend> Conn<'_, B> {
     async fn respond(
         &mut self,
         head: &RequestHead,
-        route: Chosen,
+        route: Chosen<'_>,
         (up, addr, slot): (MaybeTls<B::Stream>, SocketAddr, Option<Slot>),
         response: ResponseHead,
         body_unsent: bool,
@@ -724,30 +757,29 @@ impl<B: Backend> Conn<'_, B> {
             || body_unsent
             || dechunk;
         let mut pending = std::mem::take(&mut self.upbuf);
-        // Normally the head goes out as received, in one write with the body's start; when
-        // the proxy closes a connection the client wanted kept, the head says so, and a head
-        // for an HTTP/1.0 client loses `chunked`.
-        let mut head_len = response.len;
+        // Normally the head goes out as received, in one write with the body's start; a
+        // route's header edits are made; when the proxy closes a connection the client
+        // wanted kept, the head says so, and a head for an HTTP/1.0 client loses `chunked`.
+        let edited = route
+            .response_headers
+            .map(|edits| head::edited(&pending[..response.len], edits));
+        let received = edited.as_deref().unwrap_or(&pending[..response.len]);
         let rewritten = if dechunk {
-            Some(head::dechunked(&pending[..response.len]))
+            Some(head::dechunked(received))
         } else if close && !response.says_close && head.keep_alive {
-            Some(head::with_connection_close(&pending[..response.len]))
+            Some(head::with_connection_close(received))
         } else {
-            None
+            edited
         };
-        if let Some(rewritten) = rewritten {
-            let len = rewritten.len();
-            let (written, _) = self.down.write_all(rewritten, 0..len).await;
-            if written.is_err() {
-                self.upbuf = pending;
-                let _ = up.shutdown(Shutdown::Both);
-                self.error(Flag::DownstreamReset);
-                return Next::Close;
+        // A rewritten head takes the received one's place, to go out with the body's start.
+        let head_len = match rewritten {
+            Some(rewritten) => {
+                let len = rewritten.len();
+                pending.splice(..response.len, rewritten);
+                len
             }
-            self.stats.sent(len as u64);
-            pending.drain(..response.len);
-            head_len = 0;
-        }
+            None => response.len,
+        };
         let forwarded = body::forward(
             &up,
             &self.down,

@@ -288,3 +288,26 @@ fn an_h2c_upgrade_is_declined_by_rewriting_the_request_into_plain_http1() {
         complete("GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n");
     assert!(ws.upgrade && !ws.h2c_upgrade);
 }
+
+#[test]
+fn a_routes_header_edits_rewrite_only_the_fields_they_name() {
+    let header = |name: &str, value: &str| shared::config::Header {
+        name: name.into(),
+        value: value.into(),
+    };
+    let modifier = shared::config::HeaderModifier {
+        set: vec![header("x-env", "prod")],
+        add: vec![header("x-tag", "mesh")],
+        remove: vec!["X-Debug".into()],
+    };
+    let edits = HeaderEdits::new(&modifier).unwrap();
+    let text = "\r\nGET /x HTTP/1.1\r\nHost: a\r\nX-ENV: dev\r\nx-env-extra: kept\r\nx-debug: 1\r\nx-tag: client\r\nx-debugger: kept\r\n\r\n";
+    let edited = edited(text.as_bytes(), &edits);
+    assert_eq!(
+        String::from_utf8(edited.clone()).unwrap(),
+        "\r\nGET /x HTTP/1.1\r\nHost: a\r\nx-env-extra: kept\r\nx-tag: client\r\nx-debugger: kept\r\nx-env: prod\r\nx-tag: mesh\r\n\r\n"
+    );
+    // Still one whole head, every line ending in CRLF.
+    let head = parse_request(&edited, &LIMITS).unwrap().unwrap();
+    assert_eq!(head.len, edited.len());
+}

@@ -1,0 +1,707 @@
+//! HTTP routes as a listener runs them: matching a request (host, path, method, headers,
+//! query) to the most specific route, choosing its backend by weight, and the header changes
+//! the route makes to the request and its response ([`HeaderEdits`]).
+//!
+//! Matching does not allocate; editing allocates only on routes that edit.
+
+use std::time::Duration;
+
+use hyper::header::{HeaderName, HeaderValue};
+use shared::config::{self, PathMatch};
+
+/// HTTP routes of one listener, most specific host first.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    hosts: Vec<HostRoutes>,
+}
+
+#[derive(Debug)]
+struct HostRoutes {
+    host: HostMatch,
+    /// Most specific first ([`RoutePlan::precedence`]).
+    routes: Vec<RoutePlan>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum HostMatch {
+    /// Lower-case host name.
+    Exact(Box<str>),
+    /// Lower-case suffix including the leading dot: `.example.com`.
+    Suffix(Box<str>),
+    Any,
+}
+
+/// Names and the exact values they must have: lower-case header names, or query parameter
+/// names as written.
+type ValueMatches = Box<[(Box<str>, Box<[u8]>)]>;
+
+/// What a request must look like to take a route, and where it goes.
+#[derive(Debug)]
+pub struct RoutePlan {
+    path: PathMatch,
+    /// The method, exactly.
+    method: Option<Box<[u8]>>,
+    /// Headers that must have these values: lower-case names.
+    headers: ValueMatches,
+    /// Query parameters that must have these values, percent-decoded.
+    query: ValueMatches,
+    /// Indexes into [`crate::snapshot::Snapshot::clusters`], each with the running total of
+    /// the weights up to and including it; zero-weight backends are left out.
+    backends: Box<[(usize, u32)]>,
+    /// Time allowed for the upstream's response head.
+    pub timeout: Duration,
+    /// Changes to the request's headers, if the route makes any.
+    pub request_headers: Option<HeaderEdits>,
+    /// Changes to the response's headers, if the route makes any.
+    pub response_headers: Option<HeaderEdits>,
+}
+
+/// The backend one request goes to, and what its route does to the response.
+#[derive(Debug, Clone, Copy)]
+pub struct Chosen<'a> {
+    /// Index into [`crate::snapshot::Snapshot::clusters`].
+    pub cluster: usize,
+    /// Time allowed for the upstream's response head.
+    pub timeout: Duration,
+    /// Changes to the response's headers.
+    pub response_headers: Option<&'a HeaderEdits>,
+}
+
+/// A route's [`config::HeaderModifier`], ready to apply to an HTTP/1.1 head or an HTTP/2
+/// header map: fields of the removed and set names go, then the set and added ones are
+/// written.
+#[derive(Debug)]
+pub struct HeaderEdits {
+    /// Names whose fields go: those removed and those set.
+    dropped: Box<[HeaderName]>,
+    /// The fields written, each `name: value\r\n` (set, then added), for HTTP/1.1.
+    lines: Box<[u8]>,
+    /// The same fields for HTTP/2.
+    fields: Box<[(HeaderName, HeaderValue)]>,
+}
+
+impl HeaderEdits {
+    /// None for a modifier that changes nothing. Validation made every name a token and
+    /// every value one HTTP can carry; a field hyper still refused would be left out.
+    pub(crate) fn new(modifier: &config::HeaderModifier) -> Option<HeaderEdits> {
+        if modifier.is_empty() {
+            return None;
+        }
+        let dropped = modifier
+            .remove
+            .iter()
+            .chain(modifier.set.iter().map(|h| &h.name))
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+            .collect();
+        let written = || modifier.set.iter().chain(&modifier.add);
+        let lines: Vec<u8> = written()
+            .flat_map(|h| {
+                [h.name.as_bytes(), b": ", h.value.as_bytes(), b"\r\n"]
+                    .concat()
+                    .into_iter()
+            })
+            .collect();
+        let fields = written()
+            .filter_map(|h| {
+                Some((
+                    HeaderName::from_bytes(h.name.as_bytes()).ok()?,
+                    HeaderValue::from_str(&h.value).ok()?,
+                ))
+            })
+            .collect();
+        Some(HeaderEdits {
+            dropped,
+            lines: lines.into_boxed_slice(),
+            fields,
+        })
+    }
+
+    /// Whether the fields named `name` (any case) go.
+    pub fn drops(&self, name: &[u8]) -> bool {
+        self.dropped
+            .iter()
+            .any(|dropped| name.eq_ignore_ascii_case(dropped.as_str().as_bytes()))
+    }
+
+    /// The fields written, as HTTP/1.1 header lines.
+    pub fn lines(&self) -> &[u8] {
+        &self.lines
+    }
+
+    /// Applies the changes to an HTTP/2 (or hyper) header map.
+    pub fn apply(&self, headers: &mut hyper::HeaderMap) {
+        for name in &self.dropped {
+            headers.remove(name);
+        }
+        for (name, value) in &self.fields {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+}
+
+impl RoutePlan {
+    /// Picks a backend by weight; `roll` is a uniformly random `u32`.
+    pub fn choose(&self, roll: u32) -> Chosen<'_> {
+        let cluster = match &*self.backends {
+            [(only, _)] => *only,
+            backends => {
+                let total = backends.last().map_or(1, |&(_, sum)| sum.max(1));
+                // Lemire's multiply-shift maps the roll onto [0, total) without division.
+                let point = ((u64::from(roll) * u64::from(total)) >> 32) as u32;
+                backends
+                    .iter()
+                    .find(|&&(_, sum)| point < sum)
+                    .or(backends.last())
+                    .map_or(0, |&(cluster, _)| cluster)
+            }
+        };
+        Chosen {
+            cluster,
+            timeout: self.timeout,
+            response_headers: self.response_headers.as_ref(),
+        }
+    }
+
+    /// Gateway API's precedence among a host's routes, highest first when sorted in
+    /// reverse: an exact path, then the longest prefix, then a method match, then the most
+    /// header matches, then the most query matches.
+    fn precedence(&self) -> (bool, usize, bool, usize, usize) {
+        (
+            matches!(self.path, PathMatch::Exact(_)),
+            self.path.value().len(),
+            self.method.is_some(),
+            self.headers.len(),
+            self.query.len(),
+        )
+    }
+
+    /// Whether a request matches this route (its host matched already).
+    fn matches(&self, method: &[u8], target: &[u8], headers: &impl RequestHeaders) -> bool {
+        let path_matches = match &self.path {
+            PathMatch::Prefix(prefix) => prefix_matches(prefix, target),
+            PathMatch::Exact(exact) => path_of(target) == exact.as_bytes(),
+        };
+        path_matches
+            && self.method.as_deref().is_none_or(|m| m == method)
+            && self
+                .headers
+                .iter()
+                .all(|(name, value)| headers.header(name) == Some(&**value))
+            && self
+                .query
+                .iter()
+                .all(|(name, value)| query_matches(target, name.as_bytes(), value))
+    }
+}
+
+impl RouteTable {
+    /// Compiles a listener's routes, each with its backends (cluster index and running
+    /// weight total).
+    pub(crate) fn new<'a>(
+        routes: impl Iterator<Item = (&'a config::Route, Box<[(usize, u32)]>)>,
+    ) -> RouteTable {
+        let mut hosts: Vec<HostRoutes> = Vec::new();
+        for (route, backends) in routes {
+            let host = HostMatch::parse(&route.host);
+            let plan = RoutePlan {
+                path: route.path.clone(),
+                method: route.method.as_ref().map(|m| m.as_bytes().into()),
+                headers: route
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.name.to_ascii_lowercase().into_boxed_str(),
+                            h.value.as_bytes().into(),
+                        )
+                    })
+                    .collect(),
+                query: route
+                    .query
+                    .iter()
+                    .map(|q| (q.name.as_str().into(), q.value.as_bytes().into()))
+                    .collect(),
+                backends,
+                timeout: route.timeout,
+                request_headers: HeaderEdits::new(&route.request_headers),
+                response_headers: HeaderEdits::new(&route.response_headers),
+            };
+            match hosts.iter_mut().find(|h| h.host == host) {
+                Some(h) => h.routes.push(plan),
+                None => hosts.push(HostRoutes {
+                    host,
+                    routes: vec![plan],
+                }),
+            }
+        }
+        for h in &mut hosts {
+            // Stable, so among equals the first declared wins.
+            h.routes.sort_by_key(|r| std::cmp::Reverse(r.precedence()));
+        }
+        hosts.sort_by_key(|h| match &h.host {
+            HostMatch::Exact(_) => (0, 0),
+            HostMatch::Suffix(s) => (1, usize::MAX - s.len()),
+            HostMatch::Any => (2, 0),
+        });
+        RouteTable { hosts }
+    }
+
+    /// Picks the route for a request: the most specific matching host (exact, then the
+    /// longest wildcard suffix, then `*`) that has a matching route, and within it the most
+    /// specific route that matches (Gateway API's precedence: an exact path, the longest
+    /// prefix, a method, the most headers, the most query parameters). `host` may carry a
+    /// port; `target` is the path with its query; `headers` is asked only about routes that
+    /// match on headers.
+    pub fn route(
+        &self,
+        host: &[u8],
+        method: &[u8],
+        target: &[u8],
+        headers: &impl RequestHeaders,
+    ) -> Option<&RoutePlan> {
+        let host = strip_port(host);
+        self.hosts
+            .iter()
+            .filter(|h| h.host.matches(host))
+            .find_map(|h| h.routes.iter().find(|r| r.matches(method, target, headers)))
+    }
+}
+
+/// A request's headers, as routing asks for them.
+pub trait RequestHeaders {
+    /// The value of the header `name` (lower case), if the request has it.
+    fn header(&self, name: &str) -> Option<&[u8]>;
+}
+
+/// No headers (a request routed by host and path alone).
+impl RequestHeaders for () {
+    fn header(&self, _: &str) -> Option<&[u8]> {
+        None
+    }
+}
+
+impl RequestHeaders for hyper::HeaderMap {
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.get(name).map(|v| v.as_bytes())
+    }
+}
+
+/// The header lines of an HTTP/1.1 request head, as received.
+pub struct RawHead<'a>(pub &'a [u8]);
+
+impl RequestHeaders for RawHead<'_> {
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        // The head was parsed already: lines end in \n (\r\n), fields are `name: value`.
+        self.0.split(|&b| b == b'\n').skip(1).find_map(|line| {
+            let colon = line.iter().position(|&b| b == b':')?;
+            line[..colon]
+                .eq_ignore_ascii_case(name.as_bytes())
+                .then(|| line[colon + 1..].trim_ascii())
+        })
+    }
+}
+
+impl HostMatch {
+    fn parse(pattern: &str) -> HostMatch {
+        if pattern == "*" {
+            HostMatch::Any
+        } else if let Some(rest) = pattern.strip_prefix('*') {
+            HostMatch::Suffix(rest.to_ascii_lowercase().into())
+        } else {
+            HostMatch::Exact(pattern.to_ascii_lowercase().into())
+        }
+    }
+
+    fn matches(&self, host: &[u8]) -> bool {
+        match self {
+            HostMatch::Any => true,
+            HostMatch::Exact(name) => host.eq_ignore_ascii_case(name.as_bytes()),
+            HostMatch::Suffix(suffix) => {
+                host.len() > suffix.len()
+                    && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
+            }
+        }
+    }
+}
+
+/// `example.com:8080` → `example.com`; `[::1]:80` → `[::1]`.
+fn strip_port(host: &[u8]) -> &[u8] {
+    let end = match host.iter().rposition(|&b| b == b':') {
+        Some(colon) if !host[colon..].contains(&b']') => colon,
+        _ => host.len(),
+    };
+    &host[..end]
+}
+
+/// A request target's path: without its query or fragment.
+fn path_of(target: &[u8]) -> &[u8] {
+    let end = target
+        .iter()
+        .position(|&b| b == b'?' || b == b'#')
+        .unwrap_or(target.len());
+    &target[..end]
+}
+
+/// Gateway API `PathPrefix`: whole segments only; the query is not part of the path.
+fn prefix_matches(prefix: &str, path: &[u8]) -> bool {
+    let prefix = prefix.as_bytes();
+    if !path.starts_with(prefix) {
+        return false;
+    }
+    prefix.ends_with(b"/") || matches!(path.get(prefix.len()), None | Some(b'/' | b'?' | b'#'))
+}
+
+/// Whether the first parameter named `name` in `target`'s query has the value `value`, both
+/// compared percent-decoded (`+` is not a space: that is HTML forms', not URIs').
+fn query_matches(target: &[u8], name: &[u8], value: &[u8]) -> bool {
+    let Some(start) = target.iter().position(|&b| b == b'?') else {
+        return false;
+    };
+    let query = &target[start + 1..];
+    let query = &query[..query.iter().position(|&b| b == b'#').unwrap_or(query.len())];
+    query
+        .split(|&b| b == b'&')
+        .find_map(|pair| {
+            let (key, found) = match pair.iter().position(|&b| b == b'=') {
+                Some(eq) => (&pair[..eq], &pair[eq + 1..]),
+                None => (pair, &b""[..]),
+            };
+            percent_decoded(key)
+                .eq(name.iter().copied())
+                .then(|| percent_decoded(found).eq(value.iter().copied()))
+        })
+        .unwrap_or(false)
+}
+
+/// `bytes` with each `%XX` escape decoded; a `%` not followed by two hex digits stays as it
+/// is.
+fn percent_decoded(bytes: &[u8]) -> impl Iterator<Item = u8> + '_ {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        let b = *bytes.get(i)?;
+        if b == b'%'
+            && let (Some(hi), Some(lo)) = (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            )
+        {
+            i += 3;
+            return Some(hi << 4 | lo);
+        }
+        i += 1;
+        Some(b)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::{ListenerKind, Snapshot};
+
+    fn snapshot(yaml: &str) -> Snapshot {
+        let config = shared::Config::from_yaml(yaml, "test").unwrap();
+        Snapshot::compile(config, None, 1, "test".into()).unwrap()
+    }
+
+    fn table(s: &Snapshot) -> &RouteTable {
+        let ListenerKind::Http(table) = &s.listeners[0].kind else {
+            panic!("not http")
+        };
+        table
+    }
+
+    const ROUTES: &str = r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    protocol: http
+    routes:
+      - { path_prefix: /, cluster: fallback }
+      - { host: "*.example.com", path_prefix: /, cluster: wildcard }
+      - { host: api.example.com, path_prefix: /v1, cluster: v1 }
+      - { host: api.example.com, path_prefix: /v1/admin, cluster: admin }
+      - { host: "*.deep.example.com", cluster: deep }
+clusters:
+  - { name: fallback, endpoints: [127.0.0.1:1] }
+  - { name: wildcard, endpoints: [127.0.0.1:2] }
+  - { name: v1, endpoints: [127.0.0.1:3] }
+  - { name: admin, endpoints: [127.0.0.1:4] }
+  - { name: deep, endpoints: [127.0.0.1:5] }
+"#;
+
+    fn route_to(s: &Snapshot, host: &str, path: &str) -> Option<String> {
+        let ListenerKind::Http(table) = &s.listeners[0].kind else {
+            panic!("not http")
+        };
+        table
+            .route(host.as_bytes(), b"GET", path.as_bytes(), &())
+            .map(|r| s.clusters[r.choose(0).cluster].name.to_string())
+    }
+
+    #[test]
+    fn a_split_sends_each_backend_its_share_and_none_to_weight_zero() {
+        let s = snapshot(
+            r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    protocol: http
+    routes:
+      - backends: [{ cluster: a, weight: 3 }, { cluster: off, weight: 0 }, { cluster: b, weight: 1 }]
+clusters:
+  - { name: a, endpoints: [127.0.0.1:1] }
+  - { name: off, endpoints: [127.0.0.1:2] }
+  - { name: b, endpoints: [127.0.0.1:3] }
+"#,
+        );
+        let ListenerKind::Http(table) = &s.listeners[0].kind else {
+            panic!("not http")
+        };
+        let route = table.route(b"x", b"GET", b"/", &()).unwrap();
+        // Evenly spread rolls: exactly the weights' shares.
+        let mut counts = [0usize; 3];
+        for i in 0..4096u32 {
+            counts[route.choose(i << 20).cluster] += 1;
+        }
+        assert_eq!(counts, [3072, 0, 1024]);
+        assert_eq!(route.choose(u32::MAX).cluster, 2);
+        assert_eq!(route.choose(0).cluster, 0);
+    }
+
+    #[test]
+    fn most_specific_host_then_longest_prefix_wins() {
+        let s = snapshot(ROUTES);
+        let cases = [
+            ("api.example.com", "/v1/users", "v1"),
+            ("API.Example.com:8080", "/v1?x=1", "v1"),
+            ("api.example.com", "/v1/admin/x", "admin"),
+            ("api.example.com", "/v1x", "wildcard"),
+            ("api.example.com", "/other", "wildcard"),
+            ("www.example.com", "/", "wildcard"),
+            ("x.deep.example.com", "/", "deep"),
+            ("example.com", "/", "fallback"),
+            ("[::1]:80", "/", "fallback"),
+            ("", "/", "fallback"),
+        ];
+        for (host, path, cluster) in cases {
+            assert_eq!(
+                route_to(&s, host, path).as_deref(),
+                Some(cluster),
+                "{host}{path}"
+            );
+        }
+    }
+
+    #[test]
+    fn header_matches_narrow_a_route_and_the_most_specific_wins() {
+        let s = snapshot(
+            r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    protocol: http
+    routes:
+      - { path_prefix: /api, cluster: stable }
+      - { path_prefix: /api, headers: [{ name: X-Canary, value: "yes" }], cluster: canary }
+      - path_prefix: /api
+        headers: [{ name: x-canary, value: "yes" }, { name: x-user, value: ops }]
+        cluster: ops
+clusters:
+  - { name: stable, endpoints: [127.0.0.1:1] }
+  - { name: canary, endpoints: [127.0.0.1:2] }
+  - { name: ops, endpoints: [127.0.0.1:3] }
+"#,
+        );
+        let ListenerKind::Http(table) = &s.listeners[0].kind else {
+            panic!("not http")
+        };
+        let to = |head: &str| {
+            let head = head.replace('\n', "\r\n");
+            table
+                .route(b"x", b"GET", b"/api/v1", &RawHead(head.as_bytes()))
+                .map(|r| s.clusters[r.choose(0).cluster].name.to_string())
+        };
+        assert_eq!(
+            to("GET /api/v1 HTTP/1.1\nHost: x\n\n").as_deref(),
+            Some("stable")
+        );
+        assert_eq!(
+            to("GET /api/v1 HTTP/1.1\nHost: x\nx-canary:  yes \n\n").as_deref(),
+            Some("canary")
+        );
+        assert_eq!(
+            to("GET /api/v1 HTTP/1.1\nX-User: ops\nX-CANARY: yes\n\n").as_deref(),
+            Some("ops")
+        );
+        assert_eq!(
+            to("GET /api/v1 HTTP/1.1\nx-canary: YES\n\n").as_deref(),
+            Some("stable"),
+            "values match exactly"
+        );
+        let mut map = hyper::HeaderMap::new();
+        map.insert("x-canary", "yes".parse().unwrap());
+        let route = table.route(b"x", b"GET", b"/api", &map).unwrap();
+        assert_eq!(&*s.clusters[route.choose(0).cluster].name, "canary");
+    }
+
+    #[test]
+    fn no_route_when_nothing_matches() {
+        let s = snapshot(&ROUTES.replace(
+            "- { path_prefix: /, cluster: fallback }",
+            "- { path_prefix: /only, cluster: fallback }",
+        ));
+        assert_eq!(route_to(&s, "example.com", "/").as_deref(), None);
+        assert_eq!(
+            route_to(&s, "example.com", "/only/x").as_deref(),
+            Some("fallback")
+        );
+        assert_eq!(route_to(&s, "example.com", "/onlyx").as_deref(), None);
+    }
+
+    #[test]
+    fn segment_boundaries() {
+        assert!(prefix_matches("/api", b"/api"));
+        assert!(prefix_matches("/api", b"/api/"));
+        assert!(prefix_matches("/api", b"/api?q"));
+        assert!(!prefix_matches("/api", b"/apix"));
+        assert!(prefix_matches("/api/", b"/api/x"));
+        assert!(!prefix_matches("/api/", b"/api"));
+        assert!(prefix_matches("/", b"/anything"));
+    }
+
+    #[test]
+    fn an_exact_path_beats_any_prefix_and_matches_only_itself() {
+        let s = snapshot(
+            r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    protocol: http
+    routes:
+      - { path_prefix: /api/items/long/prefix, cluster: long }
+      - { path_prefix: /api, cluster: prefix }
+      - { path_exact: /api/items, cluster: exact }
+clusters:
+  - { name: long, endpoints: [127.0.0.1:1] }
+  - { name: prefix, endpoints: [127.0.0.1:2] }
+  - { name: exact, endpoints: [127.0.0.1:3] }
+"#,
+        );
+        let to = |target: &str| {
+            table(&s)
+                .route(b"x", b"GET", target.as_bytes(), &())
+                .map(|r| s.clusters[r.choose(0).cluster].name.to_string())
+        };
+        assert_eq!(to("/api/items").as_deref(), Some("exact"));
+        assert_eq!(to("/api/items?page=2").as_deref(), Some("exact"));
+        assert_eq!(to("/api/items/").as_deref(), Some("prefix"));
+        assert_eq!(to("/api/items/7").as_deref(), Some("prefix"));
+        assert_eq!(to("/api/items/long/prefix/x").as_deref(), Some("long"));
+    }
+
+    #[test]
+    fn a_method_match_ranks_above_header_and_query_matches() {
+        let s = snapshot(
+            r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    protocol: http
+    routes:
+      - { path_prefix: /api, cluster: any }
+      - path_prefix: /api
+        headers: [{ name: x-a, value: "1" }, { name: x-b, value: "1" }]
+        query: [{ name: q, value: "1" }]
+        cluster: matched
+      - { path_prefix: /api, method: POST, cluster: post }
+      - { path_prefix: /api/v1, cluster: longer }
+clusters:
+  - { name: any, endpoints: [127.0.0.1:1] }
+  - { name: matched, endpoints: [127.0.0.1:2] }
+  - { name: post, endpoints: [127.0.0.1:3] }
+  - { name: longer, endpoints: [127.0.0.1:4] }
+"#,
+        );
+        let mut headers = hyper::HeaderMap::new();
+        headers.insert("x-a", HeaderValue::from_static("1"));
+        headers.insert("x-b", HeaderValue::from_static("1"));
+        let to = |method: &str, target: &str| {
+            table(&s)
+                .route(b"x", method.as_bytes(), target.as_bytes(), &headers)
+                .map(|r| s.clusters[r.choose(0).cluster].name.to_string())
+        };
+        assert_eq!(to("POST", "/api?q=1").as_deref(), Some("post"));
+        assert_eq!(
+            to("post", "/api?q=1").as_deref(),
+            Some("matched"),
+            "methods are case-sensitive"
+        );
+        assert_eq!(to("GET", "/api?q=1").as_deref(), Some("matched"));
+        assert_eq!(to("GET", "/api?q=2").as_deref(), Some("any"));
+        assert_eq!(
+            to("POST", "/api/v1").as_deref(),
+            Some("longer"),
+            "a longer prefix first"
+        );
+    }
+
+    #[test]
+    fn a_query_match_compares_the_first_parameter_of_its_name_decoded() {
+        let cases: [(&str, &str, &str, bool); 12] = [
+            ("/p?mode=fast", "mode", "fast", true),
+            ("/p?a=1&mode=fast&b", "mode", "fast", true),
+            ("/p?mode=slow&mode=fast", "mode", "fast", false),
+            ("/p?mode=fast%20lane", "mode", "fast lane", true),
+            ("/p?mode=fast+lane", "mode", "fast lane", false),
+            ("/p?mo%64e=x", "mode", "x", true),
+            ("/p?mode=%zz", "mode", "%zz", true),
+            ("/p?mode", "mode", "", true),
+            ("/p?Mode=fast", "mode", "fast", false),
+            ("/p?mode=fast#frag", "mode", "fast", true),
+            ("/p", "mode", "fast", false),
+            ("/p?modex=fast", "mode", "fast", false),
+        ];
+        for (target, name, value, expected) in cases {
+            assert_eq!(
+                query_matches(target.as_bytes(), name.as_bytes(), value.as_bytes()),
+                expected,
+                "{target} {name}={value}"
+            );
+        }
+    }
+
+    #[test]
+    fn header_edits_remove_then_set_then_add() {
+        let header = |name: &str, value: &str| config::Header {
+            name: name.into(),
+            value: value.into(),
+        };
+        let modifier = config::HeaderModifier {
+            set: vec![header("X-Env", "prod")],
+            add: vec![header("x-tag", "b")],
+            remove: vec!["X-Debug".into()],
+        };
+        let edits = HeaderEdits::new(&modifier).unwrap();
+        let mut headers = hyper::HeaderMap::new();
+        headers.append("x-env", HeaderValue::from_static("dev"));
+        headers.append("x-env", HeaderValue::from_static("test"));
+        headers.append("x-tag", HeaderValue::from_static("a"));
+        headers.append("x-debug", HeaderValue::from_static("1"));
+        headers.append("x-kept", HeaderValue::from_static("1"));
+        edits.apply(&mut headers);
+        let values = |name: &str| -> Vec<&str> {
+            headers
+                .get_all(name)
+                .iter()
+                .map(|v| v.to_str().unwrap())
+                .collect()
+        };
+        assert_eq!(values("x-env"), ["prod"]);
+        assert_eq!(values("x-tag"), ["a", "b"]);
+        assert!(values("x-debug").is_empty());
+        assert_eq!(values("x-kept"), ["1"]);
+        assert_eq!(edits.lines(), b"X-Env: prod\r\nx-tag: b\r\n");
+        assert!(HeaderEdits::new(&config::HeaderModifier::default()).is_none());
+    }
+}
