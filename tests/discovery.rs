@@ -301,9 +301,10 @@ fn a_rate_limit_policy_caps_each_callers_requests() {
     );
 }
 
-/// An HTTPRoute's method, exact path and query matches and its header modifiers reach a
-/// caller's proxy: the matching request goes to the rule's backend with its headers changed
-/// both ways; the rest take the other rule, unchanged.
+/// An HTTPRoute's method, exact path and query matches, its header modifiers and a redirect
+/// reach a caller's proxy: the matching request goes to the rule's backend with its headers
+/// changed both ways; a request under the redirect's prefix is answered 302; the rest take
+/// the last rule, unchanged.
 #[test]
 fn a_route_s_matches_and_header_filters_reach_the_callers_proxy() {
     let mesh = Mesh::start();
@@ -321,6 +322,8 @@ fn a_route_s_matches_and_header_filters_reach_the_callers_proxy() {
          - { type: RequestHeaderModifier, requestHeaderModifier: { set: [{ name: x-env, value: prod }], remove: [x-debug] } }\n        \
          - { type: ResponseHeaderModifier, responseHeaderModifier: { remove: [x-upstream-debug] } }\n      \
          backendRefs: [{ name: reviews-v2, port: 80 }]\n    \
+         - matches: [{ path: { value: /old } }]\n      \
+         filters: [{ type: RequestRedirect, requestRedirect: { path: { type: ReplacePrefixMatch, replacePrefixMatch: /new } } }]\n    \
          - backendRefs: [{ name: reviews-v1, port: 80 }]\n",
     );
     let address = a.listener_addr(OUTBOUND).expect("an outbound listener");
@@ -359,6 +362,9 @@ fn a_route_s_matches_and_header_filters_reach_the_callers_proxy() {
         );
         assert_eq!(other.header("x-upstream-debug"), Some("1"));
     }
+    let moved = send("GET", "/old/x?y=1");
+    assert_eq!(moved.status, 302);
+    assert_eq!(moved.header("location"), Some("http://reviews/new/x?y=1"));
 }
 
 #[test]

@@ -992,8 +992,75 @@ http: {{ max_header_bytes: 300, max_request_line: 200 }}
     assert_eq!(served_by(&mut conn, &padded("/headers?v=2%20b")), "b");
 }
 
+/// A route's redirect answers for the upstream, on a connection that goes on; a route's
+/// rewrite sends the upstream another path and host.
+fn a_route_redirects_or_rewrites_the_url(backend: BackendChoice) {
+    let app = Http::start("app");
+    let yaml = format!(
+        r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    protocol: http
+    routes:
+      - {{ path_prefix: /old, redirect: {{ scheme: https, path: {{ replace_prefix_match: /new }}, status: 301 }} }}
+      - {{ path_prefix: /v1, rewrite: {{ hostname: app.internal, path: {{ replace_prefix_match: /headers }} }}, cluster: app }}
+      - {{ path_prefix: /, cluster: app }}
+clusters:
+  - {{ name: app, endpoints: [{app}] }}
+"#,
+        app = app.addr,
+    );
+    let proxy = start_proxy(&yaml, backend);
+    let mut conn = Conn::open(proxy.listener_addr("web").unwrap());
+
+    // A body comes along and is dropped; the next request on the connection is served.
+    conn.send(b"POST /old/cart?id=7 HTTP/1.1\r\nHost: shop.local:8080\r\nContent-Length: 4\r\n\r\nbodyGET /x HTTP/1.1\r\nHost: shop.local\r\n\r\n");
+    let moved = conn.response(false);
+    assert_eq!(moved.status, 301);
+    assert_eq!(
+        moved.header("location"),
+        Some("https://shop.local/new/cart?id=7")
+    );
+    assert!(moved.body.is_empty());
+    assert_eq!(conn.response(false).text(), "app /x");
+    assert_eq!(
+        app.requests.load(Ordering::SeqCst),
+        1,
+        "the redirect reached no upstream"
+    );
+
+    conn.send(
+        b"GET http://shop.local/v1/sub?k=v HTTP/1.1\r\nHost: shop.local\r\nX-Seen: 1\r\n\r\n",
+    );
+    let rewritten = conn.response(false);
+    let seen = rewritten.text();
+    assert!(seen.starts_with("app\n"), "{seen}");
+    assert!(
+        seen.contains("host: app.internal\n") && !seen.contains("shop.local"),
+        "{seen}"
+    );
+    assert!(seen.contains("x-seen: 1\n"), "{seen}");
+    // The upstream's handler answers `/headers/...` paths: the path was rewritten.
+    conn.send(b"GET /v1 HTTP/1.1\r\nHost: shop.local\r\n\r\n");
+    assert!(conn.response(false).text().starts_with("app\n"));
+    // Counted as the answer it is, not as an error.
+    let metrics = wait_for_metric(
+        &proxy,
+        "tern_responses_total{listener=\"web\",class=\"3xx\"}",
+        1.0,
+    );
+    assert!(
+        !metrics
+            .lines()
+            .any(|l| l.starts_with("tern_errors_total{listener=\"web\"") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+}
+
 both_backends!(
     routes_by_host_and_path,
+    a_route_redirects_or_rewrites_the_url,
     routes_match_method_query_and_exact_path_and_edit_headers,
     keep_alive_reuses_both_connections,
     pipelined_requests_are_answered_in_order,

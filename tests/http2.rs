@@ -451,6 +451,37 @@ fn routes_match_method_query_and_exact_path_and_edit_headers(backend: BackendCho
     assert_eq!(served_by("GET", "/headers"), "a");
 }
 
+/// A route's redirect answers a stream for the upstream; a route's rewrite sends the
+/// upstream another path and authority.
+fn a_route_redirects_or_rewrites_the_url(backend: BackendChoice) {
+    let app = Http::start("app");
+    let yaml = format!(
+        "listeners:\n  - name: web\n    address: 127.0.0.1:0\n    protocol: http\n    routes:\n      \
+         - {{ path_prefix: /old, redirect: {{ hostname: other.example, path: {{ replace_full_path: /moved }}, status: 308 }} }}\n      \
+         - {{ path_prefix: /v1, rewrite: {{ hostname: app.internal, path: {{ replace_prefix_match: /headers }} }}, cluster: app }}\n\
+         clusters:\n  - {{ name: app, endpoints: [{}] }}\n",
+        app.addr
+    );
+    let proxy = start_proxy(&yaml, backend);
+    let client = H2::connect(proxy.listener_addr("web").unwrap());
+    let moved = client.get("svc:8080", "/old/x?q=1");
+    assert_eq!(moved.status, 308);
+    assert_eq!(
+        moved.headers["location"],
+        "http://other.example:8080/moved?q=1"
+    );
+    assert_eq!(app.requests.load(Ordering::SeqCst), 0);
+
+    let rewritten = client.get("svc", "/v1/sub?k=v");
+    assert_eq!(rewritten.status, 200);
+    let seen = rewritten.text();
+    // The upstream answered `/headers/...` (its path was rewritten), and saw the new host.
+    assert!(seen.starts_with("app\n"), "{seen}");
+    assert!(seen.contains(":authority: app.internal\n"), "{seen}");
+    assert!(!seen.contains("svc"), "{seen}");
+    assert_eq!(app.requests.load(Ordering::SeqCst), 1);
+}
+
 both_backends!(
     an_idle_connection_is_closed_after_the_keepalive_timeout,
     streams_waiting_on_a_connection_that_cannot_be_made_go_to_the_next_endpoint,
@@ -461,6 +492,7 @@ both_backends!(
     a_tunnel_or_a_host_other_than_the_authority_is_refused,
     streams_are_routed_each_on_its_own,
     routes_match_method_query_and_exact_path_and_edit_headers,
+    a_route_redirects_or_rewrites_the_url,
     an_mtls_pair_carries_http2_inside,
     a_long_lived_connection_follows_config_changes,
 );

@@ -605,6 +605,7 @@ fn routes(
                 .and_then(|t| t.request.as_deref())
                 .and_then(|t| humantime::parse_duration(t).ok());
             let (request_headers, response_headers) = rule.header_modifiers();
+            let (rewrite, redirect) = (rule.rewrite(), rule.redirect());
             let matched = rule.matched();
             for host in &hosts {
                 for m in &matched {
@@ -618,6 +619,8 @@ fn routes(
                         timeout: timeout.unwrap_or(shared::config::DEFAULT_ROUTE_TIMEOUT),
                         request_headers: request_headers.clone(),
                         response_headers: response_headers.clone(),
+                        rewrite: rewrite.clone(),
+                        redirect: redirect.clone(),
                     });
                 }
             }

@@ -152,6 +152,10 @@ async fn handle(
         // The request's headers as received, one `name: value` line each, in order; the
         // answer carries `server`, `cache-control` and `x-upstream-debug` of its own.
         let mut seen = format!("{name}\n");
+        if let Some(authority) = request.uri().authority() {
+            // HTTP/2's `:authority` (an HTTP/1.1 request in origin form has none).
+            seen.push_str(&format!(":authority: {authority}\n"));
+        }
         for (field, value) in request.headers() {
             seen.push_str(&format!("{field}: {}\n", value.to_str().unwrap_or("?")));
         }

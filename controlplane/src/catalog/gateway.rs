@@ -1,7 +1,8 @@
 //! Gateway API's `HTTPRoute` and `GRPCRoute` (`gateway.networking.k8s.io/v1`), the part of
 //! them Tern routes with, attached to a Service as GAMMA defines: path (prefix or exact),
-//! method, header and query matches, and the header modifier filters. Fields Tern does not
-//! carry out yet (regular expressions, the other filters, a rule's retry) are parsed so that
+//! method, header and query matches, and the header modifier, URL rewrite and redirect
+//! filters. Fields Tern does not carry out yet (regular expressions, the mirror and CORS
+//! filters, a rule's retry) are parsed so that
 //! using them is a clear error rather than silently ignored; unknown fields are refused.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -136,7 +137,8 @@ pub struct HeaderMatch {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Filter {
-    /// `RequestHeaderModifier`, `ResponseHeaderModifier`; the others are not supported yet.
+    /// `RequestHeaderModifier`, `ResponseHeaderModifier`, `RequestRedirect`, `URLRewrite`;
+    /// the others are not supported yet.
     #[serde(rename = "type")]
     pub kind: String,
     /// For `RequestHeaderModifier` (`HTTPHeaderFilter`: `set`, `add`, `remove`, the shape
@@ -146,12 +148,12 @@ pub struct Filter {
     /// For `ResponseHeaderModifier`.
     #[serde(default)]
     pub response_header_modifier: Option<shared::config::HeaderModifier>,
-    /// Not supported yet.
+    /// For `RequestRedirect`.
     #[serde(default)]
-    pub request_redirect: Option<serde_json::Value>,
-    /// Not supported yet.
+    pub request_redirect: Option<RequestRedirect>,
+    /// For `URLRewrite`.
     #[serde(default)]
-    pub url_rewrite: Option<serde_json::Value>,
+    pub url_rewrite: Option<UrlRewrite>,
     /// Not supported yet.
     #[serde(default)]
     pub request_mirror: Option<serde_json::Value>,
@@ -161,6 +163,117 @@ pub struct Filter {
     /// Not supported.
     #[serde(default)]
     pub extension_ref: Option<serde_json::Value>,
+}
+
+/// `HTTPRequestRedirectFilter`: the parts of the request's URL a redirect replaces.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RequestRedirect {
+    /// `http` or `https`.
+    #[serde(default)]
+    pub scheme: Option<String>,
+    /// The host name.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// The path.
+    #[serde(default)]
+    pub path: Option<PathModifier>,
+    /// The port.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// 301, 302 (the default), 303, 307 or 308.
+    #[serde(default)]
+    pub status_code: Option<u16>,
+}
+
+/// `HTTPURLRewriteFilter`: the host and path a request goes upstream with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UrlRewrite {
+    /// The host name.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// The path.
+    #[serde(default)]
+    pub path: Option<PathModifier>,
+}
+
+/// `HTTPPathModifier`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PathModifier {
+    /// `ReplaceFullPath` or `ReplacePrefixMatch`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// For `ReplaceFullPath`.
+    #[serde(default)]
+    pub replace_full_path: Option<String>,
+    /// For `ReplacePrefixMatch`.
+    #[serde(default)]
+    pub replace_prefix_match: Option<String>,
+}
+
+impl PathModifier {
+    /// The proxy's path rewrite; the error names the field within the modifier.
+    pub fn to_config(&self) -> Result<shared::config::PathRewrite, (&'static str, String)> {
+        use shared::config::PathRewrite;
+        match (
+            self.kind.as_str(),
+            &self.replace_full_path,
+            &self.replace_prefix_match,
+        ) {
+            ("ReplaceFullPath", Some(path), None) => Ok(PathRewrite::ReplaceFullPath(path.clone())),
+            ("ReplacePrefixMatch", None, Some(prefix)) => {
+                Ok(PathRewrite::ReplacePrefixMatch(prefix.clone()))
+            }
+            ("ReplaceFullPath", _, _) => Err((
+                "replaceFullPath",
+                "is required for type ReplaceFullPath, and alone".to_owned(),
+            )),
+            ("ReplacePrefixMatch", _, _) => Err((
+                "replacePrefixMatch",
+                "is required for type ReplacePrefixMatch, and alone".to_owned(),
+            )),
+            (other, _, _) => Err(("type", format!("unknown type `{other}`"))),
+        }
+    }
+}
+
+impl RequestRedirect {
+    /// The proxy's redirect; the error names the field within the filter.
+    pub fn to_config(&self) -> Result<shared::config::Redirect, (String, String)> {
+        let path = match &self.path {
+            None => None,
+            Some(path) => Some(
+                path.to_config()
+                    .map_err(|(field, why)| (format!("path.{field}"), why))?,
+            ),
+        };
+        Ok(shared::config::Redirect {
+            scheme: self.scheme.clone(),
+            hostname: self.hostname.clone(),
+            port: self.port,
+            path,
+            status: self.status_code.unwrap_or(302),
+        })
+    }
+}
+
+impl UrlRewrite {
+    /// The proxy's rewrite; the error names the field within the filter.
+    pub fn to_config(&self) -> Result<shared::config::Rewrite, (String, String)> {
+        let path = match &self.path {
+            None => None,
+            Some(path) => Some(
+                path.to_config()
+                    .map_err(|(field, why)| (format!("path.{field}"), why))?,
+            ),
+        };
+        Ok(shared::config::Rewrite {
+            hostname: self.hostname.clone(),
+            path,
+        })
+    }
 }
 
 /// What one of a rule's matches asks of a request, as the proxy's routes say it.
@@ -304,8 +417,24 @@ impl Rule {
             .collect()
     }
 
-    /// The changes the rule's filters make to requests and to responses (validated: only
-    /// header modifiers, at most one of each).
+    /// The redirect the rule answers with (validated: it converts).
+    pub fn redirect(&self) -> Option<shared::config::Redirect> {
+        self.filters
+            .iter()
+            .flatten()
+            .find_map(|f| f.request_redirect.as_ref()?.to_config().ok())
+    }
+
+    /// The rewrite the rule makes (validated: it converts).
+    pub fn rewrite(&self) -> Option<shared::config::Rewrite> {
+        self.filters
+            .iter()
+            .flatten()
+            .find_map(|f| f.url_rewrite.as_ref()?.to_config().ok())
+    }
+
+    /// The changes the rule's filters make to requests' and responses' headers (validated:
+    /// at most one modifier of each).
     pub fn header_modifiers(
         &self,
     ) -> (

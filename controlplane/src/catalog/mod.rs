@@ -730,7 +730,14 @@ impl Catalog {
         }
         for (i, rule) in spec.rules.iter().enumerate() {
             let at = |f: &str| format!("spec.rules[{i}].{f}");
-            check_filters(rule.filters.as_deref().unwrap_or_default(), &at("filters"))?;
+            let paths: Vec<_> = rule.matched().into_iter().map(|m| m.path).collect();
+            check_filters(
+                rule.filters.as_deref().unwrap_or_default(),
+                &at("filters"),
+                &paths,
+                route.kind == "GRPCRoute",
+            )?;
+            let redirects = rule.redirect().is_some();
             if rule.retry.is_some() {
                 return fail(
                     at("retry"),
@@ -789,7 +796,13 @@ impl Catalog {
                     }
                 }
             }
-            if rule.backend_refs.is_empty() {
+            if redirects && !rule.backend_refs.is_empty() {
+                return fail(
+                    at("backendRefs"),
+                    "a rule that redirects sends nothing to backends: leave them out",
+                );
+            }
+            if rule.backend_refs.is_empty() && !redirects {
                 return fail(at("backendRefs"), "needs at least one backend");
             }
             for (j, backend) in rule.backend_refs.iter().enumerate() {
@@ -821,7 +834,7 @@ impl Catalog {
                 }
             }
             let total: u64 = rule.backend_refs.iter().map(|b| u64::from(b.weight)).sum();
-            if total == 0 {
+            if total == 0 && !redirects {
                 return fail(
                     at("backendRefs"),
                     "the weights add up to zero: no request could go anywhere",
@@ -950,31 +963,39 @@ fn cluster_ips(service: &Service) -> Vec<IpAddr> {
 /// Checks a header or query parameter match's name and value, as the proxy's config does.
 type CheckMatch = fn(&str, &str) -> Result<(), &'static str>;
 
-/// Checks a rule's filters (`field` names the list): header modifiers, at most one of each
-/// kind, each with its own field set and no other, and changes a proxy can make.
-fn check_filters(filters: &[gateway::Filter], field: &str) -> Check {
+/// Checks a rule's filters (`field` names the list): header modifiers, and for an
+/// HTTPRoute a redirect or a rewrite; at most one of each kind, each with its own field set
+/// and no other, and changes a proxy can make to requests matched by `paths`.
+fn check_filters(
+    filters: &[gateway::Filter],
+    field: &str,
+    paths: &[shared::config::PathMatch],
+    grpc: bool,
+) -> Check {
     let mut kinds = BTreeSet::new();
     for (k, filter) in filters.iter().enumerate() {
         let at = |f: &str| format!("{field}[{k}].{f}");
-        let (name, modifier) = match filter.kind.as_str() {
+        let (name, set) = match filter.kind.as_str() {
             "RequestHeaderModifier" => (
                 "requestHeaderModifier",
-                filter.request_header_modifier.as_ref(),
+                filter.request_header_modifier.is_some(),
             ),
             "ResponseHeaderModifier" => (
                 "responseHeaderModifier",
-                filter.response_header_modifier.as_ref(),
+                filter.response_header_modifier.is_some(),
             ),
-            kind @ ("RequestRedirect" | "URLRewrite" | "RequestMirror" | "CORS") => {
+            "RequestRedirect" if !grpc => ("requestRedirect", filter.request_redirect.is_some()),
+            "URLRewrite" if !grpc => ("urlRewrite", filter.url_rewrite.is_some()),
+            kind @ ("RequestMirror" | "CORS") => {
                 return fail(at("type"), format!("`{kind}` is not supported yet"));
             }
             "ExtensionRef" => return fail(at("type"), "extension filters are not supported"),
             other => return fail(at("type"), format!("unknown filter type `{other}`")),
         };
-        let Some(modifier) = modifier else {
+        if !set {
             return fail(at(name), format!("is required for type {}", filter.kind));
-        };
-        let others = [
+        }
+        let fields_set = [
             filter.request_header_modifier.is_some(),
             filter.response_header_modifier.is_some(),
             filter.request_redirect.is_some(),
@@ -983,7 +1004,7 @@ fn check_filters(filters: &[gateway::Filter], field: &str) -> Check {
             filter.cors.is_some(),
             filter.extension_ref.is_some(),
         ];
-        if others.iter().filter(|&&set| set).count() > 1 {
+        if fields_set.iter().filter(|&&set| set).count() > 1 {
             return fail(
                 at("type"),
                 format!("a {} filter sets only `{name}`", filter.kind),
@@ -995,9 +1016,40 @@ fn check_filters(filters: &[gateway::Filter], field: &str) -> Check {
                 format!("a rule takes one {} filter", filter.kind),
             );
         }
-        if let Err((sub, why)) = shared::config::check_header_modifier(modifier) {
+        let modifier = filter
+            .request_header_modifier
+            .as_ref()
+            .or(filter.response_header_modifier.as_ref());
+        if let Some(Err((sub, why))) = modifier.map(shared::config::check_header_modifier) {
             return fail(at(&format!("{name}.{sub}")), why);
         }
+        if let Some(redirect) = &filter.request_redirect {
+            let redirect = redirect
+                .to_config()
+                .or_else(|(sub, why)| fail(at(&format!("{name}.{sub}")), why))?;
+            for path in paths {
+                if let Err((sub, why)) = shared::config::check_redirect(&redirect, path) {
+                    let sub = if sub == "status" { "statusCode" } else { sub };
+                    return fail(at(&format!("{name}.{sub}")), why);
+                }
+            }
+        }
+        if let Some(rewrite) = &filter.url_rewrite {
+            let rewrite = rewrite
+                .to_config()
+                .or_else(|(sub, why)| fail(at(&format!("{name}.{sub}")), why))?;
+            for path in paths {
+                if let Err((sub, why)) = shared::config::check_rewrite(&rewrite, path) {
+                    return fail(at(&format!("{name}.{sub}")), why);
+                }
+            }
+        }
+    }
+    if kinds.contains("RequestRedirect") && kinds.len() > 1 {
+        return fail(
+            field,
+            "a rule that redirects answers itself: RequestRedirect takes no other filter",
+        );
     }
     Ok(())
 }

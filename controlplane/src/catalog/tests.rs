@@ -170,8 +170,28 @@ fn objects_are_checked_against_each_other_and_refusals_name_the_field() {
             "spec.rules[0].matches[0].path.value: must be a path alone",
         ),
         (
+            route("r", "  rules: [{ filters: [{ type: RequestMirror, requestMirror: { backendRef: { name: cart, port: 80 } } }], backendRefs: [{ name: cart, port: 80 }] }]\n"),
+            "spec.rules[0].filters[0].type: `RequestMirror` is not supported yet",
+        ),
+        (
             route("r", "  rules: [{ filters: [{ type: RequestRedirect, requestRedirect: { statusCode: 301 } }], backendRefs: [{ name: cart, port: 80 }] }]\n"),
-            "spec.rules[0].filters[0].type: `RequestRedirect` is not supported yet",
+            "spec.rules[0].backendRefs: a rule that redirects sends nothing to backends",
+        ),
+        (
+            route("r", "  rules: [{ filters: [{ type: RequestRedirect, requestRedirect: { statusCode: 304 } }] }]\n"),
+            "spec.rules[0].filters[0].requestRedirect.statusCode: must be 301, 302, 303, 307 or 308",
+        ),
+        (
+            route("r", "  rules: [{ matches: [{ path: { type: Exact, value: /a } }], filters: [{ type: URLRewrite, urlRewrite: { path: { type: ReplacePrefixMatch, replacePrefixMatch: /b } } }], backendRefs: [{ name: cart, port: 80 }] }]\n"),
+            "spec.rules[0].filters[0].urlRewrite.path: replace_prefix_match replaces a matched prefix",
+        ),
+        (
+            route("r", "  rules: [{ filters: [{ type: URLRewrite, urlRewrite: { path: { type: ReplaceFullPath, replacePrefixMatch: /b } } }], backendRefs: [{ name: cart, port: 80 }] }]\n"),
+            "spec.rules[0].filters[0].urlRewrite.path.replaceFullPath: is required for type ReplaceFullPath",
+        ),
+        (
+            route("r", "  rules: [{ filters: [{ type: RequestRedirect, requestRedirect: { scheme: https } }, { type: URLRewrite, urlRewrite: { hostname: b } }] }]\n"),
+            "spec.rules[0].filters: a rule that redirects answers itself",
         ),
         (
             route("r", "  rules: [{ filters: [{ type: RequestHeaderModifier }], backendRefs: [{ name: cart, port: 80 }] }]\n"),
@@ -1298,6 +1318,42 @@ fn a_rule_s_matches_and_header_filters_reach_its_routes() {
         "{}",
         problem(&catalog)
     );
+}
+
+#[test]
+fn a_rule_s_redirect_or_rewrite_reaches_its_routes() {
+    let moved = route(
+        "moved",
+        "  rules:\n    - matches: [{ path: { value: /old } }]\n      filters: [{ type: RequestRedirect, requestRedirect: { scheme: https, hostname: shop.example, path: { type: ReplacePrefixMatch, replacePrefixMatch: /new }, statusCode: 301 } }]\n    - matches: [{ path: { value: /v1 } }]\n      filters: [{ type: URLRewrite, urlRewrite: { hostname: cart.internal, path: { type: ReplaceFullPath, replaceFullPath: /api } } }]\n      backendRefs: [{ name: cart, port: 80 }]\n",
+    );
+    let catalog = build(&[("base.yaml", BASE), ("route.yaml", &moved)]);
+    assert!(catalog.problems.is_empty(), "{:#?}", catalog.problems);
+    let web = translate(&catalog, &request("web-0", "web", &[("cart.shop", 80)]));
+    let routes = &web.config.listeners[0].routes;
+    assert_eq!(routes.len(), 2);
+    let redirect = routes[0].redirect.as_ref().unwrap();
+    assert!(routes[0].backends.is_empty());
+    assert_eq!(
+        (
+            redirect.scheme.as_deref(),
+            redirect.hostname.as_deref(),
+            redirect.status
+        ),
+        (Some("https"), Some("shop.example"), 301)
+    );
+    assert_eq!(
+        redirect.path,
+        Some(shared::config::PathRewrite::ReplacePrefixMatch(
+            "/new".into()
+        ))
+    );
+    let rewrite = routes[1].rewrite.as_ref().unwrap();
+    assert_eq!(rewrite.hostname.as_deref(), Some("cart.internal"));
+    assert_eq!(
+        rewrite.path,
+        Some(shared::config::PathRewrite::ReplaceFullPath("/api".into()))
+    );
+    assert_eq!(routes[1].backends[0].cluster, "outbound:cart.shop:80");
 }
 
 #[test]

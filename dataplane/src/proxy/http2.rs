@@ -620,6 +620,35 @@ async fn forward<B: Backend>(
     let Some(route) = routes.route(host, method, path, request.headers()) else {
         return refuse(404, Flag::NoRoute);
     };
+    if let Some(redirect) = &route.redirect {
+        let location = route
+            .location(redirect, host, path)
+            .and_then(|l| hyper::header::HeaderValue::from_bytes(&l).ok());
+        let Some(location) = location else {
+            return refuse(400, Flag::DownstreamProtocolError);
+        };
+        outcome.set(Outcome {
+            status: redirect.status,
+            ..outcome.get()
+        });
+        stats.response(redirect.status, started.elapsed());
+        let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
+        *response.status_mut() =
+            hyper::StatusCode::from_u16(redirect.status).unwrap_or(hyper::StatusCode::FOUND);
+        response
+            .headers_mut()
+            .insert(hyper::header::LOCATION, location);
+        return response;
+    }
+    if let Some(rewrite) = &route.rewrite {
+        let target = rewrite
+            .path
+            .as_ref()
+            .map(|rewrite| route.rewritten_target(rewrite, path));
+        if !rewritten(&mut request, target, rewrite.hostname.as_deref()) {
+            return refuse(400, Flag::DownstreamProtocolError);
+        }
+    }
     if let Some(edits) = &route.request_headers {
         edits.apply(request.headers_mut());
     }
@@ -722,6 +751,36 @@ async fn forward<B: Backend>(
             Some(next) => request = next,
             None => return refuse(status, flag),
         }
+    }
+}
+
+/// Gives a request a route's rewritten target (path and query) and host: its URI, and its
+/// `Host` field if it has one. False when they do not make a URI (the request is refused).
+fn rewritten(request: &mut Request<Incoming>, target: Option<Vec<u8>>, host: Option<&str>) -> bool {
+    let mut parts = request.uri().clone().into_parts();
+    if let Some(target) = target {
+        match hyper::http::uri::PathAndQuery::try_from(target) {
+            Ok(target) => parts.path_and_query = Some(target),
+            Err(_) => return false,
+        }
+    }
+    if let Some(host) = host {
+        match hyper::http::uri::Authority::try_from(host) {
+            Ok(authority) => parts.authority = Some(authority),
+            Err(_) => return false,
+        }
+        if let Ok(value) = hyper::header::HeaderValue::from_str(host)
+            && request.headers().contains_key(hyper::header::HOST)
+        {
+            request.headers_mut().insert(hyper::header::HOST, value);
+        }
+    }
+    match hyper::Uri::from_parts(parts) {
+        Ok(uri) => {
+            *request.uri_mut() = uri;
+            true
+        }
+        Err(_) => false,
     }
 }
 

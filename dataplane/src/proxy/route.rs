@@ -1,6 +1,8 @@
 //! HTTP routes as a listener runs them: matching a request (host, path, method, headers,
-//! query) to the most specific route, choosing its backend by weight, and the header changes
-//! the route makes to the request and its response ([`HeaderEdits`]).
+//! query) to the most specific route, choosing its backend by weight, the changes the route
+//! makes to the request's URL ([`RoutePlan::rewritten_target`]) and headers and its
+//! response's headers ([`HeaderEdits`]), and the redirect a route answers with
+//! ([`RoutePlan::location`]).
 //!
 //! Matching does not allocate; editing allocates only on routes that edit.
 
@@ -54,6 +56,10 @@ pub struct RoutePlan {
     pub request_headers: Option<HeaderEdits>,
     /// Changes to the response's headers, if the route makes any.
     pub response_headers: Option<HeaderEdits>,
+    /// Changes to the request's host and path, if the route makes any.
+    pub rewrite: Option<config::Rewrite>,
+    /// The redirect the route answers with, instead of passing requests on.
+    pub redirect: Option<config::Redirect>,
 }
 
 /// The backend one request goes to, and what its route does to the response.
@@ -140,8 +146,13 @@ impl HeaderEdits {
 }
 
 impl RoutePlan {
-    /// Picks a backend by weight; `roll` is a uniformly random `u32`.
+    /// Picks a backend by weight; `roll` is a uniformly random `u32`. Not for a redirect
+    /// route, which has none.
     pub fn choose(&self, roll: u32) -> Chosen<'_> {
+        debug_assert!(
+            !self.backends.is_empty(),
+            "a route with no backend to choose"
+        );
         let cluster = match &*self.backends {
             [(only, _)] => *only,
             backends => {
@@ -160,6 +171,61 @@ impl RoutePlan {
             timeout: self.timeout,
             response_headers: self.response_headers.as_ref(),
         }
+    }
+
+    /// The target (path and query) a request for `target` goes upstream with under the
+    /// route's path rewrite: the path rewritten, the query kept.
+    pub fn rewritten_target(&self, rewrite: &config::PathRewrite, target: &[u8]) -> Vec<u8> {
+        let (path, query) = split_query(target);
+        let mut rewritten = rewrite.apply(path, self.path.value());
+        rewritten.extend_from_slice(query);
+        rewritten
+    }
+
+    /// The `Location` the route's `redirect` answers a request for `host` (as the request
+    /// named it: it may carry a port) and `target` with: the request's URL with the parts
+    /// the redirect names replaced. The port is the redirect's, or with a scheme of its own
+    /// that scheme's, or else the request's; it is left out when it is the scheme's own.
+    /// None when the request's host is not a plain host name or IP address and port (user
+    /// info such as `a.example:1@evil.example` would send the client elsewhere).
+    pub fn location(
+        &self,
+        redirect: &config::Redirect,
+        host: &[u8],
+        target: &[u8],
+    ) -> Option<Vec<u8>> {
+        let scheme = redirect.scheme.as_deref().unwrap_or("http");
+        let (request_host, request_port) = split_port(host);
+        if !plain_host(request_host) || request_port.is_some_and(|port| !plain_port(port)) {
+            return None;
+        }
+        let hostname = redirect
+            .hostname
+            .as_deref()
+            .map_or(request_host, str::as_bytes);
+        let port = match (redirect.port, &redirect.scheme) {
+            (Some(port), _) => Some(port.to_string().into_bytes()),
+            (None, Some(_)) => None,
+            (None, None) => request_port.map(<[u8]>::to_vec),
+        };
+        let well_known: &[u8] = if scheme == "https" { b"443" } else { b"80" };
+        let (path, query) = split_query(target);
+        let path = match &redirect.path {
+            Some(rewrite) => rewrite.apply(path, self.path.value()),
+            None if path.is_empty() => b"/".to_vec(),
+            None => path.to_vec(),
+        };
+        let mut location = Vec::with_capacity(scheme.len() + hostname.len() + target.len() + 16);
+        location.extend_from_slice(scheme.as_bytes());
+        location.extend_from_slice(b"://");
+        location.extend_from_slice(hostname);
+        if let Some(port) = port.filter(|p| p != well_known) {
+            location.push(b':');
+            location.extend_from_slice(&port);
+        }
+        location.extend_from_slice(&path);
+        location.extend_from_slice(query);
+        Some(location)
     }
 
     /// Gateway API's precedence among a host's routes, highest first when sorted in
@@ -225,6 +291,8 @@ impl RouteTable {
                 timeout: route.timeout,
                 request_headers: HeaderEdits::new(&route.request_headers),
                 response_headers: HeaderEdits::new(&route.response_headers),
+                rewrite: route.rewrite.clone(),
+                redirect: route.redirect.clone(),
             };
             match hosts.iter_mut().find(|h| h.host == host) {
                 Some(h) => h.routes.push(plan),
@@ -331,6 +399,48 @@ fn strip_port(host: &[u8]) -> &[u8] {
         _ => host.len(),
     };
     &host[..end]
+}
+
+/// `example.com:8080` → (`example.com`, `8080`); `[::1]` → (`[::1]`, none).
+fn split_port(host: &[u8]) -> (&[u8], Option<&[u8]>) {
+    let name = strip_port(host);
+    let port = host.get(name.len() + 1..).filter(|port| !port.is_empty());
+    (name, port)
+}
+
+/// Whether a request's host (its port taken off) is a plain host name or IPv4 address
+/// (letters, digits, `-`, `.`, `_`) or a bracketed IPv6 address.
+fn plain_host(host: &[u8]) -> bool {
+    match host.strip_prefix(b"[").and_then(|h| h.strip_suffix(b"]")) {
+        Some(ip) => {
+            !ip.is_empty()
+                && ip
+                    .iter()
+                    .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        }
+        None => host
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_'),
+    }
+}
+
+/// Whether a request's port is one: 1 to 5 digits, at most 65535.
+fn plain_port(port: &[u8]) -> bool {
+    port.len() <= 5
+        && port.iter().all(u8::is_ascii_digit)
+        && std::str::from_utf8(port)
+            .ok()
+            .and_then(|p| p.parse::<u16>().ok())
+            .is_some()
+}
+
+/// A request target's path and its query (from the `?`, empty when there is none).
+fn split_query(target: &[u8]) -> (&[u8], &[u8]) {
+    let end = target
+        .iter()
+        .position(|&b| b == b'?')
+        .unwrap_or(target.len());
+    target.split_at(end)
 }
 
 /// A request target's path: without its query or fragment.
@@ -669,6 +779,73 @@ clusters:
                 "{target} {name}={value}"
             );
         }
+    }
+
+    #[test]
+    fn a_redirect_replaces_the_parts_of_the_url_it_names() {
+        let s = snapshot(
+            r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    protocol: http
+    routes:
+      - { path_exact: /same, redirect: {} }
+      - { path_exact: /secure, redirect: { scheme: https, status: 301 } }
+      - { path_exact: /port, redirect: { port: 80 } }
+      - { path_prefix: /old, redirect: { scheme: https, hostname: b.example, port: 8443, path: { replace_prefix_match: /new } } }
+      - { path_prefix: /full, redirect: { path: { replace_full_path: /z } } }
+      - { path_prefix: /, rewrite: { path: { replace_prefix_match: /api } }, cluster: app }
+clusters:
+  - { name: app, endpoints: [127.0.0.1:1] }
+"#,
+        );
+        let location = |host: &str, target: &str| {
+            let route = table(&s)
+                .route(host.as_bytes(), b"GET", target.as_bytes(), &())
+                .unwrap();
+            let redirect = route.redirect.as_ref().unwrap();
+            route
+                .location(redirect, host.as_bytes(), target.as_bytes())
+                .map(|l| String::from_utf8(l).unwrap())
+        };
+        let cases = [
+            (
+                "a.example:8080",
+                "/same?q=1",
+                "http://a.example:8080/same?q=1",
+            ),
+            ("a.example", "/same", "http://a.example/same"),
+            ("a.example:8080", "/secure", "https://a.example/secure"),
+            ("a.example:8080", "/port", "http://a.example/port"),
+            (
+                "a.example",
+                "/old/x?y=2",
+                "https://b.example:8443/new/x?y=2",
+            ),
+            ("a.example", "/old", "https://b.example:8443/new"),
+            ("[::1]:8080", "/full/deep?k", "http://[::1]:8080/z?k"),
+        ];
+        for (host, target, expected) in cases {
+            assert_eq!(
+                location(host, target).as_deref(),
+                Some(expected),
+                "{host}{target}"
+            );
+        }
+        // A host the client could be sent elsewhere by gets no redirect.
+        for host in [
+            "a.example:1@evil.example",
+            "a.example:99999",
+            "a.example:x",
+            "a b",
+            "[zz]",
+        ] {
+            assert_eq!(location(host, "/same"), None, "{host}");
+        }
+        let rewrite = table(&s).route(b"a", b"GET", b"/v1?x", &()).unwrap();
+        let path = rewrite.rewrite.as_ref().unwrap().path.as_ref().unwrap();
+        assert_eq!(rewrite.rewritten_target(path, b"/v1?x"), b"/api/v1?x");
     }
 
     #[test]

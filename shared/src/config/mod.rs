@@ -588,9 +588,9 @@ pub fn plain_path(target: &[u8]) -> Option<&[u8]> {
 }
 
 /// An HTTP route: what a request must look like (host, path, method, headers, query) to
-/// go to a cluster, or be split between clusters by weight, and how its headers and its
-/// response's are changed on the way. In YAML, `cluster: x` is short for
-/// `backends: [{cluster: x}]`, and the path is `path_prefix` or `path_exact`.
+/// go to a cluster, be split between clusters by weight, or be answered with a redirect, and
+/// how its URL, its headers and its response's are changed on the way. In YAML, `cluster: x`
+/// is short for `backends: [{cluster: x}]`, and the path is `path_prefix` or `path_exact`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "RouteFields", into = "RouteFields")]
 pub struct Route {
@@ -609,6 +609,7 @@ pub struct Route {
     /// of them must match.
     pub query: Vec<QueryMatch>,
     /// Where requests go: each request picks one backend, with probability weight / total.
+    /// Empty for a route that answers with a `redirect`.
     pub backends: Vec<Backend>,
     /// How long to wait for the upstream's response head; past it the proxy answers 504.
     pub timeout: Duration,
@@ -616,7 +617,127 @@ pub struct Route {
     pub request_headers: HeaderModifier,
     /// Changes to the response's headers before it goes back to the client.
     pub response_headers: HeaderModifier,
+    /// Changes to the request's host and path before it goes upstream.
+    pub rewrite: Option<Rewrite>,
+    /// Answer every request with this redirect instead of passing it on.
+    pub redirect: Option<Redirect>,
 }
+
+/// A redirect a route answers with, as Gateway API's `RequestRedirect` makes it: the
+/// request's own URL with the parts named here replaced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Redirect {
+    /// `http` or `https`; the request's (`http`) by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    /// The host name; the request's by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// The port; by default the scheme's own when the scheme is set, else the request's.
+    /// Left out of the URL when it is the scheme's own (80, 443).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// The path; the request's by default. The query is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathRewrite>,
+    /// 301, 302 (the default), 303, 307 or 308.
+    #[serde(default = "default_redirect_status")]
+    pub status: u16,
+}
+
+/// Changes a route makes to a request's host and path, as Gateway API's `URLRewrite`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rewrite {
+    /// The host the upstream sees (`Host`, `:authority`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// The path the upstream sees. The query is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathRewrite>,
+}
+
+/// How a redirect or rewrite changes a request's path (Gateway API's `HTTPPathModifier`).
+/// In YAML, `{ replace_full_path: /x }` or `{ replace_prefix_match: /x }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "PathRewriteFields", into = "PathRewriteFields")]
+pub enum PathRewrite {
+    /// The whole path becomes this one.
+    ReplaceFullPath(String),
+    /// The part the route's `path_prefix` matched becomes this prefix: `/old` to `/new`
+    /// takes `/old/x` to `/new/x` and `/old` to `/new`; to `/`, `/old/x` becomes `/x`.
+    ReplacePrefixMatch(String),
+}
+
+/// The YAML shape of [`PathRewrite`]: one of its two fields.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PathRewriteFields {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    replace_full_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    replace_prefix_match: Option<String>,
+}
+
+impl TryFrom<PathRewriteFields> for PathRewrite {
+    type Error = &'static str;
+
+    fn try_from(fields: PathRewriteFields) -> Result<Self, Self::Error> {
+        match (fields.replace_full_path, fields.replace_prefix_match) {
+            (Some(path), None) => Ok(PathRewrite::ReplaceFullPath(path)),
+            (None, Some(prefix)) => Ok(PathRewrite::ReplacePrefixMatch(prefix)),
+            _ => Err("a path takes exactly one of `replace_full_path` or `replace_prefix_match`"),
+        }
+    }
+}
+
+impl From<PathRewrite> for PathRewriteFields {
+    fn from(rewrite: PathRewrite) -> Self {
+        match rewrite {
+            PathRewrite::ReplaceFullPath(path) => PathRewriteFields {
+                replace_full_path: Some(path),
+                replace_prefix_match: None,
+            },
+            PathRewrite::ReplacePrefixMatch(prefix) => PathRewriteFields {
+                replace_full_path: None,
+                replace_prefix_match: Some(prefix),
+            },
+        }
+    }
+}
+
+impl PathRewrite {
+    /// The path a request's `path` (without its query) becomes, `matched` being the prefix
+    /// the route matched it by (for [`PathRewrite::ReplacePrefixMatch`]).
+    pub fn apply(&self, path: &[u8], matched: &str) -> Vec<u8> {
+        match self {
+            PathRewrite::ReplaceFullPath(full) => full.as_bytes().to_vec(),
+            PathRewrite::ReplacePrefixMatch(prefix) => {
+                // The prefix matched whole segments: what is left is empty or starts a new
+                // segment (a `/`).
+                let matched = matched.trim_end_matches('/');
+                let rest = path.get(matched.len()..).unwrap_or_default();
+                let mut joined = prefix.trim_end_matches('/').as_bytes().to_vec();
+                joined.extend_from_slice(rest);
+                if joined.is_empty() {
+                    joined.push(b'/');
+                }
+                joined
+            }
+        }
+    }
+
+    /// The new path or prefix.
+    pub fn value(&self) -> &str {
+        match self {
+            PathRewrite::ReplaceFullPath(path) | PathRewrite::ReplacePrefixMatch(path) => path,
+        }
+    }
+}
+
+/// The redirect statuses Gateway API allows.
+pub const REDIRECT_STATUSES: [u16; 5] = [301, 302, 303, 307, 308];
 
 /// How a route matches a request's path (without its query).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -694,8 +815,8 @@ pub struct Backend {
     pub weight: u32,
 }
 
-/// The YAML shape of [`Route`]: `cluster` or `backends`, not both; `path_prefix` or
-/// `path_exact`, not both.
+/// The YAML shape of [`Route`]: one of `cluster`, `backends` and `redirect`; `path_prefix`
+/// or `path_exact`, not both.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RouteFields {
@@ -721,19 +842,27 @@ struct RouteFields {
     request_headers: HeaderModifier,
     #[serde(default, skip_serializing_if = "HeaderModifier::is_empty")]
     response_headers: HeaderModifier,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rewrite: Option<Rewrite>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    redirect: Option<Redirect>,
 }
 
 impl TryFrom<RouteFields> for Route {
     type Error = &'static str;
 
     fn try_from(fields: RouteFields) -> Result<Self, Self::Error> {
-        let backends = match (fields.cluster, fields.backends) {
-            (Some(cluster), backends) if backends.is_empty() => {
+        let backends = match (fields.cluster, fields.backends, &fields.redirect) {
+            (Some(cluster), backends, None) if backends.is_empty() => {
                 vec![Backend { cluster, weight: 1 }]
             }
-            (None, backends) if !backends.is_empty() => backends,
-            _ => return Err("a route takes exactly one of `cluster` or `backends`"),
+            (None, backends, None) if !backends.is_empty() => backends,
+            (None, backends, Some(_)) if backends.is_empty() => backends,
+            _ => return Err("a route takes exactly one of `cluster`, `backends` or `redirect`"),
         };
+        if fields.redirect.is_some() && fields.rewrite.is_some() {
+            return Err("a route that redirects rewrites nothing: `rewrite` or `redirect`");
+        }
         let path = match (fields.path_prefix, fields.path_exact) {
             (prefix, None) => PathMatch::Prefix(prefix.unwrap_or_else(default_path_prefix)),
             (None, Some(exact)) => PathMatch::Exact(exact),
@@ -751,6 +880,8 @@ impl TryFrom<RouteFields> for Route {
             timeout: fields.timeout,
             request_headers: fields.request_headers,
             response_headers: fields.response_headers,
+            rewrite: fields.rewrite,
+            redirect: fields.redirect,
         })
     }
 }
@@ -758,6 +889,7 @@ impl TryFrom<RouteFields> for Route {
 impl From<Route> for RouteFields {
     fn from(route: Route) -> Self {
         let single = route.backends.len() == 1 && route.backends[0].weight == 1;
+        let (rewrite, redirect) = (route.rewrite, route.redirect);
         let (cluster, backends) = if single {
             (
                 route.backends.into_iter().next().map(|b| b.cluster),
@@ -782,6 +914,8 @@ impl From<Route> for RouteFields {
             timeout: route.timeout,
             request_headers: route.request_headers,
             response_headers: route.response_headers,
+            rewrite,
+            redirect,
         }
     }
 }
@@ -830,6 +964,8 @@ impl Route {
             timeout: default_request_timeout(),
             request_headers: HeaderModifier::default(),
             response_headers: HeaderModifier::default(),
+            rewrite: None,
+            redirect: None,
         }
     }
 }
@@ -1059,6 +1195,9 @@ fn default_path_prefix() -> String {
 /// How long a route waits for a response head unless it says otherwise.
 pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
 
+fn default_redirect_status() -> u16 {
+    302
+}
 fn default_request_timeout() -> Duration {
     DEFAULT_ROUTE_TIMEOUT
 }
@@ -1422,8 +1561,31 @@ impl Config {
                                 );
                             }
                         }
+                        if let Some(redirect) = &route.redirect {
+                            if let Err((field, why)) = check_redirect(redirect, &route.path) {
+                                return fail(at(&format!("redirect.{field}")), why);
+                            }
+                            if !route.backends.is_empty()
+                                || route.rewrite.is_some()
+                                || !route.request_headers.is_empty()
+                                || !route.response_headers.is_empty()
+                            {
+                                return fail(
+                                    at("redirect"),
+                                    "a route that redirects answers itself: no backends, \
+                                     rewrite or header edits beside it",
+                                );
+                            }
+                        }
+                        if let Some(Err((field, why))) = route
+                            .rewrite
+                            .as_ref()
+                            .map(|r| check_rewrite(r, &route.path))
+                        {
+                            return fail(at(&format!("rewrite.{field}")), why);
+                        }
                         let total: u64 = route.backends.iter().map(|b| u64::from(b.weight)).sum();
-                        if total == 0 || total > u64::from(u32::MAX) {
+                        if route.redirect.is_none() && (total == 0 || total > u64::from(u32::MAX)) {
                             return fail(
                                 at("backends"),
                                 "the weights must add up to more than 0 and fit in 32 bits",
@@ -1649,6 +1811,74 @@ pub fn check_query_match(query: &QueryMatch) -> Result<(), &'static str> {
         .any(|b| b < 0x20 || b == 0x7f)
     {
         return Err("the name and value must not hold control characters");
+    }
+    Ok(())
+}
+
+/// Checks a redirect: a scheme it knows, a host name, a port, a status Gateway API allows,
+/// and a path rewrite `path` (the route's) allows. The error names the field.
+pub fn check_redirect(
+    redirect: &Redirect,
+    path: &PathMatch,
+) -> Result<(), (&'static str, &'static str)> {
+    if let Some(scheme) = &redirect.scheme
+        && scheme != "http"
+        && scheme != "https"
+    {
+        return Err(("scheme", "must be http or https"));
+    }
+    if let Some(Err(why)) = redirect.hostname.as_deref().map(check_hostname) {
+        return Err(("hostname", why));
+    }
+    if redirect.port == Some(0) {
+        return Err(("port", "must be a port (1-65535)"));
+    }
+    if !REDIRECT_STATUSES.contains(&redirect.status) {
+        return Err(("status", "must be 301, 302, 303, 307 or 308"));
+    }
+    if let Some(Err(why)) = redirect.path.as_ref().map(|p| check_path_rewrite(p, path)) {
+        return Err(("path", why));
+    }
+    Ok(())
+}
+
+/// Checks a rewrite: a host name, and a path rewrite `path` (the route's) allows. The error
+/// names the field.
+pub fn check_rewrite(
+    rewrite: &Rewrite,
+    path: &PathMatch,
+) -> Result<(), (&'static str, &'static str)> {
+    if let Some(Err(why)) = rewrite.hostname.as_deref().map(check_hostname) {
+        return Err(("hostname", why));
+    }
+    if let Some(Err(why)) = rewrite.path.as_ref().map(|p| check_path_rewrite(p, path)) {
+        return Err(("path", why));
+    }
+    Ok(())
+}
+
+/// Checks a path rewrite: a path (or, to replace a prefix by nothing, an empty one), and a
+/// prefix to replace only where the route matches one.
+fn check_path_rewrite(rewrite: &PathRewrite, path: &PathMatch) -> Result<(), &'static str> {
+    if !matches!(rewrite, PathRewrite::ReplacePrefixMatch(prefix) if prefix.is_empty()) {
+        check_path(rewrite.value())?;
+    }
+    if matches!(rewrite, PathRewrite::ReplacePrefixMatch(_)) && matches!(path, PathMatch::Exact(_))
+    {
+        return Err("replace_prefix_match replaces a matched prefix: the route needs path_prefix");
+    }
+    Ok(())
+}
+
+/// Checks a host name to write into a request or a redirect: a DNS name (or an IPv4
+/// address), no wildcard, no port.
+fn check_hostname(name: &str) -> Result<(), &'static str> {
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    {
+        return Err("must be a host name, without a port");
     }
     Ok(())
 }

@@ -74,6 +74,79 @@ fn a_route_matches_and_modifies_headers_as_declared() {
 }
 
 #[test]
+fn a_route_redirects_or_rewrites_with_one_of_its_fields() {
+    let yaml = GOOD.replace(
+        "cluster: api",
+        "redirect: { scheme: https, port: 8443, path: { replace_prefix_match: /v2 }, status: 301 }",
+    );
+    let config = Config::from_yaml(&yaml, "good.yaml").unwrap();
+    let route = &config.listeners[0].routes[0];
+    assert!(route.backends.is_empty());
+    let redirect = route.redirect.as_ref().unwrap();
+    assert_eq!(
+        (redirect.scheme.as_deref(), redirect.port, redirect.status),
+        (Some("https"), Some(8443), 301)
+    );
+    let yaml = serde_yaml::to_string(&config).unwrap();
+    assert_eq!(Config::from_yaml(&yaml, "again").unwrap(), config);
+    let defaulted = Config::from_yaml(&GOOD.replace("cluster: api", "redirect: {}"), "d").unwrap();
+    assert_eq!(
+        defaulted.listeners[0].routes[0]
+            .redirect
+            .as_ref()
+            .unwrap()
+            .status,
+        302
+    );
+
+    let cases = [
+        (
+            "redirect: {}\n        cluster: api",
+            "exactly one of `cluster`, `backends` or `redirect`",
+        ),
+        (
+            "redirect: {}\n        rewrite: { hostname: x }",
+            "a route that redirects rewrites nothing",
+        ),
+    ];
+    for (fields, expected) in cases {
+        let yaml = GOOD.replace("cluster: api", fields);
+        let error = Config::from_yaml(&yaml, "bad.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains(expected), "{error}");
+    }
+}
+
+#[test]
+fn a_path_rewrite_replaces_the_whole_path_or_the_matched_prefix() {
+    let prefix = |to: &str| PathRewrite::ReplacePrefixMatch(to.into());
+    let cases = [
+        (prefix("/xyz"), "/foo", "/foo/bar", "/xyz/bar"),
+        (prefix("/xyz/"), "/foo", "/foo/bar", "/xyz/bar"),
+        (prefix("/xyz"), "/foo/", "/foo/bar", "/xyz/bar"),
+        (prefix("/xyz"), "/foo", "/foo", "/xyz"),
+        (prefix("/xyz"), "/foo", "/foo/", "/xyz/"),
+        (prefix("/"), "/foo", "/foo/bar", "/bar"),
+        (prefix("/"), "/foo", "/foo", "/"),
+        (prefix("/xyz"), "/", "/foo", "/xyz/foo"),
+        (
+            PathRewrite::ReplaceFullPath("/x".into()),
+            "/foo",
+            "/foo/bar",
+            "/x",
+        ),
+    ];
+    for (rewrite, matched, path, expected) in cases {
+        assert_eq!(
+            String::from_utf8(rewrite.apply(path.as_bytes(), matched)).unwrap(),
+            expected,
+            "{rewrite:?} of {path} matched by {matched}"
+        );
+    }
+}
+
+#[test]
 fn round_trips_through_json_and_yaml() {
     let config = Config::from_yaml(GOOD, "good.yaml").unwrap();
     let yaml = serde_yaml::to_string(&config).unwrap();
@@ -189,6 +262,32 @@ fn refuses_inconsistent_listeners_and_clusters() {
                 "request_headers: { remove: [\":path\"] }",
             ),
             "listeners[0].routes[0].request_headers.remove[0]",
+        ),
+        (
+            GOOD.replace("cluster: api", "redirect: { status: 304 }"),
+            "listeners[0].routes[0].redirect.status",
+        ),
+        (
+            GOOD.replace("cluster: api", "redirect: { scheme: ftp }"),
+            "listeners[0].routes[0].redirect.scheme",
+        ),
+        (
+            GOOD.replace("cluster: api", "redirect: { hostname: \"a:80\" }"),
+            "listeners[0].routes[0].redirect.hostname",
+        ),
+        (
+            GOOD.replace(
+                "path_prefix: /v1\n        cluster: api",
+                "path_exact: /v1\n        redirect: { path: { replace_prefix_match: /v2 } }",
+            ),
+            "listeners[0].routes[0].redirect.path",
+        ),
+        (
+            GOOD.replace(
+                "cluster: api",
+                "cluster: api\n        rewrite: { path: { replace_full_path: v2 } }",
+            ),
+            "listeners[0].routes[0].rewrite.path",
         ),
         (
             GOOD.replace("host: api.example.com", "host: a*.example.com"),
@@ -473,7 +572,7 @@ fn a_route_splits_by_weight_and_a_single_cluster_is_shorthand() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("exactly one of `cluster` or `backends`"),
+        err.contains("exactly one of `cluster`, `backends` or `redirect`"),
         "{err}"
     );
 }

@@ -11,8 +11,8 @@ use crate::api::discovery as pb;
 use crate::config::{
     Authorization, AuthorizationRule, Backend, Balancing, CipherSuite, Cluster, ClusterTls, Config,
     ConnectionLimit, Header, HeaderModifier, Intercept, Listener, ListenerTls, OutboundPolicy,
-    OutlierDetection, PathMatch, Protocol, QueryMatch, RateLimit, RateLimitOverride, Retries,
-    RetryOn, Route, TlsMode,
+    OutlierDetection, PathMatch, PathRewrite, Protocol, QueryMatch, RateLimit, RateLimitOverride,
+    Redirect, Retries, RetryOn, Rewrite, Route, TlsMode,
 };
 
 /// Listeners and clusters from `tern-control`, at a version.
@@ -113,10 +113,10 @@ fn encode_listener(l: &Listener) -> pb::Listener {
             .map(|r| pb::Route {
                 host: r.host.clone(),
                 path_prefix: match &r.path {
-                    PathMatch::Prefix(prefix) if !uses_new_matches(r) => prefix.clone(),
+                    PathMatch::Prefix(prefix) if !uses_newer_fields(r) => prefix.clone(),
                     _ => String::new(),
                 },
-                path: uses_new_matches(r).then(|| pb::PathMatch {
+                path: uses_newer_fields(r).then(|| pb::PathMatch {
                     kind: Some(match &r.path {
                         PathMatch::Prefix(prefix) => pb::path_match::Kind::Prefix(prefix.clone()),
                         PathMatch::Exact(exact) => pb::path_match::Kind::Exact(exact.clone()),
@@ -143,6 +143,17 @@ fn encode_listener(l: &Listener) -> pb::Listener {
                     .collect(),
                 request_headers: encode_modifier(&r.request_headers),
                 response_headers: encode_modifier(&r.response_headers),
+                rewrite: r.rewrite.as_ref().map(|w| pb::Rewrite {
+                    hostname: w.hostname.clone().unwrap_or_default(),
+                    path: w.path.as_ref().map(encode_path_rewrite),
+                }),
+                redirect: r.redirect.as_ref().map(|d| pb::Redirect {
+                    scheme: d.scheme.clone().unwrap_or_default(),
+                    hostname: d.hostname.clone().unwrap_or_default(),
+                    port: d.port.map_or(0, u32::from),
+                    path: d.path.as_ref().map(encode_path_rewrite),
+                    status: u32::from(d.status),
+                }),
             })
             .collect(),
         tls: l.tls.as_ref().map(|t| pb::ListenerTls {
@@ -183,13 +194,49 @@ fn encode_listener(l: &Listener) -> pb::Listener {
     }
 }
 
-/// Whether a route uses a match or an edit a proxy that predates them would skip.
-fn uses_new_matches(r: &Route) -> bool {
+/// Whether a route uses a field a proxy that predates it would skip (a match, an edit, a
+/// rewrite or a redirect).
+fn uses_newer_fields(r: &Route) -> bool {
     matches!(r.path, PathMatch::Exact(_))
         || r.method.is_some()
         || !r.query.is_empty()
         || !r.request_headers.is_empty()
         || !r.response_headers.is_empty()
+        || r.rewrite.is_some()
+        || r.redirect.is_some()
+}
+
+fn non_empty(text: String) -> Option<String> {
+    (!text.is_empty()).then_some(text)
+}
+
+fn encode_path_rewrite(rewrite: &PathRewrite) -> pb::PathRewrite {
+    pb::PathRewrite {
+        kind: Some(match rewrite {
+            PathRewrite::ReplaceFullPath(path) => {
+                pb::path_rewrite::Kind::ReplaceFullPath(path.clone())
+            }
+            PathRewrite::ReplacePrefixMatch(prefix) => {
+                pb::path_rewrite::Kind::ReplacePrefixMatch(prefix.clone())
+            }
+        }),
+    }
+}
+
+fn decode_path_rewrite(
+    rewrite: Option<pb::PathRewrite>,
+    field: impl Fn() -> String,
+) -> Result<Option<PathRewrite>, WireError> {
+    match rewrite.map(|r| r.kind) {
+        None => Ok(None),
+        Some(Some(pb::path_rewrite::Kind::ReplaceFullPath(path))) => {
+            Ok(Some(PathRewrite::ReplaceFullPath(path)))
+        }
+        Some(Some(pb::path_rewrite::Kind::ReplacePrefixMatch(prefix))) => {
+            Ok(Some(PathRewrite::ReplacePrefixMatch(prefix)))
+        }
+        Some(None) => Err(wrong(field(), "neither a full path nor a prefix")),
+    }
 }
 
 fn encode_header(h: &Header) -> pb::Header {
@@ -373,6 +420,34 @@ fn decode_listener(i: usize, l: pb::Listener) -> Result<Listener, WireError> {
             timeout: Duration::from_millis(r.timeout_ms),
             request_headers: decode_modifier(r.request_headers),
             response_headers: decode_modifier(r.response_headers),
+            rewrite: match r.rewrite {
+                None => None,
+                Some(w) => Some(Rewrite {
+                    hostname: non_empty(w.hostname),
+                    path: decode_path_rewrite(w.path, || at(&format!("routes[{j}].rewrite.path")))?,
+                }),
+            },
+            redirect: match r.redirect {
+                None => None,
+                Some(d) => Some(Redirect {
+                    scheme: non_empty(d.scheme),
+                    hostname: non_empty(d.hostname),
+                    port: match u16::try_from(d.port) {
+                        Ok(0) => None,
+                        Ok(port) => Some(port),
+                        Err(_) => {
+                            return Err(wrong(
+                                at(&format!("routes[{j}].redirect.port")),
+                                format!("{} is not a port", d.port),
+                            ));
+                        }
+                    },
+                    path: decode_path_rewrite(d.path, || {
+                        at(&format!("routes[{j}].redirect.path"))
+                    })?,
+                    status: u16::try_from(d.status).unwrap_or_default(),
+                }),
+            },
         });
     }
     let tls = match l.tls {
@@ -558,6 +633,11 @@ listeners:
         request_headers: { set: [{ name: x-env, value: prod }], add: [{ name: x-tag, value: a }], remove: [x-debug] }
         response_headers: { remove: [server] }
         cluster: cart
+      - path_prefix: /old
+        redirect: { scheme: https, hostname: shop.example, port: 8443, path: { replace_prefix_match: /new }, status: 301 }
+      - path_prefix: /v1
+        rewrite: { hostname: cart.internal, path: { replace_full_path: /api } }
+        cluster: cart
       - cluster: cart
   - name: inbound-8080
     address: 127.0.0.1:15080
@@ -632,10 +712,12 @@ identity:
             routes[1].path.as_ref().and_then(|p| p.kind.clone()),
             Some(pb::path_match::Kind::Exact("/v2/checkout".into()))
         );
-        let mut with_method = config.listeners[0].routes[2].clone();
+        let plain = config.listeners[0].routes.last().unwrap();
+        assert!(!uses_newer_fields(plain));
+        let mut with_method = plain.clone();
         with_method.method = Some("GET".into());
-        assert!(uses_new_matches(&with_method));
-        assert!(!uses_new_matches(&config.listeners[0].routes[2]));
+        assert!(uses_newer_fields(&with_method));
+        assert!(routes[2].redirect.is_some() && routes[2].path_prefix.is_empty());
     }
 
     #[test]

@@ -503,6 +503,32 @@ pub fn edited(head: &[u8], edits: &HeaderEdits) -> Vec<u8> {
     rewritten(head, |name| edits.drops(name), edits.lines())
 }
 
+/// A request head (`request`, parsed from `head`) with its target made `target`, in origin
+/// form (an absolute-form target's authority goes, to `Host`), and with `host` its `Host`
+/// field made that.
+pub fn retargeted(
+    head: &[u8],
+    request: &RequestHead,
+    target: &[u8],
+    host: Option<&[u8]>,
+) -> Vec<u8> {
+    // The target follows the method and a space; parsing made the path its end.
+    let start = request.method_name.end + 1;
+    let absolute = request.path.start > start;
+    let host = host.or_else(|| absolute.then(|| &head[request.host.clone()]));
+    let mut out = Vec::with_capacity(head.len() + target.len());
+    out.extend_from_slice(&head[..start]);
+    out.extend_from_slice(target);
+    out.extend_from_slice(&head[request.path.end..]);
+    match host {
+        None => out,
+        Some(host) => {
+            let line = [b"host: ", host, b"\r\n"].concat();
+            rewritten(&out, named(&[b"host"]), &line)
+        }
+    }
+}
+
 /// Rewrites a response head to end the connection: drops its `Connection` fields and adds
 /// `connection: close`. Used when the proxy closes a connection the upstream would keep.
 pub fn with_connection_close(head: &[u8]) -> Vec<u8> {

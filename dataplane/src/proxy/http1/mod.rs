@@ -1,9 +1,9 @@
 //! HTTP/1.1: one downstream connection, its requests in order, each routed
 //! ([`crate::proxy::route`]) to a cluster and carried over a pooled upstream connection.
 //!
-//! Heads are forwarded as received, unless a route edits their headers, the proxy closes a
-//! connection the upstream would keep, or an offer to upgrade to h2c is declined by dropping
-//! its fields; bodies stream through a bounded buffer, but for
+//! Heads are forwarded as received, unless a route rewrites the URL or edits headers, the
+//! proxy closes a connection the upstream would keep, or an offer to upgrade to h2c is
+//! declined by dropping its fields; bodies stream through a bounded buffer, but for
 //! a request its cluster may retry, one of known length up to 64 KiB is read whole first and
 //! kept for another attempt; pipelined requests are answered strictly one after another;
 //! `Upgrade` (WebSocket) turns the connection into an opaque byte pump after the `101` it
@@ -310,8 +310,10 @@ impl<B: Backend> Conn<'_, B> {
         )
     }
 
-    /// Routes a request and carries it, or answers it: no route matched (404), or the head
-    /// the route's header edits made is too large (431).
+    /// Routes a request and carries it (its URL and headers changed as its route says), or
+    /// answers it: no route matched (404), the route redirects (or would, but the request's
+    /// host is no plain host: 400), or the head the route's changes made breaks the limits
+    /// (431).
     async fn route(&mut self, head: &RequestHead, started: Instant) -> Next {
         let view = self.view.clone();
         let route = view.snapshot.listeners[self.listener]
@@ -328,15 +330,39 @@ impl<B: Backend> Conn<'_, B> {
         let Some(route) = route else {
             return self.refuse(head, 404, Flag::NoRoute, started).await;
         };
+        if let Some(redirect) = &route.redirect {
+            let answer = match route.location(
+                redirect,
+                &self.inbuf[head.host.clone()],
+                &self.inbuf[head.path.clone()],
+            ) {
+                Some(location) => Answer::Redirect(redirect.status, location),
+                None => Answer::Refusal(400, Flag::DownstreamProtocolError),
+            };
+            return self.answer(head, answer, started).await;
+        }
         let chosen = route.choose(view.roll());
-        let Some(edits) = &route.request_headers else {
+        if route.rewrite.is_none() && route.request_headers.is_none() {
             return self.exchange(head, chosen, started).await;
-        };
-        match self.replace_head(head, head::edited(&self.inbuf[..head.len], edits)) {
-            Ok(edited) => self.exchange(&edited, chosen, started).await,
+        }
+        // The route's rewrite, then its header edits (which cannot touch `Host`).
+        let mut rewritten = self.inbuf[..head.len].to_vec();
+        if let Some(rewrite) = &route.rewrite {
+            let target = match &rewrite.path {
+                Some(path) => route.rewritten_target(path, &self.inbuf[head.path.clone()]),
+                None => self.inbuf[head.path.clone()].to_vec(),
+            };
+            let host = rewrite.hostname.as_deref().map(str::as_bytes);
+            rewritten = head::retargeted(&rewritten, head, &target, host);
+        }
+        if let Some(edits) = &route.request_headers {
+            rewritten = head::edited(&rewritten, edits);
+        }
+        match self.replace_head(head, rewritten) {
+            Ok(rewritten) => self.exchange(&rewritten, chosen, started).await,
             Err(error) => {
-                // The route's edits took the head past the listener's limits.
-                tracing::debug!(%error, "a request head with its route's header edits");
+                // The route's changes took the head past the listener's limits.
+                tracing::debug!(%error, "a request head with its route's changes");
                 self.refuse(head, error.status(), error.flag(), started)
                     .await
             }
@@ -364,9 +390,7 @@ impl<B: Backend> Conn<'_, B> {
         self.refuse(head, 403, Flag::Unauthorized, started).await
     }
 
-    /// Answers a request without passing it on. A body of known length up to
-    /// [`REPLAY_LIMIT`] (not held back by `Expect: 100-continue`) is read and dropped, so the
-    /// connection goes on; after any other body it closes.
+    /// Answers a request with an error, without passing it on (see [`Conn::answer`]).
     async fn refuse(
         &mut self,
         head: &RequestHead,
@@ -374,6 +398,14 @@ impl<B: Backend> Conn<'_, B> {
         flag: Flag,
         started: Instant,
     ) -> Next {
+        self.answer(head, Answer::Refusal(status, flag), started)
+            .await
+    }
+
+    /// Answers a request without passing it on. A body of known length up to
+    /// [`REPLAY_LIMIT`] (not held back by `Expect: 100-continue`) is read and dropped, so the
+    /// connection goes on; after any other body it closes.
+    async fn answer(&mut self, head: &RequestHead, answer: Answer, started: Instant) -> Next {
         let len = match head.framing {
             Framing::Empty => head.len,
             Framing::Length(body) if !head.expect_continue && body <= REPLAY_LIMIT as u64 => {
@@ -385,11 +417,31 @@ impl<B: Backend> Conn<'_, B> {
             }
             _ => {
                 self.inbuf.drain(..head.len);
-                return self.reply(status, flag, true, started).await;
+                return self.send_answer(answer, true, started).await;
             }
         };
         self.release(len, head.len);
-        self.reply(status, flag, !head.keep_alive, started).await
+        self.send_answer(answer, !head.keep_alive, started).await
+    }
+
+    /// Sends the proxy's own answer: an error, counted under its flag, or a redirect.
+    async fn send_answer(&mut self, answer: Answer, close: bool, started: Instant) -> Next {
+        match answer {
+            Answer::Refusal(status, flag) => self.reply(status, flag, close, started).await,
+            Answer::Redirect(status, location) => {
+                let close = close || self.worker.draining();
+                let message = redirect_bytes(status, &location, close);
+                let len = message.len();
+                self.stats.sent(len as u64);
+                self.answered(status, None, started);
+                let (written, _) = self.down.write_all(message, 0..len).await;
+                if written.is_err() || close {
+                    Next::Close
+                } else {
+                    Next::KeepAlive
+                }
+            }
+        }
     }
 
     /// Carries one request to `route`'s cluster and its response back.
@@ -1029,6 +1081,34 @@ fn reason(status: u16) -> &'static str {
         504 => "Gateway Timeout",
         _ => "Error",
     }
+}
+
+/// What the proxy answers a request with itself.
+enum Answer {
+    /// An error: its status and flag.
+    Refusal(u16, Flag),
+    /// A route's redirect: its status and `Location`.
+    Redirect(u16, Vec<u8>),
+}
+
+/// The bytes of a redirect.
+fn redirect_bytes(status: u16, location: &[u8], close: bool) -> Vec<u8> {
+    let reason = match status {
+        301 => "Moved Permanently",
+        303 => "See Other",
+        307 => "Temporary Redirect",
+        308 => "Permanent Redirect",
+        _ => "Found",
+    };
+    let connection: &[u8] = if close { b"connection: close\r\n" } else { b"" };
+    [
+        format!("HTTP/1.1 {status} {reason}\r\nlocation: ").as_bytes(),
+        location,
+        b"\r\ncontent-length: 0\r\n",
+        connection,
+        b"\r\n",
+    ]
+    .concat()
 }
 
 /// The bytes of a response the proxy makes itself.

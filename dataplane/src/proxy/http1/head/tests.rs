@@ -311,3 +311,34 @@ fn a_routes_header_edits_rewrite_only_the_fields_they_name() {
     let head = parse_request(&edited, &LIMITS).unwrap().unwrap();
     assert_eq!(head.len, edited.len());
 }
+
+#[test]
+fn a_rewritten_target_goes_in_origin_form_with_its_host() {
+    let text = "GET http://a.example/old/x?q=1 HTTP/1.1\r\nHost: a.example\r\nAccept: */*\r\n\r\n";
+    let head = complete(text);
+    let moved = retargeted(text.as_bytes(), &head, b"/new/x?q=1", Some(b"b.example"));
+    assert_eq!(
+        String::from_utf8(moved.clone()).unwrap(),
+        "GET /new/x?q=1 HTTP/1.1\r\nAccept: */*\r\nhost: b.example\r\n\r\n"
+    );
+    let again = parse_request(&moved, &LIMITS).unwrap().unwrap();
+    assert_eq!(&moved[again.host.clone()], b"b.example");
+    assert_eq!(&moved[again.path.clone()], b"/new/x?q=1");
+
+    // Absolute form without Host (HTTP/1.0 may): the authority becomes Host.
+    let text = "GET http://a.example:81/old HTTP/1.0\r\n\r\n";
+    let head = complete(text);
+    let moved = retargeted(text.as_bytes(), &head, b"/new", None);
+    assert_eq!(
+        String::from_utf8(moved).unwrap(),
+        "GET /new HTTP/1.0\r\nhost: a.example:81\r\n\r\n"
+    );
+
+    let text = "POST /old HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi";
+    let head = complete(text);
+    let moved = retargeted(&text.as_bytes()[..head.len], &head, b"/new", None);
+    assert_eq!(
+        String::from_utf8(moved).unwrap(),
+        "POST /new HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n"
+    );
+}
