@@ -57,9 +57,12 @@ fn parse_and_route(c: &mut Criterion) {
             routes
                 .route(
                     &REQUEST[head.host.clone()],
-                    &REQUEST[head.method_name.clone()],
-                    &REQUEST[head.path.clone()],
+                    (
+                        &REQUEST[head.method_name.clone()],
+                        &REQUEST[head.path.clone()],
+                    ),
                     &dataplane::proxy::route::RawHead(&REQUEST[..head.len]),
+                    &snapshot.regexes,
                 )
                 .unwrap()
                 .choose(7)

@@ -913,6 +913,8 @@ listeners:
     routes:
       - {{ path_exact: /headers, method: POST, cluster: b }}
       - {{ path_prefix: /headers, query: [{{ name: v, value: "2 b" }}], cluster: b }}
+      - {{ path_regex: "/headers/[0-9]+", cluster: b }}
+      - {{ path_prefix: /headers, headers: [{{ name: x-team, value: "ops|dev", regex: true }}], cluster: b }}
       - path_prefix: /
         cluster: a
         request_headers: {{ set: [{{ name: x-env, value: prod }}], add: [{{ name: x-tag, value: mesh }}], remove: [x-debug] }}
@@ -977,6 +979,12 @@ http: {{ max_header_bytes: 300, max_request_line: 200 }}
     assert_eq!(served_by(&mut conn, &to("POST", "/headers/x")), "a");
     assert_eq!(served_by(&mut conn, &to("GET", "/headers?v=2")), "a");
     assert_eq!(served_by(&mut conn, &to("GET", "/headers?w=1&v=2+b")), "a");
+    // Regular expressions: the whole path, the whole header value.
+    assert_eq!(served_by(&mut conn, &to("GET", "/headers/42")), "b");
+    assert_eq!(served_by(&mut conn, &to("GET", "/headers/42x")), "a");
+    let team = |value: &str| format!("GET /headers HTTP/1.1\r\nHost: x\r\nX-Team: {value}\r\n\r\n");
+    assert_eq!(served_by(&mut conn, &team("dev")), "b");
+    assert_eq!(served_by(&mut conn, &team("devops")), "a");
 
     // A head the edits would take past the limit is answered 431, and the connection goes
     // on; the same head unedited (to b) is served.

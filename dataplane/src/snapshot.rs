@@ -14,7 +14,7 @@ use std::time::Duration;
 use shared::config::{self, Config, Intercept, OutboundPolicy, Protocol};
 
 use crate::proxy::rate_limit::RateLimiter;
-use crate::proxy::route::RouteTable;
+use crate::proxy::route::{Regexes, RouteTable};
 
 /// An immutable, versioned view of the config, ready for the data path.
 #[derive(Debug)]
@@ -38,6 +38,8 @@ pub struct Snapshot {
     pub identity: Option<(shared::SpiffeId, crate::tls::Validity)>,
     /// Transparent mode: which listener takes an intercepted connection.
     pub intercept: Option<InterceptPlan>,
+    /// The regular expressions its routes match with (each worker copies them).
+    pub regexes: Regexes,
 }
 
 /// How intercepted connections find their listener.
@@ -488,20 +490,24 @@ impl Snapshot {
         });
         let index = |name: &str| clusters.iter().position(|c| &*c.name == name);
         // Validation guarantees every cluster named exists and route weights fit.
-        let route_table = |routes: &[config::Route]| {
-            RouteTable::new(routes.iter().map(|r| {
-                let mut sum = 0u32;
-                let backends = r
-                    .backends
-                    .iter()
-                    .filter(|b| b.weight > 0)
-                    .map(|b| {
-                        sum = sum.saturating_add(b.weight);
-                        (index(&b.cluster).unwrap_or_default(), sum)
-                    })
-                    .collect();
-                (r, backends)
-            }))
+        let mut regexes = Regexes::default();
+        let mut route_table = |routes: &[config::Route]| {
+            RouteTable::new(
+                routes.iter().map(|r| {
+                    let mut sum = 0u32;
+                    let backends = r
+                        .backends
+                        .iter()
+                        .filter(|b| b.weight > 0)
+                        .map(|b| {
+                            sum = sum.saturating_add(b.weight);
+                            (index(&b.cluster).unwrap_or_default(), sum)
+                        })
+                        .collect();
+                    (r, backends)
+                }),
+                &mut regexes,
+            )
         };
         let server_tls = |tls: &config::ListenerTls| match identity {
             Some(identity) if tls.mode != config::TlsMode::Disable => Some(ListenerTls {
@@ -513,20 +519,23 @@ impl Snapshot {
         };
         let mut listeners = Vec::with_capacity(config.listeners.len() + 4);
         let mut intercepted: [HashMap<SocketAddr, usize>; 2] = Default::default();
-        for l in &config.listeners {
+        for (i, l) in config.listeners.iter().enumerate() {
             let cluster = l.cluster.as_deref().and_then(index).unwrap_or_default();
+            let mut routes = |routes: &[config::Route]| {
+                route_table(routes).map_err(|e| invalid(format!("listeners[{i}].routes"), e))
+            };
             let kind = match l.protocol {
                 Protocol::Tcp => ListenerKind::Tcp { cluster },
-                Protocol::Http => ListenerKind::Http(route_table(&l.routes)),
+                Protocol::Http => ListenerKind::Http(routes(&l.routes)?),
                 Protocol::Detect if l.routes.is_empty() => ListenerKind::Detect {
                     cluster,
-                    routes: route_table(&[config::Route::to_cluster(
+                    routes: routes(&[config::Route::to_cluster(
                         l.cluster.as_deref().unwrap_or_default(),
-                    )]),
+                    )])?,
                 },
                 Protocol::Detect => ListenerKind::Detect {
                     cluster,
-                    routes: route_table(&l.routes),
+                    routes: routes(&l.routes)?,
                 },
             };
             if let Some(direction) = l.intercept {
@@ -613,6 +622,7 @@ impl Snapshot {
             cluster_names,
             identity,
             intercept,
+            regexes,
         })
     }
 

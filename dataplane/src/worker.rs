@@ -64,6 +64,8 @@ pub struct View {
     load: Rc<proxy::balance::Load>,
     /// xorshift64 state for weighted route splits (per worker; no cryptographic need).
     random: Cell<u64>,
+    /// The worker's copies of the snapshot's route regular expressions.
+    pub regexes: crate::proxy::route::Regexes,
 }
 
 impl View {
@@ -503,6 +505,7 @@ fn make_view(
             .collect(),
         // xorshift must not start at 0.
         random: Cell::new(random_seed() | 1),
+        regexes: snapshot.regexes.for_worker(),
         snapshot,
     }
 }

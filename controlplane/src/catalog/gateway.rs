@@ -1,8 +1,9 @@
 //! Gateway API's `HTTPRoute` and `GRPCRoute` (`gateway.networking.k8s.io/v1`), the part of
-//! them Tern routes with, attached to a Service as GAMMA defines: path (prefix or exact),
-//! method, header and query matches, and the header modifier, URL rewrite and redirect
-//! filters. Fields Tern does not carry out yet (regular expressions, the mirror and CORS
-//! filters, a rule's retry) are parsed so that
+//! them Tern routes with, attached to a Service as GAMMA defines: path (prefix, exact or
+//! regular expression), method, header and query matches (exact or regular expressions),
+//! and the header
+//! modifier, URL rewrite and redirect filters. Fields Tern does not carry out yet (the
+//! mirror and CORS filters, a rule's retry) are parsed so that
 //! using them is a clear error rather than silently ignored; unknown fields are refused.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -123,13 +124,25 @@ pub struct Match {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HeaderMatch {
-    /// `Exact` (the default); `RegularExpression` is not supported yet.
+    /// `Exact` (the default) or `RegularExpression`.
     #[serde(default = "default_exact", rename = "type")]
     pub kind: String,
     /// The header's name (case-insensitive) or the parameter's (case-sensitive).
     pub name: String,
     /// The value it must have.
     pub value: String,
+}
+
+impl HeaderMatch {
+    /// The proxy's match: `RegularExpression` is a regular expression, anything else (which
+    /// validation refuses) exact.
+    pub fn to_config(&self) -> shared::config::ValueMatch {
+        shared::config::ValueMatch {
+            name: self.name.clone(),
+            value: self.value.clone(),
+            regex: self.kind == "RegularExpression",
+        }
+    }
 }
 
 /// A rule's filter (`HTTPRouteFilter`, `GRPCRouteFilter`): its `type` names the field that
@@ -284,9 +297,9 @@ pub struct Matched {
     /// The method.
     pub method: Option<String>,
     /// Header matches: lower-case names, sorted.
-    pub headers: Vec<shared::config::Header>,
+    pub headers: Vec<shared::config::ValueMatch>,
     /// Query parameter matches, sorted.
-    pub query: Vec<shared::config::QueryMatch>,
+    pub query: Vec<shared::config::ValueMatch>,
 }
 
 fn default_exact() -> String {
@@ -297,7 +310,7 @@ fn default_exact() -> String {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PathMatch {
-    /// `PathPrefix` (the default) or `Exact`; `RegularExpression` is not supported yet.
+    /// `PathPrefix` (the default), `Exact` or `RegularExpression`.
     #[serde(default = "default_path_type", rename = "type")]
     pub kind: String,
     /// The path; `/` by default.
@@ -384,27 +397,27 @@ impl Rule {
                     Some(p) if p.kind == "Exact" => {
                         shared::config::PathMatch::Exact(p.value.clone())
                     }
+                    Some(p) if p.kind == "RegularExpression" => {
+                        shared::config::PathMatch::Regex(p.value.clone())
+                    }
                     Some(p) => shared::config::PathMatch::Prefix(p.value.clone()),
                     None => shared::config::PathMatch::Prefix("/".to_owned()),
                 };
-                let mut headers: Vec<shared::config::Header> = m
+                let mut headers: Vec<shared::config::ValueMatch> = m
                     .headers
                     .iter()
                     .flatten()
-                    .map(|h| shared::config::Header {
+                    .map(|h| shared::config::ValueMatch {
                         name: h.name.to_ascii_lowercase(),
-                        value: h.value.clone(),
+                        ..h.to_config()
                     })
                     .collect();
                 headers.sort();
-                let mut query: Vec<shared::config::QueryMatch> = m
+                let mut query: Vec<shared::config::ValueMatch> = m
                     .query_params
                     .iter()
                     .flatten()
-                    .map(|q| shared::config::QueryMatch {
-                        name: q.name.clone(),
-                        value: q.value.clone(),
-                    })
+                    .map(HeaderMatch::to_config)
                     .collect();
                 query.sort();
                 Matched {
@@ -495,7 +508,7 @@ pub struct GrpcMatch {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MethodMatch {
-    /// `Exact` (the default); `RegularExpression` is not supported yet.
+    /// `Exact` (the default) or `RegularExpression` (of the service and the method each).
     #[serde(default = "default_exact", rename = "type")]
     pub kind: String,
     /// The fully qualified service, `pkg.Service`.
@@ -508,8 +521,9 @@ pub struct MethodMatch {
 
 impl Route<GrpcRule> {
     /// The equivalent `HTTPRoute` (its `kind` stays `GRPCRoute`): each method match becomes a
-    /// path, exactly `/pkg.Service/Method`, or the prefix `/pkg.Service` for all of a
-    /// service's methods.
+    /// path, exactly `/pkg.Service/Method`, the prefix `/pkg.Service` for all of a service's
+    /// methods, or for `RegularExpression` the regular expression `/(?:service)/(?:method)`
+    /// (each part one segment, `[^/]+`, when absent; each checked on its own).
     /// What has no equivalent is refused with its field.
     pub fn into_http_route(self) -> Result<HttpRoute, (String, String)> {
         let mut rules = Vec::with_capacity(self.spec.rules.len());
@@ -519,11 +533,27 @@ impl Route<GrpcRule> {
                 let at = |f: &str| format!("spec.rules[{i}].matches[{j}].{f}");
                 let (kind, path) = match m.method {
                     None => ("PathPrefix", "/".to_owned()),
+                    Some(method) if method.kind == "RegularExpression" => {
+                        // Each part a regular expression that stands on its own (it cannot
+                        // reach into the other's group); one segment, `[^/]+`, when absent.
+                        for (field, part) in
+                            [("service", &method.service), ("method", &method.method)]
+                        {
+                            if let Some(Err(why)) = part.as_deref().map(shared::config::full_match)
+                            {
+                                return Err((at(&format!("method.{field}")), why));
+                            }
+                        }
+                        let part = |p: Option<String>| p.unwrap_or_else(|| "[^/]+".to_owned());
+                        let path =
+                            format!("/(?:{})/(?:{})", part(method.service), part(method.method));
+                        ("RegularExpression", path)
+                    }
                     Some(method) => {
                         if method.kind != "Exact" {
                             return Err((
                                 at("method.type"),
-                                format!("`{}` is not supported yet; use Exact", method.kind),
+                                format!("unknown type `{}`", method.kind),
                             ));
                         }
                         match (method.service, method.method) {
@@ -532,14 +562,16 @@ impl Route<GrpcRule> {
                             (None, Some(_)) => {
                                 return Err((
                                     at("method.service"),
-                                    "a method match needs its service".to_owned(),
+                                    "an exact method match needs its service".to_owned(),
                                 ));
                             }
                             (None, None) => ("PathPrefix", "/".to_owned()),
                         }
                     }
                 };
-                if path.contains(char::is_whitespace) || path.contains("//") {
+                if kind != "RegularExpression"
+                    && (path.contains(char::is_whitespace) || path.contains("//"))
+                {
                     return Err((at("method"), format!("`{path}` is not a gRPC method path")));
                 }
                 matches.push(Match {

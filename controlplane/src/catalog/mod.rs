@@ -750,30 +750,21 @@ impl Catalog {
             for (j, m) in rule.matches.iter().enumerate() {
                 let at = |f: &str| format!("spec.rules[{i}].matches[{j}].{f}");
                 let lists: [(&str, _, CheckMatch); 2] = [
-                    ("headers", &m.headers, |name, value| {
-                        shared::config::check_header(&shared::config::Header {
-                            name: name.to_owned(),
-                            value: value.to_owned(),
-                        })
-                    }),
-                    ("queryParams", &m.query_params, |name, value| {
-                        shared::config::check_query_match(&shared::config::QueryMatch {
-                            name: name.to_owned(),
-                            value: value.to_owned(),
-                        })
-                    }),
+                    ("headers", &m.headers, shared::config::check_header_match),
+                    (
+                        "queryParams",
+                        &m.query_params,
+                        shared::config::check_query_match,
+                    ),
                 ];
                 for (list, matches, check) in lists {
                     for (k, item) in matches.iter().flatten().enumerate() {
                         let at = |f: &str| format!("spec.rules[{i}].matches[{j}].{list}[{k}].{f}");
-                        if item.kind != "Exact" {
-                            return fail(
-                                at("type"),
-                                format!("`{}` is not supported yet; use Exact", item.kind),
-                            );
+                        if item.kind != "Exact" && item.kind != "RegularExpression" {
+                            return fail(at("type"), format!("unknown type `{}`", item.kind));
                         }
-                        if let Err(why) = check(&item.name, &item.value) {
-                            return fail(at("name"), why);
+                        if let Err((field, why)) = check(&item.to_config()) {
+                            return fail(at(field), why);
                         }
                     }
                 }
@@ -781,17 +772,14 @@ impl Catalog {
                     return fail(at("method"), why);
                 }
                 if let Some(path) = &m.path {
-                    match path.kind.as_str() {
-                        "PathPrefix" | "Exact" => {}
-                        "RegularExpression" => {
-                            return fail(
-                                at("path.type"),
-                                "RegularExpression is not supported yet; use PathPrefix or Exact",
-                            );
+                    let checked = match path.kind.as_str() {
+                        "PathPrefix" | "Exact" => {
+                            shared::config::check_path(&path.value).map_err(str::to_owned)
                         }
+                        "RegularExpression" => shared::config::full_match(&path.value).map(drop),
                         other => return fail(at("path.type"), format!("unknown type `{other}`")),
-                    }
-                    if let Err(why) = shared::config::check_path(&path.value) {
+                    };
+                    if let Err(why) = checked {
                         return fail(at("path.value"), why);
                     }
                 }
@@ -960,8 +948,8 @@ fn cluster_ips(service: &Service) -> Vec<IpAddr> {
     ips
 }
 
-/// Checks a header or query parameter match's name and value, as the proxy's config does.
-type CheckMatch = fn(&str, &str) -> Result<(), &'static str>;
+/// Checks a header or query parameter match, as the proxy's config does.
+type CheckMatch = fn(&shared::config::ValueMatch) -> Result<(), (&'static str, String)>;
 
 /// Checks a rule's filters (`field` names the list): header modifiers, and for an
 /// HTTPRoute a redirect or a rewrite; at most one of each kind, each with its own field set
@@ -1087,6 +1075,7 @@ impl Claim {
         let path = match &matched.path {
             shared::config::PathMatch::Prefix(prefix) => prefix.clone(),
             shared::config::PathMatch::Exact(exact) => format!("{exact} (exactly)"),
+            shared::config::PathMatch::Regex(regex) => format!("~{regex}"),
         };
         let method = matched
             .method
@@ -1096,12 +1085,18 @@ impl Claim {
         let headers: String = matched
             .headers
             .iter()
-            .map(|header| format!(" with {}: {}", header.name, header.value))
+            .map(|header| {
+                let how = if header.regex { " ~" } else { ":" };
+                format!(" with {}{how} {}", header.name, header.value)
+            })
             .collect();
         let query: String = matched
             .query
             .iter()
-            .map(|q| format!(" with ?{}={}", q.name, q.value))
+            .map(|q| {
+                let how = if q.regex { "~" } else { "=" };
+                format!(" with ?{}{how}{}", q.name, q.value)
+            })
             .collect();
         let callers = if self.callers.is_empty() {
             String::new()

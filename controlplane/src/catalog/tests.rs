@@ -146,20 +146,20 @@ fn objects_are_checked_against_each_other_and_refusals_name_the_field() {
             "spec.rules[0].backendRefs: the weights add up to zero",
         ),
         (
-            route("r", "  rules: [{ matches: [{ path: { type: RegularExpression, value: \"/a.*\" } }], backendRefs: [{ name: cart, port: 80 }] }]\n"),
-            "spec.rules[0].matches[0].path.type: RegularExpression is not supported",
+            route("r", "  rules: [{ matches: [{ path: { type: RegularExpression, value: \"/a(.*\" } }], backendRefs: [{ name: cart, port: 80 }] }]\n"),
+            "spec.rules[0].matches[0].path.value: `/a(.*` is not a regular expression",
         ),
         (
-            route("r", "  rules: [{ matches: [{ headers: [{ type: RegularExpression, name: x, value: \"y.*\" }] }], backendRefs: [{ name: cart, port: 80 }] }]\n"),
-            "spec.rules[0].matches[0].headers[0].type: `RegularExpression` is not supported yet",
+            route("r", "  rules: [{ matches: [{ headers: [{ type: RegularExpression, name: x, value: \"y[\" }] }], backendRefs: [{ name: cart, port: 80 }] }]\n"),
+            "spec.rules[0].matches[0].headers[0].value: `y[` is not a regular expression",
         ),
         (
             route("r", "  rules: [{ matches: [{ headers: [{ name: \"bad name\", value: y }] }], backendRefs: [{ name: cart, port: 80 }] }]\n"),
             "spec.rules[0].matches[0].headers[0].name: the name must be an HTTP header name",
         ),
         (
-            route("r", "  rules: [{ matches: [{ queryParams: [{ type: RegularExpression, name: x, value: \"y.*\" }] }], backendRefs: [{ name: cart, port: 80 }] }]\n"),
-            "spec.rules[0].matches[0].queryParams[0].type: `RegularExpression` is not supported yet",
+            route("r", "  rules: [{ matches: [{ queryParams: [{ type: Prefix, name: x, value: y }] }], backendRefs: [{ name: cart, port: 80 }] }]\n"),
+            "spec.rules[0].matches[0].queryParams[0].type: unknown type `Prefix`",
         ),
         (
             route("r", "  rules: [{ matches: [{ method: \"G T\" }], backendRefs: [{ name: cart, port: 80 }] }]\n"),
@@ -1241,13 +1241,35 @@ spec:
     // What a GRPCRoute cannot say in Tern yet is refused with its field.
     let regex = grpc.replace(
         "{ method: { service: shop.Users } }",
-        "{ method: { type: RegularExpression, service: \"shop.*\" } }",
+        "{ method: { type: Prefix, service: \"shop.*\" } }",
     );
     let catalog = build(&[("grpc.yaml", &regex)]);
     let text = problem(&catalog);
     assert!(
         text.contains("GRPCRoute") && text.contains("spec.rules[1].matches[0].method.type"),
         "{text}"
+    );
+    // Service and method by regular expression: the path's.
+    let regex = grpc.replace(
+        "{ method: { service: shop.Users } }",
+        "{ method: { type: RegularExpression, service: \"shop\\\\.(Users|Admins)\" } }",
+    );
+    let catalog = build(&[("grpc.yaml", &regex)]);
+    assert!(catalog.problems.is_empty(), "{:#?}", catalog.problems);
+    let client = translate(&catalog, &request("web-0", "web", &[("users.shop", 9090)]));
+    assert_eq!(
+        client.config.listeners[0].routes[1].path,
+        shared::config::PathMatch::Regex("/(?:shop\\.(Users|Admins))/(?:[^/]+)".into())
+    );
+    let broken = grpc.replace(
+        "{ method: { service: shop.Users } }",
+        "{ method: { type: RegularExpression, service: \"a)|(?:b\" } }",
+    );
+    let catalog = build(&[("grpc.yaml", &broken)]);
+    assert!(
+        problem(&catalog).contains("spec.rules[1].matches[0].method.service"),
+        "{}",
+        problem(&catalog)
     );
     let method_only = grpc.replace(
         "{ method: { service: shop.Users } }",
@@ -1280,10 +1302,7 @@ fn a_rule_s_matches_and_header_filters_reach_its_routes() {
     assert_eq!(checkout.method.as_deref(), Some("POST"));
     assert_eq!(
         checkout.query,
-        [shared::config::QueryMatch {
-            name: "mode".into(),
-            value: "fast".into()
-        }]
+        [shared::config::ValueMatch::exact("mode", "fast")]
     );
     assert_eq!(checkout.request_headers.set[0].name, "x-env");
     assert_eq!(checkout.request_headers.remove, ["x-debug"]);
@@ -1318,6 +1337,31 @@ fn a_rule_s_matches_and_header_filters_reach_its_routes() {
         "{}",
         problem(&catalog)
     );
+}
+
+#[test]
+fn regular_expression_matches_reach_the_routes() {
+    let matched = route(
+        "regex",
+        "  rules:\n    - matches: [{ path: { type: RegularExpression, value: \"/items/[0-9]+\" }, headers: [{ type: RegularExpression, name: X-User, value: \"ops|dev\" }], queryParams: [{ type: RegularExpression, name: page, value: \"[0-9]+\" }] }]\n      backendRefs: [{ name: cart-v2, port: 80 }]\n    - backendRefs: [{ name: cart, port: 80 }]\n",
+    );
+    let catalog = build(&[("base.yaml", BASE), ("route.yaml", &matched)]);
+    assert!(catalog.problems.is_empty(), "{:#?}", catalog.problems);
+    let web = translate(&catalog, &request("web-0", "web", &[("cart.shop", 80)]));
+    let routes = &web.config.listeners[0].routes;
+    assert_eq!(
+        routes[0].path,
+        shared::config::PathMatch::Regex("/items/[0-9]+".into())
+    );
+    assert_eq!(
+        routes[0].headers,
+        [shared::config::ValueMatch {
+            name: "x-user".into(),
+            value: "ops|dev".into(),
+            regex: true
+        }]
+    );
+    assert!(routes[0].query[0].regex);
 }
 
 #[test]
@@ -1369,10 +1413,7 @@ fn header_matches_narrow_routes_and_count_in_conflicts() {
     assert_eq!(routes.len(), 2);
     assert_eq!(
         routes[0].headers,
-        [shared::config::Header {
-            name: "x-canary".into(),
-            value: "yes".into()
-        }]
+        [shared::config::ValueMatch::exact("x-canary", "yes")]
     );
     assert_eq!(routes[0].backends[0].cluster, "outbound:cart-v2.shop:80");
     assert!(routes[1].headers.is_empty());

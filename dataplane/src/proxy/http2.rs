@@ -617,7 +617,7 @@ async fn forward<B: Backend>(
         .map_or("/", |p| p.as_str())
         .as_bytes();
     let method = request.method().as_str().as_bytes();
-    let Some(route) = routes.route(host, method, path, request.headers()) else {
+    let Some(route) = routes.route(host, (method, path), request.headers(), &view.regexes) else {
         return refuse(404, Flag::NoRoute);
     };
     if let Some(redirect) = &route.redirect {

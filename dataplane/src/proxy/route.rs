@@ -4,11 +4,14 @@
 //! response's headers ([`HeaderEdits`]), and the redirect a route answers with
 //! ([`RoutePlan::location`]).
 //!
-//! Matching does not allocate; editing allocates only on routes that edit.
+//! Matching does not allocate (but for a query parameter with an escape matched by a regular
+//! expression, decoded first); each worker matches regular expressions with its own copies
+//! ([`Regexes`]). Changing a request allocates only on routes that change it.
 
 use std::time::Duration;
 
 use hyper::header::{HeaderName, HeaderValue};
+use regex::bytes::Regex;
 use shared::config::{self, PathMatch};
 
 /// HTTP routes of one listener, most specific host first.
@@ -33,14 +36,83 @@ enum HostMatch {
     Any,
 }
 
-/// Names and the exact values they must have: lower-case header names, or query parameter
-/// names as written.
-type ValueMatches = Box<[(Box<str>, Box<[u8]>)]>;
+/// Names and what their values must be: lower-case header names, or query parameter names
+/// as written.
+type ValueMatches = Box<[(Box<str>, ValuePlan)]>;
+
+/// How a route matches a request's path.
+#[derive(Debug)]
+enum PathPlan {
+    Prefix(Box<str>),
+    Exact(Box<str>),
+    /// A regular expression in [`Regexes`], and its pattern's length.
+    Regex(usize, usize),
+}
+
+/// How a route matches a header's or query parameter's value.
+#[derive(Debug)]
+enum ValuePlan {
+    Exact(Box<[u8]>),
+    /// A regular expression in [`Regexes`].
+    Regex(usize),
+}
+
+/// The regular expressions of a snapshot's routes (anchored at both ends,
+/// [`config::full_match`]), which its routes name by index. Each worker matches with copies
+/// of its own ([`Regexes::for_worker`]): a `Regex` keeps its scratch space in a pool whose
+/// fast path belongs to one thread, and sharing one across workers would bounce that pool
+/// between cores on every match.
+#[derive(Debug, Default)]
+pub struct Regexes(Vec<Regex>);
+
+impl Regexes {
+    fn add(&mut self, pattern: &str) -> Result<usize, String> {
+        self.0.push(config::full_match(pattern)?);
+        Ok(self.0.len() - 1)
+    }
+
+    /// Copies for one worker: the compiled programs are shared, each copy has its own
+    /// scratch space.
+    pub fn for_worker(&self) -> Regexes {
+        Regexes(self.0.clone())
+    }
+
+    fn is_match(&self, index: usize, value: &[u8]) -> bool {
+        self.0.get(index).is_some_and(|regex| regex.is_match(value))
+    }
+}
+
+impl PathPlan {
+    /// The prefix a `PathPrefix` route matched by (validation lets only those replace it).
+    fn prefix(&self) -> &str {
+        match self {
+            PathPlan::Prefix(prefix) => prefix,
+            PathPlan::Exact(_) | PathPlan::Regex(..) => "",
+        }
+    }
+}
+
+impl ValuePlan {
+    fn new(m: &config::ValueMatch, regexes: &mut Regexes) -> Result<ValuePlan, String> {
+        Ok(if m.regex {
+            ValuePlan::Regex(regexes.add(&m.value)?)
+        } else {
+            ValuePlan::Exact(m.value.as_bytes().into())
+        })
+    }
+
+    fn matches(&self, value: &[u8], regexes: &Regexes) -> bool {
+        match self {
+            ValuePlan::Exact(exact) => **exact == *value,
+            ValuePlan::Regex(index) => regexes.is_match(*index, value),
+        }
+    }
+}
 
 /// What a request must look like to take a route, and where it goes.
 #[derive(Debug)]
 pub struct RoutePlan {
-    path: PathMatch,
+    path: PathPlan,
     /// The method, exactly.
     method: Option<Box<[u8]>>,
     /// Headers that must have these values: lower-case names.
@@ -177,7 +249,7 @@ impl RoutePlan {
     /// route's path rewrite: the path rewritten, the query kept.
     pub fn rewritten_target(&self, rewrite: &config::PathRewrite, target: &[u8]) -> Vec<u8> {
         let (path, query) = split_query(target);
-        let mut rewritten = rewrite.apply(path, self.path.value());
+        let mut rewritten = rewrite.apply(path, self.path.prefix());
         rewritten.extend_from_slice(query);
         rewritten
     }
@@ -211,7 +283,7 @@ impl RoutePlan {
         let well_known: &[u8] = if scheme == "https" { b"443" } else { b"80" };
         let (path, query) = split_query(target);
         let path = match &redirect.path {
-            Some(rewrite) => rewrite.apply(path, self.path.value()),
+            Some(rewrite) => rewrite.apply(path, self.path.prefix()),
             None if path.is_empty() => b"/".to_vec(),
             None => path.to_vec(),
         };
@@ -231,10 +303,17 @@ impl RoutePlan {
     /// Gateway API's precedence among a host's routes, highest first when sorted in
     /// reverse: an exact path, then the longest prefix, then a method match, then the most
     /// header matches, then the most query matches.
-    fn precedence(&self) -> (bool, usize, bool, usize, usize) {
+    fn precedence(&self) -> (u8, usize, bool, usize, usize) {
         (
-            matches!(self.path, PathMatch::Exact(_)),
-            self.path.value().len(),
+            match &self.path {
+                PathPlan::Exact(_) => 2,
+                PathPlan::Regex(..) => 1,
+                PathPlan::Prefix(_) => 0,
+            },
+            match &self.path {
+                PathPlan::Exact(path) | PathPlan::Prefix(path) => path.len(),
+                PathPlan::Regex(_, len) => *len,
+            },
             self.method.is_some(),
             self.headers.len(),
             self.query.len(),
@@ -242,51 +321,66 @@ impl RoutePlan {
     }
 
     /// Whether a request matches this route (its host matched already).
-    fn matches(&self, method: &[u8], target: &[u8], headers: &impl RequestHeaders) -> bool {
+    fn matches(
+        &self,
+        (method, target): (&[u8], &[u8]),
+        headers: &impl RequestHeaders,
+        regexes: &Regexes,
+    ) -> bool {
         let path_matches = match &self.path {
-            PathMatch::Prefix(prefix) => prefix_matches(prefix, target),
-            PathMatch::Exact(exact) => path_of(target) == exact.as_bytes(),
+            PathPlan::Prefix(prefix) => prefix_matches(prefix, target),
+            PathPlan::Exact(exact) => path_of(target) == exact.as_bytes(),
+            PathPlan::Regex(index, _) => regexes.is_match(*index, path_of(target)),
         };
         path_matches
             && self.method.as_deref().is_none_or(|m| m == method)
-            && self
-                .headers
-                .iter()
-                .all(|(name, value)| headers.header(name) == Some(&**value))
+            && self.headers.iter().all(|(name, value)| {
+                headers
+                    .header(name)
+                    .is_some_and(|v| value.matches(v, regexes))
+            })
             && self
                 .query
                 .iter()
-                .all(|(name, value)| query_matches(target, name.as_bytes(), value))
+                .all(|(name, value)| query_matches(target, name.as_bytes(), value, regexes))
     }
 }
 
 impl RouteTable {
     /// Compiles a listener's routes, each with its backends (cluster index and running
-    /// weight total).
+    /// weight total). Fails only on a regular expression that does not compile, which
+    /// validation refuses first.
     pub(crate) fn new<'a>(
         routes: impl Iterator<Item = (&'a config::Route, Box<[(usize, u32)]>)>,
-    ) -> RouteTable {
+        regexes: &mut Regexes,
+    ) -> Result<RouteTable, String> {
         let mut hosts: Vec<HostRoutes> = Vec::new();
         for (route, backends) in routes {
             let host = HostMatch::parse(&route.host);
-            let plan = RoutePlan {
-                path: route.path.clone(),
-                method: route.method.as_ref().map(|m| m.as_bytes().into()),
-                headers: route
-                    .headers
+            let mut values = |matches: &[config::ValueMatch], lower: bool| {
+                matches
                     .iter()
-                    .map(|h| {
-                        (
-                            h.name.to_ascii_lowercase().into_boxed_str(),
-                            h.value.as_bytes().into(),
-                        )
+                    .map(|m| {
+                        let name = if lower {
+                            m.name.to_ascii_lowercase()
+                        } else {
+                            m.name.clone()
+                        };
+                        Ok((name.into_boxed_str(), ValuePlan::new(m, regexes)?))
                     })
-                    .collect(),
-                query: route
-                    .query
-                    .iter()
-                    .map(|q| (q.name.as_str().into(), q.value.as_bytes().into()))
-                    .collect(),
+                    .collect::<Result<ValueMatches, String>>()
+            };
+            let headers = values(&route.headers, true)?;
+            let query = values(&route.query, false)?;
+            let plan = RoutePlan {
+                path: match &route.path {
+                    PathMatch::Prefix(prefix) => PathPlan::Prefix(prefix.as_str().into()),
+                    PathMatch::Exact(exact) => PathPlan::Exact(exact.as_str().into()),
+                    PathMatch::Regex(regex) => PathPlan::Regex(regexes.add(regex)?, regex.len()),
+                },
+                method: route.method.as_ref().map(|m| m.as_bytes().into()),
+                headers,
+                query,
                 backends,
                 timeout: route.timeout,
                 request_headers: HeaderEdits::new(&route.request_headers),
@@ -311,7 +405,7 @@ impl RouteTable {
             HostMatch::Suffix(s) => (1, usize::MAX - s.len()),
             HostMatch::Any => (2, 0),
         });
-        RouteTable { hosts }
+        Ok(RouteTable { hosts })
     }
 
     /// Picks the route for a request: the most specific matching host (exact, then the
@@ -319,19 +413,23 @@ impl RouteTable {
     /// specific route that matches (Gateway API's precedence: an exact path, the longest
     /// prefix, a method, the most headers, the most query parameters). `host` may carry a
     /// port; `target` is the path with its query; `headers` is asked only about routes that
-    /// match on headers.
+    /// match on headers; `regexes` are the worker's copies of the snapshot's.
     pub fn route(
         &self,
         host: &[u8],
-        method: &[u8],
-        target: &[u8],
+        (method, target): (&[u8], &[u8]),
         headers: &impl RequestHeaders,
+        regexes: &Regexes,
     ) -> Option<&RoutePlan> {
         let host = strip_port(host);
         self.hosts
             .iter()
             .filter(|h| h.host.matches(host))
-            .find_map(|h| h.routes.iter().find(|r| r.matches(method, target, headers)))
+            .find_map(|h| {
+                h.routes
+                    .iter()
+                    .find(|r| r.matches((method, target), headers, regexes))
+            })
     }
 }
 
@@ -461,26 +559,34 @@ fn prefix_matches(prefix: &str, path: &[u8]) -> bool {
     prefix.ends_with(b"/") || matches!(path.get(prefix.len()), None | Some(b'/' | b'?' | b'#'))
 }
 
-/// Whether the first parameter named `name` in `target`'s query has the value `value`, both
-/// compared percent-decoded (`+` is not a space: that is HTML forms', not URIs').
-fn query_matches(target: &[u8], name: &[u8], value: &[u8]) -> bool {
+/// Whether the first parameter named `name` in `target`'s query has a value `value`
+/// matches, both percent-decoded (`+` is not a space: that is HTML forms', not URIs').
+fn query_matches(target: &[u8], name: &[u8], value: &ValuePlan, regexes: &Regexes) -> bool {
     let Some(start) = target.iter().position(|&b| b == b'?') else {
         return false;
     };
     let query = &target[start + 1..];
     let query = &query[..query.iter().position(|&b| b == b'#').unwrap_or(query.len())];
-    query
-        .split(|&b| b == b'&')
-        .find_map(|pair| {
-            let (key, found) = match pair.iter().position(|&b| b == b'=') {
-                Some(eq) => (&pair[..eq], &pair[eq + 1..]),
-                None => (pair, &b""[..]),
-            };
-            percent_decoded(key)
-                .eq(name.iter().copied())
-                .then(|| percent_decoded(found).eq(value.iter().copied()))
-        })
-        .unwrap_or(false)
+    let found = query.split(|&b| b == b'&').find_map(|pair| {
+        let (key, found) = match pair.iter().position(|&b| b == b'=') {
+            Some(eq) => (&pair[..eq], &pair[eq + 1..]),
+            None => (pair, &b""[..]),
+        };
+        percent_decoded(key)
+            .eq(name.iter().copied())
+            .then_some(found)
+    });
+    match (found, value) {
+        (None, _) => false,
+        (Some(found), ValuePlan::Exact(exact)) => percent_decoded(found).eq(exact.iter().copied()),
+        // Decoded first only where there is an escape to decode.
+        (Some(found), ValuePlan::Regex(_)) if !found.contains(&b'%') => {
+            value.matches(found, regexes)
+        }
+        (Some(found), ValuePlan::Regex(_)) => {
+            value.matches(&percent_decoded(found).collect::<Vec<u8>>(), regexes)
+        }
+    }
 }
 
 /// `bytes` with each `%XX` escape decoded; a `%` not followed by two hex digits stays as it
@@ -545,7 +651,7 @@ clusters:
             panic!("not http")
         };
         table
-            .route(host.as_bytes(), b"GET", path.as_bytes(), &())
+            .route(host.as_bytes(), (b"GET", path.as_bytes()), &(), &s.regexes)
             .map(|r| s.clusters[r.choose(0).cluster].name.to_string())
     }
 
@@ -568,7 +674,7 @@ clusters:
         let ListenerKind::Http(table) = &s.listeners[0].kind else {
             panic!("not http")
         };
-        let route = table.route(b"x", b"GET", b"/", &()).unwrap();
+        let route = table.route(b"x", (b"GET", b"/"), &(), &s.regexes).unwrap();
         // Evenly spread rolls: exactly the weights' shares.
         let mut counts = [0usize; 3];
         for i in 0..4096u32 {
@@ -629,7 +735,12 @@ clusters:
         let to = |head: &str| {
             let head = head.replace('\n', "\r\n");
             table
-                .route(b"x", b"GET", b"/api/v1", &RawHead(head.as_bytes()))
+                .route(
+                    b"x",
+                    (b"GET", b"/api/v1"),
+                    &RawHead(head.as_bytes()),
+                    &s.regexes,
+                )
                 .map(|r| s.clusters[r.choose(0).cluster].name.to_string())
         };
         assert_eq!(
@@ -651,7 +762,9 @@ clusters:
         );
         let mut map = hyper::HeaderMap::new();
         map.insert("x-canary", "yes".parse().unwrap());
-        let route = table.route(b"x", b"GET", b"/api", &map).unwrap();
+        let route = table
+            .route(b"x", (b"GET", b"/api"), &map, &s.regexes)
+            .unwrap();
         assert_eq!(&*s.clusters[route.choose(0).cluster].name, "canary");
     }
 
@@ -700,7 +813,7 @@ clusters:
         );
         let to = |target: &str| {
             table(&s)
-                .route(b"x", b"GET", target.as_bytes(), &())
+                .route(b"x", (b"GET", target.as_bytes()), &(), &s.regexes)
                 .map(|r| s.clusters[r.choose(0).cluster].name.to_string())
         };
         assert_eq!(to("/api/items").as_deref(), Some("exact"));
@@ -738,7 +851,12 @@ clusters:
         headers.insert("x-b", HeaderValue::from_static("1"));
         let to = |method: &str, target: &str| {
             table(&s)
-                .route(b"x", method.as_bytes(), target.as_bytes(), &headers)
+                .route(
+                    b"x",
+                    (method.as_bytes(), target.as_bytes()),
+                    &headers,
+                    &s.regexes,
+                )
                 .map(|r| s.clusters[r.choose(0).cluster].name.to_string())
         };
         assert_eq!(to("POST", "/api?q=1").as_deref(), Some("post"));
@@ -754,6 +872,48 @@ clusters:
             Some("longer"),
             "a longer prefix first"
         );
+    }
+
+    #[test]
+    fn regular_expressions_match_whole_paths_headers_and_query_values() {
+        let s = snapshot(
+            r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    protocol: http
+    routes:
+      - { path_prefix: /items, cluster: prefix }
+      - { path_regex: "/items/[0-9]+", cluster: regex }
+      - { path_exact: /items/0, cluster: exact }
+      - path_prefix: /users
+        headers: [{ name: X-Team, value: "ops|dev", regex: true }]
+        query: [{ name: id, value: "[a-z]+ [0-9]", regex: true }]
+        cluster: matched
+      - { path_prefix: /users, cluster: prefix }
+clusters:
+  - { name: prefix, endpoints: [127.0.0.1:1] }
+  - { name: regex, endpoints: [127.0.0.1:2] }
+  - { name: exact, endpoints: [127.0.0.1:3] }
+  - { name: matched, endpoints: [127.0.0.1:4] }
+"#,
+        );
+        let to = |target: &str, team: &str| {
+            let mut headers = hyper::HeaderMap::new();
+            headers.insert("x-team", HeaderValue::from_str(team).unwrap());
+            table(&s)
+                .route(b"x", (b"GET", target.as_bytes()), &headers, &s.regexes)
+                .map(|r| s.clusters[r.choose(0).cluster].name.to_string())
+        };
+        // An exact path, then a regular expression, then a prefix.
+        assert_eq!(to("/items/0", "").as_deref(), Some("exact"));
+        assert_eq!(to("/items/42?x=1", "").as_deref(), Some("regex"));
+        // Anchored: the whole path must match.
+        assert_eq!(to("/items/42/more", "").as_deref(), Some("prefix"));
+        assert_eq!(to("/items/x42", "").as_deref(), Some("prefix"));
+        assert_eq!(to("/users?id=abc%209", "dev").as_deref(), Some("matched"));
+        assert_eq!(to("/users?id=abc%209", "devops").as_deref(), Some("prefix"));
+        assert_eq!(to("/users?id=abc9", "ops").as_deref(), Some("prefix"));
     }
 
     #[test]
@@ -774,7 +934,12 @@ clusters:
         ];
         for (target, name, value, expected) in cases {
             assert_eq!(
-                query_matches(target.as_bytes(), name.as_bytes(), value.as_bytes()),
+                query_matches(
+                    target.as_bytes(),
+                    name.as_bytes(),
+                    &ValuePlan::Exact(value.as_bytes().into()),
+                    &Regexes::default()
+                ),
                 expected,
                 "{target} {name}={value}"
             );
@@ -802,7 +967,12 @@ clusters:
         );
         let location = |host: &str, target: &str| {
             let route = table(&s)
-                .route(host.as_bytes(), b"GET", target.as_bytes(), &())
+                .route(
+                    host.as_bytes(),
+                    (b"GET", target.as_bytes()),
+                    &(),
+                    &s.regexes,
+                )
                 .unwrap();
             let redirect = route.redirect.as_ref().unwrap();
             route
@@ -843,7 +1013,9 @@ clusters:
         ] {
             assert_eq!(location(host, "/same"), None, "{host}");
         }
-        let rewrite = table(&s).route(b"a", b"GET", b"/v1?x", &()).unwrap();
+        let rewrite = table(&s)
+            .route(b"a", (b"GET", b"/v1?x"), &(), &s.regexes)
+            .unwrap();
         let path = rewrite.rewrite.as_ref().unwrap().path.as_ref().unwrap();
         assert_eq!(rewrite.rewritten_target(path, b"/v1?x"), b"/api/v1?x");
     }

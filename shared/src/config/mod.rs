@@ -590,7 +590,8 @@ pub fn plain_path(target: &[u8]) -> Option<&[u8]> {
 /// An HTTP route: what a request must look like (host, path, method, headers, query) to
 /// go to a cluster, be split between clusters by weight, or be answered with a redirect, and
 /// how its URL, its headers and its response's are changed on the way. In YAML, `cluster: x`
-/// is short for `backends: [{cluster: x}]`, and the path is `path_prefix` or `path_exact`.
+/// is short for `backends: [{cluster: x}]`, and the path is `path_prefix`, `path_exact` or
+/// `path_regex`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "RouteFields", into = "RouteFields")]
 pub struct Route {
@@ -601,13 +602,13 @@ pub struct Route {
     pub path: PathMatch,
     /// The method the request must have (case-sensitive, as HTTP methods are); any if none.
     pub method: Option<String>,
-    /// Headers the request must carry, each with exactly this value (names are
-    /// case-insensitive); all of them must match.
-    pub headers: Vec<Header>,
-    /// Query parameters the request must carry, each with exactly this value once
+    /// Headers the request must carry, each with a value that matches (names are
+    /// case-insensitive; the first field of a name counts); all of them must match.
+    pub headers: Vec<ValueMatch>,
+    /// Query parameters the request must carry, each with a value that matches once
     /// percent-decoded (names are case-sensitive; the first of a repeated name counts); all
     /// of them must match.
-    pub query: Vec<QueryMatch>,
+    pub query: Vec<ValueMatch>,
     /// Where requests go: each request picks one backend, with probability weight / total.
     /// Empty for a route that answers with a `redirect`.
     pub backends: Vec<Backend>,
@@ -747,13 +748,15 @@ pub enum PathMatch {
     Prefix(String),
     /// Exactly this path.
     Exact(String),
+    /// A regular expression the whole path must match ([`full_match`]).
+    Regex(String),
 }
 
 impl PathMatch {
     /// The path or prefix.
     pub fn value(&self) -> &str {
         match self {
-            PathMatch::Prefix(path) | PathMatch::Exact(path) => path,
+            PathMatch::Prefix(path) | PathMatch::Exact(path) | PathMatch::Regex(path) => path,
         }
     }
 }
@@ -768,14 +771,58 @@ pub struct Header {
     pub value: String,
 }
 
-/// A query parameter and the value it must have.
+/// A header or query parameter a route matches: its name, and the value it must have
+/// exactly, or with `regex` a regular expression its whole value must match
+/// ([`full_match`]).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct QueryMatch {
-    /// The parameter's name (case-sensitive).
+pub struct ValueMatch {
+    /// A header's name (case-insensitive) or a query parameter's (case-sensitive).
     pub name: String,
-    /// Its exact value, percent-decoded.
+    /// The value, or the regular expression.
     pub value: String,
+    /// Whether `value` is a regular expression.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub regex: bool,
+}
+
+impl ValueMatch {
+    /// An exact match.
+    pub fn exact(name: impl Into<String>, value: impl Into<String>) -> ValueMatch {
+        ValueMatch {
+            name: name.into(),
+            value: value.into(),
+            regex: false,
+        }
+    }
+}
+
+/// The longest regular expression a route may hold, and the most memory one may compile to:
+/// a config cannot make the proxy build a huge matcher.
+pub const MAX_REGEX_LEN: usize = 1024;
+const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
+/// Compiles a route's regular expression to match a whole value (it is anchored at both
+/// ends; `.` matches any character, a line break too), on the value's bytes read as UTF-8
+/// (a byte that is not never matches `.`); linear in the value's length whatever the
+/// pattern.
+pub fn full_match(pattern: &str) -> Result<regex::bytes::Regex, String> {
+    if pattern.len() > MAX_REGEX_LEN {
+        return Err(format!(
+            "must be a regular expression of at most {MAX_REGEX_LEN} bytes"
+        ));
+    }
+    let build = |pattern: &str| {
+        regex::bytes::RegexBuilder::new(pattern)
+            .size_limit(REGEX_SIZE_LIMIT)
+            .dot_matches_new_line(true)
+            .build()
+            .map_err(|error| format!("`{pattern}` is not a regular expression: {error}"))
+    };
+    // The pattern must stand on its own, so that it cannot close the anchoring group (as
+    // `a)|(?:b` would) and match less than the whole value.
+    build(pattern)?;
+    build(&format!("^(?:{pattern})$"))
 }
 
 /// Changes to a message's headers, as Gateway API's `RequestHeaderModifier` and
@@ -815,8 +862,8 @@ pub struct Backend {
     pub weight: u32,
 }
 
-/// The YAML shape of [`Route`]: one of `cluster`, `backends` and `redirect`; `path_prefix`
-/// or `path_exact`, not both.
+/// The YAML shape of [`Route`]: one of `cluster`, `backends` and `redirect`; at most one of
+/// `path_prefix`, `path_exact` and `path_regex`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RouteFields {
@@ -827,11 +874,13 @@ struct RouteFields {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     path_exact: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    path_regex: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     method: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    headers: Vec<Header>,
+    headers: Vec<ValueMatch>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    query: Vec<QueryMatch>,
+    query: Vec<ValueMatch>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     cluster: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -863,11 +912,14 @@ impl TryFrom<RouteFields> for Route {
         if fields.redirect.is_some() && fields.rewrite.is_some() {
             return Err("a route that redirects rewrites nothing: `rewrite` or `redirect`");
         }
-        let path = match (fields.path_prefix, fields.path_exact) {
-            (prefix, None) => PathMatch::Prefix(prefix.unwrap_or_else(default_path_prefix)),
-            (None, Some(exact)) => PathMatch::Exact(exact),
-            (Some(_), Some(_)) => {
-                return Err("a route takes at most one of `path_prefix` or `path_exact`");
+        let path = match (fields.path_prefix, fields.path_exact, fields.path_regex) {
+            (prefix, None, None) => PathMatch::Prefix(prefix.unwrap_or_else(default_path_prefix)),
+            (None, Some(exact), None) => PathMatch::Exact(exact),
+            (None, None, Some(regex)) => PathMatch::Regex(regex),
+            _ => {
+                return Err(
+                    "a route takes at most one of `path_prefix`, `path_exact` or `path_regex`",
+                );
             }
         };
         Ok(Route {
@@ -898,14 +950,16 @@ impl From<Route> for RouteFields {
         } else {
             (None, route.backends)
         };
-        let (path_prefix, path_exact) = match route.path {
-            PathMatch::Prefix(prefix) => (Some(prefix), None),
-            PathMatch::Exact(exact) => (None, Some(exact)),
+        let (path_prefix, path_exact, path_regex) = match route.path {
+            PathMatch::Prefix(prefix) => (Some(prefix), None, None),
+            PathMatch::Exact(exact) => (None, Some(exact), None),
+            PathMatch::Regex(regex) => (None, None, Some(regex)),
         };
         RouteFields {
             host: route.host,
             path_prefix,
             path_exact,
+            path_regex,
             method: route.method,
             headers: route.headers,
             query: route.query,
@@ -1591,19 +1645,24 @@ impl Config {
                                 "the weights must add up to more than 0 and fit in 32 bits",
                             );
                         }
-                        if let Err(why) = check_path(route.path.value()) {
-                            let field = match route.path {
-                                PathMatch::Prefix(_) => "path_prefix",
-                                PathMatch::Exact(_) => "path_exact",
-                            };
-                            return fail(at(field), why);
+                        let (field, checked) = match &route.path {
+                            PathMatch::Prefix(path) => {
+                                ("path_prefix", check_path(path).map_err(str::to_owned))
+                            }
+                            PathMatch::Exact(path) => {
+                                ("path_exact", check_path(path).map_err(str::to_owned))
+                            }
+                            PathMatch::Regex(regex) => ("path_regex", full_match(regex).map(drop)),
+                        };
+                        if let Err(why) = checked {
+                            return fail(at(field), &why);
                         }
                         if let Some(Err(why)) = route.method.as_deref().map(check_method) {
                             return fail(at("method"), why);
                         }
                         for (k, query) in route.query.iter().enumerate() {
-                            if let Err(why) = check_query_match(query) {
-                                return fail(at(&format!("query[{k}]")), why);
+                            if let Err((field, why)) = check_query_match(query) {
+                                return fail(at(&format!("query[{k}].{field}")), &why);
                             }
                         }
                         for (name, modifier) in [
@@ -1621,8 +1680,8 @@ impl Config {
                             return fail(at("timeout"), "must be greater than zero");
                         }
                         for (k, header) in route.headers.iter().enumerate() {
-                            if let Err(why) = check_header(header) {
-                                return fail(at(&format!("headers[{k}]")), why);
+                            if let Err((field, why)) = check_header_match(header) {
+                                return fail(at(&format!("headers[{k}].{field}")), &why);
                             }
                         }
                     }
@@ -1755,24 +1814,41 @@ fn is_token_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
-/// Checks a header to match or write: a header name (an HTTP token) and a value HTTP/1.1 and
-/// HTTP/2 can both carry (no control characters but tab).
+/// Checks a header to write: a header name (an HTTP token) and a value HTTP/1.1 and HTTP/2
+/// can both carry (no control characters but tab, no spaces around it).
 pub fn check_header(header: &Header) -> Result<(), &'static str> {
-    if header.name.is_empty() || !header.name.bytes().all(is_token_byte) {
+    check_header_name(&header.name)?;
+    check_header_value(&header.value)
+}
+
+fn check_header_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() || !name.bytes().all(is_token_byte) {
         return Err("the name must be an HTTP header name");
     }
-    if header
-        .value
-        .bytes()
-        .any(|b| (b < 0x20 && b != b'\t') || b == 0x7f)
-    {
+    Ok(())
+}
+
+fn check_header_value(value: &str) -> Result<(), &'static str> {
+    if value.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) {
         return Err("the value must not hold line breaks or other control characters");
     }
-    if header.value.trim_matches([' ', '\t']) != header.value {
+    if value.trim_matches([' ', '\t']) != value {
         // HTTP trims a field's value (and HTTP/2 refuses one that is not trimmed).
         return Err("the value must not begin or end with spaces or tabs");
     }
     Ok(())
+}
+
+/// Checks a header to match: a header name, and a value a header can have or a regular
+/// expression. The error names the field at fault (`name` or `value`).
+pub fn check_header_match(header: &ValueMatch) -> Result<(), (&'static str, String)> {
+    check_header_name(&header.name).map_err(|why| ("name", why.to_owned()))?;
+    if header.regex {
+        full_match(&header.value).map(drop)
+    } else {
+        check_header_value(&header.value).map_err(str::to_owned)
+    }
+    .map_err(|why| ("value", why))
 }
 
 /// Checks a route's path or path prefix: it starts with `/` and holds no query, fragment,
@@ -1799,18 +1875,20 @@ pub fn check_method(method: &str) -> Result<(), &'static str> {
 }
 
 /// Checks a query parameter to match: a name and a value (as decoded) without control
-/// characters.
-pub fn check_query_match(query: &QueryMatch) -> Result<(), &'static str> {
-    if query.name.is_empty() {
-        return Err("the name must not be empty");
+/// characters, or a regular expression. The error names the field at fault (`name` or
+/// `value`).
+pub fn check_query_match(query: &ValueMatch) -> Result<(), (&'static str, String)> {
+    let control = |text: &str| text.bytes().any(|b| b < 0x20 || b == 0x7f);
+    if query.name.is_empty() || control(&query.name) {
+        return Err((
+            "name",
+            "must be a name without control characters".to_owned(),
+        ));
     }
-    if query
-        .name
-        .bytes()
-        .chain(query.value.bytes())
-        .any(|b| b < 0x20 || b == 0x7f)
-    {
-        return Err("the name and value must not hold control characters");
+    if query.regex {
+        full_match(&query.value).map_err(|why| ("value", why))?;
+    } else if control(&query.value) {
+        return Err(("value", "must not hold control characters".to_owned()));
     }
     Ok(())
 }
@@ -1863,7 +1941,8 @@ fn check_path_rewrite(rewrite: &PathRewrite, path: &PathMatch) -> Result<(), &'s
     if !matches!(rewrite, PathRewrite::ReplacePrefixMatch(prefix) if prefix.is_empty()) {
         check_path(rewrite.value())?;
     }
-    if matches!(rewrite, PathRewrite::ReplacePrefixMatch(_)) && matches!(path, PathMatch::Exact(_))
+    if matches!(rewrite, PathRewrite::ReplacePrefixMatch(_))
+        && !matches!(path, PathMatch::Prefix(_))
     {
         return Err("replace_prefix_match replaces a matched prefix: the route needs path_prefix");
     }

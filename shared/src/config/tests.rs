@@ -68,7 +68,7 @@ fn a_route_matches_and_modifies_headers_as_declared() {
         .unwrap_err()
         .to_string();
     assert!(
-        error.contains("at most one of `path_prefix` or `path_exact`"),
+        error.contains("at most one of `path_prefix`, `path_exact` or `path_regex`"),
         "{error}"
     );
 }
@@ -215,7 +215,37 @@ fn refuses_inconsistent_listeners_and_clusters() {
         ),
         (
             GOOD.replace("path_prefix: /v1", "query: [{ name: \"\", value: x }]"),
-            "listeners[0].routes[0].query[0]",
+            "listeners[0].routes[0].query[0].name",
+        ),
+        (
+            GOOD.replace("path_prefix: /v1", "path_regex: \"/v1/(\""),
+            "listeners[0].routes[0].path_regex",
+        ),
+        (
+            // Balanced once anchored, unbalanced alone: it would match more than asked.
+            GOOD.replace("path_prefix: /v1", "path_regex: \"/a)|(?:/b\""),
+            "listeners[0].routes[0].path_regex",
+        ),
+        (
+            GOOD.replace(
+                "path_prefix: /v1",
+                "headers: [{ name: x-a, value: \"[\", regex: true }]",
+            ),
+            "listeners[0].routes[0].headers[0].value",
+        ),
+        (
+            GOOD.replace(
+                "path_prefix: /v1",
+                &format!("path_regex: \"{}\"", "a".repeat(MAX_REGEX_LEN + 1)),
+            ),
+            "listeners[0].routes[0].path_regex",
+        ),
+        (
+            GOOD.replace(
+                "path_prefix: /v1\n        cluster: api",
+                "path_regex: /v1\n        cluster: api\n        rewrite: { path: { replace_prefix_match: /v2 } }",
+            ),
+            "listeners[0].routes[0].rewrite.path",
         ),
         (
             GOOD.replace(

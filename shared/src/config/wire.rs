@@ -11,8 +11,8 @@ use crate::api::discovery as pb;
 use crate::config::{
     Authorization, AuthorizationRule, Backend, Balancing, CipherSuite, Cluster, ClusterTls, Config,
     ConnectionLimit, Header, HeaderModifier, Intercept, Listener, ListenerTls, OutboundPolicy,
-    OutlierDetection, PathMatch, PathRewrite, Protocol, QueryMatch, RateLimit, RateLimitOverride,
-    Redirect, Retries, RetryOn, Rewrite, Route, TlsMode,
+    OutlierDetection, PathMatch, PathRewrite, Protocol, RateLimit, RateLimitOverride, Redirect,
+    Retries, RetryOn, Rewrite, Route, TlsMode, ValueMatch,
 };
 
 /// Listeners and clusters from `tern-control`, at a version.
@@ -120,8 +120,14 @@ fn encode_listener(l: &Listener) -> pb::Listener {
                     kind: Some(match &r.path {
                         PathMatch::Prefix(prefix) => pb::path_match::Kind::Prefix(prefix.clone()),
                         PathMatch::Exact(exact) => pb::path_match::Kind::Exact(exact.clone()),
+                        PathMatch::Regex(regex) => pb::path_match::Kind::Regex(regex.clone()),
                     }),
                 }),
+                requires: if uses_regex(r) {
+                    vec![REGEX.to_owned()]
+                } else {
+                    Vec::new()
+                },
                 method: r.method.clone().unwrap_or_default(),
                 backends: r
                     .backends
@@ -132,15 +138,8 @@ fn encode_listener(l: &Listener) -> pb::Listener {
                     })
                     .collect(),
                 timeout_ms: millis(r.timeout),
-                headers: r.headers.iter().map(encode_header).collect(),
-                query: r
-                    .query
-                    .iter()
-                    .map(|q| pb::Header {
-                        name: q.name.clone(),
-                        value: q.value.clone(),
-                    })
-                    .collect(),
+                headers: r.headers.iter().map(encode_value_match).collect(),
+                query: r.query.iter().map(encode_value_match).collect(),
                 request_headers: encode_modifier(&r.request_headers),
                 response_headers: encode_modifier(&r.response_headers),
                 rewrite: r.rewrite.as_ref().map(|w| pb::Rewrite {
@@ -197,13 +196,40 @@ fn encode_listener(l: &Listener) -> pb::Listener {
 /// Whether a route uses a field a proxy that predates it would skip (a match, an edit, a
 /// rewrite or a redirect).
 fn uses_newer_fields(r: &Route) -> bool {
-    matches!(r.path, PathMatch::Exact(_))
+    !matches!(r.path, PathMatch::Prefix(_))
         || r.method.is_some()
         || !r.query.is_empty()
         || !r.request_headers.is_empty()
         || !r.response_headers.is_empty()
         || r.rewrite.is_some()
         || r.redirect.is_some()
+}
+
+/// What a route may require of a proxy beyond what every proxy since `requires` knows; a
+/// proxy refuses a route that requires something it does not know.
+const KNOWN_FEATURES: [&str; 1] = [REGEX];
+/// Regular-expression matches (`ValueMatch.regex`; a path's `regex`).
+const REGEX: &str = "regex";
+
+/// Whether a route matches anything by regular expression.
+fn uses_regex(r: &Route) -> bool {
+    matches!(r.path, PathMatch::Regex(_)) || r.headers.iter().chain(&r.query).any(|m| m.regex)
+}
+
+fn encode_value_match(m: &ValueMatch) -> pb::Header {
+    pb::Header {
+        name: m.name.clone(),
+        value: m.value.clone(),
+        regex: m.regex,
+    }
+}
+
+fn decode_value_match(h: pb::Header) -> ValueMatch {
+    ValueMatch {
+        name: h.name,
+        value: h.value,
+        regex: h.regex,
+    }
 }
 
 fn non_empty(text: String) -> Option<String> {
@@ -243,6 +269,7 @@ fn encode_header(h: &Header) -> pb::Header {
     pb::Header {
         name: h.name.clone(),
         value: h.value.clone(),
+        regex: false,
     }
 }
 
@@ -385,14 +412,25 @@ fn decode_listener(i: usize, l: pb::Listener) -> Result<Listener, WireError> {
     };
     let mut routes = Vec::with_capacity(l.routes.len());
     for (j, r) in l.routes.into_iter().enumerate() {
+        if let Some(unknown) = r
+            .requires
+            .iter()
+            .find(|f| !KNOWN_FEATURES.contains(&f.as_str()))
+        {
+            return Err(wrong(
+                at(&format!("routes[{j}].requires")),
+                format!("this proxy does not know `{unknown}`"),
+            ));
+        }
         let path = match r.path.map(|p| p.kind) {
             None => PathMatch::Prefix(r.path_prefix),
             Some(Some(pb::path_match::Kind::Prefix(prefix))) => PathMatch::Prefix(prefix),
             Some(Some(pb::path_match::Kind::Exact(exact))) => PathMatch::Exact(exact),
+            Some(Some(pb::path_match::Kind::Regex(regex))) => PathMatch::Regex(regex),
             Some(None) => {
                 return Err(wrong(
                     at(&format!("routes[{j}].path")),
-                    "neither a prefix nor an exact path",
+                    "neither a prefix, an exact path nor a regular expression",
                 ));
             }
         };
@@ -400,15 +438,8 @@ fn decode_listener(i: usize, l: pb::Listener) -> Result<Listener, WireError> {
             host: r.host,
             path,
             method: (!r.method.is_empty()).then_some(r.method),
-            headers: r.headers.into_iter().map(decode_header).collect(),
-            query: r
-                .query
-                .into_iter()
-                .map(|q| QueryMatch {
-                    name: q.name,
-                    value: q.value,
-                })
-                .collect(),
+            headers: r.headers.into_iter().map(decode_value_match).collect(),
+            query: r.query.into_iter().map(decode_value_match).collect(),
             backends: r
                 .backends
                 .into_iter()
@@ -638,6 +669,10 @@ listeners:
       - path_prefix: /v1
         rewrite: { hostname: cart.internal, path: { replace_full_path: /api } }
         cluster: cart
+      - path_regex: "/items/[0-9]+"
+        headers: [{ name: x-user, value: "ops|dev", regex: true }]
+        query: [{ name: page, value: "[0-9]+", regex: true }]
+        cluster: cart
       - cluster: cart
   - name: inbound-8080
     address: 127.0.0.1:15080
@@ -695,6 +730,24 @@ identity:
             ..config.clone()
         };
         assert_eq!(pushed.merge_into(&base).unwrap(), config);
+    }
+
+    #[test]
+    fn a_route_requiring_what_the_proxy_does_not_know_is_refused() {
+        let config = Config::from_yaml(CONFIG, "wire.yaml").unwrap();
+        let mut wire = encode(&config, 7);
+        let regex = wire.listeners[0]
+            .routes
+            .iter()
+            .position(|r| !r.requires.is_empty())
+            .unwrap();
+        assert_eq!(wire.listeners[0].routes[regex].requires, ["regex"]);
+        wire.listeners[0].routes[0].requires = vec!["teleport".into()];
+        let error = Pushed::try_from(wire).unwrap_err().to_string();
+        assert!(
+            error.contains("listeners[0].routes[0].requires") && error.contains("teleport"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -322,9 +322,12 @@ impl<B: Backend> Conn<'_, B> {
             .and_then(|routes| {
                 routes.route(
                     &self.inbuf[head.host.clone()],
-                    &self.inbuf[head.method_name.clone()],
-                    &self.inbuf[head.path.clone()],
+                    (
+                        &self.inbuf[head.method_name.clone()],
+                        &self.inbuf[head.path.clone()],
+                    ),
                     &RawHead(&self.inbuf[..head.len]),
+                    &view.regexes,
                 )
             });
         let Some(route) = route else {
