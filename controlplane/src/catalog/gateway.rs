@@ -1,10 +1,9 @@
 //! Gateway API's `HTTPRoute` and `GRPCRoute` (`gateway.networking.k8s.io/v1`), the part of
 //! them Tern routes with, attached to a Service as GAMMA defines: path (prefix, exact or
 //! regular expression), method, header and query matches (exact or regular expressions),
-//! and the header
-//! modifier, URL rewrite and redirect filters. Fields Tern does not carry out yet (the
-//! mirror and CORS filters, a rule's retry) are parsed so that
-//! using them is a clear error rather than silently ignored; unknown fields are refused.
+//! and the header modifier, URL rewrite and redirect filters. Fields Tern does not carry
+//! out yet (the mirror and CORS filters, a rule's retry) are parsed so that using them is a
+//! clear error rather than silently ignored; unknown fields are refused.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
@@ -91,7 +90,7 @@ pub struct Rule {
     /// Request timeouts.
     #[serde(default)]
     pub timeouts: Option<Timeouts>,
-    /// What to do to matched requests on the way (header modifiers).
+    /// What to do to matched requests (header modifiers, a URL rewrite or a redirect).
     #[serde(default)]
     pub filters: Option<Vec<Filter>>,
     /// Not supported yet.
@@ -129,7 +128,7 @@ pub struct HeaderMatch {
     pub kind: String,
     /// The header's name (case-insensitive) or the parameter's (case-sensitive).
     pub name: String,
-    /// The value it must have.
+    /// The value it must have, or the regular expression its whole value must match.
     pub value: String,
 }
 
@@ -250,18 +249,24 @@ impl PathModifier {
             (other, _, _) => Err(("type", format!("unknown type `{other}`"))),
         }
     }
+
+    /// A filter's optional `path` as the proxy's path rewrite; the error names the field
+    /// within the filter (`path.…`).
+    fn to_config_at(
+        path: Option<&PathModifier>,
+    ) -> Result<Option<shared::config::PathRewrite>, (String, String)> {
+        path.map(|path| {
+            path.to_config()
+                .map_err(|(field, why)| (format!("path.{field}"), why))
+        })
+        .transpose()
+    }
 }
 
 impl RequestRedirect {
     /// The proxy's redirect; the error names the field within the filter.
     pub fn to_config(&self) -> Result<shared::config::Redirect, (String, String)> {
-        let path = match &self.path {
-            None => None,
-            Some(path) => Some(
-                path.to_config()
-                    .map_err(|(field, why)| (format!("path.{field}"), why))?,
-            ),
-        };
+        let path = PathModifier::to_config_at(self.path.as_ref())?;
         Ok(shared::config::Redirect {
             scheme: self.scheme.clone(),
             hostname: self.hostname.clone(),
@@ -275,13 +280,7 @@ impl RequestRedirect {
 impl UrlRewrite {
     /// The proxy's rewrite; the error names the field within the filter.
     pub fn to_config(&self) -> Result<shared::config::Rewrite, (String, String)> {
-        let path = match &self.path {
-            None => None,
-            Some(path) => Some(
-                path.to_config()
-                    .map_err(|(field, why)| (format!("path.{field}"), why))?,
-            ),
-        };
+        let path = PathModifier::to_config_at(self.path.as_ref())?;
         Ok(shared::config::Rewrite {
             hostname: self.hostname.clone(),
             path,
@@ -292,7 +291,7 @@ impl UrlRewrite {
 /// What one of a rule's matches asks of a request, as the proxy's routes say it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Matched {
-    /// The path, prefix or exact.
+    /// The path: a prefix, exact, or a regular expression.
     pub path: shared::config::PathMatch,
     /// The method.
     pub method: Option<String>,

@@ -843,8 +843,8 @@ impl Catalog {
                 }
             }
         }
-        // Two rules (here or in an accepted route) that claim the same host and path of the
-        // same Service port conflict; the route accepted first keeps them.
+        // Two rules (here or in an accepted route) that claim the same host and match (path,
+        // method, headers, query) of the same Service port conflict; the route accepted first keeps them.
         let mut claimed = BTreeSet::new();
         for (i, claim) in route_claims(route, &key.namespace) {
             if !claimed.insert(claim.clone()) {
@@ -978,6 +978,9 @@ fn check_filters(
                 return fail(at("type"), format!("`{kind}` is not supported yet"));
             }
             "ExtensionRef" => return fail(at("type"), "extension filters are not supported"),
+            other @ ("RequestRedirect" | "URLRewrite") => {
+                return fail(at("type"), format!("a GRPCRoute has no `{other}` filter"));
+            }
             other => return fail(at("type"), format!("unknown filter type `{other}`")),
         };
         if !set {

@@ -183,7 +183,7 @@ fn objects_are_checked_against_each_other_and_refusals_name_the_field() {
         ),
         (
             route("r", "  rules: [{ matches: [{ path: { type: Exact, value: /a } }], filters: [{ type: URLRewrite, urlRewrite: { path: { type: ReplacePrefixMatch, replacePrefixMatch: /b } } }], backendRefs: [{ name: cart, port: 80 }] }]\n"),
-            "spec.rules[0].filters[0].urlRewrite.path: replace_prefix_match replaces a matched prefix",
+            "spec.rules[0].filters[0].urlRewrite.path: a prefix replacement needs a path prefix match",
         ),
         (
             route("r", "  rules: [{ filters: [{ type: URLRewrite, urlRewrite: { path: { type: ReplaceFullPath, replacePrefixMatch: /b } } }], backendRefs: [{ name: cart, port: 80 }] }]\n"),

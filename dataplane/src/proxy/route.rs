@@ -275,6 +275,11 @@ impl RoutePlan {
             .hostname
             .as_deref()
             .map_or(request_host, str::as_bytes);
+        if hostname.is_empty() {
+            // An HTTP/1.0 request without Host: `http:///evil.example/x` would be read as a
+            // URL on the host its path names.
+            return None;
+        }
         let port = match (redirect.port, &redirect.scheme) {
             (Some(port), _) => Some(port.to_string().into_bytes()),
             (None, Some(_)) => None,
@@ -301,8 +306,9 @@ impl RoutePlan {
     }
 
     /// Gateway API's precedence among a host's routes, highest first when sorted in
-    /// reverse: an exact path, then the longest prefix, then a method match, then the most
-    /// header matches, then the most query matches.
+    /// reverse: an exact path, then a regular expression (the longest pattern first), then
+    /// the longest prefix, then a method match, then the most header matches, then the most
+    /// query matches.
     fn precedence(&self) -> (u8, usize, bool, usize, usize) {
         (
             match &self.path {
@@ -410,8 +416,9 @@ impl RouteTable {
 
     /// Picks the route for a request: the most specific matching host (exact, then the
     /// longest wildcard suffix, then `*`) that has a matching route, and within it the most
-    /// specific route that matches (Gateway API's precedence: an exact path, the longest
-    /// prefix, a method, the most headers, the most query parameters). `host` may carry a
+    /// specific route that matches (Gateway API's precedence: an exact path, a regular
+    /// expression, the longest prefix, a method, the most headers, the most query
+    /// parameters). `host` may carry a
     /// port; `target` is the path with its query; `headers` is asked only about routes that
     /// match on headers; `regexes` are the worker's copies of the snapshot's.
     pub fn route(
@@ -1010,6 +1017,7 @@ clusters:
             "a.example:x",
             "a b",
             "[zz]",
+            "",
         ] {
             assert_eq!(location(host, "/same"), None, "{host}");
         }

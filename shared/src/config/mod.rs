@@ -361,7 +361,7 @@ pub enum CipherSuite {
 pub enum Protocol {
     /// Opaque TCP: bytes are forwarded to one cluster, unparsed.
     Tcp,
-    /// HTTP/1.1: requests are parsed and routed by host and path.
+    /// HTTP/1.1 and HTTP/2: requests are parsed and routed ([`Route`]).
     Http,
     /// Told by the client's first bytes: HTTP/1.1 is routed by `routes` (every request to
     /// `cluster` when there are none); anything else (the HTTP/2 preface, a TLS
@@ -383,7 +383,8 @@ pub struct Listener {
     /// For `tcp` listeners: the cluster every connection goes to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<String>,
-    /// For `http` listeners: routes, matched by host then longest path prefix.
+    /// For `http` listeners: routes, the most specific host's most specific matching route
+    /// taking a request ([`Route`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<Route>,
     /// Terminate mTLS from peer sidecars on this listener.
@@ -738,7 +739,7 @@ impl PathRewrite {
 }
 
 /// The redirect statuses Gateway API allows.
-pub const REDIRECT_STATUSES: [u16; 5] = [301, 302, 303, 307, 308];
+const REDIRECT_STATUSES: [u16; 5] = [301, 302, 303, 307, 308];
 
 /// How a route matches a request's path (without its query).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -750,15 +751,6 @@ pub enum PathMatch {
     Exact(String),
     /// A regular expression the whole path must match ([`full_match`]).
     Regex(String),
-}
-
-impl PathMatch {
-    /// The path or prefix.
-    pub fn value(&self) -> &str {
-        match self {
-            PathMatch::Prefix(path) | PathMatch::Exact(path) | PathMatch::Regex(path) => path,
-        }
-    }
 }
 
 /// A header: its name and a value, to match or to write.
@@ -827,8 +819,8 @@ pub fn full_match(pattern: &str) -> Result<regex::bytes::Regex, String> {
 
 /// Changes to a message's headers, as Gateway API's `RequestHeaderModifier` and
 /// `ResponseHeaderModifier` make them: `remove` first, then `set` (replacing every field of
-/// the name), then `add` (another field beside any the message has). A name appears once
-/// across the three lists. Headers that frame the message or the connection (and `host`)
+/// the name), then `add` (another field beside any the message has). A name appears at most
+/// once in each list. Headers that frame the message or the connection (and `host`)
 /// cannot be changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1944,7 +1936,7 @@ fn check_path_rewrite(rewrite: &PathRewrite, path: &PathMatch) -> Result<(), &'s
     if matches!(rewrite, PathRewrite::ReplacePrefixMatch(_))
         && !matches!(path, PathMatch::Prefix(_))
     {
-        return Err("replace_prefix_match replaces a matched prefix: the route needs path_prefix");
+        return Err("a prefix replacement needs a path prefix match to replace");
     }
     Ok(())
 }
@@ -2001,9 +1993,7 @@ pub fn check_header_modifier(modifier: &HeaderModifier) -> Result<(), (String, &
         let mut seen = HashSet::new();
         for (i, name) in names.into_iter().enumerate() {
             let field = || format!("{list}[{i}]");
-            if name.is_empty() || !name.bytes().all(is_token_byte) {
-                return Err((field(), "the name must be an HTTP header name"));
-            }
+            check_header_name(name).map_err(|why| (field(), why))?;
             let name = name.to_ascii_lowercase();
             if UNMODIFIABLE_HEADERS.contains(&name.as_str()) {
                 return Err((

@@ -203,6 +203,7 @@ fn uses_newer_fields(r: &Route) -> bool {
         || !r.response_headers.is_empty()
         || r.rewrite.is_some()
         || r.redirect.is_some()
+        || uses_regex(r)
 }
 
 /// What a route may require of a proxy beyond what every proxy since `requires` knows; a
@@ -437,7 +438,7 @@ fn decode_listener(i: usize, l: pb::Listener) -> Result<Listener, WireError> {
         routes.push(Route {
             host: r.host,
             path,
-            method: (!r.method.is_empty()).then_some(r.method),
+            method: non_empty(r.method),
             headers: r.headers.into_iter().map(decode_value_match).collect(),
             query: r.query.into_iter().map(decode_value_match).collect(),
             backends: r

@@ -1071,6 +1071,11 @@ impl UpstreamFailure {
 
 fn reason(status: u16) -> &'static str {
     match status {
+        301 => "Moved Permanently",
+        302 => "Found",
+        303 => "See Other",
+        307 => "Temporary Redirect",
+        308 => "Permanent Redirect",
         400 => "Bad Request",
         403 => "Forbidden",
         404 => "Not Found",
@@ -1096,13 +1101,7 @@ enum Answer {
 
 /// The bytes of a redirect.
 fn redirect_bytes(status: u16, location: &[u8], close: bool) -> Vec<u8> {
-    let reason = match status {
-        301 => "Moved Permanently",
-        303 => "See Other",
-        307 => "Temporary Redirect",
-        308 => "Permanent Redirect",
-        _ => "Found",
-    };
+    let reason = reason(status);
     let connection: &[u8] = if close { b"connection: close\r\n" } else { b"" };
     [
         format!("HTTP/1.1 {status} {reason}\r\nlocation: ").as_bytes(),
