@@ -317,6 +317,18 @@ pub struct PathMatch {
     pub value: String,
 }
 
+impl PathMatch {
+    /// The proxy's path match: `Exact`, `RegularExpression`, else (`PathPrefix`; validation
+    /// refuses other types) a prefix.
+    pub fn to_config(&self) -> shared::config::PathMatch {
+        match self.kind.as_str() {
+            "Exact" => shared::config::PathMatch::Exact(self.value.clone()),
+            "RegularExpression" => shared::config::PathMatch::Regex(self.value.clone()),
+            _ => shared::config::PathMatch::Prefix(self.value.clone()),
+        }
+    }
+}
+
 fn default_path_type() -> String {
     "PathPrefix".to_owned()
 }
@@ -392,16 +404,10 @@ impl Rule {
         self.matches
             .iter()
             .map(|m| {
-                let path = match &m.path {
-                    Some(p) if p.kind == "Exact" => {
-                        shared::config::PathMatch::Exact(p.value.clone())
-                    }
-                    Some(p) if p.kind == "RegularExpression" => {
-                        shared::config::PathMatch::Regex(p.value.clone())
-                    }
-                    Some(p) => shared::config::PathMatch::Prefix(p.value.clone()),
-                    None => shared::config::PathMatch::Prefix("/".to_owned()),
-                };
+                let path = m.path.as_ref().map_or_else(
+                    || shared::config::PathMatch::Prefix("/".to_owned()),
+                    PathMatch::to_config,
+                );
                 let mut headers: Vec<shared::config::ValueMatch> = m
                     .headers
                     .iter()

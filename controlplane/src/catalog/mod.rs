@@ -772,14 +772,13 @@ impl Catalog {
                     return fail(at("method"), why);
                 }
                 if let Some(path) = &m.path {
-                    let checked = match path.kind.as_str() {
-                        "PathPrefix" | "Exact" => {
-                            shared::config::check_path(&path.value).map_err(str::to_owned)
-                        }
-                        "RegularExpression" => shared::config::full_match(&path.value).map(drop),
-                        other => return fail(at("path.type"), format!("unknown type `{other}`")),
-                    };
-                    if let Err(why) = checked {
+                    if !matches!(
+                        path.kind.as_str(),
+                        "PathPrefix" | "Exact" | "RegularExpression"
+                    ) {
+                        return fail(at("path.type"), format!("unknown type `{}`", path.kind));
+                    }
+                    if let Err(why) = shared::config::check_path_match(&path.to_config()) {
                         return fail(at("path.value"), why);
                     }
                 }

@@ -1637,16 +1637,12 @@ impl Config {
                                 "the weights must add up to more than 0 and fit in 32 bits",
                             );
                         }
-                        let (field, checked) = match &route.path {
-                            PathMatch::Prefix(path) => {
-                                ("path_prefix", check_path(path).map_err(str::to_owned))
-                            }
-                            PathMatch::Exact(path) => {
-                                ("path_exact", check_path(path).map_err(str::to_owned))
-                            }
-                            PathMatch::Regex(regex) => ("path_regex", full_match(regex).map(drop)),
-                        };
-                        if let Err(why) = checked {
+                        if let Err(why) = check_path_match(&route.path) {
+                            let field = match route.path {
+                                PathMatch::Prefix(_) => "path_prefix",
+                                PathMatch::Exact(_) => "path_exact",
+                                PathMatch::Regex(_) => "path_regex",
+                            };
                             return fail(at(field), &why);
                         }
                         if let Some(Err(why)) = route.method.as_deref().map(check_method) {
@@ -1856,6 +1852,14 @@ pub fn check_path(path: &str) -> Result<(), &'static str> {
         return Err("must be a path alone: no query, fragment, whitespace or control characters");
     }
     Ok(())
+}
+
+/// Checks a route's path match: a path (prefix or exact), or a regular expression.
+pub fn check_path_match(path: &PathMatch) -> Result<(), String> {
+    match path {
+        PathMatch::Prefix(path) | PathMatch::Exact(path) => check_path(path).map_err(str::to_owned),
+        PathMatch::Regex(regex) => full_match(regex).map(drop),
+    }
 }
 
 /// Checks a method to match: an HTTP token.
