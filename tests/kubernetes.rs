@@ -28,10 +28,10 @@ const CERTIFY_ERROR: &str = "tern_identity_certify_total{result=\"error\"}";
 /// The ServiceAccount token of `reviews`, minted for tern-control.
 const REVIEWS_TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.reviews-for-tern-control.sig";
 
-/// The collections the fake serves: (apiVersion, plural).
-/// What the fake API server serves: everything Tern reads but GRPCRoute (Gateway API's CRDs
-/// may be missing in part).
-const SERVED: [(&str, &str); 9] = [
+/// What the fake API server serves, as (apiVersion, plural): everything Tern reads but
+/// GRPCRoute (Gateway API's CRDs may be missing in part), then what the sidecar injector
+/// reads and writes.
+const SERVED: [(&str, &str); 12] = [
     ("v1", "services"),
     ("v1", "pods"),
     ("discovery.k8s.io/v1", "endpointslices"),
@@ -41,7 +41,14 @@ const SERVED: [(&str, &str); 9] = [
     ("tern.dev/v1alpha1", "backendpolicies"),
     ("tern.dev/v1alpha1", "authorizationpolicies"),
     ("tern.dev/v1alpha1", "ratelimitpolicies"),
+    ("v1", "namespaces"),
+    ("v1", "configmaps"),
+    (
+        "admissionregistration.k8s.io/v1",
+        "mutatingwebhookconfigurations",
+    ),
 ];
+const WEBHOOKS: &str = "admissionregistration.k8s.io/v1";
 
 fn object(yaml: &str) -> Value {
     serde_yaml::from_str(yaml).unwrap()
@@ -572,17 +579,20 @@ fn tern_control_does_not_start_without_its_own_kinds() {
     assert!(api.requests("/apis/tern.dev/v1alpha1/authorizationpolicies", "") >= 2);
 }
 
+/// The application `web-0` runs: a readiness probe the injector moves to the sidecar.
+fn web_pod(app: &Http) -> Value {
+    object(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{ name: web-0, namespace: default, labels: {{ app: web }} }}\nspec: {{ serviceAccountName: web, containers: [{{ name: web, image: web:1, ports: [{{ name: http, containerPort: {} }}], readinessProbe: {{ httpGet: {{ path: /ready, port: http }} }} }}] }}\n",
+        app.addr.port()
+    ))
+}
+
 #[test]
 fn a_sidecar_started_as_ternctl_inject_writes_it_is_certified_configured_and_ready() {
     let cluster = Cluster::start();
-    let dir = tests::pki::TempDir::new("injected");
     let root = cluster.control.dir.0.join("state/ca.crt");
-    // The application, with a readiness probe the injector moves to the sidecar.
     let app = Http::start("web");
-    let pod = format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{ name: web-0, namespace: default, labels: {{ app: web }} }}\nspec: {{ serviceAccountName: web, containers: [{{ name: web, image: web:1, ports: [{{ name: http, containerPort: {} }}], readinessProbe: {{ httpGet: {{ path: /ready, port: http }} }} }}] }}\n",
-        app.addr.port()
-    );
+    let pod = serde_yaml::to_string(&web_pod(&app)).unwrap();
     let mut inject = std::process::Command::new(tests::binary("ternctl"))
         .args([
             "inject",
@@ -608,8 +618,222 @@ fn a_sidecar_started_as_ternctl_inject_writes_it_is_certified_configured_and_rea
         .map(|d| serde_yaml::from_str(d).unwrap())
         .collect();
     assert_eq!(documents.len(), 2);
-    let (mut injected, config_map) = (documents[0].clone(), documents[1].clone());
+    run_injected(&cluster, &app, documents[0].clone(), &documents[1]);
+}
 
+fn namespace(name: &str, labels: &str) -> Value {
+    object(&format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{ name: {name}, labels: {labels} }}\n"
+    ))
+}
+
+/// `deploy/kubernetes/`'s webhook configuration, as `kubectl apply` leaves it: no
+/// `caBundle` yet.
+fn webhook_configuration() -> Value {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/kubernetes/tern-control.yaml"
+    ))
+    .unwrap();
+    let configuration = text
+        .split("\n---\n")
+        .map(|d| serde_yaml::from_str::<Value>(d).unwrap())
+        .find(|d| d["kind"] == "MutatingWebhookConfiguration")
+        .expect("deploy/kubernetes/tern-control.yaml configures the webhook");
+    assert!(configuration["webhooks"][0]["clientConfig"]["caBundle"].is_null());
+    configuration
+}
+
+/// The `caBundle` of the webhook configuration's first webhook, decoded.
+fn ca_bundle(api: &ApiServer) -> Option<String> {
+    let configuration = api.get(
+        WEBHOOKS,
+        "mutatingwebhookconfigurations",
+        "",
+        "tern-sidecar-injector",
+    )?;
+    let bundle = configuration["webhooks"][0]["clientConfig"]["caBundle"].as_str()?;
+    let bytes = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, bundle).ok()?;
+    String::from_utf8(bytes).ok()
+}
+
+/// POSTs `body` to the webhook at `address` as the API server does: over TLS, trusting only
+/// `bundle` (PEM) for the Service's name. The answer's status and body.
+fn post_review(address: std::net::SocketAddr, bundle: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    use std::io::{Read as _, Write as _};
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in CertificateDer::pem_slice_iter(bundle.as_bytes()) {
+        roots.add(certificate.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    // The test control plane's certificate is for `tern-control` (in a cluster, also
+    // `tern-control.tern-system.svc`, the name the API server checks).
+    let connection =
+        rustls::ClientConnection::new(config.into(), "tern-control".try_into().unwrap()).unwrap();
+    let tcp = std::net::TcpStream::connect(address).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut stream = rustls::StreamOwned::new(connection, tcp);
+    write!(
+        stream,
+        "POST /inject?timeout=10s HTTP/1.1\r\nHost: tern-control.tern-system.svc:443\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    stream.write_all(body).unwrap();
+    let mut response = Vec::new();
+    match stream.read_to_end(&mut response) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !response.is_empty() => {}
+        Err(e) => panic!("reading the webhook's answer: {e}"),
+    }
+    let mut headers = [httparse::EMPTY_HEADER; 16];
+    let mut parsed = httparse::Response::new(&mut headers);
+    let httparse::Status::Complete(length) = parsed.parse(&response).unwrap() else {
+        panic!("a partial answer");
+    };
+    (parsed.code.unwrap(), response[length..].to_vec())
+}
+
+fn admission_review(pod: &Value) -> Vec<u8> {
+    serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "3a1f0c6e-5c1b-4d0e-9a57-d1a2b6f0e001",
+            "kind": { "group": "", "version": "v1", "kind": "Pod" },
+            "resource": { "group": "", "version": "v1", "resource": "pods" },
+            "namespace": "default",
+            "operation": "CREATE",
+            "object": pod,
+            "dryRun": false,
+        },
+    })
+    .to_string()
+    .into_bytes()
+}
+
+#[test]
+fn the_webhook_injects_pods_with_the_config_map_and_ca_bundle_tern_control_keeps() {
+    let mut cluster = Cluster::start();
+    let api = &cluster.api;
+    api.apply(
+        "namespaces",
+        namespace("default", "{ tern.dev/inject: enabled }"),
+    );
+    api.apply("namespaces", namespace("kube-system", "{}"));
+    api.apply("mutatingwebhookconfigurations", webhook_configuration());
+    cluster.control.injector = Some(controlplane::webhook::Injector {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        image: "tern-proxy:test".into(),
+        control: cluster.control.address.to_string().parse().unwrap(),
+    });
+    cluster.control.restart();
+    let root = std::fs::read_to_string(cluster.control.dir.0.join("state/ca.crt")).unwrap();
+    let api = &cluster.api;
+
+    // tern-control writes the labelled namespace's ConfigMap, and no other, and the mesh
+    // root into the webhook configuration.
+    let config_map = |namespace: &str| api.get("v1", "configmaps", namespace, "tern-proxy");
+    eventually(
+        Duration::from_secs(10),
+        "ConfigMap tern-proxy in default",
+        || config_map("default").is_some(),
+    );
+    eventually(Duration::from_secs(10), "the webhook's caBundle", || {
+        ca_bundle(api).is_some()
+    });
+    let bundle = ca_bundle(api).unwrap();
+    assert_eq!(bundle.replace("\r\n", "\n"), root);
+    // A namespace labelled later gets one too, and a configuration re-created without a
+    // caBundle gets it back.
+    api.apply(
+        "namespaces",
+        namespace("shop", "{ tern.dev/inject: enabled }"),
+    );
+    eventually(
+        Duration::from_secs(10),
+        "ConfigMap tern-proxy in shop",
+        || config_map("shop").is_some(),
+    );
+    assert!(config_map("kube-system").is_none(), "not labelled");
+    api.apply("mutatingwebhookconfigurations", webhook_configuration());
+    eventually(
+        Duration::from_secs(10),
+        "the caBundle written again",
+        || ca_bundle(api).is_some_and(|written| written == bundle),
+    );
+
+    // The API server sends the Pod to the webhook; the answer's patch injects it.
+    let app = Http::start("web");
+    let pod = web_pod(&app);
+    let address = cluster.control.running().injector_address().unwrap();
+    let (status, body) = post_review(address, &bundle, &admission_review(&pod));
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let answer: Value = serde_json::from_slice(&body).unwrap();
+    let response = &answer["response"];
+    assert_eq!(response["uid"], "3a1f0c6e-5c1b-4d0e-9a57-d1a2b6f0e001");
+    assert_eq!(response["allowed"], true);
+    assert_eq!(response["patchType"], "JSONPatch");
+    let patch = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        response["patch"].as_str().unwrap(),
+    )
+    .unwrap();
+    let patch: json_patch::Patch = serde_json::from_slice(&patch).unwrap();
+    let mut injected = pod.clone();
+    json_patch::patch(&mut injected, &patch).unwrap();
+    assert_eq!(
+        injected["spec"]["initContainers"][1]["image"],
+        "tern-proxy:test"
+    );
+
+    // What is not a review gets 400, plaintext a failed handshake, and the webhook goes on
+    // answering.
+    let mut plain = std::net::TcpStream::connect(address).unwrap();
+    std::io::Write::write_all(&mut plain, b"POST /inject HTTP/1.1\r\n\r\n").unwrap();
+    let mut answer = Vec::new();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let _ = std::io::Read::read_to_end(&mut plain, &mut answer);
+    assert!(!answer.starts_with(b"HTTP"), "{answer:?}");
+    let (status, body) = post_review(address, &bundle, b"{\"kind\": \"Pod\"}");
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("not an AdmissionReview"));
+    let (status, body) = post_review(address, &bundle, &admission_review(&injected));
+    assert_eq!(status, 200);
+    let answer: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(answer["response"]["allowed"], true);
+    assert!(
+        answer["response"]["patch"].is_null(),
+        "injected once: {answer}"
+    );
+    let metrics = client::request(
+        cluster.control.admin,
+        "GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
+    )
+    .text();
+    for (result, count) in [("injected", 1.0), ("unchanged", 1.0), ("bad_review", 1.0)] {
+        let series = format!("tern_control_injections_total{{result=\"{result}\"}}");
+        assert_eq!(metric(&metrics, &series), count, "{series}");
+    }
+
+    let config_map = config_map("default").unwrap();
+    run_injected(&cluster, &app, injected, &config_map);
+}
+
+/// Runs the sidecar of `injected` (the Pod of [`web_pod`], injected) as the kubelet would,
+/// with `config_map` mounted, and checks it is certified by its ServiceAccount token,
+/// configured, ready, and makes the application's readiness probe.
+fn run_injected(cluster: &Cluster, app: &Http, mut injected: Value, config_map: &Value) {
+    let dir = tests::pki::TempDir::new("injected");
     // What the API server and the kubelet would do: hold the Pod (running, at an address),
     // mount the ConfigMap and the projected token, set the downward API's variables.
     injected["status"] = serde_json::json!({ "podIP": "127.0.0.1" });

@@ -194,6 +194,7 @@ fn metrics(catalog: &Catalog, registry: &Registry) -> String {
             "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
         );
     }
+    registry.injections.render(&mut out);
     out
 }
 

@@ -104,6 +104,8 @@ pub struct Registry {
     pub nacks: AtomicU64,
     /// Streams refused (bad Hello, bad credential).
     pub refused: AtomicU64,
+    /// What the sidecar injector's webhook answered.
+    pub injections: Arc<crate::webhook::Injections>,
 }
 
 impl Default for Registry {
@@ -120,6 +122,7 @@ impl Default for Registry {
             acks: AtomicU64::new(0),
             nacks: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            injections: Arc::default(),
         }
     }
 }

@@ -7,13 +7,17 @@
 //! user declared, read by a [`catalog::source::Source`] (a directory of manifests, or the
 //! Kubernetes API server) and checked once; [`translate`] turns it into each proxy's config and [`discovery`] streams
 //! that to the proxies and records their ACKs and NACKs; [`admin`] shows it all over HTTP.
+//! [`inject`] adds the sidecar to Pods, for `ternctl inject` and for the admission webhook
+//! ([`webhook`]) that injects Pods as the API server creates them.
 
 pub mod admin;
 pub mod ca;
 pub mod catalog;
 pub mod discovery;
 pub mod identity;
+pub mod inject;
 pub mod translate;
+pub mod webhook;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -52,6 +56,10 @@ pub struct Options {
     pub source: ConfigSource,
     /// The admin HTTP address (`/status`, `/metrics`); none for no admin endpoint.
     pub admin: Option<SocketAddr>,
+    /// The sidecar injector's admission webhook; none for none. With the Kubernetes source,
+    /// `tern-control` also writes what injected Pods need into the cluster
+    /// ([`webhook::keep_cluster_current`]).
+    pub injector: Option<webhook::Injector>,
 }
 
 /// Where the declared config comes from.
@@ -79,6 +87,7 @@ pub const DEFAULT_LIST_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct ControlPlane {
     address: SocketAddr,
     admin: Option<SocketAddr>,
+    injector: Option<SocketAddr>,
     authority: Arc<Authority>,
     catalog: watch::Receiver<Arc<Catalog>>,
     registry: Arc<Registry>,
@@ -117,11 +126,23 @@ impl ControlPlane {
             Some(l) => Some(l.local_addr().context("reading the admin address")?),
             None => None,
         };
+        let injector_listener = match &options.injector {
+            Some(injector) => Some(
+                runtime
+                    .block_on(tokio::net::TcpListener::bind(injector.listen))
+                    .with_context(|| format!("binding the injector address {}", injector.listen))?,
+            ),
+            None => None,
+        };
+        let injector = match &injector_listener {
+            Some(l) => Some(l.local_addr().context("reading the injector address")?),
+            None => None,
+        };
 
         let empty = Catalog::empty(authority.trust_domain());
         let (catalog_tx, catalog) = watch::channel(Arc::new(empty));
         // In a cluster, workloads prove who they are with ServiceAccount tokens too.
-        let reviewer = match &options.source {
+        let cluster = match &options.source {
             ConfigSource::None => None,
             ConfigSource::Directory(dir) => {
                 runtime.block_on(follow(catalog_tx, Directory::new(dir)));
@@ -153,9 +174,12 @@ impl ControlPlane {
                     "the API server did not list every kind Tern reads within {} (see the warnings above)",
                     humantime::format_duration(*list_timeout)
                 );
-                Some(TokenReviewer::new(client, authority.trust_domain()))
+                Some(client)
             }
         };
+        let reviewer = cluster
+            .clone()
+            .map(|client| TokenReviewer::new(client, authority.trust_domain()));
         let registry = Arc::new(Registry::default());
         if let Some(listener) = admin_listener {
             runtime.spawn(admin::serve(
@@ -173,6 +197,28 @@ impl ControlPlane {
             .iter()
             .map(|root| ca::pem_encode(root))
             .collect();
+        if let (Some(listener), Some(options)) = (injector_listener, &options.injector) {
+            let tls = webhook::server_config(&cert, &key)?;
+            runtime.spawn(webhook::serve(
+                listener,
+                tls,
+                options.image.clone(),
+                registry.injections.clone(),
+                std::future::pending(),
+            ));
+            if let Some(client) = cluster {
+                let sidecar = inject::Sidecar {
+                    image: options.image.clone(),
+                    control: options.control.clone(),
+                    trust_domain: authority.trust_domain().to_owned(),
+                };
+                runtime.spawn(webhook::keep_cluster_current(
+                    client,
+                    sidecar,
+                    client_roots.clone(),
+                ));
+            }
+        }
         let identity = identity::IdentityService::new(authority.clone(), reviewer.clone());
         let discovery = DiscoveryService::new(
             authority.clone(),
@@ -204,10 +250,11 @@ impl ControlPlane {
                 }
             })
             .context("starting the server thread")?;
-        tracing::info!(%address, ?admin, trust_domain = authority.trust_domain(), source = ?options.source, "tern-control serving");
+        tracing::info!(%address, ?admin, ?injector, trust_domain = authority.trust_domain(), source = ?options.source, "tern-control serving");
         Ok(ControlPlane {
             address,
             admin,
+            injector,
             authority,
             catalog,
             registry,
@@ -224,6 +271,11 @@ impl ControlPlane {
     /// The bound admin address.
     pub fn admin_address(&self) -> Option<SocketAddr> {
         self.admin
+    }
+
+    /// The bound address of the injector's webhook.
+    pub fn injector_address(&self) -> Option<SocketAddr> {
+        self.injector
     }
 
     /// The CA (to mint bootstrap tokens, read the trust bundle).

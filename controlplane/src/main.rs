@@ -49,6 +49,8 @@ enum Command {
         #[arg(long, env = "TERN_CONTROL_ADMIN", default_value = "127.0.0.1:15014")]
         admin: SocketAddr,
         #[command(flatten)]
+        injector: InjectorArgs,
+        #[command(flatten)]
         ca: CaArgs,
     },
     /// Prints the CustomResourceDefinitions of Tern's resources (`| kubectl apply -f -`).
@@ -65,6 +67,37 @@ enum Command {
         #[command(flatten)]
         ca: CaArgs,
     },
+}
+
+#[derive(Debug, ClapArgs)]
+struct InjectorArgs {
+    /// Serves the sidecar injector's admission webhook here (HTTPS, `POST /inject`, with the
+    /// gRPC server's certificate). With --kubernetes, also writes ConfigMap `tern-proxy` into
+    /// each namespace labelled `tern.dev/inject=enabled` and the mesh root into the `caBundle`
+    /// of MutatingWebhookConfiguration `tern-sidecar-injector`.
+    #[arg(long, env = "TERN_INJECT_LISTEN")]
+    inject_listen: Option<SocketAddr>,
+    /// The image holding `tern-proxy`, for injected Pods.
+    #[arg(long, default_value = "tern-proxy:dev", requires = "inject_listen")]
+    proxy_image: String,
+    /// The gRPC address injected proxies reach tern-control at; its host is also the name
+    /// they check its certificate for.
+    #[arg(
+        long,
+        default_value = "tern-control.tern-system.svc:15012",
+        requires = "inject_listen"
+    )]
+    inject_control: shared::config::HostPort,
+}
+
+impl InjectorArgs {
+    fn into_options(self) -> Option<controlplane::webhook::Injector> {
+        Some(controlplane::webhook::Injector {
+            listen: self.inject_listen?,
+            image: self.proxy_image,
+            control: self.inject_control,
+        })
+    }
 }
 
 #[derive(Debug, ClapArgs)]
@@ -142,6 +175,7 @@ fn main() -> anyhow::Result<()> {
             kubernetes,
             list_timeout,
             admin,
+            injector,
             ca,
         } => {
             let source = match (kubernetes, manifests) {
@@ -171,6 +205,7 @@ fn main() -> anyhow::Result<()> {
                 ca: ca.into(),
                 source,
                 admin: Some(admin),
+                injector: injector.into_options(),
             };
             let (started, starting) = tokio::sync::oneshot::channel();
             std::thread::Builder::new()

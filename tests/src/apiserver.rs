@@ -4,7 +4,11 @@
 //! Every other path answers 404 with a `Status`, as the real one does for a kind whose CRD
 //! is not installed. Objects are applied and deleted by the test, and each change reaches
 //! the open watches as an `ADDED`, `MODIFIED` or `DELETED` event with a new
-//! `resourceVersion`.
+//! `resourceVersion`. List and watch honour `labelSelector` (`key=value`, comma-separated)
+//! and `fieldSelector` (`metadata.name=…`, `metadata.namespace=…`). `PATCH` of an object
+//! takes a server-side apply (which here replaces the object, as it does for a sole field
+//! manager; `fieldManager` and `force` are not checked) or a JSON Patch. A watch with a
+//! selector is not told when an object stops matching it (a real one gets `DELETED`).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -28,7 +32,71 @@ struct Collection {
     log: Vec<(u64, Value)>,
     /// History before this resourceVersion is gone: a watch from before it gets 410.
     compacted: u64,
-    watches: Vec<mpsc::UnboundedSender<Bytes>>,
+    /// Open watches, each with its selector.
+    watches: Vec<(Selector, mpsc::UnboundedSender<Bytes>)>,
+}
+
+/// What a list or watch asked for: `key=value` labels and `metadata.*=value` fields.
+#[derive(Default, Clone)]
+struct Selector {
+    labels: Vec<(String, String)>,
+    fields: Vec<(String, String)>,
+}
+
+impl Selector {
+    fn parse(labels: Option<String>, fields: Option<String>) -> Selector {
+        let pairs = |text: Option<String>| -> Vec<(String, String)> {
+            let text = percent_decode(&text.unwrap_or_default());
+            text.split(',')
+                .filter(|p| !p.is_empty())
+                .map(|pair| {
+                    let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+                    (key.to_owned(), value.to_owned())
+                })
+                .collect()
+        };
+        Selector {
+            labels: pairs(labels),
+            fields: pairs(fields),
+        }
+    }
+
+    fn matches(&self, object: &Value) -> bool {
+        let metadata = &object["metadata"];
+        self.labels
+            .iter()
+            .all(|(key, value)| metadata["labels"][key].as_str() == Some(value))
+            && self.fields.iter().all(|(field, value)| {
+                let field = field.strip_prefix("metadata.").unwrap_or(field);
+                metadata[field].as_str().unwrap_or_default() == value
+            })
+    }
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[derive(Default)]
@@ -237,6 +305,24 @@ impl ApiServer {
         }
     }
 
+    /// The object `namespace/name` (`""` for a cluster-scoped one) of collection `plural` of
+    /// `api_version`, as it is now.
+    pub fn get(
+        &self,
+        api_version: &str,
+        plural: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Option<Value> {
+        let state = self.state.lock().unwrap();
+        let path = collection_path(api_version, plural);
+        let collection = state.collections.get(&path)?;
+        collection
+            .objects
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
     /// How many requests asked for `path` with a query containing `query` (say `watch=`).
     pub fn requests(&self, path: &str, query: &str) -> usize {
         let state = self.state.lock().unwrap();
@@ -254,8 +340,9 @@ impl ApiServer {
 impl Collection {
     fn publish(&mut self, version: u64, event: Value) {
         let line = Bytes::from(format!("{event}\n"));
-        self.watches
-            .retain(|watch| watch.send(line.clone()).is_ok());
+        self.watches.retain(|(selector, watch)| {
+            !selector.matches(&event["object"]) || watch.send(line.clone()).is_ok()
+        });
         self.log.push((version, event));
     }
 }
@@ -280,6 +367,14 @@ fn answer(state: &Mutex<State>, head: &hyper::http::request::Parts, body: &[u8])
     if head.method == hyper::Method::POST && path == TOKEN_REVIEWS {
         return review(&mut state, body);
     }
+    if head.method == hyper::Method::PATCH {
+        let content_type = head
+            .headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        return patch(&mut state, &path, content_type, body);
+    }
     let version = state.resource_version;
     let Some(collection) = state.collections.get_mut(&path) else {
         let status = json!({
@@ -295,6 +390,7 @@ fn answer(state: &Mutex<State>, head: &hyper::http::request::Parts, body: &[u8])
             (key == name).then(|| value.to_owned())
         })
     };
+    let selector = Selector::parse(param("labelSelector"), param("fieldSelector"));
     if param("watch").is_some_and(|w| w == "true" || w == "1") {
         let since: u64 = param("resourceVersion")
             .and_then(|v| v.parse().ok())
@@ -309,14 +405,18 @@ fn answer(state: &Mutex<State>, head: &hyper::http::request::Parts, body: &[u8])
             return watch_response(receiver);
         }
         for (v, event) in &collection.log {
-            if *v > since {
+            if *v > since && selector.matches(&event["object"]) {
                 let _ = sender.send(Bytes::from(format!("{event}\n")));
             }
         }
-        collection.watches.push(sender);
+        collection.watches.push((selector, sender));
         return watch_response(receiver);
     }
-    let items: Vec<&Value> = collection.objects.values().collect();
+    let items: Vec<&Value> = collection
+        .objects
+        .values()
+        .filter(|o| selector.matches(o))
+        .collect();
     json_response(
         200,
         &json!({
@@ -325,6 +425,85 @@ fn answer(state: &Mutex<State>, head: &hyper::http::request::Parts, body: &[u8])
             "items": items,
         }),
     )
+}
+
+/// A `PATCH` of one object: its collection's path and its key, from the object's path
+/// (`/api/v1/namespaces/<ns>/configmaps/<name>`, `/apis/<group>/<version>/<plural>/<name>`).
+fn object_path(path: &str) -> Option<(String, (String, String))> {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let prefix = match *segments.first()? {
+        "api" => 2,
+        "apis" => 3,
+        _ => return None,
+    };
+    let base = segments.get(..prefix)?.join("/");
+    match segments.get(prefix..)? {
+        ["namespaces", namespace, plural, name] => Some((
+            format!("/{base}/{plural}"),
+            ((*namespace).to_owned(), (*name).to_owned()),
+        )),
+        [plural, name] => Some((
+            format!("/{base}/{plural}"),
+            (String::new(), (*name).to_owned()),
+        )),
+        _ => None,
+    }
+}
+
+/// A server-side apply (`application/apply-patch+yaml`, here always JSON) creates or
+/// replaces the object; a JSON Patch (`application/json-patch+json`) changes one that
+/// exists, or fails as a whole (422) when an operation does.
+fn patch(state: &mut State, path: &str, content_type: &str, body: &[u8]) -> Response<Body> {
+    let status = |code: u16, message: &str| {
+        json_response(
+            code,
+            &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message, "code": code}),
+        )
+    };
+    let Some((collection_path, key)) = object_path(path) else {
+        return status(404, "not an object's path");
+    };
+    state.resource_version += 1;
+    let version = state.resource_version;
+    let Some(collection) = state.collections.get_mut(&collection_path) else {
+        return status(404, "the server could not find the requested resource");
+    };
+    let existing = collection.objects.get(&key).cloned();
+    let object = match content_type {
+        "application/apply-patch+yaml" => {
+            let Ok(mut object) = serde_json::from_slice::<Value>(body) else {
+                return status(400, "not JSON");
+            };
+            if !key.0.is_empty() {
+                object["metadata"]["namespace"] = key.0.clone().into();
+            }
+            object["metadata"]["name"] = key.1.clone().into();
+            object
+        }
+        "application/json-patch+json" => {
+            let Some(mut object) = existing.clone() else {
+                return status(404, "not found");
+            };
+            let Ok(operations) = serde_json::from_slice::<json_patch::Patch>(body) else {
+                return status(400, "not a JSON Patch");
+            };
+            if let Err(error) = json_patch::patch(&mut object, &operations) {
+                return status(422, &error.to_string());
+            }
+            object
+        }
+        other => return status(415, &format!("{other} is not served here")),
+    };
+    let mut object = object;
+    object["metadata"]["resourceVersion"] = json!(version.to_string());
+    let kind = if existing.is_some() {
+        "MODIFIED"
+    } else {
+        "ADDED"
+    };
+    collection.objects.insert(key, object.clone());
+    collection.publish(version, json!({"type": kind, "object": object}));
+    json_response(200, &object)
 }
 
 /// A TokenReview as the API server answers one: authenticated when the token is granted and

@@ -25,6 +25,8 @@ pub struct TestControlPlane {
     pub source: ConfigSource,
     /// The admin address (kept across restarts).
     pub admin: SocketAddr,
+    /// The sidecar injector's webhook, if it serves one (set before [`Self::restart`]).
+    pub injector: Option<controlplane::webhook::Injector>,
     running: Option<ControlPlane>,
 }
 
@@ -46,6 +48,7 @@ impl TestControlPlane {
             ca,
             source: ConfigSource::None,
             admin: "127.0.0.1:0".parse().unwrap(),
+            injector: None,
             running: None,
         };
         control.restart();
@@ -77,6 +80,7 @@ impl TestControlPlane {
             ca: self.ca.clone(),
             source: self.source.clone(),
             admin: Some(self.admin),
+            injector: self.injector.clone(),
         }
     }
 

@@ -92,7 +92,7 @@ type WatchItem = Result<Event<DynamicObject>, watcher::Error>;
 /// every watch at once (410 Gone again and again) is asked less and less often, however
 /// long its lists take, not relisted every 0.8 s.
 #[derive(Debug, Default)]
-struct Backoff {
+pub(crate) struct Backoff {
     /// The last wait, and when the retry after it began.
     last: Option<(Duration, tokio::time::Instant)>,
     /// When the last list ended.
@@ -101,12 +101,12 @@ struct Backoff {
 
 impl Backoff {
     /// A list ended at `now`: a watch starts.
-    fn listed(&mut self, now: tokio::time::Instant) {
+    pub(crate) fn listed(&mut self, now: tokio::time::Instant) {
         self.listed = Some(now);
     }
 
     /// How long to wait after a failure at `now`.
-    fn after_failure(&mut self, now: tokio::time::Instant) -> Duration {
+    pub(crate) fn after_failure(&mut self, now: tokio::time::Instant) -> Duration {
         let wait = match self.last {
             Some((wait, retried)) => {
                 let started = self.listed.map_or(retried, |listed| listed.max(retried));
@@ -702,13 +702,18 @@ mod tests {
             .iter()
             .find(|d| d["kind"] == "ClusterRole")
             .unwrap();
-        let grants = |group: &str, plural: &str, verb: &str| {
+        // Whether a rule lets `verb` on `plural`: of any name (`named` none), or of that one.
+        let grants_named = |group: &str, plural: &str, verb: &str, named: Option<&str>| {
             role["rules"].as_sequence().unwrap().iter().any(|rule| {
+                let names = strings(&rule["resourceNames"]);
                 strings(&rule["apiGroups"]).contains(&group)
                     && strings(&rule["resources"]).contains(&plural)
                     && strings(&rule["verbs"]).contains(&verb)
+                    && (names.is_empty() || named.is_some_and(|n| names.contains(&n)))
             })
         };
+        let grants =
+            |group: &str, plural: &str, verb: &str| grants_named(group, plural, verb, None);
         for (group, _, kind, plural) in KINDS {
             for verb in ["list", "watch"] {
                 assert!(
@@ -718,6 +723,23 @@ mod tests {
             }
         }
         assert!(grants("authentication.k8s.io", "tokenreviews", "create"));
+        // The sidecar injector's reads and writes (`crate::webhook::keep_cluster_current`),
+        // the writes to its own objects only.
+        for verb in ["list", "watch"] {
+            assert!(grants("", "namespaces", verb), "{verb} namespaces");
+        }
+        for verb in ["create", "patch"] {
+            let config_map = Some(crate::inject::CONFIG_MAP);
+            assert!(grants_named("", "configmaps", verb, config_map));
+            assert!(!grants("", "configmaps", verb), "{verb} any ConfigMap");
+        }
+        let group = "admissionregistration.k8s.io";
+        for verb in ["list", "watch", "patch"] {
+            let configuration = Some(crate::webhook::CONFIGURATION);
+            let plural = "mutatingwebhookconfigurations";
+            assert!(grants_named(group, plural, verb, configuration), "{verb}");
+            assert!(!grants(group, plural, verb), "{verb} any configuration");
+        }
 
         let crds = documents("deploy/crds/tern.dev.yaml");
         for (group, version, kind, plural) in KINDS.iter().filter(|k| k.0 == "tern.dev") {
