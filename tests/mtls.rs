@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use tests::client::{self, Conn};
 use tests::h2::H2;
+use tests::otlp::attribute;
 use tests::pki::{IdentityPaths, TempDir, TestCa};
 use tests::upstream::{Echo, Http};
 use tests::{BackendChoice, Proxy, both_backends, metric, start_proxy, wait_for_metric};
@@ -722,6 +723,167 @@ fn the_access_log_has_a_line_per_request_and_connection(backend: BackendChoice) 
     assert_eq!(refused["cluster"], serde_json::Value::Null, "{refused}");
 }
 
+/// With spans exported, a request that arrives with a sampled `traceparent` gets a span from
+/// each sidecar, nested: the client's span is the outbound sidecar's parent, which is the
+/// inbound sidecar's, which is the server's (the `traceparent` it receives). HTTP/1.1 and
+/// HTTP/2 alike; a request unsampled, without a context or with two passes as it came and
+/// makes none.
+fn spans_of_a_traced_request_nest_from_client_to_server(backend: BackendChoice) {
+    let dir = TempDir::new("mtls-trace");
+    let ca = TestCa::new("root");
+    let a_id = ca.write_identity(&dir.0, "a", A, &[&ca], false);
+    let b_id = ca.write_identity(&dir.0, "b", B, &[&ca], false);
+    let (echo, http) = (Echo::start(), Http::start("app"));
+    let collector = tests::otlp::Collector::start();
+    let traced = |service: &str| dataplane::Options {
+        trace: Some(dataplane::TraceOptions {
+            collector: collector.address.clone(),
+            service_name: service.into(),
+        }),
+        ..tests::options(backend)
+    };
+    let yaml = inbound_yaml(&b_id, (echo.addr, http.addr), "");
+    let config = shared::Config::from_yaml(&yaml, "b.yaml").unwrap();
+    let b = Proxy::start(config, "b.yaml", traced("backend")).unwrap();
+    let yaml = format!(
+        "{}listeners:\n\
+         \x20 - {{ name: out-http, address: 127.0.0.1:0, protocol: http, routes: [{{ cluster: b-http }}] }}\n\
+         clusters:\n\
+         \x20 - {{ name: b-http, endpoints: [{}], tls: {{ identity: \"{B}\" }} }}\n",
+        a_id.yaml(),
+        b.listener_addr("in-http").unwrap(),
+    );
+    let config = shared::Config::from_yaml(&yaml, "a.yaml").unwrap();
+    let a = Proxy::start(config, "a.yaml", traced("frontend")).unwrap();
+    let out = a.listener_addr("out-http").unwrap();
+    // What the server saw of `traceparent`.
+    let seen = |headers: &str| -> Option<String> {
+        headers
+            .lines()
+            .find_map(|l| l.strip_prefix("traceparent: "))
+            .map(str::to_owned)
+    };
+
+    // Unsampled, no context at all, or two: passed as they came, no span.
+    let unsampled = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
+    let sampled = |trace_id: &str| format!("00-{trace_id}-b7ad6b7169203331-01");
+    let mut conn = Conn::open(out);
+    let mut get_headers = |fields: &str| -> String {
+        conn.send(format!("GET /headers?q=1 HTTP/1.1\r\nHost: b\r\n{fields}\r\n").as_bytes());
+        let answer = conn.response(false);
+        assert_eq!(answer.status, 200);
+        answer.text()
+    };
+    let text = get_headers(&format!("traceparent: {unsampled}\r\n"));
+    assert_eq!(seen(&text).as_deref(), Some(unsampled));
+    assert_eq!(seen(&get_headers("")), None);
+    let two = sampled("11111111111111111111111111111111");
+    let text = get_headers(&format!("traceparent: {two}\r\ntraceparent: {two}\r\n"));
+    assert_eq!(
+        text.matches(&format!("traceparent: {two}\n")).count(),
+        2,
+        "{text}"
+    );
+    let client = H2::connect(out);
+    let h2_get = |traceparent: &str| {
+        let request = hyper::Request::get("http://b/headers")
+            .header("traceparent", traceparent)
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let answer = client.request(request);
+        assert_eq!(answer.status, 200);
+        String::from_utf8(answer.body.to_vec()).unwrap()
+    };
+    assert_eq!(seen(&h2_get(unsampled)).as_deref(), Some(unsampled));
+
+    // Sampled: HTTP/1.1 (its parent id written over in place), HTTP/1.1 with a later
+    // version (the head rewritten, as version 00), HTTP/2.
+    let h1 = ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331");
+    let text = get_headers(&format!(
+        "traceparent: {}\r\ntracestate: vendor=1\r\n",
+        sampled(h1.0)
+    ));
+    let h1_server_parent = seen(&text).unwrap();
+    assert!(text.contains("tracestate: vendor=1"), "{text}");
+    let later = ("5af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331");
+    let text = get_headers(&format!(
+        "traceparent: 01-{}-{}-01-more\r\n",
+        later.0, later.1
+    ));
+    let later_server_parent = seen(&text).unwrap();
+    let h2 = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let text = h2_get(&format!("00-{}-{}-01", h2.0, h2.1));
+    let h2_server_parent = seen(&text).unwrap();
+
+    for ((trace_id, client_span), server_parent, protocol) in [
+        (h1, h1_server_parent, "1.1"),
+        (later, later_server_parent, "1.1"),
+        (h2, h2_server_parent, "2"),
+    ] {
+        assert!(
+            server_parent.starts_with(&format!("00-{trace_id}-")),
+            "{server_parent}"
+        );
+        assert!(server_parent.ends_with("-01"), "{server_parent}");
+        let mut spans = Vec::new();
+        tests::eventually(Duration::from_secs(10), "both sidecars' spans", || {
+            spans = collector
+                .spans()
+                .into_iter()
+                .filter(|s| s["traceId"] == trace_id)
+                .collect();
+            spans.len() >= 2
+        });
+        assert_eq!(spans.len(), 2, "{spans:?}");
+        let by = |service: &str| spans.iter().find(|s| s["service"] == service).unwrap();
+        let (outbound, inbound) = (by("frontend"), by("backend"));
+        // client → outbound sidecar → inbound sidecar → server.
+        assert_eq!(outbound["parentSpanId"], client_span);
+        assert_eq!(inbound["parentSpanId"], outbound["spanId"]);
+        assert_eq!(server_parent[36..52], *inbound["spanId"].as_str().unwrap());
+        assert_eq!(outbound["kind"], 3, "client side");
+        assert_eq!(inbound["kind"], 2, "server side");
+        for span in [outbound, inbound] {
+            assert_eq!(span["name"], "GET");
+            assert_eq!(attribute(span, "url.path")["stringValue"], "/headers");
+            assert_eq!(
+                attribute(span, "http.response.status_code")["intValue"],
+                "200"
+            );
+            assert_eq!(
+                attribute(span, "network.protocol.version")["stringValue"],
+                protocol
+            );
+            assert!(span["status"]["code"].is_null(), "{span}");
+        }
+        assert_eq!(attribute(inbound, "tern.peer.identity")["stringValue"], A);
+        assert_eq!(
+            attribute(inbound, "tern.cluster")["stringValue"],
+            "http-app"
+        );
+        assert_eq!(
+            attribute(outbound, "tern.listener")["stringValue"],
+            "out-http"
+        );
+    }
+    // The untraced requests made none.
+    assert_eq!(collector.spans().len(), 6);
+    wait_for_metric(&b, "tern_trace_spans_total{result=\"exported\"}", 3.0);
+
+    // A drain sends what the workers hold before the proxy ends.
+    let last = "7af7651916cd43dd8448eb211c80319c";
+    get_headers(&format!("traceparent: {}\r\n", sampled(last)));
+    b.drain();
+    b.join();
+    let spans = collector.spans();
+    assert!(
+        spans
+            .iter()
+            .any(|s| s["traceId"] == last && s["service"] == "backend"),
+        "{spans:?}"
+    );
+}
+
 /// A new authorization reaches connections already open: one whose peer it no longer lets
 /// in is closed (counted under `RBAC`), whatever it carries.
 fn an_authorization_closes_open_connections_it_no_longer_allows(backend: BackendChoice) {
@@ -974,6 +1136,7 @@ both_backends!(
     an_authorization_rule_lets_a_caller_make_some_requests,
     a_rate_limit_caps_each_caller_and_all_together,
     the_access_log_has_a_line_per_request_and_connection,
+    spans_of_a_traced_request_nest_from_client_to_server,
     an_authorization_closes_open_connections_it_no_longer_allows,
     plaintext_garbage_and_stalled_handshakes_are_refused,
     config_without_identity_files_is_refused,

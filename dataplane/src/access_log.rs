@@ -247,7 +247,7 @@ fn format(out: &mut Vec<u8>, entry: &Entry<'_>, now: SystemTime) {
 /// and every byte outside printable ASCII as `\u00XX` (request bytes need not be UTF-8;
 /// this keeps the line valid JSON and says which bytes came). Past `at_most` bytes of
 /// output it stops, with `...`.
-fn json_string(out: &mut Vec<u8>, bytes: &[u8], at_most: usize) {
+pub(crate) fn json_string(out: &mut Vec<u8>, bytes: &[u8], at_most: usize) {
     out.push(b'"');
     let start = out.len();
     for &b in bytes {

@@ -149,6 +149,7 @@ async fn handle(control: &Control, request: Request<Incoming>) -> Response<Full<
                         )
                     });
             let info = metrics::Info {
+                traces: control.trace.as_ref().map(|exporter| exporter.counts()),
                 backend: control.backend.as_str(),
                 workers: control.workers(),
                 config_version: version,

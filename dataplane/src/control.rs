@@ -160,6 +160,8 @@ pub struct Control {
     pub certify: CertifyCounts,
     /// Config updates from `tern-control` by outcome.
     pub updates: DiscoveryCounts,
+    /// The span exporter, when spans go to a collector.
+    pub trace: Option<Arc<crate::trace::Exporter>>,
 }
 
 impl Control {
@@ -167,6 +169,7 @@ impl Control {
         backend: BackendKind,
         workers: Vec<mpsc::UnboundedSender<Command>>,
         drain_deadline: Duration,
+        trace: Option<Arc<crate::trace::Exporter>>,
     ) -> Control {
         Control {
             backend,
@@ -191,6 +194,7 @@ impl Control {
             },
             certify: CertifyCounts::default(),
             updates: DiscoveryCounts::default(),
+            trace,
         }
     }
 

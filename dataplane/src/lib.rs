@@ -9,7 +9,8 @@
 //! runs mutual TLS handshakes over the same IO interface, then [`ktls`] hands the record
 //! layer to the kernel where it can and [`usertls`] runs it in userspace where it cannot;
 //! [`metrics`] are per-worker and merged at scrape, and the optional [`access_log`] is
-//! written by each worker from its own buffer; [`sys`] holds the OS calls; [`intercept`]
+//! written by each worker from its own buffer, as the optional [`trace`]'s spans are
+//! gathered, for a thread of their own to send; [`sys`] holds the OS calls; [`intercept`]
 //! writes the pod's nftables rules for `tern-proxy init`.
 
 pub mod access_log;
@@ -26,6 +27,7 @@ pub mod proxy;
 pub mod snapshot;
 pub mod sys;
 pub mod tls;
+pub mod trace;
 pub mod usertls;
 pub mod worker;
 
@@ -64,6 +66,20 @@ pub struct Options {
     /// Where the access log goes (`-`: standard output); none by default
     /// ([`access_log`]).
     pub access_log: Option<std::path::PathBuf>,
+    /// Where spans go; none by default ([`trace`]).
+    pub trace: Option<TraceOptions>,
+}
+
+/// How long a stopping proxy waits for its last spans to reach the collector.
+const TRACE_FINISH_WITHIN: Duration = Duration::from_secs(5);
+
+/// Where the proxy's spans go ([`trace`]).
+#[derive(Debug, Clone)]
+pub struct TraceOptions {
+    /// The OpenTelemetry collector's OTLP/HTTP address, `host:port`.
+    pub collector: String,
+    /// The `service.name` the spans carry.
+    pub service_name: String,
 }
 
 impl Default for Options {
@@ -76,6 +92,7 @@ impl Default for Options {
             admin: SocketAddr::from(([127, 0, 0, 1], 15000)),
             drain_deadline: Duration::from_secs(30),
             access_log: None,
+            trace: None,
         }
     }
 }
@@ -118,6 +135,9 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The span exporter could not start (or `--trace-collector` is not `host:port`).
+    #[error("starting the span exporter: {0}")]
+    Trace(std::io::Error),
     /// The first config could not be applied.
     #[error(transparent)]
     Apply(#[from] ApplyError),
@@ -151,6 +171,13 @@ impl Proxy {
             ),
             None => None,
         };
+        let trace = match &options.trace {
+            Some(trace) => Some(
+                trace::Exporter::start(&trace.collector, &trace.service_name)
+                    .map_err(StartError::Trace)?,
+            ),
+            None => None,
+        };
         let count = options.workers.unwrap_or_else(sys::default_workers).max(1);
         let cpus = if options.pin_workers {
             exclusive_cpus(sys::allowed_cpus().unwrap_or_default(), count)
@@ -172,7 +199,12 @@ impl Proxy {
 
         let (senders, receivers): (Vec<_>, Vec<_>) =
             (0..count).map(|_| mpsc::unbounded_channel()).unzip();
-        let control = Arc::new(Control::new(backend, senders, options.drain_deadline));
+        let control = Arc::new(Control::new(
+            backend,
+            senders,
+            options.drain_deadline,
+            trace.clone(),
+        ));
         // Workers start on an empty snapshot; the real one (validated, identity loaded,
         // sockets bound) arrives with the first `apply` below.
         let empty = Config::from_yaml("{}", source).map_err(ApplyError::from)?;
@@ -192,6 +224,7 @@ impl Proxy {
                 commands,
                 destinations: control.destination_sender(),
                 access_log: access_log.clone(),
+                trace: trace.clone(),
             };
             let worker_control = control.clone();
             let remaining = remaining.clone();
@@ -293,6 +326,10 @@ impl Proxy {
     fn join_threads(&mut self) {
         for worker in self.workers.drain(..) {
             let _ = worker.join();
+        }
+        // The workers' last spans (a drain's last second) go out before the process ends.
+        if let Some(exporter) = &self.control.trace {
+            exporter.finish(TRACE_FINISH_WITHIN);
         }
         self.admin_stop.notify_one();
         if let Some(admin) = self.admin.take() {

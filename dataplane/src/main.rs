@@ -45,6 +45,14 @@ struct Args {
     /// connection (`-`: standard output) [default: none].
     #[arg(long, env = "TERN_ACCESS_LOG")]
     access_log: Option<PathBuf>,
+    /// Send spans of the HTTP requests that arrive with a sampled W3C `traceparent` to this
+    /// OpenTelemetry collector (`host:port`, OTLP/HTTP, e.g. `otel-collector:4318`)
+    /// [default: none].
+    #[arg(long, env = "TERN_TRACE_COLLECTOR")]
+    trace_collector: Option<String>,
+    /// The `service.name` of the spans.
+    #[arg(long, env = "TERN_TRACE_SERVICE_NAME", default_value = "tern-proxy")]
+    trace_service_name: String,
     /// Log filter (tracing `EnvFilter` syntax, e.g. `info` or `dataplane=debug`).
     #[arg(long, env = "TERN_LOG", default_value = "info")]
     log: String,
@@ -228,6 +236,12 @@ fn main() -> anyhow::Result<()> {
         admin: args.admin,
         drain_deadline: args.drain_deadline,
         access_log: args.access_log,
+        trace: args
+            .trace_collector
+            .map(|collector| dataplane::TraceOptions {
+                collector,
+                service_name: args.trace_service_name,
+            }),
     };
     // Checked here, not by clap: `wait-ready`, run in the same container, sees the same
     // variables and must not be refused for them.

@@ -535,6 +535,7 @@ impl Registry {
             listeners,
             clusters,
             access_log_dropped: 0,
+            trace_dropped: 0,
         }
     }
 }
@@ -548,6 +549,8 @@ pub struct WorkerReport {
     pub clusters: BTreeMap<Arc<str>, ClusterReport>,
     /// Access log lines dropped for want of room where they go.
     pub access_log_dropped: u64,
+    /// Spans dropped, the exporter's queue being full.
+    pub trace_dropped: u64,
 }
 
 /// A listener's statistics.
@@ -618,6 +621,7 @@ impl WorkerReport {
     /// Adds another worker's report into this one.
     pub fn merge(&mut self, other: WorkerReport) {
         self.access_log_dropped += other.access_log_dropped;
+        self.trace_dropped += other.trace_dropped;
         for (name, l) in other.listeners {
             match self.listeners.get_mut(&name) {
                 None => {
@@ -687,6 +691,8 @@ pub struct Info<'a> {
     /// Config updates from `tern-control` (ACKed, NACKed) and whether the stream is up, when
     /// the config asks for them.
     pub discovery: Option<(u64, u64, bool)>,
+    /// Spans the collector took and spans it could not be given, when spans are exported.
+    pub traces: Option<(u64, u64)>,
 }
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -725,6 +731,13 @@ pub fn render(info: &Info<'_>, report: &WorkerReport) -> String {
         "# HELP tern_access_log_dropped_lines_total Access log lines dropped because where they go had no room (a reader behind).\n# TYPE tern_access_log_dropped_lines_total counter\ntern_access_log_dropped_lines_total {}",
         report.access_log_dropped
     );
+    if let Some((exported, failed)) = info.traces {
+        let _ = writeln!(
+            out,
+            "# HELP tern_trace_spans_total Spans by fate: taken by the collector, failed to reach it, or dropped with the exporter behind.\n# TYPE tern_trace_spans_total counter\ntern_trace_spans_total{{result=\"exported\"}} {exported}\ntern_trace_spans_total{{result=\"failed\"}} {failed}\ntern_trace_spans_total{{result=\"dropped\"}} {}",
+            report.trace_dropped
+        );
+    }
     if let Some((id, seconds)) = &info.identity_expiry {
         let _ = writeln!(
             out,
@@ -1134,8 +1147,16 @@ mod tests {
             identity_expiry: Some(("spiffe://td/ns/a/sa/b".into(), 42)),
             certify: Some((3, 1)),
             discovery: Some((5, 2, true)),
+            traces: Some((7, 1)),
         };
+        merged.trace_dropped = 4;
         let text = render(&info, &merged);
+        assert!(
+            text.contains("tern_trace_spans_total{result=\"exported\"} 7\n")
+                && text.contains("tern_trace_spans_total{result=\"failed\"} 1\n")
+                && text.contains("tern_trace_spans_total{result=\"dropped\"} 4\n"),
+            "{text}"
+        );
         assert!(
             text.contains("tern_identity_expiry_seconds{identity=\"spiffe://td/ns/a/sa/b\"} 42"),
             "{text}"

@@ -156,6 +156,8 @@ pub struct Worker<B: Backend> {
     all_closed: Notify,
     /// The worker's access log, if the proxy keeps one.
     access_log: Option<crate::access_log::AccessLog>,
+    /// The worker's spans, if the proxy exports them.
+    tracer: Option<crate::trace::Tracer>,
 }
 
 struct AcceptLoop {
@@ -218,6 +220,7 @@ impl<B: Backend> Worker<B> {
         snapshot: Arc<Snapshot>,
         destinations: mpsc::Sender<SocketAddr>,
         access_log: Option<Arc<std::fs::File>>,
+        trace: Option<Arc<crate::trace::Exporter>>,
     ) -> Rc<Worker<B>> {
         let stats = Registry::default();
         let view = Rc::new(make_view(
@@ -242,12 +245,18 @@ impl<B: Backend> Worker<B> {
             drain_started: Notify::new(),
             all_closed: Notify::new(),
             access_log: access_log.map(crate::access_log::AccessLog::new),
+            tracer: trace.as_deref().map(crate::trace::Tracer::new),
         })
     }
 
     /// The worker's access log, if the proxy keeps one.
     pub fn access_log(&self) -> Option<&crate::access_log::AccessLog> {
         self.access_log.as_ref()
+    }
+
+    /// The worker's tracer, if the proxy exports spans.
+    pub fn tracer(&self) -> Option<&crate::trace::Tracer> {
+        self.tracer.as_ref()
     }
 
     /// The worker's current config and statistics handles.
@@ -944,6 +953,22 @@ pub struct Spawn {
     pub destinations: mpsc::Sender<SocketAddr>,
     /// Where the access log goes, if the proxy keeps one.
     pub access_log: Option<Arc<std::fs::File>>,
+    /// Where spans go, if the proxy exports them.
+    pub trace: Option<Arc<crate::trace::Exporter>>,
+}
+
+/// Runs `tick` on the worker every `period`, from now on (a tick missed while the worker was
+/// busy waits a whole period rather than coming at once).
+fn every<B: Backend>(worker: &Rc<Worker<B>>, period: Duration, tick: fn(&Worker<B>)) {
+    let worker = worker.clone();
+    tokio::task::spawn_local(async move {
+        let mut every = tokio::time::interval(period);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            tick(&worker);
+        }
+    });
 }
 
 /// Runs a worker on the current thread until it has drained.
@@ -957,6 +982,7 @@ pub fn run<B: Backend>(spawn: Spawn) -> std::io::Result<()> {
         mut commands,
         destinations,
         access_log,
+        trace,
     } = spawn;
     if let Some(cpu) = cpu
         && let Err(error) = crate::sys::pin_current_thread(cpu)
@@ -970,17 +996,18 @@ pub fn run<B: Backend>(spawn: Spawn) -> std::io::Result<()> {
         }
     }
     B::block_on(async move {
-        let worker = Worker::<B>::new((id, workers), snapshot, destinations, access_log);
+        let worker = Worker::<B>::new((id, workers), snapshot, destinations, access_log, trace);
         if worker.access_log().is_some() {
-            let worker = worker.clone();
-            tokio::task::spawn_local(async move {
-                let mut every = tokio::time::interval(crate::access_log::FLUSH_EVERY);
-                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    every.tick().await;
-                    if let Some(log) = worker.access_log() {
-                        log.flush();
-                    }
+            every(&worker, crate::access_log::FLUSH_EVERY, |worker| {
+                if let Some(log) = worker.access_log() {
+                    log.flush();
+                }
+            });
+        }
+        if worker.tracer().is_some() {
+            every(&worker, crate::trace::FLUSH_EVERY, |worker| {
+                if let Some(tracer) = worker.tracer() {
+                    tracer.flush();
                 }
             });
         }
@@ -1005,12 +1032,16 @@ pub fn run<B: Backend>(spawn: Spawn) -> std::io::Result<()> {
                 Command::Scrape(reply) => {
                     let mut report = worker.stats.report();
                     report.access_log_dropped = worker.access_log().map_or(0, |log| log.dropped());
+                    report.trace_dropped = worker.tracer().map_or(0, |t| t.dropped());
                     let _ = reply.send(report);
                 }
                 Command::Drain { deadline } => {
                     worker.drain(deadline).await;
                     if let Some(log) = worker.access_log() {
                         log.flush();
+                    }
+                    if let Some(tracer) = worker.tracer() {
+                        tracer.flush();
                     }
                     break;
                 }

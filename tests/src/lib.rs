@@ -12,6 +12,7 @@ pub mod ca;
 pub mod client;
 pub mod h2;
 pub mod manifests;
+pub mod otlp;
 pub mod pki;
 pub mod pods;
 pub mod simulated;
@@ -32,6 +33,7 @@ pub fn options(backend: BackendChoice) -> dataplane::Options {
         admin: "127.0.0.1:0".parse().unwrap(),
         drain_deadline: Duration::from_secs(5),
         access_log: None,
+        trace: None,
     }
 }
 

@@ -37,6 +37,7 @@ use crate::access_log::{Entry, write_request_fields};
 use crate::io::Backend;
 use crate::io::hyper_io::{HyperIo, LocalExec};
 use crate::metrics::Flag;
+use crate::trace::{self, Ended, Span, Tracer};
 
 use crate::tls::MaybeTls;
 use crate::worker::{Room, Sharing, View, Worker};
@@ -338,6 +339,10 @@ impl Pool {
     }
 }
 
+/// The W3C trace context a request carries ([`crate::trace`]).
+const TRACEPARENT: hyper::header::HeaderName =
+    hyper::header::HeaderName::from_static("traceparent");
+
 /// How often an idle HTTP/2 connection (either end) is pinged, and how long the answer may
 /// take before the connection is dropped as dead.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
@@ -380,14 +385,28 @@ pub async fn serve<B: Backend>(
             };
             async move {
                 let _busy = busy;
-                if worker.access_log().is_none() {
+                let span = worker
+                    .tracer()
+                    .and_then(|tracer| begin_span(tracer, &request));
+                if worker.access_log().is_none() && span.is_none() {
                     let outcome = Cell::new(Outcome::default());
-                    let response = forward(&worker, &view, listener, &caller, request, &outcome);
+                    let response =
+                        forward(&worker, &view, listener, &caller, request, &outcome, None);
                     return Ok::<_, Infallible>(response.await);
                 }
-                let logged = Logged::new(&worker, &view, listener, &caller, &request);
+                let traceparent = span.as_ref().map(Span::traceparent);
+                let logged = Logged::new(&worker, &view, listener, &caller, &request, span);
                 let outcome = &logged.outcome;
-                let response = forward(&worker, &view, listener, &caller, request, outcome).await;
+                let response = forward(
+                    &worker,
+                    &view,
+                    listener,
+                    &caller,
+                    request,
+                    outcome,
+                    traceparent,
+                )
+                .await;
                 Ok(response)
             }
         })
@@ -483,8 +502,9 @@ struct Outcome {
     upstream: Option<(usize, Option<SocketAddr>)>,
 }
 
-/// A request on its way, with an access log: writes its line when dropped, once answered or
-/// when its client gave up on it first (a stream reset, which drops the request's task).
+/// A request on its way, with an access log or spans exported: writes its line and ends its
+/// span when dropped, once answered or when its client gave up on it first (a stream reset,
+/// which drops the request's task).
 struct Logged<B: Backend> {
     worker: Rc<Worker<B>>,
     view: Rc<View>,
@@ -493,6 +513,7 @@ struct Logged<B: Backend> {
     request_fields: Vec<u8>,
     outcome: Cell<Outcome>,
     started: Instant,
+    span: Option<Span>,
 }
 
 impl<B: Backend> Logged<B> {
@@ -502,17 +523,14 @@ impl<B: Backend> Logged<B> {
         listener: usize,
         caller: &Rc<Caller>,
         request: &Request<Incoming>,
+        span: Option<Span>,
     ) -> Self {
-        let uri = request.uri();
-        let authority = uri.authority().map(|a| a.as_str()).or_else(|| {
-            let host = request.headers().get(hyper::header::HOST)?;
-            host.to_str().ok()
-        });
-        let path = uri.path_and_query().map_or("", |p| p.as_str());
-        let mut request_fields = Vec::with_capacity(128);
-        let method = request.method().as_str().as_bytes();
-        let authority = authority.unwrap_or_default().as_bytes();
-        write_request_fields(&mut request_fields, method, authority, path.as_bytes());
+        let mut request_fields = Vec::new();
+        if worker.access_log().is_some() {
+            let (method, authority, path) = request_fields_of(request);
+            request_fields.reserve(128);
+            write_request_fields(&mut request_fields, method, authority, path);
+        }
         Logged {
             worker: worker.clone(),
             view: view.clone(),
@@ -521,44 +539,85 @@ impl<B: Backend> Logged<B> {
             request_fields,
             outcome: Cell::new(Outcome::default()),
             started: Instant::now(),
+            span,
         }
     }
 }
 
+/// A request's method, authority (`Host` without one) and path, for the log and spans.
+fn request_fields_of(request: &Request<Incoming>) -> (&[u8], &[u8], &[u8]) {
+    let uri = request.uri();
+    let authority = uri.authority().map(|a| a.as_str()).or_else(|| {
+        let host = request.headers().get(hyper::header::HOST)?;
+        host.to_str().ok()
+    });
+    let path = uri.path_and_query().map_or("", |p| p.as_str());
+    (
+        request.method().as_str().as_bytes(),
+        authority.unwrap_or_default().as_bytes(),
+        path.as_bytes(),
+    )
+}
+
+/// The request's span, when it came with one sampled `traceparent` (two are none).
+fn begin_span(tracer: &Tracer, request: &Request<Incoming>) -> Option<Span> {
+    let mut fields = request.headers().get_all(TRACEPARENT).iter();
+    let traceparent = fields.next().filter(|_| fields.next().is_none())?;
+    let (method, authority, path) = request_fields_of(request);
+    tracer.begin(Some(traceparent.as_bytes()), method, authority, path)
+}
+
 impl<B: Backend> Drop for Logged<B> {
     fn drop(&mut self) {
-        let Some(log) = self.worker.access_log() else {
-            return;
-        };
         let Outcome {
             status,
             flag,
             upstream,
         } = self.outcome.get();
         let answered = status != 0;
+        let status = answered.then_some(status);
+        let flag = if answered {
+            flag
+        } else {
+            Some(Flag::DownstreamReset)
+        };
         let snapshot = &self.view.snapshot;
-        log.record(&Entry {
-            listener: &snapshot.listeners[self.listener].name,
-            caller: &self.caller,
-            protocol: "HTTP/2",
-            request_fields: &self.request_fields,
-            status: answered.then_some(status),
-            flag: if answered {
-                flag
-            } else {
-                Some(Flag::DownstreamReset)
-            },
-            upstream: upstream.map(|(c, addr)| (&*snapshot.clusters[c].name, addr)),
-            bytes: None,
-            duration: self.started.elapsed(),
-        });
+        let listener = &snapshot.listeners[self.listener];
+        if let Some(log) = self.worker.access_log() {
+            log.record(&Entry {
+                listener: &listener.name,
+                caller: &self.caller,
+                protocol: "HTTP/2",
+                request_fields: &self.request_fields,
+                status,
+                flag,
+                upstream: upstream.map(|(c, addr)| (&*snapshot.clusters[c].name, addr)),
+                bytes: None,
+                duration: self.started.elapsed(),
+            });
+        }
+        if let (Some(tracer), Some(span)) = (self.worker.tracer(), self.span.take()) {
+            tracer.end(
+                span,
+                &Ended {
+                    kind: trace::Kind::of(listener),
+                    protocol: "2",
+                    status,
+                    flag,
+                    listener: &listener.name,
+                    cluster: upstream.map(|(c, _)| &*snapshot.clusters[c].name),
+                    peer: self.caller.identity.as_ref(),
+                },
+            );
+        }
     }
 }
 
 /// Routes and forwards one request from `caller`; answers it itself when that fails, or when
 /// the listener's authorization does not let `caller` in. The route's timeout bounds
 /// everything up to the response head: finding or making the upstream connection and the
-/// upstream's answer. `outcome` ends saying how it went.
+/// upstream's answer. `outcome` ends saying how it went. With `traceparent` (this proxy's
+/// span's), the request goes on with it.
 async fn forward<B: Backend>(
     worker: &Rc<Worker<B>>,
     view: &View,
@@ -566,6 +625,7 @@ async fn forward<B: Backend>(
     caller: &Caller,
     mut request: Request<Incoming>,
     outcome: &Cell<Outcome>,
+    traceparent: Option<[u8; 55]>,
 ) -> Response<Body> {
     let started = Instant::now();
     let stats = &view.listeners[listener];
@@ -651,6 +711,10 @@ async fn forward<B: Backend>(
     }
     if let Some(edits) = &route.request_headers {
         edits.apply(request.headers_mut());
+    }
+    // The trace context, with this proxy's span as the parent.
+    if let Some(value) = traceparent.and_then(|t| hyper::header::HeaderValue::from_bytes(&t).ok()) {
+        request.headers_mut().insert(TRACEPARENT, value);
     }
     let chosen = route.choose(view.roll());
     let cluster = &view.clusters[chosen.cluster];

@@ -462,15 +462,46 @@ impl RequestHeaders for hyper::HeaderMap {
 /// The header lines of an HTTP/1.1 request head, as received.
 pub struct RawHead<'a>(pub &'a [u8]);
 
+impl<'a> RawHead<'a> {
+    /// The fields named `name` (lower case), each as where its value starts in the head and
+    /// the value.
+    fn fields<'n>(&self, name: &'n str) -> impl Iterator<Item = (usize, &'a [u8])> + 'n
+    where
+        'a: 'n,
+    {
+        // The head was parsed already: lines end in \n (\r\n), fields are `name: value`.
+        let mut start = 0;
+        self.0
+            .split(|&b| b == b'\n')
+            .map(move |line| {
+                let at = start;
+                start += line.len() + 1;
+                (at, line)
+            })
+            .skip(1)
+            .filter_map(move |(at, line)| {
+                let colon = line.iter().position(|&b| b == b':')?;
+                if !line[..colon].eq_ignore_ascii_case(name.as_bytes()) {
+                    return None;
+                }
+                let value = &line[colon + 1..];
+                let leading = value.len() - value.trim_ascii_start().len();
+                Some((at + colon + 1 + leading, value.trim_ascii()))
+            })
+    }
+
+    /// The field `name` (lower case) when the head has exactly one: where its value starts
+    /// in the head, and the value.
+    pub fn only(&self, name: &str) -> Option<(usize, &'a [u8])> {
+        let mut fields = self.fields(name);
+        let first = fields.next()?;
+        fields.next().is_none().then_some(first)
+    }
+}
+
 impl RequestHeaders for RawHead<'_> {
     fn header(&self, name: &str) -> Option<&[u8]> {
-        // The head was parsed already: lines end in \n (\r\n), fields are `name: value`.
-        self.0.split(|&b| b == b'\n').skip(1).find_map(|line| {
-            let colon = line.iter().position(|&b| b == b':')?;
-            line[..colon]
-                .eq_ignore_ascii_case(name.as_bytes())
-                .then(|| line[colon + 1..].trim_ascii())
-        })
+        self.fields(name).next().map(|(_, value)| value)
     }
 }
 

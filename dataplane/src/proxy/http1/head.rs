@@ -503,6 +503,12 @@ pub fn edited(head: &[u8], edits: &HeaderEdits) -> Vec<u8> {
     rewritten(head, |name| edits.drops(name), edits.lines())
 }
 
+/// A request head with its `traceparent` field made `value` (the only one).
+pub fn with_traceparent(head: &[u8], value: &[u8]) -> Vec<u8> {
+    let line = [b"traceparent: ", value, b"\r\n"].concat();
+    rewritten(head, named(&[b"traceparent"]), &line)
+}
+
 /// A request head (`request`, parsed from `head`) with its target made `target`, in origin
 /// form (an absolute-form target's authority goes, to `Host`), and with `host` its `Host`
 /// field made that.

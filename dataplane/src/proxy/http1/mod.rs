@@ -33,6 +33,7 @@ use crate::metrics::{Flag, ListenerStats};
 use crate::proxy::route::{Chosen, RawHead};
 use crate::snapshot::Access;
 use crate::tls::MaybeTls;
+use crate::trace::{self, Ended, Span};
 use crate::worker::{Room, Sharing, View, Worker};
 
 /// How long a closing connection may take to send its TLS close_notify.
@@ -87,6 +88,11 @@ struct Conn<'a, B: Backend> {
     upstream: Option<(usize, Option<SocketAddr>)>,
     written: bool,
     failure: Option<Flag>,
+    /// The request's span, when it came with a sampled trace context and spans are
+    /// exported.
+    span: Option<Span>,
+    /// Where its version-00 `traceparent`'s value starts in `inbuf`, if it has one.
+    span_at: Option<usize>,
 }
 
 /// Serves HTTP/1.1 on one accepted connection (on an `http` or `detect` listener) until it
@@ -118,12 +124,16 @@ pub async fn serve<B: Backend>(
         upstream: None,
         written: false,
         failure: None,
+        span: None,
+        span_at: None,
     };
     let ended = loop {
         conn.request_fields.clear();
         conn.upstream = None;
         conn.written = false;
         conn.failure = None;
+        conn.span = None;
+        conn.span_at = None;
         let head = match conn.read_request_head().await {
             Ok(head) => head,
             Err(NoRequest::Closed) => break Next::Close,
@@ -154,6 +164,7 @@ pub async fn serve<B: Backend>(
         } else {
             head
         };
+        conn.begin_span(&head);
         let next = if !conn.admits(&head) {
             conn.forbidden(&head, started).await
         } else if !conn.spend_rate_limit() {
@@ -266,6 +277,26 @@ impl<B: Backend> Conn<'_, B> {
         }
     }
 
+    /// Begins the request's span, when spans are exported and it came with one sampled
+    /// `traceparent`, noting where a version-00 one's parent id is, to be written over.
+    fn begin_span(&mut self, head: &RequestHead) {
+        let Some(tracer) = self.worker.tracer() else {
+            return;
+        };
+        let field = |range: &std::ops::Range<usize>| &self.inbuf[range.clone()];
+        let traceparent = RawHead(&self.inbuf[..head.len]).only("traceparent");
+        let (method, host, path) = (
+            field(&head.method_name),
+            field(&head.host),
+            field(&head.path),
+        );
+        let value = traceparent.map(|(_, value)| value);
+        self.span = tracer.begin(value, method, host, path);
+        self.span_at = traceparent
+            .filter(|(_, value)| value.len() == 55 && value.starts_with(b"00-"))
+            .map(|(at, _)| at);
+    }
+
     /// Turns a request offering an upgrade to h2c into the plain HTTP/1.1 request it also is,
     /// in place at the front of `inbuf`: the switch would carry every later request to where
     /// this one went, past the routes. None: the rewritten head no longer parses (cannot
@@ -346,9 +377,18 @@ impl<B: Backend> Conn<'_, B> {
         }
         let chosen = route.choose(view.roll());
         if route.rewrite.is_none() && route.request_headers.is_none() {
-            return self.exchange(head, chosen, started).await;
+            match (&self.span, self.span_at) {
+                (None, _) => return self.exchange(head, chosen, started).await,
+                // A traced request's parent id and flags written over in place.
+                (Some(span), Some(at)) => {
+                    span.write_parent(&mut self.inbuf[at + 36..at + 55]);
+                    return self.exchange(head, chosen, started).await;
+                }
+                (Some(_), None) => {}
+            }
         }
-        // The route's rewrite, then its header edits (which cannot touch `Host`).
+        // The route's rewrite, then its header edits (which cannot touch `Host`), then the
+        // trace context with this proxy's span as the parent.
         let mut rewritten = self.inbuf[..head.len].to_vec();
         if let Some(rewrite) = &route.rewrite {
             let target = match &rewrite.path {
@@ -360,6 +400,9 @@ impl<B: Backend> Conn<'_, B> {
         }
         if let Some(edits) = &route.request_headers {
             rewritten = head::edited(&rewritten, edits);
+        }
+        if let Some(span) = &self.span {
+            rewritten = head::with_traceparent(&rewritten, &span.traceparent());
         }
         match self.replace_head(head, rewritten) {
             Ok(rewritten) => self.exchange(&rewritten, chosen, started).await,
@@ -996,6 +1039,22 @@ impl<B: Backend> Conn<'_, B> {
                 bytes: None,
                 duration,
             });
+        }
+        if let (Some(tracer), Some(span)) = (self.worker.tracer(), self.span.take()) {
+            let snapshot = &self.view.snapshot;
+            let listener = &snapshot.listeners[self.listener];
+            tracer.end(
+                span,
+                &Ended {
+                    kind: trace::Kind::of(listener),
+                    protocol: "1.1",
+                    status,
+                    flag,
+                    listener: &listener.name,
+                    cluster: self.upstream.map(|(c, _)| &*snapshot.clusters[c].name),
+                    peer: self.caller.identity.as_ref(),
+                },
+            );
         }
     }
 
