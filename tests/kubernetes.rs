@@ -618,7 +618,7 @@ fn a_sidecar_started_as_ternctl_inject_writes_it_is_certified_configured_and_rea
         .map(|d| serde_yaml::from_str(d).unwrap())
         .collect();
     assert_eq!(documents.len(), 2);
-    run_injected(&cluster, &app, documents[0].clone(), &documents[1]);
+    run_injected(&cluster, &app, (documents[0].clone(), false), &documents[1]);
 }
 
 fn namespace(name: &str, labels: &str) -> Value {
@@ -729,10 +729,12 @@ fn the_webhook_injects_pods_with_the_config_map_and_ca_bundle_tern_control_keeps
     );
     api.apply("namespaces", namespace("kube-system", "{}"));
     api.apply("mutatingwebhookconfigurations", webhook_configuration());
+    let collector = tests::otlp::Collector::start();
     cluster.control.injector = Some(controlplane::webhook::Injector {
         listen: "127.0.0.1:0".parse().unwrap(),
         image: "tern-proxy:test".into(),
         control: cluster.control.address.to_string().parse().unwrap(),
+        trace_collector: Some(collector.address.parse().unwrap()),
     });
     cluster.control.restart();
     let root = std::fs::read_to_string(cluster.control.dir.0.join("state/ca.crt")).unwrap();
@@ -826,13 +828,19 @@ fn the_webhook_injects_pods_with_the_config_map_and_ca_bundle_tern_control_keeps
     }
 
     let config_map = config_map("default").unwrap();
-    run_injected(&cluster, &app, injected, &config_map);
+    run_injected(&cluster, &app, (injected, true), &config_map);
 }
 
 /// Runs the sidecar of `injected` (the Pod of [`web_pod`], injected) as the kubelet would,
 /// with `config_map` mounted, and checks it is certified by its ServiceAccount token,
-/// configured, ready, and makes the application's readiness probe.
-fn run_injected(cluster: &Cluster, app: &Http, mut injected: Value, config_map: &Value) {
+/// configured, ready, and makes the application's readiness probe, and, if `traced`, that
+/// it exports spans.
+fn run_injected(
+    cluster: &Cluster,
+    app: &Http,
+    (mut injected, traced): (Value, bool),
+    config_map: &Value,
+) {
     let dir = tests::pki::TempDir::new("injected");
     // What the API server and the kubelet would do: hold the Pod (running, at an address),
     // mount the ConfigMap and the projected token, set the downward API's variables.
@@ -877,12 +885,13 @@ fn run_injected(cluster: &Cluster, app: &Http, mut injected: Value, config_map: 
             .collect()
     };
     let admin = format!("127.0.0.1:{}", free_port());
-    // The container's environment, as the kubelet sets it (`$$` is a `$`).
+    // The container's environment, as the kubelet sets it.
     let mut environment = vec![("TERN_ADMIN".to_owned(), admin.clone())];
     for variable in sidecar["env"].as_array().unwrap() {
         let name = variable["name"].as_str().unwrap().to_owned();
         if let Some(value) = variable["value"].as_str() {
-            environment.push((name, value.replace("$$", "$")));
+            let value = kubelet_expand(value, &environment);
+            environment.push((name, value));
             continue;
         }
         let field = variable["valueFrom"]["fieldRef"]["fieldPath"]
@@ -940,4 +949,54 @@ fn run_injected(cluster: &Cluster, app: &Http, mut injected: Value, config_map: 
         app.requests.load(std::sync::atomic::Ordering::SeqCst),
         before + 1
     );
+
+    // Spans, when asked for (`traced`): the proxy exports them, named by account and
+    // namespace.
+    let variable = |name: &str| {
+        environment
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    };
+    assert_eq!(variable("TERN_TRACE_COLLECTOR").is_some(), traced);
+    if traced {
+        assert_eq!(variable("TERN_TRACE_SERVICE_NAME"), Some("web.default"));
+        let metrics = client::request(
+            admin.parse().unwrap(),
+            "GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
+        )
+        .text();
+        assert!(
+            metrics.contains("tern_trace_spans_total{result=\"exported\"}"),
+            "{metrics}"
+        );
+    }
+}
+
+/// A container variable's value as the kubelet makes it: `$(NAME)` of a variable set before
+/// it is that variable's value, `$$` is a `$`, and anything else stays as it is.
+fn kubelet_expand(value: &str, set: &[(String, String)]) -> String {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        if let Some(after) = rest.strip_prefix("$$") {
+            out.push('$');
+            rest = after;
+        } else if let Some((name, after)) = rest
+            .strip_prefix("$(")
+            .and_then(|r| r.split_once(')'))
+            .filter(|(name, _)| set.iter().any(|(n, _)| n == name))
+        {
+            let value = &set.iter().rev().find(|(n, _)| n == name).unwrap().1;
+            out.push_str(value);
+            rest = after;
+        } else {
+            out.push('$');
+            rest = &rest[1..];
+        }
+    }
+    out.push_str(rest);
+    out
 }

@@ -39,6 +39,9 @@ pub struct Sidecar {
     pub control: HostPort,
     /// The mesh's trust domain.
     pub trust_domain: String,
+    /// The OpenTelemetry collector the sidecars send spans to (`--trace-collector`), with
+    /// `<service account>.<namespace>` as their service name; none for no spans.
+    pub trace_collector: Option<HostPort>,
 }
 
 /// The ConfigMap injected Pods mount, one per namespace.
@@ -71,7 +74,7 @@ pub fn manifests(text: &str, sidecar: &Sidecar, root: &str) -> anyhow::Result<St
             continue;
         }
         file_modes_as_yaml_1_1(&mut value, &mut Vec::new());
-        inject_object(&mut value, &sidecar.image, &mut namespaces);
+        inject_object(&mut value, sidecar, &mut namespaces);
         documents.push(value);
     }
     let mut out = String::new();
@@ -144,10 +147,10 @@ fn file_modes_as_yaml_1_1(value: &mut Value, path: &mut Vec<String>) {
 /// it, JSON), or `None` when it is left alone (opted out, on the host network, injected).
 pub fn pod_patch(
     pod: &serde_json::Value,
-    image: &str,
+    sidecar: &Sidecar,
 ) -> anyhow::Result<Option<json_patch::Patch>> {
     let mut template = serde_yaml::to_value(pod).context("reading the Pod")?;
-    if !inject_pod(&mut template, image) {
+    if !inject_pod(&mut template, sidecar) {
         return Ok(None);
     }
     let injected = serde_json::to_value(&template).context("writing the Pod")?;
@@ -156,18 +159,18 @@ pub fn pod_patch(
 
 /// Injects the Pod template of `value`, or of each item of a `List` (as `kubectl get -o yaml`
 /// writes several objects), noting the namespaces injected in.
-fn inject_object(value: &mut Value, image: &str, namespaces: &mut BTreeSet<Option<String>>) {
+fn inject_object(value: &mut Value, sidecar: &Sidecar, namespaces: &mut BTreeSet<Option<String>>) {
     if value["kind"].as_str() == Some("List") {
         if let Some(items) = value.get_mut("items").and_then(Value::as_sequence_mut) {
             for item in items {
-                inject_object(item, image, namespaces);
+                inject_object(item, sidecar, namespaces);
             }
         }
         return;
     }
     let namespace = value["metadata"]["namespace"].as_str().map(str::to_owned);
     if let Some(template) = pod_template(value)
-        && inject_pod(template, image)
+        && inject_pod(template, sidecar)
     {
         namespaces.insert(namespace);
     }
@@ -190,8 +193,8 @@ fn pod_template(value: &mut Value) -> Option<&mut Value> {
     }
 }
 
-/// Adds the sidecar (running `image`) to a Pod template; false if it was left alone.
-fn inject_pod(template: &mut Value, image: &str) -> bool {
+/// Adds the sidecar to a Pod template; false if it was left alone.
+fn inject_pod(template: &mut Value, sidecar: &Sidecar) -> bool {
     let annotations = &template["metadata"]["annotations"];
     if annotations[INJECT].as_str() == Some("disabled")
         || !annotations[INJECTED].is_null()
@@ -217,8 +220,8 @@ fn inject_pod(template: &mut Value, image: &str) -> bool {
     init.splice(
         0..0,
         [
-            init_container(image, !probes.is_empty()),
-            sidecar_container(image, &probes),
+            init_container(&sidecar.image, !probes.is_empty()),
+            sidecar_container(sidecar, &probes),
         ],
     );
     sequence(spec, "volumes").extend(volumes());
@@ -373,7 +376,10 @@ securityContext:
     container
 }
 
-fn sidecar_container(image: &str, probes: &serde_json::Map<String, serde_json::Value>) -> Value {
+fn sidecar_container(
+    sidecar: &Sidecar,
+    probes: &serde_json::Map<String, serde_json::Value>,
+) -> Value {
     let mut container = yaml(&format!(
         "name: tern-proxy
 image: placeholder
@@ -400,7 +406,16 @@ volumeMounts:
   - {{ name: tern-token, mountPath: {TOKEN_DIR}, readOnly: true }}
 "
     ));
-    container["image"] = image.into();
+    container["image"] = sidecar.image.clone().into();
+    let mut env = Vec::new();
+    if let Some(collector) = &sidecar.trace_collector {
+        // The kubelet expands `$(VAR)` of a variable set before this one in the container.
+        env.push(variable("TERN_TRACE_COLLECTOR", &collector.to_string()));
+        env.push(variable(
+            "TERN_TRACE_SERVICE_NAME",
+            "$(SERVICE_ACCOUNT).$(POD_NAMESPACE)",
+        ));
+    }
     if !probes.is_empty() {
         // The kubelet expands `$(VAR)` in a variable's value; `$$` is a `$`.
         let probes = serde_json::Value::Object(probes.clone())
@@ -413,15 +428,21 @@ volumeMounts:
                 "--probe-address".into(),
                 format!("[::]:{PROBE_PORT}").into(),
             ]);
-        let mut variable = Mapping::new();
-        variable.insert("name".into(), "TERN_APP_PROBES".into());
-        variable.insert("value".into(), probes.into());
-        container["env"]
-            .as_sequence_mut()
-            .unwrap_or_else(|| unreachable!("fixed YAML"))
-            .push(variable.into());
+        env.push(variable("TERN_APP_PROBES", &probes));
     }
+    container["env"]
+        .as_sequence_mut()
+        .unwrap_or_else(|| unreachable!("fixed YAML"))
+        .extend(env);
     container
+}
+
+/// A container's environment variable `name`, set to `value`.
+fn variable(name: &str, value: &str) -> Value {
+    let mut variable = Mapping::new();
+    variable.insert("name".into(), name.into());
+    variable.insert("value".into(), value.into());
+    variable.into()
 }
 
 fn volumes() -> Vec<Value> {
@@ -484,6 +505,7 @@ mod tests {
             image: "registry.example/tern-proxy:1".into(),
             control: "tern-control.tern-system.svc:15012".parse().unwrap(),
             trust_domain: "mesh.example".into(),
+            trace_collector: None,
         }
     }
 
@@ -780,6 +802,38 @@ spec:
     fn injecting_twice_changes_nothing() {
         let once = manifests(MANIFESTS, &sidecar(), ROOT).unwrap();
         assert_eq!(manifests(&once, &sidecar(), ROOT).unwrap(), once);
+    }
+
+    #[test]
+    fn a_trace_collector_reaches_the_sidecars_after_the_variables_its_name_uses() {
+        let names = |sidecar: &Sidecar| -> Vec<(String, String)> {
+            let out = documents(&manifests(MANIFESTS, sidecar, ROOT).unwrap());
+            let proxy = &out[0]["spec"]["template"]["spec"]["initContainers"][1];
+            proxy["env"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .map(|e| {
+                    let value = e["value"].as_str().unwrap_or_default().to_owned();
+                    (e["name"].as_str().unwrap().to_owned(), value)
+                })
+                .collect()
+        };
+        let plain = names(&sidecar());
+        assert!(
+            plain.iter().all(|(n, _)| !n.starts_with("TERN_TRACE")),
+            "{plain:?}"
+        );
+        let traced = Sidecar {
+            trace_collector: Some("otel.observability:4318".parse().unwrap()),
+            ..sidecar()
+        };
+        let env = names(&traced);
+        let at = |name: &str| env.iter().position(|(n, _)| n == name).unwrap();
+        assert_eq!(env[at("TERN_TRACE_COLLECTOR")].1, "otel.observability:4318");
+        let service = at("TERN_TRACE_SERVICE_NAME");
+        assert_eq!(env[service].1, "$(SERVICE_ACCOUNT).$(POD_NAMESPACE)");
+        assert!(at("SERVICE_ACCOUNT") < service && at("POD_NAMESPACE") < service);
     }
 
     #[test]

@@ -199,25 +199,26 @@ impl ControlPlane {
             .collect();
         if let (Some(listener), Some(options)) = (injector_listener, &options.injector) {
             let tls = webhook::server_config(&cert, &key)?;
-            runtime.spawn(webhook::serve(
-                listener,
-                tls,
-                options.image.clone(),
-                registry.injections.clone(),
-                std::future::pending(),
-            ));
+            let sidecar = inject::Sidecar {
+                image: options.image.clone(),
+                control: options.control.clone(),
+                trust_domain: authority.trust_domain().to_owned(),
+                trace_collector: options.trace_collector.clone(),
+            };
             if let Some(client) = cluster {
-                let sidecar = inject::Sidecar {
-                    image: options.image.clone(),
-                    control: options.control.clone(),
-                    trust_domain: authority.trust_domain().to_owned(),
-                };
                 runtime.spawn(webhook::keep_cluster_current(
                     client,
-                    sidecar,
+                    sidecar.clone(),
                     client_roots.clone(),
                 ));
             }
+            runtime.spawn(webhook::serve(
+                listener,
+                tls,
+                Arc::new(sidecar),
+                registry.injections.clone(),
+                std::future::pending(),
+            ));
         }
         let identity = identity::IdentityService::new(authority.clone(), reviewer.clone());
         let discovery = DiscoveryService::new(

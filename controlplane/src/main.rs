@@ -88,6 +88,10 @@ struct InjectorArgs {
         requires = "inject_listen"
     )]
     inject_control: shared::config::HostPort,
+    /// The OpenTelemetry collector (`host:port`, OTLP/HTTP) injected proxies send the spans
+    /// of traced requests to [default: none].
+    #[arg(long, requires = "inject_listen")]
+    inject_trace_collector: Option<shared::config::HostPort>,
 }
 
 impl InjectorArgs {
@@ -96,6 +100,7 @@ impl InjectorArgs {
             listen: self.inject_listen?,
             image: self.proxy_image,
             control: self.inject_control,
+            trace_collector: self.inject_trace_collector,
         })
     }
 }

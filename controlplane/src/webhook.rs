@@ -62,6 +62,8 @@ pub struct Injector {
     pub image: String,
     /// The gRPC address the injected proxies reach `tern-control` at.
     pub control: HostPort,
+    /// The OpenTelemetry collector injected proxies send spans to, if any.
+    pub trace_collector: Option<HostPort>,
 }
 
 /// What became of the reviews the webhook was sent, for `/metrics`
@@ -141,7 +143,7 @@ struct GroupVersionKind {
 /// The answer to `body`, an `AdmissionReview` v1 request: a Pod gets the patch that injects
 /// it (none if it is left alone: opted out, on the host network, already injected); any
 /// other object is allowed as it is.
-pub fn review(body: &[u8], image: &str) -> Result<Value, BadReview> {
+pub fn review(body: &[u8], sidecar: &Sidecar) -> Result<Value, BadReview> {
     let review: Review = serde_json::from_slice(body)?;
     if review.api_version != "admission.k8s.io/v1" || review.kind != "AdmissionReview" {
         return Err(BadReview::Version(format!(
@@ -166,7 +168,7 @@ pub fn review(body: &[u8], image: &str) -> Result<Value, BadReview> {
             .filter(|n| !n.is_empty())
             .or_else(|| pod["metadata"]["generateName"].as_str())
             .unwrap_or_default();
-        let patch = inject::pod_patch(pod, image).and_then(|patch| {
+        let patch = inject::pod_patch(pod, sidecar).and_then(|patch| {
             patch
                 .map(|patch| serde_json::to_vec(&patch))
                 .transpose()
@@ -216,7 +218,7 @@ fn reply(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Respo
 
 async fn handle(
     request: Request<Incoming>,
-    image: &str,
+    sidecar: &Sidecar,
     injections: &Injections,
 ) -> Response<Full<Bytes>> {
     const PLAIN: &str = "text/plain; charset=utf-8";
@@ -249,7 +251,7 @@ async fn handle(
             );
         }
     };
-    match review(&body, image) {
+    match review(&body, sidecar) {
         Ok(answer) => {
             let response = &answer["response"];
             let counter = if response["allowed"] == false {
@@ -279,12 +281,11 @@ async fn handle(
 pub async fn serve(
     listener: tokio::net::TcpListener,
     tls: Arc<rustls::ServerConfig>,
-    image: String,
+    sidecar: Arc<Sidecar>,
     injections: Arc<Injections>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let image: Arc<str> = image.into();
     let room = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::pin!(shutdown);
     loop {
@@ -306,7 +307,8 @@ pub async fn serve(
                 continue;
             }
         };
-        let (acceptor, image, injections) = (acceptor.clone(), image.clone(), injections.clone());
+        let (acceptor, sidecar, injections) =
+            (acceptor.clone(), sidecar.clone(), injections.clone());
         tokio::spawn(async move {
             let _permit = permit;
             let stream = match tokio::time::timeout(CLIENT_TIMEOUT, acceptor.accept(stream)).await {
@@ -322,8 +324,8 @@ pub async fn serve(
                 }
             };
             let service = hyper::service::service_fn(move |request| {
-                let (image, injections) = (image.clone(), injections.clone());
-                async move { Ok::<_, Infallible>(handle(request, &image, &injections).await) }
+                let (sidecar, injections) = (sidecar.clone(), injections.clone());
+                async move { Ok::<_, Infallible>(handle(request, &sidecar, &injections).await) }
             });
             if let Err(error) = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())

@@ -13,6 +13,7 @@ fn sidecar() -> Sidecar {
         image: IMAGE.into(),
         control: "tern-control.tern-system.svc:15012".parse().unwrap(),
         trust_domain: "mesh.example".into(),
+        trace_collector: None,
     }
 }
 
@@ -81,7 +82,7 @@ fn patch_of(answer: &Value) -> Option<json_patch::Patch> {
 #[test]
 fn a_pod_s_patch_makes_the_pod_ternctl_inject_makes() {
     let original = pod(json!({ "team": "shop" }));
-    let answer = review(&admission(original.clone(), pod_kind()), IMAGE).unwrap();
+    let answer = review(&admission(original.clone(), pod_kind()), &sidecar()).unwrap();
     assert_eq!(answer["apiVersion"], "admission.k8s.io/v1");
     assert_eq!(answer["kind"], "AdmissionReview");
     assert_eq!(
@@ -130,7 +131,7 @@ fn a_pod_without_annotations_or_init_containers_is_patched_from_nothing() {
         .unwrap()
         .remove("annotations");
     original["spec"].as_object_mut().unwrap().remove("volumes");
-    let answer = review(&admission(original.clone(), pod_kind()), IMAGE).unwrap();
+    let answer = review(&admission(original.clone(), pod_kind()), &sidecar()).unwrap();
     let mut patched = original;
     json_patch::patch(&mut patched, &patch_of(&answer).unwrap()).unwrap();
     assert_eq!(
@@ -148,18 +149,18 @@ fn pods_left_alone_and_other_kinds_are_allowed_unchanged() {
     let mut host = pod(json!({}));
     host["spec"]["hostNetwork"] = true.into();
     for object in [opted_out, injected, host] {
-        let answer = review(&admission(object, pod_kind()), IMAGE).unwrap();
+        let answer = review(&admission(object, pod_kind()), &sidecar()).unwrap();
         assert_eq!(answer["response"]["allowed"], true);
         assert!(patch_of(&answer).is_none(), "{answer}");
     }
     // A Pod that exists already is not changed (its containers cannot be).
     let mut update: Value = serde_json::from_slice(&admission(pod(json!({})), pod_kind())).unwrap();
     update["request"]["operation"] = "UPDATE".into();
-    let answer = review(update.to_string().as_bytes(), IMAGE).unwrap();
+    let answer = review(update.to_string().as_bytes(), &sidecar()).unwrap();
     assert_eq!(answer["response"]["allowed"], true);
     assert!(patch_of(&answer).is_none(), "{answer}");
     let deployment = json!({ "group": "apps", "version": "v1", "kind": "Deployment" });
-    let answer = review(&admission(json!({ "spec": {} }), deployment), IMAGE).unwrap();
+    let answer = review(&admission(json!({ "spec": {} }), deployment), &sidecar()).unwrap();
     assert_eq!(answer["response"]["allowed"], true);
     assert!(patch_of(&answer).is_none());
 }
@@ -169,7 +170,7 @@ fn names_from_the_pod_are_written_as_values_whatever_they_hold() {
     // The webhook sees a Pod before the API server validates it.
     let mut original = pod(json!({}));
     original["spec"]["containers"][0]["name"] = "web\u{7}\"x: y".into();
-    let answer = review(&admission(original.clone(), pod_kind()), IMAGE).unwrap();
+    let answer = review(&admission(original.clone(), pod_kind()), &sidecar()).unwrap();
     let mut patched = original;
     json_patch::patch(&mut patched, &patch_of(&answer).unwrap()).unwrap();
     assert_eq!(
@@ -180,16 +181,16 @@ fn names_from_the_pod_are_written_as_values_whatever_they_hold() {
 
 #[test]
 fn what_is_not_an_admission_review_v1_is_refused_with_why() {
-    let error = review(b"{\"apiVersion\": ", IMAGE).unwrap_err();
+    let error = review(b"{\"apiVersion\": ", &sidecar()).unwrap_err();
     assert!(matches!(error, BadReview::Malformed(_)), "{error}");
-    let error = review(b"{\"apiVersion\": \"v1\", \"kind\": \"Pod\"}", IMAGE).unwrap_err();
+    let error = review(b"{\"apiVersion\": \"v1\", \"kind\": \"Pod\"}", &sidecar()).unwrap_err();
     assert!(
         error.to_string().contains("missing field `request`"),
         "{error}"
     );
     let mut old = serde_json::from_slice::<Value>(&admission(pod(json!({})), pod_kind())).unwrap();
     old["apiVersion"] = "admission.k8s.io/v1beta1".into();
-    let error = review(old.to_string().as_bytes(), IMAGE).unwrap_err();
+    let error = review(old.to_string().as_bytes(), &sidecar()).unwrap_err();
     assert!(
         error.to_string().contains("admission.k8s.io/v1beta1"),
         "{error}"

@@ -26,6 +26,10 @@ pub struct InjectArgs {
     /// The mesh's trust domain (`tern-control`'s `--trust-domain`).
     #[arg(long, default_value = "cluster.local")]
     pub trust_domain: String,
+    /// The OpenTelemetry collector (`host:port`, OTLP/HTTP) the sidecars send the spans of
+    /// traced requests to [default: none].
+    #[arg(long)]
+    pub trace_collector: Option<HostPort>,
 }
 
 /// Reads the manifests, injects them, and prints the result.
@@ -47,6 +51,7 @@ pub fn run(args: &InjectArgs) -> anyhow::Result<()> {
         image: args.proxy_image.clone(),
         control: args.control.clone(),
         trust_domain: args.trust_domain.clone(),
+        trace_collector: args.trace_collector.clone(),
     };
     print!("{}", inject::manifests(&text, &sidecar, &root)?);
     Ok(())
