@@ -97,7 +97,7 @@ pub struct ControlPlane {
 
 impl ControlPlane {
     /// Opens the CA, reads the declared config once (from the Kubernetes API server: every
-    /// kind listed), binds the gRPC and admin ports and serves on a thread of its own;
+    /// kind listed), binds the gRPC, admin and injector ports and serves on a thread of its own;
     /// returns once the ports are bound.
     pub fn start(options: Options) -> anyhow::Result<ControlPlane> {
         let authority = Arc::new(Authority::open(&options.ca).context("opening the CA")?);

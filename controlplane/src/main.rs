@@ -1,5 +1,6 @@
 //! `tern-control`: `serve` runs the control plane (the mesh CA and config distribution over
-//! gRPC, from a directory of manifests or the Kubernetes API server); `token` prints the
+//! gRPC, from a directory of manifests or the Kubernetes API server, and, asked for, the
+//! sidecar injector's admission webhook); `token` prints the
 //! bootstrap token a workload presents to prove its identity in local mode; `crds` prints
 //! the CustomResourceDefinitions of Tern's resources.
 

@@ -108,7 +108,7 @@ pub enum BadReview {
     #[error("not an AdmissionReview request: {0}")]
     Malformed(#[from] serde_json::Error),
     /// Another version of the API.
-    #[error("AdmissionReview {0} is not served; the webhook configuration must ask for v1")]
+    #[error("{0} is not served; the webhook configuration must ask for admission.k8s.io/v1")]
     Version(String),
 }
 
@@ -147,7 +147,7 @@ pub fn review(body: &[u8], sidecar: &Sidecar) -> Result<Value, BadReview> {
     let review: Review = serde_json::from_slice(body)?;
     if review.api_version != "admission.k8s.io/v1" || review.kind != "AdmissionReview" {
         return Err(BadReview::Version(format!(
-            "{}/{}",
+            "{} {}",
             review.api_version, review.kind
         )));
     }
@@ -527,7 +527,7 @@ async fn keep_ca_bundle(client: kube::Client, root: &str) {
             // Deleted, or its webhooks changed under the patch's tests: the watch brings
             // what it is now.
             Err(kube::Error::Api(status)) if status.code == 404 || status.code == 422 => {
-                stale = None;
+                (stale, failing) = (None, false);
             }
             Err(error) => {
                 if !failing {

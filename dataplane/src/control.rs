@@ -245,6 +245,9 @@ impl Control {
                 _ => None,
             };
             let discovery = ca.clone().zip(config.discovery.clone());
+            if let Some(exporter) = &self.trace {
+                exporter.set_mark(config.interception.as_ref().and_then(|i| i.mark));
+            }
             state.desired = Some((config, source.to_owned()));
             self.ca.send_if_modified(|current| {
                 let changed = *current != ca;

@@ -318,7 +318,8 @@ impl Proxy {
         self.control.drain();
     }
 
-    /// Waits for the workers to finish draining, then stops the admin server.
+    /// Waits for the workers to finish draining, then for the span exporter to send their
+    /// last spans (up to 5 s), then stops the admin server.
     pub fn join(mut self) {
         self.join_threads();
     }

@@ -25,7 +25,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::io::{Read as _, Write as _};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -230,7 +230,7 @@ impl Tracer {
         }
     }
 
-    /// Spans this worker dropped, the exporter's queue being full.
+    /// Spans this worker dropped: the exporter's queue was full (or, after a drain, gone).
     pub fn dropped(&self) -> u64 {
         self.dropped.get()
     }
@@ -404,7 +404,7 @@ fn encode(out: &mut Vec<u8>, span: &Span, ended: &Ended<'_>) {
     if let Some(peer) = ended.peer {
         attribute(out, "tern.peer.identity", peer.to_string().as_bytes());
     }
-    // A flag (the proxy failed or refused it), a 5xx, or no answer at all is an error.
+    // The proxy's flag, or a client that went away before the answer.
     let flag = match (ended.flag, ended.status) {
         (Some(flag), _) => Some(flag.code()),
         (None, None) => Some(Flag::DownstreamReset.code()),
@@ -440,10 +440,14 @@ pub struct Exporter {
     counts: Arc<Counts>,
 }
 
+/// What the exporter thread shares: its counts, and the socket mark its connections carry.
 #[derive(Default)]
 struct Counts {
     exported: AtomicU64,
     failed: AtomicU64,
+    /// `interception.mark` (0: none), so the interception rules leave the exporter's
+    /// connections alone, as every connection the proxy opens.
+    mark: AtomicU32,
 }
 
 impl Exporter {
@@ -481,6 +485,12 @@ impl Exporter {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// The socket mark of the config to run (`interception.mark`), for the connections to
+    /// the collector.
+    pub fn set_mark(&self, mark: Option<u32>) {
+        self.counts.mark.store(mark.unwrap_or(0), Ordering::Relaxed);
     }
 
     /// Spans the collector took, and spans it could not be given.
@@ -559,7 +569,8 @@ fn export(collector: &str, envelope: &Envelope, batches: &Receiver<Batch>, count
             spans += next.spans;
         }
         body.extend_from_slice(envelope.tail);
-        match post(collector, &body) {
+        let mark = Some(counts.mark.load(Ordering::Relaxed)).filter(|&m| m != 0);
+        match post(collector, &body, mark) {
             Ok(()) => {
                 counts.exported.fetch_add(spans, Ordering::Relaxed);
                 if std::mem::take(&mut failing) {
@@ -577,13 +588,25 @@ fn export(collector: &str, envelope: &Envelope, batches: &Receiver<Batch>, count
 }
 
 /// One `POST /v1/traces` on a connection of its own (to the first of the collector's
-/// addresses that connects), in one write.
-fn post(collector: &str, body: &[u8]) -> std::io::Result<()> {
+/// addresses that connects, carrying `mark`), in one write.
+fn post(collector: &str, body: &[u8], mark: Option<u32>) -> std::io::Result<()> {
     use std::net::ToSocketAddrs as _;
+    let connect = |address: std::net::SocketAddr| -> std::io::Result<std::net::TcpStream> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(address),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        if let Some(mark) = mark {
+            socket.set_mark(mark)?;
+        }
+        socket.connect_timeout(&address.into(), COLLECTOR_TIMEOUT)?;
+        Ok(socket.into())
+    };
     let mut stream = None;
     let mut last_error = None;
     for address in collector.to_socket_addrs()? {
-        match std::net::TcpStream::connect_timeout(&address, COLLECTOR_TIMEOUT) {
+        match connect(address) {
             Ok(connected) => {
                 stream = Some(connected);
                 break;

@@ -1,9 +1,10 @@
 //! HTTP/1.1: one downstream connection, its requests in order, each routed
 //! ([`crate::proxy::route`]) to a cluster and carried over a pooled upstream connection.
 //!
-//! Heads are forwarded as received, unless a route rewrites the URL or edits headers, the
-//! proxy closes a connection the upstream would keep, or an offer to upgrade to h2c is
-//! declined by dropping its fields; bodies stream through a bounded buffer, but for
+//! Heads are forwarded as received, unless a route rewrites the URL or edits headers, a
+//! traced request's `traceparent` carries this proxy's span ([`crate::trace`]), the proxy
+//! closes a connection the upstream would keep, or an offer to upgrade to h2c is declined by
+//! dropping its fields; bodies stream through a bounded buffer, but for
 //! a request its cluster may retry, one of known length up to 64 KiB is read whole first and
 //! kept for another attempt; pipelined requests are answered strictly one after another;
 //! `Upgrade` (WebSocket) turns the connection into an opaque byte pump after the `101` it
