@@ -105,13 +105,11 @@ fn hex<const N: usize>(text: &[u8]) -> Option<[u8; N]> {
 
 const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
 
+/// Appends `bytes` as hex.
 fn write_hex(out: &mut Vec<u8>, bytes: &[u8]) {
-    for &b in bytes {
-        out.extend_from_slice(&[
-            HEX_DIGITS[usize::from(b >> 4)],
-            HEX_DIGITS[usize::from(b & 15)],
-        ]);
-    }
+    let start = out.len();
+    out.resize(start + 2 * bytes.len(), 0);
+    hex_into(&mut out[start..], bytes);
 }
 
 /// Writes `bytes` as hex into `out` (twice as long).
@@ -437,12 +435,12 @@ struct Batch {
 pub struct Exporter {
     queue: Mutex<Option<SyncSender<Batch>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
-    counts: Arc<Counts>,
+    shared: Arc<Shared>,
 }
 
 /// What the exporter thread shares: its counts, and the socket mark its connections carry.
 #[derive(Default)]
-struct Counts {
+struct Shared {
     exported: AtomicU64,
     failed: AtomicU64,
     /// `interception.mark` (0: none), so the interception rules leave the exporter's
@@ -456,7 +454,7 @@ impl Exporter {
     pub fn start(collector: &str, service_name: &str) -> std::io::Result<Arc<Exporter>> {
         check_collector(collector)?;
         let (queue, batches) = std::sync::mpsc::sync_channel(QUEUE);
-        let counts = Arc::new(Counts::default());
+        let shared = Arc::new(Shared::default());
         let mut resource = Vec::new();
         attribute(&mut resource, "service.name", service_name.as_bytes());
         let envelope = Envelope {
@@ -468,14 +466,14 @@ impl Exporter {
             .concat(),
             tail: b"]}]}]}",
         };
-        let (collector, exported) = (collector.to_owned(), counts.clone());
+        let (collector, exporting) = (collector.to_owned(), shared.clone());
         let thread = std::thread::Builder::new()
             .name("tern-trace".into())
-            .spawn(move || export(&collector, &envelope, &batches, &exported))?;
+            .spawn(move || export(&collector, &envelope, &batches, &exporting))?;
         Ok(Arc::new(Exporter {
             queue: Mutex::new(Some(queue)),
             thread: Mutex::new(Some(thread)),
-            counts,
+            shared,
         }))
     }
 
@@ -490,14 +488,14 @@ impl Exporter {
     /// The socket mark of the config to run (`interception.mark`), for the connections to
     /// the collector.
     pub fn set_mark(&self, mark: Option<u32>) {
-        self.counts.mark.store(mark.unwrap_or(0), Ordering::Relaxed);
+        self.shared.mark.store(mark.unwrap_or(0), Ordering::Relaxed);
     }
 
     /// Spans the collector took, and spans it could not be given.
     pub fn counts(&self) -> (u64, u64) {
         (
-            self.counts.exported.load(Ordering::Relaxed),
-            self.counts.failed.load(Ordering::Relaxed),
+            self.shared.exported.load(Ordering::Relaxed),
+            self.shared.failed.load(Ordering::Relaxed),
         )
     }
 
@@ -557,7 +555,7 @@ struct Envelope {
 
 /// Posts what the workers send until their queues are gone: what waits is merged into one
 /// request, up to [`POST_AT_MOST`]. A collector that fails is said once per run of failures.
-fn export(collector: &str, envelope: &Envelope, batches: &Receiver<Batch>, counts: &Counts) {
+fn export(collector: &str, envelope: &Envelope, batches: &Receiver<Batch>, shared: &Shared) {
     let mut failing = false;
     while let Ok(first) = batches.recv() {
         let (mut spans, mut body) = (first.spans, envelope.head.clone());
@@ -569,16 +567,16 @@ fn export(collector: &str, envelope: &Envelope, batches: &Receiver<Batch>, count
             spans += next.spans;
         }
         body.extend_from_slice(envelope.tail);
-        let mark = Some(counts.mark.load(Ordering::Relaxed)).filter(|&m| m != 0);
+        let mark = Some(shared.mark.load(Ordering::Relaxed)).filter(|&m| m != 0);
         match post(collector, &body, mark) {
             Ok(()) => {
-                counts.exported.fetch_add(spans, Ordering::Relaxed);
+                shared.exported.fetch_add(spans, Ordering::Relaxed);
                 if std::mem::take(&mut failing) {
                     tracing::info!(collector, "the trace collector takes spans again");
                 }
             }
             Err(error) => {
-                counts.failed.fetch_add(spans, Ordering::Relaxed);
+                shared.failed.fetch_add(spans, Ordering::Relaxed);
                 if !std::mem::replace(&mut failing, true) {
                     tracing::warn!(collector, %error, "spans could not be sent to the trace collector; they are dropped (tern_trace_spans_total{{result=\"failed\"}})");
                 }
